@@ -1,0 +1,89 @@
+"""Sampling parameters of one request, validated on construction (torch-free)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 means greedy. top_k 0 and top_p 1 disable those filters. The penalties follow the
+    usual conventions: `repetition_penalty` divides positive (multiplies negative) logits of every
+    token already seen in prompt or output; `presence_penalty` / `frequency_penalty` subtract from
+    logits of tokens generated so far (once, and per occurrence).
+    """
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, allowed: str) -> ValueError:
+            return ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not _finite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "must be a number >= 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "must be an integer >= 0 (0 disables top-k)")
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "must be in (0, 1] (1 disables top-p)")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "must be in [0, 1] (0 disables min-p)")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be a number > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _finite(v) or not -2 <= v <= 2:
+                raise bad(name, v, "must be in [-2, 2] (0 disables it)")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise bad("seed", self.seed, "must be an integer in [0, 2**63)")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}] or unset")
+        stop = tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise bad("stop", f"<{len(stop)} sequences>", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        for s in stop:
+            if not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH:
+                raise bad("stop", s, f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} characters")
+        ids = tuple(self.stop_token_ids)
+        object.__setattr__(self, "stop_token_ids", ids)
+        for t in ids:
+            if not isinstance(t, int) or t < 0:
+                raise bad("stop_token_ids", t, "each stop token id must be an integer >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -1,0 +1,61 @@
+"""Small typed values passed between the scheduler, the engine and the model runner (torch-free)."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from service.engine.request import Request
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"  # a stop sequence or stop token id matched
+    EOS = "eos"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens of one request computed in one step: positions [start, start + num_tokens)."""
+
+    request: Request
+    start: int  # == request.num_computed_tokens when scheduled
+    num_tokens: int
+    sample: bool  # True when this chunk catches the request up: sample its next token
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    num_batched_tokens: int
+    preempted_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SampleResult:
+    token_id: int
+    logprob: float | None = None  # log-probability of token_id under the model (raw logits)
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class ModelRunnerLike(Protocol):
+    """What the engine needs from the (torch) model runner."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+
+    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
+        """Run one step; return one entry per chunk (None where chunk.sample is False)."""
+        ...
+
+
+class TokenizerLike(Protocol):
+    eos_token_ids: frozenset[int]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
