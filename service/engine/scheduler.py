@@ -1,0 +1,213 @@
+"""The scheduler: one rule for prefill and decode (torch-free).
+
+Each step, under a token budget and a sequence limit, every running request catches its
+`num_computed_tokens` up towards `num_tokens` (a decode is 1 token; a prompt longer than the
+remaining budget is computed in chunks over several steps, so decodes keep flowing), then waiting
+requests are admitted starting from their longest cached prefix. When a running request needs a
+block and none is left, the lowest-priority, latest-arrived running request is preempted: it
+returns all its blocks and goes back to the front of the waiting queue to be recomputed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Sequence
+
+from service.config import EngineConfig
+from service.engine.admission import AdmissionPolicy, AdmitInOrder
+from service.engine.kv_cache import KVCacheManager
+from service.engine.request import Request, RequestStatus
+from service.engine.types import FinishReason, SampleResult, ScheduledChunk, SchedulerOutput
+from service.engine.waiting_queue import WaitingQueue
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the caller should retry later (RESOURCE_EXHAUSTED)."""
+
+
+def _run_order(request: Request) -> tuple[int, int]:
+    # Running requests are kept sorted by this key: the last one is always the preemption victim.
+    return (request.priority, request.arrival_seq)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv: KVCacheManager,
+        max_model_len: int,
+        admission: AdmissionPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.block_size = kv.block_size
+        self.num_blocks = kv.pool.num_blocks
+        self.max_model_len = max_model_len
+        # A request finishes (LENGTH) when it reaches this many tokens. Past the pool's capacity a
+        # lone request could never get its next block, so the pool bounds it too: a context of
+        # num_blocks * block_size tokens is computable, and its sampled token ends the request.
+        self.max_num_tokens = min(max_model_len, self.num_blocks * self.block_size + 1)
+        self.admission: AdmissionPolicy = admission if admission is not None else AdmitInOrder()
+        self.running: list[Request] = []  # sorted by _run_order
+        self.waiting = WaitingQueue()
+        self.num_preemptions = 0
+        self._arrivals = 0
+
+    # ---- queue --------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a new request. ValueError if it can never run; QueueFullError if the queue is full."""
+        n = request.num_prompt_tokens
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {n} tokens is too long: it must be shorter than max_model_len={self.max_model_len}"
+            )
+        need = self.kv.num_blocks_for(n)
+        if need > self.num_blocks:
+            raise ValueError(
+                f"prompt of {n} tokens needs {need} KV blocks of {self.block_size} tokens, more than the "
+                f"{self.num_blocks} blocks of the whole cache (at most {self.num_blocks * self.block_size} tokens)"
+            )
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_waiting} requests waiting, "
+                f"the configured max_waiting); retry later"
+            )
+        self._arrivals += 1
+        request.arrival_seq = self._arrivals
+        request.status = RequestStatus.WAITING
+        self.waiting.push(request)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    # ---- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            assert n > 0, f"{req} is running with nothing to compute"
+            while not self.kv.grow(req, n):
+                # Victims come from the tail (lowest priority, latest arrival). Requests before i
+                # are already scheduled and rank higher, so the tail is never one of them.
+                victim = running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens))
+                budget -= n
+                i += 1
+
+        # Admitting while running requests are being evicted would only evict them again.
+        if not preempted:
+            budget = self._admit(budget, chunks)
+
+        return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted)
+
+    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        policy = self.admission
+        policy.begin_step(self.running)
+        skipped = []
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            entry = self.waiting.peek()
+            if entry is None:
+                break
+            req = entry.request
+            assert req is not None
+            if not policy.may_admit(req):
+                skipped.append(self.waiting.pop())
+                continue
+            prefix = self.kv.match(req)
+            n = min(req.num_tokens - prefix.num_tokens, budget)
+            if not self.kv.admit(req, prefix, n):
+                break  # the head waits for memory; nobody behind it jumps the queue
+            self.waiting.pop()
+            policy.on_admit(req)
+            if req.num_cached_tokens is None:
+                req.num_cached_tokens = prefix.num_tokens
+                req.first_scheduled_time = time.monotonic()
+            req.status = RequestStatus.RUNNING
+            bisect.insort(self.running, req, key=_run_order)
+            chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens))
+            budget -= n
+        for entry in skipped:
+            self.waiting.requeue(entry)
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.push_front(request)
+        self.num_preemptions += 1
+
+    def update_from_output(
+        self, out: SchedulerOutput, results: Sequence[SampleResult | None]
+    ) -> list[tuple[Request, SampleResult]]:
+        """Advance every scheduled request and append the sampled tokens; returns (request, sample)
+        pairs for the engine's stop checks."""
+        sampled = []
+        for chunk, result in zip(out.chunks, results, strict=True):
+            req = chunk.request
+            if req.is_finished:
+                continue
+            req.num_computed_tokens += chunk.num_tokens
+            self.kv.on_computed(req)
+            if chunk.sample:
+                if result is None:
+                    raise RuntimeError(f"the model runner returned no sample for {req.request_id!r}")
+                req.append_output_token(result.token_id)
+                sampled.append((req, result))
+        return sampled
+
+    def finish_requests(self, finished: Iterable[tuple[Request, FinishReason]]) -> None:
+        """Finish running or waiting requests; their blocks go back to the pool (hashed ones cached)."""
+        any_running = False
+        now = time.monotonic()
+        for req, reason in finished:
+            if req.is_finished:
+                continue
+            if req.status is RequestStatus.RUNNING:
+                self.kv.free(req)
+                any_running = True
+            else:
+                self.waiting.remove(req)
+            req.status = RequestStatus.FINISHED
+            req.finish_reason = reason
+            req.finished_time = now
+        if any_running:
+            self.running = [r for r in self.running if not r.is_finished]
+
+    # ---- integrity ----------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """The pool is consistent and its references are exactly the running requests' tables."""
+        pool = self.kv.pool
+        pool.check_integrity()
+        refs: dict[int, int] = {}
+        for req in self.running:
+            assert req.status is RequestStatus.RUNNING, f"{req} is in the running list"
+            assert len(req.block_ids) >= self.kv.num_blocks_for(req.num_computed_tokens), f"{req} lacks blocks"
+            assert len(set(req.block_ids)) == len(req.block_ids), f"{req} holds a block twice"
+            for bid in req.block_ids:
+                refs[bid] = refs.get(bid, 0) + 1
+        for req in self.waiting:
+            assert not req.block_ids, f"waiting {req} holds blocks"
+        for bid in range(pool.num_blocks):
+            assert pool.ref_count(bid) == refs.get(bid, 0), f"block {bid}: ref count != running tables"
+        assert self.running == sorted(self.running, key=_run_order), "running list out of order"

@@ -1,0 +1,109 @@
+"""Random submit / abort / step sequences on small pools: the pool stays whole after every operation
+and every finished request produced exactly the reference tokens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from hypothesis import HealthCheck, Phase, given, settings, target
+from hypothesis import strategies as st
+
+from service.engine.sampling import SamplingParams
+from service.engine.scheduler import QueueFullError
+from service.engine.types import FinishReason
+from tests.engine.fake_runner import FakeRunner, make_engine, prompt, reference_tokens
+
+submit = st.tuples(st.just("submit"), st.integers(1, 24), st.integers(0, 3), st.integers(1, 12), st.integers(-1, 1))
+op = st.one_of(  # submits weighted up so pools fill, requests get preempted and prefixes get reused
+    submit, submit, submit,
+    st.tuples(st.just("abort"), st.integers(0, 30)),
+    st.tuples(st.just("step"), st.integers(1, 3)),
+)
+
+
+# No Phase.target: its hill-climbing costs seconds; the target() calls below still bias generation.
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
+@given(
+    ops=st.lists(op, min_size=6, max_size=40),
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    num_blocks=st.integers(2, 20),
+    budget=st.integers(1, 24),
+    max_seqs=st.integers(1, 6),
+    caching=st.sampled_from([True, True, False]),
+)
+def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budget, max_seqs, caching):
+    runner = FakeRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=64)
+    engine = make_engine(runner=runner, max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_waiting=6,
+                         enable_prefix_caching=caching)
+    submitted: dict[str, tuple[list[int], str | None, int]] = {}
+    finals = {}
+
+    def collect(outs):
+        for o in outs:
+            assert o.request_id not in finals, "output after the final one"
+            if o.finished:
+                finals[o.request_id] = o
+
+    for i, (kind, *args) in enumerate(ops):
+        if kind == "submit":
+            length, key, max_tokens, priority = args
+            # few distinct prompts and keys, so prefixes are shared and cached blocks revived
+            p = prompt(length, seed=key // 2)
+            extra_key = [None, "v1", None, "v1"][key]
+            rid = f"r{i}"
+            try:
+                engine.add_request(rid, p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                                   extra_key=extra_key, priority=priority)
+                submitted[rid] = (p, extra_key, max_tokens)
+            except QueueFullError:
+                pass
+            except ValueError:
+                assert length >= 64 or -(-length // block_size) > num_blocks
+        elif kind == "abort":
+            ids = list(submitted)
+            if ids:
+                engine.abort_request(ids[args[0] % len(ids)])
+        else:
+            for _ in range(args[0]):
+                collect(engine.step())
+        engine.check_integrity()
+
+    steps = 0
+    while engine.has_unfinished():
+        collect(engine.step())
+        engine.check_integrity()
+        steps += 1
+        assert steps < 2000, "no progress"
+    engine.check_idle_integrity()
+    assert engine.pool.num_in_use == 0
+    # steer generation towards the interesting runs: tight pools that preempt and reuse prefixes
+    target(float(engine.stats.preemptions), label="preemptions")
+    target(float(engine.stats.prefix_cache_hit_tokens), label="prefix hits")
+    assert set(finals) == set(submitted)
+    limit = min(64, num_blocks * block_size + 1)
+    for rid, (p, key, max_tokens) in submitted.items():
+        out = finals[rid]
+        if out.finish_reason is FinishReason.CANCELLED:
+            n = len(out.output_token_ids)
+            assert out.output_token_ids == reference_tokens(p, n, key)
+            continue
+        assert out.finish_reason is FinishReason.LENGTH
+        n = min(max_tokens, limit - len(p))
+        assert out.output_token_ids == reference_tokens(p, n, key)
+
+
+def test_engine_imports_no_torch():
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import service.engine as pkg\n"
+        "for m in pkgutil.iter_modules(pkg.__path__):\n"
+        "    importlib.import_module(f'service.engine.{m.name}')\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'numpy', 'triton'))\n"
+        "assert not bad, bad\n"
+        "print(len(list(pkgutil.iter_modules(pkg.__path__))))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".")
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout) >= 10
