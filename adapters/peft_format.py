@@ -1,0 +1,217 @@
+"""Read and validate a PEFT LoRA adapter against the base model: `adapter_config.json` +
+`adapter_model.safetensors`, from a directory or from uploaded files held in memory.
+
+Weights come from safetensors only: a pickle-based file (`.bin`, `.pt`, ...) anywhere in the adapter is
+refused by its name, before anything is opened. Tensor names are peft's saved format,
+`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` ([r, in]) and `...lora_B.weight`
+([out, r]); the `.lora_A.default.weight` variant some tools write is accepted too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import NamedTuple, Union
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from adapters.peft_config import (
+    DEFAULT_MAX_RANK,
+    PROJECTIONS,
+    AdapterError,
+    LoraAdapterConfig,
+    ModuleLora,
+    module_name,
+    parse_lora_config,
+)
+from service.runtime.arch import ModelArch
+
+__all__ = [
+    "AdapterError", "AdapterSource", "LoraAdapterConfig", "LoraWeights", "ModuleLora", "ParsedAdapter",
+    "parse_adapter", "parse_lora_config", "read_adapter_files", "CONFIG_FILE", "WEIGHTS_FILE",
+]
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Formats that unpickle on load (torch.load, joblib, ...): refused without being opened.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Projections whose input is the hidden state (lora_A is [r, hidden]) and those whose output is (lora_B is
+# [hidden, r]): where a model with another hidden size shows first.
+_HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_HIDDEN_OUT = ("o_proj", "down_proj")
+_TENSOR_RE = re.compile(
+    r"base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?P<parent>\w+)\.(?P<proj>\w+)"
+    r"\.lora_(?P<part>[AB])(?:\.default)?\.(?P<param>weight|bias)"
+)
+
+AdapterSource = Union[str, "os.PathLike[str]", Mapping[str, bytes]]
+
+
+class LoraWeights(NamedTuple):
+    """One projection's LoRA: delta(x) = scale * (x @ A.T) @ B.T."""
+
+    A: torch.Tensor  # [r, in] float32
+    B: torch.Tensor  # [out, r] float32
+    scale: float
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: tensors have no single-bool equality
+class ParsedAdapter:
+    """A validated adapter: its resolved config and fp32 weights per (layer, projection)."""
+
+    config: LoraAdapterConfig
+    weights: Mapping[tuple[int, str], LoraWeights]
+
+    @property
+    def target_modules(self) -> frozenset[str]:
+        return self.config.target_modules
+
+    @property
+    def max_rank(self) -> int:
+        return self.config.max_rank
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.A.nbytes + w.B.nbytes for w in self.weights.values())
+
+
+def parse_adapter(source: AdapterSource, arch: ModelArch, *, max_rank: int = DEFAULT_MAX_RANK) -> ParsedAdapter:
+    """Parse an adapter directory, or a mapping file name -> bytes, and validate it against `arch`.
+
+    Raises AdapterError (a ValueError) naming the feature, key, file or tensor that is refused.
+    """
+    config_bytes, weights_bytes = read_adapter_files(source)
+    config = parse_lora_config(config_bytes, arch, max_rank=max_rank)
+    tensors = _load_safetensors(weights_bytes)
+    pairs = _pair_tensors(tensors, arch)
+    _check_coverage(pairs, config)
+    weights: dict[tuple[int, str], LoraWeights] = {}
+    for (layer, proj), spec in sorted(config.modules.items()):
+        (a_name, a), (b_name, b) = pairs[(layer, proj)]["A"], pairs[(layer, proj)]["B"]
+        out_features, in_features = arch.linear_shapes()[proj]
+        _check_tensor(a_name, a, (spec.rank, in_features))
+        _check_tensor(b_name, b, (out_features, spec.rank))
+        # Copies (contiguous, owned): nothing keeps the file buffer alive.
+        weights[(layer, proj)] = LoraWeights(
+            A=a.to(torch.float32).contiguous(), B=b.to(torch.float32).contiguous(), scale=spec.scale
+        )
+    return ParsedAdapter(config=config, weights=MappingProxyType(weights))
+
+
+def read_adapter_files(source: AdapterSource) -> tuple[bytes, bytes]:
+    """(adapter_config.json bytes, adapter_model.safetensors bytes); pickle-based files refused unopened."""
+    if isinstance(source, Mapping):
+        _refuse_pickles(list(source))
+        files = {name: source.get(name) for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise AdapterError(f"adapter directory {root} does not exist")
+        # Names only (rglob stats, never opens): a pickle file anywhere, even a nested one, is refused.
+        _refuse_pickles([p.relative_to(root).as_posix() for p in root.rglob("*")])
+        files = {name: (root / name).read_bytes() if (root / name).is_file() else None
+                 for name in (CONFIG_FILE, WEIGHTS_FILE)}
+    for name, data in files.items():
+        if data is None:
+            raise AdapterError(f"the adapter has no {name}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise AdapterError(f"{name} must be given as bytes")
+    return bytes(files[CONFIG_FILE]), bytes(files[WEIGHTS_FILE])  # type: ignore[arg-type]
+
+
+def _refuse_pickles(names: list[str]) -> None:
+    for name in sorted(names):
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise AdapterError(
+                f"{name}: pickle-based weight files ({', '.join(PICKLE_SUFFIXES)}) are refused and never "
+                f"opened; ship the adapter as {WEIGHTS_FILE} only"
+            )
+
+
+def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load(data)
+    except (SafetensorError, ValueError, TypeError, OverflowError) as e:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
+
+
+def _pair_tensors(
+    tensors: Mapping[str, torch.Tensor], arch: ModelArch
+) -> dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]]:
+    """Group peft tensor names into {(layer, proj): {"A": (name, tensor), "B": (name, tensor)}}."""
+    pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if "lora_magnitude_vector" in name:
+            raise AdapterError(f"tensor {name}: DoRA (lora_magnitude_vector) is not supported")
+        if "lora_embedding_" in name or re.search(r"(^|\.)(embed_tokens|lm_head)\.", name):
+            raise AdapterError(f"tensor {name}: LoRA on embed_tokens / lm_head (or a trained copy of them) "
+                               f"is not supported; only the projections {', '.join(PROJECTIONS)} are")
+        m = _TENSOR_RE.fullmatch(name)
+        if m is None:
+            raise AdapterError(f"unexpected tensor {name} in {WEIGHTS_FILE}: not a peft LoRA weight of a decoder "
+                               f"layer projection (base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_A/B.weight)")
+        layer, proj, part = int(m["layer"]), m["proj"], m["part"]
+        if m["param"] == "bias":
+            raise AdapterError(f"tensor {name}: lora_bias (a bias on lora_B) is not supported")
+        if PROJECTIONS.get(proj) != m["parent"]:
+            raise AdapterError(f"tensor {name}: {m['parent']}.{proj} is not one of the supported projections "
+                               f"({', '.join(PROJECTIONS)})")
+        if layer >= arch.num_layers:
+            raise AdapterError(f"tensor {name} is for layer {layer} but the base model has {arch.num_layers} "
+                               f"layers: an adapter for another base model?")
+        _check_hidden_size(name, t, proj, part, arch)
+        slot = pairs.setdefault((layer, proj), {})
+        if part in slot:
+            raise AdapterError(f"tensors {slot[part][0]} and {name} are both lora_{part} of {module_name(layer, proj)}")
+        slot[part] = (name, t)
+    return pairs
+
+
+def _check_hidden_size(name: str, t: torch.Tensor, proj: str, part: str, arch: ModelArch) -> None:
+    """Name the likely cause of a shape mismatch: the adapter was trained on a model of another width."""
+    if t.ndim != 2:
+        return  # _check_tensor reports the shape with the expected one
+    if part == "A" and proj in _HIDDEN_IN:
+        hidden = t.shape[1]
+    elif part == "B" and proj in _HIDDEN_OUT:
+        hidden = t.shape[0]
+    else:
+        return
+    if hidden != arch.hidden_size:
+        raise AdapterError(
+            f"tensor {name} has shape {list(t.shape)}: the adapter was trained for a base model with hidden size "
+            f"{hidden}, but this base model's hidden size is {arch.hidden_size}"
+        )
+
+
+def _check_coverage(pairs: Mapping[tuple[int, str], Mapping[str, object]], config: LoraAdapterConfig) -> None:
+    """Weights and config must describe the same modules, each with both halves of its A/B pair."""
+    for key in sorted(pairs):
+        name = module_name(*key)
+        if key not in config.modules:
+            raise AdapterError(f"{WEIGHTS_FILE} has weights for {name}, which adapter_config.json does not target")
+        for part in "AB":
+            if part not in pairs[key]:
+                raise AdapterError(f"{WEIGHTS_FILE} has no lora_{part} for {name} (the A/B pair is incomplete)")
+    missing = sorted(set(config.modules) - set(pairs))
+    if missing:
+        raise AdapterError(f"adapter_config.json targets {module_name(*missing[0])} but {WEIGHTS_FILE} has no "
+                           f"weights for it ({len(missing)} such modules): an adapter for another base model?")
+
+
+def _check_tensor(name: str, t: torch.Tensor, expected: tuple[int, int]) -> None:
+    if tuple(t.shape) != expected:
+        raise AdapterError(f"tensor {name} has shape {list(t.shape)}, expected {list(expected)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise AdapterError(f"tensor {name} has dtype {t.dtype}; LoRA weights must be floating point")
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise AdapterError(f"tensor {name} holds {bad} NaN or inf values")
