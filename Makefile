@@ -30,7 +30,7 @@ test-fast: install
 	$(PY) -m pytest -q -m 'not slow and not interpreter' $(ARGS)
 
 bench: install
-	$(VENV)/bin/loraserve bench $(ARGS)
+	$(PY) -m bench.run $(ARGS)
 
 lint: install
 	$(PY) -m ruff check service adapters kernels tests bench

@@ -24,3 +24,31 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is invalid: must be >= 1")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting={self.max_waiting} is invalid: must be >= 0")
+
+
+DTYPES = ("bfloat16", "float32")
+QUANTIZE_MODES = ("int8", "int4")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Which model to serve and how it sits in memory."""
+
+    model: str | None = None  # a .gguf file or an HF directory; None = the embedded default model
+    quantize: str | None = None  # quantize an fp16/bf16/fp32 HF checkpoint on load
+    dtype: str = "bfloat16"  # compute dtype: bfloat16 (fast CPU path) or float32 (exact reference path)
+    kv_cache_gib: float = 1.0  # size of the preallocated paged KV arena
+    max_model_len: int | None = None  # default: the model's context length
+    threads: int | None = None  # torch intra-op threads; default: all cores
+
+    def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize={self.quantize!r} is invalid: allowed values are {', '.join(QUANTIZE_MODES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid: allowed values are {', '.join(DTYPES)}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"kv_cache_gib={self.kv_cache_gib} is invalid: must be > 0")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ValueError(f"max_model_len={self.max_model_len} is invalid: must be >= 16")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads} is invalid: must be >= 1")

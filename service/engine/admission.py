@@ -4,10 +4,11 @@ The scheduler walks the waiting queue in order and asks its policy about each re
 that says no makes the scheduler skip that request for this step (it keeps its place). Memory and
 the token budget are the scheduler's own limits, checked after the policy agrees.
 
-This is the seam for the adapter-aware limit (at most `max_active_adapters` distinct extra keys per
-step, rotating fairly): such a policy counts the extra keys of `running` in `begin_step`, answers
-`may_admit` by whether the request's key is already active or a slot is left, and records keys in
-`on_admit`.
+A yes may reserve something the request needs to run (an adapter slot: see `adapters.py`), so the
+scheduler balances every yes with exactly one `on_release`: when the admitted request stops running
+(finished, aborted, failed or preempted), or at once when memory refuses it after the policy agreed.
+A policy that says no and sets `request.error` fails the request: the scheduler reports it in
+`SchedulerOutput.failed` and the engine finishes it with ERROR.
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ class AdmissionPolicy(Protocol):
         ...
 
     def may_admit(self, request: Request) -> bool:
-        """False skips the request for this step only."""
+        """False skips the request for this step only (or fails it, if `request.error` is set)."""
         ...
 
     def on_admit(self, request: Request) -> None:
         """The request was admitted (it is now running)."""
+        ...
+
+    def on_release(self, request: Request) -> None:
+        """Undo a yes: exactly once per `may_admit` that returned True (see the module doc)."""
         ...
 
 
@@ -42,4 +47,7 @@ class AdmitInOrder:
         return True
 
     def on_admit(self, request: Request) -> None:
+        pass
+
+    def on_release(self, request: Request) -> None:
         pass

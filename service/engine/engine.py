@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 from service.config import EngineConfig
+from service.engine.adapters import AdapterAdmission, AdapterSlotsLike
 from service.engine.admission import AdmissionPolicy
 from service.engine.block_pool import BlockPool
 from service.engine.detokenizer import Detokenizer
@@ -26,7 +27,13 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     """Requests in, per-step outputs out. `admission` picks which waiting requests may start each
-    step (default: strictly in queue order); it is chosen here, once, never switched per step."""
+    step (default: strictly in queue order); it is chosen here, once, never switched per step.
+
+    With `adapter_slots` the engine serves LoRA adapters: requests name an adapter version as their
+    `extra_key`, and an `AdapterAdmission` over those slots bounds and rotates the adapters of each
+    step's batch (pass `admission=AdapterAdmission(slots, ...)` instead to tune it). Without adapter
+    support a request with an extra_key is refused.
+    """
 
     def __init__(
         self,
@@ -34,12 +41,20 @@ class LLMEngine:
         tokenizer: TokenizerLike,
         config: EngineConfig,
         admission: AdmissionPolicy | None = None,
+        adapter_slots: AdapterSlotsLike | None = None,
     ) -> None:
         if runner.block_size != config.block_size:
             raise ValueError(
                 f"the model runner's KV blocks hold {runner.block_size} tokens but config.block_size is "
                 f"{config.block_size}; they must match"
             )
+        if adapter_slots is not None:
+            if admission is None:
+                admission = AdapterAdmission(adapter_slots)
+            elif not (isinstance(admission, AdapterAdmission) and admission.slots is adapter_slots):
+                raise ValueError("with adapter_slots, the admission policy must be an AdapterAdmission over them")
+        # Set when adapters are served; its slots also get every new adapter request's load started.
+        self._adapters = admission if isinstance(admission, AdapterAdmission) else None
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = config
@@ -75,6 +90,8 @@ class LLMEngine:
             raise TypeError(f"sampling must be SamplingParams, not {type(sampling).__name__}")
         if extra_key is not None and not isinstance(extra_key, str):
             raise TypeError(f"extra_key must be a string or None, not {type(extra_key).__name__}")
+        if extra_key is not None and self._adapters is None:
+            raise ValueError("this engine serves no adapters")
         if not isinstance(priority, int):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if len(prompt_token_ids) == 0:
@@ -82,6 +99,9 @@ class LLMEngine:
         self._check_token_ids(prompt_token_ids)
         request = Request(request_id, prompt_token_ids, sampling, extra_key, priority)
         self.scheduler.add(request)
+        if extra_key is not None and self._adapters is not None:
+            # Load while the request queues, not once it reaches the head of the queue.
+            self._adapters.slots.ensure_loading(extra_key)
         self._requests[request_id] = request
         self._detok[request_id] = Detokenizer(self.tokenizer, request.prompt_token_ids, sampling)
         return request
@@ -117,6 +137,7 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             return outputs
         out = self.scheduler.schedule()
+        outputs.extend(self._finish(request, FinishReason.ERROR) for request in out.failed)
         if not out.chunks:
             return outputs
         self._steps += 1
@@ -128,7 +149,10 @@ class LLMEngine:
         except Exception:
             # A failed step must not take the engine down: its requests fail, everyone else goes on.
             logger.exception("model step failed; finishing its %d requests with ERROR", len(out.chunks))
-            outputs.extend(self._finish(c.request, FinishReason.ERROR) for c in out.chunks if not c.request.is_finished)
+            outputs.extend(
+                self._finish(c.request, FinishReason.ERROR, "internal error: the model step failed")
+                for c in out.chunks if not c.request.is_finished
+            )
             return outputs
         self._count_computed(out)
         finished: list[tuple[Request, FinishReason]] = []
@@ -138,7 +162,7 @@ class LLMEngine:
             except Exception:
                 # e.g. the tokenizer rejects a token: only this request fails
                 logger.exception("post-processing request %r failed; finishing it with ERROR", request.request_id)
-                outputs.append(self._finish(request, FinishReason.ERROR))
+                outputs.append(self._finish(request, FinishReason.ERROR, "internal error: decoding the output failed"))
                 continue
             if output.finish_reason is not None:
                 finished.append((request, output.finish_reason))
@@ -191,8 +215,11 @@ class LLMEngine:
             new_logprobs=[result] if sp.logprobs is not None else [],
         )
 
-    def _finish(self, request: Request, reason: FinishReason) -> RequestOutput:
-        """End a request outside the normal stop checks (abort, error) and build its final output."""
+    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> RequestOutput:
+        """End a request outside the normal stop checks (abort, error) and build its final output.
+        `error` explains an ERROR unless the request already carries its own reason."""
+        if error is not None and request.error is None:
+            request.error = error
         self.scheduler.finish_requests([(request, reason)])
         detok = self._detok[request.request_id]
         try:
@@ -211,6 +238,7 @@ class LLMEngine:
             finish_reason=reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
+            error=request.error,
         )
 
     def _forget(self, request: Request) -> None:
@@ -253,6 +281,8 @@ class LLMEngine:
     # ---- observability ------------------------------------------------------------------
     @property
     def stats(self) -> EngineStats:
+        adapters = self._adapters
+        running = frozenset(r.extra_key for r in self.scheduler.running if r.extra_key is not None)
         return EngineStats(
             steps=self._steps,
             preemptions=self.scheduler.num_preemptions,
@@ -263,14 +293,22 @@ class LLMEngine:
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=self.pool.usage,
+            max_active_adapters=adapters.slots.max_active if adapters else 0,
+            num_active_adapters=len(running),
+            running_adapters=running,
+            waiting_adapters=frozenset(r.extra_key for r in self.scheduler.waiting if r.extra_key is not None),
+            adapter_loads_waited=adapters.num_load_waits if adapters else 0,
         )
 
     def check_integrity(self) -> None:
-        """Pool consistent and referenced exactly by the running requests (AssertionError if not)."""
+        """Pool consistent and referenced exactly by the running requests, adapter slot users too
+        (AssertionError if not)."""
         self.scheduler.check_integrity()
+        if self._adapters is not None:
+            self._adapters.check_integrity(self.scheduler.running)
 
     def check_idle_integrity(self) -> None:
-        """For the loop when nothing runs: the pool is whole, no block is in use."""
-        self.scheduler.check_integrity()
+        """For the loop when nothing runs: the pool is whole, no block is in use, no slot held."""
+        self.check_integrity()
         assert not self.scheduler.running, f"not idle: {self.scheduler.num_running} requests running"
         assert self.pool.num_in_use == 0, f"{self.pool.num_in_use} blocks still in use with nothing running"

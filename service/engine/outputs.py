@@ -23,6 +23,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     new_logprobs: list[SampleResult] = field(default_factory=list)  # filled when sampling.logprobs is set
+    error: str | None = None  # with finish reason ERROR: what went wrong, for the caller
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float  # fraction of KV blocks in use
+    # Adapters (version ids) for the `lora_requests_info` metric; all zero / empty without adapters.
+    max_active_adapters: int = 0  # active slots
+    num_active_adapters: int = 0  # versions holding a slot (== len(running_adapters))
+    running_adapters: frozenset[str] = frozenset()
+    waiting_adapters: frozenset[str] = frozenset()
+    adapter_loads_waited: int = 0  # requests that had to wait for their adapter to load
 
     @property
     def prefix_cache_hit_rate(self) -> float:

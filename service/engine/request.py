@@ -1,7 +1,7 @@
 """One generation request as the engine tracks it (torch-free).
 
-The model runner reads `all_token_ids[start:start + n]`, `block_ids`, `sampling`, `seed`,
-`prompt_token_ids` and `output_token_ids`; everything else is engine bookkeeping.
+The model runner reads `all_token_ids[start:start + n]`, `block_ids`, `lora_slot`, `sampling`,
+`seed`, `prompt_token_ids` and `output_token_ids`; everything else is engine bookkeeping.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "sampling", "extra_key", "seed",
         "priority", "num_computed_tokens", "block_ids", "num_cached_tokens", "num_registered_blocks",
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
-        "finished_time", "block_hashes", "arrival_seq", "_all_token_ids",
+        "finished_time", "block_hashes", "arrival_seq", "lora_slot", "error", "_all_token_ids",
     )
 
     def __init__(
@@ -70,6 +70,10 @@ class Request:
         # Chained hashes of the full blocks of all_token_ids, extended as tokens arrive.
         self.block_hashes: list[BlockHash] = []
         self.arrival_seq = 0  # set by the scheduler: FCFS tie-break within a priority
+        # The active adapter slot the runner reads this request's LoRA weights from, set by the
+        # admission policy while the request runs; -1 = no adapter (base model, or not running).
+        self.lora_slot = -1
+        self.error: str | None = None  # why the request failed (finish reason ERROR), for the caller
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -6,6 +6,11 @@ remaining budget is computed in chunks over several steps, so decodes keep flowi
 requests are admitted starting from their longest cached prefix. When a running request needs a
 block and none is left, the lowest-priority, latest-arrived running request is preempted: it
 returns all its blocks and goes back to the front of the waiting queue to be recomputed.
+
+The admission policy (chosen at construction) may skip waiting requests; whatever it reserves for a
+request it admits (an adapter slot) is handed back through `on_release`, on every path that ends a
+run: finish, abort, failure, preemption, and memory refusing the request right after the policy
+agreed.
 """
 
 from __future__ import annotations
@@ -94,6 +99,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        failed: list[Request] = []
 
         running = self.running
         i = 0
@@ -116,11 +122,11 @@ class Scheduler:
 
         # Admitting while running requests are being evicted would only evict them again.
         if not preempted:
-            budget = self._admit(budget, chunks)
+            budget = self._admit(budget, chunks, failed)
 
-        return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted)
+        return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted, failed)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[Request]) -> int:
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
@@ -131,11 +137,14 @@ class Scheduler:
             req = entry.request
             assert req is not None
             if not policy.may_admit(req):
+                if req.error is not None:
+                    failed.append(req)  # stays queued until the engine finishes it
                 skipped.append(self.waiting.pop())
                 continue
             prefix = self.kv.match(req)
             n = min(req.num_tokens - prefix.num_tokens, budget)
             if not self.kv.admit(req, prefix, n):
+                policy.on_release(req)  # hand back what the policy reserved for it
                 break  # the head waits for memory; nobody behind it jumps the queue
             self.waiting.pop()
             policy.on_admit(req)
@@ -152,6 +161,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        self.admission.on_release(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self.waiting.push_front(request)
@@ -185,6 +195,7 @@ class Scheduler:
                 continue
             if req.status is RequestStatus.RUNNING:
                 self.kv.free(req)
+                self.admission.on_release(req)
                 any_running = True
             else:
                 self.waiting.remove(req)
@@ -208,6 +219,7 @@ class Scheduler:
                 refs[bid] = refs.get(bid, 0) + 1
         for req in self.waiting:
             assert not req.block_ids, f"waiting {req} holds blocks"
+            assert req.lora_slot == -1, f"waiting {req} holds adapter slot {req.lora_slot}"
         for bid in range(pool.num_blocks):
             assert pool.ref_count(bid) == refs.get(bid, 0), f"block {bid}: ref count != running tables"
         assert self.running == sorted(self.running, key=_run_order), "running list out of order"

@@ -31,9 +31,15 @@ class ScheduledChunk:
 
 @dataclass
 class SchedulerOutput:
+    """One step's work. Chunks come in scheduling order; the runner groups them by adapter itself
+    (each chunk's `request.lora_slot` is set by the time the scheduler returns this)."""
+
     chunks: list[ScheduledChunk]
     num_batched_tokens: int
     preempted_ids: list[str] = field(default_factory=list)
+    # Waiting requests the admission policy failed (e.g. their adapter did not load; the reason is
+    # in `request.error`). They are still queued: the engine finishes them with ERROR.
+    failed: list[Request] = field(default_factory=list)
 
 
 @dataclass

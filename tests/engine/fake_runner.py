@@ -1,10 +1,14 @@
 """A fake model runner and tokenizer that make engine tests mean something.
 
 `FakeRunner` keeps a fake KV arena: one slot per (block, offset). For every scheduled position it
-writes (token, position, extra_key) into the slot the request's block table names; its next token
+writes (token, position, adapter) into the slot the request's block table names; its next token
 is a rolling hash of the whole context *read back from the arena* through the block table. A wrong
 block table, a stale or evicted cached block, a block shared across extra keys, or a position never
 computed therefore changes the token or fails an assertion, exactly like wrong KV would.
+
+With adapter slots (`tests/engine/fake_adapters.py`) the adapter is the version the slot table holds
+in `request.lora_slot` (None for -1), not the request's extra_key: a request served from the wrong
+slot computes with the wrong adapter, exactly like reading the wrong LoRA weights would.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import zlib
 from collections.abc import Sequence
 
 from service.config import EngineConfig
+from service.engine.adapters import AdapterAdmission
 from service.engine.engine import LLMEngine
 from service.engine.types import SampleResult, SchedulerOutput
+from tests.engine.fake_adapters import FakeAdapterSlots
 
 VOCAB = 256  # byte tokens; the tokenizer's specials sit above it, so the runner never emits them
 EOS = 256
@@ -46,7 +52,9 @@ def reference_tokens(prompt: Sequence[int], n: int, extra_key: str | None = None
 
 
 class FakeRunner:
-    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 512, vocab_size: int = VOCAB):
+    def __init__(self, num_blocks: int = 64, block_size: int = 4, max_model_len: int = 512, vocab_size: int = VOCAB,
+                 slots: FakeAdapterSlots | None = None):
+        self.slots = slots
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -56,9 +64,18 @@ class FakeRunner:
         self.history: list[list[tuple[str, int, int, bool]]] = []  # per step: (id, start, n, sample)
         self.preempted: list[str] = []  # request ids, in preemption order
         self.fail_next = 0  # raise in the next this-many steps
+        self.adapters_per_step: list[set[str]] = []  # distinct adapter versions computed per step
 
     def _slot(self, block_ids: Sequence[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _adapter(self, request) -> str | None:
+        if self.slots is None:
+            return request.extra_key
+        if request.lora_slot == -1:
+            return None
+        assert self.slots.users[request.lora_slot] > 0, f"{request.request_id} runs from a slot nobody holds"
+        return self.slots.version_in(request.lora_slot)
 
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
         if self.fail_next:
@@ -67,6 +84,10 @@ class FakeRunner:
         self.preempted.extend(out.preempted_ids)
         self.history.append([(c.request.request_id, c.start, c.num_tokens, c.sample) for c in out.chunks])
         assert out.num_batched_tokens == sum(c.num_tokens for c in out.chunks)
+        adapters = {a for c in out.chunks if (a := self._adapter(c.request)) is not None}
+        if self.slots is not None:
+            assert len(adapters) <= self.slots.max_active, f"{len(adapters)} adapters in one step: {adapters}"
+        self.adapters_per_step.append(adapters)
         # Write every chunk's KV first, then read, as a forward pass does.
         for c in out.chunks:
             r = c.request
@@ -74,7 +95,7 @@ class FakeRunner:
             tokens = r.all_token_ids[c.start:c.start + c.num_tokens]
             for i, tok in enumerate(tokens):
                 p = c.start + i
-                self.arena[self._slot(r.block_ids, p)] = (tok, p, r.extra_key)
+                self.arena[self._slot(r.block_ids, p)] = (tok, p, self._adapter(r))
             self.tokens_computed += c.num_tokens
         results: list[SampleResult | None] = []
         for c in out.chunks:
@@ -135,10 +156,16 @@ class ByteTokenizer:
 
 
 def make_engine(
-    num_blocks: int = 64, block_size: int = 4, max_model_len: int = 512, runner: FakeRunner | None = None, **cfg
+    num_blocks: int = 64, block_size: int = 4, max_model_len: int = 512, runner: FakeRunner | None = None,
+    slots: FakeAdapterSlots | None = None, max_overtake_steps: int = 8, **cfg
 ) -> LLMEngine:
-    runner = runner or FakeRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len)
-    return LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=runner.block_size, **cfg))
+    """An engine on the fake runner; with `slots`, serving adapters through an AdapterAdmission."""
+    runner = runner or FakeRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
+                                  slots=slots)
+    assert runner.slots is slots, "give the slots to the runner too"
+    admission = AdapterAdmission(slots, max_overtake_steps) if slots is not None else None
+    return LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=runner.block_size, **cfg),
+                     admission=admission, adapter_slots=slots)
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

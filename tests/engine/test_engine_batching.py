@@ -4,6 +4,7 @@ generating each request alone (the fake runner reads its context back from the p
 from __future__ import annotations
 
 from service.engine.sampling import SamplingParams
+from tests.engine.fake_adapters import FakeAdapterSlots
 from tests.engine.fake_runner import FakeRunner, make_engine, prompt, reference_tokens
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -80,7 +81,7 @@ def test_full_prompt_hit_still_computes_last_token():
 
 
 def test_extra_key_isolation_in_the_engine():
-    engine = make_engine(block_size=4)
+    engine = make_engine(block_size=4, slots=FakeAdapterSlots(max_active=2))
     p = prompt(20, seed=2)
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 

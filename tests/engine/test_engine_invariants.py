@@ -1,5 +1,6 @@
-"""Random submit / abort / step sequences on small pools: the pool stays whole after every operation
-and every finished request produced exactly the reference tokens."""
+"""Random submit / abort / step sequences on small pools, with adapters on few slots: the pool and the
+slot users stay whole after every operation and every finished request produced exactly the
+reference tokens of its adapter (or failed with its adapter's load error)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError
 from service.engine.types import FinishReason
+from tests.engine.fake_adapters import FakeAdapterSlots
 from tests.engine.fake_runner import FakeRunner, make_engine, prompt, reference_tokens
 
 submit = st.tuples(st.just("submit"), st.integers(1, 24), st.integers(0, 3), st.integers(1, 12), st.integers(-1, 1))
@@ -32,11 +34,17 @@ op = st.one_of(  # submits weighted up so pools fill, requests get preempted and
     budget=st.integers(1, 24),
     max_seqs=st.integers(1, 6),
     caching=st.sampled_from([True, True, False]),
+    max_active=st.integers(1, 2),
+    load_polls=st.sampled_from([0, 3]),
+    overtake=st.sampled_from([0, 2, 8]),
+    fail_v2=st.booleans(),
 )
-def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budget, max_seqs, caching):
-    runner = FakeRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=64)
-    engine = make_engine(runner=runner, max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_waiting=6,
-                         enable_prefix_caching=caching)
+def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budget, max_seqs, caching,
+                                               max_active, load_polls, overtake, fail_v2):
+    slots = FakeAdapterSlots(max_active, load_polls, fail={"v2": "bad checksum"} if fail_v2 else None)
+    runner = FakeRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=64, slots=slots)
+    engine = make_engine(runner=runner, slots=slots, max_overtake_steps=overtake, max_num_batched_tokens=budget,
+                         max_num_seqs=max_seqs, max_waiting=6, enable_prefix_caching=caching)
     submitted: dict[str, tuple[list[int], str | None, int]] = {}
     finals = {}
 
@@ -51,7 +59,7 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
             length, key, max_tokens, priority = args
             # few distinct prompts and keys, so prefixes are shared and cached blocks revived
             p = prompt(length, seed=key // 2)
-            extra_key = [None, "v1", None, "v1"][key]
+            extra_key = [None, "v1", "v2", "v1"][key]  # the same prompt under v1 and v2, too
             rid = f"r{i}"
             try:
                 engine.add_request(rid, p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
@@ -77,7 +85,7 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
         steps += 1
         assert steps < 2000, "no progress"
     engine.check_idle_integrity()
-    assert engine.pool.num_in_use == 0
+    assert engine.pool.num_in_use == 0 and slots.held() == {}
     # steer generation towards the interesting runs: tight pools that preempt and reuse prefixes
     target(float(engine.stats.preemptions), label="preemptions")
     target(float(engine.stats.prefix_cache_hit_tokens), label="prefix hits")
@@ -89,7 +97,11 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
             n = len(out.output_token_ids)
             assert out.output_token_ids == reference_tokens(p, n, key)
             continue
-        assert out.finish_reason is FinishReason.LENGTH
+        if fail_v2 and key == "v2":
+            assert out.finish_reason is FinishReason.ERROR and out.output_token_ids == []
+            assert out.error == "adapter version 'v2' failed to load: bad checksum"
+            continue
+        assert out.finish_reason is FinishReason.LENGTH and out.error is None
         n = min(max_tokens, limit - len(p))
         assert out.output_token_ids == reference_tokens(p, n, key)
 

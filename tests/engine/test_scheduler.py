@@ -47,20 +47,24 @@ def test_requeue_keeps_place():
     assert drain_order(q) == ["x", "y", "z"]
 
 
-class OneKeyPerStep:
-    """A toy adapter limit: one distinct extra key per step, as a future policy would do."""
+class OneGroupPerStep:
+    """A toy policy: requests are grouped by the first letter of their id, one group per step."""
 
     def __init__(self) -> None:
-        self.keys: set[str | None] = set()
+        self.groups: set[str] = set()
+        self.releases: list[str] = []
 
     def begin_step(self, running: Sequence[Request]) -> None:
-        self.keys = {r.extra_key for r in running}
+        self.groups = {r.request_id[0] for r in running}
 
     def may_admit(self, request: Request) -> bool:
-        return not self.keys or request.extra_key in self.keys
+        return not self.groups or request.request_id[0] in self.groups
 
     def on_admit(self, request: Request) -> None:
-        self.keys.add(request.extra_key)
+        self.groups.add(request.request_id[0])
+
+    def on_release(self, request: Request) -> None:
+        self.releases.append(request.request_id)
 
 
 def test_admission_policy_seam_skips_without_reordering():
@@ -68,10 +72,11 @@ def test_admission_policy_seam_skips_without_reordering():
     from service.engine.engine import LLMEngine
 
     runner = ScriptedRunner({}, num_blocks=64, block_size=4)
-    engine = LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=4), admission=OneKeyPerStep())
+    policy = OneGroupPerStep()
+    engine = LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=4), admission=policy)
     sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-    for rid, key in [("a1", "a"), ("b1", "b"), ("a2", "a"), ("b2", "b")]:
-        engine.add_request(rid, prompt(3), sp, extra_key=key)
+    for rid in ["a1", "b1", "a2", "b2"]:
+        engine.add_request(rid, prompt(3), sp)
     engine.step()
     first = {c[0] for c in runner.history[0]}
     assert first == {"a1", "a2"}  # b1 was skipped, kept its place, and a2 went past it
@@ -79,6 +84,7 @@ def test_admission_policy_seam_skips_without_reordering():
         engine.step()
     later = [c[0] for step in runner.history[1:] for c in step if c[1] == 0]
     assert later == ["b1", "b2"]
+    assert sorted(policy.releases) == ["a1", "a2", "b1", "b2"]  # once each, when they finished
 
 
 def test_step_respects_budget_and_max_num_seqs():

@@ -1,0 +1,86 @@
+"""Shared pieces of the benchmarks: workload prompts, the machine's measured ceiling, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SYSTEM_PROMPT = (
+    "You are the support assistant of a company that sells industrial sensors, controllers and the cloud "
+    "software that connects them. Answer the customer's question precisely and briefly. When the question "
+    "is about a product, name the product line, the relevant specification and any limits that apply. When "
+    "the question is about an order, explain which information the customer needs to provide and where to "
+    "find it. Never invent part numbers, prices or delivery dates; if you do not know, say so and point to "
+    "the documentation portal or the support hotline. Use metric units, keep a friendly and professional "
+    "tone, avoid marketing language, and do not repeat the question. If the customer writes in another "
+    "language, answer in that language. Summarise long procedures as numbered steps, and mention safety "
+    "warnings first whenever electrical installation or calibration is involved. The current product lines "
+    "are: ThermoLine temperature probes, FlowMax flow meters, PressaCore pressure transmitters, the EdgeBox "
+    "controller family and the SensorCloud platform with its dashboards and alerting rules."
+)
+
+TOPICS = ["temperature probes", "flow meters", "pressure transmitters", "the EdgeBox controller",
+          "SensorCloud alerts", "calibration", "firmware updates", "cable lengths", "warranty", "returns",
+          "power supply", "data export", "API access", "wireless range", "IP ratings", "mounting"]
+
+
+def questions(n: int) -> list[str]:
+    """n distinct ~32-token questions."""
+    out = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        out.append(f"Question {i + 1}: I run site number {1000 + 37 * i} with {3 + i % 9} units. What should I "
+                   f"know about {topic} before I order, and how long does installation usually take?")
+    return out
+
+
+def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+    return [tokenizer.encode_chat([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}])
+            for q in questions(n)]
+
+
+def measure_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment() -> dict:
+    return {"commit": commit(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_result(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n== {title}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")

@@ -1,0 +1,69 @@
+"""Assemble a ready engine from configuration: weights, tokenizer, model, KV arena, runner, scheduler."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+
+from service.config import EngineConfig, RuntimeConfig
+from service.engine.engine import LLMEngine
+from service.runtime.gguf_loader import open_gguf
+from service.runtime.loader import LoadedModel, default_model_path, load_model
+from service.runtime.model import KVCache, LlamaModel
+from service.runtime.model_runner import ModelRunner
+from service.runtime.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Runtime:
+    engine: LLMEngine
+    tokenizer: Tokenizer
+    model: LlamaModel
+    runner: ModelRunner
+    loaded: LoadedModel
+
+
+def load_tokenizer(path: Path, gguf_reader: object | None = None) -> Tokenizer:
+    return Tokenizer.from_gguf(gguf_reader or path) if path.is_file() else Tokenizer.from_dir(path)
+
+
+def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None) -> Runtime:
+    rc = rc or RuntimeConfig()
+    ec = ec or EngineConfig()
+    torch.set_num_threads(rc.threads or os.cpu_count() or 1)
+    path = Path(rc.model) if rc.model else default_model_path()
+    dtype = getattr(torch, rc.dtype)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist: expected a .gguf file or an HF directory "
+                                "with config.json + *.safetensors")
+    reader = open_gguf(path) if path.is_file() else None  # parsed once, for weights and tokenizer
+    loaded = load_model(path, quantize=rc.quantize, gguf_reader=reader)
+    tokenizer = load_tokenizer(path, reader)
+    del reader
+    max_len = rc.max_model_len or loaded.arch.max_position_embeddings
+    if max_len > loaded.arch.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len={max_len} exceeds the model's context length {loaded.arch.max_position_embeddings}"
+        )
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=dtype, max_model_len=max_len)
+    loaded.tensors = {}  # the model holds (fused) weights now; don't keep a second copy alive
+    per_block = KVCache.bytes_per_block(loaded.arch, ec.block_size, dtype)
+    num_blocks = int(rc.kv_cache_gib * 2**30) // per_block
+    if num_blocks * ec.block_size < max_len:
+        raise ValueError(
+            f"kv_cache_gib={rc.kv_cache_gib} holds {num_blocks * ec.block_size} tokens, less than one full "
+            f"context of max_model_len={max_len}: raise kv_cache_gib or lower max_model_len"
+        )
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len)
+    engine = LLMEngine(runner, tokenizer, ec)
+    log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
+             weights_mib=round(model.nbytes() / 2**20, 1), kv_blocks=num_blocks,
+             kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
+             threads=torch.get_num_threads())
+    return Runtime(engine, tokenizer, model, runner, loaded)

@@ -1,0 +1,211 @@
+"""Our Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV arena.
+
+Weights come from `service.runtime.loader` under HF names, dense or quantized; every matmul goes
+through `kernels.ops`. The residual stream is kept in float32; matmul inputs, K/V and attention run in
+the compute dtype (bfloat16 on the fast CPU path, float32 for the exact reference path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import ops
+from kernels.lora import LoraSegments
+from kernels.quant import QuantizedTensor
+from service.runtime.arch import ModelArch
+
+Weight = torch.Tensor | QuantizedTensor
+
+
+class KVCache:
+    """One preallocated arena for all layers: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(self, arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.arena = torch.zeros(arch.num_layers, 2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
+                                 dtype=dtype, device=device)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.arena[i, 0], self.arena[i, 1]
+
+    @staticmethod
+    def bytes_per_block(arch: ModelArch, block_size: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return arch.num_layers * 2 * block_size * arch.num_kv_heads * arch.head_dim * elem
+
+
+@dataclass
+class LoraStep:
+    """The LoRA part of one forward: token segments per slot and the slot table [layer][group][slot]."""
+
+    segments: LoraSegments
+    table: list[dict[str, list]]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden] float32
+    qkv: Weight  # [q_size + 2 * kv_size, hidden]: q, k, v rows fused into one matmul
+    qkv_bias: torch.Tensor | None
+    o: Weight  # [hidden, q_size]
+    post_norm: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]: gate rows then up rows
+    down: Weight  # [hidden, intermediate]
+
+
+def cat_rows(ws: list[Weight]) -> Weight:
+    """Stack weights along the output dimension, keeping quantized ones quantized."""
+    if all(isinstance(w, torch.Tensor) for w in ws):
+        return torch.cat(ws, 0)
+    if not all(isinstance(w, QuantizedTensor) for w in ws):
+        return torch.cat([w.dequantize() if isinstance(w, QuantizedTensor) else w.float() for w in ws], 0)
+    return QuantizedTensor.cat_rows(ws)
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """[head_dim // 2] inverse frequencies, with Llama 3 style frequency scaling when configured."""
+    d = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = arch.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "llama3":
+        factor = rs["factor"]
+        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_len = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        low_wl, high_wl = old_len / low, old_len / high
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+        mid = (wavelen <= low_wl) & (wavelen >= high_wl)
+        scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+        inv = scaled
+    elif kind == "linear":
+        inv = inv / rs["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported: supported are llama3, linear, default")
+    return inv.float()
+
+
+class LlamaModel:
+    def __init__(self, arch: ModelArch, tensors: dict[str, Weight], dtype: torch.dtype = torch.bfloat16,
+                 max_model_len: int | None = None) -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.max_model_len = max_model_len or arch.max_position_embeddings
+
+        def get(name: str) -> Weight:
+            if name not in tensors:
+                raise ValueError(f"weight {name!r} is missing from the checkpoint")
+            w = tensors[name]
+            return w if isinstance(w, QuantizedTensor) else w.to(dtype)
+
+        def norm(name: str) -> torch.Tensor:
+            return get(name).float() if not isinstance(tensors.get(name), QuantizedTensor) else tensors[name].dequantize()
+
+        self.embed = tensors["model.embed_tokens.weight"]
+        if not isinstance(self.embed, QuantizedTensor):
+            self.embed = self.embed.float()
+        self.lm_head = self.embed if arch.tie_word_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
+        if isinstance(self.lm_head, torch.Tensor):
+            self.lm_head = self.lm_head.to(dtype)
+        self.final_norm = norm("model.norm.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(arch.num_layers):
+            p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            bias = None
+            if arch.attention_bias:
+                bias = torch.cat([tensors[a + f"{n}_proj.bias"].float() for n in "qkv"]).to(dtype)
+            self.layers.append(LayerWeights(
+                input_norm=norm(p + "input_layernorm.weight"),
+                qkv=cat_rows([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")]),
+                qkv_bias=bias,
+                o=get(a + "o_proj.weight"),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
+                gate_up=cat_rows([get(m + "gate_proj.weight"), get(m + "up_proj.weight")]),
+                down=get(m + "down_proj.weight"),
+            ))
+        inv = rope_inv_freq(arch)
+        t = torch.arange(self.max_model_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        emb = torch.cat([freqs, freqs], -1)  # [max_len, head_dim]: HF rotate-half layout
+        self._cos, self._sin = emb.cos(), emb.sin()
+        self.scale = arch.head_dim ** -0.5
+        if dtype == torch.bfloat16:  # build the bf16 fast-path layouts now, not on the first request
+            for w in self._weights():
+                if isinstance(w, QuantizedTensor):
+                    w.prepack()
+
+    def _weights(self) -> list[Weight]:
+        ws: list[Weight] = [self.embed, self.final_norm]
+        if self.lm_head is not self.embed:
+            ws.append(self.lm_head)
+        for lw in self.layers:
+            ws += [lw.input_norm, lw.qkv, lw.o, lw.post_norm, lw.gate_up, lw.down]
+            if lw.qkv_bias is not None:
+                ws.append(lw.qkv_bias)
+        return ws
+
+    def nbytes(self) -> int:
+        """Resident bytes of the weights, including the fast-path layouts built for them."""
+        return sum(w.nbytes if isinstance(w, QuantizedTensor) else w.numel() * w.element_size()
+                   for w in self._weights())
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, plan: ops.AttentionPlan,
+                kv: KVCache, lora: LoraStep | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (float32, after the last norm).
+
+        `lora`: which tokens use which adapter slot this step, and the slot table; None = base model only.
+        """
+        arch, dt = self.arch, self.dtype
+        h, kvh, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        q_size, kv_size = arch.q_size, arch.kv_size
+        inter = arch.intermediate_size
+        cos = self._cos[positions].to(dt).unsqueeze(1)  # [T, 1, d]
+        sin = self._sin[positions].to(dt).unsqueeze(1)
+        x = ops.embedding(input_ids, self.embed)  # [T, hidden] float32 residual stream
+        t = x.shape[0]
+        for i, lw in enumerate(self.layers):
+            lt = lora.table[i] if lora is not None else None
+            hs = F.rms_norm(x, (x.shape[-1],), lw.input_norm, arch.rms_norm_eps).to(dt)
+            qkv = ops.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
+            if lt is not None:
+                ops.sgmv_(qkv, hs, lora.segments, lt["qkv"])
+            q = qkv[:, :q_size].view(t, h, d)
+            k = qkv[:, q_size : q_size + kv_size].view(t, kvh, d)
+            v = qkv[:, q_size + kv_size :].view(t, kvh, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            k_cache, v_cache = kv.layer(i)
+            ops.write_kv(k_cache, v_cache, k, v, plan.slot_mapping)
+            attn = ops.paged_attention(q, k_cache, v_cache, plan, self.scale)  # [T, h, d]
+            attn = attn.reshape(t, q_size)
+            o = ops.linear(attn, lw.o)
+            if lt is not None:
+                ops.sgmv_(o, attn, lora.segments, lt["o"])
+            x = x + o.float()
+            hs = F.rms_norm(x, (x.shape[-1],), lw.post_norm, arch.rms_norm_eps).to(dt)
+            gu = ops.linear(hs, lw.gate_up)  # [T, 2 * inter]
+            if lt is not None:
+                ops.sgmv_(gu, hs, lora.segments, lt["gate_up"])
+            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            down = ops.linear(act, lw.down)
+            if lt is not None:
+                ops.sgmv_(down, act, lora.segments, lt["down"])
+            x = x + down.float()
+        return F.rms_norm(x, (x.shape[-1],), self.final_norm, arch.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [S, hidden] -> logits [S, vocab] float32."""
+        return ops.linear(hidden.to(self.dtype), self.lm_head).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)

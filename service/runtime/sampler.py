@@ -1,0 +1,106 @@
+"""Batched token sampling with per-request parameters.
+
+Reproducibility: a request's random draw at output index n uses a generator seeded from
+(request seed, n) alone, so a seeded request samples the same tokens whatever else shares its batch,
+and after a preemption (which recomputes but never re-samples earlier tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from service.engine.sampling import SamplingParams
+from service.engine.types import SampleResult
+
+
+def step_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for draw number `index` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(seed.to_bytes(8, "little") + index.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class SamplingRow:
+    """What the sampler needs from one request (the engine's Request satisfies it)."""
+
+    sampling: SamplingParams
+    seed: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int]) -> None:
+    """In place on logits[idx]. repetition: prompt+output tokens; presence/frequency: output tokens."""
+    vocab = logits.shape[1]
+    for i in idx:
+        sp = rows[i].sampling
+        row = logits[i]
+        out = torch.tensor(rows[i].output_token_ids, dtype=torch.int64)
+        if sp.repetition_penalty != 1:
+            seen = torch.zeros(vocab, dtype=torch.bool)
+            seen[torch.tensor(rows[i].prompt_token_ids, dtype=torch.int64)] = True
+            if out.numel():
+                seen[out] = True
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / sp.repetition_penalty, vals * sp.repetition_penalty)
+        if out.numel() and (sp.presence_penalty or sp.frequency_penalty):
+            counts = torch.bincount(out, minlength=vocab).to(row.dtype)
+            row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p for rows [R, V] (none greedy) -> probabilities [R, V]."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
+    logits = logits / temps
+    neg = torch.finfo(logits.dtype).min
+    top_k = [p.top_k for p in params]
+    if any(top_k):
+        k = torch.tensor([k if k else logits.shape[1] for k in top_k]).clamp(max=logits.shape[1])
+        kth = torch.sort(logits, dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        logits = logits.masked_fill(logits < kth, neg)
+    probs = torch.softmax(logits, dim=1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype).unsqueeze(1)
+    if bool((top_p < 1).any()):
+        sorted_p, order = torch.sort(probs, dim=1, descending=True)
+        # keep a token while the mass before it is < top_p (the top token always stays)
+        drop_sorted = (sorted_p.cumsum(1) - sorted_p) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0)
+    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p * probs.max(1, keepdim=True).values, 0)
+    return probs / probs.sum(1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampleResult]:
+    """logits: [S, V] float32, one row per request to sample -> one SampleResult per row."""
+    raw = logits
+    params = [r.sampling for r in rows]
+    pen = [i for i, p in enumerate(params) if p.needs_penalties]
+    if pen:
+        logits = logits.clone()
+        apply_penalties(logits, rows, pen)
+    tokens = logits.argmax(1)
+    rand = [i for i, p in enumerate(params) if not p.greedy]
+    if rand:
+        probs = filter_logits(logits[rand], [params[i] for i in rand])
+        for j, i in enumerate(rand):
+            gen = torch.Generator().manual_seed(step_seed(rows[i].seed, len(rows[i].output_token_ids)))
+            # Exponential race: argmax p / E with E ~ Exp(1) draws a token with probability p.
+            noise = torch.empty(probs.shape[1]).exponential_(generator=gen)
+            tokens[i] = (probs[j] / noise).argmax()
+    token_list = tokens.tolist()
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    results = [SampleResult(t) for t in token_list]
+    if want:
+        logp = torch.log_softmax(raw[want].float(), dim=1)
+        for j, i in enumerate(want):
+            res = results[i]
+            res.logprob = float(logp[j, token_list[i]])
+            n = params[i].logprobs
+            if n:
+                vals, ids = logp[j].topk(n)
+                res.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+    return results

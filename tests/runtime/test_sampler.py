@@ -1,0 +1,105 @@
+"""Sampling: each filter and penalty, seeds, logprobs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from service.engine.sampling import SamplingParams
+from service.runtime.sampler import sample, step_seed
+
+
+@dataclass
+class Row:
+    sampling: SamplingParams
+    seed: int = 0
+    prompt_token_ids: list[int] = field(default_factory=lambda: [0])
+    output_token_ids: list[int] = field(default_factory=list)
+
+
+def logits_of(probs: list[float]) -> torch.Tensor:
+    return torch.tensor([probs]).log()
+
+
+def draws(probs: list[float], n: int = 400, **kw) -> list[int]:
+    sp = SamplingParams(**kw)
+    lg = logits_of(probs)
+    return [sample(lg, [Row(sp, seed=s)])[0].token_id for s in range(n)]
+
+
+def test_greedy_is_argmax():
+    lg = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
+    res = sample(lg, [Row(SamplingParams(temperature=0)), Row(SamplingParams(temperature=0))])
+    assert [r.token_id for r in res] == [1, 0]
+
+
+def test_temperature_sampling_follows_the_distribution():
+    got = draws([0.6, 0.3, 0.1], n=1500, temperature=1.0)
+    freq = [got.count(i) / len(got) for i in range(3)]
+    assert all(abs(f - p) < 0.05 for f, p in zip(freq, [0.6, 0.3, 0.1])), freq
+
+
+def test_top_k_top_p_min_p_cut_the_tail():
+    assert set(draws([0.5, 0.3, 0.2], top_k=2)) == {0, 1}
+    assert set(draws([0.5, 0.3, 0.2], top_k=1)) == {0}
+    assert set(draws([0.5, 0.3, 0.2], top_p=0.6)) == {0, 1}  # 0.5 < 0.6, so token 1 stays; 0.8 >= 0.6 drops 2
+    assert set(draws([0.5, 0.3, 0.2], top_p=0.4)) == {0}
+    assert set(draws([0.5, 0.3, 0.2], min_p=0.5)) == {0, 1}  # threshold 0.25
+    assert set(draws([0.5, 0.3, 0.2], min_p=0.7)) == {0}
+
+
+def test_repetition_penalty_applies_to_prompt_and_output_tokens():
+    lg = torch.tensor([[3.0, 2.0, -1.0, 2.5]])
+    sp = SamplingParams(temperature=0, repetition_penalty=2.0)
+    # token 0 seen in the prompt: 3.0 / 2 = 1.5 < 2.5, so token 3 wins
+    assert sample(lg, [Row(sp, prompt_token_ids=[0])])[0].token_id == 3
+    # token 3 seen in the output too: 1.25; token 1 (2.0) wins
+    assert sample(lg, [Row(sp, prompt_token_ids=[0], output_token_ids=[3])])[0].token_id == 1
+    assert torch.equal(lg, torch.tensor([[3.0, 2.0, -1.0, 2.5]]))  # caller's logits untouched
+
+
+def test_presence_and_frequency_penalties_count_output_tokens():
+    lg = torch.tensor([[3.0, 2.0, 0.0]])
+    freq = SamplingParams(temperature=0, frequency_penalty=0.6)
+    assert sample(lg, [Row(freq, output_token_ids=[0])])[0].token_id == 0  # 3 - 0.6 = 2.4 > 2
+    assert sample(lg, [Row(freq, output_token_ids=[0, 0])])[0].token_id == 1  # 3 - 1.2 = 1.8 < 2
+    pres = SamplingParams(temperature=0, presence_penalty=1.5)
+    assert sample(lg, [Row(pres, output_token_ids=[0])])[0].token_id == 1  # once: 3 - 1.5 < 2
+
+
+def test_seed_reproducible_and_independent_of_batch_position():
+    sp = SamplingParams(temperature=1.0, seed=7)
+    lg = torch.randn(1, 500, generator=torch.Generator().manual_seed(0))
+    alone = sample(lg, [Row(sp, seed=7)])[0].token_id
+    batch = torch.cat([torch.randn(2, 500), lg])
+    other = SamplingParams(temperature=0.5)
+    mixed = sample(batch, [Row(other, seed=1), Row(other, seed=2), Row(sp, seed=7)])
+    assert mixed[2].token_id == alone
+    assert step_seed(7, 3) == step_seed(7, 3) != step_seed(7, 4)
+
+
+def test_logprobs_are_raw_model_logprobs():
+    lg = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    res = sample(lg, [Row(SamplingParams(temperature=0, logprobs=2))])[0]
+    ref = torch.log_softmax(lg[0], 0)
+    assert res.token_id == 2
+    assert res.logprob == pytest.approx(float(ref[2]))
+    assert [t for t, _ in res.top_logprobs] == [2, 1]
+    assert res.top_logprobs[1][1] == pytest.approx(float(ref[1]))
+    assert math.isclose(sum(math.exp(v) for v in ref.tolist()), 1.0, rel_tol=1e-6)
+    assert sample(lg, [Row(SamplingParams(temperature=0))])[0].logprob is None
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("temperature", -0.5, ">= 0"), ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"),
+    ("max_tokens", 0, ">= 1"), ("top_k", -1, ">= 0"), ("min_p", 2.0, "[0, 1]"),
+    ("repetition_penalty", 0.0, "> 0"), ("presence_penalty", 3.0, "[-2, 2]"), ("logprobs", 50, "[0, 20]"),
+    ("temperature", float("nan"), ">= 0"),
+])
+def test_nonsense_sampling_values_name_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**{field: value})
+    assert field in str(e.value) and allowed in str(e.value)

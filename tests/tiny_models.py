@@ -1,0 +1,39 @@
+"""Tiny random Llama-family checkpoints written by transformers itself, for reference comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+
+KINDS = {
+    # name: (config class name, extra config)
+    "llama-gqa": ("LlamaConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "llama-tied": ("LlamaConfig", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
+    "qwen2-bias": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+}
+
+
+def make_tiny_model(root: Path, kind: str = "llama-gqa", seed: int = 0, layers: int = 2):
+    """Write a random model of `kind` to root/kind and return (path, the transformers model in fp32)."""
+    import transformers
+
+    cls_name, extra = KINDS[kind]
+    cfg_cls = getattr(transformers, cls_name)
+    cfg = cfg_cls(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+        initializer_range=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if cls_name == "Qwen2Config":  # biases default to zero: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    path = root / kind
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
