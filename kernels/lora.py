@@ -1,0 +1,84 @@
+"""Segmented LoRA (SGMV): the torch implementation (CPU path and test oracle).
+
+The tokens of a step are grouped so that each adapter's tokens form contiguous segments
+`[start, end)`; segment slot -1 means "no adapter" and is skipped. For one (possibly fused) projection
+with per-slot weights `A^T: [in, r_slot]` and `B^T: [r_slot, out]` (the LoRA scale already folded into
+B), every segment gets `y[start:end] += (x[start:end] @ A^T) @ B^T`: a shrink then an expand, each at
+the slot's own rank, so a batch of mixed ranks does no work for ranks it does not have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
+
+
+@dataclass(frozen=True)
+class LoraSegments:
+    """Contiguous token ranges per adapter slot in one step's batch."""
+
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    slots: tuple[int, ...]  # -1 = no adapter
+
+    @staticmethod
+    def from_token_slots(token_slots: Sequence[int]) -> LoraSegments:
+        """Runs of equal slot ids in token order -> segments (slot -1 runs are kept, and skipped later)."""
+        starts, ends, slots = [], [], []
+        for i, s in enumerate(token_slots):
+            if not slots or s != slots[-1]:
+                if slots:
+                    ends.append(i)
+                starts.append(i)
+                slots.append(s)
+        if slots:
+            ends.append(len(token_slots))
+        return LoraSegments(tuple(starts), tuple(ends), tuple(slots))
+
+    @property
+    def any_lora(self) -> bool:
+        return any(s >= 0 for s in self.slots)
+
+
+def check_segments(seg: LoraSegments, num_tokens: int, num_slots: int) -> None:
+    """Validate segment geometry against the batch and slot table (a bad table must not read garbage)."""
+    if not (len(seg.starts) == len(seg.ends) == len(seg.slots)):
+        raise ValueError("LoRA segments: starts, ends and slots must have the same length")
+    prev = 0
+    for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
+        if not prev <= s0 <= s1 <= num_tokens:
+            raise ValueError(f"LoRA segment [{s0}, {s1}) is out of order or outside the batch of {num_tokens} tokens")
+        if not -1 <= slot < num_slots:
+            raise ValueError(f"LoRA segment slot {slot} is out of range: must be -1 or in [0, {num_slots})")
+        prev = s1
+
+
+def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
+    """In place: y [T, out] += per-segment LoRA delta of x [T, in]; returns y."""
+    for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
+        if slot < 0 or s0 == s1:
+            continue
+        w = weights[slot]
+        if w is None:  # this adapter does not target this projection (or this layer)
+            continue
+        a_t, b_t = w
+        # shrink [n, in] @ [in, r] -> [n, r]; expand [n, r] @ [r, out] accumulated into y's rows
+        y[s0:s1].addmm_(x[s0:s1] @ a_t, b_t)
+    return y
+
+
+def sgmv_reference(x: torch.Tensor, seg: LoraSegments, a: Sequence[torch.Tensor | None],
+                   b: Sequence[torch.Tensor | None], scales: Sequence[float]) -> torch.Tensor:
+    """Plain fp32 oracle in PEFT's own layout: per token, scale * (x @ A.T) @ B.T with A [r, in], B [out, r]."""
+    out_dim = next(t.shape[0] for t in b if t is not None)
+    y = torch.zeros(x.shape[0], out_dim, dtype=torch.float32)
+    for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
+        if slot < 0 or a[slot] is None:
+            continue
+        for t in range(s0, s1):
+            y[t] = scales[slot] * ((x[t].float() @ a[slot].float().T) @ b[slot].float().T)
+    return y
