@@ -1,0 +1,193 @@
+"""The registry's vocabulary, free of SQLite: errors, adapter references, and the records it returns.
+
+Kept apart from adapters.registry so the API layer can map errors to status codes and parse references
+without the storage code. Errors -> gRPC codes: InvalidRegistryArgument (InvalidAdapterName,
+AmbiguousAdapterRef, InvalidPageToken) -> INVALID_ARGUMENT; AdapterNotFound -> NOT_FOUND; AdapterExists ->
+ALREADY_EXISTS; AdapterInUse, VersionIsCurrent, VersionFilesMissing -> FAILED_PRECONDITION;
+AdapterPermissionDenied -> PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from adapters.store import VERSION_ID_RE
+
+if TYPE_CHECKING:
+    from adapters.peft_format import ParsedAdapter
+
+__all__ = [
+    "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse", "AdapterInfo",
+    "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
+    "AmbiguousAdapterRef", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered",
+    "RegistryError", "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name",
+    "check_tenant",
+]
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+# Tenant ids come from the server's auth config; no '/' or '@', so a ref `owner/name@v` parses one way.
+TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+SEQ_RE = re.compile(r"[1-9][0-9]{0,9}")  # `name@N`
+PUBLIC = "*"
+MAX_DESCRIPTION_CHARS = 4096
+
+
+class RegistryError(Exception):
+    """Base of the registry's errors; messages are meant for the person who made the request."""
+
+
+class InvalidRegistryArgument(RegistryError, ValueError):
+    pass
+
+
+class InvalidAdapterName(InvalidRegistryArgument):
+    """A malformed adapter name or reference."""
+
+
+class AmbiguousAdapterRef(InvalidRegistryArgument):
+    pass
+
+
+class InvalidPageToken(InvalidRegistryArgument):
+    pass
+
+
+class AdapterNotFound(RegistryError, LookupError):
+    pass
+
+
+class AdapterExists(RegistryError):
+    pass
+
+
+class AdapterInUse(RegistryError):
+    pass
+
+
+class VersionIsCurrent(RegistryError):
+    pass
+
+
+class VersionFilesMissing(RegistryError):
+    pass
+
+
+class AdapterPermissionDenied(RegistryError):
+    pass
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None or ".." in name:
+        raise InvalidAdapterName(
+            f"{repr(name)[:80]} is not a valid adapter name: use 1 to 63 lowercase letters, digits, '.', '_' "
+            f"or '-', starting with a letter or digit, without '..'")
+    return name
+
+
+def check_tenant(tenant: object) -> str:
+    if not isinstance(tenant, str) or TENANT_RE.fullmatch(tenant) is None:
+        raise InvalidRegistryArgument(f"{repr(tenant)[:80]} is not a valid tenant id")
+    return tenant
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A parsed `[owner/]name[@version]`; version is a version id or a 1-based number, as a string."""
+
+    owner: str | None
+    name: str
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, ref: object) -> AdapterRef:
+        if not isinstance(ref, str) or not ref or len(ref) > 256:
+            raise InvalidAdapterName(f"{repr(ref)[:80]} is not an adapter reference ([owner/]name[@version])")
+        head, at, version = ref.partition("@")
+        owner, slash, name = head.rpartition("/")
+        if slash:
+            try:
+                check_tenant(owner)
+            except InvalidRegistryArgument:
+                raise InvalidAdapterName(f"{ref!r}: {owner!r} is not a valid tenant id") from None
+        check_name(name)
+        if at and not (VERSION_ID_RE.fullmatch(version) or SEQ_RE.fullmatch(version)):
+            raise InvalidAdapterName(f"{ref!r}: the version after '@' must be a version id (v-<24 hex chars>) "
+                                     f"or a version number (1, 2, ...)")
+        return cls(owner=owner if slash else None, name=name, version=version if at else None)
+
+    @property
+    def base(self) -> str:
+        """The adapter part as the caller wrote it, for messages."""
+        return f"{self.owner}/{self.name}" if self.owner else self.name
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    """What the registry records about a version besides its id (all derived from the files)."""
+
+    size_bytes: int
+    rank: int
+    target_modules: tuple[str, ...]
+    base_model_id: str
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))
+        if self.size_bytes < 0 or self.rank < 1 or not self.target_modules or not self.base_model_id:
+            raise InvalidRegistryArgument(f"incomplete adapter version metadata: {self}")
+        if len(self.description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidRegistryArgument(f"the description has {len(self.description)} characters; "
+                                          f"at most {MAX_DESCRIPTION_CHARS} are allowed")
+
+    @classmethod
+    def of(cls, parsed: ParsedAdapter, base_model_id: str, size_bytes: int, description: str = "") -> VersionMeta:
+        return cls(size_bytes=size_bytes, rank=parsed.max_rank, target_modules=tuple(parsed.target_modules),
+                   base_model_id=base_model_id, description=description)
+
+
+@dataclass(frozen=True)
+class AdapterVersion:
+    owner: str
+    name: str
+    version_id: str
+    number: int  # 1-based registration order within the adapter: `name@number`
+    created_at: float  # unix seconds
+    description: str
+    size_bytes: int
+    rank: int
+    target_modules: tuple[str, ...]
+    base_model_id: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.owner}/{self.name}@{self.version_id}"
+
+
+Visibility = Literal["private", "shared", "public"]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    owner: str
+    name: str
+    created_at: float
+    visibility: Visibility
+    shared_with: tuple[str, ...]  # only shown to the owner and admins: grantees do not learn of each other
+    current: AdapterVersion
+    num_versions: int
+    versions: tuple[AdapterVersion, ...] = ()  # filled by get(), oldest first; list() leaves it empty
+
+
+@dataclass(frozen=True)
+class AdapterPage:
+    adapters: tuple[AdapterInfo, ...]
+    next_page_token: str  # "" on the last page
+
+
+@dataclass(frozen=True)
+class Registered:
+    version: AdapterVersion
+    created: bool  # False: this adapter already had this exact content (a re-upload, deduplicated)
+    current: bool  # the name points at this version now
