@@ -43,7 +43,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.encode_chat(messages)
     engine = rt.engine
     t0 = time.perf_counter()
-    engine.add_request("cli", ids, sampling)
+    version = rt.add_local_adapter(args.adapter) if args.adapter else None
+    engine.add_request("cli", ids, sampling, extra_key=version)
     n = 0
     reason = None
     while engine.has_unfinished():
@@ -53,11 +54,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             n += len(out.new_token_ids)
             if out.finished:
                 reason = out.finish_reason
+                if out.error:
+                    print(f"error: {out.error}", file=sys.stderr)
+                    return 1
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     if args.verbose:
-        print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {reason.value if reason else '?'}]",
-              file=sys.stderr)
+        print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {reason.value if reason else '?'}"
+              f"{', adapter ' + version if version else ''}]", file=sys.stderr)
     return 0
 
 
@@ -79,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the user message (or plain text with --raw)")
     g.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
     g.add_argument("--system", help="a system message for the chat template")
+    g.add_argument("--adapter", metavar="DIR", help="apply a PEFT LoRA adapter directory "
+                   "(adapter_config.json + adapter_model.safetensors)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(getattr(args, "log_level", "warning"))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

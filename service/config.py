@@ -52,3 +52,23 @@ class RuntimeConfig:
             raise ValueError(f"max_model_len={self.max_model_len} is invalid: must be >= 16")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads} is invalid: must be >= 1")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The LoRA tiers: host memory (LRU, bytes and count bounded) and active slots the batch reads."""
+
+    max_active_adapters: int = 32  # distinct adapters in one step's batch (active slots)
+    host_cache_mib: int = 2048  # host-memory tier, in model layout
+    host_cache_max_count: int = 256
+    max_lora_rank: int = 128
+    max_overtake_steps: int = 8  # how long ready adapters may overtake one waiting for a slot
+    load_workers: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_active_adapters", "host_cache_mib", "host_cache_max_count", "max_lora_rank",
+                     "load_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
+        if self.max_overtake_steps < 0:
+            raise ValueError(f"max_overtake_steps={self.max_overtake_steps} is invalid: must be >= 0")

@@ -36,4 +36,18 @@ def make_tiny_model(root: Path, kind: str = "llama-gqa", seed: int = 0, layers: 
                     proj.bias.normal_(0, 0.5)
     path = root / kind
     model.save_pretrained(path, safe_serialization=True)
+    write_tiny_tokenizer(path)
     return path, model
+
+
+def write_tiny_tokenizer(path: Path) -> None:
+    """A word-level vocabulary `t0 .. t127` (ids 0-2 are <unk>, <s>, </s>) so a tiny model dir is complete."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 import torch
 
-from service.config import EngineConfig, RuntimeConfig
+from adapters.cache import HostAdapterCache
+from adapters.identity import adapter_version_id
+from adapters.peft_format import ParsedAdapter, parse_adapter
+from service.config import AdapterConfig, EngineConfig, RuntimeConfig
+from service.engine.adapters import AdapterAdmission
 from service.engine.engine import LLMEngine
+from service.runtime.adapter_slots import RuntimeAdapterSlots, fused_loader
 from service.runtime.gguf_loader import open_gguf
 from service.runtime.loader import LoadedModel, default_model_path, load_model
+from service.runtime.lora import LoraSlots
 from service.runtime.model import KVCache, LlamaModel
 from service.runtime.model_runner import ModelRunner
 from service.runtime.tokenizer import Tokenizer
@@ -27,15 +34,30 @@ class Runtime:
     model: LlamaModel
     runner: ModelRunner
     loaded: LoadedModel
+    adapters: RuntimeAdapterSlots
+    adapter_config: AdapterConfig
+    local_adapters: dict[str, ParsedAdapter]  # version id -> adapters registered from local directories
+
+    def add_local_adapter(self, path: str | Path) -> str:
+        """Register a PEFT adapter directory for offline use; returns its version id (the request's extra key)."""
+        parsed = parse_adapter(Path(path), self.loaded.arch, max_rank=self.adapter_config.max_lora_rank)
+        vid = adapter_version_id(parsed, self.loaded.model_id)
+        self.local_adapters[vid] = parsed
+        return vid
 
 
 def load_tokenizer(path: Path, gguf_reader: object | None = None) -> Tokenizer:
     return Tokenizer.from_gguf(gguf_reader or path) if path.is_file() else Tokenizer.from_dir(path)
 
 
-def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None) -> Runtime:
+def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None,
+                  ac: AdapterConfig | None = None,
+                  adapter_loader: Callable[[str], ParsedAdapter] | None = None) -> Runtime:
+    """`adapter_loader(version_id)` reads and validates a stored adapter (the service's store); without
+    one, only adapters registered with `Runtime.add_local_adapter` can be used."""
     rc = rc or RuntimeConfig()
     ec = ec or EngineConfig()
+    ac = ac or AdapterConfig()
     torch.set_num_threads(rc.threads or os.cpu_count() or 1)
     path = Path(rc.model) if rc.model else default_model_path()
     dtype = getattr(torch, rc.dtype)
@@ -60,10 +82,25 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
             f"kv_cache_gib={rc.kv_cache_gib} holds {num_blocks * ec.block_size} tokens, less than one full "
             f"context of max_model_len={max_len}: raise kv_cache_gib or lower max_model_len"
         )
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len)
-    engine = LLMEngine(runner, tokenizer, ec)
+    lora_slots = LoraSlots(loaded.arch, ac.max_active_adapters)
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len,
+                         lora_slots=lora_slots)
+    local: dict[str, ParsedAdapter] = {}
+
+    def load(version_id: str) -> ParsedAdapter:
+        if version_id in local:
+            return local[version_id]
+        if adapter_loader is None:
+            raise KeyError(f"adapter version {version_id} is not known to this process")
+        return adapter_loader(version_id)
+
+    cache = HostAdapterCache(fused_loader(load, loaded.arch, dtype), max_bytes=ac.host_cache_mib * 2**20,
+                             max_count=ac.host_cache_max_count, workers=ac.load_workers)
+    slots = RuntimeAdapterSlots(cache, lora_slots)
+    engine = LLMEngine(runner, tokenizer, ec, adapter_slots=slots,
+                       admission=AdapterAdmission(slots, ac.max_overtake_steps))
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
              weights_mib=round(model.nbytes() / 2**20, 1), kv_blocks=num_blocks,
              kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
-    return Runtime(engine, tokenizer, model, runner, loaded)
+    return Runtime(engine, tokenizer, model, runner, loaded, slots, ac, local)
