@@ -56,6 +56,14 @@ class KVCacheManager:
     def on_computed(self, request: Request) -> None:
         """Called after `request.num_computed_tokens` advanced."""
 
+    def hashes_in_flight(self, request: Request, end: int) -> list:
+        """Hashes of the blocks this step fills for `request` (computing positions up to `end`)."""
+        return []
+
+    def next_uncached_hash(self, request: Request, prefix: PrefixMatch) -> object | None:
+        """Hash of the first full block past the cached prefix (None if there is none)."""
+        return None
+
     def free(self, request: Request) -> None:
         """Return every block of the request; hashed ones stay cached for whoever comes next."""
         self.pool.free(request.block_ids)
@@ -77,3 +85,12 @@ class PrefixCachingKVCacheManager(KVCacheManager):
             request.update_block_hashes(self.block_size)
             self.pool.cache_blocks(request.block_ids, request.block_hashes, start, num_full)
             request.num_registered_blocks = num_full
+
+    def hashes_in_flight(self, request: Request, end: int) -> list:
+        request.update_block_hashes(self.block_size)
+        return request.block_hashes[request.num_registered_blocks : end // self.block_size]
+
+    def next_uncached_hash(self, request: Request, prefix: PrefixMatch) -> object | None:
+        k = len(prefix.block_ids)
+        hashes = request.block_hashes  # filled by match()
+        return hashes[k] if k < min(len(hashes), (request.num_tokens - 1) // self.block_size) else None

@@ -130,12 +130,18 @@ class Scheduler:
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
+        # Blocks being computed this step: a waiting request whose next uncached block is among them
+        # waits one step and then reuses it, instead of computing the same prefix a second time.
+        in_flight = {h for c in chunks for h in self.kv.hashes_in_flight(c.request, c.start + c.num_tokens)}
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
             entry = self.waiting.peek()
             if entry is None:
                 break
             req = entry.request
             assert req is not None
+            if in_flight and self.kv.next_uncached_hash(req, self.kv.match(req)) in in_flight:
+                skipped.append(self.waiting.pop())
+                continue
             if not policy.may_admit(req):
                 if req.error is not None:
                     failed.append(req)  # stays queued until the engine finishes it
@@ -154,6 +160,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             bisect.insort(self.running, req, key=_run_order)
             chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens))
+            in_flight.update(self.kv.hashes_in_flight(req, req.num_computed_tokens + n))
             budget -= n
         for entry in skipped:
             self.waiting.requeue(entry)

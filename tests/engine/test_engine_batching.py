@@ -149,3 +149,17 @@ def test_waiting_order_priority_then_arrival():
     while engine.has_unfinished():
         order += [o.request_id for o in engine.step() if o.finished]
     assert order == ["b", "d", "a", "c"]
+
+
+def test_shared_prefix_submitted_together_is_computed_once():
+    """Requests arriving with a prefix another request is computing in this very step wait one step and
+    reuse its blocks instead of computing the same prefix again."""
+    engine = make_engine(num_blocks=128, block_size=4, max_num_batched_tokens=256)
+    shared = list(range(20, 52))  # 32 tokens = 8 full blocks
+    prompts = [shared + [60 + i, 61 + i, 62 + i] for i in range(6)]
+    outs = engine.generate(prompts, GREEDY)
+    # the prefix once (32) + each request's own 3 tokens
+    assert engine.stats.prompt_tokens_computed == 32 + 6 * 3
+    assert [o.num_cached_tokens for o in outs] == [0] + [32] * 5
+    for p, o in zip(prompts, outs):
+        assert o.output_token_ids == reference_tokens(p, GREEDY.max_tokens)
