@@ -1,11 +1,18 @@
 """Paged attention over one preallocated KV arena: the torch implementation (CPU path and oracle).
 
 The arena of one layer is `k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]`; a
-sequence's token at position p lives in slot `block_table[p // block_size] * block_size + p % block_size`.
-A step's query tokens are ordered decodes first (one token per sequence), then prefill/extend chunks
-(several new tokens attending causally to their cached prefix and to each other).
+sequence's token at position p lives in block `block_table[p // block_size]`, row `p % block_size`.
+K/V are fetched a whole block at a time (`index_select` on the block axis: one contiguous copy per
+block, several times faster on the CPU than gathering token rows).
 
-`AttentionPlan` turns block tables into gather indices and masks once per step; all layers reuse it.
+A step's sequences are split three ways, each computed batched:
+- decodes (one new token): one padded batch; when every decode shares leading blocks (a common system
+  prompt, shared through the prefix cache), that shared prefix is attended once for all of them as one
+  matrix product and merged with each sequence's own suffix by log-sum-exp ("cascade" attention);
+- short extends (new tokens attending causally to a cached prefix and to each other): one padded batch;
+- long prefills: one call each (padding them to a common length would waste more than it saves).
+
+`AttentionPlan` is built once per step; every layer reuses it.
 """
 
 from __future__ import annotations
@@ -15,40 +22,48 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+SHORT_EXTEND = 64  # extends of at most this many new tokens are batched together
+MIN_SHARED_BLOCKS = 2  # cascade only when the shared prefix is at least this long ...
+MIN_CASCADE_DECODES = 4  # ... and shared by at least this many decodes
+
 
 @dataclass
-class ExtendChunk:
-    q_start: int  # first row of this chunk in the step's query tokens
+class Batch:
+    """Sequences attended as one padded batch."""
+
+    q_index: torch.Tensor  # [n, max_q] rows of the step's q (padding points at row 0; masked)
+    q_valid: torch.Tensor  # [n, max_q] bool: real query rows
+    tables: torch.Tensor  # [n, nblk] block ids (padding 0; masked)
+    mask: torch.Tensor  # [n, 1, max_q, nblk * block_size] bool, True = attend
+
+
+@dataclass
+class Cascade:
+    shared: torch.Tensor  # [ns] block ids every decode starts with
+    suffix: Batch  # the decodes over their own blocks past the shared prefix
+
+
+@dataclass
+class LongChunk:
+    q_start: int
     q_len: int
-    ctx_start: int  # position of the chunk's first token == tokens already cached
-    gather: torch.Tensor  # [ctx_start + q_len] slot indices, int64
-    mask: torch.Tensor | None  # [q_len, ctx_start + q_len] bool (True = attend); None = plain causal
+    table: torch.Tensor  # [nblk] block ids
+    mask: torch.Tensor | None  # [q_len, ctx] bool; None = plain causal (no cached prefix)
+    ctx: int  # context length including the new tokens
 
 
 @dataclass
 class AttentionPlan:
-    num_decodes: int  # rows [0, num_decodes) of q are single-token decodes
-    decode_gather: torch.Tensor | None  # [num_decodes, max_len] slot indices (padded with 0)
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_len] bool
-    extends: list[ExtendChunk]
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    decodes: Batch | None
+    cascade: Cascade | None  # set instead of `decodes` when the decodes share a prefix
+    extends: Batch | None
+    longs: list[LongChunk]
 
     @staticmethod
-    def build(
-        block_tables: list[list[int]],
-        starts: list[int],
-        lens: list[int],
-        block_size: int,
-        device: torch.device | str = "cpu",
-    ) -> AttentionPlan:
-        """Sequences in step order; sequence i computes positions [starts[i], starts[i] + lens[i]).
-
-        The leading run of single-token sequences takes the batched decode path; any other sequence
-        (including a single token after the first multi-token one) takes the extend path.
-        """
-        num_decodes = 0
-        while num_decodes < len(lens) and lens[num_decodes] == 1:
-            num_decodes += 1
+    def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionPlan:
+        """Sequence i computes positions [starts[i], starts[i] + lens[i]), in step order."""
         bs = block_size
         slots: list[int] = []
         for table, start, n in zip(block_tables, starts, lens):
@@ -56,35 +71,71 @@ class AttentionPlan:
                 slots.append(table[p // bs] * bs + p % bs)
         slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
 
-        decode_gather = decode_mask = None
-        if num_decodes:
-            ctx = torch.tensor([starts[i] + 1 for i in range(num_decodes)], dtype=torch.int64)
-            max_len = int(ctx.max())
-            nblk = (max_len + bs - 1) // bs
-            tables = torch.zeros(num_decodes, nblk, dtype=torch.int64)
-            for i in range(num_decodes):
-                row = block_tables[i][:nblk]
-                tables[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
-            pos = torch.arange(max_len, dtype=torch.int64)
-            # [num_decodes, max_len]: slot of each context position (padding rows point at slot of block 0)
-            decode_gather = (tables[:, pos // bs] * bs + pos % bs).to(device)
-            decode_mask = (pos.unsqueeze(0) < ctx.unsqueeze(1)).view(num_decodes, 1, 1, max_len).to(device)
+        q_starts, acc = [], 0
+        for n in lens:
+            q_starts.append(acc)
+            acc += n
+        dec = [i for i, n in enumerate(lens) if n == 1]
+        ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND]
+        longs = [i for i, n in enumerate(lens) if n > SHORT_EXTEND]
 
-        extends: list[ExtendChunk] = []
-        q_start = num_decodes
-        for i in range(num_decodes, len(lens)):
+        cascade = decodes = None
+        if dec:
+            shared = _common_prefix_blocks([block_tables[i] for i in dec], [starts[i] for i in dec], bs)
+            if shared >= MIN_SHARED_BLOCKS and len(dec) >= MIN_CASCADE_DECODES:
+                suffix = _batch([block_tables[i][shared:] for i in dec], [starts[i] - shared * bs for i in dec],
+                                [1] * len(dec), [q_starts[i] for i in dec], bs, device)
+                cascade = Cascade(torch.tensor(block_tables[dec[0]][:shared], dtype=torch.int64, device=device), suffix)
+            else:
+                decodes = _batch([block_tables[i] for i in dec], [starts[i] for i in dec], [1] * len(dec),
+                                 [q_starts[i] for i in dec], bs, device)
+        extends = None
+        if ext:
+            extends = _batch([block_tables[i] for i in ext], [starts[i] for i in ext], [lens[i] for i in ext],
+                             [q_starts[i] for i in ext], bs, device)
+        long_chunks = []
+        for i in longs:
             start, n = starts[i], lens[i]
-            total = start + n
-            pos = torch.arange(total, dtype=torch.int64)
-            table = torch.tensor(block_tables[i][: (total + bs - 1) // bs], dtype=torch.int64)
-            gather = (table[pos // bs] * bs + pos % bs).to(device)
+            ctx = start + n
+            table = torch.tensor(block_tables[i][: -(-ctx // bs)], dtype=torch.int64, device=device)
             mask = None
             if start:
-                q_pos = torch.arange(start, total, dtype=torch.int64)
-                mask = (pos.unsqueeze(0) <= q_pos.unsqueeze(1)).to(device)
-            extends.append(ExtendChunk(q_start, n, start, gather, mask))
-            q_start += n
-        return AttentionPlan(num_decodes, decode_gather, decode_mask, extends, slot_mapping)
+                pos = torch.arange(ctx, device=device)
+                mask = pos.unsqueeze(0) <= torch.arange(start, ctx, device=device).unsqueeze(1)
+            long_chunks.append(LongChunk(q_starts[i], n, table, mask, ctx))
+        return AttentionPlan(slot_mapping, decodes, cascade, extends, long_chunks)
+
+
+def _common_prefix_blocks(tables: list[list[int]], starts: list[int], bs: int) -> int:
+    """Leading blocks identical in every table and fully before every sequence's new token."""
+    limit = min(starts) // bs  # blocks entirely in the cached context of every sequence
+    first = tables[0]
+    n = 0
+    while n < limit and all(t[n] == first[n] for t in tables):
+        n += 1
+    return n
+
+
+def _batch(tables: list[list[int]], starts: list[int], lens: list[int], q_starts: list[int], bs: int,
+           device: torch.device | str) -> Batch:
+    n = len(tables)
+    ctx = [s + q for s, q in zip(starts, lens)]
+    nblk = -(-max(ctx) // bs)
+    max_q = max(lens)
+    t = torch.zeros(n, nblk, dtype=torch.int64)
+    q_index = torch.zeros(n, max_q, dtype=torch.int64)
+    q_valid = torch.zeros(n, max_q, dtype=torch.bool)
+    for i in range(n):
+        row = tables[i][: -(-ctx[i] // bs)]
+        t[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        q_index[i, : lens[i]] = torch.arange(q_starts[i], q_starts[i] + lens[i])
+        q_valid[i, : lens[i]] = True
+    kpos = torch.arange(nblk * bs)
+    # query j of sequence i sits at position starts[i] + j and sees keys at positions <= it
+    qpos = torch.tensor(starts).unsqueeze(1) + torch.arange(max_q).unsqueeze(0)  # [n, max_q]
+    mask = (kpos.view(1, 1, -1) <= qpos.unsqueeze(-1)) & q_valid.unsqueeze(-1)
+    mask |= ~q_valid.unsqueeze(-1) & (kpos.view(1, 1, -1) == 0)  # padded rows see one key: no NaN
+    return Batch(q_index.to(device), q_valid.to(device), t.to(device), mask.unsqueeze(1).to(device))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -95,32 +146,107 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def _fetch(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """cache [NB, bs, kvh, d], tables [..., nblk] -> [..., kvh, nblk * bs, d] (whole blocks copied)."""
+    nb, bs, kvh, d = cache.shape
+    rows = cache.view(nb, -1).index_select(0, tables.reshape(-1))
+    return rows.view(*tables.shape[:-1], tables.shape[-1] * bs, kvh, d).transpose(-3, -2)
+
+
+def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: Batch, scale: float,
+                  out: torch.Tensor) -> None:
+    n, max_q = b.q_index.shape
+    h, d = q.shape[1:]
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    # The g query heads sharing one KV head are stacked as rows of one product:
+    # [n, kvh, g * max_q, d] @ [n, kvh, d, L]. (Measured on the CPU: several times faster than SDPA with a
+    # mask for these short query blocks.)
+    qb = q[b.q_index.view(-1)].view(n, max_q, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(n, kvh, g * max_q, d)
+    k = _fetch(k_cache, b.tables).to(q.dtype)  # [n, kvh, L, d]
+    v = _fetch(v_cache, b.tables).to(q.dtype)
+    s = torch.matmul(qb, k.transpose(-1, -2)).float() * scale  # [n, kvh, g * max_q, L]
+    s = s.view(n, kvh, g, max_q, -1).masked_fill(~b.mask.unsqueeze(1), float("-inf"))
+    p = torch.softmax(s, -1).to(v.dtype).view(n, kvh, g * max_q, -1)
+    o = torch.matmul(p, v).view(n, kvh, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(n, max_q, h, d)
+    out[b.q_index[b.q_valid]] = o[b.q_valid].to(out.dtype)
+
+
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised attention and its log-sum-exp: q [..., m, d], k/v [..., L, d] -> ([..., m, d], [..., m, 1])."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    e = torch.exp(s - m)
+    o = torch.matmul(e.to(v.dtype), v).float()
+    return o / e.sum(-1, keepdim=True), m + e.sum(-1, keepdim=True).log()
+
+
+def _attend_cascade(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c: Cascade, scale: float,
+                    out: torch.Tensor) -> None:
+    rows = c.suffix.q_index[:, 0]  # one query row per decode
+    n = rows.shape[0]
+    h, d = q.shape[1:]
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    qd = q[rows].view(n, kvh, g, d)  # [n, kvh, g, d]
+    # shared prefix: every decode's query heads of one KV head form the rows of one matrix product
+    ks = _fetch(k_cache, c.shared).to(q.dtype)  # [kvh, S, d]
+    vs = _fetch(v_cache, c.shared).to(q.dtype)
+    o1, l1 = _partial(qd.permute(1, 0, 2, 3).reshape(kvh, n * g, d), ks, vs, None, scale)
+    o1 = o1.view(kvh, n, g, d).transpose(0, 1)
+    l1 = l1.view(kvh, n, g, 1).transpose(0, 1)
+    # own suffix of each decode (padded; its mask row is [n, 1, 1, L])
+    k2 = _fetch(k_cache, c.suffix.tables).to(q.dtype)  # [n, kvh, L, d]
+    v2 = _fetch(v_cache, c.suffix.tables).to(q.dtype)
+    o2, l2 = _partial(qd, k2, v2, c.suffix.mask, scale)
+    w = torch.sigmoid(l1 - l2)  # share of the prefix in the merged softmax: e^l1 / (e^l1 + e^l2)
+    out[rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
+
+
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           plan: AttentionPlan, scale: float) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim].
 
     K/V of the new tokens must already be written to the cache (see `write_kv`).
     """
-    t, h, d = q.shape
-    kvh = k_cache.shape[-2]
-    group = h // kvh
-    k_flat = k_cache.view(-1, kvh, d)
-    v_flat = v_cache.view(-1, kvh, d)
     out = torch.empty_like(q)
-    nd = plan.num_decodes
-    if nd:
-        # The G query heads sharing a KV head act as G query rows: [nd, kvh, G, d] x [nd, kvh, L, d].
-        qd = q[:nd].view(nd, kvh, group, d)
-        kd = k_flat[plan.decode_gather].transpose(1, 2)  # [nd, kvh, L, d]
-        vd = v_flat[plan.decode_gather].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype), attn_mask=plan.decode_mask,
-                                            scale=scale)
-        out[:nd] = od.reshape(nd, h, d)
-    for c in plan.extends:
+    h = q.shape[1]
+    kvh = k_cache.shape[2]
+    if plan.cascade is not None:
+        _attend_cascade(q, k_cache, v_cache, plan.cascade, scale, out)
+    if plan.decodes is not None:
+        _attend_batch(q, k_cache, v_cache, plan.decodes, scale, out)
+    if plan.extends is not None:
+        _attend_batch(q, k_cache, v_cache, plan.extends, scale, out)
+    for c in plan.longs:
         qe = q[c.q_start : c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-        ke = k_flat[c.gather].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, kvh, L, d]
-        ve = v_flat[c.gather].transpose(0, 1).unsqueeze(0).to(q.dtype)
-        oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=c.mask, is_causal=c.mask is None,
-                                            scale=scale, enable_gqa=group > 1)
+        ke = _fetch(k_cache, c.table)[:, : c.ctx].unsqueeze(0).to(q.dtype)  # [1, kvh, ctx, d]
+        ve = _fetch(v_cache, c.table)[:, : c.ctx].unsqueeze(0).to(q.dtype)
+        oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=c.mask, is_causal=c.mask is None, scale=scale,
+                                            enable_gqa=h != kvh)
         out[c.q_start : c.q_start + c.q_len] = oe[0].transpose(0, 1)
+    return out
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: list[list[int]], starts: list[int], lens: list[int]) -> torch.Tensor:
+    """Plain fp32 oracle, one query token at a time."""
+    bs, kvh, d = k_cache.shape[1:]
+    h = q.shape[1]
+    g = h // kvh
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    row = 0
+    for table, start, n in zip(block_tables, starts, lens):
+        for j in range(n):
+            pos = start + j
+            idx = [table[p // bs] * bs + p % bs for p in range(pos + 1)]
+            k = k_cache.reshape(-1, kvh, d)[idx].float()  # [pos+1, kvh, d]
+            v = v_cache.reshape(-1, kvh, d)[idx].float()
+            for head in range(h):
+                s = (k[:, head // g] @ q[row, head].float()) * d**-0.5
+                out[row, head] = torch.softmax(s, 0) @ v[:, head // g]
+            row += 1
     return out
