@@ -20,17 +20,26 @@ from service.runtime.builder import build_runtime
 from service.runtime.loader import default_model_path
 
 
-def engine_run(engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
+def engine_run(engine, prompts: list[list[int]], new_tokens: int,
+               versions: list[str | None] | None = None) -> tuple[float, int]:
     sp = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, ignore_eos=True)
     t = time.perf_counter()
-    outs = engine.generate(prompts, sp)
+    if versions is None:
+        outs = engine.generate(prompts, sp)
+    else:
+        for i, (p, v) in enumerate(zip(prompts, versions)):
+            engine.add_request(f"bench-{t}-{i}", p, sp, extra_key=v)
+        outs = []
+        while engine.has_unfinished():
+            outs += [o for o in engine.step() if o.finished]
+        assert all(o.error is None for o in outs), [o.error for o in outs if o.error]
     dt = time.perf_counter() - t
     n = sum(len(o.output_token_ids) for o in outs)
     assert n == new_tokens * len(prompts), "fixed output length not honoured"
     return dt, n
 
 
-def hf_run(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, int]:
+def hf_run(hf, prompts: list[list[int]], new_tokens: int, pad_id: int, **generate_kwargs) -> tuple[float, int]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -40,9 +49,17 @@ def hf_run(hf, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[
     t = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=pad_id)
+                          do_sample=False, pad_token_id=pad_id, **generate_kwargs)
     dt = time.perf_counter() - t
     return dt, (out.shape[1] - width) * len(prompts)
+
+
+def load_hf_default_model():
+    import transformers
+
+    path = default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,11 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "roofline_bf16_tok_s": peak16 * 1e9 / flops_tok,
     }
     if not args.skip_hf:
-        import transformers
-
-        path = default_model_path()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                               torch_dtype=torch.float32).eval()
+        hf = load_hf_default_model()
         hf_run(hf, [prompts[0][:16]], 2, pad_id=2)  # warm-up
         h_dt, h_n = hf_run(hf, prompts, args.new_tokens, pad_id=2)
         hs_dt, hs_n = hf_run(hf, [single], args.new_tokens, pad_id=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-WORKLOADS = ("engine",)
+WORKLOADS = ("engine", "multi_lora")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         if name == "engine":
             from bench.engine import main as run
+        else:
+            from bench.multi_lora import main as run
         run(rest)
     return 0
 
