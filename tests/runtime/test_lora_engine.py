@@ -133,3 +133,49 @@ def test_bad_adapter_directory_is_refused_and_nothing_registered(eight, tmp_path
     with pytest.raises(ValueError, match=r"\.bin"):
         rt.add_local_adapter(bad)
     assert rt.local_adapters == {}
+
+
+def test_repointed_name_serves_the_new_version_never_the_old_kv(eight, tmp_path):
+    """store -> registry -> host cache -> slots: promote a name to new weights mid-stream."""
+    from adapters.cache import LoaderFromStore
+    from adapters.identity import adapter_version_id
+    from adapters.peft_format import parse_adapter, read_adapter_files
+    from adapters.registry import AdapterRegistry, VersionMeta
+    from adapters.store import FilesystemStore
+    from service.runtime.loader import load_model
+
+    path, _, ref, dirs = eight
+    loaded = load_model(path)
+    store = FilesystemStore(tmp_path / "store")
+    registry = AdapterRegistry(tmp_path / "registry.db", store=store)
+    rt = build_runtime(RuntimeConfig(model=str(path), dtype="float32", kv_cache_gib=0.01),
+                       EngineConfig(block_size=4), AdapterConfig(max_active_adapters=2),
+                       adapter_loader=LoaderFromStore(store, loaded.arch, loaded.model_id))
+    ids = []
+    for d in (dirs[2], dirs[6]):  # two trainings published under one name
+        cfg, weights = read_adapter_files(d)
+        parsed = parse_adapter(d, loaded.arch)
+        vid = adapter_version_id(parsed, loaded.model_id)
+        store.put(vid, {"adapter_config.json": cfg, "adapter_model.safetensors": weights})
+        registry.register_version("team-a", "support-bot", vid, VersionMeta.of(parsed, loaded.model_id, len(weights)),
+                                  promote=False)
+        ids.append(vid)
+    prompt = list(range(40, 64))  # 6 full blocks
+
+    def serve() -> tuple[str, object]:
+        version = registry.resolve("team-a", "support-bot").version_id
+        return version, _run_one(rt.engine, prompt, version)
+
+    registry.promote("team-a", "support-bot", ids[0])
+    v_old, old = serve()
+    registry.promote("team-a", "support-bot", ids[1])
+    v_new, new = serve()
+    assert (v_old, v_new) == (ids[0], ids[1])
+    assert new.num_cached_tokens == 0  # the old version's blocks are not reused under the same name
+    ref.set_adapter("a2")
+    assert old.output_token_ids == peft_greedy(ref, prompt)
+    ref.set_adapter("a6")
+    assert new.output_token_ids == peft_greedy(ref, prompt)
+    registry.promote("team-a", "support-bot", ids[0])  # rollback: the old KV is valid again and reused
+    _, again = serve()
+    assert again.num_cached_tokens == 20 and again.output_token_ids == old.output_token_ids
