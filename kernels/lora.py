@@ -58,7 +58,14 @@ def check_segments(seg: LoraSegments, num_tokens: int, num_slots: int) -> None:
 
 
 def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
-    """In place: y [T, out] += per-segment LoRA delta of x [T, in]; returns y."""
+    """In place: y [T, out] += per-segment LoRA delta of x [T, in]; returns y.
+
+    The deltas are computed in the weights' dtype (float32 on the CPU path: these products are tiny,
+    and small bfloat16 matmuls cost several times more per call than float32 ones here), then added
+    to y once.
+    """
+    delta = None
+    xw = None
     for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
         if slot < 0 or s0 == s1:
             continue
@@ -66,8 +73,13 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
         if w is None:  # this adapter does not target this projection (or this layer)
             continue
         a_t, b_t = w
-        # shrink [n, in] @ [in, r] -> [n, r]; expand [n, r] @ [r, out] accumulated into y's rows
-        y[s0:s1].addmm_(x[s0:s1] @ a_t, b_t)
+        if delta is None:
+            xw = x.to(a_t.dtype)
+            delta = y if y.dtype == a_t.dtype else torch.zeros(y.shape, dtype=a_t.dtype, device=y.device)
+        # shrink [n, in] @ [in, r] -> [n, r]; expand [n, r] @ [r, out] accumulated into the rows
+        delta[s0:s1].addmm_(xw[s0:s1] @ a_t, b_t)
+    if delta is not None and delta is not y:
+        y += delta.to(y.dtype)
     return y
 
 

@@ -19,9 +19,11 @@ from service.runtime.arch import ModelArch
 from service.runtime.lora import FusedLora, LoraSlots, fuse_adapter
 
 
-def fused_loader(load: Callable[[str], ParsedAdapter], arch: ModelArch, dtype: torch.dtype
+def fused_loader(load: Callable[[str], ParsedAdapter], arch: ModelArch, dtype: torch.dtype = torch.float32
                  ) -> Callable[[str], FusedLora]:
-    """Wrap a version-id -> ParsedAdapter loader so the host tier holds model-layout weights."""
+    """Wrap a version-id -> ParsedAdapter loader so the host tier holds model-layout weights.
+
+    float32 whatever the model's dtype: the CPU path computes the small LoRA products in float32."""
     def _load(version_id: str) -> FusedLora:
         return fuse_adapter(load(version_id), arch, version_id, dtype)
     return _load

@@ -94,7 +94,7 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
             raise KeyError(f"adapter version {version_id} is not known to this process")
         return adapter_loader(version_id)
 
-    cache = HostAdapterCache(fused_loader(load, loaded.arch, dtype), max_bytes=ac.host_cache_mib * 2**20,
+    cache = HostAdapterCache(fused_loader(load, loaded.arch), max_bytes=ac.host_cache_mib * 2**20,
                              max_count=ac.host_cache_max_count, workers=ac.load_workers)
     slots = RuntimeAdapterSlots(cache, lora_slots)
     engine = LLMEngine(runner, tokenizer, ec, adapter_slots=slots,
