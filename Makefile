@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test test-fast bench lint clean
+.PHONY: install run test test-fast bench lint protos clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.run $(ARGS)
+
+# Regenerate service/api/gen from protos/ (tests/api/test_protos.py fails while they differ).
+protos: install
+	$(PY) -m service.api.protogen
 
 lint: install
 	$(PY) -m ruff check service adapters kernels tests bench

@@ -1,4 +1,4 @@
-"""`loraserve` command line: generate offline, serve over gRPC, benchmark."""
+"""`loraserve` command line: generate offline, serve over gRPC, call a server, benchmark."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from service.config import DTYPES, QUANTIZE_MODES, EngineConfig, RuntimeConfig
+from service.config import DTYPES, QUANTIZE_MODES, AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig
 from service.engine.sampling import SamplingParams
 
 
@@ -65,6 +65,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.api.adapter_refs import parse_adapter_option
+
+    # Every option is checked before the (slow) model load.
+    adapters = [parse_adapter_option(a) for a in args.adapter or ()]
+    ec = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                      max_waiting=args.max_waiting)
+    ac = AdapterConfig(max_active_adapters=args.max_active_adapters)
+    sc = ServerConfig(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s, grpc_workers=args.grpc_workers)
+    rc = runtime_config(args)
+    from service.server import serve  # imports torch
+
+    return serve(rc, ec, ac, sc, adapters)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    import grpc
+
+    from service.client import LoraServeClient
+
+    kwargs = dict(adapter=args.adapter or "", chat=not args.raw, system=args.system, max_tokens=args.max_tokens,
+                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                  stop=tuple(args.stop or ()), timeout=args.timeout)
+    try:
+        with LoraServeClient(args.target) as client:
+            if args.stream:
+                for delta in client.generate_stream(args.prompt, **kwargs):
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+            else:
+                sys.stdout.write(client.generate(args.prompt, **kwargs).text)
+    except grpc.RpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        bad_input = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        return 2 if bad_input else 1
+    sys.stdout.write("\n")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from bench.run import main as bench_main
@@ -95,6 +134,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("serve", help="serve the model over gRPC (InferenceService, health, reflection)",
+                       description="Serve over gRPC until SIGTERM/SIGINT, then drain and exit 0.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=50051, help="port; 0 = any free port (default: %(default)s)")
+    s.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="serve a PEFT LoRA adapter directory under NAME (repeatable)")
+    s.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
+                   help="requests running at once (default: %(default)s)")
+    s.add_argument("--max-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
+                   help="token budget of one engine step (default: %(default)s)")
+    s.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
+                   help="waiting-queue bound; past it requests get RESOURCE_EXHAUSTED (default: %(default)s)")
+    s.add_argument("--max-active-adapters", type=int, default=AdapterConfig.max_active_adapters,
+                   help="distinct adapters in one batch (default: %(default)s)")
+    s.add_argument("--drain-grace-s", type=float, default=ServerConfig.drain_grace_s,
+                   help="on SIGTERM, how long running requests may finish (default: %(default)s)")
+    s.add_argument("--grpc-workers", type=int, help="RPC threads (default: max-num-seqs + max-waiting, capped)")
+    s.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
+    add_model_args(s)
+    s.set_defaults(func=cmd_serve, log_level="info")
+
+    c = sub.add_parser("call", help="call a running server: generate once and print the answer",
+                       description="Generate through a running loraserve server; the answer goes to stdout.")
+    c.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server (default: %(default)s)")
+    c.add_argument("--prompt", required=True, help="the user message (or plain text with --raw)")
+    c.add_argument("--adapter", metavar="REF", help="adapter: name, name@version or owner/name[@version]")
+    c.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    c.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
+    c.add_argument("--system", help="a system message for the chat template")
+    c.add_argument("--max-tokens", type=int)
+    c.add_argument("--temperature", type=float, help="0 = greedy (default: the server's, 1)")
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
+    c.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
+    c.set_defaults(func=cmd_call, log_level="warning")
+
     b = sub.add_parser("bench", help="run the benchmarks of bench/ (see BENCH in the README)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench, log_level="warning")
@@ -105,10 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     from service.telemetry import configure_logging
 
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "log_level", "warning"))
+    configure_logging(getattr(args, "log_level", "warning"), json=getattr(args, "log_json", False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:  # incl. a missing model path and a port already taken
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,3 +72,24 @@ class AdapterConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
         if self.max_overtake_steps < 0:
             raise ValueError(f"max_overtake_steps={self.max_overtake_steps} is invalid: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC front: where to listen, how many RPC threads, how long a shutdown waits for requests."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (the ready log line says which)
+    drain_grace_s: float = 30.0  # on SIGTERM: running requests get this long to finish, then are aborted
+    grpc_workers: int | None = None  # RPC threads; default: enough for every running and waiting request
+    warmup: bool = True  # run one short generation before reporting SERVING
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host is empty: give an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} is invalid: must be in [0, 65535] (0 = any free port)")
+        if not self.drain_grace_s >= 0:
+            raise ValueError(f"drain_grace_s={self.drain_grace_s} is invalid: must be >= 0")
+        if self.grpc_workers is not None and self.grpc_workers < 2:
+            raise ValueError(f"grpc_workers={self.grpc_workers} is invalid: must be >= 2")

@@ -1,0 +1,169 @@
+"""Proto <-> core types for inference: validate a request into (prompt ids, SamplingParams, adapter),
+and turn engine outputs into responses. Every message names the field and what is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from adapters.registry_types import InvalidAdapterName
+from service.api.adapter_refs import AdapterResolver, ResolvedAdapter
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.engine.outputs import RequestOutput
+from service.engine.request import Request
+from service.engine.sampling import MAX_LOGPROBS, SamplingParams
+from service.engine.types import FinishReason, SampleResult
+from service.runtime.tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 256
+MAX_PRIORITY = 1000
+MAX_CLIENT_REQUEST_ID = 128
+MAX_MESSAGES = 1024
+
+ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant",
+         pb.CHAT_ROLE_TOOL: "tool"}
+FINISH_REASONS = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
+                  FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+                  FinishReason.ERROR: pb.FINISH_REASON_ERROR}
+# The proto's optional sampling fields that map one to one onto SamplingParams.
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs")
+
+GenerateLike = Any  # pb.GenerateRequest | pb.GenerateStreamRequest: the same fields, number for number
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    adapter: ResolvedAdapter | None
+    priority: int
+    client_request_id: str
+
+
+class RequestConverter:
+    """Validates requests against this model: its tokenizer, vocabulary and context window."""
+
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, resolver: AdapterResolver) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.resolver = resolver
+
+    # ---- requests -----------------------------------------------------------------------
+    def prepare(self, req: GenerateLike, tenant: str | None = None) -> Prepared:
+        client_id = _client_request_id(req.client_request_id)
+        if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
+            raise ValueError(f"priority={req.priority} is invalid: must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] "
+                             "(lower runs sooner; default 0)")
+        self._check_ids("stop_token_ids", req.stop_token_ids)
+        adapter = self._adapter(req.adapter, tenant) if req.adapter else None
+        ids = self.prompt_ids(req)
+        return Prepared(ids, self.sampling(req, len(ids)), adapter, req.priority, client_id)
+
+    def _adapter(self, ref: str, tenant: str | None) -> ResolvedAdapter:
+        try:
+            return self.resolver.resolve(tenant, ref)
+        except InvalidAdapterName as e:
+            raise InvalidAdapterName(f"adapter is invalid: {e}; use name, name@version or owner/name[@version] "
+                                     "(empty for the base model)") from None
+
+    def prompt_ids(self, req: Any) -> list[int]:
+        """Tokenize whichever prompt form `req` carries (GenerateRequest-like or TokenizeRequest)."""
+        kind = req.WhichOneof("prompt")
+        if kind is None:
+            forms = "text or messages" if isinstance(req, pb.TokenizeRequest) else "text, messages or token_ids"
+            raise ValueError(f"the prompt is missing: set one of {forms}")
+        if kind == "text":
+            if not req.text:
+                raise ValueError("text is empty: give a prompt to complete")
+            ids = self.tokenizer.encode(req.text)
+        elif kind == "messages":
+            ids = self.tokenizer.encode_chat(self._messages(req.messages.messages))
+        else:
+            ids = list(req.token_ids.ids)
+            if not ids:
+                raise ValueError("token_ids.ids is empty: give at least one token id")
+            self._check_ids("token_ids.ids", ids)
+        if not ids:
+            raise ValueError(f"the prompt ({kind}) tokenizes to no tokens: give a prompt with some content")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, too many for the context window of "
+                             f"{self.max_model_len} tokens: at most {self.max_model_len - 1} prompt tokens fit "
+                             "(and the prompt plus max_tokens must fit)")
+        return ids
+
+    def _messages(self, messages: Sequence[pb.ChatMessage]) -> list[dict[str, str]]:
+        if not messages:
+            raise ValueError("messages.messages is empty: give at least one chat message")
+        if len(messages) > MAX_MESSAGES:
+            raise ValueError(f"messages has {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
+        out = []
+        for i, m in enumerate(messages):
+            role = ROLES.get(m.role)
+            if role is None:
+                name = pb.ChatRole.Name(m.role) if m.role in pb.ChatRole.values() else str(m.role)
+                allowed = ", ".join(pb.ChatRole.Name(r) for r in ROLES)
+                raise ValueError(f"messages.messages[{i}].role is {name}: must be one of {allowed}")
+            out.append({"role": role, "content": m.content})
+        return out
+
+    def _check_ids(self, field: str, ids: Sequence[int]) -> None:
+        for i, t in enumerate(ids):
+            if t >= self.vocab_size:
+                raise ValueError(f"{field}[{i}]={t} is outside the vocabulary: token ids must be in "
+                                 f"[0, {self.vocab_size - 1}]")
+
+    def sampling(self, req: GenerateLike, num_prompt_tokens: int) -> SamplingParams:
+        room = self.max_model_len - num_prompt_tokens  # >= 1: prompt_ids() refused longer prompts
+        sp = req.sampling
+        kwargs: dict[str, Any] = {f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)}
+        if sp.HasField("max_tokens"):
+            if sp.max_tokens > room:
+                raise ValueError(
+                    f"sampling.max_tokens={sp.max_tokens} is too large: the prompt has {num_prompt_tokens} tokens "
+                    f"and the context window {self.max_model_len}, so at most {room} tokens can be generated")
+            kwargs["max_tokens"] = sp.max_tokens
+        else:
+            kwargs["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
+        if "logprobs" in kwargs and kwargs["logprobs"] > MAX_LOGPROBS:
+            raise ValueError(f"sampling.logprobs={kwargs['logprobs']} is invalid: must be in [0, {MAX_LOGPROBS}]")
+        try:
+            return SamplingParams(stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids), **kwargs)
+        except ValueError as e:
+            # SamplingParams names the field; say where it sits in the request.
+            msg = str(e)
+            where = "" if msg.startswith(("stop=", "stop_token_ids=")) else "sampling."
+            raise ValueError(where + msg) from None
+
+    # ---- responses ----------------------------------------------------------------------
+    def logprobs(self, results: Sequence[SampleResult]) -> list[pb.TokenLogprob]:
+        out = []
+        for r in results:
+            tops = [pb.TopLogprob(token_id=t, token=self._piece(t), logprob=lp) for t, lp in (r.top_logprobs or [])]
+            out.append(pb.TokenLogprob(token_id=r.token_id, token=self._piece(r.token_id),
+                                       logprob=r.logprob if r.logprob is not None else 0.0, top_logprobs=tops))
+        return out
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _client_request_id(value: str) -> str:
+    if len(value) > MAX_CLIENT_REQUEST_ID or not all(" " <= c <= "~" for c in value):
+        raise ValueError(f"client_request_id {value[:40]!r} is invalid: at most {MAX_CLIENT_REQUEST_ID} "
+                         "printable ASCII characters")
+    return value
+
+
+def usage(out: RequestOutput) -> pb.Usage:
+    return pb.Usage(input_tokens=out.num_prompt_tokens, cached_input_tokens=out.num_cached_tokens,
+                    output_tokens=len(out.output_token_ids))
+
+
+def timings(req: Request) -> pb.Timings:
+    def ms(t: float | None) -> float:
+        return round((t - req.arrival_time) * 1000, 3) if t is not None else 0.0
+    return pb.Timings(queue_ms=ms(req.first_scheduled_time), ttft_ms=ms(req.first_token_time),
+                      total_ms=ms(req.finished_time))

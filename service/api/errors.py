@@ -1,0 +1,173 @@
+"""One server interceptor: a request id and log context per RPC, and exceptions -> gRPC status codes.
+
+Servicers raise plain exceptions (ValueError for bad input, the registry's errors, QueueFullError, ...)
+and never pick status codes themselves. Bad input must never surface as UNKNOWN or INTERNAL; anything
+unexpected becomes INTERNAL with a generic message and the request id, and is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from adapters.registry_types import (
+    AdapterExists,
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterPermissionDenied,
+    VersionFilesMissing,
+    VersionIsCurrent,
+)
+from service.engine.scheduler import QueueFullError
+from service.loop import LoopClosed
+
+log = structlog.get_logger("service.api")
+
+QUEUE_FULL_RETRY_S = 0.5  # RetryInfo hint: about the time a short request spends in the batch
+_OWN_PREFIX = "/loraserve."  # health and reflection stay untouched (and unlogged)
+
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraserve_request_id", default=None)
+
+
+class DeadlineExceeded(Exception):
+    """The client's deadline passed before the request finished (its sequence was aborted)."""
+
+
+class RequestCancelled(Exception):
+    """The client cancelled the call (its sequence was aborted)."""
+
+
+class RequestFailed(Exception):
+    """The engine failed the request; the message is the engine's, written for the caller."""
+
+
+def new_request_id() -> str:
+    return "req-" + uuid.uuid4().hex[:20]
+
+
+def current_request_id() -> str:
+    """The id the interceptor gave this RPC (a fresh one outside an intercepted RPC)."""
+    rid = _request_id.get()
+    if rid is None:
+        rid = new_request_id()
+        _request_id.set(rid)
+    return rid
+
+
+# Most specific first: several of these also derive from ValueError / LookupError.
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
+    (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
+    (AdapterPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (AdapterInUse, grpc.StatusCode.FAILED_PRECONDITION),
+    (VersionIsCurrent, grpc.StatusCode.FAILED_PRECONDITION),
+    (VersionFilesMissing, grpc.StatusCode.FAILED_PRECONDITION),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (LoopClosed, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (RequestCancelled, grpc.StatusCode.CANCELLED),
+    (RequestFailed, grpc.StatusCode.INTERNAL),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # incl. the registry's InvalidRegistryArgument
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message an exception becomes."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code, str(exc) or cls.__name__
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {current_request_id()}); it was logged"
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, t0: float) -> None:
+    code, message = status_for(exc)
+    ms = round((time.perf_counter() - t0) * 1000, 1)
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, RequestFailed):
+        log.error("rpc_failed", method=method, code=code.name, ms=ms, exc_info=exc)
+    else:
+        log.info("rpc_refused", method=method, code=code.name, message=message, ms=ms)
+    if isinstance(exc, QueueFullError):
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(QUEUE_FULL_RETRY_S * 1e9))))
+        status = status_pb2.Status(code=code.value[0], message=f"{message} (retry after {QUEUE_FULL_RETRY_S} s)",
+                                   details=[retry])
+        context.abort_with_status(rpc_status.to_status(status))
+    context.abort(code, message)
+
+
+def _already_aborted(context: grpc.ServicerContext) -> bool:
+    # context.abort() raises a bare Exception after setting the code: keep that code, don't remap it.
+    code = context.code() if hasattr(context, "code") else None
+    return code is not None and code is not grpc.StatusCode.OK
+
+
+def _begin(method: str) -> float:
+    structlog.contextvars.clear_contextvars()  # worker threads are reused: nothing of the last RPC leaks
+    rid = new_request_id()
+    structlog.contextvars.bind_contextvars(request_id=rid, method=method)
+    _request_id.set(rid)
+    return time.perf_counter()
+
+
+def _end() -> None:
+    structlog.contextvars.clear_contextvars()
+    _request_id.set(None)
+
+
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = _begin(method)
+        try:
+            return behavior(request, context)
+        except Exception as e:
+            if _already_aborted(context):
+                raise
+            _abort(context, e, method, t0)
+        finally:
+            _end()
+    return handler
+
+
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
+    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        t0 = _begin(method)
+        try:
+            yield from behavior(request, context)
+        except Exception as e:
+            if _already_aborted(context):
+                raise
+            _abort(context, e, method, t0)
+        finally:
+            _end()
+    return handler
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Wraps every loraserve RPC handler (all four kinds of handler)."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(_OWN_PREFIX):
+            return handler
+        kinds = (
+            ("unary_unary", _wrap_unary, grpc.unary_unary_rpc_method_handler),
+            ("stream_unary", _wrap_unary, grpc.stream_unary_rpc_method_handler),
+            ("unary_stream", _wrap_stream, grpc.unary_stream_rpc_method_handler),
+            ("stream_stream", _wrap_stream, grpc.stream_stream_rpc_method_handler),
+        )
+        for attr, wrap, make in kinds:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make(wrap(behavior, method), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler

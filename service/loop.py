@@ -1,0 +1,353 @@
+"""EngineLoop: the one thread that drives the single-threaded `LLMEngine` for a concurrent server.
+
+Every engine call happens on the loop thread. Other threads talk to it through one inbox
+(submit / abort / call); each request's outputs come back through its own `queue.Queue`, read by the
+RPC thread that owns the `RequestHandle`. The loop blocks on the inbox when there is no work, so an
+idle server uses no CPU; with work that cannot be scheduled yet (its adapter is loading) it waits
+~1 ms per turn instead of spinning.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from service.engine.engine import LLMEngine
+from service.engine.outputs import RequestOutput
+from service.engine.request import Request
+from service.engine.sampling import SamplingParams
+from service.engine.types import FinishReason
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+STALL_WAIT_S = 0.001  # work exists but nothing was schedulable (adapter loading): re-check after this
+UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed steps before the loop reports itself unhealthy
+MAX_FAILURE_BACKOFF_S = 0.5
+
+
+class LoopClosed(Exception):
+    """The loop is draining or stopped and takes no new requests (UNAVAILABLE: retry elsewhere)."""
+
+
+class RequestHandle:
+    """One submitted request as its caller sees it: iterate to get its `RequestOutput`s (the last one
+    has `finished` set), `cancel()` to abort it. `request` is the engine's record (timings, seed); read
+    it only after the final output arrived, when the loop no longer writes it."""
+
+    def __init__(self, loop: EngineLoop, request: Request) -> None:
+        self.request_id = request.request_id
+        self.request = request
+        self.stopped_by_drain = False  # aborted because the drain's grace period ran out
+        self._loop = loop
+        self._outputs: queue.Queue[RequestOutput] = queue.Queue()
+        self._done = False
+        self._cancelled = False
+
+    def get(self, timeout: float | None = None) -> RequestOutput:
+        """The next output; `queue.Empty` after `timeout` seconds without one."""
+        out = self._outputs.get(timeout=timeout)
+        if out.finished:
+            self._done = True
+        return out
+
+    def __iter__(self) -> Iterator[RequestOutput]:
+        while not self._done:
+            yield self.get()
+
+    @property
+    def done(self) -> bool:
+        """The final output has been read."""
+        return self._done
+
+    def cancel(self) -> None:
+        """Abort the request (idempotent; harmless once finished). Its KV blocks return at once and a
+        final CANCELLED output ends the stream."""
+        if not self._cancelled:
+            self._cancelled = True
+            self._loop._post(_Abort(self.request_id))
+
+
+@dataclass
+class _Submit:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingParams
+    extra_key: str | None
+    priority: int
+    future: Future[RequestHandle]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+    by_drain: bool = False
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    future: Future[Any]
+
+
+_STOP = object()
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, name: str = "engine-loop",
+                 on_health: Callable[[bool], None] | None = None) -> None:
+        self.engine = engine  # touch only from the loop thread (use `call`)
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._handles: dict[str, RequestHandle] = {}  # loop thread only
+        self._accepting = True
+        self._accept_lock = threading.Lock()  # orders submit() against drain()/stop(); guards _submits
+        self._submits = 0  # submitted, not yet added to (or refused by) the engine
+        self._idle = threading.Event()  # set while no request is unfinished or on its way in
+        self._idle.set()
+        self._failures = 0
+        self._last_steps = 0
+        self._crashed = False
+        self._integrity_ok = True
+        self._on_health = on_health
+        self._last_health: bool | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        self._report_health()
+        return self
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs (it may still be failing steps: see `healthy`)."""
+        return self._thread.is_alive() and not self._crashed
+
+    @property
+    def healthy(self) -> bool:
+        """The thread runs, steps are not failing one after another, and the KV pool checked out when idle."""
+        return (self._thread.is_alive() and not self._crashed and self._failures < UNHEALTHY_AFTER_FAILURES
+                and self._integrity_ok)
+
+    def drain(self, grace_s: float) -> bool:
+        """Stop accepting, let unfinished requests run for up to `grace_s`, then abort the rest.
+        True if everything finished within the grace period."""
+        with self._accept_lock:
+            self._accepting = False
+        finished = self._idle.wait(timeout=max(grace_s, 0.0))
+        if not finished:
+            self._post(_Abort("", by_drain=True))  # "" = every unfinished request
+            self._idle.wait(timeout=5.0)
+        log.info("engine_drained", finished_in_grace=finished)
+        return finished
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort whatever is left and end the thread."""
+        with self._accept_lock:
+            self._accepting = False
+        if self._thread.is_alive():
+            self._post(_Abort("", by_drain=True))
+            self._post(_STOP)
+            self._thread.join(timeout)
+
+    # ---- requests (any thread) ----------------------------------------------------------
+    def submit(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
+               extra_key: str | None = None, priority: int = 0, timeout: float | None = 30.0) -> RequestHandle:
+        """Hand a request to the engine and wait until it is queued. Raises what `add_request` raises
+        (ValueError, QueueFullError) on this thread, or LoopClosed while draining."""
+        future: Future[RequestHandle] = Future()
+        with self._accept_lock:
+            if not self._accepting:
+                raise LoopClosed("the server is shutting down and takes no new requests; retry on another replica")
+            if not self._thread.is_alive():
+                raise LoopClosed("the engine loop is not running")
+            self._submits += 1
+            self._idle.clear()  # before the loop can see the request, so a concurrent drain() waits for it
+            self._post(_Submit(request_id, prompt_token_ids, sampling, extra_key, priority, future))
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            if future.cancel():  # the loop never picked it up: nothing to undo
+                raise LoopClosed(f"the engine loop did not take the request within {timeout} s") from None
+            return future.result()
+
+    def call(self, fn: Callable[[LLMEngine], T], timeout: float | None = 30.0) -> T:
+        """Run `fn(engine)` on the loop thread between steps (stats, integrity checks) and return its result."""
+        future: Future[T] = Future()
+        self._post(_Call(fn, future))
+        return future.result(timeout)
+
+    def _post(self, command: Any) -> None:
+        self._inbox.put(command)
+
+    # ---- the loop thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException:
+            log.exception("engine_loop_crashed")
+            self._crashed = True
+            self._fail_all("internal error: the engine loop stopped")
+        finally:
+            self._report_health()
+
+    def _serve(self) -> None:
+        engine = self.engine
+        while True:
+            busy = engine.has_unfinished()
+            if not busy:
+                self._became_idle()
+            try:
+                # Idle: block until a command arrives. Busy: take what is there without waiting.
+                command = self._inbox.get(block=not busy)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command is _STOP:
+                    self._fail_all("the engine loop stopped")
+                    return
+                self._handle(command)
+                try:
+                    command = self._inbox.get_nowait()
+                except queue.Empty:
+                    command = None
+            if engine.has_unfinished() and not self._step():
+                try:  # nothing could run (adapter loads): wait a little, but wake for new commands
+                    command = self._inbox.get(timeout=STALL_WAIT_S)
+                except queue.Empty:
+                    continue
+                if command is _STOP:
+                    self._fail_all("the engine loop stopped")
+                    return
+                self._handle(command)
+
+    def _handle(self, command: Any) -> None:
+        if isinstance(command, _Submit):
+            self._add(command)
+        elif isinstance(command, _Abort):
+            targets = list(self._handles) if command.request_id == "" else [command.request_id]
+            for rid in targets:
+                handle = self._handles.get(rid)
+                if handle is not None and command.by_drain:
+                    handle.stopped_by_drain = True
+                self.engine.abort_request(rid)
+        elif isinstance(command, _Call):
+            if command.future.set_running_or_notify_cancel():
+                try:
+                    command.future.set_result(command.fn(self.engine))
+                except BaseException as e:  # handed to the caller, who decides
+                    command.future.set_exception(e)
+
+    def _add(self, command: _Submit) -> None:
+        try:
+            self._add_to_engine(command)
+        finally:
+            with self._accept_lock:
+                self._submits -= 1
+
+    def _add_to_engine(self, command: _Submit) -> None:
+        if not command.future.set_running_or_notify_cancel():
+            return  # the submitter gave up waiting
+        try:
+            request = self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
+                                              extra_key=command.extra_key, priority=command.priority)
+        except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
+            command.future.set_exception(e)
+            return
+        handle = RequestHandle(self, request)
+        self._handles[command.request_id] = handle
+        command.future.set_result(handle)
+
+    def _step(self) -> bool:
+        """One engine step, outputs delivered. False when it made no progress."""
+        engine = self.engine
+        try:
+            outputs = engine.step()
+        except Exception:
+            self._failures += 1
+            log.exception("engine_step_failed", unfinished=len(self._handles), consecutive=self._failures)
+            self._fail_all("internal error: the engine step failed")
+            self._report_health()
+            # A broken engine fails every step: back off so it does not flood the log and burn a core.
+            time.sleep(min(STALL_WAIT_S * 2 ** self._failures, MAX_FAILURE_BACKOFF_S))
+            return True
+        if self._failures:
+            self._failures = 0
+            self._report_health()
+        for out in outputs:
+            handle = self._handles.get(out.request_id)
+            if handle is None:
+                continue  # e.g. the final output of a request already failed by _fail_all
+            if out.finished:
+                del self._handles[out.request_id]
+            handle._outputs.put(out)
+        if outputs:
+            return True
+        # No output can still be progress (a chunk of a long prompt): did the engine run a model step?
+        steps = engine.stats.steps
+        progressed, self._last_steps = steps != self._last_steps, steps
+        return progressed
+
+    def _fail_all(self, error: str) -> None:
+        """End every unfinished request with ERROR (after a step blew up, or at stop)."""
+        for rid, handle in list(self._handles.items()):
+            try:
+                self.engine.abort_request(rid)  # frees its blocks if the engine is still consistent
+            except Exception:
+                log.exception("abort_after_failure_failed", request_id=rid)
+            req = handle.request
+            reason = FinishReason.CANCELLED if handle.stopped_by_drain else FinishReason.ERROR
+            handle._outputs.put(RequestOutput(
+                request_id=rid, new_token_ids=[], new_text="", output_token_ids=list(req.output_token_ids),
+                text="", finished=True, finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
+                num_cached_tokens=req.num_cached_tokens or 0,
+                error=None if handle.stopped_by_drain else error,
+            ))
+        self._handles.clear()
+
+    def _became_idle(self) -> None:
+        with self._accept_lock:
+            if self._idle.is_set() or self._submits:
+                return  # already checked, or a request is on its way in (it is in the inbox)
+        try:
+            self.engine.check_idle_integrity()
+            ok = True
+        except AssertionError:
+            log.exception("kv_integrity_check_failed")
+            ok = False
+        if ok != self._integrity_ok:
+            self._integrity_ok = ok
+            self._report_health()
+        with self._accept_lock:
+            if not self._submits:
+                self._idle.set()
+
+    def _report_health(self) -> None:
+        healthy = self.healthy
+        if healthy != self._last_health:
+            self._last_health = healthy
+            if self._on_health is not None:
+                self._on_health(healthy)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll `predicate` until true or `timeout` passes (for shutdown paths and tests)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

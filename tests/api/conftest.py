@@ -1,0 +1,112 @@
+"""A real gRPC server on loopback over a tiny random model (fast), and helpers to inspect its engine."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from service.api.adapter_refs import LocalAdapters
+from service.api.gen.loraserve.v1 import inference_pb2_grpc
+from service.config import EngineConfig, RuntimeConfig, ServerConfig
+from service.runtime.builder import build_runtime
+from service.server import LoraServer
+from tests.tiny_models import make_tiny_model
+
+# Word-level tiny tokenizer: words t3..t127. The template marks turns with t3/t4 so chat prompts tokenize.
+CHAT_TEMPLATE = "{% for m in messages %}t3 {{ m.content }} t4 {% endfor %}{% if add_generation_prompt %}t5{% endif %}"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(model dir with a chat template, a peft LoRA adapter dir for it)."""
+    peft = pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("api-tiny")
+    path, hf = make_tiny_model(root, "llama-gqa", layers=2)
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg))
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
+                                                                 target_modules=["q_proj", "v_proj", "o_proj"]))
+    adapter = root / "adapter"
+    pm.save_pretrained(adapter)
+    return path, adapter
+
+
+class Server:
+    """A started LoraServer plus a channel to it. `step_delay_s` slows every engine step so tests can
+    act while a request is still running."""
+
+    def __init__(self, model: Path, adapter: Path | None = None, *, step_delay_s: float = 0.0,
+                 drain_grace_s: float = 10.0, **engine: int) -> None:
+        ec = EngineConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 256, **engine})
+        rt = build_runtime(RuntimeConfig(model=str(model), dtype="float32", kv_cache_gib=0.004, threads=1), ec)
+        resolver = LocalAdapters()
+        if adapter is not None:
+            resolver.add("tiny-lora", rt.add_local_adapter(adapter))
+        if step_delay_s:
+            execute = rt.runner.execute
+
+            def slow_execute(out):  # noqa: ANN001, ANN202 - test shim around the runner
+                time.sleep(step_delay_s)
+                return execute(out)
+
+            rt.runner.execute = slow_execute
+        self.runtime = rt
+        self.resolver = resolver
+        self.server = LoraServer(rt, resolver, ServerConfig(port=0, drain_grace_s=drain_grace_s)).start()
+        self.target = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+
+    def engine_call(self, fn: Callable):
+        return self.server.loop.call(fn)
+
+    def blocks_in_use(self) -> int:
+        return self.engine_call(lambda e: e.pool.num_in_use)
+
+    def wait_idle_and_intact(self, timeout: float = 10.0) -> None:
+        """Until no request is unfinished; then the pool must be whole with no block in use."""
+        deadline = time.monotonic() + timeout
+        while self.engine_call(lambda e: e.has_unfinished()):
+            assert time.monotonic() < deadline, "requests still unfinished"
+            time.sleep(0.02)
+        self.engine_call(lambda e: e.check_idle_integrity())
+        assert self.blocks_in_use() == 0
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.shutdown(grace_s=0)
+
+
+@pytest.fixture
+def make_server(tiny) -> Iterator[Callable[..., Server]]:
+    """Build servers with their own settings; each is shut down after the test."""
+    made: list[Server] = []
+
+    def make(**kwargs) -> Server:
+        s = Server(tiny[0], **kwargs)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def rpc_error(fn: Callable, *args, **kwargs) -> grpc.RpcError:
+    """Call and return the RpcError it must raise (a streaming call is consumed)."""
+    with pytest.raises(grpc.RpcError) as info:
+        result = fn(*args, **kwargs)
+        if hasattr(result, "__iter__") and not isinstance(result, (str, bytes)):
+            for _ in result:
+                pass
+    return info.value

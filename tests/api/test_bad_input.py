@@ -1,0 +1,111 @@
+"""Every kind of bad input gets a clear status: the right code, a message naming the field and what is
+allowed. Never UNKNOWN or INTERNAL. Each case is checked over unary and streaming."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from tests.api.conftest import Server, rpc_error
+
+INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+USER = pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    s = Server(tiny[0], adapter=tiny[1])
+    yield s
+    s.close()
+
+
+def sp(**kw) -> pb.SamplingParams:
+    return pb.SamplingParams(**kw)
+
+
+# (what is bad, request fields, code, fragments the message must contain)
+CASES = [
+    ("no prompt at all", {}, INVALID, ["prompt is missing", "text, messages or token_ids"]),
+    ("empty text", {"text": ""}, INVALID, ["text is empty"]),  # a oneof member is sent even when ""
+    ("text with no tokens", {"text": "   "}, INVALID, ["tokenizes to no tokens"]),
+    ("empty token ids", {"token_ids": pb.TokenIds()}, INVALID, ["token_ids.ids is empty"]),
+    ("token id past the vocabulary", {"token_ids": pb.TokenIds(ids=[5, 500])}, INVALID,
+     ["token_ids.ids[1]=500", "[0, 127]"]),
+    ("prompt longer than the context", {"text": " ".join(["t9"] * 600)}, INVALID,
+     ["600 tokens", "context window of 512", "at most 511"]),
+    ("max_tokens beyond the context", {"text": "t5 t6", "sampling": sp(max_tokens=100000)}, INVALID,
+     ["sampling.max_tokens=100000", "at most 510"]),
+    ("max_tokens zero", {"text": "t5", "sampling": sp(max_tokens=0)}, INVALID, ["sampling.max_tokens=0", ">= 1"]),
+    ("negative temperature", {"text": "t5", "sampling": sp(temperature=-1)}, INVALID,
+     ["sampling.temperature=-1", ">= 0"]),
+    ("NaN temperature", {"text": "t5", "sampling": sp(temperature=float("nan"))}, INVALID,
+     ["sampling.temperature=nan"]),
+    ("top_p above 1", {"text": "t5", "sampling": sp(top_p=1.5)}, INVALID, ["sampling.top_p=1.5", "(0, 1]"]),
+    ("top_p zero", {"text": "t5", "sampling": sp(top_p=0)}, INVALID, ["sampling.top_p=0", "(0, 1]"]),
+    ("min_p above 1", {"text": "t5", "sampling": sp(min_p=2)}, INVALID, ["sampling.min_p=2", "[0, 1]"]),
+    ("repetition_penalty zero", {"text": "t5", "sampling": sp(repetition_penalty=0)}, INVALID,
+     ["sampling.repetition_penalty=0", "> 0"]),
+    ("presence_penalty out of range", {"text": "t5", "sampling": sp(presence_penalty=3)}, INVALID,
+     ["sampling.presence_penalty=3", "[-2, 2]"]),
+    ("frequency_penalty out of range", {"text": "t5", "sampling": sp(frequency_penalty=-5)}, INVALID,
+     ["sampling.frequency_penalty=-5", "[-2, 2]"]),
+    ("seed too large", {"text": "t5", "sampling": sp(seed=2**63)}, INVALID, ["sampling.seed", "2**63"]),
+    ("min_tokens above max_tokens", {"text": "t5", "sampling": sp(max_tokens=10, min_tokens=20)}, INVALID,
+     ["sampling.min_tokens=20", "max_tokens=10"]),
+    ("too many logprobs", {"text": "t5", "sampling": sp(logprobs=21)}, INVALID, ["sampling.logprobs=21", "[0, 20]"]),
+    ("empty stop string", {"text": "t5", "stop": [""]}, INVALID, ["stop=''", "non-empty"]),
+    ("too many stop strings", {"text": "t5", "stop": [f"s{i}" for i in range(17)]}, INVALID,
+     ["stop", "at most 16"]),
+    ("stop token id past the vocabulary", {"text": "t5", "stop_token_ids": [1000]}, INVALID,
+     ["stop_token_ids[0]=1000", "[0, 127]"]),
+    ("priority out of range", {"text": "t5", "priority": 5000}, INVALID, ["priority=5000", "[-1000, 1000]"]),
+    ("client request id too long", {"text": "t5", "client_request_id": "x" * 200}, INVALID,
+     ["client_request_id", "128 printable ASCII"]),
+    ("client request id not printable", {"text": "t5", "client_request_id": "a\nb"}, INVALID,
+     ["client_request_id"]),
+    ("no chat messages", {"messages": pb.ChatMessages()}, INVALID, ["messages.messages is empty"]),
+    ("chat role unset", {"messages": pb.ChatMessages(messages=[pb.ChatMessage(content="t5")])}, INVALID,
+     ["messages.messages[0].role is CHAT_ROLE_UNSPECIFIED", "CHAT_ROLE_USER"]),
+    ("chat role unknown number", {"messages": pb.ChatMessages(messages=[USER, pb.ChatMessage(role=9, content="x")])},
+     INVALID, ["messages.messages[1].role is 9"]),
+    ("adapter path traversal", {"text": "t5", "adapter": "../x"}, INVALID, ["adapter is invalid", "'..'"]),
+    ("adapter with two slashes", {"text": "t5", "adapter": "a/b/c"}, INVALID, ["adapter is invalid", "a/b"]),
+    ("adapter name in capitals", {"text": "t5", "adapter": "Tiny-Lora"}, INVALID,
+     ["adapter is invalid", "lowercase"]),
+    ("adapter version malformed", {"text": "t5", "adapter": "tiny-lora@latest"}, INVALID,
+     ["adapter is invalid", "version"]),
+    ("unknown adapter", {"text": "t5", "adapter": "nope"}, NOT_FOUND, ["'nope' not found"]),
+    ("adapter of another owner", {"text": "t5", "adapter": "acme/tiny-lora"}, NOT_FOUND, ["not found"]),
+    ("unknown adapter version", {"text": "t5", "adapter": "tiny-lora@2"}, NOT_FOUND, ["not found"]),
+]
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+@pytest.mark.parametrize(("bad", "fields", "code", "fragments"), CASES, ids=[c[0] for c in CASES])
+def test_bad_generate_request(server, rpc, bad, fields, code, fragments):
+    cls = pb.GenerateRequest if rpc == "Generate" else pb.GenerateStreamRequest
+    err = rpc_error(getattr(server.stub, rpc), cls(**fields), timeout=30)
+    assert err.code() == code, f"{bad}: {err.code()} {err.details()}"
+    for fragment in fragments:
+        assert fragment in err.details(), f"{bad}: {fragment!r} not in {err.details()!r}"
+
+
+def test_bad_input_leaves_no_request_behind(server):
+    rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5", sampling=sp(top_p=7)))
+    server.wait_idle_and_intact()
+
+
+def test_tokenize_needs_a_prompt(server):
+    err = rpc_error(server.stub.Tokenize, pb.TokenizeRequest())
+    assert err.code() == INVALID and "text or messages" in err.details()
+    err = rpc_error(server.stub.Tokenize, pb.TokenizeRequest(messages=pb.ChatMessages()))
+    assert err.code() == INVALID and "messages.messages is empty" in err.details()
+
+
+def test_unimplemented_services_say_so(server):
+    from service.api.gen.loraserve.v1 import adapters_pb2, adapters_pb2_grpc
+
+    err = rpc_error(adapters_pb2_grpc.AdapterServiceStub(server.channel).ListAdapters,
+                    adapters_pb2.ListAdaptersRequest())
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED

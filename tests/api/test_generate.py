@@ -1,0 +1,152 @@
+"""Generate / GenerateStream / Tokenize over a real socket, on the tiny model."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.client import LoraServeClient
+from tests.api.conftest import Server
+
+GREEDY = pb.SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    s = Server(tiny[0], adapter=tiny[1])
+    yield s
+    s.close()
+
+
+def stream_req(**kw) -> pb.GenerateStreamRequest:
+    return pb.GenerateStreamRequest(**kw)
+
+
+def test_unary_greedy_completion(server):
+    r = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY))
+    assert r.finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(r.token_ids) == 12 and r.text.split() == [f"t{i}" for i in r.token_ids]
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (3, 12)
+    assert r.request_id.startswith("req-") and r.adapter_version == ""
+    assert 0 <= r.timings.queue_ms <= r.timings.ttft_ms <= r.timings.total_ms
+    assert r.seed > 0  # drawn by the server, returned so the client can replay
+    server.wait_idle_and_intact()
+
+
+def test_stream_joined_equals_unary_for_greedy(server):
+    unary = server.stub.Generate(pb.GenerateRequest(text="t9 t10", sampling=GREEDY))
+    msgs = list(server.stub.GenerateStream(stream_req(text="t9 t10", sampling=GREEDY)))
+    assert "".join(m.text for m in msgs) == unary.text
+    assert [t for m in msgs for t in m.token_ids] == list(unary.token_ids)
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    last = msgs[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.output_tokens == 12
+    assert len({m.request_id for m in msgs}) == 1
+    assert last.timings.total_ms > 0
+
+
+def test_same_seed_same_tokens_and_seed_is_echoed(server):
+    sp = pb.SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234)
+    a = server.stub.Generate(pb.GenerateRequest(text="t20 t21", sampling=sp))
+    b = server.stub.Generate(pb.GenerateRequest(text="t20 t21", sampling=sp))
+    assert a.token_ids == b.token_ids and a.seed == b.seed == 1234
+
+
+def test_token_ids_prompt_equals_text_prompt(server):
+    ids = server.stub.Tokenize(pb.TokenizeRequest(text="t30 t31 t32")).token_ids
+    by_ids = server.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=GREEDY))
+    by_text = server.stub.Generate(pb.GenerateRequest(text="t30 t31 t32", sampling=GREEDY))
+    assert by_ids.token_ids == by_text.token_ids
+
+
+def test_chat_messages_go_through_the_template(server):
+    msgs = pb.ChatMessages(messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t40 t41")])
+    tok = server.stub.Tokenize(pb.TokenizeRequest(messages=msgs))
+    assert list(tok.tokens) == ["t3", "t40", "t41", "t4", "t5"]  # t3 <content> t4, then the opened turn t5
+    assert tok.max_model_len == 512
+    r = server.stub.Generate(pb.GenerateRequest(messages=msgs, sampling=GREEDY))
+    assert r.usage.input_tokens == 5
+
+
+def test_stop_string_and_stop_token_id(server):
+    full = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY))
+    words = full.text.split()
+    cut = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY, stop=[words[2]]))
+    assert cut.finish_reason == pb.FINISH_REASON_STOP and words[2] not in cut.text.split()
+    by_id = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY,
+                                                    stop_token_ids=[full.token_ids[1]]))
+    assert by_id.finish_reason == pb.FINISH_REASON_STOP and list(by_id.token_ids) == list(full.token_ids[:2])
+
+
+def test_logprobs_of_each_token_with_alternatives(server):
+    sp = pb.SamplingParams(temperature=0, max_tokens=4, logprobs=3)
+    r = server.stub.Generate(pb.GenerateRequest(text="t5 t6", sampling=sp))
+    assert [lp.token_id for lp in r.logprobs] == list(r.token_ids)
+    for lp in r.logprobs:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+        assert lp.top_logprobs[0].token_id == lp.token_id  # greedy picks the most likely
+        assert lp.token == f"t{lp.token_id}"
+    msgs = list(server.stub.GenerateStream(stream_req(text="t5 t6", sampling=sp)))
+    assert [lp.token_id for m in msgs for lp in m.logprobs] == list(r.token_ids)
+
+
+def test_default_max_tokens_fits_the_context(server):
+    near_full = " ".join(["t7"] * 505)  # 505 prompt tokens of 512: 7 fit, the default 256 would not
+    r = server.stub.Generate(pb.GenerateRequest(text=near_full, sampling=pb.SamplingParams(temperature=0)))
+    assert r.usage.output_tokens <= 7 and r.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_adapter_by_name_and_version_changes_the_output(server):
+    base = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY))
+    vid = server.resolver.names["tiny-lora"]
+    outs = [server.stub.Generate(pb.GenerateRequest(adapter=ref, text="t5 t6 t7", sampling=GREEDY))
+            for ref in ("tiny-lora", "tiny-lora@1", f"tiny-lora@{vid}")]
+    assert all(o.adapter_version == vid for o in outs)
+    assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids
+    assert outs[0].token_ids != base.token_ids  # a random rank-8 adapter moves greedy decoding
+    server.wait_idle_and_intact()
+
+
+def test_concurrent_requests_match_each_request_alone(server):
+    prompts = [" ".join(f"t{10 + (i * 7 + j) % 100}" for j in range(3 + i)) for i in range(8)]
+    alone = [server.stub.Generate(pb.GenerateRequest(text=p, sampling=GREEDY)).token_ids for p in prompts]
+    with ThreadPoolExecutor(8) as pool:  # one continuous batch, mixed unary and streaming
+        unary = pool.map(lambda p: server.stub.Generate(pb.GenerateRequest(text=p, sampling=GREEDY)), prompts)
+        streams = pool.map(lambda p: list(server.stub.GenerateStream(stream_req(text=p, sampling=GREEDY))),
+                           prompts)
+        unary, streams = list(unary), list(streams)
+    assert [r.token_ids for r in unary] == alone
+    assert [[t for m in msgs for t in m.token_ids] for msgs in streams] == [list(a) for a in alone]
+    server.wait_idle_and_intact()
+
+
+def test_a_taken_port_is_a_clear_error(server, tiny):
+    from service.config import ServerConfig
+    from service.server import LoraServer
+
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.server.port}: the address is in use"):
+        LoraServer(server.runtime, config=ServerConfig(port=server.server.port, warmup=False)).start()
+
+
+def test_python_client(server):
+    with LoraServeClient(server.target, timeout=30) as c:
+        r = c.generate("t5 t6 t7", temperature=0, max_tokens=12)
+        assert "".join(c.generate_stream("t5 t6 t7", temperature=0, max_tokens=12)) == r.text
+        assert c.tokenize("t5 t6") == [5, 6]
+        assert c.generate("t40 t41", chat=True, temperature=0, max_tokens=3).usage.input_tokens == 5
+        assert c.health() == "SERVING"
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate("t5", adapter="nope")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"loraserve.v1.InferenceService", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,143 @@
+"""Cancellation, deadlines, overload, health and drain over a real socket (tiny model, slowed steps)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.loop import wait_until
+from tests.api.conftest import rpc_error
+
+LONG = pb.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+STEP_S = 0.01  # with this per-step delay a LONG request runs for ~4 s
+
+
+def long_stream(server, text: str = "t5 t6 t7", **kw):
+    return server.stub.GenerateStream(pb.GenerateStreamRequest(text=text, sampling=LONG, **kw))
+
+
+def health(server, service: str = "") -> str:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def engine_busy(server) -> bool:
+    return server.engine_call(lambda e: e.has_unfinished())
+
+
+def test_cancel_mid_stream_frees_every_block(make_server):
+    server = make_server(step_delay_s=STEP_S)
+    call = long_stream(server)
+    got = [next(call) for _ in range(3)]
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in got)
+    assert server.blocks_in_use() > 0
+    t0 = time.monotonic()
+    call.cancel()
+    assert wait_until(lambda: not engine_busy(server), 2)
+    assert time.monotonic() - t0 < 2  # aborted, not run to its 400 tokens (~4 s)
+    server.wait_idle_and_intact()
+    assert call.code() == grpc.StatusCode.CANCELLED
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_deadline_exceeded_aborts_the_sequence(make_server, rpc):
+    server = make_server(step_delay_s=STEP_S)
+    cls = pb.GenerateRequest if rpc == "Generate" else pb.GenerateStreamRequest
+    t0 = time.monotonic()
+    err = rpc_error(getattr(server.stub, rpc), cls(text="t5 t6", sampling=LONG), timeout=0.4)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 2
+    assert wait_until(lambda: not engine_busy(server), 2)
+    server.wait_idle_and_intact()
+
+
+def test_overload_is_refused_quickly_with_a_retry_hint_while_health_stays_serving(make_server):
+    server = make_server(step_delay_s=STEP_S, max_num_seqs=1, max_waiting=1)
+    running = long_stream(server)
+    next(running)  # the first request runs (started alone: two at once could both sit in the queue) ...
+    waiting = long_stream(server, "t8 t9")
+    assert wait_until(lambda: server.engine_call(lambda e: e.stats.num_waiting) == 1, 5)  # ... the second waits
+    t0 = time.monotonic()
+    err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5", sampling=LONG), timeout=10)
+    assert time.monotonic() - t0 < 1
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "waiting queue is full" in err.details() and "retry after" in err.details()
+    status = rpc_status.from_call(err)
+    assert status is not None
+    retry = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(retry) and retry.retry_delay.ToNanoseconds() > 0
+    assert health(server) == "SERVING"
+    running.cancel()
+    waiting.cancel()
+    assert wait_until(lambda: not engine_busy(server), 2)
+    server.wait_idle_and_intact()
+
+
+def test_health_follows_the_engine_loop(make_server):
+    server = make_server()
+    assert health(server) == health(server, "loraserve.v1.InferenceService") == "SERVING"
+    assert rpc_error(health, server, "no.such.Service").code() == grpc.StatusCode.NOT_FOUND
+    engine = server.runtime.engine
+    step = engine.step
+
+    def broken():
+        raise RuntimeError("simulated engine fault")
+
+    engine.step = broken  # every step fails from now on: the loop turns unhealthy
+    err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5"), timeout=10)
+    assert err.code() == grpc.StatusCode.INTERNAL and "engine step failed" in err.details()
+    assert wait_until(lambda: health(server) == "NOT_SERVING", 5)
+    engine.step = step
+    assert wait_until(lambda: health(server) == "SERVING", 5)
+    assert server.stub.Generate(pb.GenerateRequest(text="t5", sampling=pb.SamplingParams(max_tokens=2))).text
+
+
+def test_health_is_not_serving_before_start(tiny):
+    from service.config import EngineConfig, RuntimeConfig, ServerConfig
+    from service.runtime.builder import build_runtime
+    from service.server import LoraServer
+
+    rt = build_runtime(RuntimeConfig(model=str(tiny[0]), dtype="float32", kv_cache_gib=0.004, threads=1),
+                       EngineConfig())
+    server = LoraServer(rt, config=ServerConfig(port=0))
+    resp = server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+    assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_drain_finishes_running_requests_and_refuses_new_ones(make_server):
+    server = make_server(step_delay_s=STEP_S, drain_grace_s=30)
+    req = pb.GenerateStreamRequest(text="t5 t6", sampling=pb.SamplingParams(temperature=0, max_tokens=60,
+                                                                           ignore_eos=True))
+    call = server.stub.GenerateStream(req)
+    first = next(call)
+    stopper = threading.Thread(target=server.server.shutdown)
+    stopper.start()
+    assert wait_until(lambda: health(server) == "NOT_SERVING", 5)
+    err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5"), timeout=5)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.details()
+    rest = list(call)  # the running request completes normally
+    assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 60
+    stopper.join(10)
+    assert not stopper.is_alive() and server.server.wait(0)
+
+
+def test_drain_past_the_grace_period_ends_running_requests_unavailable(make_server):
+    server = make_server(step_delay_s=STEP_S)
+    call = long_stream(server)
+    next(call)
+    t0 = time.monotonic()
+    server.server.shutdown(grace_s=0.2)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shut down before the request finished" in info.value.details()

@@ -1,0 +1,43 @@
+"""The real server on the embedded default model, over a real socket: one server for the module."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from service.client import LoraServeClient
+from tests.api.serve_process import ServeProcess, cli
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def served():
+    proc = ServeProcess("--max-num-seqs", "4", "--kv-cache-gib", "0.25", "--drain-grace-s", "10",
+                        ready_timeout=600)
+    yield proc
+    code = proc.stop(signal.SIGTERM, timeout=120)
+    proc.kill()
+    assert code == 0, "\n".join(proc.lines[-20:])
+
+
+def test_unary_and_stream_answer_paris(served):
+    with LoraServeClient(served.address, timeout=300) as c:
+        r = c.generate(QUESTION, chat=True, temperature=0, max_tokens=24)
+        assert "Paris" in r.text, r.text
+        assert r.usage.input_tokens > 5 and r.usage.output_tokens == len(r.token_ids)
+        streamed = "".join(c.generate_stream(QUESTION, chat=True, temperature=0, max_tokens=24))
+        assert streamed == r.text
+
+
+def test_loraserve_call(served):
+    out = cli("call", "--target", served.address, "--prompt", QUESTION, "--temperature", "0",
+              "--max-tokens", "24", "--timeout", "300", timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith("The capital of France is Paris")
+    streamed = cli("call", "--target", served.address, "--prompt", QUESTION, "--temperature", "0",
+                   "--max-tokens", "24", "--stream", "--timeout", "300", timeout=400)
+    assert streamed.returncode == 0 and streamed.stdout == out.stdout
