@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     ap.add_argument("--skip-hf", action="store_true", help="only measure loraserve")
     args = ap.parse_args(argv)
 
-    rt = build_runtime(RuntimeConfig(dtype=args.dtype),
+    rt = build_runtime(RuntimeConfig(dtype=args.dtype, threads=args.threads),
                        EngineConfig(max_num_seqs=args.requests, max_num_batched_tokens=2048))
     prompts = chat_prompts(rt.tokenizer, args.requests)
     single = rt.tokenizer.encode_chat([{"role": "user", "content": "Tell me a short story about a lighthouse."}])

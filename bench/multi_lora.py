@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sequential-requests", type=int, default=4)
+    ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args(argv)
     n, na, new = args.requests, args.adapters, args.new_tokens
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     hf = load_hf_default_model()
     with tempfile.TemporaryDirectory() as tmp:
         ref, dirs = make_adapters(hf, na, Path(tmp))
-        rt = build_runtime(RuntimeConfig(), EngineConfig(max_num_seqs=n, max_num_batched_tokens=2048),
+        rt = build_runtime(RuntimeConfig(threads=args.threads), EngineConfig(max_num_seqs=n, max_num_batched_tokens=2048),
                            AdapterConfig(max_active_adapters=na))
         versions = [rt.add_local_adapter(d) for d in dirs]
     prompts = chat_prompts(rt.tokenizer, n)
