@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "model": str(default_model_path().name),
         "quantization": rt.loaded.quantization, "dtype": args.dtype, **environment(),
         "engine_tok_s": e_n / e_dt, "engine_seconds": e_dt, "single_stream_tok_s": s_n / s_dt,
-        "prefix_cache_hit_tokens": getattr(stats, "prefix_hit_tokens", None),
+        "prefix_cache_hit_tokens": stats.prefix_cache_hit_tokens,
         "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "flops_per_token": flops_tok,
         "roofline_tok_s": roofline, "roofline_fraction": e_n / e_dt / roofline,
         "roofline_bf16_tok_s": peak16 * 1e9 / flops_tok,
