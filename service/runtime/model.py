@@ -19,6 +19,7 @@ from kernels.quant import QuantizedTensor
 from service.runtime.arch import ModelArch
 
 Weight = torch.Tensor | QuantizedTensor
+REFINE_TOP = 16  # bf16 logits recomputed exactly for this many leading candidates per row
 
 
 class KVCache:
@@ -202,8 +203,18 @@ class LlamaModel:
         return F.rms_norm(x, (x.shape[-1],), self.final_norm, arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [S, hidden] -> logits [S, vocab] float32."""
-        return ops.linear(hidden.to(self.dtype), self.lm_head).float()
+        """hidden: [S, hidden] (float32) -> logits [S, vocab] float32."""
+        logits = ops.linear(hidden.to(self.dtype), self.lm_head).float()
+        if self.dtype != torch.float32:
+            # bf16 logits near 25 are rounded to steps of 0.125: enough to swap the top two tokens. Recompute
+            # the leading candidates of every row exactly in float32 (a few rows of the head), so greedy
+            # choices and top logprobs match the float32 model.
+            top = logits.topk(REFINE_TOP, dim=-1).indices  # [S, k]
+            w = self.lm_head
+            rows = w.rows(top.reshape(-1)).dequantize() if isinstance(w, QuantizedTensor) else w[top.reshape(-1)].float()
+            exact = torch.einsum("sh,skh->sk", hidden.float(), rows.view(*top.shape, -1))
+            logits.scatter_(1, top, exact)
+        return logits
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
