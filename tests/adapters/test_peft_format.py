@@ -10,17 +10,16 @@ import os
 import re
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from adapters.identity import adapter_version_id
 from adapters.peft_config import module_name
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ParsedAdapter, parse_adapter
 from service.runtime.arch import ModelArch
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
 LAYERS = 3
 BASE_ID = "tiny-llama@sha256:0123"

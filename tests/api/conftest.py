@@ -26,7 +26,7 @@ CHAT_TEMPLATE = "{% for m in messages %}t3 {{ m.content }} t4 {% endfor %}{% if 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """(model dir with a chat template, a peft LoRA adapter dir for it)."""
-    peft = pytest.importorskip("peft")
+    import peft
     root = tmp_path_factory.mktemp("api-tiny")
     path, hf = make_tiny_model(root, "llama-gqa", layers=2)
     cfg_path = path / "tokenizer_config.json"

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from kernels.quant import QuantizedTensor
 from service.runtime.loader import load_model
-
-transformers = pytest.importorskip("transformers")
 
 
 def make_model(root: Path, kind: str = "llama", tied: bool = False, seed: int = 0, shard: str | None = None):

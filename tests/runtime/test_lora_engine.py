@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 
@@ -11,8 +12,6 @@ from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.sampling import SamplingParams
 from service.runtime.builder import build_runtime
 from tests.tiny_models import VOCAB, make_tiny_model
-
-peft = pytest.importorskip("peft")
 
 NEW = 8
 GREEDY = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)

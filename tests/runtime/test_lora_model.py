@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import peft
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from service.runtime.loader import load_model
 from service.runtime.lora import LoraSlots, fuse_adapter
 from service.runtime.model import KVCache, LlamaModel, LoraStep
 from tests.tiny_models import VOCAB, make_tiny_model
-
-peft = pytest.importorskip("peft")
 
 # fp32 on both sides: only the summation order differs.
 ATOL = 3e-4
