@@ -17,9 +17,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import NamedTuple, Union
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 
 from adapters.peft_config import (
     DEFAULT_MAX_RANK,
@@ -137,7 +137,7 @@ def _refuse_pickles(names: list[str]) -> None:
 
 def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
-        return safetensors.torch.load(data)
+        return load_safetensors_bytes(data)  # safetensors only: never torch.load or pickle
     except (SafetensorError, ValueError, TypeError, OverflowError) as e:
         raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
 
