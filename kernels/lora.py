@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
+FEW_SEGMENTS = 4  # more segments than this run their small products on one thread
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,25 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
     and small bfloat16 matmuls cost several times more per call than float32 ones here), then added
     to y once.
     """
-    delta = None
-    xw = None
+    threads = torch.get_num_threads()
+    if threads > 1 and len(seg.slots) > FEW_SEGMENTS:
+        # Each product here is a few microseconds of work: a parallel region per call costs more than
+        # it saves, so many small segments run on one thread.
+        torch.set_num_threads(1)
+    try:
+        delta = _segment_deltas(y, x, seg, weights)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    if delta is not None and delta is not y:
+        y += delta.to(y.dtype)
+    return y
+
+
+def _segment_deltas(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments,
+                    weights: Sequence[SlotWeights]) -> torch.Tensor | None:
+    """The summed deltas (y itself when dtypes agree, else a new buffer), or None if no segment has LoRA."""
+    delta = xw = None
     for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
         if slot < 0 or s0 == s1:
             continue
@@ -78,9 +96,7 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
             delta = y if y.dtype == a_t.dtype else torch.zeros(y.shape, dtype=a_t.dtype, device=y.device)
         # shrink [n, in] @ [in, r] -> [n, r]; expand [n, r] @ [r, out] accumulated into the rows
         delta[s0:s1].addmm_(xw[s0:s1] @ a_t, b_t)
-    if delta is not None and delta is not y:
-        y += delta.to(y.dtype)
-    return y
+    return delta
 
 
 def sgmv_reference(x: torch.Tensor, seg: LoraSegments, a: Sequence[torch.Tensor | None],
