@@ -15,17 +15,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", metavar="PATH", help="a .gguf file or an HF model directory (config.json + "
                    "*.safetensors); default: the embedded SmolLM2-135M-Instruct Q4_1")
     g.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize an fp16/bf16/fp32 HF checkpoint on load")
-    g.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="compute dtype: bfloat16 is the fast CPU path, float32 the exact one (default: %(default)s)")
+    g.add_argument("--dtype", choices=DTYPES,
+                   help="compute dtype: bfloat16 is the fast CPU path, float32 the exact one (default: bfloat16)")
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="paged KV arena size (default: %(default)s)")
+    g.add_argument("--kv-cache-gib", type=float, help="paged KV arena size in GiB (default: 1)")
     g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     g.add_argument("--log-level", default="warning", help="stderr log level (default: %(default)s)")
 
 
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
-                         kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
+    given = dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
+                 kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
+    return RuntimeConfig(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -65,19 +66,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_configs(args: argparse.Namespace) -> tuple:
+    """(RuntimeConfig, EngineConfig, AdapterConfig, ServerConfig, ServiceConfig) from the config file,
+    overridden by the flags given on the command line. Everything is checked before the model loads."""
+    from service.config import ServiceConfig, read_config_file
+
+    values = read_config_file(args.config) if args.config else {}
+    flags = {
+        RuntimeConfig: dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
+                            kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len),
+        EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                           max_waiting=args.max_waiting),
+        AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
+        ServerConfig: dict(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s,
+                           grpc_workers=args.grpc_workers),
+        ServiceConfig: dict(data_dir=args.data_dir, tenants_file=args.tenants, metrics_port=args.metrics_port,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                            otlp_endpoint=args.otlp_endpoint, log_format="json" if args.log_json else None),
+    }
+    out = []
+    for cls, given in flags.items():
+        merged = dict(values.get(cls, {}))
+        merged.update({k: v for k, v in given.items() if v is not None})
+        try:
+            out.append(cls(**merged))
+        except TypeError as e:  # a value of the wrong type in the config file
+            raise ValueError(f"invalid configuration for {cls.__name__}: {e}") from None
+    return tuple(out)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.adapter_refs import parse_adapter_option
 
     # Every option is checked before the (slow) model load.
     adapters = [parse_adapter_option(a) for a in args.adapter or ()]
-    ec = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                      max_waiting=args.max_waiting)
-    ac = AdapterConfig(max_active_adapters=args.max_active_adapters)
-    sc = ServerConfig(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s, grpc_workers=args.grpc_workers)
-    rc = runtime_config(args)
+    rc, ec, ac, sc, svc = serve_configs(args)
+    from service.telemetry import configure_logging
+
+    configure_logging(args.log_level, json=svc.log_format == "json")
     from service.server import serve  # imports torch
 
-    return serve(rc, ec, ac, sc, adapters)
+    return serve(rc, ec, ac, sc, svc, adapters)
 
 
 def cmd_call(args: argparse.Namespace) -> int:
@@ -136,20 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the model over gRPC (InferenceService, health, reflection)",
                        description="Serve over gRPC until SIGTERM/SIGINT, then drain and exit 0.")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    s.add_argument("--port", type=int, default=50051, help="port; 0 = any free port (default: %(default)s)")
+    s.add_argument("--config", metavar="FILE", help="YAML config file (sections runtime, engine, adapters, server, "
+                   "service, store, telemetry, tls, pricing); flags given here override it")
+    s.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port; 0 = any free port (default: 50051)")
     s.add_argument("--adapter", action="append", metavar="NAME=DIR",
-                   help="serve a PEFT LoRA adapter directory under NAME (repeatable)")
-    s.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs,
-                   help="requests running at once (default: %(default)s)")
-    s.add_argument("--max-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens,
-                   help="token budget of one engine step (default: %(default)s)")
-    s.add_argument("--max-waiting", type=int, default=EngineConfig.max_waiting,
-                   help="waiting-queue bound; past it requests get RESOURCE_EXHAUSTED (default: %(default)s)")
-    s.add_argument("--max-active-adapters", type=int, default=AdapterConfig.max_active_adapters,
-                   help="distinct adapters in one batch (default: %(default)s)")
-    s.add_argument("--drain-grace-s", type=float, default=ServerConfig.drain_grace_s,
-                   help="on SIGTERM, how long running requests may finish (default: %(default)s)")
+                   help="register a PEFT LoRA adapter directory under NAME, usable by every tenant (repeatable)")
+    s.add_argument("--tenants", metavar="FILE", help="tenants file: API key hashes, admin role, limits "
+                   "(default: open access, one admin tenant 'default')")
+    s.add_argument("--data-dir", metavar="DIR", help="adapter registry, usage ledger and adapter store "
+                   "(default: ./data)")
+    s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port "
+                   "(default: off; 0 = any free port)")
+    s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (enables TLS)")
+    s.add_argument("--tls-key", metavar="PEM", help="server private key")
+    s.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    s.add_argument("--otlp-endpoint", metavar="URL", help="export request spans over OTLP/gRPC to this collector")
+    s.add_argument("--max-num-seqs", type=int, help=f"requests running at once (default: {EngineConfig.max_num_seqs})")
+    s.add_argument("--max-batched-tokens", type=int,
+                   help=f"token budget of one engine step (default: {EngineConfig.max_num_batched_tokens})")
+    s.add_argument("--max-waiting", type=int, help="waiting-queue bound; past it requests get RESOURCE_EXHAUSTED "
+                   f"(default: {EngineConfig.max_waiting})")
+    s.add_argument("--max-active-adapters", type=int,
+                   help=f"distinct adapters in one batch (default: {AdapterConfig.max_active_adapters})")
+    s.add_argument("--drain-grace-s", type=float,
+                   help=f"on SIGTERM, how long running requests may finish (default: {ServerConfig.drain_grace_s})")
     s.add_argument("--grpc-workers", type=int, help="RPC threads (default: max-num-seqs + max-waiting, capped)")
     s.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
     add_model_args(s)

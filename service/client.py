@@ -1,23 +1,37 @@
-"""A small Python client for loraserve's InferenceService.
+"""A small Python client for loraserve: inference, adapters and usage.
 
-    with LoraServeClient("127.0.0.1:50051") as c:
+    with LoraServeClient("127.0.0.1:50051", api_key="...") as c:
         print(c.generate("What is the capital of France?", chat=True, temperature=0).text)
-        for delta in c.generate_stream("Tell me a story", chat=True):
+        for delta in c.generate_stream("Tell me a story", chat=True, adapter="allcaps"):
             print(delta, end="", flush=True)
+        c.upload_adapter("./my-adapter", name="support-bot")   # a PEFT save_pretrained directory
+        print(c.get_usage())
 
 Errors arrive as `grpc.RpcError` with the server's status code and message.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.api.gen.loraserve.v1 import adapters_pb2 as apb
+from service.api.gen.loraserve.v1 import adapters_pb2_grpc as apb_grpc
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
+from service.api.gen.loraserve.v1 import usage_pb2 as upb
+from service.api.gen.loraserve.v1 import usage_pb2_grpc as upb_grpc
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+UPLOAD_CHUNK_BYTES = 1 << 20
+VISIBILITY = {"private": apb.VISIBILITY_PRIVATE, "shared": apb.VISIBILITY_SHARED, "public": apb.VISIBILITY_PUBLIC}
+GROUP_BY = {"tenant": upb.USAGE_GROUP_BY_TENANT, "adapter": upb.USAGE_GROUP_BY_ADAPTER,
+            "adapter_version": upb.USAGE_GROUP_BY_ADAPTER_VERSION}
 
 _ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER, "assistant": pb.CHAT_ROLE_ASSISTANT,
           "tool": pb.CHAT_ROLE_TOOL}
@@ -62,25 +76,70 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
     return req
 
 
+def upload_requests(directory: str | Path, name: str, *, description: str = "", visibility: str | None = None,
+                    promote: bool | None = None, chunk_bytes: int = UPLOAD_CHUNK_BYTES
+                    ) -> Iterator[apb.UploadAdapterRequest]:
+    """The messages of an upload of a PEFT adapter directory: the manifest, then each file in chunks."""
+    root = Path(directory)
+    files = []
+    for f in ADAPTER_FILES:
+        path = root / f
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: an adapter directory holds {' and '.join(ADAPTER_FILES)} "
+                                    "(what peft's save_pretrained writes)")
+        files.append((f, path.read_bytes()))
+    digest = hashlib.sha256()
+    for _, data in files:
+        digest.update(data)
+    manifest = apb.UploadManifest(name=name, description=description, sha256=digest.hexdigest(),
+                                  size=sum(len(d) for _, d in files))
+    if visibility is not None:
+        if visibility not in VISIBILITY:
+            raise ValueError(f"visibility {visibility!r} is invalid: use {', '.join(VISIBILITY)}")
+        manifest.visibility = VISIBILITY[visibility]
+    if promote is not None:
+        manifest.promote = promote
+    yield apb.UploadAdapterRequest(manifest=manifest)
+    for f, data in files:
+        for i in range(0, len(data), chunk_bytes):
+            yield apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=f, data=data[i:i + chunk_bytes]))
+
+
 class LoraServeClient:
-    def __init__(self, target: str, *, timeout: float | None = None, channel: grpc.Channel | None = None) -> None:
-        """`timeout`: the default deadline of every call, in seconds (None: no deadline)."""
-        self._channel = channel or grpc.insecure_channel(target)
+    def __init__(self, target: str, *, api_key: str | None = None, timeout: float | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, client_cert: bytes | None = None,
+                 client_key: bytes | None = None, channel: grpc.Channel | None = None) -> None:
+        """`api_key`: sent as `authorization: Bearer <key>` on every call. `timeout`: the default deadline of
+        every call, in seconds (None: no deadline). `tls` (or any certificate given): a TLS channel;
+        `client_cert` + `client_key` for mTLS."""
+        if channel is None:
+            if tls or root_certificates or client_cert:
+                creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
+                channel = grpc.secure_channel(target, creds)
+            else:
+                channel = grpc.insecure_channel(target)
+        self._channel = channel
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._adapters = apb_grpc.AdapterServiceStub(self._channel)
+        self._usage = upb_grpc.UsageServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.timeout = timeout
+
+    def _t(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any) -> pb.GenerateResponse:
         """The whole completion. kwargs: see `build_request` (chat, system, messages, token_ids, adapter,
         stop, max_tokens, temperature, top_p, seed, ...)."""
         req = build_request(pb.GenerateRequest, prompt, **kwargs)
-        return self._stub.Generate(req, timeout=timeout if timeout is not None else self.timeout)
+        return self._stub.Generate(req, timeout=self._t(timeout), metadata=self._metadata)
 
     def generate_stream_messages(self, prompt: str | None = None, *, timeout: float | None = None,
                                  **kwargs: Any) -> Iterator[pb.GenerateStreamResponse]:
         """Every streamed message (the last one carries finish reason, usage and timings)."""
         req = build_request(pb.GenerateStreamRequest, prompt, **kwargs)
-        call = self._stub.GenerateStream(req, timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.GenerateStream(req, timeout=self._t(timeout), metadata=self._metadata)
         try:
             yield from call
         finally:
@@ -97,7 +156,74 @@ class LoraServeClient:
         if (text is None) == (messages is None):
             raise ValueError("give exactly one of text or messages")
         req = pb.TokenizeRequest(text=text) if text is not None else pb.TokenizeRequest(messages=chat_messages(messages))
-        return list(self._stub.Tokenize(req, timeout=timeout if timeout is not None else self.timeout).token_ids)
+        return list(self._stub.Tokenize(req, timeout=self._t(timeout), metadata=self._metadata).token_ids)
+
+    # ---- adapters -----------------------------------------------------------------------
+    def upload_adapter(self, directory: str | Path, name: str, *, description: str = "",
+                       visibility: str | None = None, promote: bool | None = None,
+                       timeout: float | None = None) -> apb.UploadAdapterResponse:
+        """Upload a PEFT adapter directory as a new version of `name` (made current unless promote=False)."""
+        reqs = upload_requests(directory, name, description=description, visibility=visibility, promote=promote)
+        return self._adapters.UploadAdapter(reqs, timeout=self._t(timeout), metadata=self._metadata)
+
+    def list_adapters(self, timeout: float | None = None) -> list[apb.Adapter]:
+        """Every adapter the caller can see (all pages)."""
+        out, token = [], ""
+        while True:
+            page = self._adapters.ListAdapters(apb.ListAdaptersRequest(page_size=1000, page_token=token),
+                                               timeout=self._t(timeout), metadata=self._metadata)
+            out.extend(page.adapters)
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def get_adapter(self, name: str, timeout: float | None = None) -> apb.Adapter:
+        return self._adapters.GetAdapter(apb.GetAdapterRequest(name=name), timeout=self._t(timeout),
+                                         metadata=self._metadata).adapter
+
+    def promote_adapter(self, name: str, version: str | int, timeout: float | None = None) -> apb.AdapterVersion:
+        req = apb.PromoteAdapterRequest(name=name, version=str(version))
+        return self._adapters.PromoteAdapter(req, timeout=self._t(timeout), metadata=self._metadata).current_version
+
+    def delete_adapter(self, ref: str, timeout: float | None = None) -> list[str]:
+        resp = self._adapters.DeleteAdapter(apb.DeleteAdapterRequest(adapter=ref), timeout=self._t(timeout),
+                                            metadata=self._metadata)
+        return list(resp.released_version_ids)
+
+    def load_adapter(self, ref: str, *, wait: bool = True, timeout: float | None = None) -> apb.LoadAdapterResponse:
+        return self._adapters.LoadAdapter(apb.LoadAdapterRequest(adapter=ref, wait=wait), timeout=self._t(timeout),
+                                          metadata=self._metadata)
+
+    def unload_adapter(self, ref: str, timeout: float | None = None) -> apb.AdapterVersion:
+        return self._adapters.UnloadAdapter(apb.UnloadAdapterRequest(adapter=ref), timeout=self._t(timeout),
+                                            metadata=self._metadata).version
+
+    def share_adapter(self, name: str, *, grant: Sequence[str] = (), revoke: Sequence[str] = (),
+                      timeout: float | None = None) -> apb.Adapter:
+        req = apb.ShareAdapterRequest(name=name, grant=list(grant), revoke=list(revoke))
+        return self._adapters.ShareAdapter(req, timeout=self._t(timeout), metadata=self._metadata).adapter
+
+    # ---- usage --------------------------------------------------------------------------
+    def get_usage(self, *, tenant: str = "", adapter: str = "", group_by: str = "adapter",
+                  start_time: float | None = None, end_time: float | None = None, bucket_s: float | None = None,
+                  timeout: float | None = None) -> list[upb.UsageRow]:
+        """Usage rows (all pages). Times are unix seconds; tenant "*" = every tenant (admins)."""
+        if group_by not in GROUP_BY:
+            raise ValueError(f"group_by {group_by!r} is invalid: use {', '.join(GROUP_BY)}")
+        req = upb.GetUsageRequest(tenant=tenant, adapter=adapter, group_by=GROUP_BY[group_by], page_size=1000)
+        if start_time is not None:
+            req.start_time.FromNanoseconds(int(start_time * 1e9))
+        if end_time is not None:
+            req.end_time.FromNanoseconds(int(end_time * 1e9))
+        if bucket_s is not None:
+            req.bucket.FromNanoseconds(int(bucket_s * 1e9))
+        rows = []
+        while True:
+            resp = self._usage.GetUsage(req, timeout=self._t(timeout), metadata=self._metadata)
+            rows.extend(resp.rows)
+            if not resp.next_page_token:
+                return rows
+            req.page_token = resp.next_page_token
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """SERVING / NOT_SERVING / SERVICE_UNKNOWN of the server (or of one service)."""

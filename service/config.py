@@ -93,3 +93,109 @@ class ServerConfig:
             raise ValueError(f"drain_grace_s={self.drain_grace_s} is invalid: must be >= 0")
         if self.grpc_workers is not None and self.grpc_workers < 2:
             raise ValueError(f"grpc_workers={self.grpc_workers} is invalid: must be >= 2")
+
+
+STORE_KINDS = ("filesystem", "s3")
+LOG_FORMATS = ("console", "json")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What the served product adds around the engine: tenants, the adapter store, the data directory
+    (registry and usage ledger), TLS, metrics, tracing and prices."""
+
+    data_dir: str = "./data"  # registry.db, usage.db and (by default) the adapter store
+    tenants_file: str | None = None  # None: open access, one admin tenant `default` (development)
+    store_kind: str = "filesystem"
+    store_path: str | None = None  # filesystem store root; default: <data_dir>/adapters
+    s3_bucket: str | None = None
+    s3_prefix: str = "loraserve"
+    s3_endpoint_url: str | None = None  # credentials come from the standard AWS_* environment / files
+    s3_region: str | None = None
+    metrics_port: int | None = None  # Prometheus text on a side HTTP port; None = off, 0 = any free port
+    metrics_host: str | None = None  # default: the gRPC host
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # given: clients must present a certificate signed by it (mTLS)
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for spans (e.g. http://otel-collector:4317)
+    log_format: str = "console"
+    max_upload_mib: int = 64  # per upload, unless a tenant's limits say otherwise
+    price_input_per_1k: float = 0.0
+    price_cached_input_per_1k: float = 0.0
+    price_output_per_1k: float = 0.0
+    price_unit: str = "USD"
+
+    def __post_init__(self) -> None:
+        if not self.data_dir:
+            raise ValueError("data_dir is empty: give a directory for the registry and the usage ledger")
+        if self.store_kind not in STORE_KINDS:
+            raise ValueError(f"store kind {self.store_kind!r} is invalid: allowed values are {', '.join(STORE_KINDS)}")
+        if self.store_kind == "s3" and not self.s3_bucket:
+            raise ValueError("the s3 store needs a bucket (store.bucket in the config file)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535] (0 = any free port)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (PEM files)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format={self.log_format!r} is invalid: allowed values are {', '.join(LOG_FORMATS)}")
+        if self.max_upload_mib < 1:
+            raise ValueError(f"max_upload_mib={self.max_upload_mib} is invalid: must be >= 1")
+        for name in ("price_input_per_1k", "price_cached_input_per_1k", "price_output_per_1k"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: prices must be >= 0")
+
+
+# The config file's sections and, per section, which dataclass field each key sets.
+_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
+    "runtime": (RuntimeConfig, {}),
+    "engine": (EngineConfig, {}),
+    "adapters": (AdapterConfig, {}),
+    "server": (ServerConfig, {}),
+    "service": (ServiceConfig, {}),
+    "store": (ServiceConfig, {"kind": "store_kind", "path": "store_path", "bucket": "s3_bucket",
+                              "prefix": "s3_prefix", "endpoint_url": "s3_endpoint_url", "region": "s3_region"}),
+    "telemetry": (ServiceConfig, {"otlp_endpoint": "otlp_endpoint", "log_format": "log_format",
+                                  "metrics_port": "metrics_port", "metrics_host": "metrics_host"}),
+    "tls": (ServiceConfig, {"cert": "tls_cert", "key": "tls_key", "client_ca": "tls_client_ca"}),
+    "pricing": (ServiceConfig, {"input_per_1k": "price_input_per_1k", "cached_input_per_1k":
+                                "price_cached_input_per_1k", "output_per_1k": "price_output_per_1k",
+                                "unit": "price_unit"}),
+}
+
+
+def read_config_file(path: str) -> dict[type, dict[str, object]]:
+    """A YAML config file -> {config class: {field: value}}. Unknown sections and keys are refused by name,
+    so a typo never silently falls back to a default."""
+    from dataclasses import fields
+
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"config file {path}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"config file {path}: expected a mapping of sections ({', '.join(_SECTIONS)})")
+    out: dict[type, dict[str, object]] = {}
+    for section, values in doc.items():
+        if section not in _SECTIONS:
+            raise ValueError(f"config file {path}: unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path}: section {section!r} must be a mapping of keys to values")
+        cls, renames = _SECTIONS[section]
+        allowed = renames or {f.name: f.name for f in fields(cls)}
+        for key, value in values.items():
+            if key not in allowed:
+                raise ValueError(f"config file {path}: unknown key {section}.{key}; allowed keys are "
+                                 f"{', '.join(sorted(allowed))}")
+            out.setdefault(cls, {})[allowed[key]] = value
+    return out

@@ -44,9 +44,10 @@ class RequestHandle:
     has `finished` set), `cancel()` to abort it. `request` is the engine's record (timings, seed); read
     it only after the final output arrived, when the loop no longer writes it."""
 
-    def __init__(self, loop: EngineLoop, request: Request) -> None:
+    def __init__(self, loop: EngineLoop, request: Request, context: Any = None) -> None:
         self.request_id = request.request_id
         self.request = request
+        self.context = context  # the submitter's own record (tenant, adapter, trace), handed to on_finished
         self.stopped_by_drain = False  # aborted because the drain's grace period ran out
         self._loop = loop
         self._outputs: queue.Queue[RequestOutput] = queue.Queue()
@@ -85,6 +86,7 @@ class _Submit:
     extra_key: str | None
     priority: int
     future: Future[RequestHandle]
+    context: Any = None
 
 
 @dataclass
@@ -104,8 +106,15 @@ _STOP = object()
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine-loop",
-                 on_health: Callable[[bool], None] | None = None) -> None:
+                 on_health: Callable[[bool], None] | None = None,
+                 on_finished: Callable[[RequestHandle, RequestOutput], None] | None = None,
+                 on_step: Callable[[LLMEngine, float], None] | None = None) -> None:
+        """`on_finished(handle, final_output)` runs on the loop thread exactly once per request that reached
+        the engine, however it ended (finished, cancelled, failed, drained): usage accounting hangs off it
+        and must be quick. `on_step(engine, seconds)` runs after every model step (metrics)."""
         self.engine = engine  # touch only from the loop thread (use `call`)
+        self._on_finished = on_finished
+        self._on_step = on_step
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}  # loop thread only
         self._accepting = True
@@ -165,7 +174,8 @@ class EngineLoop:
 
     # ---- requests (any thread) ----------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-               extra_key: str | None = None, priority: int = 0, timeout: float | None = 30.0) -> RequestHandle:
+               extra_key: str | None = None, priority: int = 0, timeout: float | None = 30.0,
+               context: Any = None) -> RequestHandle:
         """Hand a request to the engine and wait until it is queued. Raises what `add_request` raises
         (ValueError, QueueFullError) on this thread, or LoopClosed while draining."""
         future: Future[RequestHandle] = Future()
@@ -176,7 +186,7 @@ class EngineLoop:
                 raise LoopClosed("the engine loop is not running")
             self._submits += 1
             self._idle.clear()  # before the loop can see the request, so a concurrent drain() waits for it
-            self._post(_Submit(request_id, prompt_token_ids, sampling, extra_key, priority, future))
+            self._post(_Submit(request_id, prompt_token_ids, sampling, extra_key, priority, future, context))
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -267,13 +277,14 @@ class EngineLoop:
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return
-        handle = RequestHandle(self, request)
+        handle = RequestHandle(self, request, command.context)
         self._handles[command.request_id] = handle
         command.future.set_result(handle)
 
     def _step(self) -> bool:
         """One engine step, outputs delivered. False when it made no progress."""
         engine = self.engine
+        t0 = time.perf_counter()
         try:
             outputs = engine.step()
         except Exception:
@@ -287,12 +298,15 @@ class EngineLoop:
         if self._failures:
             self._failures = 0
             self._report_health()
+        if self._on_step is not None:
+            self._hook(self._on_step, engine, time.perf_counter() - t0)
         for out in outputs:
             handle = self._handles.get(out.request_id)
             if handle is None:
                 continue  # e.g. the final output of a request already failed by _fail_all
             if out.finished:
                 del self._handles[out.request_id]
+                self._finished(handle, out)
             handle._outputs.put(out)
         if outputs:
             return True
@@ -300,6 +314,17 @@ class EngineLoop:
         steps = engine.stats.steps
         progressed, self._last_steps = steps != self._last_steps, steps
         return progressed
+
+    def _finished(self, handle: RequestHandle, out: RequestOutput) -> None:
+        if self._on_finished is not None:
+            self._hook(self._on_finished, handle, out)
+
+    @staticmethod
+    def _hook(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # accounting or metrics must never take the loop down
+            log.exception("engine_loop_hook_failed", hook=getattr(fn, "__name__", repr(fn)))
 
     def _fail_all(self, error: str) -> None:
         """End every unfinished request with ERROR (after a step blew up, or at stop)."""
@@ -310,12 +335,14 @@ class EngineLoop:
                 log.exception("abort_after_failure_failed", request_id=rid)
             req = handle.request
             reason = FinishReason.CANCELLED if handle.stopped_by_drain else FinishReason.ERROR
-            handle._outputs.put(RequestOutput(
+            out = RequestOutput(
                 request_id=rid, new_token_ids=[], new_text="", output_token_ids=list(req.output_token_ids),
                 text="", finished=True, finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
                 num_cached_tokens=req.num_cached_tokens or 0,
                 error=None if handle.stopped_by_drain else error,
-            ))
+            )
+            self._finished(handle, out)
+            handle._outputs.put(out)
         self._handles.clear()
 
     def _became_idle(self) -> None:

@@ -1,4 +1,5 @@
-"""The gRPC server: InferenceService over the engine loop, grpc.health.v1, reflection, graceful drain.
+"""The gRPC server: InferenceService, AdapterService and UsageService over one engine loop, with
+tenants (API keys, mTLS), grpc.health.v1, reflection, Prometheus metrics, tracing and a graceful drain.
 
 Health: NOT_SERVING until the model is loaded and a warm-up generation ran; SERVING then; NOT_SERVING
 for good once draining starts, and while the engine loop reports itself unhealthy.
@@ -19,51 +20,152 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
 
-from service.api.adapter_refs import AdapterResolver, LocalAdapters
+from adapters.cache import LoaderFromStore
+from adapters.registry import AdapterRegistry
+from adapters.store import FilesystemStore, Store
+from service.accounting import Accounting, UsageWriter
+from service.adapter_manager import AdapterManager
+from service.api.adapter_service import AdapterServicer
+from service.api.auth import Authenticator
 from service.api.convert import RequestConverter
 from service.api.errors import ErrorInterceptor
-from service.api.gen.loraserve.v1 import inference_pb2, inference_pb2_grpc
+from service.api.gen.loraserve.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 from service.api.inference import InferenceServicer
-from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig
+from service.api.usage_service import UsageServicer
+from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
 from service.engine.sampling import SamplingParams
 from service.loop import EngineLoop
+from service.metrics import ServerMetrics
 from service.runtime.builder import Runtime
+from service.tenants import TenantDirectory, TenantLimiter
+from service.tracing import make_tracer_provider
+from service.usage import Pricing, UsageLedger
 
 log = structlog.get_logger(__name__)
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+ADAPTER_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
+USAGE_SERVICE = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
+SERVICES = (INFERENCE_SERVICE, ADAPTER_SERVICE, USAGE_SERVICE)
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_RPC_THREADS = 256  # past this, RPCs queue inside grpc; the engine's own waiting queue is the real bound
 SPARE_RPC_THREADS = 8  # health checks, tokenize and refusals never wait behind generations
 
 
-class LoraServer:
-    """One gRPC server over one runtime. `start()` returns once it is SERVING (or raises)."""
+def open_store(svc: ServiceConfig) -> Store:
+    if svc.store_kind == "s3":
+        from adapters.s3_store import S3Store
 
-    def __init__(self, runtime: Runtime, resolver: AdapterResolver | None = None,
-                 config: ServerConfig | None = None) -> None:
+        return S3Store(bucket=svc.s3_bucket, prefix=svc.s3_prefix, endpoint_url=svc.s3_endpoint_url,
+                       region=svc.s3_region)
+    return FilesystemStore(svc.store_path or Path(svc.data_dir) / "adapters")
+
+
+class LoraServer:
+    """One gRPC server over one runtime: inference, adapters, usage, health, reflection, metrics.
+    `start()` returns once it is SERVING (or raises)."""
+
+    def __init__(self, runtime: Runtime, config: ServerConfig | None = None, service: ServiceConfig | None = None,
+                 *, tracer_provider: TracerProvider | None = None, startup_adapters: Sequence[tuple[str, str]] = (),
+                 store: Store | None = None) -> None:
         self.config = config or ServerConfig()
+        self.service_config = svc = service or ServiceConfig()
         self.runtime = runtime
         self.health = health.HealthServicer()
         self._ready = False
         self._draining = False
         self._health_lock = threading.Lock()
-        self.loop = EngineLoop(runtime.engine, on_health=self._on_loop_health)
+        loaded = runtime.loaded
+        self.base_model = Path(loaded.source).name
+
+        # Tenants, adapters, usage: everything a request is checked against, before the model serves.
+        self.tenants = TenantDirectory.load(svc.tenants_file) if svc.tenants_file else TenantDirectory.open_access()
+        if not self.tenants.auth_required:
+            log.warning("auth_disabled", reason="no tenants file: every call is the admin tenant 'default'")
+        data = Path(svc.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = store or open_store(svc)
+        self.registry = AdapterRegistry(data / "registry.db", store=self.store)
+        released = self.registry.gc_store()  # files a crash left between store and register
+        if released:
+            log.info("adapter_store_gc", released=list(released))
+        self.metrics = ServerMetrics(self.base_model)
+        store_loader = LoaderFromStore(self.store, loaded.arch, loaded.model_id,
+                                       max_rank=runtime.adapter_config.max_lora_rank)
+
+        def timed_loader(version_id: str):  # noqa: ANN202 - the ParsedAdapter of the store loader
+            t0 = time.perf_counter()
+            try:
+                parsed = store_loader(version_id)
+            except BaseException:
+                self.metrics.observe_adapter_load(time.perf_counter() - t0, ok=False)
+                raise
+            self.metrics.observe_adapter_load(time.perf_counter() - t0, ok=True)
+            return parsed
+
+        runtime.adapter_loader = timed_loader
+        self.adapters = AdapterManager(self.registry, self.store, runtime.adapters.cache, loaded.arch,
+                                       loaded.model_id, runtime.adapter_config.max_lora_rank)
+        for name, path in startup_adapters:
+            self.adapters.register_dir(name, path)
+        self.ledger = UsageLedger(data / "usage.db", pricing=Pricing(
+            input_per_1k=svc.price_input_per_1k, cached_input_per_1k=svc.price_cached_input_per_1k,
+            output_per_1k=svc.price_output_per_1k, unit=svc.price_unit))
+        self.usage_writer = UsageWriter(self.ledger)
+        self.tracer_provider = tracer_provider or make_tracer_provider(otlp_endpoint=svc.otlp_endpoint)
+        accounting = Accounting(self.usage_writer, self.metrics, self.adapters)
+        self.loop = EngineLoop(runtime.engine, on_health=self._on_loop_health, on_finished=accounting.on_finished,
+                               on_step=self.metrics.on_step)
         converter = RequestConverter(runtime.tokenizer, runtime.runner.max_model_len, runtime.runner.vocab_size,
-                                     resolver or LocalAdapters())
+                                     self.adapters)
         ec = runtime.engine.config
         workers = self.config.grpc_workers or min(ec.max_num_seqs + ec.max_waiting, MAX_RPC_THREADS) + SPARE_RPC_THREADS
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its connections.
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                                  interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.loop, converter), self.server)
+                                  interceptors=[ErrorInterceptor(Authenticator(self.tenants))],
+                                  options=[("grpc.so_reuseport", 0)])
+        inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
+                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=self.adapters)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self.server)
+        adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
+            AdapterServicer(self.adapters, svc.max_upload_mib * 2**20), self.server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.ledger, self._adapter_owner), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(_NOT_SERVING)
         self.port = 0
+        self.metrics_port = 0
         self._stopped = threading.Event()
+
+    def _adapter_owner(self, tenant: str, name: str, admin: bool) -> str | None:
+        try:
+            return self.registry.resolve(tenant, name, admin=admin).owner
+        except (LookupError, ValueError):
+            return None
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        svc = self.service_config
+        if svc.tls_cert is None:
+            return None
+
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise OSError(f"cannot read the TLS {what} {path}: {e.strerror or e}") from None
+
+        ca = read(svc.tls_client_ca, "client CA") if svc.tls_client_ca else None
+        return grpc.ssl_server_credentials([(read(svc.tls_key, "key"), read(svc.tls_cert, "certificate"))],
+                                           root_certificates=ca, require_client_auth=ca is not None)
 
     @property
     def address(self) -> str:
@@ -72,13 +174,20 @@ class LoraServer:
 
     def start(self) -> LoraServer:
         bind = self.address.rpartition(":")[0]
+        creds = self._credentials()
         try:
-            self.port = self.server.add_insecure_port(f"{bind}:{self.config.port}")
+            if creds is None:
+                self.port = self.server.add_insecure_port(f"{bind}:{self.config.port}")
+            else:
+                self.port = self.server.add_secure_port(f"{bind}:{self.config.port}", creds)
         except RuntimeError:  # grpc's way of saying the bind failed
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {bind}:{self.config.port}: the address is in use or not available "
                           "(choose another --port, or --port 0 for any free one)")
+        svc = self.service_config
+        if svc.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(svc.metrics_host or self.config.host, svc.metrics_port)
         self.loop.start()
         self.server.start()  # listening, but NOT_SERVING until the warm-up below
         if self.config.warmup:
@@ -86,7 +195,9 @@ class LoraServer:
         with self._health_lock:
             self._ready = True
         self._on_loop_health(self.loop.healthy)
-        log.info("server_ready", address=self.address, services=[INFERENCE_SERVICE])
+        log.info("server_ready", address=self.address, services=list(SERVICES), tls=svc.tls_cert is not None,
+                 mtls=svc.tls_client_ca is not None, auth=self.tenants.auth_required,
+                 metrics_port=self.metrics_port or None)
         return self
 
     def _warm_up(self) -> None:
@@ -101,7 +212,7 @@ class LoraServer:
 
     # ---- health -------------------------------------------------------------------------
     def _set_health(self, status: int) -> None:
-        for name in ("", INFERENCE_SERVICE):
+        for name in ("", *SERVICES):
             self.health.set(name, status)
 
     def _on_loop_health(self, healthy: bool) -> None:
@@ -126,31 +237,40 @@ class LoraServer:
         # Requests are done; give RPC threads a moment to send their last messages, then close.
         self.server.stop(grace=2.0).wait()
         self.loop.stop()
+        self.close()
         self._stopped.set()
         log.info("server_stopped")
+
+    def close(self) -> None:
+        """Flush usage, close the databases, the metrics endpoint and the tracer (after the loop stopped)."""
+        self.usage_writer.close()
+        self.ledger.close()
+        self.registry.close()
+        self.metrics.close()
+        self.tracer_provider.shutdown()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)
 
 
 def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig,
-                 adapters: Sequence[tuple[str, str]] = ()) -> LoraServer:
-    """Load the model, register `--adapter NAME=DIR`s, and build the (not yet started) server."""
+                 svc: ServiceConfig | None = None, adapters: Sequence[tuple[str, str]] = ()) -> LoraServer:
+    """Load the model, open the data directory, register `--adapter NAME=DIR`s; the server is not started."""
     from service.runtime.builder import build_runtime
 
-    rt = build_runtime(rc, ec, ac)
-    local = LocalAdapters()
+    svc = svc or ServiceConfig()
     for name, path in adapters:
         if not Path(path).is_dir():
             raise NotADirectoryError(f"--adapter {name}={path}: {path} is not a directory "
                                      "(expected adapter_config.json + adapter_model.safetensors)")
-        vid = rt.add_local_adapter(path)
-        local.add(name, vid)
-        log.info("adapter_registered", name=name, version_id=vid, path=str(path))
-    return LoraServer(rt, local, sc)
+    if svc.tenants_file:
+        TenantDirectory.load(svc.tenants_file)  # a bad tenants file fails before the slow model load
+    store = open_store(svc)  # an unreachable store fails before the model load too
+    rt = build_runtime(rc, ec, ac)
+    return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store)
 
 
-def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig,
+def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig, svc: ServiceConfig | None = None,
           adapters: Sequence[tuple[str, str]] = ()) -> int:
     """Run until SIGTERM / SIGINT, then drain and return 0."""
     stop = threading.Event()
@@ -162,7 +282,7 @@ def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConf
     # Installed before the model loads, so a SIGTERM during a slow start still exits cleanly.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server = build_server(rc, ec, ac, sc, adapters)
+        server = build_server(rc, ec, ac, sc, svc, adapters)
         if stop.is_set():
             return 0
         server.start()

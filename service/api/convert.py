@@ -52,7 +52,8 @@ class RequestConverter:
         self.resolver = resolver
 
     # ---- requests -----------------------------------------------------------------------
-    def prepare(self, req: GenerateLike, tenant: str | None = None) -> Prepared:
+    def prepare(self, req: GenerateLike, tenant: Any) -> Prepared:
+        """`tenant`: the caller (`service.tenants.Tenant`: id, admin, limits)."""
         client_id = _client_request_id(req.client_request_id)
         if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
             raise ValueError(f"priority={req.priority} is invalid: must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] "
@@ -60,11 +61,16 @@ class RequestConverter:
         self._check_ids("stop_token_ids", req.stop_token_ids)
         adapter = self._adapter(req.adapter, tenant) if req.adapter else None
         ids = self.prompt_ids(req)
-        return Prepared(ids, self.sampling(req, len(ids)), adapter, req.priority, client_id)
+        limits = tenant.limits
+        if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
+            raise ValueError(f"the prompt has {len(ids)} tokens; tenant {tenant.id!r} may send at most "
+                             f"{limits.max_prompt_tokens} prompt tokens per request")
+        return Prepared(ids, self.sampling(req, len(ids), limits.max_output_tokens), adapter, req.priority,
+                        client_id)
 
-    def _adapter(self, ref: str, tenant: str | None) -> ResolvedAdapter:
+    def _adapter(self, ref: str, tenant: Any) -> ResolvedAdapter:
         try:
-            return self.resolver.resolve(tenant, ref)
+            return self.resolver.resolve(tenant.id, ref, tenant.admin)
         except InvalidAdapterName as e:
             raise InvalidAdapterName(f"adapter is invalid: {e}; use name, name@version or owner/name[@version] "
                                      "(empty for the base model)") from None
@@ -115,7 +121,8 @@ class RequestConverter:
                 raise ValueError(f"{field}[{i}]={t} is outside the vocabulary: token ids must be in "
                                  f"[0, {self.vocab_size - 1}]")
 
-    def sampling(self, req: GenerateLike, num_prompt_tokens: int) -> SamplingParams:
+    def sampling(self, req: GenerateLike, num_prompt_tokens: int, max_output: int | None = None) -> SamplingParams:
+        """`max_output`: the tenant's cap on max_tokens (None: only the context window caps it)."""
         room = self.max_model_len - num_prompt_tokens  # >= 1: prompt_ids() refused longer prompts
         sp = req.sampling
         kwargs: dict[str, Any] = {f: getattr(sp, f) for f in _SAMPLING_FIELDS if sp.HasField(f)}
@@ -124,9 +131,12 @@ class RequestConverter:
                 raise ValueError(
                     f"sampling.max_tokens={sp.max_tokens} is too large: the prompt has {num_prompt_tokens} tokens "
                     f"and the context window {self.max_model_len}, so at most {room} tokens can be generated")
+            if max_output is not None and sp.max_tokens > max_output:
+                raise ValueError(f"sampling.max_tokens={sp.max_tokens} is above this tenant's limit of "
+                                 f"{max_output} output tokens per request")
             kwargs["max_tokens"] = sp.max_tokens
         else:
-            kwargs["max_tokens"] = min(DEFAULT_MAX_TOKENS, room)
+            kwargs["max_tokens"] = min(DEFAULT_MAX_TOKENS, room, max_output or DEFAULT_MAX_TOKENS)
         if "logprobs" in kwargs and kwargs["logprobs"] > MAX_LOGPROBS:
             raise ValueError(f"sampling.logprobs={kwargs['logprobs']} is invalid: must be in [0, {MAX_LOGPROBS}]")
         try:

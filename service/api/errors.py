@@ -27,8 +27,10 @@ from adapters.registry_types import (
     VersionFilesMissing,
     VersionIsCurrent,
 )
+from service.api.auth import Authenticator, PermissionDenied, Unauthenticated, set_current_tenant
 from service.engine.scheduler import QueueFullError
 from service.loop import LoopClosed
+from service.tenants import LimitExceeded
 
 log = structlog.get_logger("service.api")
 
@@ -50,6 +52,14 @@ class RequestFailed(Exception):
     """The engine failed the request; the message is the engine's, written for the caller."""
 
 
+class TooLarge(Exception):
+    """More bytes than the limit allows (an upload): RESOURCE_EXHAUSTED, and retrying will not help."""
+
+
+class AdapterUnavailable(Exception):
+    """The adapter exists but cannot be served now (its load failed): FAILED_PRECONDITION."""
+
+
 def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex[:20]
 
@@ -65,6 +75,11 @@ def current_request_id() -> str:
 
 # Most specific first: several of these also derive from ValueError / LookupError.
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AdapterUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
     (AdapterPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -95,11 +110,15 @@ def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, t0: f
         log.error("rpc_failed", method=method, code=code.name, ms=ms, exc_info=exc)
     else:
         log.info("rpc_refused", method=method, code=code.name, message=message, ms=ms)
-    if isinstance(exc, QueueFullError):
+    retry_s = QUEUE_FULL_RETRY_S if isinstance(exc, QueueFullError) else getattr(exc, "retry_after_s", None)
+    if isinstance(exc, (QueueFullError, LimitExceeded)) and retry_s is not None:
         retry = any_pb2.Any()
-        retry.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(QUEUE_FULL_RETRY_S * 1e9))))
-        status = status_pb2.Status(code=code.value[0], message=f"{message} (retry after {QUEUE_FULL_RETRY_S} s)",
-                                   details=[retry])
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(max(retry_s, 0.0) * 1e9))
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        if isinstance(exc, QueueFullError):
+            message = f"{message} (retry after {QUEUE_FULL_RETRY_S} s)"
+        status = status_pb2.Status(code=code.value[0], message=message, details=[retry])
         context.abort_with_status(rpc_status.to_status(status))
     context.abort(code, message)
 
@@ -115,18 +134,28 @@ def _begin(method: str) -> float:
     rid = new_request_id()
     structlog.contextvars.bind_contextvars(request_id=rid, method=method)
     _request_id.set(rid)
+    set_current_tenant(None)
     return time.perf_counter()
+
+
+def _authenticate(auth: Authenticator | None, context: grpc.ServicerContext) -> None:
+    if auth is not None:
+        tenant = auth.authenticate(context)
+        set_current_tenant(tenant)
+        structlog.contextvars.bind_contextvars(tenant=tenant.id)
 
 
 def _end() -> None:
     structlog.contextvars.clear_contextvars()
     _request_id.set(None)
+    set_current_tenant(None)
 
 
-def _wrap_unary(behavior: Callable, method: str) -> Callable:
+def _wrap_unary(behavior: Callable, method: str, auth: Authenticator | None) -> Callable:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         t0 = _begin(method)
         try:
+            _authenticate(auth, context)
             return behavior(request, context)
         except Exception as e:
             if _already_aborted(context):
@@ -137,10 +166,11 @@ def _wrap_unary(behavior: Callable, method: str) -> Callable:
     return handler
 
 
-def _wrap_stream(behavior: Callable, method: str) -> Callable:
+def _wrap_stream(behavior: Callable, method: str, auth: Authenticator | None) -> Callable:
     def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         t0 = _begin(method)
         try:
+            _authenticate(auth, context)
             yield from behavior(request, context)
         except Exception as e:
             if _already_aborted(context):
@@ -152,7 +182,11 @@ def _wrap_stream(behavior: Callable, method: str) -> Callable:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Wraps every loraserve RPC handler (all four kinds of handler)."""
+    """Wraps every loraserve RPC handler (all four kinds of handler); with an authenticator, each call
+    is authenticated first (health and reflection are not loraserve RPCs: they stay open)."""
+
+    def __init__(self, auth: Authenticator | None = None) -> None:
+        self.auth = auth
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
@@ -168,6 +202,6 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         for attr, wrap, make in kinds:
             behavior = getattr(handler, attr)
             if behavior is not None:
-                return make(wrap(behavior, method), request_deserializer=handler.request_deserializer,
+                return make(wrap(behavior, method, self.auth), request_deserializer=handler.request_deserializer,
                             response_serializer=handler.response_serializer)
         return handler

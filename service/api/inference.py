@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator
+from typing import Protocol
 
 import grpc
 import structlog
+from opentelemetry import trace
 
+from service.accounting import RequestContext
 from service.api import convert
+from service.api.auth import current_tenant
 from service.api.convert import Prepared, RequestConverter
 from service.api.errors import DeadlineExceeded, RequestCancelled, RequestFailed, current_request_id
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
@@ -16,8 +20,18 @@ from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from service.engine.outputs import RequestOutput
 from service.engine.types import FinishReason
 from service.loop import EngineLoop, LoopClosed, RequestHandle
+from service.tenants import TenantLimiter
+from service.tracing import RequestSpan
 
 log = structlog.get_logger(__name__)
+
+class AdapterHolder(Protocol):
+    """Counts requests on each adapter version (a held version is never deleted under them)."""
+
+    def hold(self, version_id: str) -> None: ...
+
+    def release(self, version_id: str) -> None: ...
+
 
 # How often a waiting RPC thread wakes to look at its deadline and liveness. Cancellation itself is
 # immediate (the RPC's termination callback aborts the sequence); this only bounds a missed wake-up.
@@ -25,14 +39,19 @@ POLL_S = 0.25
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, loop: EngineLoop, converter: RequestConverter) -> None:
+    def __init__(self, loop: EngineLoop, converter: RequestConverter, *, base_model: str,
+                 limiter: TenantLimiter | None = None, tracer: trace.Tracer | None = None,
+                 adapters: AdapterHolder | None = None) -> None:
         self.loop = loop
         self.converter = converter
+        self.base_model = base_model
+        self.limiter = limiter
+        self.tracer = tracer or trace.NoOpTracer()
+        self.adapters = adapters
 
     # ---- RPCs ---------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        prepared = self.converter.prepare(request)
-        handle = self._start(prepared, context)
+        handle, prepared = self._start(request, context, "text_completion")
         token_ids: list[int] = []
         logprobs: list[pb.TokenLogprob] = []
         final: RequestOutput | None = None
@@ -51,8 +70,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
                        ) -> Iterator[pb.GenerateStreamResponse]:
-        prepared = self.converter.prepare(request)
-        handle = self._start(prepared, context)
+        handle, prepared = self._start(request, context, "text_completion")
         for out in self._follow(handle, context):
             msg = pb.GenerateStreamResponse(text=out.new_text, token_ids=out.new_token_ids,
                                             request_id=handle.request_id)
@@ -73,14 +91,46 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    max_model_len=self.converter.max_model_len)
 
     # ---- helpers ------------------------------------------------------------------------
-    def _start(self, prepared: Prepared, context: grpc.ServicerContext) -> RequestHandle:
+    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext,
+               operation: str) -> tuple[RequestHandle, Prepared]:
+        """Authorize, validate, admit under the tenant's limits, trace, submit. Anything refused on the way
+        ends the span with the error and releases what was taken."""
+        tenant = current_tenant()
         rid = current_request_id()
-        structlog.contextvars.bind_contextvars(
-            client_request_id=prepared.client_request_id or None,
-            adapter=prepared.adapter.ref if prepared.adapter else None)
-        handle = self.loop.submit(rid, prepared.prompt_token_ids, prepared.sampling,
-                                  extra_key=prepared.adapter.version_id if prepared.adapter else None,
-                                  priority=prepared.priority)
+        span = RequestSpan(self.tracer, operation=operation, base_model=self.base_model, tenant=tenant.id,
+                           request_id=rid, attributes={
+                               "gen_ai.request.max_tokens": request.sampling.max_tokens
+                               if request.sampling.HasField("max_tokens") else None,
+                               "gen_ai.request.temperature": request.sampling.temperature
+                               if request.sampling.HasField("temperature") else None,
+                               "gen_ai.request.seed": request.sampling.seed
+                               if request.sampling.HasField("seed") else None})
+        structlog.contextvars.bind_contextvars(trace_id=span.trace_id)
+        lease = None
+        held = None
+        try:
+            prepared = self.converter.prepare(request, tenant)
+            adapter = prepared.adapter
+            span.set_adapter(adapter.ref if adapter else None, adapter.version_id if adapter else None)
+            structlog.contextvars.bind_contextvars(client_request_id=prepared.client_request_id or None,
+                                                  adapter=adapter.ref if adapter else None)
+            if self.limiter is not None:
+                lease = self.limiter.acquire(tenant, len(prepared.prompt_token_ids))
+            if adapter is not None and self.adapters is not None:
+                self.adapters.hold(adapter.version_id)
+                held = adapter.version_id
+            ctx = RequestContext(tenant=tenant, adapter=adapter, base_model=self.base_model, lease=lease, span=span)
+            handle = self.loop.submit(rid, prepared.prompt_token_ids, prepared.sampling,
+                                      extra_key=adapter.version_id if adapter else None,
+                                      priority=prepared.priority, context=ctx)
+        except BaseException as e:
+            # Not submitted: the loop's on_finished will never run for it, so undo here.
+            if held is not None:
+                self.adapters.release(held)
+            if lease is not None:
+                lease.release()
+            span.fail(e)
+            raise
 
         def on_rpc_done() -> None:
             # Runs when the RPC ends for any reason; only a cancelled or expired one leaves work behind.
@@ -89,7 +139,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         if not context.add_callback(on_rpc_done):
             handle.cancel()  # the RPC ended while we were submitting
-        return handle
+        return handle, prepared
 
     def _follow(self, handle: RequestHandle, context: grpc.ServicerContext) -> Iterator[RequestOutput]:
         """The request's outputs up to and including the final one, or the exception its end maps to.

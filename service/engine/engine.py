@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 
 from service.config import EngineConfig
@@ -141,6 +142,7 @@ class LLMEngine:
         if not out.chunks:
             return outputs
         self._steps += 1
+        t0 = time.perf_counter()
         try:
             results = self.runner.execute(out)
             if len(results) != len(out.chunks):
@@ -155,6 +157,7 @@ class LLMEngine:
             )
             return outputs
         self._count_computed(out)
+        self._charge_time(out, time.perf_counter() - t0)
         finished: list[tuple[Request, FinishReason]] = []
         for request, result in sampled:
             try:
@@ -172,6 +175,12 @@ class LLMEngine:
             for request, _ in finished:
                 self._forget(request)
         return outputs
+
+    @staticmethod
+    def _charge_time(out: SchedulerOutput, seconds: float) -> None:
+        total = sum(c.num_tokens for c in out.chunks)
+        for c in out.chunks:
+            c.request.engine_seconds += seconds * c.num_tokens / total
 
     def _count_computed(self, out: SchedulerOutput) -> None:
         for c in out.chunks:

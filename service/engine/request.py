@@ -35,7 +35,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "sampling", "extra_key", "seed",
         "priority", "num_computed_tokens", "block_ids", "num_cached_tokens", "num_registered_blocks",
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
-        "finished_time", "block_hashes", "arrival_seq", "lora_slot", "error", "_all_token_ids",
+        "finished_time", "block_hashes", "arrival_seq", "lora_slot", "error", "engine_seconds", "_all_token_ids",
     )
 
     def __init__(
@@ -74,6 +74,9 @@ class Request:
         # admission policy while the request runs; -1 = no adapter (base model, or not running).
         self.lora_slot = -1
         self.error: str | None = None  # why the request failed (finish reason ERROR), for the caller
+        # Its share of model-step time: each step's wall time split over its chunks by token count
+        # (what usage accounting bills as engine-seconds).
+        self.engine_seconds = 0.0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -37,6 +37,9 @@ class Runtime:
     adapters: RuntimeAdapterSlots
     adapter_config: AdapterConfig
     local_adapters: dict[str, ParsedAdapter]  # version id -> adapters registered from local directories
+    # Reads a stored adapter by version id (the server's store); settable after the model is loaded,
+    # since what validates an adapter (the architecture, the base model id) is only known then.
+    adapter_loader: Callable[[str], ParsedAdapter] | None = None
 
     def add_local_adapter(self, path: str | Path) -> str:
         """Register a PEFT adapter directory for offline use; returns its version id (the request's extra key)."""
@@ -86,13 +89,15 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len,
                          lora_slots=lora_slots)
     local: dict[str, ParsedAdapter] = {}
+    runtime: Runtime | None = None
 
     def load(version_id: str) -> ParsedAdapter:
         if version_id in local:
             return local[version_id]
-        if adapter_loader is None:
+        loader = runtime.adapter_loader if runtime is not None else None
+        if loader is None:
             raise KeyError(f"adapter version {version_id} is not known to this process")
-        return adapter_loader(version_id)
+        return loader(version_id)
 
     cache = HostAdapterCache(fused_loader(load, loaded.arch), max_bytes=ac.host_cache_mib * 2**20,
                              max_count=ac.host_cache_max_count, workers=ac.load_workers)
@@ -103,4 +108,5 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
              weights_mib=round(model.nbytes() / 2**20, 1), kv_blocks=num_blocks,
              kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
-    return Runtime(engine, tokenizer, model, runner, loaded, slots, ac, local)
+    runtime = Runtime(engine, tokenizer, model, runner, loaded, slots, ac, local, adapter_loader)
+    return runtime

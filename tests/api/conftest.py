@@ -12,9 +12,8 @@ import grpc
 import pytest
 import torch
 
-from service.api.adapter_refs import LocalAdapters
-from service.api.gen.loraserve.v1 import inference_pb2_grpc
-from service.config import EngineConfig, RuntimeConfig, ServerConfig
+from service.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, usage_pb2_grpc
+from service.config import EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
 from service.runtime.builder import build_runtime
 from service.server import LoraServer
 from tests.tiny_models import make_tiny_model
@@ -45,13 +44,11 @@ class Server:
     """A started LoraServer plus a channel to it. `step_delay_s` slows every engine step so tests can
     act while a request is still running."""
 
-    def __init__(self, model: Path, adapter: Path | None = None, *, step_delay_s: float = 0.0,
-                 drain_grace_s: float = 10.0, **engine: int) -> None:
+    def __init__(self, model: Path, data_dir: Path, adapter: Path | None = None, *, step_delay_s: float = 0.0,
+                 drain_grace_s: float = 10.0, service: dict | None = None, tracer_provider=None,
+                 **engine: int) -> None:
         ec = EngineConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 256, **engine})
         rt = build_runtime(RuntimeConfig(model=str(model), dtype="float32", kv_cache_gib=0.004, threads=1), ec)
-        resolver = LocalAdapters()
-        if adapter is not None:
-            resolver.add("tiny-lora", rt.add_local_adapter(adapter))
         if step_delay_s:
             execute = rt.runner.execute
 
@@ -61,11 +58,15 @@ class Server:
 
             rt.runner.execute = slow_execute
         self.runtime = rt
-        self.resolver = resolver
-        self.server = LoraServer(rt, resolver, ServerConfig(port=0, drain_grace_s=drain_grace_s)).start()
+        svc = ServiceConfig(**{"data_dir": str(data_dir), **(service or {})})
+        startup = [("tiny-lora", str(adapter))] if adapter is not None else []
+        self.server = LoraServer(rt, ServerConfig(port=0, drain_grace_s=drain_grace_s), svc,
+                                 startup_adapters=startup, tracer_provider=tracer_provider).start()
         self.target = f"127.0.0.1:{self.server.port}"
         self.channel = grpc.insecure_channel(self.target)
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
+        self.adapters = adapters_pb2_grpc.AdapterServiceStub(self.channel)
+        self.usage = usage_pb2_grpc.UsageServiceStub(self.channel)
 
     def engine_call(self, fn: Callable):
         return self.server.loop.call(fn)
@@ -88,11 +89,12 @@ class Server:
 
 
 @pytest.fixture
-def make_server(tiny) -> Iterator[Callable[..., Server]]:
-    """Build servers with their own settings; each is shut down after the test."""
+def make_server(tiny, tmp_path) -> Iterator[Callable[..., Server]]:
+    """Build servers with their own settings (and data directory); each is shut down after the test."""
     made: list[Server] = []
 
     def make(**kwargs) -> Server:
+        kwargs.setdefault("data_dir", tmp_path / f"data{len(made)}")
         s = Server(tiny[0], **kwargs)
         made.append(s)
         return s

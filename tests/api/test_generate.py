@@ -15,8 +15,8 @@ GREEDY = pb.SamplingParams(temperature=0, max_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def server(tiny):
-    s = Server(tiny[0], adapter=tiny[1])
+def server(tiny, tmp_path_factory):
+    s = Server(tiny[0], tmp_path_factory.mktemp("data"), adapter=tiny[1])
     yield s
     s.close()
 
@@ -101,7 +101,7 @@ def test_default_max_tokens_fits_the_context(server):
 
 def test_adapter_by_name_and_version_changes_the_output(server):
     base = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY))
-    vid = server.resolver.names["tiny-lora"]
+    vid = server.server.registry.resolve("default", "tiny-lora").version_id
     outs = [server.stub.Generate(pb.GenerateRequest(adapter=ref, text="t5 t6 t7", sampling=GREEDY))
             for ref in ("tiny-lora", "tiny-lora@1", f"tiny-lora@{vid}")]
     assert all(o.adapter_version == vid for o in outs)
@@ -123,12 +123,13 @@ def test_concurrent_requests_match_each_request_alone(server):
     server.wait_idle_and_intact()
 
 
-def test_a_taken_port_is_a_clear_error(server, tiny):
-    from service.config import ServerConfig
+def test_a_taken_port_is_a_clear_error(server, tiny, tmp_path):
+    from service.config import ServerConfig, ServiceConfig
     from service.server import LoraServer
 
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.server.port}: the address is in use"):
-        LoraServer(server.runtime, config=ServerConfig(port=server.server.port, warmup=False)).start()
+        LoraServer(server.runtime, ServerConfig(port=server.server.port, warmup=False),
+                   ServiceConfig(data_dir=str(tmp_path))).start()
 
 
 def test_python_client(server):

@@ -100,14 +100,14 @@ def test_health_follows_the_engine_loop(make_server):
     assert server.stub.Generate(pb.GenerateRequest(text="t5", sampling=pb.SamplingParams(max_tokens=2))).text
 
 
-def test_health_is_not_serving_before_start(tiny):
-    from service.config import EngineConfig, RuntimeConfig, ServerConfig
+def test_health_is_not_serving_before_start(tiny, tmp_path):
+    from service.config import EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
     from service.runtime.builder import build_runtime
     from service.server import LoraServer
 
     rt = build_runtime(RuntimeConfig(model=str(tiny[0]), dtype="float32", kv_cache_gib=0.004, threads=1),
                        EngineConfig())
-    server = LoraServer(rt, config=ServerConfig(port=0))
+    server = LoraServer(rt, ServerConfig(port=0), ServiceConfig(data_dir=str(tmp_path)))
     resp = server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
     assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
 

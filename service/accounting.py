@@ -1,0 +1,111 @@
+"""What happens when a request ends, however it ends: usage into the ledger (exactly once), the tenant's
+lease released and charged for its output, the span ended, metrics observed, the adapter version let go.
+
+`on_finished` runs on the engine loop thread, so it only hands the usage record to a writer thread; the
+ledger's `INSERT OR IGNORE` on the request id keeps it exactly once even if a record were handed twice.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from service.api.adapter_refs import ResolvedAdapter
+from service.engine.outputs import RequestOutput
+from service.engine.types import FinishReason
+from service.loop import RequestHandle
+from service.metrics import ServerMetrics
+from service.tenants import Lease, Tenant
+from service.tracing import RequestSpan
+from service.usage import UsageLedger, UsageRecord
+
+log = structlog.get_logger(__name__)
+
+_STATUS = {FinishReason.ERROR: "failed", FinishReason.CANCELLED: "cancelled"}
+
+
+@dataclass
+class RequestContext:
+    """Carried by the engine loop's RequestHandle from submit to the final output."""
+
+    tenant: Tenant
+    adapter: ResolvedAdapter | None
+    base_model: str
+    lease: Lease | None = None
+    span: RequestSpan | None = None
+    start_time: float = field(default_factory=time.time)  # wall clock, for the ledger
+
+
+class UsageWriter:
+    """A thread that writes usage records to the ledger, in batches, off the engine loop."""
+
+    def __init__(self, ledger: UsageLedger) -> None:
+        self.ledger = ledger
+        self._queue: queue.SimpleQueue[UsageRecord | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: UsageRecord) -> None:
+        with self._cond:
+            self._pending += 1
+        self._queue.put(record)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Until every submitted record is written (True) or the timeout passes."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            if record is None:
+                return
+            try:
+                self.ledger.record(record)
+            except Exception:
+                log.exception("usage_record_failed", request_id=record.request_id, tenant=record.tenant)
+            with self._cond:
+                self._pending -= 1
+                self._cond.notify_all()
+
+
+class Accounting:
+    def __init__(self, writer: UsageWriter, metrics: ServerMetrics | None, adapters: Any | None) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.adapters = adapters  # AdapterManager: hold/release of versions in use
+
+    def on_finished(self, handle: RequestHandle, out: RequestOutput) -> None:
+        ctx: RequestContext | None = handle.context
+        req = handle.request
+        if self.metrics is not None:
+            self.metrics.on_finished(req, out)
+        if ctx is None:  # the warm-up: nobody to bill
+            return
+        n_out = len(out.output_token_ids)
+        if ctx.adapter is not None and self.adapters is not None:
+            self.adapters.release(ctx.adapter.version_id)
+        if ctx.lease is not None:
+            ctx.lease.charge(n_out)
+            ctx.lease.release()
+        if ctx.span is not None:
+            ctx.span.finish(req, out, ctx.adapter.version_id if ctx.adapter else ctx.base_model)
+        self.writer.submit(UsageRecord(
+            request_id=handle.request_id, tenant=ctx.tenant.id,
+            adapter=ctx.adapter.name if ctx.adapter else "", adapter_version=ctx.adapter.version_id if ctx.adapter
+            else "", start_time=ctx.start_time, end_time=time.time(), input_tokens=out.num_prompt_tokens,
+            cached_input_tokens=out.num_cached_tokens, output_tokens=n_out,
+            engine_seconds=req.engine_seconds, status=_STATUS.get(out.finish_reason, "ok"),
+        ))

@@ -1,0 +1,77 @@
+"""Who is calling: a tenant from `authorization: Bearer <key>` metadata or from a client certificate (mTLS).
+
+Health checks and reflection need no key (probes and tooling call them). With no tenants file every
+call is the admin tenant `default` (development). The interceptor authenticates once per RPC and puts
+the tenant in a context variable the servicers read with `current_tenant()`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any
+
+import grpc
+
+from service.tenants import Tenant, TenantDirectory, cert_identities
+
+
+class Unauthenticated(Exception):
+    """No valid credentials (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(Exception):
+    """Authenticated, but the call needs a role the tenant does not have (PERMISSION_DENIED)."""
+
+
+_tenant: contextvars.ContextVar[Tenant | None] = contextvars.ContextVar("loraserve_tenant", default=None)
+
+
+def current_tenant() -> Tenant:
+    tenant = _tenant.get()
+    if tenant is None:
+        raise Unauthenticated("the call is not authenticated")
+    return tenant
+
+
+def set_current_tenant(tenant: Tenant | None) -> None:
+    _tenant.set(tenant)
+
+
+def require_admin(tenant: Tenant, what: str) -> None:
+    if not tenant.admin:
+        raise PermissionDenied(f"{what} needs the admin role; tenant {tenant.id!r} does not have it")
+
+
+class Authenticator:
+    def __init__(self, tenants: TenantDirectory) -> None:
+        self.tenants = tenants
+
+    def authenticate(self, context: grpc.ServicerContext) -> Tenant:
+        if not self.tenants.auth_required:
+            tenant = self.tenants.anonymous
+            assert tenant is not None  # open access always has its one tenant
+            return tenant
+        key = _bearer(context.invocation_metadata() or ())
+        if key is not None:
+            tenant = self.tenants.authenticate_key(key)
+            if tenant is None:
+                raise Unauthenticated("the API key is not valid (check the 'authorization: Bearer <key>' metadata)")
+            return tenant
+        subjects = cert_identities(context.auth_context() or {})
+        if subjects:
+            tenant = self.tenants.authenticate_cert(subjects)
+            if tenant is not None:
+                return tenant
+            raise Unauthenticated("the client certificate is not mapped to a tenant, and no API key was given")
+        raise Unauthenticated("no credentials: send 'authorization: Bearer <API key>' metadata")
+
+
+def _bearer(metadata: Any) -> str | None:
+    for item in metadata:
+        if item.key.lower() != "authorization":
+            continue
+        scheme, _, key = str(item.value).strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("the authorization metadata must be 'Bearer <API key>'")
+        return key.strip()
+    return None

@@ -1,0 +1,129 @@
+"""Prometheus metrics of one server, on a side HTTP port.
+
+Labels are bounded: finish reasons, and in `lora_requests_info` the adapter versions running and waiting
+(at most `max_active_adapters` running). Nothing is labelled by tenant: per-tenant figures live in spans,
+logs and the usage ledger, where an unbounded set of tenants costs nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from service.engine.engine import LLMEngine
+from service.engine.outputs import EngineStats, RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                 0.75, 1.0, 2.5)
+_LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+P = "loraserve_"
+
+
+class ServerMetrics:
+    """Every metric of the server in its own registry (several servers in one test process never clash)."""
+
+    def __init__(self, model_name: str) -> None:
+        r = self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.running = Gauge(P + "num_requests_running", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge(P + "num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.kv_usage = Gauge(P + "kv_cache_usage_perc", "Fraction of paged KV blocks in use (0 to 1).",
+                              registry=r)
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "Arrival to first output token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram(P + "time_per_output_token_seconds", "Mean time between output tokens of a request.",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(P + "e2e_request_latency_seconds", "Arrival to finish.", buckets=_LATENCY_BUCKETS,
+                             registry=r)
+        self.queue = Histogram(P + "request_queue_time_seconds", "Arrival to first scheduled.",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "Output tokens of finished requests.", registry=r)
+        self.finished = Counter(P + "request_finished", "Finished requests by finish reason.", ["finished_reason"],
+                                registry=r)
+        self.preemptions = Counter(P + "num_preemptions", "Requests preempted (their KV recomputed later).",
+                                   registry=r)
+        self.prefix_queries = Counter(P + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      registry=r)
+        self.prefix_hits = Counter(P + "prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r)
+        self.lora_info = Gauge(P + "lora_requests_info", "Adapters (version ids) running and waiting; the value "
+                               "is the time of the update.",
+                               ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
+        self.adapter_load = Histogram(P + "adapter_load_seconds", "Reading, validating and laying out one adapter "
+                                      "version in host memory.", buckets=_LOAD_BUCKETS, registry=r)
+        self.adapter_load_failures = Counter(P + "adapter_load_failures", "Adapter loads that failed.", registry=r)
+        self.step_seconds = Histogram(P + "engine_step_seconds", "Wall time of one engine step.",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self._last: EngineStats | None = None
+        self._lora_labels: tuple[str, str, str] | None = None
+        self._lock = threading.Lock()
+        self._http: Any = None
+        self.port = 0
+
+    # ---- hooks (engine loop thread) -----------------------------------------------------
+    def on_step(self, engine: LLMEngine, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
+        self.observe_stats(engine.stats)
+
+    def observe_stats(self, s: EngineStats) -> None:
+        with self._lock:
+            last, self._last = self._last, s
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        self.kv_usage.set(s.kv_cache_usage)
+        if last is not None:
+            self.preemptions.inc(max(0, s.preemptions - last.preemptions))
+            self.prefix_queries.inc(max(0, s.prefix_cache_queried_tokens - last.prefix_cache_queried_tokens))
+            self.prefix_hits.inc(max(0, s.prefix_cache_hit_tokens - last.prefix_cache_hit_tokens))
+        labels = (",".join(sorted(s.running_adapters)), ",".join(sorted(s.waiting_adapters)),
+                  str(s.max_active_adapters))
+        if labels != self._lora_labels:
+            if self._lora_labels is not None:
+                self.lora_info.remove(*self._lora_labels)  # one series: the current state
+            self._lora_labels = labels
+        self.lora_info.labels(*labels).set(time.time())
+
+    def on_finished(self, request: Any, out: RequestOutput) -> None:
+        """`request`: the engine's Request record (monotonic timestamps)."""
+        reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
+        self.finished.labels(reason).inc()
+        self.prompt_tokens.inc(out.num_prompt_tokens)
+        n = len(out.output_token_ids)
+        self.generation_tokens.inc(n)
+        end = request.finished_time or time.monotonic()
+        self.e2e.observe(max(0.0, end - request.arrival_time))
+        if request.first_scheduled_time is not None:
+            self.queue.observe(max(0.0, request.first_scheduled_time - request.arrival_time))
+        if request.first_token_time is not None:
+            self.ttft.observe(max(0.0, request.first_token_time - request.arrival_time))
+            if n > 1:
+                self.tpot.observe(max(0.0, end - request.first_token_time) / (n - 1))
+
+    def observe_adapter_load(self, seconds: float, ok: bool) -> None:
+        if ok:
+            self.adapter_load.observe(seconds)
+        else:
+            self.adapter_load_failures.inc()
+
+    # ---- HTTP ---------------------------------------------------------------------------
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0 = any free port); returns the port."""
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e} "
+                          "(choose another --metrics-port, or 0 for any free one)") from None
+        self._http = server
+        self.port = server.server_address[1]
+        return self.port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

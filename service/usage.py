@@ -1,0 +1,393 @@
+"""The usage ledger: one row per finished request in SQLite, and the aggregate queries billing needs.
+
+- Exactly once: a row is keyed by the request id and inserted with INSERT OR IGNORE, so a retried write
+  (or a second code path reporting the same request) never double-counts.
+- A request counts in the window and the time bucket that holds its end_time: requests are recorded when
+  they finish, so once a window is over its totals no longer change.
+- Windows are half-open, [start_time, end_time). Buckets are `bucket_s` seconds aligned to the unix epoch,
+  clipped to the window; only buckets with requests are returned.
+- Cost is an estimate from the server's configured prices (`Pricing`), computed at query time from the
+  token totals: the ledger stores usage, not money, so a price change applies to every past window.
+
+Durability as adapters.registry: WAL with synchronous=FULL, every record its own committed transaction;
+one connection behind one lock for all threads of the process.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.registry_types import InvalidRegistryArgument, check_name, check_tenant
+
+__all__ = [
+    "DEFAULT_PAGE_SIZE", "GROUP_BY", "MAX_BUCKETS", "MAX_PAGE_SIZE", "STATUSES", "InvalidUsageArgument",
+    "LedgerError", "Pricing", "UsageLedger", "UsageRecord", "UsageRow",
+]
+
+STATUSES = ("ok", "failed", "cancelled")
+GROUP_BY = ("tenant", "adapter", "adapter_version")
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # as the registry: 0 means the default, more is coerced down
+MAX_BUCKETS = 10_000
+_MAX_ID_CHARS = 256
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE usage (
+    request_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    adapter_version TEXT NOT NULL,
+    start_time REAL NOT NULL,
+    end_time REAL NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    engine_seconds REAL NOT NULL,
+    status TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
+CREATE INDEX usage_by_time ON usage (end_time);
+CREATE INDEX usage_by_tenant ON usage (tenant, end_time);
+CREATE INDEX usage_by_adapter ON usage (adapter, end_time);
+"""
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be used (e.g. written by another schema version)."""
+
+
+class InvalidUsageArgument(LedgerError, ValueError):
+    """A bad record or query argument; the message names the field and what is allowed."""
+
+
+def _is_number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidUsageArgument(f"{name}={value!r} is invalid: expected an integer >= 0")
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if not _is_number(value) or value < 0:
+        raise InvalidUsageArgument(f"{name}={value!r} is invalid: expected a finite number of seconds >= 0")
+    return float(value)
+
+
+def _check_price(name: str, value: object) -> None:
+    if not _is_number(value) or value < 0:
+        raise InvalidUsageArgument(f"{name}={value!r} is invalid: a price is a finite number >= 0")
+
+
+def _check_adapter(name: str, value: object) -> None:
+    """`owner/name`, or "" for the base model."""
+    if value == "":
+        return
+    owner, slash, adapter = value.partition("/") if isinstance(value, str) else ("", "", "")
+    try:
+        if not slash:
+            raise InvalidRegistryArgument("no '/'")
+        check_tenant(owner)
+        check_name(adapter)
+    except InvalidRegistryArgument:
+        raise InvalidUsageArgument(f"{name}={repr(value)[:80]} is invalid: expected the canonical adapter "
+                                   f"name owner/name, or \"\" for the base model") from None
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Prices per 1000 tokens. Cached input tokens cost `cached_input_per_1k`, the other input tokens
+    `input_per_1k`."""
+
+    input_per_1k: float = 0.0
+    cached_input_per_1k: float = 0.0
+    output_per_1k: float = 0.0
+    unit: str = "USD"
+
+    def __post_init__(self) -> None:
+        for name in ("input_per_1k", "cached_input_per_1k", "output_per_1k"):
+            _check_price(name, getattr(self, name))
+        if not isinstance(self.unit, str) or not self.unit.strip():
+            raise InvalidUsageArgument(f"unit={self.unit!r} is invalid: name the currency, e.g. USD")
+
+    def cost(self, input_tokens: int, cached_input_tokens: int, output_tokens: int) -> float:
+        for name, v in (("input_tokens", input_tokens), ("cached_input_tokens", cached_input_tokens),
+                        ("output_tokens", output_tokens)):
+            _check_count(name, v)
+        if cached_input_tokens > input_tokens:
+            raise InvalidUsageArgument(f"cached_input_tokens={cached_input_tokens} is more than "
+                                       f"input_tokens={input_tokens}; cached tokens are part of the input")
+        uncached = input_tokens - cached_input_tokens
+        return (uncached * self.input_per_1k + cached_input_tokens * self.cached_input_per_1k
+                + output_tokens * self.output_per_1k) / 1000.0
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one finished request used. `input_tokens` includes `cached_input_tokens` (prefix-cache hits)."""
+
+    request_id: str
+    tenant: str
+    adapter: str  # canonical `owner/name`; "" for the base model
+    adapter_version: str  # the version id; "" for the base model
+    start_time: float  # unix seconds
+    end_time: float
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    engine_seconds: float
+    status: str  # one of STATUSES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= _MAX_ID_CHARS:
+            raise InvalidUsageArgument(f"request_id={repr(self.request_id)[:80]} is invalid: expected 1 to "
+                                       f"{_MAX_ID_CHARS} characters")
+        try:
+            check_tenant(self.tenant)
+        except InvalidRegistryArgument as e:
+            raise InvalidUsageArgument(f"tenant: {e}") from None
+        _check_adapter("adapter", self.adapter)
+        if not isinstance(self.adapter_version, str) or len(self.adapter_version) > _MAX_ID_CHARS \
+                or (self.adapter_version == "") != (self.adapter == ""):
+            raise InvalidUsageArgument(f"adapter_version={repr(self.adapter_version)[:80]} is invalid: "
+                                       f"expected the version id of adapter {self.adapter!r}, or \"\" "
+                                       f"exactly when adapter is \"\" (the base model)")
+        start = _check_seconds("start_time", self.start_time)
+        if _check_seconds("end_time", self.end_time) < start:
+            raise InvalidUsageArgument(f"end_time={self.end_time} is before start_time={self.start_time}")
+        for name in ("input_tokens", "cached_input_tokens", "output_tokens"):
+            _check_count(name, getattr(self, name))
+        if self.cached_input_tokens > self.input_tokens:
+            raise InvalidUsageArgument(f"cached_input_tokens={self.cached_input_tokens} is more than "
+                                       f"input_tokens={self.input_tokens}; cached tokens are part of the "
+                                       f"input")
+        _check_seconds("engine_seconds", self.engine_seconds)
+        if self.status not in STATUSES:
+            raise InvalidUsageArgument(f"status={self.status!r} is invalid: expected one of "
+                                       f"{', '.join(STATUSES)}")
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """Totals of one group (and bucket). tenant, adapter, adapter_version are "" unless grouped or filtered
+    by (a tenant or adapter filter fills its field: every row belongs to it)."""
+
+    tenant: str
+    adapter: str
+    adapter_version: str
+    start_time: float  # the bucket, or the query window, clipped to the window: [start_time, end_time)
+    end_time: float
+    requests: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    engine_seconds: float
+    failed_requests: int
+    cancelled_requests: int
+    estimated_cost: float  # in the ledger's Pricing.unit
+
+
+_COLUMNS = ("request_id", "tenant", "adapter", "adapter_version", "start_time", "end_time", "input_tokens",
+            "cached_input_tokens", "output_tokens", "engine_seconds", "status")
+
+
+class UsageLedger:
+    def __init__(self, path: str | Path, *, pricing: Pricing | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.pricing = pricing if pricing is not None else Pricing()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        with self._txn() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            elif version != _SCHEMA_VERSION:
+                raise LedgerError(f"{self.path} has usage ledger schema {version}; this server reads "
+                                  f"schema {_SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> UsageLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _txn(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def record(self, rec: UsageRecord) -> bool:
+        """Store `rec` durably; False if its request_id was already recorded (that row is kept as it was)."""
+        if not isinstance(rec, UsageRecord):
+            raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
+        values = [getattr(rec, c) for c in _COLUMNS] + [self._clock()]
+        with self._txn() as db:
+            cur = db.execute(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, recorded_at) "
+                             f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})", values)
+            return cur.rowcount == 1
+
+    def get(self, request_id: str) -> UsageRecord | None:
+        with self._txn(write=False) as db:
+            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE request_id = ?",
+                             (request_id,)).fetchone()
+        return None if row is None else UsageRecord(*row)
+
+    def query(self, *, tenant: str | None = None, adapter: str | None = None,
+              adapter_version: str | None = None, start_time: float | None = None,
+              end_time: float | None = None, group_by: str = "tenant", bucket_s: float | None = None,
+              page_size: int = 0, page_token: str = "") -> tuple[list[UsageRow], str]:
+        """Totals per group (and per bucket) of the requests that ended in [start_time, end_time).
+
+        tenant/adapter None: all; adapter "" is the base model. adapter_version (a version id) needs a
+        non-empty adapter and keeps that version's requests only. start_time None: from the epoch (not allowed
+        with bucket_s); end_time None: up to now, pinned by the first page so later pages see the same window.
+        Rows are ordered by bucket, then tenant, adapter, adapter_version. Returns (rows, next_page_token),
+        the token "" on the last page; pass it back with the same other arguments for the next page.
+        """
+        if group_by not in GROUP_BY:
+            raise InvalidUsageArgument(f"group_by={group_by!r} is invalid: expected one of "
+                                       f"{', '.join(GROUP_BY)}")
+        if tenant is not None:
+            try:
+                check_tenant(tenant)
+            except InvalidRegistryArgument as e:
+                raise InvalidUsageArgument(f"tenant: {e}") from None
+        if adapter is not None:
+            _check_adapter("adapter", adapter)
+        if adapter_version is not None and (not adapter or not isinstance(adapter_version, str)
+                                            or not 0 < len(adapter_version) <= _MAX_ID_CHARS):
+            raise InvalidUsageArgument(f"adapter_version={repr(adapter_version)[:80]} is invalid: a version "
+                                       f"filter is a version id and needs an adapter (owner/name) filter too")
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 0:
+            raise InvalidUsageArgument(f"page_size={page_size!r} is invalid: expected 0 (the default, "
+                                       f"{DEFAULT_PAGE_SIZE}) or a positive integer (at most {MAX_PAGE_SIZE} "
+                                       f"are returned)")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        lo = 0.0 if start_time is None else _check_seconds("start_time", start_time)
+        if end_time is not None:
+            _check_seconds("end_time", end_time)
+            if end_time <= lo:
+                raise InvalidUsageArgument(f"start_time={start_time} is not before end_time={end_time}: the "
+                                           f"window [start_time, end_time) would be empty")
+        if bucket_s is not None:
+            if not _is_number(bucket_s) or bucket_s <= 0:
+                raise InvalidUsageArgument(f"bucket_s={bucket_s!r} is invalid: expected a number of "
+                                           f"seconds > 0")
+            if start_time is None:
+                raise InvalidUsageArgument("bucket_s needs a start_time: buckets from the epoch would be "
+                                           "too many")
+
+        fingerprint = _fingerprint(tenant, adapter, adapter_version, start_time, end_time, group_by, bucket_s)
+        after: list[object] | None = None
+        hi = end_time
+        if page_token:
+            hi, after = _decode_token(page_token, fingerprint)
+        if hi is None:
+            hi = float(self._clock())
+        if hi <= lo:  # an open window that has not begun yet
+            return [], ""
+        if bucket_s is not None:
+            n = math.ceil(hi / bucket_s) - math.floor(lo / bucket_s)
+            if n > MAX_BUCKETS:
+                raise InvalidUsageArgument(f"bucket_s={bucket_s:g} cuts the window of {hi - lo:g} s into "
+                                           f"{n} buckets; at most {MAX_BUCKETS} are allowed: use larger "
+                                           f"buckets or a shorter window")
+
+        # One SELECT for every grouping: columns not grouped by are the constant '' (unless filtered on).
+        k = "CAST(end_time / :bucket AS INTEGER)" if bucket_s is not None else "0"
+        t = "tenant" if group_by == "tenant" or tenant is not None else "''"
+        a = "adapter" if group_by != "tenant" or adapter is not None else "''"
+        v = "adapter_version" if group_by == "adapter_version" or adapter_version is not None else "''"
+        where = ["end_time >= :lo", "end_time < :hi"]
+        if tenant is not None:
+            where.append("tenant = :tenant")
+        if adapter is not None:
+            where.append("adapter = :adapter")
+        if adapter_version is not None:
+            where.append("adapter_version = :version")
+        having = "HAVING (k, t, a, v) > (:ak, :at, :aa, :av)" if after is not None else ""
+        sql = (f"SELECT {k} AS k, {t} AS t, {a} AS a, {v} AS v, COUNT(*), SUM(input_tokens), "
+               f"SUM(cached_input_tokens), SUM(output_tokens), SUM(engine_seconds), SUM(status = 'failed'), "
+               f"SUM(status = 'cancelled') FROM usage WHERE {' AND '.join(where)} "
+               f"GROUP BY k, t, a, v {having} ORDER BY k, t, a, v LIMIT :limit")
+        params: dict[str, object] = {"lo": lo, "hi": hi, "tenant": tenant, "adapter": adapter,
+                                     "version": adapter_version, "bucket": bucket_s, "limit": size + 1}
+        if after is not None:
+            params.update(zip(("ak", "at", "aa", "av"), after))
+        with self._txn(write=False) as db:
+            found = db.execute(sql, params).fetchall()
+
+        rows = []
+        for bucket, t_val, a_val, v_val, n_req, inp, cached, out, secs, failed, cancelled in found[:size]:
+            if bucket_s is None:
+                b_lo, b_hi = lo, hi
+            else:  # the bucket [k * bucket_s, (k + 1) * bucket_s), clipped to the window
+                b_lo, b_hi = max(lo, bucket * bucket_s), min(hi, (bucket + 1) * bucket_s)
+            rows.append(UsageRow(
+                tenant=t_val, adapter=a_val, adapter_version=v_val, start_time=b_lo, end_time=b_hi,
+                requests=n_req, input_tokens=inp, cached_input_tokens=cached, output_tokens=out,
+                engine_seconds=secs, failed_requests=failed, cancelled_requests=cancelled,
+                estimated_cost=self.pricing.cost(inp, cached, out)))
+        token = ""
+        if len(found) > size:
+            last = found[size - 1]
+            token = _encode_token(fingerprint, hi, list(last[:4]))
+        return rows, token
+
+
+def _fingerprint(*query: object) -> str:
+    # Binds a page token to the query it came from; page_size may change between pages. Numbers as floats:
+    # 10 and 10.0 are the same query.
+    norm = [float(q) if isinstance(q, int) and not isinstance(q, bool) else q for q in query]
+    return hashlib.sha256(json.dumps(norm).encode()).hexdigest()[:16]
+
+
+def _encode_token(fingerprint: str, hi: float, after: list[object]) -> str:
+    raw = json.dumps([fingerprint, hi, *after]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, fingerprint: str) -> tuple[float, list[object]]:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        value = None
+    ok = (isinstance(value, list) and len(value) == 6 and isinstance(value[0], str)
+          and _is_number(value[1]) and isinstance(value[2], int) and not isinstance(value[2], bool)
+          and all(isinstance(x, str) for x in value[3:]))
+    if not ok:
+        raise InvalidUsageArgument(f"page_token {token[:40]!r} is not one this server returned")
+    if value[0] != fingerprint:
+        raise InvalidUsageArgument("page_token belongs to a different query: repeat the first page's tenant, "
+                                   "adapter, adapter_version, start_time, end_time, group_by and bucket_s "
+                                   "unchanged")
+    return float(value[1]), value[2:]

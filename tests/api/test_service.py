@@ -1,0 +1,272 @@
+"""The product surface end to end over a real socket: tenants and keys, adapter upload / promote / rollback /
+share / delete while requests run, usage that equals what was served, spans, metrics."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from service.api.gen.loraserve.v1 import adapters_pb2 as apb
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.client import LoraServeClient
+from service.tenants import hash_api_key
+from service.tracing import make_tracer_provider
+from tests.api.conftest import Server, rpc_error
+
+GREEDY = dict(temperature=0, max_tokens=8)
+KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh", "ops": "ops-key-0123456789abcdefgh"}
+
+
+def write_tenants(path, alice_limits: str = "{}") -> str:
+    path.write_text(f"""
+tenants:
+  - id: alice
+    api_keys: ["{hash_api_key(KEYS['alice'])}"]
+    limits: {alice_limits}
+  - id: bob
+    api_keys: ["{hash_api_key(KEYS['bob'])}"]
+  - id: ops
+    admin: true
+    api_keys: ["{hash_api_key(KEYS['ops'])}"]
+""")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def adapter_v2(tiny, tmp_path_factory):
+    """A second peft adapter for the tiny model (other weights, other targets): a new version."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny[0], torch_dtype=torch.float32)
+    torch.manual_seed(11)
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                                 target_modules=["q_proj", "k_proj", "down_proj"]))
+    out = tmp_path_factory.mktemp("adapter-v2")
+    pm.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def spans():
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory, spans):
+    root = tmp_path_factory.mktemp("svc")
+    s = Server(tiny[0], root / "data", step_delay_s=0.02, service={
+        "tenants_file": write_tenants(root / "tenants.yaml"), "metrics_port": 0,
+        "price_input_per_1k": 1.0, "price_output_per_1k": 2.0},
+        tracer_provider=make_tracer_provider(exporters=[spans]))
+    yield s
+    s.close()
+
+
+def client(server, who: str | None) -> LoraServeClient:
+    return LoraServeClient(server.target, api_key=KEYS[who] if who else None, timeout=60)
+
+
+def test_auth_failures_are_unauthenticated(server):
+    """Bad input: no key, a wrong key, a malformed authorization header."""
+    with client(server, None) as c:
+        err = rpc_error(c.generate, "t5 t6", **GREEDY)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "no credentials" in err.details()
+        assert c.health() == "SERVING"  # health needs no key: probes call it
+    with LoraServeClient(server.target, api_key="not-a-key-of-anyone-here") as c:
+        err = rpc_error(c.list_adapters)
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "not valid" in err.details()
+    err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5"), metadata=(("authorization", "Basic x"),))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in err.details()
+
+
+def test_upload_generate_share_and_isolation(server, tiny):
+    with client(server, "alice") as alice, client(server, "bob") as bob:
+        up = alice.upload_adapter(tiny[1], "helper", description="peft save_pretrained output")
+        assert up.created and up.current and up.version.number == 1 and up.version.owner == "alice"
+        assert up.version.rank == 8 and set(up.version.target_modules) == {"q_proj", "v_proj", "o_proj"}
+        again = alice.upload_adapter(tiny[1], "helper")  # identical content: the same version
+        assert not again.created and again.version.version_id == up.version.version_id
+        base = alice.generate("t5 t6 t7", **GREEDY)
+        tuned = alice.generate("t5 t6 t7", adapter="helper", **GREEDY)
+        assert tuned.adapter_version == up.version.version_id and tuned.token_ids != base.token_ids
+        # Bob cannot see alice's private adapter: NOT_FOUND, exactly as for a name that does not exist.
+        for ref in ("helper", "alice/helper"):
+            err = rpc_error(bob.generate, "t5", adapter=ref, **GREEDY)
+            assert err.code() == grpc.StatusCode.NOT_FOUND and "not found" in err.details()
+        assert rpc_error(bob.get_adapter, "alice/helper").code() == grpc.StatusCode.NOT_FOUND
+        assert all(a.owner != "alice" for a in bob.list_adapters())
+        # Shared with bob: he uses it (by owner/name) but cannot change it.
+        shared = alice.share_adapter("helper", grant=["bob"])
+        assert shared.visibility == apb.VISIBILITY_SHARED and list(shared.shared_with) == ["bob"]
+        assert bob.generate("t5 t6 t7", adapter="alice/helper", **GREEDY).token_ids == tuned.token_ids
+        err = rpc_error(bob.promote_adapter, "alice/helper", 1)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        alice.share_adapter("helper", revoke=["bob"])
+        assert rpc_error(bob.generate, "t5", adapter="alice/helper", **GREEDY).code() == grpc.StatusCode.NOT_FOUND
+    server.wait_idle_and_intact()
+
+
+def test_promote_and_rollback_while_requests_run(server, tiny, adapter_v2):
+    with client(server, "alice") as alice:
+        v1 = alice.upload_adapter(tiny[1], "swap").version
+        expect_v1 = alice.generate("t9 t10", adapter="swap", **GREEDY).token_ids
+        results: dict[str, pb.GenerateResponse] = {}
+
+        def long_request() -> None:  # started on v1, still running when v2 is promoted
+            results["old"] = alice.generate("t9 t10", adapter="swap", temperature=0, max_tokens=40,
+                                            ignore_eos=True)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.3)
+        v2 = alice.upload_adapter(adapter_v2, "swap").version  # promoted: new requests get v2
+        assert v2.number == 2 and v2.version_id != v1.version_id
+        new = alice.generate("t9 t10", adapter="swap", **GREEDY)
+        t.join(60)
+        assert results["old"].adapter_version == v1.version_id  # finished on the version it started with
+        assert results["old"].token_ids[:8] == expect_v1 and len(results["old"].token_ids) == 40
+        assert new.adapter_version == v2.version_id and new.token_ids != expect_v1
+        # Rollback = promote the older version; a pinned reference keeps meaning its version.
+        assert alice.promote_adapter("swap", 1).version_id == v1.version_id
+        assert alice.generate("t9 t10", adapter="swap", **GREEDY).token_ids == expect_v1
+        assert alice.generate("t9 t10", adapter="swap@2", **GREEDY).adapter_version == v2.version_id
+        info = alice.get_adapter("swap")
+        assert info.current_version.version_id == v1.version_id and [v.number for v in info.versions] == [1, 2]
+
+
+def test_delete_in_use_is_refused_then_succeeds(server, tiny):
+    with client(server, "bob") as bob:
+        v = bob.upload_adapter(tiny[1], "short-lived").version
+        stream = bob.generate_stream_messages("t5 t6", adapter="short-lived", temperature=0, max_tokens=60,
+                                              ignore_eos=True)
+        next(stream)  # running now
+        err = rpc_error(bob.delete_adapter, "short-lived")
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "in use" in err.details()
+        rest = list(stream)
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH  # the running request lost nothing
+        # The files stay while another adapter (alice's, same content) still refers to the version.
+        assert v.version_id not in bob.delete_adapter("short-lived")
+        assert rpc_error(bob.generate, "t5", adapter="short-lived").code() == grpc.StatusCode.NOT_FOUND
+    server.wait_idle_and_intact()
+
+
+def test_load_and_unload_pin_a_version(server, tiny):
+    with client(server, "ops") as ops:
+        ops.upload_adapter(tiny[1], "warm")
+        r = ops.load_adapter("warm", wait=True)
+        assert r.version.load_state == apb.LOAD_STATE_LOADED and not r.error
+        assert server.server.adapters.cache.pin_count(r.version.version_id) >= 1
+        pins = server.server.adapters.cache.pin_count(r.version.version_id)
+        ops.load_adapter("warm")  # loading twice pins once
+        assert server.server.adapters.cache.pin_count(r.version.version_id) == pins
+        ops.unload_adapter("warm")
+        assert server.server.adapters.cache.pin_count(r.version.version_id) == pins - 1
+
+
+def test_usage_equals_the_tokens_served(server):
+    t0 = time.time()
+    with client(server, "bob") as bob:
+        served = [bob.generate(f"t{20 + i} t30 t31", temperature=0, max_tokens=3 + i) for i in range(4)]
+        msgs = list(bob.generate_stream_messages("t40 t41", temperature=0, max_tokens=5))
+        server.server.usage_writer.flush()
+        rows = bob.get_usage(start_time=t0, group_by="tenant")
+    assert len(rows) == 1 and rows[0].tenant == "bob"
+    final = msgs[-1].usage
+    assert rows[0].requests == 5
+    assert rows[0].input_tokens == sum(r.usage.input_tokens for r in served) + final.input_tokens
+    assert rows[0].output_tokens == sum(len(r.token_ids) for r in served) + final.output_tokens
+    assert rows[0].engine_seconds > 0
+    expected_cost = rows[0].input_tokens / 1000 * 1.0 + rows[0].output_tokens / 1000 * 2.0
+    assert rows[0].estimated_cost == pytest.approx(expected_cost) and rows[0].cost_unit == "USD"
+
+
+def test_usage_of_another_tenant_is_for_admins_only(server):
+    with client(server, "alice") as alice:
+        alice.generate("t5", **GREEDY)
+        err = rpc_error(alice.get_usage, tenant="bob")  # bad input: another tenant's usage
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+    server.server.usage_writer.flush()
+    with client(server, "ops") as ops:
+        tenants = {r.tenant for r in ops.get_usage(tenant="*", group_by="tenant")}
+        assert {"alice", "bob"} <= tenants
+
+
+def test_cancelled_request_is_billed_for_what_it_used(server):
+    with client(server, "alice") as alice:
+        t0 = time.time()
+        stream = alice.generate_stream_messages("t50 t51", temperature=0, max_tokens=200, ignore_eos=True)
+        got = [next(stream) for _ in range(3)]
+        stream.close()  # the client cancels
+        server.wait_idle_and_intact()
+        server.server.usage_writer.flush()
+        rows = alice.get_usage(start_time=t0, adapter="-", group_by="tenant")
+    assert rows[0].cancelled_requests == 1
+    assert rows[0].output_tokens >= sum(len(m.token_ids) for m in got)
+
+
+def test_spans_carry_genai_attributes(server, spans, tiny):
+    spans.clear()
+    with client(server, "alice") as alice:
+        v = alice.upload_adapter(tiny[1], "traced").version
+        r = alice.generate("t5 t6 t7", adapter="traced", **GREEDY)
+    deadline = time.monotonic() + 5
+    while not spans.get_finished_spans() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (span,) = [s for s in spans.get_finished_spans() if s.attributes.get("loraserve.request.id") == r.request_id]
+    a = span.attributes
+    assert a["gen_ai.operation.name"] == "text_completion"
+    assert a["gen_ai.request.model"] == server.server.base_model
+    assert a["gen_ai.response.model"] == v.version_id
+    assert a["gen_ai.usage.input_tokens"] == r.usage.input_tokens
+    assert a["gen_ai.usage.output_tokens"] == r.usage.output_tokens
+    assert tuple(a["gen_ai.response.finish_reasons"]) == ("length",)
+    assert a["loraserve.tenant.id"] == "alice"
+    assert a["loraserve.time_to_first_token_s"] >= a["loraserve.queue_time_s"] >= 0
+
+
+def test_metrics_endpoint(server):
+    with client(server, "bob") as bob:
+        bob.generate("t5 t6", **GREEDY)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    for name in ("loraserve_num_requests_running", "loraserve_num_requests_waiting", "loraserve_kv_cache_usage_perc",
+                 "loraserve_time_to_first_token_seconds_bucket", "loraserve_time_per_output_token_seconds_bucket",
+                 "loraserve_generation_tokens_total", "loraserve_prompt_tokens_total",
+                 "loraserve_num_preemptions_total", "loraserve_prefix_cache_hits_total", "loraserve_lora_requests_info",
+                 "loraserve_adapter_load_seconds"):
+        assert name in text, name
+    assert "alice" not in text and "bob" not in text  # no tenant labels
+
+
+def test_tenant_limits(make_server, tmp_path):
+    """Bad input: over the concurrency limit, over the token rate, a prompt and max_tokens over the caps."""
+    limits = "{max_concurrent_requests: 1, tokens_per_minute: 100, max_prompt_tokens: 20, max_output_tokens: 50}"
+    server = make_server(step_delay_s=0.05, service={"tenants_file": write_tenants(tmp_path / "t.yaml", limits)})
+    with client(server, "alice") as alice:
+        stream = alice.generate_stream_messages("t5 t6", temperature=0, max_tokens=30, ignore_eos=True)
+        next(stream)
+        err = rpc_error(alice.generate, "t5", **GREEDY)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_requests" in err.details()
+        list(stream)
+        err = rpc_error(alice.generate, " ".join(["t7"] * 21), **GREEDY)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 20 prompt tokens" in err.details()
+        err = rpc_error(alice.generate, "t5", temperature=0, max_tokens=51)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit of 50 output tokens" in err.details()
+        for _ in range(3):  # about 100 tokens spent: the bucket runs dry
+            try:
+                alice.generate("t5 t6 t7 t8 t9 t10 t11 t12 t13 t14", temperature=0, max_tokens=30, ignore_eos=True)
+            except grpc.RpcError as e:
+                err = e
+                break
+        else:
+            err = rpc_error(alice.generate, "t5", **GREEDY)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens_per_minute" in err.details()
+    with client(server, "bob") as bob:  # other tenants are not limited by alice's limits
+        assert bob.generate("t5", **GREEDY).usage.output_tokens == 8
