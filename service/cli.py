@@ -1,4 +1,5 @@
-"""`loraserve` command line: generate offline, serve over gRPC, call a server, benchmark."""
+"""`loraserve` command line: generate (offline or through a server), serve over gRPC, manage adapters,
+read usage, make tenants' keys, benchmark."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 import time
 
+from service.cli_client import add_client_args, add_commands
 from service.config import DTYPES, QUANTIZE_MODES, AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig
 from service.engine.sampling import SamplingParams
 
@@ -29,7 +31,24 @@ def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
     return RuntimeConfig(**{k: v for k, v in given.items() if v is not None})
 
 
+def add_call_sampling_args(c: argparse.ArgumentParser) -> None:
+    """Generation options of `call`: unset ones take the server's defaults."""
+    c.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
+    c.add_argument("--system", help="a system message for the chat template")
+    c.add_argument("--max-tokens", type=int)
+    c.add_argument("--temperature", type=float, help="0 = greedy (default: the server's, 1)")
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.target:  # through a running server: --adapter names an adapter there
+        from service.cli_client import cmd_call
+
+        args.stream = True
+        return cmd_call(args)
     from service.runtime.builder import build_runtime
 
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -109,30 +128,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(rc, ec, ac, sc, svc, adapters)
 
 
-def cmd_call(args: argparse.Namespace) -> int:
-    import grpc
-
-    from service.client import LoraServeClient
-
-    kwargs = dict(adapter=args.adapter or "", chat=not args.raw, system=args.system, max_tokens=args.max_tokens,
-                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                  stop=tuple(args.stop or ()), timeout=args.timeout)
-    try:
-        with LoraServeClient(args.target) as client:
-            if args.stream:
-                for delta in client.generate_stream(args.prompt, **kwargs):
-                    sys.stdout.write(delta)
-                    sys.stdout.flush()
-            else:
-                sys.stdout.write(client.generate(args.prompt, **kwargs).text)
-    except grpc.RpcError as e:
-        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
-        bad_input = e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
-        return 2 if bad_input else 1
-    sys.stdout.write("\n")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from bench.run import main as bench_main
@@ -151,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the user message (or plain text with --raw)")
     g.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
     g.add_argument("--system", help="a system message for the chat template")
-    g.add_argument("--adapter", metavar="DIR", help="apply a PEFT LoRA adapter directory "
-                   "(adapter_config.json + adapter_model.safetensors)")
+    g.add_argument("--adapter", metavar="DIR|NAME", help="apply a PEFT LoRA adapter directory "
+                   "(adapter_config.json + adapter_model.safetensors); with --target, an adapter on the server "
+                   "(name, name@version, owner/name)")
     g.add_argument("--max-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -161,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true", help="print token count and speed to stderr")
     add_model_args(g)
+    add_client_args(g, offline_default=True)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="serve the model over gRPC (InferenceService, health, reflection)",
@@ -195,22 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(s)
     s.set_defaults(func=cmd_serve, log_level="info")
 
-    c = sub.add_parser("call", help="call a running server: generate once and print the answer",
-                       description="Generate through a running loraserve server; the answer goes to stdout.")
-    c.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the server (default: %(default)s)")
-    c.add_argument("--prompt", required=True, help="the user message (or plain text with --raw)")
-    c.add_argument("--adapter", metavar="REF", help="adapter: name, name@version or owner/name[@version]")
-    c.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    c.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
-    c.add_argument("--system", help="a system message for the chat template")
-    c.add_argument("--max-tokens", type=int)
-    c.add_argument("--temperature", type=float, help="0 = greedy (default: the server's, 1)")
-    c.add_argument("--top-p", type=float)
-    c.add_argument("--top-k", type=int)
-    c.add_argument("--seed", type=int)
-    c.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
-    c.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
-    c.set_defaults(func=cmd_call, log_level="warning")
+    add_commands(sub, add_call_sampling_args)
 
     b = sub.add_parser("bench", help="run the benchmarks of bench/ (see BENCH in the README)")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)

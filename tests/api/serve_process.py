@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,10 +20,15 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 class ServeProcess:
-    """Starts `python -m service.cli serve --port 0 --log-json ARGS` and reads its JSON log lines."""
+    """Starts `python -m service.cli serve --port 0 --log-json ARGS` and reads its JSON log lines.
+    Without `--data-dir` in ARGS it gets a fresh temporary one (`self.data_dir`)."""
 
     def __init__(self, *args: str, ready_timeout: float = 120) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if "--data-dir" not in args:
+            self._tmp = tempfile.TemporaryDirectory(prefix="loraserve-data-")
+            args = (*args, "--data-dir", self._tmp.name)
+        self.data_dir = Path(args[list(args).index("--data-dir") + 1])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--log-json", *args],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
