@@ -16,8 +16,8 @@ POSIX) and fsyncs root: a crash at any moment leaves the complete adapter or not
 dir out of the id namespace before removing it, so a reader sees the whole adapter or none of it.
 
 One process owns a root (opening it removes the leftovers of dead puts, which would also remove a live
-put of another process). Replicas share adapters through the object store that comes later, not through
-one directory.
+put of another process). Replicas share adapters through an S3-compatible bucket (adapters.s3_store), not
+through one directory; `open_store(kind, **settings)` opens either from the server config's `store` section.
 
 This module stays free of torch: a crash test runs it in a fresh subprocess.
 """
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "FILE_NAMES", "VERSION_ID_RE", "FilesystemStore", "InvalidVersionId",
-    "NotInStore", "Store", "StoreError", "check_version_id",
+    "CONFIG_FILE", "WEIGHTS_FILE", "FILE_NAMES", "STORE_KINDS", "VERSION_ID_RE", "FilesystemStore",
+    "InvalidVersionId", "NotInStore", "Store", "StoreError", "check_files", "check_version_id", "open_store",
 ]
 
 # The same names as adapters.peft_format (which imports torch; this module must not).
@@ -94,6 +94,25 @@ class Store(Protocol):
         ...
 
 
+STORE_KINDS = ("filesystem", "s3")
+
+
+def open_store(kind: str, **settings: object) -> Store:
+    """The store the config's `store` section describes: `filesystem` (path) or `s3` (adapters.s3_store)."""
+    if kind == "filesystem":
+        unknown = sorted(set(settings) - {"path"})
+        if unknown or not settings.get("path"):
+            raise ValueError(f"store kind 'filesystem' takes one setting, path (a directory); "
+                             f"got {sorted(settings) or 'none'}")
+        return FilesystemStore(str(settings["path"]))
+    if kind == "s3":
+        # Imported here: it imports boto3, which the filesystem store does not need.
+        from adapters.s3_store import S3Settings, S3Store
+
+        return S3Store(S3Settings.from_mapping(settings))
+    raise ValueError(f"store kind {kind!r} is unknown: use one of {', '.join(STORE_KINDS)}")
+
+
 class FilesystemStore:
     """Adapter files under one local directory, written with temp dir + fsync + rename."""
 
@@ -113,7 +132,7 @@ class FilesystemStore:
 
     def put(self, version_id: str, files: Mapping[str, bytes]) -> bool:
         final = self._dir(version_id)
-        blobs = _check_files(files)
+        blobs = check_files(files)
         if final.is_dir():
             # The id is content-derived: the stored files compute the same adapter, and stay immutable.
             return False
@@ -178,7 +197,8 @@ class FilesystemStore:
         return f"FilesystemStore({str(self.root)!r})"
 
 
-def _check_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+def check_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The two adapter files as bytes, or ValueError naming what is missing, unexpected or not bytes."""
     names = set(files)
     if names != set(FILE_NAMES):
         extra, missing = sorted(names - set(FILE_NAMES)), sorted(set(FILE_NAMES) - names)
