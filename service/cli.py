@@ -22,7 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     g.add_argument("--kv-cache-gib", type=float, help="paged KV arena size in GiB (default: 1)")
     g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
-    g.add_argument("--log-level", default="warning", help="stderr log level (default: %(default)s)")
+    g.add_argument("--log-level", help="stderr log level: debug, info, warning, error (default: warning; serve: "
+                   "info)")
 
 
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -122,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     rc, ec, ac, sc, svc = serve_configs(args)
     from service.telemetry import configure_logging
 
-    configure_logging(args.log_level, json=svc.log_format == "json")
+    configure_logging(args.log_level or svc.log_level, json=svc.log_format == "json")
     from service.server import serve  # imports torch
 
     return serve(rc, ec, ac, sc, svc, adapters)
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc-workers", type=int, help="RPC threads (default: max-num-seqs + max-waiting, capped)")
     s.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
     add_model_args(s)
-    s.set_defaults(func=cmd_serve, log_level="info")
+    s.set_defaults(func=cmd_serve, log_level=None)  # the flag, else the config file's, else info
 
     add_commands(sub, add_call_sampling_args)
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.telemetry import configure_logging
 
     args = build_parser().parse_args(argv)
-    configure_logging(getattr(args, "log_level", "warning"), json=getattr(args, "log_json", False))
+    configure_logging(getattr(args, "log_level", None) or "warning", json=getattr(args, "log_json", False))
     try:
         return args.func(args)
     except (ValueError, OSError) as e:  # incl. a missing model path and a port already taken

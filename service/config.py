@@ -119,6 +119,7 @@ class ServiceConfig:
     tls_client_ca: str | None = None  # given: clients must present a certificate signed by it (mTLS)
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for spans (e.g. http://otel-collector:4317)
     log_format: str = "console"
+    log_level: str = "info"
     max_upload_mib: int = 64  # per upload, unless a tenant's limits say otherwise
     price_input_per_1k: float = 0.0
     price_cached_input_per_1k: float = 0.0
@@ -147,29 +148,40 @@ class ServiceConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: prices must be >= 0")
 
 
-# The config file's sections and, per section, which dataclass field each key sets.
-_SECTIONS: dict[str, tuple[type, dict[str, str]]] = {
-    "runtime": (RuntimeConfig, {}),
-    "engine": (EngineConfig, {}),
-    "adapters": (AdapterConfig, {}),
-    "server": (ServerConfig, {}),
-    "service": (ServiceConfig, {}),
-    "store": (ServiceConfig, {"kind": "store_kind", "path": "store_path", "bucket": "s3_bucket",
-                              "prefix": "s3_prefix", "endpoint_url": "s3_endpoint_url", "region": "s3_region"}),
-    "telemetry": (ServiceConfig, {"otlp_endpoint": "otlp_endpoint", "log_format": "log_format",
-                                  "metrics_port": "metrics_port", "metrics_host": "metrics_host"}),
-    "tls": (ServiceConfig, {"cert": "tls_cert", "key": "tls_key", "client_ca": "tls_client_ca"}),
-    "pricing": (ServiceConfig, {"input_per_1k": "price_input_per_1k", "cached_input_per_1k":
-                                "price_cached_input_per_1k", "output_per_1k": "price_output_per_1k",
-                                "unit": "price_unit"}),
+def _fields(cls: type, **renames: str) -> dict[str, tuple[type, str]]:
+    from dataclasses import fields
+
+    out = {f.name: (cls, f.name) for f in fields(cls)}
+    out.update({key: (cls, name) for key, name in renames.items()})
+    return out
+
+
+# The config file's sections: each key is a field's name (or the snake_case name of its `serve` flag) and
+# says which configuration field it sets.
+_SVC = ServiceConfig
+_SECTIONS: dict[str, dict[str, tuple[type, str]]] = {
+    "runtime": _fields(RuntimeConfig),
+    "engine": _fields(EngineConfig, max_batched_tokens="max_num_batched_tokens"),
+    "adapters": _fields(AdapterConfig),
+    "server": {**_fields(ServerConfig), "metrics_port": (_SVC, "metrics_port"), "metrics_host": (_SVC, "metrics_host"),
+               "data_dir": (_SVC, "data_dir"), "tenants": (_SVC, "tenants_file"),
+               "max_upload_mib": (_SVC, "max_upload_mib")},
+    "store": {"kind": (_SVC, "store_kind"), "path": (_SVC, "store_path"), "bucket": (_SVC, "s3_bucket"),
+              "prefix": (_SVC, "s3_prefix"), "endpoint_url": (_SVC, "s3_endpoint_url"),
+              "region": (_SVC, "s3_region")},
+    "telemetry": {"otlp_endpoint": (_SVC, "otlp_endpoint"), "log_format": (_SVC, "log_format"),
+                  "log_level": (_SVC, "log_level"), "metrics_port": (_SVC, "metrics_port"),
+                  "metrics_host": (_SVC, "metrics_host")},
+    "tls": {"cert": (_SVC, "tls_cert"), "key": (_SVC, "tls_key"), "client_ca": (_SVC, "tls_client_ca")},
+    "pricing": {"input_per_1k": (_SVC, "price_input_per_1k"), "cached_input_per_1k": (_SVC,
+                "price_cached_input_per_1k"), "output_per_1k": (_SVC, "price_output_per_1k"),
+                "unit": (_SVC, "price_unit")},
 }
 
 
 def read_config_file(path: str) -> dict[type, dict[str, object]]:
     """A YAML config file -> {config class: {field: value}}. Unknown sections and keys are refused by name,
     so a typo never silently falls back to a default."""
-    from dataclasses import fields
-
     import yaml
 
     try:
@@ -184,6 +196,7 @@ def read_config_file(path: str) -> dict[type, dict[str, object]]:
     if not isinstance(doc, dict):
         raise ValueError(f"config file {path}: expected a mapping of sections ({', '.join(_SECTIONS)})")
     out: dict[type, dict[str, object]] = {}
+    seen: dict[tuple[type, str], str] = {}
     for section, values in doc.items():
         if section not in _SECTIONS:
             raise ValueError(f"config file {path}: unknown section {section!r}; sections are {', '.join(_SECTIONS)}")
@@ -191,11 +204,15 @@ def read_config_file(path: str) -> dict[type, dict[str, object]]:
             continue
         if not isinstance(values, dict):
             raise ValueError(f"config file {path}: section {section!r} must be a mapping of keys to values")
-        cls, renames = _SECTIONS[section]
-        allowed = renames or {f.name: f.name for f in fields(cls)}
+        allowed = _SECTIONS[section]
         for key, value in values.items():
             if key not in allowed:
                 raise ValueError(f"config file {path}: unknown key {section}.{key}; allowed keys are "
                                  f"{', '.join(sorted(allowed))}")
-            out.setdefault(cls, {})[allowed[key]] = value
+            target = allowed[key]
+            if target in seen:
+                raise ValueError(f"config file {path}: {section}.{key} and {seen[target]} set the same thing; "
+                                 "keep one")
+            seen[target] = f"{section}.{key}"
+            out.setdefault(target[0], {})[target[1]] = value
     return out

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from adapters.cache import LoaderFromStore
 from adapters.registry import AdapterRegistry
-from adapters.store import FilesystemStore, Store
+from adapters.store import Store, open_store
 from service.accounting import Accounting, UsageWriter
 from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer
@@ -61,13 +61,12 @@ MAX_RPC_THREADS = 256  # past this, RPCs queue inside grpc; the engine's own wai
 SPARE_RPC_THREADS = 8  # health checks, tokenize and refusals never wait behind generations
 
 
-def open_store(svc: ServiceConfig) -> Store:
+def store_from(svc: ServiceConfig) -> Store:
     if svc.store_kind == "s3":
-        from adapters.s3_store import S3Store
-
-        return S3Store(bucket=svc.s3_bucket, prefix=svc.s3_prefix, endpoint_url=svc.s3_endpoint_url,
-                       region=svc.s3_region)
-    return FilesystemStore(svc.store_path or Path(svc.data_dir) / "adapters")
+        settings = {"bucket": svc.s3_bucket, "prefix": svc.s3_prefix, "endpoint_url": svc.s3_endpoint_url,
+                    "region": svc.s3_region}
+        return open_store("s3", **{k: v for k, v in settings.items() if v is not None})
+    return open_store("filesystem", path=svc.store_path or str(Path(svc.data_dir) / "adapters"))
 
 
 class LoraServer:
@@ -93,7 +92,7 @@ class LoraServer:
             log.warning("auth_disabled", reason="no tenants file: every call is the admin tenant 'default'")
         data = Path(svc.data_dir)
         data.mkdir(parents=True, exist_ok=True)
-        self.store = store or open_store(svc)
+        self.store = store or store_from(svc)
         self.registry = AdapterRegistry(data / "registry.db", store=self.store)
         released = self.registry.gc_store()  # files a crash left between store and register
         if released:
@@ -265,7 +264,7 @@ def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: Ser
                                      "(expected adapter_config.json + adapter_model.safetensors)")
     if svc.tenants_file:
         TenantDirectory.load(svc.tenants_file)  # a bad tenants file fails before the slow model load
-    store = open_store(svc)  # an unreachable store fails before the model load too
+    store = store_from(svc)  # an unreachable store fails before the model load too
     rt = build_runtime(rc, ec, ac)
     return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store)
 

@@ -185,6 +185,31 @@ def test_container_args_and_config_keys_are_accepted_by_the_real_serve_parser():
     assert not missing, f"flags the chart uses that `loraserve serve` does not have: {sorted(missing)}"
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_rendered_config_loads_into_the_servers_configuration(case, tmp_path):
+    """The ConfigMap's config.yaml goes through the server's own loader (unknown keys and bad values are
+    refused there) and yields the values the chart was given."""
+    from service.cli import serve_configs
+
+    manifests = render(CASES[case])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(server_config(manifests)))
+    args = [a for a in container(manifests)["args"]]
+    if "--config" in args:  # the mounted path inside the pod -> the rendered file here
+        args[args.index("--config") + 1] = str(path)
+    else:
+        args += ["--config", str(path)]
+    for flag in ("--tenants", "--tls-cert", "--tls-key", "--tls-client-ca"):
+        if flag in args:  # files that only exist inside the pod; their flags were checked above
+            i = args.index(flag)
+            del args[i:i + 2]
+    rc, ec, ac, sc, svc = serve_configs(build_parser().parse_args(args))
+    config = server_config(manifests)
+    assert sc.port == config["server"]["port"] and svc.metrics_port == config["server"]["metrics_port"]
+    assert ec.max_num_batched_tokens == config["engine"]["max_batched_tokens"]
+    assert svc.store_kind == config["store"]["kind"]
+
+
 def test_store_section_is_what_open_store_takes():
     fs = server_config(render({}))["store"]
     assert fs == {"kind": "filesystem", "path": "/var/lib/loraserve/adapters"}
