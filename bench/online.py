@@ -1,0 +1,154 @@
+"""Online benchmark: the *mixed* workload's requests over gRPC from this (client) process to a
+`loraserve serve` process, with Poisson arrivals at fractions of the measured offline capacity.
+
+1. Start the server (default model, the workload's adapters registered with --adapter) and warm it up.
+2. Capacity: submit a burst of requests at once over gRPC; capacity = finished requests per second.
+3. For each load level (25/50/75/100% of capacity): requests arrive as a Poisson process, each one
+   streamed (GenerateStream); per request the client records time to first token (first message with
+   tokens) and time per output token (the rest of the stream over the remaining tokens).
+Reported per level: TTFT and TPOT p50/p90/p99, throughput, and goodput (requests per second that met the
+SLO: TTFT <= --slo-ttft-s and TPOT <= --slo-tpot-s). Written to bench/results/online.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.common import chat_prompts, environment, print_table, write_result
+from service.client import LoraServeClient
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def one_request(client: LoraServeClient, ids: list[int], adapter: str, new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    first = last = None
+    n = 0
+    for msg in client.generate_stream_messages(token_ids=ids, adapter=adapter, temperature=0,
+                                               max_tokens=new_tokens, min_tokens=new_tokens):
+        if msg.token_ids:
+            now = time.perf_counter()
+            first = first if first is not None else now
+            last = now
+            n += len(msg.token_ids)
+    ttft = (first - t0) if first is not None else float("nan")
+    tpot = (last - first) / (n - 1) if n > 1 and first is not None else float("nan")
+    return {"ttft": ttft, "tpot": tpot, "tokens": n, "latency": time.perf_counter() - t0}
+
+
+def run_level(target: str, prompts: list[list[int]], adapters: list[str], new_tokens: int, rate: float | None,
+              seed: int) -> dict:
+    """rate None: everything at once (the capacity burst); else Poisson arrivals at `rate` requests/s."""
+    rng = random.Random(seed)
+    results: list[dict] = []
+    lock = threading.Lock()
+    with LoraServeClient(target, timeout=600) as client, ThreadPoolExecutor(len(prompts)) as pool:
+        t_start = time.perf_counter()
+        futures = []
+        next_at = t_start
+        for i, ids in enumerate(prompts):
+            if rate is not None:
+                next_at += rng.expovariate(rate)
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+
+            def go(ids=ids, adapter=adapters[i % len(adapters)]) -> None:
+                r = one_request(client, ids, adapter, new_tokens)
+                with lock:
+                    results.append(r)
+
+            futures.append(pool.submit(go))
+        for f in futures:
+            f.result()
+        wall = time.perf_counter() - t_start
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "wall_s": wall, "tok_s": tokens / wall, "req_s": len(results) / wall,
+            "results": results}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="bench.online", description=__doc__)
+    ap.add_argument("--adapters", type=int, default=32, help="adapters of the mixed workload (0 = base model)")
+    ap.add_argument("--capacity-requests", type=int, default=64, help="requests of the capacity burst")
+    ap.add_argument("--requests", type=int, default=32, help="requests per load level")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--levels", default="0.25,0.5,0.75,1.0", help="fractions of the measured capacity")
+    ap.add_argument("--slo-ttft-s", type=float, default=5.0)
+    ap.add_argument("--slo-tpot-s", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
+    args = ap.parse_args(argv)
+
+    from bench.engine import load_hf_default_model
+    from bench.multi_lora import RANKS, TARGETS, make_adapters
+    from service.runtime.builder import load_tokenizer
+    from service.runtime.loader import default_model_path
+    from tests.api.serve_process import ServeProcess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names: list[str] = [""]
+        serve_args = ["--max-num-seqs", str(max(args.capacity_requests, args.requests)), "--max-batched-tokens",
+                      "2048"]
+        if args.threads:
+            serve_args += ["--threads", str(args.threads)]
+        if args.adapters:
+            _, dirs = make_adapters(load_hf_default_model(), args.adapters, Path(tmp))
+            names = [f"a{i}" for i in range(args.adapters)]
+            serve_args += ["--max-active-adapters", str(args.adapters)]
+            for name, d in zip(names, dirs):
+                serve_args += ["--adapter", f"{name}={d}"]
+        tok = load_tokenizer(default_model_path())
+        prompts = chat_prompts(tok, max(args.capacity_requests, args.requests * 2))
+        server = ServeProcess(*serve_args, ready_timeout=300)
+        try:
+            run_level(server.address, prompts[:4], names, 4, None, 0)  # warm: adapters loaded and activated
+            cap = run_level(server.address, prompts[:args.capacity_requests], names, args.new_tokens, None, 1)
+            res = {"workload": "mixed-online", "adapters": args.adapters, "ranks": list(RANKS) if args.adapters
+                   else [], "targets": TARGETS if args.adapters else [], "new_tokens": args.new_tokens,
+                   "model": default_model_path().name, "transport": "gRPC GenerateStream, separate processes",
+                   "slo": {"ttft_s": args.slo_ttft_s, "tpot_s": args.slo_tpot_s},
+                   "capacity_tok_s": cap["tok_s"], "capacity_req_s": cap["req_s"], "levels": [], **environment()}
+            for j, frac in enumerate(float(x) for x in args.levels.split(",")):
+                rate = frac * cap["req_s"]
+                # Fresh prompts per level (a second half of the pool, rotated): no level rides another's cache.
+                start = args.requests + (j * 7) % args.requests
+                lvl = run_level(server.address, (prompts * 2)[start:start + args.requests], names,
+                                args.new_tokens, rate, 10 + j)
+                rs = lvl.pop("results")
+                ttft = [r["ttft"] for r in rs]
+                tpot = [r["tpot"] for r in rs if r["tpot"] == r["tpot"]]
+                good = sum(1 for r in rs if r["ttft"] <= args.slo_ttft_s and r["tpot"] <= args.slo_tpot_s)
+                res["levels"].append({
+                    "load_fraction": frac, "arrival_rate_req_s": rate, **lvl,
+                    **{f"ttft_p{int(q * 100)}_s": percentile(ttft, q) for q in (0.5, 0.9, 0.99)},
+                    **{f"tpot_p{int(q * 100)}_s": percentile(tpot, q) for q in (0.5, 0.9, 0.99)},
+                    "ttft_mean_s": statistics.fmean(ttft), "goodput_req_s": good / lvl["wall_s"],
+                    "slo_met_fraction": good / len(rs)})
+        finally:
+            server.stop()
+    path = write_result("online", res)
+    rows = [("capacity", f"{cap['tok_s']:.1f} tok/s, {cap['req_s']:.3f} req/s over gRPC")]
+    for lvl in res["levels"]:
+        rows.append((f"{lvl['load_fraction']:.0%} load",
+                     f"TTFT p50/p90/p99 {lvl['ttft_p50_s']:.2f}/{lvl['ttft_p90_s']:.2f}/{lvl['ttft_p99_s']:.2f} s, "
+                     f"TPOT p50/p90/p99 {lvl['tpot_p50_s'] * 1000:.0f}/{lvl['tpot_p90_s'] * 1000:.0f}/"
+                     f"{lvl['tpot_p99_s'] * 1000:.0f} ms, goodput {lvl['goodput_req_s']:.3f} req/s "
+                     f"({lvl['slo_met_fraction']:.0%} in SLO)"))
+    print_table(f"online (written to {path})", rows)
+    return res
+
+
+if __name__ == "__main__":
+    main()
