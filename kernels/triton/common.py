@@ -8,7 +8,9 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-MIN_DOT = 16  # tl.dot needs every dimension >= 16 on the GPU: tiles are at least this big, masked
+# tl.dot needs K >= 16 on the GPU (the interpreter takes anything); M and N of 16 fill whole MMA tiles.
+# Every tile edge is at least this big, masked past the data.
+MIN_DOT = 16
 
 
 def interpreting() -> bool:
