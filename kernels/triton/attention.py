@@ -163,8 +163,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     extend_m = extend_m or max(1, EXTEND_ROWS // block_g)
     decode_m = max(1, MIN_DOT // block_g)  # tl.dot needs >= 16 rows
     if extend_m * block_g < MIN_DOT or extend_m & (extend_m - 1) or block_n < MIN_DOT or block_n & (block_n - 1):
-        raise ValueError(f"extend_m={extend_m} x {block_g} heads must give >= {MIN_DOT} rows and block_n={block_n} "
-                         f"must be a power of two >= {MIN_DOT}")
+        raise ValueError(f"extend_m={extend_m} x {block_g} heads must give >= {MIN_DOT} rows and "
+                         f"block_n={block_n} must be a power of two >= {MIN_DOT}")
     geo = _geometry(plan, q.device, page_size, extend_m)
     if geo.tokens != q.shape[0]:
         raise ValueError(f"the attention plan covers {geo.tokens} new tokens, q has {q.shape[0]}")
@@ -176,6 +176,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     check_launchable(_paged_attention_kernel, q.device)
     dot, precision = dot_dtype(q.dtype, k_cache.dtype, v_cache.dtype)
+    block_d = max(MIN_DOT, triton.next_power_of_2(d))
     for tiles, block_m in ((geo.decode_tiles, decode_m), (geo.extend_tiles, extend_m)):
         if tiles.shape[0] == 0:
             continue
@@ -183,6 +184,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             q, k_cache, v_cache, out, geo.seqs, geo.tables, tiles,
             scale * math.log2(math.e), geo.width, page_size, d,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-            G=g, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(MIN_DOT, triton.next_power_of_2(d)),
-            DOT=dot, PRECISION=precision)
+            G=g, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT=dot, PRECISION=precision)
     return out

@@ -156,10 +156,6 @@ def _slices(weights: Sequence[SlotWeights], used: list[int], out: int
     return outs, offs, ranks
 
 
-def _split(t: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    return list(t.split(sizes))
-
-
 def sgmv_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights], *,
           block_m: int | None = None, split_k: int | None = None) -> torch.Tensor:
     """In place: y [T, out] += each segment's LoRA delta of x [T, in]; returns y (see `kernels.lora`).
@@ -185,8 +181,9 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence
     meta += [0 if w is None else w[1].data_ptr() for w in weights]
     meta += ranks + [v for rs in rank_offs for v in rs] + [v for rs in slice_ranks for v in rs]
     meta += [sum(outs[:i]) for i in range(nsl)] + list(outs)
-    tiles_t, a_ptrs, b_ptrs, ranks_t, rank_off_t, slice_rank_t, out_off_t, out_size_t = _split(
-        torch.tensor(meta, dtype=torch.int64).to(x.device), [3 * len(tiles), ns, ns, ns, ns * nsl, ns * nsl, nsl, nsl])
+    sizes = [3 * len(tiles), ns, ns, ns, ns * nsl, ns * nsl, nsl, nsl]
+    tiles_t, a_ptrs, b_ptrs, ranks_t, rank_off_t, slice_rank_t, out_off_t, out_size_t = \
+        torch.tensor(meta, dtype=torch.int64).to(x.device).split(sizes)
 
     w_tl = float_dtype(weights[used[0]][0], "LoRA A^T")
     dot, precision = dot_dtype(x.dtype, w_dtype)

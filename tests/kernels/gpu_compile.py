@@ -52,8 +52,8 @@ class Recorder:
 
 def record() -> dict:
     seen: dict = {}
-    for module, name in ((sgmv, "_shrink_kernel"), (sgmv, "_expand_kernel"), (attention, "_paged_attention_kernel"),
-                         (quant, "_dequant_mm_kernel")):
+    for module, name in ((sgmv, "_shrink_kernel"), (sgmv, "_expand_kernel"),
+                         (attention, "_paged_attention_kernel"), (quant, "_dequant_mm_kernel")):
         setattr(module, name, Recorder(getattr(module, name), seen))
         module.check_launchable = lambda *a: None  # CPU tensors: nothing is launched
 

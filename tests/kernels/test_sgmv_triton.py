@@ -97,7 +97,8 @@ def test_number_of_adapters(n_adapters):
     check(*run(reqs, [8 * (1 + i % 3) for i in range(n_adapters)], 32, 40), torch.float32)
 
 
-@pytest.mark.parametrize("lengths", [[1] * 12, [15, 16, 17, 33], [1, 40, 1, 2, 1]], ids=["decode", "tile-edges", "mixed"])
+@pytest.mark.parametrize("lengths", [[1] * 12, [15, 16, 17, 33], [1, 40, 1, 2, 1]],
+                         ids=["decode", "tile-edges", "mixed"])
 def test_segment_lengths(lengths):
     reqs = [(i % 3, n) for i, n in enumerate(lengths)]
     check(*run(reqs, [8, 16, 8], 48, 32, block_m=16), torch.float32)
@@ -163,8 +164,8 @@ def test_fused_slices_write_parts_of_one_output(dtype):
     y0 = torch.randn(len(token_slots), 80, generator=g).to(dtype)
     y = y0.clone()
     sgmv_(y, x, seg, slots)
-    want = y0.float() + sgmv_reference(x.float(), seg, [w[0].float().T for w in slots], [w[1].float().T for w in slots],
-                                       [1.0] * 4)
+    a, b = [w[0].float().T for w in slots], [w[1].float().T for w in slots]
+    want = y0.float() + sgmv_reference(x.float(), seg, a, b, [1.0] * 4)
     check(y, y0, want, token_slots, dtype)
     # slot 2 targets k only: its rows keep q and v exactly
     rows = torch.tensor([s == 2 for s in token_slots])

@@ -38,7 +38,8 @@ def test_decode_steps_match_torch_path(tmp_path, monkeypatch):
         pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, **kw))
         pm.save_pretrained(tmp_path / name)
         parsed = parse_adapter(tmp_path / name, loaded.arch)
-        slots.load(slot, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id), torch.float32))
+        version = adapter_version_id(parsed, loaded.model_id)
+        slots.load(slot, fuse_adapter(parsed, loaded.arch, version, torch.float32))
     model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.float32)
 
     # three requests: adapter 0, the base model, adapter 1; prompts of 6, 5 and 9 tokens
