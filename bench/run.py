@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-WORKLOADS = ("engine", "multi_lora")
+WORKLOADS = ("engine", "multi_lora", "kernels")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,8 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         if name == "engine":
             from bench.engine import main as run
-        else:
+        elif name == "multi_lora":
             from bench.multi_lora import main as run
+        else:  # kernels: CUDA only (says so and returns without one)
+            from bench.kernels import main as run
         run(rest)
     return 0
 
