@@ -41,6 +41,9 @@ class SlicedWeights(tuple):
                              f"{list(a_t.shape)} and B^T {list(b_t.shape)}")
         return self
 
+    def __getnewargs__(self) -> tuple:  # copy and pickle rebuild through __new__, slices included
+        return (self[0], self[1], self.ranks, self.outs)
+
 
 @dataclass(frozen=True)
 class LoraSegments:
