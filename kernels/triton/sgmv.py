@@ -122,7 +122,7 @@ def _check(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequenc
         a_t, b_t = w
         float_dtype(a_t, f"{what} A^T")
         float_dtype(b_t, f"{what} B^T")
-        if a_t.dtype != b_t.dtype or a_t.dtype != (w_dtype or a_t.dtype):
+        if a_t.dtype != b_t.dtype or (w_dtype is not None and a_t.dtype != w_dtype):
             raise TypeError(f"{what}: the LoRA weights of one launch need one dtype, got A^T {a_t.dtype}, "
                             f"B^T {b_t.dtype}" + (f", earlier slots {w_dtype}" if w_dtype else ""))
         w_dtype = a_t.dtype
@@ -175,6 +175,10 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence
     outs, rank_offs, slice_ranks = _slices(weights, used, y.shape[1])
     ns, nsl = len(weights), len(outs)
     ranks = [0 if w is None else w[0].shape[1] for w in weights]
+    in_batch = {s for _, _, s in active}  # slots this batch reads: they size t and the tiles
+    max_rank = max(ranks[s] for s in in_batch)
+    if max_rank == 0:  # rank-0 weights: nothing to add
+        return y
     # One int64 table, one host-to-device copy: tiles, A/B pointers, ranks, slice ranks, output slices.
     meta = [v for tile in tiles for v in tile]
     meta += [0 if w is None else w[0].data_ptr() for w in weights]
@@ -188,12 +192,9 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence
     w_tl = float_dtype(weights[used[0]][0], "LoRA A^T")
     dot, precision = dot_dtype(x.dtype, w_dtype)
     k = x.shape[1]
-    max_rank = max(ranks)
-    if max_rank == 0:  # rank-0 weights: nothing to add
-        return y
     # Tiles as narrow as the smallest rank: a rank-8 slot beside a rank-64 one computes 16 columns, not 64
     # (larger ranks take several rank blocks, or loop in the expand).
-    block_r = block(min(ranks[s] for s in used))
+    block_r = block(min(ranks[s] for s in in_batch))
     if split_k is None:  # few programs (decode-shaped batches): split the long K dimension too
         programs = len(tiles) * triton.cdiv(max_rank, block_r)
         split_k = 1
@@ -210,5 +211,5 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence
         t, y, tiles_t, b_ptrs, rank_off_t, slice_rank_t, out_off_t, out_size_t,
         y.shape[1], t.stride(0), y.stride(0), y.stride(1), nsl,
         W_DTYPE=w_tl, DOT=dot, PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_R=block(min((r for rs in slice_ranks for r in rs if r > 0), default=1)))
+        BLOCK_R=block(min((r for s in in_batch for r in slice_ranks[s] if r > 0), default=1)))
     return y
