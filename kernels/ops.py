@@ -50,7 +50,9 @@ def use_triton(t: torch.Tensor) -> bool:
     if mode == "triton":
         if importlib.util.find_spec("triton") is None:
             raise RuntimeError(f"{KERNELS_ENV}=triton but triton is not installed")
-        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "on"):
+        from kernels.triton.common import interpreting  # imports triton, none of the kernels
+
+        if t.device.type == "cpu" and not interpreting():
             raise RuntimeError(f"{KERNELS_ENV}=triton on CPU tensors needs the Triton interpreter: "
                                "set TRITON_INTERPRET=1 before the kernels are first used")
         return True
