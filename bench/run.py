@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-WORKLOADS = ("engine", "multi_lora", "online")
+# kernels: CUDA only (says so and returns without one); online: a server process and a gRPC client.
+WORKLOADS = ("engine", "multi_lora", "online", "kernels")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,13 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [a for a in argv if a in WORKLOADS] or list(WORKLOADS)
     rest = [a for a in argv if a not in WORKLOADS]
     for name in chosen:
-        if name == "engine":
-            from bench.engine import main as run
-        elif name == "multi_lora":
-            from bench.multi_lora import main as run
-        else:
-            from bench.online import main as run
-        run(rest)
+        importlib.import_module(f"bench.{name}").main(rest)
     return 0
 
 

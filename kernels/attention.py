@@ -17,7 +17,7 @@ A step's sequences are split three ways, each computed batched:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +59,12 @@ class AttentionPlan:
     cascade: Cascade | None  # set instead of `decodes` when the decodes share a prefix
     extends: Batch | None
     longs: list[LongChunk]
+    # The step's geometry as given to build(), per sequence in step order: the Triton path reads it.
+    block_tables: list[list[int]] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    lens: list[int] = field(default_factory=list)
+    # Tensors other implementations derive from the geometry, built on first use and reused by every layer.
+    derived: dict[str, object] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
@@ -103,7 +109,8 @@ class AttentionPlan:
                 pos = torch.arange(ctx, device=device)
                 mask = pos.unsqueeze(0) <= torch.arange(start, ctx, device=device).unsqueeze(1)
             long_chunks.append(LongChunk(q_starts[i], n, table, mask, ctx))
-        return AttentionPlan(slot_mapping, decodes, cascade, extends, long_chunks)
+        used_tables = [t[: -(-(s + n) // bs)] for t, s, n in zip(block_tables, starts, lens)]  # blocks in context
+        return AttentionPlan(slot_mapping, decodes, cascade, extends, long_chunks, used_tables, list(starts), list(lens))
 
 
 def _common_prefix_blocks(tables: list[list[int]], starts: list[int], bs: int) -> int:

@@ -18,6 +18,33 @@ SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, 
 FEW_SEGMENTS = 4  # more segments than this run their small products on one thread
 
 
+class SlicedWeights(tuple):
+    """(A^T, B^T) of a fused projection group (q/k/v, gate/up), knowing its block-diagonal layout.
+
+    Output slice i is columns `[sum(outs[:i]), sum(outs[:i + 1]))` of B^T; it is fed by the next `ranks[i]`
+    rank rows (0: that projection has no LoRA). Every other entry of B^T is zero, so an expand that knows
+    the slices reads only the diagonal blocks. Unpacks like a plain `(A^T, B^T)` pair.
+    """
+
+    ranks: tuple[int, ...]
+    outs: tuple[int, ...]
+
+    def __new__(cls, a_t: torch.Tensor, b_t: torch.Tensor, ranks: Sequence[int], outs: Sequence[int]
+                ) -> SlicedWeights:
+        self = super().__new__(cls, (a_t, b_t))
+        self.ranks, self.outs = tuple(int(r) for r in ranks), tuple(int(o) for o in outs)
+        if len(self.ranks) != len(self.outs) or min(self.ranks, default=-1) < 0 or min(self.outs, default=0) <= 0:
+            raise ValueError(f"LoRA slices need one rank >= 0 per output size > 0, got ranks {self.ranks}, "
+                             f"outputs {self.outs}")
+        if (sum(self.ranks), sum(self.outs)) != tuple(b_t.shape) or a_t.shape[-1] != b_t.shape[0]:
+            raise ValueError(f"LoRA slices (ranks {self.ranks}, outputs {self.outs}) do not tile A^T "
+                             f"{list(a_t.shape)} and B^T {list(b_t.shape)}")
+        return self
+
+    def __getnewargs__(self) -> tuple:  # copy and pickle rebuild through __new__, slices included
+        return (self[0], self[1], self.ranks, self.outs)
+
+
 @dataclass(frozen=True)
 class LoraSegments:
     """Contiguous token ranges per adapter slot in one step's batch."""

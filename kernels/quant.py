@@ -1,11 +1,10 @@
-"""Group-quantized int4/int8 weights and the ops that consume them (the dispatch seam).
+"""Group-quantized int4/int8 weights and the torch implementations of the ops that consume them.
 
-A `QuantizedTensor` holds a 2-D weight `[N_out, K_in]` quantized in memory. The public ops
-`quant_linear` and `quant_embedding` are the one place a caller reaches the quantized matmul; each
-dispatches to an implementation: today the torch/CPU one in `kernels.quant_cpu`, later a Triton one
-for GPU tensors (that slots in here, next to the CPU call, and nowhere else).
+A `QuantizedTensor` holds a 2-D weight `[N_out, K_in]` quantized in memory. `quant_linear` and
+`quant_embedding` are the torch implementations (the CPU fast paths live in `kernels.quant_cpu`);
+`kernels.ops` chooses between `quant_linear` and the Triton kernel (`kernels.triton.quant`).
 
-Layouts (canonical, what loaders produce and what a Triton kernel will read):
+Layouts (canonical, what loaders produce and what the Triton kernel reads):
 - int4: `qweight` uint8 `[N, K//2]`, element k of a row in byte k//2, even k in the low nibble, odd k
   in the high nibble, codes 0..15; `scales`, `zeros` float32 `[N, K//group]`;
   value = code * scale + zero (GGUF Q4_0: zero = -8 * scale; Q4_1: scale = d, zero = m).
@@ -150,7 +149,7 @@ def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedTensor:
     return QuantizedTensor("int8", tuple(w.shape), group_size, q.contiguous(), scales)
 
 
-# --- dispatch: one function per op; a Triton implementation for GPU tensors slots in here. ---
+# --- the torch implementations of the ops (kernels.ops dispatches between these and Triton) ---
 
 
 def quant_linear(x: Tensor, w: QuantizedTensor | Tensor, bias: Tensor | None = None) -> Tensor:

@@ -2,9 +2,10 @@
 
 The model fuses q/k/v into one matmul and gate/up into another, so an adapter is laid out per layer
 and per fused group: `A^T = [A_q^T | A_k^T | A_v^T]` ([in, r_q + r_k + r_v]) and a block-diagonal
-`B^T` ([r_total, out_q + out_k + out_v]) with each module's scale folded in. One shrink and one
-expand per group then apply every targeted module of that group at once; untargeted modules simply
-have no rows. Heterogeneous ranks cost nothing extra: each slot keeps its own rank.
+`B^T` ([r_total, out_q + out_k + out_v]) with each module's scale folded in, held as `SlicedWeights` so
+a kernel can skip the zero blocks. One shrink and one expand per group then apply every targeted module
+of that group at once; untargeted modules simply have no rows. Heterogeneous ranks cost nothing extra:
+each slot keeps its own rank.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from adapters.peft_format import ParsedAdapter
-from kernels.lora import SlotWeights
+from kernels.lora import SlicedWeights, SlotWeights
 from service.runtime.arch import ModelArch
 
 # fused group -> the projections it holds, in the model's output order
@@ -52,8 +53,10 @@ def fuse_adapter(parsed: ParsedAdapter, arch: ModelArch, version_id: str, dtype:
             a_t = torch.zeros(in_dim, r_total, dtype=torch.float32)
             b_t = torch.zeros(r_total, out_total, dtype=torch.float32)
             r_off = out_off = 0
+            ranks = []
             for m, w in present:
                 out_m = shapes[m][0]
+                ranks.append(0 if w is None else w.A.shape[0])
                 if w is not None:
                     r = w.A.shape[0]
                     a_t[:, r_off : r_off + r] = w.A.T
@@ -62,7 +65,8 @@ def fuse_adapter(parsed: ParsedAdapter, arch: ModelArch, version_id: str, dtype:
                 out_off += out_m
             a_t, b_t = a_t.to(dtype).contiguous(), b_t.to(dtype).contiguous()
             nbytes += a_t.nbytes + b_t.nbytes
-            groups[group] = (a_t, b_t)
+            # the slices let a kernel skip B^T's zero blocks (the torch path reads the pair as is)
+            groups[group] = SlicedWeights(a_t, b_t, ranks, [shapes[m][0] for m in mods])
         layers.append(groups)
     return FusedLora(version_id, layers, nbytes)
 
