@@ -65,12 +65,12 @@ def run_level(target: str, prompts: list[list[int]], adapters: list[str], new_to
                 next_at += rng.expovariate(rate)
                 time.sleep(max(0.0, next_at - time.perf_counter()))
 
-            def go(ids=ids, adapter=adapters[i % len(adapters)]) -> None:
+            def go(ids: list[int], adapter: str) -> None:
                 r = one_request(client, ids, adapter, new_tokens)
                 with lock:
                     results.append(r)
 
-            futures.append(pool.submit(go))
+            futures.append(pool.submit(go, ids, adapters[i % len(adapters)]))
         for f in futures:
             f.result()
         wall = time.perf_counter() - t_start
