@@ -270,3 +270,28 @@ def test_tenant_limits(make_server, tmp_path):
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "tokens_per_minute" in err.details()
     with client(server, "bob") as bob:  # other tenants are not limited by alice's limits
         assert bob.generate("t5", **GREEDY).usage.output_tokens == 8
+
+
+def test_two_tenants_with_different_adapters_at_once(server, tiny, adapter_v2):
+    """alice and bob, each with a private adapter of their own, in one continuous batch: each stream equals
+    what the same request gives when it runs alone."""
+    with client(server, "alice") as alice, client(server, "bob") as bob:
+        alice.upload_adapter(tiny[1], "mine")
+        bob.upload_adapter(adapter_v2, "mine")  # same name, other owner, other weights
+        prompts = [f"t{60 + i} t61 t62" for i in range(6)]
+        alone = {(who, p): c.generate(p, adapter="mine", temperature=0, max_tokens=10).token_ids
+                 for who, c in (("alice", alice), ("bob", bob)) for p in prompts}
+
+        def run(who_prompt):
+            who, p = who_prompt
+            c = alice if who == "alice" else bob
+            return [t for m in c.generate_stream_messages(p, adapter="mine", temperature=0, max_tokens=10)
+                    for t in m.token_ids]
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(12) as pool:
+            together = dict(zip(alone, pool.map(run, list(alone))))
+    assert together == {k: list(v) for k, v in alone.items()}
+    assert any(alone[("alice", p)] != alone[("bob", p)] for p in prompts)  # the adapters really differ
+    server.wait_idle_and_intact()
