@@ -1,18 +1,9 @@
-"""Kernel tests run the Triton kernels on CPU tensors through the Triton interpreter.
-
-`triton.jit` chooses the interpreter when a kernel is defined, so TRITON_INTERPRET must be set before
-`kernels.triton.*` is first imported. Conftest modules load before any test module runs, and only
-these tests (or LORASERVE_KERNELS=triton) import the kernel modules. The other tests run the torch path
-(`auto` on CPU tensors), which this setting does not touch.
-"""
+"""Kernel tests run the Triton kernels on CPU tensors through the Triton interpreter (TRITON_INTERPRET is
+set by tests/conftest.py, before any test module can import the kernel modules)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

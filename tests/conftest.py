@@ -1,0 +1,7 @@
+"""Set before anything imports triton: `triton.jit` picks the interpreter when a kernel is defined, and
+any test module may import the kernel modules first (through `service` -> `kernels.ops`). The other
+tests run the torch path (`LORASERVE_KERNELS=auto` on CPU tensors), which this does not touch."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
