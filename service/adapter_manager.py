@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 
-from adapters.cache import HostAdapterCache
+from adapters.cache import AdapterLoadFailed, HostAdapterCache
 from adapters.identity import adapter_version_id
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, parse_adapter, read_adapter_files
 from adapters.registry import AdapterRegistry
@@ -40,7 +40,8 @@ class AdapterManager:
         self.arch, self.base_model_id, self.max_rank = arch, base_model_id, max_rank
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()  # version id -> submitted, unfinished requests
-        self._loaded_by_rpc: set[str] = set()  # versions pinned by LoadAdapter
+        # version id -> tenants whose LoadAdapter holds it (one cache pin per version while any does)
+        self._loaded_by_rpc: dict[str, set[str]] = {}
 
     # ---- registering ------------------------------------------------------------------------------------
     def register_files(self, owner: str, name: str, files: Mapping[str, bytes], *, description: str = "",
@@ -100,8 +101,7 @@ class AdapterManager:
                                                     admin=admin)
         for vid in released:
             with self._lock:
-                pinned_by_rpc = vid in self._loaded_by_rpc
-                self._loaded_by_rpc.discard(vid)
+                pinned_by_rpc = self._loaded_by_rpc.pop(vid, None) is not None
             if pinned_by_rpc:
                 self.cache.unpin(vid)
             self.cache.discard(vid)
@@ -110,32 +110,35 @@ class AdapterManager:
 
     def load(self, tenant: str, ref: str, *, wait: bool, admin: bool = False,
              timeout: float | None = None) -> tuple[AdapterVersion, str, str]:
-        """Pin the version in host memory (once per version, however often it is called) and start its
-        load. Returns (version, state, error) with state one of stored/loading/loaded/failed."""
+        """Pin the version in host memory for this tenant (however often it asks) and start its load; it
+        stays until every tenant that loaded it unloads it. Returns (version, state, error) with state one of
+        stored/loading/loaded/failed."""
         v = self.registry.resolve(tenant, ref, admin=admin)
         vid = v.version_id
         with self._lock:
-            first = vid not in self._loaded_by_rpc
-            self._loaded_by_rpc.add(vid)
+            holders = self._loaded_by_rpc.setdefault(vid, set())
+            first = not holders
+            holders.add(tenant)
         if first:
             self.cache.pin(vid)
         self.cache.ensure_loading(vid)
         if wait:
             try:
                 self.cache.wait(vid, timeout)
-            except (TimeoutError, LookupError):
-                pass  # reported through the state below
-            except Exception:  # AdapterLoadFailed: the state says failed, the error why
-                pass
+            except (TimeoutError, LookupError, AdapterLoadFailed):
+                pass  # reported through the state (and error) below
         state, error = self.state(vid)
         return v, state, error
 
     def unload(self, tenant: str, ref: str, admin: bool = False) -> tuple[AdapterVersion, str]:
         v = self.registry.resolve(tenant, ref, admin=admin)
         with self._lock:
-            pinned = v.version_id in self._loaded_by_rpc
-            self._loaded_by_rpc.discard(v.version_id)
-        if pinned:
+            holders = self._loaded_by_rpc.get(v.version_id, set())
+            last = tenant in holders and len(holders) == 1
+            holders.discard(tenant)
+            if not holders:
+                self._loaded_by_rpc.pop(v.version_id, None)
+        if last:  # another tenant's load keeps it pinned; only this tenant's hold is let go
             self.cache.unpin(v.version_id)
         return v, self.state(v.version_id)[0]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -16,7 +17,7 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from adapters.peft_format import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
-from adapters.registry_types import AdapterInfo, AdapterVersion, check_name
+from adapters.registry_types import AdapterInfo, AdapterVersion, check_name, check_tenant
 from service.adapter_manager import AdapterManager
 from service.api.auth import current_tenant
 from service.api.errors import TooLarge
@@ -71,8 +72,11 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         received = 0
         current = None
         for msg in request_iterator:
-            if msg.WhichOneof("content") != "chunk":
+            kind = msg.WhichOneof("content")
+            if kind == "manifest":
                 raise ValueError("only the first message of an upload may be a manifest; later ones carry chunks")
+            if kind is None:
+                raise ValueError("a message after the manifest carries neither a manifest nor a chunk")
             chunk = msg.chunk
             name = chunk.file_name
             if name != current:
@@ -137,9 +141,13 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> pb.LoadAdapterResponse:
         tenant = current_tenant()
         ref = _required(request.adapter, "adapter", "name[@version] or owner/name[@version]")
+        # Without a deadline grpc reports ~9e18 s remaining, more than any thread wait accepts: no timeout.
         remaining = context.time_remaining()
+        timeout = None
+        if remaining is not None and remaining <= threading.TIMEOUT_MAX:
+            timeout = max(remaining - 0.1, 0.0)
         v, state, error = self.manager.load(tenant.id, ref, wait=request.wait, admin=tenant.admin,
-                                            timeout=None if remaining is None else max(remaining - 0.1, 0.0))
+                                            timeout=timeout)
         return pb.LoadAdapterResponse(version=self._version(v, state), error=error)
 
     def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.ServicerContext
@@ -156,6 +164,13 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
             raise ValueError("nothing to change: give tenant ids in grant and/or revoke (\"*\" = every tenant)")
         if len(request.grant) + len(request.revoke) > MAX_GRANTS:
             raise ValueError(f"at most {MAX_GRANTS} tenant ids per call")
+        # Every id is checked before the first change: a refused call changes nothing.
+        for t in (*request.grant, *request.revoke):
+            if t != "*":
+                check_tenant(t)
+        both = sorted(set(request.grant) & set(request.revoke))
+        if both:
+            raise ValueError(f"{both[0][:80]!r} is in both grant and revoke: give each id in one of them")
         registry = self.manager.registry
         info = None
         for ids, change in ((request.grant, registry.share), (request.revoke, registry.unshare)):

@@ -27,6 +27,7 @@ from adapters.registry_types import (
     VersionFilesMissing,
     VersionIsCurrent,
 )
+from adapters.store import NotInStore, StoreError
 from service.api.auth import Authenticator, PermissionDenied, Unauthenticated, set_current_tenant
 from service.engine.scheduler import QueueFullError
 from service.loop import LoopClosed
@@ -92,6 +93,8 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (RequestCancelled, grpc.StatusCode.CANCELLED),
     (RequestFailed, grpc.StatusCode.INTERNAL),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # incl. the registry's InvalidRegistryArgument
+    (NotInStore, grpc.StatusCode.FAILED_PRECONDITION),  # registered, but its files are gone from the store
+    (StoreError, grpc.StatusCode.UNAVAILABLE),  # the adapter store (e.g. the bucket) is unreachable
 )
 
 
@@ -104,6 +107,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, t0: float) -> None:
+    if isinstance(exc, grpc.RpcError):  # the client's request stream broke (cancelled, too large): nothing to say
+        log.info("rpc_stream_ended", method=method, ms=round((time.perf_counter() - t0) * 1000, 1))
+        raise exc
     code, message = status_for(exc)
     ms = round((time.perf_counter() - t0) * 1000, 1)
     if code is grpc.StatusCode.INTERNAL and not isinstance(exc, RequestFailed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from adapters.registry_types import AdapterNotFound, AdapterRef
-from service.api.auth import current_tenant
+from service.api.auth import current_tenant, require_admin
 from service.api.gen.loraserve.v1 import usage_pb2 as pb
 from service.api.gen.loraserve.v1 import usage_pb2_grpc as pb_grpc
 from service.usage import UsageLedger
@@ -30,6 +31,7 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
         caller = current_tenant()
         tenant: str | None = request.tenant or caller.id
         if request.tenant == "*":
+            require_admin(caller, "tenant='*' (the usage of every tenant)")
             tenant = None  # every tenant
         if tenant != caller.id and not caller.admin:
             # A tenant reads its own usage only; another tenant is answered as if it did not exist.
@@ -43,12 +45,18 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
             if bucket < MIN_BUCKET_S:
                 raise ValueError(f"bucket={bucket} s is invalid: at least {MIN_BUCKET_S:.0f} s, or leave it unset "
                                  "for one row per group over the whole window")
-        end = _seconds(request.end_time) if request.HasField("end_time") else time.time() + 1.0
+        # An unset end stays None: the ledger pins "now" in its page token, and a page token is only valid for
+        # the very query that made it, so every argument must come out the same on the next page.
+        end = _seconds(request.end_time) if request.HasField("end_time") else None
+        now = time.time()
         if request.HasField("start_time"):
             start = _seconds(request.start_time)
-        else:
-            start = 0.0 if bucket is None else max(0.0, end - DEFAULT_BUCKETS * bucket)
-        if not start < end:
+        elif bucket is None:
+            start = 0.0
+        else:  # the last DEFAULT_BUCKETS buckets, from a bucket boundary (the same one while paging)
+            last = math.floor((now if end is None else end) / bucket)
+            start = max(0.0, (last - DEFAULT_BUCKETS + 1) * bucket)
+        if not start < (now if end is None else end):
             raise ValueError("start_time must be before end_time")
         adapter, version = self._adapter_filter(request.adapter, caller)
         rows, token = self.ledger.query(tenant=tenant, adapter=adapter, adapter_version=version, start_time=start,
