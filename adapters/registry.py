@@ -177,21 +177,11 @@ class AdapterRegistry:
         Identical content re-uploaded to the same adapter returns the existing version (created=False);
         with promote it becomes current again. The first version of an adapter is always current.
         """
-        check_tenant(owner)
-        check_name(name)
-        if not isinstance(version_id, str) or VERSION_ID_RE.fullmatch(version_id) is None:
-            raise InvalidRegistryArgument(f"{repr(version_id)[:80]} is not an adapter version id")
+        self._check_version_args(owner, name, version_id)
         targets = json.dumps(meta.target_modules)
         with self._txn() as db:
-            if self._store is not None and not self._store.exists(version_id):
-                raise VersionFilesMissing(f"the files of version {version_id} are not in the adapter store "
-                                          f"(removed by a concurrent delete?); upload the adapter again")
-            known = db.execute("SELECT rank, target_modules, base_model_id FROM versions WHERE version_id = ? "
-                               "LIMIT 1", (version_id,)).fetchone()
-            if known is not None and tuple(known) != (meta.rank, targets, meta.base_model_id):
-                raise AdapterExists(f"version {version_id} is already registered with other metadata (rank "
-                                    f"{known['rank']}, base model {known['base_model_id']!r}); versions are "
-                                    f"immutable")
+            self._check_stored(version_id)
+            self._check_immutable(db, version_id, meta)
             row = db.execute("SELECT * FROM adapters WHERE owner = ? AND name = ?", (owner, name)).fetchone()
             now = self._clock()
             if row is None:
@@ -263,10 +253,7 @@ class AdapterRegistry:
                 row = self._find(db, tenant, admin, ref)
                 self._check_owner(row, tenant, admin, ref)
                 v = self._find_version(db, row, ref)
-                if v.version_id == row["current_version"]:
-                    raise VersionIsCurrent(
-                        f"version {v.version_id} (#{v.number}) is the current version of adapter {ref.base!r}: "
-                        f"promote another version first, or delete the whole adapter")
+                self._check_not_current(row, v, ref)
                 self._check_not_in_use(in_use, [v.version_id], ref)
                 db.execute("DELETE FROM versions WHERE adapter_id = ? AND version_id = ?",
                            (row["id"], v.version_id))
@@ -294,6 +281,51 @@ class AdapterRegistry:
             return ()
         with self._lock:
             return self._drop_unreferenced(self._store.list_ids())
+
+    def release_files(self, ids: Iterable[str]) -> tuple[str, ...]:
+        """Delete the stored files of those of `ids` no adapter refers to; returns them."""
+        return self._drop_unreferenced(ids)
+
+    # --- a copy of names kept elsewhere (adapters.replica_sync: the bucket's documents are the truth) -----
+
+    def replace_adapter(self, owner: str, name: str, *, created_at: float, public: bool, shares: Iterable[str],
+                        current: str, next_seq: int, versions: Iterable[AdapterVersion]) -> tuple[str, ...]:
+        """Make one adapter's rows exactly these, in one transaction, keeping the given version numbers;
+        returns the version ids it had and no longer has. Files are not touched: whoever removed a version
+        from the truth releases its files."""
+        check_tenant(owner)
+        check_name(name)
+        rows = [(v.version_id, v.number, v.created_at, v.description, v.size_bytes, v.rank,
+                 json.dumps(sorted(set(v.target_modules))), v.base_model_id) for v in versions]
+        for r in rows:
+            self._check_version_args(owner, name, r[0])
+        ids, seqs = [r[0] for r in rows], [r[1] for r in rows]
+        if (current not in ids or len(set(ids)) != len(ids) or len(set(seqs)) != len(seqs)
+                or not all(type(n) is int and 0 < n < next_seq for n in seqs)):
+            raise InvalidRegistryArgument(f"inconsistent versions for adapter {owner}/{name}: ids {ids}, numbers "
+                                          f"{seqs}, current {current!r}, next number {next_seq}")
+        grantees = sorted({check_tenant(t) for t in shares} - {owner})
+        with self._txn() as db:
+            before = [r[0] for r in db.execute("SELECT v.version_id FROM versions v JOIN adapters a ON "
+                                               "a.id = v.adapter_id WHERE a.owner = ? AND a.name = ?", (owner, name))]
+            db.execute("DELETE FROM adapters WHERE owner = ? AND name = ?", (owner, name))  # cascades
+            cur = db.execute("INSERT INTO adapters (owner, name, created_at, public, current_version, next_seq) "
+                             "VALUES (?, ?, ?, ?, ?, ?)", (owner, name, created_at, int(public), current, next_seq))
+            db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(cur.lastrowid, *r) for r in rows])
+            db.executemany("INSERT INTO shares VALUES (?, ?)", [(cur.lastrowid, t) for t in grantees])
+        return tuple(vid for vid in before if vid not in ids)
+
+    def remove_adapters(self, keys: Iterable[tuple[str, str]]) -> int:
+        """Drop the adapters `(owner, name)` with their versions and shares (files untouched); returns how many
+        were there."""
+        with self._txn() as db:
+            return sum(db.execute("DELETE FROM adapters WHERE owner = ? AND name = ?", key).rowcount
+                       for key in keys)
+
+    def adapter_keys(self) -> frozenset[tuple[str, str]]:
+        with self._txn(write=False) as db:
+            return frozenset((r[0], r[1]) for r in db.execute("SELECT owner, name FROM adapters"))
 
     def _drop_unreferenced(self, ids: Iterable[str]) -> tuple[str, ...]:
         # Under the lock, so no register can add a reference between the check and the file removal.
@@ -397,6 +429,33 @@ class AdapterRegistry:
         if not admin and row["owner"] != tenant:
             raise AdapterPermissionDenied(f"adapter {ref.base!r} belongs to tenant {row['owner']!r}; only its "
                                           f"owner can change it")
+
+    @staticmethod
+    def _check_version_args(owner: str, name: str, version_id: object) -> None:
+        check_tenant(owner)
+        check_name(name)
+        if not isinstance(version_id, str) or VERSION_ID_RE.fullmatch(version_id) is None:
+            raise InvalidRegistryArgument(f"{repr(version_id)[:80]} is not an adapter version id")
+
+    def _check_stored(self, version_id: str) -> None:
+        if self._store is not None and not self._store.exists(version_id):
+            raise VersionFilesMissing(f"the files of version {version_id} are not in the adapter store "
+                                      f"(removed by a concurrent delete?); upload the adapter again")
+
+    @staticmethod
+    def _check_immutable(db: sqlite3.Connection, version_id: str, meta: VersionMeta) -> None:
+        known = db.execute("SELECT rank, target_modules, base_model_id FROM versions WHERE version_id = ? "
+                           "LIMIT 1", (version_id,)).fetchone()
+        if known is not None and tuple(known) != (meta.rank, json.dumps(meta.target_modules), meta.base_model_id):
+            raise AdapterExists(f"version {version_id} is already registered with other metadata (rank "
+                                f"{known['rank']}, base model {known['base_model_id']!r}); versions are "
+                                f"immutable")
+
+    @staticmethod
+    def _check_not_current(row: sqlite3.Row, v: AdapterVersion, ref: AdapterRef) -> None:
+        if v.version_id == row["current_version"]:
+            raise VersionIsCurrent(f"version {v.version_id} (#{v.number}) is the current version of adapter "
+                                   f"{ref.base!r}: promote another version first, or delete the whole adapter")
 
     @staticmethod
     def _check_not_in_use(in_use: Callable[[str], bool] | None, ids: Iterable[str], ref: AdapterRef) -> None:

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import botocore.exceptions as bce
 
-from adapters.registry_types import check_name, check_tenant
+from adapters.registry_types import VersionIsCurrent, check_name, check_tenant
 from adapters.store import VERSION_ID_RE, StoreError
 
-__all__ = ["HISTORY_LEN", "NAME_FORMAT", "NameBoard", "NameChanges", "NameConflict"]
+__all__ = ["HISTORY_LEN", "NAME_FORMAT", "BadNameDocument", "NameBoard", "NameChanges", "NameConflict"]
 
 NAME_FORMAT = "loraserve-adapter-name/1"
 HISTORY_LEN = 100
@@ -48,12 +48,18 @@ class NameConflict(StoreError):
     """Other replicas kept changing the document between our read and our write; retry later."""
 
 
+class BadNameDocument(StoreError):
+    """An object under names/ that is not a well-formed document about the adapter its key names."""
+
+
 @dataclass(frozen=True)
 class NameChanges:
-    """What changed since the previous `changes()` call: documents new or rewritten, and adapters removed."""
+    """What changed since the previous `changes()` call: documents new or rewritten, adapters removed, and
+    objects that are not valid documents (key -> why; skipped, and not read again until they change)."""
 
     updated: dict[tuple[str, str], Doc]
     removed: frozenset[tuple[str, str]]
+    invalid: dict[str, str] = field(default_factory=dict)
 
 
 class NameBoard:
@@ -81,12 +87,22 @@ class NameBoard:
 
     def changes(self) -> NameChanges:
         """Documents whose ETag changed since the last call (all of them the first time), and removals."""
-        listed = {obj["Key"]: obj["ETag"] for obj in self._list()}
+        try:
+            listed = {obj["Key"]: obj["ETag"] for obj in self._list()}
+        except (bce.ClientError, bce.BotoCoreError) as e:
+            raise StoreError(f"listing adapter name documents under {self._root} failed: {e}") from e
         updated: dict[tuple[str, str], Doc] = {}
+        invalid: dict[str, str] = {}
         for key, etag in listed.items():
             if self._seen.get(key) == etag:
                 continue
-            got = self._get(key)
+            try:
+                got = self._get(key)
+                if got is not None and (got[0].get("owner"), got[0].get("name")) != _owner_name(self._root, key):
+                    raise BadNameDocument(f"{key} is about another adapter than its key names")
+            except BadNameDocument as e:  # one bad object must not stop every other adapter's changes
+                invalid[key] = str(e)
+                continue
             if got is None:  # deleted between the LIST and the GET: the next call reports it removed
                 continue
             doc, etag = got
@@ -94,7 +110,7 @@ class NameBoard:
             listed[key] = etag
         removed = frozenset(_owner_name(self._root, k) for k in self._seen.keys() - listed.keys())
         self._seen = listed
-        return NameChanges(updated=updated, removed=removed)
+        return NameChanges(updated=updated, removed=removed, invalid=invalid)
 
     # --- writes -------------------------------------------------------------------------------------------
 
@@ -122,6 +138,8 @@ class NameBoard:
                 status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 if status not in (409, 412) and e.response.get("Error", {}).get("Code") != "PreconditionFailed":
                     raise StoreError(f"writing adapter name {owner}/{name} failed: {e}") from e
+            except bce.BotoCoreError as e:
+                raise StoreError(f"writing adapter name {owner}/{name} failed: {e}") from e
         raise NameConflict(f"adapter name {owner}/{name} changed under {self._attempts} attempts in a row; retry")
 
     def add_version(self, owner: str, name: str, version: Doc, *, promote: bool = True, by: str = "") -> Doc:
@@ -164,23 +182,74 @@ class NameBoard:
         assert result is not None
         return result
 
+    def share(self, owner: str, name: str, tenants: Iterable[str] | None, *, grant: bool) -> Doc:
+        """Grant (or revoke) `tenants`, or with None make the adapter public (or not); LookupError if missing."""
+        names = set(tenants) if tenants is not None else None
+
+        def change(doc: Doc | None) -> Doc:
+            if doc is None:
+                raise LookupError(f"adapter {owner}/{name} not found")
+            if names is None:
+                doc["public"] = grant
+            else:
+                kept = set(doc["shares"]) | (names - {owner}) if grant else set(doc["shares"]) - names
+                doc["shares"] = sorted(kept)
+            return doc
+
+        result = self.update(owner, name, change)
+        assert result is not None
+        return result
+
+    def remove_version(self, owner: str, name: str, version_id: str) -> Doc:
+        """Drop one version that is not current; LookupError if missing, VersionIsCurrent if current."""
+
+        def change(doc: Doc | None) -> Doc:
+            if doc is None or all(v["version_id"] != version_id for v in doc["versions"]):
+                raise LookupError(f"adapter {owner}/{name} has no version {version_id}")
+            if doc["current"] == version_id:
+                raise VersionIsCurrent(f"version {version_id} became the current version of adapter {owner}/{name} "
+                                       f"meanwhile: promote another version first, or delete the whole adapter")
+            doc["versions"] = [v for v in doc["versions"] if v["version_id"] != version_id]
+            return doc
+
+        result = self.update(owner, name, change)
+        assert result is not None
+        return result
+
+    def remove(self, owner: str, name: str, check: Callable[[Doc], None] | None = None) -> Doc | None:
+        """Delete the document; returns the one deleted (None if there was none). `check(doc)` may refuse by
+        raising; it runs on the document as it is right before the delete."""
+        seen: list[Doc | None] = []
+
+        def change(doc: Doc | None) -> None:
+            if doc is not None and check is not None:
+                check(doc)
+            seen.append(doc)
+
+        self.update(owner, name, change)
+        return seen[-1]
+
     def delete(self, owner: str, name: str) -> bool:
-        existed = []
-        self.update(owner, name, lambda doc: existed.append(doc is not None) or None)
-        return existed[-1]
+        return self.remove(owner, name) is not None
 
     # --- helpers ------------------------------------------------------------------------------------------
 
     def _get(self, key: str) -> tuple[Doc, str] | None:
         try:
             resp = self._s3.get_object(Bucket=self._bucket, Key=key)
+            body = resp["Body"].read()
         except bce.ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise StoreError(f"reading adapter name document {key} failed: {e}") from e
-        doc = json.loads(resp["Body"].read())
-        if doc.get("format") != NAME_FORMAT:
-            raise StoreError(f"{key} is not an adapter name document ({NAME_FORMAT})")
+        except bce.BotoCoreError as e:
+            raise StoreError(f"reading adapter name document {key} failed: {e}") from e
+        try:
+            doc = json.loads(body)
+        except ValueError as e:
+            raise BadNameDocument(f"{key} is not an adapter name document: {e}") from e
+        if not isinstance(doc, dict) or doc.get("format") != NAME_FORMAT:
+            raise BadNameDocument(f"{key} is not an adapter name document ({NAME_FORMAT})")
         return doc, resp["ETag"]
 
     def _list(self) -> Iterator[dict[str, Any]]:

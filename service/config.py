@@ -112,6 +112,7 @@ class ServiceConfig:
     s3_prefix: str = "loraserve"
     s3_endpoint_url: str | None = None  # credentials come from the standard AWS_* environment / files
     s3_region: str | None = None
+    s3_refresh_s: float = 5.0  # replicas on one bucket see each other's adapter changes within this (+ one pass)
     metrics_port: int | None = None  # Prometheus text on a side HTTP port; None = off, 0 = any free port
     metrics_host: str | None = None  # default: the gRPC host
     tls_cert: str | None = None
@@ -133,6 +134,8 @@ class ServiceConfig:
             raise ValueError(f"store kind {self.store_kind!r} is invalid: allowed values are {', '.join(STORE_KINDS)}")
         if self.store_kind == "s3" and not self.s3_bucket:
             raise ValueError("the s3 store needs a bucket (store.bucket in the config file)")
+        if not self.s3_refresh_s > 0:
+            raise ValueError(f"store.refresh_s={self.s3_refresh_s} is invalid: must be > 0 seconds")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535] (0 = any free port)")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -168,7 +171,7 @@ _SECTIONS: dict[str, dict[str, tuple[type, str]]] = {
                "max_upload_mib": (_SVC, "max_upload_mib")},
     "store": {"kind": (_SVC, "store_kind"), "path": (_SVC, "store_path"), "bucket": (_SVC, "s3_bucket"),
               "prefix": (_SVC, "s3_prefix"), "endpoint_url": (_SVC, "s3_endpoint_url"),
-              "region": (_SVC, "s3_region")},
+              "region": (_SVC, "s3_region"), "refresh_s": (_SVC, "s3_refresh_s")},
     "telemetry": {"otlp_endpoint": (_SVC, "otlp_endpoint"), "log_format": (_SVC, "log_format"),
                   "log_level": (_SVC, "log_level"), "metrics_port": (_SVC, "metrics_port"),
                   "metrics_host": (_SVC, "metrics_host")},

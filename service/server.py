@@ -2,7 +2,9 @@
 tenants (API keys, mTLS), grpc.health.v1, reflection, Prometheus metrics, tracing and a graceful drain.
 
 Health: NOT_SERVING until the model is loaded and a warm-up generation ran; SERVING then; NOT_SERVING
-for good once draining starts, and while the engine loop reports itself unhealthy.
+for good once draining starts, and while the engine loop reports itself unhealthy. `serve` first opens the
+adapter store: while it cannot (credentials, bucket, endpoint) it logs why, answers health NOT_SERVING on the
+port and retries every few seconds, then loads the model.
 Shutdown (SIGTERM / SIGINT): health NOT_SERVING, new requests UNAVAILABLE, running requests get
 `drain_grace_s` to finish, the rest are aborted, then the process exits 0.
 """
@@ -14,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -24,7 +27,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from adapters.cache import LoaderFromStore
 from adapters.registry import AdapterRegistry
-from adapters.store import Store, open_store
+from adapters.store import Store, StoreError, open_store
 from service.accounting import Accounting, UsageWriter
 from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer
@@ -69,6 +72,51 @@ def store_from(svc: ServiceConfig) -> Store:
     return open_store("filesystem", path=svc.store_path or str(Path(svc.data_dir) / "adapters"))
 
 
+def _bind_host(sc: ServerConfig) -> str:
+    return f"[{sc.host}]" if ":" in sc.host else sc.host  # IPv6 literal
+
+
+def _listen(server: grpc.Server, sc: ServerConfig, svc: ServiceConfig) -> int:
+    """Add the configured port (TLS when the service config has a certificate) to `server`; the port bound."""
+    bind = _bind_host(sc)
+    creds = None
+    if svc.tls_cert is not None:
+        def read(path: str, what: str) -> bytes:
+            try:
+                return Path(path).read_bytes()
+            except OSError as e:
+                raise OSError(f"cannot read the TLS {what} {path}: {e.strerror or e}") from None
+
+        ca = read(svc.tls_client_ca, "client CA") if svc.tls_client_ca else None
+        creds = grpc.ssl_server_credentials([(read(svc.tls_key, "key"), read(svc.tls_cert, "certificate"))],
+                                            root_certificates=ca, require_client_auth=ca is not None)
+    try:
+        if creds is None:
+            port = server.add_insecure_port(f"{bind}:{sc.port}")
+        else:
+            port = server.add_secure_port(f"{bind}:{sc.port}", creds)
+    except RuntimeError:  # grpc's way of saying the bind failed
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {bind}:{sc.port}: the address is in use or not available "
+                      "(choose another --port, or --port 0 for any free one)")
+    return port
+
+
+def registry_for(path: Path, store: Store, svc: ServiceConfig) -> AdapterRegistry:
+    """SQLite beside a filesystem store; with a bucket, a copy of the bucket's adapter names that every
+    replica writes through and refreshes every `store.refresh_s` (adapters.replica_sync)."""
+    if svc.store_kind == "s3":
+        from adapters.replica_sync import ReplicatedRegistry
+
+        return ReplicatedRegistry(path, store=store, refresh_s=svc.s3_refresh_s).start()  # type: ignore[arg-type]
+    registry = AdapterRegistry(path, store=store)
+    released = registry.gc_store()  # files a crash left between store and register
+    if released:
+        log.info("adapter_store_gc", released=list(released))
+    return registry
+
+
 class LoraServer:
     """One gRPC server over one runtime: inference, adapters, usage, health, reflection, metrics.
     `start()` returns once it is SERVING (or raises)."""
@@ -93,10 +141,7 @@ class LoraServer:
         data = Path(svc.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.store = store or store_from(svc)
-        self.registry = AdapterRegistry(data / "registry.db", store=self.store)
-        released = self.registry.gc_store()  # files a crash left between store and register
-        if released:
-            log.info("adapter_store_gc", released=list(released))
+        self.registry = registry_for(data / "registry.db", self.store, svc)
         self.metrics = ServerMetrics(self.base_model)
         store_loader = LoaderFromStore(self.store, loaded.arch, loaded.model_id,
                                        max_rank=runtime.adapter_config.max_lora_rank)
@@ -151,40 +196,13 @@ class LoraServer:
         except (LookupError, ValueError):
             return None
 
-    def _credentials(self) -> grpc.ServerCredentials | None:
-        svc = self.service_config
-        if svc.tls_cert is None:
-            return None
-
-        def read(path: str, what: str) -> bytes:
-            try:
-                return Path(path).read_bytes()
-            except OSError as e:
-                raise OSError(f"cannot read the TLS {what} {path}: {e.strerror or e}") from None
-
-        ca = read(svc.tls_client_ca, "client CA") if svc.tls_client_ca else None
-        return grpc.ssl_server_credentials([(read(svc.tls_key, "key"), read(svc.tls_cert, "certificate"))],
-                                           root_certificates=ca, require_client_auth=ca is not None)
-
     @property
     def address(self) -> str:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host  # IPv6 literal
-        return f"{host}:{self.port}"
+        return f"{_bind_host(self.config)}:{self.port}"
 
     def start(self) -> LoraServer:
-        bind = self.address.rpartition(":")[0]
-        creds = self._credentials()
-        try:
-            if creds is None:
-                self.port = self.server.add_insecure_port(f"{bind}:{self.config.port}")
-            else:
-                self.port = self.server.add_secure_port(f"{bind}:{self.config.port}", creds)
-        except RuntimeError:  # grpc's way of saying the bind failed
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {bind}:{self.config.port}: the address is in use or not available "
-                          "(choose another --port, or --port 0 for any free one)")
         svc = self.service_config
+        self.port = _listen(self.server, self.config, svc)
         if svc.metrics_port is not None:
             self.metrics_port = self.metrics.serve(svc.metrics_host or self.config.host, svc.metrics_port)
         self.loop.start()
@@ -252,21 +270,85 @@ class LoraServer:
         return self._stopped.wait(timeout)
 
 
-def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig,
-                 svc: ServiceConfig | None = None, adapters: Sequence[tuple[str, str]] = ()) -> LoraServer:
-    """Load the model, open the data directory, register `--adapter NAME=DIR`s; the server is not started."""
-    from service.runtime.builder import build_runtime
-
-    svc = svc or ServiceConfig()
+def _check_startup_files(svc: ServiceConfig, adapters: Sequence[tuple[str, str]]) -> None:
     for name, path in adapters:
         if not Path(path).is_dir():
             raise NotADirectoryError(f"--adapter {name}={path}: {path} is not a directory "
                                      "(expected adapter_config.json + adapter_model.safetensors)")
     if svc.tenants_file:
         TenantDirectory.load(svc.tenants_file)  # a bad tenants file fails before the slow model load
-    store = store_from(svc)  # an unreachable store fails before the model load too
+
+
+def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig,
+                 svc: ServiceConfig | None = None, adapters: Sequence[tuple[str, str]] = (), *,
+                 store: Store | None = None) -> LoraServer:
+    """Load the model, open the data directory, register `--adapter NAME=DIR`s; the server is not started."""
+    from service.runtime.builder import build_runtime
+
+    svc = svc or ServiceConfig()
+    _check_startup_files(svc, adapters)
+    store = store or store_from(svc)  # an unreachable store fails before the model load too
     rt = build_runtime(rc, ec, ac)
     return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store)
+
+
+STORE_RETRY_S = 3.0
+STORE_RELOG_S = 60.0  # an unchanged store problem is logged again this often
+
+
+class _StoreWait(grpc.GenericRpcHandler):
+    """Listens on the server's port while the adapter store cannot be used: health NOT_SERVING for every
+    service, every other call UNAVAILABLE naming the problem, so probes and clients learn why."""
+
+    def __init__(self, sc: ServerConfig, svc: ServiceConfig, problem: str, retry_s: float) -> None:
+        self.problem, self.retry_s = problem, retry_s
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-wait"),
+                                  options=[("grpc.so_reuseport", 0)])
+        status = health.HealthServicer()
+        for name in ("", *SERVICES):
+            status.set(name, _NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(status, self.server)
+        self.server.add_generic_rpc_handlers((self,))  # after health: it answers everything else
+        self.port = _listen(self.server, sc, svc)
+        self.address = f"{_bind_host(sc)}:{self.port}"
+        self.server.start()
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(self._refuse)  # any call shape; no message is read
+
+    def _refuse(self, requests: object, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"the server is starting: the adapter store cannot be used "
+                                                   f"({self.problem}); retrying every {self.retry_s:g}s")
+
+
+def open_store_waiting(sc: ServerConfig, svc: ServiceConfig, stop: threading.Event,
+                       retry_s: float = STORE_RETRY_S) -> tuple[Store, ServerConfig] | None:
+    """Open the adapter store. While it cannot be used (credentials, bucket, endpoint: StoreError), log why,
+    listen with health NOT_SERVING and retry every `retry_s`; then free the port for the real server (the
+    returned config names the port bound, also with --port 0). None if `stop` is set first. A store config
+    that is invalid as written (ValueError) fails at once."""
+    try:
+        return store_from(svc), sc
+    except StoreError as e:
+        problem = str(e)
+    waiting = _StoreWait(sc, svc, problem, retry_s)
+    log.error("store_unavailable", error=problem, address=waiting.address, retry_s=retry_s)
+    logged = time.monotonic()
+    try:
+        while not stop.wait(retry_s):
+            try:
+                store = store_from(svc)
+            except StoreError as e:
+                if str(e) != waiting.problem or time.monotonic() - logged > STORE_RELOG_S:
+                    log.error("store_unavailable", error=str(e), address=waiting.address, retry_s=retry_s)
+                    logged = time.monotonic()
+                waiting.problem = str(e)
+                continue
+            log.info("store_available", store=repr(store))
+            return store, replace(sc, port=waiting.port)
+        return None
+    finally:
+        waiting.server.stop(grace=None).wait()
 
 
 def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig, svc: ServiceConfig | None = None,
@@ -281,7 +363,13 @@ def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConf
     # Installed before the model loads, so a SIGTERM during a slow start still exits cleanly.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server = build_server(rc, ec, ac, sc, svc, adapters)
+        svc = svc or ServiceConfig()
+        _check_startup_files(svc, adapters)
+        opened = open_store_waiting(sc, svc, stop)
+        if opened is None:
+            return 0
+        store, sc = opened
+        server = build_server(rc, ec, ac, sc, svc, adapters, store=store)
         if stop.is_set():
             return 0
         server.start()
