@@ -215,6 +215,7 @@ def test_store_section_is_what_open_store_takes():
     assert fs == {"kind": "filesystem", "path": "/var/lib/loraserve/adapters"}
     s3 = server_config(render(FULL))["store"]
     assert s3.pop("kind") == "s3"
+    assert s3.pop("refresh_s") == 5  # the replicas' sync period: the server's, not the bucket client's
     assert S3Settings.from_mapping(s3) == S3Settings(bucket="team-adapters", prefix="loraserve/prod",
                                                      endpoint_url="http://minio.storage:9000", region="eu-west-1")
     c = container(render(FULL))
