@@ -29,10 +29,8 @@ import binascii
 import json
 import logging
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from adapters.registry_types import (
@@ -61,6 +59,7 @@ from adapters.registry_types import (
     check_name,
     check_tenant,
 )
+from adapters.sqlite_file import SqliteFile
 from adapters.store import VERSION_ID_RE, Store, StoreError
 
 __all__ = [  # the vocabulary of adapters.registry_types is re-exported: callers import from here
@@ -116,7 +115,7 @@ _VISIBLE = ("(a.owner = :tenant OR a.public = 1 OR :admin OR EXISTS "
 _VERSION_SELECT = "SELECT a.owner, a.name, v.* FROM versions v JOIN adapters a ON a.id = v.adapter_id"
 
 
-class AdapterRegistry:
+class AdapterRegistry(SqliteFile):
     """Adapter names, owners, versions and visibility in one SQLite file.
 
     With a `store`, registering checks the version's files are stored, and deleting the last reference to
@@ -124,49 +123,10 @@ class AdapterRegistry:
     """
 
     def __init__(self, path: str | Path, *, store: Store | None = None, clock: Callable[[], float] = time.time):
-        self.path = Path(path)
         self._store, self._clock = store, clock
         # Re-entrant: deletes commit and then drop the released files under the same hold.
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        with self._txn() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            elif version != _SCHEMA_VERSION:
-                raise RegistryError(f"{self.path} has registry schema {version}; this server reads "
-                                    f"schema {_SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> AdapterRegistry:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _txn(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        # Reads too run in a transaction: one consistent snapshot across their queries. Writes take the
-        # write lock up front (IMMEDIATE), so a transaction never fails half-way on a read-to-write upgrade.
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")  # inside the try: a failed COMMIT (deferred FK) must roll back too
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        super().__init__(path, schema=_SCHEMA, schema_version=_SCHEMA_VERSION, what="registry", error=RegistryError,
+                         reentrant=True, foreign_keys=True, named_rows=True)
 
     # --- writes -------------------------------------------------------------------------------------------
 

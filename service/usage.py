@@ -20,15 +20,13 @@ import binascii
 import hashlib
 import json
 import math
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.registry_types import InvalidRegistryArgument, check_name, check_tenant
+from adapters.sqlite_file import SqliteFile
 
 __all__ = [
     "DEFAULT_PAGE_SIZE", "GROUP_BY", "MAX_BUCKETS", "MAX_PAGE_SIZE", "STATUSES", "InvalidUsageArgument",
@@ -202,48 +200,13 @@ _COLUMNS = ("request_id", "tenant", "adapter", "adapter_version", "start_time", 
             "cached_input_tokens", "output_tokens", "engine_seconds", "status")
 
 
-class UsageLedger:
+class UsageLedger(SqliteFile):
     def __init__(self, path: str | Path, *, pricing: Pricing | None = None,
                  clock: Callable[[], float] = time.time):
-        self.path = Path(path)
         self.pricing = pricing if pricing is not None else Pricing()
         self._clock = clock
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        with self._txn() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            elif version != _SCHEMA_VERSION:
-                raise LedgerError(f"{self.path} has usage ledger schema {version}; this server reads "
-                                  f"schema {_SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> UsageLedger:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _txn(self, write: bool = True) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        super().__init__(path, schema=_SCHEMA, schema_version=_SCHEMA_VERSION, what="usage ledger",
+                         error=LedgerError)
 
     def record(self, rec: UsageRecord) -> bool:
         """Store `rec` durably; False if its request_id was already recorded (that row is kept as it was)."""
