@@ -104,6 +104,28 @@ def make_server(tiny, tmp_path) -> Iterator[Callable[..., Server]]:
         s.close()
 
 
+TENANT_KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh",
+               "ops": "ops-key-0123456789abcdefgh"}
+
+
+def write_tenants(path: Path, alice_limits: str = "{}") -> str:
+    """A tenants file: alice (with `alice_limits`, YAML), bob, and the admin ops; keys in TENANT_KEYS."""
+    from service.tenants import hash_api_key
+
+    path.write_text(f"""
+tenants:
+  - id: alice
+    api_keys: ["{hash_api_key(TENANT_KEYS['alice'])}"]
+    limits: {alice_limits}
+  - id: bob
+    api_keys: ["{hash_api_key(TENANT_KEYS['bob'])}"]
+  - id: ops
+    admin: true
+    api_keys: ["{hash_api_key(TENANT_KEYS['ops'])}"]
+""")
+    return str(path)
+
+
 def rpc_error(fn: Callable, *args, **kwargs) -> grpc.RpcError:
     """Call and return the RpcError it must raise (a streaming call is consumed)."""
     with pytest.raises(grpc.RpcError) as info:

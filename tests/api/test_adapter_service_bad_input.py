@@ -18,14 +18,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
-from service.tenants import hash_api_key
-from tests.api.conftest import Server, rpc_error
+from tests.api.conftest import TENANT_KEYS, Server, rpc_error, write_tenants
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 DENIED, EXHAUSTED = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
-KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh",
-        "ops": "ops-key-0123456789abcdefgh"}
+KEYS = TENANT_KEYS
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 UPLOAD_LIMIT = 200_000  # alice's max_upload_bytes; the tiny adapter is ~25 KB
 MAX_MESSAGE_CHARS = 600  # a 100k-character input must not come back whole in the message
@@ -83,21 +81,6 @@ def upload(chunks: list[tuple[str, bytes]], *, name: str = "fresh", sha256: str 
         apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=f, data=d)) for f, d in chunks]
 
 
-def write_tenants(path: Path) -> str:
-    path.write_text(f"""
-tenants:
-  - id: alice
-    api_keys: ["{hash_api_key(KEYS['alice'])}"]
-    limits: {{max_upload_bytes: {UPLOAD_LIMIT}}}
-  - id: bob
-    api_keys: ["{hash_api_key(KEYS['bob'])}"]
-  - id: ops
-    admin: true
-    api_keys: ["{hash_api_key(KEYS['ops'])}"]
-""")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def files(tiny) -> Files:
     return Files((tiny[1] / CONFIG).read_bytes(), (tiny[1] / WEIGHTS).read_bytes())
@@ -108,7 +91,7 @@ def server(tiny, files, tmp_path_factory):
     """alice owns `helper` (v1 current, v2 not promoted, private) and `shared-one` (shared with bob); ops
     owns another `shared-one` shared with bob, so a bare `shared-one` is ambiguous for bob."""
     root = tmp_path_factory.mktemp("adapter-bad-input")
-    s = Server(tiny[0], root / "data", service={"tenants_file": write_tenants(root / "tenants.yaml")})
+    s = Server(tiny[0], root / "data", service={"tenants_file": write_tenants(root / "tenants.yaml", f"{{max_upload_bytes: {UPLOAD_LIMIT}}}")})
     up = s.adapters.UploadAdapter
     s.v1 = up(iter(upload(files.good(), name="helper")), metadata=auth("alice")).version
     v2 = files.with_config(files.cfg(lora_alpha=8))  # another scale: another version

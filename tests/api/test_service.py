@@ -16,27 +16,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.client import LoraServeClient
-from service.tenants import hash_api_key
 from service.tracing import make_tracer_provider
-from tests.api.conftest import Server, rpc_error
+from tests.api.conftest import TENANT_KEYS, Server, rpc_error, write_tenants
 
 GREEDY = dict(temperature=0, max_tokens=8)
-KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdefgh", "ops": "ops-key-0123456789abcdefgh"}
-
-
-def write_tenants(path, alice_limits: str = "{}") -> str:
-    path.write_text(f"""
-tenants:
-  - id: alice
-    api_keys: ["{hash_api_key(KEYS['alice'])}"]
-    limits: {alice_limits}
-  - id: bob
-    api_keys: ["{hash_api_key(KEYS['bob'])}"]
-  - id: ops
-    admin: true
-    api_keys: ["{hash_api_key(KEYS['ops'])}"]
-""")
-    return str(path)
+KEYS = TENANT_KEYS
 
 
 @pytest.fixture(scope="module")
