@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
-FEW_SEGMENTS = 4  # more segments than this run their small products on one thread
+FEW_SEGMENTS = 4  # more short segments than this run their products on one thread
+SHORT_SEGMENT_ROWS = 16  # a segment of at most this many tokens is "short" (decode-sized)
 
 
 class SlicedWeights(tuple):
@@ -88,42 +89,37 @@ def check_segments(seg: LoraSegments, num_tokens: int, num_slots: int) -> None:
 def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
     """In place: y [T, out] += per-segment LoRA delta of x [T, in]; returns y.
 
-    The deltas are computed in the weights' dtype (float32 on the CPU path: these products are tiny,
-    and small bfloat16 matmuls cost several times more per call than float32 ones here), then added
-    to y once.
+    Each segment's delta is computed in the weights' dtype (float32 on the CPU path: small bfloat16
+    matmuls cost several times more per call than float32 ones here) and added to its own rows of y, so
+    rows without an adapter cost nothing. Short segments (decode) are a few microseconds of work each: a
+    parallel region per product costs more than it saves, so when there are many they run on one thread;
+    long ones (prefill chunks) keep every thread.
     """
+    todo = [(s0, s1, weights[slot]) for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots)
+            if slot >= 0 and s1 > s0 and weights[slot] is not None]
+    short = [t for t in todo if t[1] - t[0] <= SHORT_SEGMENT_ROWS]
     threads = torch.get_num_threads()
-    if threads > 1 and len(seg.slots) > FEW_SEGMENTS:
-        # Each product here is a few microseconds of work: a parallel region per call costs more than
-        # it saves, so many small segments run on one thread.
+    if threads > 1 and len(short) > FEW_SEGMENTS:
+        long = [t for t in todo if t[1] - t[0] > SHORT_SEGMENT_ROWS]
         torch.set_num_threads(1)
-    try:
-        delta = _segment_deltas(y, x, seg, weights)
-    finally:
-        if torch.get_num_threads() != threads:
+        try:
+            _apply(y, x, short)
+        finally:
             torch.set_num_threads(threads)
-    if delta is not None and delta is not y:
-        y += delta.to(y.dtype)
+        _apply(y, x, long)
+    else:
+        _apply(y, x, todo)
     return y
 
 
-def _segment_deltas(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments,
-                    weights: Sequence[SlotWeights]) -> torch.Tensor | None:
-    """The summed deltas (y itself when dtypes agree, else a new buffer), or None if no segment has LoRA."""
-    delta = xw = None
-    for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
-        if slot < 0 or s0 == s1:
-            continue
-        w = weights[slot]
-        if w is None:  # this adapter does not target this projection (or this layer)
-            continue
-        a_t, b_t = w
-        if delta is None:
-            xw = x.to(a_t.dtype)
-            delta = y if y.dtype == a_t.dtype else torch.zeros(y.shape, dtype=a_t.dtype, device=y.device)
-        # shrink [n, in] @ [in, r] -> [n, r]; expand [n, r] @ [r, out] accumulated into the rows
-        delta[s0:s1].addmm_(xw[s0:s1] @ a_t, b_t)
-    return delta
+def _apply(y: torch.Tensor, x: torch.Tensor, segments: Sequence[tuple[int, int, SlotWeights]]) -> None:
+    for s0, s1, w in segments:
+        a_t, b_t = w  # type: ignore[misc]  # filtered: never None here
+        xs = x[s0:s1].to(a_t.dtype)
+        if y.dtype == a_t.dtype:  # shrink [n, in] @ [in, r] -> [n, r]; expand into the rows, fused
+            y[s0:s1].addmm_(xs @ a_t, b_t)
+        else:
+            y[s0:s1] += (xs @ a_t) @ b_t
 
 
 def sgmv_reference(x: torch.Tensor, seg: LoraSegments, a: Sequence[torch.Tensor | None],
