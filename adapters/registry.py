@@ -181,11 +181,16 @@ class AdapterRegistry(SqliteFile):
         """Undo `share`: "*" makes the adapter non-public (explicit shares stay)."""
         return self._set_sharing(owner, name, tenants, admin, grant=False)
 
-    def _set_sharing(self, owner: str, name: str, tenants: Iterable[str] | str, admin: bool,
-                     grant: bool) -> AdapterInfo:
+    @staticmethod
+    def _grantees(tenants: Iterable[str] | str) -> list[str] | None:
+        """Checked tenant ids to share with, or None for everyone ("*")."""
         if isinstance(tenants, str) and tenants != PUBLIC:
             raise InvalidRegistryArgument(f"share with a list of tenant ids or {PUBLIC!r}, not {tenants!r}")
-        grantees = None if tenants == PUBLIC else sorted({check_tenant(t) for t in tenants})
+        return None if tenants == PUBLIC else sorted({check_tenant(t) for t in tenants})
+
+    def _set_sharing(self, owner: str, name: str, tenants: Iterable[str] | str, admin: bool,
+                     grant: bool) -> AdapterInfo:
+        grantees = self._grantees(tenants)
         ref = self._target(name)
         with self._txn() as db:
             row = self._find(db, owner, admin, ref)

@@ -32,16 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from adapters.registry import (
-    PUBLIC,
     AdapterInfo,
     AdapterNotFound,
     AdapterRef,
     AdapterRegistry,
     AdapterVersion,
-    InvalidRegistryArgument,
     Registered,
     VersionMeta,
-    check_tenant,
 )
 from adapters.s3_names import NameBoard
 from adapters.s3_store import S3Store
@@ -159,9 +156,7 @@ class ReplicatedRegistry(AdapterRegistry):
 
     def _set_sharing(self, owner: str, name: str, tenants: Iterable[str] | str, admin: bool,
                      grant: bool) -> AdapterInfo:
-        if isinstance(tenants, str) and tenants != PUBLIC:
-            raise InvalidRegistryArgument(f"share with a list of tenant ids or {PUBLIC!r}, not {tenants!r}")
-        grantees = None if tenants == PUBLIC else sorted({check_tenant(t) for t in tenants})
+        grantees = self._grantees(tenants)
         ref = self._target(name)
         with self._sync_lock:
             row, _ = self._checked(owner, admin, ref)
