@@ -90,22 +90,38 @@ class Accounting:
     def on_finished(self, handle: RequestHandle, out: RequestOutput) -> None:
         ctx: RequestContext | None = handle.context
         req = handle.request
+        n_out = len(out.output_token_ids)
+        if ctx is not None:
+            # What the request holds goes back first, whatever fails after: a leaked lease would lock its
+            # tenant out, a leaked hold would make its adapter version undeletable.
+            try:
+                if ctx.adapter is not None and self.adapters is not None:
+                    self.adapters.release(ctx.adapter.version_id)
+            finally:
+                if ctx.lease is not None:
+                    ctx.lease.charge(n_out)
+                    ctx.lease.release()
+        for step in (self._observe, self._end_span, self._record):
+            try:
+                step(ctx, req, out)
+            except Exception:
+                log.exception("request_accounting_failed", step=step.__name__, request_id=handle.request_id)
+
+    def _observe(self, ctx: RequestContext | None, req: Any, out: RequestOutput) -> None:
         if self.metrics is not None:
             self.metrics.on_finished(req, out)
+
+    def _end_span(self, ctx: RequestContext | None, req: Any, out: RequestOutput) -> None:
+        if ctx is not None and ctx.span is not None:
+            ctx.span.finish(req, out, ctx.adapter.version_id if ctx.adapter else ctx.base_model)
+
+    def _record(self, ctx: RequestContext | None, req: Any, out: RequestOutput) -> None:
         if ctx is None:  # the warm-up: nobody to bill
             return
-        n_out = len(out.output_token_ids)
-        if ctx.adapter is not None and self.adapters is not None:
-            self.adapters.release(ctx.adapter.version_id)
-        if ctx.lease is not None:
-            ctx.lease.charge(n_out)
-            ctx.lease.release()
-        if ctx.span is not None:
-            ctx.span.finish(req, out, ctx.adapter.version_id if ctx.adapter else ctx.base_model)
         self.writer.submit(UsageRecord(
-            request_id=handle.request_id, tenant=ctx.tenant.id,
+            request_id=req.request_id, tenant=ctx.tenant.id,
             adapter=ctx.adapter.name if ctx.adapter else "", adapter_version=ctx.adapter.version_id if ctx.adapter
             else "", start_time=ctx.start_time, end_time=time.time(), input_tokens=out.num_prompt_tokens,
-            cached_input_tokens=out.num_cached_tokens, output_tokens=n_out,
+            cached_input_tokens=out.num_cached_tokens, output_tokens=len(out.output_token_ids),
             engine_seconds=req.engine_seconds, status=_STATUS.get(out.finish_reason, "ok"),
         ))

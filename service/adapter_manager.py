@@ -101,9 +101,8 @@ class AdapterManager:
                                                     admin=admin)
         for vid in released:
             with self._lock:
-                pinned_by_rpc = self._loaded_by_rpc.pop(vid, None) is not None
-            if pinned_by_rpc:
-                self.cache.unpin(vid)
+                if self._loaded_by_rpc.pop(vid, None) is not None:
+                    self.cache.unpin(vid)
             self.cache.discard(vid)
         log.info("adapter_deleted", tenant=tenant, ref=ref, released=list(released))
         return released
@@ -115,12 +114,11 @@ class AdapterManager:
         stored/loading/loaded/failed."""
         v = self.registry.resolve(tenant, ref, admin=admin)
         vid = v.version_id
-        with self._lock:
+        with self._lock:  # pins change under the lock: a racing unload or delete never unpins twice
             holders = self._loaded_by_rpc.setdefault(vid, set())
-            first = not holders
+            if not holders:
+                self.cache.pin(vid)
             holders.add(tenant)
-        if first:
-            self.cache.pin(vid)
         self.cache.ensure_loading(vid)
         if wait:
             try:
@@ -134,12 +132,11 @@ class AdapterManager:
         v = self.registry.resolve(tenant, ref, admin=admin)
         with self._lock:
             holders = self._loaded_by_rpc.get(v.version_id, set())
-            last = tenant in holders and len(holders) == 1
-            holders.discard(tenant)
-            if not holders:
-                self._loaded_by_rpc.pop(v.version_id, None)
-        if last:  # another tenant's load keeps it pinned; only this tenant's hold is let go
-            self.cache.unpin(v.version_id)
+            if tenant in holders:
+                holders.discard(tenant)
+                if not holders:  # another tenant's load keeps it pinned; only this tenant's hold goes
+                    del self._loaded_by_rpc[v.version_id]
+                    self.cache.unpin(v.version_id)
         return v, self.state(v.version_id)[0]
 
     def state(self, version_id: str) -> tuple[str, str]:

@@ -87,6 +87,7 @@ class _Submit:
     priority: int
     future: Future[RequestHandle]
     context: Any = None
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -175,7 +176,7 @@ class EngineLoop:
     # ---- requests (any thread) ----------------------------------------------------------
     def submit(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
                extra_key: str | None = None, priority: int = 0, timeout: float | None = 30.0,
-               context: Any = None) -> RequestHandle:
+               context: Any = None, cache_salt: str | None = None) -> RequestHandle:
         """Hand a request to the engine and wait until it is queued. Raises what `add_request` raises
         (ValueError, QueueFullError) on this thread, or LoopClosed while draining."""
         future: Future[RequestHandle] = Future()
@@ -186,7 +187,8 @@ class EngineLoop:
                 raise LoopClosed("the engine loop is not running")
             self._submits += 1
             self._idle.clear()  # before the loop can see the request, so a concurrent drain() waits for it
-            self._post(_Submit(request_id, prompt_token_ids, sampling, extra_key, priority, future, context))
+            self._post(_Submit(request_id, prompt_token_ids, sampling, extra_key, priority, future, context,
+                               cache_salt))
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -273,7 +275,8 @@ class EngineLoop:
             return  # the submitter gave up waiting
         try:
             request = self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
-                                              extra_key=command.extra_key, priority=command.priority)
+                                              extra_key=command.extra_key, priority=command.priority,
+                                              cache_salt=command.cache_salt)
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return

@@ -114,15 +114,16 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             span.set_adapter(adapter.ref if adapter else None, adapter.version_id if adapter else None)
             structlog.contextvars.bind_contextvars(client_request_id=prepared.client_request_id or None,
                                                   adapter=adapter.ref if adapter else None)
+            if adapter is not None and self.adapters is not None:
+                self.adapters.hold(adapter.version_id)  # at once: a delete from now on sees it in use
+                held = adapter.version_id
             if self.limiter is not None:
                 lease = self.limiter.acquire(tenant, len(prepared.prompt_token_ids))
-            if adapter is not None and self.adapters is not None:
-                self.adapters.hold(adapter.version_id)
-                held = adapter.version_id
             ctx = RequestContext(tenant=tenant, adapter=adapter, base_model=self.base_model, lease=lease, span=span)
             handle = self.loop.submit(rid, prepared.prompt_token_ids, prepared.sampling,
                                       extra_key=adapter.version_id if adapter else None,
-                                      priority=prepared.priority, context=ctx)
+                                      priority=prepared.priority, context=ctx,
+                                      cache_salt=tenant.id)  # KV is reused within a tenant, never across
         except BaseException as e:
             # Not submitted: the loop's on_finished will never run for it, so undo here.
             if held is not None:

@@ -81,8 +81,12 @@ class LLMEngine:
         sampling: SamplingParams,
         extra_key: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> Request:
-        """Queue a request. ValueError for bad input, QueueFullError when the queue is at its bound."""
+        """Queue a request. ValueError for bad input, QueueFullError when the queue is at its bound.
+
+        `cache_salt`: requests share prefix-cache blocks only with requests of the same salt (the server
+        salts with the tenant, so no tenant can probe another's prompts through cache hits)."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty string")
         if request_id in self._requests:
@@ -93,12 +97,14 @@ class LLMEngine:
             raise TypeError(f"extra_key must be a string or None, not {type(extra_key).__name__}")
         if extra_key is not None and self._adapters is None:
             raise ValueError("this engine serves no adapters")
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise TypeError(f"cache_salt must be a string or None, not {type(cache_salt).__name__}")
         if not isinstance(priority, int):
             raise TypeError(f"priority must be an int, not {type(priority).__name__}")
         if len(prompt_token_ids) == 0:
             raise ValueError("the prompt is empty: at least one token is needed")
         self._check_token_ids(prompt_token_ids)
-        request = Request(request_id, prompt_token_ids, sampling, extra_key, priority)
+        request = Request(request_id, prompt_token_ids, sampling, extra_key, priority, cache_salt)
         self.scheduler.add(request)
         if extra_key is not None and self._adapters is not None:
             # Load while the request queues, not once it reaches the head of the queue.

@@ -36,6 +36,7 @@ class Request:
         "priority", "num_computed_tokens", "block_ids", "num_cached_tokens", "num_registered_blocks",
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
         "finished_time", "block_hashes", "arrival_seq", "lora_slot", "error", "engine_seconds", "_all_token_ids",
+        "_hash_key",
     )
 
     def __init__(
@@ -45,6 +46,7 @@ class Request:
         sampling: SamplingParams,
         extra_key: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
@@ -54,6 +56,9 @@ class Request:
         self.sampling = sampling
         # The adapter version id: part of every block hash, so different adapters never share KV.
         self.extra_key = extra_key
+        # What the block hashes are keyed by: the adapter version, and the cache salt when there is one
+        # (requests with different salts never share blocks, even for the same adapter and prompt).
+        self._hash_key = extra_key if cache_salt is None else f"salt:{cache_salt}|{extra_key or ''}"
         # Drawn once here so a preempted request resamples the same stream when it is recomputed.
         self.seed: int = sampling.seed if sampling.seed is not None else secrets.randbelow(2**63)
         self.priority = priority  # lower runs sooner
@@ -111,7 +116,7 @@ class Request:
         hashes = self.block_hashes
         for i in range(len(hashes), len(tokens) // block_size):
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block_tokens(parent, tokens[i * block_size:(i + 1) * block_size], self.extra_key))
+            hashes.append(hash_block_tokens(parent, tokens[i * block_size:(i + 1) * block_size], self._hash_key))
 
     def __repr__(self) -> str:
         return (

@@ -279,3 +279,16 @@ def test_two_tenants_with_different_adapters_at_once(server, tiny, adapter_v2):
     assert together == {k: list(v) for k, v in alone.items()}
     assert any(alone[("alice", p)] != alone[("bob", p)] for p in prompts)  # the adapters really differ
     server.wait_idle_and_intact()
+
+
+def test_prefix_cache_is_never_shared_across_tenants(server):
+    """A tenant must not learn from cache hits what another tenant sent: the same long prompt hits the
+    cache for the tenant that sent it, and never for another tenant."""
+    prompt = " ".join(f"t{70 + i % 40}" for i in range(48))  # three full KV blocks
+    with client(server, "alice") as alice, client(server, "bob") as bob:
+        first = alice.generate(prompt, temperature=0, max_tokens=2)
+        again = alice.generate(prompt, temperature=0, max_tokens=2)
+        other = bob.generate(prompt, temperature=0, max_tokens=2)
+    assert first.usage.cached_input_tokens == 0 and again.usage.cached_input_tokens >= 32
+    assert other.usage.cached_input_tokens == 0
+    assert other.token_ids == again.token_ids  # isolation changes nothing but the cache

@@ -69,6 +69,24 @@ def test_prefix_cache_computes_only_uncached_tokens():
     assert engine.stats.prefix_cache_hit_tokens - stats0.prefix_cache_hit_tokens == 24
 
 
+def test_cache_salt_keeps_prefixes_apart():
+    """Requests share cached blocks only with requests of the same salt (the server's tenant isolation)."""
+    engine = make_engine(num_blocks=64, block_size=4)
+    p = prompt(24, seed=9) + [1, 2, 3]
+
+    def cached(salt: str | None) -> int:
+        engine.add_request(f"r-{salt}-{engine.stats.steps}", p, GREEDY, cache_salt=salt)
+        outs = run_to_end(engine)
+        (final,) = [o for os in outs.values() for o in os if o.finished]
+        assert final.output_token_ids == reference_tokens(p, 12)  # the salt changes nothing but the cache
+        return final.num_cached_tokens
+
+    assert cached("alice") == 0
+    assert cached("alice") == 24
+    assert cached("bob") == 0  # same prompt, other salt: no hit
+    assert cached(None) == 0  # unsalted requests do not see salted blocks either
+
+
 def test_full_prompt_hit_still_computes_last_token():
     engine = make_engine(block_size=4)
     p = prompt(16, seed=4)  # exactly 4 blocks
