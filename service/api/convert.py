@@ -9,6 +9,7 @@ from typing import Any
 
 from adapters.registry_types import InvalidAdapterName
 from service.api.adapter_refs import AdapterResolver, ResolvedAdapter
+from service.api.auth import PermissionDenied
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.engine.outputs import RequestOutput
 from service.engine.request import Request
@@ -58,6 +59,9 @@ class RequestConverter:
         if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
             raise ValueError(f"priority={req.priority} is invalid: must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] "
                              "(lower runs sooner; default 0)")
+        if req.priority < 0 and not tenant.admin:
+            raise PermissionDenied(f"priority={req.priority} would run ahead of other tenants' requests; that "
+                                   f"needs the admin role, which tenant {tenant.id!r} does not have (use 0 or more)")
         self._check_ids("stop_token_ids", req.stop_token_ids)
         adapter = self._adapter(req.adapter, tenant) if req.adapter else None
         ids = self.prompt_ids(req)

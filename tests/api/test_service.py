@@ -281,6 +281,16 @@ def test_two_tenants_with_different_adapters_at_once(server, tiny, adapter_v2):
     server.wait_idle_and_intact()
 
 
+def test_negative_priority_needs_the_admin_role(server):
+    """Bad input: a tenant asks to run ahead of everyone else's requests."""
+    with client(server, "bob") as bob:
+        err = rpc_error(bob.generate, "t5", priority=-5, **GREEDY)
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "admin role" in err.details()
+        assert bob.generate("t5", priority=5, **GREEDY).usage.output_tokens == 8  # running later is fine
+    with client(server, "ops") as ops:
+        assert ops.generate("t5", priority=-5, **GREEDY).usage.output_tokens == 8
+
+
 def test_prefix_cache_is_never_shared_across_tenants(server):
     """A tenant must not learn from cache hits what another tenant sent: the same long prompt hits the
     cache for the tenant that sent it, and never for another tenant."""
