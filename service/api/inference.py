@@ -14,7 +14,13 @@ from service.accounting import RequestContext
 from service.api import convert
 from service.api.auth import current_tenant
 from service.api.convert import Prepared, RequestConverter
-from service.api.errors import DeadlineExceeded, RequestCancelled, RequestFailed, current_request_id
+from service.api.errors import (
+    AdapterUnavailable,
+    DeadlineExceeded,
+    RequestCancelled,
+    RequestFailed,
+    current_request_id,
+)
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from service.engine.outputs import RequestOutput
@@ -170,6 +176,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def _check_final(self, handle: RequestHandle, out: RequestOutput, context: grpc.ServicerContext) -> None:
         if out.finish_reason is FinishReason.ERROR:
             self._log_finished(handle, out)
+            if out.error_kind == "adapter_unavailable":
+                # The loader's own words may name storage details: those stay in the log above.
+                version = handle.request.extra_key
+                raise AdapterUnavailable(f"adapter version {version} could not be loaded, so the request did not "
+                                         f"run; retry later or upload the adapter again (request id "
+                                         f"{handle.request_id})")
             raise RequestFailed(out.error or "the engine failed the request")
         if out.finish_reason is FinishReason.CANCELLED:
             self._log_finished(handle, out)

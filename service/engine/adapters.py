@@ -115,6 +115,7 @@ class AdapterAdmission:
         if status == "failed":
             # The scheduler reports the request; the engine finishes it with ERROR and this message.
             request.error = f"adapter version {version!r} failed to load: {self.slots.error(version)}"
+            request.error_kind = "adapter_unavailable"
             self._forget(request)
             return False
         if status != "ready":

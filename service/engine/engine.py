@@ -254,6 +254,7 @@ class LLMEngine:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens or 0,
             error=request.error,
+            error_kind=request.error_kind,
         )
 
     def _forget(self, request: Request) -> None:

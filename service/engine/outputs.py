@@ -24,6 +24,9 @@ class RequestOutput:
     num_cached_tokens: int
     new_logprobs: list[SampleResult] = field(default_factory=list)  # filled when sampling.logprobs is set
     error: str | None = None  # with finish reason ERROR: what went wrong, for the caller
+    # With ERROR: "adapter_unavailable" when the request's adapter could not be loaded (it never ran);
+    # None for an internal failure.
+    error_kind: str | None = None
 
 
 @dataclass(frozen=True)

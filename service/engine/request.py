@@ -36,7 +36,7 @@ class Request:
         "priority", "num_computed_tokens", "block_ids", "num_cached_tokens", "num_registered_blocks",
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
         "finished_time", "block_hashes", "arrival_seq", "lora_slot", "error", "engine_seconds", "_all_token_ids",
-        "_hash_key",
+        "_hash_key", "error_kind",
     )
 
     def __init__(
@@ -79,6 +79,7 @@ class Request:
         # admission policy while the request runs; -1 = no adapter (base model, or not running).
         self.lora_slot = -1
         self.error: str | None = None  # why the request failed (finish reason ERROR), for the caller
+        self.error_kind: str | None = None  # see RequestOutput.error_kind
         # Its share of model-step time: each step's wall time split over its chunks by token count
         # (what usage accounting bills as engine-seconds).
         self.engine_seconds = 0.0

@@ -302,3 +302,23 @@ def test_prefix_cache_is_never_shared_across_tenants(server):
     assert first.usage.cached_input_tokens == 0 and again.usage.cached_input_tokens >= 32
     assert other.usage.cached_input_tokens == 0
     assert other.token_ids == again.token_ids  # isolation changes nothing but the cache
+
+
+def test_an_adapter_that_fails_to_load_is_failed_precondition(server, tiny, tmp_path):
+    """Bad state, not bad input: the stored files of a registered version were damaged on disk. The request
+    is refused with FAILED_PRECONDITION (never INTERNAL) and the storage detail stays in the server log."""
+    from safetensors.torch import load_file, save_file
+
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    (variant / "adapter_config.json").write_bytes((tiny[1] / "adapter_config.json").read_bytes())
+    tensors = load_file(tiny[1] / "adapter_model.safetensors")
+    save_file({k: v * 3 if "lora_B" in k else v for k, v in tensors.items()}, variant / "adapter_model.safetensors")
+    with client(server, "alice") as alice:
+        v = alice.upload_adapter(variant, "fragile").version
+        stored = server.server.store.root / v.version_id / "adapter_model.safetensors"
+        stored.write_bytes(b"not safetensors any more")
+        err = rpc_error(alice.generate, "t5 t6", adapter="fragile", **GREEDY)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    assert "could not be loaded" in err.details() and str(stored) not in err.details()
+    server.wait_idle_and_intact()
