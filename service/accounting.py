@@ -27,6 +27,8 @@ from service.usage import UsageLedger, UsageRecord
 log = structlog.get_logger(__name__)
 
 _STATUS = {FinishReason.ERROR: "failed", FinishReason.CANCELLED: "cancelled"}
+WRITE_ATTEMPTS = 5
+WRITE_RETRY_S = 0.1  # doubled after each failed attempt
 
 
 @dataclass
@@ -67,15 +69,27 @@ class UsageWriter:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def _write(self, record: UsageRecord) -> None:
+        """Record, retrying a failing write (a locked or full disk) a few times before giving up loudly.
+        Retrying is safe: the ledger keeps one row per request id."""
+        for attempt in range(WRITE_ATTEMPTS):
+            try:
+                self.ledger.record(record)
+                return
+            except Exception:
+                if attempt == WRITE_ATTEMPTS - 1:
+                    log.exception("usage_record_lost", request_id=record.request_id, tenant=record.tenant,
+                                  attempts=WRITE_ATTEMPTS)
+                    return
+                log.warning("usage_record_retry", request_id=record.request_id, attempt=attempt + 1)
+                time.sleep(WRITE_RETRY_S * 2 ** attempt)
+
     def _run(self) -> None:
         while True:
             record = self._queue.get()
             if record is None:
                 return
-            try:
-                self.ledger.record(record)
-            except Exception:
-                log.exception("usage_record_failed", request_id=record.request_id, tenant=record.tenant)
+            self._write(record)
             with self._cond:
                 self._pending -= 1
                 self._cond.notify_all()

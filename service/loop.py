@@ -214,7 +214,28 @@ class EngineLoop:
             self._crashed = True
             self._fail_all("internal error: the engine loop stopped")
         finally:
+            self._refuse_pending()
             self._report_health()
+
+    def _refuse_pending(self) -> None:
+        """The thread is ending: answer whatever is still in the inbox now, instead of letting submitters and
+        callers wait out their timeouts (and a drain wait for submits that will never be added)."""
+        with self._accept_lock:
+            self._accepting = False
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Submit):
+                if command.future.set_running_or_notify_cancel():
+                    command.future.set_exception(LoopClosed("the engine loop stopped; retry on another replica"))
+                with self._accept_lock:
+                    self._submits -= 1
+                    if not self._submits:
+                        self._idle.set()
+            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+                command.future.set_exception(LoopClosed("the engine loop stopped"))
 
     def _serve(self) -> None:
         engine = self.engine

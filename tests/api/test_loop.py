@@ -163,3 +163,50 @@ def test_drain_aborts_what_outlives_the_grace_period(loop):
     out = list(handle)[-1]
     assert out.finish_reason is FinishReason.CANCELLED and handle.stopped_by_drain
     lp.call(lambda e: e.check_idle_integrity())
+
+
+def test_a_crashed_loop_answers_what_was_waiting_in_its_inbox(loop):
+    """The loop thread dies (an error no step handler catches): a submit and a call queued behind the fatal
+    step get LoopClosed at once instead of waiting out their timeouts, and health says so."""
+    engine = make_engine()
+    entered, release = threading.Event(), threading.Event()
+
+    def fatal_step():
+        entered.set()
+        release.wait(10)
+        raise SystemExit("the step took the thread down")
+
+    engine.step = fatal_step
+    lp = loop(engine)
+    first = lp.submit("a", prompt(5), GREEDY)
+    assert entered.wait(10)
+    outcome: dict[str, BaseException] = {}
+
+    def submit_behind() -> None:
+        try:
+            lp.submit("b", prompt(6), GREEDY, timeout=20)
+        except BaseException as e:  # noqa: BLE001 - the outcome is what the test reads
+            outcome["submit"] = e
+
+    t = threading.Thread(target=submit_behind)
+    t.start()
+    assert wait_until(lambda: lp._submits == 1, 5)  # "b" sits in the inbox behind the fatal step
+    call = threading.Thread(target=lambda: outcome.setdefault("call", _call_error(lp)))
+    call.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    release.set()
+    t.join(10)
+    call.join(10)
+    assert isinstance(outcome["submit"], LoopClosed) and isinstance(outcome["call"], LoopClosed)
+    assert time.monotonic() - t0 < 10  # answered, not timed out (the submit's own timeout is 20 s)
+    assert [o.finish_reason for o in first][-1] is FinishReason.ERROR
+    assert not lp.healthy and not lp.accepting
+
+
+def _call_error(lp: EngineLoop) -> BaseException | None:
+    try:
+        lp.call(lambda e: e.stats, timeout=20)
+    except BaseException as e:  # noqa: BLE001
+        return e
+    return None
