@@ -29,6 +29,10 @@ from service.runtime.arch import ModelArch
 
 log = structlog.get_logger(__name__)
 
+class PinLimitReached(Exception):
+    """The tenant holds as many LoadAdapter pins as its limit allows (RESOURCE_EXHAUSTED)."""
+
+
 LOCAL_OWNER = "local"  # owner of adapters registered with `serve --adapter NAME=DIR`; public to all tenants
 VISIBILITIES = ("private", "shared", "public")
 
@@ -107,14 +111,19 @@ class AdapterManager:
         log.info("adapter_deleted", tenant=tenant, ref=ref, released=list(released))
         return released
 
-    def load(self, tenant: str, ref: str, *, wait: bool, admin: bool = False,
-             timeout: float | None = None) -> tuple[AdapterVersion, str, str]:
+    def load(self, tenant: str, ref: str, *, wait: bool, admin: bool = False, timeout: float | None = None,
+             max_loaded: int | None = None) -> tuple[AdapterVersion, str, str]:
         """Pin the version in host memory for this tenant (however often it asks) and start its load; it
         stays until every tenant that loaded it unloads it. Returns (version, state, error) with state one of
         stored/loading/loaded/failed."""
         v = self.registry.resolve(tenant, ref, admin=admin)
         vid = v.version_id
         with self._lock:  # pins change under the lock: a racing unload or delete never unpins twice
+            if max_loaded is not None and tenant not in self._loaded_by_rpc.get(vid, ()):
+                held = sum(tenant in holders for holders in self._loaded_by_rpc.values())
+                if held >= max_loaded:
+                    raise PinLimitReached(f"tenant {tenant!r} already holds {held} loaded adapter versions, its "
+                                          f"limit (max_loaded_adapters); unload one first")
             holders = self._loaded_by_rpc.setdefault(vid, set())
             if not holders:
                 self.cache.pin(vid)

@@ -42,6 +42,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 KEY_HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 MIN_API_KEY_CHARS = 16  # shorter keys can be guessed; generate_api_key makes 43-character ones
 OPEN_ACCESS_TENANT = "default"
+DEFAULT_MAX_LOADED_ADAPTERS = 16
 _HASH_KEY_HINT = ("store its hash instead: run `loraserve tenants hash-key` and paste the sha256:... line "
                   "it prints")
 
@@ -106,6 +107,8 @@ class TenantLimits:
     max_prompt_tokens: int | None = None
     max_output_tokens: int | None = None
     max_upload_bytes: int | None = DEFAULT_MAX_UPLOAD_BYTES
+    # Versions this tenant may hold pinned in host memory with LoadAdapter at once (pins crowd the cache).
+    max_loaded_adapters: int | None = DEFAULT_MAX_LOADED_ADAPTERS
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -116,7 +119,7 @@ class TenantLimits:
 
     @classmethod
     def unlimited(cls) -> TenantLimits:
-        return cls(max_upload_bytes=None)
+        return cls(max_upload_bytes=None, max_loaded_adapters=None)
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
         if remaining is not None and remaining <= threading.TIMEOUT_MAX:
             timeout = max(remaining - 0.1, 0.0)
         v, state, error = self.manager.load(tenant.id, ref, wait=request.wait, admin=tenant.admin,
+                                            max_loaded=tenant.limits.max_loaded_adapters,
                                             timeout=timeout)
         return pb.LoadAdapterResponse(version=self._version(v, state), error=error)
 

@@ -28,6 +28,7 @@ from adapters.registry_types import (
     VersionIsCurrent,
 )
 from adapters.store import NotInStore, StoreError
+from service.adapter_manager import PinLimitReached
 from service.api.auth import Authenticator, PermissionDenied, Unauthenticated, set_current_tenant
 from service.engine.scheduler import QueueFullError
 from service.loop import LoopClosed
@@ -80,6 +81,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PinLimitReached, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),

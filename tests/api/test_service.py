@@ -322,3 +322,19 @@ def test_an_adapter_that_fails_to_load_is_failed_precondition(server, tiny, tmp_
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
     assert "could not be loaded" in err.details() and str(stored) not in err.details()
     server.wait_idle_and_intact()
+
+
+def test_loaded_adapter_pins_are_capped_per_tenant(make_server, tmp_path, tiny, adapter_v2):
+    """Bad input: a tenant pins more adapter versions than its max_loaded_adapters."""
+    server = make_server(service={"tenants_file": write_tenants(tmp_path / "t.yaml", "{max_loaded_adapters: 1}")})
+    with client(server, "alice") as alice, client(server, "bob") as bob:
+        alice.upload_adapter(tiny[1], "one")
+        alice.upload_adapter(adapter_v2, "two")
+        assert alice.load_adapter("one").version.load_state == apb.LOAD_STATE_LOADED
+        assert alice.load_adapter("one").version.load_state == apb.LOAD_STATE_LOADED  # the same pin again
+        err = rpc_error(alice.load_adapter, "two")
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "unload one first" in err.details()
+        alice.share_adapter("two", grant=["bob"])
+        assert bob.load_adapter("alice/two").version.load_state == apb.LOAD_STATE_LOADED  # bob's own quota
+        alice.unload_adapter("one")
+        assert alice.load_adapter("two").version.load_state == apb.LOAD_STATE_LOADED

@@ -209,7 +209,9 @@ def test_open_access():
     assert not d.auth_required
     t = d.anonymous
     assert t is d.get("default") and t.admin and d.ids == ("default",)
-    assert t.limits == TenantLimits(None, None, None, None, None)
+    assert t.limits == TenantLimits.unlimited() and all(getattr(t.limits, f) is None for f in (
+        "max_concurrent_requests", "tokens_per_minute", "max_prompt_tokens", "max_output_tokens",
+        "max_upload_bytes", "max_loaded_adapters"))
     assert d.authenticate_key("anything-at-all-1234") is None  # no keys exist in open access
 
 
