@@ -123,7 +123,7 @@ class LoraServer:
 
     def __init__(self, runtime: Runtime, config: ServerConfig | None = None, service: ServiceConfig | None = None,
                  *, tracer_provider: TracerProvider | None = None, startup_adapters: Sequence[tuple[str, str]] = (),
-                 store: Store | None = None) -> None:
+                 store: Store | None = None, tenants: TenantDirectory | None = None) -> None:
         self.config = config or ServerConfig()
         self.service_config = svc = service or ServiceConfig()
         self.runtime = runtime
@@ -135,7 +135,7 @@ class LoraServer:
         self.base_model = Path(loaded.source).name
 
         # Tenants, adapters, usage: everything a request is checked against, before the model serves.
-        self.tenants = TenantDirectory.load(svc.tenants_file) if svc.tenants_file else TenantDirectory.open_access()
+        self.tenants = tenants or load_tenants(svc)
         if not self.tenants.auth_required:
             log.warning("auth_disabled", reason="no tenants file: every call is the admin tenant 'default'")
         data = Path(svc.data_dir)
@@ -270,26 +270,30 @@ class LoraServer:
         return self._stopped.wait(timeout)
 
 
-def _check_startup_files(svc: ServiceConfig, adapters: Sequence[tuple[str, str]]) -> None:
+def load_tenants(svc: ServiceConfig) -> TenantDirectory:
+    return TenantDirectory.load(svc.tenants_file) if svc.tenants_file else TenantDirectory.open_access()
+
+
+def _check_startup_files(svc: ServiceConfig, adapters: Sequence[tuple[str, str]]) -> TenantDirectory:
+    """Check what start-up reads before the slow model load; returns the tenants (read once)."""
     for name, path in adapters:
         if not Path(path).is_dir():
             raise NotADirectoryError(f"--adapter {name}={path}: {path} is not a directory "
                                      "(expected adapter_config.json + adapter_model.safetensors)")
-    if svc.tenants_file:
-        TenantDirectory.load(svc.tenants_file)  # a bad tenants file fails before the slow model load
+    return load_tenants(svc)
 
 
 def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig,
                  svc: ServiceConfig | None = None, adapters: Sequence[tuple[str, str]] = (), *,
-                 store: Store | None = None) -> LoraServer:
+                 store: Store | None = None, tenants: TenantDirectory | None = None) -> LoraServer:
     """Load the model, open the data directory, register `--adapter NAME=DIR`s; the server is not started."""
     from service.runtime.builder import build_runtime
 
     svc = svc or ServiceConfig()
-    _check_startup_files(svc, adapters)
+    tenants = tenants or _check_startup_files(svc, adapters)
     store = store or store_from(svc)  # an unreachable store fails before the model load too
     rt = build_runtime(rc, ec, ac)
-    return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store)
+    return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store, tenants=tenants)
 
 
 STORE_RETRY_S = 3.0
@@ -364,12 +368,12 @@ def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConf
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         svc = svc or ServiceConfig()
-        _check_startup_files(svc, adapters)
+        tenants = _check_startup_files(svc, adapters)
         opened = open_store_waiting(sc, svc, stop)
         if opened is None:
             return 0
         store, sc = opened
-        server = build_server(rc, ec, ac, sc, svc, adapters, store=store)
+        server = build_server(rc, ec, ac, sc, svc, adapters, store=store, tenants=tenants)
         if stop.is_set():
             return 0
         server.start()

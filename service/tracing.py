@@ -60,7 +60,7 @@ class RequestSpan:
     def trace_id(self) -> str:
         return format(self.span.get_span_context().trace_id, "032x")
 
-    def set_adapter(self, ref: str | None, version_id: str | None) -> None:
+    def set_adapter(self, ref: str | None) -> None:
         if ref:
             self.span.set_attribute("loraserve.adapter", ref)
 

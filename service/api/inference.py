@@ -117,7 +117,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             prepared = self.converter.prepare(request, tenant)
             adapter = prepared.adapter
-            span.set_adapter(adapter.ref if adapter else None, adapter.version_id if adapter else None)
+            span.set_adapter(adapter.ref if adapter else None)
             structlog.contextvars.bind_contextvars(client_request_id=prepared.client_request_id or None,
                                                   adapter=adapter.ref if adapter else None)
             if adapter is not None and self.adapters is not None:

@@ -216,10 +216,28 @@ def test_spans_carry_genai_attributes(server, spans, tiny):
     assert a["loraserve.time_to_first_token_s"] >= a["loraserve.queue_time_s"] >= 0
 
 
+def _scrape(server) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+
+
+def _value(text: str, name: str) -> float:
+    (line,) = [ln for ln in text.splitlines() if ln.startswith(name + " ")]
+    return float(line.split()[1])
+
+
 def test_metrics_endpoint(server):
+    before = _scrape(server)
     with client(server, "bob") as bob:
-        bob.generate("t5 t6", **GREEDY)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+        r = bob.generate("t5 t6", **GREEDY)
+    text = _scrape(server)
+    # What one request moved: its tokens, one more first-token and finished observation.
+    assert _value(text, "loraserve_generation_tokens_total") - _value(before, "loraserve_generation_tokens_total") \
+        == len(r.token_ids)
+    assert _value(text, "loraserve_prompt_tokens_total") - _value(before, "loraserve_prompt_tokens_total") \
+        == r.usage.input_tokens
+    assert _value(text, "loraserve_time_to_first_token_seconds_count") \
+        - _value(before, "loraserve_time_to_first_token_seconds_count") == 1
+    assert _value(text, "loraserve_num_requests_running") == 0
     for name in ("loraserve_num_requests_running", "loraserve_num_requests_waiting", "loraserve_kv_cache_usage_perc",
                  "loraserve_time_to_first_token_seconds_bucket", "loraserve_time_per_output_token_seconds_bucket",
                  "loraserve_generation_tokens_total", "loraserve_prompt_tokens_total",
