@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from adapters.identity import adapter_version_id
-from adapters.peft_config import DEFAULT_MAX_RANK
+from adapters.peft_config import DEFAULT_MAX_RANK, BaseShapes
 from adapters.peft_format import AdapterError, ParsedAdapter, parse_adapter
 from adapters.store import Store, check_version_id
-from service.runtime.arch import ModelArch
 
 __all__ = ["AdapterLoadFailed", "CacheFull", "CacheStats", "HostAdapterCache", "LoaderFromStore", "Status",
            "StoredAdapterCorrupt"]
@@ -283,7 +282,7 @@ class LoaderFromStore:
     """`loader` for HostAdapterCache: read the files from the store, parse, and check the content still
     hashes to the id it is stored under (a flipped bit or a swapped file fails loudly, never serves)."""
 
-    def __init__(self, store: Store, arch: ModelArch, base_model_id: str, *, max_rank: int = DEFAULT_MAX_RANK):
+    def __init__(self, store: Store, arch: BaseShapes, base_model_id: str, *, max_rank: int = DEFAULT_MAX_RANK):
         self.store, self.arch, self.base_model_id, self.max_rank = store, arch, base_model_id, max_rank
 
     def __call__(self, version_id: str) -> ParsedAdapter:

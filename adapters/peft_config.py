@@ -2,7 +2,7 @@
 
 peft resolves a LoRA config against the *module names* of the base model (`model.named_modules()`),
 e.g. `model.layers.3.self_attn.q_proj`. We have no transformers model at serving time, so we rebuild the
-Llama-family module names from `ModelArch` and apply peft's own matching rules to them:
+Llama-family module names from the base model's shapes (`BaseShapes`) and apply peft's own matching rules to them:
 
 - `target_modules` list: a name matches when it equals an entry or ends with `"." + entry`
   (peft `check_target_module_exists`); a str is a regex that must `re.fullmatch` the name;
@@ -22,14 +22,29 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
-
-from service.runtime.arch import ModelArch
+from typing import Any, Protocol
 
 try:  # the stdlib regex parser, to bound the cost of regexes from uploaded configs
     from re import _parser as _sre_parse  # Python >= 3.11
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+
+
+class BaseShapes(Protocol):
+    """What an adapter is validated against: the base model's layer count, hidden size and projection
+    shapes. `service.runtime.arch.ModelArch` is one; adapters/ needs nothing else of the model."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each per-layer projection, by HF module name."""
+        ...
+
 
 # The only modules we can serve a LoRA delta on: projection name -> its parent inside a decoder layer.
 PROJECTIONS: dict[str, str] = {
@@ -133,7 +148,7 @@ def llama_module_names(num_layers: int) -> list[str]:
 
 
 def parse_lora_config(
-    raw: bytes | str | Mapping[str, Any], arch: ModelArch, *, max_rank: int = DEFAULT_MAX_RANK
+    raw: bytes | str | Mapping[str, Any], arch: BaseShapes, *, max_rank: int = DEFAULT_MAX_RANK
 ) -> LoraAdapterConfig:
     """Validate an `adapter_config.json` and resolve it against `arch`; raise AdapterError if refused."""
     cfg = _load_json(raw)

@@ -25,12 +25,12 @@ from adapters.peft_config import (
     DEFAULT_MAX_RANK,
     PROJECTIONS,
     AdapterError,
+    BaseShapes,
     LoraAdapterConfig,
     ModuleLora,
     module_name,
     parse_lora_config,
 )
-from service.runtime.arch import ModelArch
 
 __all__ = [
     "AdapterError", "AdapterSource", "LoraAdapterConfig", "LoraWeights", "ModuleLora", "ParsedAdapter",
@@ -82,7 +82,7 @@ class ParsedAdapter:
         return sum(w.A.nbytes + w.B.nbytes for w in self.weights.values())
 
 
-def parse_adapter(source: AdapterSource, arch: ModelArch, *, max_rank: int = DEFAULT_MAX_RANK) -> ParsedAdapter:
+def parse_adapter(source: AdapterSource, arch: BaseShapes, *, max_rank: int = DEFAULT_MAX_RANK) -> ParsedAdapter:
     """Parse an adapter directory, or a mapping file name -> bytes, and validate it against `arch`.
 
     Raises AdapterError (a ValueError) naming the feature, key, file or tensor that is refused.
@@ -143,7 +143,7 @@ def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def _pair_tensors(
-    tensors: Mapping[str, torch.Tensor], arch: ModelArch
+    tensors: Mapping[str, torch.Tensor], arch: BaseShapes
 ) -> dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]]:
     """Group peft tensor names into {(layer, proj): {"A": (name, tensor), "B": (name, tensor)}}."""
     pairs: dict[tuple[int, str], dict[str, tuple[str, torch.Tensor]]] = {}
@@ -175,7 +175,7 @@ def _pair_tensors(
     return pairs
 
 
-def _check_hidden_size(name: str, t: torch.Tensor, proj: str, part: str, arch: ModelArch) -> None:
+def _check_hidden_size(name: str, t: torch.Tensor, proj: str, part: str, arch: BaseShapes) -> None:
     """Name the likely cause of a shape mismatch: the adapter was trained on a model of another width."""
     if t.ndim != 2:
         return  # _check_tensor reports the shape with the expected one

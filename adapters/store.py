@@ -17,7 +17,7 @@ dir out of the id namespace before removing it, so a reader sees the whole adapt
 
 One process owns a root (opening it removes the leftovers of dead puts, which would also remove a live
 put of another process). Replicas share adapters through an S3-compatible bucket (adapters.s3_store), not
-through one directory; `open_store(kind, **settings)` opens either from the server config's `store` section.
+through one directory; `adapters.stores.open_store(kind, **settings)` opens either from the server config.
 
 This module stays free of torch: a crash test runs it in a fresh subprocess.
 """
@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 __all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "FILE_NAMES", "STORE_KINDS", "VERSION_ID_RE", "FilesystemStore",
-    "InvalidVersionId", "NotInStore", "Store", "StoreError", "check_files", "check_version_id", "open_store",
+    "CONFIG_FILE", "WEIGHTS_FILE", "FILE_NAMES", "VERSION_ID_RE", "FilesystemStore",
+    "InvalidVersionId", "NotInStore", "Store", "StoreError", "check_files", "check_version_id",
 ]
 
 # The same names as adapters.peft_format (which imports torch; this module must not).
@@ -71,7 +71,7 @@ def check_version_id(version_id: object) -> str:
 
 @runtime_checkable
 class Store(Protocol):
-    """Where adapter files live: the filesystem here, an S3-compatible bucket later."""
+    """Where adapter files live: `FilesystemStore` here, `adapters.s3_store.S3Store` in a bucket."""
 
     def put(self, version_id: str, files: Mapping[str, bytes]) -> bool:
         """Store the two adapter files atomically; False if the id was already stored (nothing written)."""
@@ -92,25 +92,6 @@ class Store(Protocol):
     def nbytes(self, version_id: str) -> int:
         """Total size of the stored files; NotInStore if absent."""
         ...
-
-
-STORE_KINDS = ("filesystem", "s3")
-
-
-def open_store(kind: str, **settings: object) -> Store:
-    """The store the config's `store` section describes: `filesystem` (path) or `s3` (adapters.s3_store)."""
-    if kind == "filesystem":
-        unknown = sorted(set(settings) - {"path"})
-        if unknown or not settings.get("path"):
-            raise ValueError(f"store kind 'filesystem' takes one setting, path (a directory); "
-                             f"got {sorted(settings) or 'none'}")
-        return FilesystemStore(str(settings["path"]))
-    if kind == "s3":
-        # Imported here: it imports boto3, which the filesystem store does not need.
-        from adapters.s3_store import S3Settings, S3Store
-
-        return S3Store(S3Settings.from_mapping(settings))
-    raise ValueError(f"store kind {kind!r} is unknown: use one of {', '.join(STORE_KINDS)}")
 
 
 class FilesystemStore:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapters.stores import STORE_KINDS
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -95,7 +97,6 @@ class ServerConfig:
             raise ValueError(f"grpc_workers={self.grpc_workers} is invalid: must be >= 2")
 
 
-STORE_KINDS = ("filesystem", "s3")
 LOG_FORMATS = ("console", "json")
 
 

@@ -27,7 +27,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from adapters.cache import LoaderFromStore
 from adapters.registry import AdapterRegistry
-from adapters.store import Store, StoreError, open_store
+from adapters.store import Store, StoreError
+from adapters.stores import open_store
 from service.accounting import Accounting, UsageWriter
 from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer

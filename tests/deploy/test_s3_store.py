@@ -21,8 +21,8 @@ from adapters.store import (
     NotInStore,
     Store,
     StoreError,
-    open_store,
 )
+from adapters.stores import open_store
 
 VID = "v-0123456789abcdef01234567"
 VID2 = "v-" + "f" * 24
