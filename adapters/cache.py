@@ -4,10 +4,10 @@ store (files) -> HostAdapterCache (ParsedAdapter in host RAM) -> active slots on
 
 Loads run on a small thread pool, so the engine loop never waits on disk or parsing: it calls
 `ensure_loading` and polls `status` (offline callers `wait`). One lock guards all state and is never held
-while a loader runs. Pins are counted: every request holding a version pins it, and a pinned version is
-never evicted. A load that does not fit (larger than the cache, or the room is held by pinned adapters)
-fails with CacheFull instead of exceeding the bounds, so `count <= max_count` and `nbytes <= max_bytes`
-hold at all times.
+while a loader runs. Which versions must stay in memory is not decided here: the cache asks its owner
+(`adapters.lifecycle.AdapterVersions`) through `protected(version_id)` and never evicts those. A load that
+does not fit (larger than the cache, or the room is held by protected adapters) fails with CacheFull instead
+of exceeding the bounds, so `count <= max_count` and `nbytes <= max_bytes` hold at all times.
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ _MAX_FAILURES_KEPT = 1024  # remembered failures, oldest forgotten first: bad id
 
 
 class CacheFull(RuntimeError):
-    """A loaded adapter does not fit: larger than the cache, or (transient) its room is held by pins."""
+    """A loaded adapter does not fit: larger than the cache, or (transient) its room is held by protected
+    versions."""
 
     def __init__(self, message: str, *, transient: bool) -> None:
         super().__init__(message)
-        self.transient = transient  # room may free up when requests unpin: RESOURCE_EXHAUSTED, retry later
+        self.transient = transient  # room may free up when protected versions are let go: retry later
 
 
 class AdapterLoadFailed(RuntimeError):
@@ -52,7 +53,7 @@ class StoredAdapterCorrupt(RuntimeError):
 class CacheStats:
     count: int
     nbytes: int
-    pinned: int  # versions with at least one pin
+    protected: int  # loaded versions the owner keeps in memory
     loading: int
     failed: int
     hits: int
@@ -67,7 +68,10 @@ class HostAdapterCache:
     """ParsedAdapters by version id, loaded in the background by `loader(version_id)`."""
 
     def __init__(self, loader: Callable[[str], ParsedAdapter], max_bytes: int, max_count: int, workers: int = 1,
-                 *, retry_failed_after_s: float = 5.0, latency_samples: int = 1024) -> None:
+                 *, protected: Callable[[str], bool] | None = None, retry_failed_after_s: float = 5.0,
+                 latency_samples: int = 1024) -> None:
+        """`protected(version_id)`: True for a version that must not be evicted (called under this cache's
+        lock, so it must never call back into the cache)."""
         if max_bytes <= 0 or max_count <= 0 or workers <= 0:
             raise ValueError(f"max_bytes, max_count and workers must be positive (got {max_bytes}, "
                              f"{max_count}, {workers})")
@@ -81,7 +85,7 @@ class HostAdapterCache:
         self._nbytes = 0
         self._loading: dict[str, object] = {}  # version id -> token of its load in flight
         self._failed: OrderedDict[str, tuple[BaseException, float]] = OrderedDict()  # -> (error, monotonic)
-        self._pins: dict[str, int] = {}
+        self._protected = protected or (lambda version_id: False)
         self._load_seconds: deque[float] = deque(maxlen=latency_samples)
         self._hits = self._misses = self._loads = self._load_failures = self._evictions = 0
         self._closed = False
@@ -147,7 +151,7 @@ class HostAdapterCache:
         if self._over_bounds():
             self._ready.pop(version_id)
             self._nbytes -= size
-            pinned = [(a, s) for vid, (a, s) in self._ready.items() if self._pins.get(vid)]
+            pinned = [(a, s) for vid, (a, s) in self._ready.items() if self._protected(vid)]
             return CacheFull(f"no room for adapter {version_id} ({size} bytes): {len(pinned)} adapters in use "
                              f"hold {sum(s for _, s in pinned)} of {self.max_bytes} bytes and "
                              f"{len(pinned)} of {self.max_count} slots; retry when requests finish",
@@ -158,11 +162,11 @@ class HostAdapterCache:
         return len(self._ready) > self.max_count or self._nbytes > self.max_bytes
 
     def _evict(self, keep: str | None = None) -> None:
-        """Evict least recently used, unpinned adapters until within bounds (or nothing is evictable)."""
+        """Evict least recently used, unprotected adapters until within bounds (or nothing is evictable)."""
         for vid in list(self._ready):
             if not self._over_bounds():
                 return
-            if vid == keep or self._pins.get(vid):
+            if vid == keep or self._protected(vid):
                 continue
             _, size = self._ready.pop(vid)
             self._nbytes -= size
@@ -199,7 +203,7 @@ class HostAdapterCache:
         """Block until `version_id` is loaded (for offline callers; the engine polls `status`).
 
         Raises AdapterLoadFailed, TimeoutError, or LookupError when it is neither loaded nor loading
-        (call ensure_loading first; pin it if eviction could win the race against this wait).
+        (call ensure_loading first; protect it if eviction could win the race against this wait).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -217,34 +221,19 @@ class HostAdapterCache:
                     raise TimeoutError(f"adapter {version_id} is still loading after {timeout} s")
                 self._cond.wait(remaining)
 
-    # --- pins and removal ---------------------------------------------------------------------------------
+    # --- removal ----------------------------------------------------------------------------------------
 
-    def pin(self, version_id: str) -> None:
-        """Hold `version_id` in memory (counted: one pin per holder); it may be pinned before it loads."""
+    def room_freed(self) -> None:
+        """The owner let a version go: loads refused for lack of room are retried at once, not after the
+        backoff."""
         with self._cond:
-            self._pins[version_id] = self._pins.get(version_id, 0) + 1
-
-    def unpin(self, version_id: str) -> None:
-        with self._cond:
-            count = self._pins.get(version_id, 0)
-            if count <= 0:
-                raise ValueError(f"adapter {version_id} is not pinned")
-            if count > 1:
-                self._pins[version_id] = count - 1
-                return
-            del self._pins[version_id]
-            # Room may have freed up: loads refused for lack of it are retried at once, not after the backoff.
             for vid in [v for v, (e, _) in self._failed.items() if isinstance(e, CacheFull) and e.transient]:
                 del self._failed[vid]
 
-    def pin_count(self, version_id: str) -> int:
-        with self._cond:
-            return self._pins.get(version_id, 0)
-
     def discard(self, version_id: str) -> bool:
-        """Forget `version_id` (loaded copy, failure, a load in flight) unless pinned; e.g. after deletion."""
+        """Forget `version_id` (loaded copy, failure, a load in flight) unless protected; e.g. after deletion."""
         with self._cond:
-            if self._pins.get(version_id):
+            if self._protected(version_id):
                 return False
             entry = self._ready.pop(version_id, None)
             if entry is not None:
@@ -257,7 +246,8 @@ class HostAdapterCache:
     def stats(self) -> CacheStats:
         with self._cond:
             return CacheStats(
-                count=len(self._ready), nbytes=self._nbytes, pinned=len(self._pins), loading=len(self._loading),
+                count=len(self._ready), nbytes=self._nbytes, protected=sum(map(self._protected, self._ready)),
+                loading=len(self._loading),
                 failed=len(self._failed), hits=self._hits, misses=self._misses, loads=self._loads,
                 load_failures=self._load_failures, evictions=self._evictions,
                 load_seconds=tuple(self._load_seconds),

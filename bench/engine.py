@@ -14,9 +14,9 @@ import time
 import torch
 
 from bench.common import chat_prompts, environment, measure_peak_gflops, print_table, write_result
+from service.builder import build_runtime
 from service.config import EngineConfig, RuntimeConfig
 from service.engine.sampling import SamplingParams
-from service.runtime.builder import build_runtime
 from service.runtime.loader import default_model_path
 
 
@@ -24,17 +24,10 @@ def engine_run(engine, prompts: list[list[int]], new_tokens: int,
                versions: list[str | None] | None = None) -> tuple[float, int]:
     sp = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0, ignore_eos=True)
     t = time.perf_counter()
-    if versions is None:
-        outs = engine.generate(prompts, sp)
-    else:
-        for i, (p, v) in enumerate(zip(prompts, versions)):
-            engine.add_request(f"bench-{t}-{i}", p, sp, extra_key=v)
-        outs = []
-        while engine.has_unfinished():
-            outs += [o for o in engine.step() if o.finished]
-        assert all(o.error is None for o in outs), [o.error for o in outs if o.error]
+    outs = engine.generate(prompts, sp, versions)
+    assert all(o.error is None for o in outs), [o.error for o in outs if o.error]
     dt = time.perf_counter() - t
-    n = sum(len(o.output_token_ids) for o in outs)
+    n = sum(o.usage.output_tokens for o in outs)
     assert n == new_tokens * len(prompts), "fixed output length not honoured"
     return dt, n
 

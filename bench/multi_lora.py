@@ -20,8 +20,8 @@ import torch
 
 from bench.common import chat_prompts, environment, measure_peak_gflops, print_table, write_result
 from bench.engine import engine_run, hf_run, load_hf_default_model
+from service.builder import build_runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
-from service.runtime.builder import build_runtime
 from service.runtime.loader import default_model_path
 
 RANKS = (8, 16, 32, 64)

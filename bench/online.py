@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from bench.engine import load_hf_default_model
     from bench.multi_lora import RANKS, TARGETS, make_adapters
-    from service.runtime.builder import load_tokenizer
+    from service.builder import load_tokenizer
     from service.runtime.loader import default_model_path
     from tests.api.serve_process import ServeProcess
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
-from service.api.adapter_refs import ResolvedAdapter
-from service.engine.outputs import RequestOutput
+from service.engine.outputs import FinalOutput
 from service.engine.types import FinishReason
+from service.limits import Lease
 from service.loop import RequestHandle
 from service.metrics import ServerMetrics
-from service.tenants import Lease, Tenant
 from service.tracing import RequestSpan
 from service.usage import UsageLedger, UsageRecord
 
@@ -33,14 +32,16 @@ WRITE_RETRY_S = 0.1  # doubled after each failed attempt
 
 @dataclass
 class RequestContext:
-    """Carried by the engine loop's RequestHandle from submit to the final output."""
+    """What the server holds for a submitted request besides its spec, handed back at the end."""
 
-    tenant: Tenant
-    adapter: ResolvedAdapter | None
-    base_model: str
     lease: Lease | None = None
     span: RequestSpan | None = None
-    start_time: float = field(default_factory=time.time)  # wall clock, for the ledger
+
+
+class AdapterHolds(Protocol):
+    def release(self, version_id: str) -> None:
+        """One request fewer on this adapter version (it held it from submit to finish)."""
+        ...
 
 
 class UsageWriter:
@@ -96,46 +97,46 @@ class UsageWriter:
 
 
 class Accounting:
-    def __init__(self, writer: UsageWriter, metrics: ServerMetrics | None, adapters: Any | None) -> None:
+    def __init__(self, writer: UsageWriter, metrics: ServerMetrics | None, adapters: AdapterHolds | None) -> None:
         self.writer = writer
         self.metrics = metrics
-        self.adapters = adapters  # AdapterManager: hold/release of versions in use
+        self.adapters = adapters
 
-    def on_finished(self, handle: RequestHandle, out: RequestOutput) -> None:
+    def on_finished(self, handle: RequestHandle, final: FinalOutput) -> None:
         ctx: RequestContext | None = handle.context
-        req = handle.request
-        n_out = len(out.output_token_ids)
-        if ctx is not None:
-            # What the request holds goes back first, whatever fails after: a leaked lease would lock its
-            # tenant out, a leaked hold would make its adapter version undeletable.
-            try:
-                if ctx.adapter is not None and self.adapters is not None:
-                    self.adapters.release(ctx.adapter.version_id)
-            finally:
-                if ctx.lease is not None:
-                    ctx.lease.charge(n_out)
-                    ctx.lease.release()
+        if ctx is None:  # the warm-up: nothing held, nobody to bill
+            if self.metrics is not None:
+                self.metrics.on_finished(final)
+            return
+        # What the request holds goes back first, whatever fails after: a leaked lease would lock its
+        # tenant out, a leaked hold would make its adapter version undeletable.
+        try:
+            if final.adapter_version is not None and self.adapters is not None:
+                self.adapters.release(final.adapter_version)
+        finally:
+            if ctx.lease is not None:
+                ctx.lease.charge(final.usage.output_tokens)
+                ctx.lease.release()
         for step in (self._observe, self._end_span, self._record):
             try:
-                step(ctx, req, out)
+                step(ctx, final)
             except Exception:
                 log.exception("request_accounting_failed", step=step.__name__, request_id=handle.request_id)
 
-    def _observe(self, ctx: RequestContext | None, req: Any, out: RequestOutput) -> None:
+    def _observe(self, ctx: RequestContext, final: FinalOutput) -> None:
         if self.metrics is not None:
-            self.metrics.on_finished(req, out)
+            self.metrics.on_finished(final)
 
-    def _end_span(self, ctx: RequestContext | None, req: Any, out: RequestOutput) -> None:
-        if ctx is not None and ctx.span is not None:
-            ctx.span.finish(req, out, ctx.adapter.version_id if ctx.adapter else ctx.base_model)
+    def _end_span(self, ctx: RequestContext, final: FinalOutput) -> None:
+        if ctx.span is not None:
+            ctx.span.finish(final)
 
-    def _record(self, ctx: RequestContext | None, req: Any, out: RequestOutput) -> None:
-        if ctx is None:  # the warm-up: nobody to bill
-            return
+    def _record(self, ctx: RequestContext, final: FinalOutput) -> None:
+        spec, usage = final.spec, final.usage
         self.writer.submit(UsageRecord(
-            request_id=req.request_id, tenant=ctx.tenant.id,
-            adapter=ctx.adapter.name if ctx.adapter else "", adapter_version=ctx.adapter.version_id if ctx.adapter
-            else "", start_time=ctx.start_time, end_time=time.time(), input_tokens=out.num_prompt_tokens,
-            cached_input_tokens=out.num_cached_tokens, output_tokens=len(out.output_token_ids),
-            engine_seconds=req.engine_seconds, status=_STATUS.get(out.finish_reason, "ok"),
+            request_id=spec.request_id, tenant=spec.tenant, adapter=spec.adapter_name,
+            adapter_version=spec.adapter_version or "", start_time=spec.created_at, end_time=time.time(),
+            input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
+            output_tokens=usage.output_tokens, engine_seconds=final.timings.engine_s,
+            status=_STATUS.get(final.finish_reason, "ok"),
         ))

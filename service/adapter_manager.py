@@ -1,5 +1,6 @@
-"""The adapter lifecycle of a running server: registry (names, versions, visibility) + store (files) +
-host cache (memory), and which versions running requests hold.
+"""The adapters of a running server: registry (names, versions, visibility) + store (files), over the one
+owner of version lifetimes in this process (`adapters.lifecycle.AdapterVersions`: requests' holds,
+LoadAdapter pins, host memory and slots).
 
 Upload: parse and validate the files against the base model, derive the version id, store the files
 atomically, then register the version (promote = point the name at it). Requests resolve a reference to
@@ -11,41 +12,31 @@ ever loses its weights mid-generation.
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
 
-from adapters.cache import AdapterLoadFailed, HostAdapterCache
 from adapters.identity import adapter_version_id
+from adapters.lifecycle import AdapterVersions, LoadState
+from adapters.peft_config import BaseShapes
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, parse_adapter, read_adapter_files
 from adapters.registry import AdapterRegistry
 from adapters.registry_types import AdapterRef, AdapterVersion, Registered, VersionMeta
 from adapters.store import Store
 from service.api.adapter_refs import ResolvedAdapter
-from service.runtime.arch import ModelArch
 
 log = structlog.get_logger(__name__)
-
-class PinLimitReached(Exception):
-    """The tenant holds as many LoadAdapter pins as its limit allows (RESOURCE_EXHAUSTED)."""
-
 
 LOCAL_OWNER = "local"  # owner of adapters registered with `serve --adapter NAME=DIR`; public to all tenants
 VISIBILITIES = ("private", "shared", "public")
 
 
 class AdapterManager:
-    def __init__(self, registry: AdapterRegistry, store: Store, cache: HostAdapterCache, arch: ModelArch,
+    def __init__(self, registry: AdapterRegistry, store: Store, versions: AdapterVersions, arch: BaseShapes,
                  base_model_id: str, max_rank: int) -> None:
-        self.registry, self.store, self.cache = registry, store, cache
+        self.registry, self.store, self.versions = registry, store, versions
         self.arch, self.base_model_id, self.max_rank = arch, base_model_id, max_rank
-        self._lock = threading.Lock()
-        self._in_flight: Counter[str] = Counter()  # version id -> submitted, unfinished requests
-        # version id -> tenants whose LoadAdapter holds it (one cache pin per version while any does)
-        self._loaded_by_rpc: dict[str, set[str]] = {}
 
     # ---- registering ------------------------------------------------------------------------------------
     def register_files(self, owner: str, name: str, files: Mapping[str, bytes], *, description: str = "",
@@ -78,81 +69,33 @@ class AdapterManager:
         v = self.registry.resolve(tenant, ref, admin=admin)
         return ResolvedAdapter(version_id=v.version_id, ref=v.ref, name=f"{v.owner}/{v.name}")
 
-    def hold(self, version_id: str) -> None:
-        """A request on this version was submitted (until `release`, the version cannot be deleted)."""
-        with self._lock:
-            self._in_flight[version_id] += 1
-
-    def release(self, version_id: str) -> None:
-        with self._lock:
-            self._in_flight[version_id] -= 1
-            if self._in_flight[version_id] <= 0:
-                del self._in_flight[version_id]
-
-    def in_use(self, version_id: str) -> bool:
-        with self._lock:
-            return self._in_flight.get(version_id, 0) > 0
-
     # ---- delete / load / unload -------------------------------------------------------------------------
     def delete(self, tenant: str, ref: str, admin: bool = False) -> tuple[str, ...]:
         """`name` deletes the adapter, `name@version` one non-current version. Returns the version ids whose
         files were released. AdapterInUse (FAILED_PRECONDITION) while requests hold an affected version."""
         parsed = AdapterRef.parse(ref)
         if parsed.version is None:
-            released = self.registry.delete_adapter(tenant, parsed.base, in_use=self.in_use, admin=admin)
+            released = self.registry.delete_adapter(tenant, parsed.base, in_use=self.versions.in_use, admin=admin)
         else:
-            released = self.registry.delete_version(tenant, parsed.base, parsed.version, in_use=self.in_use,
+            released = self.registry.delete_version(tenant, parsed.base, parsed.version, in_use=self.versions.in_use,
                                                     admin=admin)
         for vid in released:
-            with self._lock:
-                if self._loaded_by_rpc.pop(vid, None) is not None:
-                    self.cache.unpin(vid)
-            self.cache.discard(vid)
+            self.versions.forget(vid)
         log.info("adapter_deleted", tenant=tenant, ref=ref, released=list(released))
         return released
 
     def load(self, tenant: str, ref: str, *, wait: bool, admin: bool = False, timeout: float | None = None,
-             max_loaded: int | None = None) -> tuple[AdapterVersion, str, str]:
+             max_loaded: int | None = None) -> tuple[AdapterVersion, LoadState, str]:
         """Pin the version in host memory for this tenant (however often it asks) and start its load; it
-        stays until every tenant that loaded it unloads it. Returns (version, state, error) with state one of
-        stored/loading/loaded/failed."""
+        stays until every tenant that loaded it unloads it. Returns (version, state, error)."""
         v = self.registry.resolve(tenant, ref, admin=admin)
-        vid = v.version_id
-        with self._lock:  # pins change under the lock: a racing unload or delete never unpins twice
-            if max_loaded is not None and tenant not in self._loaded_by_rpc.get(vid, ()):
-                held = sum(tenant in holders for holders in self._loaded_by_rpc.values())
-                if held >= max_loaded:
-                    raise PinLimitReached(f"tenant {tenant!r} already holds {held} loaded adapter versions, its "
-                                          f"limit (max_loaded_adapters); unload one first")
-            holders = self._loaded_by_rpc.setdefault(vid, set())
-            if not holders:
-                self.cache.pin(vid)
-            holders.add(tenant)
-        self.cache.ensure_loading(vid)
+        self.versions.pin(tenant, v.version_id, max_loaded)
         if wait:
-            try:
-                self.cache.wait(vid, timeout)
-            except (TimeoutError, LookupError, AdapterLoadFailed):
-                pass  # reported through the state (and error) below
-        state, error = self.state(vid)
+            self.versions.wait_loaded(v.version_id, timeout)
+        state, error = self.versions.state(v.version_id)
         return v, state, error
 
-    def unload(self, tenant: str, ref: str, admin: bool = False) -> tuple[AdapterVersion, str]:
+    def unload(self, tenant: str, ref: str, admin: bool = False) -> tuple[AdapterVersion, LoadState]:
         v = self.registry.resolve(tenant, ref, admin=admin)
-        with self._lock:
-            holders = self._loaded_by_rpc.get(v.version_id, set())
-            if tenant in holders:
-                holders.discard(tenant)
-                if not holders:  # another tenant's load keeps it pinned; only this tenant's hold goes
-                    del self._loaded_by_rpc[v.version_id]
-                    self.cache.unpin(v.version_id)
-        return v, self.state(v.version_id)[0]
-
-    def state(self, version_id: str) -> tuple[str, str]:
-        s = self.cache.status(version_id)
-        if s == "ready":
-            return "loaded", ""
-        if s == "failed":
-            err = self.cache.error(version_id)
-            return "failed", str(err) if err else "the load failed"
-        return ("loading", "") if s == "loading" else ("stored", "")
+        self.versions.unpin(tenant, v.version_id)  # another tenant's pin keeps it; only this tenant's goes
+        return v, self.versions.state(v.version_id)[0]

@@ -9,6 +9,7 @@ import time
 
 from service.cli_client import add_client_args, add_commands
 from service.config import DTYPES, QUANTIZE_MODES, AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 
 
@@ -50,7 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         args.stream = True
         return cmd_call(args)
-    from service.runtime.builder import build_runtime
+    from service.builder import build_runtime
 
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
@@ -65,7 +66,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = rt.engine
     t0 = time.perf_counter()
     version = rt.add_local_adapter(args.adapter) if args.adapter else None
-    engine.add_request("cli", ids, sampling, extra_key=version)
+    engine.add_request(RequestSpec("cli", tuple(ids), sampling, adapter_version=version))
     n = 0
     reason = None
     while engine.has_unfinished():
@@ -73,10 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(out.new_text)
             sys.stdout.flush()
             n += len(out.new_token_ids)
-            if out.finished:
-                reason = out.finish_reason
-                if out.error:
-                    print(f"error: {out.error}", file=sys.stderr)
+            if out.final is not None:
+                reason = out.final.finish_reason
+                if out.final.error is not None:
+                    print(f"error: {out.final.error.message}", file=sys.stderr)
                     return 1
     sys.stdout.write("\n")
     dt = time.perf_counter() - t0

@@ -74,6 +74,11 @@ class AdapterConfig:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: must be >= 1")
         if self.max_overtake_steps < 0:
             raise ValueError(f"max_overtake_steps={self.max_overtake_steps} is invalid: must be >= 0")
+        if self.host_cache_max_count <= self.max_active_adapters:
+            # An active slot reads its version from host memory, so the slots alone could fill a smaller
+            # cache and leave no room to load the next adapter.
+            raise ValueError(f"host_cache_max_count={self.host_cache_max_count} must be larger than "
+                             f"max_active_adapters={self.max_active_adapters}")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 import structlog
 
 from service.engine.engine import LLMEngine
-from service.engine.outputs import RequestOutput
-from service.engine.request import Request
-from service.engine.sampling import SamplingParams
+from service.engine.outputs import ErrorKind, FinalOutput, RequestError, RequestOutput
+from service.engine.request import RequestSpec
 from service.engine.types import FinishReason
 
 log = structlog.get_logger(__name__)
@@ -41,13 +40,12 @@ class LoopClosed(Exception):
 
 class RequestHandle:
     """One submitted request as its caller sees it: iterate to get its `RequestOutput`s (the last one
-    has `finished` set), `cancel()` to abort it. `request` is the engine's record (timings, seed); read
-    it only after the final output arrived, when the loop no longer writes it."""
+    carries the `FinalOutput`), `cancel()` to abort it."""
 
-    def __init__(self, loop: EngineLoop, request: Request, context: Any = None) -> None:
-        self.request_id = request.request_id
-        self.request = request
-        self.context = context  # the submitter's own record (tenant, adapter, trace), handed to on_finished
+    def __init__(self, loop: EngineLoop, spec: RequestSpec, context: Any = None) -> None:
+        self.spec = spec
+        self.request_id = spec.request_id
+        self.context = context  # the submitter's own record (lease, span), handed to on_finished
         self.stopped_by_drain = False  # aborted because the drain's grace period ran out
         self._loop = loop
         self._outputs: queue.Queue[RequestOutput] = queue.Queue()
@@ -80,14 +78,9 @@ class RequestHandle:
 
 @dataclass
 class _Submit:
-    request_id: str
-    prompt_token_ids: Sequence[int]
-    sampling: SamplingParams
-    extra_key: str | None
-    priority: int
+    spec: RequestSpec
     future: Future[RequestHandle]
     context: Any = None
-    cache_salt: str | None = None
 
 
 @dataclass
@@ -103,14 +96,15 @@ class _Call:
 
 
 _STOP = object()
+_WAKE = object()  # wakes a blocked loop so it sees a changed hold
 
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, name: str = "engine-loop",
                  on_health: Callable[[bool], None] | None = None,
-                 on_finished: Callable[[RequestHandle, RequestOutput], None] | None = None,
+                 on_finished: Callable[[RequestHandle, FinalOutput], None] | None = None,
                  on_step: Callable[[LLMEngine, float], None] | None = None) -> None:
-        """`on_finished(handle, final_output)` runs on the loop thread exactly once per request that reached
+        """`on_finished(handle, final)` runs on the loop thread exactly once per request that reached
         the engine, however it ended (finished, cancelled, failed, drained): usage accounting hangs off it
         and must be quick. `on_step(engine, seconds)` runs after every model step (metrics)."""
         self.engine = engine  # touch only from the loop thread (use `call`)
@@ -129,6 +123,8 @@ class EngineLoop:
         self._integrity_ok = True
         self._on_health = on_health
         self._last_health: bool | None = None
+        self._hold_cond = threading.Condition()
+        self._steps_before_hold: int | None = None  # None: not holding; 0: held (see hold())
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -174,11 +170,10 @@ class EngineLoop:
             self._thread.join(timeout)
 
     # ---- requests (any thread) ----------------------------------------------------------
-    def submit(self, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams,
-               extra_key: str | None = None, priority: int = 0, timeout: float | None = 30.0,
-               context: Any = None, cache_salt: str | None = None) -> RequestHandle:
+    def submit(self, spec: RequestSpec, context: Any = None, timeout: float | None = 30.0) -> RequestHandle:
         """Hand a request to the engine and wait until it is queued. Raises what `add_request` raises
-        (ValueError, QueueFullError) on this thread, or LoopClosed while draining."""
+        (ValueError, QueueFullError) on this thread, or LoopClosed while draining. `context` is the
+        submitter's own record, handed back to `on_finished`."""
         future: Future[RequestHandle] = Future()
         with self._accept_lock:
             if not self._accepting:
@@ -187,8 +182,7 @@ class EngineLoop:
                 raise LoopClosed("the engine loop is not running")
             self._submits += 1
             self._idle.clear()  # before the loop can see the request, so a concurrent drain() waits for it
-            self._post(_Submit(request_id, prompt_token_ids, sampling, extra_key, priority, future, context,
-                               cache_salt))
+            self._post(_Submit(spec, future, context))
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -204,6 +198,35 @@ class EngineLoop:
 
     def _post(self, command: Any) -> None:
         self._inbox.put(command)
+
+    # ---- holding (any thread) -------------------------------------------------------------
+    def hold(self, after_steps: int = 0) -> None:
+        """Run no model step after `after_steps` more, until `resume()`: requests stay queued or running
+        where they are, while submits, aborts (their final outputs included) and calls are still served.
+        For maintenance, and for tests that need a request to stay in flight while they act."""
+        with self._hold_cond:
+            self._steps_before_hold = after_steps
+        self._post(_WAKE)
+
+    def resume(self) -> None:
+        with self._hold_cond:
+            self._steps_before_hold = None
+        self._post(_WAKE)
+
+    def wait_held(self, timeout: float = 10.0) -> bool:
+        """Until the hold has taken effect (every step it allowed has run)."""
+        with self._hold_cond:
+            return self._hold_cond.wait_for(lambda: self._steps_before_hold == 0, timeout)
+
+    def _held(self) -> bool:
+        return self._steps_before_hold == 0
+
+    def _count_step_against_hold(self) -> None:
+        with self._hold_cond:
+            if self._steps_before_hold:
+                self._steps_before_hold -= 1
+                if not self._steps_before_hold:
+                    self._hold_cond.notify_all()
 
     # ---- the loop thread ----------------------------------------------------------------
     def _run(self) -> None:
@@ -243,9 +266,10 @@ class EngineLoop:
             busy = engine.has_unfinished()
             if not busy:
                 self._became_idle()
+            held = busy and self._held()
             try:
-                # Idle: block until a command arrives. Busy: take what is there without waiting.
-                command = self._inbox.get(block=not busy)
+                # Idle or held: block until a command arrives. Busy: take what is there without waiting.
+                command = self._inbox.get(block=not busy or held)
             except queue.Empty:
                 command = None
             while command is not None:
@@ -257,6 +281,9 @@ class EngineLoop:
                     command = self._inbox.get_nowait()
                 except queue.Empty:
                     command = None
+            if self._held():
+                self._deliver(engine.take_pending())  # aborts end at once, held or not
+                continue
             if engine.has_unfinished() and not self._step():
                 try:  # nothing could run (adapter loads): wait a little, but wake for new commands
                     command = self._inbox.get(timeout=STALL_WAIT_S)
@@ -268,6 +295,8 @@ class EngineLoop:
                 self._handle(command)
 
     def _handle(self, command: Any) -> None:
+        if command is _WAKE:
+            return
         if isinstance(command, _Submit):
             self._add(command)
         elif isinstance(command, _Abort):
@@ -295,14 +324,12 @@ class EngineLoop:
         if not command.future.set_running_or_notify_cancel():
             return  # the submitter gave up waiting
         try:
-            request = self.engine.add_request(command.request_id, command.prompt_token_ids, command.sampling,
-                                              extra_key=command.extra_key, priority=command.priority,
-                                              cache_salt=command.cache_salt)
+            self.engine.add_request(command.spec)
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return
-        handle = RequestHandle(self, request, command.context)
-        self._handles[command.request_id] = handle
+        handle = RequestHandle(self, command.spec, command.context)
+        self._handles[handle.request_id] = handle
         command.future.set_result(handle)
 
     def _step(self) -> bool:
@@ -319,29 +346,30 @@ class EngineLoop:
             # A broken engine fails every step: back off so it does not flood the log and burn a core.
             time.sleep(min(STALL_WAIT_S * 2 ** self._failures, MAX_FAILURE_BACKOFF_S))
             return True
+        # Outputs without a model step are possible (aborts), and a model step without outputs (a chunk
+        # of a long prompt): progress is whether the engine ran the model.
+        steps = engine.num_steps
+        progressed, self._last_steps = steps != self._last_steps, steps
+        if progressed:
+            self._count_step_against_hold()
         if self._failures:
             self._failures = 0
             self._report_health()
         if self._on_step is not None:
             self._hook(self._on_step, engine, time.perf_counter() - t0)
+        self._deliver(outputs)
+        return progressed or bool(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             handle = self._handles.get(out.request_id)
             if handle is None:
-                continue  # e.g. the final output of a request already failed by _fail_all
-            if out.finished:
+                continue  # e.g. a request the engine ended while the loop was failing everything
+            if out.final is not None:
                 del self._handles[out.request_id]
-                self._finished(handle, out)
+                if self._on_finished is not None:
+                    self._hook(self._on_finished, handle, out.final)
             handle._outputs.put(out)
-        if outputs:
-            return True
-        # No output can still be progress (a chunk of a long prompt): did the engine run a model step?
-        steps = engine.stats.steps
-        progressed, self._last_steps = steps != self._last_steps, steps
-        return progressed
-
-    def _finished(self, handle: RequestHandle, out: RequestOutput) -> None:
-        if self._on_finished is not None:
-            self._hook(self._on_finished, handle, out)
 
     @staticmethod
     def _hook(fn: Callable[..., None], *args: Any) -> None:
@@ -351,23 +379,21 @@ class EngineLoop:
             log.exception("engine_loop_hook_failed", hook=getattr(fn, "__name__", repr(fn)))
 
     def _fail_all(self, error: str) -> None:
-        """End every unfinished request with ERROR (after a step blew up, or at stop)."""
+        """End every unfinished request with ERROR (after a step blew up, or at stop), or CANCELLED for those
+        the drain stopped."""
         for rid, handle in list(self._handles.items()):
+            failure = None if handle.stopped_by_drain else RequestError(ErrorKind.INTERNAL, error)
+            reason = FinishReason.CANCELLED if handle.stopped_by_drain else FinishReason.ERROR
             try:
-                self.engine.abort_request(rid)  # frees its blocks if the engine is still consistent
+                self.engine.abort_request(rid, reason, failure)
             except Exception:
                 log.exception("abort_after_failure_failed", request_id=rid)
-            req = handle.request
-            reason = FinishReason.CANCELLED if handle.stopped_by_drain else FinishReason.ERROR
-            out = RequestOutput(
-                request_id=rid, new_token_ids=[], new_text="", output_token_ids=list(req.output_token_ids),
-                text="", finished=True, finish_reason=reason, num_prompt_tokens=req.num_prompt_tokens,
-                num_cached_tokens=req.num_cached_tokens or 0,
-                error=None if handle.stopped_by_drain else error,
-            )
-            self._finished(handle, out)
-            handle._outputs.put(out)
-        self._handles.clear()
+        self._deliver(self.engine.take_pending())
+        lost = [RequestOutput(rid, [], "", final=FinalOutput.lost(handle.spec, RequestError(ErrorKind.INTERNAL, error)))
+                for rid, handle in self._handles.items()]  # the engine could not end these: end them here
+        if lost:
+            log.error("requests_lost_by_engine", request_ids=[o.request_id for o in lost])
+            self._deliver(lost)
 
     def _became_idle(self) -> None:
         with self._accept_lock:

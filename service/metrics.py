@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.engine.engine import LLMEngine
-from service.engine.outputs import EngineStats, RequestOutput
+from service.engine.outputs import EngineStats, FinalOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
@@ -88,21 +88,19 @@ class ServerMetrics:
             self._lora_labels = labels
         self.lora_info.labels(*labels).set(time.time())
 
-    def on_finished(self, request: Any, out: RequestOutput) -> None:
-        """`request`: the engine's Request record (monotonic timestamps)."""
-        reason = out.finish_reason.value if out.finish_reason is not None else "unknown"
+    def on_finished(self, final: FinalOutput) -> None:
+        reason = final.finish_reason.value
         self.finished.labels(reason).inc()
-        self.prompt_tokens.inc(out.num_prompt_tokens)
-        n = len(out.output_token_ids)
-        self.generation_tokens.inc(n)
-        end = request.finished_time or time.monotonic()
-        self.e2e.observe(max(0.0, end - request.arrival_time))
-        if request.first_scheduled_time is not None:
-            self.queue.observe(max(0.0, request.first_scheduled_time - request.arrival_time))
-        if request.first_token_time is not None:
-            self.ttft.observe(max(0.0, request.first_token_time - request.arrival_time))
-            if n > 1:
-                self.tpot.observe(max(0.0, end - request.first_token_time) / (n - 1))
+        self.prompt_tokens.inc(final.usage.input_tokens)
+        self.generation_tokens.inc(final.usage.output_tokens)
+        t = final.timings
+        self.e2e.observe(t.total_s)
+        if t.queue_s is not None:
+            self.queue.observe(t.queue_s)
+        if t.ttft_s is not None:
+            self.ttft.observe(t.ttft_s)
+        if t.tpot_s is not None:
+            self.tpot.observe(t.tpot_s)
 
     def observe_adapter_load(self, seconds: float, ok: bool) -> None:
         if ok:

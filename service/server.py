@@ -32,7 +32,7 @@ from adapters.stores import open_store
 from service.accounting import Accounting, UsageWriter
 from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer
-from service.api.auth import Authenticator
+from service.api.auth import Authenticator, AuthInterceptor
 from service.api.convert import RequestConverter
 from service.api.errors import ErrorInterceptor
 from service.api.gen.loraserve.v1 import (
@@ -45,12 +45,14 @@ from service.api.gen.loraserve.v1 import (
 )
 from service.api.inference import InferenceServicer
 from service.api.usage_service import UsageServicer
+from service.builder import Runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
+from service.limits import TenantLimiter
 from service.loop import EngineLoop
 from service.metrics import ServerMetrics
-from service.runtime.builder import Runtime
-from service.tenants import TenantDirectory, TenantLimiter
+from service.tenants import TenantDirectory
 from service.tracing import make_tracer_provider
 from service.usage import Pricing, UsageLedger
 
@@ -158,7 +160,7 @@ class LoraServer:
             return parsed
 
         runtime.adapter_loader = timed_loader
-        self.adapters = AdapterManager(self.registry, self.store, runtime.adapters.cache, loaded.arch,
+        self.adapters = AdapterManager(self.registry, self.store, runtime.adapters, loaded.arch,
                                        loaded.model_id, runtime.adapter_config.max_lora_rank)
         for name, path in startup_adapters:
             self.adapters.register_dir(name, path)
@@ -167,7 +169,7 @@ class LoraServer:
             output_per_1k=svc.price_output_per_1k, unit=svc.price_unit))
         self.usage_writer = UsageWriter(self.ledger)
         self.tracer_provider = tracer_provider or make_tracer_provider(otlp_endpoint=svc.otlp_endpoint)
-        accounting = Accounting(self.usage_writer, self.metrics, self.adapters)
+        accounting = Accounting(self.usage_writer, self.metrics, runtime.adapters)
         self.loop = EngineLoop(runtime.engine, on_health=self._on_loop_health, on_finished=accounting.on_finished,
                                on_step=self.metrics.on_step)
         converter = RequestConverter(runtime.tokenizer, runtime.runner.max_model_len, runtime.runner.vocab_size,
@@ -176,10 +178,10 @@ class LoraServer:
         workers = self.config.grpc_workers or min(ec.max_num_seqs + ec.max_waiting, MAX_RPC_THREADS) + SPARE_RPC_THREADS
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its connections.
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                                  interceptors=[ErrorInterceptor(Authenticator(self.tenants))],
+                                  interceptors=[ErrorInterceptor(), AuthInterceptor(Authenticator(self.tenants))],
                                   options=[("grpc.so_reuseport", 0)])
         inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
-                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=self.adapters)
+                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=runtime.adapters)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self.server)
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
             AdapterServicer(self.adapters, svc.max_upload_mib * 2**20), self.server)
@@ -222,10 +224,10 @@ class LoraServer:
         """One short greedy generation: the first steps pay one-off costs (allocations, kernel choice)."""
         t0 = time.perf_counter()
         ids = self.runtime.tokenizer.encode("Hello") or [0]
-        handle = self.loop.submit("warmup", ids, SamplingParams(max_tokens=2, temperature=0))
+        handle = self.loop.submit(RequestSpec("warmup", tuple(ids), SamplingParams(max_tokens=2, temperature=0)))
         for out in handle:
-            if out.finished and out.error:
-                raise RuntimeError(f"the warm-up generation failed: {out.error}")
+            if out.final is not None and out.final.error is not None:
+                raise RuntimeError(f"the warm-up generation failed: {out.final.error.message}")
         log.info("warmup_done", ms=round((time.perf_counter() - t0) * 1000, 1))
 
     # ---- health -------------------------------------------------------------------------
@@ -288,7 +290,7 @@ def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: Ser
                  svc: ServiceConfig | None = None, adapters: Sequence[tuple[str, str]] = (), *,
                  store: Store | None = None, tenants: TenantDirectory | None = None) -> LoraServer:
     """Load the model, open the data directory, register `--adapter NAME=DIR`s; the server is not started."""
-    from service.runtime.builder import build_runtime
+    from service.builder import build_runtime
 
     svc = svc or ServiceConfig()
     tenants = tenants or _check_startup_files(svc, adapters)

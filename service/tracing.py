@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from service.engine.outputs import RequestOutput
+from service.engine.outputs import FinalOutput
 from service.engine.types import FinishReason
 
 PROVIDER_NAME = "loraserve"
@@ -64,28 +64,27 @@ class RequestSpan:
         if ref:
             self.span.set_attribute("loraserve.adapter", ref)
 
-    def finish(self, request: Any, out: RequestOutput, response_model: str) -> None:
-        """`request`: the engine's Request (monotonic timestamps)."""
+    def finish(self, final: FinalOutput) -> None:
         if self._ended:
             return
         self._ended = True
         s = self.span
-        s.set_attribute("gen_ai.response.model", response_model)
-        s.set_attribute("gen_ai.usage.input_tokens", out.num_prompt_tokens)
-        s.set_attribute("gen_ai.usage.output_tokens", len(out.output_token_ids))
-        s.set_attribute("loraserve.usage.cached_input_tokens", out.num_cached_tokens)
-        reason = _FINISH.get(out.finish_reason, "unknown") if out.finish_reason else "unknown"
-        s.set_attribute("gen_ai.response.finish_reasons", [reason])
-        s.set_attribute("loraserve.engine_seconds", round(request.engine_seconds, 6))
-        if request.first_scheduled_time is not None:
-            s.set_attribute("loraserve.queue_time_s", request.first_scheduled_time - request.arrival_time)
-        if request.first_token_time is not None:
-            s.set_attribute("loraserve.time_to_first_token_s", request.first_token_time - request.arrival_time)
-        if out.finish_reason is FinishReason.ERROR:
-            s.set_status(Status(StatusCode.ERROR, out.error or "the engine failed the request"))
-            s.set_attribute("error.type", "engine_error")
-        elif out.finish_reason is FinishReason.CANCELLED:
-            s.set_attribute("error.type", "cancelled")
+        t = final.timings
+        s.set_attribute("gen_ai.response.model", final.adapter_version or self.base_model)
+        s.set_attribute("gen_ai.usage.input_tokens", final.usage.input_tokens)
+        s.set_attribute("gen_ai.usage.output_tokens", final.usage.output_tokens)
+        s.set_attribute("loraserve.usage.cached_input_tokens", final.usage.cached_input_tokens)
+        s.set_attribute("gen_ai.response.finish_reasons", [_FINISH[final.finish_reason]])
+        s.set_attribute("loraserve.engine_seconds", round(t.engine_s, 6))
+        if t.queue_s is not None:
+            s.set_attribute("loraserve.queue_time_s", t.queue_s)
+        if t.ttft_s is not None:
+            s.set_attribute("loraserve.time_to_first_token_s", t.ttft_s)
+        if final.finish_reason is FinishReason.ERROR:
+            s.set_status(Status(StatusCode.ERROR, final.error.message if final.error else "the engine failed"))
+            s.set_attribute("error.type", final.error.kind.value if final.error else "internal")
+        elif final.finish_reason is FinishReason.CANCELLED:
+            s.set_attribute("error.type", final.error.kind.value if final.error else "cancelled")
         s.end()
 
     def fail(self, exc: BaseException) -> None:

@@ -185,7 +185,7 @@ class AdapterServicer(pb_grpc.AdapterServiceServicer):
 
     # ---- messages -----------------------------------------------------------------------
     def _version(self, v: AdapterVersion, state: str | None = None) -> pb.AdapterVersion:
-        state = state or self.manager.state(v.version_id)[0]
+        state = state or self.manager.versions.state(v.version_id)[0]
         return pb.AdapterVersion(owner=v.owner, name=v.name, version_id=v.version_id, number=v.number,
                                  create_time=_ts(v.created_at), description=v.description, size_bytes=v.size_bytes,
                                  rank=v.rank, target_modules=list(v.target_modules), base_model_id=v.base_model_id,

@@ -2,16 +2,20 @@
 
 Health checks and reflection need no key (probes and tooling call them). With no tenants file every
 call is the admin tenant `default` (development). The interceptor authenticates once per RPC and puts
-the tenant in a context variable the servicers read with `current_tenant()`.
+the tenant in a context variable the servicers read with `current_tenant()`. It runs inside the error
+interceptor (`service.api.errors`), which turns its refusals into UNAUTHENTICATED.
 """
 
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import structlog
 
+from service.api.handlers import rewrap
 from service.tenants import Tenant, TenantDirectory, cert_identities
 
 
@@ -75,3 +79,36 @@ def _bearer(metadata: Any) -> str | None:
             raise Unauthenticated("the authorization metadata must be 'Bearer <API key>'")
         return key.strip()
     return None
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Authenticates every loraserve RPC before its servicer runs and makes the tenant `current_tenant()`."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    def _enter(self, context: grpc.ServicerContext) -> None:
+        tenant = self.auth.authenticate(context)
+        set_current_tenant(tenant)
+        structlog.contextvars.bind_contextvars(tenant=tenant.id)
+
+    def _unary(self, behavior: Callable, method: str) -> Callable:
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            self._enter(context)
+            try:
+                return behavior(request, context)
+            finally:
+                set_current_tenant(None)
+        return handler
+
+    def _stream(self, behavior: Callable, method: str) -> Callable:
+        def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            self._enter(context)
+            try:
+                yield from behavior(request, context)
+            finally:
+                set_current_tenant(None)
+        return handler
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return rewrap(continuation(handler_call_details), handler_call_details.method, self._unary, self._stream)

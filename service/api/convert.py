@@ -1,18 +1,17 @@
-"""Proto <-> core types for inference: validate a request into (prompt ids, SamplingParams, adapter),
-and turn engine outputs into responses. Every message names the field and what is allowed."""
+"""Proto <-> core types for inference: validate a request into the engine's `RequestSpec`, and turn engine
+outputs into responses. Every message names the field and what is allowed."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from adapters.registry_types import InvalidAdapterName
 from service.api.adapter_refs import AdapterResolver, ResolvedAdapter
 from service.api.auth import PermissionDenied
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from service.engine.outputs import RequestOutput
-from service.engine.request import Request
+from service.engine.outputs import Timings, Usage
+from service.engine.request import RequestSpec
 from service.engine.sampling import MAX_LOGPROBS, SamplingParams
 from service.engine.types import FinishReason, SampleResult
 from service.runtime.tokenizer import Tokenizer
@@ -34,15 +33,6 @@ _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalt
 GenerateLike = Any  # pb.GenerateRequest | pb.GenerateStreamRequest: the same fields, number for number
 
 
-@dataclass(frozen=True)
-class Prepared:
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    adapter: ResolvedAdapter | None
-    priority: int
-    client_request_id: str
-
-
 class RequestConverter:
     """Validates requests against this model: its tokenizer, vocabulary and context window."""
 
@@ -53,8 +43,9 @@ class RequestConverter:
         self.resolver = resolver
 
     # ---- requests -----------------------------------------------------------------------
-    def prepare(self, req: GenerateLike, tenant: Any) -> Prepared:
-        """`tenant`: the caller (`service.tenants.Tenant`: id, admin, limits)."""
+    def spec(self, req: GenerateLike, tenant: Any, request_id: str, deadline: float | None = None) -> RequestSpec:
+        """The engine's request for a Generate / GenerateStream call. `tenant`: the caller
+        (`service.tenants.Tenant`: id, admin, limits); `deadline`: the call's, in time.monotonic()."""
         client_id = _client_request_id(req.client_request_id)
         if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
             raise ValueError(f"priority={req.priority} is invalid: must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] "
@@ -63,14 +54,19 @@ class RequestConverter:
             raise PermissionDenied(f"priority={req.priority} would run ahead of other tenants' requests; that "
                                    f"needs the admin role, which tenant {tenant.id!r} does not have (use 0 or more)")
         self._check_ids("stop_token_ids", req.stop_token_ids)
-        adapter = self._adapter(req.adapter, tenant) if req.adapter else None
         ids = self.prompt_ids(req)
         limits = tenant.limits
         if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
             raise ValueError(f"the prompt has {len(ids)} tokens; tenant {tenant.id!r} may send at most "
                              f"{limits.max_prompt_tokens} prompt tokens per request")
-        return Prepared(ids, self.sampling(req, len(ids), limits.max_output_tokens), adapter, req.priority,
-                        client_id)
+        sampling = self.sampling(req, len(ids), limits.max_output_tokens)
+        # Resolved last: the caller holds the version right after this returns (a delete then sees it in use).
+        adapter = self._adapter(req.adapter, tenant) if req.adapter else None
+        return RequestSpec(
+            request_id, tuple(ids), sampling, tenant=tenant.id,
+            adapter_version=adapter.version_id if adapter else None, adapter_name=adapter.name if adapter else "",
+            priority=req.priority, cache_salt=tenant.id,  # KV is reused within a tenant, never across
+            deadline=deadline, client_request_id=client_id)
 
     def _adapter(self, ref: str, tenant: Any) -> ResolvedAdapter:
         try:
@@ -171,13 +167,12 @@ def _client_request_id(value: str) -> str:
     return value
 
 
-def usage(out: RequestOutput) -> pb.Usage:
-    return pb.Usage(input_tokens=out.num_prompt_tokens, cached_input_tokens=out.num_cached_tokens,
-                    output_tokens=len(out.output_token_ids))
+def usage(u: Usage) -> pb.Usage:
+    return pb.Usage(input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
+                    output_tokens=u.output_tokens)
 
 
-def timings(req: Request) -> pb.Timings:
-    def ms(t: float | None) -> float:
-        return round((t - req.arrival_time) * 1000, 3) if t is not None else 0.0
-    return pb.Timings(queue_ms=ms(req.first_scheduled_time), ttft_ms=ms(req.first_token_time),
-                      total_ms=ms(req.finished_time))
+def timings(t: Timings) -> pb.Timings:
+    def ms(seconds: float | None) -> float:
+        return round(seconds * 1000, 3) if seconds is not None else 0.0
+    return pb.Timings(queue_ms=ms(t.queue_s), ttft_ms=ms(t.ttft_s), total_ms=ms(t.total_s))

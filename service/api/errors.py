@@ -19,6 +19,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from adapters.lifecycle import PinLimitReached
 from adapters.registry_types import (
     AdapterExists,
     AdapterInUse,
@@ -28,16 +29,15 @@ from adapters.registry_types import (
     VersionIsCurrent,
 )
 from adapters.store import NotInStore, StoreError
-from service.adapter_manager import PinLimitReached
-from service.api.auth import Authenticator, PermissionDenied, Unauthenticated, set_current_tenant
+from service.api.auth import PermissionDenied, Unauthenticated, set_current_tenant
+from service.api.handlers import rewrap
 from service.engine.scheduler import QueueFullError
+from service.limits import LimitExceeded
 from service.loop import LoopClosed
-from service.tenants import LimitExceeded
 
 log = structlog.get_logger("service.api")
 
 QUEUE_FULL_RETRY_S = 0.5  # RetryInfo hint: about the time a short request spends in the batch
-_OWN_PREFIX = "/loraserve."  # health and reflection stay untouched (and unlogged)
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraserve_request_id", default=None)
 
@@ -146,24 +146,16 @@ def _begin(method: str) -> float:
     return time.perf_counter()
 
 
-def _authenticate(auth: Authenticator | None, context: grpc.ServicerContext) -> None:
-    if auth is not None:
-        tenant = auth.authenticate(context)
-        set_current_tenant(tenant)
-        structlog.contextvars.bind_contextvars(tenant=tenant.id)
-
-
 def _end() -> None:
     structlog.contextvars.clear_contextvars()
     _request_id.set(None)
     set_current_tenant(None)
 
 
-def _wrap_unary(behavior: Callable, method: str, auth: Authenticator | None) -> Callable:
+def _wrap_unary(behavior: Callable, method: str) -> Callable:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         t0 = _begin(method)
         try:
-            _authenticate(auth, context)
             return behavior(request, context)
         except Exception as e:
             if _already_aborted(context):
@@ -174,11 +166,10 @@ def _wrap_unary(behavior: Callable, method: str, auth: Authenticator | None) -> 
     return handler
 
 
-def _wrap_stream(behavior: Callable, method: str, auth: Authenticator | None) -> Callable:
+def _wrap_stream(behavior: Callable, method: str) -> Callable:
     def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         t0 = _begin(method)
         try:
-            _authenticate(auth, context)
             yield from behavior(request, context)
         except Exception as e:
             if _already_aborted(context):
@@ -190,26 +181,8 @@ def _wrap_stream(behavior: Callable, method: str, auth: Authenticator | None) ->
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Wraps every loraserve RPC handler (all four kinds of handler); with an authenticator, each call
-    is authenticated first (health and reflection are not loraserve RPCs: they stay open)."""
-
-    def __init__(self, auth: Authenticator | None = None) -> None:
-        self.auth = auth
+    """Wraps every loraserve RPC handler (all four kinds): a request id and log context per call, and every
+    exception mapped to its status. The outermost interceptor: authentication runs inside it."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(_OWN_PREFIX):
-            return handler
-        kinds = (
-            ("unary_unary", _wrap_unary, grpc.unary_unary_rpc_method_handler),
-            ("stream_unary", _wrap_unary, grpc.stream_unary_rpc_method_handler),
-            ("unary_stream", _wrap_stream, grpc.unary_stream_rpc_method_handler),
-            ("stream_stream", _wrap_stream, grpc.stream_stream_rpc_method_handler),
-        )
-        for attr, wrap, make in kinds:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make(wrap(behavior, method, self.auth), request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(continuation(handler_call_details), handler_call_details.method, _wrap_unary, _wrap_stream)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -13,7 +14,7 @@ from opentelemetry import trace
 from service.accounting import RequestContext
 from service.api import convert
 from service.api.auth import current_tenant
-from service.api.convert import Prepared, RequestConverter
+from service.api.convert import RequestConverter
 from service.api.errors import (
     AdapterUnavailable,
     DeadlineExceeded,
@@ -23,10 +24,10 @@ from service.api.errors import (
 )
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
-from service.engine.outputs import RequestOutput
+from service.engine.outputs import ErrorKind, FinalOutput, RequestOutput
 from service.engine.types import FinishReason
+from service.limits import TenantLimiter
 from service.loop import EngineLoop, LoopClosed, RequestHandle
-from service.tenants import TenantLimiter
 from service.tracing import RequestSpan
 
 log = structlog.get_logger(__name__)
@@ -57,37 +58,37 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        handle, prepared = self._start(request, context, "text_completion")
+        handle = self._start(request, context, "text_completion")
         token_ids: list[int] = []
         logprobs: list[pb.TokenLogprob] = []
-        final: RequestOutput | None = None
+        final: FinalOutput | None = None
         for out in self._follow(handle, context):
             token_ids.extend(out.new_token_ids)
             if out.new_logprobs:
                 logprobs.extend(self.converter.logprobs(out.new_logprobs))
-            final = out
+            final = out.final
         assert final is not None  # _follow ends only after a final output (or raises)
         return pb.GenerateResponse(
             text=final.text, token_ids=token_ids, finish_reason=convert.FINISH_REASONS[final.finish_reason],
-            usage=convert.usage(final), adapter_version=prepared.adapter.version_id if prepared.adapter else "",
-            seed=handle.request.seed, timings=convert.timings(handle.request), logprobs=logprobs,
-            request_id=handle.request_id,
+            usage=convert.usage(final.usage), adapter_version=final.adapter_version or "", seed=final.seed,
+            timings=convert.timings(final.timings), logprobs=logprobs, request_id=handle.request_id,
         )
 
     def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
                        ) -> Iterator[pb.GenerateStreamResponse]:
-        handle, prepared = self._start(request, context, "text_completion")
+        handle = self._start(request, context, "text_completion")
         for out in self._follow(handle, context):
             msg = pb.GenerateStreamResponse(text=out.new_text, token_ids=out.new_token_ids,
                                             request_id=handle.request_id)
             if out.new_logprobs:
                 msg.logprobs.extend(self.converter.logprobs(out.new_logprobs))
-            if out.finished:
-                msg.finish_reason = convert.FINISH_REASONS[out.finish_reason]
-                msg.usage.CopyFrom(convert.usage(out))
-                msg.adapter_version = prepared.adapter.version_id if prepared.adapter else ""
-                msg.seed = handle.request.seed
-                msg.timings.CopyFrom(convert.timings(handle.request))
+            final = out.final
+            if final is not None:
+                msg.finish_reason = convert.FINISH_REASONS[final.finish_reason]
+                msg.usage.CopyFrom(convert.usage(final.usage))
+                msg.adapter_version = final.adapter_version or ""
+                msg.seed = final.seed
+                msg.timings.CopyFrom(convert.timings(final.timings))
             yield msg
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
@@ -97,8 +98,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    max_model_len=self.converter.max_model_len)
 
     # ---- helpers ------------------------------------------------------------------------
-    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext,
-               operation: str) -> tuple[RequestHandle, Prepared]:
+    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext, operation: str) -> RequestHandle:
         """Authorize, validate, admit under the tenant's limits, trace, submit. Anything refused on the way
         ends the span with the error and releases what was taken."""
         tenant = current_tenant()
@@ -115,21 +115,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         lease = None
         held = None
         try:
-            prepared = self.converter.prepare(request, tenant)
-            adapter = prepared.adapter
-            span.set_adapter(adapter.ref if adapter else None)
-            structlog.contextvars.bind_contextvars(client_request_id=prepared.client_request_id or None,
-                                                  adapter=adapter.ref if adapter else None)
-            if adapter is not None and self.adapters is not None:
-                self.adapters.hold(adapter.version_id)  # at once: a delete from now on sees it in use
-                held = adapter.version_id
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            spec = self.converter.spec(request, tenant, rid, deadline)
+            if spec.adapter_version is not None and self.adapters is not None:
+                self.adapters.hold(spec.adapter_version)  # at once: a delete from now on sees it in use
+                held = spec.adapter_version
+            span.set_adapter(spec.adapter_ref)
+            structlog.contextvars.bind_contextvars(client_request_id=spec.client_request_id or None,
+                                                  adapter=spec.adapter_ref)
             if self.limiter is not None:
-                lease = self.limiter.acquire(tenant, len(prepared.prompt_token_ids))
-            ctx = RequestContext(tenant=tenant, adapter=adapter, base_model=self.base_model, lease=lease, span=span)
-            handle = self.loop.submit(rid, prepared.prompt_token_ids, prepared.sampling,
-                                      extra_key=adapter.version_id if adapter else None,
-                                      priority=prepared.priority, context=ctx,
-                                      cache_salt=tenant.id)  # KV is reused within a tenant, never across
+                lease = self.limiter.acquire(tenant, len(spec.prompt_token_ids))
+            handle = self.loop.submit(spec, RequestContext(lease=lease, span=span))
         except BaseException as e:
             # Not submitted: the loop's on_finished will never run for it, so undo here.
             if held is not None:
@@ -146,7 +143,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
         if not context.add_callback(on_rpc_done):
             handle.cancel()  # the RPC ended while we were submitting
-        return handle, prepared
+        return handle
 
     def _follow(self, handle: RequestHandle, context: grpc.ServicerContext) -> Iterator[RequestOutput]:
         """The request's outputs up to and including the final one, or the exception its end maps to.
@@ -162,40 +159,38 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     if not context.is_active():
                         raise RequestCancelled("the call was cancelled") from None
                     continue
-                if out.finished:
-                    self._check_final(handle, out, context)
-                    self._log_finished(handle, out)
+                if out.final is not None:
+                    self._log_finished(out.final)
+                    self._check_final(handle, out.final, context)
                 yield out
-                if out.finished:
+                if out.final is not None:
                     return
         finally:
             if not handle.done:  # the client went away (or we raised): stop the sequence, free its blocks
                 handle.cancel()
                 log.info("request_abandoned", client_active=context.is_active())
 
-    def _check_final(self, handle: RequestHandle, out: RequestOutput, context: grpc.ServicerContext) -> None:
-        if out.finish_reason is FinishReason.ERROR:
-            self._log_finished(handle, out)
-            if out.error_kind == "adapter_unavailable":
-                # The loader's own words may name storage details: those stay in the log above.
-                version = handle.request.extra_key
-                raise AdapterUnavailable(f"adapter version {version} could not be loaded, so the request did not "
-                                         f"run; retry later or upload the adapter again (request id "
-                                         f"{handle.request_id})")
-            raise RequestFailed(out.error or "the engine failed the request")
-        if out.finish_reason is FinishReason.CANCELLED:
-            self._log_finished(handle, out)
+    @staticmethod
+    def _check_final(handle: RequestHandle, final: FinalOutput, context: grpc.ServicerContext) -> None:
+        kind = final.error.kind if final.error is not None else None
+        if final.finish_reason is FinishReason.ERROR:
+            if kind is ErrorKind.ADAPTER_UNAVAILABLE:
+                # The loader's own words may name storage details: those stay in the log.
+                raise AdapterUnavailable(f"adapter version {final.adapter_version} could not be loaded, so the "
+                                         f"request did not run; retry later or upload the adapter again "
+                                         f"(request id {handle.request_id})")
+            raise RequestFailed(final.error.message if final.error else "the engine failed the request")
+        if final.finish_reason is FinishReason.CANCELLED:
             if handle.stopped_by_drain:
                 raise LoopClosed("the server shut down before the request finished; retry on another replica")
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if kind is ErrorKind.DEADLINE_EXCEEDED or (remaining is not None and remaining <= 0):
                 raise DeadlineExceeded("the deadline passed before the request finished; it was stopped")
             raise RequestCancelled("the call was cancelled")
 
-    def _log_finished(self, handle: RequestHandle, out: RequestOutput) -> None:
-        req = handle.request
-        log.info("request_finished", finish_reason=out.finish_reason.value if out.finish_reason else None,
-                 input_tokens=out.num_prompt_tokens, cached_input_tokens=out.num_cached_tokens,
-                 output_tokens=len(out.output_token_ids),
-                 total_ms=round((req.finished_time - req.arrival_time) * 1000, 1) if req.finished_time else None,
-                 error=out.error)
+    @staticmethod
+    def _log_finished(final: FinalOutput) -> None:
+        log.info("request_finished", finish_reason=final.finish_reason.value, input_tokens=final.usage.input_tokens,
+                 cached_input_tokens=final.usage.cached_input_tokens, output_tokens=final.usage.output_tokens,
+                 total_ms=round(final.timings.total_s * 1000, 1),
+                 error=final.error.message if final.error else None)

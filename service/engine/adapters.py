@@ -1,7 +1,7 @@
 """Multi-adapter admission: which LoRA adapter versions share one step's batch (torch-free).
 
-The runtime owns adapter weights (a host-memory cache filled by its loader threads, and
-`max_active` active slots the model runner reads LoRA weights from) behind `AdapterSlotsLike`.
+`adapters.lifecycle.AdapterVersions` owns adapter weights (a host-memory cache filled by its loader
+threads, and `max_active` active slots the model runner reads LoRA weights from) behind `AdapterSlotsLike`.
 This module only decides who runs, as the scheduler's admission policy:
 
 - base-model requests (extra_key None) need no slot and are always admissible;
@@ -19,19 +19,22 @@ This module only decides who runs, as the scheduler's admission policy:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
+from service.engine.admission import Verdict
+from service.engine.outputs import ErrorKind, RequestError
 from service.engine.request import Request
 
 AdapterStatus = Literal["ready", "loading", "failed"]
 
 
 class AdapterSlotsLike(Protocol):
-    """The runtime's adapter weights as the engine sees them (implemented in `service.runtime`).
+    """The adapter versions of this process as the engine sees them (`adapters.lifecycle.AdapterVersions`).
 
-    Only the engine thread calls these, and none of them blocks: loading happens on the runtime's
-    own threads, activation (copying host weights into a slot) is a bounded memory copy.
+    Only the engine thread calls these, and none of them blocks: loading happens on the owner's own
+    threads, activation (putting host weights into a slot) is a bounded memory copy. The owner counts the
+    running users of each slot; the engine keeps no count of its own.
     """
 
     @property
@@ -51,22 +54,26 @@ class AdapterSlotsLike(Protocol):
         ...
 
     def acquire(self, version_id: str) -> int | None:
-        """Add a user to the version and return the slot holding it, activating it into a free or
-        least-recently-used slot with zero users if needed; None (and no user added) when every
-        slot holds another version that has users."""
+        """Add a running user to the version and return the slot holding it, activating it into a free or
+        least-recently-used slot with zero users if needed; None (and no user added) when every slot holds
+        another version that has users."""
         ...
 
-    def release(self, version_id: str) -> None:
-        """One user fewer (the slot stays active, evictable once it has no users)."""
+    def release_slot(self, version_id: str) -> None:
+        """One running user fewer (the slot stays active, re-usable once it has no users)."""
+        ...
+
+    def held(self) -> Mapping[str, int]:
+        """Running users of each active version that has any (for integrity checks and metrics)."""
         ...
 
 
 class AdapterAdmission:
     """Admission policy that bounds and rotates the adapter versions of the running batch.
 
-    Every `may_admit` that says yes holds the request (and, for an adapter request, one user of its
-    version's slot) until the scheduler's matching `on_release`; so between steps the holders are
-    exactly the running requests and `_users` counts the running requests of each active version.
+    Every `may_admit` that says yes to an adapter request takes one slot user (`slots.acquire`) until the
+    scheduler's matching `on_release`; so between steps the slots' users are exactly the running requests
+    of each version (`check_integrity`).
     """
 
     def __init__(self, slots: AdapterSlotsLike, max_overtake_steps: int = 8) -> None:
@@ -78,8 +85,6 @@ class AdapterAdmission:
             )
         self.slots = slots
         self.max_overtake_steps = max_overtake_steps
-        self._holders: dict[str, str | None] = {}  # request id -> its version (None: base model)
-        self._users: dict[str, int] = {}  # active version -> holders; len() <= max_active
         # Requests first blocked at step s, and requests that waited for a load (counted once each).
         # They hold the request itself so a reused id is never mistaken for the old request.
         self._blocked: dict[str, tuple[Request, int]] = {}
@@ -92,10 +97,6 @@ class AdapterAdmission:
         self._step = 0
         self.num_load_waits = 0  # requests that had to wait for their adapter to load
 
-    @property
-    def active_versions(self) -> frozenset[str]:
-        return frozenset(self._users)
-
     # ---- AdmissionPolicy ----------------------------------------------------------------
     def begin_step(self, running: Sequence[Request]) -> None:
         self._step += 1
@@ -106,18 +107,15 @@ class AdapterAdmission:
         if self._load_waiters:
             self._load_waiters = {rid: r for rid, r in self._load_waiters.items() if not r.is_finished}
 
-    def may_admit(self, request: Request) -> bool:
+    def may_admit(self, request: Request) -> Verdict:
         version = request.extra_key
         if version is None:
-            self._hold(request, None)
             return True
         status = self.slots.status(version)
         if status == "failed":
-            # The scheduler reports the request; the engine finishes it with ERROR and this message.
-            request.error = f"adapter version {version!r} failed to load: {self.slots.error(version)}"
-            request.error_kind = "adapter_unavailable"
             self._forget(request)
-            return False
+            return RequestError(ErrorKind.ADAPTER_UNAVAILABLE,
+                                f"adapter version {version!r} failed to load: {self.slots.error(version)}")
         if status != "ready":
             self.slots.ensure_loading(version)
             if self._load_waiters.get(request.request_id) is not request:
@@ -126,41 +124,21 @@ class AdapterAdmission:
             return False
         if self._barrier is not None and version != self._barrier:
             return False  # a request ahead has been overtaken long enough: the busy adapters drain
-        slot = None
-        if version in self._users or len(self._users) < self.slots.max_active:
-            slot = self.slots.acquire(version)
+        slot = self.slots.acquire(version)
         if slot is None:
             self._note_blocked(request, version)
             return False
         self._forget(request)
         request.lora_slot = slot
-        self._hold(request, version)
         return True
 
-    def on_admit(self, request: Request) -> None:
-        pass  # the slot was taken in may_admit, which the scheduler balances with on_release
-
     def on_release(self, request: Request) -> None:
-        rid = request.request_id
-        assert rid in self._holders, f"{request} released without a matching admission"
-        version = self._holders.pop(rid)
-        request.lora_slot = -1
-        if version is None:
-            return
-        n = self._users[version] - 1
-        if n:
-            self._users[version] = n
-        else:
-            del self._users[version]
-        self.slots.release(version)
+        if request.lora_slot >= 0:
+            assert request.extra_key is not None, f"{request} holds a slot without an adapter"
+            self.slots.release_slot(request.extra_key)
+            request.lora_slot = -1
 
     # ---- bookkeeping --------------------------------------------------------------------
-    def _hold(self, request: Request, version: str | None) -> None:
-        assert request.request_id not in self._holders, f"{request} admitted twice without a release"
-        self._holders[request.request_id] = version
-        if version is not None:
-            self._users[version] = self._users.get(version, 0) + 1
-
     def _forget(self, request: Request) -> None:
         self._blocked.pop(request.request_id, None)
         self._load_waiters.pop(request.request_id, None)
@@ -173,10 +151,10 @@ class AdapterAdmission:
             self._barrier = version
 
     def check_integrity(self, running: Sequence[Request]) -> None:
-        """Holders are exactly the running requests, each adapter one holding a slot user."""
-        assert set(self._holders) == {r.request_id for r in running}, "adapter holders != running requests"
+        """The slots' users are exactly the running adapter requests, each reading its version's slot."""
         counts = Counter(r.extra_key for r in running if r.extra_key is not None)
-        assert counts == Counter(self._users), f"slot users {self._users} != running adapters {dict(counts)}"
-        assert len(self._users) <= self.slots.max_active, f"{len(self._users)} adapters active"
+        held = dict(self.slots.held())
+        assert counts == Counter(held), f"slot users {held} != running adapters {dict(counts)}"
+        assert len(held) <= self.slots.max_active, f"{len(held)} adapters active"
         for r in running:
             assert (r.lora_slot >= 0) == (r.extra_key is not None), f"{r} runs with lora_slot={r.lora_slot}"

@@ -1,14 +1,13 @@
 """Admission policies: which waiting requests may start running this step (torch-free).
 
-The scheduler walks the waiting queue in order and asks its policy about each request; a policy
-that says no makes the scheduler skip that request for this step (it keeps its place). Memory and
-the token budget are the scheduler's own limits, checked after the policy agrees.
+The scheduler walks the waiting queue in order and asks its policy about each request; the answer is
+`True` (admit, if memory and the token budget allow), `False` (skip for this step: it keeps its place) or
+a `RequestError` (the request can never run, e.g. its adapter failed to load: the scheduler reports it in
+`SchedulerOutput.failed` and the engine finishes it with ERROR).
 
 A yes may reserve something the request needs to run (an adapter slot: see `adapters.py`), so the
 scheduler balances every yes with exactly one `on_release`: when the admitted request stops running
 (finished, aborted, failed or preempted), or at once when memory refuses it after the policy agreed.
-A policy that says no and sets `request.error` fails the request: the scheduler reports it in
-`SchedulerOutput.failed` and the engine finishes it with ERROR.
 """
 
 from __future__ import annotations
@@ -16,7 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from service.engine.outputs import RequestError
 from service.engine.request import Request
+
+Verdict = bool | RequestError
 
 
 class AdmissionPolicy(Protocol):
@@ -24,12 +26,8 @@ class AdmissionPolicy(Protocol):
         """Called once per step before the waiting queue is walked."""
         ...
 
-    def may_admit(self, request: Request) -> bool:
-        """False skips the request for this step only (or fails it, if `request.error` is set)."""
-        ...
-
-    def on_admit(self, request: Request) -> None:
-        """The request was admitted (it is now running)."""
+    def may_admit(self, request: Request) -> Verdict:
+        """True admits, False skips the request for this step only, a RequestError fails it."""
         ...
 
     def on_release(self, request: Request) -> None:
@@ -43,11 +41,8 @@ class AdmitInOrder:
     def begin_step(self, running: Sequence[Request]) -> None:
         pass
 
-    def may_admit(self, request: Request) -> bool:
+    def may_admit(self, request: Request) -> Verdict:
         return True
-
-    def on_admit(self, request: Request) -> None:
-        pass
 
     def on_release(self, request: Request) -> None:
         pass

@@ -6,10 +6,11 @@ The engine is single-threaded: the serving loop owns it and is the only caller o
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 
 from service.config import EngineConfig
 from service.engine.adapters import AdapterAdmission, AdapterSlotsLike
@@ -17,8 +18,15 @@ from service.engine.admission import AdmissionPolicy
 from service.engine.block_pool import BlockPool
 from service.engine.detokenizer import Detokenizer
 from service.engine.kv_cache import KVCacheManager
-from service.engine.outputs import EngineStats, RequestOutput
-from service.engine.request import Request
+from service.engine.outputs import (
+    EngineStats,
+    ErrorKind,
+    FinalOutput,
+    RequestError,
+    RequestOutput,
+    final_output,
+)
+from service.engine.request import Request, RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError, Scheduler
 from service.engine.types import FinishReason, ModelRunnerLike, SampleResult, SchedulerOutput, TokenizerLike
@@ -30,8 +38,8 @@ class LLMEngine:
     """Requests in, per-step outputs out. `admission` picks which waiting requests may start each
     step (default: strictly in queue order); it is chosen here, once, never switched per step.
 
-    With `adapter_slots` the engine serves LoRA adapters: requests name an adapter version as their
-    `extra_key`, and an `AdapterAdmission` over those slots bounds and rotates the adapters of each
+    With `adapter_slots` the engine serves LoRA adapters: requests name an adapter version in their
+    spec (`adapter_version`), and an `AdapterAdmission` over those slots bounds and rotates the adapters of each
     step's batch (pass `admission=AdapterAdmission(slots, ...)` instead to tune it). Without adapter
     support a request with an extra_key is refused.
     """
@@ -43,7 +51,9 @@ class LLMEngine:
         config: EngineConfig,
         admission: AdmissionPolicy | None = None,
         adapter_slots: AdapterSlotsLike | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock`: what request deadlines are compared with (time.monotonic, as the API sets them)."""
         if runner.block_size != config.block_size:
             raise ValueError(
                 f"the model runner's KV blocks hold {runner.block_size} tokens but config.block_size is "
@@ -68,68 +78,52 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # unfinished requests
         self._detok: dict[str, Detokenizer] = {}
         self._pending: list[RequestOutput] = []  # final outputs of aborts, returned by the next step
+        self._deadlines: list[tuple[float, int, Request]] = []  # min-heap: (deadline, arrival, request)
+        self._clock = clock
         self._ids = itertools.count()
         self._steps = 0
         self._prompt_tokens_computed = 0
         self._generation_tokens = 0
 
     # ---- requests -----------------------------------------------------------------------
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        sampling: SamplingParams,
-        extra_key: str | None = None,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> Request:
-        """Queue a request. ValueError for bad input, QueueFullError when the queue is at its bound.
-
-        `cache_salt`: requests share prefix-cache blocks only with requests of the same salt (the server
-        salts with the tenant, so no tenant can probe another's prompts through cache hits)."""
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty string")
-        if request_id in self._requests:
-            raise ValueError(f"request_id={request_id!r} is already in use by an unfinished request")
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, not {type(sampling).__name__}")
-        if extra_key is not None and not isinstance(extra_key, str):
-            raise TypeError(f"extra_key must be a string or None, not {type(extra_key).__name__}")
-        if extra_key is not None and self._adapters is None:
+    def add_request(self, spec: RequestSpec) -> Request:
+        """Queue a request. ValueError for input this engine cannot serve, QueueFullError when the queue is
+        at its bound. The spec itself was validated when it was built."""
+        if not isinstance(spec, RequestSpec):
+            raise TypeError(f"add_request takes a RequestSpec, not {type(spec).__name__}")
+        if spec.request_id in self._requests:
+            raise ValueError(f"request_id={spec.request_id!r} is already in use by an unfinished request")
+        if spec.adapter_version is not None and self._adapters is None:
             raise ValueError("this engine serves no adapters")
-        if cache_salt is not None and not isinstance(cache_salt, str):
-            raise TypeError(f"cache_salt must be a string or None, not {type(cache_salt).__name__}")
-        if not isinstance(priority, int):
-            raise TypeError(f"priority must be an int, not {type(priority).__name__}")
-        if len(prompt_token_ids) == 0:
-            raise ValueError("the prompt is empty: at least one token is needed")
-        self._check_token_ids(prompt_token_ids)
-        request = Request(request_id, prompt_token_ids, sampling, extra_key, priority, cache_salt)
+        if self._vocab_size is not None and max(spec.prompt_token_ids) >= self._vocab_size:
+            raise ValueError(f"prompt token id {max(spec.prompt_token_ids)} is outside the vocabulary of "
+                             f"{self._vocab_size} tokens")
+        request = Request(spec)
         self.scheduler.add(request)
-        if extra_key is not None and self._adapters is not None:
+        if spec.adapter_version is not None and self._adapters is not None:
             # Load while the request queues, not once it reaches the head of the queue.
-            self._adapters.slots.ensure_loading(extra_key)
-        self._requests[request_id] = request
-        self._detok[request_id] = Detokenizer(self.tokenizer, request.prompt_token_ids, sampling)
+            self._adapters.slots.ensure_loading(spec.adapter_version)
+        self._requests[spec.request_id] = request
+        self._detok[spec.request_id] = Detokenizer(self.tokenizer, request.prompt_token_ids, spec.sampling)
+        if spec.deadline is not None:
+            heapq.heappush(self._deadlines, (spec.deadline, next(self._ids), request))
         return request
 
-    def _check_token_ids(self, ids: Sequence[int]) -> None:
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise ValueError("prompt token ids must be integers")
-        low, high = min(ids), max(ids)
-        if low < 0:
-            raise ValueError(f"prompt token id {low} is invalid: token ids are >= 0")
-        if self._vocab_size is not None and high >= self._vocab_size:
-            raise ValueError(f"prompt token id {high} is outside the vocabulary of {self._vocab_size} tokens")
-
-    def abort_request(self, request_id: str) -> bool:
-        """Cancel an unfinished request: its blocks return at once, and the next `step()` returns its
-        final output (reason CANCELLED). False if no such unfinished request exists."""
+    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED,
+                      error: RequestError | None = None) -> bool:
+        """End an unfinished request now (cancelled by its caller, or failed with `error`): its blocks
+        return at once, and the next `step()` (or `take_pending()`) returns its final output. False if no
+        such unfinished request exists."""
         request = self._requests.get(request_id)
         if request is None:
             return False
-        self._pending.append(self._finish(request, FinishReason.CANCELLED))
+        self._pending.append(self._finish(request, reason, error))
         return True
+
+    def take_pending(self) -> list[RequestOutput]:
+        """The final outputs of requests ended by `abort_request` since the last step."""
+        outputs, self._pending = self._pending, []
+        return outputs
 
     def get_request(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
@@ -140,11 +134,13 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step; return outputs of requests that got a token or finished."""
-        outputs, self._pending = self._pending, []
+        if self._deadlines:
+            self._expire_deadlines()
+        outputs = self.take_pending()
         if not self.scheduler.has_unfinished():
             return outputs
         out = self.scheduler.schedule()
-        outputs.extend(self._finish(request, FinishReason.ERROR) for request in out.failed)
+        outputs.extend(self._finish(request, FinishReason.ERROR, error) for request, error in out.failed)
         if not out.chunks:
             return outputs
         self._steps += 1
@@ -157,30 +153,44 @@ class LLMEngine:
         except Exception:
             # A failed step must not take the engine down: its requests fail, everyone else goes on.
             logger.exception("model step failed; finishing its %d requests with ERROR", len(out.chunks))
-            outputs.extend(
-                self._finish(c.request, FinishReason.ERROR, "internal error: the model step failed")
-                for c in out.chunks if not c.request.is_finished
-            )
+            error = RequestError(ErrorKind.INTERNAL, "internal error: the model step failed")
+            outputs.extend(self._finish(c.request, FinishReason.ERROR, error)
+                           for c in out.chunks if not c.request.is_finished)
             return outputs
         self._count_computed(out)
         self._charge_time(out, time.perf_counter() - t0)
-        finished: list[tuple[Request, FinishReason]] = []
+        finished: list[tuple[Request, FinishReason, RequestOutput]] = []
         for request, result in sampled:
             try:
-                output = self._post_process(request, result)
+                output, reason = self._post_process(request, result)
             except Exception:
                 # e.g. the tokenizer rejects a token: only this request fails
                 logger.exception("post-processing request %r failed; finishing it with ERROR", request.request_id)
-                outputs.append(self._finish(request, FinishReason.ERROR, "internal error: decoding the output failed"))
+                error = RequestError(ErrorKind.INTERNAL, "internal error: decoding the output failed")
+                outputs.append(self._finish(request, FinishReason.ERROR, error))
                 continue
-            if output.finish_reason is not None:
-                finished.append((request, output.finish_reason))
+            if reason is not None:
+                finished.append((request, reason, output))
             outputs.append(output)
         if finished:
-            self.scheduler.finish_requests(finished)
-            for request, _ in finished:
+            self.scheduler.finish_requests((request, reason) for request, reason, _ in finished)
+            for request, _, output in finished:
+                output.final = final_output(request, self._detok[request.request_id].text)
                 self._forget(request)
         return outputs
+
+    def _expire_deadlines(self) -> None:
+        """Stop every request whose deadline has passed (its final output comes with this step's)."""
+        now = self._clock()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, request = heapq.heappop(heap)
+            if self._requests.get(request.request_id) is request:
+                error = RequestError(ErrorKind.DEADLINE_EXCEEDED, "the deadline passed before the request "
+                                     "finished; it was stopped")
+                self._pending.append(self._finish(request, FinishReason.CANCELLED, error))
+        if not self._requests:
+            heap.clear()  # entries of requests that finished otherwise
 
     @staticmethod
     def _charge_time(out: SchedulerOutput, seconds: float) -> None:
@@ -193,15 +203,15 @@ class LLMEngine:
             self._prompt_tokens_computed += max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start)
             self._generation_tokens += c.sample
 
-    def _post_process(self, request: Request, result: SampleResult) -> RequestOutput:
+    def _post_process(self, request: Request, result: SampleResult) -> tuple[RequestOutput, FinishReason | None]:
         """Detokenize the new token and decide whether the request stops here."""
         sp = request.sampling
         token = result.token_id
-        n_out = request.num_output_tokens
+        n_out = request.num_output_tokens  # the new token included
         detok = self._detok[request.request_id]
         reason: FinishReason | None = None
-        # min_tokens: EOS / stop ids count only after min_tokens other tokens (the sampler also masks
-        # them); a stop string may complete on the min_tokens-th token.
+        # min_tokens: EOS / stop ids end the request only from output token min_tokens + 1 on (the sampler
+        # also masks them below that); a stop string may complete on the min_tokens-th token.
         if n_out > sp.min_tokens and token in self._eos and not sp.ignore_eos:
             reason = FinishReason.EOS
         elif n_out > sp.min_tokens and token in sp.stop_token_ids:
@@ -217,84 +227,71 @@ class LLMEngine:
             delta = ""
         if reason is not None:
             delta += detok.finish()
-        return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=[token],
-            new_text=delta,
-            output_token_ids=list(request.output_token_ids),
-            text=detok.text,
-            finished=reason is not None,
-            finish_reason=reason,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens or 0,
-            new_logprobs=[result] if sp.logprobs is not None else [],
-        )
+        out = RequestOutput(request.request_id, [token], delta, [result] if sp.logprobs is not None else [])
+        return out, reason
 
-    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> RequestOutput:
-        """End a request outside the normal stop checks (abort, error) and build its final output.
-        `error` explains an ERROR unless the request already carries its own reason."""
-        if error is not None and request.error is None:
-            request.error = error
-        self.scheduler.finish_requests([(request, reason)])
+    def _finish(self, request: Request, reason: FinishReason, error: RequestError | None = None) -> RequestOutput:
+        """End a request outside the normal stop checks (abort, deadline, failure) and build its last output."""
+        try:
+            self.scheduler.finish_requests([(request, reason)])
+        except Exception:  # the caller still gets its final output; the idle integrity check reports the rest
+            logger.exception("finishing request %r failed: the scheduler's state may be inconsistent",
+                             request.request_id)
+            request.finish_reason, request.finished_time = reason, time.monotonic()
         detok = self._detok[request.request_id]
         try:
             tail = detok.finish()
         except Exception:
             logger.exception("flushing the text of request %r failed", request.request_id)
             tail = ""
+        final = final_output(request, detok.text, error)
         self._forget(request)
-        return RequestOutput(
-            request_id=request.request_id,
-            new_token_ids=[],
-            new_text=tail,
-            output_token_ids=list(request.output_token_ids),
-            text=detok.text,
-            finished=True,
-            finish_reason=reason,
-            num_prompt_tokens=request.num_prompt_tokens,
-            num_cached_tokens=request.num_cached_tokens or 0,
-            error=request.error,
-            error_kind=request.error_kind,
-        )
+        return RequestOutput(request.request_id, [], tail, final=final)
 
     def _forget(self, request: Request) -> None:
         del self._requests[request.request_id]
         del self._detok[request.request_id]
 
     # ---- convenience --------------------------------------------------------------------
-    def generate(
-        self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams]
-    ) -> list[RequestOutput]:
-        """Run prompts to completion; final outputs in input order. Needs an idle engine, since
-        outputs of other requests produced meanwhile would be lost."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
+                 adapter_versions: list[str | None] | None = None) -> list[FinalOutput]:
+        """Run prompts to completion (offline use), each with its adapter version (None: the base model);
+        final outputs in input order. Needs an idle engine, since outputs of other requests produced
+        meanwhile would be lost."""
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine; drive step() yourself instead")
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters")
-        ids = [f"generate-{next(self._ids)}" for _ in prompts]
-        todo = list(zip(ids, prompts, params, strict=True))
-        todo.reverse()  # pop() from the end = submit in input order
-        finals: dict[str, RequestOutput] = {}
+        versions = adapter_versions if adapter_versions is not None else [None] * len(prompts)
+        if not len(params) == len(versions) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters and {len(versions)} "
+                             "adapter versions")
+        specs = [RequestSpec(f"generate-{next(self._ids)}", tuple(p), sp, adapter_version=v)
+                 for p, sp, v in zip(prompts, params, versions, strict=True)]
+        todo = specs[::-1]  # pop() from the end = submit in input order
+        finals: dict[str, FinalOutput] = {}
         while todo or self.has_unfinished():
             while todo:
-                rid, prompt, sp = todo[-1]
                 try:
-                    self.add_request(rid, prompt, sp)
+                    self.add_request(todo[-1])
                 except QueueFullError:
                     break  # more room after the next step
                 except Exception:
-                    for rid_added in ids:
-                        self.abort_request(rid_added)
+                    for spec in specs:
+                        self.abort_request(spec.request_id)
                     self._pending.clear()
                     raise
                 todo.pop()
             for o in self.step():
-                if o.finished:
-                    finals[o.request_id] = o
-        return [finals[rid] for rid in ids]
+                if o.final is not None:
+                    finals[o.request_id] = o.final
+        return [finals[spec.request_id] for spec in specs]
 
     # ---- observability ------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """Model steps run so far."""
+        return self._steps
+
     @property
     def stats(self) -> EngineStats:
         adapters = self._adapters

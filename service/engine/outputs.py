@@ -1,32 +1,116 @@
-"""What the engine hands back each step (torch-free)."""
+"""What the engine hands back (torch-free): a delta per request per step, and one final record per request.
+
+`RequestOutput` is one step's delta. The last one of a request carries its `FinalOutput`: text, token ids,
+finish reason, usage and timings, computed once, here, from the engine's record. Metrics, tracing,
+accounting and the API read only these, never the engine's mutable `Request`.
+"""
 
 from __future__ import annotations
 
+import enum
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.engine.types import FinishReason, SampleResult
+
+if TYPE_CHECKING:
+    from service.engine.request import Request, RequestSpec
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a request ended without its answer (with finish reason ERROR or CANCELLED)."""
+
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its adapter version could not be loaded; it never ran
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # its deadline passed; it was stopped (finish reason CANCELLED)
+    INTERNAL = "internal"  # a step or its post-processing failed
+
+
+@dataclass(frozen=True)
+class RequestError:
+    kind: ErrorKind
+    message: str  # written for the caller: no storage details, no stack traces
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    cached_input_tokens: int  # prompt tokens whose KV came from the prefix cache (within input_tokens)
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds from the request's arrival at the engine; None for what never happened."""
+
+    queue_s: float | None  # until first scheduled (queueing, adapter load)
+    ttft_s: float | None  # until its first output token
+    total_s: float  # until it finished
+    engine_s: float  # its share of model-step time (each step split over its chunks by token count)
+    tpot_s: float | None  # mean time between output tokens after the first (None below two tokens)
+
+
+@dataclass(frozen=True)
+class FinalOutput:
+    """A finished request, however it ended."""
+
+    spec: RequestSpec
+    text: str  # without any stop string
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    seed: int  # the request's seed, or the one the engine drew
+    error: RequestError | None = None
+
+    @classmethod
+    def lost(cls, spec: RequestSpec, error: RequestError) -> FinalOutput:
+        """For a request the engine could no longer account for (it failed while ending it): nothing counted."""
+        return cls(spec, "", (), FinishReason.ERROR, Usage(len(spec.prompt_token_ids), 0, 0),
+                   Timings(None, None, 0.0, 0.0, None), spec.sampling.seed or 0, error)
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self.spec.adapter_version
 
 
 @dataclass
 class RequestOutput:
-    """One request's progress in one step. `new_*` is this step's delta; `output_token_ids` and
-    `text` are everything so far (`text` without any stop string, and without a held-back tail that
-    might still become one)."""
+    """One request's progress in one step: this step's new tokens and text (held-back text, e.g. a possible
+    start of a stop string, comes later), and on the last output the request's `final` record."""
 
     request_id: str
     new_token_ids: list[int]
     new_text: str
-    output_token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    new_logprobs: list[SampleResult] = field(default_factory=list)  # filled when sampling.logprobs is set
-    error: str | None = None  # with finish reason ERROR: what went wrong, for the caller
-    # With ERROR: "adapter_unavailable" when the request's adapter could not be loaded (it never ran);
-    # None for an internal failure.
-    error_kind: str | None = None
+    new_logprobs: list[SampleResult] = field(default_factory=list)  # when sampling.logprobs is set
+    final: FinalOutput | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.final is not None
+
+
+def final_output(request: Request, text: str, error: RequestError | None = None) -> FinalOutput:
+    """The final record of a finished request (its finish reason and finished_time set)."""
+    assert request.finish_reason is not None, f"{request} is not finished"
+    arrival = request.arrival_time
+    end = request.finished_time if request.finished_time is not None else time.monotonic()
+    first = request.first_token_time
+    n = request.num_output_tokens
+    timings = Timings(
+        queue_s=None if request.first_scheduled_time is None else request.first_scheduled_time - arrival,
+        ttft_s=None if first is None else first - arrival,
+        total_s=end - arrival,
+        engine_s=request.engine_seconds,
+        tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
+    )
+    usage = Usage(request.num_prompt_tokens, request.num_cached_tokens or 0, n)
+    return FinalOutput(request.spec, text, tuple(request.output_token_ids), request.finish_reason, usage, timings,
+                       request.seed, error)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""One generation request as the engine tracks it (torch-free).
+"""One generation request: what the caller asked for (`RequestSpec`, frozen) and what the engine tracks
+while it runs (`Request`), torch-free.
 
-The model runner reads `all_token_ids[start:start + n]`, `block_ids`, `lora_slot`, `sampling`,
-`seed`, `prompt_token_ids` and `output_token_ids`; everything else is engine bookkeeping.
+The API builds a `RequestSpec` once; the loop and the engine pass it on unchanged. The model runner reads
+`all_token_ids[start:start + n]`, `block_ids`, `lora_slot`, `sampling`, `seed`, `prompt_token_ids` and
+`output_token_ids` of a `Request`; everything else is engine bookkeeping.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import enum
 import secrets
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from service.engine.block_hash import BlockHash, hash_block_tokens
 from service.engine.sampling import SamplingParams
@@ -23,6 +25,55 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class RequestSpec:
+    """Everything a caller decides about one request. Add a per-request field here, where the API sets it
+    and where its one consumer reads it: nothing in between copies fields one by one."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    tenant: str = ""
+    # The adapter version the request runs on (immutable, content-derived: also its prefix-cache key), and
+    # the name it is accounted under (`owner/name`); None / "" for the base model.
+    adapter_version: str | None = None
+    adapter_name: str = ""
+    priority: int = 0  # lower runs sooner
+    # Requests share prefix-cache blocks only with requests of the same salt (the server salts with the
+    # tenant, so no tenant can probe another's prompts through cache hits).
+    cache_salt: str | None = None
+    deadline: float | None = None  # time.monotonic() after which the engine stops the request
+    client_request_id: str = ""
+    created_at: float = field(default_factory=time.time)  # wall clock, for the usage ledger
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.request_id, str) or not self.request_id:
+            raise ValueError(f"request_id={self.request_id!r} is invalid: must be a non-empty string")
+        if not isinstance(self.sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, not {type(self.sampling).__name__}")
+        for name in ("adapter_version", "cache_salt"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string or None, not {type(value).__name__}")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise TypeError(f"priority must be an int, not {type(self.priority).__name__}")
+        ids = tuple(self.prompt_token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+        if min(ids) < 0:
+            raise ValueError(f"prompt token id {min(ids)} is invalid: token ids are >= 0")
+        object.__setattr__(self, "prompt_token_ids", ids)
+
+    @property
+    def adapter_ref(self) -> str | None:
+        """`owner/name@version` for logs and spans; None for the base model."""
+        if self.adapter_version is None:
+            return None
+        return f"{self.adapter_name}@{self.adapter_version}" if self.adapter_name else self.adapter_version
+
+
 class Request:
     """Token ids, KV block table and progress of one request.
 
@@ -32,36 +83,31 @@ class Request:
     """
 
     __slots__ = (
-        "request_id", "prompt_token_ids", "output_token_ids", "sampling", "extra_key", "seed",
+        "spec", "request_id", "prompt_token_ids", "output_token_ids", "sampling", "extra_key", "seed",
         "priority", "num_computed_tokens", "block_ids", "num_cached_tokens", "num_registered_blocks",
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
-        "finished_time", "block_hashes", "arrival_seq", "lora_slot", "error", "engine_seconds", "_all_token_ids",
-        "_hash_key", "error_kind",
+        "finished_time", "block_hashes", "arrival_seq", "lora_slot", "engine_seconds", "_all_token_ids",
+        "_hash_key",
     )
 
-    def __init__(
-        self,
-        request_id: str,
-        prompt_token_ids: Sequence[int],
-        sampling: SamplingParams,
-        extra_key: str | None = None,
-        priority: int = 0,
-        cache_salt: str | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+    def __init__(self, spec: RequestSpec) -> None:
+        self.spec = spec
+        # Read on every step: kept as plain attributes rather than looked up through the spec.
+        self.request_id = spec.request_id
+        self.prompt_token_ids: list[int] = list(spec.prompt_token_ids)
+        self.sampling = spec.sampling
+        self.priority = spec.priority
+        # The adapter version id: part of every block hash, so different adapters never share KV.
+        self.extra_key = spec.adapter_version
         self.output_token_ids: list[int] = []
         # prompt + output in one list, so slicing a context window never concatenates
         self._all_token_ids: list[int] = list(self.prompt_token_ids)
-        self.sampling = sampling
-        # The adapter version id: part of every block hash, so different adapters never share KV.
-        self.extra_key = extra_key
         # What the block hashes are keyed by: the adapter version, and the cache salt when there is one
         # (requests with different salts never share blocks, even for the same adapter and prompt).
-        self._hash_key = extra_key if cache_salt is None else f"salt:{cache_salt}|{extra_key or ''}"
+        salt = spec.cache_salt
+        self._hash_key = self.extra_key if salt is None else f"salt:{salt}|{self.extra_key or ''}"
         # Drawn once here so a preempted request resamples the same stream when it is recomputed.
-        self.seed: int = sampling.seed if sampling.seed is not None else secrets.randbelow(2**63)
-        self.priority = priority  # lower runs sooner
+        self.seed: int = self.sampling.seed if self.sampling.seed is not None else secrets.randbelow(2**63)
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.num_cached_tokens: int | None = None  # prefix-cache hit at first admission
@@ -78,8 +124,6 @@ class Request:
         # The active adapter slot the runner reads this request's LoRA weights from, set by the
         # admission policy while the request runs; -1 = no adapter (base model, or not running).
         self.lora_slot = -1
-        self.error: str | None = None  # why the request failed (finish reason ERROR), for the caller
-        self.error_kind: str | None = None  # see RequestOutput.error_kind
         # Its share of model-step time: each step's wall time split over its chunks by token count
         # (what usage accounting bills as engine-seconds).
         self.engine_seconds = 0.0

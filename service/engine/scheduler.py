@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from service.config import EngineConfig
 from service.engine.admission import AdmissionPolicy, AdmitInOrder
 from service.engine.kv_cache import KVCacheManager
+from service.engine.outputs import RequestError
 from service.engine.request import Request, RequestStatus
 from service.engine.types import FinishReason, SampleResult, ScheduledChunk, SchedulerOutput
 from service.engine.waiting_queue import WaitingQueue
@@ -99,7 +100,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
-        failed: list[Request] = []
+        failed: list[tuple[Request, RequestError]] = []
 
         running = self.running
         i = 0
@@ -126,7 +127,7 @@ class Scheduler:
 
         return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted, failed)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[Request]) -> int:
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[tuple[Request, RequestError]]) -> int:
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
@@ -142,9 +143,10 @@ class Scheduler:
             if in_flight and self.kv.next_uncached_hash(req, self.kv.match(req)) in in_flight:
                 skipped.append(self.waiting.pop())
                 continue
-            if not policy.may_admit(req):
-                if req.error is not None:
-                    failed.append(req)  # stays queued until the engine finishes it
+            verdict = policy.may_admit(req)
+            if verdict is not True:
+                if verdict is not False:
+                    failed.append((req, verdict))  # stays queued until the engine finishes it
                 skipped.append(self.waiting.pop())
                 continue
             prefix = self.kv.match(req)
@@ -153,7 +155,6 @@ class Scheduler:
                 policy.on_release(req)  # hand back what the policy reserved for it
                 break  # the head waits for memory; nobody behind it jumps the queue
             self.waiting.pop()
-            policy.on_admit(req)
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = prefix.num_tokens
                 req.first_scheduled_time = time.monotonic()

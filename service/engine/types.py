@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from service.engine.outputs import RequestError
     from service.engine.request import Request
 
 
@@ -37,9 +38,9 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     num_batched_tokens: int
     preempted_ids: list[str] = field(default_factory=list)
-    # Waiting requests the admission policy failed (e.g. their adapter did not load; the reason is
-    # in `request.error`). They are still queued: the engine finishes them with ERROR.
-    failed: list[Request] = field(default_factory=list)
+    # Waiting requests the admission policy failed (e.g. their adapter did not load), with why. They are
+    # still queued: the engine finishes them with ERROR.
+    failed: list[tuple[Request, RequestError]] = field(default_factory=list)
 
 
 @dataclass

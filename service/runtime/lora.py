@@ -10,6 +10,7 @@ each slot keeps its own rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,8 @@ def fuse_adapter(parsed: ParsedAdapter, arch: ModelArch, version_id: str, dtype:
 
 
 class LoraSlots:
-    """`max_active` slots; slot i holds one adapter version's fused weights (or nothing).
+    """`max_active` slots; slot i holds one adapter version's fused weights (or nothing). Which version a
+    slot holds is decided by `adapters.lifecycle.AdapterVersions`; this is only the table the model reads.
 
     On the CPU a slot holds references to the host tier's fused tensors, so activation copies nothing;
     a device path would copy into preallocated device buffers here.
@@ -83,7 +85,6 @@ class LoraSlots:
             raise ValueError(f"max_active_adapters={max_active} is invalid: must be >= 1")
         self.arch = arch
         self.max_active = max_active
-        self.versions: list[str | None] = [None] * max_active
         # [layer][group] -> list over slots: what one SGMV call reads
         self.table: list[dict[str, list[SlotWeights]]] = [
             {g: [None] * max_active for g in GROUPS} for _ in range(arch.num_layers)
@@ -93,10 +94,13 @@ class LoraSlots:
         for layer, groups in enumerate(fused.layers):
             for g, w in groups.items():
                 self.table[layer][g][slot] = w
-        self.versions[slot] = fused.version_id
 
-    def clear(self, slot: int) -> None:
-        for groups in self.table:
-            for g in groups:
-                groups[g][slot] = None
-        self.versions[slot] = None
+
+def fused_loader(load: Callable[[str], ParsedAdapter], arch: ModelArch, dtype: torch.dtype = torch.float32
+                 ) -> Callable[[str], FusedLora]:
+    """Wrap a version-id -> ParsedAdapter loader so the host tier holds model-layout weights.
+
+    float32 whatever the model's dtype: the CPU path computes the small LoRA products in float32."""
+    def _load(version_id: str) -> FusedLora:
+        return fuse_adapter(load(version_id), arch, version_id, dtype)
+    return _load

@@ -1,4 +1,5 @@
-"""HostAdapterCache: LRU by bytes and count, pins, one background load per id, failures; LoaderFromStore."""
+"""HostAdapterCache: LRU by bytes and count, protected versions, one background load per id, failures;
+LoaderFromStore."""
 
 from __future__ import annotations
 
@@ -94,23 +95,24 @@ def test_lru_eviction_by_bytes(make_cache):
     assert cache.stats().nbytes == 4 * UNIT and cache.stats().evictions == 2
 
 
-def test_pinned_adapters_are_never_evicted(make_cache):
-    cache = make_cache(max_count=2)
-    cache.pin("a")  # pinned before it loads: a request holds it
+def test_protected_adapters_are_never_evicted(make_cache):
+    protected: set[str] = set()  # what the owner (adapters.lifecycle) says must stay
+    cache = make_cache(max_count=2, protected=protected.__contains__)
+    protected.add("a")  # protected before it loads: a pin holds it
     load(cache, "a", "b", "c", "d")
     assert cache.status("a") == "ready" and cache.status("d") == "ready"
-    assert cache.pin_count("a") == 1 and cache.stats().evictions == 2
+    assert cache.stats().protected == 1 and cache.stats().evictions == 2
+    assert not cache.discard("a")  # a delete cannot drop what the owner keeps
 
-    cache.pin("d")
+    protected.add("d")
     cache.ensure_loading("e")  # every slot is held: the load fails rather than exceed the bounds
     with pytest.raises(AdapterLoadFailed, match="no room for adapter e"):
         cache.wait("e", timeout=10)
     assert isinstance(cache.error("e"), CacheFull) and cache.error("e").transient
     assert cache.stats().count == 2 and cache.ensure_loading("e") == "failed"  # no room yet: not retried
-    cache.unpin("a")  # room frees up: the refused load is forgotten, so the next request retries at once
+    protected.discard("a")
+    cache.room_freed()  # the owner let a go: the refused load is forgotten, so the next request retries at once
     assert cache.status("e") == "absent"
-    with pytest.raises(ValueError, match="not pinned"):
-        cache.unpin("a")
     load(cache, "e")  # a is evictable again
     assert cache.status("a") == "absent" and cache.status("d") == "ready"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,8 +12,9 @@ import pytest
 import torch
 
 from service.api.gen.loraserve.v1 import adapters_pb2_grpc, inference_pb2_grpc, usage_pb2_grpc
+from service.builder import build_runtime
 from service.config import EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
-from service.runtime.builder import build_runtime
+from service.loop import wait_until
 from service.server import LoraServer
 from tests.tiny_models import make_tiny_model
 
@@ -41,22 +41,14 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 
 class Server:
-    """A started LoraServer plus a channel to it. `step_delay_s` slows every engine step so tests can
-    act while a request is still running."""
+    """A started LoraServer plus a channel to it. A test that needs a request to stay in flight holds the
+    engine loop between steps (`hold`, `resume`) instead of slowing steps down."""
 
-    def __init__(self, model: Path, data_dir: Path, adapter: Path | None = None, *, step_delay_s: float = 0.0,
+    def __init__(self, model: Path, data_dir: Path, adapter: Path | None = None, *,
                  drain_grace_s: float = 10.0, service: dict | None = None, tracer_provider=None,
                  **engine: int) -> None:
         ec = EngineConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 256, **engine})
         rt = build_runtime(RuntimeConfig(model=str(model), dtype="float32", kv_cache_gib=0.004, threads=1), ec)
-        if step_delay_s:
-            execute = rt.runner.execute
-
-            def slow_execute(out):  # noqa: ANN001, ANN202 - test shim around the runner
-                time.sleep(step_delay_s)
-                return execute(out)
-
-            rt.runner.execute = slow_execute
         self.runtime = rt
         svc = ServiceConfig(**{"data_dir": str(data_dir), **(service or {})})
         startup = [("tiny-lora", str(adapter))] if adapter is not None else []
@@ -71,19 +63,26 @@ class Server:
     def engine_call(self, fn: Callable):
         return self.server.loop.call(fn)
 
+    def hold(self, after_steps: int = 0) -> None:
+        """Stop the engine after `after_steps` more model steps (see EngineLoop.hold) and wait until it did."""
+        self.server.loop.hold(after_steps)
+        assert self.server.loop.wait_held(10), "the engine did not reach the hold"
+
+    def resume(self) -> None:
+        self.server.loop.resume()
+
     def blocks_in_use(self) -> int:
         return self.engine_call(lambda e: e.pool.num_in_use)
 
     def wait_idle_and_intact(self, timeout: float = 10.0) -> None:
         """Until no request is unfinished; then the pool must be whole with no block in use."""
-        deadline = time.monotonic() + timeout
-        while self.engine_call(lambda e: e.has_unfinished()):
-            assert time.monotonic() < deadline, "requests still unfinished"
-            time.sleep(0.02)
+        assert wait_until(lambda: not self.engine_call(lambda e: e.has_unfinished()), timeout), \
+            "requests still unfinished"
         self.engine_call(lambda e: e.check_idle_integrity())
         assert self.blocks_in_use() == 0
 
     def close(self) -> None:
+        self.server.loop.resume()
         self.channel.close()
         self.server.shutdown(grace_s=0)
 

@@ -456,18 +456,18 @@ def test_unload_of_a_version_never_loaded_is_not_an_error(server):
     """Unload lets go of what LoadAdapter pinned only: for a version never loaded (or unloaded twice) it is a
     no-op answering the version's state, and it never drops a pin it does not own. LoadAdapter(wait) without
     a deadline waits for the load."""
-    cache = server.server.adapters.cache
+    versions = server.server.adapters.versions
     vid = server.v2.version_id
     unload = apb.UnloadAdapterRequest(adapter="helper@2")
     r = server.adapters.UnloadAdapter(unload, metadata=auth("alice"))
     assert r.version.version_id == vid and r.version.load_state == apb.LOAD_STATE_STORED
-    assert cache.pin_count(vid) == 0
+    assert versions.pinned_by(vid) == frozenset()
     load = apb.LoadAdapterRequest(adapter="helper@2", wait=True)
     loaded = server.adapters.LoadAdapter(load, metadata=auth("alice"))  # no deadline
-    assert loaded.version.load_state == apb.LOAD_STATE_LOADED and cache.pin_count(vid) == 1
+    assert loaded.version.load_state == apb.LOAD_STATE_LOADED and versions.pinned_by(vid) == {"alice"}
     for _ in range(2):
         server.adapters.UnloadAdapter(unload, metadata=auth("alice"))
-        assert cache.pin_count(vid) == 0
+        assert versions.pinned_by(vid) == frozenset()
 
 
 def test_huge_page_size_is_capped_not_refused(server):

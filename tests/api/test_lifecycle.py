@@ -1,4 +1,5 @@
-"""Cancellation, deadlines, overload, health and drain over a real socket (tiny model, slowed steps)."""
+"""Cancellation, deadlines, overload, health and drain over a real socket (tiny model). A request that must
+stay in flight is kept there by holding the engine loop between steps, never by slowing steps down."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from service.loop import wait_until
+from service.loop import UNHEALTHY_AFTER_FAILURES, wait_until
 from tests.api.conftest import rpc_error
 
 LONG = pb.SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
-STEP_S = 0.01  # with this per-step delay a LONG request runs for ~4 s
 
 
 def long_stream(server, text: str = "t5 t6 t7", **kw):
@@ -34,35 +34,55 @@ def engine_busy(server) -> bool:
 
 
 def test_cancel_mid_stream_frees_every_block(make_server):
-    server = make_server(step_delay_s=STEP_S)
+    server = make_server()
     call = long_stream(server)
-    got = [next(call) for _ in range(3)]
+    got = [next(call)]
+    server.hold()  # the request stays in flight, its blocks held, while the client cancels
     assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in got)
     assert server.blocks_in_use() > 0
-    t0 = time.monotonic()
     call.cancel()
-    assert wait_until(lambda: not engine_busy(server), 2)
-    assert time.monotonic() - t0 < 2  # aborted, not run to its 400 tokens (~4 s)
+    assert wait_until(lambda: not engine_busy(server), 5)  # aborted while held: no step needed
     server.wait_idle_and_intact()
     assert call.code() == grpc.StatusCode.CANCELLED
+    server.resume()
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
 def test_deadline_exceeded_aborts_the_sequence(make_server, rpc):
-    server = make_server(step_delay_s=STEP_S)
+    server = make_server()
+    server.hold()  # nothing runs: the request waits in the queue past its deadline
     cls = pb.GenerateRequest if rpc == "Generate" else pb.GenerateStreamRequest
     t0 = time.monotonic()
     err = rpc_error(getattr(server.stub, rpc), cls(text="t5 t6", sampling=LONG), timeout=0.4)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - t0 < 2
-    assert wait_until(lambda: not engine_busy(server), 2)
+    assert time.monotonic() - t0 < 5
+    assert wait_until(lambda: not engine_busy(server), 5)  # aborted by the RPC's end, still held
+    server.resume()
+    server.wait_idle_and_intact()
+
+
+def test_the_engine_stops_a_request_whose_deadline_passed(make_server):
+    """The deadline travels with the request: the engine ends it even if nobody aborts it (CANCELLED, with
+    a deadline error, billed for what it did)."""
+    from service.engine.outputs import ErrorKind
+    from service.engine.request import RequestSpec
+    from service.engine.sampling import SamplingParams
+
+    server = make_server()
+    loop = server.server.loop
+    spec = RequestSpec("direct", (5, 6), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True),
+                       deadline=time.monotonic())  # passed by the time the engine looks at it
+    final = [o for o in loop.submit(spec)][-1].final
+    assert final.finish_reason.value == "cancelled" and final.error.kind is ErrorKind.DEADLINE_EXCEEDED
+    assert final.usage.output_tokens == 0
     server.wait_idle_and_intact()
 
 
 def test_overload_is_refused_quickly_with_a_retry_hint_while_health_stays_serving(make_server):
-    server = make_server(step_delay_s=STEP_S, max_num_seqs=1, max_waiting=1)
+    server = make_server(max_num_seqs=1, max_waiting=1)
     running = long_stream(server)
     next(running)  # the first request runs (started alone: two at once could both sit in the queue) ...
+    server.hold()
     waiting = long_stream(server, "t8 t9")
     assert wait_until(lambda: server.engine_call(lambda e: e.stats.num_waiting) == 1, 5)  # ... the second waits
     t0 = time.monotonic()
@@ -77,7 +97,8 @@ def test_overload_is_refused_quickly_with_a_retry_hint_while_health_stays_servin
     assert health(server) == "SERVING"
     running.cancel()
     waiting.cancel()
-    assert wait_until(lambda: not engine_busy(server), 2)
+    assert wait_until(lambda: not engine_busy(server), 5)
+    server.resume()
     server.wait_idle_and_intact()
 
 
@@ -91,18 +112,19 @@ def test_health_follows_the_engine_loop(make_server):
     def broken():
         raise RuntimeError("simulated engine fault")
 
-    engine.step = broken  # every step fails from now on: the loop turns unhealthy
-    err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5"), timeout=10)
-    assert err.code() == grpc.StatusCode.INTERNAL and "engine step failed" in err.details()
+    engine.step = broken  # every step fails from now on: after a few failed steps in a row, unhealthy
+    for _ in range(UNHEALTHY_AFTER_FAILURES):
+        err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5"), timeout=10)
+        assert err.code() == grpc.StatusCode.INTERNAL and "engine step failed" in err.details()
     assert wait_until(lambda: health(server) == "NOT_SERVING", 5)
-    engine.step = step
-    assert wait_until(lambda: health(server) == "SERVING", 5)
+    engine.step = step  # fixed: the next request's steps succeed, and health follows
     assert server.stub.Generate(pb.GenerateRequest(text="t5", sampling=pb.SamplingParams(max_tokens=2))).text
+    assert wait_until(lambda: health(server) == "SERVING", 5)
 
 
 def test_health_is_not_serving_before_start(tiny, tmp_path):
+    from service.builder import build_runtime
     from service.config import EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
-    from service.runtime.builder import build_runtime
     from service.server import LoraServer
 
     rt = build_runtime(RuntimeConfig(model=str(tiny[0]), dtype="float32", kv_cache_gib=0.004, threads=1),
@@ -113,16 +135,18 @@ def test_health_is_not_serving_before_start(tiny, tmp_path):
 
 
 def test_drain_finishes_running_requests_and_refuses_new_ones(make_server):
-    server = make_server(step_delay_s=STEP_S, drain_grace_s=30)
+    server = make_server(drain_grace_s=30)
     req = pb.GenerateStreamRequest(text="t5 t6", sampling=pb.SamplingParams(temperature=0, max_tokens=60,
                                                                            ignore_eos=True))
     call = server.stub.GenerateStream(req)
     first = next(call)
+    server.hold()  # still running when the drain starts
     stopper = threading.Thread(target=server.server.shutdown)
     stopper.start()
     assert wait_until(lambda: health(server) == "NOT_SERVING", 5)
     err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5"), timeout=5)
     assert err.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.details()
+    server.resume()
     rest = list(call)  # the running request completes normally
     assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
     assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 60
@@ -131,9 +155,10 @@ def test_drain_finishes_running_requests_and_refuses_new_ones(make_server):
 
 
 def test_drain_past_the_grace_period_ends_running_requests_unavailable(make_server):
-    server = make_server(step_delay_s=STEP_S)
+    server = make_server()
     call = long_stream(server)
     next(call)
+    server.hold()  # it cannot finish within the grace
     t0 = time.monotonic()
     server.server.shutdown(grace_s=0.2)
     assert time.monotonic() - t0 < 5

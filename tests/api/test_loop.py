@@ -7,10 +7,11 @@ import time
 
 import pytest
 
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError
 from service.engine.types import FinishReason
-from service.loop import STALL_WAIT_S, EngineLoop, LoopClosed, wait_until
+from service.loop import STALL_WAIT_S, UNHEALTHY_AFTER_FAILURES, EngineLoop, LoopClosed, wait_until
 from tests.engine.fake_adapters import FakeAdapterSlots
 from tests.engine.fake_runner import FakeRunner, make_engine, prompt, reference_tokens
 
@@ -49,9 +50,9 @@ def test_concurrent_submitters_each_get_their_own_tokens(loop):
     results: dict[int, list[int]] = {}
 
     def run(i: int) -> None:
-        handle = lp.submit(f"r{i}", prompt(10 + i, seed=i), GREEDY)
+        handle = lp.submit(RequestSpec(f"r{i}", prompt(10 + i, seed=i), GREEDY))
         outs = list(handle)
-        assert outs[-1].finished and outs[-1].finish_reason is FinishReason.LENGTH
+        assert outs[-1].final.finish_reason is FinishReason.LENGTH
         results[i] = [t for o in outs for t in o.new_token_ids]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
@@ -67,22 +68,22 @@ def test_concurrent_submitters_each_get_their_own_tokens(loop):
 
 def test_bad_input_and_full_queue_raise_on_the_submitting_thread(loop):
     lp = loop(make_engine(max_waiting=0))
-    with pytest.raises(ValueError, match="prompt is empty"):
-        lp.submit("empty", [], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        lp.submit(RequestSpec("unknown-token", [1, 999], GREEDY))
     with pytest.raises(QueueFullError, match="waiting queue is full"):
-        lp.submit("full", prompt(4), GREEDY)
+        lp.submit(RequestSpec("full", prompt(4), GREEDY))
     assert lp.healthy
 
 
 def test_cancel_frees_blocks_at_once_and_ends_the_stream(loop):
     runner = FakeRunner()
     lp = loop(make_engine(runner=runner))
-    handle = lp.submit("long", prompt(20), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    handle = lp.submit(RequestSpec("long", prompt(20), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
     first = handle.get(timeout=5)
     assert not first.finished
     handle.cancel()
     rest = list(handle)
-    assert rest[-1].finish_reason is FinishReason.CANCELLED
+    assert rest[-1].final.finish_reason is FinishReason.CANCELLED
     assert lp.call(lambda e: e.pool.num_in_use) == 0
     lp.call(lambda e: e.check_idle_integrity())
 
@@ -100,25 +101,45 @@ def test_a_failing_step_errors_its_requests_and_the_loop_goes_on(loop):
     health: list[bool] = []
     engine.step = flaky
     lp = loop(engine, on_health=health.append)
-    out = list(lp.submit("doomed", prompt(6), GREEDY))[-1]
-    assert out.finish_reason is FinishReason.ERROR and "engine step failed" in out.error
+    for i in range(UNHEALTHY_AFTER_FAILURES):
+        assert lp.healthy  # fewer failed steps in a row than the threshold
+        out = list(lp.submit(RequestSpec(f"doomed-{i}", prompt(6), GREEDY)))[-1].final
+        assert out.finish_reason is FinishReason.ERROR and "engine step failed" in out.error.message
     # Failing step after step: unhealthy (the server turns that into NOT_SERVING).
     assert wait_until(lambda: not lp.healthy, 5)
-    broken[0] = False
-    assert wait_until(lambda: lp.healthy, 5)
-    ok = list(lp.submit("fine", prompt(6), GREEDY))[-1]
+    broken[0] = False  # fixed: the next step that runs succeeds, and health follows
+    ok = list(lp.submit(RequestSpec("fine", prompt(6), GREEDY)))[-1].final
     assert ok.finish_reason is FinishReason.LENGTH
+    assert wait_until(lambda: lp.healthy, 5)
     assert health == [True, False, True]
 
 
-def test_idle_loop_blocks_instead_of_spinning(loop):
+def test_an_idle_loop_runs_no_step_when_woken(loop):
     engine = make_engine()
     calls = count_steps(engine)
     lp = loop(engine)
-    list(lp.submit("one", prompt(4), GREEDY))
+    list(lp.submit(RequestSpec("one", prompt(4), GREEDY)))
     settled = calls[0]
-    time.sleep(0.3)
-    assert calls[0] == settled  # nothing to do: not a single step in 300 ms
+    for _ in range(20):  # each call wakes the loop from its blocking wait on the inbox
+        lp.call(lambda e: e.stats)
+    assert calls[0] == settled  # nothing to do: not a single step
+
+
+def test_a_held_loop_keeps_requests_where_they_are_and_still_serves_commands(loop):
+    engine = make_engine()
+    calls = count_steps(engine)
+    lp = loop(engine)
+    lp.hold(after_steps=2)
+    handle = lp.submit(RequestSpec("held", prompt(4), SamplingParams(max_tokens=50, temperature=0,
+                                                                     ignore_eos=True)))
+    assert lp.wait_held(5)
+    got = [handle.get(timeout=5), handle.get(timeout=5)]  # the two steps it allowed, one token each
+    assert calls[0] == 2 and [len(o.new_token_ids) for o in got] == [1, 1]
+    assert lp.call(lambda e: e.get_request("held").num_output_tokens) == 2  # commands are served
+    lp.submit(RequestSpec("queued", prompt(5), GREEDY))  # so are submits: it waits in the queue
+    assert lp.call(lambda e: (e.stats.num_running, e.stats.num_waiting)) == (1, 1) and calls[0] == 2
+    lp.resume()
+    assert [o.final for o in handle][-1].usage.output_tokens == 50
 
 
 def test_unschedulable_work_waits_about_a_millisecond_per_turn(loop):
@@ -128,7 +149,7 @@ def test_unschedulable_work_waits_about_a_millisecond_per_turn(loop):
     calls = count_steps(engine)
     lp = loop(engine)
     t0 = time.perf_counter()
-    out = list(lp.submit("a", prompt(4), GREEDY, extra_key="v-slow"))[-1]
+    out = list(lp.submit(RequestSpec("a", prompt(4), GREEDY, adapter_version="v-slow")))[-1].final
     elapsed = time.perf_counter() - t0
     assert out.finish_reason is FinishReason.LENGTH
     # Every stalled turn slept: no hot spin while the adapter loaded, and no more steps than polls needed.
@@ -138,29 +159,23 @@ def test_unschedulable_work_waits_about_a_millisecond_per_turn(loop):
 
 def test_drain_lets_running_requests_finish_and_refuses_new_ones(loop):
     lp = loop()
-    handle = lp.submit("running", prompt(8), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    handle = lp.submit(RequestSpec("running", prompt(8), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)))
     assert lp.drain(grace_s=5) is True
     outs = list(handle)
-    assert outs[-1].finish_reason is FinishReason.LENGTH and not handle.stopped_by_drain
+    assert outs[-1].final.finish_reason is FinishReason.LENGTH and not handle.stopped_by_drain
     with pytest.raises(LoopClosed, match="shutting down"):
-        lp.submit("late", prompt(4), GREEDY)
+        lp.submit(RequestSpec("late", prompt(4), GREEDY))
 
 
 def test_drain_aborts_what_outlives_the_grace_period(loop):
-    engine = make_engine()
-    step = engine.step
-
-    def slow():
-        time.sleep(0.01)
-        return step()
-
-    engine.step = slow
-    lp = loop(engine)
-    handle = lp.submit("endless", prompt(8), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+    lp = loop()
+    lp.hold(after_steps=1)
+    handle = lp.submit(RequestSpec("endless", prompt(8), SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
+    assert lp.wait_held(5)  # running, and held: it cannot finish within the grace
     t0 = time.perf_counter()
     assert lp.drain(grace_s=0.1) is False
     assert time.perf_counter() - t0 < 2
-    out = list(handle)[-1]
+    out = list(handle)[-1].final
     assert out.finish_reason is FinishReason.CANCELLED and handle.stopped_by_drain
     lp.call(lambda e: e.check_idle_integrity())
 
@@ -178,13 +193,13 @@ def test_a_crashed_loop_answers_what_was_waiting_in_its_inbox(loop):
 
     engine.step = fatal_step
     lp = loop(engine)
-    first = lp.submit("a", prompt(5), GREEDY)
+    first = lp.submit(RequestSpec("a", prompt(5), GREEDY))
     assert entered.wait(10)
     outcome: dict[str, BaseException] = {}
 
     def submit_behind() -> None:
         try:
-            lp.submit("b", prompt(6), GREEDY, timeout=20)
+            lp.submit(RequestSpec("b", prompt(6), GREEDY), timeout=20)
         except BaseException as e:  # noqa: BLE001 - the outcome is what the test reads
             outcome["submit"] = e
 
@@ -193,14 +208,14 @@ def test_a_crashed_loop_answers_what_was_waiting_in_its_inbox(loop):
     assert wait_until(lambda: lp._submits == 1, 5)  # "b" sits in the inbox behind the fatal step
     call = threading.Thread(target=lambda: outcome.setdefault("call", _call_error(lp)))
     call.start()
-    time.sleep(0.05)
+    assert wait_until(lambda: lp._inbox.qsize() == 2, 5)  # the submit and the call both wait in the inbox
     t0 = time.monotonic()
     release.set()
     t.join(10)
     call.join(10)
     assert isinstance(outcome["submit"], LoopClosed) and isinstance(outcome["call"], LoopClosed)
     assert time.monotonic() - t0 < 10  # answered, not timed out (the submit's own timeout is 20 s)
-    assert [o.finish_reason for o in first][-1] is FinishReason.ERROR
+    assert [o.final for o in first][-1].finish_reason is FinishReason.ERROR
     assert not lp.healthy and not lp.accepting
 
 

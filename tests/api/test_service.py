@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.client import LoraServeClient
+from service.loop import wait_until
 from service.tracing import make_tracer_provider
 from tests.api.conftest import TENANT_KEYS, Server, rpc_error, write_tenants
 
@@ -46,7 +47,7 @@ def spans():
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory, spans):
     root = tmp_path_factory.mktemp("svc")
-    s = Server(tiny[0], root / "data", step_delay_s=0.02, service={
+    s = Server(tiny[0], root / "data", service={
         "tenants_file": write_tenants(root / "tenants.yaml"), "metrics_port": 0,
         "price_input_per_1k": 1.0, "price_output_per_1k": 2.0},
         tracer_provider=make_tracer_provider(exporters=[spans]))
@@ -108,10 +109,12 @@ def test_promote_and_rollback_while_requests_run(server, tiny, adapter_v2):
             results["old"] = alice.generate("t9 t10", adapter="swap", temperature=0, max_tokens=40,
                                             ignore_eos=True)
 
+        server.hold()  # the long request is submitted (on v1) and stays in flight while v2 is promoted
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(0.3)
+        assert wait_until(lambda: server.engine_call(lambda e: e.has_unfinished()), 10)
         v2 = alice.upload_adapter(adapter_v2, "swap").version  # promoted: new requests get v2
+        server.resume()
         assert v2.number == 2 and v2.version_id != v1.version_id
         new = alice.generate("t9 t10", adapter="swap", **GREEDY)
         t.join(60)
@@ -132,8 +135,10 @@ def test_delete_in_use_is_refused_then_succeeds(server, tiny):
         stream = bob.generate_stream_messages("t5 t6", adapter="short-lived", temperature=0, max_tokens=60,
                                               ignore_eos=True)
         next(stream)  # running now
+        server.hold()  # and still running while the delete is tried
         err = rpc_error(bob.delete_adapter, "short-lived")
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "in use" in err.details()
+        server.resume()
         rest = list(stream)
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH  # the running request lost nothing
         # The files stay while another adapter (alice's, same content) still refers to the version.
@@ -147,12 +152,12 @@ def test_load_and_unload_pin_a_version(server, tiny):
         ops.upload_adapter(tiny[1], "warm")
         r = ops.load_adapter("warm", wait=True)
         assert r.version.load_state == apb.LOAD_STATE_LOADED and not r.error
-        assert server.server.adapters.cache.pin_count(r.version.version_id) >= 1
-        pins = server.server.adapters.cache.pin_count(r.version.version_id)
+        versions = server.server.adapters.versions
+        assert versions.pinned_by(r.version.version_id) == {"ops"}
         ops.load_adapter("warm")  # loading twice pins once
-        assert server.server.adapters.cache.pin_count(r.version.version_id) == pins
+        assert versions.pinned_by(r.version.version_id) == {"ops"}
         ops.unload_adapter("warm")
-        assert server.server.adapters.cache.pin_count(r.version.version_id) == pins - 1
+        assert versions.pinned_by(r.version.version_id) == frozenset()
 
 
 def test_usage_equals_the_tokens_served(server):
@@ -188,7 +193,9 @@ def test_cancelled_request_is_billed_for_what_it_used(server):
         t0 = time.time()
         stream = alice.generate_stream_messages("t50 t51", temperature=0, max_tokens=200, ignore_eos=True)
         got = [next(stream) for _ in range(3)]
+        server.hold()  # not finished when the client cancels
         stream.close()  # the client cancels
+        server.resume()
         server.wait_idle_and_intact()
         server.server.usage_writer.flush()
         rows = alice.get_usage(start_time=t0, adapter="-", group_by="tenant")
@@ -201,9 +208,7 @@ def test_spans_carry_genai_attributes(server, spans, tiny):
     with client(server, "alice") as alice:
         v = alice.upload_adapter(tiny[1], "traced").version
         r = alice.generate("t5 t6 t7", adapter="traced", **GREEDY)
-    deadline = time.monotonic() + 5
-    while not spans.get_finished_spans() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_until(lambda: spans.get_finished_spans(), 5)
     (span,) = [s for s in spans.get_finished_spans() if s.attributes.get("loraserve.request.id") == r.request_id]
     a = span.attributes
     assert a["gen_ai.operation.name"] == "text_completion"
@@ -250,12 +255,14 @@ def test_metrics_endpoint(server):
 def test_tenant_limits(make_server, tmp_path):
     """Bad input: over the concurrency limit, over the token rate, a prompt and max_tokens over the caps."""
     limits = "{max_concurrent_requests: 1, tokens_per_minute: 100, max_prompt_tokens: 20, max_output_tokens: 50}"
-    server = make_server(step_delay_s=0.05, service={"tenants_file": write_tenants(tmp_path / "t.yaml", limits)})
+    server = make_server(service={"tenants_file": write_tenants(tmp_path / "t.yaml", limits)})
     with client(server, "alice") as alice:
         stream = alice.generate_stream_messages("t5 t6", temperature=0, max_tokens=30, ignore_eos=True)
         next(stream)
+        server.hold()  # the stream stays in flight
         err = rpc_error(alice.generate, "t5", **GREEDY)
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_requests" in err.details()
+        server.resume()
         list(stream)
         err = rpc_error(alice.generate, " ".join(["t7"] * 21), **GREEDY)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 20 prompt tokens" in err.details()

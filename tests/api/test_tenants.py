@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from service.limits import LimitExceeded, TenantLimiter, TenantLimitExceeded
 from service.tenants import (
     DEFAULT_MAX_UPLOAD_BYTES,
-    LimitExceeded,
     RequestOverLimit,
     Tenant,
     TenantConfigError,
     TenantDirectory,
-    TenantLimiter,
-    TenantLimitExceeded,
     TenantLimits,
     cert_identities,
     generate_api_key,

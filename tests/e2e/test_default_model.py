@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.ops import AttentionPlan
-from service.runtime.builder import load_tokenizer
+from service.builder import load_tokenizer
 from service.runtime.loader import default_model_path, load_model
 from service.runtime.model import KVCache, LlamaModel
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from service.builder import build_runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
-from service.runtime.builder import build_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +34,14 @@ def outputs():
     for q in QUESTIONS:
         ids = rt.tokenizer.encode_chat([{"role": "user", "content": q}])
         for kind, version in kinds.items():
-            rt.engine.add_request(f"{kind}:{q}", ids, sp, extra_key=version)
+            rt.engine.add_request(RequestSpec(f"{kind}:{q}", ids, sp, adapter_version=version))
     done = {}
     max_batch = 0
     while rt.engine.has_unfinished():
         max_batch = max(max_batch, rt.engine.stats.num_running)
         for o in rt.engine.step():
             if o.finished:
-                done[o.request_id] = o
+                done[o.request_id] = o.final
     assert max_batch >= 6  # the three kinds really shared steps
     return done
 

@@ -61,7 +61,7 @@ class FakeAdapterSlots:
         self.last_used[slot] = self._clock
         return slot
 
-    def release(self, version_id: str) -> None:
+    def release_slot(self, version_id: str) -> None:
         assert version_id in self.slot_version, f"release of {version_id}, which holds no slot"
         slot = self.slot_version.index(version_id)
         assert self.users[slot] > 0, f"release of {version_id} with no users"

@@ -13,6 +13,7 @@ slot computes with the wrong adapter, exactly like reading the wrong LoRA weight
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -164,8 +165,9 @@ def make_engine(
                                   slots=slots)
     assert runner.slots is slots, "give the slots to the runner too"
     admission = AdapterAdmission(slots, max_overtake_steps) if slots is not None else None
+    clock = cfg.pop("clock", time.monotonic)
     return LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=runner.block_size, **cfg),
-                     admission=admission, adapter_slots=slots)
+                     admission=admission, adapter_slots=slots, clock=clock)
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:

@@ -12,7 +12,8 @@ import pytest
 from service.config import EngineConfig
 from service.engine.adapters import AdapterAdmission
 from service.engine.engine import LLMEngine
-from service.engine.request import Request, RequestStatus
+from service.engine.outputs import ErrorKind, RequestError
+from service.engine.request import Request, RequestSpec, RequestStatus
 from service.engine.sampling import SamplingParams
 from service.engine.types import FinishReason
 from tests.engine.fake_adapters import FakeAdapterSlots
@@ -28,7 +29,7 @@ def step(engine, finals: dict) -> None:
     for o in engine.step():
         assert o.request_id not in finals, "output after the final one"
         if o.finished:
-            finals[o.request_id] = o
+            finals[o.request_id] = o.final
     engine.check_integrity()
 
 
@@ -53,10 +54,10 @@ def test_eight_adapters_on_two_slots_each_get_their_own_output():
     for i in range(24):
         version = versions[i % 8] if i % 6 else None  # every 6th request is a base-model one
         p = prompt(5 + i % 7, seed=i % 3)  # few distinct prompts: equal prompts under other adapters
-        engine.add_request(f"r{i}", p, greedy(6), extra_key=version)
+        engine.add_request(RequestSpec(f"r{i}", p, greedy(6), adapter_version=version))
         expected[f"r{i}"] = reference_tokens(p, 6, version)
     finals = drain(engine)
-    assert {rid: o.output_token_ids for rid, o in finals.items()} == expected
+    assert {rid: list(o.token_ids) for rid, o in finals.items()} == expected
     assert all(o.finish_reason is FinishReason.LENGTH and o.error is None for o in finals.values())
     per_step = engine.runner.adapters_per_step
     assert max(len(a) for a in per_step) == 2 and set().union(*per_step) == set(versions)
@@ -67,10 +68,10 @@ def test_eight_adapters_on_two_slots_each_get_their_own_output():
 def test_loading_adapter_does_not_hold_up_others():
     slots = FakeAdapterSlots(max_active=2, load_polls={"slow": 5})
     engine = make_engine(slots=slots)
-    engine.add_request("slow", prompt(6, seed=1), greedy(4), extra_key="slow")
+    engine.add_request(RequestSpec("slow", prompt(6, seed=1), greedy(4), adapter_version="slow"))
     assert slots.loads_started == ["slow"]  # started on arrival, not when the request is reached
-    engine.add_request("base", prompt(6, seed=2), greedy(4))
-    engine.add_request("fast", prompt(6, seed=3), greedy(4), extra_key="fast")
+    engine.add_request(RequestSpec("base", prompt(6, seed=2), greedy(4)))
+    engine.add_request(RequestSpec("fast", prompt(6, seed=3), greedy(4), adapter_version="fast"))
     finals: dict = {}
     step(engine, finals)
     assert {c[0] for c in engine.runner.history[0]} == {"base", "fast"}
@@ -82,7 +83,7 @@ def test_loading_adapter_does_not_hold_up_others():
                   for rid in finals}
     assert first_step["slow"] >= 3 and first_step["base"] == first_step["fast"] == 0
     for rid, seed, key in [("slow", 1, "slow"), ("base", 2, None), ("fast", 3, "fast")]:
-        assert finals[rid].output_token_ids == reference_tokens(prompt(6, seed=seed), 4, key)
+        assert list(finals[rid].token_ids) == reference_tokens(prompt(6, seed=seed), 4, key)
     assert engine.stats.adapter_loads_waited == 1  # counted once, however many steps it waited
 
 
@@ -90,14 +91,15 @@ def test_failed_load_fails_only_its_requests_with_the_message():
     slots = FakeAdapterSlots(max_active=2, load_polls=2, fail={"bad": "lora_A of q_proj has rank 0"})
     engine = make_engine(slots=slots)
     for rid, key in [("bad1", "bad"), ("good", "good"), ("base", None), ("bad2", "bad")]:
-        engine.add_request(rid, prompt(7), greedy(3), extra_key=key)
+        engine.add_request(RequestSpec(rid, prompt(7), greedy(3), adapter_version=key))
     finals = drain(engine)
     for rid in ("bad1", "bad2"):
         out = finals[rid]
-        assert out.finish_reason is FinishReason.ERROR and out.output_token_ids == [] and out.finished
-        assert out.error == "adapter version 'bad' failed to load: lora_A of q_proj has rank 0"
-    assert finals["good"].output_token_ids == reference_tokens(prompt(7), 3, "good")
-    assert finals["base"].output_token_ids == reference_tokens(prompt(7), 3)
+        assert out.finish_reason is FinishReason.ERROR and list(out.token_ids) == []
+        assert out.error == RequestError(ErrorKind.ADAPTER_UNAVAILABLE,
+                                         "adapter version 'bad' failed to load: lora_A of q_proj has rank 0")
+    assert list(finals["good"].token_ids) == reference_tokens(prompt(7), 3, "good")
+    assert list(finals["base"].token_ids) == reference_tokens(prompt(7), 3)
     assert finals["good"].error is finals["base"].error is None
     assert not any("bad" in v for v in engine.runner.adapters_per_step) and engine.pool.num_in_use == 0
 
@@ -112,7 +114,7 @@ def run_streams(max_overtake_steps: int, horizon: int) -> tuple[int | None, list
 
     def add(rid: str, key: str | None, seed: int) -> None:
         p = prompt(6, seed=seed)
-        engine.add_request(rid, p, greedy(3), extra_key=key)
+        engine.add_request(RequestSpec(rid, p, greedy(3), adapter_version=key))
         expected[rid] = reference_tokens(p, 3, key)
 
     done_at = None
@@ -127,7 +129,7 @@ def run_streams(max_overtake_steps: int, horizon: int) -> tuple[int | None, list
         if done_at is None and "C" in finals:
             done_at = t
     drain(engine, finals, max_steps=5 * horizon)
-    assert {rid: o.output_token_ids for rid, o in finals.items()} == expected
+    assert {rid: list(o.token_ids) for rid, o in finals.items()} == expected
     return done_at, engine.runner.adapters_per_step
 
 
@@ -151,8 +153,8 @@ def test_preemption_releases_the_slot_and_resume_reacquires():
     slots = FakeAdapterSlots(max_active=2)
     # 8 blocks of 2 tokens: two requests growing to 16 tokens cannot both fit
     engine = make_engine(runner=FakeRunner(num_blocks=8, block_size=2, slots=slots), slots=slots)
-    a = engine.add_request("a", prompt(4, seed=1), greedy(10), extra_key="va")
-    b = engine.add_request("b", prompt(4, seed=2), greedy(10), extra_key="vb")
+    a = engine.add_request(RequestSpec("a", prompt(4, seed=1), greedy(10), adapter_version="va"))
+    b = engine.add_request(RequestSpec("b", prompt(4, seed=2), greedy(10), adapter_version="vb"))
     finals: dict = {}
     seen = False
     while engine.has_unfinished():
@@ -163,58 +165,58 @@ def test_preemption_releases_the_slot_and_resume_reacquires():
     assert seen and engine.runner.preempted[0] == "b"
     assert engine.stats.preemptions >= 1
     # b ran again after its preemption, so it acquired a slot again (every acquire is one use)
-    assert finals["a"].output_token_ids == reference_tokens(prompt(4, seed=1), 10, "va")
-    assert finals["b"].output_token_ids == reference_tokens(prompt(4, seed=2), 10, "vb")
+    assert list(finals["a"].token_ids) == reference_tokens(prompt(4, seed=1), 10, "va")
+    assert list(finals["b"].token_ids) == reference_tokens(prompt(4, seed=2), 10, "vb")
     assert a.lora_slot == b.lora_slot == -1 and slots.held() == {}
 
 
 def test_abort_releases_running_and_forgets_waiting():
     slots = FakeAdapterSlots(max_active=1, load_polls={"slow": 100})
     engine = make_engine(slots=slots)
-    run = engine.add_request("run", prompt(5), greedy(8), extra_key="v1")
-    engine.add_request("blocked", prompt(5), greedy(8), extra_key="v2")  # no slot: max_active=1
-    engine.add_request("loading", prompt(5), greedy(8), extra_key="slow")
+    run = engine.add_request(RequestSpec("run", prompt(5), greedy(8), adapter_version="v1"))
+    engine.add_request(RequestSpec("blocked", prompt(5), greedy(8), adapter_version="v2"))  # no slot: max_active=1
+    engine.add_request(RequestSpec("loading", prompt(5), greedy(8), adapter_version="slow"))
     step(engine, {})
     assert run.lora_slot == 0 and slots.held() == {"v1": 1}
     for rid in ("run", "blocked", "loading"):
         assert engine.abort_request(rid)
     assert run.lora_slot == -1 and slots.held() == {}
     engine.check_idle_integrity()
-    finals = {o.request_id: o for o in engine.step()}
+    finals = {o.request_id: o.final for o in engine.step()}
     assert {o.finish_reason for o in finals.values()} == {FinishReason.CANCELLED}
     assert all(o.error is None for o in finals.values())
     # the slot is free for the next version
-    engine.add_request("next", prompt(5), greedy(2), extra_key="v2")
-    assert drain(engine)["next"].output_token_ids == reference_tokens(prompt(5), 2, "v2")
+    engine.add_request(RequestSpec("next", prompt(5), greedy(2), adapter_version="v2"))
+    assert list(drain(engine)["next"].token_ids) == reference_tokens(prompt(5), 2, "v2")
 
 
 def test_memory_refusal_after_the_policy_agreed_hands_the_slot_back():
     slots = FakeAdapterSlots(max_active=1)
     engine = make_engine(num_blocks=4, block_size=4, slots=slots)
-    engine.add_request("big", prompt(12, seed=1), greedy(2))  # base: 3 of the 4 blocks
-    late = engine.add_request("late", prompt(8, seed=2), greedy(2), extra_key="v1")  # needs 2 blocks
+    engine.add_request(RequestSpec("big", prompt(12, seed=1), greedy(2)))  # base: 3 of the 4 blocks
+    late = engine.add_request(RequestSpec("late", prompt(8, seed=2), greedy(2), adapter_version="v1"))  # needs 2 blocks
     step(engine, {})  # late got the slot from the policy, then no memory: it must give it back
     assert late.status is RequestStatus.WAITING and late.lora_slot == -1 and slots.held() == {}
     assert slots.activations == [(0, "v1")]
     finals = drain(engine)
-    assert finals["late"].output_token_ids == reference_tokens(prompt(8, seed=2), 2, "v1")
+    assert list(finals["late"].token_ids) == reference_tokens(prompt(8, seed=2), 2, "v1")
 
 
 def test_same_prompt_shares_blocks_only_under_the_same_version():
     engine = make_engine(block_size=4, slots=FakeAdapterSlots(max_active=2))
     p = prompt(20, seed=5)
-    r1 = engine.add_request("v1", p, greedy(3), extra_key="v1")
-    r2 = engine.add_request("v2", p, greedy(3), extra_key="v2")
+    r1 = engine.add_request(RequestSpec("v1", p, greedy(3), adapter_version="v1"))
+    r2 = engine.add_request(RequestSpec("v2", p, greedy(3), adapter_version="v2"))
     step(engine, {})
     assert set(r1.block_ids).isdisjoint(r2.block_ids) and len(r1.block_ids) == len(r2.block_ids) == 5
     finals = drain(engine)
-    assert finals["v1"].output_token_ids == reference_tokens(p, 3, "v1")
-    assert finals["v2"].output_token_ids == reference_tokens(p, 3, "v2") != finals["v1"].output_token_ids
-    assert finals["v2"].num_cached_tokens == 0
-    again = engine.add_request("v1-again", p, greedy(3), extra_key="v1")
+    assert list(finals["v1"].token_ids) == reference_tokens(p, 3, "v1")
+    assert list(finals["v2"].token_ids) == reference_tokens(p, 3, "v2") != list(finals["v1"].token_ids)
+    assert finals["v2"].usage.cached_input_tokens == 0
+    again = engine.add_request(RequestSpec("v1-again", p, greedy(3), adapter_version="v1"))
     finals = drain(engine)
-    assert finals["v1-again"].num_cached_tokens == 16  # 4 full blocks of v1 (the 5th holds the last token)
-    assert finals["v1-again"].output_token_ids == reference_tokens(p, 3, "v1")
+    assert finals["v1-again"].usage.cached_input_tokens == 16  # 4 full blocks of v1 (the 5th holds the last token)
+    assert list(finals["v1-again"].token_ids) == reference_tokens(p, 3, "v1")
     assert again.lora_slot == -1
 
 
@@ -233,18 +235,18 @@ def test_a_wrong_slot_yields_wrong_tokens():
     engine = LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=4), admission=Swapping(slots),
                        adapter_slots=slots)
     p = prompt(6)
-    engine.add_request("x", p, greedy(3), extra_key="v1")
-    engine.add_request("y", p, greedy(3), extra_key="v2")
+    engine.add_request(RequestSpec("x", p, greedy(3), adapter_version="v1"))
+    engine.add_request(RequestSpec("y", p, greedy(3), adapter_version="v2"))
     finals: dict = {}
     while engine.has_unfinished():
-        finals.update({o.request_id: o for o in engine.step() if o.finished})
-    assert finals["x"].output_token_ids == reference_tokens(p, 3, "v2") != reference_tokens(p, 3, "v1")
+        finals.update({o.request_id: o.final for o in engine.step() if o.finished})
+    assert list(finals["x"].token_ids) == reference_tokens(p, 3, "v2") != reference_tokens(p, 3, "v1")
 
 
 def test_engine_refuses_adapters_it_cannot_serve():
     engine = make_engine()
     with pytest.raises(ValueError, match="this engine serves no adapters"):
-        engine.add_request("a", prompt(3), greedy(1), extra_key="v1")
+        engine.add_request(RequestSpec("a", prompt(3), greedy(1), adapter_version="v1"))
     assert engine.get_request("a") is None and engine.stats.running_adapters == frozenset()
     slots = FakeAdapterSlots()
     with pytest.raises(ValueError, match="AdapterAdmission"):

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.engine.detokenizer import Detokenizer, IncrementalDecoder, StopStringMatcher
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.types import FinishReason
 from tests.engine.fake_runner import ByteTokenizer, ScriptedRunner, make_engine
@@ -156,9 +157,9 @@ def test_engine_stop_string_and_min_tokens():
     ids = byte_ids("ab##cd##ef")
     runner = ScriptedRunner({"r": ids, "m": ids}, num_blocks=64, block_size=4)
     engine = make_engine(runner=runner)
-    engine.add_request("r", [1, 2], SamplingParams(max_tokens=20, temperature=0, stop=("##",)))
+    engine.add_request(RequestSpec("r", [1, 2], SamplingParams(max_tokens=20, temperature=0, stop=("##",))))
     # min_tokens=4: the first "##" completes at token 4, so it still counts; use 5 to skip it
-    engine.add_request("m", [1, 2], SamplingParams(max_tokens=20, temperature=0, stop=("##",), min_tokens=5))
+    engine.add_request(RequestSpec("m", [1, 2], SamplingParams(max_tokens=20, temperature=0, stop=("##",), min_tokens=5)))
     streamed: dict[str, str] = {"r": "", "m": ""}
     finals = {}
     while engine.has_unfinished():
@@ -166,8 +167,8 @@ def test_engine_stop_string_and_min_tokens():
             assert o.request_id == "m" or "#" not in o.new_text
             streamed[o.request_id] += o.new_text
             if o.finished:
-                finals[o.request_id] = o
+                finals[o.request_id] = o.final
     assert finals["r"].finish_reason is FinishReason.STOP and finals["r"].text == streamed["r"] == "ab"
-    assert finals["r"].output_token_ids == ids[:4]
+    assert list(finals["r"].token_ids) == ids[:4]
     # the first "##" completes at token 4, within min_tokens=5: it is plain text; the second stops
     assert finals["m"].finish_reason is FinishReason.STOP and finals["m"].text == streamed["m"] == "ab##cd"

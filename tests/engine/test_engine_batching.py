@@ -3,6 +3,7 @@ generating each request alone (the fake runner reads its context back from the p
 
 from __future__ import annotations
 
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from tests.engine.fake_adapters import FakeAdapterSlots
 from tests.engine.fake_runner import FakeRunner, make_engine, prompt, reference_tokens
@@ -26,16 +27,16 @@ def test_sixteen_concurrent_equal_each_alone():
     batched = make_engine(num_blocks=256, max_num_batched_tokens=64).generate(prompts, GREEDY)
     for p, out in zip(prompts, batched, strict=True):
         alone = make_engine(num_blocks=256, max_num_seqs=1).generate([p], GREEDY)[0]
-        assert out.output_token_ids == alone.output_token_ids == reference_tokens(p, 12)
-        assert out.finished and out.finish_reason.value == "length"
-        assert out.text == bytes(out.output_token_ids).decode("utf-8", errors="replace")
+        assert list(out.token_ids) == list(alone.token_ids) == reference_tokens(p, 12)
+        assert out.finish_reason.value == "length"
+        assert out.text == bytes(list(out.token_ids)).decode("utf-8", errors="replace")
 
 
 def test_chunked_prefill_runs_alongside_decodes():
     engine = make_engine(num_blocks=128, max_num_batched_tokens=16)
-    short = engine.add_request("short", prompt(5), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    short = engine.add_request(RequestSpec("short", prompt(5), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)))
     engine.step()  # short's whole prompt fits in one step
-    engine.add_request("long", prompt(70, seed=3), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    engine.add_request(RequestSpec("long", prompt(70, seed=3), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))
     outs = run_to_end(engine)
     history = engine.runner.history
     long_chunks = [c for step in history for c in step if c[0] == "long"]
@@ -48,8 +49,8 @@ def test_chunked_prefill_runs_alongside_decodes():
             if any(c[0] == "long" and not c[3] for c in step) and any(c[0] == "short" and c[2] == 1 for c in step)]
     assert both
     assert all(sum(c[2] for c in step) <= 16 for step in history)
-    assert outs["long"][-1].output_token_ids == reference_tokens(prompt(70, seed=3), 3)
-    assert outs["short"][-1].output_token_ids == reference_tokens(prompt(5), 20)
+    assert list(outs["long"][-1].final.token_ids) == reference_tokens(prompt(70, seed=3), 3)
+    assert list(outs["short"][-1].final.token_ids) == reference_tokens(prompt(5), 20)
     assert short.first_token_time is not None
 
 
@@ -61,8 +62,8 @@ def test_prefix_cache_computes_only_uncached_tokens():
     before = engine.runner.tokens_computed
     stats0 = engine.stats
     second = engine.generate([p], GREEDY)[0]
-    assert second.output_token_ids == first.output_token_ids == reference_tokens(p, 12)
-    assert second.num_cached_tokens == 24
+    assert list(second.token_ids) == list(first.token_ids) == reference_tokens(p, 12)
+    assert second.usage.cached_input_tokens == 24
     # 3 uncached prompt tokens, then 11 decode steps (the 12th token is sampled, never computed)
     assert engine.runner.tokens_computed - before == 3 + 11
     assert engine.stats.prompt_tokens_computed - stats0.prompt_tokens_computed == 3
@@ -75,11 +76,11 @@ def test_cache_salt_keeps_prefixes_apart():
     p = prompt(24, seed=9) + [1, 2, 3]
 
     def cached(salt: str | None) -> int:
-        engine.add_request(f"r-{salt}-{engine.stats.steps}", p, GREEDY, cache_salt=salt)
+        engine.add_request(RequestSpec(f"r-{salt}-{engine.stats.steps}", p, GREEDY, cache_salt=salt))
         outs = run_to_end(engine)
-        (final,) = [o for os in outs.values() for o in os if o.finished]
-        assert final.output_token_ids == reference_tokens(p, 12)  # the salt changes nothing but the cache
-        return final.num_cached_tokens
+        (final,) = [o.final for os in outs.values() for o in os if o.finished]
+        assert list(final.token_ids) == reference_tokens(p, 12)  # the salt changes nothing but the cache
+        return final.usage.cached_input_tokens
 
     assert cached("alice") == 0
     assert cached("alice") == 24
@@ -93,9 +94,9 @@ def test_full_prompt_hit_still_computes_last_token():
     first = engine.generate([p], GREEDY)[0]
     before = engine.stats.prompt_tokens_computed
     second = engine.generate([p], GREEDY)[0]
-    assert second.num_cached_tokens == 12  # the last block is recomputed for its last token's logits
+    assert second.usage.cached_input_tokens == 12  # the last block is recomputed for its last token's logits
     assert engine.stats.prompt_tokens_computed - before == 4
-    assert second.output_token_ids == first.output_token_ids
+    assert second.token_ids == first.token_ids
 
 
 def test_extra_key_isolation_in_the_engine():
@@ -104,24 +105,24 @@ def test_extra_key_isolation_in_the_engine():
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
     def run(rid, key):
-        engine.add_request(rid, p, sp, extra_key=key)
-        return run_to_end(engine)[rid][-1]
+        engine.add_request(RequestSpec(rid, p, sp, adapter_version=key))
+        return run_to_end(engine)[rid][-1].final
 
     base = run("a", None)
     other = run("b", "adapter-v1")
-    assert other.num_cached_tokens == 0
-    assert other.output_token_ids == reference_tokens(p, 4, "adapter-v1") != base.output_token_ids
+    assert other.usage.cached_input_tokens == 0
+    assert list(other.token_ids) == reference_tokens(p, 4, "adapter-v1") != list(base.token_ids)
     same = run("c", "adapter-v1")
-    assert same.num_cached_tokens == 16 and same.output_token_ids == other.output_token_ids
+    assert same.usage.cached_input_tokens == 16 and same.token_ids == other.token_ids
     again = run("d", None)
-    assert again.num_cached_tokens == 16 and again.output_token_ids == base.output_token_ids
+    assert again.usage.cached_input_tokens == 16 and again.token_ids == base.token_ids
 
 
 def test_identical_prompts_in_one_step_both_correct():
     engine = make_engine(block_size=4)
     p = prompt(13, seed=6)
     outs = engine.generate([p, p, p], GREEDY)
-    assert all(o.output_token_ids == reference_tokens(p, 12) for o in outs)
+    assert all(list(o.token_ids) == reference_tokens(p, 12) for o in outs)
     engine.check_idle_integrity()
 
 
@@ -131,11 +132,11 @@ def test_preemption_keeps_outputs_and_returns_blocks():
     for caching in (True, False):
         engine = make_engine(num_blocks=14, block_size=4, enable_prefix_caching=caching)
         for i, p in enumerate(prompts):
-            engine.add_request(f"r{i}", p, sp)
+            engine.add_request(RequestSpec(f"r{i}", p, sp))
         outs = run_to_end(engine)
         assert engine.stats.preemptions > 0
         for i, p in enumerate(prompts):
-            assert outs[f"r{i}"][-1].output_token_ids == reference_tokens(p, 16)
+            assert list(outs[f"r{i}"][-1].final.token_ids) == reference_tokens(p, 16)
             # streamed tokens arrive exactly once each, in order, despite recomputation
             assert [t for o in outs[f"r{i}"] for t in o.new_token_ids] == reference_tokens(p, 16)
         assert engine.pool.num_in_use == 0
@@ -145,24 +146,24 @@ def test_preemption_victim_is_lowest_priority_then_latest():
     # 8 blocks of 2 tokens: three growing requests cannot all fit
     engine = make_engine(runner=FakeRunner(num_blocks=8, block_size=2))
     sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
-    engine.add_request("early", prompt(4, seed=2), sp)
-    engine.add_request("late", prompt(4, seed=3), sp)
-    engine.add_request("urgent", prompt(4, seed=1), sp, priority=-1)
+    engine.add_request(RequestSpec("early", prompt(4, seed=2), sp))
+    engine.add_request(RequestSpec("late", prompt(4, seed=3), sp))
+    engine.add_request(RequestSpec("urgent", prompt(4, seed=1), sp, priority=-1))
     outs = run_to_end(engine)
     preempted = engine.runner.preempted
     assert preempted[0] == "late" and "urgent" not in preempted
     for rid, seed in [("early", 2), ("late", 3), ("urgent", 1)]:
-        final = outs[rid][-1]
+        final = outs[rid][-1].final
         # the pool holds 16 tokens: a request ends (LENGTH) once its context fills it
-        assert final.finish_reason.value == "length" and len(final.output_token_ids) == 17 - 4
-        assert final.output_token_ids == reference_tokens(prompt(4, seed=seed), 13)
+        assert final.finish_reason.value == "length" and len(final.token_ids) == 17 - 4
+        assert list(final.token_ids) == reference_tokens(prompt(4, seed=seed), 13)
 
 
 def test_waiting_order_priority_then_arrival():
     engine = make_engine(max_num_seqs=1)
     sp = SamplingParams(max_tokens=1, temperature=0)
     for rid, prio in [("a", 1), ("b", 0), ("c", 1), ("d", 0)]:
-        engine.add_request(rid, prompt(3), sp, priority=prio)
+        engine.add_request(RequestSpec(rid, prompt(3), sp, priority=prio))
     order = []
     while engine.has_unfinished():
         order += [o.request_id for o in engine.step() if o.finished]
@@ -178,6 +179,6 @@ def test_shared_prefix_submitted_together_is_computed_once():
     outs = engine.generate(prompts, GREEDY)
     # the prefix once (32) + each request's own 3 tokens
     assert engine.stats.prompt_tokens_computed == 32 + 6 * 3
-    assert [o.num_cached_tokens for o in outs] == [0] + [32] * 5
+    assert [o.usage.cached_input_tokens for o in outs] == [0] + [32] * 5
     for p, o in zip(prompts, outs):
-        assert o.output_token_ids == reference_tokens(p, GREEDY.max_tokens)
+        assert list(o.token_ids) == reference_tokens(p, GREEDY.max_tokens)

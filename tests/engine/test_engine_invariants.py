@@ -10,6 +10,8 @@ import sys
 from hypothesis import HealthCheck, Phase, given, settings, target
 from hypothesis import strategies as st
 
+from service.engine.outputs import ErrorKind, RequestError
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError
 from service.engine.types import FinishReason
@@ -52,7 +54,7 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
         for o in outs:
             assert o.request_id not in finals, "output after the final one"
             if o.finished:
-                finals[o.request_id] = o
+                finals[o.request_id] = o.final
 
     for i, (kind, *args) in enumerate(ops):
         if kind == "submit":
@@ -62,8 +64,8 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
             extra_key = [None, "v1", "v2", "v1"][key]  # the same prompt under v1 and v2, too
             rid = f"r{i}"
             try:
-                engine.add_request(rid, p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
-                                   extra_key=extra_key, priority=priority)
+                engine.add_request(RequestSpec(rid, p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                                   adapter_version=extra_key, priority=priority))
                 submitted[rid] = (p, extra_key, max_tokens)
             except QueueFullError:
                 pass
@@ -94,16 +96,17 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
     for rid, (p, key, max_tokens) in submitted.items():
         out = finals[rid]
         if out.finish_reason is FinishReason.CANCELLED:
-            n = len(out.output_token_ids)
-            assert out.output_token_ids == reference_tokens(p, n, key)
+            n = len(out.token_ids)
+            assert list(out.token_ids) == reference_tokens(p, n, key)
             continue
         if fail_v2 and key == "v2":
-            assert out.finish_reason is FinishReason.ERROR and out.output_token_ids == []
-            assert out.error == "adapter version 'v2' failed to load: bad checksum"
+            assert out.finish_reason is FinishReason.ERROR and list(out.token_ids) == []
+            assert out.error == RequestError(ErrorKind.ADAPTER_UNAVAILABLE,
+                                             "adapter version 'v2' failed to load: bad checksum")
             continue
         assert out.finish_reason is FinishReason.LENGTH and out.error is None
         n = min(max_tokens, limit - len(p))
-        assert out.output_token_ids == reference_tokens(p, n, key)
+        assert list(out.token_ids) == reference_tokens(p, n, key)
 
 
 def test_engine_imports_no_torch():

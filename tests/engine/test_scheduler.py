@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from service.engine.request import Request, RequestStatus
+from service.engine.request import Request, RequestSpec, RequestStatus
 from service.engine.sampling import SamplingParams
 from service.engine.types import FinishReason
 from service.engine.waiting_queue import WaitingQueue
@@ -14,7 +14,7 @@ SP = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
 
 def req(rid: str, priority: int = 0) -> Request:
-    return Request(rid, [1, 2, 3], SP, priority=priority)
+    return Request(RequestSpec(rid, [1, 2, 3], SP, priority=priority))
 
 
 def drain_order(q: WaitingQueue) -> list[str]:
@@ -58,10 +58,10 @@ class OneGroupPerStep:
         self.groups = {r.request_id[0] for r in running}
 
     def may_admit(self, request: Request) -> bool:
-        return not self.groups or request.request_id[0] in self.groups
-
-    def on_admit(self, request: Request) -> None:
+        if self.groups and request.request_id[0] not in self.groups:
+            return False
         self.groups.add(request.request_id[0])
+        return True
 
     def on_release(self, request: Request) -> None:
         self.releases.append(request.request_id)
@@ -76,7 +76,7 @@ def test_admission_policy_seam_skips_without_reordering():
     engine = LLMEngine(runner, ByteTokenizer(), EngineConfig(block_size=4), admission=policy)
     sp = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
     for rid in ["a1", "b1", "a2", "b2"]:
-        engine.add_request(rid, prompt(3), sp)
+        engine.add_request(RequestSpec(rid, prompt(3), sp))
     engine.step()
     first = {c[0] for c in runner.history[0]}
     assert first == {"a1", "a2"}  # b1 was skipped, kept its place, and a2 went past it
@@ -90,7 +90,7 @@ def test_admission_policy_seam_skips_without_reordering():
 def test_step_respects_budget_and_max_num_seqs():
     engine = make_engine(max_num_batched_tokens=10, max_num_seqs=3)
     for i in range(5):
-        engine.add_request(f"r{i}", prompt(4, seed=i), SP)
+        engine.add_request(RequestSpec(f"r{i}", prompt(4, seed=i), SP))
     out = engine.scheduler.schedule()
     assert out.num_batched_tokens == 10 and [c.num_tokens for c in out.chunks] == [4, 4, 2]
     assert [c.sample for c in out.chunks] == [True, True, False]
@@ -103,8 +103,8 @@ def test_step_respects_budget_and_max_num_seqs():
 def test_preempted_request_status_and_recompute_includes_outputs():
     engine = make_engine(num_blocks=5, block_size=2, max_num_batched_tokens=64)
     sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    a = engine.add_request("a", prompt(4, seed=1), sp)
-    b = engine.add_request("b", prompt(4, seed=2), sp)
+    a = engine.add_request(RequestSpec("a", prompt(4, seed=1), sp))
+    b = engine.add_request(RequestSpec("b", prompt(4, seed=2), sp))
     seen_preempted = False
     while engine.has_unfinished():
         engine.step()
@@ -130,11 +130,11 @@ def test_post_processing_error_fails_only_that_request():
 
     runner = ScriptedRunner({"bad": [ord("a"), 999]}, num_blocks=32, block_size=4)
     engine = LLMEngine(runner, Picky(), EngineConfig(block_size=4))
-    engine.add_request("bad", prompt(3), SP)
-    engine.add_request("good", prompt(3), SP)
+    engine.add_request(RequestSpec("bad", prompt(3), SP))
+    engine.add_request(RequestSpec("good", prompt(3), SP))
     finals = {}
     while engine.has_unfinished():
-        finals.update({o.request_id: o for o in engine.step() if o.finished})
+        finals.update({o.request_id: o.final for o in engine.step() if o.finished})
     assert finals["bad"].finish_reason is FinishReason.ERROR and finals["bad"].text == "a"
     assert finals["good"].finish_reason is FinishReason.LENGTH
     engine.check_idle_integrity()

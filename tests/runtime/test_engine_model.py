@@ -61,9 +61,9 @@ def test_concurrent_equals_alone_equals_transformers(tiny):
     batched = make_engine(model, max_num_batched_tokens=64).generate(ps, GREEDY)
     for p, out in zip(ps, batched):
         alone = make_engine(model).generate([p], GREEDY)[0]
-        assert out.output_token_ids == alone.output_token_ids
-        assert out.output_token_ids == hf_greedy(hf, p)
-        assert len(out.output_token_ids) == NEW_TOKENS
+        assert list(out.token_ids) == list(alone.token_ids)
+        assert list(out.token_ids) == hf_greedy(hf, p)
+        assert len(out.token_ids) == NEW_TOKENS
 
 
 def test_prefix_cache_hit_same_output_computes_only_uncached(tiny):
@@ -74,13 +74,13 @@ def test_prefix_cache_hit_same_output_computes_only_uncached(tiny):
     before = engine.stats.prompt_tokens_computed
     second = engine.generate([shared + [40, 41, 42]], GREEDY)[0]
     computed = engine.stats.prompt_tokens_computed - before
-    assert second.output_token_ids == first.output_token_ids
+    assert list(second.token_ids) == list(first.token_ids)
     # 27-token prompt: 6 full blocks (24 tokens) are cached; the remaining 3 are computed.
-    assert second.num_cached_tokens == 24
+    assert second.usage.cached_input_tokens == 24
     assert computed == 3
     # a cold engine computes all of them and agrees
     cold = make_engine(model).generate([shared + [40, 41, 42]], GREEDY)[0]
-    assert cold.output_token_ids == first.output_token_ids
+    assert list(cold.token_ids) == list(first.token_ids)
 
 
 def test_preemption_under_tiny_block_budget_keeps_outputs(tiny):
@@ -90,7 +90,7 @@ def test_preemption_under_tiny_block_budget_keeps_outputs(tiny):
     tight_engine = make_engine(model, num_blocks=24, block_size=4)
     tight = tight_engine.generate(ps, GREEDY)
     assert tight_engine.stats.preemptions > 0
-    assert [o.output_token_ids for o in tight] == [o.output_token_ids for o in roomy]
+    assert [list(o.token_ids) for o in tight] == [list(o.token_ids) for o in roomy]
     tight_engine.check_idle_integrity()
 
 
@@ -100,7 +100,7 @@ def test_seeded_sampling_reproducible_whatever_the_batch(tiny):
     alone = make_engine(model).generate([[5, 6, 7, 8]], sp)[0]
     others = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.8, seed=99, ignore_eos=True)
     mixed = make_engine(model).generate([[9, 9, 9], [5, 6, 7, 8], [11, 12]], [others, sp, GREEDY])
-    assert mixed[1].output_token_ids == alone.output_token_ids
+    assert list(mixed[1].token_ids) == list(alone.token_ids)
     unseeded = [make_engine(model).generate([[5, 6, 7, 8]], SamplingParams(
-        max_tokens=NEW_TOKENS, temperature=1.0, ignore_eos=True))[0].output_token_ids for _ in range(3)]
+        max_tokens=NEW_TOKENS, temperature=1.0, ignore_eos=True))[0].token_ids for _ in range(3)]
     assert len({tuple(u) for u in unseeded}) > 1  # without a seed, runs differ

@@ -8,9 +8,10 @@ import peft
 import pytest
 import torch
 
+from service.builder import build_runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
+from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
-from service.runtime.builder import build_runtime
 from tests.tiny_models import VOCAB, make_tiny_model
 
 NEW = 8
@@ -61,13 +62,13 @@ def test_eight_adapters_two_slots_tiny_host_cache_each_gets_its_own_output(eight
         a = None if k % 5 == 4 else (k * 3) % 8
         jobs.append((a, torch.randint(3, VOCAB, (int(torch.randint(4, 20, (1,), generator=g)),), generator=g).tolist()))
     for i, (a, p) in enumerate(jobs):
-        rt.engine.add_request(f"r{i}", p, GREEDY, extra_key=None if a is None else versions[a])
+        rt.engine.add_request(RequestSpec(f"r{i}", p, GREEDY, adapter_version=None if a is None else versions[a]))
     outs = {}
     max_active_seen = 0
     while rt.engine.has_unfinished():
         for o in rt.engine.step():
             if o.finished:
-                outs[o.request_id] = o
+                outs[o.request_id] = o.final
         max_active_seen = max(max_active_seen, len(rt.adapters.active_versions()))
     assert max_active_seen <= 2
     for i, (a, p) in enumerate(jobs):
@@ -78,7 +79,7 @@ def test_eight_adapters_two_slots_tiny_host_cache_each_gets_its_own_output(eight
         else:
             ref.set_adapter(f"a{a}")
             expect = peft_greedy(ref, p)
-        assert o.output_token_ids == expect, f"request {i} with adapter {a}"
+        assert list(o.token_ids) == expect, f"request {i} with adapter {a}"
     stats = rt.adapters.cache.stats()
     assert stats.evictions > 0  # the host tier (3 of 8) really evicted and reloaded
     assert rt.adapters.activations > 2  # slots rotated through more adapters than they hold
@@ -98,27 +99,27 @@ def test_prefix_cache_keyed_by_adapter_version(eight):
 
     base1 = run(None)[0]
     a = run(v1)
-    assert a.num_cached_tokens == 0  # the base model's KV is never served to an adapter
+    assert a.usage.cached_input_tokens == 0  # the base model's KV is never served to an adapter
     b = run(v2)
-    assert b.num_cached_tokens == 0  # nor one adapter's KV to another
+    assert b.usage.cached_input_tokens == 0  # nor one adapter's KV to another
     a_again = run(v1)
-    assert a_again.num_cached_tokens == 16 and a_again.output_token_ids == a.output_token_ids
+    assert a_again.usage.cached_input_tokens == 16 and list(a_again.token_ids) == list(a.token_ids)
     base2 = run(None)[0]
-    assert base2.num_cached_tokens == 16 and base2.output_token_ids == base1.output_token_ids
+    assert base2.usage.cached_input_tokens == 16 and list(base2.token_ids) == list(base1.token_ids)
     ref.set_adapter("a1")
-    assert a.output_token_ids == peft_greedy(ref, prompt)
+    assert list(a.token_ids) == peft_greedy(ref, prompt)
     ref.set_adapter("a5")
-    assert b.output_token_ids == peft_greedy(ref, prompt)
+    assert list(b.token_ids) == peft_greedy(ref, prompt)
 
 
 def _run_one(eng, prompt: list[int], version: str):
     rid = f"req-{version}-{eng.stats.steps}"
-    eng.add_request(rid, prompt, GREEDY, extra_key=version)
+    eng.add_request(RequestSpec(rid, prompt, GREEDY, adapter_version=version))
     out = None
     while eng.has_unfinished():
         for o in eng.step():
             if o.finished and o.request_id == rid:
-                out = o
+                out = o.final
     return out
 
 
@@ -170,11 +171,11 @@ def test_repointed_name_serves_the_new_version_never_the_old_kv(eight, tmp_path)
     registry.promote("team-a", "support-bot", ids[1])
     v_new, new = serve()
     assert (v_old, v_new) == (ids[0], ids[1])
-    assert new.num_cached_tokens == 0  # the old version's blocks are not reused under the same name
+    assert new.usage.cached_input_tokens == 0  # the old version's blocks are not reused under the same name
     ref.set_adapter("a2")
-    assert old.output_token_ids == peft_greedy(ref, prompt)
+    assert list(old.token_ids) == peft_greedy(ref, prompt)
     ref.set_adapter("a6")
-    assert new.output_token_ids == peft_greedy(ref, prompt)
+    assert list(new.token_ids) == peft_greedy(ref, prompt)
     registry.promote("team-a", "support-bot", ids[0])  # rollback: the old KV is valid again and reused
     _, again = serve()
-    assert again.num_cached_tokens == 20 and again.output_token_ids == old.output_token_ids
+    assert again.usage.cached_input_tokens == 20 and list(again.token_ids) == list(old.token_ids)

@@ -1,4 +1,5 @@
-"""Assemble a ready engine from configuration: weights, tokenizer, model, KV arena, runner, scheduler."""
+"""Assemble a ready engine from configuration: weights, tokenizer, model, KV arena, runner, adapter versions,
+scheduler. The one place that sets process-wide torch settings (threads), once, at start."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ from pathlib import Path
 import structlog
 import torch
 
-from adapters.cache import HostAdapterCache
 from adapters.identity import adapter_version_id
+from adapters.lifecycle import AdapterVersions
 from adapters.peft_format import ParsedAdapter, parse_adapter
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.adapters import AdapterAdmission
 from service.engine.engine import LLMEngine
-from service.runtime.adapter_slots import RuntimeAdapterSlots, fused_loader
 from service.runtime.gguf_loader import open_gguf
 from service.runtime.loader import LoadedModel, default_model_path, load_model
-from service.runtime.lora import LoraSlots
+from service.runtime.lora import LoraSlots, fused_loader
 from service.runtime.model import KVCache, LlamaModel
 from service.runtime.model_runner import ModelRunner
 from service.runtime.tokenizer import Tokenizer
@@ -34,7 +34,7 @@ class Runtime:
     model: LlamaModel
     runner: ModelRunner
     loaded: LoadedModel
-    adapters: RuntimeAdapterSlots
+    adapters: AdapterVersions
     adapter_config: AdapterConfig
     local_adapters: dict[str, ParsedAdapter]  # version id -> adapters registered from local directories
     # Reads a stored adapter by version id (the server's store); settable after the model is loaded,
@@ -99,14 +99,13 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
             raise KeyError(f"adapter version {version_id} is not known to this process")
         return loader(version_id)
 
-    cache = HostAdapterCache(fused_loader(load, loaded.arch), max_bytes=ac.host_cache_mib * 2**20,
-                             max_count=ac.host_cache_max_count, workers=ac.load_workers)
-    slots = RuntimeAdapterSlots(cache, lora_slots)
-    engine = LLMEngine(runner, tokenizer, ec, adapter_slots=slots,
-                       admission=AdapterAdmission(slots, ac.max_overtake_steps))
+    versions = AdapterVersions(fused_loader(load, loaded.arch), lora_slots, max_bytes=ac.host_cache_mib * 2**20,
+                               max_count=ac.host_cache_max_count, workers=ac.load_workers)
+    engine = LLMEngine(runner, tokenizer, ec, adapter_slots=versions,
+                       admission=AdapterAdmission(versions, ac.max_overtake_steps))
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
              weights_mib=round(model.nbytes() / 2**20, 1), kv_blocks=num_blocks,
              kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
-    runtime = Runtime(engine, tokenizer, model, runner, loaded, slots, ac, local, adapter_loader)
+    runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local, adapter_loader)
     return runtime

@@ -1,0 +1,31 @@
+"""Rebuild a gRPC method handler of any of the four kinds around a wrapped behaviour (what every server
+interceptor of ours needs). Only loraserve's own RPCs are wrapped: health and reflection stay untouched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+OWN_PREFIX = "/loraserve."
+
+Wrapper = Callable[[Callable, str], Callable]  # (behaviour, method) -> behaviour
+
+
+def rewrap(handler: grpc.RpcMethodHandler | None, method: str, unary: Wrapper, stream: Wrapper) -> Any:
+    """`handler` with its behaviour wrapped: `unary` for unary-response kinds, `stream` for streaming ones."""
+    if handler is None or not method.startswith(OWN_PREFIX):
+        return handler
+    kinds = (
+        ("unary_unary", unary, grpc.unary_unary_rpc_method_handler),
+        ("stream_unary", unary, grpc.stream_unary_rpc_method_handler),
+        ("unary_stream", stream, grpc.unary_stream_rpc_method_handler),
+        ("stream_stream", stream, grpc.stream_stream_rpc_method_handler),
+    )
+    for attr, wrap, make in kinds:
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(wrap(behavior, method), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
