@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from adapters.peft_format import ParsedAdapter
 
 __all__ = [
-    "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse", "AdapterInfo",
-    "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
+    "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse",
+    "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
     "AmbiguousAdapterRef", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered",
     "RegistryError", "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name",
     "check_tenant",
@@ -31,6 +31,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 SEQ_RE = re.compile(r"[1-9][0-9]{0,9}")  # `name@N`
 PUBLIC = "*"
+# Owner of the service's own adapters (`serve --adapter NAME=DIR`), public to all tenants.
+LOCAL_OWNER = "local"
 MAX_DESCRIPTION_CHARS = 4096
 
 

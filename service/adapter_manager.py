@@ -22,7 +22,7 @@ from adapters.cache import AdapterLoadFailed, HostAdapterCache
 from adapters.identity import adapter_version_id
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, parse_adapter, read_adapter_files
 from adapters.registry import AdapterRegistry
-from adapters.registry_types import AdapterRef, AdapterVersion, Registered, VersionMeta
+from adapters.registry_types import LOCAL_OWNER, AdapterRef, AdapterVersion, Registered, VersionMeta
 from adapters.store import Store
 from service.api.adapter_refs import ResolvedAdapter
 from service.runtime.arch import ModelArch
@@ -33,7 +33,6 @@ class PinLimitReached(Exception):
     """The tenant holds as many LoadAdapter pins as its limit allows (RESOURCE_EXHAUSTED)."""
 
 
-LOCAL_OWNER = "local"  # owner of adapters registered with `serve --adapter NAME=DIR`; public to all tenants
 VISIBILITIES = ("private", "shared", "public")
 
 
