@@ -118,14 +118,16 @@ def test_checks_run_on_the_fresh_document(open_replica):
     assert b.adapter_keys() == frozenset()
 
 
-def test_admin_names_another_tenants_adapter_without_its_owner(open_replica):
+def test_an_admin_names_another_tenants_adapter_with_its_owner(open_replica):
     a, b = open_replica(0), open_replica(1)
     put(a, 1, 2)
     a.register_version("acme", "bot", vid(1), meta())
     a.register_version("acme", "bot", vid(2), meta(), promote=False)
     b.sync()
     a.promote("acme", "bot", "2")
-    assert b.promote("ops", "bot", "1", admin=True).version_id == vid(1)
+    with pytest.raises(AdapterNotFound, match="acme/bot"):  # a bare name is the admin's own or the service's
+        b.promote("ops", "bot", "1", admin=True)
+    assert b.promote("ops", "acme/bot", "1", admin=True).version_id == vid(1)
     a.sync()
     assert a.resolve("acme", "bot").version_id == vid(1)
 
