@@ -4,10 +4,11 @@ Model (the vocabulary and error-to-status mapping live in adapters.registry_type
 - An adapter is `(owner, name)`: names are unique per owner tenant, so two tenants never collide and
   registering a name never reveals another tenant's adapter. A reference is `[owner/]name[@version]`;
   version is a version id (`v-` + 24 hex) or `N`, the N-th version registered (1-based, never reused, so
-  `name@N` always means the same content). An unqualified name is the caller's own adapter if it has one,
-  else the one adapter of that name visible to it; when several tenants share one of that name with it,
-  the answer is AmbiguousAdapterRef listing the qualified refs (callers using another tenant's adapter
-  should write `owner/name`, so that a new public adapter of the same name cannot break them).
+  `name@N` always means the same content). An unqualified `name[@version]` means the caller's own
+  `<caller>/name`, else the service's `local/name` (LOCAL_OWNER, `serve --adapter`), and nothing else, for
+  admins too: another tenant's adapter, shared, public or (for an admin) any, is `owner/name`, so what other
+  tenants publish never changes what a name means. An unqualified name matching neither is AdapterNotFound;
+  its message lists (at most MAX_HINTS) `owner/name` forms of adapters of that name the caller can see.
 - A version id is content-derived (adapters.identity) and immutable. The same content may sit under
   several adapters (its files are stored once); its files are deleted when no adapter refers to it.
 - Every adapter has a current version: the first one registered is current, `promote` re-points it
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from adapters.registry_types import (
+    LOCAL_OWNER,
     MAX_DESCRIPTION_CHARS,
     NAME_RE,
     PUBLIC,
@@ -46,7 +48,6 @@ from adapters.registry_types import (
     AdapterPermissionDenied,
     AdapterRef,
     AdapterVersion,
-    AmbiguousAdapterRef,
     InvalidAdapterName,
     InvalidPageToken,
     InvalidRegistryArgument,
@@ -63,16 +64,17 @@ from adapters.sqlite_file import SqliteFile
 from adapters.store import VERSION_ID_RE, Store, StoreError
 
 __all__ = [  # the vocabulary of adapters.registry_types is re-exported: callers import from here
-    "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse", "AdapterInfo",
-    "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterRegistry",
-    "AdapterVersion", "AmbiguousAdapterRef", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument",
-    "Registered", "RegistryError", "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility",
-    "check_name", "check_tenant",
+    "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse",
+    "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterRegistry",
+    "AdapterVersion", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered",
+    "RegistryError", "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name",
+    "check_tenant",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # AIP-158: 0 means the default, more is coerced down
+MAX_HINTS = 5  # `owner/name` forms a not-found unqualified name suggests
 _SCHEMA_VERSION = 1
 # adapters.(id, current_version) -> versions is DEFERRED: an adapter and its first version are inserted in
 # one transaction, and no transaction can commit with an adapter's current version deleted. No ';' inside
@@ -353,23 +355,31 @@ class AdapterRegistry(SqliteFile):
         return AdapterRef.parse(f"{ref.base}@{version}")
 
     def _find(self, db: sqlite3.Connection, tenant: str, admin: bool, ref: AdapterRef) -> sqlite3.Row:
-        """The adapter `ref` names for `tenant`; AdapterNotFound for invisible ones as for missing ones."""
+        """The adapter `ref` names for `tenant` (the first visible one of `ref.owners`); AdapterNotFound for
+        invisible ones as for missing ones."""
         check_tenant(tenant)
-        args = {"tenant": tenant, "admin": admin, "name": ref.name, "owner": ref.owner or tenant}
-        row = db.execute("SELECT * FROM adapters a WHERE a.owner = :owner AND a.name = :name AND "
-                         f"{_VISIBLE}", args).fetchone()
-        if row is not None:
-            return row
-        rows = [] if ref.owner else db.execute(
-            f"SELECT * FROM adapters a WHERE a.name = :name AND {_VISIBLE} ORDER BY a.owner LIMIT 11", args
-        ).fetchall()
-        if not rows:
-            raise AdapterNotFound(f"adapter {ref.base!r} not found")
-        if len(rows) > 1:
-            refs = ", ".join(f"{r['owner']}/{r['name']}" for r in rows[:10])
-            raise AmbiguousAdapterRef(f"several adapters named {ref.name!r} are shared with you; name one with "
-                                      f"its owner: {refs}")
-        return rows[0]
+        args = {"tenant": tenant, "admin": admin, "name": ref.name}
+        for owner in ref.owners(tenant):
+            row = db.execute(f"SELECT * FROM adapters a WHERE a.owner = :owner AND a.name = :name AND {_VISIBLE}",
+                             {**args, "owner": owner}).fetchone()
+            if row is not None:
+                return row
+        raise AdapterNotFound(f"adapter {ref.base!r} not found{self._qualified_hint(db, args, ref)}")
+
+    @staticmethod
+    def _qualified_hint(db: sqlite3.Connection, args: dict, ref: AdapterRef) -> str:
+        """For an unqualified name: the `owner/name` forms of the adapters of that name the caller can see."""
+        if ref.owner is not None:
+            return ""
+        owners = [r[0] for r in db.execute(f"SELECT a.owner FROM adapters a WHERE a.name = :name AND {_VISIBLE} "
+                                           "ORDER BY a.owner LIMIT :limit", {**args, "limit": MAX_HINTS + 1})]
+        if not owners:
+            return ""
+        at = f"@{ref.version}" if ref.version is not None else ""
+        refs = ", ".join(f"{o}/{ref.name}{at}" for o in owners[:MAX_HINTS])
+        more = ", ..." if len(owners) > MAX_HINTS else ""
+        return (f" (a name without an owner is your own adapter or the service's; other tenants' adapters of "
+                f"that name you can use: {refs}{more})")
 
     def _find_version(self, db: sqlite3.Connection, row: sqlite3.Row, ref: AdapterRef) -> AdapterVersion:
         if ref.version is None:

@@ -1,10 +1,9 @@
 """The registry's vocabulary, free of SQLite: errors, adapter references, and the records it returns.
 
 Kept apart from adapters.registry so the API layer can map errors to status codes and parse references
-without the storage code. Errors -> gRPC codes: InvalidRegistryArgument (InvalidAdapterName,
-AmbiguousAdapterRef, InvalidPageToken) -> INVALID_ARGUMENT; AdapterNotFound -> NOT_FOUND; AdapterExists ->
-ALREADY_EXISTS; AdapterInUse, VersionIsCurrent, VersionFilesMissing -> FAILED_PRECONDITION;
-AdapterPermissionDenied -> PERMISSION_DENIED.
+without the storage code. Errors -> gRPC codes: InvalidRegistryArgument (InvalidAdapterName, InvalidPageToken)
+-> INVALID_ARGUMENT; AdapterNotFound -> NOT_FOUND; AdapterExists -> ALREADY_EXISTS; AdapterInUse,
+VersionIsCurrent, VersionFilesMissing -> FAILED_PRECONDITION; AdapterPermissionDenied -> PERMISSION_DENIED.
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ if TYPE_CHECKING:
     from adapters.peft_format import ParsedAdapter
 
 __all__ = [
-    "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse", "AdapterInfo",
-    "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
-    "AmbiguousAdapterRef", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered",
-    "RegistryError", "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name",
-    "check_tenant",
+    "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse",
+    "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
+    "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered", "RegistryError",
+    "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name", "check_tenant",
 ]
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -31,6 +29,8 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 SEQ_RE = re.compile(r"[1-9][0-9]{0,9}")  # `name@N`
 PUBLIC = "*"
+# Owner of the service's own adapters (`serve --adapter NAME=DIR`), public to all tenants.
+LOCAL_OWNER = "local"
 MAX_DESCRIPTION_CHARS = 4096
 
 
@@ -44,10 +44,6 @@ class InvalidRegistryArgument(RegistryError, ValueError):
 
 class InvalidAdapterName(InvalidRegistryArgument):
     """A malformed adapter name or reference."""
-
-
-class AmbiguousAdapterRef(InvalidRegistryArgument):
-    pass
 
 
 class InvalidPageToken(InvalidRegistryArgument):
@@ -116,6 +112,14 @@ class AdapterRef:
             raise InvalidAdapterName(f"{ref!r}: the version after '@' must be a version id (v-<24 hex chars>) "
                                      f"or a version number (1, 2, ...)")
         return cls(owner=owner if slash else None, name=name, version=version if at else None)
+
+    def owners(self, tenant: str) -> tuple[str, ...]:
+        """The owners whose adapter `self` may name for `tenant`, first match wins: the one written, or for an
+        unqualified name the tenant's own and then the service's. Never another tenant's: what others
+        publish must not change what a name means (they are named `owner/name`)."""
+        if self.owner is not None:
+            return (self.owner,)
+        return (tenant,) if tenant == LOCAL_OWNER else (tenant, LOCAL_OWNER)
 
     @property
     def base(self) -> str:

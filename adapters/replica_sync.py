@@ -197,24 +197,26 @@ class ReplicatedRegistry(AdapterRegistry):
     # --- helpers (called with the sync lock held) ---------------------------------------------------------
 
     def _checked(self, tenant: str, admin: bool, ref: AdapterRef) -> tuple[sqlite3.Row, AdapterVersion | None]:
-        """The adapter (and version) `ref` names for a change by `tenant`, its document read fresh first."""
-        self._pull(ref.owner or tenant, ref.name)
-        for _ in range(2):
-            with self._txn(write=False) as db:
-                row = self._find(db, tenant, admin, ref)
-                self._check_owner(row, tenant, admin, ref)
-                v = self._find_version(db, row, ref) if ref.version is not None else None
-            if (row["owner"], row["name"]) == (ref.owner or tenant, ref.name):
+        """The adapter (and version) `ref` names for a change by `tenant`. The documents of the owners it may
+        mean (`ref.owners`: for a bare name the tenant's own, then the service's) are read fresh, in order,
+        up to the first that exists, so the choice is the one a single server would make."""
+        for owner in ref.owners(tenant):
+            if self._pull(owner, ref.name):
                 break
-            self._pull(row["owner"], row["name"])  # an admin naming another tenant's adapter without its owner
+        with self._txn(write=False) as db:
+            row = self._find(db, tenant, admin, ref)
+            self._check_owner(row, tenant, admin, ref)
+            v = self._find_version(db, row, ref) if ref.version is not None else None
         return row, v
 
-    def _pull(self, owner: str, name: str) -> None:
+    def _pull(self, owner: str, name: str) -> bool:
+        """Bring one adapter's rows to its document; whether the bucket has it."""
         doc = self._board.read(owner, name)
         if doc is None:
             self.remove_adapters([(owner, name)])
         else:
             self._apply(doc, strict=False)
+        return doc is not None
 
     def _apply(self, doc: Doc, strict: bool = True) -> bool:
         """Replace the adapter's rows with the document; a malformed one is skipped (strict: raises)."""

@@ -22,13 +22,12 @@ from adapters.lifecycle import AdapterVersions, LoadState
 from adapters.peft_config import BaseShapes
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, parse_adapter, read_adapter_files
 from adapters.registry import AdapterRegistry
-from adapters.registry_types import AdapterRef, AdapterVersion, Registered, VersionMeta
+from adapters.registry_types import LOCAL_OWNER, AdapterRef, AdapterVersion, Registered, VersionMeta
 from adapters.store import Store
 from service.api.adapter_refs import ResolvedAdapter
 
 log = structlog.get_logger(__name__)
 
-LOCAL_OWNER = "local"  # owner of adapters registered with `serve --adapter NAME=DIR`; public to all tenants
 VISIBILITIES = ("private", "shared", "public")
 
 

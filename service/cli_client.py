@@ -198,7 +198,8 @@ def add_commands(sub: argparse._SubParsersAction, add_generation_args: Callable[
     c = sub.add_parser("call", help="generate once through a running server and print the answer",
                        description="Generate through a running loraserve server; the answer goes to stdout.")
     c.add_argument("--prompt", required=True, help="the user message (or plain text with --raw)")
-    c.add_argument("--adapter", metavar="REF", help="adapter: name, name@version or owner/name[@version]")
+    c.add_argument("--adapter", metavar="REF", help="adapter: name[@version] (yours, else the service's) or "
+                   "owner/name[@version]")
     c.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     add_generation_args(c)
     add_client_args(c)

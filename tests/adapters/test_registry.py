@@ -13,7 +13,6 @@ from adapters.registry import (
     AdapterPermissionDenied,
     AdapterRef,
     AdapterRegistry,
-    AmbiguousAdapterRef,
     InvalidAdapterName,
     InvalidPageToken,
     InvalidRegistryArgument,
@@ -23,6 +22,7 @@ from adapters.registry import (
     VersionMeta,
     check_name,
 )
+from adapters.registry_types import LOCAL_OWNER
 from adapters.store import CONFIG_FILE, WEIGHTS_FILE, FilesystemStore
 
 BASE = "tiny-llama@sha256:0123"
@@ -193,40 +193,126 @@ def test_shared_and_public_adapters_are_visible(reg):
     reg.register_version("bob", "x", vid(1), meta())
     info = reg.share("bob", "x", ["alice"])
     assert info.visibility == "shared" and info.shared_with == ("alice",)
-    assert reg.resolve("alice", "x").owner == "bob"
+    assert reg.resolve("alice", "bob/x").owner == "bob"
     assert reg.resolve("alice", "bob/x@1").version_id == vid(1)
     with pytest.raises(AdapterNotFound):
-        reg.resolve("carol", "x")
-    seen = reg.get("alice", "x")
+        reg.resolve("carol", "bob/x")
+    seen = reg.get("alice", "bob/x")
     assert seen.shared_with == () and len(seen.versions) == 1  # grantees do not learn of each other
     with pytest.raises(AdapterPermissionDenied, match="only its owner"):
         reg.promote("alice", "bob/x", "1")
     with pytest.raises(AdapterPermissionDenied):
-        reg.delete_adapter("alice", "x")
+        reg.delete_adapter("alice", "bob/x")
 
     assert reg.share("bob", "x", "*").visibility == "public"
-    assert reg.resolve("carol", "x").version_id == vid(1)
+    assert reg.resolve("carol", "bob/x").version_id == vid(1)
     assert [a.name for a in reg.list("carol").adapters] == ["x"]
     reg.unshare("bob", "x", "*")
     reg.unshare("bob", "x", ["alice"])
     for tenant in ("alice", "carol"):
         with pytest.raises(AdapterNotFound):
-            reg.resolve(tenant, "x")
+            reg.resolve(tenant, "bob/x")
     assert reg.get("bob", "x").visibility == "private"
     with pytest.raises(InvalidRegistryArgument):
         reg.share("bob", "x", "alice")  # a bare str other than "*" is a mistake, not a list of characters
 
 
-def test_own_adapter_shadows_and_several_shared_ones_are_ambiguous(reg):
+# --- what an unqualified name means: the caller's own, else the service's (`local`), nothing else ------------
+
+
+def _local(reg: AdapterRegistry, name: str, n: int) -> None:
+    """What `serve --adapter NAME=DIR` registers: a public adapter of the service's."""
+    reg.register_version(LOCAL_OWNER, name, vid(n), meta())
+    reg.share(LOCAL_OWNER, name, "*")
+
+
+def test_another_tenants_public_adapter_does_not_change_what_a_name_means(reg):
+    _local(reg, "allcaps", 1)
+    assert reg.resolve("alice", "allcaps").version_id == vid(1)
+    reg.register_version("bob", "allcaps", vid(2), meta())
+    reg.share("bob", "allcaps", "*")
+    reg.share("bob", "allcaps", ["alice"])
+    for tenant, admin in (("alice", False), ("root", True)):
+        assert reg.resolve(tenant, "allcaps", admin=admin).version_id == vid(1)  # still the service's
+        assert reg.resolve(tenant, "allcaps@1", admin=admin).owner == LOCAL_OWNER
+        assert reg.get(tenant, "allcaps", admin=admin).owner == LOCAL_OWNER
+    assert reg.resolve("bob", "allcaps").version_id == vid(2)  # bob's own comes first for bob
+    # Bob's public adapter is reachable by its qualified name, the service's too.
+    assert reg.resolve("alice", "bob/allcaps").version_id == vid(2)
+    assert reg.get("alice", "bob/allcaps").visibility == "public"
+    assert reg.resolve("bob", "local/allcaps").version_id == vid(1)
+
+
+def test_ones_own_adapter_comes_before_the_services(reg):
+    _local(reg, "allcaps", 1)
+    reg.register_version("alice", "allcaps", vid(2), meta())
+    assert reg.resolve("alice", "allcaps").version_id == vid(2)
+    assert reg.get("alice", "allcaps").owner == "alice"
+    assert reg.resolve("alice", "local/allcaps").version_id == vid(1)
+    assert reg.resolve("carol", "allcaps").version_id == vid(1)
+    reg.delete_adapter("alice", "allcaps")  # deletes her own, never the service's
+    assert reg.resolve("alice", "allcaps").version_id == vid(1)
+
+
+def test_a_name_only_others_share_is_not_found_with_the_qualified_names(reg):
     for owner, n in (("bob", 1), ("carol", 2)):
         reg.register_version(owner, "x", vid(n), meta())
-        reg.share(owner, "x", "*")
-    with pytest.raises(AmbiguousAdapterRef, match="bob/x, carol/x"):
-        reg.resolve("alice", "x")
+    reg.share("bob", "x", ["alice"])
+    reg.share("carol", "x", "*")
+    for ref, hint in (("x", "bob/x, carol/x"), ("x@1", "bob/x@1, carol/x@1")):
+        with pytest.raises(AdapterNotFound, match=rf"adapter 'x' not found .*your own adapter or the "
+                                                  rf"service's.*: {hint}\)$"):
+            reg.resolve("alice", ref)
+    with pytest.raises(AdapterNotFound, match=r": carol/x\)$"):  # not shared with dave: bob's is not hinted
+        reg.get("dave", "x")
     assert reg.resolve("alice", "carol/x").version_id == vid(2)
-    reg.register_version("alice", "x", vid(3), meta())
-    assert reg.resolve("alice", "x").version_id == vid(3)  # one's own name comes first
-    assert reg.resolve("bob", "x").version_id == vid(1)
+    # Writes too: an unqualified name never reaches another tenant's adapter, an admin's neither.
+    with pytest.raises(AdapterNotFound, match="bob/x, carol/x"):
+        reg.delete_adapter("root", "x", admin=True)
+    for write in (lambda: reg.promote("alice", "x", "1"), lambda: reg.share("alice", "x", ["dave"]),
+                  lambda: reg.delete_version("alice", "x", "1")):
+        with pytest.raises(AdapterNotFound, match="not found"):
+            write()
+    with pytest.raises(AdapterPermissionDenied, match="only its owner"):
+        reg.delete_adapter("alice", "carol/x")
+    assert reg.delete_adapter("root", "carol/x", admin=True) == (vid(2),)
+    assert len(reg.list("root", admin=True).adapters) == 1
+
+
+def test_the_hint_is_bounded(reg):
+    owners = [f"t{i}" for i in range(8)]
+    for i, owner in enumerate(owners):
+        reg.register_version(owner, "x", vid(i + 1), meta())
+        reg.share(owner, "x", "*")
+    with pytest.raises(AdapterNotFound) as info:
+        reg.resolve("alice", "x")
+    assert str(info.value).endswith(": t0/x, t1/x, t2/x, t3/x, t4/x, ...)")
+
+
+def test_a_not_found_name_never_reveals_private_adapters(tmp_path):
+    """Other tenants' private adapters, and a service adapter made private, leave the message as it is
+    without them; only adapters the caller can see are hinted."""
+    def messages(reg: AdapterRegistry) -> list[str]:
+        out = []
+        for call in (lambda: reg.resolve("alice", "x"), lambda: reg.resolve("alice", "x@1"),
+                     lambda: reg.get("alice", "x"), lambda: reg.promote("alice", "x", "1"),
+                     lambda: reg.delete_adapter("alice", "x"), lambda: reg.resolve("alice", "local/x")):
+            with pytest.raises(AdapterNotFound) as info:
+                call()
+            out.append(str(info.value))
+        return out
+
+    with AdapterRegistry(tmp_path / "a.db") as few, AdapterRegistry(tmp_path / "b.db") as more:
+        for reg in (few, more):
+            reg.register_version("carol", "x", vid(3), meta())
+            reg.share("carol", "x", "*")
+        more.register_version("bob", "x", vid(1), meta())  # private
+        more.register_version("erin", "x", vid(4), meta())
+        more.share("erin", "x", ["dave"])  # shared, not with alice
+        _local(more, "x", 2)
+        more.unshare(LOCAL_OWNER, "x", "*")  # the service's, made private
+        assert messages(more) == messages(few)
+        assert "carol/x" in messages(few)[0] and "bob" not in messages(few)[0]
 
 
 def test_admin_sees_and_manages_everything(reg):
@@ -336,7 +422,7 @@ def test_everything_survives_reopening(tmp_path):
     with AdapterRegistry(path) as reg:
         assert reg.get("alice", "a") == before
         assert before.current.version_id == vid(1) and [v.number for v in before.versions] == [1, 2]
-        assert reg.resolve("bob", "a").version_id == vid(1)
+        assert reg.resolve("bob", "alice/a").version_id == vid(1)
         assert reg.register_version("alice", "a", vid(4), meta()).version.number == 4
         journal = reg._db.execute("PRAGMA journal_mode").fetchone()[0]
         assert journal == "wal"

@@ -89,7 +89,8 @@ def files(tiny) -> Files:
 @pytest.fixture(scope="module")
 def server(tiny, files, tmp_path_factory):
     """alice owns `helper` (v1 current, v2 not promoted, private) and `shared-one` (shared with bob); ops
-    owns another `shared-one` shared with bob, so a bare `shared-one` is ambiguous for bob."""
+    owns another `shared-one` shared with bob, so a bare `shared-one` is not found for bob (it names his own or
+    the service's adapter), with both qualified names in the message."""
     root = tmp_path_factory.mktemp("adapter-bad-input")
     s = Server(tiny[0], root / "data", service={"tenants_file": write_tenants(root / "tenants.yaml", f"{{max_upload_bytes: {UPLOAD_LIMIT}}}")})
     up = s.adapters.UploadAdapter
@@ -317,8 +318,8 @@ def _refs(rpc: str) -> list[tuple]:
             who="bob"),
         ref("another tenant's private adapter by bare name", "helper", NOT_FOUND,
             "adapter 'helper' not found", who="bob"),
-        ref("bare name two owners share with the caller", "shared-one", INVALID,
-            "several adapters named 'shared-one'", "alice/shared-one", "ops/shared-one", who="bob"),
+        ref("bare name only other owners share with the caller", "shared-one", NOT_FOUND,
+            "adapter 'shared-one' not found", "alice/shared-one, ops/shared-one", who="bob"),
     ]
 
 
@@ -362,8 +363,8 @@ UNARY_CASES = [
     *_plain_names("GetAdapter", {}),
     c("GetAdapter", "owner that is not a tenant id", {"name": "bad owner!/x"}, INVALID,
       "'bad owner!' is not a valid tenant id"),
-    c("GetAdapter", "bare name two owners share with the caller", {"name": "shared-one"}, INVALID,
-      "several adapters named 'shared-one'", "alice/shared-one", "ops/shared-one", who="bob"),
+    c("GetAdapter", "bare name only other owners share with the caller", {"name": "shared-one"}, NOT_FOUND,
+      "adapter 'shared-one' not found", "alice/shared-one, ops/shared-one", who="bob"),
     *_refs("DeleteAdapter"),
     c("DeleteAdapter", "current version by number", {"adapter": "helper@1"}, PRECONDITION,
       "is the current version of adapter 'helper'", "promote another version first"),

@@ -92,10 +92,32 @@ def test_upload_generate_share_and_isolation(server, tiny):
         shared = alice.share_adapter("helper", grant=["bob"])
         assert shared.visibility == apb.VISIBILITY_SHARED and list(shared.shared_with) == ["bob"]
         assert bob.generate("t5 t6 t7", adapter="alice/helper", **GREEDY).token_ids == tuned.token_ids
+        # A bare name is bob's own or the service's, never another tenant's: NOT_FOUND, naming alice/helper.
+        err = rpc_error(bob.generate, "t5", adapter="helper", **GREEDY)
+        assert err.code() == grpc.StatusCode.NOT_FOUND and "alice/helper" in err.details()
         err = rpc_error(bob.promote_adapter, "alice/helper", 1)
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         alice.share_adapter("helper", revoke=["bob"])
         assert rpc_error(bob.generate, "t5", adapter="alice/helper", **GREEDY).code() == grpc.StatusCode.NOT_FOUND
+    server.wait_idle_and_intact()
+
+
+def test_another_tenants_public_adapter_does_not_change_what_a_name_means(server, tiny, adapter_v2):
+    local = server.server.adapters.register_dir("caps", adapter_v2).version  # as `serve --adapter caps=DIR`
+    with client(server, "alice") as alice, client(server, "bob") as bob, client(server, "ops") as ops:
+        assert alice.generate("t5 t6", adapter="caps", **GREEDY).adapter_version == local.version_id
+        bobs = bob.upload_adapter(tiny[1], "caps", visibility="public").version  # bob publishes his own `caps`
+        assert bobs.version_id != local.version_id
+        for c in (alice, ops):  # an admin's bare name means the same: its own, else the service's
+            assert c.generate("t5 t6", adapter="caps", **GREEDY).adapter_version == local.version_id
+            assert c.get_adapter("caps").owner == "local"
+            assert c.generate("t5 t6", adapter="bob/caps", **GREEDY).adapter_version == bobs.version_id
+        assert bob.generate("t5 t6", adapter="caps", **GREEDY).adapter_version == bobs.version_id
+        own = alice.upload_adapter(tiny[1], "caps").version  # her own comes before the service's
+        assert alice.generate("t5 t6", adapter="caps", **GREEDY).adapter_version == own.version_id
+        alice.delete_adapter("caps")
+        assert alice.get_adapter("caps").owner == "local"
+        bob.delete_adapter("caps")
     server.wait_idle_and_intact()
 
 

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from adapters.registry import (
+    LOCAL_OWNER,
     AdapterInUse,
     AdapterNotFound,
     AdapterPermissionDenied,
@@ -118,16 +119,37 @@ def test_checks_run_on_the_fresh_document(open_replica):
     assert b.adapter_keys() == frozenset()
 
 
-def test_admin_names_another_tenants_adapter_without_its_owner(open_replica):
+def test_an_admin_names_another_tenants_adapter_with_its_owner(open_replica):
     a, b = open_replica(0), open_replica(1)
     put(a, 1, 2)
     a.register_version("acme", "bot", vid(1), meta())
     a.register_version("acme", "bot", vid(2), meta(), promote=False)
     b.sync()
     a.promote("acme", "bot", "2")
-    assert b.promote("ops", "bot", "1", admin=True).version_id == vid(1)
+    with pytest.raises(AdapterNotFound, match="acme/bot"):  # a bare name is the admin's own or the service's
+        b.promote("ops", "bot", "1", admin=True)
+    assert b.promote("ops", "acme/bot", "1", admin=True).version_id == vid(1)
     a.sync()
     assert a.resolve("acme", "bot").version_id == vid(1)
+
+
+def test_a_bare_name_in_a_write_means_the_same_on_every_replica(open_replica):
+    """Own adapter, else the service's (`local`), each read fresh from the bucket before a change: a replica
+    that has not refreshed picks the adapter a single server would."""
+    a, b = open_replica(0), open_replica(1)
+    put(a, 1, 2, 3)
+    a.register_version(LOCAL_OWNER, "bot", vid(1), meta())
+    a.share(LOCAL_OWNER, "bot", "*")
+    a.register_version("beta", "bot", vid(2), meta())
+    a.share("beta", "bot", "*")  # another tenant's public adapter of the same name: never a bare `bot`
+    with pytest.raises(AdapterPermissionDenied, match="tenant 'local'"):  # b had never seen either
+        b.delete_adapter("acme", "bot")
+    assert b.share("ops", "bot", ["acme"], admin=True).owner == LOCAL_OWNER
+    a.register_version("acme", "bot", vid(3), meta())
+    assert b.resolve("acme", "bot").version_id == vid(1)  # reads: b's copy, until its next pass
+    assert b.delete_adapter("acme", "bot") == (vid(3),)  # the fresh read finds acme's own first
+    assert b.resolve("acme", "bot").version_id == vid(1)
+    assert b.resolve("acme", "beta/bot").version_id == vid(2)
 
 
 def test_a_version_named_by_another_replicas_adapter_keeps_its_files(open_replica):
