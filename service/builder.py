@@ -86,8 +86,9 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
             f"context of max_model_len={max_len}: raise kv_cache_gib or lower max_model_len"
         )
     lora_slots = LoraSlots(loaded.arch, ac.max_active_adapters)
+    # The sampler masks the same EOS ids the engine stops on (the tokenizer's), below min_tokens.
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len,
-                         lora_slots=lora_slots)
+                         lora_slots=lora_slots, eos_token_ids=tokenizer.eos_token_ids)
     local: dict[str, ParsedAdapter] = {}
     runtime: Runtime | None = None
 

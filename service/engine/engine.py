@@ -210,8 +210,9 @@ class LLMEngine:
         n_out = request.num_output_tokens  # the new token included
         detok = self._detok[request.request_id]
         reason: FinishReason | None = None
-        # min_tokens: EOS / stop ids end the request only from output token min_tokens + 1 on (the sampler
-        # also masks them below that); a stop string may complete on the min_tokens-th token.
+        # min_tokens: n_out already counts this token, so `n_out > min_tokens` is the sampler's rule (it
+        # masks EOS / stop ids at output indices [0, min_tokens)); these checks guard a runner that does
+        # not mask. A stop string may complete on the min_tokens-th token (n_out == min_tokens).
         if n_out > sp.min_tokens and token in self._eos and not sp.ignore_eos:
             reason = FinishReason.EOS
         elif n_out > sp.min_tokens and token in sp.stop_token_ids:

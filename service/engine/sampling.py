@@ -18,6 +18,11 @@ class SamplingParams:
     usual conventions: `repetition_penalty` divides positive (multiplies negative) logits of every
     token already seen in prompt or output; `presence_penalty` / `frequency_penalty` subtract from
     logits of tokens generated so far (once, and per occurrence).
+
+    min_tokens, as in vLLM: output tokens [0, min_tokens) are never an EOS id or one of
+    `stop_token_ids` (the sampler masks them, `ignore_eos` or not; logprobs stay the raw model's), so
+    neither can end the request before it. `ignore_eos`: EOS never ends the request; from min_tokens
+    on it may be sampled, and generation goes on after it.
     """
 
     max_tokens: int = 256

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from kernels.ops import AttentionPlan, LoraSegments
@@ -12,10 +14,15 @@ from service.runtime.sampler import sample
 
 
 class ModelRunner:
-    """Implements the engine's `ModelRunnerLike` protocol on one `LlamaModel`."""
+    """Implements the engine's `ModelRunnerLike` protocol on one `LlamaModel`.
+
+    `eos_token_ids`: the ids that end a request, the engine's (the tokenizer's) EOS set; the sampler
+    keeps them, and each request's stop ids, from being sampled while it is below min_tokens. Required,
+    since a runner without them would let a request below min_tokens emit EOS.
+    """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int,
-                 lora_slots: LoraSlots | None = None) -> None:
+                 lora_slots: LoraSlots | None = None, *, eos_token_ids: Iterable[int]) -> None:
         if max_model_len > model.max_model_len:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's rope table ({model.max_model_len})")
         self.model = model
@@ -25,6 +32,7 @@ class ModelRunner:
         self.vocab_size = model.arch.vocab_size
         self.kv = KVCache(model.arch, num_blocks, block_size, model.dtype)
         self.lora_slots = lora_slots
+        self.eos_token_ids = frozenset(eos_token_ids)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
@@ -61,6 +69,6 @@ class ModelRunner:
         if last_row:
             idx = list(last_row)
             logits = self.model.compute_logits(hidden[torch.tensor([last_row[i] for i in idx])])
-            for i, res in zip(idx, sample(logits, [chunks[i].request for i in idx])):
+            for i, res in zip(idx, sample(logits, [chunks[i].request for i in idx], self.eos_token_ids)):
                 results[i] = res
         return results

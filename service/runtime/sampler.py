@@ -3,12 +3,18 @@
 Reproducibility: a request's random draw at output index n uses a generator seeded from
 (request seed, n) alone, so a seeded request samples the same tokens whatever else shares its batch,
 and after a preemption (which recomputes but never re-samples earlier tokens).
+
+min_tokens: while a request has fewer than `min_tokens` output tokens, its EOS ids (the tokenizer's
+whole EOS set, under `ignore_eos` too, as in vLLM) and its `stop_token_ids` get logit -inf after the
+penalties and before temperature and the filters, greedy or random alike, so output tokens
+[0, min_tokens) are never one of them. Logprobs stay those of the raw model: a masked id can still
+appear in `top_logprobs`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
@@ -50,6 +56,24 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list
             row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
 
 
+def mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int],
+                     eos_token_ids: Collection[int]) -> None:
+    """In place: logit -inf for EOS and stop token ids of rows[idx] (those still below min_tokens)."""
+    vocab = logits.shape[1]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    for i in idx:
+        # ids outside the vocabulary cannot be sampled anyway; indexing them would fail the step
+        banned = [t for t in {*eos_token_ids, *rows[i].sampling.stop_token_ids} if t < vocab]
+        row_ids.extend([i] * len(banned))
+        token_ids.extend(banned)
+    if token_ids:
+        # one scatter for the whole batch: (row, token) pairs -> -inf
+        dev = logits.device
+        logits.index_put_((torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev)),
+                          torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
+
+
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p for rows [R, V] (none greedy) -> probabilities [R, V]."""
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
@@ -74,14 +98,21 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return probs / probs.sum(1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampleResult]:
-    """logits: [S, V] float32, one row per request to sample -> one SampleResult per row."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
+           eos_token_ids: Collection[int] = ()) -> list[SampleResult]:
+    """logits: [S, V] float32, one row per request to sample -> one SampleResult per row.
+    `eos_token_ids`: the ids that end a request, masked with its stop ids while it is below min_tokens."""
     raw = logits
     params = [r.sampling for r in rows]
     pen = [i for i, p in enumerate(params) if p.needs_penalties]
+    # rows below min_tokens: usually none, so the common step builds no mask at all
+    short = [i for i, p in enumerate(params) if len(rows[i].output_token_ids) < p.min_tokens]
+    if pen or short:
+        logits = logits.clone()  # raw stays the model's, for logprobs
     if pen:
-        logits = logits.clone()
         apply_penalties(logits, rows, pen)
+    if short:
+        mask_stop_tokens(logits, rows, short, eos_token_ids)
     tokens = logits.argmax(1)
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:

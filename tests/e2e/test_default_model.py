@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kernels.ops import AttentionPlan
-from service.builder import load_tokenizer
+from service.config import EngineConfig, RuntimeConfig
+from service.engine.sampling import SamplingParams
+from service.builder import build_runtime, load_tokenizer
 from service.runtime.loader import default_model_path, load_model
 from service.runtime.model import KVCache, LlamaModel
 
@@ -63,6 +65,21 @@ def test_default_model_bf16_fast_path_close(loaded, prompt_ids, hf_logits):
     agree = (ours.argmax(-1) == hf_logits.argmax(-1)).float().mean()
     assert agree >= 0.9, agree
     assert ours[-1].argmax() == hf_logits[-1].argmax()
+
+
+def test_min_tokens_never_runs_past_eos_into_the_next_turn():
+    """The model's answer is shorter than 16 tokens: min_tokens=16 must keep it from sampling EOS (which
+    used to be skipped in the text, the answer running on into the template's next turn)."""
+    rt = build_runtime(RuntimeConfig(kv_cache_gib=0.02, max_model_len=512), EngineConfig())
+    ids = rt.tokenizer.encode_chat([{"role": "user", "content": QUESTION}])
+    eos = rt.tokenizer.eos_token_ids
+    free, held = rt.engine.generate([ids, ids], [SamplingParams(max_tokens=40, temperature=0),
+                                                 SamplingParams(max_tokens=40, temperature=0, min_tokens=16)])
+    assert free.finish_reason.value == "eos" and len(free.token_ids) < 16, free.text
+    out = list(held.token_ids)
+    assert len(out) >= 16 and not set(out[:16]) & eos, out
+    assert "\nuser\n" not in held.text and "\nsystem\n" not in held.text, held.text
+    assert held.text.startswith("The capital of France is Paris"), held.text
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -125,6 +125,20 @@ def test_eos_min_tokens_and_ignore_eos():
     assert f["ign"].finish_reason is FinishReason.LENGTH and f["ign"].text == "abb"
 
 
+def test_min_tokens_boundary_matches_the_sampler_mask():
+    """The sampler masks EOS / stop ids at output indices [0, min_tokens); a runner that does not mask
+    gets the same rule from the engine: such a token at index min_tokens - 1 is plain output, at index
+    min_tokens it ends the request."""
+    a, y = ord("a"), ord("y")
+    engine = scripted({"eos": [a, EOS, EOS, a], "stop": [a, y, y, a]})
+    engine.add_request("eos", prompt(3), SamplingParams(max_tokens=9, temperature=0, min_tokens=2))
+    engine.add_request("stop", prompt(3), SamplingParams(max_tokens=9, temperature=0, min_tokens=2,
+                                                         stop_token_ids=(y,)))
+    f = drain(engine)
+    assert (f["eos"].finish_reason, f["eos"].output_token_ids) == (FinishReason.EOS, [a, EOS, EOS])
+    assert (f["stop"].finish_reason, f["stop"].output_token_ids) == (FinishReason.STOP, [a, y, y])
+
+
 def test_stop_token_ids():
     engine = scripted({"s": [ord("x"), ord("y"), ord("z")]})
     engine.add_request(RequestSpec("s", prompt(3), SamplingParams(max_tokens=9, temperature=0, stop_token_ids=(ord("y"),))))

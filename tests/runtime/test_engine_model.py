@@ -10,6 +10,7 @@ import torch
 from service.config import EngineConfig
 from service.engine.engine import LLMEngine
 from service.engine.sampling import SamplingParams
+from service.engine.types import FinishReason
 from service.runtime.loader import load_model
 from service.runtime.model import LlamaModel
 from service.runtime.model_runner import ModelRunner
@@ -21,7 +22,8 @@ NEW_TOKENS = 12
 class IdTokenizer:
     """Token ids as text: enough for the engine's detokenizer on a model without a vocabulary."""
 
-    eos_token_ids = frozenset({2})
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset({2})) -> None:
+        self.eos_token_ids = eos_token_ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(f"<{i}>" for i in ids)
@@ -34,9 +36,13 @@ def tiny(tmp_path_factory):
     return LlamaModel(loaded.arch, loaded.tensors, dtype=torch.float32), hf
 
 
-def make_engine(model: LlamaModel, num_blocks: int = 256, block_size: int = 4, **cfg) -> LLMEngine:
-    runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, max_model_len=256)
-    return LLMEngine(runner, IdTokenizer(), EngineConfig(block_size=block_size, **cfg))
+def make_engine(model: LlamaModel, num_blocks: int = 256, block_size: int = 4,
+                eos: frozenset[int] = frozenset({2}), **cfg) -> LLMEngine:
+    """`eos`: the tokenizer's EOS set, which the runner masks below min_tokens, as build_runtime wires it."""
+    tokenizer = IdTokenizer(eos)
+    runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, max_model_len=256,
+                         eos_token_ids=tokenizer.eos_token_ids)
+    return LLMEngine(runner, tokenizer, EngineConfig(block_size=block_size, **cfg))
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -104,3 +110,39 @@ def test_seeded_sampling_reproducible_whatever_the_batch(tiny):
     unseeded = [make_engine(model).generate([[5, 6, 7, 8]], SamplingParams(
         max_tokens=NEW_TOKENS, temperature=1.0, ignore_eos=True))[0].token_ids for _ in range(3)]
     assert len({tuple(u) for u in unseeded}) > 1  # without a seed, runs differ
+
+
+def test_min_tokens_greedy_never_emits_eos_before_it(tiny):
+    """EOS = the first tokens greedy decoding wants: without min_tokens the answer ends at once; with
+    it, none of its first min_tokens tokens is an EOS id, and it ends on EOS after them."""
+    model, _ = tiny
+    p = [5, 6, 7, 8]
+    free = make_engine(model).generate([p], GREEDY)[0].output_token_ids
+    eos = frozenset(free[:6])
+    engine = make_engine(model, eos=eos)
+    assert engine.generate([p], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))[0].output_token_ids == free[:1]
+    sp = SamplingParams(max_tokens=40, temperature=0, min_tokens=6)
+    out = engine.generate([p], sp)[0]
+    assert not set(out.output_token_ids[:6]) & eos, out.output_token_ids
+    assert len(out.output_token_ids) > 6
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_random_never_emits_eos_or_stop_ids_before_it(tiny, ignore_eos):
+    """Half the vocabulary is EOS and one more id is a stop id, sampled at temperature 1: unmasked,
+    nearly every draw would end a request; masked, the first min_tokens tokens never do."""
+    model, _ = tiny
+    eos = frozenset(range(0, VOCAB, 2))
+    engine = make_engine(model, eos=eos)
+    min_tokens, stop_id = 8, 3
+    sps = [SamplingParams(max_tokens=40, temperature=1.0, seed=s, min_tokens=min_tokens, stop_token_ids=(stop_id,),
+                          ignore_eos=ignore_eos) for s in range(8)]
+    outs = engine.generate([[5, 6, 7, 8]] * len(sps), sps)
+    for out in outs:
+        ids = out.output_token_ids
+        assert len(ids) > min_tokens and not set(ids[:min_tokens]) & (eos | {stop_id}), ids
+    if not ignore_eos:  # after min_tokens the mask lifts: the requests end on EOS or the stop id
+        assert all(o.finish_reason is not FinishReason.LENGTH for o in outs)
+    unmasked = engine.generate([[5, 6, 7, 8]] * 8, [SamplingParams(max_tokens=40, temperature=1.0, seed=s)
+                                                    for s in range(8)])
+    assert any(len(o.output_token_ids) < min_tokens for o in unmasked)  # the test would catch a missing mask

@@ -1,4 +1,4 @@
-"""Sampling: each filter and penalty, seeds, logprobs."""
+"""Sampling: each filter and penalty, seeds, logprobs, the min_tokens mask."""
 
 from __future__ import annotations
 
@@ -91,6 +91,72 @@ def test_logprobs_are_raw_model_logprobs():
     assert res.top_logprobs[1][1] == pytest.approx(float(ref[1]))
     assert math.isclose(sum(math.exp(v) for v in ref.tolist()), 1.0, rel_tol=1e-6)
     assert sample(lg, [Row(SamplingParams(temperature=0))])[0].logprob is None
+
+
+EOS_IDS = frozenset({0, 5})  # two EOS ids, like a chat model's end-of-text and end-of-turn
+
+
+def eos_heavy_logits() -> torch.Tensor:
+    """EOS id 0 is the argmax, then EOS id 5, then stop id 3; the only allowed tokens are 1, 2, 4."""
+    return torch.tensor([[9.0, 1.0, 2.0, 8.0, 0.5, 8.5]])
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(temperature=0, min_tokens=3, stop_token_ids=(3,)),
+    SamplingParams(temperature=1.0, min_tokens=3, stop_token_ids=(3,)),
+    SamplingParams(temperature=0.7, top_k=4, top_p=0.99, min_tokens=3, stop_token_ids=(3,)),
+    SamplingParams(temperature=0, min_tokens=3, stop_token_ids=(3,), repetition_penalty=1.3),
+], ids=["greedy", "random", "random-filtered", "greedy-penalized"])
+def test_min_tokens_masks_eos_and_stop_ids_until_it_is_reached(sp):
+    lg = eos_heavy_logits()
+    banned = EOS_IDS | {3}
+
+    def draw(n_out: int, seed: int) -> int:  # (the penalties touch only tokens 1 and 4)
+        return sample(lg, [Row(sp, seed, prompt_token_ids=[4], output_token_ids=[1] * n_out)], EOS_IDS)[0].token_id
+
+    for n in range(3):  # output tokens 0, 1, 2: never EOS or the stop id, whatever the seed
+        got = {draw(n, s) for s in range(200)}
+        assert got and not got & banned, (n, got)
+    # from output index 3 = min_tokens on, the mask is gone: the model's favourites come back
+    lifted = {draw(3, s) for s in range(200)}
+    assert lifted & banned
+    if sp.greedy:
+        assert lifted == {0}
+    assert torch.equal(lg, eos_heavy_logits())  # the caller's logits are untouched
+
+
+def test_min_tokens_mask_is_per_row_in_a_batch():
+    lg = eos_heavy_logits().repeat(4, 1)
+    short = SamplingParams(temperature=0, min_tokens=2)
+    rows = [Row(short), Row(SamplingParams(temperature=0)), Row(short, output_token_ids=[1, 1]),
+            Row(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(3,)))]
+    # row 0: EOS ids masked, stop id 3 (not its stop id) wins; row 1: no min_tokens; row 2: reached it;
+    # row 3: EOS and its stop id masked, 2 wins
+    assert [r.token_id for r in sample(lg, rows, EOS_IDS)] == [3, 0, 0, 2]
+
+
+def test_min_tokens_masks_eos_under_ignore_eos_too():
+    """ignore_eos only keeps EOS from ending the request; below min_tokens EOS is masked all the same
+    (as vLLM does), and from min_tokens on it may be emitted (and then does not stop the request)."""
+    lg = eos_heavy_logits()
+    sp = SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)
+    assert sample(lg, [Row(sp, output_token_ids=[1])], EOS_IDS)[0].token_id == 3
+    assert sample(lg, [Row(sp, output_token_ids=[1, 1])], EOS_IDS)[0].token_id == 0
+
+
+def test_min_tokens_logprobs_stay_the_raw_model_ones():
+    lg = eos_heavy_logits()
+    sp = SamplingParams(temperature=0, min_tokens=2, logprobs=2)
+    res = sample(lg, [Row(sp)], EOS_IDS)[0]
+    ref = torch.log_softmax(lg[0], 0)
+    assert res.token_id == 3
+    assert res.logprob == pytest.approx(float(ref[3]))
+    assert [t for t, _ in res.top_logprobs] == [0, 5]  # masked, yet the model's most likely tokens
+
+
+def test_min_tokens_ignores_stop_ids_outside_the_vocabulary():
+    sp = SamplingParams(temperature=0, min_tokens=1, stop_token_ids=(3, 10_000))
+    assert sample(eos_heavy_logits(), [Row(sp)], EOS_IDS)[0].token_id == 2
 
 
 @pytest.mark.parametrize("field,value,allowed", [
