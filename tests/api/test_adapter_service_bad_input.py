@@ -230,7 +230,7 @@ UPLOAD_CASES = [
     u("config not LoRA peft_type IA3", lambda f: upload(f.with_config(f.cfg(peft_type="IA3"))), INVALID,
       "peft_type 'IA3' is not supported"),
     u("config rank above the server's max", lambda f: upload(f.with_config(f.cfg(r=100_000))), INVALID,
-      "rank 100000", "exceeds max_rank"),
+      "key 'r' must be an integer from 1 to", "max_rank", "got 100000"),
     u("weights not safetensors", lambda f: upload([(CONFIG, f.config), (WEIGHTS, b"\x00" * 64)]), INVALID,
       f"{WEIGHTS} is not a valid safetensors file"),
     u("weights a pickle under the safetensors name",
