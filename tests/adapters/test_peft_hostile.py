@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 
 from adapters import peft_regex
-from adapters.peft_format import CONFIG_FILE, AdapterError, parse_adapter
+from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, parse_adapter
 from tests.adapters.peft_files import edit_config, lora, save_adapter, tiny_arch
 
 MAX_MESSAGE = 1024  # gRPC sends the message in trailing metadata (16 KiB at most): far below that
@@ -189,3 +190,111 @@ def test_ignored_fields_stay_ignored_whatever_they_hold(good):
     parsed = parse_adapter(good, tiny_arch())
     assert parsed.config.base_model_name_or_path is None and parsed.max_rank == 4
 
+
+# --- adapter_model.safetensors ----------------------------------------------------------------------------
+
+Q_A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # [r=4, hidden=64]
+Q_B0 = Q_A0.replace("lora_A", "lora_B")  # [hidden=64, r=4]: as many bytes as Q_A0
+
+
+def safetensors_bytes(header: dict, data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def read_header(good: Path) -> tuple[dict, bytes]:
+    blob = (good / WEIGHTS_FILE).read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def write_weights(good: Path, header: dict, data: bytes) -> Path:
+    (good / WEIGHTS_FILE).write_bytes(safetensors_bytes(header, data))
+    return good
+
+
+def retyped(dtype: str, itemsize: int):
+    """lora_A of layer 0's q_proj stored as `dtype` (its bytes resized to match), the other tensors as they were."""
+    def change(header: dict, data: bytes) -> tuple[dict, bytes]:
+        out, chunks, offset = {}, [], 0
+        for name, entry in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                  key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = entry["data_offsets"]
+            chunk = data[begin:end] if name != Q_A0 else bytes(4 * 64 * itemsize)
+            out[name] = {**entry, "dtype": entry["dtype"] if name != Q_A0 else dtype,
+                         "data_offsets": [offset, offset + len(chunk)]}
+            chunks.append(chunk)
+            offset += len(chunk)
+        return out, b"".join(chunks)
+    return change
+
+
+def spoil(change):
+    return lambda header, data: (change(header), data)
+
+
+def _set(name: str, **fields):
+    return spoil(lambda h: {**h, name: {**h[name], **fields}})
+
+
+SUPPORTED = "supported: F32, F16, BF16"
+DTYPE_CASES = [pytest.param(retyped(dtype, size), [f"tensor {Q_A0} has dtype {dtype}; {SUPPORTED}"], id=f"lora_A {dtype}")
+               for dtype, size in [("F8_E8M0", 1), ("F8_E4M3", 1), ("F8_E5M2", 1), ("I8", 1), ("U8", 1),
+                                   ("BOOL", 1), ("I32", 4), ("I64", 8), ("F64", 8), ("C64", 8), ("F4", 1)]]
+HEADER_CASES = [
+    *DTYPE_CASES,
+    pytest.param(_set(Q_A0, dtype="X" * 100_000), [f"tensor {Q_A0} has dtype 'XXX", "(100000 chars)", SUPPORTED],
+                 id="dtype a string of 100k chars"),
+    pytest.param(_set(Q_A0, dtype=7), [f"tensor {Q_A0} has dtype 7", SUPPORTED], id="dtype a number"),
+    pytest.param(_set(Q_A0, shape=[4, 65]), [f"tensor {Q_A0}: shape [4, 65] (F32) needs 1040 bytes",
+                                             "data_offsets", "hold 1024"], id="shape larger by one column"),
+    pytest.param(_set(Q_A0, shape=[8, 64]), [f"tensor {Q_A0}: shape [8, 64] (F32) needs 2048 bytes"],
+                 id="shape larger than its bytes"),
+    pytest.param(_set(Q_A0, shape=[HUGE_INT, 64]), [f"tensor {Q_A0}: shape", "must be a list of at most 8"],
+                 id="shape with a dim of 10**400"),
+    pytest.param(_set(Q_A0, shape=[-4, -64]), [f"tensor {Q_A0}: shape [-4, -64] must be a list of at most 8"],
+                 id="shape negative"),
+    pytest.param(_set(Q_A0, shape=[1] * 9), [f"tensor {Q_A0}: shape", "at most 8"], id="shape of 9 dims"),
+    pytest.param(_set(Q_A0, shape="4x64"), [f"tensor {Q_A0}: shape '4x64' must be a list"], id="shape a string"),
+    pytest.param(_set(Q_A0, data_offsets=[0, 2**64]), [f"tensor {Q_A0}: data_offsets [0, 18446744073709551616] must be"],
+                 id="data_offsets end 2**64"),
+    pytest.param(_set(Q_A0, data_offsets=[-1024, 0]), [f"tensor {Q_A0}: data_offsets [-1024, 0] must be"],
+                 id="data_offsets negative"),
+    pytest.param(_set(Q_A0, data_offsets=[0]), [f"tensor {Q_A0}: data_offsets [0] must be"], id="data_offsets one int"),
+    pytest.param(spoil(lambda h: {**h, Q_A0: {**h[Q_A0], "data_offsets": h[Q_B0]["data_offsets"]}}),
+                 ["overlap", "or leave a gap"], id="two tensors on the same bytes"),
+    pytest.param(spoil(lambda h: {**h, Q_A0: [1, 2]}), [f"tensor {Q_A0}: its header entry must be an object"],
+                 id="tensor entry a list"),
+    pytest.param(spoil(lambda h: {**h, Q_A0: {"dtype": "F32", "shape": [4, 64]}}),
+                 [f"tensor {Q_A0}: its header entry must be an object with dtype, shape and data_offsets"],
+                 id="tensor entry without data_offsets"),
+    pytest.param(spoil(lambda h: {**h, "__metadata__": {"format": ["pt"]}}),
+                 ["__metadata__ must map strings to strings"], id="__metadata__ with a list value"),
+    pytest.param(spoil(lambda h: {**h, "n" * 300: h.pop(Q_A0)}), ["a tensor name of 300 characters", "'nnn"],
+                 id="tensor name of 300 chars"),
+]
+
+
+@pytest.mark.parametrize("change, fragments", HEADER_CASES)
+def test_hostile_safetensors_header_is_refused_before_loading(good, change, fragments):
+    write_weights(good, *change(*read_header(good)))
+    refusal(good, *fragments)
+
+
+@pytest.mark.parametrize("blob, fragments", [
+    pytest.param(b"", ["adapter_model.safetensors is not a valid safetensors file: 0 bytes"], id="empty file"),
+    pytest.param(b"\x10\x00\x00", ["3 bytes"], id="3 bytes"),
+    pytest.param(struct.pack("<Q", 2**64 - 1) + b"{}", ["header of 18446744073709551615 bytes",
+                                                        "at most 1048576"], id="header length 2**64-1"),
+    pytest.param(struct.pack("<Q", (1 << 20) + 1) + b" " * ((1 << 20) + 1), ["header of 1048577 bytes"],
+                 id="header of 1 MiB + 1"),
+    pytest.param(struct.pack("<Q", 100) + b"{}", ["header of 100 bytes", "only 2 follow"],
+                 id="header longer than the file"),
+    pytest.param(safetensors_bytes([1, 2], b""), ["header must be a JSON object"], id="header a JSON list"),
+    pytest.param(struct.pack("<Q", 5) + b"{bad}", ["header is not valid JSON"], id="header not JSON"),
+    pytest.param(struct.pack("<Q", 3) + b"\xff\xfe{", ["header is not valid JSON"], id="header not UTF-8"),
+    pytest.param(struct.pack("<Q", 20000) + b"[" * 20000, ["header is not valid JSON"], id="header nested 20k deep"),
+])
+def test_corrupt_safetensors_file(good, blob, fragments):
+    (good / WEIGHTS_FILE).write_bytes(blob)
+    refusal(good, *fragments)

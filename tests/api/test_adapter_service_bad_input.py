@@ -70,6 +70,14 @@ class Files:
         change(t)
         return [(CONFIG, self.config), (WEIGHTS, save_tensors(t))]
 
+    def with_header(self, name: str, **fields: object) -> list[tuple[str, bytes]]:
+        """The weights with one tensor's safetensors header entry changed (its bytes left as they are)."""
+        n = int.from_bytes(self.weights[:8], "little")
+        header = json.loads(self.weights[8:8 + n])
+        header[name] = {**header[name], **fields}
+        raw = json.dumps(header).encode()
+        return [(CONFIG, self.config), (WEIGHTS, len(raw).to_bytes(8, "little") + raw + self.weights[8 + n:])]
+
 
 def upload(chunks: list[tuple[str, bytes]], *, name: str = "fresh", sha256: str | None = None,
            size: int | None = None, **manifest: object) -> list[apb.UploadAdapterRequest]:
@@ -247,7 +255,11 @@ UPLOAD_CASES = [
     u("NaN weight", lambda f: upload(f.with_weights(_set(Q_A0, float("nan")))), INVALID, Q_A0, "NaN or inf"),
     u("inf weight", lambda f: upload(f.with_weights(_set(Q_A0, float("inf")))), INVALID, Q_A0, "NaN or inf"),
     u("integer weights", lambda f: upload(f.with_weights(_put(Q_A0, torch.zeros(8, 64, dtype=torch.int32)))),
-      INVALID, Q_A0, "dtype torch.int32", "floating point"),
+      INVALID, f"tensor {Q_A0} has dtype I32; supported: F32, F16, BF16"),
+    u("lora_A of dtype F8_E8M0", lambda f: upload(f.with_header(Q_A0, dtype="F8_E8M0", shape=[8, 256])), INVALID,
+      f"tensor {Q_A0} has dtype F8_E8M0; supported: F32, F16, BF16"),
+    u("lora_A whose shape needs more bytes than it has", lambda f: upload(f.with_header(Q_A0, shape=[8, 65])),
+      INVALID, f"tensor {Q_A0}: shape [8, 65] (F32) needs 2080 bytes", "hold 2048"),
     u("lora_B missing for a module",
       lambda f: upload(f.with_weights(lambda t: t.pop(Q_A0.replace("_A.", "_B.")))), INVALID,
       "no lora_B", "model.layers.0.self_attn.q_proj"),
