@@ -19,16 +19,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
 
-try:  # the stdlib regex parser, to bound the cost of regexes from uploaded configs
-    from re import _parser as _sre_parse  # Python >= 3.11
-except ImportError:  # pragma: no cover - Python 3.10
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
-
+from adapters.errors import AdapterError, quote
+from adapters.peft_regex import RegexBudget, compile_bounded
 
 
 class BaseShapes(Protocol):
@@ -54,15 +51,14 @@ PROJECTIONS: dict[str, str] = {
 DEFAULT_MAX_RANK = 128
 ALL_LINEAR = "all-linear"
 _EMBEDDING_MODULES = ("embed_tokens", "lm_head")
-# Bounds on regexes from configs (see `_compile`): matching them against every module name stays ~1 s worst.
-_MAX_REGEX_CHARS = 512
-_MAX_CHOICES = 5
+# Bounds on regexes from configs (see adapters.peft_regex): matching them against every module name stays ~1 s.
 _MAX_CHOICES_PER_KEY = 3
 _KEY_PREFIX_CHOICES = 2  # peft wraps a pattern key as `(.*\.)?(key)$`: the `?` and the `.*`
 _PATTERN_KEYS_CHOICE_BUDGET = 32
-_MAX_PATTERN_KEYS = 4096  # also caps list entries (target/exclude modules)
-_REPEAT_OPS = tuple(getattr(_sre_parse, op) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
-                    if hasattr(_sre_parse, op))
+_MAX_PATTERN_KEYS = 4096  # also caps list entries (target/exclude modules, layers_to_transform)
+_MAX_NAME_CHARS = 512  # a list entry of target/exclude modules or layers_pattern
+_MAX_ALPHA = 65536  # |lora_alpha|: far above any trained adapter's, and scale stays a finite float
+_MAX_LAYER_INDEX = 65535
 
 # Config keys that change what the adapter computes (or need weights we do not serve): any non-empty value
 # is refused with the feature's name. Everything else peft writes (dropout, init configs of methods that
@@ -87,10 +83,6 @@ _UNSUPPORTED_FEATURES: dict[str, str] = {
 # adapter is only correct on that residual base, which we cannot have while the base is shared. peft's
 # `save_pretrained(path_initial_model_for_weight_conversion=...)` converts them into plain LoRA.
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-
-
-class AdapterError(ValueError):
-    """An adapter we refuse; the message names the offending feature, key, file or tensor."""
 
 
 @dataclass(frozen=True)
@@ -150,33 +142,44 @@ def llama_module_names(num_layers: int) -> list[str]:
 def parse_lora_config(
     raw: bytes | str | Mapping[str, Any], arch: BaseShapes, *, max_rank: int = DEFAULT_MAX_RANK
 ) -> LoraAdapterConfig:
-    """Validate an `adapter_config.json` and resolve it against `arch`; raise AdapterError if refused."""
+    """Validate an `adapter_config.json` and resolve it against `arch`; raise AdapterError if refused.
+
+    Every key read is checked for type, range and size; the message names the key and quotes a bounded
+    prefix of the value (adapters.errors.quote). Keys we do not read are ignored whatever they hold.
+    """
     cfg = _load_json(raw)
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterError(f"adapter_config.json: peft_type {peft_type!r} is not supported; only LORA adapters are")
+        raise AdapterError(f"adapter_config.json: peft_type {quote(peft_type)} is not supported; only LORA "
+                           "adapters are")
     for key, feature in _UNSUPPORTED_FEATURES.items():
         if cfg.get(key):
-            raise AdapterError(f"adapter_config.json: {feature} is not supported (got {key}={cfg[key]!r})")
+            raise AdapterError(f"adapter_config.json: {feature} is not supported (got {key}={quote(cfg[key])})")
     if cfg.get("bias") not in (None, "none"):
-        raise AdapterError(f"adapter_config.json: bias={cfg['bias']!r} is not supported; only bias='none' is")
+        raise AdapterError(f"adapter_config.json: bias={quote(cfg['bias'])} is not supported; only bias='none' is")
     init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str, type(None))):
+        raise AdapterError(f"adapter_config.json: key 'init_lora_weights' must be true, false or the name of an "
+                           f"initialisation, got {quote(init)}")
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
         raise AdapterError(
-            f"adapter_config.json: init_lora_weights={init!r} adapters need rewritten base weights; convert it "
-            "to plain LoRA with peft's save_pretrained(path_initial_model_for_weight_conversion=...)"
+            f"adapter_config.json: init_lora_weights={quote(init)} adapters need rewritten base weights; convert "
+            "it to plain LoRA with peft's save_pretrained(path_initial_model_for_weight_conversion=...)"
         )
 
-    r = _typed(cfg, "r", int)
-    alpha = _typed(cfg, "lora_alpha", (int, float), default=8)
-    use_rslora = _typed(cfg, "use_rslora", bool, default=False)
-    fan_in_fan_out = _typed(cfg, "fan_in_fan_out", bool, default=False)
-    rank_pattern = _pattern(cfg, "rank_pattern", int)
-    alpha_pattern = _pattern(cfg, "alpha_pattern", (int, float))
+    if "r" not in cfg:
+        raise AdapterError("adapter_config.json: required key 'r' is missing")
+    r = _rank(cfg["r"], "key 'r'", max_rank)
+    alpha = _alpha(8 if cfg.get("lora_alpha") is None else cfg["lora_alpha"], "key 'lora_alpha'")
+    use_rslora = _typed(cfg, "use_rslora", bool, False, "true or false")
+    fan_in_fan_out = _typed(cfg, "fan_in_fan_out", bool, False, "true or false")
+    budget = RegexBudget()
+    rank_pattern = _pattern(cfg, "rank_pattern", lambda v, where: _rank(v, where, max_rank), budget)
+    alpha_pattern = _pattern(cfg, "alpha_pattern", _alpha, budget)
     base_name = cfg.get("base_model_name_or_path")
 
     names = llama_module_names(arch.num_layers)
-    targeted = _resolve_targets(cfg, names)
+    targeted = _resolve_targets(cfg, names, budget)
     modules: dict[tuple[int, str], ModuleLora] = {}
     for layer in range(arch.num_layers):
         for proj in PROJECTIONS:
@@ -185,12 +188,6 @@ def parse_lora_config(
                 continue
             rank = _pattern_value(rank_pattern, key, r)
             a = _pattern_value(alpha_pattern, key, alpha)
-            if rank <= 0:
-                raise AdapterError(f"adapter_config.json: rank {rank} for {key}; the rank must be at least 1")
-            if rank > max_rank:
-                raise AdapterError(f"adapter_config.json: rank {rank} for {key} exceeds max_rank {max_rank}")
-            if not math.isfinite(a):
-                raise AdapterError(f"adapter_config.json: lora_alpha {a!r} for {key} is not finite")
             scale = a / math.sqrt(rank) if use_rslora else a / rank
             modules[(layer, proj)] = ModuleLora(rank=rank, alpha=float(a), scale=scale)
     return LoraAdapterConfig(
@@ -204,45 +201,58 @@ def _load_json(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
         return dict(raw)
     try:
         cfg = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # incl. UnicodeDecodeError, and ints of over 4300 digits
         raise AdapterError(f"adapter_config.json is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise AdapterError("adapter_config.json must hold a JSON object")
     return cfg
 
 
-def _typed(cfg: Mapping[str, Any], key: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
-    """cfg[key] checked against `types`; bools are not numbers here (JSON `true` is not a rank)."""
-    if key not in cfg or (cfg[key] is None and default is not ...):
-        if default is ...:
-            raise AdapterError(f"adapter_config.json: required key {key!r} is missing")
+def _typed(cfg: Mapping[str, Any], key: str, type_: type, default: Any, expected: str) -> Any:
+    """cfg[key] if it is a `type_` (JSON null or no key: `default`)."""
+    value = cfg.get(key)
+    if value is None:
         return default
-    value = cfg[key]
-    numeric = types is not bool and isinstance(value, bool)
-    if numeric or not isinstance(value, types):
-        expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
-        raise AdapterError(f"adapter_config.json: key {key!r} must be {expected}, got {value!r}")
+    if not isinstance(value, type_):
+        raise AdapterError(f"adapter_config.json: key {key!r} must be {expected}, got {quote(value)}")
+    return value
+
+
+def _rank(value: Any, where: str, max_rank: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rank:
+        raise AdapterError(f"adapter_config.json: {where} must be an integer from 1 to {max_rank} (the "
+                           f"server's max_rank), got {quote(value)}")
+    return value
+
+
+def _alpha(value: Any, where: str) -> int | float:
+    # Compared before any float(): a JSON integer like 10**400 has no float; NaN fails every comparison.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -_MAX_ALPHA <= value <= _MAX_ALPHA:
+        raise AdapterError(f"adapter_config.json: {where} must be a finite number from {-_MAX_ALPHA} to "
+                           f"{_MAX_ALPHA}, got {quote(value)}")
     return value
 
 
 def _pattern(
-    cfg: Mapping[str, Any], key: str, types: type | tuple[type, ...]
+    cfg: Mapping[str, Any], key: str, check: Callable[[Any, str], Any], budget: RegexBudget
 ) -> list[tuple[re.Pattern[str], Any]]:
-    """(compiled peft key regex, value) in file order: peft takes the first key that matches."""
-    patterns = _typed(cfg, key, dict, default={})
+    """(compiled peft key regex, checked value) in file order: peft takes the first key that matches."""
+    patterns = _typed(cfg, key, dict, {}, "an object mapping module-name regexes to values")
     if len(patterns) > _MAX_PATTERN_KEYS:
-        raise AdapterError(f"adapter_config.json: {key} has {len(patterns)} keys, more than {_MAX_PATTERN_KEYS}")
-    out, budget = [], _PATTERN_KEYS_CHOICE_BUDGET
+        raise AdapterError(f"adapter_config.json: {key} has {len(patterns)} keys; at most {_MAX_PATTERN_KEYS} "
+                           "are allowed")
+    out, choices_left = [], _PATTERN_KEYS_CHOICE_BUDGET
     for k, v in patterns.items():
-        if isinstance(v, bool) or not isinstance(v, types):
-            raise AdapterError(f"adapter_config.json: {key}[{k!r}] must be a number, got {v!r}")
+        where = f"{key}[{quote(k)}]"
+        value = check(v, where)
         # peft `get_pattern_key`: the key matches a dot-separated suffix of the module name.
-        regex, choices = _compile(f"{key}[{k!r}]", rf"(.*\.)?({k})$", _MAX_CHOICES_PER_KEY, _KEY_PREFIX_CHOICES)
-        budget -= choices
-        if budget < 0:
+        regex, choices = compile_bounded(where, rf"(.*\.)?({k})$", budget, max_choices=_MAX_CHOICES_PER_KEY,
+                                         wrapper_choices=_KEY_PREFIX_CHOICES)
+        choices_left -= choices
+        if choices_left < 0:
             raise AdapterError(f"adapter_config.json: the keys of {key} are too complex regular expressions "
                                f"(more than {_PATTERN_KEYS_CHOICE_BUDGET} repetitions or alternations in all)")
-        out.append((regex, v))
+        out.append((regex, value))
     return out
 
 
@@ -250,85 +260,55 @@ def _pattern_value(patterns: list[tuple[re.Pattern[str], Any]], name: str, defau
     return next((v for regex, v in patterns if regex.match(name)), default)
 
 
-def _compile(
-    where: str, pattern: str, max_choices: int = _MAX_CHOICES, wrapper_choices: int = 0
-) -> tuple[re.Pattern[str], int]:
-    """Compile a regex from the (untrusted, uploaded) config with bounded matching cost.
-
-    Python's `re` backtracks and holds the GIL: `(.*)*x` against a 32-character module name runs for hours
-    and would freeze the server. Names are short, so the cost is bounded when no repetition or alternation
-    sits inside a repetition and there are at most `max_choices` of them (5 `.*` over ~400 names: ~1 s).
-    `wrapper_choices` are those of peft's own wrapping around the user's text. Returns the regex and the
-    number of choice points of the user's text.
-    """
-    if len(pattern) > _MAX_REGEX_CHARS:
-        raise AdapterError(f"adapter_config.json: {where} is longer than {_MAX_REGEX_CHARS} characters")
-    try:
-        choices = _choice_points(_sre_parse.parse(pattern), inside_repeat=False, where=where) - wrapper_choices
-        regex = re.compile(pattern)
-    except re.error as e:
-        raise AdapterError(f"adapter_config.json: {where} is not a valid regular expression: {e}") from None
-    if choices > max_choices:
-        raise AdapterError(f"adapter_config.json: {where} has {choices} repetitions/alternations; at most "
-                           f"{max_choices} are allowed (bounded regex matching cost)")
-    return regex, choices
-
-
-def _choice_points(sub: Any, *, inside_repeat: bool, where: str) -> int:
-    """Repetitions and alternations in a parsed regex; refuse them nested in a repetition (exponential)."""
-    n = 0
-    for op, av in sub:
-        is_repeat = op in _REPEAT_OPS
-        if (is_repeat or op is _sre_parse.BRANCH) and inside_repeat:
-            raise AdapterError(f"adapter_config.json: {where} nests a repetition or alternation inside a "
-                               "repetition, which can take exponential time to match")
-        if is_repeat:
-            lo, hi, body = av
-            n += lo != hi
-            n += _choice_points(body, inside_repeat=hi > 1, where=where)
-            continue
-        n += op is _sre_parse.BRANCH
-        stack = [av]
-        while stack:  # operands nest SubPatterns inside tuples/lists (groups, branches, lookarounds)
-            item = stack.pop()
-            if isinstance(item, _sre_parse.SubPattern):
-                n += _choice_points(item, inside_repeat=inside_repeat, where=where)
-            elif isinstance(item, (list, tuple)):
-                stack.extend(item)
-    return n
-
-
 def _names_list(cfg: Mapping[str, Any], key: str) -> list[str] | str | None:
+    """A regex (checked where it is compiled) or a list of module names, each non-empty and bounded."""
     value = cfg.get(key)
     if value is None or isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
-        if len(value) > _MAX_PATTERN_KEYS:
-            raise AdapterError(f"adapter_config.json: {key} has {len(value)} entries, more than {_MAX_PATTERN_KEYS}")
-        return value
-    raise AdapterError(f"adapter_config.json: key {key!r} must be a string or a list of names, got {value!r}")
+    if not isinstance(value, list):
+        raise AdapterError(f"adapter_config.json: key {key!r} must be a string or a list of names, got "
+                           f"{quote(value)}")
+    if len(value) > _MAX_PATTERN_KEYS:
+        raise AdapterError(f"adapter_config.json: {key} has {len(value)} entries; at most {_MAX_PATTERN_KEYS} "
+                           "are allowed")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str) or not 1 <= len(entry) <= _MAX_NAME_CHARS:
+            raise AdapterError(f"adapter_config.json: {key}[{i}] must be a name of 1 to {_MAX_NAME_CHARS} "
+                               f"characters, got {quote(entry)}")
+    return value
+
+
+def _layer_indices(cfg: Mapping[str, Any]) -> int | list[int] | None:
+    layers = cfg.get("layers_to_transform")
+    if layers is None:
+        return None
+    entries = layers if isinstance(layers, list) else [layers]
+    if len(entries) > _MAX_PATTERN_KEYS:
+        raise AdapterError(f"adapter_config.json: layers_to_transform has {len(entries)} entries; at most "
+                           f"{_MAX_PATTERN_KEYS} are allowed")
+    for i in entries:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= _MAX_LAYER_INDEX:
+            raise AdapterError(f"adapter_config.json: key 'layers_to_transform' must be a layer index or a list "
+                               f"of them, integers from 0 to {_MAX_LAYER_INDEX}, got {quote(layers)}")
+    return layers
 
 
 def _list_match(entries: list[str], name: str) -> bool:
     return name in entries or any(name.endswith("." + e) for e in entries)
 
 
-def _resolve_targets(cfg: Mapping[str, Any], names: list[str]) -> set[str]:
+def _resolve_targets(cfg: Mapping[str, Any], names: list[str], budget: RegexBudget) -> set[str]:
     """The module names peft would wrap with LoRA; refuse any that is not one of our projections."""
     targets = _names_list(cfg, "target_modules")
     if targets is None or targets == []:
         raise AdapterError("adapter_config.json: required key 'target_modules' is missing or empty")
-    layers = cfg.get("layers_to_transform")
-    if layers is not None and not (
-        (isinstance(layers, int) and not isinstance(layers, bool))
-        or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
-    ):
-        raise AdapterError(
-            f"adapter_config.json: key 'layers_to_transform' must be an int or a list of ints, got {layers!r}"
-        )
+    layers = _layer_indices(cfg)
     layers_pattern = _names_list(cfg, "layers_pattern")
-    for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []:
-        _compile("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+    # peft: the first numbered path segment after `layers_pattern` (any segment if none) is the layer index.
+    layer_res = [
+        compile_bounded("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", budget)[0]
+        for p in ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or []) if p
+    ] or [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
     exclude = _names_list(cfg, "exclude_modules")
 
     if isinstance(targets, str) and (layers is not None or layers_pattern is not None):
@@ -339,13 +319,13 @@ def _resolve_targets(cfg: Mapping[str, Any], names: list[str]) -> set[str]:
         # Every nn.Linear but the output head (peft `_maybe_include_all_linear_layers`).
         targets = list(PROJECTIONS)
     elif isinstance(targets, str):
-        regex = _compile("target_modules", targets)[0]
+        regex = compile_bounded("target_modules", targets, budget)[0]
     else:
         for entry in targets:
             if not any(_list_match([entry], n) for n in names):
-                raise AdapterError(f"adapter_config.json: target module {entry!r} is not one of the supported "
+                raise AdapterError(f"adapter_config.json: target module {quote(entry)} is not one of the supported "
                                    f"projections ({', '.join(PROJECTIONS)}); is this adapter for another model?")
-    exclude_re = _compile("exclude_modules", exclude)[0] if isinstance(exclude, str) else None
+    exclude_re = compile_bounded("exclude_modules", exclude, budget)[0] if isinstance(exclude, str) else None
 
     def targeted(name: str) -> bool:
         if (exclude_re is not None and exclude_re.fullmatch(name)) or (
@@ -361,7 +341,7 @@ def _resolve_targets(cfg: Mapping[str, Any], names: list[str]) -> set[str]:
             return False
         if layers is None or layers == []:
             return True
-        return _layer_selected(name, layers, layers_pattern)
+        return _layer_selected(name, layers, layer_res)
 
     found = {n for n in names if targeted(n)}
     for name in sorted(found):
@@ -374,22 +354,16 @@ def _resolve_targets(cfg: Mapping[str, Any], names: list[str]) -> set[str]:
                                f"supported projections ({', '.join(PROJECTIONS)})")
     if not found:
         raise AdapterError(
-            f"adapter_config.json: the adapter matches no module of the base model (target_modules={targets!r}, "
-            f"layers_to_transform={layers!r}, layers_pattern={layers_pattern!r}, exclude_modules={exclude!r})"
+            f"adapter_config.json: the adapter matches no module of the base model (target_modules="
+            f"{quote(targets)}, layers_to_transform={quote(layers)}, layers_pattern={quote(layers_pattern)}, "
+            f"exclude_modules={quote(exclude)})"
         )
     return found
 
 
-def _layer_selected(name: str, layers: int | list[int], layers_pattern: str | list[str] | None) -> bool:
-    # peft: the first numbered path segment (after `layers_pattern` if given) is the layer index.
-    match = None
-    if not layers_pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
+def _layer_selected(name: str, layers: int | list[int], layer_res: list[re.Pattern[str]]) -> bool:
+    """peft: the layer index is the first match's `idx` group, trying the `layers_pattern` regexes in order."""
+    match = next((m for m in (r.match(name) for r in layer_res) if m is not None), None)
     if match is None:
         return False
     idx = int(match.group("idx"))

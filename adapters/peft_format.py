@@ -9,6 +9,8 @@ refused by its name, before anything is opened. Tensor names are peft's saved fo
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,10 +23,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
+from adapters.errors import AdapterError, quote
 from adapters.peft_config import (
     DEFAULT_MAX_RANK,
     PROJECTIONS,
-    AdapterError,
     BaseShapes,
     LoraAdapterConfig,
     ModuleLora,
@@ -41,7 +43,13 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 # Formats that unpickle on load (torch.load, joblib, ...): refused without being opened.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# safetensors dtype -> bytes per element, of those we load: each converts to fp32 exactly (F64 would not).
+SUPPORTED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+_MAX_HEADER_BYTES = 1 << 20  # ~5000 tensor entries; an all-linear adapter of a 128-layer model has 1792
+_MAX_TENSOR_NAME = 256  # peft's names are < 80 characters; messages quote names whole
+_MAX_NDIM = 8
+_MAX_DIM = 2**31 - 1
+_DTYPE_RE = re.compile(r"[A-Z0-9_]{1,16}")
 # Projections whose input is the hidden state (lora_A is [r, hidden]) and those whose output is (lora_B is
 # [hidden, r]): where a model with another hidden size shows first.
 _HIDDEN_IN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -89,6 +97,7 @@ def parse_adapter(source: AdapterSource, arch: BaseShapes, *, max_rank: int = DE
     """
     config_bytes, weights_bytes = read_adapter_files(source)
     config = parse_lora_config(config_bytes, arch, max_rank=max_rank)
+    _check_safetensors_header(weights_bytes)
     tensors = _load_safetensors(weights_bytes)
     pairs = _pair_tensors(tensors, arch)
     _check_coverage(pairs, config)
@@ -135,11 +144,77 @@ def _refuse_pickles(names: list[str]) -> None:
             )
 
 
+def _check_safetensors_header(data: bytes) -> None:
+    """Refuse by name, before safetensors or torch sees the file, what they would fail on (an F8_E8M0 tensor
+    raises KeyError deep in safetensors.torch) or load into something we do not serve (I64, F64, ...).
+
+    Layout: an 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
+    then the tensors' bytes, each at [begin, end) of what follows the header, contiguous and covering it all.
+    """
+    bad = f"{WEIGHTS_FILE} is not a valid safetensors file"
+    if len(data) < 8:
+        raise AdapterError(f"{bad}: {len(data)} bytes, fewer than the 8 of its header length")
+    n = int.from_bytes(data[:8], "little")
+    if n > _MAX_HEADER_BYTES:
+        raise AdapterError(f"{bad}: a header of {n} bytes; at most {_MAX_HEADER_BYTES} are allowed")
+    if n > len(data) - 8:
+        raise AdapterError(f"{bad}: a header of {n} bytes, but only {len(data) - 8} follow")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # incl. UnicodeDecodeError
+        raise AdapterError(f"{bad}: its header is not valid JSON: {quote(str(e), 200)}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{bad}: its header must be a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterError(f"{bad}: __metadata__ must map strings to strings")
+    size = len(data) - 8 - n
+    spans = sorted(_tensor_span(name, entry, size) for name, entry in header.items() if name != "__metadata__")
+    end_of_previous = 0
+    for begin, end, name in spans:
+        if begin != end_of_previous:
+            raise AdapterError(f"tensor {name}: data_offsets [{begin}, {end}] overlap another tensor's or leave a "
+                               f"gap (the tensor before it ends at {end_of_previous})")
+        end_of_previous = end
+    if end_of_previous != size:
+        raise AdapterError(f"{bad}: its tensors hold {end_of_previous} of the {size} bytes after the header")
+
+
+def _tensor_span(name: str, entry: object, size: int) -> tuple[int, int, str]:
+    """[begin, end) of one tensor's bytes, after checking its header entry against the data that follows."""
+    if len(name) > _MAX_TENSOR_NAME:
+        raise AdapterError(f"{WEIGHTS_FILE} has a tensor name of {len(name)} characters, {quote(name)}; at most "
+                           f"{_MAX_TENSOR_NAME} are allowed")
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise AdapterError(f"tensor {name}: its header entry must be an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
+        shown = dtype if isinstance(dtype, str) and _DTYPE_RE.fullmatch(dtype) else quote(dtype)
+        raise AdapterError(f"tensor {name} has dtype {shown}; supported: {', '.join(SUPPORTED_DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_NDIM and all(_is_int(d, 0, _MAX_DIM) for d in shape)):
+        raise AdapterError(f"tensor {name}: shape {quote(shape)} must be a list of at most {_MAX_NDIM} integers "
+                           f"from 0 to {_MAX_DIM}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o, 0, size) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise AdapterError(f"tensor {name}: data_offsets {quote(offsets)} must be [begin, end] with 0 <= begin <= "
+                           f"end <= {size}, the number of bytes after the header")
+    begin, end = offsets
+    needed = math.prod(shape) * SUPPORTED_DTYPES[dtype]
+    if end - begin != needed:
+        raise AdapterError(f"tensor {name}: shape {shape} ({dtype}) needs {needed} bytes, but its data_offsets "
+                           f"[{begin}, {end}] hold {end - begin}")
+    return begin, end, name
+
+
+def _is_int(value: object, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
 def _load_safetensors(data: bytes) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors_bytes(data)  # safetensors only: never torch.load or pickle
     except (SafetensorError, ValueError, TypeError, OverflowError) as e:
-        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {e}") from None
+        raise AdapterError(f"{WEIGHTS_FILE} is not a valid safetensors file: {quote(str(e), 200)}") from None
 
 
 def _pair_tensors(
@@ -210,8 +285,6 @@ def _check_coverage(pairs: Mapping[tuple[int, str], Mapping[str, object]], confi
 def _check_tensor(name: str, t: torch.Tensor, expected: tuple[int, int]) -> None:
     if tuple(t.shape) != expected:
         raise AdapterError(f"tensor {name} has shape {list(t.shape)}, expected {list(expected)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise AdapterError(f"tensor {name} has dtype {t.dtype}; LoRA weights must be floating point")
     if not torch.isfinite(t).all():
         bad = int((~torch.isfinite(t)).sum())
         raise AdapterError(f"tensor {name} holds {bad} NaN or inf values")

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from adapters.errors import quote
 from adapters.registry_types import (
     LOCAL_OWNER,
     MAX_DESCRIPTION_CHARS,
@@ -187,7 +188,7 @@ class AdapterRegistry(SqliteFile):
     def _grantees(tenants: Iterable[str] | str) -> list[str] | None:
         """Checked tenant ids to share with, or None for everyone ("*")."""
         if isinstance(tenants, str) and tenants != PUBLIC:
-            raise InvalidRegistryArgument(f"share with a list of tenant ids or {PUBLIC!r}, not {tenants!r}")
+            raise InvalidRegistryArgument(f"share with a list of tenant ids or {PUBLIC!r}, not {quote(tenants)}")
         return None if tenants == PUBLIC else sorted({check_tenant(t) for t in tenants})
 
     def _set_sharing(self, owner: str, name: str, tenants: Iterable[str] | str, admin: bool,
@@ -349,7 +350,7 @@ class AdapterRegistry(SqliteFile):
     def _target(name: str, version: str | int | None = None) -> AdapterRef:
         ref = AdapterRef.parse(name)
         if ref.version is not None:
-            raise InvalidAdapterName(f"{name!r}: name the adapter without '@version' here")
+            raise InvalidAdapterName(f"{quote(name)}: name the adapter without '@version' here")
         if version is None:
             return ref
         return AdapterRef.parse(f"{ref.base}@{version}")
@@ -410,7 +411,7 @@ class AdapterRegistry(SqliteFile):
         check_tenant(owner)
         check_name(name)
         if not isinstance(version_id, str) or VERSION_ID_RE.fullmatch(version_id) is None:
-            raise InvalidRegistryArgument(f"{repr(version_id)[:80]} is not an adapter version id")
+            raise InvalidRegistryArgument(f"{quote(version_id)} is not an adapter version id")
 
     def _check_stored(self, version_id: str) -> None:
         if self._store is not None and not self._store.exists(version_id):
@@ -475,5 +476,5 @@ def _decode_token(token: str) -> tuple[str, str]:
     except (binascii.Error, ValueError, UnicodeDecodeError):
         value = None
     if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-        raise InvalidPageToken(f"page_token {token[:40]!r} is not one this server returned")
+        raise InvalidPageToken(f"page_token {quote(token, 40)} is not one this server returned")
     return value[0], value[1]

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from adapters.errors import quote
 from adapters.store import VERSION_ID_RE
 
 if TYPE_CHECKING:
@@ -77,14 +78,14 @@ class AdapterPermissionDenied(RegistryError):
 def check_name(name: object) -> str:
     if not isinstance(name, str) or NAME_RE.fullmatch(name) is None or ".." in name:
         raise InvalidAdapterName(
-            f"{repr(name)[:80]} is not a valid adapter name: use 1 to 63 lowercase letters, digits, '.', '_' "
+            f"{quote(name)} is not a valid adapter name: use 1 to 63 lowercase letters, digits, '.', '_' "
             f"or '-', starting with a letter or digit, without '..'")
     return name
 
 
 def check_tenant(tenant: object) -> str:
     if not isinstance(tenant, str) or TENANT_RE.fullmatch(tenant) is None:
-        raise InvalidRegistryArgument(f"{repr(tenant)[:80]} is not a valid tenant id")
+        raise InvalidRegistryArgument(f"{quote(tenant)} is not a valid tenant id")
     return tenant
 
 
@@ -99,17 +100,17 @@ class AdapterRef:
     @classmethod
     def parse(cls, ref: object) -> AdapterRef:
         if not isinstance(ref, str) or not ref or len(ref) > 256:
-            raise InvalidAdapterName(f"{repr(ref)[:80]} is not an adapter reference ([owner/]name[@version])")
+            raise InvalidAdapterName(f"{quote(ref)} is not an adapter reference ([owner/]name[@version])")
         head, at, version = ref.partition("@")
         owner, slash, name = head.rpartition("/")
         if slash:
             try:
                 check_tenant(owner)
             except InvalidRegistryArgument:
-                raise InvalidAdapterName(f"{ref!r}: {owner!r} is not a valid tenant id") from None
+                raise InvalidAdapterName(f"{quote(ref)}: {quote(owner)} is not a valid tenant id") from None
         check_name(name)
         if at and not (VERSION_ID_RE.fullmatch(version) or SEQ_RE.fullmatch(version)):
-            raise InvalidAdapterName(f"{ref!r}: the version after '@' must be a version id (v-<24 hex chars>) "
+            raise InvalidAdapterName(f"{quote(ref)}: the version after '@' must be a version id (v-<24 hex chars>) "
                                      f"or a version number (1, 2, ...)")
         return cls(owner=owner if slash else None, name=name, version=version if at else None)
 

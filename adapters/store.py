@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from adapters.errors import quote
+
 __all__ = [
     "CONFIG_FILE", "WEIGHTS_FILE", "FILE_NAMES", "VERSION_ID_RE", "FilesystemStore",
     "InvalidVersionId", "NotInStore", "Store", "StoreError", "check_files", "check_version_id",
@@ -64,8 +66,7 @@ class NotInStore(StoreError, LookupError):
 def check_version_id(version_id: object) -> str:
     """Return `version_id` if it is a well-formed version id, else raise InvalidVersionId."""
     if not isinstance(version_id, str) or VERSION_ID_RE.fullmatch(version_id) is None:
-        shown = repr(version_id)[:80]
-        raise InvalidVersionId(f"{shown} is not an adapter version id (expected 'v-' and 24 lowercase hex chars)")
+        raise InvalidVersionId(f"{quote(version_id)} is not an adapter version id (expected 'v-' and 24 lowercase hex chars)")
     return version_id
 
 

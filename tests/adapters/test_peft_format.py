@@ -13,43 +13,14 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 
 from adapters.identity import adapter_version_id
 from adapters.peft_config import module_name
 from adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, ParsedAdapter, parse_adapter
-from service.runtime.arch import ModelArch
+from tests.adapters.peft_files import LAYERS, edit_config, edit_tensors, lora, save_adapter, tiny_arch
 
-LAYERS = 3
 BASE_ID = "tiny-llama@sha256:0123"
-
-
-def tiny_arch(hidden: int = 64, layers: int = LAYERS) -> ModelArch:
-    return ModelArch(
-        arch="llama", vocab_size=128, hidden_size=hidden, intermediate_size=128, num_layers=layers,
-        num_heads=4, num_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=512, tie_word_embeddings=False,
-    )
-
-
-def save_adapter(root: Path, config: peft.PeftConfig, hidden: int = 64, seed: int = 0):
-    """peft.get_peft_model on a tiny random Llama, save_pretrained(root); return (root, PeftModel)."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=hidden, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    )
-    torch.manual_seed(seed)
-    pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), config)
-    pm.save_pretrained(root)
-    return root, pm
-
-
-def lora(**kw) -> peft.LoraConfig:
-    kw.setdefault("r", 4)
-    kw.setdefault("lora_alpha", 8)
-    kw.setdefault("target_modules", ["q_proj", "v_proj"])
-    return peft.LoraConfig(init_lora_weights=False, **kw)  # random A and B, so weights are distinguishable
 
 
 def peft_modules(pm) -> dict[tuple[int, str], tuple[int, float]]:
@@ -66,19 +37,6 @@ def peft_modules(pm) -> dict[tuple[int, str], tuple[int, float]]:
 def parsed_modules(parsed: ParsedAdapter) -> dict[tuple[int, str], tuple[int, float]]:
     assert {k: m.rank for k, m in parsed.config.modules.items()} == {k: w.A.shape[0] for k, w in parsed.weights.items()}
     return {k: (w.A.shape[0], w.scale) for k, w in parsed.weights.items()}
-
-
-def edit_config(root: Path, **changes) -> Path:
-    cfg = json.loads((root / CONFIG_FILE).read_text())
-    cfg.update(changes)
-    (root / CONFIG_FILE).write_text(json.dumps(cfg))
-    return root
-
-
-def edit_tensors(root: Path, fn) -> Path:
-    tensors = load_file(root / WEIGHTS_FILE)
-    save_file(fn(dict(tensors)), root / WEIGHTS_FILE)
-    return root
 
 
 @pytest.fixture
@@ -318,10 +276,10 @@ def test_regexes_that_could_hang_the_server_are_refused(good, changes, words):
 
 def test_rank_limits(tmp_path, good):
     root, _ = save_adapter(tmp_path / "big", lora(r=16))
-    with pytest.raises(AdapterError, match="rank 16 for model.layers.0.self_attn.q_proj exceeds max_rank 8"):
+    with pytest.raises(AdapterError, match=re.escape("key 'r' must be an integer from 1 to 8 (the server's max_rank), got 16")):
         parse_adapter(root, tiny_arch(), max_rank=8)
     assert parse_adapter(root, tiny_arch()).max_rank == 16  # default max_rank 128
-    with pytest.raises(AdapterError, match="rank 0 for .* at least 1"):
+    with pytest.raises(AdapterError, match=re.escape("rank_pattern['q_proj'] must be an integer from 1 to 128")):
         parse_adapter(edit_config(good, rank_pattern={"q_proj": 0}), tiny_arch())
 
 
@@ -329,8 +287,8 @@ def test_rank_limits(tmp_path, good):
     ("{not json", "not valid JSON"),
     ('["r", 4]', "JSON object"),
     ('{"peft_type": "LORA", "target_modules": ["q_proj"]}', "required key 'r' is missing"),
-    ('{"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]}', "key 'r' must be int"),
-    ('{"peft_type": "LORA", "r": true, "target_modules": ["q_proj"]}', "key 'r' must be int"),
+    ('{"peft_type": "LORA", "r": "4", "target_modules": ["q_proj"]}', "key 'r' must be an integer from 1 to 128"),
+    ('{"peft_type": "LORA", "r": true, "target_modules": ["q_proj"]}', "key 'r' must be an integer from 1 to 128"),
     ('{"peft_type": "LORA", "r": 4, "lora_alpha": "x", "target_modules": ["q_proj"]}', "key 'lora_alpha'"),
     ('{"peft_type": "LORA", "r": 4, "target_modules": 5}', "key 'target_modules'"),
     ('{"peft_type": "LORA", "r": 4, "target_modules": "(q_proj"}', "target_modules is not a valid regular"),

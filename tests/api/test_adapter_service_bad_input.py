@@ -28,6 +28,8 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 UPLOAD_LIMIT = 200_000  # alice's max_upload_bytes; the tiny adapter is ~25 KB
 MAX_MESSAGE_CHARS = 600  # a 100k-character input must not come back whole in the message
 HUGE = "x" * 100_000
+MIB2 = "x" * (2 << 20)  # quoted whole, it would overflow grpc's 16 KiB of trailing metadata
+NAN = float("nan")
 UNKNOWN_VID = "v-000000000000000000000000"
 Q_A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"  # [r=8, hidden=64]
 BAD_VERSION = "version id (v-<24 hex chars>) or a version number"
@@ -69,6 +71,14 @@ class Files:
         t = load_tensors(self.weights)
         change(t)
         return [(CONFIG, self.config), (WEIGHTS, save_tensors(t))]
+
+    def with_header(self, name: str, **fields: object) -> list[tuple[str, bytes]]:
+        """The weights with one tensor's safetensors header entry changed (its bytes left as they are)."""
+        n = int.from_bytes(self.weights[:8], "little")
+        header = json.loads(self.weights[8:8 + n])
+        header[name] = {**header[name], **fields}
+        raw = json.dumps(header).encode()
+        return [(CONFIG, self.config), (WEIGHTS, len(raw).to_bytes(8, "little") + raw + self.weights[8 + n:])]
 
 
 def upload(chunks: list[tuple[str, bytes]], *, name: str = "fresh", sha256: str | None = None,
@@ -231,7 +241,7 @@ UPLOAD_CASES = [
     u("config not LoRA peft_type IA3", lambda f: upload(f.with_config(f.cfg(peft_type="IA3"))), INVALID,
       "peft_type 'IA3' is not supported"),
     u("config rank above the server's max", lambda f: upload(f.with_config(f.cfg(r=100_000))), INVALID,
-      "rank 100000", "exceeds max_rank"),
+      "key 'r' must be an integer from 1 to", "max_rank", "got 100000"),
     u("weights not safetensors", lambda f: upload([(CONFIG, f.config), (WEIGHTS, b"\x00" * 64)]), INVALID,
       f"{WEIGHTS} is not a valid safetensors file"),
     u("weights a pickle under the safetensors name",
@@ -248,7 +258,21 @@ UPLOAD_CASES = [
     u("NaN weight", lambda f: upload(f.with_weights(_set(Q_A0, float("nan")))), INVALID, Q_A0, "NaN or inf"),
     u("inf weight", lambda f: upload(f.with_weights(_set(Q_A0, float("inf")))), INVALID, Q_A0, "NaN or inf"),
     u("integer weights", lambda f: upload(f.with_weights(_put(Q_A0, torch.zeros(8, 64, dtype=torch.int32)))),
-      INVALID, Q_A0, "dtype torch.int32", "floating point"),
+      INVALID, f"tensor {Q_A0} has dtype I32; supported: F32, F16, BF16"),
+    u("lora_A of dtype F8_E8M0", lambda f: upload(f.with_header(Q_A0, dtype="F8_E8M0", shape=[8, 256])), INVALID,
+      f"tensor {Q_A0} has dtype F8_E8M0; supported: F32, F16, BF16"),
+    u("lora_A whose shape needs more bytes than it has", lambda f: upload(f.with_header(Q_A0, shape=[8, 65])),
+      INVALID, f"tensor {Q_A0}: shape [8, 65] (F32) needs 2080 bytes", "hold 2048"),
+    u("config target_modules q{4294967296}", lambda f: upload(f.with_config(f.cfg(target_modules="q{4294967296}"))),
+      INVALID, "target_modules is not a valid regular expression", "repetition number is too large"),
+    u("config rank_pattern key a{0,4294967296}",
+      lambda f: upload(f.with_config(f.cfg(rank_pattern={"a{0,4294967296}": 2}))), INVALID,
+      "rank_pattern['a{0,4294967296}'] is not a valid regular expression"),
+    u("config lora_alpha 10**400", lambda f: upload(f.with_config(f.cfg(lora_alpha=10**400))), INVALID,
+      "key 'lora_alpha' must be a finite number from -65536 to 65536, got <an integer of 1329 bits>"),
+    u("config alpha_pattern value NaN", lambda f: upload(f.with_config(f.cfg(alpha_pattern={"q_proj": NAN}))),
+      INVALID, "alpha_pattern['q_proj'] must be a finite number"),
+    u("config r -1", lambda f: upload(f.with_config(f.cfg(r=-1))), INVALID, "key 'r' must be an integer from 1 to"),
     u("lora_B missing for a module",
       lambda f: upload(f.with_weights(lambda t: t.pop(Q_A0.replace("_A.", "_B.")))), INVALID,
       "no lora_B", "model.layers.0.self_attn.q_proj"),
@@ -280,6 +304,26 @@ def test_chunk_over_the_grpc_message_limit_is_resource_exhausted(server):
     err = rpc_error(server.adapters.UploadAdapter, iter(upload([(WEIGHTS, data)], name="big")),
                     metadata=auth("ops"), timeout=30)
     assert err.code() == EXHAUSTED and "larger than max" in err.details()
+    assert snapshot(server) == before
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    pytest.param({"r": MIB2}, ["key 'r' must be an integer from 1 to"], id="r a string of 2 MiB"),
+    pytest.param({"lora_alpha": MIB2}, ["key 'lora_alpha' must be a finite number"], id="lora_alpha a string of 2 MiB"),
+    pytest.param({"peft_type": MIB2}, ["peft_type 'xxx", "is not supported"], id="peft_type of 2 MiB"),
+    pytest.param({"rank_pattern": {MIB2: 2}}, ["rank_pattern['xxx", "is longer than 512"], id="rank_pattern key of 2 MiB"),
+    pytest.param({"target_modules": [MIB2]}, ["target_modules[0] must be a name of 1 to 512"],
+                 id="target_modules name of 2 MiB"),
+])
+def test_config_value_of_2_mib_is_invalid_argument_with_a_short_message(server, files, changes, fragments):
+    """Quoted whole, the value overflowed the trailing metadata: the client saw RESOURCE_EXHAUSTED "Stream
+    removed". ops uploads it (alice's limit is 200 kB), in chunks below grpc's 4 MiB message limit."""
+    before = snapshot(server)
+    config = files.cfg(**changes)
+    chunks = [(CONFIG, config[i:i + (1 << 20)]) for i in range(0, len(config), 1 << 20)] + [(WEIGHTS, files.weights)]
+    err = rpc_error(server.adapters.UploadAdapter, iter(upload(chunks, name="huge-value")), metadata=auth("ops"),
+                    timeout=60)
+    check_refusal(err, str(changes)[:40], INVALID, [*fragments, "... (2097152 chars)"])
     assert snapshot(server) == before
 
 
