@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kernels.ops import AttentionPlan
+from service.builder import build_runtime, load_tokenizer
 from service.config import EngineConfig, RuntimeConfig
 from service.engine.sampling import SamplingParams
-from service.builder import build_runtime, load_tokenizer
 from service.runtime.loader import default_model_path, load_model
 from service.runtime.model import KVCache, LlamaModel
 

@@ -131,12 +131,12 @@ def test_min_tokens_boundary_matches_the_sampler_mask():
     min_tokens it ends the request."""
     a, y = ord("a"), ord("y")
     engine = scripted({"eos": [a, EOS, EOS, a], "stop": [a, y, y, a]})
-    engine.add_request("eos", prompt(3), SamplingParams(max_tokens=9, temperature=0, min_tokens=2))
-    engine.add_request("stop", prompt(3), SamplingParams(max_tokens=9, temperature=0, min_tokens=2,
-                                                         stop_token_ids=(y,)))
+    engine.add_request(RequestSpec("eos", prompt(3), SamplingParams(max_tokens=9, temperature=0, min_tokens=2)))
+    engine.add_request(RequestSpec("stop", prompt(3), SamplingParams(max_tokens=9, temperature=0, min_tokens=2,
+                                                         stop_token_ids=(y,))))
     f = drain(engine)
-    assert (f["eos"].finish_reason, f["eos"].output_token_ids) == (FinishReason.EOS, [a, EOS, EOS])
-    assert (f["stop"].finish_reason, f["stop"].output_token_ids) == (FinishReason.STOP, [a, y, y])
+    assert (f["eos"].finish_reason, list(f["eos"].token_ids)) == (FinishReason.EOS, [a, EOS, EOS])
+    assert (f["stop"].finish_reason, list(f["stop"].token_ids)) == (FinishReason.STOP, [a, y, y])
 
 
 def test_stop_token_ids():

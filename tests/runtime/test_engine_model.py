@@ -117,14 +117,14 @@ def test_min_tokens_greedy_never_emits_eos_before_it(tiny):
     it, none of its first min_tokens tokens is an EOS id, and it ends on EOS after them."""
     model, _ = tiny
     p = [5, 6, 7, 8]
-    free = make_engine(model).generate([p], GREEDY)[0].output_token_ids
+    free = make_engine(model).generate([p], GREEDY)[0].token_ids
     eos = frozenset(free[:6])
     engine = make_engine(model, eos=eos)
-    assert engine.generate([p], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))[0].output_token_ids == free[:1]
+    assert engine.generate([p], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))[0].token_ids == free[:1]
     sp = SamplingParams(max_tokens=40, temperature=0, min_tokens=6)
     out = engine.generate([p], sp)[0]
-    assert not set(out.output_token_ids[:6]) & eos, out.output_token_ids
-    assert len(out.output_token_ids) > 6
+    assert not set(out.token_ids[:6]) & eos, out.token_ids
+    assert len(out.token_ids) > 6
 
 
 @pytest.mark.parametrize("ignore_eos", [False, True])
@@ -139,10 +139,10 @@ def test_min_tokens_random_never_emits_eos_or_stop_ids_before_it(tiny, ignore_eo
                           ignore_eos=ignore_eos) for s in range(8)]
     outs = engine.generate([[5, 6, 7, 8]] * len(sps), sps)
     for out in outs:
-        ids = out.output_token_ids
+        ids = list(out.token_ids)
         assert len(ids) > min_tokens and not set(ids[:min_tokens]) & (eos | {stop_id}), ids
     if not ignore_eos:  # after min_tokens the mask lifts: the requests end on EOS or the stop id
         assert all(o.finish_reason is not FinishReason.LENGTH for o in outs)
     unmasked = engine.generate([[5, 6, 7, 8]] * 8, [SamplingParams(max_tokens=40, temperature=1.0, seed=s)
                                                     for s in range(8)])
-    assert any(len(o.output_token_ids) < min_tokens for o in unmasked)  # the test would catch a missing mask
+    assert any(len(o.token_ids) < min_tokens for o in unmasked)  # the test would catch a missing mask
