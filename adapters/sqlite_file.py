@@ -1,11 +1,11 @@
-"""One SQLite file in WAL mode with a versioned schema, shared by threads under one lock: the base of the
-adapter registry and the usage ledger."""
+"""One SQLite file in WAL mode with a versioned, migrated schema, shared by threads under one lock: the base of
+the adapter registry and the usage ledger."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -16,8 +16,10 @@ T = TypeVar("T", bound="SqliteFile")
 class SqliteFile:
     def __init__(self, path: str | Path, *, schema: str, schema_version: int, what: str,
                  error: type[Exception], reentrant: bool = False, foreign_keys: bool = False,
-                 named_rows: bool = False) -> None:
-        """Create the schema in a new file; refuse a file written with another schema version (`error`)."""
+                 named_rows: bool = False, migrations: Mapping[int, str] | None = None) -> None:
+        """Create the schema in a new file, or bring an older file up to `schema_version` with `migrations`
+        (version v -> the SQL that turns a version-v file into a version v + 1 one, applied in order, in one
+        transaction); refuse a file of a newer version, or one no migration path reaches (`error`)."""
         self.path = Path(path)
         self._lock = threading.RLock() if reentrant else threading.Lock()
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -35,7 +37,16 @@ class SqliteFile:
                         db.execute(statement)
                 db.execute(f"PRAGMA user_version = {schema_version}")
             elif version != schema_version:
-                raise error(f"{self.path} has {what} schema {version}; this server reads schema {schema_version}")
+                steps = migrations or {}
+                if version > schema_version or any(v not in steps for v in range(version, schema_version)):
+                    raise error(f"{self.path} has {what} schema {version}; this server reads schema "
+                                f"{schema_version}" + (" (written by a newer server)" if version > schema_version
+                                                        else ""))
+                for v in range(version, schema_version):
+                    for statement in steps[v].split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                db.execute(f"PRAGMA user_version = {schema_version}")
 
     def close(self) -> None:
         with self._lock:
