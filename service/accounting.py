@@ -138,5 +138,5 @@ class Accounting:
             adapter_version=spec.adapter_version or "", start_time=spec.created_at, end_time=time.time(),
             input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
             output_tokens=usage.output_tokens, engine_seconds=final.timings.engine_s,
-            status=_STATUS.get(final.finish_reason, "ok"),
+            status=_STATUS.get(final.finish_reason, "ok"), labels=spec.labels,
         ))

@@ -76,6 +76,8 @@ class RequestSpan:
         s.set_attribute("loraserve.usage.cached_input_tokens", final.usage.cached_input_tokens)
         s.set_attribute("gen_ai.response.finish_reasons", [_FINISH[final.finish_reason]])
         s.set_attribute("loraserve.engine_seconds", round(t.engine_s, 6))
+        for key, value in final.spec.labels.items():
+            s.set_attribute(f"loraserve.label.{key}", value)
         if t.queue_s is not None:
             s.set_attribute("loraserve.queue_time_s", t.queue_s)
         if t.ttft_s is not None:

@@ -21,8 +21,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapters.registry_types import InvalidRegistryArgument, check_name, check_tenant
@@ -38,7 +38,9 @@ GROUP_BY = ("tenant", "adapter", "adapter_version")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # as the registry: 0 means the default, more is coerced down
 MAX_BUCKETS = 10_000
 _MAX_ID_CHARS = 256
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# version -> the SQL that brings a file of that version to the next one
+_MIGRATIONS = {1: "ALTER TABLE usage ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'"}
 _SCHEMA = """
 CREATE TABLE usage (
     request_id TEXT PRIMARY KEY,
@@ -52,7 +54,8 @@ CREATE TABLE usage (
     output_tokens INTEGER NOT NULL,
     engine_seconds REAL NOT NULL,
     status TEXT NOT NULL,
-    recorded_at REAL NOT NULL
+    recorded_at REAL NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX usage_by_time ON usage (end_time);
 CREATE INDEX usage_by_tenant ON usage (tenant, end_time);
@@ -146,6 +149,7 @@ class UsageRecord:
     output_tokens: int
     engine_seconds: float
     status: str  # one of STATUSES
+    labels: Mapping[str, str] = field(default_factory=dict)  # the caller's own labels of the request
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= _MAX_ID_CHARS:
@@ -206,23 +210,23 @@ class UsageLedger(SqliteFile):
         self.pricing = pricing if pricing is not None else Pricing()
         self._clock = clock
         super().__init__(path, schema=_SCHEMA, schema_version=_SCHEMA_VERSION, what="usage ledger",
-                         error=LedgerError)
+                         error=LedgerError, migrations=_MIGRATIONS)
 
     def record(self, rec: UsageRecord) -> bool:
         """Store `rec` durably; False if its request_id was already recorded (that row is kept as it was)."""
         if not isinstance(rec, UsageRecord):
             raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
-        values = [getattr(rec, c) for c in _COLUMNS] + [self._clock()]
+        values = [getattr(rec, c) for c in _COLUMNS] + [json.dumps(dict(sorted(rec.labels.items()))), self._clock()]
         with self._txn() as db:
-            cur = db.execute(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, recorded_at) "
-                             f"VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})", values)
+            cur = db.execute(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, labels, recorded_at) "
+                             f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", values)
             return cur.rowcount == 1
 
     def get(self, request_id: str) -> UsageRecord | None:
         with self._txn(write=False) as db:
-            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE request_id = ?",
+            row = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels FROM usage WHERE request_id = ?",
                              (request_id,)).fetchone()
-        return None if row is None else UsageRecord(*row)
+        return None if row is None else UsageRecord(*row[:-1], labels=json.loads(row[-1]))
 
     def query(self, *, tenant: str | None = None, adapter: str | None = None,
               adapter_version: str | None = None, start_time: float | None = None,

@@ -3,9 +3,11 @@ outputs into responses. Every message names the field and what is allowed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from adapters.errors import quote
 from adapters.registry_types import InvalidAdapterName
 from service.api.adapter_refs import AdapterResolver, ResolvedAdapter
 from service.api.auth import PermissionDenied
@@ -20,6 +22,9 @@ DEFAULT_MAX_TOKENS = 256
 MAX_PRIORITY = 1000
 MAX_CLIENT_REQUEST_ID = 128
 MAX_MESSAGES = 1024
+MAX_LABELS = 16
+MAX_LABEL_VALUE = 256
+_LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 
 ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant",
          pb.CHAT_ROLE_TOOL: "tool"}
@@ -66,7 +71,7 @@ class RequestConverter:
             request_id, tuple(ids), sampling, tenant=tenant.id,
             adapter_version=adapter.version_id if adapter else None, adapter_name=adapter.name if adapter else "",
             priority=req.priority, cache_salt=tenant.id,  # KV is reused within a tenant, never across
-            deadline=deadline, client_request_id=client_id)
+            deadline=deadline, client_request_id=client_id, labels=_labels(req.labels))
 
     def _adapter(self, ref: str, tenant: Any) -> ResolvedAdapter:
         try:
@@ -165,6 +170,18 @@ def _client_request_id(value: str) -> str:
         raise ValueError(f"client_request_id {value[:40]!r} is invalid: at most {MAX_CLIENT_REQUEST_ID} "
                          "printable ASCII characters")
     return value
+
+
+def _labels(labels: Mapping[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"labels has {len(labels)} entries; at most {MAX_LABELS} are allowed")
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key):
+            raise ValueError(f"labels key {quote(key)} is invalid: 1 to 63 characters from a-z, 0-9, '_', '.', "
+                             "'-', starting with a letter")
+        if len(value) > MAX_LABEL_VALUE or not value.isprintable():
+            raise ValueError(f"labels[{key!r}] is invalid: at most {MAX_LABEL_VALUE} printable characters")
+    return dict(labels)
 
 
 def usage(u: Usage) -> pb.Usage:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import enum
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from service.engine.block_hash import BlockHash, hash_block_tokens
 from service.engine.sampling import SamplingParams
@@ -45,6 +47,7 @@ class RequestSpec:
     deadline: float | None = None  # time.monotonic() after which the engine stops the request
     client_request_id: str = ""
     created_at: float = field(default_factory=time.time)  # wall clock, for the usage ledger
+    labels: Mapping[str, str] = field(default_factory=dict)  # the caller's own, kept with its usage and span
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -65,6 +68,7 @@ class RequestSpec:
         if min(ids) < 0:
             raise ValueError(f"prompt token id {min(ids)} is invalid: token ids are >= 0")
         object.__setattr__(self, "prompt_token_ids", ids)
+        object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     @property
     def adapter_ref(self) -> str | None:

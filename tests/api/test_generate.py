@@ -151,3 +151,35 @@ def test_reflection_lists_the_services(server):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"loraserve.v1.InferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_labels_are_recorded_with_the_usage_row_and_on_the_span(tiny, tmp_path):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service.tracing import make_tracer_provider
+
+    spans = InMemorySpanExporter()
+    s = Server(tiny[0], tmp_path / "data", tracer_provider=make_tracer_provider(exporters=[spans]))
+    try:
+        labels = {"feature": "search", "end_user.id": "u-17"}
+        r = s.stub.Generate(pb.GenerateRequest(text="t5 t6", sampling=GREEDY, labels=labels))
+        s.server.usage_writer.flush()
+        assert s.server.ledger.get(r.request_id).labels == labels
+        (span,) = [x for x in spans.get_finished_spans() if x.attributes["loraserve.request.id"] == r.request_id]
+        assert {k: span.attributes[f"loraserve.label.{k}"] for k in labels} == labels
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("labels, named", [
+    ({f"k{i}": "v" for i in range(17)}, "at most 16"),  # too many labels
+    ({"Feature": "x"}, "labels key 'Feature' is invalid"),  # an upper-case key
+    ({"9lives": "x"}, "labels key '9lives' is invalid"),  # a key not starting with a letter
+    ({"k" * 64: "x"}, "is invalid: 1 to 63 characters"),  # a key too long
+    ({"note": "x" * 257}, "labels['note'] is invalid: at most 256"),  # a value too long
+    ({"note": "a\nb"}, "labels['note'] is invalid"),  # a value with a control character
+])
+def test_bad_labels_are_refused_by_name(server, labels, named):
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Generate(pb.GenerateRequest(text="t5", sampling=GREEDY, labels=labels))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in info.value.details()

@@ -355,5 +355,22 @@ def test_other_schema_version_refused(tmp_path):
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(LedgerError, match="schema 99; this server reads schema 1"):
+    with pytest.raises(LedgerError, match="schema 99; this server reads schema 2"):
         UsageLedger(path)
+
+
+def test_a_schema_1_ledger_is_migrated_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "usage.db"
+    db = sqlite3.connect(path)  # the ledger as the first release wrote it (schema 1: no labels)
+    db.executescript("""
+        CREATE TABLE usage (request_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, adapter TEXT NOT NULL,
+            adapter_version TEXT NOT NULL, start_time REAL NOT NULL, end_time REAL NOT NULL,
+            input_tokens INTEGER NOT NULL, cached_input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+            engine_seconds REAL NOT NULL, status TEXT NOT NULL, recorded_at REAL NOT NULL);
+        INSERT INTO usage VALUES ('old', 'alice', '', '', 1.0, 2.0, 5, 0, 3, 0.5, 'ok', 2.0);
+        PRAGMA user_version = 1;""")
+    db.close()
+    with UsageLedger(path) as ledger:
+        assert ledger.get("old").labels == {} and ledger.get("old").output_tokens == 3
+        rec = dataclasses.replace(RECORDS[0], request_id="new", labels={"feature": "search"})
+        assert ledger.record(rec) and ledger.get("new").labels == {"feature": "search"}
