@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -78,10 +78,20 @@ def _print(args: argparse.Namespace, messages: list[Any], columns: list[tuple[st
 
 
 # ---- generate ------------------------------------------------------------------------------------
+def _labels(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"error: --label {item!r} is invalid: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     kwargs = dict(adapter=args.adapter or "", chat=not args.raw, system=args.system, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                  stop=tuple(args.stop or ()))
+                  stop=tuple(args.stop or ()), labels=_labels(getattr(args, "label", None) or ()))
 
     def go(client: Any) -> int:
         if args.stream:
@@ -201,6 +211,8 @@ def add_commands(sub: argparse._SubParsersAction, add_generation_args: Callable[
     c.add_argument("--adapter", metavar="REF", help="adapter: name[@version] (yours, else the service's) or "
                    "owner/name[@version]")
     c.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    c.add_argument("--label", action="append", metavar="KEY=VALUE",
+                   help="your own label, recorded with the request's usage and trace (repeatable)")
     add_generation_args(c)
     add_client_args(c)
     c.set_defaults(func=cmd_call, log_level="warning")

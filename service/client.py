@@ -13,7 +13,7 @@ Errors arrive as `grpc.RpcError` with the server's status code and message.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +52,16 @@ def chat_messages(messages: Sequence[dict[str, str]]) -> pb.ChatMessages:
 def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, system: str | None = None,
                   messages: Sequence[dict[str, str]] | None = None, token_ids: Sequence[int] | None = None,
                   adapter: str = "", stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
-                  client_request_id: str = "", priority: int = 0, **sampling: Any) -> Any:
+                  client_request_id: str = "", priority: int = 0, labels: Mapping[str, str] | None = None,
+                  **sampling: Any) -> Any:
     """A GenerateRequest / GenerateStreamRequest. Give exactly one of `prompt` (raw text; with chat=True
-    a user message, after an optional system message), `messages` or `token_ids`."""
+    a user message, after an optional system message), `messages` or `token_ids`. `labels`: your own keys
+    and values, recorded with the request's usage and trace."""
     unknown = set(sampling) - set(_SAMPLING)
     if unknown:
         raise TypeError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
     req = cls(adapter=adapter, stop=list(stop), stop_token_ids=list(stop_token_ids),
-              client_request_id=client_request_id, priority=priority)
+              client_request_id=client_request_id, priority=priority, labels=dict(labels or {}))
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
     if prompt is not None and chat:

@@ -44,6 +44,10 @@ def test_call_prints_the_answer_unary_and_streamed(served):
     assert len(unary.stdout.split()) == 6 and unary.stdout == streamed.stdout
     with_adapter = cli(*args, "--adapter", "tiny-lora")
     assert with_adapter.returncode == 0 and with_adapter.stdout != unary.stdout
+    labelled = cli(*args, "--label", "feature=cli-test", "--label", "team=search")
+    assert labelled.returncode == 0 and labelled.stdout == unary.stdout
+    assert cli(*args, "--label", "no-equals").stderr.strip().endswith("expected KEY=VALUE")
+    assert "INVALID_ARGUMENT" in cli(*args, "--label", "Bad=x").stderr  # the server names the bad key
 
 
 def test_call_reports_errors_with_their_status(served):
