@@ -108,15 +108,14 @@ class Accounting:
             if self.metrics is not None:
                 self.metrics.on_finished(final)
             return
-        # What the request holds goes back first, whatever fails after: a leaked lease would lock its
-        # tenant out, a leaked hold would make its adapter version undeletable.
+        # What the request holds goes back first, whatever fails after: a leaked hold would make its adapter
+        # version undeletable. (The lease itself is released when the call ends, its last message written.)
         try:
             if final.adapter_version is not None and self.adapters is not None:
                 self.adapters.release(final.adapter_version)
         finally:
             if ctx.lease is not None:
                 ctx.lease.charge(final.usage.output_tokens)
-                ctx.lease.release()
         for step in (self._observe, self._end_span, self._record):
             try:
                 step(ctx, final)

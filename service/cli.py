@@ -100,7 +100,7 @@ def serve_configs(args: argparse.Namespace) -> tuple:
                            max_waiting=args.max_waiting),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
         ServerConfig: dict(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s,
-                           grpc_workers=args.grpc_workers),
+                           grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s),
         ServiceConfig: dict(data_dir=args.data_dir, tenants_file=args.tenants, metrics_port=args.metrics_port,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                             otlp_endpoint=args.otlp_endpoint, log_format="json" if args.log_json else None),
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-grace-s", type=float,
                    help=f"on SIGTERM, how long running requests may finish (default: {ServerConfig.drain_grace_s})")
     s.add_argument("--grpc-workers", type=int, help="RPC threads (default: max-num-seqs + max-waiting, capped)")
+    s.add_argument("--client-stall-timeout-s", type=float,
+                   help="cancel a call that waits this long on its client, e.g. a stream nobody reads "
+                        f"(default: {ServerConfig.client_stall_timeout_s})")
     s.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
     add_model_args(s)
     s.set_defaults(func=cmd_serve, log_level=None)  # the flag, else the config file's, else info

@@ -89,6 +89,9 @@ class ServerConfig:
     port: int = 50051  # 0 = any free port (the ready log line says which)
     drain_grace_s: float = 30.0  # on SIGTERM: running requests get this long to finish, then are aborted
     grpc_workers: int | None = None  # RPC threads; default: enough for every running and waiting request
+    # A call that waits this long on its client (a streamed message not read, an upload chunk not sent) is
+    # cancelled: a stalled client holds no server thread for longer.
+    client_stall_timeout_s: float = 30.0
     warmup: bool = True  # run one short generation before reporting SERVING
 
     def __post_init__(self) -> None:
@@ -100,6 +103,9 @@ class ServerConfig:
             raise ValueError(f"drain_grace_s={self.drain_grace_s} is invalid: must be >= 0")
         if self.grpc_workers is not None and self.grpc_workers < 2:
             raise ValueError(f"grpc_workers={self.grpc_workers} is invalid: must be >= 2")
+        if not self.client_stall_timeout_s > 0:
+            raise ValueError(f"client_stall_timeout_s={self.client_stall_timeout_s} is invalid: must be > 0 "
+                             "seconds")
 
 
 LOG_FORMATS = ("console", "json")

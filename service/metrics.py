@@ -59,6 +59,9 @@ class ServerMetrics:
         self.adapter_load_failures = Counter(P + "adapter_load_failures", "Adapter loads that failed.", registry=r)
         self.step_seconds = Histogram(P + "engine_step_seconds", "Wall time of one engine step.",
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.client_stalls = Counter(P + "client_stalls", "Calls cancelled because their client stopped reading "
+                                     "(write) or sending (read) for longer than the stall timeout.",
+                                     ["direction"], registry=r)
         self._last: EngineStats | None = None
         self._lora_labels: tuple[str, str, str] | None = None
         self._lock = threading.Lock()
@@ -101,6 +104,9 @@ class ServerMetrics:
             self.ttft.observe(t.ttft_s)
         if t.tpot_s is not None:
             self.tpot.observe(t.tpot_s)
+
+    def observe_client_stall(self, direction: str) -> None:
+        self.client_stalls.labels(direction).inc()
 
     def observe_adapter_load(self, seconds: float, ok: bool) -> None:
         if ok:

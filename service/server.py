@@ -44,6 +44,7 @@ from service.api.gen.loraserve.v1 import (
     usage_pb2_grpc,
 )
 from service.api.inference import InferenceServicer
+from service.api.stalls import CallSlots, StallWatchdog
 from service.api.usage_service import UsageServicer
 from service.builder import Runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
@@ -64,7 +65,7 @@ USAGE_SERVICE = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 SERVICES = (INFERENCE_SERVICE, ADAPTER_SERVICE, USAGE_SERVICE)
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 MAX_RPC_THREADS = 256  # past this, RPCs queue inside grpc; the engine's own waiting queue is the real bound
-SPARE_RPC_THREADS = 8  # health checks, tokenize and refusals never wait behind generations
+SPARE_RPC_THREADS = 8  # kept from generations and uploads: health checks and short calls never wait on them
 
 
 def store_from(svc: ServiceConfig) -> Store:
@@ -176,15 +177,20 @@ class LoraServer:
                                      self.adapters)
         ec = runtime.engine.config
         workers = self.config.grpc_workers or min(ec.max_num_seqs + ec.max_waiting, MAX_RPC_THREADS) + SPARE_RPC_THREADS
+        # Generations and uploads together never take the last threads: health and short calls keep those.
+        self.call_slots = CallSlots(workers - min(SPARE_RPC_THREADS, workers // 2))
+        self.watchdog = StallWatchdog(self.config.client_stall_timeout_s, self.metrics.observe_client_stall)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its connections.
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                   interceptors=[ErrorInterceptor(), AuthInterceptor(Authenticator(self.tenants))],
                                   options=[("grpc.so_reuseport", 0)])
         inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
-                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=runtime.adapters)
+                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=runtime.adapters,
+                                      watchdog=self.watchdog, call_slots=self.call_slots)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self.server)
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
-            AdapterServicer(self.adapters, svc.max_upload_mib * 2**20), self.server)
+            AdapterServicer(self.adapters, svc.max_upload_mib * 2**20, watchdog=self.watchdog,
+                            call_slots=self.call_slots), self.server)
         usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.ledger, self._adapter_owner), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -209,6 +215,7 @@ class LoraServer:
         if svc.metrics_port is not None:
             self.metrics_port = self.metrics.serve(svc.metrics_host or self.config.host, svc.metrics_port)
         self.loop.start()
+        self.watchdog.start()
         self.server.start()  # listening, but NOT_SERVING until the warm-up below
         if self.config.warmup:
             self._warm_up()
@@ -263,6 +270,7 @@ class LoraServer:
 
     def close(self) -> None:
         """Flush usage, close the databases, the metrics endpoint and the tracer (after the loop stopped)."""
+        self.watchdog.stop()
         self.usage_writer.close()
         self.ledger.close()
         self.registry.close()

@@ -23,6 +23,7 @@ from service.api.auth import current_tenant
 from service.api.errors import TooLarge
 from service.api.gen.loraserve.v1 import adapters_pb2 as pb
 from service.api.gen.loraserve.v1 import adapters_pb2_grpc as pb_grpc
+from service.api.stalls import CallSlots, StallWatchdog
 
 log = structlog.get_logger(__name__)
 
@@ -42,13 +43,27 @@ def _required(value: str, field: str, example: str) -> str:
 
 
 class AdapterServicer(pb_grpc.AdapterServiceServicer):
-    def __init__(self, manager: AdapterManager, default_max_upload_bytes: int) -> None:
+    def __init__(self, manager: AdapterManager, default_max_upload_bytes: int, *,
+                 watchdog: StallWatchdog | None = None, call_slots: CallSlots | None = None) -> None:
         self.manager = manager
         self.default_max_upload_bytes = default_max_upload_bytes
+        self.watchdog = watchdog  # cancels an upload whose client stops sending
+        self.call_slots = call_slots  # uploads and generations together, below the RPC thread pool
 
     # ---- upload -------------------------------------------------------------------------
     def UploadAdapter(self, request_iterator: Iterator[pb.UploadAdapterRequest],
                       context: grpc.ServicerContext) -> pb.UploadAdapterResponse:
+        release_slot = self.call_slots.acquire("upload") if self.call_slots is not None else None
+        wait = self.watchdog.watch(context, "read") if self.watchdog is not None else None
+        try:
+            return self._upload(wait.iterate(request_iterator) if wait is not None else request_iterator)
+        finally:
+            if wait is not None:
+                wait.close()
+            if release_slot is not None:
+                release_slot()
+
+    def _upload(self, request_iterator: Iterator[pb.UploadAdapterRequest]) -> pb.UploadAdapterResponse:
         tenant = current_tenant()
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("content") != "manifest":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import grpc
@@ -24,9 +24,10 @@ from service.api.errors import (
 )
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
+from service.api.stalls import CallSlots, StallWatchdog, Wait
 from service.engine.outputs import ErrorKind, FinalOutput, RequestOutput
 from service.engine.types import FinishReason
-from service.limits import TenantLimiter
+from service.limits import Lease, TenantLimiter
 from service.loop import EngineLoop, LoopClosed, RequestHandle
 from service.tracing import RequestSpan
 
@@ -40,6 +41,37 @@ class AdapterHolder(Protocol):
     def release(self, version_id: str) -> None: ...
 
 
+class _Call:
+    """What one generation call holds, let go of once: its tenant's lease and its call slot when its last
+    message is written (or the call ends otherwise), its stall watch and (if unfinished) its sequence when
+    the call ends."""
+
+    def __init__(self, handle: RequestHandle, lease: Lease | None, release_slot: Callable[[], None] | None,
+                 wait: Wait | None) -> None:
+        self.handle, self._lease, self._release_slot, self._wait = handle, lease, release_slot, wait
+
+    def waiting(self) -> None:
+        if self._wait is not None:
+            self._wait.waiting()
+
+    def done_waiting(self) -> None:
+        if self._wait is not None:
+            self._wait.done()
+
+    def release_limits(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+        if self._release_slot is not None:
+            self._release_slot()
+
+    def end(self) -> None:
+        if not self.handle.done:
+            self.handle.cancel()
+        if self._wait is not None:
+            self._wait.close()
+        self.release_limits()
+
+
 # How often a waiting RPC thread wakes to look at its deadline and liveness. Cancellation itself is
 # immediate (the RPC's termination callback aborts the sequence); this only bounds a missed wake-up.
 POLL_S = 0.25
@@ -48,17 +80,21 @@ POLL_S = 0.25
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, loop: EngineLoop, converter: RequestConverter, *, base_model: str,
                  limiter: TenantLimiter | None = None, tracer: trace.Tracer | None = None,
-                 adapters: AdapterHolder | None = None) -> None:
+                 adapters: AdapterHolder | None = None, watchdog: StallWatchdog | None = None,
+                 call_slots: CallSlots | None = None) -> None:
         self.loop = loop
         self.converter = converter
         self.base_model = base_model
         self.limiter = limiter
         self.tracer = tracer or trace.NoOpTracer()
         self.adapters = adapters
+        self.watchdog = watchdog  # cancels a call whose client stops taking its messages
+        self.call_slots = call_slots  # bounds the generations running at once below the RPC thread pool
 
     # ---- RPCs ---------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        handle = self._start(request, context, "text_completion")
+        call = self._start(request, context, "text_completion")
+        handle = call.handle
         token_ids: list[int] = []
         logprobs: list[pb.TokenLogprob] = []
         final: FinalOutput | None = None
@@ -68,15 +104,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 logprobs.extend(self.converter.logprobs(out.new_logprobs))
             final = out.final
         assert final is not None  # _follow ends only after a final output (or raises)
-        return pb.GenerateResponse(
+        response = pb.GenerateResponse(
             text=final.text, token_ids=token_ids, finish_reason=convert.FINISH_REASONS[final.finish_reason],
             usage=convert.usage(final.usage), adapter_version=final.adapter_version or "", seed=final.seed,
             timings=convert.timings(final.timings), logprobs=logprobs, request_id=handle.request_id,
         )
+        call.release_limits()  # the response goes out with the status, after this returns
+        call.waiting()  # a client that never reads it is cut off by the watchdog
+        return response
 
     def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
                        ) -> Iterator[pb.GenerateStreamResponse]:
-        handle = self._start(request, context, "text_completion")
+        call = self._start(request, context, "text_completion")
+        handle = call.handle
         for out in self._follow(handle, context):
             msg = pb.GenerateStreamResponse(text=out.new_text, token_ids=out.new_token_ids,
                                             request_id=handle.request_id)
@@ -89,7 +129,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 msg.adapter_version = final.adapter_version or ""
                 msg.seed = final.seed
                 msg.timings.CopyFrom(convert.timings(final.timings))
-            yield msg
+            call.waiting()
+            yield msg  # grpc asks for the next message only once this one is written
+            call.done_waiting()
+        call.release_limits()  # the last message is written: only the status is left to send
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
         ids = self.converter.prompt_ids(request)
@@ -98,10 +141,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                    max_model_len=self.converter.max_model_len)
 
     # ---- helpers ------------------------------------------------------------------------
-    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext, operation: str) -> RequestHandle:
-        """Authorize, validate, admit under the tenant's limits, trace, submit. Anything refused on the way
-        ends the span with the error and releases what was taken."""
+    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext, operation: str) -> _Call:
+        """Authorize, validate, admit under the server's and the tenant's limits, trace, submit. What the call
+        holds (its call slot, the tenant's lease) is released when the call ends, its last message written;
+        anything refused on the way ends the span with the error and releases what was taken."""
         tenant = current_tenant()
+        release_slot = self.call_slots.acquire("generation") if self.call_slots is not None else None
         rid = current_request_id()
         span = RequestSpan(self.tracer, operation=operation, base_model=self.base_model, tenant=tenant.id,
                            request_id=rid, attributes={
@@ -133,17 +178,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 self.adapters.release(held)
             if lease is not None:
                 lease.release()
+            if release_slot is not None:
+                release_slot()
             span.fail(e)
             raise
-
-        def on_rpc_done() -> None:
-            # Runs when the RPC ends for any reason; only a cancelled or expired one leaves work behind.
-            if not handle.done:
-                handle.cancel()
-
-        if not context.add_callback(on_rpc_done):
-            handle.cancel()  # the RPC ended while we were submitting
-        return handle
+        call = _Call(handle, lease, release_slot,
+                     self.watchdog.watch(context, "write") if self.watchdog is not None else None)
+        if not context.add_callback(call.end):  # when the call ends for any reason
+            call.end()  # the RPC ended while we were submitting
+        return call
 
     def _follow(self, handle: RequestHandle, context: grpc.ServicerContext) -> Iterator[RequestOutput]:
         """The request's outputs up to and including the final one, or the exception its end maps to.
