@@ -1,8 +1,11 @@
 """What happens when a request ends, however it ends: usage into the ledger (exactly once), the tenant's
 lease released and charged for its output, the span ended, metrics observed, the adapter version let go.
 
-`on_finished` runs on the engine loop thread, so it only hands the usage record to a writer thread; the
-ledger's `INSERT OR IGNORE` on the request id keeps it exactly once even if a record were handed twice.
+`on_finished` runs on the engine loop thread, so it only hands the usage record to a writer thread, which
+commits what has queued up in one transaction (group commit); the ledger's `INSERT OR IGNORE` on the request
+id keeps it exactly once even if a record were handed twice. The API sends a request's last message only
+once its record is committed (`RequestContext.recorded`): a response a client received is billed, whatever
+happens to the process after.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,6 +40,9 @@ class RequestContext:
 
     lease: Lease | None = None
     span: RequestSpan | None = None
+    # Done once the request's usage row is committed (set on the loop thread before its final output is
+    # handed over): the API waits for it before sending the last message.
+    recorded: Future[bool] | None = None
 
 
 class AdapterHolds(Protocol):
@@ -45,20 +52,25 @@ class AdapterHolds(Protocol):
 
 
 class UsageWriter:
-    """A thread that writes usage records to the ledger, in batches, off the engine loop."""
+    """A thread that writes usage records to the ledger off the engine loop: whatever has queued up while
+    the last commit ran goes into the next one (one fsync for many requests under load)."""
 
-    def __init__(self, ledger: UsageLedger) -> None:
+    def __init__(self, ledger: UsageLedger, max_batch: int = 256) -> None:
         self.ledger = ledger
-        self._queue: queue.SimpleQueue[UsageRecord | None] = queue.SimpleQueue()
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[UsageRecord, Future[bool]] | None] = queue.SimpleQueue()
         self._pending = 0
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="usage-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, record: UsageRecord) -> None:
+    def submit(self, record: UsageRecord) -> Future[bool]:
+        """Queue `record`; the future is True once it is committed, False if it was lost (logged)."""
+        done: Future[bool] = Future()
         with self._cond:
             self._pending += 1
-        self._queue.put(record)
+        self._queue.put((record, done))
+        return done
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Until every submitted record is written (True) or the timeout passes."""
@@ -70,30 +82,45 @@ class UsageWriter:
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def _write(self, record: UsageRecord) -> None:
-        """Record, retrying a failing write (a locked or full disk) a few times before giving up loudly.
+    def _write(self, records: list[UsageRecord]) -> bool:
+        """Commit, retrying a failing write (a locked or full disk) a few times before giving up loudly.
         Retrying is safe: the ledger keeps one row per request id."""
         for attempt in range(WRITE_ATTEMPTS):
             try:
-                self.ledger.record(record)
-                return
+                self.ledger.record_many(records)
+                return True
             except Exception:
                 if attempt == WRITE_ATTEMPTS - 1:
-                    log.exception("usage_record_lost", request_id=record.request_id, tenant=record.tenant,
+                    log.exception("usage_records_lost", request_ids=[r.request_id for r in records],
                                   attempts=WRITE_ATTEMPTS)
-                    return
-                log.warning("usage_record_retry", request_id=record.request_id, attempt=attempt + 1)
+                    return False
+                log.warning("usage_record_retry", requests=len(records), attempt=attempt + 1)
                 time.sleep(WRITE_RETRY_S * 2 ** attempt)
+        return False
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
-            if record is None:
+            item = self._queue.get()
+            batch = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                ok = self._write([record for record, _ in batch])
+                for record, done in batch:
+                    # A batch that cannot be written is written record by record: one bad record
+                    # (or one that trips the disk) loses only itself.
+                    done.set_result(ok or (len(batch) > 1 and self._write([record])))
+                with self._cond:
+                    self._pending -= len(batch)
+                    self._cond.notify_all()
+            if item is None:
                 return
-            self._write(record)
-            with self._cond:
-                self._pending -= 1
-                self._cond.notify_all()
 
 
 class Accounting:
@@ -132,7 +159,7 @@ class Accounting:
 
     def _record(self, ctx: RequestContext, final: FinalOutput) -> None:
         spec, usage = final.spec, final.usage
-        self.writer.submit(UsageRecord(
+        ctx.recorded = self.writer.submit(UsageRecord(
             request_id=spec.request_id, tenant=spec.tenant, adapter=spec.adapter_name,
             adapter_version=spec.adapter_version or "", start_time=spec.created_at, end_time=time.time(),
             input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,

@@ -214,13 +214,22 @@ class UsageLedger(SqliteFile):
 
     def record(self, rec: UsageRecord) -> bool:
         """Store `rec` durably; False if its request_id was already recorded (that row is kept as it was)."""
-        if not isinstance(rec, UsageRecord):
-            raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
-        values = [getattr(rec, c) for c in _COLUMNS] + [json.dumps(dict(sorted(rec.labels.items()))), self._clock()]
+        return self.record_many([rec]) == 1
+
+    def record_many(self, records: list[UsageRecord]) -> int:
+        """Store `records` durably in one transaction; returns how many were new (a request id already
+        recorded keeps its row as it was)."""
+        for rec in records:
+            if not isinstance(rec, UsageRecord):
+                raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
+        now = self._clock()
+        rows = [[getattr(rec, c) for c in _COLUMNS] + [json.dumps(dict(sorted(rec.labels.items()))), now]
+                for rec in records]
         with self._txn() as db:
-            cur = db.execute(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, labels, recorded_at) "
-                             f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", values)
-            return cur.rowcount == 1
+            before = db.total_changes
+            db.executemany(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, labels, recorded_at) "
+                           f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", rows)
+            return db.total_changes - before
 
     def get(self, request_id: str) -> UsageRecord | None:
         with self._txn(write=False) as db:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Protocol
 
 import grpc
@@ -72,6 +73,21 @@ class _Call:
         self.release_limits()
 
 
+def _await_recorded(handle: RequestHandle) -> None:
+    """Until the request's usage row is committed: the client gets its last message only once it is billed
+    (group commit keeps this to about one fsync)."""
+    ctx = handle.context
+    recorded = getattr(ctx, "recorded", None)
+    if recorded is None:
+        return
+    try:
+        if not recorded.result(timeout=RECORD_WAIT_S):
+            log.error("usage_not_recorded_before_response")
+    except FutureTimeout:
+        log.error("usage_record_slow", waited_s=RECORD_WAIT_S)
+
+
+RECORD_WAIT_S = 10.0  # past this, the response goes out anyway (the record may still land; it is logged)
 # How often a waiting RPC thread wakes to look at its deadline and liveness. Cancellation itself is
 # immediate (the RPC's termination callback aborts the sequence); this only bounds a missed wake-up.
 POLL_S = 0.25
@@ -204,6 +220,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     continue
                 if out.final is not None:
                     self._log_finished(out.final)
+                    _await_recorded(handle)
                     self._check_final(handle, out.final, context)
                 yield out
                 if out.final is not None:

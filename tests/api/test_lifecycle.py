@@ -166,3 +166,36 @@ def test_drain_past_the_grace_period_ends_running_requests_unavailable(make_serv
         list(call)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "shut down before the request finished" in info.value.details()
+
+
+def test_the_last_message_waits_for_the_usage_row(make_server):
+    """A response goes out only once its usage row is committed: a client that received it is billed, even if
+    the process dies right after (the kill -9 test in test_service_process runs that end to end)."""
+    server = make_server()
+    ledger = server.server.ledger
+    real = ledger.record_many
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow_commit(records):
+        entered.set()
+        gate.wait(10)
+        return real(records)
+
+    ledger.record_many = slow_commit
+    got: list = []
+    for rpc, cls in (("Generate", pb.GenerateRequest), ("GenerateStream", pb.GenerateStreamRequest)):
+        entered.clear()
+        gate.clear()
+        got.clear()
+
+        def call(rpc=rpc, cls=cls):
+            result = getattr(server.stub, rpc)(cls(text="t5 t6", sampling=pb.SamplingParams(max_tokens=3)))
+            got.append(result if rpc == "Generate" else list(result)[-1])
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert entered.wait(10)  # the engine finished the request; its row is being committed ...
+        assert not wait_until(lambda: bool(got), 0.5)  # ... and the answer waits for it (it would take ms)
+        gate.set()
+        t.join(10)
+        assert got and ledger.get(got[0].request_id).output_tokens == 3

@@ -149,3 +149,49 @@ def test_kill_9_during_uploads_loses_nothing_committed_and_shows_nothing_partial
         assert stored == registered, outcomes
     finally:
         proc.kill()
+
+
+def test_kill_9_under_load_bills_every_finished_request_exactly_once(tiny, tenants_file, tmp_path):
+    """Clients keep generating while the server is killed with SIGKILL: after a restart on the same data
+    directory, every response a client received is in the usage ledger, once, with the tokens it reported
+    (the last message of a response goes out only after its usage row is committed)."""
+    from service.loop import wait_until
+    from service.usage import UsageLedger
+
+    data = tmp_path / "data"
+    proc = serve(tiny, tenants_file, data)
+    received: list[tuple[str, int, int]] = []  # (request id, input tokens, output tokens) clients got
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        with LoraServeClient(proc.address, api_key=ALICE, timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.generate(f"t{5 + i} t6 t7", temperature=0, max_tokens=12, ignore_eos=True)
+                except grpc.RpcError:
+                    return  # the server is gone
+                received.append((r.request_id, r.usage.input_tokens, r.usage.output_tokens))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        assert wait_until(lambda: len(received) >= 12, 60)
+        proc.stop(signal.SIGKILL)  # mid-load: requests are running and finishing
+        stop.set()
+        for t in threads:
+            t.join(30)
+        proc = serve(tiny, tenants_file, data)  # the restarted server opens (and keeps) the same ledger
+        with UsageLedger(data / "usage.db") as ledger:
+            for rid, input_tokens, output_tokens in received:
+                row = ledger.get(rid)
+                assert row is not None, f"{rid} was answered but not billed"
+                assert (row.input_tokens, row.output_tokens, row.status) == (input_tokens, output_tokens, "ok")
+        with LoraServeClient(proc.address, api_key=ALICE, timeout=30) as c:
+            (totals,) = c.get_usage(group_by="tenant")
+        # Each received response is one row (request ids are unique keys); requests cut off by the kill
+        # may add rows of their own, never a second row of a received one.
+        assert totals.requests >= len(received) == len({rid for rid, _, _ in received})
+    finally:
+        stop.set()
+        proc.kill()
