@@ -45,14 +45,15 @@ class Server:
     engine loop between steps (`hold`, `resume`) instead of slowing steps down."""
 
     def __init__(self, model: Path, data_dir: Path, adapter: Path | None = None, *,
-                 drain_grace_s: float = 10.0, service: dict | None = None, tracer_provider=None,
-                 **engine: int) -> None:
+                 drain_grace_s: float = 10.0, service: dict | None = None, server: dict | None = None,
+                 tracer_provider=None, **engine: int) -> None:
         ec = EngineConfig(**{"max_num_seqs": 8, "max_num_batched_tokens": 256, **engine})
         rt = build_runtime(RuntimeConfig(model=str(model), dtype="float32", kv_cache_gib=0.004, threads=1), ec)
         self.runtime = rt
         svc = ServiceConfig(**{"data_dir": str(data_dir), **(service or {})})
         startup = [("tiny-lora", str(adapter))] if adapter is not None else []
-        self.server = LoraServer(rt, ServerConfig(port=0, drain_grace_s=drain_grace_s), svc,
+        sc = ServerConfig(**{"port": 0, "drain_grace_s": drain_grace_s, **(server or {})})
+        self.server = LoraServer(rt, sc, svc,
                                  startup_adapters=startup, tracer_provider=tracer_provider).start()
         self.target = f"127.0.0.1:{self.server.port}"
         self.channel = grpc.insecure_channel(self.target)
