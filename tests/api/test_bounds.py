@@ -1,4 +1,5 @@
-"""The bounds no tenant can push past: gRPC message size and prompt bytes (configured). Bad input only; no timing."""
+"""The bounds no tenant can push past: gRPC message size, prompt bytes (configured), and Tokenize counted
+against the tenant's concurrency and token rate like a generation. Bad input only; no timing."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.cli import build_parser, serve_configs
+from service.client import LoraServeClient
 from service.config import ServerConfig
-from tests.api.conftest import rpc_error
+from tests.api.conftest import TENANT_KEYS, rpc_error, write_tenants
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -56,3 +58,48 @@ def test_bad_bounds_are_refused(fields, message):
     with pytest.raises(ValueError) as info:
         ServerConfig(**fields)
     assert message in str(info.value)
+
+
+def tenant_client(server, who: str) -> LoraServeClient:
+    return LoraServeClient(server.target, api_key=TENANT_KEYS[who], timeout=60)
+
+
+def test_tokenize_takes_one_of_the_tenants_concurrent_requests(make_server, tmp_path):
+    """alice may run one request at a time: while her stream runs, her Tokenize is refused like a second
+    generation would be; bob is not affected; once the stream ended her Tokenize runs (its lease was let go)."""
+    limits = "{max_concurrent_requests: 1}"
+    server = make_server(service={"tenants_file": write_tenants(tmp_path / "t.yaml", limits)})
+    with tenant_client(server, "alice") as alice, tenant_client(server, "bob") as bob:
+        stream = alice.generate_stream_messages("t5 t6", temperature=0, max_tokens=30, ignore_eos=True)
+        next(stream)
+        server.hold()  # the stream stays in flight
+        try:
+            err = rpc_error(alice.tokenize, "t5 t6 t7")
+            assert err.code() == EXHAUSTED and "max_concurrent_requests=1" in err.details()
+            assert len(bob.tokenize("t5 t6 t7")) == 3
+        finally:
+            server.resume()
+        list(stream)
+        for _ in range(3):  # each Tokenize releases its lease when it returns
+            assert len(alice.tokenize("t5 t6 t7")) == 3
+        err = rpc_error(alice.tokenize, "t5 " * 5000)  # refused before the lease: nothing is held after
+        assert err.code() == INVALID
+        assert len(alice.tokenize("t5")) == 1
+
+
+def test_tokenize_is_charged_to_tokens_per_minute(make_server, tmp_path):
+    """A bucket of 25 tokens: 10-token Tokenize calls drain it, then the next is refused for the token rate."""
+    server = make_server(service={"tenants_file": write_tenants(tmp_path / "t.yaml", "{tokens_per_minute: 25}")})
+    text = " ".join(f"t{i}" for i in range(5, 15))  # 10 tokens
+    with tenant_client(server, "alice") as alice:
+        admitted = 0
+        with pytest.raises(grpc.RpcError) as info:
+            while admitted < 5:
+                assert len(alice.tokenize(text)) == 10
+                admitted += 1
+        assert admitted == 3  # 25 -> 15 -> 5 -> -5: the fourth finds the bucket empty
+        err = info.value
+        assert err.code() == EXHAUSTED and "tokens_per_minute=25" in err.details()
+        chat = [{"role": "user", "content": "t5"}]
+        assert rpc_error(alice.tokenize, messages=chat).code() == EXHAUSTED
+        assert rpc_error(alice.generate, "t5", temperature=0, max_tokens=2).code() == EXHAUSTED
