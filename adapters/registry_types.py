@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from adapters.peft_format import ParsedAdapter
 
 __all__ = [
-    "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse",
-    "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
+    "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "MAX_REF_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists",
+    "AdapterInUse", "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
     "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered", "RegistryError",
     "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name", "check_tenant",
 ]
@@ -33,6 +33,7 @@ PUBLIC = "*"
 # Owner of the service's own adapters (`serve --adapter NAME=DIR`), public to all tenants.
 LOCAL_OWNER = "local"
 MAX_DESCRIPTION_CHARS = 4096
+MAX_REF_CHARS = 256  # an adapter reference `[owner/]name[@version]`, at most 128 + 1 + 63 + 1 + 26
 
 
 class RegistryError(Exception):
@@ -99,7 +100,7 @@ class AdapterRef:
 
     @classmethod
     def parse(cls, ref: object) -> AdapterRef:
-        if not isinstance(ref, str) or not ref or len(ref) > 256:
+        if not isinstance(ref, str) or not ref or len(ref) > MAX_REF_CHARS:
             raise InvalidAdapterName(f"{quote(ref)} is not an adapter reference ([owner/]name[@version])")
         head, at, version = ref.partition("@")
         owner, slash, name = head.rpartition("/")

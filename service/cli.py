@@ -8,7 +8,15 @@ import sys
 import time
 
 from service.cli_client import add_client_args, add_commands
-from service.config import DTYPES, QUANTIZE_MODES, AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig
+from service.config import (
+    DTYPES,
+    QUANTIZE_MODES,
+    AdapterConfig,
+    EngineConfig,
+    RuntimeConfig,
+    ServerConfig,
+    ServiceConfig,
+)
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 
@@ -90,7 +98,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def serve_configs(args: argparse.Namespace) -> tuple:
     """(RuntimeConfig, EngineConfig, AdapterConfig, ServerConfig, ServiceConfig) from the config file,
     overridden by the flags given on the command line. Everything is checked before the model loads."""
-    from service.config import ServiceConfig, read_config_file
+    from service.config import read_config_file
 
     values = read_config_file(args.config) if args.config else {}
     flags = {
@@ -100,8 +108,10 @@ def serve_configs(args: argparse.Namespace) -> tuple:
                            max_waiting=args.max_waiting),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
         ServerConfig: dict(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s,
-                           grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s),
+                           grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s,
+                           max_message_mib=args.max_message_mib, max_prompt_bytes=args.max_prompt_bytes),
         ServiceConfig: dict(data_dir=args.data_dir, tenants_file=args.tenants, metrics_port=args.metrics_port,
+                            max_upload_mib=args.max_upload_mib,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                             otlp_endpoint=args.otlp_endpoint, log_format="json" if args.log_json else None),
     }
@@ -193,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--client-stall-timeout-s", type=float,
                    help="cancel a call that waits this long on its client, e.g. a stream nobody reads "
                         f"(default: {ServerConfig.client_stall_timeout_s})")
+    s.add_argument("--max-message-mib", type=int, help="largest gRPC message the server receives; larger ones get "
+                   f"RESOURCE_EXHAUSTED (default: {ServerConfig.max_message_mib})")
+    s.add_argument("--max-prompt-bytes", type=int, help="largest prompt text (or chat messages' content in total) "
+                   "in UTF-8 bytes, checked before tokenizing (default: 16 per token of the context window)")
+    s.add_argument("--max-upload-mib", type=int, help="largest adapter upload of a tenant whose limits say "
+                   f"max_upload_bytes: null, and in open access (default: {ServiceConfig.max_upload_mib})")
     s.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")
     add_model_args(s)
     s.set_defaults(func=cmd_serve, log_level=None)  # the flag, else the config file's, else info

@@ -93,6 +93,12 @@ class ServerConfig:
     # cancelled: a stalled client holds no server thread for longer.
     client_stall_timeout_s: float = 30.0
     warmup: bool = True  # run one short generation before reporting SERVING
+    # The largest message the server receives, unary or one message of a stream (an upload chunk); gRPC
+    # refuses a larger one with RESOURCE_EXHAUSTED before it is parsed. The client uploads 1 MiB chunks.
+    max_message_mib: int = 4
+    # A prompt's text, or its chat messages' content in total, in UTF-8 bytes, checked before tokenizing;
+    # None: 16 per token of the context window (service.api.convert.PROMPT_BYTES_PER_TOKEN).
+    max_prompt_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -106,6 +112,13 @@ class ServerConfig:
         if not self.client_stall_timeout_s > 0:
             raise ValueError(f"client_stall_timeout_s={self.client_stall_timeout_s} is invalid: must be > 0 "
                              "seconds")
+        if not 2 <= self.max_message_mib <= 2047:
+            # 2: an upload chunk of the client is 1 MiB of data plus its framing; gRPC counts in int32.
+            raise ValueError(f"max_message_mib={self.max_message_mib} is invalid: must be in [2, 2047] "
+                             "(uploads arrive in 1 MiB chunks)")
+        if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
+            raise ValueError(f"max_prompt_bytes={self.max_prompt_bytes} is invalid: must be >= 1, or unset for "
+                             "16 bytes per token of the context window")
 
 
 LOG_FORMATS = ("console", "json")

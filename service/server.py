@@ -174,16 +174,19 @@ class LoraServer:
         self.loop = EngineLoop(runtime.engine, on_health=self._on_loop_health, on_finished=accounting.on_finished,
                                on_step=self.metrics.on_step)
         converter = RequestConverter(runtime.tokenizer, runtime.runner.max_model_len, runtime.runner.vocab_size,
-                                     self.adapters)
+                                     self.adapters, max_prompt_bytes=self.config.max_prompt_bytes)
         ec = runtime.engine.config
         workers = self.config.grpc_workers or min(ec.max_num_seqs + ec.max_waiting, MAX_RPC_THREADS) + SPARE_RPC_THREADS
         # Generations and uploads together never take the last threads: health and short calls keep those.
         self.call_slots = CallSlots(workers - min(SPARE_RPC_THREADS, workers // 2))
         self.watchdog = StallWatchdog(self.config.client_stall_timeout_s, self.metrics.observe_client_stall)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its connections.
+        # The receive bound is set here rather than left to grpc's default (also 4 MiB), so it is ours to
+        # document and configure: a larger message is refused with RESOURCE_EXHAUSTED before it is parsed.
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                   interceptors=[ErrorInterceptor(), AuthInterceptor(Authenticator(self.tenants))],
-                                  options=[("grpc.so_reuseport", 0)])
+                                  options=[("grpc.so_reuseport", 0),
+                                           ("grpc.max_receive_message_length", self.config.max_message_mib * 2**20)])
         inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
                                       tracer=self.tracer_provider.get_tracer("loraserve"), adapters=runtime.adapters,
                                       watchdog=self.watchdog, call_slots=self.call_slots)

@@ -1,5 +1,14 @@
 """Proto <-> core types for inference: validate a request into the engine's `RequestSpec`, and turn engine
-outputs into responses. Every message names the field and what is allowed."""
+outputs into responses. Every message names the field and what is allowed, and quotes client input short.
+
+Every free-size field has a bound, checked by `check_bounds` in O(number of fields) before any per-item work,
+before the tenant's lease and before the tokenizer runs (the README lists them):
+- prompt text, or the chat messages' content in total: at most `max_prompt_bytes` UTF-8 bytes (default:
+  PROMPT_BYTES_PER_TOKEN per token of the context window; `server.max_prompt_bytes`);
+- chat messages: at most MAX_MESSAGES; token_ids: fewer than the context window;
+- stop: MAX_STOP_SEQUENCES of MAX_STOP_LENGTH characters; stop_token_ids: MAX_STOP_TOKEN_IDS entries;
+- client_request_id: MAX_CLIENT_REQUEST_ID characters; adapter: MAX_REF_CHARS characters.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +17,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from adapters.errors import quote
-from adapters.registry_types import InvalidAdapterName
+from adapters.registry_types import MAX_REF_CHARS, InvalidAdapterName
 from service.api.adapter_refs import AdapterResolver, ResolvedAdapter
 from service.api.auth import PermissionDenied
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.engine.outputs import Timings, Usage
 from service.engine.request import RequestSpec
-from service.engine.sampling import MAX_LOGPROBS, SamplingParams
+from service.engine.sampling import (
+    MAX_LOGPROBS,
+    MAX_STOP_LENGTH,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
 from service.engine.types import FinishReason, SampleResult
 from service.runtime.tokenizer import Tokenizer
 
@@ -25,6 +40,10 @@ MAX_MESSAGES = 1024
 MAX_LABELS = 16
 MAX_LABEL_VALUE = 256
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
+# The default prompt byte bound per token of the context window. English runs ~3-4 UTF-8 bytes per token on
+# common BPE vocabularies, CJK ~3, code a little more; 16 leaves room for whitespace- and symbol-heavy text
+# while keeping the worst-case tokenizer work of one call small (the README gives the measured time).
+PROMPT_BYTES_PER_TOKEN = 16
 
 ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant",
          pb.CHAT_ROLE_TOOL: "tool"}
@@ -41,16 +60,27 @@ GenerateLike = Any  # pb.GenerateRequest | pb.GenerateStreamRequest: the same fi
 class RequestConverter:
     """Validates requests against this model: its tokenizer, vocabulary and context window."""
 
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, resolver: AdapterResolver) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, resolver: AdapterResolver,
+                 max_prompt_bytes: int | None = None) -> None:
+        """`max_prompt_bytes`: the bound on a prompt's text (or its messages' content) before tokenizing;
+        None: max_model_len * PROMPT_BYTES_PER_TOKEN."""
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.resolver = resolver
+        if max_prompt_bytes is None:
+            self.max_prompt_bytes = max_model_len * PROMPT_BYTES_PER_TOKEN
+            self._prompt_bound = (f"{self.max_prompt_bytes} bytes ({PROMPT_BYTES_PER_TOKEN} per token of the "
+                                  f"{max_model_len}-token context window; server.max_prompt_bytes sets it)")
+        else:
+            self.max_prompt_bytes = max_prompt_bytes
+            self._prompt_bound = f"{max_prompt_bytes} bytes (server.max_prompt_bytes)"
 
     # ---- requests -----------------------------------------------------------------------
     def spec(self, req: GenerateLike, tenant: Any, request_id: str, deadline: float | None = None) -> RequestSpec:
         """The engine's request for a Generate / GenerateStream call. `tenant`: the caller
         (`service.tenants.Tenant`: id, admin, limits); `deadline`: the call's, in time.monotonic()."""
+        self.check_bounds(req)  # cheap; the servicer runs it before taking a lease too
         client_id = _client_request_id(req.client_request_id)
         if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
             raise ValueError(f"priority={req.priority} is invalid: must be in [-{MAX_PRIORITY}, {MAX_PRIORITY}] "
@@ -58,7 +88,7 @@ class RequestConverter:
         if req.priority < 0 and not tenant.admin:
             raise PermissionDenied(f"priority={req.priority} would run ahead of other tenants' requests; that "
                                    f"needs the admin role, which tenant {tenant.id!r} does not have (use 0 or more)")
-        self._check_ids("stop_token_ids", req.stop_token_ids)
+        self._check_ids("stop_token_ids", req.stop_token_ids)  # at most MAX_STOP_TOKEN_IDS: check_bounds
         ids = self.prompt_ids(req)
         limits = tenant.limits
         if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
@@ -80,36 +110,80 @@ class RequestConverter:
             raise InvalidAdapterName(f"adapter is invalid: {e}; use name, name@version or owner/name[@version] "
                                      "(empty for the base model)") from None
 
+    def check_bounds(self, req: Any) -> None:
+        """Refuse (ValueError) a request with a field over its bound: the prompt's size, then for a
+        Generate-like request its stop strings and ids, client_request_id, labels and adapter. Counts and lengths
+        only, no per-item work, so it runs before the tenant's lease and before the tokenizer."""
+        self._check_prompt_size(req)
+        if isinstance(req, pb.TokenizeRequest):
+            return
+        if len(req.stop) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"stop has {len(req.stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
+        for i, stop in enumerate(req.stop):
+            if len(stop) > MAX_STOP_LENGTH:
+                raise ValueError(f"stop[{i}]={quote(stop)} is invalid: each stop sequence must be a non-empty "
+                                 f"string of at most {MAX_STOP_LENGTH} characters")
+        if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(req.stop_token_ids)} entries; at most "
+                             f"{MAX_STOP_TOKEN_IDS} are allowed")
+        _client_request_id(req.client_request_id)
+        if len(req.labels) > MAX_LABELS:
+            raise ValueError(f"labels has {len(req.labels)} entries; at most {MAX_LABELS} are allowed")
+        if len(req.adapter) > MAX_REF_CHARS:
+            raise ValueError(f"adapter is invalid: {quote(req.adapter)} has more than {MAX_REF_CHARS} characters; "
+                             "use name, name@version or owner/name[@version] (empty for the base model)")
+
+    def _check_prompt_size(self, req: Any) -> None:
+        kind = req.WhichOneof("prompt")
+        if kind == "text":
+            size = _utf8_len(req.text)
+            if size > self.max_prompt_bytes:
+                raise ValueError(f"text has {size} bytes (UTF-8); at most {self._prompt_bound} are allowed")
+        elif kind == "messages":
+            messages = req.messages.messages
+            if len(messages) > MAX_MESSAGES:
+                raise ValueError(f"messages has {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
+            size = sum(_utf8_len(m.content) for m in messages)
+            if size > self.max_prompt_bytes:
+                raise ValueError(f"the messages' content has {size} bytes (UTF-8) in total; at most "
+                                 f"{self._prompt_bound} are allowed")
+        elif kind == "token_ids":
+            self._check_num_tokens(len(req.token_ids.ids))
+
+    def _check_num_tokens(self, n: int) -> None:
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens, too many for the context window of "
+                             f"{self.max_model_len} tokens: at most {self.max_model_len - 1} prompt tokens fit "
+                             "(and the prompt plus max_tokens must fit)")
+
     def prompt_ids(self, req: Any) -> list[int]:
-        """Tokenize whichever prompt form `req` carries (GenerateRequest-like or TokenizeRequest)."""
+        """Tokenize whichever prompt form `req` carries (GenerateRequest-like or TokenizeRequest). The
+        prompt's size is checked first (check_bounds), so the tokenizer's work is bounded."""
+        self._check_prompt_size(req)
         kind = req.WhichOneof("prompt")
         if kind is None:
             forms = "text or messages" if isinstance(req, pb.TokenizeRequest) else "text, messages or token_ids"
             raise ValueError(f"the prompt is missing: set one of {forms}")
         if kind == "text":
-            if not req.text:
+            text = req.text
+            if not text:
                 raise ValueError("text is empty: give a prompt to complete")
-            ids = self.tokenizer.encode(req.text)
+            ids = self.tokenizer.encode(text)
         elif kind == "messages":
             ids = self.tokenizer.encode_chat(self._messages(req.messages.messages))
         else:
-            ids = list(req.token_ids.ids)
+            ids = list(req.token_ids.ids)  # fewer than max_model_len: checked above
             if not ids:
                 raise ValueError("token_ids.ids is empty: give at least one token id")
             self._check_ids("token_ids.ids", ids)
         if not ids:
             raise ValueError(f"the prompt ({kind}) tokenizes to no tokens: give a prompt with some content")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, too many for the context window of "
-                             f"{self.max_model_len} tokens: at most {self.max_model_len - 1} prompt tokens fit "
-                             "(and the prompt plus max_tokens must fit)")
+        self._check_num_tokens(len(ids))
         return ids
 
     def _messages(self, messages: Sequence[pb.ChatMessage]) -> list[dict[str, str]]:
         if not messages:
             raise ValueError("messages.messages is empty: give at least one chat message")
-        if len(messages) > MAX_MESSAGES:
-            raise ValueError(f"messages has {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
         out = []
         for i, m in enumerate(messages):
             role = ROLES.get(m.role)
@@ -149,7 +223,7 @@ class RequestConverter:
         except ValueError as e:
             # SamplingParams names the field; say where it sits in the request.
             msg = str(e)
-            where = "" if msg.startswith(("stop=", "stop_token_ids=")) else "sampling."
+            where = "" if msg.startswith("stop") else "sampling."  # stop, stop_token_ids: top-level fields
             raise ValueError(where + msg) from None
 
     # ---- responses ----------------------------------------------------------------------
@@ -167,7 +241,7 @@ class RequestConverter:
 
 def _client_request_id(value: str) -> str:
     if len(value) > MAX_CLIENT_REQUEST_ID or not all(" " <= c <= "~" for c in value):
-        raise ValueError(f"client_request_id {value[:40]!r} is invalid: at most {MAX_CLIENT_REQUEST_ID} "
+        raise ValueError(f"client_request_id {quote(value, 40)} is invalid: at most {MAX_CLIENT_REQUEST_ID} "
                          "printable ASCII characters")
     return value
 
@@ -182,6 +256,9 @@ def _labels(labels: Mapping[str, str]) -> dict[str, str]:
         if len(value) > MAX_LABEL_VALUE or not value.isprintable():
             raise ValueError(f"labels[{key!r}] is invalid: at most {MAX_LABEL_VALUE} printable characters")
     return dict(labels)
+def _utf8_len(text: str) -> int:
+    # isascii() reads a flag of the string, so the common case costs no copy.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def usage(u: Usage) -> pb.Usage:

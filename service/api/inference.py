@@ -151,10 +151,21 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         call.release_limits()  # the last message is written: only the status is left to send
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
-        ids = self.converter.prompt_ids(request)
-        tok = self.converter.tokenizer
-        return pb.TokenizeResponse(token_ids=ids, tokens=[tok.decode([i], skip_special_tokens=False) for i in ids],
-                                   max_model_len=self.converter.max_model_len)
+        """Metered like a generation's prompt: the size is checked first, then the call holds one of the
+        tenant's concurrent requests while the tokenizer runs, and its tokens are charged to the tenant's
+        tokens-per-minute bucket."""
+        self.converter.check_bounds(request)
+        lease = self.limiter.acquire(current_tenant(), 0) if self.limiter is not None else None
+        try:
+            ids = self.converter.prompt_ids(request)
+            if lease is not None:
+                lease.charge(len(ids))
+            tok = self.converter.tokenizer
+            tokens = [tok.decode([i], skip_special_tokens=False) for i in ids]  # < max_model_len of them
+        finally:
+            if lease is not None:
+                lease.release()
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=self.converter.max_model_len)
 
     # ---- helpers ------------------------------------------------------------------------
     def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext, operation: str) -> _Call:
@@ -178,6 +189,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
+            # Sizes first (cheap), then the tenant's lease, then the tokenizer: a tenant at its limits
+            # costs the server no tokenizer work; the prompt is charged once its token count is known.
+            self.converter.check_bounds(request)
+            if self.limiter is not None:
+                lease = self.limiter.acquire(tenant, 0)
             spec = self.converter.spec(request, tenant, rid, deadline)
             if spec.adapter_version is not None and self.adapters is not None:
                 self.adapters.hold(spec.adapter_version)  # at once: a delete from now on sees it in use
@@ -185,8 +201,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             span.set_adapter(spec.adapter_ref)
             structlog.contextvars.bind_contextvars(client_request_id=spec.client_request_id or None,
                                                   adapter=spec.adapter_ref)
-            if self.limiter is not None:
-                lease = self.limiter.acquire(tenant, len(spec.prompt_token_ids))
+            if lease is not None:
+                lease.charge(len(spec.prompt_token_ids))
             handle = self.loop.submit(spec, RequestContext(lease=lease, span=span))
         except BaseException as e:
             # Not submitted: the loop's on_finished will never run for it, so undo here.

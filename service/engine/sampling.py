@@ -5,9 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from adapters.errors import quote
+
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+# Entries of stop_token_ids (duplicates count). The engine tests each new token against them once per step
+# and the sampler masks them below min_tokens: a small bound keeps both O(1) per token.
+MAX_STOP_TOKEN_IDS = 64
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,10 @@ class SamplingParams:
     `stop_token_ids` (the sampler masks them, `ignore_eos` or not; logprobs stay the raw model's), so
     neither can end the request before it. `ignore_eos`: EOS never ends the request; from min_tokens
     on it may be sampled, and generation goes on after it.
+
+    `stop_token_ids` may be given as any collection of at most MAX_STOP_TOKEN_IDS ids and is kept as a
+    frozenset: the engine tests every new token for membership. A value quoted in an error message is cut short
+    (`adapters.errors.quote`), so a huge stop string never makes a huge message.
     """
 
     max_tokens: int = 256
@@ -35,7 +44,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
@@ -43,7 +52,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, allowed: str) -> ValueError:
-            return ValueError(f"{name}={value!r} is invalid: {allowed}")
+            return ValueError(f"{name}={quote(value)} is invalid: {allowed}")
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
@@ -67,14 +76,17 @@ class SamplingParams:
             raise bad("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}] or unset")
+        if len(self.stop) > MAX_STOP_SEQUENCES:  # counted before any per-string work
+            raise ValueError(f"stop has {len(self.stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
         stop = tuple(self.stop)
         object.__setattr__(self, "stop", stop)
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise bad("stop", f"<{len(stop)} sequences>", f"at most {MAX_STOP_SEQUENCES} stop sequences")
         for s in stop:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_LENGTH:
                 raise bad("stop", s, f"each stop sequence must be a non-empty string of at most {MAX_STOP_LENGTH} characters")
-        ids = tuple(self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:  # counted before any per-id work
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} entries; at most "
+                             f"{MAX_STOP_TOKEN_IDS} are allowed")
+        ids = frozenset(self.stop_token_ids)
         object.__setattr__(self, "stop_token_ids", ids)
         for t in ids:
             if not isinstance(t, int) or t < 0:

@@ -52,7 +52,8 @@ class Server:
         self.runtime = rt
         svc = ServiceConfig(**{"data_dir": str(data_dir), **(service or {})})
         startup = [("tiny-lora", str(adapter))] if adapter is not None else []
-        self.server = LoraServer(rt, ServerConfig(port=0, drain_grace_s=drain_grace_s, **(server or {})), svc,
+        sc = ServerConfig(**{"port": 0, "drain_grace_s": drain_grace_s, **(server or {})})
+        self.server = LoraServer(rt, sc, svc,
                                  startup_adapters=startup, tracer_provider=tracer_provider).start()
         self.target = f"127.0.0.1:{self.server.port}"
         self.channel = grpc.insecure_channel(self.target)

@@ -78,6 +78,25 @@ CASES = [
     ("unknown adapter", {"text": "t5", "adapter": "nope"}, NOT_FOUND, ["'nope' not found"]),
     ("adapter of another owner", {"text": "t5", "adapter": "acme/tiny-lora"}, NOT_FOUND, ["not found"]),
     ("unknown adapter version", {"text": "t5", "adapter": "tiny-lora@2"}, NOT_FOUND, ["has no version '2'"]),
+    # Bounds on free-size fields (the tiny model's context is 512 tokens: 8192 prompt bytes by default).
+    ("text over the prompt byte bound", {"text": "t5 " * 3000}, INVALID,
+     ["text has 9000 bytes", "at most 8192 bytes", "16 per token", "512-token context window",
+      "server.max_prompt_bytes"]),
+    ("non-ASCII text over the prompt byte bound", {"text": "é" * 4100}, INVALID,
+     ["text has 8200 bytes", "at most 8192 bytes"]),
+    ("chat messages over the prompt byte bound", {"messages": pb.ChatMessages(messages=[
+        pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5 " * 1000)] * 3)}, INVALID,
+     ["messages' content has 9000 bytes (UTF-8) in total", "at most 8192 bytes"]),
+    ("too many chat messages", {"messages": pb.ChatMessages(messages=[USER] * 1025)}, INVALID,
+     ["messages has 1025 messages", "at most 1024"]),
+    ("token ids over the context are counted before each id is checked",
+     {"token_ids": pb.TokenIds(ids=[500] * 600)}, INVALID, ["600 tokens", "context window of 512"]),
+    ("65 stop token ids", {"text": "t5", "stop_token_ids": list(range(65))}, INVALID,
+     ["stop_token_ids has 65 entries", "at most 64"]),
+    ("stop string too long", {"text": "t5", "stop": ["ok", "x" * 257]}, INVALID,
+     ["stop[1]='xxx", "(257 chars)", "at most 256 characters"]),
+    ("adapter reference too long", {"text": "t5", "adapter": "a" * 300}, INVALID,
+     ["adapter is invalid", "more than 256 characters"]),
 ]
 
 
@@ -89,6 +108,30 @@ def test_bad_generate_request(server, rpc, bad, fields, code, fragments):
     assert err.code() == code, f"{bad}: {err.code()} {err.details()}"
     for fragment in fragments:
         assert fragment in err.details(), f"{bad}: {fragment!r} not in {err.details()!r}"
+
+
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_a_1_mib_stop_string_gets_a_short_message(server, rpc):
+    """The message quotes a bounded prefix: quoted whole it would overflow gRPC's trailing metadata."""
+    cls = pb.GenerateRequest if rpc == "Generate" else pb.GenerateStreamRequest
+    err = rpc_error(getattr(server.stub, rpc), cls(text="t5", stop=["x" * 2**20]), timeout=30)
+    assert err.code() == INVALID, err.details()
+    assert len(err.details().encode()) < 1024 and f"({2**20} chars)" in err.details()
+
+
+def test_a_1_mib_client_request_id_gets_a_short_message(server):
+    err = rpc_error(server.stub.Generate, pb.GenerateRequest(text="t5", client_request_id="x" * 2**20))
+    assert err.code() == INVALID and len(err.details().encode()) < 1024 and "client_request_id" in err.details()
+
+
+def test_tokenize_refuses_text_over_the_byte_bound_before_tokenizing(server):
+    """3.9 MB of text used to cost a second of tokenizer work before its refusal; the bound comes first."""
+    err = rpc_error(server.stub.Tokenize, pb.TokenizeRequest(text="t5 " * 1_300_000))
+    assert err.code() == INVALID
+    assert "text has 3900000 bytes" in err.details() and "at most 8192 bytes" in err.details()
+    many = pb.ChatMessages(messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5 " * 1000)] * 3)
+    err = rpc_error(server.stub.Tokenize, pb.TokenizeRequest(messages=many))
+    assert err.code() == INVALID and "messages' content has 9000 bytes" in err.details()
 
 
 def test_bad_input_leaves_no_request_behind(server):

@@ -29,7 +29,8 @@ FULL = {
     "replicaCount": 3,
     "image": {"repository": "registry.example/loraserve", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
-    "server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 45, "logLevel": "info"},
+    "server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 45, "logLevel": "info", "maxMessageMib": 8,
+               "maxPromptBytes": 65536, "maxUploadMib": 128},
     "runtime": {"model": "/models/base.gguf", "dtype": "float32", "kvCacheGib": 2, "maxModelLen": 4096},
     "engine": {"maxNumSeqs": 32, "maxBatchedTokens": 2048, "maxWaiting": 256},
     "adapters": {"maxActiveAdapters": 16},
@@ -207,6 +208,9 @@ def test_rendered_config_loads_into_the_servers_configuration(case, tmp_path):
     config = server_config(manifests)
     assert sc.port == config["server"]["port"] and svc.metrics_port == config["server"]["metrics_port"]
     assert ec.max_num_batched_tokens == config["engine"]["max_batched_tokens"]
+    assert (sc.max_message_mib, svc.max_upload_mib) == (config["server"]["max_message_mib"],
+                                                        config["server"]["max_upload_mib"])
+    assert sc.max_prompt_bytes == (65536 if case == "full" else None)  # None: derived from the context window
     assert svc.store_kind == config["store"]["kind"]
 
 
@@ -314,6 +318,8 @@ def test_notes_say_how_to_call_the_service():
     ({"server": {"port": 70000, "metricsPort": 9090, "drainGraceSeconds": 30}},
      r"at '/server/port': maximum: got 70,?000, want 65,?535"),
     ({"sever": {"port": 50051}}, r"additional properties 'sever' not allowed"),
+    ({"server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 30, "maxMessageMib": 1}},
+     r"at '/server/maxMessageMib': minimum: got 1, want 2"),
     ({"store": {"kind": "nfs"}}, r"at '/store/kind': value must be one of 'filesystem', 's3'"),
     ({"runtime": {"dtype": "fp16"}}, r"at '/runtime/dtype': value must be one of 'bfloat16', 'float32'"),
     ({"store": {"kind": "s3", "s3": {"bucket": "Bad_Bucket"}}}, r"at '/store/s3/bucket'"),

@@ -29,7 +29,9 @@ class InferenceServiceStub:
     """Generate text. Bad input is refused with INVALID_ARGUMENT (the message names the field and what is
     allowed), an unknown adapter with NOT_FOUND, a full queue with RESOURCE_EXHAUSTED (retry after the
     google.rpc.RetryInfo delay), a draining server with UNAVAILABLE, a request the engine failed with
-    INTERNAL.
+    INTERNAL. Every field of free size has a bound (the README lists them); over it: INVALID_ARGUMENT naming
+    the bound. A whole request message over the server's max_message_mib (default 4 MiB) is refused by gRPC
+    itself with RESOURCE_EXHAUSTED before it is read.
     """
 
     def __init__(self, channel):
@@ -59,7 +61,9 @@ class InferenceServiceServicer:
     """Generate text. Bad input is refused with INVALID_ARGUMENT (the message names the field and what is
     allowed), an unknown adapter with NOT_FOUND, a full queue with RESOURCE_EXHAUSTED (retry after the
     google.rpc.RetryInfo delay), a draining server with UNAVAILABLE, a request the engine failed with
-    INTERNAL.
+    INTERNAL. Every field of free size has a bound (the README lists them); over it: INVALID_ARGUMENT naming
+    the bound. A whole request message over the server's max_message_mib (default 4 MiB) is refused by gRPC
+    itself with RESOURCE_EXHAUSTED before it is read.
     """
 
     def Generate(self, request, context):
@@ -78,7 +82,11 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Tokenize(self, request, context):
-        """Tokenize a prompt exactly as Generate would (chat template included), without generating.
+        """Tokenize a prompt exactly as Generate would (chat template included), without generating. Counted
+        against the caller's tenant limits like a prompt: it holds one of the tenant's max_concurrent_requests
+        while it runs, and its tokens are charged to the tenant's tokens_per_minute (over either:
+        RESOURCE_EXHAUSTED with a RetryInfo). The same prompt size bound as Generate is checked before any
+        tokenizer work.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +122,9 @@ class InferenceService:
     """Generate text. Bad input is refused with INVALID_ARGUMENT (the message names the field and what is
     allowed), an unknown adapter with NOT_FOUND, a full queue with RESOURCE_EXHAUSTED (retry after the
     google.rpc.RetryInfo delay), a draining server with UNAVAILABLE, a request the engine failed with
-    INTERNAL.
+    INTERNAL. Every field of free size has a bound (the README lists them); over it: INVALID_ARGUMENT naming
+    the bound. A whole request message over the server's max_message_mib (default 4 MiB) is refused by gRPC
+    itself with RESOURCE_EXHAUSTED before it is read.
     """
 
     @staticmethod
