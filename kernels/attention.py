@@ -12,7 +12,9 @@ A step's sequences are split three ways, each computed batched:
 - short extends (new tokens attending causally to a cached prefix and to each other): one padded batch;
 - long prefills: one call each (padding them to a common length would waste more than it saves).
 
-`AttentionPlan` is built once per step; every layer reuses it.
+`AttentionPlan` is built once per step and holds the step's geometry and slot mapping; each implementation
+derives what it reads from the geometry on first use (this one: `TorchAttention`, the Triton one its tile
+tables) and every layer reuses it, so a step builds metadata only for the backend in use.
 """
 
 from __future__ import annotations
@@ -53,64 +55,84 @@ class LongChunk:
 
 
 @dataclass
-class AttentionPlan:
-    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+class TorchAttention:
+    """The torch implementation's view of a step: its sequences split into the batches above."""
+
     decodes: Batch | None
     cascade: Cascade | None  # set instead of `decodes` when the decodes share a prefix
     extends: Batch | None
     longs: list[LongChunk]
-    # The step's geometry as given to build(), per sequence in step order: the Triton path reads it.
-    block_tables: list[list[int]] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)
-    lens: list[int] = field(default_factory=list)
-    # Tensors other implementations derive from the geometry, built on first use and reused by every layer.
+
+
+@dataclass
+class AttentionPlan:
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    # The step's geometry, per sequence in step order: blocks in context, first new position, new tokens.
+    block_tables: list[list[int]]
+    starts: list[int]
+    lens: list[int]
+    block_size: int
+    # What each implementation derives from the geometry, built on first use and reused by every layer.
     derived: dict[str, object] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
-              device: torch.device | str = "cpu") -> AttentionPlan:
-        """Sequence i computes positions [starts[i], starts[i] + lens[i]), in step order."""
+              device: torch.device | str = "cpu", slot_mapping: torch.Tensor | None = None) -> AttentionPlan:
+        """Sequence i computes positions [starts[i], starts[i] + lens[i]), in step order. `slot_mapping`:
+        already computed (and on `device`), e.g. copied with the rest of the step's metadata."""
         bs = block_size
-        slots: list[int] = []
-        for table, start, n in zip(block_tables, starts, lens):
-            for p in range(start, start + n):
-                slots.append(table[p // bs] * bs + p % bs)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
-
-        q_starts, acc = [], 0
-        for n in lens:
-            q_starts.append(acc)
-            acc += n
-        dec = [i for i, n in enumerate(lens) if n == 1]
-        ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND]
-        longs = [i for i, n in enumerate(lens) if n > SHORT_EXTEND]
-
-        cascade = decodes = None
-        if dec:
-            shared = _common_prefix_blocks([block_tables[i] for i in dec], [starts[i] for i in dec], bs)
-            if shared >= MIN_SHARED_BLOCKS and len(dec) >= MIN_CASCADE_DECODES:
-                suffix = _batch([block_tables[i][shared:] for i in dec], [starts[i] - shared * bs for i in dec],
-                                [1] * len(dec), [q_starts[i] for i in dec], bs, device)
-                cascade = Cascade(torch.tensor(block_tables[dec[0]][:shared], dtype=torch.int64, device=device), suffix)
-            else:
-                decodes = _batch([block_tables[i] for i in dec], [starts[i] for i in dec], [1] * len(dec),
-                                 [q_starts[i] for i in dec], bs, device)
-        extends = None
-        if ext:
-            extends = _batch([block_tables[i] for i in ext], [starts[i] for i in ext], [lens[i] for i in ext],
-                             [q_starts[i] for i in ext], bs, device)
-        long_chunks = []
-        for i in longs:
-            start, n = starts[i], lens[i]
-            ctx = start + n
-            table = torch.tensor(block_tables[i][: -(-ctx // bs)], dtype=torch.int64, device=device)
-            mask = None
-            if start:
-                pos = torch.arange(ctx, device=device)
-                mask = pos.unsqueeze(0) <= torch.arange(start, ctx, device=device).unsqueeze(1)
-            long_chunks.append(LongChunk(q_starts[i], n, table, mask, ctx))
+        if slot_mapping is None:
+            slots: list[int] = []
+            for table, start, n in zip(block_tables, starts, lens):
+                for p in range(start, start + n):
+                    slots.append(table[p // bs] * bs + p % bs)
+            slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
         used_tables = [t[: -(-(s + n) // bs)] for t, s, n in zip(block_tables, starts, lens)]  # blocks in context
-        return AttentionPlan(slot_mapping, decodes, cascade, extends, long_chunks, used_tables, list(starts), list(lens))
+        return AttentionPlan(slot_mapping, used_tables, list(starts), list(lens), bs)
+
+    def torch_view(self) -> TorchAttention:
+        hit = self.derived.get("torch")
+        if not isinstance(hit, TorchAttention):
+            hit = self.derived["torch"] = _torch_attention(self.block_tables, self.starts, self.lens,
+                                                           self.block_size, self.slot_mapping.device)
+        return hit
+
+
+def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,
+                     device: torch.device) -> TorchAttention:
+    q_starts, acc = [], 0
+    for n in lens:
+        q_starts.append(acc)
+        acc += n
+    dec = [i for i, n in enumerate(lens) if n == 1]
+    ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND]
+    longs = [i for i, n in enumerate(lens) if n > SHORT_EXTEND]
+
+    cascade = decodes = None
+    if dec:
+        shared = _common_prefix_blocks([block_tables[i] for i in dec], [starts[i] for i in dec], bs)
+        if shared >= MIN_SHARED_BLOCKS and len(dec) >= MIN_CASCADE_DECODES:
+            suffix = _batch([block_tables[i][shared:] for i in dec], [starts[i] - shared * bs for i in dec],
+                            [1] * len(dec), [q_starts[i] for i in dec], bs, device)
+            cascade = Cascade(torch.tensor(block_tables[dec[0]][:shared], dtype=torch.int64, device=device), suffix)
+        else:
+            decodes = _batch([block_tables[i] for i in dec], [starts[i] for i in dec], [1] * len(dec),
+                             [q_starts[i] for i in dec], bs, device)
+    extends = None
+    if ext:
+        extends = _batch([block_tables[i] for i in ext], [starts[i] for i in ext], [lens[i] for i in ext],
+                         [q_starts[i] for i in ext], bs, device)
+    long_chunks = []
+    for i in longs:
+        start, n = starts[i], lens[i]
+        ctx = start + n
+        table = torch.tensor(block_tables[i][: -(-ctx // bs)], dtype=torch.int64, device=device)
+        mask = None
+        if start:
+            pos = torch.arange(ctx, device=device)
+            mask = pos.unsqueeze(0) <= torch.arange(start, ctx, device=device).unsqueeze(1)
+        long_chunks.append(LongChunk(q_starts[i], n, table, mask, ctx))
+    return TorchAttention(decodes, cascade, extends, long_chunks)
 
 
 def _common_prefix_blocks(tables: list[list[int]], starts: list[int], bs: int) -> int:
@@ -222,13 +244,14 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     out = torch.empty_like(q)
     h = q.shape[1]
     kvh = k_cache.shape[2]
-    if plan.cascade is not None:
-        _attend_cascade(q, k_cache, v_cache, plan.cascade, scale, out)
-    if plan.decodes is not None:
-        _attend_batch(q, k_cache, v_cache, plan.decodes, scale, out)
-    if plan.extends is not None:
-        _attend_batch(q, k_cache, v_cache, plan.extends, scale, out)
-    for c in plan.longs:
+    view = plan.torch_view()
+    if view.cascade is not None:
+        _attend_cascade(q, k_cache, v_cache, view.cascade, scale, out)
+    if view.decodes is not None:
+        _attend_batch(q, k_cache, v_cache, view.decodes, scale, out)
+    if view.extends is not None:
+        _attend_batch(q, k_cache, v_cache, view.extends, scale, out)
+    for c in view.longs:
         qe = q[c.q_start : c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
         ke = _fetch(k_cache, c.table)[:, : c.ctx].unsqueeze(0).to(q.dtype)  # [1, kvh, ctx, d]
         ve = _fetch(v_cache, c.table)[:, : c.ctx].unsqueeze(0).to(q.dtype)

@@ -110,8 +110,16 @@ class QuantizedTensor:
         )
 
     def prepack(self) -> None:
-        """Build the fast-path layouts now rather than on the first bf16 matmul."""
+        """Build the CPU fast-path layouts now rather than on the first bf16 matmul."""
         quant_cpu.prepack(self)
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        """The same weight on `device` (canonical tensors only: fast-path layouts are per device, built there)."""
+        device = torch.device(device)
+        if self.qweight.device == device:
+            return self
+        return QuantizedTensor(self.kind, self.shape, self.group_size, self.qweight.to(device),
+                               self.scales.to(device), None if self.zeros is None else self.zeros.to(device))
 
 
 def _as_groups(w: Tensor, group_size: int) -> Tensor:

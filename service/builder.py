@@ -14,14 +14,18 @@ import torch
 from adapters.identity import adapter_version_id
 from adapters.lifecycle import AdapterVersions
 from adapters.peft_format import ParsedAdapter, parse_adapter
+from kernels.ops import select_kernels
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.adapters import AdapterAdmission
 from service.engine.engine import LLMEngine
+from service.runtime.arch import ModelArch
+from service.runtime.device import describe, resolve_device
 from service.runtime.gguf_loader import open_gguf
 from service.runtime.loader import LoadedModel, default_model_path, load_model
 from service.runtime.lora import LoraSlots, fused_loader
 from service.runtime.model import KVCache, LlamaModel
 from service.runtime.model_runner import ModelRunner
+from service.runtime.synthetic import is_synthetic, load_synthetic, synthetic_tokenizer
 from service.runtime.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
@@ -53,6 +57,31 @@ def load_tokenizer(path: Path, gguf_reader: object | None = None) -> Tokenizer:
     return Tokenizer.from_gguf(gguf_reader or path) if path.is_file() else Tokenizer.from_dir(path)
 
 
+def _load(rc: RuntimeConfig, device: torch.device) -> tuple[LoadedModel, Tokenizer]:
+    if is_synthetic(rc.model):
+        return load_synthetic(rc.model, device), synthetic_tokenizer(rc.model)
+    path = Path(rc.model) if rc.model else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist: expected a .gguf file or an HF directory "
+                                "with config.json + *.safetensors, or synthetic:NAME")
+    reader = open_gguf(path) if path.is_file() else None  # parsed once, for weights and tokenizer
+    return load_model(path, quantize=rc.quantize, gguf_reader=reader), load_tokenizer(path, reader)
+
+
+def _kv_bytes(rc: RuntimeConfig, ec: EngineConfig, arch: ModelArch, device: torch.device) -> int:
+    """The KV arena's size: kv_cache_gib when given; else 1 GiB on the CPU, and on a GPU what its memory
+    fraction leaves after the weights (already there) and a step's activations."""
+    if rc.kv_cache_gib is not None or device.type != "cuda":
+        return int((rc.kv_cache_gib or 1.0) * 2**30)
+    from service.runtime.cuda import kv_cache_bytes
+
+    # A step's activations, generously: float32 rows of the widest layer outputs for its token budget, and
+    # logits for every sequence.
+    per_token = 4 * (arch.q_size + 2 * arch.kv_size + 4 * arch.intermediate_size + 4 * arch.hidden_size)
+    activations = 2 * (ec.max_num_batched_tokens * per_token + ec.max_num_seqs * arch.vocab_size * 8)
+    return kv_cache_bytes(device, rc.gpu_memory_fraction, activations)
+
+
 def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None,
                   ac: AdapterConfig | None = None,
                   adapter_loader: Callable[[str], ParsedAdapter] | None = None) -> Runtime:
@@ -62,30 +91,27 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
     ec = ec or EngineConfig()
     ac = ac or AdapterConfig()
     torch.set_num_threads(rc.threads or os.cpu_count() or 1)
-    path = Path(rc.model) if rc.model else default_model_path()
+    device = resolve_device(rc.device)
     dtype = getattr(torch, rc.dtype)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist: expected a .gguf file or an HF directory "
-                                "with config.json + *.safetensors")
-    reader = open_gguf(path) if path.is_file() else None  # parsed once, for weights and tokenizer
-    loaded = load_model(path, quantize=rc.quantize, gguf_reader=reader)
-    tokenizer = load_tokenizer(path, reader)
-    del reader
+    loaded, tokenizer = _load(rc, device)
     max_len = rc.max_model_len or loaded.arch.max_position_embeddings
     if max_len > loaded.arch.max_position_embeddings:
         raise ValueError(
             f"max_model_len={max_len} exceeds the model's context length {loaded.arch.max_position_embeddings}"
         )
-    model = LlamaModel(loaded.arch, loaded.tensors, dtype=dtype, max_model_len=max_len)
+    kernels = select_kernels(device)  # chosen once, here; the model keeps it
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=dtype, max_model_len=max_len, device=device,
+                       kernels=kernels)
     loaded.tensors = {}  # the model holds (fused) weights now; don't keep a second copy alive
     per_block = KVCache.bytes_per_block(loaded.arch, ec.block_size, dtype)
-    num_blocks = int(rc.kv_cache_gib * 2**30) // per_block
+    num_blocks = _kv_bytes(rc, ec, loaded.arch, device) // per_block
     if num_blocks * ec.block_size < max_len:
         raise ValueError(
-            f"kv_cache_gib={rc.kv_cache_gib} holds {num_blocks * ec.block_size} tokens, less than one full "
-            f"context of max_model_len={max_len}: raise kv_cache_gib or lower max_model_len"
+            f"the KV arena ({num_blocks} blocks) holds {num_blocks * ec.block_size} tokens, less than one full "
+            f"context of max_model_len={max_len}: raise kv_cache_gib (or gpu_memory_fraction) or lower "
+            "max_model_len"
         )
-    lora_slots = LoraSlots(loaded.arch, ac.max_active_adapters)
+    lora_slots = LoraSlots(loaded.arch, ac.max_active_adapters, device)
     # The sampler masks the same EOS ids the engine stops on (the tokenizer's), below min_tokens.
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len,
                          lora_slots=lora_slots, eos_token_ids=tokenizer.eos_token_ids)
@@ -100,13 +126,17 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
             raise KeyError(f"adapter version {version_id} is not known to this process")
         return loader(version_id)
 
-    versions = AdapterVersions(fused_loader(load, loaded.arch), lora_slots, max_bytes=ac.host_cache_mib * 2**20,
-                               max_count=ac.host_cache_max_count, workers=ac.load_workers)
+    # The CPU's torch path computes the small LoRA products in float32; the Triton kernels read the model's
+    # dtype (half the bytes to stream on a GPU).
+    lora_dtype = torch.float32 if kernels.name == "torch" else dtype
+    versions = AdapterVersions(fused_loader(load, loaded.arch, lora_dtype, pin=device.type == "cuda"), lora_slots,
+                               max_bytes=ac.host_cache_mib * 2**20, max_count=ac.host_cache_max_count,
+                               workers=ac.load_workers)
     engine = LLMEngine(runner, tokenizer, ec, adapter_slots=versions,
                        admission=AdapterAdmission(versions, ac.max_overtake_steps))
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
-             weights_mib=round(model.nbytes() / 2**20, 1), kv_blocks=num_blocks,
-             kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
+             device=describe(device), kernels=kernels.name, weights_mib=round(model.nbytes() / 2**20, 1),
+             kv_blocks=num_blocks, kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
     runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local, adapter_loader)
     return runtime

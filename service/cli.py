@@ -24,12 +24,17 @@ from service.engine.sampling import SamplingParams
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="PATH", help="a .gguf file or an HF model directory (config.json + "
-                   "*.safetensors); default: the embedded SmolLM2-135M-Instruct Q4_1")
+                   "*.safetensors), or synthetic:smollm2-135m / synthetic:llama-3-8b (random weights of that "
+                   "shape, for timing); default: the embedded SmolLM2-135M-Instruct Q4_1")
     g.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize an fp16/bf16/fp32 HF checkpoint on load")
     g.add_argument("--dtype", choices=DTYPES,
                    help="compute dtype: bfloat16 is the fast CPU path, float32 the exact one (default: bfloat16)")
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    g.add_argument("--kv-cache-gib", type=float, help="paged KV arena size in GiB (default: 1)")
+    g.add_argument("--kv-cache-gib", type=float,
+                   help="paged KV arena size in GiB (default: 1 on the CPU; on a GPU what --gpu-memory-fraction leaves)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (the first GPU if there is one) (default: cpu)")
+    g.add_argument("--gpu-memory-fraction", type=float,
+                   help=f"on a GPU, the share of its memory to use (default: {RuntimeConfig.gpu_memory_fraction})")
     g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     g.add_argument("--log-level", help="stderr log level: debug, info, warning, error (default: warning; serve: "
                    "info)")
@@ -37,7 +42,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
     given = dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
-                 kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len)
+                 kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
+                 gpu_memory_fraction=args.gpu_memory_fraction)
     return RuntimeConfig(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -103,7 +109,8 @@ def serve_configs(args: argparse.Namespace) -> tuple:
     values = read_config_file(args.config) if args.config else {}
     flags = {
         RuntimeConfig: dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
-                            kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len),
+                            kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
+                            gpu_memory_fraction=args.gpu_memory_fraction),
         EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                            max_waiting=args.max_waiting),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),

@@ -39,17 +39,25 @@ class RuntimeConfig:
     model: str | None = None  # a .gguf file or an HF directory; None = the embedded default model
     quantize: str | None = None  # quantize an fp16/bf16/fp32 HF checkpoint on load
     dtype: str = "bfloat16"  # compute dtype: bfloat16 (fast CPU path) or float32 (exact reference path)
-    kv_cache_gib: float = 1.0  # size of the preallocated paged KV arena
+    # Size of the preallocated paged KV arena; None: 1 GiB on the CPU, gpu_memory_fraction on a GPU.
+    kv_cache_gib: float | None = None
     max_model_len: int | None = None  # default: the model's context length
     threads: int | None = None  # torch intra-op threads; default: all cores
+    device: str = "cpu"  # cpu, cuda, cuda:N, or auto (the first GPU when there is one)
+    # On a GPU: the share of its memory the server may use (weights, KV arena, activations), as vLLM's.
+    gpu_memory_fraction: float = 0.9
 
     def __post_init__(self) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize={self.quantize!r} is invalid: allowed values are {', '.join(QUANTIZE_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is invalid: allowed values are {', '.join(DTYPES)}")
-        if not self.kv_cache_gib > 0:
+        if self.kv_cache_gib is not None and not self.kv_cache_gib > 0:
             raise ValueError(f"kv_cache_gib={self.kv_cache_gib} is invalid: must be > 0")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"gpu_memory_fraction={self.gpu_memory_fraction} is invalid: must be in (0, 1]")
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ValueError("device is empty: use cpu, cuda, cuda:N or auto")
         if self.max_model_len is not None and self.max_model_len < 16:
             raise ValueError(f"max_model_len={self.max_model_len} is invalid: must be >= 16")
         if self.threads is not None and self.threads < 1:

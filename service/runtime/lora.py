@@ -80,27 +80,50 @@ class LoraSlots:
     a device path would copy into preallocated device buffers here.
     """
 
-    def __init__(self, arch: ModelArch, max_active: int) -> None:
+    def __init__(self, arch: ModelArch, max_active: int, device: torch.device | str = "cpu") -> None:
         if max_active < 1:
             raise ValueError(f"max_active_adapters={max_active} is invalid: must be >= 1")
         self.arch = arch
         self.max_active = max_active
+        self.device = torch.device(device)
         # [layer][group] -> list over slots: what one SGMV call reads
         self.table: list[dict[str, list[SlotWeights]]] = [
             {g: [None] * max_active for g in GROUPS} for _ in range(arch.num_layers)
         ]
+        self._copies = None  # on CUDA: adapter copies run on a side stream (service.runtime.cuda)
+        if self.device.type == "cuda":
+            from service.runtime.cuda import SideStream
+
+            self._copies = SideStream(self.device)
 
     def load(self, slot: int, fused: FusedLora) -> None:
+        """Put `fused` into `slot`: on the CPU by reference; on a device as copies (issued without waiting:
+        the next step's `ready()` orders them before the model reads them)."""
         for layer, groups in enumerate(fused.layers):
             for g, w in groups.items():
-                self.table[layer][g][slot] = w
+                self.table[layer][g][slot] = w if w is None or self.device.type == "cpu" else self._to_device(w)
+
+    def _to_device(self, w: SlicedWeights) -> SlicedWeights:
+        copy = self._copies.copy if self._copies is not None else (lambda t: t.to(self.device))
+        return SlicedWeights(copy(w[0]), copy(w[1]), w.ranks, w.outs)
+
+    def ready(self) -> None:
+        """Before a step reads the slots: the device waits for the adapter copies issued so far."""
+        if self._copies is not None:
+            self._copies.wait()
 
 
-def fused_loader(load: Callable[[str], ParsedAdapter], arch: ModelArch, dtype: torch.dtype = torch.float32
-                 ) -> Callable[[str], FusedLora]:
-    """Wrap a version-id -> ParsedAdapter loader so the host tier holds model-layout weights.
-
-    float32 whatever the model's dtype: the CPU path computes the small LoRA products in float32."""
+def fused_loader(load: Callable[[str], ParsedAdapter], arch: ModelArch, dtype: torch.dtype = torch.float32,
+                 *, pin: bool = False) -> Callable[[str], FusedLora]:
+    """Wrap a version-id -> ParsedAdapter loader so the host tier holds model-layout weights in `dtype`
+    (float32 on the CPU's torch path); `pin`: in pinned memory, for asynchronous copies to a GPU. Runs on the
+    host cache's loader threads."""
     def _load(version_id: str) -> FusedLora:
-        return fuse_adapter(load(version_id), arch, version_id, dtype)
+        fused = fuse_adapter(load(version_id), arch, version_id, dtype)
+        if pin:
+            for groups in fused.layers:
+                for g, w in groups.items():
+                    if w is not None:
+                        groups[g] = SlicedWeights(w[0].pin_memory(), w[1].pin_memory(), w.ranks, w.outs)
+        return fused
     return _load

@@ -1,8 +1,10 @@
 """Our Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV arena.
 
-Weights come from `service.runtime.loader` under HF names, dense or quantized; every matmul goes
-through `kernels.ops`. The residual stream is kept in float32; matmul inputs, K/V and attention run in
-the compute dtype (bfloat16 on the fast CPU path, float32 for the exact reference path).
+Weights come from `service.runtime.loader` under HF names, dense or quantized, and live on the model's
+device with everything it computes from (rope tables; the KV arena is the runner's). Every op goes through
+the kernel backend chosen once for that device (`kernels.ops.select_kernels`). The residual stream is kept
+in float32; matmul inputs, K/V and attention run in the compute dtype (bfloat16 on the fast CPU path and on
+GPUs, float32 for the exact reference path).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 
 from kernels import ops
 from kernels.lora import LoraSegments
+from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
 from service.runtime.arch import ModelArch
 
@@ -95,23 +98,29 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 
 class LlamaModel:
     def __init__(self, arch: ModelArch, tensors: dict[str, Weight], dtype: torch.dtype = torch.bfloat16,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, *, device: torch.device | str = "cpu",
+                 kernels: Kernels | None = None) -> None:
+        """`tensors` may be on the CPU: they are moved to `device` here. `kernels`: the backend (default: the
+        one `select_kernels` picks for the device)."""
         self.arch = arch
         self.dtype = dtype
+        self.device = torch.device(device)
+        self.kernels = kernels if kernels is not None else select_kernels(self.device)
         self.max_model_len = max_model_len or arch.max_position_embeddings
+        dev = self.device
 
         def get(name: str) -> Weight:
             if name not in tensors:
                 raise ValueError(f"weight {name!r} is missing from the checkpoint")
             w = tensors[name]
-            return w if isinstance(w, QuantizedTensor) else w.to(dtype)
+            return w.to(dev) if isinstance(w, QuantizedTensor) else w.to(dev, dtype)
 
         def norm(name: str) -> torch.Tensor:
-            return get(name).float() if not isinstance(tensors.get(name), QuantizedTensor) else tensors[name].dequantize()
+            w = tensors.get(name)
+            return w.dequantize().to(dev) if isinstance(w, QuantizedTensor) else get(name).float()
 
-        self.embed = tensors["model.embed_tokens.weight"]
-        if not isinstance(self.embed, QuantizedTensor):
-            self.embed = self.embed.float()
+        embed = tensors["model.embed_tokens.weight"]
+        self.embed = embed.to(dev) if isinstance(embed, QuantizedTensor) else embed.to(dev, torch.float32)
         self.lm_head = self.embed if arch.tie_word_embeddings or "lm_head.weight" not in tensors else get("lm_head.weight")
         if isinstance(self.lm_head, torch.Tensor):
             self.lm_head = self.lm_head.to(dtype)
@@ -122,7 +131,7 @@ class LlamaModel:
             a, m = p + "self_attn.", p + "mlp."
             bias = None
             if arch.attention_bias:
-                bias = torch.cat([tensors[a + f"{n}_proj.bias"].float() for n in "qkv"]).to(dtype)
+                bias = torch.cat([tensors[a + f"{n}_proj.bias"].float() for n in "qkv"]).to(dev, dtype)
             self.layers.append(LayerWeights(
                 input_norm=norm(p + "input_layernorm.weight"),
                 qkv=cat_rows([get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")]),
@@ -136,9 +145,10 @@ class LlamaModel:
         t = torch.arange(self.max_model_len, dtype=torch.float32)
         freqs = torch.outer(t, inv)
         emb = torch.cat([freqs, freqs], -1)  # [max_len, head_dim]: HF rotate-half layout
-        self._cos, self._sin = emb.cos(), emb.sin()
+        self._cos, self._sin = emb.cos().to(dev), emb.sin().to(dev)
         self.scale = arch.head_dim ** -0.5
-        if dtype == torch.bfloat16:  # build the bf16 fast-path layouts now, not on the first request
+        if dtype == torch.bfloat16 and dev.type == "cpu" and self.kernels.name == "torch":
+            # the CPU bf16 fast-path layouts, built now rather than on the first request
             for w in self._weights():
                 if isinstance(w, QuantizedTensor):
                     w.prepack()
@@ -170,41 +180,42 @@ class LlamaModel:
         inter = arch.intermediate_size
         cos = self._cos[positions].to(dt).unsqueeze(1)  # [T, 1, d]
         sin = self._sin[positions].to(dt).unsqueeze(1)
-        x = ops.embedding(input_ids, self.embed)  # [T, hidden] float32 residual stream
+        kn = self.kernels
+        x = kn.embedding(input_ids, self.embed)  # [T, hidden] float32 residual stream
         t = x.shape[0]
         for i, lw in enumerate(self.layers):
             lt = lora.table[i] if lora is not None else None
             hs = F.rms_norm(x, (x.shape[-1],), lw.input_norm, arch.rms_norm_eps).to(dt)
-            qkv = ops.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
+            qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
             if lt is not None:
-                ops.sgmv_(qkv, hs, lora.segments, lt["qkv"])
+                kn.sgmv_(qkv, hs, lora.segments, lt["qkv"])
             q = qkv[:, :q_size].view(t, h, d)
             k = qkv[:, q_size : q_size + kv_size].view(t, kvh, d)
             v = qkv[:, q_size + kv_size :].view(t, kvh, d)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = kv.layer(i)
-            ops.write_kv(k_cache, v_cache, k, v, plan.slot_mapping)
-            attn = ops.paged_attention(q, k_cache, v_cache, plan, self.scale)  # [T, h, d]
+            kn.write_kv(k_cache, v_cache, k, v, plan.slot_mapping)
+            attn = kn.paged_attention(q, k_cache, v_cache, plan, self.scale)  # [T, h, d]
             attn = attn.reshape(t, q_size)
-            o = ops.linear(attn, lw.o)
+            o = kn.linear(attn, lw.o)
             if lt is not None:
-                ops.sgmv_(o, attn, lora.segments, lt["o"])
+                kn.sgmv_(o, attn, lora.segments, lt["o"])
             x = x + o.float()
             hs = F.rms_norm(x, (x.shape[-1],), lw.post_norm, arch.rms_norm_eps).to(dt)
-            gu = ops.linear(hs, lw.gate_up)  # [T, 2 * inter]
+            gu = kn.linear(hs, lw.gate_up)  # [T, 2 * inter]
             if lt is not None:
-                ops.sgmv_(gu, hs, lora.segments, lt["gate_up"])
+                kn.sgmv_(gu, hs, lora.segments, lt["gate_up"])
             act = F.silu(gu[:, :inter]) * gu[:, inter:]
-            down = ops.linear(act, lw.down)
+            down = kn.linear(act, lw.down)
             if lt is not None:
-                ops.sgmv_(down, act, lora.segments, lt["down"])
+                kn.sgmv_(down, act, lora.segments, lt["down"])
             x = x + down.float()
         return F.rms_norm(x, (x.shape[-1],), self.final_norm, arch.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (float32) -> logits [S, vocab] float32."""
-        logits = ops.linear(hidden.to(self.dtype), self.lm_head).float()
+        logits = self.kernels.linear(hidden.to(self.dtype), self.lm_head).float()
         if self.dtype != torch.float32:
             # bf16 logits near 25 are rounded to steps of 0.125: enough to swap the top two tokens. Recompute
             # the leading candidates of every row exactly in float32 (a few rows of the head), so greedy

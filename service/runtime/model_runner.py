@@ -1,4 +1,6 @@
-"""Turns one scheduler step into tensors, runs the model over the paged KV arena, samples."""
+"""Turns one scheduler step into tensors on the model's device, runs the model over the paged KV arena,
+samples. Host-to-device traffic per step is the step's small integer metadata, in one copy; the sampled
+token ids coming back are the step's one wait on the device."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 
 from kernels.ops import AttentionPlan, LoraSegments
 from service.engine.types import SampleResult, SchedulerOutput
+from service.runtime.device import StepStager
 from service.runtime.lora import LoraSlots
 from service.runtime.model import KVCache, LlamaModel, LoraStep
 from service.runtime.sampler import sample
@@ -30,45 +33,52 @@ class ModelRunner:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.vocab_size = model.arch.vocab_size
-        self.kv = KVCache(model.arch, num_blocks, block_size, model.dtype)
+        self.device = model.device
+        self.kv = KVCache(model.arch, num_blocks, block_size, model.dtype, device=self.device)
         self.lora_slots = lora_slots
+        self._stage = StepStager(self.device)
         self.eos_token_ids = frozenset(eos_token_ids)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
         chunks = out.chunks
+        bs = self.block_size
         # Single-token chunks (decodes) first: they share one batched attention call. Within each
         # kind, chunks of one adapter slot are adjacent, so each adapter's tokens form one LoRA segment.
         order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1, chunks[i].request.lora_slot))
         token_slots: list[int] = []
         ids: list[int] = []
         positions: list[int] = []
+        slot_mapping: list[int] = []  # where each new token's K/V goes in the arena
         tables, starts, lens = [], [], []
         last_row: dict[int, int] = {}
         for i in order:
             c = chunks[i]
             r = c.request
-            tokens = r.all_token_ids[c.start : c.start + c.num_tokens]
-            ids.extend(tokens)
-            positions.extend(range(c.start, c.start + c.num_tokens))
-            tables.append(r.block_ids)
+            ids.extend(r.all_token_ids[c.start : c.start + c.num_tokens])
+            table = r.block_ids
+            for p in range(c.start, c.start + c.num_tokens):
+                positions.append(p)
+                slot_mapping.append(table[p // bs] * bs + p % bs)
+            tables.append(table)
             starts.append(c.start)
             lens.append(c.num_tokens)
             token_slots.extend([r.lora_slot] * c.num_tokens)
             if c.sample:
                 last_row[i] = len(ids) - 1
-        plan = AttentionPlan.build(tables, starts, lens, self.block_size)
+        idx = list(last_row)
+        ids_t, pos_t, slots_t, rows_t = self._stage.int64(ids, positions, slot_mapping, [last_row[i] for i in idx])
+        plan = AttentionPlan.build(tables, starts, lens, bs, self.device, slot_mapping=slots_t)
         lora = None
         if self.lora_slots is not None:
             segments = LoraSegments.from_token_slots(token_slots)
             if segments.any_lora:
+                self.lora_slots.ready()
                 lora = LoraStep(segments, self.lora_slots.table)
-        hidden = self.model.forward(torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                                    plan, self.kv, lora)
+        hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
         results: list[SampleResult | None] = [None] * len(chunks)
-        if last_row:
-            idx = list(last_row)
-            logits = self.model.compute_logits(hidden[torch.tensor([last_row[i] for i in idx])])
+        if idx:
+            logits = self.model.compute_logits(hidden[rows_t])
             for i, res in zip(idx, sample(logits, [chunks[i].request for i in idx], self.eos_token_ids)):
                 results[i] = res
         return results

@@ -43,10 +43,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list
     for i in idx:
         sp = rows[i].sampling
         row = logits[i]
-        out = torch.tensor(rows[i].output_token_ids, dtype=torch.int64)
+        out = torch.tensor(rows[i].output_token_ids, dtype=torch.int64, device=logits.device)
         if sp.repetition_penalty != 1:
-            seen = torch.zeros(vocab, dtype=torch.bool)
-            seen[torch.tensor(rows[i].prompt_token_ids, dtype=torch.int64)] = True
+            seen = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+            seen[torch.tensor(rows[i].prompt_token_ids, dtype=torch.int64, device=logits.device)] = True
             if out.numel():
                 seen[out] = True
             vals = row[seen]
@@ -76,23 +76,23 @@ def mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: lis
 
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p for rows [R, V] (none greedy) -> probabilities [R, V]."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device).unsqueeze(1)
     logits = logits / temps
     neg = torch.finfo(logits.dtype).min
     top_k = [p.top_k for p in params]
     if any(top_k):
-        k = torch.tensor([k if k else logits.shape[1] for k in top_k]).clamp(max=logits.shape[1])
+        k = torch.tensor([k if k else logits.shape[1] for k in top_k], device=logits.device).clamp(max=logits.shape[1])
         kth = torch.sort(logits, dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         logits = logits.masked_fill(logits < kth, neg)
     probs = torch.softmax(logits, dim=1)
-    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype).unsqueeze(1)
+    top_p = torch.tensor([p.top_p for p in params], dtype=probs.dtype, device=probs.device).unsqueeze(1)
     if bool((top_p < 1).any()):
         sorted_p, order = torch.sort(probs, dim=1, descending=True)
         # keep a token while the mass before it is < top_p (the top token always stays)
         drop_sorted = (sorted_p.cumsum(1) - sorted_p) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0)
-    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
+    min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device).unsqueeze(1)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p * probs.max(1, keepdim=True).values, 0)
     return probs / probs.sum(1, keepdim=True)
@@ -118,20 +118,25 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
     if rand:
         probs = filter_logits(logits[rand], [params[i] for i in rand])
         for j, i in enumerate(rand):
-            gen = torch.Generator().manual_seed(step_seed(rows[i].seed, len(rows[i].output_token_ids)))
+            gen = torch.Generator(device=probs.device).manual_seed(step_seed(rows[i].seed, len(rows[i].output_token_ids)))
             # Exponential race: argmax p / E with E ~ Exp(1) draws a token with probability p.
-            noise = torch.empty(probs.shape[1]).exponential_(generator=gen)
+            noise = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
             tokens[i] = (probs[j] / noise).argmax()
-    token_list = tokens.tolist()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if want:  # computed batched on the logits' device, read back after the tokens (no sync per row)
+        logp = torch.log_softmax(raw[want].float(), dim=1)
+        chosen = logp.gather(1, tokens[want].unsqueeze(1)).squeeze(1)
+        top_n = max(params[i].logprobs for i in want)
+        top = logp.topk(top_n, dim=1) if top_n else None
+    token_list = tokens.tolist()  # the step's one wait on the device
     results = [SampleResult(t) for t in token_list]
     if want:
-        logp = torch.log_softmax(raw[want].float(), dim=1)
+        chosen_list = chosen.tolist()
+        top_vals, top_ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
         for j, i in enumerate(want):
             res = results[i]
-            res.logprob = float(logp[j, token_list[i]])
+            res.logprob = chosen_list[j]
             n = params[i].logprobs
             if n:
-                vals, ids = logp[j].topk(n)
-                res.top_logprobs = list(zip(ids.tolist(), vals.tolist()))
+                res.top_logprobs = list(zip(top_ids[j][:n], top_vals[j][:n]))
     return results

@@ -212,6 +212,7 @@ def test_rendered_config_loads_into_the_servers_configuration(case, tmp_path):
                                                         config["server"]["max_upload_mib"])
     assert sc.max_prompt_bytes == (65536 if case == "full" else None)  # None: derived from the context window
     assert svc.store_kind == config["store"]["kind"]
+    assert (rc.device, rc.kv_cache_gib) == (("cuda", 2) if case == "full" else ("cpu", 1))
 
 
 def test_store_section_is_what_open_store_takes():
@@ -295,6 +296,8 @@ def test_scale_out_parts():
     config = server_config(manifests)
     assert config["telemetry"]["otlp_endpoint"] == "http://otel-collector.observability:4317"
     assert config["runtime"]["model"] == "/models/base.gguf"
+    # with a GPU the server runs on it, its KV arena sized from the GPU's memory fraction
+    assert config["runtime"]["device"] == "cuda" and config["runtime"]["gpu_memory_fraction"] == 0.9
     # With S3 the data dir is per pod (an emptyDir); one PVC is never shared by replicas.
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes["data"]

@@ -54,14 +54,14 @@ def test_matches_reference_fp32(case):
 def test_cascade_shared_prefix_matches_reference():
     seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]  # all share 8 leading blocks (32 tokens)
     q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12)
-    assert plan.cascade is not None and plan.cascade.shared.numel() == 8
+    assert plan.torch_view().cascade is not None and plan.torch_view().cascade.shared.numel() == 8
     out = paged_attention_torch(q, kc, vc, plan, D**-0.5)
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=2e-5, rtol=0)
 
 
 def test_no_cascade_when_prefixes_differ():
     q, kc, vc, tables, starts, lens, plan = setup([(33, 1), (40, 1), (36, 1), (45, 1)])
-    assert plan.cascade is None and plan.decodes is not None
+    assert plan.torch_view().cascade is None and plan.torch_view().decodes is not None
 
 
 def test_bf16_close_to_reference():

@@ -95,7 +95,7 @@ def test_shared_prefix_plan_matches_torch_cascade():
 
     q, kc, vc, tables, starts, lens, plan = make([(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)], 6, 2,
                                                  shared_blocks=12)
-    assert plan.cascade is not None
+    assert plan.torch_view().cascade is not None
     out = paged_attention(q, kc, vc, plan, 16**-0.5)
     torch.testing.assert_close(out, paged_attention_torch(q, kc, vc, plan, 16**-0.5), atol=2e-5, rtol=0)
     check(out, paged_attention_reference(q, kc, vc, tables, starts, lens), torch.float32)

@@ -11,7 +11,7 @@ import torch
 
 from adapters.identity import adapter_version_id
 from adapters.peft_format import parse_adapter
-from kernels.ops import AttentionPlan, LoraSegments
+from kernels.ops import AttentionPlan, LoraSegments, TorchKernels, TritonKernels
 from service.runtime.loader import load_model
 from service.runtime.lora import LoraSlots, fuse_adapter
 from service.runtime.model import KVCache, LlamaModel, LoraStep
@@ -40,7 +40,9 @@ def test_decode_steps_match_torch_path(tmp_path, monkeypatch):
         parsed = parse_adapter(tmp_path / name, loaded.arch)
         version = adapter_version_id(parsed, loaded.model_id)
         slots.load(slot, fuse_adapter(parsed, loaded.arch, version, torch.float32))
-    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.float32)
+    torch_model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.float32, kernels=TorchKernels())
+    models = {"torch": torch_model, "base": torch_model,
+              "triton": LlamaModel(loaded.arch, loaded.tensors, dtype=torch.float32, kernels=TritonKernels())}
 
     # three requests: adapter 0, the base model, adapter 1; prompts of 6, 5 and 9 tokens
     req_slots = [0, -1, 1]
@@ -52,7 +54,7 @@ def test_decode_steps_match_torch_path(tmp_path, monkeypatch):
               for mode in ("torch", "triton", "base")}
 
     def step(mode: str, starts: list[int], toks: list[list[int]]) -> torch.Tensor:
-        monkeypatch.setenv("LORASERVE_KERNELS", "torch" if mode == "base" else mode)
+        model = models[mode]
         lens = [len(t) for t in toks]
         plan = AttentionPlan.build(tables, starts, lens, bs)
         ids = torch.tensor([t for ts in toks for t in ts])
