@@ -51,4 +51,4 @@ EXPOSE 50051 9090
 # SIGTERM starts the drain (health turns NOT_SERVING, running requests get --drain-grace-s to finish).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["loraserve"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--log-json"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "50051", "--device", "auto", "--log-json"]

@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install run test test-fast bench lint protos clean
+.PHONY: install run test test-fast bench gpu-check lint protos clean
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench.run $(ARGS)
+
+# On a CUDA machine (its own python3 with torch and triton; no venv): kernels compiled for the device, the CUDA
+# tests, the kernel bench and the engine on a synthetic Llama-3-8B, in one run (bench/gpu_check.py).
+gpu-check:
+	python3 -m bench.gpu_check $(ARGS)
 
 # Regenerate service/api/gen from protos/ (tests/api/test_protos.py fails while they differ).
 protos: install

@@ -4,4 +4,6 @@ tests run the torch path (`LORASERVE_KERNELS=auto` on CPU tensors), which this d
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+# `make gpu-check` runs the CUDA tests with the real compiler: LORASERVE_TEST_INTERPRET=0.
+if os.environ.get("LORASERVE_TEST_INTERPRET", "1") != "0":
+    os.environ["TRITON_INTERPRET"] = "1"

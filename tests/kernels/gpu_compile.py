@@ -1,10 +1,11 @@
-"""Compile every launch configuration the Triton wrappers produce for a CUDA GPU (sm_80), without a GPU.
+"""Compile every launch configuration the Triton wrappers produce for a CUDA GPU (sm_80, or `--arch N`), without
+a GPU.
 
 The interpreter runs any Triton program numpy can run; the GPU compiler is stricter (tl.dot needs every
 reduction dimension >= 16, types must agree, no early return inside loops ...). This script runs each wrapper on
 representative CPU inputs with the kernel launch replaced by a recorder, then compiles each distinct
 (kernel, argument types, constexprs) it recorded down to a cubin. Run in a process where TRITON_INTERPRET
-is unset (the interpreter replaces parts of triton.language): `python -m tests.kernels.gpu_compile`.
+is unset (the interpreter replaces parts of triton.language): `python -m tests.kernels.gpu_compile [--arch 90]`.
 Exits 1, naming the configuration, when one fails to compile.
 """
 
@@ -23,7 +24,7 @@ from kernels.lora import LoraSegments, SlicedWeights
 from kernels.quant import quantize_int4, quantize_int8
 from kernels.triton import attention, quant, sgmv
 
-TARGET = GPUTarget("cuda", 80, 32)
+DEFAULT_ARCH = 80
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
            torch.int32: "*i32", torch.uint8: "*u8", torch.int8: "*i8"}
 
@@ -85,18 +86,21 @@ def record() -> dict:
     return seen
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    arch = int(args[args.index("--arch") + 1]) if "--arch" in args else DEFAULT_ARCH
+    target = GPUTarget("cuda", arch, 32)
     seen = record()
     failed = []
     for kernel, sig, constexprs in seen.values():
         what = f"{kernel.__name__} {constexprs} {[t for t in sig.values() if t != 'constexpr']}"
         try:
-            triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=TARGET)
+            triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs), target=target)
         except Exception:  # report every failing configuration, not only the first
             failed.append(what)
             print(f"FAILED {what}\n{traceback.format_exc()}", file=sys.stderr)
-    print(f"compiled {len(seen) - len(failed)} of {len(seen)} launch configurations for {TARGET.backend} "
-          f"sm_{TARGET.arch}")
+    print(f"compiled {len(seen) - len(failed)} of {len(seen)} launch configurations for {target.backend} "
+          f"sm_{target.arch}")
     return 1 if failed or not seen else 0
 
 
