@@ -222,6 +222,8 @@ class EngineLoop:
         return self._steps_before_hold == 0
 
     def _count_step_against_hold(self) -> None:
+        if not self._steps_before_hold:  # not holding (the common case): no lock on the step path
+            return
         with self._hold_cond:
             if self._steps_before_hold:
                 self._steps_before_hold -= 1
