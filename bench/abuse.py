@@ -186,7 +186,7 @@ class Calls:
         fut.add_done_callback(lambda f: self._done(f, tenant, t0))
 
     def _done(self, fut: grpc.Future, tenant: str, t0: float) -> None:
-        r = {"tenant": tenant, "latency_s": time.perf_counter() - t0, "output_tokens": 0}
+        r = {"tenant": tenant, "sent_at": t0, "latency_s": time.perf_counter() - t0, "output_tokens": 0}
         err = fut.exception()
         if err is None:
             r.update(code="OK", output_tokens=fut.result().usage.output_tokens)
@@ -250,12 +250,23 @@ def overload(server, args: argparse.Namespace) -> dict:
     rss_samples = rss.stop()
     calls.close()
     during = [v for t, v in rss_samples if t_start_wall <= t <= t_end_wall]
+    for r in calls.results:
+        r["sent_at"] -= t0
     return {"capacity": cap, "factor": args.overload_factor, "arrival_rate_req_s": rate, "sent": sent,
             "sending_s": sending_s, "wall_s": wall_s, "all_calls_ended": drained, "deadline_s": args.deadline_s,
             "new_tokens": args.new_tokens, "results": calls.results, "start_time": t_start_wall,
             "health": summarize_health([v for t, v in health_samples if t_start_wall <= t <= t_end_wall]),
             "rss_mib": {"before": rss_before, "peak_during": max(during, default=float("nan")),
-                        "after_idle": rss_after, "idle_s": args.idle_s}}
+                        "after_idle": rss_after, "idle_s": args.idle_s,
+                        "every_10s": timeline([(t - t_start_wall, v) for t, v in rss_samples], max)}}
+
+
+def timeline(points: list[tuple[float, float]], agg, bin_s: float = 10.0) -> dict[str, float]:
+    """agg of the values of each bin_s bin of time offsets (negative offsets: before the run), by bin start."""
+    bins: dict[int, list[float]] = {}
+    for t, v in points:
+        bins.setdefault(int(t // bin_s), []).append(v)
+    return {f"{k * bin_s:g}s": agg(vs) for k, vs in sorted(bins.items())}
 
 
 def ledger_vs_clients(target: str, start_time: float, results: list[dict]) -> dict:
@@ -287,6 +298,8 @@ def summarize_overload(b: dict) -> dict:
     return {**b, "by_code": dict(Counter(r["code"] for r in results)),
             "by_tenant_code": {t: dict(Counter(r["code"] for r in results if r["tenant"] == t))
                                for t in ("alice", "bob")},
+            "by_code_every_10s_sent": {code: timeline([(r["sent_at"], 1) for r in results if r["code"] == code], sum)
+                                       for code in sorted({r["code"] for r in results})},
             "ok_latency_p50_s": percentile(ok, 0.5), "ok_latency_p99_s": percentile(ok, 0.99),
             "ok_req_s": len(ok) / b["wall_s"], "refusal_messages": dict(messages.most_common(8))}
 
@@ -313,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--idle-s", type=float, default=5.0, help="B: idle time before the RSS 'after' sample")
     ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
     ap.add_argument("--scenarios", default="A,B", help="which to run: A, B or A,B")
+    ap.add_argument("--server-log", metavar="FILE", help="also write the server's JSON log lines here")
     args = ap.parse_args(argv)
 
     from service.runtime.loader import default_model_path
@@ -343,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["server_warnings"] = server_log_events(server)
     finally:
         server.stop()
+        if args.server_log:
+            Path(args.server_log).write_text("\n".join(server.lines) + "\n")
     path = write_result("abuse", res)
     print_report(res, path)
     return res
@@ -361,7 +377,7 @@ def print_report(res: dict, path: Path) -> None:
             ("A bob TTFT alone", f"p50/p99 {alone['ttft_p50_s']:.3f}/{alone['ttft_p99_s']:.3f} s ({alone['ok']} ok)"),
             ("A bob TTFT during", f"p50/p99 {during['ttft_p50_s']:.3f}/{during['ttft_p99_s']:.3f} s ({during['ok']} "
                                   f"ok, failures {during['failures']})"),
-            ("A stalls (write)", f"{a['stalls_write']:.0f} after {a['seconds_to_stall_count']:.1f} s "
+            ("A stalls (write)", f"{a['stalls_write']:.0f}, counted {a['seconds_to_stall_count']:.1f} s after the first open "
                                  f"(stall timeout {a['stall_timeout_s']:g} s; all accepted cut: {a['all_accepted_cut']})"),
             ("A afterwards", f"alice again: {a['alice_again']['code']}; running {a['running_after_stalls']} -> "
                              f"{'0' if a['running_back_to_zero'] else 'NOT 0'} after {a['running_zero_wait_s']:.1f} s"),
