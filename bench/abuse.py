@@ -34,7 +34,16 @@ import grpc
 
 from bench.common import SYSTEM_PROMPT, environment, print_table, questions, write_result
 from bench.online import percentile
-from bench.probes import HealthProbe, Periodic, message_shape, outcome, rss_mib, scrape, summarize_health
+from bench.probes import (
+    HealthProbe,
+    Periodic,
+    message_shape,
+    outcome,
+    process_status,
+    rss_mib,
+    scrape,
+    summarize_health,
+)
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
 from service.client import LoraServeClient, build_request
@@ -225,7 +234,7 @@ def overload(server, args: argparse.Namespace) -> dict:
     rate = args.overload_factor * cap["req_s"]
     pid = server.proc.pid
     health = Periodic(HealthProbe(server.address), 0.5, "health-b").start()
-    rss = Periodic(lambda: rss_mib(pid), 0.5, "rss").start()
+    proc = Periodic(lambda: process_status(pid), 0.5, "proc").start()
     time.sleep(1.0)
     rss_before = rss_mib(pid)
     calls = Calls(server.address, args.deadline_s, args.new_tokens)
@@ -247,7 +256,8 @@ def overload(server, args: argparse.Namespace) -> dict:
     time.sleep(args.idle_s)
     rss_after = rss_mib(pid)
     health_samples = health.stop()
-    rss_samples = rss.stop()
+    proc_samples = proc.stop()
+    rss_samples = [(t, v["rss_mib"]) for t, v in proc_samples]
     calls.close()
     during = [v for t, v in rss_samples if t_start_wall <= t <= t_end_wall]
     for r in calls.results:
@@ -258,7 +268,8 @@ def overload(server, args: argparse.Namespace) -> dict:
             "health": summarize_health([v for t, v in health_samples if t_start_wall <= t <= t_end_wall]),
             "rss_mib": {"before": rss_before, "peak_during": max(during, default=float("nan")),
                         "after_idle": rss_after, "idle_s": args.idle_s,
-                        "every_10s": timeline([(t - t_start_wall, v) for t, v in rss_samples], max)}}
+                        "every_10s": timeline([(t - t_start_wall, v) for t, v in rss_samples], max)},
+            "server_threads_every_10s": timeline([(t - t_start_wall, v["threads"]) for t, v in proc_samples], max)}
 
 
 def timeline(points: list[tuple[float, float]], agg, bin_s: float = 10.0) -> dict[str, float]:
@@ -342,10 +353,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         ready = next(e for e in server.events() if e.get("event") == "server_ready")
         metrics_port = ready["metrics_port"]  # --metrics-port 0: the port it took is in the ready line
-        res["rss_mib_ready"] = rss_mib(server.proc.pid)
+        res["server_at_ready"] = process_status(server.proc.pid)
         chosen = {s.strip().upper() for s in args.scenarios.split(",")}
         if "A" in chosen:
             res["unread_streams"] = unread_streams(server.address, metrics_port, args)
+            res["server_after_a"] = process_status(server.proc.pid)
         if "B" in chosen:
             b = overload(server, args)
             start, results = b["start_time"], b["results"]
@@ -385,6 +397,7 @@ def print_report(res: dict, path: Path) -> None:
     if "overload" in res:
         b = res["overload"]
         cap, h, rss = b["capacity"], b["health"], b["rss_mib"]
+        threads = b["server_threads_every_10s"]
         rows += [
             ("B capacity", f"{cap['req_s']:.2f} req/s, {cap['tok_s']:.0f} tok/s ({cap['ok']}/{cap['requests']} ok)"),
             ("B offered", f"{b['arrival_rate_req_s']:.2f} req/s x {b['sending_s']:.0f} s = {b['sent']} calls, "
@@ -395,7 +408,8 @@ def print_report(res: dict, path: Path) -> None:
             ("B health (500 ms)", f"{h['answered']}/{h['checks']} answered, {h['serving']} SERVING, p50/p99/max "
                                   f"{h['latency_p50_ms']:.1f}/{h['latency_p99_ms']:.1f}/{h['latency_max_ms']:.1f} ms"),
             ("B server RSS", f"before {rss['before']:.0f} MiB, peak {rss['peak_during']:.0f} MiB, after "
-                             f"{rss['idle_s']:g} s idle {rss['after_idle']:.0f} MiB"),
+                             f"{rss['idle_s']:g} s idle {rss['after_idle']:.0f} MiB (at ready "
+                             f"{res['server_at_ready']['rss_mib']:.0f}); threads up to {max(threads.values()):.0f}"),
         ]
         for tenant in ("alice", "bob"):
             t = b["ledger"][tenant]

@@ -79,16 +79,23 @@ def summarize_health(samples: list[dict]) -> dict:
             "latency_max_ms": max(answered, default=float("nan")) * 1000}
 
 
-def rss_mib(pid: int) -> float:
-    """VmRSS of a process, in MiB (nan once it is gone)."""
+def process_status(pid: int) -> dict[str, float]:
+    """A process's resident memory (VmRSS, MiB) and thread count; nan once it is gone."""
+    out = {"rss_mib": float("nan"), "threads": float("nan")}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                    out["rss_mib"] = int(line.split()[1]) / 1024
+                elif line.startswith("Threads:"):
+                    out["threads"] = int(line.split()[1])
     except OSError:
         pass
-    return float("nan")
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    return process_status(pid)["rss_mib"]
 
 
 def scrape(port: int, timeout: float = 5.0) -> dict[str, float]:
