@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stall-timeout-s", type=float, default=5.0, help="the server's --client-stall-timeout-s")
     ap.add_argument("--stall-grace-s", type=float, default=30.0, help="A: how long past it to wait for the stalls")
     ap.add_argument("--bob-requests", type=int, default=8, help="A: bob's distinct prompts (alone: one pass)")
-    ap.add_argument("--bob-tokens", type=int, default=16, help="A: bob's max_tokens")
+    ap.add_argument("--bob-tokens", type=int, default=4,
+                    help="A: bob's max_tokens (few: more TTFT samples while alice's streams are held)")
     ap.add_argument("--capacity-requests", type=int, default=64, help="B: the capacity burst")
     ap.add_argument("--overload-factor", type=float, default=3.0, help="B: arrival rate / measured capacity")
     ap.add_argument("--overload-s", type=float, default=60.0, help="B: how long arrivals come")
