@@ -254,7 +254,8 @@ def overload(server, args: argparse.Namespace) -> dict:
     wall_s = time.perf_counter() - t0  # first arrival to the last call's end
     t_end_wall = time.time()
     time.sleep(args.idle_s)
-    rss_after = rss_mib(pid)
+    status_after = process_status(pid)
+    rss_after = status_after["rss_mib"]
     health_samples = health.stop()
     proc_samples = proc.stop()
     rss_samples = [(t, v["rss_mib"]) for t, v in proc_samples]
@@ -269,6 +270,8 @@ def overload(server, args: argparse.Namespace) -> dict:
             "rss_mib": {"before": rss_before, "peak_during": max(during, default=float("nan")),
                         "after_idle": rss_after, "idle_s": args.idle_s,
                         "every_10s": timeline([(t - t_start_wall, v) for t, v in rss_samples], max)},
+            "server_status_after_idle": status_after,
+            "rss_anon_mib_every_10s": timeline([(t - t_start_wall, v["rss_anon_mib"]) for t, v in proc_samples], max),
             "server_threads_every_10s": timeline([(t - t_start_wall, v["threads"]) for t, v in proc_samples], max)}
 
 

@@ -80,15 +80,18 @@ def summarize_health(samples: list[dict]) -> dict:
 
 
 def process_status(pid: int) -> dict[str, float]:
-    """A process's resident memory (VmRSS, MiB) and thread count; nan once it is gone."""
-    out = {"rss_mib": float("nan"), "threads": float("nan")}
+    """A process's resident memory (VmRSS, and its anonymous and file-backed parts, MiB) and thread count;
+    nan once it is gone."""
+    fields = {"VmRSS:": "rss_mib", "RssAnon:": "rss_anon_mib", "RssFile:": "rss_file_mib"}
+    out = {name: float("nan") for name in (*fields.values(), "threads")}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    out["rss_mib"] = int(line.split()[1]) / 1024
-                elif line.startswith("Threads:"):
-                    out["threads"] = int(line.split()[1])
+                key, *rest = line.split()
+                if key in fields:
+                    out[fields[key]] = int(rest[0]) / 1024
+                elif key == "Threads:":
+                    out["threads"] = int(rest[0])
     except OSError:
         pass
     return out
