@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# kernels: CUDA only (says so and returns without one); online: a server process and a gRPC client.
-WORKLOADS = ("engine", "multi_lora", "online", "kernels")
+# kernels: CUDA only (says so and returns without one); online and abuse: a server process and gRPC clients.
+WORKLOADS = ("engine", "multi_lora", "online", "kernels", "abuse")
 
 
 def main(argv: list[str] | None = None) -> int:
