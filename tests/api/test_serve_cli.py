@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import grpc
 import pytest
 
 from service.client import LoraServeClient
+from service.loop import wait_until
 from tests.api.serve_process import ServeProcess, cli
 
 TINY_ARGS = ("--dtype", "float32", "--kv-cache-gib", "0.004", "--threads", "1")
@@ -27,10 +27,8 @@ def test_ready_line_names_the_address_and_logs_are_json_with_request_ids(served)
     assert served.address.startswith("127.0.0.1:") and not served.address.endswith(":0")
     with LoraServeClient(served.address, timeout=30) as c:
         c.generate("t5 t6", temperature=0, max_tokens=3)
-    deadline = time.monotonic() + 5
-    while not any(e.get("event") == "request_finished" for e in served.events()):
-        assert time.monotonic() < deadline, "no request_finished log line"
-        time.sleep(0.05)
+    assert wait_until(lambda: any(e.get("event") == "request_finished" for e in served.events()), 5), \
+        "no request_finished log line"
     finished = [e for e in served.events() if e.get("event") == "request_finished"][-1]
     assert finished["request_id"].startswith("req-") and finished["output_tokens"] == 3
     assert any(e.get("event") == "adapter_registered" and e["name"] == "tiny-lora" for e in served.events())
