@@ -34,6 +34,7 @@ from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer
 from service.api.auth import Authenticator, AuthInterceptor
 from service.api.convert import RequestConverter
+from service.api.decoding import DecodeInterceptor
 from service.api.errors import ErrorInterceptor
 from service.api.gen.loraserve.v1 import (
     adapters_pb2,
@@ -183,8 +184,11 @@ class LoraServer:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share its connections.
         # The receive bound is set here rather than left to grpc's default (also 4 MiB), so it is ours to
         # document and configure: a larger message is refused with RESOURCE_EXHAUSTED before it is parsed.
+        # Interceptors, outermost first: errors -> status codes, then authentication, then undecodable requests
+        # refused (so a caller without credentials hears UNAUTHENTICATED, never what the parser said).
+        interceptors = [ErrorInterceptor(), AuthInterceptor(Authenticator(self.tenants)), DecodeInterceptor()]
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-                                  interceptors=[ErrorInterceptor(), AuthInterceptor(Authenticator(self.tenants))],
+                                  interceptors=interceptors,
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", self.config.max_message_mib * 2**20)])
         inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),

@@ -13,8 +13,10 @@ OWN_PREFIX = "/loraserve."
 Wrapper = Callable[[Callable, str], Callable]  # (behaviour, method) -> behaviour
 
 
-def rewrap(handler: grpc.RpcMethodHandler | None, method: str, unary: Wrapper, stream: Wrapper) -> Any:
-    """`handler` with its behaviour wrapped: `unary` for unary-response kinds, `stream` for streaming ones."""
+def rewrap(handler: grpc.RpcMethodHandler | None, method: str, unary: Wrapper, stream: Wrapper, *,
+           request_deserializer: Callable | None = None) -> Any:
+    """`handler` with its behaviour wrapped: `unary` for unary-response kinds, `stream` for streaming ones; and
+    with `request_deserializer` in place of its own, if given."""
     if handler is None or not method.startswith(OWN_PREFIX):
         return handler
     kinds = (
@@ -26,6 +28,7 @@ def rewrap(handler: grpc.RpcMethodHandler | None, method: str, unary: Wrapper, s
     for attr, wrap, make in kinds:
         behavior = getattr(handler, attr)
         if behavior is not None:
-            return make(wrap(behavior, method), request_deserializer=handler.request_deserializer,
+            return make(wrap(behavior, method),
+                        request_deserializer=request_deserializer or handler.request_deserializer,
                         response_serializer=handler.response_serializer)
     return handler
