@@ -3,6 +3,7 @@
 Servicers raise plain exceptions (ValueError for bad input, the registry's errors, QueueFullError, ...)
 and never pick status codes themselves. Bad input must never surface as UNKNOWN or INTERNAL; anything
 unexpected becomes INTERNAL with a generic message and the request id, and is logged with its traceback.
+Every status message is capped at 1 KiB, whatever a future message quotes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from service.loop import LoopClosed
 log = structlog.get_logger("service.api")
 
 QUEUE_FULL_RETRY_S = 0.5  # RetryInfo hint: about the time a short request spends in the batch
+MAX_STATUS_MESSAGE_BYTES = 1024  # far below gRPC's 16 KiB of trailing metadata, even percent-encoded
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraserve_request_id", default=None)
 
@@ -100,11 +102,21 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
+def cap_message(message: str, limit: int = MAX_STATUS_MESSAGE_BYTES) -> str:
+    """`message`, cut to `limit` bytes of UTF-8 with its full length appended: gRPC sends it in trailing
+    metadata (16 KiB at most, percent-encoded), and an overflow reaches the client as RESOURCE_EXHAUSTED
+    "Stream removed" instead of the status meant."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    return f"{data[:limit].decode('utf-8', 'ignore')}... ({len(message)} chars)"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message an exception becomes."""
+    """The status code and message an exception becomes (the message capped by `cap_message`)."""
     for cls, code in _CODES:
         if isinstance(exc, cls):
-            return code, str(exc) or cls.__name__
+            return code, cap_message(str(exc) or cls.__name__)
     return grpc.StatusCode.INTERNAL, f"internal error (request id {current_request_id()}); it was logged"
 
 
