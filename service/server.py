@@ -186,7 +186,8 @@ class LoraServer:
         # document and configure: a larger message is refused with RESOURCE_EXHAUSTED before it is parsed.
         # Interceptors, outermost first: errors -> status codes, then authentication, then undecodable requests
         # refused (so a caller without credentials hears UNAUTHENTICATED, never what the parser said).
-        interceptors = [ErrorInterceptor(), AuthInterceptor(Authenticator(self.tenants)), DecodeInterceptor()]
+        self.errors = ErrorInterceptor()
+        interceptors = [self.errors, AuthInterceptor(Authenticator(self.tenants)), DecodeInterceptor()]
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                   interceptors=interceptors,
                                   options=[("grpc.so_reuseport", 0),
@@ -283,6 +284,7 @@ class LoraServer:
         self.registry.close()
         self.metrics.close()
         self.tracer_provider.shutdown()
+        self.errors.logs.close()  # the summary of refusals not logged, if any
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._stopped.wait(timeout)

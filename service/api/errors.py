@@ -3,7 +3,7 @@
 Servicers raise plain exceptions (ValueError for bad input, the registry's errors, QueueFullError, ...)
 and never pick status codes themselves. Bad input must never surface as UNKNOWN or INTERNAL; anything
 unexpected becomes INTERNAL with a generic message and the request id, and is logged with its traceback.
-Every status message is capped at 1 KiB, whatever a future message quotes.
+Every status message is capped at 1 KiB, and refusals and failures are logged at a bounded rate (`ErrorLogs`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from adapters.registry_types import (
 from adapters.store import NotInStore, StoreError
 from service.api.auth import PermissionDenied, Unauthenticated, set_current_tenant
 from service.api.handlers import rewrap
+from service.api.log_budget import LogBudget
 from service.engine.scheduler import QueueFullError
 from service.limits import LimitExceeded
 from service.loop import LoopClosed
@@ -40,6 +41,8 @@ log = structlog.get_logger("service.api")
 
 QUEUE_FULL_RETRY_S = 0.5  # RetryInfo hint: about the time a short request spends in the batch
 MAX_STATUS_MESSAGE_BYTES = 1024  # far below gRPC's 16 KiB of trailing metadata, even percent-encoded
+REFUSALS_PER_S, REFUSALS_BURST = 20.0, 100  # rpc_refused / rpc_stream_ended lines: clients cause them
+FAILURES_PER_S, FAILURES_BURST = 5.0, 20  # rpc_failed lines (with a traceback): a bug, but maybe one a client triggers
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("loraserve_request_id", default=None)
 
@@ -120,16 +123,31 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (request id {current_request_id()}); it was logged"
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, t0: float) -> None:
+class ErrorLogs:
+    """Where refusals and failures are logged, each under its own rate bound (`LogBudget`): a client that sends
+    bad input in a loop gets every answer, but the log gets a bounded number of lines and a summary."""
+
+    def __init__(self, refusals: LogBudget | None = None, failures: LogBudget | None = None) -> None:
+        self.refusals = refusals or LogBudget(log, "rpc_refusals_suppressed", "refusals",
+                                              rate_per_s=REFUSALS_PER_S, burst=REFUSALS_BURST)
+        self.failures = failures or LogBudget(log, "rpc_failures_suppressed", "failures",
+                                              rate_per_s=FAILURES_PER_S, burst=FAILURES_BURST)
+
+    def close(self) -> None:
+        self.refusals.close()
+        self.failures.close()
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str, t0: float, logs: ErrorLogs) -> None:
+    ms = round((time.perf_counter() - t0) * 1000, 1)
     if isinstance(exc, grpc.RpcError):  # the client's request stream broke (cancelled, too large): nothing to say
-        log.info("rpc_stream_ended", method=method, ms=round((time.perf_counter() - t0) * 1000, 1))
+        logs.refusals.emit("info", "rpc_stream_ended", "stream_ended", method=method, ms=ms)
         raise exc
     code, message = status_for(exc)
-    ms = round((time.perf_counter() - t0) * 1000, 1)
     if code is grpc.StatusCode.INTERNAL and not isinstance(exc, RequestFailed):
-        log.error("rpc_failed", method=method, code=code.name, ms=ms, exc_info=exc)
+        logs.failures.emit("error", "rpc_failed", code.name, method=method, code=code.name, ms=ms, exc_info=exc)
     else:
-        log.info("rpc_refused", method=method, code=code.name, message=message, ms=ms)
+        logs.refusals.emit("info", "rpc_refused", code.name, method=method, code=code.name, message=message, ms=ms)
     retry_s = QUEUE_FULL_RETRY_S if isinstance(exc, QueueFullError) else getattr(exc, "retry_after_s", None)
     if isinstance(exc, (QueueFullError, LimitExceeded)) and retry_s is not None:
         retry = any_pb2.Any()
@@ -164,37 +182,38 @@ def _end() -> None:
     set_current_tenant(None)
 
 
-def _wrap_unary(behavior: Callable, method: str) -> Callable:
-    def handler(request: Any, context: grpc.ServicerContext) -> Any:
-        t0 = _begin(method)
-        try:
-            return behavior(request, context)
-        except Exception as e:
-            if _already_aborted(context):
-                raise
-            _abort(context, e, method, t0)
-        finally:
-            _end()
-    return handler
-
-
-def _wrap_stream(behavior: Callable, method: str) -> Callable:
-    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        t0 = _begin(method)
-        try:
-            yield from behavior(request, context)
-        except Exception as e:
-            if _already_aborted(context):
-                raise
-            _abort(context, e, method, t0)
-        finally:
-            _end()
-    return handler
-
-
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Wraps every loraserve RPC handler (all four kinds): a request id and log context per call, and every
     exception mapped to its status. The outermost interceptor: authentication runs inside it."""
 
+    def __init__(self, logs: ErrorLogs | None = None) -> None:
+        self.logs = logs or ErrorLogs()
+
+    def _unary(self, behavior: Callable, method: str) -> Callable:
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            t0 = _begin(method)
+            try:
+                return behavior(request, context)
+            except Exception as e:
+                if _already_aborted(context):
+                    raise
+                _abort(context, e, method, t0, self.logs)
+            finally:
+                _end()
+        return handler
+
+    def _stream(self, behavior: Callable, method: str) -> Callable:
+        def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            t0 = _begin(method)
+            try:
+                yield from behavior(request, context)
+            except Exception as e:
+                if _already_aborted(context):
+                    raise
+                _abort(context, e, method, t0, self.logs)
+            finally:
+                _end()
+        return handler
+
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return rewrap(continuation(handler_call_details), handler_call_details.method, _wrap_unary, _wrap_stream)
+        return rewrap(continuation(handler_call_details), handler_call_details.method, self._unary, self._stream)

@@ -1,16 +1,20 @@
 """Request bytes that do not parse, on every RPC of the real server: INVALID_ARGUMENT naming the message type
 for an authenticated caller, UNAUTHENTICATED (and not a word about the bytes) for anyone else; an upload that
-breaks in the middle stores nothing."""
+breaks in the middle stores nothing; and a flood of them writes a bounded number of log lines."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
+from service.api.errors import REFUSALS_BURST, REFUSALS_PER_S
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from tests.api.conftest import TENANT_KEYS, Server, write_tenants
 from tests.api.fuzzing import CONFIG, WEIGHTS, Case, all_rpcs, send
 
@@ -66,3 +70,22 @@ def test_upload_with_an_undecodable_chunk_in_the_middle_stores_nothing(server: S
     assert "broken" not in [a.name for a in listed]
     assert sorted(p.name for p in store.rglob("*")) == before
     assert send(server.channel, Case(upload, msgs, "alice"), ALICE)[0] is grpc.StatusCode.OK  # the same, whole
+
+
+def test_a_flood_of_undecodable_requests_logs_a_bounded_number_of_lines(server: Server):
+    tokenize = server.channel.unary_unary("/loraserve.v1.InferenceService/Tokenize")
+    n = REFUSALS_BURST + 200
+    server.server.errors.logs.refusals.flush()
+    with capture_logs() as logs:
+        t0 = time.monotonic()
+        for _ in range(n):
+            with pytest.raises(grpc.RpcError):
+                tokenize(GARBAGE, metadata=ALICE, timeout=10)
+        elapsed = time.monotonic() - t0
+        server.server.errors.logs.refusals.flush()
+    refused = [e for e in logs if e["event"] == "rpc_refused"]
+    assert len(refused) <= REFUSALS_BURST + REFUSALS_PER_S * elapsed + 1
+    summary = [e for e in logs if e["event"] == "rpc_refusals_suppressed"]
+    assert len(refused) + sum(e["count"] for e in summary) == n
+    assert summary[0]["message"] == f"suppressed {summary[0]['count']} similar refusals"
+    assert server.stub.Tokenize(pb.TokenizeRequest(text="t5"), metadata=ALICE).token_ids  # still answering
