@@ -69,6 +69,16 @@ MAX_RPC_THREADS = 256  # past this, RPCs queue inside grpc; the engine's own wai
 SPARE_RPC_THREADS = 8  # kept from generations and uploads: health checks and short calls never wait on them
 
 
+class HealthServicer(health.HealthServicer):
+    """grpc's health servicer, with List answered UNIMPLEMENTED: grpcio-health-checking's generated base has List
+    but its servicer does not implement it, so every call (no key needed) was UNKNOWN "Method not implemented!"
+    with a traceback in the log. Check and Watch are grpc's."""
+
+    def List(self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "grpc.health.v1.Health/List is not implemented by this server: use Check or Watch")
+
+
 def store_from(svc: ServiceConfig) -> Store:
     if svc.store_kind == "s3":
         settings = {"bucket": svc.s3_bucket, "prefix": svc.s3_prefix, "endpoint_url": svc.s3_endpoint_url,
@@ -132,7 +142,7 @@ class LoraServer:
         self.config = config or ServerConfig()
         self.service_config = svc = service or ServiceConfig()
         self.runtime = runtime
-        self.health = health.HealthServicer()
+        self.health = HealthServicer()
         self._ready = False
         self._draining = False
         self._health_lock = threading.Lock()
@@ -328,7 +338,7 @@ class _StoreWait(grpc.GenericRpcHandler):
         self.problem, self.retry_s = problem, retry_s
         self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-wait"),
                                   options=[("grpc.so_reuseport", 0)])
-        status = health.HealthServicer()
+        status = HealthServicer()
         for name in ("", *SERVICES):
             status.set(name, _NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(status, self.server)

@@ -122,6 +122,14 @@ def test_health_follows_the_engine_loop(make_server):
     assert wait_until(lambda: health(server) == "SERVING", 5)
 
 
+def test_health_list_is_unimplemented_not_unknown(make_server, caplog):
+    # grpc's servicer lacks List: UNKNOWN "Method not implemented!" and a traceback per call, for anyone.
+    server = make_server()
+    err = rpc_error(health_pb2_grpc.HealthStub(server.channel).List, health_pb2.HealthListRequest(), timeout=5)
+    assert err.code() == grpc.StatusCode.UNIMPLEMENTED and "use Check or Watch" in err.details()
+    assert "Traceback" not in caplog.text
+
+
 def test_health_is_not_serving_before_start(tiny, tmp_path):
     from service.builder import build_runtime
     from service.config import EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
