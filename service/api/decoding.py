@@ -8,7 +8,8 @@ at once for a unary request, at that message for a request stream (an upload tha
 refused there and keeps nothing).
 
 It is the innermost interceptor, so authentication runs first: a caller without valid credentials is told
-UNAUTHENTICATED whatever bytes it sent, and never sees the parser's words.
+UNAUTHENTICATED whatever bytes it sent, and never sees the parser's words. Unlike the other interceptors it
+also covers grpc.health.v1 and reflection, which need no credentials.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from service.api.handlers import rewrap
+from service.api.handlers import OWN_PREFIX, rewrap
 
 MAX_REASON_CHARS = 200
 
@@ -79,24 +80,56 @@ def _checked_stream(requests: Iterator[Any]) -> Iterator[Any]:
         yield _checked(request)
 
 
+def _passing(check: Callable[[Any], Any]) -> Callable:
+    """For loraserve's RPCs: UndecodableRequest propagates to the error interceptor around them."""
+    def wrap(behavior: Callable, method: str) -> Callable:
+        def handler(request: Any, context: grpc.ServicerContext) -> Any:
+            return behavior(check(request), context)
+        return handler
+    return wrap
+
+
+def _answering(check: Callable[[Any], Any]) -> Callable:
+    """For health and reflection (no error interceptor around them): INVALID_ARGUMENT answered here."""
+    def wrap(behavior: Callable, method: str) -> Callable:
+        # *callback: grpc's send_response_callback for a non-blocking servicer (health Watch), which must stay
+        # non-blocking, or every Watch would hold one of the server's RPC threads for as long as it lasts.
+        def handler(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+            try:
+                return behavior(check(request), context, *callback)
+            except UndecodableRequest as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        for hint in ("experimental_non_blocking", "experimental_thread_pool"):
+            if hasattr(behavior, hint):
+                setattr(handler, hint, getattr(behavior, hint))
+        return handler
+    return wrap
+
+
+def _answering_stream(behavior: Callable, method: str) -> Callable:
+    """Reflection: a request stream answered by a stream, so the error surfaces while the answer is iterated."""
+    def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(_checked_stream(requests), context)
+        except UndecodableRequest as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    return handler
+
+
 class DecodeInterceptor(grpc.ServerInterceptor):
-    """Undecodable request messages -> UndecodableRequest, raised where the servicer would read them."""
+    """Undecodable request messages -> UndecodableRequest, raised where the servicer would read them. Health and
+    reflection too (no key is needed there, so anyone could make grpc log a traceback per call): their
+    servicers are not ours and no error interceptor runs around them, so INVALID_ARGUMENT is answered here."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         check = _checked_stream if handler.request_streaming else _checked
-
-        def unary(behavior: Callable, method: str) -> Callable:
-            def handler_(request: Any, context: grpc.ServicerContext) -> Any:
-                return behavior(check(request), context)
-            return handler_
-
-        def stream(behavior: Callable, method: str) -> Callable:
-            def handler_(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                yield from behavior(check(request), context)
-            return handler_
-
-        return rewrap(handler, handler_call_details.method, unary, stream,
+        if handler_call_details.method.startswith(OWN_PREFIX):
+            unary = stream = _passing(check)
+        else:
+            unary = _answering(check)
+            stream = _answering_stream if handler.request_streaming else unary
+        return rewrap(handler, handler_call_details.method, unary, stream, every_service=True,
                       request_deserializer=tolerant(handler.request_deserializer))

@@ -1,5 +1,6 @@
 """Rebuild a gRPC method handler of any of the four kinds around a wrapped behaviour (what every server
-interceptor of ours needs). Only loraserve's own RPCs are wrapped: health and reflection stay untouched."""
+interceptor of ours needs). Only loraserve's own RPCs are wrapped unless asked: health and reflection need no
+authentication and map no exceptions."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ Wrapper = Callable[[Callable, str], Callable]  # (behaviour, method) -> behaviou
 
 
 def rewrap(handler: grpc.RpcMethodHandler | None, method: str, unary: Wrapper, stream: Wrapper, *,
-           request_deserializer: Callable | None = None) -> Any:
+           request_deserializer: Callable | None = None, every_service: bool = False) -> Any:
     """`handler` with its behaviour wrapped: `unary` for unary-response kinds, `stream` for streaming ones; and
-    with `request_deserializer` in place of its own, if given."""
-    if handler is None or not method.startswith(OWN_PREFIX):
+    with `request_deserializer` in place of its own, if given. Only loraserve's RPCs unless `every_service`."""
+    if handler is None or not (every_service or method.startswith(OWN_PREFIX)):
         return handler
     kinds = (
         ("unary_unary", unary, grpc.unary_unary_rpc_method_handler),

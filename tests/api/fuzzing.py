@@ -10,11 +10,14 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
 from service.api.gen.loraserve.v1 import adapters_pb2, inference_pb2, usage_pb2
@@ -38,8 +41,17 @@ class Rpc:
 
 def all_rpcs() -> list[Rpc]:
     """Every RPC of the three loraserve services, read from the generated descriptors."""
+    return _rpcs(inference_pb2, adapters_pb2, usage_pb2)
+
+
+def open_rpcs() -> list[Rpc]:
+    """The RPCs anyone may call without a key: health Check and Watch, and reflection."""
+    return _rpcs(health_pb2, reflection_pb2)
+
+
+def _rpcs(*modules: Any) -> list[Rpc]:
     rpcs = []
-    for module in (inference_pb2, adapters_pb2, usage_pb2):
+    for module in modules:
         for service in module.DESCRIPTOR.services_by_name.values():
             for m in service.methods:
                 rpcs.append(Rpc(f"/{service.full_name}/{m.name}", message_factory.GetMessageClass(m.input_type),

@@ -9,12 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from structlog.testing import capture_logs
 
 from service.api.decoding import DecodeInterceptor
 from service.api.errors import MAX_STATUS_MESSAGE_BYTES, ErrorInterceptor, ErrorLogs, cap_message
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.log_budget import LogBudget
+from service.server import HealthServicer
 
 SERVICE = "loraserve.test.Echo"  # under /loraserve.: the interceptors wrap it like a real loraserve RPC
 
@@ -115,6 +117,27 @@ def test_an_undecodable_message_in_a_request_stream_is_refused_there(echo):
 def test_grpc_logs_no_traceback_for_undecodable_bytes(echo, caplog):
     call(echo[0], "Text", b"\xff")
     assert "Exception deserializing" not in caplog.text
+
+
+def test_health_watch_holds_no_rpc_thread_behind_the_decode_interceptor():
+    # grpc's Watch is non-blocking; wrapped without its hints, each Watch would hold an RPC thread for its life,
+    # and a few unauthenticated watchers would starve the server.
+    status = HealthServicer()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[ErrorInterceptor(), DecodeInterceptor()])
+    health_pb2_grpc.add_HealthServicer_to_server(status, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    try:
+        watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=10) for _ in range(4)]
+        assert [next(w).status for w in watches] == [health_pb2.HealthCheckResponse.SERVING] * 4
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=3).status == health_pb2.HealthCheckResponse.SERVING
+        status.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert next(watches[0]).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for w in watches:
+            w.cancel()
+    finally:
+        server.stop(None)
 
 
 # ---- the log budget ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Request bytes that do not parse, on every RPC of the real server: INVALID_ARGUMENT naming the message type
-for an authenticated caller, UNAUTHENTICATED (and not a word about the bytes) for anyone else; an upload that
-breaks in the middle stores nothing; and a flood of them writes a bounded number of log lines."""
+for an authenticated caller (and on health and reflection, which need no key), UNAUTHENTICATED (and not a
+word about the bytes) for anyone else on a loraserve RPC; an upload that breaks in the middle stores nothing;
+and a flood of them writes a bounded number of log lines."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from service.api.errors import REFUSALS_BURST, REFUSALS_PER_S
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from tests.api.conftest import TENANT_KEYS, Server, write_tenants
-from tests.api.fuzzing import CONFIG, WEIGHTS, Case, all_rpcs, send
+from tests.api.fuzzing import CONFIG, WEIGHTS, Case, all_rpcs, open_rpcs, send
 
 ALICE = (("authorization", f"Bearer {TENANT_KEYS['alice']}"),)
 GARBAGE = b"\xff\xff\xff\xff"  # a field key whose varint never ends: no parser accepts it
@@ -44,6 +45,15 @@ def test_undecodable_request_without_a_key_is_unauthenticated_and_says_nothing_o
     code, details = send(server.channel, Case(rpc, [GARBAGE], None), ())
     assert code is grpc.StatusCode.UNAUTHENTICATED, details
     assert "valid" not in details and "message" not in details
+
+
+@pytest.mark.parametrize("rpc", open_rpcs(), ids=[r.name for r in open_rpcs()])
+def test_undecodable_request_to_health_or_reflection_is_invalid_argument_without_a_traceback(server, rpc, caplog):
+    # No key is needed there: grpc's INTERNAL and its traceback per call would let anyone flood the log.
+    code, details = send(server.channel, Case(rpc, [GARBAGE], None), ())
+    assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details.startswith(f"the request is not a valid {rpc.request.DESCRIPTOR.full_name} message")
+    assert "Exception" not in caplog.text
 
 
 def test_text_that_is_not_utf8_is_named(server: Server):
