@@ -296,7 +296,7 @@ def send(channel: grpc.Channel, case: Case, metadata: tuple) -> tuple[grpc.Statu
         arg = case.requests[0]
     call = kind(rpc.path)  # no serializers: bytes go out and come back as they are
     try:
-        if rpc.client_streaming and case.cancel:
+        if rpc.client_streaming and not rpc.server_streaming and case.cancel:
             sent, release = threading.Event(), threading.Event()
             future = call.future(_first_then_wait(case.requests, sent, release), metadata=metadata,
                                  timeout=case.timeout)

@@ -1,5 +1,5 @@
 """No input takes the service down: every RPC fuzzed with hypothesis-generated messages and damaged bytes,
-with and without a valid API key. Every call must end with a status that names the problem (never INTERNAL or
+with and without a valid API key, and health and reflection, which need none. Every call must end with a status that names the problem (never INTERNAL or
 UNKNOWN, never a message past the cap); a caller without a valid key learns nothing but UNAUTHENTICATED; and
 afterwards the server is healthy, still generates, and its KV pool is whole.
 
@@ -20,7 +20,17 @@ from hypothesis import strategies as st
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from tests.api.conftest import TENANT_KEYS, Server, write_tenants
-from tests.api.fuzzing import CONFIG, LONG_TIMEOUT_S, WEIGHTS, Case, all_rpcs, payloads, send, upload_streams
+from tests.api.fuzzing import (
+    CONFIG,
+    LONG_TIMEOUT_S,
+    WEIGHTS,
+    Case,
+    all_rpcs,
+    open_rpcs,
+    payloads,
+    send,
+    upload_streams,
+)
 
 COUNT = int(os.environ.get("LORASERVE_FUZZ_COUNT", "2000"))
 ROUND = 10_000  # hypothesis runs of at most this many cases: its memory of tried cases grows with each
@@ -34,6 +44,7 @@ _KEYED = st.sampled_from(["alice", "alice", "ops", "bob"])
 CALLERS = st.one_of(_KEYED, _KEYED, _KEYED, st.sampled_from([None, *BAD_AUTH]))
 TIMEOUTS = st.sampled_from([LONG_TIMEOUT_S] * 18 + [0.001, 0.02])  # a few expire in the middle of the call
 RPCS = all_rpcs()
+OPEN = [r for r in open_rpcs() if r.name != "Watch"]  # Watch streams until cancelled: test_undecodable covers it
 
 
 def metadata(caller: str | None) -> tuple:
@@ -53,8 +64,13 @@ def server(tiny, tmp_path_factory):
 
 def cases(config: bytes, weights: bytes) -> st.SearchStrategy[Case]:
     per_rpc = []
-    for rpc in RPCS:
-        requests = upload_streams(config, weights) if rpc.client_streaming else payloads(rpc).map(lambda b: [b])
+    for rpc in RPCS + OPEN:
+        if rpc.name == "UploadAdapter":
+            requests = upload_streams(config, weights)
+        elif rpc.client_streaming:  # reflection: a few requests on one stream
+            requests = st.lists(payloads(rpc), min_size=1, max_size=3)
+        else:
+            requests = payloads(rpc).map(lambda b: [b])
         streaming = rpc.client_streaming or rpc.server_streaming
         per_rpc.append(st.builds(Case, st.just(rpc), requests, CALLERS, TIMEOUTS,
                                  st.booleans() if streaming else st.just(False)))
@@ -64,6 +80,7 @@ def cases(config: bytes, weights: bytes) -> st.SearchStrategy[Case]:
 def test_rpcs_cover_every_service():
     names = {r.name for r in RPCS}
     assert len(RPCS) == 12 and {"Generate", "GenerateStream", "UploadAdapter", "GetUsage"} <= names
+    assert {"Check", "ServerReflectionInfo"} <= {r.name for r in OPEN}
 
 
 def test_no_input_gets_internal_or_unknown(server: Server, tiny, capsys):
@@ -83,7 +100,7 @@ def test_no_input_gets_internal_or_unknown(server: Server, tiny, capsys):
         if not case.cancel:
             assert code is not grpc.StatusCode.CANCELLED, where
         assert len(details) <= MAX_DETAILS, where
-        if case.caller not in TENANT_KEYS and code not in CLIENT_SIDE:
+        if case.caller not in TENANT_KEYS and code not in CLIENT_SIDE and case.rpc in RPCS:
             assert code is grpc.StatusCode.UNAUTHENTICATED, where  # no parser or validation output before auth
 
     alice = metadata("alice")
