@@ -111,6 +111,9 @@ def scalars(field: FieldDescriptor) -> st.SearchStrategy:
 
 
 def values(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
+    if _is_map(field):  # map<K, V>: a dict (a map field is a repeated entry message on the wire)
+        key, value = (field.message_type.fields_by_name[n] for n in ("key", "value"))
+        return st.dictionaries(scalars(key), values(value, depth + 1), max_size=20)
     one = messages(field.message_type, depth + 1) if field.type == F.TYPE_MESSAGE else scalars(field)
     if not _is_repeated(field):
         return one
@@ -122,6 +125,10 @@ def values(field: FieldDescriptor, depth: int) -> st.SearchStrategy:
 
 def _is_repeated(field: FieldDescriptor) -> bool:
     return field.is_repeated
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
 
 
 def messages(desc: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
@@ -139,7 +146,13 @@ def _build(cls: type[Message], kw: dict) -> Message:
     for name, value in kw.items():
         field = cls.DESCRIPTOR.fields_by_name[name]
         target = getattr(msg, name) if field.type == F.TYPE_MESSAGE or _is_repeated(field) else None
-        if _is_repeated(field):
+        if _is_map(field):
+            for k, v in value.items():
+                if isinstance(v, Message):
+                    target[k].CopyFrom(v)
+                else:
+                    target[k] = v
+        elif _is_repeated(field):
             target.extend(value)
         elif field.type == F.TYPE_MESSAGE:
             target.CopyFrom(value)
@@ -213,7 +226,9 @@ def near_valid_generation(cls: type[Message], vocab_size: int) -> st.SearchStrat
         "sampling": sampling, "stop": st.lists(words, max_size=3),
         "stop_token_ids": st.lists(st.integers(0, vocab_size - 1), max_size=3),
         "client_request_id": st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=128),
-        "priority": st.integers(-1000, 1000)})
+        "priority": st.integers(-1000, 1000),
+        "labels": st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.-]{0,12}", fullmatch=True), st.text(max_size=20),
+                                  max_size=4)})
     fields = {f.name for f in cls.DESCRIPTOR.fields}
 
     def build(p: dict, r: dict) -> Message:
