@@ -43,8 +43,10 @@ test-fast: install
 # Every RPC fuzzed with FUZZ_COUNT generated and damaged messages against a real server (tiny model; make test
 # runs 2,000 of them); prints the count of each status code. Fails on any INTERNAL or UNKNOWN answer.
 FUZZ_COUNT ?= 100000
+FUZZ_DEFAULT_COUNT ?= 5000  # the same against the real default model, which must answer Paris after
 fuzz: install
-	LORASERVE_FUZZ_COUNT=$(FUZZ_COUNT) $(PY) -m pytest -q --timeout=0 tests/api/test_fuzz.py $(ARGS)
+	LORASERVE_FUZZ_COUNT=$(FUZZ_COUNT) LORASERVE_FUZZ_DEFAULT_COUNT=$(FUZZ_DEFAULT_COUNT) $(PY) -m pytest -q \
+		--timeout=0 -s tests/api/test_fuzz.py tests/e2e/test_fuzz_default_model.py $(ARGS)
 
 bench: install
 	$(PY) -m bench.run $(ARGS)

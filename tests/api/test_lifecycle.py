@@ -197,7 +197,8 @@ def test_the_last_message_waits_for_the_usage_row(make_server):
         got.clear()
 
         def call(rpc=rpc, cls=cls):
-            result = getattr(server.stub, rpc)(cls(text="t5 t6", sampling=pb.SamplingParams(max_tokens=3)))
+            result = getattr(server.stub, rpc)(cls(text="t5 t6", sampling=pb.SamplingParams(
+                max_tokens=3, temperature=0, ignore_eos=True)))
             got.append(result if rpc == "Generate" else list(result)[-1])
 
         t = threading.Thread(target=call)
