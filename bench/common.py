@@ -58,6 +58,49 @@ def measure_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps:
     return 2 * n**3 / best / 1e9
 
 
+def measure_bandwidth_gbs(nbytes: int = 1 << 29, reps: int = 5) -> float:
+    """GB/s of a large tensor copy, counting the bytes read and written (the machine's memory ceiling)."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def model_bytes_per_token(model) -> int:
+    """Bytes one decode step must read of the base model whatever the batch: every weight as stored (the int4
+    codes, scales and zeros; not the fast-path copies), the embedding rows aside."""
+    from kernels.quant import QuantizedTensor
+
+    def stored(w) -> int:
+        if isinstance(w, QuantizedTensor):
+            return sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.zeros) if t is not None)
+        return w.numel() * w.element_size()
+
+    total = stored(model.lm_head)  # tied: the embedding table read as the LM head
+    for lw in model.layers:
+        total += sum(stored(w) for w in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.input_norm, lw.post_norm))
+    return total
+
+
+def kv_bytes(arch, tokens: int, dtype_bytes: int = 2) -> int:
+    """K and V of `tokens` positions over every layer."""
+    return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * dtype_bytes * tokens
+
+
+def peer_results() -> dict:
+    """The peer's figures from bench/results/peers.json when `make bench ARGS=peers` ran (else nothing)."""
+    path = RESULTS / "peers.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if k.startswith("llamacpp_")} | {"llamacpp_commit": data.get("commit")}
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

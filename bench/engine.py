@@ -13,7 +13,17 @@ import time
 
 import torch
 
-from bench.common import chat_prompts, environment, measure_peak_gflops, print_table, write_result
+from bench.common import (
+    chat_prompts,
+    environment,
+    kv_bytes,
+    measure_bandwidth_gbs,
+    measure_peak_gflops,
+    model_bytes_per_token,
+    peer_results,
+    print_table,
+    write_result,
+)
 from service.builder import build_runtime
 from service.config import EngineConfig, RuntimeConfig
 from service.engine.sampling import SamplingParams
@@ -77,8 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
     arch = rt.loaded.arch
     peak32 = measure_peak_gflops(torch.float32)
     peak16 = measure_peak_gflops(torch.bfloat16)
+    bandwidth = measure_bandwidth_gbs()
     flops_tok = 2 * arch.active_params()
-    roofline = peak32 * 1e9 / flops_tok
+    # The roofline of the dtype the engine computes in (its matmuls run in it), not float32's.
+    roofline = (peak16 if args.dtype == "bfloat16" else peak32) * 1e9 / flops_tok
+    # One request alone reads every weight and its KV per token: bytes, not FLOPs, bound it.
+    single_bytes = model_bytes_per_token(rt.model) + kv_bytes(arch, len(single) + args.new_tokens // 2)
     res = {
         "workload": "mixed-no-adapter", "requests": args.requests, "new_tokens": args.new_tokens,
         "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "model": str(default_model_path().name),
@@ -86,9 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_tok_s": e_n / e_dt, "engine_seconds": e_dt, "single_stream_tok_s": s_n / s_dt,
         "prefix_cache_hit_tokens": stats.prefix_cache_hit_tokens,
         "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "flops_per_token": flops_tok,
-        "roofline_tok_s": roofline, "roofline_fraction": e_n / e_dt / roofline,
-        "roofline_bf16_tok_s": peak16 * 1e9 / flops_tok,
+        "roofline_tok_s": roofline, "roofline_fraction": e_n / e_dt / roofline, "roofline_dtype": args.dtype,
+        "peak_bandwidth_gbs": bandwidth, "single_stream_bytes_per_token": single_bytes,
+        "single_stream_byte_roofline_tok_s": bandwidth * 1e9 / single_bytes,
+        **peer_results(),
     }
+    res["single_stream_byte_roofline_fraction"] = res["single_stream_tok_s"] / res["single_stream_byte_roofline_tok_s"]
     if not args.skip_hf:
         hf = load_hf_default_model()
         hf_run(hf, [prompts[0][:16]], 2, pad_id=2)  # warm-up

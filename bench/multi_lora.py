@@ -18,7 +18,17 @@ from pathlib import Path
 
 import torch
 
-from bench.common import chat_prompts, environment, measure_peak_gflops, print_table, write_result
+from bench.common import (
+    chat_prompts,
+    environment,
+    kv_bytes,
+    measure_bandwidth_gbs,
+    measure_peak_gflops,
+    model_bytes_per_token,
+    peer_results,
+    print_table,
+    write_result,
+)
 from bench.engine import engine_run, hf_run, load_hf_default_model
 from service.builder import build_runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
@@ -86,11 +96,29 @@ def main(argv: list[str] | None = None) -> dict:
     res["ratio_1_adapter_vs_none"] = res["tok_s_1_adapter"] / res["tok_s_no_adapter"]
     arch = rt.loaded.arch
     per_layer = sum(i + o for o, i in arch.linear_shapes().values())
-    mean_rank = sum(RANKS[i % len(RANKS)] for i in range(na)) / na
+    ranks = [RANKS[i % len(RANKS)] for i in range(na)]
+    mean_rank = sum(ranks) / na
     res["flops_per_token"] = 2 * arch.active_params() + 2 * mean_rank * per_layer * arch.num_layers
     res["peak_fp32_gflops"] = measure_peak_gflops(torch.float32)
-    res["roofline_tok_s"] = res["peak_fp32_gflops"] * 1e9 / res["flops_per_token"]
+    res["peak_bf16_gflops"] = peak = measure_peak_gflops(torch.bfloat16)  # the base matmuls' dtype
+    res["peak_bandwidth_gbs"] = bandwidth = measure_bandwidth_gbs()
+    res["roofline_tok_s"] = peak * 1e9 / res["flops_per_token"]
     res["roofline_fraction"] = res["tok_s_32_adapters"] / res["roofline_tok_s"]
+    # The workload's own limit: a decode step of all n requests reads the base weights once, the weights of
+    # every adapter active in it (float32 on this path: 4 bytes) and every request's KV, and computes 2 FLOPs
+    # per weight per token; tokens per step / max(FLOPs / peak, bytes / bandwidth).
+    # KV positions one step must read at least: the prompts' common prefix once per adapter (requests of one
+    # adapter share its blocks; other adapters' K/V differ), the rest once per request.
+    shared = next((i for i, col in enumerate(zip(*prompts)) if len(set(col)) > 1), min(map(len, prompts)))
+    ctx = sum(map(len, prompts)) / n + new / 2  # mean context over the decode steps
+    positions = min(na, n) * shared + n * (ctx - shared)
+    step_bytes = (model_bytes_per_token(rt.model) + 4 * sum(ranks) * per_layer * arch.num_layers
+                  + kv_bytes(arch, round(positions)))
+    step_flops = n * res["flops_per_token"]
+    res["workload_step_bytes"], res["workload_step_flops"] = step_bytes, step_flops
+    res["workload_roofline_tok_s"] = n / max(step_flops / (peak * 1e9), step_bytes / (bandwidth * 1e9))
+    res["workload_roofline_fraction"] = res["tok_s_32_adapters"] / res["workload_roofline_tok_s"]
+    res.update(peer_results())
     if not args.skip_hf:
         names = [f"a{i % na}" for i in range(n)]
         hf_run(ref, [prompts[0][:16]], 2, pad_id=2, adapter_names=["a0"])  # warm-up
