@@ -22,6 +22,7 @@ from bench.common import (
     model_bytes_per_token,
     peer_results,
     print_table,
+    single_prompt,
     write_result,
 )
 from service.builder import build_runtime
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     rt = build_runtime(RuntimeConfig(dtype=args.dtype, threads=args.threads),
                        EngineConfig(max_num_seqs=args.requests, max_num_batched_tokens=2048))
     prompts = chat_prompts(rt.tokenizer, args.requests)
-    single = rt.tokenizer.encode_chat([{"role": "user", "content": "Tell me a short story about a lighthouse."}])
+    single = single_prompt(rt.tokenizer)
     # Warm-up on unrelated text: model, allocator and first-batch costs stay out of the numbers.
     engine_run(rt.engine, [rt.tokenizer.encode(f"warm up {i} " * 20) for i in range(4)], 4)
 

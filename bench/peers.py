@@ -3,7 +3,7 @@ the same adapters and the same two threads, timed in the same run (`make bench A
 
 Workloads (BENCH.md "mixed": a shared ~256-token system prompt plus a unique question through the chat
 template, 64 output tokens, EOS ignored, greedy):
-- single stream: one request at a time (`--parallel 1` for the peer);
+- single stream: one short chat request at a time, the same as bench/engine.py's (`--parallel 1` for the peer);
 - batched: 64 requests at once, no adapter (`--parallel 64`: the peer reuses no prefix across slots);
 - 32 / 1 / 0 adapters: the 64 requests over 32 adapters of ranks 8/16/32/64 on all seven projections, over one
   of them, and over none (the peer loads every adapter, `--lora-init-without-apply`, and each request names
@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import chat_prompts, environment, print_table, write_result
+from bench.common import chat_prompts, environment, print_table, single_prompt, write_result
 
 
 def peer_tok_s(server, prompts: list[list[int]], new_tokens: int, loras: list[list[dict] | None]) -> float:
@@ -34,8 +34,8 @@ def peer_tok_s(server, prompts: list[list[int]], new_tokens: int, loras: list[li
     return n / wall
 
 
-def run_peer(model: Path, prompts: list[list[int]], new_tokens: int, threads: int, gguf_loras: list[Path],
-             sequential: int) -> dict:
+def run_peer(model: Path, prompts: list[list[int]], single: list[int], new_tokens: int, threads: int,
+             gguf_loras: list[Path], sequential: int) -> dict:
     from bench.llamacpp import LlamaServer
 
     res = {}
@@ -43,8 +43,8 @@ def run_peer(model: Path, prompts: list[list[int]], new_tokens: int, threads: in
     try:
         one.complete(prompts[0][:8], 2)  # warm
         t = time.perf_counter()
-        for p in prompts[:sequential]:
-            one.complete(p, new_tokens)
+        for _ in range(sequential):
+            one.complete(single, new_tokens)
         res["llamacpp_single_stream_tok_s"] = sequential * new_tokens / (time.perf_counter() - t)
     finally:
         one.stop()
@@ -104,14 +104,15 @@ def main(argv: list[str] | None = None) -> dict:
             return tokens / dt
 
         engine_run(rt.engine, [p[:16] for p in prompts[:4]], 2, [versions[i % na] for i in range(4)] if na else None)
-        single = [ours([p], None) for p in prompts[:args.sequential]]
-        res["single_stream_tok_s"] = len(single) / sum(1 / s for s in single)  # tokens over total time
+        single = single_prompt(rt.tokenizer)
+        alone = [ours([single], None) for _ in range(args.sequential)]
+        res["single_stream_tok_s"] = len(alone) / sum(1 / s for s in alone)  # tokens over total time
         res["engine_tok_s"] = ours(prompts, None)
         if na:
             res["tok_s_32_adapters"] = ours(prompts, [versions[i % na] for i in range(n)])
             res["tok_s_1_adapter"] = ours(prompts, [versions[1]] * n)
             res["tok_s_no_adapter"] = res["engine_tok_s"]
-        res.update(run_peer(model, prompts, new, args.threads, ggufs, args.sequential))
+        res.update(run_peer(model, prompts, single, new, args.threads, ggufs, args.sequential))
     res["ratio_single_stream"] = res["single_stream_tok_s"] / res["llamacpp_single_stream_tok_s"]
     res["ratio_batched"] = res["engine_tok_s"] / res["llamacpp_batched_tok_s"]
     if na:

@@ -109,9 +109,10 @@ class QuantizedTensor:
             zeros=None if first.zeros is None else torch.cat([w.zeros for w in ws]),
         )
 
-    def prepack(self) -> None:
-        """Build the CPU fast-path layouts now rather than on the first bf16 matmul."""
-        quant_cpu.prepack(self)
+    def prepack(self, dense: bool = False) -> None:
+        """Build the CPU fast-path layouts now rather than on the first bf16 matmul; `dense`: also hold a dense
+        bf16 copy for batched matmuls (see kernels.quant_cpu)."""
+        quant_cpu.prepack(self, dense)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """The same weight on `device` (canonical tensors only: fast-path layouts are per device, built there)."""

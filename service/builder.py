@@ -101,7 +101,7 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
         )
     kernels = select_kernels(device)  # chosen once, here; the model keeps it
     model = LlamaModel(loaded.arch, loaded.tensors, dtype=dtype, max_model_len=max_len, device=device,
-                       kernels=kernels)
+                       kernels=kernels, dense_weights_bytes=rc.dense_weights_mib * 2**20)
     loaded.tensors = {}  # the model holds (fused) weights now; don't keep a second copy alive
     per_block = KVCache.bytes_per_block(loaded.arch, ec.block_size, dtype)
     num_blocks = _kv_bytes(rc, ec, loaded.arch, device) // per_block
@@ -136,6 +136,7 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
                        admission=AdapterAdmission(versions, ac.max_overtake_steps))
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
              device=describe(device), kernels=kernels.name, weights_mib=round(model.nbytes() / 2**20, 1),
+             dense_weights=model.dense_weights,
              kv_blocks=num_blocks, kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
     runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local, adapter_loader)

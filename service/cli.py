@@ -33,6 +33,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-gib", type=float,
                    help="paged KV arena size in GiB (default: 1 on the CPU; on a GPU what --gpu-memory-fraction leaves)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (the first GPU if there is one) (default: cpu)")
+    g.add_argument("--dense-weights-mib", type=int,
+                   help="CPU: also hold the weights as dense bfloat16 for batched steps when that takes at most this "
+                        f"many MiB; 0 never (default: {RuntimeConfig.dense_weights_mib})")
     g.add_argument("--gpu-memory-fraction", type=float,
                    help=f"on a GPU, the share of its memory to use (default: {RuntimeConfig.gpu_memory_fraction})")
     g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
@@ -43,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
     given = dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
                  kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
-                 gpu_memory_fraction=args.gpu_memory_fraction)
+                 gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib)
     return RuntimeConfig(**{k: v for k, v in given.items() if v is not None})
 
 
@@ -110,7 +113,7 @@ def serve_configs(args: argparse.Namespace) -> tuple:
     flags = {
         RuntimeConfig: dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
                             kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
-                            gpu_memory_fraction=args.gpu_memory_fraction),
+                            gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib),
         EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                            max_waiting=args.max_waiting),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),

@@ -19,6 +19,7 @@ from kernels import ops
 from kernels.lora import LoraSegments
 from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
+from kernels.quant_cpu import dense_bytes
 from service.runtime.arch import ModelArch
 
 Weight = torch.Tensor | QuantizedTensor
@@ -99,9 +100,10 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 class LlamaModel:
     def __init__(self, arch: ModelArch, tensors: dict[str, Weight], dtype: torch.dtype = torch.bfloat16,
                  max_model_len: int | None = None, *, device: torch.device | str = "cpu",
-                 kernels: Kernels | None = None) -> None:
+                 kernels: Kernels | None = None, dense_weights_bytes: int = 0) -> None:
         """`tensors` may be on the CPU: they are moved to `device` here. `kernels`: the backend (default: the
-        one `select_kernels` picks for the device)."""
+        one `select_kernels` picks for the device). `dense_weights_bytes`: on the CPU's bf16 path, hold dense
+        bf16 copies of the quantized matmul weights, for batched steps, when they take at most this much."""
         self.arch = arch
         self.dtype = dtype
         self.device = torch.device(device)
@@ -147,11 +149,20 @@ class LlamaModel:
         emb = torch.cat([freqs, freqs], -1)  # [max_len, head_dim]: HF rotate-half layout
         self._cos, self._sin = emb.cos().to(dev), emb.sin().to(dev)
         self.scale = arch.head_dim ** -0.5
+        self.dense_weights = False
         if dtype == torch.bfloat16 and dev.type == "cpu" and self.kernels.name == "torch":
             # the CPU bf16 fast-path layouts, built now rather than on the first request
+            matmuls = [w for w in self._matmul_weights() if isinstance(w, QuantizedTensor)]
+            self.dense_weights = 0 < sum(map(dense_bytes, matmuls)) <= dense_weights_bytes
             for w in self._weights():
                 if isinstance(w, QuantizedTensor):
-                    w.prepack()
+                    w.prepack(dense=self.dense_weights and any(w is m for m in matmuls))
+
+    def _matmul_weights(self) -> list[Weight]:
+        ws: list[Weight] = [self.lm_head]
+        for lw in self.layers:
+            ws += [lw.qkv, lw.o, lw.gate_up, lw.down]
+        return ws
 
     def _weights(self) -> list[Weight]:
         ws: list[Weight] = [self.embed, self.final_norm]

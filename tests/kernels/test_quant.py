@@ -181,3 +181,18 @@ def test_invalid_quantized_tensor() -> None:
         QuantizedTensor("int2", (4, 64), 32, torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4, 2))
     with pytest.raises(ValueError, match="does not divide K=64"):
         quantize_int4(torch.randn(4, 64), 24)
+
+
+def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_would():
+    """With a dense bf16 copy held (small models), M >= DENSE_MIN_M takes a plain bf16 matmul: the same values
+    as dequantizing on the fly (both round the dequantized weight to bf16 once); smaller M keeps the int4 kernel."""
+    from kernels import quant_cpu
+
+    w = quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), 32)
+    x = torch.randn(quant_cpu.DENSE_MIN_M, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    want = quant_cpu.dequant_mm(x, w)
+    w.prepack(dense=True)
+    assert w.packed["dense"][0].dtype == torch.bfloat16 and w.nbytes >= 2 * 96 * 128
+    torch.testing.assert_close(quant_cpu.linear(x, w), want, atol=0, rtol=0)
+    one = x[:1]
+    torch.testing.assert_close(quant_cpu.linear(one, w), quant_cpu.int4pack_mm(one, w), atol=0, rtol=0)
