@@ -130,6 +130,13 @@ def write_result(name: str, data: dict) -> Path:
     return path
 
 
+def report(name: str, title: str, res: dict) -> None:
+    """Write `res` to bench/results/<name>.json and print it as a table."""
+    path = write_result(name, res)
+    print_table(f"{title} (written to {path})",
+                [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in res.items()])
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n== {title}")

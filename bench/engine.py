@@ -21,9 +21,8 @@ from bench.common import (
     measure_peak_gflops,
     model_bytes_per_token,
     peer_results,
-    print_table,
+    report,
     single_prompt,
-    write_result,
 )
 from service.builder import build_runtime
 from service.config import EngineConfig, RuntimeConfig
@@ -115,9 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         res.update(hf_batched_tok_s=h_n / h_dt, hf_single_stream_tok_s=hs_n / hs_dt,
                    ratio_vs_hf_batched=res["engine_tok_s"] / (h_n / h_dt),
                    single_stream_ratio_vs_hf=res["single_stream_tok_s"] / (hs_n / hs_dt))
-    path = write_result("engine", res)
-    rows = [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in res.items()]
-    print_table(f"engine (written to {path})", rows)
+    report("engine", "engine", res)
     return res
 
 

@@ -26,8 +26,7 @@ from bench.common import (
     measure_peak_gflops,
     model_bytes_per_token,
     peer_results,
-    print_table,
-    write_result,
+    report,
 )
 from bench.engine import engine_run, hf_run, load_hf_default_model
 from service.builder import build_runtime
@@ -132,9 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["hf_peft_sequential_tok_s"] = seq_tokens / seq_dt
         res["ratio_vs_hf_peft_batched"] = res["tok_s_32_adapters"] / res["hf_peft_batched_tok_s"]
         res["ratio_vs_hf_peft_sequential"] = res["tok_s_32_adapters"] / res["hf_peft_sequential_tok_s"]
-    path = write_result("multi_lora", res)
-    print_table(f"multi-LoRA (written to {path})",
-                [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in res.items()])
+    report("multi_lora", "multi-LoRA", res)
     return res
 
 

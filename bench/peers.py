@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import chat_prompts, environment, print_table, single_prompt, write_result
+from bench.common import chat_prompts, environment, report, single_prompt
 
 
 def peer_tok_s(server, prompts: list[list[int]], new_tokens: int, loras: list[list[dict] | None]) -> float:
@@ -120,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     res["ratio_batched"] = res["engine_tok_s"] / res["llamacpp_batched_tok_s"]
     if na:
         res["ratio_32_adapters"] = res["tok_s_32_adapters"] / res["llamacpp_32_adapters_tok_s"]
-    path = write_result("peers", res)
-    print_table(f"loraserve vs llama.cpp's server (written to {path})",
-                [(k, f"{v:.3f}" if isinstance(v, float) else str(v)) for k, v in res.items()])
+    report("peers", "loraserve vs llama.cpp's server", res)
     return res
 
 
