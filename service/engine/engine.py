@@ -78,7 +78,9 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}  # unfinished requests
         self._detok: dict[str, Detokenizer] = {}
         self._pending: list[RequestOutput] = []  # final outputs of aborts, returned by the next step
-        self._deadlines: list[tuple[float, int, Request]] = []  # min-heap: (deadline, arrival, request)
+        # min-heap of (deadline, tie-break, request id, its arrival_seq): no reference to the request itself, so
+        # a finished request is not kept alive until its deadline passes
+        self._deadlines: list[tuple[float, int, str, int]] = []
         self._clock = clock
         self._ids = itertools.count()
         self._steps = 0
@@ -106,7 +108,7 @@ class LLMEngine:
         self._requests[spec.request_id] = request
         self._detok[spec.request_id] = Detokenizer(self.tokenizer, request.prompt_token_ids, spec.sampling)
         if spec.deadline is not None:
-            heapq.heappush(self._deadlines, (spec.deadline, next(self._ids), request))
+            heapq.heappush(self._deadlines, (spec.deadline, next(self._ids), spec.request_id, request.arrival_seq))
         return request
 
     def abort_request(self, request_id: str, reason: FinishReason = FinishReason.CANCELLED,
@@ -184,8 +186,9 @@ class LLMEngine:
         now = self._clock()
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            _, _, request = heapq.heappop(heap)
-            if self._requests.get(request.request_id) is request:
+            _, _, rid, seq = heapq.heappop(heap)
+            request = self._requests.get(rid)
+            if request is not None and request.arrival_seq == seq:  # not a later request reusing the id
                 error = RequestError(ErrorKind.DEADLINE_EXCEEDED, "the deadline passed before the request "
                                      "finished; it was stopped")
                 self._pending.append(self._finish(request, FinishReason.CANCELLED, error))
