@@ -34,6 +34,12 @@ from service.tracing import RequestSpan
 
 log = structlog.get_logger(__name__)
 
+# How often a waiting RPC thread wakes to look at its deadline and liveness. Cancellation itself is
+# immediate (the RPC's termination callback aborts the sequence); this only bounds a missed wake-up.
+POLL_S = 0.25
+RECORD_WAIT_S = 10.0  # past this, the response goes out anyway (the record may still land; it is logged)
+
+
 class AdapterHolder(Protocol):
     """Counts requests on each adapter version (a held version is never deleted under them)."""
 
@@ -85,12 +91,6 @@ def _await_recorded(handle: RequestHandle) -> None:
             log.error("usage_not_recorded_before_response")
     except FutureTimeout:
         log.error("usage_record_slow", waited_s=RECORD_WAIT_S)
-
-
-RECORD_WAIT_S = 10.0  # past this, the response goes out anyway (the record may still land; it is logged)
-# How often a waiting RPC thread wakes to look at its deadline and liveness. Cancellation itself is
-# immediate (the RPC's termination callback aborts the sequence); this only bounds a missed wake-up.
-POLL_S = 0.25
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
