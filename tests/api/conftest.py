@@ -126,6 +126,13 @@ tenants:
     return str(path)
 
 
+
+def tenants_server(tiny, root: Path, alice_limits: str = "{}", *, adapter: bool = True) -> Server:
+    """A Server in `root` for the tenants of write_tenants, serving the tiny model (and, unless told not to, its
+    adapter as the service's `tiny-lora`)."""
+    tenants = write_tenants(root / "tenants.yaml", alice_limits)
+    return Server(tiny[0], root / "data", adapter=tiny[1] if adapter else None, service={"tenants_file": tenants})
+
 def rpc_error(fn: Callable, *args, **kwargs) -> grpc.RpcError:
     """Call and return the RpcError it must raise (a streaming call is consumed)."""
     with pytest.raises(grpc.RpcError) as info:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from tests.api.conftest import TENANT_KEYS, Server, write_tenants
+from tests.api.conftest import TENANT_KEYS, Server, tenants_server
 from tests.api.fuzzing import (
     CONFIG,
     LONG_TIMEOUT_S,
@@ -56,8 +56,7 @@ def metadata(caller: str | None) -> tuple:
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("fuzz")
-    s = Server(tiny[0], root / "data", adapter=tiny[1], service={"tenants_file": write_tenants(root / "t.yaml")})
+    s = tenants_server(tiny, tmp_path_factory.mktemp("fuzz"))
     yield s
     s.close()
 

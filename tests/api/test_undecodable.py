@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from service.api.errors import REFUSALS_BURST, REFUSALS_PER_S
 from service.api.gen.loraserve.v1 import adapters_pb2 as apb
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from tests.api.conftest import TENANT_KEYS, Server, write_tenants
+from tests.api.conftest import TENANT_KEYS, Server, tenants_server
 from tests.api.fuzzing import CONFIG, WEIGHTS, Case, all_rpcs, open_rpcs, send
 
 ALICE = (("authorization", f"Bearer {TENANT_KEYS['alice']}"),)
@@ -26,8 +26,7 @@ RPCS = all_rpcs()
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    root = tmp_path_factory.mktemp("undecodable")
-    s = Server(tiny[0], root / "data", adapter=tiny[1], service={"tenants_file": write_tenants(root / "t.yaml")})
+    s = tenants_server(tiny, tmp_path_factory.mktemp("undecodable"))
     yield s
     s.close()
 
