@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from adapters.stores import STORE_KINDS
 
+SCHEDULING_POLICIES = ("vtc", "fcfs")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -16,6 +18,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024  # token budget of one step (prefill chunks + decodes)
     max_waiting: int = 1024  # waiting-queue bound; past it add_request refuses
     enable_prefix_caching: bool = True
+    # Between tenants: `vtc` (fair share by weighted tokens served, the Virtual Token Counter) or `fcfs`
+    # (priority, then arrival). Under vtc a tenant's counter grows by these weights per prompt token computed
+    # and per token generated, divided by the tenant's weight (tenants file).
+    scheduling_policy: str = "vtc"
+    input_token_weight: float = 1.0
+    output_token_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
@@ -26,6 +34,16 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is invalid: must be >= 1")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting={self.max_waiting} is invalid: must be >= 0")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy={self.scheduling_policy!r} is invalid: use one of "
+                             f"{', '.join(SCHEDULING_POLICIES)}")
+        for name in ("input_token_weight", "output_token_weight"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < float("inf")):
+                raise ValueError(f"{name}={w!r} is invalid: must be a finite number >= 0")
+        if self.input_token_weight == 0 and self.output_token_weight == 0:
+            raise ValueError("input_token_weight and output_token_weight are both 0: fair sharing would count "
+                             "no service at all; give at least one of them a positive weight")
 
 
 DTYPES = ("bfloat16", "float32")

@@ -92,6 +92,7 @@ class Request:
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
         "finished_time", "block_hashes", "arrival_seq", "lora_slot", "engine_seconds", "_all_token_ids",
         "_hash_key",
+        "tenant", "num_charged_prompt_tokens",
     )
 
     def __init__(self, spec: RequestSpec) -> None:
@@ -101,6 +102,7 @@ class Request:
         self.prompt_token_ids: list[int] = list(spec.prompt_token_ids)
         self.sampling = spec.sampling
         self.priority = spec.priority
+        self.tenant = spec.tenant
         # The adapter version id: part of every block hash, so different adapters never share KV.
         self.extra_key = spec.adapter_version
         self.output_token_ids: list[int] = []
@@ -131,6 +133,9 @@ class Request:
         # Its share of model-step time: each step's wall time split over its chunks by token count
         # (what usage accounting bills as engine-seconds).
         self.engine_seconds = 0.0
+        # Prompt positions already charged to the tenant's fair-share counter (a recomputation after a
+        # preemption is not charged again).
+        self.num_charged_prompt_tokens = 0
 
     @property
     def all_token_ids(self) -> list[int]:

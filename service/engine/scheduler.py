@@ -3,9 +3,13 @@
 Each step, under a token budget and a sequence limit, every running request catches its
 `num_computed_tokens` up towards `num_tokens` (a decode is 1 token; a prompt longer than the
 remaining budget is computed in chunks over several steps, so decodes keep flowing), then waiting
-requests are admitted starting from their longest cached prefix. When a running request needs a
-block and none is left, the lowest-priority, latest-arrived running request is preempted: it
-returns all its blocks and goes back to the front of the waiting queue to be recomputed.
+requests are admitted starting from their longest cached prefix. Between tenants, the fair-share
+policy (`fairness.FairShare`, `EngineConfig.scheduling_policy`) decides: under `vtc` the waiting request
+of the best priority class whose tenant has received the least weighted service goes first; under
+`fcfs`, priority then arrival. When a running request needs a block and none is left, the running
+request ranked last is preempted (lowest priority; under `vtc` from the tenant furthest ahead; then
+latest arrival): it returns all its blocks and goes back to the front of its tenant's queue to be
+recomputed.
 
 The admission policy (chosen at construction) may skip waiting requests; whatever it reserves for a
 request it admits (an adapter slot) is handed back through `on_release`, on every path that ends a
@@ -15,12 +19,12 @@ agreed.
 
 from __future__ import annotations
 
-import bisect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from service.config import EngineConfig
 from service.engine.admission import AdmissionPolicy, AdmitInOrder
+from service.engine.fairness import FairShare
 from service.engine.kv_cache import KVCacheManager
 from service.engine.outputs import RequestError
 from service.engine.request import Request, RequestStatus
@@ -32,11 +36,6 @@ class QueueFullError(Exception):
     """The waiting queue is at its bound; the caller should retry later (RESOURCE_EXHAUSTED)."""
 
 
-def _run_order(request: Request) -> tuple[int, int]:
-    # Running requests are kept sorted by this key: the last one is always the preemption victim.
-    return (request.priority, request.arrival_seq)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -44,7 +43,9 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         admission: AdmissionPolicy | None = None,
+        tenant_weight: Callable[[str], float] | None = None,
     ) -> None:
+        """`tenant_weight(tenant)`: the tenant's share weight for `vtc` (default: 1 for everyone)."""
         self.config = config
         self.kv = kv
         self.block_size = kv.block_size
@@ -55,8 +56,11 @@ class Scheduler:
         # num_blocks * block_size tokens is computable, and its sampled token ends the request.
         self.max_num_tokens = min(max_model_len, self.num_blocks * self.block_size + 1)
         self.admission: AdmissionPolicy = admission if admission is not None else AdmitInOrder()
-        self.running: list[Request] = []  # sorted by _run_order
-        self.waiting = WaitingQueue()
+        self.fair = FairShare(config.scheduling_policy, tenant_weight, config.input_token_weight,
+                              config.output_token_weight)
+        # Sorted by `_run_order` at the start of each step: the last one is always the preemption victim.
+        self.running: list[Request] = []
+        self.waiting = WaitingQueue(self.fair.key)
         self.num_preemptions = 0
         self._arrivals = 0
 
@@ -83,6 +87,7 @@ class Scheduler:
         request.arrival_seq = self._arrivals
         request.status = RequestStatus.WAITING
         self.waiting.push(request)
+        self.fair.arrive(request.tenant)
 
     @property
     def num_waiting(self) -> int:
@@ -96,13 +101,29 @@ class Scheduler:
         return bool(self.running) or len(self.waiting) > 0
 
     # ---- one step -----------------------------------------------------------------------
+    def _run_order(self, request: Request) -> tuple[int, float, int]:
+        return (request.priority, self.fair.key(request.tenant), request.arrival_seq)
+
+    def _chunk(self, req: Request, n: int) -> ScheduledChunk:
+        """Schedule n tokens of req and charge its tenant for the prompt positions never charged before."""
+        start = req.num_computed_tokens
+        end = min(start + n, req.num_prompt_tokens)
+        charged = req.num_charged_prompt_tokens
+        if end > charged:
+            self.fair.charge(req.tenant, input_tokens=end - max(start, charged))
+            req.num_charged_prompt_tokens = end
+        return ScheduledChunk(req, start, n, start + n == req.num_tokens)
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         failed: list[tuple[Request, RequestError]] = []
 
+        # The order is fixed for the step (counters move as it is scheduled): requests before i are
+        # scheduled and rank above the tail, so the preemption victim is never one of them.
         running = self.running
+        running.sort(key=self._run_order)
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -117,7 +138,7 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens))
+                chunks.append(self._chunk(req, n))
                 budget -= n
                 i += 1
 
@@ -159,8 +180,8 @@ class Scheduler:
                 req.num_cached_tokens = prefix.num_tokens
                 req.first_scheduled_time = time.monotonic()
             req.status = RequestStatus.RUNNING
-            bisect.insort(self.running, req, key=_run_order)
-            chunks.append(ScheduledChunk(req, req.num_computed_tokens, n, req.num_computed_tokens + n == req.num_tokens))
+            self.running.append(req)  # sorted into place at the start of the next step
+            chunks.append(self._chunk(req, n))
             in_flight.update(self.kv.hashes_in_flight(req, req.num_computed_tokens + n))
             budget -= n
         for entry in skipped:
@@ -191,6 +212,7 @@ class Scheduler:
                 if result is None:
                     raise RuntimeError(f"the model runner returned no sample for {req.request_id!r}")
                 req.append_output_token(result.token_id)
+                self.fair.charge(req.tenant, output_tokens=1)
                 sampled.append((req, result))
         return sampled
 
@@ -210,6 +232,7 @@ class Scheduler:
             req.status = RequestStatus.FINISHED
             req.finish_reason = reason
             req.finished_time = now
+            self.fair.leave(req.tenant)
         if any_running:
             self.running = [r for r in self.running if not r.is_finished]
 
@@ -230,4 +253,8 @@ class Scheduler:
             assert req.lora_slot == -1, f"waiting {req} holds adapter slot {req.lora_slot}"
         for bid in range(pool.num_blocks):
             assert pool.ref_count(bid) == refs.get(bid, 0), f"block {bid}: ref count != running tables"
-        assert self.running == sorted(self.running, key=_run_order), "running list out of order"
+        assert len({id(r) for r in self.running}) == len(self.running), "a request runs twice"
+        active: dict[str, int] = {}
+        for req in [*self.running, *self.waiting]:
+            active[req.tenant] = active.get(req.tenant, 0) + 1
+        assert active == self.fair.active_tenants(), f"fair-share requests {self.fair.active_tenants()} != {active}"

@@ -1,9 +1,15 @@
-"""The waiting queue: priority, then arrival; preempted requests go to the front (torch-free)."""
+"""The waiting queue: priority, then the tenants' fair-share order, then arrival (torch-free).
+
+Each tenant has its own heap on (priority, seq); `peek` takes, among the tenants' heads, the smallest
+(priority, tenant key, seq). The tenant key comes from the fair-share policy (`fairness.FairShare.key`: the
+tenant's service counter under `vtc`, a constant under `fcfs`, which leaves plain priority-then-arrival
+order). Preempted requests go to the front of their tenant's queue within their priority class.
+"""
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from service.engine.request import Request
 
@@ -11,25 +17,32 @@ from service.engine.request import Request
 class QueueEntry:
     """A heap slot. Removal marks it dead instead of searching the heap (lazy deletion)."""
 
-    __slots__ = ("priority", "seq", "request")
+    __slots__ = ("priority", "seq", "request", "tenant")
 
     def __init__(self, priority: int, seq: int, request: Request) -> None:
         self.priority = priority
         self.seq = seq
         self.request: Request | None = request
+        self.tenant = request.tenant
 
     def __lt__(self, other: QueueEntry) -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
 
 
-class WaitingQueue:
-    """Min-heap on (priority, seq). New requests take increasing seqs (FCFS within a priority);
-    preempted ones take decreasing negative seqs, i.e. the front of their priority class, the most
-    recently preempted first (it arrived earliest: victims are taken latest-arrival first)."""
+def _no_key(tenant: str) -> float:
+    return 0.0
 
-    def __init__(self) -> None:
-        self._heap: list[QueueEntry] = []
+
+class WaitingQueue:
+    """Per-tenant min-heaps on (priority, seq). New requests take increasing seqs (arrival order within a
+    tenant and priority); preempted ones take decreasing negative seqs, i.e. the front of their priority
+    class, the most recently preempted first (it arrived earliest: victims are taken latest-arrival first).
+    Picking among tenants costs one look at each tenant's head: tenants are few next to requests."""
+
+    def __init__(self, tenant_key: Callable[[str], float] = _no_key) -> None:
+        self._heaps: dict[str, list[QueueEntry]] = {}
         self._live: dict[str, QueueEntry] = {}
+        self._tenant_key = tenant_key
         self._back_seq = 0
         self._front_seq = 0
 
@@ -58,16 +71,29 @@ class WaitingQueue:
         self._push(entry)
 
     def peek(self) -> QueueEntry | None:
-        heap = self._heap
-        while heap and heap[0].request is None:
-            heapq.heappop(heap)
-        return heap[0] if heap else None
+        best: QueueEntry | None = None
+        best_key: tuple[int, float, int] | None = None
+        empty = []
+        key = self._tenant_key
+        for tenant, heap in self._heaps.items():
+            while heap and heap[0].request is None:
+                heapq.heappop(heap)
+            if not heap:
+                empty.append(tenant)
+                continue
+            head = heap[0]
+            k = (head.priority, key(tenant), head.seq)
+            if best_key is None or k < best_key:
+                best, best_key = head, k
+        for tenant in empty:
+            del self._heaps[tenant]
+        return best
 
     def pop(self) -> QueueEntry:
         entry = self.peek()
         if entry is None:
             raise IndexError("pop from an empty waiting queue")
-        heapq.heappop(self._heap)
+        heapq.heappop(self._heaps[entry.tenant])
         assert entry.request is not None
         del self._live[entry.request.request_id]
         return entry
@@ -83,4 +109,4 @@ class WaitingQueue:
         assert entry.request is not None
         assert entry.request.request_id not in self._live, f"{entry.request} is already waiting"
         self._live[entry.request.request_id] = entry
-        heapq.heappush(self._heap, entry)
+        heapq.heappush(self._heaps.setdefault(entry.tenant, []), entry)
