@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-# kernels: CUDA only (says so and returns without one); online and abuse: a server process and gRPC clients;
-# peers: llama.cpp's server on the same file (built once, ~25 minutes on 2 cores, cached under bench/.peers/).
-WORKLOADS = ("engine", "multi_lora", "peers", "online", "kernels", "abuse")
+# kernels: CUDA only (says so and returns without one); online, abuse and fairness: a server process and gRPC
+# clients; peers: llama.cpp's server on the same file (built once, ~25 minutes on 2 cores, cached under bench/.peers/).
+WORKLOADS = ("engine", "multi_lora", "peers", "online", "kernels", "abuse", "fairness")
 
 
 def main(argv: list[str] | None = None) -> int:

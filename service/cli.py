@@ -11,6 +11,7 @@ from service.cli_client import add_client_args, add_commands
 from service.config import (
     DTYPES,
     QUANTIZE_MODES,
+    SCHEDULING_POLICIES,
     AdapterConfig,
     EngineConfig,
     RuntimeConfig,
@@ -115,7 +116,9 @@ def serve_configs(args: argparse.Namespace) -> tuple:
                             kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
                             gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib),
         EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                           max_waiting=args.max_waiting),
+                           max_waiting=args.max_waiting, scheduling_policy=args.scheduling_policy,
+                           input_token_weight=args.input_token_weight,
+                           output_token_weight=args.output_token_weight),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
         ServerConfig: dict(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s,
                            grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s,
@@ -205,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"token budget of one engine step (default: {EngineConfig.max_num_batched_tokens})")
     s.add_argument("--max-waiting", type=int, help="waiting-queue bound; past it requests get RESOURCE_EXHAUSTED "
                    f"(default: {EngineConfig.max_waiting})")
+    s.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES,
+                   help="between tenants: vtc = fair share of weighted tokens (each tenant's `weight` in the "
+                        "tenants file), fcfs = priority then arrival (default: vtc)")
+    s.add_argument("--input-token-weight", type=float, metavar="W",
+                   help=f"fair-share cost of one prompt token computed (default: {EngineConfig.input_token_weight:g})")
+    s.add_argument("--output-token-weight", type=float, metavar="W",
+                   help=f"fair-share cost of one generated token (default: {EngineConfig.output_token_weight:g})")
     s.add_argument("--max-active-adapters", type=int,
                    help=f"distinct adapters in one batch (default: {AdapterConfig.max_active_adapters})")
     s.add_argument("--drain-grace-s", type=float,

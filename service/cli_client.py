@@ -190,6 +190,20 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return run_remote(go, args)
 
 
+def cmd_fair_share(args: argparse.Namespace) -> int:
+    def go(c: Any) -> int:
+        resp = c.get_fair_share(tenant=args.tenant or "")
+        if not args.json:
+            print(f"policy: {resp.policy} (a prompt token computed costs {resp.input_token_weight:g}, a generated "
+                  f"token {resp.output_token_weight:g}; service = cost / weight)")
+        _print(args, resp.tenants, [
+            ("tenant", lambda s: s.tenant), ("weight", lambda s: f"{s.weight:g}"),
+            ("service", lambda s: f"{s.service:.0f}"), ("requests", lambda s: s.requests)])
+        return 0
+
+    return run_remote(go, args)
+
+
 # ---- tenants (local) -----------------------------------------------------------------------------
 def cmd_tenants(args: argparse.Namespace) -> int:
     from service.tenants import generate_api_key, hash_api_key
@@ -253,6 +267,11 @@ def add_commands(sub: argparse._SubParsersAction, add_generation_args: Callable[
     u.add_argument("--bucket", help="split the window into buckets of this length (e.g. 1h)")
     add_client_args(u)
     u.set_defaults(func=cmd_usage, log_level="warning")
+
+    f = sub.add_parser("fair-share", help="where tenants stand in the server's fair-share scheduler")
+    f.add_argument("--tenant", help="another tenant ('*' = all; admins only)")
+    add_client_args(f)
+    f.set_defaults(func=cmd_fair_share, log_level="warning")
 
     t = sub.add_parser("tenants", help="make and hash API keys for the tenants file (local, no server)")
     tsub = t.add_subparsers(dest="tenants_command", required=True)

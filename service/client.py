@@ -227,6 +227,12 @@ class LoraServeClient:
                 return rows
             req.page_token = resp.next_page_token
 
+    def get_fair_share(self, *, tenant: str = "", timeout: float | None = None) -> upb.GetFairShareResponse:
+        """The scheduler's policy and where the tenant (default: the caller; "*" = every tenant, admins) stands:
+        its weight, the weighted service it has received, its requests in the engine."""
+        return self._usage.GetFairShare(upb.GetFairShareRequest(tenant=tenant), timeout=self._t(timeout),
+                                        metadata=self._metadata)
+
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """SERVING / NOT_SERVING / SERVICE_UNKNOWN of the server (or of one service)."""
         resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -153,6 +153,7 @@ class LoraServer:
         self.tenants = tenants or load_tenants(svc)
         if not self.tenants.auth_required:
             log.warning("auth_disabled", reason="no tenants file: every call is the admin tenant 'default'")
+        runtime.engine.set_tenant_weights(self.tenants.weight)
         data = Path(svc.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.store = store or store_from(svc)
@@ -209,7 +210,8 @@ class LoraServer:
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
             AdapterServicer(self.adapters, svc.max_upload_mib * 2**20, watchdog=self.watchdog,
                             call_slots=self.call_slots), self.server)
-        usage_pb2_grpc.add_UsageServiceServicer_to_server(UsageServicer(self.ledger, self._adapter_owner), self.server)
+        usage_pb2_grpc.add_UsageServiceServicer_to_server(
+            UsageServicer(self.ledger, self._adapter_owner, runtime.engine.scheduler.fair), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(_NOT_SERVING)
@@ -253,6 +255,7 @@ class LoraServer:
         for out in handle:
             if out.final is not None and out.final.error is not None:
                 raise RuntimeError(f"the warm-up generation failed: {out.final.error.message}")
+        self.loop.call(lambda engine: engine.scheduler.fair.forget_idle())  # the warm-up was nobody's service
         log.info("warmup_done", ms=round((time.perf_counter() - t0) * 1000, 1))
 
     # ---- health -------------------------------------------------------------------------

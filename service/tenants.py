@@ -2,7 +2,8 @@
 
 - The tenants file (YAML) lists each tenant's id, its API keys as `sha256:<64 hex>` hashes (a plain key
   never sits on disk: `hash_api_key` / `loraserve tenants hash-key` turn a key into the line to store),
-  whether it is an admin, the client-certificate identities that map to it (mTLS) and its limits.
+  whether it is an admin, the client-certificate identities that map to it (mTLS), its limits and its share
+  `weight` (fair sharing of the engine between backlogged tenants: `service.engine.fairness`).
   Everything is validated at load; an error names the file, the tenant and the field.
 - Without a tenants file the server runs in open access (development): every caller is the admin tenant
   `default`, without limits.
@@ -38,6 +39,7 @@ KEY_HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
 MIN_API_KEY_CHARS = 16  # shorter keys can be guessed; generate_api_key makes 43-character ones
 OPEN_ACCESS_TENANT = "default"
 DEFAULT_MAX_LOADED_ADAPTERS = 16
+MAX_WEIGHT = 1000.0  # share weights are relative; a wider range only invites a typo's starvation
 _HASH_KEY_HINT = ("store its hash instead: run `loraserve tenants hash-key` and paste the sha256:... line "
                   "it prints")
 
@@ -107,6 +109,8 @@ class Tenant:
     limits: TenantLimits = field(default_factory=TenantLimits)
     key_hashes: tuple[str, ...] = ()  # `sha256:<hex>` of each API key
     cert_subjects: tuple[str, ...] = ()  # `CN=<common name>` or a subject alternative name
+    # Its share of the engine under fair sharing (`vtc`): backlogged tenants are served in proportion.
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         try:
@@ -116,6 +120,11 @@ class Tenant:
                                     f"starting with a letter or digit") from None
         if not isinstance(self.admin, bool):
             raise TenantConfigError(f"admin: {self.admin!r} is not true or false")
+        w = self.weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w <= MAX_WEIGHT):
+            raise TenantConfigError(f"weight: {w!r} is invalid: a share weight is a number > 0 and at most "
+                                    f"{MAX_WEIGHT:g} (1 is the default share)")
+        object.__setattr__(self, "weight", float(w))
         if not isinstance(self.limits, TenantLimits):
             raise TenantConfigError(f"limits: expected TenantLimits, got {type(self.limits).__name__}")
         object.__setattr__(self, "key_hashes", tuple(self.key_hashes))
@@ -229,6 +238,11 @@ class TenantDirectory:
     def ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._by_id))
 
+    def weight(self, tenant_id: str) -> float:
+        """The tenant's share weight; 1 for an id this directory does not know."""
+        tenant = self.get(tenant_id)
+        return tenant.weight if tenant is not None else 1.0
+
     def get(self, tenant_id: str) -> Tenant | None:
         return self._by_id.get(tenant_id)
 
@@ -272,7 +286,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_TENANT_FIELDS = ("id", "api_keys", "admin", "client_cert_subjects", "limits")
+_TENANT_FIELDS = ("id", "api_keys", "admin", "client_cert_subjects", "limits", "weight")
 _LIMIT_FIELDS = tuple(f.name for f in fields(TenantLimits))
 
 
@@ -324,6 +338,7 @@ def _parse_tenant(entry: object, source: str, index: int) -> Tenant:
         raise TenantConfigError(f"{where}: limits.{e}") from None
     try:
         return Tenant(id=entry["id"], admin=entry.get("admin", False), limits=parsed_limits,
-                      key_hashes=lists["api_keys"], cert_subjects=lists["client_cert_subjects"])
+                      key_hashes=lists["api_keys"], cert_subjects=lists["client_cert_subjects"],
+                      weight=entry.get("weight", 1.0))
     except TenantConfigError as e:
         raise TenantConfigError(f"{where}: {e}") from None

@@ -1,4 +1,5 @@
-"""UsageService: a tenant's usage from the ledger; the admin may ask for any tenant or for all of them."""
+"""UsageService: a tenant's usage from the ledger, and where it stands in the fair-share scheduler; the admin
+may ask for any tenant or for all of them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from adapters.registry_types import AdapterNotFound, AdapterRef
 from service.api.auth import current_tenant, require_admin
 from service.api.gen.loraserve.v1 import usage_pb2 as pb
 from service.api.gen.loraserve.v1 import usage_pb2_grpc as pb_grpc
+from service.engine.fairness import FairShare
 from service.usage import UsageLedger
 
 MIN_BUCKET_S = 60.0
@@ -22,10 +24,31 @@ _GROUP_BY = {pb.USAGE_GROUP_BY_UNSPECIFIED: "adapter", pb.USAGE_GROUP_BY_TENANT:
 
 
 class UsageServicer(pb_grpc.UsageServiceServicer):
-    def __init__(self, ledger: UsageLedger, resolve_owner: Callable[[str, str, bool], str | None]) -> None:
-        """`resolve_owner(tenant, name, admin)`: the owner of the adapter `name` the tenant sees, or None."""
+    def __init__(self, ledger: UsageLedger, resolve_owner: Callable[[str, str, bool], str | None],
+                 fair: FairShare) -> None:
+        """`resolve_owner(tenant, name, admin)`: the owner of the adapter `name` the tenant sees, or None;
+        `fair`: the engine's fair-share counters (read from the RPC threads: `FairShare.shares` copies)."""
         self.ledger = ledger
         self.resolve_owner = resolve_owner
+        self.fair = fair
+
+    def GetFairShare(self, request: pb.GetFairShareRequest, context: grpc.ServicerContext) -> pb.GetFairShareResponse:
+        caller = current_tenant()
+        wanted: str | None = request.tenant or caller.id
+        if request.tenant == "*":
+            require_admin(caller, "tenant='*' (the fair share of every tenant)")
+            wanted = None
+        elif wanted != caller.id and not caller.admin:
+            raise AdapterNotFound(f"tenant {request.tenant[:80]!r} not found")  # as for GetUsage
+        fair = self.fair
+        shares = [s for s in fair.shares() if wanted is None or s.tenant == wanted]
+        if wanted is not None and not shares:  # a tenant the scheduler has not served yet
+            shares = [s for s in fair.shares([wanted]) if s.tenant == wanted]
+        return pb.GetFairShareResponse(
+            policy=fair.policy, input_token_weight=fair.input_token_weight,
+            output_token_weight=fair.output_token_weight,
+            tenants=[pb.TenantFairShare(tenant=s.tenant, weight=s.weight, service=s.service, requests=s.requests)
+                     for s in shares])
 
     def GetUsage(self, request: pb.GetUsageRequest, context: grpc.ServicerContext) -> pb.GetUsageResponse:
         caller = current_tenant()

@@ -17,7 +17,6 @@ from service.engine.adapters import AdapterAdmission, AdapterSlotsLike
 from service.engine.admission import AdmissionPolicy
 from service.engine.block_pool import BlockPool
 from service.engine.detokenizer import Detokenizer
-from service.engine.fairness import TenantShare
 from service.engine.kv_cache import KVCacheManager
 from service.engine.outputs import (
     EngineStats,
@@ -296,10 +295,6 @@ class LLMEngine:
         """Each tenant's share weight under the `vtc` policy (e.g. from the tenants file); call before
         serving. Tenants it does not know should get 1."""
         self.scheduler.fair.weight_of = weight_of
-
-    def fair_shares(self) -> list[TenantShare]:
-        """Each tenant's weight, service counter and requests in the scheduler (safe from any thread)."""
-        return self.scheduler.fair.shares()
 
     # ---- observability ------------------------------------------------------------------
     @property

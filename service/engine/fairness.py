@@ -20,7 +20,7 @@ Under `fcfs` the counters are kept for visibility but do not order anything: pri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from service.config import SCHEDULING_POLICIES
@@ -97,15 +97,20 @@ class FairShare:
             weight = self.weight_of(tenant)
             self._counters[tenant] = self._counters.get(tenant, 0.0) + cost / weight
 
+    def forget_idle(self) -> None:
+        """Forget the service of every tenant with no request in (e.g. the server's own warm-up request)."""
+        self._counters = {t: c for t, c in self._counters.items() if t in self._active}
+        self._idle_floor = 0.0
+
     # ---- visibility ----------------------------------------------------------------------
     def active_tenants(self) -> dict[str, int]:
         """Each tenant's requests in the scheduler (waiting or running)."""
         return self._active.copy()
 
-    def shares(self) -> list[TenantShare]:
-        """Every tenant with a counter or requests, sorted by tenant id (a consistent-enough copy from any
-        thread: each dict is copied at once)."""
+    def shares(self, also: Iterable[str] = ()) -> list[TenantShare]:
+        """Every tenant with a counter or requests, and the tenants in `also`, sorted by tenant id. Safe from
+        any thread: each dict is copied at once."""
         counters = self._counters.copy()
         active = self._active.copy()
         return [TenantShare(t, float(self.weight_of(t)), counters.get(t, 0.0), active.get(t, 0))
-                for t in sorted(set(counters) | set(active))]
+                for t in sorted(set(counters) | set(active) | set(also))]

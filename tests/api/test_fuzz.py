@@ -78,7 +78,7 @@ def cases(config: bytes, weights: bytes) -> st.SearchStrategy[Case]:
 
 def test_rpcs_cover_every_service():
     names = {r.name for r in RPCS}
-    assert len(RPCS) == 12 and {"Generate", "GenerateStream", "UploadAdapter", "GetUsage"} <= names
+    assert len(RPCS) == 13 and {"Generate", "GenerateStream", "UploadAdapter", "GetUsage"} <= names
     assert {"Check", "ServerReflectionInfo"} <= {r.name for r in OPEN}
 
 

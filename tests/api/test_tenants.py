@@ -37,6 +37,7 @@ tenants:
   - id: bob
     api_keys: ["{BOB_HASH}"]
     limits: {{max_upload_bytes: null}}
+    weight: 2.5
   - id: ops
     admin: true
     client_cert_subjects: ["CN=ops"]
@@ -85,6 +86,8 @@ def test_load_good_file(tmp_path):
                             max_output_tokens=1024, max_upload_bytes=64 * 2**20))
     bob = d.get("bob")
     assert bob.limits == TenantLimits(max_upload_bytes=None)  # null: no limit
+    assert bob.weight == 2.5 and d.weight("bob") == 2.5
+    assert alice.weight == 1.0 and d.weight("carol") == 1.0  # the default share, also for an unknown id
     ops = d.get("ops")
     assert ops.admin and ops.key_hashes == () and ops.limits.max_upload_bytes == DEFAULT_MAX_UPLOAD_BYTES
     assert d.get("carol") is None
@@ -143,6 +146,13 @@ BAD_FILES = {
                    "max_output_tokens=True is invalid"),
     "limit_string": ("tenants:\n  - id: alice\n    limits: {max_upload_bytes: 64MiB}\n",
                      "max_upload_bytes='64MiB' is invalid"),
+    "weight_zero": ("tenants:\n  - id: alice\n    weight: 0\n",
+                    "tenant 'alice': weight: 0 is invalid: a share weight is a number > 0"),
+    "weight_negative": ("tenants:\n  - id: alice\n    weight: -2\n", "weight: -2 is invalid"),
+    "weight_string": ("tenants:\n  - id: alice\n    weight: double\n", "weight: 'double' is invalid"),
+    "weight_bool": ("tenants:\n  - id: alice\n    weight: true\n", "weight: True is invalid"),
+    "weight_nan": ("tenants:\n  - id: alice\n    weight: .nan\n", "weight: nan is invalid"),
+    "weight_huge": ("tenants:\n  - id: alice\n    weight: 1e9\n", "at most 1000"),
     "repeated_yaml_key": ("tenants:\n  - id: alice\n    limits: {}\n    limits: {tokens_per_minute: 5}\n",
                           "not valid YAML: the key 'limits' is repeated(.|\n)*tenants.yaml\", line 4"),
 }

@@ -237,7 +237,7 @@ def test_counters_follow_the_service_each_tenant_received(policy):
     fair = t.engine.scheduler.fair
     for tenant in ("a", "b"):
         assert fair.counter(tenant) == pytest.approx(t.service[tenant])
-    shares = {s.tenant: s for s in t.engine.fair_shares()}
+    shares = {s.tenant: s for s in fair.shares()}
     assert shares["a"].service == pytest.approx(t.service["a"]) and shares["a"].weight == 1.0
     assert shares["a"].requests == sum(1 for r in [*t.engine.scheduler.running, *t.engine.scheduler.waiting]
                                        if r.tenant == "a")

@@ -26,21 +26,27 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loraserve/v1/usage.proto\x12\x0cloraserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x05 \x01(\x0e\x32\x1a.loraserve.v1.UsageGroupBy\x12)\n\x06\x62ucket\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"\xf6\x02\n\x08UsageRow\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x08 \x01(\x04\x12\x15\n\routput_tokens\x18\t \x01(\x04\x12\x16\n\x0e\x65ngine_seconds\x18\n \x01(\x01\x12\x16\n\x0e\x65stimated_cost\x18\x0b \x01(\x01\x12\x11\n\tcost_unit\x18\x0c \x01(\t\x12\x17\n\x0f\x66\x61iled_requests\x18\r \x01(\x04\x12\x1a\n\x12\x63\x61ncelled_requests\x18\x0e \x01(\x04\"Q\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.loraserve.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x89\x01\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x19\n\x15USAGE_GROUP_BY_TENANT\x10\x01\x12\x1a\n\x16USAGE_GROUP_BY_ADAPTER\x10\x02\x12\"\n\x1eUSAGE_GROUP_BY_ADAPTER_VERSION\x10\x03\x32Y\n\x0cUsageService\x12I\n\x08GetUsage\x12\x1d.loraserve.v1.GetUsageRequest\x1a\x1e.loraserve.v1.GetUsageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18loraserve/v1/usage.proto\x12\x0cloraserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0fGetUsageRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08group_by\x18\x05 \x01(\x0e\x32\x1a.loraserve.v1.UsageGroupBy\x12)\n\x06\x62ucket\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"\xf6\x02\n\x08UsageRow\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x06 \x01(\x04\x12\x14\n\x0cinput_tokens\x18\x07 \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x08 \x01(\x04\x12\x15\n\routput_tokens\x18\t \x01(\x04\x12\x16\n\x0e\x65ngine_seconds\x18\n \x01(\x01\x12\x16\n\x0e\x65stimated_cost\x18\x0b \x01(\x01\x12\x11\n\tcost_unit\x18\x0c \x01(\t\x12\x17\n\x0f\x66\x61iled_requests\x18\r \x01(\x04\x12\x1a\n\x12\x63\x61ncelled_requests\x18\x0e \x01(\x04\"Q\n\x10GetUsageResponse\x12$\n\x04rows\x18\x01 \x03(\x0b\x32\x16.loraserve.v1.UsageRow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x13GetFairShareRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"T\n\x0fTenantFairShare\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0f\n\x07service\x18\x03 \x01(\x01\x12\x10\n\x08requests\x18\x04 \x01(\r\"\x8f\x01\n\x14GetFairShareResponse\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x1a\n\x12input_token_weight\x18\x02 \x01(\x01\x12\x1b\n\x13output_token_weight\x18\x03 \x01(\x01\x12.\n\x07tenants\x18\x04 \x03(\x0b\x32\x1d.loraserve.v1.TenantFairShare*\x89\x01\n\x0cUsageGroupBy\x12\x1e\n\x1aUSAGE_GROUP_BY_UNSPECIFIED\x10\x00\x12\x19\n\x15USAGE_GROUP_BY_TENANT\x10\x01\x12\x1a\n\x16USAGE_GROUP_BY_ADAPTER\x10\x02\x12\"\n\x1eUSAGE_GROUP_BY_ADAPTER_VERSION\x10\x03\x32\xb0\x01\n\x0cUsageService\x12I\n\x08GetUsage\x12\x1d.loraserve.v1.GetUsageRequest\x1a\x1e.loraserve.v1.GetUsageResponse\x12U\n\x0cGetFairShare\x12!.loraserve.v1.GetFairShareRequest\x1a\".loraserve.v1.GetFairShareResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGEGROUPBY']._serialized_start=843
-  _globals['_USAGEGROUPBY']._serialized_end=980
+  _globals['_USAGEGROUPBY']._serialized_start=1114
+  _globals['_USAGEGROUPBY']._serialized_end=1251
   _globals['_GETUSAGEREQUEST']._serialized_start=108
   _globals['_GETUSAGEREQUEST']._serialized_end=380
   _globals['_USAGEROW']._serialized_start=383
   _globals['_USAGEROW']._serialized_end=757
   _globals['_GETUSAGERESPONSE']._serialized_start=759
   _globals['_GETUSAGERESPONSE']._serialized_end=840
-  _globals['_USAGESERVICE']._serialized_start=982
-  _globals['_USAGESERVICE']._serialized_end=1071
+  _globals['_GETFAIRSHAREREQUEST']._serialized_start=842
+  _globals['_GETFAIRSHAREREQUEST']._serialized_end=879
+  _globals['_TENANTFAIRSHARE']._serialized_start=881
+  _globals['_TENANTFAIRSHARE']._serialized_end=965
+  _globals['_GETFAIRSHARERESPONSE']._serialized_start=968
+  _globals['_GETFAIRSHARERESPONSE']._serialized_end=1111
+  _globals['_USAGESERVICE']._serialized_start=1254
+  _globals['_USAGESERVICE']._serialized_end=1430
 # @@protoc_insertion_point(module_scope)

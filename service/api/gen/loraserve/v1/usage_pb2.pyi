@@ -81,3 +81,33 @@ class GetUsageResponse(_message.Message):
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     next_page_token: str
     def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetFairShareRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class TenantFairShare(_message.Message):
+    __slots__ = ("tenant", "weight", "service", "requests")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    weight: float
+    service: float
+    requests: int
+    def __init__(self, tenant: _Optional[str] = ..., weight: _Optional[float] = ..., service: _Optional[float] = ..., requests: _Optional[int] = ...) -> None: ...
+
+class GetFairShareResponse(_message.Message):
+    __slots__ = ("policy", "input_token_weight", "output_token_weight", "tenants")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_TOKEN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    input_token_weight: float
+    output_token_weight: float
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantFairShare]
+    def __init__(self, policy: _Optional[str] = ..., input_token_weight: _Optional[float] = ..., output_token_weight: _Optional[float] = ..., tenants: _Optional[_Iterable[_Union[TenantFairShare, _Mapping]]] = ...) -> None: ...

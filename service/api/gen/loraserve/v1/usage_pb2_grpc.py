@@ -41,6 +41,11 @@ class UsageServiceStub:
                 request_serializer=loraserve_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.GetFairShare = channel.unary_unary(
+                '/loraserve.v1.UsageService/GetFairShare',
+                request_serializer=loraserve_dot_v1_dot_usage__pb2.GetFairShareRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_usage__pb2.GetFairShareResponse.FromString,
+                _registered_method=True)
 
 
 class UsageServiceServicer:
@@ -55,6 +60,14 @@ class UsageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFairShare(self, request, context):
+        """Where tenants stand in this replica's fair-share scheduler now: each one's share weight, the weighted
+        service it has received and its requests in the engine.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UsageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +75,11 @@ def add_UsageServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=loraserve_dot_v1_dot_usage__pb2.GetUsageRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_usage__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'GetFairShare': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFairShare,
+                    request_deserializer=loraserve_dot_v1_dot_usage__pb2.GetFairShareRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_usage__pb2.GetFairShareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +111,33 @@ class UsageService:
             '/loraserve.v1.UsageService/GetUsage',
             loraserve_dot_v1_dot_usage__pb2.GetUsageRequest.SerializeToString,
             loraserve_dot_v1_dot_usage__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFairShare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.UsageService/GetFairShare',
+            loraserve_dot_v1_dot_usage__pb2.GetFairShareRequest.SerializeToString,
+            loraserve_dot_v1_dot_usage__pb2.GetFairShareResponse.FromString,
             options,
             channel_credentials,
             insecure,
