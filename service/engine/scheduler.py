@@ -5,8 +5,9 @@ Each step, under a token budget and a sequence limit, every running request catc
 remaining budget is computed in chunks over several steps, so decodes keep flowing), then waiting
 requests are admitted starting from their longest cached prefix. Between tenants, the fair-share
 policy (`fairness.FairShare`, `EngineConfig.scheduling_policy`) decides: under `vtc` the waiting request
-of the best priority class whose tenant has received the least weighted service goes first; under
-`fcfs`, priority then arrival. When a running request needs a block and none is left, the running
+of the best priority class whose tenant has received the least weighted service goes first, and a tenant
+with no request running may take one seat a step from the tenant furthest ahead when every seat is taken
+(`_seat_victim`); under `fcfs`, priority then arrival. When a running request needs a block and none is left, the running
 request ranked last is preempted (lowest priority; under `vtc` from the tenant furthest ahead; then
 latest arrival): it returns all its blocks and goes back to the front of its tenant's queue to be
 recomputed.
@@ -61,7 +62,8 @@ class Scheduler:
         # Sorted by `_run_order` at the start of each step: the last one is always the preemption victim.
         self.running: list[Request] = []
         self.waiting = WaitingQueue(self.fair.key)
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # every preemption, for memory or for a seat
+        self.num_seats_taken = 0  # preemptions that gave a seat to a tenant without one (vtc)
         self._arrivals = 0
 
     # ---- queue --------------------------------------------------------------------------
@@ -144,38 +146,54 @@ class Scheduler:
 
         # Admitting while running requests are being evicted would only evict them again.
         if not preempted:
-            budget = self._admit(budget, chunks, failed)
+            budget = self._admit(budget, chunks, failed, preempted)
 
         return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted, failed)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[tuple[Request, RequestError]]) -> int:
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[tuple[Request, RequestError]],
+               preempted: list[str]) -> int:
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
         # Blocks being computed this step: a waiting request whose next uncached block is among them
         # waits one step and then reuses it, instead of computing the same prefix a second time.
         in_flight = {h for c in chunks for h in self.kv.hashes_in_flight(c.request, c.start + c.num_tokens)}
-        while budget > 0 and len(self.running) < self.config.max_num_seqs:
-            entry = self.waiting.peek()
+        stolen = False
+        seated: frozenset[str] = frozenset()  # with every seat taken, only a tenant without one may take one
+        while budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                if stolen or not self.fair.fair:
+                    break
+                seated = frozenset(r.tenant for r in self.running)
+            entry = self.waiting.peek(seated)
             if entry is None:
                 break
             req = entry.request
             assert req is not None
+            victim = None
+            if seated:
+                victim = self._seat_victim(req)
+                if victim is None:
+                    break
             if in_flight and self.kv.next_uncached_hash(req, self.kv.match(req)) in in_flight:
-                skipped.append(self.waiting.pop())
+                skipped.append(self.waiting.pop(seated))
                 continue
             verdict = policy.may_admit(req)
             if verdict is not True:
                 if verdict is not False:
                     failed.append((req, verdict))  # stays queued until the engine finishes it
-                skipped.append(self.waiting.pop())
+                skipped.append(self.waiting.pop(seated))
                 continue
+            if victim is not None:
+                budget += self._evict_for_seat(victim, chunks)
+                preempted.append(victim.request_id)
+                stolen = True
             prefix = self.kv.match(req)
             n = min(req.num_tokens - prefix.num_tokens, budget)
             if not self.kv.admit(req, prefix, n):
                 policy.on_release(req)  # hand back what the policy reserved for it
                 break  # the head waits for memory; nobody behind it jumps the queue
-            self.waiting.pop()
+            self.waiting.pop(seated)
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = prefix.num_tokens
                 req.first_scheduled_time = time.monotonic()
@@ -187,6 +205,40 @@ class Scheduler:
         for entry in skipped:
             self.waiting.requeue(entry)
         return budget
+
+    def _seat_victim(self, request: Request) -> Request | None:
+        """Under `vtc`, with every seat taken: a tenant with no request running may take one seat from the
+        tenant furthest ahead of its share, if that tenant holds at least two and is ahead of this one. The
+        victim is that tenant's latest arrival at this request's priority or a lower one (its full KV blocks
+        stay in the prefix cache, so resuming it recomputes little). None when no seat may be taken."""
+        if not self.fair.fair:
+            return None
+        held: dict[str, list[Request]] = {}
+        for r in self.running:
+            held.setdefault(r.tenant, []).append(r)
+        if request.tenant in held:
+            return None
+        key = self.fair.key
+        mine = key(request.tenant)
+        ahead = [t for t, rs in held.items() if len(rs) >= 2 and key(t) > mine]
+        for tenant in sorted(ahead, key=key, reverse=True):
+            candidates = [r for r in held[tenant] if r.priority >= request.priority]
+            if candidates:
+                return max(candidates, key=lambda r: r.arrival_seq)
+        return None
+
+    def _evict_for_seat(self, victim: Request, chunks: list[ScheduledChunk]) -> int:
+        """Preempt `victim` for a seat; drop its chunk from this step. Returns the tokens that frees."""
+        freed = 0
+        for i, c in enumerate(chunks):
+            if c.request is victim:
+                freed = c.num_tokens
+                del chunks[i]
+                break
+        self.running.remove(victim)
+        self._preempt(victim)
+        self.num_seats_taken += 1
+        return freed
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

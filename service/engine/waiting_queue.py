@@ -9,7 +9,7 @@ order). Preempted requests go to the front of their tenant's queue within their 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from service.engine.request import Request
 
@@ -70,7 +70,8 @@ class WaitingQueue:
         """Put back a popped entry at its old place (a request the admission policy skipped)."""
         self._push(entry)
 
-    def peek(self) -> QueueEntry | None:
+    def peek(self, skip: Container[str] = ()) -> QueueEntry | None:
+        """The next request, leaving out the tenants in `skip`."""
         best: QueueEntry | None = None
         best_key: tuple[int, float, int] | None = None
         empty = []
@@ -81,6 +82,8 @@ class WaitingQueue:
             if not heap:
                 empty.append(tenant)
                 continue
+            if tenant in skip:
+                continue
             head = heap[0]
             k = (head.priority, key(tenant), head.seq)
             if best_key is None or k < best_key:
@@ -89,8 +92,8 @@ class WaitingQueue:
             del self._heaps[tenant]
         return best
 
-    def pop(self) -> QueueEntry:
-        entry = self.peek()
+    def pop(self, skip: Container[str] = ()) -> QueueEntry:
+        entry = self.peek(skip)
         if entry is None:
             raise IndexError("pop from an empty waiting queue")
         heapq.heappop(self._heaps[entry.tenant])

@@ -1,5 +1,5 @@
-"""Random submit / abort / step sequences on small pools, with adapters on few slots: the pool and the
-slot users stay whole after every operation and every finished request produced exactly the
+"""Random submit / abort / step sequences of three tenants on small pools, with adapters on few slots, under
+either scheduling policy: the pool and the slot users stay whole after every operation and every finished request produced exactly the
 reference tokens of its adapter (or failed with its adapter's load error)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from service.engine.types import FinishReason
 from tests.engine.fake_adapters import FakeAdapterSlots
 from tests.engine.fake_runner import FakeRunner, make_engine, prompt, reference_tokens
 
-submit = st.tuples(st.just("submit"), st.integers(1, 24), st.integers(0, 3), st.integers(1, 12), st.integers(-1, 1))
+submit = st.tuples(st.just("submit"), st.integers(1, 24), st.integers(0, 3), st.integers(1, 12), st.integers(-1, 1),
+                   st.integers(0, 2))  # the last: one of three tenants
 op = st.one_of(  # submits weighted up so pools fill, requests get preempted and prefixes get reused
     submit, submit, submit,
     st.tuples(st.just("abort"), st.integers(0, 30)),
@@ -40,13 +41,15 @@ op = st.one_of(  # submits weighted up so pools fill, requests get preempted and
     load_polls=st.sampled_from([0, 3]),
     overtake=st.sampled_from([0, 2, 8]),
     fail_v2=st.booleans(),
+    policy=st.sampled_from(["vtc", "fcfs"]),
 )
 def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budget, max_seqs, caching,
-                                               max_active, load_polls, overtake, fail_v2):
+                                               max_active, load_polls, overtake, fail_v2, policy):
     slots = FakeAdapterSlots(max_active, load_polls, fail={"v2": "bad checksum"} if fail_v2 else None)
     runner = FakeRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=64, slots=slots)
     engine = make_engine(runner=runner, slots=slots, max_overtake_steps=overtake, max_num_batched_tokens=budget,
-                         max_num_seqs=max_seqs, max_waiting=6, enable_prefix_caching=caching)
+                         max_num_seqs=max_seqs, max_waiting=6, enable_prefix_caching=caching,
+                         scheduling_policy=policy)
     submitted: dict[str, tuple[list[int], str | None, int]] = {}
     finals = {}
 
@@ -58,14 +61,14 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
 
     for i, (kind, *args) in enumerate(ops):
         if kind == "submit":
-            length, key, max_tokens, priority = args
+            length, key, max_tokens, priority, tenant = args
             # few distinct prompts and keys, so prefixes are shared and cached blocks revived
             p = prompt(length, seed=key // 2)
             extra_key = [None, "v1", "v2", "v1"][key]  # the same prompt under v1 and v2, too
             rid = f"r{i}"
             try:
                 engine.add_request(RequestSpec(rid, p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
-                                   adapter_version=extra_key, priority=priority))
+                                   adapter_version=extra_key, priority=priority, tenant=f"t{tenant}"))
                 submitted[rid] = (p, extra_key, max_tokens)
             except QueueFullError:
                 pass
@@ -91,6 +94,7 @@ def test_random_operations_keep_the_pool_whole(ops, block_size, num_blocks, budg
     # steer generation towards the interesting runs: tight pools that preempt and reuse prefixes
     target(float(engine.stats.preemptions), label="preemptions")
     target(float(engine.stats.prefix_cache_hit_tokens), label="prefix hits")
+    target(float(engine.scheduler.num_seats_taken), label="seats taken")
     assert set(finals) == set(submitted)
     limit = min(64, num_blocks * block_size + 1)
     for rid, (p, key, max_tokens) in submitted.items():
