@@ -25,6 +25,7 @@ from service.runtime.loader import LoadedModel, default_model_path, load_model
 from service.runtime.lora import LoraSlots, fused_loader
 from service.runtime.model import KVCache, LlamaModel
 from service.runtime.model_runner import ModelRunner
+from service.runtime.structured import StructuredOutput
 from service.runtime.synthetic import is_synthetic, load_synthetic, synthetic_tokenizer
 from service.runtime.tokenizer import Tokenizer
 
@@ -41,6 +42,8 @@ class Runtime:
     adapters: AdapterVersions
     adapter_config: AdapterConfig
     local_adapters: dict[str, ParsedAdapter]  # version id -> adapters registered from local directories
+    # Compiles response formats for this model's vocabulary (built once, here).
+    structured: StructuredOutput | None = None
     # Reads a stored adapter by version id (the server's store); settable after the model is loaded,
     # since what validates an adapter (the architecture, the base model id) is only known then.
     adapter_loader: Callable[[str], ParsedAdapter] | None = None
@@ -139,5 +142,6 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
              dense_weights=model.dense_weights,
              kv_blocks=num_blocks, kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
-    runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local, adapter_loader)
+    runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local,
+                      StructuredOutput(tokenizer, loaded.arch.vocab_size), adapter_loader)
     return runtime

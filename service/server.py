@@ -186,7 +186,8 @@ class LoraServer:
         self.loop = EngineLoop(runtime.engine, on_health=self._on_loop_health, on_finished=accounting.on_finished,
                                on_step=self.metrics.on_step)
         converter = RequestConverter(runtime.tokenizer, runtime.runner.max_model_len, runtime.runner.vocab_size,
-                                     self.adapters, max_prompt_bytes=self.config.max_prompt_bytes)
+                                     self.adapters, max_prompt_bytes=self.config.max_prompt_bytes,
+                                     structured=runtime.structured)
         ec = runtime.engine.config
         workers = self.config.grpc_workers or min(ec.max_num_seqs + ec.max_waiting, MAX_RPC_THREADS) + SPARE_RPC_THREADS
         # Generations and uploads together never take the last threads: health and short calls keep those.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from adapters.errors import quote
 from adapters.registry_types import MAX_REF_CHARS, InvalidAdapterName
@@ -30,6 +30,7 @@ from service.engine.sampling import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from service.engine.structured import MAX_CHOICES, CompiledGrammarLike, FormatKind, ResponseFormat
 from service.engine.types import FinishReason, SampleResult
 from service.runtime.tokenizer import Tokenizer
 
@@ -61,10 +62,12 @@ class RequestConverter:
     """Validates requests against this model: its tokenizer, vocabulary and context window."""
 
     def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int, resolver: AdapterResolver,
-                 max_prompt_bytes: int | None = None) -> None:
+                 max_prompt_bytes: int | None = None, structured: GrammarCompiler | None = None) -> None:
         """`max_prompt_bytes`: the bound on a prompt's text (or its messages' content) before tokenizing;
-        None: max_model_len * PROMPT_BYTES_PER_TOKEN."""
+        None: max_model_len * PROMPT_BYTES_PER_TOKEN. `structured`: compiles response formats (None: requests
+        with one are refused)."""
         self.tokenizer = tokenizer
+        self.structured = structured
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.resolver = resolver
@@ -95,13 +98,26 @@ class RequestConverter:
             raise ValueError(f"the prompt has {len(ids)} tokens; tenant {tenant.id!r} may send at most "
                              f"{limits.max_prompt_tokens} prompt tokens per request")
         sampling = self.sampling(req, len(ids), limits.max_output_tokens)
+        grammar = self.grammar(req, sampling)  # compiled here, on the RPC's thread, never on the engine loop
         # Resolved last: the caller holds the version right after this returns (a delete then sees it in use).
         adapter = self._adapter(req.adapter, tenant) if req.adapter else None
         return RequestSpec(
             request_id, tuple(ids), sampling, tenant=tenant.id,
             adapter_version=adapter.version_id if adapter else None, adapter_name=adapter.name if adapter else "",
             priority=req.priority, cache_salt=tenant.id,  # KV is reused within a tenant, never across
-            deadline=deadline, client_request_id=client_id, labels=_labels(req.labels))
+            deadline=deadline, client_request_id=client_id, labels=_labels(req.labels), grammar=grammar)
+
+    def grammar(self, req: GenerateLike, sampling: SamplingParams) -> CompiledGrammarLike | None:
+        """The request's response format compiled (None without one); ValueError naming what is wrong with it."""
+        fmt = response_format(req)
+        if fmt is None:
+            return None
+        if self.structured is None:
+            raise ValueError("response_format is not supported by this server")
+        if sampling.min_tokens:
+            raise ValueError(f"sampling.min_tokens={sampling.min_tokens} cannot be combined with response_format: "
+                             "the format decides where the output ends")
+        return self.structured.compile(fmt)
 
     def _adapter(self, ref: str, tenant: Any) -> ResolvedAdapter:
         try:
@@ -129,6 +145,7 @@ class RequestConverter:
         _client_request_id(req.client_request_id)
         if len(req.labels) > MAX_LABELS:
             raise ValueError(f"labels has {len(req.labels)} entries; at most {MAX_LABELS} are allowed")
+        response_format(req)  # sizes and counts; the compile comes later
         if len(req.adapter) > MAX_REF_CHARS:
             raise ValueError(f"adapter is invalid: {quote(req.adapter)} has more than {MAX_REF_CHARS} characters; "
                              "use name, name@version or owner/name[@version] (empty for the base model)")
@@ -237,6 +254,31 @@ class RequestConverter:
 
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+class GrammarCompiler(Protocol):
+    """Compiles a response format for this model (service.runtime.structured.StructuredOutput)."""
+
+    def compile(self, fmt: ResponseFormat) -> CompiledGrammarLike: ...
+
+
+def response_format(req: GenerateLike) -> ResponseFormat | None:
+    """The request's `response_format` as the engine's type, bounds checked; None when unset."""
+    if not req.HasField("response_format"):
+        return None
+    rf = req.response_format
+    kind = rf.WhichOneof("format")
+    if kind is None:
+        raise ValueError("response_format is empty: set one of json_schema, json_object, regex, choice or grammar")
+    if kind == "choice":
+        choices = rf.choice.choices
+        if len(choices) > MAX_CHOICES:  # counted before any per-string work
+            raise ValueError(f"response_format.choice.choices has {len(choices)} strings; at most {MAX_CHOICES} "
+                             "are allowed")
+        return ResponseFormat.choice(list(choices))
+    if kind == "json_object":
+        return ResponseFormat(FormatKind.JSON_OBJECT)
+    return ResponseFormat(FormatKind(kind), getattr(rf, kind))
 
 
 def _client_request_id(value: str) -> str:

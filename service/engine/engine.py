@@ -29,6 +29,7 @@ from service.engine.outputs import (
 from service.engine.request import Request, RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError, Scheduler
+from service.engine.structured import CompiledGrammarLike
 from service.engine.types import FinishReason, ModelRunnerLike, SampleResult, SchedulerOutput, TokenizerLike
 
 logger = logging.getLogger(__name__)
@@ -216,7 +217,9 @@ class LLMEngine:
         # min_tokens: n_out already counts this token, so `n_out > min_tokens` is the sampler's rule (it
         # masks EOS / stop ids at output indices [0, min_tokens)); these checks guard a runner that does
         # not mask. A stop string may complete on the min_tokens-th token (n_out == min_tokens).
-        if n_out > sp.min_tokens and token in self._eos and not sp.ignore_eos:
+        if request.grammar is not None and _advance_grammar(request, token):
+            reason = FinishReason.STOP  # the format is complete: its end token was the only one allowed
+        elif n_out > sp.min_tokens and token in self._eos and not sp.ignore_eos:
             reason = FinishReason.EOS
         elif n_out > sp.min_tokens and token in sp.stop_token_ids:
             reason = FinishReason.STOP
@@ -258,19 +261,21 @@ class LLMEngine:
 
     # ---- convenience --------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
-                 adapter_versions: list[str | None] | None = None) -> list[FinalOutput]:
-        """Run prompts to completion (offline use), each with its adapter version (None: the base model);
-        final outputs in input order. Needs an idle engine, since outputs of other requests produced
-        meanwhile would be lost."""
+                 adapter_versions: list[str | None] | None = None,
+                 grammars: list[CompiledGrammarLike | None] | None = None) -> list[FinalOutput]:
+        """Run prompts to completion (offline use), each with its adapter version (None: the base model)
+        and its compiled response format (None: free text); final outputs in input order. Needs an idle
+        engine, since outputs of other requests produced meanwhile would be lost."""
         if self.has_unfinished():
             raise RuntimeError("generate() needs an idle engine; drive step() yourself instead")
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
         versions = adapter_versions if adapter_versions is not None else [None] * len(prompts)
-        if not len(params) == len(versions) == len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters and {len(versions)} "
-                             "adapter versions")
-        specs = [RequestSpec(f"generate-{next(self._ids)}", tuple(p), sp, adapter_version=v)
-                 for p, sp, v in zip(prompts, params, versions, strict=True)]
+        formats = grammars if grammars is not None else [None] * len(prompts)
+        if not len(params) == len(versions) == len(formats) == len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameters, {len(versions)} "
+                             f"adapter versions and {len(formats)} grammars")
+        specs = [RequestSpec(f"generate-{next(self._ids)}", tuple(p), sp, adapter_version=v, grammar=g)
+                 for p, sp, v, g in zip(prompts, params, versions, formats, strict=True)]
         todo = specs[::-1]  # pop() from the end = submit in input order
         finals: dict[str, FinalOutput] = {}
         while todo or self.has_unfinished():
@@ -335,3 +340,13 @@ class LLMEngine:
         self.check_integrity()
         assert not self.scheduler.running, f"not idle: {self.scheduler.num_running} requests running"
         assert self.pool.num_in_use == 0, f"{self.pool.num_in_use} blocks still in use with nothing running"
+
+
+def _advance_grammar(request: Request, token: int) -> bool:
+    """Advance the request's matcher over its sampled token; True when that ended the format. The sampler only
+    lets the format's tokens through, so a refused token is a bug: it fails this request (RuntimeError)."""
+    grammar = request.grammar
+    assert grammar is not None
+    if not grammar.accept_token(token):
+        raise RuntimeError(f"token {token} of request {request.request_id!r} is not allowed by its response format")
+    return grammar.is_terminated()

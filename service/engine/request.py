@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 from service.engine.block_hash import BlockHash, hash_block_tokens
 from service.engine.sampling import SamplingParams
+from service.engine.structured import CompiledGrammarLike
 from service.engine.types import FinishReason
 
 
@@ -48,6 +49,8 @@ class RequestSpec:
     client_request_id: str = ""
     created_at: float = field(default_factory=time.time)  # wall clock, for the usage ledger
     labels: Mapping[str, str] = field(default_factory=dict)  # the caller's own, kept with its usage and span
+    # The response format, compiled for this model (service.runtime.structured); None: free text.
+    grammar: CompiledGrammarLike | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not self.request_id:
@@ -68,6 +71,9 @@ class RequestSpec:
         if min(ids) < 0:
             raise ValueError(f"prompt token id {min(ids)} is invalid: token ids are >= 0")
         object.__setattr__(self, "prompt_token_ids", ids)
+        if self.grammar is not None and self.sampling.min_tokens:
+            raise ValueError(f"sampling.min_tokens={self.sampling.min_tokens} cannot be combined with a response "
+                             "format: the format decides where the output ends")
         object.__setattr__(self, "labels", MappingProxyType(dict(self.labels)))
 
     @property
@@ -92,7 +98,7 @@ class Request:
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
         "finished_time", "block_hashes", "arrival_seq", "lora_slot", "engine_seconds", "_all_token_ids",
         "_hash_key",
-        "tenant", "num_charged_prompt_tokens",
+        "tenant", "num_charged_prompt_tokens", "grammar",
     )
 
     def __init__(self, spec: RequestSpec) -> None:
@@ -136,6 +142,9 @@ class Request:
         # Prompt positions already charged to the tenant's fair-share counter (a recomputation after a
         # preemption is not charged again).
         self.num_charged_prompt_tokens = 0
+        # Its matcher when it has a response format: advanced by the engine on each sampled token, read by the
+        # runner to mask the next token's logits.
+        self.grammar = spec.grammar.matcher() if spec.grammar is not None else None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -5,6 +5,8 @@ token ids coming back are the step's one wait on the device."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +16,9 @@ from service.runtime.device import StepStager
 from service.runtime.lora import LoraSlots
 from service.runtime.model import KVCache, LlamaModel, LoraStep
 from service.runtime.sampler import sample
+
+if TYPE_CHECKING:
+    from service.runtime.structured import GrammarMasks
 
 
 class ModelRunner:
@@ -38,6 +43,7 @@ class ModelRunner:
         self.lora_slots = lora_slots
         self._stage = StepStager(self.device)
         self.eos_token_ids = frozenset(eos_token_ids)
+        self._masks: GrammarMasks | None = None  # made on the first step with a constrained row
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
@@ -75,10 +81,21 @@ class ModelRunner:
             if segments.any_lora:
                 self.lora_slots.ready()
                 lora = LoraStep(segments, self.lora_slots.table)
+        rows = [chunks[i].request for i in idx]
+        # Constrained rows' token masks are filled on a worker thread while the forward pass runs.
+        filled = self._grammar_masks().start(rows, len(rows)) if any(r.grammar is not None for r in rows) else None
         hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
         results: list[SampleResult | None] = [None] * len(chunks)
         if idx:
             logits = self.model.compute_logits(hidden[rows_t])
-            for i, res in zip(idx, sample(logits, [chunks[i].request for i in idx], self.eos_token_ids)):
+            mask = None if filled is None else partial(self._masks.apply, filled=filled)
+            for i, res in zip(idx, sample(logits, rows, self.eos_token_ids, mask)):
                 results[i] = res
         return results
+
+    def _grammar_masks(self) -> GrammarMasks:
+        if self._masks is None:
+            from service.runtime.structured import GrammarMasks
+
+            self._masks = GrammarMasks(self.vocab_size)
+        return self._masks

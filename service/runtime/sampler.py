@@ -14,7 +14,7 @@ appear in `top_logprobs`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -98,21 +98,25 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return probs / probs.sum(1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
-           eos_token_ids: Collection[int] = ()) -> list[SampleResult]:
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Collection[int] = (),
+           grammar_mask: Callable[[torch.Tensor], None] | None = None) -> list[SampleResult]:
     """logits: [S, V] float32, one row per request to sample -> one SampleResult per row.
-    `eos_token_ids`: the ids that end a request, masked with its stop ids while it is below min_tokens."""
+    `eos_token_ids`: the ids that end a request, masked with its stop ids while it is below min_tokens.
+    `grammar_mask(logits)`: sets -inf, in place, on every token the response format of a constrained row does not
+    allow; it runs after the penalties and before greedy and random choice alike (logprobs stay the model's)."""
     raw = logits
     params = [r.sampling for r in rows]
     pen = [i for i, p in enumerate(params) if p.needs_penalties]
     # rows below min_tokens: usually none, so the common step builds no mask at all
     short = [i for i, p in enumerate(params) if len(rows[i].output_token_ids) < p.min_tokens]
-    if pen or short:
+    if pen or short or (grammar_mask is not None and any(p.logprobs is not None for p in params)):
         logits = logits.clone()  # raw stays the model's, for logprobs
     if pen:
         apply_penalties(logits, rows, pen)
     if short:
         mask_stop_tokens(logits, rows, short, eos_token_ids)
+    if grammar_mask is not None:
+        grammar_mask(logits)
     tokens = logits.argmax(1)
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:

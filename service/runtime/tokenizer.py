@@ -311,6 +311,11 @@ class Tokenizer:
         return self._vocab_size
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The HF `tokenizers` object underneath (read it; changing it changes this tokenizer)."""
+        return self._backend
+
+    @property
     def bos_token_id(self) -> int | None:
         return self._bos_id
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"D\n\x0b\x43hatMessage\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.loraserve.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xee\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0b \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x0b\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\x86\x03\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x39\n\x06labels\x18\n \x03(\x0b\x32).loraserve.v1.GenerateRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06prompt\"\x9b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.loraserve.v1.Timings\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x92\x03\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12?\n\x06labels\x18\n \x03(\x0b\x32/.loraserve.v1.GenerateStreamRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06prompt\"\xa1\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12&\n\x07timings\x18\x08 \x01(\x0b\x32\x15.loraserve.v1.Timings\x12\x12\n\nrequest_id\x18\t \x01(\t\"Q\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\">\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"p\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.loraserve.v1.TopLogprob\"[\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05*|\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x04\x32\x87\x02\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.loraserve.v1.GenerateStreamRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\"D\n\x0b\x43hatMessage\x12$\n\x04role\x18\x01 \x01(\x0e\x32\x16.loraserve.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xee\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\rH\t\x88\x01\x01\x12\x17\n\nignore_eos\x18\x0b \x01(\x08H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x0b\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobs\"\xbd\x03\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x39\n\x06labels\x18\n \x03(\x0b\x32).loraserve.v1.GenerateRequest.LabelsEntry\x12\x35\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x1c.loraserve.v1.ResponseFormat\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06prompt\"\xae\x01\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12/\n\x0bjson_object\x18\x02 \x01(\x0b\x32\x18.loraserve.v1.JsonObjectH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12&\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x14.loraserve.v1.ChoiceH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x08\n\x06\x66ormat\"\x0c\n\nJsonObject\"\x19\n\x06\x43hoice\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x9b\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12&\n\x07timings\x18\x07 \x01(\x0b\x32\x15.loraserve.v1.Timings\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x12\n\nrequest_id\x18\t \x01(\t\"\xc9\x03\n\x15GenerateStreamRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12.\n\x08messages\x18\x03 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.loraserve.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12?\n\x06labels\x18\n \x03(\x0b\x32/.loraserve.v1.GenerateStreamRequest.LabelsEntry\x12\x35\n\x0fresponse_format\x18\x0b \x01(\x0b\x32\x1c.loraserve.v1.ResponseFormat\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06prompt\"\xa1\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12,\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12&\n\x07timings\x18\x08 \x01(\x0b\x32\x15.loraserve.v1.Timings\x12\x12\n\nrequest_id\x18\t \x01(\t\"Q\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x1b\n\x13\x63\x61\x63hed_input_tokens\x18\x02 \x01(\r\x12\x15\n\routput_tokens\x18\x03 \x01(\r\">\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"p\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.loraserve.v1.TopLogprob\"[\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12.\n\x08messages\x18\x02 \x01(\x0b\x32\x1a.loraserve.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"L\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05*|\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03\x12\x12\n\x0e\x43HAT_ROLE_TOOL\x10\x04\x32\x87\x02\n\x10InferenceService\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12#.loraserve.v1.GenerateStreamRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12I\n\x08Tokenize\x12\x1d.loraserve.v1.TokenizeRequest\x1a\x1e.loraserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2572
-  _globals['_FINISHREASON']._serialized_end=2744
-  _globals['_CHATROLE']._serialized_start=2746
-  _globals['_CHATROLE']._serialized_end=2870
+  _globals['_FINISHREASON']._serialized_start=2900
+  _globals['_FINISHREASON']._serialized_end=3072
+  _globals['_CHATROLE']._serialized_start=3074
+  _globals['_CHATROLE']._serialized_end=3198
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=114
   _globals['_CHATMESSAGES']._serialized_start=116
@@ -48,29 +48,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=203
   _globals['_SAMPLINGPARAMS']._serialized_end=697
   _globals['_GENERATEREQUEST']._serialized_start=700
-  _globals['_GENERATEREQUEST']._serialized_end=1090
-  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_start=1035
-  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_end=1080
-  _globals['_GENERATERESPONSE']._serialized_start=1093
-  _globals['_GENERATERESPONSE']._serialized_end=1376
-  _globals['_GENERATESTREAMREQUEST']._serialized_start=1379
-  _globals['_GENERATESTREAMREQUEST']._serialized_end=1781
-  _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._serialized_start=1035
-  _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._serialized_end=1080
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1784
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2073
-  _globals['_USAGE']._serialized_start=2075
-  _globals['_USAGE']._serialized_end=2156
-  _globals['_TIMINGS']._serialized_start=2158
-  _globals['_TIMINGS']._serialized_end=2220
-  _globals['_TOPLOGPROB']._serialized_start=2222
-  _globals['_TOPLOGPROB']._serialized_end=2284
-  _globals['_TOKENLOGPROB']._serialized_start=2286
-  _globals['_TOKENLOGPROB']._serialized_end=2398
-  _globals['_TOKENIZEREQUEST']._serialized_start=2400
-  _globals['_TOKENIZEREQUEST']._serialized_end=2491
-  _globals['_TOKENIZERESPONSE']._serialized_start=2493
-  _globals['_TOKENIZERESPONSE']._serialized_end=2569
-  _globals['_INFERENCESERVICE']._serialized_start=2873
-  _globals['_INFERENCESERVICE']._serialized_end=3136
+  _globals['_GENERATEREQUEST']._serialized_end=1145
+  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_start=1090
+  _globals['_GENERATEREQUEST_LABELSENTRY']._serialized_end=1135
+  _globals['_RESPONSEFORMAT']._serialized_start=1148
+  _globals['_RESPONSEFORMAT']._serialized_end=1322
+  _globals['_JSONOBJECT']._serialized_start=1324
+  _globals['_JSONOBJECT']._serialized_end=1336
+  _globals['_CHOICE']._serialized_start=1338
+  _globals['_CHOICE']._serialized_end=1363
+  _globals['_GENERATERESPONSE']._serialized_start=1366
+  _globals['_GENERATERESPONSE']._serialized_end=1649
+  _globals['_GENERATESTREAMREQUEST']._serialized_start=1652
+  _globals['_GENERATESTREAMREQUEST']._serialized_end=2109
+  _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._serialized_start=1090
+  _globals['_GENERATESTREAMREQUEST_LABELSENTRY']._serialized_end=1135
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2112
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2401
+  _globals['_USAGE']._serialized_start=2403
+  _globals['_USAGE']._serialized_end=2484
+  _globals['_TIMINGS']._serialized_start=2486
+  _globals['_TIMINGS']._serialized_end=2548
+  _globals['_TOPLOGPROB']._serialized_start=2550
+  _globals['_TOPLOGPROB']._serialized_end=2612
+  _globals['_TOKENLOGPROB']._serialized_start=2614
+  _globals['_TOKENLOGPROB']._serialized_end=2726
+  _globals['_TOKENIZEREQUEST']._serialized_start=2728
+  _globals['_TOKENIZEREQUEST']._serialized_end=2819
+  _globals['_TOKENIZERESPONSE']._serialized_start=2821
+  _globals['_TOKENIZERESPONSE']._serialized_end=2897
+  _globals['_INFERENCESERVICE']._serialized_start=3201
+  _globals['_INFERENCESERVICE']._serialized_end=3464
 # @@protoc_insertion_point(module_scope)
