@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from service.cli_client import add_client_args, add_commands
+from service.cli_client import add_client_args, add_commands, add_format_args, format_kwargs
 from service.config import (
     DTYPES,
     QUANTIZE_MODES,
@@ -20,6 +20,7 @@ from service.config import (
 )
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
+from service.engine.structured import FormatKind, ResponseFormat
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = rt.engine
     t0 = time.perf_counter()
     version = rt.add_local_adapter(args.adapter) if args.adapter else None
-    engine.add_request(RequestSpec("cli", tuple(ids), sampling, adapter_version=version))
+    fmt = response_format(**format_kwargs(args))
+    grammar = rt.structured.compile(fmt) if fmt is not None else None
+    engine.add_request(RequestSpec("cli", tuple(ids), sampling, adapter_version=version, grammar=grammar))
     n = 0
     reason = None
     while engine.has_unfinished():
@@ -103,6 +106,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish: {reason.value if reason else '?'}"
               f"{', adapter ' + version if version else ''}]", file=sys.stderr)
     return 0
+
+
+def response_format(json_schema: str | None = None, json_object: bool = False, regex: str | None = None,
+                    choice: list[str] | None = None, grammar: str | None = None) -> ResponseFormat | None:
+    """The engine's ResponseFormat for `format_kwargs` (offline generate)."""
+    if json_schema is not None:
+        return ResponseFormat(FormatKind.JSON_SCHEMA, json_schema)
+    if json_object:
+        return ResponseFormat(FormatKind.JSON_OBJECT)
+    if regex is not None:
+        return ResponseFormat(FormatKind.REGEX, regex)
+    if choice:
+        return ResponseFormat.choice(choice)
+    if grammar is not None:
+        return ResponseFormat(FormatKind.GRAMMAR, grammar)
+    return None
 
 
 def serve_configs(args: argparse.Namespace) -> tuple:
@@ -181,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true", help="print token count and speed to stderr")
+    add_format_args(g)
     add_model_args(g)
     add_client_args(g, offline_default=True)
     g.set_defaults(func=cmd_generate)

@@ -88,10 +88,41 @@ def _labels(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def add_format_args(p: argparse.ArgumentParser) -> None:
+    """--json-schema / --json-object / --regex / --choice / --grammar: at most one."""
+    g = p.add_argument_group("response format (at most one)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="the answer is JSON valid against this JSON Schema file")
+    g.add_argument("--json-object", action="store_true", help="the answer is a JSON object")
+    g.add_argument("--regex", metavar="REGEX", help="the whole answer matches this regular expression")
+    g.add_argument("--choice", action="append", metavar="TEXT", help="the answer is one of these (repeatable)")
+    g.add_argument("--grammar", metavar="FILE", help="the answer is a sentence of this grammar (xgrammar EBNF, "
+                   "rule `root`)")
+
+
+def format_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The response format the flags ask for, as LoraServeClient keyword arguments ({} for none)."""
+    def read(path: str) -> str:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    if args.json_schema:
+        return {"json_schema": read(args.json_schema)}
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": list(args.choice)}
+    if args.grammar:
+        return {"grammar": read(args.grammar)}
+    return {}
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     kwargs = dict(adapter=args.adapter or "", chat=not args.raw, system=args.system, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                  stop=tuple(args.stop or ()), labels=_labels(getattr(args, "label", None) or ()))
+                  stop=tuple(args.stop or ()), labels=_labels(getattr(args, "label", None) or ()),
+                  **format_kwargs(args))
 
     def go(client: Any) -> int:
         if args.stream:
@@ -228,6 +259,7 @@ def add_commands(sub: argparse._SubParsersAction, add_generation_args: Callable[
     c.add_argument("--label", action="append", metavar="KEY=VALUE",
                    help="your own label, recorded with the request's usage and trace (repeatable)")
     add_generation_args(c)
+    add_format_args(c)
     add_client_args(c)
     c.set_defaults(func=cmd_call, log_level="warning")
 

@@ -13,6 +13,7 @@ Errors arrive as `grpc.RpcError` with the server's status code and message.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,15 +54,23 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
                   messages: Sequence[dict[str, str]] | None = None, token_ids: Sequence[int] | None = None,
                   adapter: str = "", stop: Sequence[str] = (), stop_token_ids: Sequence[int] = (),
                   client_request_id: str = "", priority: int = 0, labels: Mapping[str, str] | None = None,
+                  json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
+                  regex: str | None = None, choice: Sequence[str] | None = None, grammar: str | None = None,
                   **sampling: Any) -> Any:
     """A GenerateRequest / GenerateStreamRequest. Give exactly one of `prompt` (raw text; with chat=True
     a user message, after an optional system message), `messages` or `token_ids`. `labels`: your own keys
-    and values, recorded with the request's usage and trace."""
+    and values, recorded with the request's usage and trace. At most one response format: `json_schema` (a dict
+    or its JSON text), `json_object=True` (any JSON object), `regex`, `choice` (the allowed strings) or `grammar`
+    (xgrammar EBNF with a `root` rule)."""
     unknown = set(sampling) - set(_SAMPLING)
     if unknown:
         raise TypeError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
     req = cls(adapter=adapter, stop=list(stop), stop_token_ids=list(stop_token_ids),
               client_request_id=client_request_id, priority=priority, labels=dict(labels or {}))
+    fmt = response_format(json_schema=json_schema, json_object=json_object, regex=regex, choice=choice,
+                          grammar=grammar)
+    if fmt is not None:
+        req.response_format.CopyFrom(fmt)
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
     if prompt is not None and chat:
@@ -76,6 +85,30 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
         if value is not None:
             setattr(req.sampling, name, value)
     return req
+
+
+def response_format(*, json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
+                    regex: str | None = None, choice: Sequence[str] | None = None,
+                    grammar: str | None = None) -> pb.ResponseFormat | None:
+    """The ResponseFormat of at most one of these (None when none is given)."""
+    given = [name for name, v in (("json_schema", json_schema), ("json_object", json_object or None),
+                                  ("regex", regex), ("choice", choice), ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one response format, not {' and '.join(given)}")
+    if not given:
+        return None
+    if json_schema is not None:
+        text = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+        return pb.ResponseFormat(json_schema=text)
+    if json_object:
+        return pb.ResponseFormat(json_object=pb.JsonObject())
+    if regex is not None:
+        return pb.ResponseFormat(regex=regex)
+    if choice is not None:
+        if isinstance(choice, str):
+            raise TypeError("choice takes a list of strings, not one string")
+        return pb.ResponseFormat(choice=pb.Choice(choices=list(choice)))
+    return pb.ResponseFormat(grammar=grammar)
 
 
 def upload_requests(directory: str | Path, name: str, *, description: str = "", visibility: str | None = None,
