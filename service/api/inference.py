@@ -255,6 +255,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 raise AdapterUnavailable(f"adapter version {final.adapter_version} could not be loaded, so the "
                                          f"request did not run; retry later or upload the adapter again "
                                          f"(request id {handle.request_id})")
+            if kind is ErrorKind.FORMAT_DEAD_END:
+                raise ValueError(f"{final.error.message} (request id {handle.request_id})")
             raise RequestFailed(final.error.message if final.error else "the engine failed the request")
         if final.finish_reason is FinishReason.CANCELLED:
             if handle.stopped_by_drain:

@@ -29,7 +29,7 @@ from service.engine.outputs import (
 from service.engine.request import Request, RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError, Scheduler
-from service.engine.structured import CompiledGrammarLike
+from service.engine.structured import CompiledGrammarLike, FormatDeadEnd
 from service.engine.types import FinishReason, ModelRunnerLike, SampleResult, SchedulerOutput, TokenizerLike
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,9 @@ class LLMEngine:
         for request, result in sampled:
             try:
                 output, reason = self._post_process(request, result)
+            except FormatDeadEnd as e:  # the caller's format, not our failure
+                outputs.append(self._finish(request, FinishReason.ERROR, RequestError(ErrorKind.FORMAT_DEAD_END, str(e))))
+                continue
             except Exception:
                 # e.g. the tokenizer rejects a token: only this request fails
                 logger.exception("post-processing request %r failed; finishing it with ERROR", request.request_id)
@@ -348,5 +351,8 @@ def _advance_grammar(request: Request, token: int) -> bool:
     grammar = request.grammar
     assert grammar is not None
     if not grammar.accept_token(token):
+        if not grammar.allows_any_token():
+            raise FormatDeadEnd(f"response_format allows no token of this model's vocabulary after "
+                                f"{request.num_output_tokens - 1} output tokens: the model cannot spell what it asks for")
         raise RuntimeError(f"token {token} of request {request.request_id!r} is not allowed by its response format")
     return grammar.is_terminated()

@@ -24,6 +24,8 @@ class ErrorKind(str, enum.Enum):
     ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its adapter version could not be loaded; it never ran
     DEADLINE_EXCEEDED = "deadline_exceeded"  # its deadline passed; it was stopped (finish reason CANCELLED)
     INTERNAL = "internal"  # a step or its post-processing failed
+    # Its response format reached a point no token of the model's vocabulary continues (INVALID_ARGUMENT)
+    FORMAT_DEAD_END = "format_dead_end"
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,11 @@ def _check_choices(choices: Any) -> None:
                              f"non-empty string of at most {MAX_CHOICE_CHARS} characters")
 
 
+class FormatDeadEnd(Exception):
+    """A request's response format allows no token of the model's vocabulary here (e.g. it needs a word the
+    vocabulary cannot spell): the request ends with this message, as INVALID_ARGUMENT."""
+
+
 class GrammarMatcherLike(Protocol):
     """One request's position in its grammar."""
 
@@ -106,6 +111,10 @@ class GrammarMatcherLike(Protocol):
 
     def is_terminated(self) -> bool:
         """The grammar is complete and its end (a stop token) was accepted: the request is done."""
+        ...
+
+    def allows_any_token(self) -> bool:
+        """Some token of the vocabulary may come next (False: a dead end, where the sampler had nothing left)."""
         ...
 
 

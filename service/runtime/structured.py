@@ -66,6 +66,13 @@ class Matcher:
     def is_terminated(self) -> bool:
         return self.xgr.is_terminated()
 
+    def allows_any_token(self) -> bool:
+        if self.xgr.is_terminated():
+            return False
+        bitmask = xgr.allocate_token_bitmask(1, self.grammar.compiled.tokenizer_info.vocab_size)
+        self.xgr.fill_next_token_bitmask(bitmask)
+        return bool(bitmask.any())
+
     def sync(self, output_token_ids: Sequence[int]) -> None:
         """Make the matcher's state the one after `output_token_ids` (replayed into a fresh matcher when it is out
         of step, e.g. after a step failed between sampling and bookkeeping). RuntimeError if they do not match."""
@@ -160,8 +167,10 @@ class StructuredOutput:
                 compiled = c.compile_grammar(choice_grammar(fmt.choices))
             else:
                 compiled = c.compile_grammar(fmt.text)
-        except RuntimeError as e:  # xgrammar's parse and conversion errors
+        except (RuntimeError, TypeError) as e:  # xgrammar's parse and conversion errors
             raise ValueError(f"response_format.{kind.value} is invalid or unsupported: {_clean(e)}") from None
+        except RecursionError:
+            raise ValueError(f"response_format.{kind.value} is nested too deeply") from None
         return Grammar(fmt, compiled)
 
     @property
@@ -179,6 +188,8 @@ def check_json_schema(text: str) -> str:
         schema = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"response_format.json_schema is not JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("response_format.json_schema is nested too deeply") from None
     if not isinstance(schema, (dict, bool)):
         raise ValueError(f"response_format.json_schema must be a JSON object (a schema), not {type(schema).__name__}")
     import jsonschema

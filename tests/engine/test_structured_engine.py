@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from service.engine.outputs import ErrorKind
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.structured import (
@@ -24,8 +25,11 @@ from tests.engine.fake_runner import EOS, ScriptedRunner, make_engine, prompt, r
 class CountingMatcher:
     """Takes any token but `refuse`; ends after `length` tokens, on EOS (as a grammar ends on its stop token)."""
 
-    def __init__(self, length: int, refuse: int | None = None) -> None:
-        self.length, self.refuse, self.accepted = length, refuse, []
+    def __init__(self, length: int, refuse: int | None = None, dead_end: bool = False) -> None:
+        self.length, self.refuse, self.dead_end, self.accepted = length, refuse, dead_end, []
+
+    def allows_any_token(self) -> bool:
+        return not self.dead_end
 
     def accept_token(self, token_id: int) -> bool:
         if token_id == self.refuse:
@@ -38,12 +42,12 @@ class CountingMatcher:
 
 
 class FakeGrammar:
-    def __init__(self, length: int, refuse: int | None = None) -> None:
+    def __init__(self, length: int, refuse: int | None = None, dead_end: bool = False) -> None:
         self.format = ResponseFormat(FormatKind.REGEX, "x")
-        self.length, self.refuse, self.matchers = length, refuse, []
+        self.length, self.refuse, self.dead_end, self.matchers = length, refuse, dead_end, []
 
     def matcher(self) -> CountingMatcher:
-        m = CountingMatcher(self.length, self.refuse)
+        m = CountingMatcher(self.length, self.refuse, self.dead_end)
         self.matchers.append(m)
         return m
 
@@ -101,18 +105,24 @@ def test_the_matcher_sees_every_token_and_the_format_end_stops_the_request():
     engine.check_idle_integrity()
 
 
-def test_a_token_the_format_refuses_fails_only_that_request():
+@pytest.mark.parametrize(("dead_end", "kind", "says"), [
+    (False, ErrorKind.INTERNAL, "internal error"),  # the format allowed other tokens: a runner that did not mask
+    (True, ErrorKind.FORMAT_DEAD_END, "allows no token of this model's vocabulary after 0 output tokens"),
+])
+def test_a_token_the_format_refuses_fails_only_that_request(dead_end, kind, says):
     p = prompt(7)
     first = reference_tokens(p, 1)[0]
     engine = make_engine()
-    engine.add_request(RequestSpec("bad", tuple(p), SamplingParams(max_tokens=5), grammar=FakeGrammar(9, refuse=first)))
+    g = FakeGrammar(9, refuse=first, dead_end=dead_end)
+    engine.add_request(RequestSpec("bad", tuple(p), SamplingParams(max_tokens=5), grammar=g))
     engine.add_request(RequestSpec("ok", tuple(p), SamplingParams(max_tokens=5)))
     finals = {}
     while engine.has_unfinished():
         for o in engine.step():
             if o.final is not None:
                 finals[o.request_id] = o.final
-    assert finals["bad"].finish_reason is FinishReason.ERROR and finals["bad"].error is not None
+    assert finals["bad"].finish_reason is FinishReason.ERROR
+    assert finals["bad"].error.kind is kind and says in finals["bad"].error.message
     assert finals["ok"].finish_reason is FinishReason.LENGTH and list(finals["ok"].token_ids) == reference_tokens(p, 5)
     engine.check_idle_integrity()
 
