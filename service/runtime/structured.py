@@ -4,7 +4,7 @@ loop and cached, per-request matchers, and the token bitmask that the sampler ap
 - `StructuredOutput.compile(fmt)` runs on the caller's thread (an RPC thread, never the engine loop): it hands the
   compile to a small executor and waits at most `compile_timeout_s`; a slower compile is refused (ValueError ->
   INVALID_ARGUMENT) while it finishes in the background. Results, failures included, are cached by
-  `ResponseFormat.key` (a hash of kind and text) in an LRU of `cache_entries`.
+  `ResponseFormat.key` (a hash of kind and text) in an LRU bounded by `cache_entries` and `cache_mib`.
 - `GrammarMasks` fills the bitmask of the rows to sample on a worker thread while the model's forward pass runs,
   and applies it to exactly those rows' logits (xgrammar's CPU kernel; its Triton one on a GPU).
 """
@@ -28,6 +28,9 @@ from service.runtime.tokenizer import Tokenizer
 
 COMPILE_TIMEOUT_S = 10.0
 CACHE_ENTRIES = 256
+# A compiled JSON schema holds token masks of its states: from ~20 KB to several MB (5 MB measured for 8
+# properties with bounded strings), so the cache is bounded in bytes too.
+CACHE_MIB = 256
 COMPILE_WORKERS = 2
 # xgrammar's messages start with "[hh:mm:ss] /path/file.cc:123: " and sometimes "Check failed: (...) is false: ".
 _NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: .*? is false:\s*)?")
@@ -114,13 +117,16 @@ class StructuredOutput:
     on a 49k vocabulary)."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, compile_timeout_s: float = COMPILE_TIMEOUT_S,
-                 cache_entries: int = CACHE_ENTRIES, workers: int = COMPILE_WORKERS) -> None:
-        if compile_timeout_s <= 0 or cache_entries < 1 or workers < 1:
-            raise ValueError("compile_timeout_s must be > 0, cache_entries and workers >= 1")
+                 cache_entries: int = CACHE_ENTRIES, cache_mib: float = CACHE_MIB,
+                 workers: int = COMPILE_WORKERS) -> None:
+        if compile_timeout_s <= 0 or cache_entries < 1 or cache_mib <= 0 or workers < 1:
+            raise ValueError("compile_timeout_s and cache_mib must be > 0, cache_entries and workers >= 1")
         self.info = tokenizer_info(tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self.compile_timeout_s = compile_timeout_s
         self.cache_entries = cache_entries
+        self.cache_bytes = int(cache_mib * 2**20)
+        self._sizes: dict[str, int] = {}  # bytes of each cached grammar once compiled
         # Our own cache below (bounded by entries, keyed by kind and text); xgrammar's would keep every grammar.
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="grammar-compile")
@@ -149,9 +155,24 @@ class StructuredOutput:
             self.compiles += 1
             future = self._pool.submit(self._compile_now, fmt)
             self._cache[key] = future
-            while len(self._cache) > self.cache_entries:
-                self._cache.popitem(last=False)
-            return future
+            self._evict()
+        future.add_done_callback(lambda f: self._compiled(key, f))
+        return future
+
+    def _compiled(self, key: str, future: Future[Grammar]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        with self._lock:
+            if self._cache.get(key) is future:
+                self._sizes[key] = future.result().compiled.memory_size_bytes
+                self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used entries past the count or byte bound (the newest always stays)."""
+        while len(self._cache) > 1 and (len(self._cache) > self.cache_entries
+                                        or sum(self._sizes.values()) > self.cache_bytes):
+            key, _ = self._cache.popitem(last=False)
+            self._sizes.pop(key, None)
 
     def _compile_now(self, fmt: ResponseFormat) -> Grammar:
         c = self._compiler
@@ -177,6 +198,11 @@ class StructuredOutput:
     def cache_size(self) -> int:
         with self._lock:
             return len(self._cache)
+
+    @property
+    def cache_nbytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -95,6 +95,18 @@ def test_compiles_are_cached_by_kind_and_text_within_a_bound(tok):
         so.close()
 
 
+def test_the_cache_is_bounded_in_bytes_too(tok):
+    so = StructuredOutput(tok, tok.vocab_size, cache_mib=0.01)  # ~10 KB: three of these 3.3 KB grammars
+    try:
+        for i in range(6):
+            so.compile(ResponseFormat(FormatKind.JSON_SCHEMA, json.dumps(
+                {"type": "object", "properties": {f"k{i}": {"type": "integer"}}, "required": [f"k{i}"]})))
+        assert so.cache_size < 6 and 0 < so.cache_nbytes <= so.cache_bytes
+        assert so.compiles == 6
+    finally:
+        so.close()
+
+
 def test_a_compile_over_the_time_bound_is_refused_and_later_ones_still_work(tok):
     """A schema with many properties takes milliseconds to compile; with a bound far below that, the request is
     refused (ValueError -> INVALID_ARGUMENT) at once while the compile finishes in the background."""
