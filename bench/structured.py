@@ -49,9 +49,9 @@ class MaskTimer:
         self.rows = 0
         fill, apply = masks._fill, masks.apply
 
-        def timed_fill(rows, num_rows):
+        def timed_fill(rows):
             t = time.perf_counter()
-            idx = fill(rows, num_rows)
+            idx = fill(rows)
             self.fill_s += time.perf_counter() - t
             self.rows += len(idx)
             return idx

@@ -203,3 +203,26 @@ def test_masks_fill_on_a_worker_thread(tok, so):
     assert filled.result() == [0]
     assert seen and seen[0].startswith("grammar-mask") and seen[0] != threading.current_thread().name
     masks.close()
+
+
+def test_the_bitmask_grows_on_the_callers_thread_never_on_the_worker(so, monkeypatch):
+    """A torch op on the mask worker would start a second intra-op thread pool, which slowed every later forward
+    pass by a quarter on 2 cores: the worker runs xgrammar only."""
+    import service.runtime.structured as structured
+
+    threads = []
+    real = structured.xgr.allocate_token_bitmask
+
+    def spy(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(structured.xgr, "allocate_token_bitmask", spy)
+    g = so.compile(ResponseFormat(FormatKind.REGEX, "[a-z]+"))
+    masks = GrammarMasks(so.vocab_size)
+    rows = [Row(SamplingParams(), grammar=g.matcher()) for _ in range(5)]
+    logits = torch.zeros(5, so.vocab_size)
+    masks.apply(logits, masks.start(rows, 5))
+    masks.close()
+    assert len(threads) == 2 and set(threads) == {threading.current_thread().name}  # the first row, then five
+    assert bool(torch.isinf(logits).all(dim=1).logical_not().all())  # every row keeps some allowed token
