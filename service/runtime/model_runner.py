@@ -97,5 +97,5 @@ class ModelRunner:
         if self._masks is None:
             from service.runtime.structured import GrammarMasks
 
-            self._masks = GrammarMasks(self.vocab_size)
+            self._masks = GrammarMasks(self.vocab_size, self.device)
         return self._masks

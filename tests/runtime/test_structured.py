@@ -200,7 +200,7 @@ def test_masks_fill_on_a_worker_thread(tok, so):
             real_sync(out)
 
     filled = masks.start([Row(SamplingParams(), grammar=Spy())], 1)
-    assert filled.result() == [0]
+    assert filled.result()[0] == [0]
     assert seen and seen[0].startswith("grammar-mask") and seen[0] != threading.current_thread().name
     masks.close()
 
@@ -226,3 +226,36 @@ def test_the_bitmask_grows_on_the_callers_thread_never_on_the_worker(so, monkeyp
     masks.close()
     assert len(threads) == 2 and set(threads) == {threading.current_thread().name}  # the first row, then five
     assert bool(torch.isinf(logits).all(dim=1).logical_not().all())  # every row keeps some allowed token
+
+
+@pytest.mark.parametrize("constrained", [[0, 1, 2, 3], [1, 3], [2]])
+def test_the_unpacked_cpu_mask_equals_xgrammars_own_kernel(tok, so, constrained):
+    """The CPU path (numpy-unpacked banned tokens, one masked_fill) against xgrammar's apply kernel on the same
+    bitmasks, for all rows constrained and for some: identical logits, free rows untouched."""
+    formats = [ResponseFormat(FormatKind.JSON_OBJECT), ResponseFormat(FormatKind.REGEX, "[0-9]+(\\.[0-9]+)?"),
+               ResponseFormat.choice(["alpha", "beta"]), schema(type="object", properties={"a": {"type": "string"}})]
+    prefix = tok.encode('{"a": "x', add_special_tokens=False)
+    rows = []
+    for i in range(4):
+        m = so.compile(formats[i]).matcher() if i in constrained else None
+        out = []
+        if m is not None and i == 3:
+            for t in prefix:
+                assert m.accept_token(t)
+            out = prefix
+        rows.append(Row(SamplingParams(), grammar=m, output_token_ids=out))
+    torch.manual_seed(1)
+    base = torch.randn(4, so.vocab_size)
+    unpacked, packed = GrammarMasks(so.vocab_size), GrammarMasks(so.vocab_size)
+    packed.unpack = False  # xgrammar's own kernel (the GPU path's, here on the CPU)
+    a, b = base.clone(), base.clone()
+    unpacked.apply(a, unpacked.start(rows, 4))
+    packed.apply(b, packed.start(rows, 4))
+    unpacked.close()
+    packed.close()
+    assert torch.equal(a, b)
+    for i in range(4):
+        if i in constrained:
+            assert bool(torch.isinf(a[i]).any()) and not bool(torch.isinf(a[i]).all())
+        else:
+            assert torch.equal(a[i], base[i])
