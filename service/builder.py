@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import torch
@@ -25,9 +26,11 @@ from service.runtime.loader import LoadedModel, default_model_path, load_model
 from service.runtime.lora import LoraSlots, fused_loader
 from service.runtime.model import KVCache, LlamaModel
 from service.runtime.model_runner import ModelRunner
-from service.runtime.structured import StructuredOutput
 from service.runtime.synthetic import is_synthetic, load_synthetic, synthetic_tokenizer
 from service.runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from service.runtime.structured import StructuredOutput
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +45,7 @@ class Runtime:
     adapters: AdapterVersions
     adapter_config: AdapterConfig
     local_adapters: dict[str, ParsedAdapter]  # version id -> adapters registered from local directories
-    # Compiles response formats for this model's vocabulary (built once, here).
+    # Compiles response formats for this model's vocabulary (built once, here); None without xgrammar.
     structured: StructuredOutput | None = None
     # Reads a stored adapter by version id (the server's store); settable after the model is loaded,
     # since what validates an adapter (the architecture, the base model id) is only known then.
@@ -54,6 +57,17 @@ class Runtime:
         vid = adapter_version_id(parsed, self.loaded.model_id)
         self.local_adapters[vid] = parsed
         return vid
+
+
+def _structured_output(tokenizer: Tokenizer, vocab_size: int) -> StructuredOutput | None:
+    """xgrammar over this vocabulary. It is a dependency of the package; only a bare environment (the GPU check's,
+    which carries the checkout alone) lacks it, and serves without response formats."""
+    try:
+        from service.runtime.structured import StructuredOutput
+    except ImportError as e:
+        log.warning("structured_output_unavailable", reason=str(e))
+        return None
+    return StructuredOutput(tokenizer, vocab_size)
 
 
 def load_tokenizer(path: Path, gguf_reader: object | None = None) -> Tokenizer:
@@ -143,5 +157,5 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
              kv_blocks=num_blocks, kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
     runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local,
-                      StructuredOutput(tokenizer, loaded.arch.vocab_size), adapter_loader)
+                      _structured_output(tokenizer, loaded.arch.vocab_size), adapter_loader)
     return runtime

@@ -86,6 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     version = rt.add_local_adapter(args.adapter) if args.adapter else None
     fmt = response_format(**format_kwargs(args))
+    if fmt is not None and rt.structured is None:
+        raise ValueError("response formats need xgrammar, which is not installed here")
     grammar = rt.structured.compile(fmt) if fmt is not None else None
     engine.add_request(RequestSpec("cli", tuple(ids), sampling, adapter_version=version, grammar=grammar))
     n = 0
