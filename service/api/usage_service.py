@@ -41,9 +41,8 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
         elif wanted != caller.id and not caller.admin:
             raise AdapterNotFound(f"tenant {request.tenant[:80]!r} not found")  # as for GetUsage
         fair = self.fair
-        shares = [s for s in fair.shares() if wanted is None or s.tenant == wanted]
-        if wanted is not None and not shares:  # a tenant the scheduler has not served yet
-            shares = [s for s in fair.shares([wanted]) if s.tenant == wanted]
+        # `also`: a tenant the scheduler has not served yet is listed too, with nothing served
+        shares = fair.shares() if wanted is None else [s for s in fair.shares(also=[wanted]) if s.tenant == wanted]
         return pb.GetFairShareResponse(
             policy=fair.policy, input_token_weight=fair.input_token_weight,
             output_token_weight=fair.output_token_weight,

@@ -21,7 +21,7 @@ agreed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from service.config import EngineConfig
 from service.engine.admission import AdmissionPolicy, AdmitInOrder
@@ -44,9 +44,7 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         admission: AdmissionPolicy | None = None,
-        tenant_weight: Callable[[str], float] | None = None,
     ) -> None:
-        """`tenant_weight(tenant)`: the tenant's share weight for `vtc` (default: 1 for everyone)."""
         self.config = config
         self.kv = kv
         self.block_size = kv.block_size
@@ -57,8 +55,8 @@ class Scheduler:
         # num_blocks * block_size tokens is computable, and its sampled token ends the request.
         self.max_num_tokens = min(max_model_len, self.num_blocks * self.block_size + 1)
         self.admission: AdmissionPolicy = admission if admission is not None else AdmitInOrder()
-        self.fair = FairShare(config.scheduling_policy, tenant_weight, config.input_token_weight,
-                              config.output_token_weight)
+        # Every tenant weighs 1 until the engine is told the tenants' weights (LLMEngine.set_tenant_weights).
+        self.fair = FairShare(config.scheduling_policy, None, config.input_token_weight, config.output_token_weight)
         # Sorted by `_run_order` at the start of each step: the last one is always the preemption victim.
         self.running: list[Request] = []
         self.waiting = WaitingQueue(self.fair.key)
@@ -159,12 +157,15 @@ class Scheduler:
         # waits one step and then reuses it, instead of computing the same prefix a second time.
         in_flight = {h for c in chunks for h in self.kv.hashes_in_flight(c.request, c.start + c.num_tokens)}
         stolen = False
-        seated: frozenset[str] = frozenset()  # with every seat taken, only a tenant without one may take one
+        # With every seat taken, only a tenant without one may take one (vtc): the running requests by tenant.
+        seated: dict[str, list[Request]] = {}
         while budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 if stolen or not self.fair.fair:
                     break
-                seated = frozenset(r.tenant for r in self.running)
+                seated = {}
+                for r in self.running:
+                    seated.setdefault(r.tenant, []).append(r)
             entry = self.waiting.peek(seated)
             if entry is None:
                 break
@@ -172,17 +173,17 @@ class Scheduler:
             assert req is not None
             victim = None
             if seated:
-                victim = self._seat_victim(req)
+                victim = self._seat_victim(req, seated)
                 if victim is None:
                     break
             if in_flight and self.kv.next_uncached_hash(req, self.kv.match(req)) in in_flight:
-                skipped.append(self.waiting.pop(seated))
+                skipped.append(self.waiting.take(entry))
                 continue
             verdict = policy.may_admit(req)
             if verdict is not True:
                 if verdict is not False:
                     failed.append((req, verdict))  # stays queued until the engine finishes it
-                skipped.append(self.waiting.pop(seated))
+                skipped.append(self.waiting.take(entry))
                 continue
             if victim is not None:
                 budget += self._evict_for_seat(victim, chunks)
@@ -193,7 +194,7 @@ class Scheduler:
             if not self.kv.admit(req, prefix, n):
                 policy.on_release(req)  # hand back what the policy reserved for it
                 break  # the head waits for memory; nobody behind it jumps the queue
-            self.waiting.pop(seated)
+            self.waiting.take(entry)
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = prefix.num_tokens
                 req.first_scheduled_time = time.monotonic()
@@ -206,16 +207,12 @@ class Scheduler:
             self.waiting.requeue(entry)
         return budget
 
-    def _seat_victim(self, request: Request) -> Request | None:
-        """Under `vtc`, with every seat taken: a tenant with no request running may take one seat from the
-        tenant furthest ahead of its share, if that tenant holds at least two and is ahead of this one. The
-        victim is that tenant's latest arrival at this request's priority or a lower one (its full KV blocks
-        stay in the prefix cache, so resuming it recomputes little). None when no seat may be taken."""
-        if not self.fair.fair:
-            return None
-        held: dict[str, list[Request]] = {}
-        for r in self.running:
-            held.setdefault(r.tenant, []).append(r)
+    def _seat_victim(self, request: Request, held: dict[str, list[Request]]) -> Request | None:
+        """Under `vtc`, with every seat taken (`held`: the running requests by tenant): a tenant with no request
+        running may take one seat from the tenant furthest ahead of its share, if that tenant holds at least two
+        and is ahead of this one. The victim is that tenant's latest arrival at this request's priority or a
+        lower one (its full KV blocks stay in the prefix cache, so resuming it recomputes little). None when no
+        seat may be taken."""
         if request.tenant in held:
             return None
         key = self.fair.key

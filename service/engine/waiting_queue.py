@@ -92,12 +92,17 @@ class WaitingQueue:
             del self._heaps[tenant]
         return best
 
-    def pop(self, skip: Container[str] = ()) -> QueueEntry:
-        entry = self.peek(skip)
+    def pop(self) -> QueueEntry:
+        entry = self.peek()
         if entry is None:
             raise IndexError("pop from an empty waiting queue")
-        heapq.heappop(self._heaps[entry.tenant])
-        assert entry.request is not None
+        return self.take(entry)
+
+    def take(self, entry: QueueEntry) -> QueueEntry:
+        """Remove the entry `peek` just returned (the head of its tenant's heap) without looking again."""
+        heap = self._heaps[entry.tenant]
+        assert heap[0] is entry and entry.request is not None, "take() is for the entry peek() returned"
+        heapq.heappop(heap)
         del self._live[entry.request.request_id]
         return entry
 
