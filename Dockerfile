@@ -38,6 +38,9 @@ RUN pip install . \
 
 FROM base AS runtime
 ARG UID=10001
+# A C compiler: the CPU decode kernels (kernels/cpu) are built at first start for the node's own CPU
+# (-march=native) and cached under the home folder; without one the service runs the slower torch ops.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid "${UID}" loraserve \
     && useradd --system --uid "${UID}" --gid loraserve --home-dir /var/lib/loraserve --shell /usr/sbin/nologin \
         loraserve \

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kernels import native
+
 SHORT_EXTEND = 64  # extends of at most this many new tokens are batched together
 MIN_SHARED_BLOCKS = 2  # cascade only when the shared prefix is at least this long ...
 MIN_CASCADE_DECODES = 4  # ... and shared by at least this many decodes
@@ -90,21 +92,54 @@ class AttentionPlan:
         used_tables = [t[: -(-(s + n) // bs)] for t, s, n in zip(block_tables, starts, lens)]  # blocks in context
         return AttentionPlan(slot_mapping, used_tables, list(starts), list(lens), bs)
 
-    def torch_view(self) -> TorchAttention:
-        hit = self.derived.get("torch")
+    def torch_view(self, decodes: bool = True) -> TorchAttention:
+        """`decodes` False: the single-token sequences are left out (the C decode kernel computes them)."""
+        key = "torch" if decodes else "torch-no-decodes"
+        hit = self.derived.get(key)
         if not isinstance(hit, TorchAttention):
-            hit = self.derived["torch"] = _torch_attention(self.block_tables, self.starts, self.lens,
-                                                           self.block_size, self.slot_mapping.device)
+            hit = self.derived[key] = _torch_attention(self.block_tables, self.starts, self.lens,
+                                                       self.block_size, self.slot_mapping.device, decodes)
         return hit
+
+    def native_decodes(self) -> NativeDecodes | None:
+        """The single-token sequences as the C decode kernel reads them; None when there are none."""
+        hit = self.derived.get("native")
+        if hit is None:
+            hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens)
+        return hit if isinstance(hit, NativeDecodes) else None
+
+
+@dataclass
+class NativeDecodes:
+    q_rows: torch.Tensor  # [n] int64: the step's query row of each decode
+    ctx: torch.Tensor  # [n] int64: tokens in context, the new one included
+    tables: torch.Tensor  # [n, max_blocks] int64 block ids (padding 0, never read)
+
+
+def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:
+    rows, ctx, tables, q = [], [], [], 0
+    for table, start, n in zip(block_tables, starts, lens):
+        if n == 1:
+            rows.append(q)
+            ctx.append(start + 1)
+            tables.append(table)
+        q += n
+    if not rows:
+        return False
+    width = max(len(t) for t in tables)
+    padded = torch.zeros(len(tables), width, dtype=torch.int64)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+    return NativeDecodes(torch.tensor(rows, dtype=torch.int64), torch.tensor(ctx, dtype=torch.int64), padded)
 
 
 def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,
-                     device: torch.device) -> TorchAttention:
+                     device: torch.device, decodes: bool = True) -> TorchAttention:
     q_starts, acc = [], 0
     for n in lens:
         q_starts.append(acc)
         acc += n
-    dec = [i for i, n in enumerate(lens) if n == 1]
+    dec = [i for i, n in enumerate(lens) if n == 1] if decodes else []
     ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND]
     longs = [i for i, n in enumerate(lens) if n > SHORT_EXTEND]
 
@@ -173,6 +208,31 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     kvh, d = k_cache.shape[-2:]
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def rope_write_kv_torch(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int
+                        ) -> torch.Tensor:
+    """Rotary embedding of q and k in the fused projection output (HF rotate-half layout), k and v written at
+    their slots: `[T, (heads + 2 kv_heads) * d]` -> rotated q `[T, heads, d]`. The tables are read at the
+    positions and rounded to the activations' dtype, in which the rotation is computed."""
+    t = qkv.shape[0]
+    kvh, d = k_cache.shape[-2:]
+    q_size, kv_size = num_heads * d, kvh * d
+    c = cos[positions].to(qkv.dtype).unsqueeze(1)  # [T, 1, d]
+    s = sin[positions].to(qkv.dtype).unsqueeze(1)
+    q = qkv[:, :q_size].view(t, num_heads, d)
+    k = qkv[:, q_size : q_size + kv_size].view(t, kvh, d)
+    v = qkv[:, q_size + kv_size :].view(t, kvh, d)
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    write_kv(k_cache, v_cache, k, v, slot_mapping)
+    return q
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
 
 
 def _fetch(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
@@ -244,7 +304,12 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     out = torch.empty_like(q)
     h = q.shape[1]
     kvh = k_cache.shape[2]
-    view = plan.torch_view()
+    native_done = False
+    if q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.device.type == "cpu":
+        nd = plan.native_decodes()
+        native_done = nd is None or native.paged_decode_attention(q.contiguous(), k_cache, v_cache, out, nd.q_rows,
+                                                                  nd.ctx, nd.tables, scale)
+    view = plan.torch_view(decodes=not native_done)
     if view.cascade is not None:
         _attend_cascade(q, k_cache, v_cache, view.cascade, scale, out)
     if view.decodes is not None:

@@ -10,6 +10,9 @@ runtime starts, from the device and the `LORASERVE_KERNELS` override (read there
   needs `TRITON_INTERPRET=1` set before the kernels are first imported (how the tests run them).
 
 `embedding` and `write_kv` are gathers and scatters torch does well on any device: both backends use torch.
+On the CPU, the torch backend runs the decode step's small fused ops (rotary embedding with the K/V write,
+residual add with RMS norm, SiLU-and-multiply, single-token paged attention) through the C kernels of
+`kernels.native` when they are built, on bfloat16; otherwise, and for every other dtype, as torch ops.
 Nothing outside `kernels` picks an implementation; the model holds the backend it was given.
 """
 
@@ -20,9 +23,11 @@ import os
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from kernels import attention as _attn
 from kernels import lora as _lora
+from kernels import native
 from kernels import quant as _quant
 from kernels.attention import AttentionPlan
 from kernels.lora import LoraSegments, SlotWeights
@@ -50,6 +55,24 @@ class Kernels(Protocol):
     def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None: ...
 
+    def rope_write_kv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int
+                      ) -> torch.Tensor:
+        """Rotary embedding (rotate-half layout, float32 tables `[max_len, head_dim]` read at `positions`) of q
+        and k in the fused projection output `qkv [T, (heads + 2 kv_heads) * head_dim]`; k and v written at their
+        slots; returns the rotated q `[T, heads, head_dim]`."""
+        ...
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """In place: the float32 residual x `[T, hidden]` += delta (None: nothing); returns RMSNorm(x) * weight
+        in `dtype`."""
+        ...
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of a fused gate/up output `[T, 2 * inter]` -> `[T, inter]`."""
+        ...
+
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                         scale: float) -> torch.Tensor:
         """q [T, heads, head_dim] over the paged cache `[num_blocks, block_size, kv_heads, head_dim]` by `plan`."""
@@ -74,6 +97,33 @@ class TorchKernels:
     def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
         _attn.write_kv(k_cache, v_cache, k, v, slot_mapping)
+
+    def rope_write_kv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int
+                      ) -> torch.Tensor:
+        if qkv.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16:
+            q = native.rope_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+            if q is not None:
+                return q
+        return _attn.rope_write_kv_torch(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_heads)
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     dtype: torch.dtype) -> torch.Tensor:
+        if dtype == torch.bfloat16 and x.dtype == torch.float32 and (delta is None or delta.dtype == dtype):
+            out = native.add_rms_norm(x, delta, weight, eps)
+            if out is not None:
+                return out
+        if delta is not None:
+            x.add_(delta)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps).to(dtype)
+
+    def silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        if gu.dtype == torch.bfloat16:
+            out = native.silu_mul(gu)
+            if out is not None:
+                return out
+        inter = gu.shape[-1] // 2
+        return F.silu(gu[..., :inter]) * gu[..., inter:]
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: AttentionPlan,
                         scale: float) -> torch.Tensor:

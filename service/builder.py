@@ -15,6 +15,7 @@ import torch
 from adapters.identity import adapter_version_id
 from adapters.lifecycle import AdapterVersions
 from adapters.peft_format import ParsedAdapter, parse_adapter
+from kernels import native
 from kernels.ops import select_kernels
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.adapters import AdapterAdmission
@@ -99,6 +100,18 @@ def _kv_bytes(rc: RuntimeConfig, ec: EngineConfig, arch: ModelArch, device: torc
     return kv_cache_bytes(device, rc.gpu_memory_fraction, activations)
 
 
+def _cpu_kernels(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
+    """Builds the C decode kernels now (not in the first step) where the model would use them; says which ops
+    the decode step runs."""
+    if device.type != "cpu" or kernels != "torch" or dtype != torch.bfloat16:
+        return "n/a"
+    if native.library() is None:
+        log.warning("cpu_kernels_unavailable", reason=native.unavailable_reason(),
+                    effect="the decode step runs torch ops only (slower)")
+        return "torch"
+    return "c"
+
+
 def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None,
                   ac: AdapterConfig | None = None,
                   adapter_loader: Callable[[str], ParsedAdapter] | None = None) -> Runtime:
@@ -151,9 +164,10 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
                                workers=ac.load_workers)
     engine = LLMEngine(runner, tokenizer, ec, adapter_slots=versions,
                        admission=AdapterAdmission(versions, ac.max_overtake_steps))
+    cpu_kernels = _cpu_kernels(device, dtype, kernels.name)
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
-             device=describe(device), kernels=kernels.name, weights_mib=round(model.nbytes() / 2**20, 1),
-             dense_weights=model.dense_weights,
+             device=describe(device), kernels=kernels.name, cpu_kernels=cpu_kernels,
+             weights_mib=round(model.nbytes() / 2**20, 1), dense_weights=model.dense_weights,
              kv_blocks=num_blocks, kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
     runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local,

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kernels import ops
 from kernels.lora import LoraSegments
@@ -186,43 +185,37 @@ class LlamaModel:
         `lora`: which tokens use which adapter slot this step, and the slot table; None = base model only.
         """
         arch, dt = self.arch, self.dtype
-        h, kvh, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-        q_size, kv_size = arch.q_size, arch.kv_size
-        inter = arch.intermediate_size
-        cos = self._cos[positions].to(dt).unsqueeze(1)  # [T, 1, d]
-        sin = self._sin[positions].to(dt).unsqueeze(1)
+        eps = arch.rms_norm_eps
         kn = self.kernels
         x = kn.embedding(input_ids, self.embed)  # [T, hidden] float32 residual stream
-        t = x.shape[0]
+        if not self.layers:
+            return kn.add_rms_norm(x, None, self.final_norm, eps, torch.float32)
+        hs = kn.add_rms_norm(x, None, self.layers[0].input_norm, eps, dt)
         for i, lw in enumerate(self.layers):
             lt = lora.table[i] if lora is not None else None
-            hs = F.rms_norm(x, (x.shape[-1],), lw.input_norm, arch.rms_norm_eps).to(dt)
             qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
             if lt is not None:
                 kn.sgmv_(qkv, hs, lora.segments, lt["qkv"])
-            q = qkv[:, :q_size].view(t, h, d)
-            k = qkv[:, q_size : q_size + kv_size].view(t, kvh, d)
-            v = qkv[:, q_size + kv_size :].view(t, kvh, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = kv.layer(i)
-            kn.write_kv(k_cache, v_cache, k, v, plan.slot_mapping)
+            q = kn.rope_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, plan.slot_mapping,
+                                 arch.num_heads)
             attn = kn.paged_attention(q, k_cache, v_cache, plan, self.scale)  # [T, h, d]
-            attn = attn.reshape(t, q_size)
+            attn = attn.reshape(attn.shape[0], arch.q_size)
             o = kn.linear(attn, lw.o)
             if lt is not None:
                 kn.sgmv_(o, attn, lora.segments, lt["o"])
-            x = x + o.float()
-            hs = F.rms_norm(x, (x.shape[-1],), lw.post_norm, arch.rms_norm_eps).to(dt)
+            hs = kn.add_rms_norm(x, o, lw.post_norm, eps, dt)
             gu = kn.linear(hs, lw.gate_up)  # [T, 2 * inter]
             if lt is not None:
                 kn.sgmv_(gu, hs, lora.segments, lt["gate_up"])
-            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            act = kn.silu_mul(gu)
             down = kn.linear(act, lw.down)
             if lt is not None:
                 kn.sgmv_(down, act, lora.segments, lt["down"])
-            x = x + down.float()
-        return F.rms_norm(x, (x.shape[-1],), self.final_norm, arch.rms_norm_eps)
+            # the residual add, and the norm of what reads it next: the next layer's input or the final norm
+            nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
+            hs = kn.add_rms_norm(x, down, nxt, eps, dt if i + 1 < len(self.layers) else torch.float32)
+        return hs
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (float32) -> logits [S, vocab] float32."""
@@ -238,7 +231,3 @@ class LlamaModel:
             logits.scatter_(1, top, exact)
         return logits
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], -1)

@@ -14,6 +14,7 @@ from tests.tiny_models import KINDS, VOCAB, make_tiny_model
 FP32_ATOL = 2e-4
 # bf16 path: activations and K/V rounded to 8 mantissa bits; logits of these random models span ~[-10, 10].
 BF16_ATOL = 0.25
+TIE_MARGIN = 0.05  # reference top-2 logit gap below which a bf16 greedy choice may go either way
 
 
 def run_chunks(model: LlamaModel, tokens: list[int], chunks: list[int], block_size: int = 4) -> torch.Tensor:
@@ -74,9 +75,13 @@ def test_bf16_path_close_to_transformers(tiny):
     ref = hf_logits(hf, tokens)
     ours = run_chunks(model, tokens, [10, 15])
     torch.testing.assert_close(ours, ref, atol=BF16_ATOL, rtol=0)
-    # and it picks the same greedy token at nearly every position
-    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean()
-    assert agree >= 0.9, f"greedy agreement {agree:.2f}"
+    # and it picks the same greedy token wherever the reference is not a near-tie: the random tiny models have
+    # positions whose top two logits are 0.01 apart, closer than bf16 rounding of the activations separates
+    top2 = ref.topk(2, -1).values
+    decided = (top2[:, 0] - top2[:, 1]) >= TIE_MARGIN
+    assert decided.float().mean() >= 0.5, "the comparison would be over too few positions"
+    agree = (ours.argmax(-1) == ref.argmax(-1))[decided].float().mean()
+    assert agree >= 0.95, f"greedy agreement {agree:.2f} where the reference's top two are >= {TIE_MARGIN} apart"
 
 
 def test_quantize_on_load_stays_close(tiny):

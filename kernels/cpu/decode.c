@@ -1,0 +1,215 @@
+/* CPU kernels of the decode step that torch runs as many small ops: compiled once per machine by
+ * kernels/native.py (-O3 -march=native: the compiler vectorises the head_dim loops for the CPU it runs on)
+ * and called through ctypes, which releases the GIL for the call.
+ *
+ * bfloat16 values travel as uint16_t; every sum is accumulated in float32. OpenMP threads are torch's own
+ * (the process loads one libgomp), their number passed in by the caller.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_HEAD_DIM 256
+#define MAX_HEADS 64
+#define MAX_ROW 2048 /* kv_heads * head_dim */
+#define MAX_BLOCK 64
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    uint32_t u = v.u;
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0 (softmax arguments after the max is subtracted), to about 2 ulp, in plain arithmetic the
+ * compiler vectorises: 2^(x log2 e) split into an integer power (exponent bits) and a polynomial on [-0.5, 0.5]. */
+static inline float exp_nonpos(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float t = x * 1.44269504088896341f;
+    const float k = __builtin_roundf(t);
+    const float f = (t - k) * 0.69314718055994531f; /* e^f, |f| <= ln2 / 2 */
+    float p = 1.0f / 5040.0f;
+    p = p * f + 1.0f / 720.0f;
+    p = p * f + 1.0f / 120.0f;
+    p = p * f + 1.0f / 24.0f;
+    p = p * f + 1.0f / 6.0f;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    union { uint32_t u; float f; } s;
+    s.u = (uint32_t)((int32_t)k + 127) << 23;
+    return p * s.f;
+}
+
+/* Paged attention of one new token per sequence (decode), grouped-query heads sharing each KV head.
+ *
+ * q, out: [*, num_heads, head_dim] bf16 rows; sequence i reads query row q_rows[i] and writes out row
+ * q_rows[i]. k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] bf16. Sequence i attends to
+ * its first ctx[i] tokens, token p in block tables[i * table_stride + p / block_size], row p % block_size.
+ * One pass over the context, a block at a time, with a running max per head (online softmax): no buffer
+ * grows with the context. Each token's K and V rows (every KV head, contiguous in the arena) are read once,
+ * for all query heads. Returns 0, or -1 when a shape is beyond the fixed bounds (the caller then uses the
+ * torch path). */
+int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                                uint16_t *out, const int64_t *q_rows, const int64_t *ctx,
+                                const int64_t *tables, int64_t table_stride, int64_t num_seqs,
+                                int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                float scale, int num_threads) {
+    const int64_t group = num_heads / kv_heads;
+    const int64_t row = kv_heads * head_dim; /* one token's K (or V) row in the arena, every KV head */
+    if (num_heads > MAX_HEADS || row > MAX_ROW || head_dim > MAX_HEAD_DIM || group * kv_heads != num_heads ||
+        block_size > MAX_BLOCK)
+        return -1;
+    const int64_t block_stride = block_size * row;
+    int64_t total = 0;
+    for (int64_t i = 0; i < num_seqs; i++) total += ctx[i];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_seqs > 1 && total > 2048)
+    for (int64_t i = 0; i < num_seqs; i++) {
+        const int64_t n = ctx[i];
+        const int64_t *table = tables + i * table_stride;
+        float qf[MAX_HEADS][MAX_HEAD_DIM] __attribute__((aligned(64)));
+        float acc[MAX_HEADS][MAX_HEAD_DIM] __attribute__((aligned(64)));
+        float s[MAX_HEADS][MAX_BLOCK] __attribute__((aligned(64)));
+        float kv[MAX_ROW] __attribute__((aligned(64)));
+        float m[MAX_HEADS], l[MAX_HEADS];
+        const uint16_t *qr = q + q_rows[i] * num_heads * head_dim;
+        for (int64_t h = 0; h < num_heads; h++) {
+            for (int64_t d = 0; d < head_dim; d++) {
+                qf[h][d] = bf16_to_f32(qr[h * head_dim + d]) * scale;
+                acc[h][d] = 0.0f;
+            }
+            m[h] = -INFINITY;
+            l[h] = 0.0f;
+        }
+        for (int64_t p0 = 0; p0 < n; p0 += block_size) {
+            const int64_t nt = n - p0 < block_size ? n - p0 : block_size;
+            const int64_t base = table[p0 / block_size] * block_stride;
+            for (int64_t t = 0; t < nt; t++) {
+                const uint16_t *kr = k_cache + base + t * row;
+                for (int64_t j = 0; j < row; j++) kv[j] = bf16_to_f32(kr[j]);
+                for (int64_t h = 0; h < num_heads; h++) {
+                    const float *kh = kv + (h / group) * head_dim;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t d = 0; d < head_dim; d++) dot += qf[h][d] * kh[d];
+                    s[h][t] = dot;
+                }
+            }
+            for (int64_t h = 0; h < num_heads; h++) {
+                float bm = m[h];
+                for (int64_t t = 0; t < nt; t++) bm = s[h][t] > bm ? s[h][t] : bm;
+                if (bm > m[h]) { /* new running max: rescale what is accumulated */
+                    const float c = exp_nonpos(m[h] - bm);
+                    l[h] *= c;
+                    for (int64_t d = 0; d < head_dim; d++) acc[h][d] *= c;
+                    m[h] = bm;
+                }
+                float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < nt; t++) {
+                    s[h][t] = exp_nonpos(s[h][t] - bm);
+                    sum += s[h][t];
+                }
+                l[h] += sum;
+            }
+            for (int64_t t = 0; t < nt; t++) {
+                const uint16_t *vr = v_cache + base + t * row;
+                for (int64_t j = 0; j < row; j++) kv[j] = bf16_to_f32(vr[j]);
+                for (int64_t h = 0; h < num_heads; h++) {
+                    const float *vh = kv + (h / group) * head_dim;
+                    const float e = s[h][t];
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; d++) acc[h][d] += e * vh[d];
+                }
+            }
+        }
+        uint16_t *o = out + q_rows[i] * num_heads * head_dim;
+        for (int64_t h = 0; h < num_heads; h++) {
+            const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) o[h * head_dim + d] = f32_to_bf16(acc[h][d] * inv);
+        }
+    }
+    return 0;
+}
+
+/* Rotary embedding of a step's new q and k (HF rotate-half layout) and the write of their K and V rows into
+ * the layer's arena, in one pass over the fused projection's output.
+ *
+ * qkv: [T, (num_heads + 2 * kv_heads) * head_dim] bf16 rows (q heads, then k heads, then v heads);
+ * positions: [T]; cos, sin: float32 tables [max_len, head_dim]; q_out: [T, num_heads, head_dim] bf16;
+ * k_cache, v_cache: the layer's arena seen as [slots, kv_heads, head_dim] bf16, token t written at row
+ * slots[t]. Rotation in float32, rounded to bf16 once. */
+int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
+                       uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
+                       int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int num_threads) {
+    if (head_dim % 2 || head_dim > MAX_HEAD_DIM) return -1;
+    const int64_t half = head_dim / 2;
+    const int64_t width = (num_heads + 2 * kv_heads) * head_dim;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_tokens >= 64)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const uint16_t *row = qkv + t * width;
+        const float *c = cos_t + positions[t] * head_dim, *s = sin_t + positions[t] * head_dim;
+        for (int64_t h = 0; h < num_heads + kv_heads; h++) {
+            const uint16_t *src = row + h * head_dim;
+            uint16_t *dst = h < num_heads ? q_out + (t * num_heads + h) * head_dim
+                                          : k_cache + (slots[t] * kv_heads + (h - num_heads)) * head_dim;
+            for (int64_t d = 0; d < half; d++) {
+                const float a = bf16_to_f32(src[d]), b = bf16_to_f32(src[d + half]);
+                dst[d] = f32_to_bf16(a * c[d] - b * s[d]);
+                dst[d + half] = f32_to_bf16(b * c[d + half] + a * s[d + half]);
+            }
+        }
+        memcpy(v_cache + slots[t] * kv_heads * head_dim, row + (num_heads + kv_heads) * head_dim,
+               sizeof(uint16_t) * (size_t)(kv_heads * head_dim));
+    }
+    return 0;
+}
+
+/* The residual add and the RMS norm that follows it: x [T, hidden] float32 += delta (bf16, or NULL for
+ * none); out [T, hidden] bf16 = x / sqrt(mean(x^2) + eps) * weight. */
+int add_rms_norm_bf16(float *x, const uint16_t *delta, const float *weight, uint16_t *out, int64_t num_tokens,
+                      int64_t hidden, float eps, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_tokens >= 64)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        float *xr = x + t * hidden;
+        float ss = 0.0f;
+        if (delta) {
+            const uint16_t *dr = delta + t * hidden;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < hidden; i++) {
+                xr[i] += bf16_to_f32(dr[i]);
+                ss += xr[i] * xr[i];
+            }
+        } else {
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < hidden; i++) ss += xr[i] * xr[i];
+        }
+        const float r = 1.0f / sqrtf(ss / (float)hidden + eps);
+        uint16_t *o = out + t * hidden;
+        for (int64_t i = 0; i < hidden; i++) o[i] = f32_to_bf16(xr[i] * r * weight[i]);
+    }
+    return 0;
+}
+
+/* SiLU(gate) * up of the fused gate/up projection: gu [T, 2 * inter] bf16 (gate columns, then up), out
+ * [T, inter] bf16, in float32 and rounded once. */
+int silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t num_tokens, int64_t inter, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_tokens >= 64)
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const uint16_t *g = gu + t * 2 * inter, *u = g + inter;
+        uint16_t *o = out + t * inter;
+        for (int64_t i = 0; i < inter; i++) {
+            const float a = bf16_to_f32(g[i]);
+            o[i] = f32_to_bf16(a / (1.0f + expf(-a)) * bf16_to_f32(u[i]));
+        }
+    }
+    return 0;
+}

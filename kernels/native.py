@@ -1,0 +1,183 @@
+"""The CPU decode kernels written in C (`kernels/cpu/*.c`), compiled once per machine and loaded with ctypes.
+
+A decode step on the CPU is hundreds of tiny torch ops: for one token of a small model, dispatching them costs
+more than the arithmetic. The C kernels do the work of several ops in one call on bfloat16 tensors. The C
+compiler builds them with `-O3 -march=native` (vectorised for the CPU they run on) into a cache folder keyed by
+the source, the compiler and the flags, so a second start does not compile again.
+
+`library()` is None when the kernels cannot be used: no C compiler, a failed build, or `LORASERVE_NATIVE=0`
+(the reason is in `unavailable_reason()`); the torch implementations then run instead, and give the same
+results within bfloat16 rounding (tests/kernels/test_native.py holds both to the float32 oracle).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+NATIVE_ENV = "LORASERVE_NATIVE"  # 0 turns the C kernels off
+CACHE_ENV = "LORASERVE_KERNEL_CACHE"  # where the built library goes (default ~/.cache/loraserve/kernels)
+SOURCES = ("decode.c",)
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_loaded = False
+
+_i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+                                     _f32, _int], _int),
+    "rope_write_kv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
+    "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
+    "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
+}
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "loraserve", "kernels")
+    return Path(root)
+
+
+def _build(cc: str) -> Path:
+    src_dir = Path(__file__).parent / "cpu"
+    sources = [src_dir / s for s in SOURCES]
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256()
+    for part in (version, " ".join(FLAGS), *(p.read_text() for p in sources)):
+        key.update(part.encode())
+    out = _cache_dir() / f"loraserve_cpu_{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed into place: a concurrent start never loads a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True,
+                             check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    global _lib, _reason, _loaded
+    _loaded = True
+    if os.environ.get(NATIVE_ENV, "1").strip() in ("0", "false", "no", "off"):
+        _reason = f"{NATIVE_ENV}=0"
+        return
+    if sys.platform == "win32":
+        _reason = "the C kernels are built for POSIX systems only"
+        return
+    cc = _compiler()
+    if cc is None:
+        _reason = "no C compiler (cc, gcc or clang) on the PATH"
+        return
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError) as e:
+        _reason = f"building the C kernels failed: {e}"
+        return
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    _lib = lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built on first use; None when they cannot be used (see `unavailable_reason`)."""
+    if not _loaded:
+        with _lock:
+            if not _loaded:
+                _load()
+    return _lib
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _reason
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                           q_rows: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor, scale: float) -> bool:
+    """One new token per sequence: out[q_rows[i]] = attention of q[q_rows[i]] over the first ctx[i] tokens of
+    sequence i's blocks `tables[i]`. bf16 q/out `[T, heads, head_dim]` and caches `[blocks, block_size, kv_heads,
+    head_dim]`, all contiguous; int64 q_rows/ctx `[n]`, tables `[n, max_blocks]` (ids must be < blocks: the
+    caller's block pool guarantees it). False when the kernels are unavailable or the shape is beyond their
+    bounds (the caller runs the torch path)."""
+    lib = library()
+    if lib is None:
+        return False
+    _, bs, kvh, d = k_cache.shape
+    rc = lib.paged_decode_attention_bf16(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), q_rows.data_ptr(), ctx.data_ptr(),
+        tables.data_ptr(), tables.shape[1], q_rows.shape[0], q.shape[1], kvh, d, bs, scale, torch.get_num_threads())
+    return rc == 0
+
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels can take these tensors: loaded, all on the CPU and contiguous."""
+    return library() is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, num_heads: int
+                  ) -> torch.Tensor | None:
+    """Rotate q and k of the fused projection output `qkv` [T, (heads + 2 kv_heads) * head_dim] (bf16) at
+    `positions` by the float32 `cos`/`sin` tables [max_len, head_dim], write k and v at `slot_mapping` into the
+    layer's bf16 arena `[blocks, block_size, kv_heads, head_dim]`; returns rotated q [T, heads, head_dim].
+    None when the kernels cannot take these tensors (the caller runs the torch ops)."""
+    if not usable(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping):
+        return None
+    kvh, d = k_cache.shape[-2:]
+    t = qkv.shape[0]
+    q = torch.empty(t, num_heads, d, dtype=qkv.dtype)
+    rc = library().rope_write_kv_bf16(qkv.data_ptr(), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                      q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+                                      t, num_heads, kvh, d, torch.get_num_threads())
+    return q if rc == 0 else None
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+                 ) -> torch.Tensor | None:
+    """In place x (float32 [T, hidden]) += delta (bf16 or None); returns bf16 rms_norm(x) * weight. None when
+    the kernels cannot take these tensors."""
+    if not usable(x, weight, *(() if delta is None else (delta,))):
+        return None
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    library().add_rms_norm_bf16(x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                                out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
+    """SiLU(gate) * up of a bf16 [T, 2 * inter] gate/up output -> bf16 [T, inter]; None when unusable."""
+    if not usable(gu):
+        return None
+    t, two = gu.shape
+    out = torch.empty(t, two // 2, dtype=gu.dtype)
+    library().silu_mul_bf16(gu.data_ptr(), out.data_ptr(), t, two // 2, torch.get_num_threads())
+    return out

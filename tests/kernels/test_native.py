@@ -1,0 +1,164 @@
+"""The C decode kernels (kernels/cpu/decode.c through kernels.native) against float32 oracles, and their
+fallback: every op gives the torch result when the kernels are off or a shape is beyond them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import native
+from kernels.attention import (
+    AttentionPlan,
+    paged_attention_reference,
+    paged_attention_torch,
+    rope_write_kv_torch,
+)
+from kernels.ops import TorchKernels
+from tests.kernels.test_attention import setup
+
+BF16 = torch.bfloat16
+# bf16 outputs of float32 sums: one rounding of a value of magnitude <= ~4 (2^-8 relative) and the bf16 inputs
+ATOL_BF16 = 3e-2
+
+
+def test_the_kernels_build_here():
+    """CI machines have a C compiler: the fast path must be what the tests exercise, not the fallback."""
+    assert native.library() is not None, native.unavailable_reason()
+
+
+ATTN_CASES = {
+    "one-decode-one-token": [(0, 1)],
+    "ragged-decodes-across-blocks": [(5, 1), (0, 1), (13, 1), (7, 1), (30, 1)],
+    "decodes-beside-extends-and-a-long-prefill": [(10, 1), (0, 9), (4, 1), (0, 80), (11, 4)],
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_decode_attention_matches_the_fp32_oracle(case):
+    q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES[case], dtype=BF16)
+    nd = plan.native_decodes()
+    assert nd is not None
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 16**-0.5)
+    ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+    rows = nd.q_rows
+    torch.testing.assert_close(out[rows].float(), ref[rows], atol=ATOL_BF16, rtol=0)
+    # rows of the other sequences (extends, prefills) are not touched
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert out[others].isnan().all()
+
+
+def test_paged_attention_uses_the_kernel_for_decodes_and_torch_for_the_rest():
+    q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES["decodes-beside-extends-and-a-long-prefill"], dtype=BF16)
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+    assert "native" in plan.derived and "torch-no-decodes" in plan.derived  # the decodes went to the kernel
+
+
+def test_decode_attention_with_grouped_heads_and_a_shared_prefix():
+    """9 query heads over 3 KV heads (the default model's grouping), 64-token blocks, a prefix shared by all."""
+    g = torch.Generator().manual_seed(7)
+    nb, bs, kvh, h, d = 40, 64, 3, 9, 64
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
+    vc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
+    tables = [[5, 6, 7], [5, 6, 9], [5, 11], [5, 6, 12, 13]]
+    starts = [150, 130, 70, 200]
+    plan = AttentionPlan.build(tables, starts, [1] * 4, bs)
+    q = torch.randn(4, h, d, generator=g).to(BF16)
+    out = paged_attention_torch(q, kc, vc, plan, d**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, [1] * 4), atol=ATOL_BF16,
+                               rtol=0)
+
+
+def test_a_head_dim_beyond_the_kernel_falls_back_to_torch():
+    """head_dim 512 exceeds the kernel's bound: it declines, and paged attention still answers (torch)."""
+    g = torch.Generator().manual_seed(3)
+    kc = torch.randn(4, 4, 1, 512, generator=g).to(BF16)
+    vc = torch.randn(4, 4, 1, 512, generator=g).to(BF16)
+    plan = AttentionPlan.build([[2, 1]], [5], [1], 4)
+    q = torch.randn(1, 2, 512, generator=g).to(BF16)
+    nd = plan.native_decodes()
+    assert not native.paged_decode_attention(q, kc, vc, torch.empty_like(q), nd.q_rows, nd.ctx, nd.tables, 0.1)
+    out = paged_attention_torch(q, kc, vc, plan, 512**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, [[2, 1]], [5], [1]), atol=ATOL_BF16, rtol=0)
+
+
+def _rope_tables(d: int, max_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    f = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    emb = torch.cat([f, f], -1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def test_rope_and_kv_write_match_the_fp32_oracle():
+    g = torch.Generator().manual_seed(1)
+    t, h, kvh, d, nb, bs = 5, 6, 2, 16, 8, 4
+    cos, sin = _rope_tables(d)
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g)
+    positions = torch.tensor([0, 3, 17, 40, 63])
+    slots = torch.tensor([9, 2, 30, 17, 0])
+    kc, vc = torch.zeros(nb, bs, kvh, d, dtype=BF16), torch.zeros(nb, bs, kvh, d, dtype=BF16)
+    q = native.rope_write_kv(qkv.to(BF16), positions, cos, sin, kc, vc, slots, h)
+    assert q is not None and q.shape == (t, h, d) and q.dtype == BF16
+    # oracle: the torch op in float32 on the same (bf16-rounded) inputs
+    kc32, vc32 = torch.zeros(nb, bs, kvh, d), torch.zeros(nb, bs, kvh, d)
+    q32 = rope_write_kv_torch(qkv.to(BF16).float(), positions, cos, sin, kc32, vc32, slots, h)
+    torch.testing.assert_close(q.float(), q32, atol=ATOL_BF16, rtol=0)
+    torch.testing.assert_close(kc.float(), kc32, atol=ATOL_BF16, rtol=0)
+    assert torch.equal(vc.float(), vc32)  # v is copied, not computed
+    written = torch.zeros(nb * bs, dtype=torch.bool)
+    written[slots] = True
+    assert (kc.view(nb * bs, -1)[~written] == 0).all() and (vc.view(nb * bs, -1)[~written] == 0).all()
+
+
+def test_add_rms_norm_matches_torch():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 96, generator=g) * 3
+    delta = torch.randn(7, 96, generator=g).to(BF16)
+    w = torch.rand(96, generator=g) + 0.5
+    want_x = x + delta.float()
+    want = F.rms_norm(want_x, (96,), w, 1e-5)
+    got = native.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(x, want_x)  # the residual add is exact in float32
+    torch.testing.assert_close(got.float(), want, atol=ATOL_BF16, rtol=0)
+    # without a delta it is the norm alone
+    torch.testing.assert_close(native.add_rms_norm(x, None, w, 1e-5).float(), want, atol=ATOL_BF16, rtol=0)
+
+
+def test_silu_mul_matches_torch():
+    gu = (torch.randn(4, 2 * 40, generator=torch.Generator().manual_seed(4)) * 4).to(BF16)
+    want = F.silu(gu[:, :40].float()) * gu[:, 40:].float()
+    torch.testing.assert_close(native.silu_mul(gu).float(), want, atol=ATOL_BF16, rtol=1e-2)
+
+
+def test_torch_kernels_give_the_same_results_without_the_c_kernels(monkeypatch):
+    """LORASERVE_NATIVE=0: the library is not loaded, the reason says why, and every fused op answers with torch
+    ops within bf16 rounding of the C kernels' answer."""
+    g = torch.Generator().manual_seed(5)
+    kn = TorchKernels()
+    x = torch.randn(3, 32, generator=g)
+    delta = torch.randn(3, 32, generator=g).to(BF16)
+    w = torch.rand(32, generator=g) + 0.5
+    gu = torch.randn(3, 64, generator=g).to(BF16)
+    with_c = (kn.add_rms_norm(x.clone(), delta, w, 1e-6, BF16), kn.silu_mul(gu))
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    monkeypatch.setattr(native, "_loaded", False)
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.library() is None and native.unavailable_reason() == f"{native.NATIVE_ENV}=0"
+    without = (kn.add_rms_norm(x.clone(), delta, w, 1e-6, BF16), kn.silu_mul(gu))
+    for a, b in zip(with_c, without):
+        torch.testing.assert_close(a.float(), b.float(), atol=ATOL_BF16, rtol=1e-2)
+
+
+def test_the_build_is_cached_by_content(tmp_path, monkeypatch):
+    """A second start finds the library built by the first (no compiler run), under a name keyed by the source."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    cc = native._compiler()
+    first = native._build(cc)
+    mtime = os.stat(first).st_mtime_ns
+    assert native._build(cc) == first and os.stat(first).st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
