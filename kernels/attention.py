@@ -102,10 +102,12 @@ class AttentionPlan:
         return hit
 
     def native_decodes(self) -> NativeDecodes | None:
-        """The single-token sequences as the C decode kernel reads them; None when there are none."""
+        """The single-token sequences as the C decode kernel reads them; None when there are none, or when they
+        share a long prefix (then the cascade's matrix products, which read it once for all, are faster)."""
         hit = self.derived.get("native")
         if hit is None:
-            hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens)
+            hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens,
+                                                           self.block_size)
         return hit if isinstance(hit, NativeDecodes) else None
 
 
@@ -116,7 +118,8 @@ class NativeDecodes:
     tables: torch.Tensor  # [n, max_blocks] int64 block ids (padding 0, never read)
 
 
-def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:
+def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int
+                    ) -> NativeDecodes | bool:
     rows, ctx, tables, q = [], [], [], 0
     for table, start, n in zip(block_tables, starts, lens):
         if n == 1:
@@ -124,7 +127,8 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
             ctx.append(start + 1)
             tables.append(table)
         q += n
-    if not rows:
+    if not rows or (len(rows) >= MIN_CASCADE_DECODES and
+                    _common_prefix_blocks(tables, [c - 1 for c in ctx], bs) >= MIN_SHARED_BLOCKS):
         return False
     width = max(len(t) for t in tables)
     padded = torch.zeros(len(tables), width, dtype=torch.int64)
@@ -307,8 +311,8 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     native_done = False
     if q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.device.type == "cpu":
         nd = plan.native_decodes()
-        native_done = nd is None or native.paged_decode_attention(q.contiguous(), k_cache, v_cache, out, nd.q_rows,
-                                                                  nd.ctx, nd.tables, scale)
+        native_done = nd is not None and native.paged_decode_attention(q.contiguous(), k_cache, v_cache, out,
+                                                                       nd.q_rows, nd.ctx, nd.tables, scale)
     view = plan.torch_view(decodes=not native_done)
     if view.cascade is not None:
         _attend_cascade(q, k_cache, v_cache, view.cascade, scale, out)

@@ -162,3 +162,14 @@ def test_the_build_is_cached_by_content(tmp_path, monkeypatch):
     mtime = os.stat(first).st_mtime_ns
     assert native._build(cc) == first and os.stat(first).st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_decodes_sharing_a_long_prefix_stay_with_the_cascade():
+    """Five decodes over 8 shared blocks: the cascade reads the prefix once for all of them, so the C kernel
+    (which would read it once per sequence) is not used; the answer is right either way."""
+    seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]
+    q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12, dtype=BF16)
+    assert plan.native_decodes() is None
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
+    assert plan.torch_view().cascade is not None
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
