@@ -41,6 +41,8 @@ _SIGNATURES = {
     "rope_write_kv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
+    "q8_gemv_available": ([], _int),
+    "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
 }
 
 
@@ -181,3 +183,26 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(t, two // 2, dtype=gu.dtype)
     library().silu_mul_bf16(gu.data_ptr(), out.data_ptr(), t, two // 2, torch.get_num_threads())
     return out
+
+
+GEMV_MAX_M = 8  # rows of x the int8 matrix-vector kernel takes
+
+
+def gemv_available() -> bool:
+    """Whether the int8 matrix-vector kernel exists on this CPU (it needs AVX512-VNNI)."""
+    lib = library()
+    return lib is not None and bool(lib.q8_gemv_available())
+
+
+def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaled_sums: torch.Tensor
+            ) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (M <= GEMV_MAX_M) @ an int8 weight with groups of 32 (codes int8 `[N, K]`, scales float32
+    `[N, K//32]`, scaled_sums = scales * the sum of each group's codes) -> bf16 `[M, N]`. None when the kernel
+    cannot take it."""
+    if not gemv_available() or not usable(x, codes, scales, scaled_sums):
+        return None
+    m, k = x.shape
+    y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
+    rc = library().q8_gemv_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), scaled_sums.data_ptr(),
+                                y.data_ptr(), m, codes.shape[0], k, torch.get_num_threads())
+    return y if rc == 0 else None

@@ -6,7 +6,10 @@ a 2-core AVX512-BF16 machine (see `bench/quant_linear.py`, which times every pat
 - float32 x: dequantize to float32 (in row chunks that stay in cache) + dense matmul. The reference.
 - bf16 x, int4: aten's int4pack kernel (`_weight_int4pack_mm_for_cpu`) for M < 128; from M = 128 on,
   dequantizing to bf16 in row chunks + dense bf16 matmul is faster (dense bf16 runs ~2x the kernel).
-- bf16 x, int8 with groups (GGUF Q8_0): for M <= 8, split q = 16 * hi + lo into two int4 weights and
+- bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI: the C kernel of
+  `kernels.native` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
+  the default model's 49152x576 LM head, at M = 1, one thread).
+- bf16 x, int8 with groups otherwise: for M <= 8, split q = 16 * hi + lo into two int4 weights and
   run the int4pack kernel twice (~4x faster than dequantizing at M = 1); above, chunked dequant + matmul.
 - bf16 x, int8 per channel: `_weight_int8pack_mm` for M <= 8 (no extra memory; the nibble split is ~15%
   faster at M = 1 but would hold a second copy of the weight), chunked dequant + matmul above.
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels import native
 
 if TYPE_CHECKING:
     from kernels.quant import QuantizedTensor
@@ -144,6 +149,22 @@ def int8pack_mm(x: Tensor, w: QuantizedTensor) -> Tensor:
     return torch.ops.aten._weight_int8pack_mm(x.contiguous(), w.qweight, hit[0])
 
 
+def _q8_sums(w: QuantizedTensor) -> Tensor:
+    """scale * the sum of each group's codes, float32 [N, K//group]: what the C int8 kernel takes back out."""
+    hit = w.packed.get("q8sums")
+    if hit is None:
+        n, k = w.shape
+        sums = w.qweight.view(n, k // w.group_size, w.group_size).sum(-1, dtype=torch.int32).float()
+        hit = w.packed["q8sums"] = ((w.scales.float() * sums).contiguous(),)
+    return hit[0]
+
+
+def _q8_gemv(x: Tensor, w: QuantizedTensor) -> Tensor | None:
+    if not native.gemv_available():
+        return None
+    return native.q8_gemv(x.contiguous(), w.qweight, w.scales, _q8_sums(w))
+
+
 def _int8pack_ok(w: QuantizedTensor) -> bool:
     # The kernel gives wrong results (or crashes) for K not a multiple of 16: keep to multiples of 32.
     return w.group_size == w.shape[1] and w.shape[1] % 32 == 0
@@ -162,8 +183,12 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
         elif w.group_size == w.shape[1]:
             if m <= INT8PACK_MAX_M and _int8pack_ok(w):
                 return int8pack_mm(x, w)
-        elif m <= INT8_SPLIT_MAX_M and _int4pack_group(w) is not None:
-            return int8_split_mm(x, w)
+        else:
+            y = _q8_gemv(x, w) if m <= native.GEMV_MAX_M and w.group_size == 32 else None
+            if y is not None:
+                return y
+            if m <= INT8_SPLIT_MAX_M and _int4pack_group(w) is not None:
+                return int8_split_mm(x, w)
     return dequant_mm(x, w)
 
 
@@ -181,5 +206,7 @@ def prepack(w: QuantizedTensor, dense: bool = False) -> None:
         _int4pack(w)
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):
         int8pack_mm(torch.zeros(1, w.shape[1], dtype=torch.bfloat16), w)
+    elif w.kind == "int8" and w.group_size == 32 and native.gemv_available():
+        _q8_sums(w)
     elif w.kind == "int8" and _int4pack_group(w) is not None:
         _int8_split(w)

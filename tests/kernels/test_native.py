@@ -173,3 +173,48 @@ def test_decodes_sharing_a_long_prefix_stay_with_the_cascade():
     out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
     assert plan.torch_view().cascade is not None
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+
+
+def _q8_bound(x: torch.Tensor, w) -> torch.Tensor:
+    """What quantizing x to int8 per group of 32 may cost: per group, |error of x| <= amax / 254 per element,
+    times the sum of the group's |weights|; plus the bf16 rounding of the output. [M, N]"""
+    m, k = x.shape
+    xg = x.float().view(m, k // 32, 32)
+    half_step = xg.abs().amax(-1) / 254  # [M, G]
+    wabs = w.dequantize().abs().view(w.shape[0], k // 32, 32).sum(-1)  # [N, G]
+    return half_step @ wabs.T
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_q8_gemv_within_the_bound_of_its_activation_rounding(m):
+    from kernels.quant import quantize_int8
+    from kernels.quant_cpu import _q8_sums
+
+    if not native.gemv_available():
+        pytest.fail("this CPU lacks AVX512-VNNI: the int8 kernel cannot be tested here")
+    g = torch.Generator().manual_seed(m)
+    w = quantize_int8(torch.randn(200, 576, generator=g) * 0.05, 32)
+    x = torch.randn(m, 576, generator=g).to(BF16)
+    y = native.q8_gemv(x, w.qweight, w.scales, _q8_sums(w))
+    assert y is not None and y.shape == (m, 200) and y.dtype == BF16
+    ref = x.float() @ w.dequantize().T
+    err = (y.float() - ref).abs()
+    assert (err <= _q8_bound(x, w) + ref.abs() * 2**-8 + 1e-6).all(), err.max()
+    assert err.max() > 0  # it does round: the test would notice a kernel that silently did something else
+
+
+def test_linear_takes_the_int8_kernel_for_decode_rows_only():
+    """bf16, groups of 32, M <= 8: the C kernel (its prepacked sums appear); M = 9 and K not a multiple of 64
+    go to the other paths; every answer stays close to float32."""
+    from kernels.quant import quantize_int8
+    from kernels.quant_cpu import linear
+
+    g = torch.Generator().manual_seed(9)
+    w = quantize_int8(torch.randn(64, 576, generator=g) * 0.05, 32)
+    for m in (9, 1):  # 9 first: the kernel's sums are built on its first use
+        x = torch.randn(m, 576, generator=g).to(BF16)
+        ref = x.float() @ w.dequantize().T
+        torch.testing.assert_close(linear(x, w).float(), ref, atol=0.02, rtol=0.02)
+        assert ("q8sums" in w.packed) == (m == 1)
+    odd = quantize_int8(torch.randn(64, 96, generator=g) * 0.05, 32)  # K = 96: not a multiple of 64
+    assert native.q8_gemv(torch.zeros(1, 96, dtype=BF16), odd.qweight, odd.scales, odd.scales) is None
