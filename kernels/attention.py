@@ -102,8 +102,9 @@ class AttentionPlan:
         return hit
 
     def native_decodes(self) -> NativeDecodes | None:
-        """The single-token sequences as the C decode kernel reads them; None when there are none, or when they
-        share a long prefix (then the cascade's matrix products, which read it once for all, are faster)."""
+        """The single-token sequences as the C decode kernel reads them; None when there are none. When they
+        share a long prefix, the kernel reads only each one's own suffix, and the prefix is attended once for all
+        of them by matrix products (the cascade), merged by log-sum-exp."""
         hit = self.derived.get("native")
         if hit is None:
             hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens,
@@ -114,8 +115,9 @@ class AttentionPlan:
 @dataclass
 class NativeDecodes:
     q_rows: torch.Tensor  # [n] int64: the step's query row of each decode
-    ctx: torch.Tensor  # [n] int64: tokens in context, the new one included
+    ctx: torch.Tensor  # [n] int64: tokens in context the kernel reads, the new one included
     tables: torch.Tensor  # [n, max_blocks] int64 block ids (padding 0, never read)
+    shared: torch.Tensor | None  # [ns] block ids every decode starts with, read by the cascade; tables follow it
 
 
 def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int
@@ -127,14 +129,20 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
             ctx.append(start + 1)
             tables.append(table)
         q += n
-    if not rows or (len(rows) >= MIN_CASCADE_DECODES and
-                    _common_prefix_blocks(tables, [c - 1 for c in ctx], bs) >= MIN_SHARED_BLOCKS):
+    if not rows:
         return False
+    shared = None
+    if len(rows) >= MIN_CASCADE_DECODES:
+        ns = _common_prefix_blocks(tables, [c - 1 for c in ctx], bs)
+        if ns >= MIN_SHARED_BLOCKS:
+            shared = torch.tensor(tables[0][:ns], dtype=torch.int64)
+            tables = [t[ns:] for t in tables]
+            ctx = [c - ns * bs for c in ctx]
     width = max(len(t) for t in tables)
     padded = torch.zeros(len(tables), width, dtype=torch.int64)
     for i, t in enumerate(tables):
         padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-    return NativeDecodes(torch.tensor(rows, dtype=torch.int64), torch.tensor(ctx, dtype=torch.int64), padded)
+    return NativeDecodes(torch.tensor(rows, dtype=torch.int64), torch.tensor(ctx, dtype=torch.int64), padded, shared)
 
 
 def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,
@@ -277,6 +285,38 @@ def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
     return o / e.sum(-1, keepdim=True), m + e.sum(-1, keepdim=True).log()
 
 
+def _shared_prefix(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, shared: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of decodes' queries qd `[n, kvh, g, d]` over the prefix blocks they share: every decode's query
+    heads of one KV head form the rows of one matrix product. Returns ([n, kvh, g, d], log-sum-exp [n, kvh, g, 1])."""
+    n, kvh, g, d = qd.shape
+    ks = _fetch(k_cache, shared).to(qd.dtype)  # [kvh, S, d]
+    vs = _fetch(v_cache, shared).to(qd.dtype)
+    o1, l1 = _partial(qd.permute(1, 0, 2, 3).reshape(kvh, n * g, d), ks, vs, None, scale)
+    return o1.view(kvh, n, g, d).transpose(0, 1), l1.view(kvh, n, g, 1).transpose(0, 1)
+
+
+def _attend_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, nd: NativeDecodes, scale: float,
+                   out: torch.Tensor) -> bool:
+    """The decodes through the C kernel (their own suffixes, with the cascade for a shared prefix); False when
+    the kernel cannot take them."""
+    q = q.contiguous()
+    if nd.shared is None:
+        return native.paged_decode_attention(q, k_cache, v_cache, out, nd.q_rows, nd.ctx, nd.tables, scale)
+    part = native.paged_decode_attention_lse(q, k_cache, v_cache, nd.q_rows, nd.ctx, nd.tables, scale)
+    if part is None:
+        return False
+    n = nd.q_rows.shape[0]
+    h, d = q.shape[1:]
+    kvh = k_cache.shape[2]
+    g = h // kvh
+    o1, l1 = _shared_prefix(q[nd.q_rows].view(n, kvh, g, d), k_cache, v_cache, nd.shared, scale)
+    o2, l2 = part[0].view(n, kvh, g, d), part[1].view(n, kvh, g, 1)
+    w = torch.sigmoid(l1 - l2)  # share of the prefix in the merged softmax
+    out[nd.q_rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
+    return True
+
+
 def _attend_cascade(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c: Cascade, scale: float,
                     out: torch.Tensor) -> None:
     rows = c.suffix.q_index[:, 0]  # one query row per decode
@@ -285,12 +325,7 @@ def _attend_cascade(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kvh = k_cache.shape[2]
     g = h // kvh
     qd = q[rows].view(n, kvh, g, d)  # [n, kvh, g, d]
-    # shared prefix: every decode's query heads of one KV head form the rows of one matrix product
-    ks = _fetch(k_cache, c.shared).to(q.dtype)  # [kvh, S, d]
-    vs = _fetch(v_cache, c.shared).to(q.dtype)
-    o1, l1 = _partial(qd.permute(1, 0, 2, 3).reshape(kvh, n * g, d), ks, vs, None, scale)
-    o1 = o1.view(kvh, n, g, d).transpose(0, 1)
-    l1 = l1.view(kvh, n, g, 1).transpose(0, 1)
+    o1, l1 = _shared_prefix(qd, k_cache, v_cache, c.shared, scale)
     # own suffix of each decode (padded; its mask row is [n, 1, 1, L])
     k2 = _fetch(k_cache, c.suffix.tables).to(q.dtype)  # [n, kvh, L, d]
     v2 = _fetch(v_cache, c.suffix.tables).to(q.dtype)
@@ -311,8 +346,7 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     native_done = False
     if q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.device.type == "cpu":
         nd = plan.native_decodes()
-        native_done = nd is not None and native.paged_decode_attention(q.contiguous(), k_cache, v_cache, out,
-                                                                       nd.q_rows, nd.ctx, nd.tables, scale)
+        native_done = nd is not None and _attend_native(q, k_cache, v_cache, nd, scale, out)
     view = plan.torch_view(decodes=not native_done)
     if view.cascade is not None:
         _attend_cascade(q, k_cache, v_cache, view.cascade, scale, out)

@@ -36,8 +36,8 @@ _loaded = False
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                                     _f32, _int], _int),
+    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
+                                     _i64, _i64, _f32, _int], _int),
     "rope_write_kv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
@@ -129,13 +129,33 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_dim]`, all contiguous; int64 q_rows/ctx `[n]`, tables `[n, max_blocks]` (ids must be < blocks: the
     caller's block pool guarantees it). False when the kernels are unavailable or the shape is beyond their
     bounds (the caller runs the torch path)."""
+    return _decode_attention(q, k_cache, v_cache, out, None, None, q_rows, ctx, tables, scale)
+
+
+def paged_decode_attention_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_rows: torch.Tensor,
+                               ctx: torch.Tensor, tables: torch.Tensor, scale: float
+                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """As `paged_decode_attention`, for merging with attention over another part of the context: returns the
+    float32 result by sequence `[n, heads, head_dim]` and each head's log-sum-exp `[n, heads, 1]`; None when
+    the kernels cannot take it."""
+    n, h, d = q_rows.shape[0], q.shape[1], q.shape[2]
+    o = torch.empty(n, h, d, dtype=torch.float32)
+    lse = torch.empty(n, h, 1, dtype=torch.float32)
+    return (o, lse) if _decode_attention(q, k_cache, v_cache, None, o, lse, q_rows, ctx, tables, scale) else None
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | None,
+                      out_f32: torch.Tensor | None, lse: torch.Tensor | None, q_rows: torch.Tensor, ctx: torch.Tensor,
+                      tables: torch.Tensor, scale: float) -> bool:
     lib = library()
     if lib is None:
         return False
     _, bs, kvh, d = k_cache.shape
     rc = lib.paged_decode_attention_bf16(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), q_rows.data_ptr(), ctx.data_ptr(),
-        tables.data_ptr(), tables.shape[1], q_rows.shape[0], q.shape[1], kvh, d, bs, scale, torch.get_num_threads())
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), None if out is None else out.data_ptr(),
+        None if out_f32 is None else out_f32.data_ptr(), None if lse is None else lse.data_ptr(), q_rows.data_ptr(),
+        ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0], q.shape[1], kvh, d, bs, scale,
+        torch.get_num_threads())
     return rc == 0
 
 

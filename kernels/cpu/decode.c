@@ -56,10 +56,12 @@ static inline float exp_nonpos(float x) {
  * its first ctx[i] tokens, token p in block tables[i * table_stride + p / block_size], row p % block_size.
  * One pass over the context, a block at a time, with a running max per head (online softmax): no buffer
  * grows with the context. Each token's K and V rows (every KV head, contiguous in the arena) are read once,
- * for all query heads. Returns 0, or -1 when a shape is beyond the fixed bounds (the caller then uses the
- * torch path). */
+ * for all query heads. With `lse` set, the result goes to out_f32 [num_seqs, num_heads, head_dim] (float32,
+ * by sequence) with each head's log-sum-exp in lse [num_seqs, num_heads], for merging with attention over
+ * another part of the context (a shared prefix); `out` is then not written. Returns 0, or -1 when a shape is
+ * beyond the fixed bounds (the caller then uses the torch path). */
 int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                                uint16_t *out, const int64_t *q_rows, const int64_t *ctx,
+                                uint16_t *out, float *out_f32, float *lse, const int64_t *q_rows, const int64_t *ctx,
                                 const int64_t *tables, int64_t table_stride, int64_t num_seqs,
                                 int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                                 float scale, int num_threads) {
@@ -131,10 +133,16 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                 }
             }
         }
-        uint16_t *o = out + q_rows[i] * num_heads * head_dim;
         for (int64_t h = 0; h < num_heads; h++) {
             const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-            for (int64_t d = 0; d < head_dim; d++) o[h * head_dim + d] = f32_to_bf16(acc[h][d] * inv);
+            if (lse) {
+                float *o = out_f32 + (i * num_heads + h) * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) o[d] = acc[h][d] * inv;
+                lse[i * num_heads + h] = m[h] + logf(l[h]);
+            } else {
+                uint16_t *o = out + (q_rows[i] * num_heads + h) * head_dim;
+                for (int64_t d = 0; d < head_dim; d++) o[d] = f32_to_bf16(acc[h][d] * inv);
+            }
         }
     }
     return 0;

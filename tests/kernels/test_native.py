@@ -164,14 +164,16 @@ def test_the_build_is_cached_by_content(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
 
 
-def test_decodes_sharing_a_long_prefix_stay_with_the_cascade():
-    """Five decodes over 8 shared blocks: the cascade reads the prefix once for all of them, so the C kernel
-    (which would read it once per sequence) is not used; the answer is right either way."""
+def test_decodes_sharing_a_long_prefix_read_it_once_through_the_cascade():
+    """Five decodes over 8 shared blocks: the prefix is attended once for all of them by matrix products, the C
+    kernel reads each one's own suffix only, the two merge by log-sum-exp."""
     seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]
     q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12, dtype=BF16)
-    assert plan.native_decodes() is None
+    nd = plan.native_decodes()
+    assert nd is not None and nd.shared.tolist() == tables[0][:8]
+    assert nd.ctx.tolist() == [s + 1 - 8 * 4 for s, _ in seqs]  # the suffix past the 8 shared blocks of 4
     out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
-    assert plan.torch_view().cascade is not None
+    assert "torch-no-decodes" in plan.derived
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
 
 
