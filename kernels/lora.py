@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import native
+
 SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
 FEW_SEGMENTS = 4  # more short segments than this run their products on one thread
 SHORT_SEGMENT_ROWS = 16  # a segment of at most this many tokens is "short" (decode-sized)
@@ -109,6 +111,35 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
         _apply(y, x, long)
     else:
         _apply(y, x, todo)
+    return y
+
+
+def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
+    """The CPU path: on bfloat16 activations, the decode-sized segments with float32 weights go through the C
+    kernel (`kernels.native.sgmv_`: one call for all of them, B^T's zero blocks skipped); longer segments
+    (prefill chunks, where a matrix product pays) and everything the kernel cannot take go through
+    `sgmv_torch_`. Same result within one bf16 rounding of y."""
+    if y.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or native.library() is None:
+        return sgmv_torch_(y, x, seg, weights)
+    short, rest_slots = [], []
+    for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots):
+        w = weights[slot] if slot >= 0 else None
+        if w is None or s1 <= s0:
+            continue
+        if s1 - s0 <= SHORT_SEGMENT_ROWS and w[0].dtype == torch.float32 and w[1].dtype == torch.float32:
+            short.append((s0, s1, w))
+        else:
+            rest_slots.append((s0, s1, slot))
+    if short:
+        outs = [w.outs if isinstance(w, SlicedWeights) else (y.shape[1],) for _, _, w in short]
+        ranks = [w.ranks if isinstance(w, SlicedWeights) else (w[0].shape[1],) for _, _, w in short]
+        done = len(set(outs)) == 1 and native.sgmv_(y, x, [(s0, s1) for s0, s1, _ in short],
+                                                     [w[0] for _, _, w in short], [w[1] for _, _, w in short],
+                                                     ranks, outs[0])
+        if not done:
+            return sgmv_torch_(y, x, seg, weights)
+    if rest_slots:
+        _apply(y, x, [(s0, s1, weights[slot]) for s0, s1, slot in rest_slots])
     return y
 
 

@@ -42,6 +42,7 @@ _SIGNATURES = {
     "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_available": ([], _int),
+    "sgmv_f32w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
 }
 
@@ -226,3 +227,24 @@ def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaled_s
     rc = library().q8_gemv_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), scaled_sums.data_ptr(),
                                 y.data_ptr(), m, codes.shape[0], k, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t: list[torch.Tensor],
+          b_t: list[torch.Tensor], ranks: list[tuple[int, ...]], outs: tuple[int, ...]) -> bool:
+    """In place y (bf16 `[T, out]`) += (x[rows] @ A^T) @ B^T for each segment's rows `(start, end)`, with its
+    float32 contiguous A^T `[in, r]` and block-diagonal B^T `[r, out]` (output slice j, `outs[j]` columns, fed
+    by `ranks[s][j]` rank rows). False when the kernel cannot take it (nothing was changed then)."""
+    if not usable(y, x) or any(not (a.is_contiguous() and b.is_contiguous()) for a, b in zip(a_t, b_t)):
+        return False
+    n = len(segments)
+    i64 = ctypes.c_int64
+    starts = (i64 * n)(*(s for s, _ in segments))
+    ends = (i64 * n)(*(e for _, e in segments))
+    a_ptrs = (i64 * n)(*(a.data_ptr() for a in a_t))
+    b_ptrs = (i64 * n)(*(b.data_ptr() for b in b_t))
+    flat = [r for rs in ranks for r in rs]
+    rk = (i64 * len(flat))(*flat)
+    oc = (i64 * len(outs))(*outs)
+    rc = library().sgmv_f32w_bf16(x.data_ptr(), y.data_ptr(), n, starts, ends, a_ptrs, b_ptrs, rk, len(outs), oc,
+                                  x.shape[1], y.shape[1], torch.get_num_threads())
+    return rc == 0

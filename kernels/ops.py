@@ -131,7 +131,8 @@ class TorchKernels:
 
     def sgmv_(self, y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, weights: list[SlotWeights]
               ) -> torch.Tensor:
-        return _lora.sgmv_torch_(y, x, segments, weights)
+        return _lora.sgmv_cpu_(y, x, segments, weights) if y.device.type == "cpu" else \
+            _lora.sgmv_torch_(y, x, segments, weights)
 
 
 class TritonKernels(TorchKernels):

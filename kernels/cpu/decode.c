@@ -312,3 +312,75 @@ int q8_gemv_bf16(const uint16_t *x, const int8_t *codes, const float *scale, con
     return -1;
 #endif
 }
+
+/* ---- segmented LoRA for decode-sized segments ----
+ *
+ * y[t, :] += expand(shrink(x[t, :])) for every row t of each segment, with the segment's adapter weights:
+ * x [T, in] bf16, y [T, out] bf16 updated in place (one rounding). Segment s covers rows [starts[s], ends[s])
+ * and reads A^T (float32 [in, r_s], r_s = sum_j ranks[s * nslices + j]) at a_ptrs[s] and B^T (float32
+ * [r_s, out]) at b_ptrs[s]. B^T is block diagonal: output slice j (outs[j] columns, in order) is fed by the
+ * next ranks[s * nslices + j] rank rows; the zero blocks are never read. Segments are independent (disjoint
+ * rows), so threads take whole segments. Returns -1 when a dimension is beyond the fixed bounds. */
+
+#define MAX_RANK 1024
+#define MAX_IN 16384
+#define MAX_OUT 65536
+#define MAX_SLICES 8
+
+int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                   const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
+                   const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {
+    if (in_dim > MAX_IN || out_dim > MAX_OUT || nslices > MAX_SLICES || nslices < 1) return -1;
+    int64_t width = 0;
+    for (int64_t j = 0; j < nslices; j++) width += outs[j];
+    if (width != out_dim) return -1;
+    for (int64_t s = 0; s < nseg; s++) {
+        int64_t r = 0;
+        for (int64_t j = 0; j < nslices; j++) r += ranks[s * nslices + j];
+        if (r > MAX_RANK) return -1;
+    }
+    int64_t rows = 0;
+    for (int64_t s = 0; s < nseg; s++) rows += ends[s] - starts[s];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (nseg > 1 && rows * in_dim >= 32768)
+    for (int64_t s = 0; s < nseg; s++) {
+        const int64_t *rk = ranks + s * nslices;
+        int64_t r_total = 0;
+        for (int64_t j = 0; j < nslices; j++) r_total += rk[j];
+        const float *a = (const float *)(intptr_t)a_ptrs[s];
+        const float *b = (const float *)(intptr_t)b_ptrs[s];
+        for (int64_t t = starts[s]; t < ends[s]; t++) {
+            float tmp[MAX_RANK] __attribute__((aligned(64)));
+            for (int64_t r = 0; r < r_total; r++) tmp[r] = 0.0f;
+            const uint16_t *xr = x + t * in_dim;
+            for (int64_t i = 0; i < in_dim; i++) { /* shrink: tmp += x[i] * A^T[i, :] */
+                const float xi = bf16_to_f32(xr[i]);
+                const float *ar = a + i * r_total;
+#pragma omp simd
+                for (int64_t r = 0; r < r_total; r++) tmp[r] += xi * ar[r];
+            }
+            uint16_t *yr = y + t * out_dim;
+            int64_t r0 = 0, c0 = 0;
+            for (int64_t j = 0; j < nslices; j++) { /* expand each slice through its own rank rows */
+                const int64_t nc = outs[j];
+                if (rk[j] > 0) {
+                    float acc[MAX_OUT / MAX_SLICES] __attribute__((aligned(64)));
+                    for (int64_t c0b = 0; c0b < nc; c0b += MAX_OUT / MAX_SLICES) {
+                        const int64_t cn = nc - c0b < MAX_OUT / MAX_SLICES ? nc - c0b : MAX_OUT / MAX_SLICES;
+                        for (int64_t c = 0; c < cn; c++) acc[c] = 0.0f;
+                        for (int64_t r = r0; r < r0 + rk[j]; r++) {
+                            const float tr = tmp[r];
+                            const float *br = b + r * out_dim + c0 + c0b;
+#pragma omp simd
+                            for (int64_t c = 0; c < cn; c++) acc[c] += tr * br[c];
+                        }
+                        for (int64_t c = 0; c < cn; c++)
+                            yr[c0 + c0b + c] = f32_to_bf16(bf16_to_f32(yr[c0 + c0b + c]) + acc[c]);
+                    }
+                }
+                r0 += rk[j];
+                c0 += nc;
+            }
+        }
+    }
+    return 0;
+}

@@ -220,3 +220,47 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only():
         assert ("q8sums" in w.packed) == (m == 1)
     odd = quantize_int8(torch.randn(64, 96, generator=g) * 0.05, 32)  # K = 96: not a multiple of 64
     assert native.q8_gemv(torch.zeros(1, 96, dtype=BF16), odd.qweight, odd.scales, odd.scales) is None
+
+
+def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch):
+    """A fused q/k/v-like group (outputs 32 + 8 + 8) over four slots of different ranks, one projection left
+    out by one adapter (rank 0), a slot without weights, a no-adapter segment and a long (prefill) segment
+    beside the short ones: the C kernel takes the short segments, torch the long one, all match the float32
+    per-token oracle."""
+    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+
+    g = torch.Generator().manual_seed(11)
+    in_dim, outs = 24, (32, 8, 8)
+    slot_ranks = [(4, 4, 4), (8, 0, 2), (16, 16, 16), None]
+    weights, a_list, b_list, scales = [], [], [], []
+    for rs in slot_ranks:
+        if rs is None:
+            weights.append(None)
+            a_list.append(None)
+            b_list.append(None)
+            scales.append(1.0)
+            continue
+        r = sum(rs)
+        a_t = torch.randn(in_dim, r, generator=g)
+        b_t = torch.zeros(r, sum(outs))
+        r0 = c0 = 0
+        for rank, out in zip(rs, outs):
+            b_t[r0 : r0 + rank, c0 : c0 + out] = torch.randn(rank, out, generator=g)
+            r0, c0 = r0 + rank, c0 + out
+        weights.append(SlicedWeights(a_t, b_t, rs, outs))
+        a_list.append(a_t.T)  # PEFT layout for the oracle: A [r, in], B [out, r], scale folded into B already
+        b_list.append(b_t.T)
+        scales.append(1.0)
+    slots = [0, 0, 1, -1, 2, 2, 2, 3] + [1] * 20 + [0]  # rows 8..27: one long segment of slot 1
+    seg = LoraSegments.from_token_slots(slots)
+    x = torch.randn(len(slots), in_dim, generator=g).to(BF16)
+    y0 = torch.randn(len(slots), sum(outs), generator=g).to(BF16)
+    want = y0.float() + sgmv_reference(x.float(), seg, a_list, b_list, scales)
+    calls = []
+    kernel = native.sgmv_
+    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
+    got = sgmv_cpu_(y0.clone(), x, seg, weights)
+    assert calls == [[(0, 2), (2, 3), (4, 7), (28, 29)]]  # the short segments with weights, in one call
+    torch.testing.assert_close(got.float(), want, atol=0.1, rtol=2e-2)  # one bf16 rounding of y (values ~10)
+    assert torch.equal(got[3], y0[3])  # the no-adapter row is untouched
+    assert torch.equal(got[7], y0[7])  # so is the row of the slot that holds nothing
