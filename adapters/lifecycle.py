@@ -85,6 +85,11 @@ class AdapterVersions:
             else:
                 del self._requests[version_id]
 
+    def requests_held(self) -> dict[str, int]:
+        """Version -> how many requests hold it now."""
+        with self._lock:
+            return dict(self._requests)
+
     def in_use(self, version_id: str) -> bool:
         """Requests hold it (a delete must wait for them)."""
         with self._lock:

@@ -21,6 +21,11 @@ Model (the vocabulary and error-to-status mapping live in adapters.registry_type
 
 Durability: WAL with synchronous=FULL, so a committed change survives power loss. One connection behind
 one lock serves the threads of the process. Files go to the store before the row that names them.
+
+The same code runs on PostgreSQL for replicas (adapters.pg_registry): its SQL is the common dialect of both
+(`INSERT ... RETURNING`, `ON CONFLICT DO NOTHING`), and the few places where many processes need more than one
+process's lock are hooks that class overrides (`_FOR_UPDATE`, `_version_lock`, `_check_not_in_use`,
+`_drop_unreferenced`). Every re-pointing of a name is kept in its promote history (`history`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters.errors import quote
 from adapters.registry_types import (
@@ -67,16 +74,41 @@ from adapters.store import VERSION_ID_RE, Store, StoreError
 __all__ = [  # the vocabulary of adapters.registry_types is re-exported: callers import from here
     "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists", "AdapterInUse",
     "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterRegistry",
-    "AdapterVersion", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered",
+    "AdapterVersion", "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Promotion", "Registered",
     "RegistryError", "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name",
     "check_tenant",
 ]
 
 log = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Promotion:
+    """One re-pointing of an adapter's name: the n-th (`seq`), from `previous` (None: its first version) to
+    `current`, by which tenant."""
+
+    seq: int
+    at: float
+    previous: str | None
+    current: str
+    by: str
+
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # AIP-158: 0 means the default, more is coerced down
 MAX_HINTS = 5  # `owner/name` forms a not-found unqualified name suggests
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+# Every change of an adapter's current version, numbered per adapter: `previous` is what the name served before.
+_PROMOTIONS = """
+CREATE TABLE promotions (
+    adapter_id INTEGER NOT NULL REFERENCES adapters (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    at REAL NOT NULL,
+    previous TEXT,
+    current TEXT NOT NULL,
+    by_tenant TEXT NOT NULL,
+    PRIMARY KEY (adapter_id, seq)
+)
+"""
+_MIGRATIONS = {1: _PROMOTIONS}
 # adapters.(id, current_version) -> versions is DEFERRED: an adapter and its first version are inserted in
 # one transaction, and no transaction can commit with an adapter's current version deleted. No ';' inside
 # statements: the schema is split on it, to run inside the transaction that checks user_version.
@@ -112,7 +144,7 @@ CREATE TABLE shares (
     PRIMARY KEY (adapter_id, tenant)
 );
 CREATE INDEX shares_by_tenant ON shares (tenant);
-"""
+""" + _PROMOTIONS
 _VISIBLE = ("(a.owner = :tenant OR a.public = 1 OR :admin OR EXISTS "
             "(SELECT 1 FROM shares s WHERE s.adapter_id = a.id AND s.tenant = :tenant))")
 _VERSION_SELECT = "SELECT a.owner, a.name, v.* FROM versions v JOIN adapters a ON a.id = v.adapter_id"
@@ -129,7 +161,22 @@ class AdapterRegistry(SqliteFile):
         self._store, self._clock = store, clock
         # Re-entrant: deletes commit and then drop the released files under the same hold.
         super().__init__(path, schema=_SCHEMA, schema_version=_SCHEMA_VERSION, what="registry", error=RegistryError,
-                         reentrant=True, foreign_keys=True, named_rows=True)
+                         reentrant=True, foreign_keys=True, named_rows=True, migrations=_MIGRATIONS)
+
+    # --- what a database shared by processes does differently (adapters.pg_registry) -----------------------
+
+    _FOR_UPDATE = ""  # appended to the SELECT of the adapter a write changes: its row lock across processes
+
+    def _version_lock(self, db: Any, version_id: str) -> None:
+        """Serialize, across processes, registering a version with deleting its files (the process lock suffices
+        here)."""
+
+    def _check_not_in_use(self, db: Any, in_use: Callable[[str], bool] | None, ids: Iterable[str],
+                          ref: AdapterRef) -> None:
+        busy = [vid for vid in ids if in_use is not None and in_use(vid)]
+        if busy:
+            raise AdapterInUse(f"adapter {ref.base!r} version {', '.join(busy)} is in use by running requests; "
+                               f"retry when they have finished")
 
     # --- writes -------------------------------------------------------------------------------------------
 
@@ -143,16 +190,19 @@ class AdapterRegistry(SqliteFile):
         self._check_version_args(owner, name, version_id)
         targets = json.dumps(meta.target_modules)
         with self._txn() as db:
+            self._version_lock(db, version_id)
             self._check_stored(version_id)
             self._check_immutable(db, version_id, meta)
-            row = db.execute("SELECT * FROM adapters WHERE owner = ? AND name = ?", (owner, name)).fetchone()
             now = self._clock()
-            if row is None:
-                cur = db.execute("INSERT INTO adapters (owner, name, created_at, current_version, next_seq) "
-                                 "VALUES (?, ?, ?, ?, 1)", (owner, name, now, version_id))
-                adapter_id, next_seq, promote = cur.lastrowid, 1, True
-            else:
-                adapter_id, next_seq = row["id"], row["next_seq"]
+            # Created here unless it exists (or another process creates it first: then its row is locked below).
+            new = db.execute("INSERT INTO adapters (owner, name, created_at, current_version, next_seq) VALUES "
+                             "(?, ?, ?, ?, 1) ON CONFLICT (owner, name) DO NOTHING RETURNING id",
+                             (owner, name, now, version_id)).fetchone()
+            row = db.execute(f"SELECT * FROM adapters WHERE owner = ? AND name = ?{self._FOR_UPDATE}",
+                             (owner, name)).fetchone()
+            adapter_id, next_seq, previous = row["id"], row["next_seq"], row["current_version"]
+            if new is not None:
+                previous, promote = None, True
             created = db.execute("SELECT 1 FROM versions WHERE adapter_id = ? AND version_id = ?",
                                  (adapter_id, version_id)).fetchone() is None
             if created:
@@ -162,6 +212,8 @@ class AdapterRegistry(SqliteFile):
                 db.execute("UPDATE adapters SET next_seq = ? WHERE id = ?", (next_seq + 1, adapter_id))
             if promote:
                 db.execute("UPDATE adapters SET current_version = ? WHERE id = ?", (version_id, adapter_id))
+                if previous != version_id:
+                    self._record_promotion(db, adapter_id, previous, version_id, owner, now)
             version = self._version(db, adapter_id, "version_id", version_id)
             current = db.execute("SELECT current_version FROM adapters WHERE id = ?", (adapter_id,)).fetchone()[0]
         return Registered(version=version, created=created, current=current == version_id)
@@ -170,11 +222,27 @@ class AdapterRegistry(SqliteFile):
         """Point `name` ([owner/]name) at one of its versions (id or number); atomic."""
         ref = self._target(name, version)
         with self._txn() as db:
-            row = self._find(db, tenant, admin, ref)
+            row = self._find(db, tenant, admin, ref, lock=True)
             self._check_owner(row, tenant, admin, ref)
             v = self._find_version(db, row, ref)
             db.execute("UPDATE adapters SET current_version = ? WHERE id = ?", (v.version_id, row["id"]))
+            self._record_promotion(db, row["id"], row["current_version"], v.version_id, tenant, self._clock())
         return v
+
+    def history(self, tenant: str, name: str, *, admin: bool = False) -> list[Promotion]:
+        """Every re-pointing of the adapter's name, oldest first (the first version registered is the first)."""
+        ref = self._target(name)
+        with self._txn(write=False) as db:
+            row = self._find(db, tenant, admin, ref)
+            return [Promotion(seq=r["seq"], at=r["at"], previous=r["previous"], current=r["current"],
+                              by=r["by_tenant"])
+                    for r in db.execute("SELECT * FROM promotions WHERE adapter_id = ? ORDER BY seq", (row["id"],))]
+
+    @staticmethod
+    def _record_promotion(db: Any, adapter_id: int, previous: str | None, current: str, by: str, at: float) -> None:
+        db.execute("INSERT INTO promotions (adapter_id, seq, at, previous, current, by_tenant) SELECT ?, "
+                   "COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ? FROM promotions WHERE adapter_id = ?",
+                   (adapter_id, at, previous, current, by, adapter_id))
 
     def share(self, owner: str, name: str, tenants: Iterable[str] | str, *, admin: bool = False) -> AdapterInfo:
         """Let `tenants` see and use the adapter, or everyone with "*"."""
@@ -196,12 +264,12 @@ class AdapterRegistry(SqliteFile):
         grantees = self._grantees(tenants)
         ref = self._target(name)
         with self._txn() as db:
-            row = self._find(db, owner, admin, ref)
+            row = self._find(db, owner, admin, ref, lock=True)
             self._check_owner(row, owner, admin, ref)
             if grantees is None:
                 db.execute("UPDATE adapters SET public = ? WHERE id = ?", (int(grant), row["id"]))
             elif grant:
-                db.executemany("INSERT OR IGNORE INTO shares VALUES (?, ?)",
+                db.executemany("INSERT INTO shares VALUES (?, ?) ON CONFLICT DO NOTHING",
                                [(row["id"], t) for t in grantees if t != row["owner"]])
             else:
                 db.executemany("DELETE FROM shares WHERE adapter_id = ? AND tenant = ?",
@@ -218,11 +286,11 @@ class AdapterRegistry(SqliteFile):
         ref = self._target(name, version)
         with self._lock:
             with self._txn() as db:
-                row = self._find(db, tenant, admin, ref)
+                row = self._find(db, tenant, admin, ref, lock=True)
                 self._check_owner(row, tenant, admin, ref)
                 v = self._find_version(db, row, ref)
                 self._check_not_current(row, v, ref)
-                self._check_not_in_use(in_use, [v.version_id], ref)
+                self._check_not_in_use(db, in_use, [v.version_id], ref)
                 db.execute("DELETE FROM versions WHERE adapter_id = ? AND version_id = ?",
                            (row["id"], v.version_id))
             return self._drop_unreferenced([v.version_id])
@@ -233,11 +301,11 @@ class AdapterRegistry(SqliteFile):
         ref = self._target(name)
         with self._lock:
             with self._txn() as db:
-                row = self._find(db, tenant, admin, ref)
+                row = self._find(db, tenant, admin, ref, lock=True)
                 self._check_owner(row, tenant, admin, ref)
                 ids = [r[0] for r in db.execute("SELECT version_id FROM versions WHERE adapter_id = ? "
                                                 "ORDER BY seq", (row["id"],))]
-                self._check_not_in_use(in_use, ids, ref)
+                self._check_not_in_use(db, in_use, ids, ref)
                 db.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
             return self._drop_unreferenced(ids)
 
@@ -253,47 +321,6 @@ class AdapterRegistry(SqliteFile):
     def release_files(self, ids: Iterable[str]) -> tuple[str, ...]:
         """Delete the stored files of those of `ids` no adapter refers to; returns them."""
         return self._drop_unreferenced(ids)
-
-    # --- a copy of names kept elsewhere (adapters.replica_sync: the bucket's documents are the truth) -----
-
-    def replace_adapter(self, owner: str, name: str, *, created_at: float, public: bool, shares: Iterable[str],
-                        current: str, next_seq: int, versions: Iterable[AdapterVersion]) -> tuple[str, ...]:
-        """Make one adapter's rows exactly these, in one transaction, keeping the given version numbers;
-        returns the version ids it had and no longer has. Files are not touched: whoever removed a version
-        from the truth releases its files."""
-        check_tenant(owner)
-        check_name(name)
-        rows = [(v.version_id, v.number, v.created_at, v.description, v.size_bytes, v.rank,
-                 json.dumps(sorted(set(v.target_modules))), v.base_model_id) for v in versions]
-        for r in rows:
-            self._check_version_args(owner, name, r[0])
-        ids, seqs = [r[0] for r in rows], [r[1] for r in rows]
-        if (current not in ids or len(set(ids)) != len(ids) or len(set(seqs)) != len(seqs)
-                or not all(type(n) is int and 0 < n < next_seq for n in seqs)):
-            raise InvalidRegistryArgument(f"inconsistent versions for adapter {owner}/{name}: ids {ids}, numbers "
-                                          f"{seqs}, current {current!r}, next number {next_seq}")
-        grantees = sorted({check_tenant(t) for t in shares} - {owner})
-        with self._txn() as db:
-            before = [r[0] for r in db.execute("SELECT v.version_id FROM versions v JOIN adapters a ON "
-                                               "a.id = v.adapter_id WHERE a.owner = ? AND a.name = ?", (owner, name))]
-            db.execute("DELETE FROM adapters WHERE owner = ? AND name = ?", (owner, name))  # cascades
-            cur = db.execute("INSERT INTO adapters (owner, name, created_at, public, current_version, next_seq) "
-                             "VALUES (?, ?, ?, ?, ?, ?)", (owner, name, created_at, int(public), current, next_seq))
-            db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(cur.lastrowid, *r) for r in rows])
-            db.executemany("INSERT INTO shares VALUES (?, ?)", [(cur.lastrowid, t) for t in grantees])
-        return tuple(vid for vid in before if vid not in ids)
-
-    def remove_adapters(self, keys: Iterable[tuple[str, str]]) -> int:
-        """Drop the adapters `(owner, name)` with their versions and shares (files untouched); returns how many
-        were there."""
-        with self._txn() as db:
-            return sum(db.execute("DELETE FROM adapters WHERE owner = ? AND name = ?", key).rowcount
-                       for key in keys)
-
-    def adapter_keys(self) -> frozenset[tuple[str, str]]:
-        with self._txn(write=False) as db:
-            return frozenset((r[0], r[1]) for r in db.execute("SELECT owner, name FROM adapters"))
 
     def _drop_unreferenced(self, ids: Iterable[str]) -> tuple[str, ...]:
         # Under the lock, so no register can add a reference between the check and the file removal.
@@ -355,14 +382,17 @@ class AdapterRegistry(SqliteFile):
             return ref
         return AdapterRef.parse(f"{ref.base}@{version}")
 
-    def _find(self, db: sqlite3.Connection, tenant: str, admin: bool, ref: AdapterRef) -> sqlite3.Row:
+    def _find(self, db: sqlite3.Connection, tenant: str, admin: bool, ref: AdapterRef,
+              lock: bool = False) -> sqlite3.Row:
         """The adapter `ref` names for `tenant` (the first visible one of `ref.owners`); AdapterNotFound for
-        invisible ones as for missing ones."""
+        invisible ones as for missing ones. `lock`: a write follows (its row is locked where that means
+        anything)."""
         check_tenant(tenant)
         args = {"tenant": tenant, "admin": admin, "name": ref.name}
+        suffix = self._FOR_UPDATE if lock else ""
         for owner in ref.owners(tenant):
-            row = db.execute(f"SELECT * FROM adapters a WHERE a.owner = :owner AND a.name = :name AND {_VISIBLE}",
-                             {**args, "owner": owner}).fetchone()
+            row = db.execute(f"SELECT * FROM adapters a WHERE a.owner = :owner AND a.name = :name AND {_VISIBLE}"
+                             f"{suffix}", {**args, "owner": owner}).fetchone()
             if row is not None:
                 return row
         raise AdapterNotFound(f"adapter {ref.base!r} not found{self._qualified_hint(db, args, ref)}")
@@ -432,13 +462,6 @@ class AdapterRegistry(SqliteFile):
         if v.version_id == row["current_version"]:
             raise VersionIsCurrent(f"version {v.version_id} (#{v.number}) is the current version of adapter "
                                    f"{ref.base!r}: promote another version first, or delete the whole adapter")
-
-    @staticmethod
-    def _check_not_in_use(in_use: Callable[[str], bool] | None, ids: Iterable[str], ref: AdapterRef) -> None:
-        busy = [vid for vid in ids if in_use is not None and in_use(vid)]
-        if busy:
-            raise AdapterInUse(f"adapter {ref.base!r} version {', '.join(busy)} is in use by running requests; "
-                               f"retry when they have finished")
 
     def _info(self, db: sqlite3.Connection, adapter_id: int, tenant: str, admin: bool,
               with_versions: bool) -> AdapterInfo:

@@ -3,7 +3,8 @@
 Kept apart from adapters.registry so the API layer can map errors to status codes and parse references
 without the storage code. Errors -> gRPC codes: InvalidRegistryArgument (InvalidAdapterName, InvalidPageToken)
 -> INVALID_ARGUMENT; AdapterNotFound -> NOT_FOUND; AdapterExists -> ALREADY_EXISTS; AdapterInUse,
-VersionIsCurrent, VersionFilesMissing -> FAILED_PRECONDITION; AdapterPermissionDenied -> PERMISSION_DENIED.
+VersionIsCurrent, VersionFilesMissing -> FAILED_PRECONDITION; AdapterPermissionDenied -> PERMISSION_DENIED;
+DatabaseUnavailable -> UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "MAX_REF_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists",
     "AdapterInUse", "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
+    "DatabaseUnavailable",
     "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered", "RegistryError",
     "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name", "check_tenant",
 ]
@@ -74,6 +76,10 @@ class VersionFilesMissing(RegistryError):
 
 class AdapterPermissionDenied(RegistryError):
     pass
+
+
+class DatabaseUnavailable(RegistryError):
+    """The control-plane database (PostgreSQL) cannot be reached now: the call may be retried (UNAVAILABLE)."""
 
 
 def check_name(name: object) -> str:

@@ -7,3 +7,22 @@ import os
 # `make gpu-check` runs the CUDA tests with the real compiler: LORASERVE_TEST_INTERPRET=0.
 if os.environ.get("LORASERVE_TEST_INTERPRET", "1") != "0":
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL cluster for the session (tests.pg_cluster); each test makes its own database."""
+    from tests.pg_cluster import PgCluster, missing_binaries
+
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"PostgreSQL is not installed here ({', '.join(missing)} not on the PATH): the tests of the "
+                    "PostgreSQL control plane cannot run")
+    cluster = PgCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.close()
