@@ -11,6 +11,10 @@
 
 Durability as adapters.registry: WAL with synchronous=FULL, every record its own committed transaction;
 one connection behind one lock for all threads of the process.
+
+With replicas (database.url = postgresql://...), this SQLite ledger is each replica's durable outbox: rows are
+recorded here first, then copied to the shared ledger in PostgreSQL (service.usage_pg) and marked exported
+(`exported_at`). The query code (UsageQueries) is the same on both.
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ GROUP_BY = ("tenant", "adapter", "adapter_version")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # as the registry: 0 means the default, more is coerced down
 MAX_BUCKETS = 10_000
 _MAX_ID_CHARS = 256
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # version -> the SQL that brings a file of that version to the next one
-_MIGRATIONS = {1: "ALTER TABLE usage ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'"}
+_MIGRATIONS = {1: "ALTER TABLE usage ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+               2: "ALTER TABLE usage ADD COLUMN exported_at REAL; "
+                  "CREATE INDEX usage_unexported ON usage (recorded_at) WHERE exported_at IS NULL"}
 _SCHEMA = """
 CREATE TABLE usage (
     request_id TEXT PRIMARY KEY,
@@ -55,11 +61,13 @@ CREATE TABLE usage (
     engine_seconds REAL NOT NULL,
     status TEXT NOT NULL,
     recorded_at REAL NOT NULL,
-    labels TEXT NOT NULL DEFAULT '{}'
+    labels TEXT NOT NULL DEFAULT '{}',
+    exported_at REAL
 );
 CREATE INDEX usage_by_time ON usage (end_time);
 CREATE INDEX usage_by_tenant ON usage (tenant, end_time);
 CREATE INDEX usage_by_adapter ON usage (adapter, end_time);
+CREATE INDEX usage_unexported ON usage (recorded_at) WHERE exported_at IS NULL;
 """
 
 
@@ -202,40 +210,26 @@ class UsageRow:
 
 _COLUMNS = ("request_id", "tenant", "adapter", "adapter_version", "start_time", "end_time", "input_tokens",
             "cached_input_tokens", "output_tokens", "engine_seconds", "status")
+COLUMNS = _COLUMNS
 
 
-class UsageLedger(SqliteFile):
-    def __init__(self, path: str | Path, *, pricing: Pricing | None = None,
-                 clock: Callable[[], float] = time.time):
-        self.pricing = pricing if pricing is not None else Pricing()
-        self._clock = clock
-        super().__init__(path, schema=_SCHEMA, schema_version=_SCHEMA_VERSION, what="usage ledger",
-                         error=LedgerError, migrations=_MIGRATIONS)
+def record_row(rec: UsageRecord) -> list[object]:
+    """The values of _COLUMNS, then the labels as JSON."""
+    if not isinstance(rec, UsageRecord):
+        raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
+    return [getattr(rec, c) for c in _COLUMNS] + [json.dumps(dict(sorted(rec.labels.items())))]
 
-    def record(self, rec: UsageRecord) -> bool:
-        """Store `rec` durably; False if its request_id was already recorded (that row is kept as it was)."""
-        return self.record_many([rec]) == 1
 
-    def record_many(self, records: list[UsageRecord]) -> int:
-        """Store `records` durably in one transaction; returns how many were new (a request id already
-        recorded keeps its row as it was)."""
-        for rec in records:
-            if not isinstance(rec, UsageRecord):
-                raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
-        now = self._clock()
-        rows = [[getattr(rec, c) for c in _COLUMNS] + [json.dumps(dict(sorted(rec.labels.items()))), now]
-                for rec in records]
-        with self._txn() as db:
-            before = db.total_changes
-            db.executemany(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, labels, recorded_at) "
-                           f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", rows)
-            return db.total_changes - before
+class UsageQueries:
+    """The aggregate query over a `usage` table, in the SQL SQLite and PostgreSQL share; a subclass runs it."""
 
-    def get(self, request_id: str) -> UsageRecord | None:
-        with self._txn(write=False) as db:
-            row = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels FROM usage WHERE request_id = ?",
-                             (request_id,)).fetchone()
-        return None if row is None else UsageRecord(*row[:-1], labels=json.loads(row[-1]))
+    pricing: Pricing
+    _clock: Callable[[], float]
+    # The time bucket of a row: floor(end_time / bucket) (end_time >= 0, so SQLite's truncating CAST floors).
+    _BUCKET = "CAST(end_time / :bucket AS INTEGER)"
+
+    def _select(self, sql: str, params: dict[str, object]) -> list:
+        raise NotImplementedError
 
     def query(self, *, tenant: str | None = None, adapter: str | None = None,
               adapter_version: str | None = None, start_time: float | None = None,
@@ -299,7 +293,7 @@ class UsageLedger(SqliteFile):
                                            f"buckets or a shorter window")
 
         # One SELECT for every grouping: columns not grouped by are the constant '' (unless filtered on).
-        k = "CAST(end_time / :bucket AS INTEGER)" if bucket_s is not None else "0"
+        k = self._BUCKET if bucket_s is not None else "0"
         t = "tenant" if group_by == "tenant" or tenant is not None else "''"
         a = "adapter" if group_by != "tenant" or adapter is not None else "''"
         v = "adapter_version" if group_by == "adapter_version" or adapter_version is not None else "''"
@@ -310,17 +304,18 @@ class UsageLedger(SqliteFile):
             where.append("adapter = :adapter")
         if adapter_version is not None:
             where.append("adapter_version = :version")
-        having = "HAVING (k, t, a, v) > (:ak, :at, :aa, :av)" if after is not None else ""
-        sql = (f"SELECT {k} AS k, {t} AS t, {a} AS a, {v} AS v, COUNT(*), SUM(input_tokens), "
-               f"SUM(cached_input_tokens), SUM(output_tokens), SUM(engine_seconds), SUM(status = 'failed'), "
-               f"SUM(status = 'cancelled') FROM usage WHERE {' AND '.join(where)} "
-               f"GROUP BY k, t, a, v {having} ORDER BY k, t, a, v LIMIT :limit")
+        # Grouped by position (an alias could mean a column); the page's start filters the groups outside.
+        after_groups = "WHERE (k, t, a, v) > (:ak, :at, :aa, :av)" if after is not None else ""
+        sql = (f"SELECT * FROM (SELECT {k} AS k, {t} AS t, {a} AS a, {v} AS v, COUNT(*) AS n, SUM(input_tokens) "
+               f"AS i, SUM(cached_input_tokens) AS c, SUM(output_tokens) AS o, SUM(engine_seconds) AS e, "
+               f"SUM(CASE WHEN status = 'failed' THEN 1 ELSE 0 END) AS f, "
+               f"SUM(CASE WHEN status = 'cancelled' THEN 1 ELSE 0 END) AS x FROM usage WHERE {' AND '.join(where)} "
+               f"GROUP BY 1, 2, 3, 4) g {after_groups} ORDER BY k, t, a, v LIMIT :limit")
         params: dict[str, object] = {"lo": lo, "hi": hi, "tenant": tenant, "adapter": adapter,
                                      "version": adapter_version, "bucket": bucket_s, "limit": size + 1}
         if after is not None:
             params.update(zip(("ak", "at", "aa", "av"), after))
-        with self._txn(write=False) as db:
-            found = db.execute(sql, params).fetchall()
+        found = self._select(sql, params)
 
         rows = []
         for bucket, t_val, a_val, v_val, n_req, inp, cached, out, secs, failed, cancelled in found[:size]:
@@ -330,14 +325,67 @@ class UsageLedger(SqliteFile):
                 b_lo, b_hi = max(lo, bucket * bucket_s), min(hi, (bucket + 1) * bucket_s)
             rows.append(UsageRow(
                 tenant=t_val, adapter=a_val, adapter_version=v_val, start_time=b_lo, end_time=b_hi,
-                requests=n_req, input_tokens=inp, cached_input_tokens=cached, output_tokens=out,
-                engine_seconds=secs, failed_requests=failed, cancelled_requests=cancelled,
-                estimated_cost=self.pricing.cost(inp, cached, out)))
+                requests=int(n_req), input_tokens=int(inp), cached_input_tokens=int(cached), output_tokens=int(out),
+                engine_seconds=float(secs), failed_requests=int(failed), cancelled_requests=int(cancelled),
+                estimated_cost=self.pricing.cost(int(inp), int(cached), int(out))))
         token = ""
         if len(found) > size:
             last = found[size - 1]
-            token = _encode_token(fingerprint, hi, list(last[:4]))
+            token = _encode_token(fingerprint, hi, [int(last[0]), *last[1:4]])
         return rows, token
+
+
+class UsageLedger(SqliteFile, UsageQueries):
+    def __init__(self, path: str | Path, *, pricing: Pricing | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.pricing = pricing if pricing is not None else Pricing()
+        self._clock = clock
+        super().__init__(path, schema=_SCHEMA, schema_version=_SCHEMA_VERSION, what="usage ledger",
+                         error=LedgerError, migrations=_MIGRATIONS)
+
+    def _select(self, sql: str, params: dict[str, object]) -> list:
+        with self._txn(write=False) as db:
+            return db.execute(sql, params).fetchall()
+
+    def record(self, rec: UsageRecord) -> bool:
+        """Store `rec` durably; False if its request_id was already recorded (that row is kept as it was)."""
+        return self.record_many([rec]) == 1
+
+    def record_many(self, records: list[UsageRecord]) -> int:
+        """Store `records` durably in one transaction; returns how many were new (a request id already
+        recorded keeps its row as it was)."""
+        rows = [record_row(rec) for rec in records]
+        now = self._clock()
+        with self._txn() as db:
+            before = db.total_changes
+            db.executemany(f"INSERT OR IGNORE INTO usage ({', '.join(_COLUMNS)}, labels, recorded_at) "
+                           f"VALUES ({', '.join('?' * (len(_COLUMNS) + 2))})", [[*r, now] for r in rows])
+            return db.total_changes - before
+
+    def get(self, request_id: str) -> UsageRecord | None:
+        with self._txn(write=False) as db:
+            row = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels FROM usage WHERE request_id = ?",
+                             (request_id,)).fetchone()
+        return None if row is None else UsageRecord(*row[:-1], labels=json.loads(row[-1]))
+
+    # --- the outbox of a replica (service.control_plane drains it to PostgreSQL) ---------------------------
+
+    def unexported(self, limit: int = 500) -> list[tuple[UsageRecord, float]]:
+        """Up to `limit` records not exported yet, oldest first, each with when it was recorded."""
+        with self._txn(write=False) as db:
+            rows = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels, recorded_at FROM usage WHERE exported_at IS "
+                              "NULL ORDER BY recorded_at, request_id LIMIT ?", (limit,)).fetchall()
+        return [(UsageRecord(*r[:-2], labels=json.loads(r[-2])), r[-1]) for r in rows]
+
+    def mark_exported(self, request_ids: list[str]) -> None:
+        now = self._clock()
+        with self._txn() as db:
+            db.executemany("UPDATE usage SET exported_at = ? WHERE request_id = ?", [(now, i) for i in request_ids])
+
+    def count_unexported(self) -> int:
+        with self._txn(write=False) as db:
+            return db.execute("SELECT COUNT(*) FROM usage WHERE exported_at IS NULL").fetchone()[0]
+
 
 
 def _fingerprint(*query: object) -> str:

@@ -48,12 +48,27 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def ledger(tmp_path, clock):
-    with UsageLedger(tmp_path / "usage.db", clock=clock) as led:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request, tmp_path, clock):
+    """The ledger with RECORDS, in SQLite (one process's) or PostgreSQL (the replicas' shared one): every query
+    test runs on both."""
+    if request.param == "sqlite":
+        led = UsageLedger(tmp_path / "usage.db", clock=clock)
+        db = None
+    else:
+        from adapters.pg import PgDatabase
+        from service.usage_pg import PgUsageLedger
+
+        db = PgDatabase(request.getfixturevalue("pg_cluster").new_database(), pool_size=2)
+        led = PgUsageLedger(db, clock=clock)
+    try:
         for r in RECORDS:
             assert led.record(r)
         yield led
+    finally:
+        led.close()
+        if db is not None:
+            db.close()
 
 
 def row(tenant="", adapter="", version="", start=0.0, end=7200.0, **totals) -> UsageRow:
@@ -355,7 +370,7 @@ def test_other_schema_version_refused(tmp_path):
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(LedgerError, match="schema 99; this server reads schema 2"):
+    with pytest.raises(LedgerError, match="schema 99; this server reads schema 3"):
         UsageLedger(path)
 
 
