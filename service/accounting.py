@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
@@ -55,9 +56,12 @@ class UsageWriter:
     """A thread that writes usage records to the ledger off the engine loop: whatever has queued up while
     the last commit ran goes into the next one (one fsync for many requests under load)."""
 
-    def __init__(self, ledger: UsageLedger, max_batch: int = 256) -> None:
+    def __init__(self, ledger: UsageLedger, max_batch: int = 256,
+                 on_written: Callable[[], None] | None = None) -> None:
+        """`on_written()` runs after each commit (a replica's exporter copies the rows on to PostgreSQL)."""
         self.ledger = ledger
         self.max_batch = max_batch
+        self.on_written = on_written
         self._queue: queue.SimpleQueue[tuple[UsageRecord, Future[bool]] | None] = queue.SimpleQueue()
         self._pending = 0
         self._cond = threading.Condition()
@@ -116,6 +120,11 @@ class UsageWriter:
                     # A batch that cannot be written is written record by record: one bad record
                     # (or one that trips the disk) loses only itself.
                     done.set_result(ok or (len(batch) > 1 and self._write([record])))
+                if self.on_written is not None:
+                    try:
+                        self.on_written()
+                    except Exception:
+                        log.exception("usage_written_hook_failed")
                 with self._cond:
                     self._pending -= len(batch)
                     self._cond.notify_all()

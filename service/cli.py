@@ -4,6 +4,7 @@ read usage, make tenants' keys, benchmark."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -21,6 +22,10 @@ from service.config import (
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.structured import FormatKind, ResponseFormat
+
+# The database URL from the environment (a Kubernetes Secret): it carries a password, which a flag would show in
+# the process list.
+DATABASE_URL_ENV = "LORASERVE_DATABASE_URL"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -147,7 +152,8 @@ def serve_configs(args: argparse.Namespace) -> tuple:
         ServiceConfig: dict(data_dir=args.data_dir, tenants_file=args.tenants, metrics_port=args.metrics_port,
                             max_upload_mib=args.max_upload_mib,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                            otlp_endpoint=args.otlp_endpoint, log_format="json" if args.log_json else None),
+                            otlp_endpoint=args.otlp_endpoint, log_format="json" if args.log_json else None,
+                            database_url=args.database_url or os.environ.get(DATABASE_URL_ENV) or None),
     }
     out = []
     for cls, given in flags.items():
@@ -219,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: open access, one admin tenant 'default')")
     s.add_argument("--data-dir", metavar="DIR", help="adapter registry, usage ledger and adapter store "
                    "(default: ./data)")
+    s.add_argument("--database-url", metavar="URL", help="the registry and usage ledger: sqlite:///DIR (this "
+                   "process's own files; default: the data directory) or postgresql://user:password@host:port/db, "
+                   f"shared by replicas (default: ${DATABASE_URL_ENV}, else the config file's database.url)")
     s.add_argument("--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port "
                    "(default: off; 0 = any free port)")
     s.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (enables TLS)")

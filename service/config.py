@@ -169,7 +169,12 @@ class ServiceConfig:
     s3_prefix: str = "loraserve"
     s3_endpoint_url: str | None = None  # credentials come from the standard AWS_* environment / files
     s3_region: str | None = None
-    s3_refresh_s: float = 5.0  # replicas on one bucket see each other's adapter changes within this (+ one pass)
+    # The control plane (registry and usage ledger): `sqlite:///DIR` (None: the data directory; this process's
+    # own) or `postgresql://user:password@host:port/db` (shared by replicas; see service.control_plane).
+    database_url: str | None = None
+    database_pool_size: int = 8  # connections of this process to PostgreSQL
+    database_connect_timeout_s: float = 3.0  # waiting for a connection longer means the database is down
+    database_lease_ttl_s: float = 20.0  # a killed replica's hold on adapter versions lasts this long at most
     metrics_port: int | None = None  # Prometheus text on a side HTTP port; None = off, 0 = any free port
     metrics_host: str | None = None  # default: the gRPC host
     tls_cert: str | None = None
@@ -191,8 +196,17 @@ class ServiceConfig:
             raise ValueError(f"store kind {self.store_kind!r} is invalid: allowed values are {', '.join(STORE_KINDS)}")
         if self.store_kind == "s3" and not self.s3_bucket:
             raise ValueError("the s3 store needs a bucket (store.bucket in the config file)")
-        if not self.s3_refresh_s > 0:
-            raise ValueError(f"store.refresh_s={self.s3_refresh_s} is invalid: must be > 0 seconds")
+        if self.database_url is not None:
+            check_database_url(self.database_url)
+        if isinstance(self.database_pool_size, bool) or not isinstance(self.database_pool_size, int) \
+                or not 1 <= self.database_pool_size <= 1000:
+            raise ValueError(f"database.pool_size={self.database_pool_size!r} is invalid: must be an integer in "
+                             "[1, 1000]")
+        for name in ("database_connect_timeout_s", "database_lease_ttl_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86400:
+                raise ValueError(f"database.{name.removeprefix('database_')}={value!r} is invalid: must be a number "
+                                 "of seconds > 0")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535] (0 = any free port)")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -206,6 +220,39 @@ class ServiceConfig:
         for name in ("price_input_per_1k", "price_cached_input_per_1k", "price_output_per_1k"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: prices must be >= 0")
+
+    @property
+    def database_kind(self) -> str:
+        """sqlite (this process's files) or postgresql (shared by replicas)."""
+        return "sqlite" if self.database_url is None else check_database_url(self.database_url)
+
+    @property
+    def sqlite_dir(self) -> str:
+        """Where the SQLite registry and ledger live: the directory of `sqlite:///DIR`, else the data directory."""
+        if self.database_url is not None and self.database_kind == "sqlite":
+            return self.database_url.removeprefix("sqlite:///")
+        return self.data_dir
+
+
+DATABASE_KINDS = ("sqlite", "postgresql")
+
+
+def check_database_url(url: object) -> str:
+    """`sqlite:///DIR` or `postgresql://...` (`postgres://` too); the kind. The message never shows a password."""
+    from urllib.parse import urlsplit
+
+    if isinstance(url, str) and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return "sqlite"
+    if isinstance(url, str) and url.startswith(("postgresql://", "postgres://")):
+        try:
+            urlsplit(url).port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"database.url is not a valid PostgreSQL URL: {e}") from None
+        return "postgresql"
+    shown = url.split("://", 1)[0] + "://..." if isinstance(url, str) and "://" in url else repr(url)[:40]
+    raise ValueError(f"database.url {shown} is invalid: use sqlite:///DIR (this process's own files in DIR; the "
+                     "default is the data directory) or postgresql://user:password@host:port/database (shared by "
+                     "replicas)")
 
 
 def _fields(cls: type, **renames: str) -> dict[str, tuple[type, str]]:
@@ -228,7 +275,10 @@ _SECTIONS: dict[str, dict[str, tuple[type, str]]] = {
                "max_upload_mib": (_SVC, "max_upload_mib")},
     "store": {"kind": (_SVC, "store_kind"), "path": (_SVC, "store_path"), "bucket": (_SVC, "s3_bucket"),
               "prefix": (_SVC, "s3_prefix"), "endpoint_url": (_SVC, "s3_endpoint_url"),
-              "region": (_SVC, "s3_region"), "refresh_s": (_SVC, "s3_refresh_s")},
+              "region": (_SVC, "s3_region")},
+    "database": {"url": (_SVC, "database_url"), "pool_size": (_SVC, "database_pool_size"),
+                 "connect_timeout_s": (_SVC, "database_connect_timeout_s"),
+                 "lease_ttl_s": (_SVC, "database_lease_ttl_s")},
     "telemetry": {"otlp_endpoint": (_SVC, "otlp_endpoint"), "log_format": (_SVC, "log_format"),
                   "log_level": (_SVC, "log_level"), "metrics_port": (_SVC, "metrics_port"),
                   "metrics_host": (_SVC, "metrics_host")},
@@ -237,6 +287,10 @@ _SECTIONS: dict[str, dict[str, tuple[type, str]]] = {
                 "price_cached_input_per_1k"), "output_per_1k": (_SVC, "price_output_per_1k"),
                 "unit": (_SVC, "price_unit")},
 }
+
+
+_RETIRED = {("store", "refresh_s"): "replicas share adapter names through the database now, with no refresh "
+                                   "interval (database.url: postgresql://...); remove the key"}
 
 
 def read_config_file(path: str) -> dict[type, dict[str, object]]:
@@ -266,6 +320,8 @@ def read_config_file(path: str) -> dict[type, dict[str, object]]:
             raise ValueError(f"config file {path}: section {section!r} must be a mapping of keys to values")
         allowed = _SECTIONS[section]
         for key, value in values.items():
+            if (section, key) in _RETIRED:
+                raise ValueError(f"config file {path}: {section}.{key} is no longer read: {_RETIRED[section, key]}")
             if key not in allowed:
                 raise ValueError(f"config file {path}: unknown key {section}.{key}; allowed keys are "
                                  f"{', '.join(sorted(allowed))}")

@@ -14,10 +14,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import structlog
@@ -26,7 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 
 from adapters.cache import LoaderFromStore
-from adapters.registry import AdapterRegistry
+from adapters.pg import PgDatabase
+from adapters.registry_types import DatabaseUnavailable
 from adapters.store import Store, StoreError
 from adapters.stores import open_store
 from service.accounting import Accounting, UsageWriter
@@ -49,6 +51,8 @@ from service.api.stalls import CallSlots, StallWatchdog
 from service.api.usage_service import UsageServicer
 from service.builder import Runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
+from service.control_plane import connect as connect_database
+from service.control_plane import open_control_plane
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.limits import TenantLimiter
@@ -56,9 +60,10 @@ from service.loop import EngineLoop
 from service.metrics import ServerMetrics
 from service.tenants import TenantDirectory
 from service.tracing import make_tracer_provider
-from service.usage import Pricing, UsageLedger
+from service.usage import Pricing
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 ADAPTER_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].full_name
@@ -118,27 +123,14 @@ def _listen(server: grpc.Server, sc: ServerConfig, svc: ServiceConfig) -> int:
     return port
 
 
-def registry_for(path: Path, store: Store, svc: ServiceConfig) -> AdapterRegistry:
-    """SQLite beside a filesystem store; with a bucket, a copy of the bucket's adapter names that every
-    replica writes through and refreshes every `store.refresh_s` (adapters.replica_sync)."""
-    if svc.store_kind == "s3":
-        from adapters.replica_sync import ReplicatedRegistry
-
-        return ReplicatedRegistry(path, store=store, refresh_s=svc.s3_refresh_s).start()  # type: ignore[arg-type]
-    registry = AdapterRegistry(path, store=store)
-    released = registry.gc_store()  # files a crash left between store and register
-    if released:
-        log.info("adapter_store_gc", released=list(released))
-    return registry
-
-
 class LoraServer:
     """One gRPC server over one runtime: inference, adapters, usage, health, reflection, metrics.
     `start()` returns once it is SERVING (or raises)."""
 
     def __init__(self, runtime: Runtime, config: ServerConfig | None = None, service: ServiceConfig | None = None,
                  *, tracer_provider: TracerProvider | None = None, startup_adapters: Sequence[tuple[str, str]] = (),
-                 store: Store | None = None, tenants: TenantDirectory | None = None) -> None:
+                 store: Store | None = None, tenants: TenantDirectory | None = None,
+                 database: PgDatabase | None = None) -> None:
         self.config = config or ServerConfig()
         self.service_config = svc = service or ServiceConfig()
         self.runtime = runtime
@@ -157,7 +149,12 @@ class LoraServer:
         data = Path(svc.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.store = store or store_from(svc)
-        self.registry = registry_for(data / "registry.db", self.store, svc)
+        pricing = Pricing(input_per_1k=svc.price_input_per_1k, cached_input_per_1k=svc.price_cached_input_per_1k,
+                          output_per_1k=svc.price_output_per_1k, unit=svc.price_unit)
+        self.control = open_control_plane(svc, self.store, pricing, db=database)
+        self.registry = self.control.registry
+        # A replica's requests hold adapter versions with a lease every replica's delete sees (PostgreSQL).
+        holds = self.control.holds(runtime.adapters)
         self.metrics = ServerMetrics(self.base_model)
         store_loader = LoaderFromStore(self.store, loaded.arch, loaded.model_id,
                                        max_rank=runtime.adapter_config.max_lora_rank)
@@ -177,12 +174,10 @@ class LoraServer:
                                        loaded.model_id, runtime.adapter_config.max_lora_rank)
         for name, path in startup_adapters:
             self.adapters.register_dir(name, path)
-        self.ledger = UsageLedger(data / "usage.db", pricing=Pricing(
-            input_per_1k=svc.price_input_per_1k, cached_input_per_1k=svc.price_cached_input_per_1k,
-            output_per_1k=svc.price_output_per_1k, unit=svc.price_unit))
-        self.usage_writer = UsageWriter(self.ledger)
+        self.ledger = self.control.ledger  # what GetUsage reads: with PostgreSQL, every replica's usage
+        self.usage_writer = UsageWriter(self.control.outbox, on_written=self.control.usage_written)
         self.tracer_provider = tracer_provider or make_tracer_provider(otlp_endpoint=svc.otlp_endpoint)
-        accounting = Accounting(self.usage_writer, self.metrics, runtime.adapters)
+        accounting = Accounting(self.usage_writer, self.metrics, holds)
         self.loop = EngineLoop(runtime.engine, on_health=self._on_loop_health, on_finished=accounting.on_finished,
                                on_step=self.metrics.on_step)
         converter = RequestConverter(runtime.tokenizer, runtime.runner.max_model_len, runtime.runner.vocab_size,
@@ -205,7 +200,7 @@ class LoraServer:
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", self.config.max_message_mib * 2**20)])
         inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
-                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=runtime.adapters,
+                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=holds,
                                       watchdog=self.watchdog, call_slots=self.call_slots)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self.server)
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
@@ -236,6 +231,7 @@ class LoraServer:
         if svc.metrics_port is not None:
             self.metrics_port = self.metrics.serve(svc.metrics_host or self.config.host, svc.metrics_port)
         self.loop.start()
+        self.control.start()
         self.watchdog.start()
         self.server.start()  # listening, but NOT_SERVING until the warm-up below
         if self.config.warmup:
@@ -294,8 +290,7 @@ class LoraServer:
         """Flush usage, close the databases, the metrics endpoint and the tracer (after the loop stopped)."""
         self.watchdog.stop()
         self.usage_writer.close()
-        self.ledger.close()
-        self.registry.close()
+        self.control.close()
         self.metrics.close()
         self.tracer_provider.shutdown()
         self.errors.logs.close()  # the summary of refusals not logged, if any
@@ -319,15 +314,17 @@ def _check_startup_files(svc: ServiceConfig, adapters: Sequence[tuple[str, str]]
 
 def build_server(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig,
                  svc: ServiceConfig | None = None, adapters: Sequence[tuple[str, str]] = (), *,
-                 store: Store | None = None, tenants: TenantDirectory | None = None) -> LoraServer:
+                 store: Store | None = None, tenants: TenantDirectory | None = None,
+                 database: PgDatabase | None = None) -> LoraServer:
     """Load the model, open the data directory, register `--adapter NAME=DIR`s; the server is not started."""
     from service.builder import build_runtime
 
     svc = svc or ServiceConfig()
     tenants = tenants or _check_startup_files(svc, adapters)
     store = store or store_from(svc)  # an unreachable store fails before the model load too
+    database = database or connect_database(svc)  # and so does an unreachable database
     rt = build_runtime(rc, ec, ac)
-    return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store, tenants=tenants)
+    return LoraServer(rt, sc, svc, startup_adapters=adapters, store=store, tenants=tenants, database=database)
 
 
 STORE_RETRY_S = 3.0
@@ -335,11 +332,12 @@ STORE_RELOG_S = 60.0  # an unchanged store problem is logged again this often
 
 
 class _StoreWait(grpc.GenericRpcHandler):
-    """Listens on the server's port while the adapter store cannot be used: health NOT_SERVING for every
-    service, every other call UNAVAILABLE naming the problem, so probes and clients learn why."""
+    """Listens on the server's port while the adapter store or the database cannot be used: health NOT_SERVING
+    for every service, every other call UNAVAILABLE naming the problem, so probes and clients learn why."""
 
-    def __init__(self, sc: ServerConfig, svc: ServiceConfig, problem: str, retry_s: float) -> None:
-        self.problem, self.retry_s = problem, retry_s
+    def __init__(self, sc: ServerConfig, svc: ServiceConfig, problem: str, retry_s: float,
+                 what: str = "the adapter store") -> None:
+        self.problem, self.retry_s, self.what = problem, retry_s, what
         self.server = grpc.server(ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-wait"),
                                   options=[("grpc.so_reuseport", 0)])
         status = HealthServicer()
@@ -355,38 +353,55 @@ class _StoreWait(grpc.GenericRpcHandler):
         return grpc.stream_stream_rpc_method_handler(self._refuse)  # any call shape; no message is read
 
     def _refuse(self, requests: object, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAVAILABLE, f"the server is starting: the adapter store cannot be used "
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"the server is starting: {self.what} cannot be used "
                                                    f"({self.problem}); retrying every {self.retry_s:g}s")
+
+
+def _open_waiting(open_it: Callable[[], T], failure: type[Exception], what: str, event: str, sc: ServerConfig,
+                  svc: ServiceConfig, stop: threading.Event, retry_s: float) -> tuple[T, ServerConfig] | None:
+    """open_it(); while it raises `failure`, log `event` (error), listen with health NOT_SERVING and retry every
+    `retry_s`; then free the port for the real server (the returned config names the port bound, also with
+    --port 0). None if `stop` is set first. Any other error (a config wrong as written) fails at once."""
+    try:
+        return open_it(), sc
+    except failure as e:
+        problem = str(e)
+    waiting = _StoreWait(sc, svc, problem, retry_s, what)
+    log.error(event, error=problem, address=waiting.address, retry_s=retry_s)
+    logged = time.monotonic()
+    try:
+        while not stop.wait(retry_s):
+            try:
+                opened = open_it()
+            except failure as e:
+                if str(e) != waiting.problem or time.monotonic() - logged > STORE_RELOG_S:
+                    log.error(event, error=str(e), address=waiting.address, retry_s=retry_s)
+                    logged = time.monotonic()
+                waiting.problem = str(e)
+                continue
+            log.info(event.replace("_unavailable", "_available"), **{event.split("_")[0]: repr(opened)})
+            return opened, replace(sc, port=waiting.port)
+        return None
+    finally:
+        waiting.server.stop(grace=None).wait()
 
 
 def open_store_waiting(sc: ServerConfig, svc: ServiceConfig, stop: threading.Event,
                        retry_s: float = STORE_RETRY_S) -> tuple[Store, ServerConfig] | None:
     """Open the adapter store. While it cannot be used (credentials, bucket, endpoint: StoreError), log why,
-    listen with health NOT_SERVING and retry every `retry_s`; then free the port for the real server (the
-    returned config names the port bound, also with --port 0). None if `stop` is set first. A store config
-    that is invalid as written (ValueError) fails at once."""
-    try:
-        return store_from(svc), sc
-    except StoreError as e:
-        problem = str(e)
-    waiting = _StoreWait(sc, svc, problem, retry_s)
-    log.error("store_unavailable", error=problem, address=waiting.address, retry_s=retry_s)
-    logged = time.monotonic()
-    try:
-        while not stop.wait(retry_s):
-            try:
-                store = store_from(svc)
-            except StoreError as e:
-                if str(e) != waiting.problem or time.monotonic() - logged > STORE_RELOG_S:
-                    log.error("store_unavailable", error=str(e), address=waiting.address, retry_s=retry_s)
-                    logged = time.monotonic()
-                waiting.problem = str(e)
-                continue
-            log.info("store_available", store=repr(store))
-            return store, replace(sc, port=waiting.port)
-        return None
-    finally:
-        waiting.server.stop(grace=None).wait()
+    listen with health NOT_SERVING and retry every `retry_s`; then free the port for the real server. None if
+    `stop` is set first. A store config that is invalid as written (ValueError) fails at once."""
+    return _open_waiting(lambda: store_from(svc), StoreError, "the adapter store", "store_unavailable", sc, svc,
+                         stop, retry_s)
+
+
+def open_database_waiting(sc: ServerConfig, svc: ServiceConfig, stop: threading.Event,
+                          retry_s: float = STORE_RETRY_S) -> tuple[PgDatabase | None, ServerConfig] | None:
+    """Connect to the control-plane database (PostgreSQL; None for SQLite) and migrate its schema, waiting as
+    `open_store_waiting` does while it cannot be reached (`database_unavailable`). A database migrated by a newer
+    server (SchemaTooNew, a ValueError) fails at once."""
+    return _open_waiting(lambda: connect_database(svc), DatabaseUnavailable, "the control-plane database",
+                         "database_unavailable", sc, svc, stop, retry_s)
 
 
 def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConfig, svc: ServiceConfig | None = None,
@@ -407,7 +422,16 @@ def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConf
         if opened is None:
             return 0
         store, sc = opened
-        server = build_server(rc, ec, ac, sc, svc, adapters, store=store, tenants=tenants)
+        connected = open_database_waiting(sc, svc, stop)
+        if connected is None:
+            return 0
+        database, sc = connected
+        try:
+            server = build_server(rc, ec, ac, sc, svc, adapters, store=store, tenants=tenants, database=database)
+        except BaseException:
+            if database is not None:
+                database.close()
+            raise
         if stop.is_set():
             return 0
         server.start()

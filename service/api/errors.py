@@ -26,6 +26,7 @@ from adapters.registry_types import (
     AdapterInUse,
     AdapterNotFound,
     AdapterPermissionDenied,
+    DatabaseUnavailable,
     VersionFilesMissing,
     VersionIsCurrent,
 )
@@ -88,6 +89,7 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PinLimitReached, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AdapterUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (DatabaseUnavailable, grpc.StatusCode.UNAVAILABLE),  # the control-plane database is down: retry
     (AdapterNotFound, grpc.StatusCode.NOT_FOUND),
     (AdapterExists, grpc.StatusCode.ALREADY_EXISTS),
     (AdapterPermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
