@@ -39,6 +39,7 @@ FULL = {
     "store": {"kind": "s3", "s3": {"bucket": "team-adapters", "prefix": "loraserve/prod",
                                    "endpointUrl": "http://minio.storage:9000", "region": "eu-west-1",
                                    "credentialsSecret": "adapter-bucket-credentials"}},
+    "database": {"existingSecret": "loraserve-database", "secretKey": "dsn", "poolSize": 16, "leaseTtlSeconds": 30},
     "tenants": {"tenants": [{"id": "acme", "api_keys": [KEY_HASH], "limits": {"requests_per_minute": 600}}]},
     "tls": {"enabled": True, "existingSecret": "loraserve-tls", "requireClientCert": True},
     "modelVolume": {"enabled": True, "mountPath": "/models", "existingClaim": "models"},
@@ -212,6 +213,8 @@ def test_rendered_config_loads_into_the_servers_configuration(case, tmp_path):
                                                         config["server"]["max_upload_mib"])
     assert sc.max_prompt_bytes == (65536 if case == "full" else None)  # None: derived from the context window
     assert svc.store_kind == config["store"]["kind"]
+    assert (svc.database_pool_size, svc.database_lease_ttl_s) == ((16, 30) if case == "full" else (8, 20))
+    assert svc.database_url is None  # the URL is never in the config: it comes from a Secret (env)
     assert (rc.device, rc.kv_cache_gib) == (("cuda", 2) if case == "full" else ("cpu", 1))
 
 
@@ -220,11 +223,29 @@ def test_store_section_is_what_open_store_takes():
     assert fs == {"kind": "filesystem", "path": "/var/lib/loraserve/adapters"}
     s3 = server_config(render(FULL))["store"]
     assert s3.pop("kind") == "s3"
-    assert s3.pop("refresh_s") == 5  # the replicas' sync period: the server's, not the bucket client's
     assert S3Settings.from_mapping(s3) == S3Settings(bucket="team-adapters", prefix="loraserve/prod",
                                                      endpoint_url="http://minio.storage:9000", region="eu-west-1")
     c = container(render(FULL))
     assert c["envFrom"] == [{"secretRef": {"name": "adapter-bucket-credentials"}}]  # AWS_* from a Secret
+
+
+def test_the_database_url_comes_from_a_secret(tmp_path, monkeypatch):
+    """With a database the URL reaches the server as LORASERVE_DATABASE_URL from the named Secret (never values,
+    never the ConfigMap), and the server built from the rendered args and config uses PostgreSQL with it."""
+    from service.cli import DATABASE_URL_ENV, serve_configs
+
+    manifests = render(FULL)
+    env = {e["name"]: e for e in container(manifests)["env"]}
+    assert env[DATABASE_URL_ENV] == {"name": DATABASE_URL_ENV, "valueFrom": {"secretKeyRef": {
+        "name": "loraserve-database", "key": "dsn"}}}
+    config = server_config(manifests)
+    assert config["database"] == {"pool_size": 16, "connect_timeout_s": 3, "lease_ttl_s": 30}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv(DATABASE_URL_ENV, "postgresql://loraserve:pw@postgres.db:5432/loraserve")
+    *_, svc = serve_configs(build_parser().parse_args(["serve", "--config", str(path)]))
+    assert svc.database_kind == "postgresql" and svc.database_url.endswith("@postgres.db:5432/loraserve")
+    assert DATABASE_URL_ENV not in {e["name"] for e in container(render({}))["env"]}  # SQLite by default
 
 
 def test_api_keys_never_land_in_a_configmap():
@@ -326,6 +347,9 @@ def test_notes_say_how_to_call_the_service():
     ({"store": {"kind": "nfs"}}, r"at '/store/kind': value must be one of 'filesystem', 's3'"),
     ({"runtime": {"dtype": "fp16"}}, r"at '/runtime/dtype': value must be one of 'bfloat16', 'float32'"),
     ({"store": {"kind": "s3", "s3": {"bucket": "Bad_Bucket"}}}, r"at '/store/s3/bucket'"),
+    ({"database": {"url": "postgresql://u:p@db/x"}}, r"additional properties 'url' not allowed"),
+    ({"database": {"poolSize": 0}}, r"at '/database/poolSize': minimum: got 0, want 1"),
+    ({"store": {"kind": "s3", "s3": {"bucket": "b", "refreshSeconds": 5}}}, r"additional properties 'refreshSeconds'"),
 ])
 def test_schema_rejects_bad_values_with_a_clear_message(values, message):
     with helm.Chart.load(CHART) as chart:
@@ -337,6 +361,8 @@ def test_schema_rejects_bad_values_with_a_clear_message(values, message):
 
 @pytest.mark.parametrize("values, message", [
     ({"replicaCount": 2}, "replicaCount > 1 or autoscaling.enabled needs store.kind=s3"),
+    ({"replicaCount": 2, "store": {"kind": "s3", "s3": {"bucket": "adapters"}}},
+     r"replicaCount > 1 or autoscaling.enabled needs database.existingSecret \(a PostgreSQL URL\)"),
     ({"store": {"kind": "s3"}}, "store.kind=s3 needs store.s3.bucket"),
     ({"tls": {"enabled": True}}, "tls.enabled needs tls.existingSecret"),
     ({"server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 120}},

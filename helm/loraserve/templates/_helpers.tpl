@@ -70,6 +70,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and $scaled (ne .Values.store.kind "s3") }}
 {{- fail "replicaCount > 1 or autoscaling.enabled needs store.kind=s3: the filesystem store and its registry belong to one process" }}
 {{- end }}
+{{- if and $scaled (not .Values.database.existingSecret) }}
+{{- fail "replicaCount > 1 or autoscaling.enabled needs database.existingSecret (a PostgreSQL URL): replicas share adapter names and usage through it, SQLite belongs to one process" }}
+{{- end }}
 {{- if and (eq .Values.store.kind "s3") (not .Values.store.s3.bucket) }}
 {{- fail "store.kind=s3 needs store.s3.bucket" }}
 {{- end }}
