@@ -4,7 +4,9 @@ tenants (API keys, mTLS), grpc.health.v1, reflection, Prometheus metrics, tracin
 Health: NOT_SERVING until the model is loaded and a warm-up generation ran; SERVING then; NOT_SERVING
 for good once draining starts, and while the engine loop reports itself unhealthy. `serve` first opens the
 adapter store: while it cannot (credentials, bucket, endpoint) it logs why, answers health NOT_SERVING on the
-port and retries every few seconds, then loads the model.
+port and retries every few seconds; then, with a PostgreSQL control plane (`database.url`), it connects to the
+database and migrates its schema in the same way (NOT_SERVING and retried while it cannot be reached); then it
+loads the model.
 Shutdown (SIGTERM / SIGINT): health NOT_SERVING, new requests UNAVAILABLE, running requests get
 `drain_grace_s` to finish, the rest are aborted, then the process exits 0.
 """
