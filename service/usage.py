@@ -29,7 +29,7 @@ from adapters.registry_types import InvalidRegistryArgument, check_name, check_t
 from adapters.sqlite_file import SqliteFile
 
 __all__ = [
-    "DEFAULT_PAGE_SIZE", "GROUP_BY", "MAX_BUCKETS", "MAX_PAGE_SIZE", "STATUSES", "InvalidUsageArgument",
+    "DEFAULT_PAGE_SIZE", "FRONTS", "GROUP_BY", "MAX_BUCKETS", "MAX_PAGE_SIZE", "STATUSES", "InvalidUsageArgument",
     "LedgerError", "Pricing", "UsageLedger", "UsageRecord", "UsageRow",
 ]
 
@@ -38,9 +38,11 @@ GROUP_BY = ("tenant", "adapter", "adapter_version")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # as the registry: 0 means the default, more is coerced down
 MAX_BUCKETS = 10_000
 _MAX_ID_CHARS = 256
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # version -> the SQL that brings a file of that version to the next one
-_MIGRATIONS = {1: "ALTER TABLE usage ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'"}
+_MIGRATIONS = {1: "ALTER TABLE usage ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
+               2: "ALTER TABLE usage ADD COLUMN front TEXT NOT NULL DEFAULT 'grpc'"}
+FRONTS = ("grpc", "http")  # which front served a request
 _SCHEMA = """
 CREATE TABLE usage (
     request_id TEXT PRIMARY KEY,
@@ -55,7 +57,8 @@ CREATE TABLE usage (
     engine_seconds REAL NOT NULL,
     status TEXT NOT NULL,
     recorded_at REAL NOT NULL,
-    labels TEXT NOT NULL DEFAULT '{}'
+    labels TEXT NOT NULL DEFAULT '{}',
+    front TEXT NOT NULL DEFAULT 'grpc'
 );
 CREATE INDEX usage_by_time ON usage (end_time);
 CREATE INDEX usage_by_tenant ON usage (tenant, end_time);
@@ -150,6 +153,7 @@ class UsageRecord:
     engine_seconds: float
     status: str  # one of STATUSES
     labels: Mapping[str, str] = field(default_factory=dict)  # the caller's own labels of the request
+    front: str = "grpc"  # the front that served it: one of FRONTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= _MAX_ID_CHARS:
@@ -178,6 +182,8 @@ class UsageRecord:
         if self.status not in STATUSES:
             raise InvalidUsageArgument(f"status={self.status!r} is invalid: expected one of "
                                        f"{', '.join(STATUSES)}")
+        if self.front not in FRONTS:
+            raise InvalidUsageArgument(f"front={self.front!r} is invalid: expected one of {', '.join(FRONTS)}")
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ class UsageRow:
 
 
 _COLUMNS = ("request_id", "tenant", "adapter", "adapter_version", "start_time", "end_time", "input_tokens",
-            "cached_input_tokens", "output_tokens", "engine_seconds", "status")
+            "cached_input_tokens", "output_tokens", "engine_seconds", "status", "front")
 
 
 class UsageLedger(SqliteFile):
@@ -235,7 +241,10 @@ class UsageLedger(SqliteFile):
         with self._txn(write=False) as db:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels FROM usage WHERE request_id = ?",
                              (request_id,)).fetchone()
-        return None if row is None else UsageRecord(*row[:-1], labels=json.loads(row[-1]))
+        if row is None:
+            return None
+        values = dict(zip(_COLUMNS, row[:-1]))
+        return UsageRecord(**values, labels=json.loads(row[-1]))
 
     def query(self, *, tenant: str | None = None, adapter: str | None = None,
               adapter_version: str | None = None, start_time: float | None = None,

@@ -355,7 +355,7 @@ def test_other_schema_version_refused(tmp_path):
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(LedgerError, match="schema 99; this server reads schema 2"):
+    with pytest.raises(LedgerError, match="schema 99; this server reads schema 3"):
         UsageLedger(path)
 
 
@@ -372,5 +372,12 @@ def test_a_schema_1_ledger_is_migrated_and_keeps_its_rows(tmp_path):
     db.close()
     with UsageLedger(path) as ledger:
         assert ledger.get("old").labels == {} and ledger.get("old").output_tokens == 3
-        rec = dataclasses.replace(RECORDS[0], request_id="new", labels={"feature": "search"})
+        assert ledger.get("old").front == "grpc"  # the only front there was
+        rec = dataclasses.replace(RECORDS[0], request_id="new", labels={"feature": "search"}, front="http")
         assert ledger.record(rec) and ledger.get("new").labels == {"feature": "search"}
+        assert ledger.get("new").front == "http"
+
+
+def test_a_record_names_a_known_front(ledger):
+    with pytest.raises(InvalidUsageArgument, match="front='smtp' is invalid: expected one of grpc, http"):
+        dataclasses.replace(RECORDS[0], request_id="x", front="smtp")
