@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -31,7 +33,7 @@ def served(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("http")
     tenants = write_tenants(root / "tenants.yaml", alice_limits="{max_concurrent_requests: 2}")
     exporter = InMemorySpanExporter()
-    s = Server(tiny[0], root / "data", adapter=tiny[1], service={"tenants_file": tenants},
+    s = Server(tiny[0], root / "data", adapter=tiny[1], service={"tenants_file": tenants, "metrics_port": 0},
                server={"http_port": 0}, tracer_provider=make_tracer_provider(exporters=[exporter]))
     s.spans = exporter
     s.base_url = f"http://127.0.0.1:{s.server.http_port}"
@@ -350,3 +352,23 @@ def test_draining_answers_503_and_health_says_so(tiny, tmp_path):
     with pytest.raises(httpx.ConnectError):
         httpx.get(base + "/health", timeout=2)
     time.sleep(0)
+
+
+def readme_protocol_table() -> dict[str, str]:
+    """{metric: type} of the model-server protocol table in the README."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Scale out behind the inference gateway", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(vllm:[a-z_]+)` \| (\w+) \|", section, flags=re.M)
+    return dict(rows)
+
+
+def test_metric_names_and_types_match_the_readme_protocol_table(served):
+    table = readme_protocol_table()
+    assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+            "vllm:lora_requests_info"} <= set(table)
+    text = httpx.get(served.base_url + "/metrics").text
+    exported = dict(re.findall(r"^# TYPE (vllm:\w+) (\w+)$", text, flags=re.M))
+    assert exported == table
+    assert re.search(r'^vllm:cache_config_info\{block_size="\d+",num_gpu_blocks="\d+"\} 1\.0$', text, flags=re.M)
+    side = httpx.get(f"http://127.0.0.1:{served.server.metrics_port}/metrics").text  # the side port: the same
+    assert dict(re.findall(r"^# TYPE (vllm:\w+) (\w+)$", side, flags=re.M)) == table
