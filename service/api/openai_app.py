@@ -25,6 +25,7 @@ import anyio
 import structlog
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -152,11 +153,12 @@ async def follow(path: GenerationPath, gen: Generation, call: HttpCall,
                 try:  # an output queued between the first look and clear() must not wait for the next one
                     out = handle.get_nowait()
                 except queue.Empty:
-                    wait = POLL_S if remaining is None else min(remaining, POLL_S)
+                    # A timer rather than wait_for: no task per wait (one per output and stream, 64 streams).
+                    timer = loop.call_later(POLL_S if remaining is None else min(remaining, POLL_S), ready.set)
                     try:
-                        await asyncio.wait_for(ready.wait(), wait)
-                    except TimeoutError:
-                        pass
+                        await ready.wait()
+                    finally:
+                        timer.cancel()
                     if request is not None and time.monotonic() - checked >= POLL_S:
                         checked = time.monotonic()
                         if await request.is_disconnected():
@@ -267,8 +269,11 @@ class OpenAIApp:
                 "model": parsed.model}
         if parsed.stream:
             usage = parsed.stream_options is not None and parsed.stream_options.include_usage
+            # The background task ends the call if the stream never started (a client gone before its first
+            # byte): an async generator that never ran never runs its `finally` either.
             return StreamingResponse(self._stream(gen, call, meta, chat, usage), media_type="text/event-stream",
-                                     headers={"x-request-id": rid, "cache-control": "no-cache"})
+                                     headers={"x-request-id": rid, "cache-control": "no-cache"},
+                                     background=BackgroundTask(call.end))
         try:
             body = await self._unary(gen, call, request, meta, chat)
         except Exception as e:

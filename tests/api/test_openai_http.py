@@ -243,20 +243,37 @@ def test_over_the_tenants_concurrency_429_with_retry_after_and_a_deadline_is_504
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_and_is_billed_cancelled(served):
-    with httpx.stream("POST", served.base_url + "/v1/chat/completions", timeout=30,
-                      json={"model": served.model, "messages": CHAT, "stream": True, "max_tokens": 400,
-                            "min_tokens": 400, "temperature": 0},
-                      headers={"authorization": f"Bearer {ALICE}"}) as r:
-        rid = r.headers["x-request-id"]
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]  # a few chunks (and the blank lines between them) arrived
-        assert got[0].startswith("data: {")
-    # the connection is closed: the request stops long before its 400 tokens
-    assert wait_until(lambda: served.server.ledger.get(rid) is not None, 10)
+    stream = client(served).chat.completions.create(model=served.model, messages=CHAT, stream=True, temperature=0,
+                                                    max_tokens=400, extra_body={"min_tokens": 400})
+    rid = stream.response.headers["x-request-id"]
+    chunks = [next(stream) for _ in range(3)]  # a few tokens arrived ...
+    assert all(ch.choices[0].delta.content for ch in chunks)
+    served.hold()  # (so that it is surely still running when ...)
+    try:
+        stream.close()  # ... the client hangs up: the request stops long before its 400 tokens
+        assert wait_until(lambda: served.server.ledger.get(rid) is not None, 10)
+    finally:
+        served.resume()
     row = served.server.ledger.get(rid)
-    assert row.status == "cancelled" and row.front == "http" and 0 < row.output_tokens < 400
+    assert row.status == "cancelled" and row.front == "http" and 3 <= row.output_tokens < 400
     served.wait_idle_and_intact()
     assert client(served).completions.create(model=served.model, prompt="t5", max_tokens=2).choices
+
+
+def test_a_client_gone_while_its_request_waits_cancels_it(served):
+    served.hold()  # the request is queued and produces nothing
+    try:
+        with httpx.stream("POST", served.base_url + "/v1/completions", timeout=30,
+                          json={"model": served.model, "prompt": "t5", "stream": True, "max_tokens": 8},
+                          headers={"authorization": f"Bearer {ALICE}"}) as r:
+            rid = r.headers["x-request-id"]
+        assert wait_until(lambda: served.server.ledger.get(rid) is not None, 10)
+    finally:
+        served.resume()
+    row = served.server.ledger.get(rid)
+    assert row.status == "cancelled" and row.output_tokens == 0 and row.front == "http"
+    assert wait_until(lambda: served.server.generations.limiter.in_flight("alice") == 0, 10)
+    served.wait_idle_and_intact()
 
 
 def test_a_reader_that_stops_reading_is_cut_off_by_the_stall_watchdog(served):
