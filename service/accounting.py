@@ -44,6 +44,7 @@ class RequestContext:
     # Done once the request's usage row is committed (set on the loop thread before its final output is
     # handed over): the API waits for it before sending the last message.
     recorded: Future[bool] | None = None
+    front: str = "grpc"  # which front served the call: grpc or http (kept on its usage row)
 
 
 class AdapterHolds(Protocol):
@@ -173,5 +174,5 @@ class Accounting:
             adapter_version=spec.adapter_version or "", start_time=spec.created_at, end_time=time.time(),
             input_tokens=usage.input_tokens, cached_input_tokens=usage.cached_input_tokens,
             output_tokens=usage.output_tokens, engine_seconds=final.timings.engine_s,
-            status=_STATUS.get(final.finish_reason, "ok"), labels=spec.labels,
+            status=_STATUS.get(final.finish_reason, "ok"), labels=spec.labels, front=ctx.front,
         ))

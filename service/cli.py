@@ -146,7 +146,7 @@ def serve_configs(args: argparse.Namespace) -> tuple:
                            input_token_weight=args.input_token_weight,
                            output_token_weight=args.output_token_weight),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
-        ServerConfig: dict(host=args.host, port=args.port, drain_grace_s=args.drain_grace_s,
+        ServerConfig: dict(host=args.host, port=args.port, http_port=args.http_port, drain_grace_s=args.drain_grace_s,
                            grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s,
                            max_message_mib=args.max_message_mib, max_prompt_bytes=args.max_prompt_bytes),
         ServiceConfig: dict(data_dir=args.data_dir, tenants_file=args.tenants, metrics_port=args.metrics_port,
@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "service, store, telemetry, tls, pricing); flags given here override it")
     s.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, help="port; 0 = any free port (default: 50051)")
+    s.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, "
+                   "/v1/completions, /v1/models, /health, /metrics) on this port of --host; 0 = any free port "
+                   "(default: off)")
     s.add_argument("--adapter", action="append", metavar="NAME=DIR",
                    help="register a PEFT LoRA adapter directory under NAME, usable by every tenant (repeatable)")
     s.add_argument("--tenants", metavar="FILE", help="tenants file: API key hashes, admin role, limits "

@@ -131,12 +131,19 @@ class ServerConfig:
     # A prompt's text, or its chat messages' content in total, in UTF-8 bytes, checked before tokenizing;
     # None: 16 per token of the context window (service.api.convert.PROMPT_BYTES_PER_TOKEN).
     max_prompt_bytes: int | None = None
+    # The OpenAI-compatible HTTP front (POST /v1/chat/completions, /v1/completions, GET /v1/models, /health,
+    # /metrics) on the same host; None = off, 0 = any free port.
+    http_port: int | None = None
 
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host is empty: give an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} is invalid: must be in [0, 65535] (0 = any free port)")
+        if self.http_port is not None and (isinstance(self.http_port, bool) or not isinstance(self.http_port, int)
+                                           or not 0 <= self.http_port <= 65535):
+            raise ValueError(f"http_port={self.http_port!r} is invalid: must be in [0, 65535] (0 = any free port), "
+                             "or unset for no HTTP front")
         if not self.drain_grace_s >= 0:
             raise ValueError(f"drain_grace_s={self.drain_grace_s} is invalid: must be >= 0")
         if self.grpc_workers is not None and self.grpc_workers < 2:

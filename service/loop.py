@@ -51,10 +51,19 @@ class RequestHandle:
         self._outputs: queue.Queue[RequestOutput] = queue.Queue()
         self._done = False
         self._cancelled = False
+        # Called on the loop thread after each output is queued (an event loop's waiter wakes on it).
+        self.on_output: Callable[[], None] | None = None
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """The next output; `queue.Empty` after `timeout` seconds without one."""
         out = self._outputs.get(timeout=timeout)
+        if out.finished:
+            self._done = True
+        return out
+
+    def get_nowait(self) -> RequestOutput:
+        """The next output if there is one; else `queue.Empty`."""
+        out = self._outputs.get_nowait()
         if out.finished:
             self._done = True
         return out
@@ -372,6 +381,8 @@ class EngineLoop:
                 if self._on_finished is not None:
                     self._hook(self._on_finished, handle, out.final)
             handle._outputs.put(out)
+            if handle.on_output is not None:
+                self._hook(handle.on_output)
 
     @staticmethod
     def _hook(fn: Callable[..., None], *args: Any) -> None:

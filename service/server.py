@@ -14,6 +14,7 @@ Shutdown (SIGTERM / SIGINT): health NOT_SERVING, new requests UNAVAILABLE, runni
 from __future__ import annotations
 
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import anyio
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,7 +32,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from adapters.cache import LoaderFromStore
 from adapters.pg import PgDatabase
-from adapters.registry_types import DatabaseUnavailable
+from adapters.registry import MAX_PAGE_SIZE
+from adapters.registry_types import LOCAL_OWNER, DatabaseUnavailable
 from adapters.store import Store, StoreError
 from adapters.stores import open_store
 from service.accounting import Accounting, UsageWriter
@@ -48,7 +51,10 @@ from service.api.gen.loraserve.v1 import (
     usage_pb2,
     usage_pb2_grpc,
 )
+from service.api.generation import GenerationPath
+from service.api.http_server import HttpServer
 from service.api.inference import InferenceServicer
+from service.api.openai_app import HttpFront, OpenAIApp, model_object
 from service.api.stalls import CallSlots, StallWatchdog
 from service.api.usage_service import UsageServicer
 from service.builder import Runtime
@@ -60,7 +66,7 @@ from service.engine.sampling import SamplingParams
 from service.limits import TenantLimiter
 from service.loop import EngineLoop
 from service.metrics import ServerMetrics
-from service.tenants import TenantDirectory
+from service.tenants import Tenant, TenantDirectory
 from service.tracing import make_tracer_provider
 from service.usage import Pricing
 
@@ -72,6 +78,9 @@ ADAPTER_SERVICE = adapters_pb2.DESCRIPTOR.services_by_name["AdapterService"].ful
 USAGE_SERVICE = usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name
 SERVICES = (INFERENCE_SERVICE, ADAPTER_SERVICE, USAGE_SERVICE)
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+HTTP_START_THREADS = 32  # HTTP calls being started at once (tokenizer, format compile); the rest wait their turn
+SPARE_HTTP_CONNECTIONS = 64  # HTTP calls beyond every running and waiting request (health, metrics, models)
+MAX_MODEL_PAGES = 10  # GET /v1/models lists at most this many registry pages of adapters
 MAX_RPC_THREADS = 256  # past this, RPCs queue inside grpc; the engine's own waiting queue is the real bound
 SPARE_RPC_THREADS = 8  # kept from generations and uploads: health checks and short calls never wait on them
 
@@ -157,7 +166,8 @@ class LoraServer:
         self.registry = self.control.registry
         # A replica's requests hold adapter versions with a lease every replica's delete sees (PostgreSQL).
         holds = self.control.holds(runtime.adapters)
-        self.metrics = ServerMetrics(self.base_model)
+        self.metrics = ServerMetrics(self.base_model, block_size=runtime.engine.pool.block_size,
+                                     num_blocks=runtime.engine.pool.num_blocks)
         store_loader = LoaderFromStore(self.store, loaded.arch, loaded.model_id,
                                        max_rank=runtime.adapter_config.max_lora_rank)
 
@@ -196,15 +206,19 @@ class LoraServer:
         # Interceptors, outermost first: errors -> status codes, then authentication, then undecodable requests
         # refused (so a caller without credentials hears UNAUTHENTICATED, never what the parser said).
         self.errors = ErrorInterceptor()
-        interceptors = [self.errors, AuthInterceptor(Authenticator(self.tenants)), DecodeInterceptor()]
+        self.authenticator = Authenticator(self.tenants)
+        interceptors = [self.errors, AuthInterceptor(self.authenticator), DecodeInterceptor()]
         self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
                                   interceptors=interceptors,
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", self.config.max_message_mib * 2**20)])
-        inference = InferenceServicer(self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
-                                      tracer=self.tracer_provider.get_tracer("loraserve"), adapters=holds,
-                                      watchdog=self.watchdog, call_slots=self.call_slots)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(inference, self.server)
+        # One request path behind both fronts: validation, limits, tracing and usage are written once.
+        self.generations = GenerationPath(
+            self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
+            tracer=self.tracer_provider.get_tracer("loraserve"), adapters=holds, watchdog=self.watchdog,
+            call_slots=self.call_slots, on_adapter_named=self.metrics.adapter_named)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.generations), self.server)
+        self.http = self._http_front(ec) if self.config.http_port is not None else None
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(
             AdapterServicer(self.adapters, svc.max_upload_mib * 2**20, watchdog=self.watchdog,
                             call_slots=self.call_slots), self.server)
@@ -215,7 +229,47 @@ class LoraServer:
         self._set_health(_NOT_SERVING)
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self._started_at = time.time()
         self._stopped = threading.Event()
+
+    def _http_front(self, ec: EngineConfig) -> HttpServer:
+        front = HttpFront(
+            path=self.generations, auth=self.authenticator, base_model=self.base_model, list_models=self.models_for,
+            serving=self.serving, draining=lambda: self._draining, metrics_text=self.metrics.text, logs=self.errors.logs,
+            start_limiter=anyio.CapacityLimiter(HTTP_START_THREADS))
+        svc = self.service_config
+        tls = None
+        if svc.tls_cert is not None:
+            tls = {"ssl_certfile": svc.tls_cert, "ssl_keyfile": svc.tls_key}
+            if svc.tls_client_ca:
+                tls.update(ssl_ca_certs=svc.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        return HttpServer(OpenAIApp(front).app, self.config.host, self.config.http_port or 0,
+                          max_body_bytes=self.config.max_message_mib * 2**20,
+                          max_connections=ec.max_num_seqs + ec.max_waiting + SPARE_HTTP_CONNECTIONS, tls=tls)
+
+    def serving(self) -> bool:
+        """Loaded, warmed up, not draining, and the engine loop healthy (gRPC health SERVING; HTTP /health 200)."""
+        return self._ready and not self._draining and self.loop.healthy
+
+    def models_for(self, tenant: Tenant) -> list[dict]:
+        """GET /v1/models: the base model, then every adapter `tenant` may use, by the reference it would use
+        (its own and the service's by bare name, other tenants' shared ones as owner/name)."""
+        infos = []
+        token = ""
+        for _ in range(MAX_MODEL_PAGES):
+            page = self.registry.list(tenant.id, MAX_PAGE_SIZE, token, admin=tenant.admin)
+            infos.extend(page.adapters)
+            token = page.next_page_token
+            if not token:
+                break
+        own = {a.name for a in infos if a.owner == tenant.id}
+        out = [model_object(self.base_model, "loraserve", self._started_at, self.base_model, None)]
+        for a in infos:
+            bare = a.owner == tenant.id or (a.owner == LOCAL_OWNER and a.name not in own)
+            out.append(model_object(a.name if bare else f"{a.owner}/{a.name}", a.owner, a.created_at,
+                                    a.current.version_id, self.base_model))
+        return out
 
     def _adapter_owner(self, tenant: str, name: str, admin: bool) -> str | None:
         try:
@@ -236,6 +290,8 @@ class LoraServer:
         self.control.start()
         self.watchdog.start()
         self.server.start()  # listening, but NOT_SERVING until the warm-up below
+        if self.http is not None:
+            self.http_port = self.http.start().port
         if self.config.warmup:
             self._warm_up()
         with self._health_lock:
@@ -243,7 +299,7 @@ class LoraServer:
         self._on_loop_health(self.loop.healthy)
         log.info("server_ready", address=self.address, services=list(SERVICES), tls=svc.tls_cert is not None,
                  mtls=svc.tls_client_ca is not None, auth=self.tenants.auth_required,
-                 metrics_port=self.metrics_port or None)
+                 metrics_port=self.metrics_port or None, http_port=self.http_port or None)
         return self
 
     def _warm_up(self) -> None:
@@ -281,7 +337,9 @@ class LoraServer:
             self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
         log.info("server_draining", grace_s=grace)
         self.loop.drain(grace)
-        # Requests are done; give RPC threads a moment to send their last messages, then close.
+        # Requests are done; give both fronts a moment to send their last messages, then close.
+        if self.http is not None:
+            self.http.stop(timeout=2.0)
         self.server.stop(grace=2.0).wait()
         self.loop.stop()
         self.close()

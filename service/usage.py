@@ -25,7 +25,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from adapters.registry_types import InvalidRegistryArgument, check_name, check_t
 from adapters.sqlite_file import SqliteFile
 
 __all__ = [
-    "DEFAULT_PAGE_SIZE", "GROUP_BY", "MAX_BUCKETS", "MAX_PAGE_SIZE", "STATUSES", "InvalidUsageArgument",
+    "DEFAULT_PAGE_SIZE", "FRONTS", "GROUP_BY", "MAX_BUCKETS", "MAX_PAGE_SIZE", "STATUSES", "InvalidUsageArgument",
     "LedgerError", "Pricing", "UsageLedger", "UsageRecord", "UsageRow",
 ]
 
@@ -42,11 +42,13 @@ GROUP_BY = ("tenant", "adapter", "adapter_version")
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # as the registry: 0 means the default, more is coerced down
 MAX_BUCKETS = 10_000
 _MAX_ID_CHARS = 256
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 # version -> the SQL that brings a file of that version to the next one
 _MIGRATIONS = {1: "ALTER TABLE usage ADD COLUMN labels TEXT NOT NULL DEFAULT '{}'",
-               2: "ALTER TABLE usage ADD COLUMN exported_at REAL; "
+               2: "ALTER TABLE usage ADD COLUMN front TEXT NOT NULL DEFAULT 'grpc'",
+               3: "ALTER TABLE usage ADD COLUMN exported_at REAL; "
                   "CREATE INDEX usage_unexported ON usage (recorded_at) WHERE exported_at IS NULL"}
+FRONTS = ("grpc", "http")  # which front served a request
 _SCHEMA = """
 CREATE TABLE usage (
     request_id TEXT PRIMARY KEY,
@@ -62,6 +64,7 @@ CREATE TABLE usage (
     status TEXT NOT NULL,
     recorded_at REAL NOT NULL,
     labels TEXT NOT NULL DEFAULT '{}',
+    front TEXT NOT NULL DEFAULT 'grpc',
     exported_at REAL
 );
 CREATE INDEX usage_by_time ON usage (end_time);
@@ -158,6 +161,7 @@ class UsageRecord:
     engine_seconds: float
     status: str  # one of STATUSES
     labels: Mapping[str, str] = field(default_factory=dict)  # the caller's own labels of the request
+    front: str = "grpc"  # the front that served it: one of FRONTS
 
     def __post_init__(self) -> None:
         if not isinstance(self.request_id, str) or not 0 < len(self.request_id) <= _MAX_ID_CHARS:
@@ -186,6 +190,8 @@ class UsageRecord:
         if self.status not in STATUSES:
             raise InvalidUsageArgument(f"status={self.status!r} is invalid: expected one of "
                                        f"{', '.join(STATUSES)}")
+        if self.front not in FRONTS:
+            raise InvalidUsageArgument(f"front={self.front!r} is invalid: expected one of {', '.join(FRONTS)}")
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,7 @@ class UsageRow:
 
 
 _COLUMNS = ("request_id", "tenant", "adapter", "adapter_version", "start_time", "end_time", "input_tokens",
-            "cached_input_tokens", "output_tokens", "engine_seconds", "status")
+            "cached_input_tokens", "output_tokens", "engine_seconds", "status", "front")
 COLUMNS = _COLUMNS
 
 
@@ -218,6 +224,11 @@ def record_row(rec: UsageRecord) -> list[object]:
     if not isinstance(rec, UsageRecord):
         raise TypeError(f"expected a UsageRecord, got {type(rec).__name__}")
     return [getattr(rec, c) for c in _COLUMNS] + [json.dumps(dict(sorted(rec.labels.items())))]
+
+
+def record_from_row(row: Sequence[object]) -> UsageRecord:
+    """The record of a row selected as _COLUMNS, then the labels as JSON (record_row's inverse)."""
+    return UsageRecord(**dict(zip(_COLUMNS, row[:-1])), labels=json.loads(row[-1]))
 
 
 class UsageQueries:
@@ -366,7 +377,7 @@ class UsageLedger(SqliteFile, UsageQueries):
         with self._txn(write=False) as db:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels FROM usage WHERE request_id = ?",
                              (request_id,)).fetchone()
-        return None if row is None else UsageRecord(*row[:-1], labels=json.loads(row[-1]))
+        return None if row is None else record_from_row(row)
 
     # --- the outbox of a replica (service.control_plane drains it to PostgreSQL) ---------------------------
 
@@ -375,7 +386,7 @@ class UsageLedger(SqliteFile, UsageQueries):
         with self._txn(write=False) as db:
             rows = db.execute(f"SELECT {', '.join(_COLUMNS)}, labels, recorded_at FROM usage WHERE exported_at IS "
                               "NULL ORDER BY recorded_at, request_id LIMIT ?", (limit,)).fetchall()
-        return [(UsageRecord(*r[:-2], labels=json.loads(r[-2])), r[-1]) for r in rows]
+        return [(record_from_row(r[:-1]), r[-1]) for r in rows]
 
     def mark_exported(self, request_ids: list[str]) -> None:
         now = self._clock()

@@ -5,12 +5,11 @@ its mark) exactly once. The aggregate query is service.usage's, in the SQL both 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 
 from adapters.pg import PgDatabase
-from service.usage import COLUMNS, Pricing, UsageQueries, UsageRecord, record_row
+from service.usage import COLUMNS, Pricing, UsageQueries, UsageRecord, record_from_row, record_row
 
 __all__ = ["PgUsageLedger"]
 
@@ -30,6 +29,7 @@ CREATE TABLE usage (
     engine_seconds DOUBLE PRECISION NOT NULL,
     status TEXT NOT NULL,
     labels TEXT NOT NULL DEFAULT '{{}}',
+    front TEXT NOT NULL DEFAULT 'grpc',
     recorded_at DOUBLE PRECISION NOT NULL,
     replica TEXT NOT NULL DEFAULT '',
     exported_at TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -77,7 +77,7 @@ class PgUsageLedger(UsageQueries):
         with self._db.txn(write=False) as db:
             row = db.execute(f"SELECT {', '.join(COLUMNS)}, labels FROM usage WHERE request_id = ?",
                              (request_id,)).fetchone()
-        return None if row is None else UsageRecord(*row[:-1], labels=json.loads(row[-1]))
+        return None if row is None else record_from_row(row)
 
     def close(self) -> None:
         """The database belongs to whoever opened it."""

@@ -57,10 +57,7 @@ class Authenticator:
             return tenant
         key = _bearer(context.invocation_metadata() or ())
         if key is not None:
-            tenant = self.tenants.authenticate_key(key)
-            if tenant is None:
-                raise Unauthenticated("the API key is not valid (check the 'authorization: Bearer <key>' metadata)")
-            return tenant
+            return self._by_key(key, "the 'authorization: Bearer <key>' metadata")
         subjects = cert_identities(context.auth_context() or {})
         if subjects:
             tenant = self.tenants.authenticate_cert(subjects)
@@ -69,16 +66,36 @@ class Authenticator:
             raise Unauthenticated("the client certificate is not mapped to a tenant, and no API key was given")
         raise Unauthenticated("no credentials: send 'authorization: Bearer <API key>' metadata")
 
+    def authenticate_header(self, authorization: str | None) -> Tenant:
+        """The tenant of an HTTP call's `Authorization` header (the same keys as gRPC's metadata)."""
+        if not self.tenants.auth_required:
+            tenant = self.tenants.anonymous
+            assert tenant is not None
+            return tenant
+        if authorization is None:
+            raise Unauthenticated("no credentials: send the header 'Authorization: Bearer <API key>'")
+        return self._by_key(_parse_bearer(authorization, "the Authorization header"), "the Authorization header")
+
+    def _by_key(self, key: str, where: str) -> Tenant:
+        tenant = self.tenants.authenticate_key(key)
+        if tenant is None:
+            raise Unauthenticated(f"the API key is not valid (check {where}: 'Bearer <key>')")
+        return tenant
+
 
 def _bearer(metadata: Any) -> str | None:
     for item in metadata:
         if item.key.lower() != "authorization":
             continue
-        scheme, _, key = str(item.value).strip().partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthenticated("the authorization metadata must be 'Bearer <API key>'")
-        return key.strip()
+        return _parse_bearer(str(item.value), "the authorization metadata")
     return None
+
+
+def _parse_bearer(value: str, where: str) -> str:
+    scheme, _, key = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated(f"{where} must be 'Bearer <API key>'")
+    return key.strip()
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -72,6 +72,11 @@ def new_request_id() -> str:
     return "req-" + uuid.uuid4().hex[:20]
 
 
+def set_request_id(rid: str | None) -> None:
+    """Make `rid` this call's request id (the HTTP front's calls; gRPC's get theirs from the interceptor)."""
+    _request_id.set(rid)
+
+
 def current_request_id() -> str:
     """The id the interceptor gave this RPC (a fresh one outside an intercepted RPC)."""
     rid = _request_id.get()

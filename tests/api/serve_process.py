@@ -35,6 +35,7 @@ class ServeProcess:
         self.lines: list[str] = []
         self._ready = threading.Event()
         self.address = ""
+        self.http_port = 0  # with --http-port: the port the HTTP front bound
         # Drain stderr continuously: a full pipe would block the server's logging.
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -49,6 +50,7 @@ class ServeProcess:
             event = self.event_of(line)
             if event and event.get("event") == "server_ready":
                 self.address = event["address"]
+                self.http_port = event.get("http_port") or 0
                 self._ready.set()
         self._ready.set()  # the process ended: stop waiting
 

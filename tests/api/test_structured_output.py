@@ -158,7 +158,7 @@ def test_a_slow_compile_waits_alone_is_refused_after_the_bound_and_the_server_st
         t0 = time.monotonic()
         t.start()
         assert started.wait(10)
-        free = s.stub.Generate(pb.GenerateRequest(text="t5 t6", sampling=pb.SamplingParams(max_tokens=6)), timeout=30)
+        free = s.stub.Generate(pb.GenerateRequest(text="t5 t6", sampling=pb.SamplingParams(max_tokens=6, min_tokens=6)), timeout=30)
         assert len(free.token_ids) == 6 and time.monotonic() - t0 < 2.0  # served while the compile was held
         t.join(30)
         assert slow_result["code"] == INVALID

@@ -370,7 +370,7 @@ def test_other_schema_version_refused(tmp_path):
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(LedgerError, match="schema 99; this server reads schema 3"):
+    with pytest.raises(LedgerError, match="schema 99; this server reads schema 4"):
         UsageLedger(path)
 
 
@@ -387,5 +387,13 @@ def test_a_schema_1_ledger_is_migrated_and_keeps_its_rows(tmp_path):
     db.close()
     with UsageLedger(path) as ledger:
         assert ledger.get("old").labels == {} and ledger.get("old").output_tokens == 3
-        rec = dataclasses.replace(RECORDS[0], request_id="new", labels={"feature": "search"})
+        assert ledger.get("old").front == "grpc"  # the only front there was
+        rec = dataclasses.replace(RECORDS[0], request_id="new", labels={"feature": "search"}, front="http")
         assert ledger.record(rec) and ledger.get("new").labels == {"feature": "search"}
+        assert ledger.get("new").front == "http"
+        assert [r.request_id for r, _ in ledger.unexported()] == ["old", "new"]  # the outbox holds both
+
+
+def test_a_record_names_a_known_front(ledger):
+    with pytest.raises(InvalidUsageArgument, match="front='smtp' is invalid: expected one of grpc, http"):
+        dataclasses.replace(RECORDS[0], request_id="x", front="smtp")

@@ -60,7 +60,9 @@ FULL = {
 }
 EXISTING_TENANTS = {"tenants": {"existingSecret": "platform-tenants", "secretKey": "tenants.yaml"},
                     "persistence": {"enabled": True, "existingClaim": "loraserve-data"}}
-CASES = {"default": {}, "full": FULL, "existing-secrets": EXISTING_TENANTS}
+POOL = {"inferencePool": {"enabled": True}}
+CASES = {"default": {}, "full": FULL, "existing-secrets": EXISTING_TENANTS, "inference-pool": POOL}
+EPP = f"{FULLNAME}-epp"
 
 
 def render(values: dict) -> dict[tuple[str, str], dict]:
@@ -117,6 +119,9 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(case):
         "full": ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret", "Service",
                  "Service", "ServiceAccount", "ServiceMonitor"],
         "existing-secrets": ["ConfigMap", "Deployment", "Service", "Service", "ServiceAccount"],
+        "inference-pool": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "InferencePool",
+                           "PersistentVolumeClaim", "Role", "RoleBinding", "Service", "Service", "Service",
+                           "ServiceAccount", "ServiceAccount"],
     }[case]
     assert kinds == expected
     for (kind, _), doc in manifests.items():
@@ -127,6 +132,8 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(case):
             assert doc["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
             assert [e["port"] for e in doc["spec"]["endpoints"]] == ["metrics"]
             assert "metrics" in [p["name"] for p in service["spec"]["ports"]]
+            continue
+        if kind == "InferencePool":  # a CRD too: its wiring is checked in test_inference_pool_*
             continue
         # strict: unknown fields fail too, so a misspelt key cannot pass silently.
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -215,6 +222,7 @@ def test_rendered_config_loads_into_the_servers_configuration(case, tmp_path):
     assert svc.store_kind == config["store"]["kind"]
     assert (svc.database_pool_size, svc.database_lease_ttl_s) == ((16, 30) if case == "full" else (8, 20))
     assert svc.database_url is None  # the URL is never in the config: it comes from a Secret (env)
+    assert sc.http_port == 8000 == config["server"]["http_port"]  # the OpenAI-compatible front, on by default
     assert (rc.device, rc.kv_cache_gib) == (("cuda", 2) if case == "full" else ("cpu", 1))
 
 
@@ -387,3 +395,63 @@ def test_the_kubernetes_validation_catches_a_misspelt_field():
     bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["port"] = "grpc"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_inference_pool_is_off_by_default():
+    for case in ("default", "full", "existing-secrets"):
+        kinds = {kind for kind, _ in render(CASES[case])}
+        assert not kinds & {"InferencePool", "Role", "RoleBinding"}, case
+        assert ("Deployment", EPP) not in render(CASES[case])
+
+
+@pytest.mark.parametrize("api", ["inference.networking.k8s.io/v1", "inference.networking.x-k8s.io/v1alpha2"])
+def test_inference_pool_selects_the_pods_on_their_http_port_and_names_the_endpoint_picker(api):
+    values = {"server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 30, "httpPort": 8080},
+              "inferencePool": {"enabled": True, "apiVersion": api}}
+    manifests = render(values)
+    pool = manifests["InferencePool", FULLNAME]
+    assert pool["apiVersion"] == api
+    pod_labels = manifests["Deployment", FULLNAME]["spec"]["template"]["metadata"]["labels"]
+    http = next(p for p in container(manifests)["ports"] if p["name"] == "http")
+    assert http["containerPort"] == 8080 == server_config(manifests)["server"]["http_port"]
+    epp_service = manifests["Service", EPP]["spec"]
+    ext_proc = next(p for p in epp_service["ports"] if p["name"] == "grpc-ext-proc")
+    spec = pool["spec"]
+    if api.endswith("/v1"):
+        assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+        assert spec["targetPorts"] == [{"number": 8080}]
+        assert spec["endpointPickerRef"] == {"name": EPP, "port": {"number": ext_proc["port"]}}
+    else:
+        assert spec["selector"].items() <= pod_labels.items() and spec["targetPortNumber"] == 8080
+        assert spec["extensionRef"] == {"name": EPP, "portNumber": ext_proc["port"], "failureMode": "FailClose"}
+    # The picker: its Service reaches its pods (not the model servers'), its args name the pool, its plugins
+    # score LoRA affinity, queue, KV cache and prefix, and its Role lets it read the pool and the pods.
+    epp = manifests["Deployment", EPP]["spec"]["template"]
+    assert epp_service["selector"].items() <= epp["metadata"]["labels"].items()
+    assert not epp_service["selector"].items() <= pod_labels.items()
+    assert not spec.get("selector", {}).get("matchLabels", spec.get("selector")).items() <= \
+        epp["metadata"]["labels"].items()
+    c = epp["spec"]["containers"][0]
+    args = c["args"]
+    assert args[args.index("--pool-name") + 1] == FULLNAME and args[args.index("--pool-namespace") + 1] == NAMESPACE
+    assert ("--pool-group" in args) == api.endswith("v1alpha2")
+    assert {p["containerPort"] for p in c["ports"]} >= {ext_proc["port"]}
+    plugins = yaml.safe_load(manifests["ConfigMap", EPP]["data"]["plugins.yaml"])
+    assert args[args.index("--config-file") + 1] == "/config/plugins.yaml"
+    assert {p["type"] for p in plugins["plugins"]} == {"queue-scorer", "kv-cache-utilization-scorer",
+                                                       "prefix-cache-scorer", "lora-affinity-scorer"}
+    profile = plugins["schedulingProfiles"][0]["plugins"]
+    assert {p["pluginRef"]: p["weight"] for p in profile}["lora-affinity-scorer"] == 2
+    rules = manifests["Role", EPP]["rules"]
+    assert any("inferencepools" in r["resources"] and api.split("/")[0] in r["apiGroups"] for r in rules)
+    assert any("pods" in r["resources"] for r in rules)
+    binding = manifests["RoleBinding", EPP]
+    assert binding["subjects"][0]["name"] == epp["spec"]["serviceAccountName"] == EPP
+
+
+def test_inference_pool_needs_the_http_port():
+    values = {"server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 30, "httpPort": 0},
+              "inferencePool": {"enabled": True}}
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmRenderError, match="inferencePool.enabled needs server.httpPort > 0"):
+            chart.render(values, name=RELEASE, namespace=NAMESPACE)

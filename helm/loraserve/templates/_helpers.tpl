@@ -89,7 +89,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.autoscaling.enabled (not (or .Values.autoscaling.targetRequestsWaiting .Values.autoscaling.targetCPUUtilizationPercentage)) }}
 {{- fail "autoscaling.enabled needs a target: autoscaling.targetRequestsWaiting or autoscaling.targetCPUUtilizationPercentage" }}
 {{- end }}
+{{- if and .Values.inferencePool.enabled (eq (int .Values.server.httpPort) 0) }}
+{{- fail "inferencePool.enabled needs server.httpPort > 0: the inference gateway speaks the OpenAI HTTP API and scrapes /metrics there" }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled (eq (int .Values.server.metricsPort) 0) }}
 {{- fail "serviceMonitor.enabled needs server.metricsPort > 0" }}
 {{- end }}
+{{- end }}
+
+{{/* The endpoint picker's name (its Deployment, Service, ServiceAccount, ConfigMap and Role). */}}
+{{- define "loraserve.eppName" -}}
+{{- printf "%s-epp" (include "loraserve.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "loraserve.eppSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "loraserve.name" . }}-epp
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}

@@ -1,0 +1,357 @@
+"""The OpenAI-compatible HTTP front: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+`GET /health`, `GET /metrics`, as a Starlette app served by uvicorn beside the gRPC server (`http_server`).
+
+Every generation goes through the request path gRPC uses (`GenerationPath`): the body becomes a
+`GenerateRequest`, which is validated, admitted, traced, billed and submitted by the same code. Starting a
+request (tokenizer, a response format's compile) runs on a worker thread; waiting for its tokens does not: the
+engine loop wakes the event loop when a request has output (`RequestHandle.on_output`), so a thousand open
+streams cost no thread each. A client that disconnects mid-stream cancels its request (billed as cancelled);
+one that stops reading is cut off by the same stall watchdog as gRPC's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from service.api import openai_schema as oa
+from service.api.auth import Authenticator
+from service.api.errors import (
+    DeadlineExceeded,
+    ErrorLogs,
+    RequestCancelled,
+    new_request_id,
+    set_request_id,
+)
+from service.api.generation import POLL_S, RECORD_WAIT_S, Generation, GenerationPath, abandon, recorded_future
+from service.api.http_errors import HttpError, http_error, log_refusal
+from service.engine.outputs import FinalOutput, RequestOutput
+from service.loop import LoopClosed
+
+log = structlog.get_logger("service.api")
+
+TIMEOUT_HEADER = "x-request-timeout"  # seconds: the HTTP call's deadline (gRPC has its own); 504 past it
+MAX_TIMEOUT_S = 86400.0
+JSON_TYPES = ("application/json",)
+
+
+@dataclass
+class HttpFront:
+    """What the app needs of the server."""
+
+    path: GenerationPath
+    auth: Authenticator
+    base_model: str
+    list_models: Callable[[Any], list[dict[str, Any]]]  # tenant -> OpenAI model objects it may use
+    serving: Callable[[], bool]  # health: loaded, warmed up, not draining, engine healthy
+    draining: Callable[[], bool]
+    metrics_text: Callable[[], tuple[bytes, str]]
+    logs: ErrorLogs
+    start_limiter: anyio.CapacityLimiter  # threads that start requests (tokenizer, format compile)
+
+
+class HttpCall:
+    """A `CallContext` for one HTTP call: its deadline from the timeout header, whether the client is still
+    there, the callbacks to run when it ends, and `cancel` (the stall watchdog's, from another thread)."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.active = True
+        self._callbacks: list[Callable[[], None]] = []
+        self._ended = False
+        self._lock = threading.Lock()
+        self._loop = asyncio.get_running_loop()
+        self.task: asyncio.Task | None = None  # the task writing the response, cancelled by `cancel`
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        with self._lock:
+            if self._ended:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def end(self) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb()
+
+    def cancel(self) -> None:
+        self.active = False
+        task = self.task
+        if task is not None:
+            self._loop.call_soon_threadsafe(task.cancel)
+
+
+def _timeout(request: Request) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise ValueError(f"the {TIMEOUT_HEADER} header is {raw[:40]!r}: give the call's timeout in seconds, a "
+                         f"number in (0, {MAX_TIMEOUT_S:g}]")
+    return value
+
+
+async def _body(request: Request) -> bytes:
+    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if ctype not in JSON_TYPES:
+        raise HttpError(415 if ctype else 400, f"the body must be JSON (Content-Type: application/json), not "
+                        f"{ctype[:60]!r}")
+    return await request.body()
+
+
+async def follow(path: GenerationPath, gen: Generation, call: HttpCall,
+                 request: Request | None = None) -> AsyncIterator[RequestOutput]:
+    """The request's outputs up to the final one, or the exception its end maps to, on the event loop: the
+    engine loop sets `ready` after queueing an output. `request`: polled for a disconnect every POLL_S (a
+    stream's disconnect cancels this generator instead)."""
+    handle = gen.handle
+    loop = asyncio.get_running_loop()
+    ready = asyncio.Event()
+    handle.on_output = lambda: loop.call_soon_threadsafe(ready.set)
+    checked = time.monotonic()
+    try:
+        while True:
+            try:
+                out = handle.get_nowait()
+            except queue.Empty:
+                remaining = call.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("the deadline passed before the request finished; it was stopped") from None
+                ready.clear()
+                try:  # an output queued between the first look and clear() must not wait for the next one
+                    out = handle.get_nowait()
+                except queue.Empty:
+                    # A timer rather than wait_for: no task per wait (one per output and stream, 64 streams).
+                    timer = loop.call_later(POLL_S if remaining is None else min(remaining, POLL_S), ready.set)
+                    try:
+                        await ready.wait()
+                    finally:
+                        timer.cancel()
+                    if request is not None and time.monotonic() - checked >= POLL_S:
+                        checked = time.monotonic()
+                        if await request.is_disconnected():
+                            call.active = False
+                            raise RequestCancelled("the client disconnected") from None
+                    continue
+            if out.final is not None:
+                path.log_finished(out.final)
+                await _recorded(handle)
+                path.check_final(handle, out.final, call)
+            yield out
+            if out.final is not None:
+                return
+    finally:
+        handle.on_output = None
+        abandon(handle, call)
+
+
+async def _recorded(handle: Any) -> None:
+    fut = recorded_future(handle)
+    if fut is None:
+        return
+    try:
+        if not await asyncio.wait_for(asyncio.wrap_future(fut), RECORD_WAIT_S):
+            log.error("usage_not_recorded_before_response")
+    except (TimeoutError, FutureTimeout):
+        log.error("usage_record_slow", waited_s=RECORD_WAIT_S)
+
+
+class OpenAIApp:
+    def __init__(self, front: HttpFront) -> None:
+        self.f = front
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ], exception_handlers={HTTPException: self._http_exception})
+
+    # ---- plain endpoints --------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        if self.f.serving():
+            return JSONResponse({"status": "serving"})
+        return JSONResponse({"status": "draining" if self.f.draining() else "not_serving"}, status_code=503)
+
+    async def metrics(self, request: Request) -> Response:
+        body, ctype = self.f.metrics_text()
+        return Response(body, media_type=ctype)
+
+    async def models(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        try:
+            tenant = self.f.auth.authenticate_header(request.headers.get("authorization"))
+            data = await anyio.to_thread.run_sync(self.f.list_models, tenant, limiter=self.f.start_limiter)
+        except Exception as e:
+            return self._error(e, request, t0)
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        message = {404: f"no such endpoint: {request.url.path[:80]}; this server answers /v1/chat/completions, "
+                        "/v1/completions, /v1/models, /health and /metrics",
+                   405: f"{request.method} is not allowed on {request.url.path[:80]}"}.get(exc.status_code,
+                                                                                       str(exc.detail))
+        return JSONResponse(oa.error_body(message, exc.status_code), status_code=exc.status_code,
+                            headers=exc.headers)
+
+    def _error(self, exc: BaseException, request: Request, t0: float, rid: str | None = None) -> Response:
+        status, message, code, headers = http_error(exc)
+        log_refusal(self.f.logs, exc, status, message, request.url.path, round((time.perf_counter() - t0) * 1000, 1))
+        if rid:
+            headers["x-request-id"] = rid
+        return JSONResponse(oa.error_body(message, status, code), status_code=status, headers=headers)
+
+    # ---- generations ------------------------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, oa.ChatRequest, oa.chat_request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, oa.CompletionRequest, oa.completion_request, chat=False)
+
+    async def _generate(self, request: Request, model: type, convert: Callable, *, chat: bool) -> Response:
+        t0 = time.perf_counter()
+        rid = new_request_id()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=rid, method=request.url.path)
+        set_request_id(rid)
+        try:
+            if self.f.draining():
+                raise LoopClosed("the server is shutting down and takes no new requests; retry on another replica")
+            # Authentication first: a caller without a valid key learns nothing about its body.
+            tenant = self.f.auth.authenticate_header(request.headers.get("authorization"))
+            structlog.contextvars.bind_contextvars(tenant=tenant.id)
+            call = HttpCall(_timeout(request))
+            body = await _body(request)
+            try:
+                parsed = model.model_validate_json(body)
+            except ValidationError as e:
+                raise ValueError(oa.validation_message(e)) from None
+            pbreq = convert(parsed, self.f.base_model)
+            gen = await anyio.to_thread.run_sync(
+                lambda: self.f.path.start(pbreq, call, tenant=tenant, request_id=rid, front="http",
+                                          use_call_slot=False), limiter=self.f.start_limiter)
+        except Exception as e:
+            return self._error(e, request, t0, rid)
+        structlog.contextvars.bind_contextvars(**gen.log_context)
+        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid.removeprefix("req-"), "created": int(time.time()),
+                "model": parsed.model}
+        if parsed.stream:
+            usage = parsed.stream_options is not None and parsed.stream_options.include_usage
+            # The background task ends the call if the stream never started (a client gone before its first
+            # byte): an async generator that never ran never runs its `finally` either.
+            return StreamingResponse(self._stream(gen, call, meta, chat, usage), media_type="text/event-stream",
+                                     headers={"x-request-id": rid, "cache-control": "no-cache"},
+                                     background=BackgroundTask(call.end))
+        try:
+            body = await self._unary(gen, call, request, meta, chat)
+        except Exception as e:
+            return self._error(e, request, t0, rid)
+        finally:
+            call.end()
+        return JSONResponse(body, headers={"x-request-id": rid})
+
+    async def _unary(self, gen: Generation, call: HttpCall, request: Request, meta: dict, chat: bool) -> dict:
+        logprobs: list = []
+        final: FinalOutput | None = None
+        wants_logprobs = gen.handle.spec.sampling.logprobs is not None
+        async for out in follow(self.f.path, gen, call, request):
+            if out.new_logprobs:
+                logprobs.extend(self.f.path.converter.logprobs(out.new_logprobs))
+            final = out.final
+        assert final is not None
+        gen.release_limits()
+        choice: dict[str, Any] = {"index": 0, "finish_reason": oa.finish_reason(final), "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": final.text}
+            if wants_logprobs:
+                choice["logprobs"] = oa.chat_logprobs(logprobs)
+        else:
+            choice["text"] = final.text
+            if wants_logprobs:
+                choice["logprobs"] = oa.completion_logprobs(logprobs)
+        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                "usage": oa.usage(final), "system_fingerprint": final.adapter_version or None}
+
+    async def _stream(self, gen: Generation, call: HttpCall, meta: dict, chat: bool, include_usage: bool
+                      ) -> AsyncIterator[bytes]:
+        call.task = asyncio.current_task()
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        wants_logprobs = gen.handle.spec.sampling.logprobs is not None
+        first = True
+        offset = 0
+        try:
+            async for out in follow(self.f.path, gen, call):
+                final = out.final
+                if not out.new_text and not out.new_token_ids and final is None:
+                    continue
+                choice: dict[str, Any] = {"index": 0, "finish_reason": oa.finish_reason(final), "logprobs": None}
+                lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
+                if chat:
+                    choice["delta"] = {"role": "assistant", "content": out.new_text} if first else \
+                        {"content": out.new_text}
+                    if wants_logprobs:
+                        choice["logprobs"] = oa.chat_logprobs(lps)
+                else:
+                    choice["text"] = out.new_text
+                    if wants_logprobs:
+                        choice["logprobs"] = oa.completion_logprobs(lps, offset)
+                    offset += len(out.new_text)
+                first = False
+                chunk = {**meta, "object": obj, "choices": [choice]}
+                if include_usage:
+                    chunk["usage"] = None
+                if final is not None:
+                    gen.release_limits()
+                gen.waiting()
+                yield _sse(chunk)
+                gen.done_waiting()
+                if final is not None and include_usage:
+                    yield _sse({**meta, "object": obj, "choices": [], "usage": oa.usage(final)})
+        except Exception as e:  # the status line is sent: the error goes out as an event
+            status, message, code, _ = http_error(e)
+            log_refusal(self.f.logs, e, status, message, "stream", 0.0)
+            yield _sse(oa.error_body(message, status, code))
+        finally:
+            call.end()
+        yield b"data: [DONE]\n\n"
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def model_object(model_id: str, owned_by: str, created: float, root: str, parent: str | None) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": int(created), "owned_by": owned_by, "root": root,
+            "parent": parent}

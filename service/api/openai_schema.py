@@ -1,0 +1,245 @@
+"""OpenAI's Chat Completions and Completions requests, as JSON bodies, -> the same `GenerateRequest` the gRPC
+front receives; the engine's outputs -> OpenAI's response, chunk and error objects.
+
+Only the shape is checked here (types, and ranges the proto's unsigned fields need); everything else (sampling
+ranges, bounds, the tenant's limits, the adapter) is checked once, by the request path both fronts share, with
+the same messages. Fields this server does not implement are refused by name (`n` above 1, tools, logit_bias,
+echo, suffix, best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.api.convert import MAX_LABELS, MAX_MESSAGES, MAX_PRIORITY
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.engine.outputs import FinalOutput
+from service.engine.sampling import MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
+from service.engine.types import FinishReason
+
+U32 = 2**32 - 1
+UInt = Annotated[int, Field(ge=0, le=U32)]
+PosInt = Annotated[int, Field(ge=1, le=U32)]
+ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "developer": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER,
+         "assistant": pb.CHAT_ROLE_ASSISTANT, "tool": pb.CHAT_ROLE_TOOL}
+FINISH = {FinishReason.STOP: "stop", FinishReason.EOS: "stop", FinishReason.LENGTH: "length"}
+
+
+class _Body(BaseModel):
+    # strict: "0.5" is not a number, 1 is not a bool; unknown fields are ignored.
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str = "schema"
+    schema_: dict[str, Any] | bool = Field(default=True, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Sampling(_Body):
+    """What both endpoints take besides the prompt: OpenAI's fields, then vLLM's extras (`extra_body`)."""
+
+    model: str
+    max_tokens: PosInt | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    logit_bias: dict[str, Any] | None = None
+    # vLLM's extras
+    top_k: UInt | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: UInt | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: Annotated[list[UInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
+    # ours: kept with the request's usage row and span, as over gRPC
+    labels: Annotated[dict[str, str], Field(max_length=MAX_LABELS)] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)]
+    max_completion_tokens: PosInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[UInt] | list[list[UInt]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+def validation_message(e: ValidationError) -> str:
+    """Pydantic's errors, at most three, each as `field.path: what is wrong`."""
+    parts: list[str] = []
+    errors = e.errors(include_url=False)
+    for err in errors:
+        # A union's branches add their type to the location (`stop.list[str]`): the field's name is enough.
+        loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"] if not _type_tag(x))
+        part = f"{loc.lstrip('.') or 'body'}: {err['msg']}"
+        if part not in parts:
+            parts.append(part)
+    more = len(parts) - 3
+    return "; ".join(parts[:3]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _type_tag(x: object) -> bool:
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or "-" in x or x[:1].isupper())
+
+
+def _refuse_unsupported(req: _Sampling, extra: dict[str, Any]) -> None:
+    if req.n != 1:
+        raise ValueError(f"n={req.n} is not supported: this server returns one choice per request (n=1)")
+    if req.logit_bias:
+        raise ValueError("logit_bias is not supported by this server")
+    for name, value in extra.items():
+        if value:
+            raise ValueError(f"{name} is not supported by this server")
+
+
+def _common(req: _Sampling, base_model: str, max_tokens: int | None, logprobs: int | None) -> pb.GenerateRequest:
+    out = pb.GenerateRequest(adapter="" if req.model == base_model else req.model, priority=req.priority)
+    sp = out.sampling
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
+                 "repetition_penalty", "min_tokens", "ignore_eos"):
+        value = getattr(req, name)
+        if value is not None:
+            setattr(sp, name, value)
+    if max_tokens is not None:
+        sp.max_tokens = max_tokens
+    if logprobs is not None:
+        sp.logprobs = logprobs
+    if req.stop is not None:
+        out.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
+    if req.stop_token_ids:
+        out.stop_token_ids.extend(req.stop_token_ids)
+    if req.labels:
+        out.labels.update(req.labels)
+    if req.user is not None:
+        out.labels["user"] = req.user  # checked with the other labels: at most 256 printable characters
+    return out
+
+
+def chat_request(req: ChatRequest, base_model: str) -> pb.GenerateRequest:
+    _refuse_unsupported(req, {"tools": req.tools, "tool_choice": req.tool_choice, "functions": req.functions})
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ValueError("top_logprobs needs logprobs=true")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    out = _common(req, base_model, max_tokens, logprobs)
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, list):
+            content = "".join(part.text for part in m.content)
+        elif m.content is None:
+            raise ValueError(f"messages[{i}].content is missing: give the message's text")
+        else:
+            content = m.content
+        out.messages.messages.add(role=ROLES[m.role], content=content)
+    if not req.messages:
+        raise ValueError("messages is empty: give at least one chat message")
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        out.response_format.json_object.SetInParent()
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise ValueError("response_format.json_schema is missing: give {\"name\": ..., \"schema\": {...}}")
+        out.response_format.json_schema = json.dumps(fmt.json_schema.schema_)
+    return out
+
+
+def completion_request(req: CompletionRequest, base_model: str) -> pb.GenerateRequest:
+    _refuse_unsupported(req, {"echo": req.echo, "suffix": req.suffix,
+                              "best_of": req.best_of if req.best_of not in (None, 1) else None})
+    out = _common(req, base_model, req.max_tokens, req.logprobs)
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ValueError(f"prompt has {len(prompt)} prompts: this server completes one prompt per request")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        out.text = prompt
+    else:
+        out.token_ids.ids.extend(prompt)
+        if not prompt:
+            raise ValueError("prompt is empty: give a text or at least one token id")
+    return out
+
+
+# ---- responses -------------------------------------------------------------------------------------------
+def usage(final: FinalOutput) -> dict[str, Any]:
+    u = final.usage
+    return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
+            "total_tokens": u.input_tokens + u.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens}}
+
+
+def finish_reason(final: FinalOutput | None) -> str | None:
+    return None if final is None else FINISH.get(final.finish_reason, "stop")
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "replace"))
+
+
+def chat_logprobs(items: list[pb.TokenLogprob]) -> dict[str, Any]:
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token),
+                         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": _bytes(a.token)}
+                                          for a in t.top_logprobs]} for t in items]}
+
+
+def completion_logprobs(items: list[pb.TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    offsets = []
+    for t in items:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
+            "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in items], "text_offset": offsets}
+
+
+def error_body(message: str, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param,
+                      "code": code}}
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled", 500: "internal_error",
+               503: "service_unavailable", 504: "timeout"}
