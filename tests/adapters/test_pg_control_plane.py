@@ -285,7 +285,7 @@ def test_while_the_database_is_down(own_cluster, tmp_path):
 
 def test_a_database_that_is_back_is_used_again_by_every_connection(own_cluster):
     """Connections of the pool broken by a restart are replaced, not handed out."""
-    db = PgDatabase(own_cluster.new_database(), pool_size=3, connect_timeout_s=1.0)
+    db = PgDatabase(own_cluster.new_database(), pool_size=3, connect_timeout_s=5.0)
     try:
         reg = PgAdapterRegistry(db)
         reg.register_version("alice", "bot", vid(1), META)
