@@ -56,6 +56,15 @@ class KVCacheManager:
     def on_computed(self, request: Request) -> None:
         """Called after `request.num_computed_tokens` advanced."""
 
+    def trim(self, request: Request) -> None:
+        """Return the blocks past those its tokens need (grown for drafts a verify pass rejected). They hold no
+        computed position, so they were never hashed, and go back to the pool as free blocks."""
+        keep = self.num_blocks_for(request.num_tokens)
+        extra = request.block_ids[keep:]
+        if extra:
+            self.pool.free(extra)
+            del request.block_ids[keep:]
+
     def hashes_in_flight(self, request: Request, end: int) -> list:
         """Hashes of the blocks this step fills for `request` (computing positions up to `end`)."""
         return []
