@@ -235,7 +235,7 @@ class RequestConverter:
             kwargs["max_tokens"] = sp.max_tokens
         else:
             kwargs["max_tokens"] = min(DEFAULT_MAX_TOKENS, room, max_output or DEFAULT_MAX_TOKENS)
-        if sp.speculation != pb.SPECULATION_UNSPECIFIED:
+        if sp.HasField("speculation") and sp.speculation != pb.SPECULATION_UNSPECIFIED:
             mode = SPECULATION.get(sp.speculation)
             if mode is None:
                 allowed = ", ".join(pb.Speculation.Name(v) for v in SPECULATION)
