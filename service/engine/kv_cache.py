@@ -42,11 +42,14 @@ class KVCacheManager:
         self.pool.record_prefix_query(request.num_tokens, prefix.num_tokens)
         return True
 
-    def grow(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more computed positions; False if the pool is short."""
+    def grow(self, request: Request, num_new_tokens: int, evict: bool = True) -> bool:
+        """Make room for `num_new_tokens` more computed positions; False if the pool is short. `evict=False`
+        (draft positions): only from blocks that cache nothing, never evicting a cached prefix."""
         need = self.num_blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         if need <= 0:
             return True
+        if not evict and need > self.pool.num_free:
+            return False
         ids = self.pool.allocate_new(need)
         if ids is None:
             return False

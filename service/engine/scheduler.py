@@ -214,8 +214,8 @@ class Scheduler:
 
     def _add_drafts(self, chunks: list[ScheduledChunk], budget: int) -> int:
         """Give decode chunks of speculating requests their drafts, in run order, while the step's tokens stay
-        within the speculator's step bound and the budget. Drafts never preempt: a request whose draft positions
-        do not fit in the pool simply decodes one token."""
+        within the speculator's step bound and the budget. Drafts never preempt and never evict a cached prefix:
+        a request whose draft positions do not fit in the pool's free blocks simply decodes one token."""
         spec = self.speculator
         assert spec is not None
         room = min(budget, spec.max_step_tokens - (self.config.max_num_batched_tokens - budget))
@@ -229,7 +229,7 @@ class Scheduler:
             # holds max_num_tokens tokens, and the token after the drafts is always appended.
             k = min(room, self.max_num_tokens - req.num_tokens - 1)
             drafts = spec.drafts_for(req, k) if k > 0 else []
-            if drafts and self.kv.grow(req, 1 + len(drafts)):
+            if drafts and self.kv.grow(req, 1 + len(drafts), evict=False):
                 c.draft_token_ids = tuple(drafts)
                 c.num_tokens += len(drafts)
                 room -= len(drafts)

@@ -101,7 +101,7 @@ def test_adaptive_k_shrinks_on_rejections_and_grows_on_acceptances():
 
 
 # ---- exactness ---------------------------------------------------------------------------------------------
-def _mixed_run(speculation: str, num_blocks: int = 64, **cfg):
+def _mixed_run(speculation: str, num_blocks: int = 256, **cfg):
     slots = FakeAdapterSlots(max_active=3)
     runner = PeriodicRunner(num_blocks=num_blocks, block_size=4, max_model_len=256, slots=slots)
     engine = make_engine(runner=runner, slots=slots, speculation=speculation, **cfg)
@@ -311,3 +311,17 @@ def test_random_submit_and_cancel_with_drafts_in_flight_keep_the_pool_whole(
             assert list(f.token_ids) == periodic_reference(p, len(f.token_ids), None)
         else:
             assert list(f.token_ids) == periodic_reference(p, min(max_tokens, limit - len(p)), None)
+
+
+def test_drafts_never_evict_a_cached_prefix():
+    runner = PeriodicRunner(num_blocks=12, block_size=4, max_model_len=64)
+    engine = make_engine(runner=runner, speculation="ngram")
+    a = prompt(24, seed=1)
+    engine.generate([a], greedy(3, speculation="off"))  # 6 full prompt blocks stay cached
+    assert engine.pool.num_cached >= 6
+    b = prompt(8, seed=2)
+    engine.generate([b], greedy(11))  # 19 tokens: the 5 free blocks hold them, draft positions past them may not
+    assert runner.drafts_seen > 0
+    again = engine.generate([a], greedy(3, speculation="off"))[0]
+    assert again.usage.cached_input_tokens == 20  # a's prefix (5 blocks; its last token is recomputed) survived
+    engine.check_idle_integrity()
