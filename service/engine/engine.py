@@ -74,7 +74,8 @@ class LLMEngine:
         self.pool = BlockPool(runner.num_blocks, runner.block_size)
         # Chosen once: requests speculate with the proposers this engine has (the n-gram lookup needs no model).
         self.speculator = Speculator(config.speculation, config.max_draft_tokens, config.speculative_max_step_tokens,
-                                     {"ngram": NgramProposer(config.ngram_min, config.ngram_max)})
+                                     {"ngram": NgramProposer(config.ngram_min, config.ngram_max)},
+                                     config.draft_token_cost)
         self.scheduler = Scheduler(
             config, KVCacheManager.create(self.pool, config.enable_prefix_caching), runner.max_model_len, admission,
             self.speculator,

@@ -218,7 +218,8 @@ class Scheduler:
         a request whose draft positions do not fit in the pool's free blocks simply decodes one token."""
         spec = self.speculator
         assert spec is not None
-        room = min(budget, spec.max_step_tokens - (self.config.max_num_batched_tokens - budget))
+        load = self.config.max_num_batched_tokens - budget  # the step's tokens before drafts
+        room = min(budget, spec.max_step_tokens - load)
         for c in chunks:
             if room <= 0:
                 break
@@ -228,7 +229,7 @@ class Scheduler:
             # Positions up to start + k must exist in the context window: the LENGTH rule ends the request once it
             # holds max_num_tokens tokens, and the token after the drafts is always appended.
             k = min(room, self.max_num_tokens - req.num_tokens - 1)
-            drafts = spec.drafts_for(req, k) if k > 0 else []
+            drafts = spec.drafts_for(req, k, load) if k > 0 else []
             if drafts and self.kv.grow(req, 1 + len(drafts), evict=False):
                 c.draft_token_ids = tuple(drafts)
                 c.num_tokens += len(drafts)

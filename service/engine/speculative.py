@@ -11,9 +11,10 @@ sampling, where draft x is kept with probability p(x) and a rejection draws from
 x, with the randomness coupled to the request's seed.
 
 What stops it from costing: each request's k adapts (grows by one after a verify that kept every draft, drops to
-one past the accepted run otherwise), and a step adds drafts only while its scheduled tokens stay within
-`speculative_max_step_tokens`: past that the batch is compute-bound on this CPU and extra positions cost what they
-may save. Requests with a response format do not speculate (their mask would have to follow every draft).
+one past the accepted run otherwise); a request drafts only as many tokens as pay at the step's load, given its
+estimated acceptance and what one more position costs relative to a step (`draft_token_cost`: on the CPU a
+position adds ~0.8 of a single decode step's fixed cost, measured), with a rare one-draft probe otherwise; and a
+step adds no drafts past `speculative_max_step_tokens`, where the batch is compute-bound. Requests with a response format do not speculate (their mask would have to follow every draft).
 """
 
 from __future__ import annotations
@@ -50,12 +51,42 @@ class SpecState:
     ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0
 
+    # Estimated chance that a draft is accepted (given the one before it was): a moving average over verifies.
+    alpha: float = 0.6
+    # While its drafts do not pay here: decode steps until the next one-draft probe, and the current interval.
+    probe_in: int = 0
+    probe_every: int = 0
+
     def on_verified(self, proposed: int, accepted: int) -> None:
-        """Adaptive k: one more after a verify that kept every draft, one past the accepted run otherwise."""
+        """Adaptive k: one more after a verify that kept every draft, one past the accepted run otherwise; and the
+        acceptance estimate moves towards this verify's (accepted / (accepted + 1) when one was rejected)."""
         self.draft_tokens += proposed
         self.accepted_tokens += accepted
         self.verifies += 1
         self.k = min(self.max_k, self.k + 1) if accepted == proposed else max(1, accepted + 1)
+        sample = 1.0 if accepted == proposed else accepted / (accepted + 1)
+        self.alpha = 0.7 * self.alpha + 0.3 * sample
+
+    def worth(self, k: int, load: int, cost: float) -> int:
+        """How many of k drafts pay in a step of `load` tokens, where one more position costs `cost` times a
+        step's fixed cost. Draft j is accepted with probability alpha**j; it raises the step's tokens by that and
+        its cost by one position, which pays while alpha**j > load * cost / (1 + load * cost)."""
+        bar = load * cost / (1 + load * cost)
+        a = self.alpha
+        n = 0
+        while n < k and a ** (n + 1) > bar:
+            n += 1
+        if n:
+            self.probe_every = 0
+            return n
+        # Not worth it on the estimate: probe with one draft now and then (doubling the interval up to 64 steps),
+        # so a request whose text turns to copying picks speculation up again.
+        if self.probe_in > 0:
+            self.probe_in -= 1
+            return 0
+        self.probe_every = min(64, max(8, 2 * self.probe_every))
+        self.probe_in = self.probe_every
+        return 1
 
 
 class NgramProposer:
@@ -108,10 +139,11 @@ class Speculator:
     to a scheduled step."""
 
     def __init__(self, default_mode: str, max_draft_tokens: int, max_step_tokens: int,
-                 proposers: dict[str, Proposer]) -> None:
+                 proposers: dict[str, Proposer], draft_token_cost: float = 0.8) -> None:
         self.default_mode = default_mode
         self.max_draft_tokens = max_draft_tokens
         self.max_step_tokens = max_step_tokens
+        self.draft_token_cost = draft_token_cost
         self.proposers = proposers
         # Verifies by accepted length [0, MAX_DRAFT_TOKENS], drafts verified and accepted, steps with drafts.
         self.accepted_hist = [0] * (MAX_DRAFT_TOKENS + 1)
@@ -142,14 +174,18 @@ class Speculator:
         max_k = sp.max_draft_tokens if sp.max_draft_tokens is not None else self.max_draft_tokens
         request.spec_state = SpecState(self.proposers[mode], max_k, max_k)
 
-    def drafts_for(self, request: Request, room: int) -> list[int]:
-        """Up to `room` drafts for a request in decode (its last token not yet computed), bounded by its k and by
-        what may still be generated: the token after the drafts always comes, so drafts <= tokens left - 1."""
+    def drafts_for(self, request: Request, room: int, load: int = 1) -> list[int]:
+        """Up to `room` drafts for a request in decode (its last token not yet computed) in a step of `load`
+        tokens, bounded by its k, by how many pay at that load (`SpecState.worth`), and by what may still be
+        generated: the token after the drafts always comes, so drafts <= tokens left - 1."""
         state = request.spec_state
         if state is None:
             return []
         left = request.sampling.max_tokens - request.num_output_tokens - 1
         k = min(state.k, room, left)
+        if k <= 0:
+            return []
+        k = state.worth(k, load, self.draft_token_cost)
         if k <= 0:
             return []
         return state.proposer.propose(state, request.all_token_ids, k)

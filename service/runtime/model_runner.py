@@ -51,8 +51,11 @@ class ModelRunner:
         bs = self.block_size
         # Single-token chunks (decodes) first: they share one batched attention call. Within each
         # kind, chunks of one adapter slot are adjacent, so each adapter's tokens form one LoRA segment.
-        # A verify pass (a decode with drafts) is a short extend under its request's adapter.
-        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1, chunks[i].request.lora_slot))
+        # A verify pass (a decode with drafts) counts as decodes: each of its positions is attended as a decode
+        # at that position over the same block table (every token's K/V is written before attention reads), so
+        # it takes the decode kernels, batched with the other decodes, under its request's adapter segment.
+        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1 and not chunks[i].draft_token_ids,
+                                                          chunks[i].request.lora_slot))
         token_slots: list[int] = []
         ids: list[int] = []
         positions: list[int] = []
@@ -73,9 +76,14 @@ class ModelRunner:
             for p in range(c.start, c.start + c.num_tokens):
                 positions.append(p)
                 slot_mapping.append(table[p // bs] * bs + p % bs)
-            tables.append(table)
-            starts.append(c.start)
-            lens.append(c.num_tokens)
+            if drafts:
+                tables.extend([table] * c.num_tokens)
+                starts.extend(range(c.start, c.start + c.num_tokens))
+                lens.extend([1] * c.num_tokens)
+            else:
+                tables.append(table)
+                starts.append(c.start)
+                lens.append(c.num_tokens)
             token_slots.extend([r.lora_slot] * c.num_tokens)
             if drafts:
                 first = len(ids) - c.num_tokens

@@ -188,7 +188,7 @@ def test_bad_labels_are_refused_by_name(server, labels, named):
 def test_speculation_stats_in_the_response_and_the_same_tokens_either_way(make_server):
     import urllib.request
 
-    server = make_server(service={"metrics_port": 0})
+    server = make_server(service={"metrics_port": 0}, draft_token_cost=0)
     ids = pb.TokenIds(ids=[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6])  # repetitive: prompt lookup drafts
     on = pb.SamplingParams(temperature=0, max_tokens=24, speculation=pb.SPECULATION_NGRAM)
     off = pb.SamplingParams(temperature=0, max_tokens=24, speculation=pb.SPECULATION_OFF)

@@ -100,11 +100,25 @@ def test_adaptive_k_shrinks_on_rejections_and_grows_on_acceptances():
     assert s.k == 6  # never past max_k
 
 
+def test_drafts_only_where_they_pay_at_the_step_load():
+    s = SpecState(NgramProposer(), 8, 8, alpha=0.9)
+    # bar = load * cost / (1 + load * cost): 0.44 alone, 0.86 beside 7 others (cost 0.8)
+    assert s.worth(8, 1, 0.8) == 7  # 0.9**7 = 0.48 > 0.44 > 0.9**8
+    assert s.worth(8, 8, 0.8) == 1  # 0.9 > 0.86 > 0.81
+    assert s.worth(8, 64, 0.0) == 8  # free positions: every draft pays
+    s.alpha = 0.2
+    # not worth it: a one-draft probe now, then none for 8 steps, then a probe, then 16 steps, ...
+    seen = [s.worth(4, 8, 0.8) for _ in range(30)]
+    assert seen[0] == 1 and seen[1:9] == [0] * 8 and seen[9] == 1 and seen[10:26] == [0] * 16 and seen[26] == 1
+    s.on_verified(1, 1)  # an accepted probe lifts the estimate
+    assert s.alpha > 0.2
+
+
 # ---- exactness ---------------------------------------------------------------------------------------------
 def _mixed_run(speculation: str, num_blocks: int = 256, **cfg):
     slots = FakeAdapterSlots(max_active=3)
     runner = PeriodicRunner(num_blocks=num_blocks, block_size=4, max_model_len=256, slots=slots)
-    engine = make_engine(runner=runner, slots=slots, speculation=speculation, **cfg)
+    engine = make_engine(runner=runner, slots=slots, speculation=speculation, draft_token_cost=0, **cfg)
     shared = prompt(20, seed=4)
     prompts, keys = [], []
     for i in range(9):
@@ -145,7 +159,7 @@ def test_random_model_rejects_most_drafts_and_stays_exact():
     # the hash model: tokens look random, so 1-gram lookups propose often and are mostly rejected
     from tests.engine.fake_runner import reference_tokens
 
-    engine = make_engine(num_blocks=64, speculation="ngram")
+    engine = make_engine(num_blocks=64, speculation="ngram", draft_token_cost=0)
     prompts = [prompt(12, seed=i) for i in range(4)]
     finals = engine.generate(prompts, greedy(30))
     assert engine.runner.drafts_seen > 0 and engine.stats.spec_accepted_tokens < engine.stats.spec_draft_tokens
@@ -173,7 +187,7 @@ def test_a_stop_inside_an_accepted_run_drops_the_tokens_after_it(stop):
     finals = {}
     for mode in ("off", "ngram"):
         runner = ScriptedRunner({"r": script}, num_blocks=64, block_size=4)
-        engine = make_engine(runner=runner, speculation=mode)
+        engine = make_engine(runner=runner, speculation=mode, draft_token_cost=0)
         engine.add_request(RequestSpec("r", tuple(cycle), SamplingParams(temperature=0, **kw)))
         outs = []
         while engine.has_unfinished():
@@ -193,7 +207,7 @@ def test_a_stop_inside_an_accepted_run_drops_the_tokens_after_it(stop):
 # ---- when it does not pay --------------------------------------------------------------------------------
 def test_no_drafts_once_the_step_is_past_the_step_bound():
     engine = make_engine(num_blocks=256, runner=PeriodicRunner(num_blocks=256, block_size=4),
-                         speculation="ngram", speculative_max_step_tokens=4)
+                         speculation="ngram", speculative_max_step_tokens=4, draft_token_cost=0)
     prompts = [prompt(8, seed=i) for i in range(6)]
     engine.generate(prompts, [greedy(4 + 6 * i) for i in range(6)])  # they finish one after another
     drafted = 0
@@ -208,7 +222,7 @@ def test_no_drafts_once_the_step_is_past_the_step_bound():
 
 
 def test_a_request_may_turn_speculation_off_or_bound_its_drafts():
-    engine = make_engine(runner=PeriodicRunner(num_blocks=64, block_size=4), speculation="ngram")
+    engine = make_engine(runner=PeriodicRunner(num_blocks=64, block_size=4), speculation="ngram", draft_token_cost=0)
     p = prompt(8)
     engine.generate([p], greedy(20, speculation="off"))
     assert engine.runner.drafts_seen == 0
@@ -216,7 +230,8 @@ def test_a_request_may_turn_speculation_off_or_bound_its_drafts():
     assert engine.runner.drafts_seen > 0
     assert max(n for step in engine.runner.history for _, start, n, _ in step if start >= 8) == 3
     engine.generate([p], greedy(20, speculation="off"))
-    off_engine = make_engine(runner=PeriodicRunner(num_blocks=64, block_size=4), speculation="off")
+    off_engine = make_engine(runner=PeriodicRunner(num_blocks=64, block_size=4), speculation="off",
+                             draft_token_cost=0)
     before = off_engine.runner.drafts_seen
     off_engine.generate([p], greedy(20, speculation="ngram"))  # the request's choice beats the default
     assert off_engine.runner.drafts_seen > before
@@ -251,13 +266,13 @@ op = st.one_of(
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=4, max_size=40), block_size=st.sampled_from([1, 2, 4, 8]),
        num_blocks=st.integers(3, 24), budget=st.integers(1, 24), max_k=st.integers(1, 6),
-       step_bound=st.integers(1, 24), caching=st.booleans())
+       step_bound=st.integers(1, 24), caching=st.booleans(), cost=st.sampled_from([0, 0, 0.8]))
 def test_random_submit_and_cancel_with_drafts_in_flight_keep_the_pool_whole(
-        ops, block_size, num_blocks, budget, max_k, step_bound, caching):
+        ops, block_size, num_blocks, budget, max_k, step_bound, caching, cost):
     runner = PeriodicRunner(num_blocks=num_blocks, block_size=block_size, max_model_len=64)
     engine = make_engine(runner=runner, max_num_batched_tokens=budget, max_num_seqs=4, max_waiting=8,
                          enable_prefix_caching=caching, speculation="ngram", max_draft_tokens=max_k,
-                         speculative_max_step_tokens=step_bound)
+                         speculative_max_step_tokens=step_bound, draft_token_cost=cost)
     submitted: dict[str, tuple[list[int], int]] = {}
     finals = {}
 
@@ -315,7 +330,7 @@ def test_random_submit_and_cancel_with_drafts_in_flight_keep_the_pool_whole(
 
 def test_drafts_never_evict_a_cached_prefix():
     runner = PeriodicRunner(num_blocks=12, block_size=4, max_model_len=64)
-    engine = make_engine(runner=runner, speculation="ngram")
+    engine = make_engine(runner=runner, speculation="ngram", draft_token_cost=0)
     a = prompt(24, seed=1)
     engine.generate([a], greedy(3, speculation="off"))  # 6 full prompt blocks stay cached
     assert engine.pool.num_cached >= 6

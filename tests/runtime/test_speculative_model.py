@@ -36,7 +36,8 @@ def mixed(tmp_path_factory):
 def _run(path, dirs, speculation: str, num_blocks_gib: float = 0.01, **engine):
     rt = build_runtime(RuntimeConfig(model=str(path), dtype="float32", kv_cache_gib=num_blocks_gib),
                        EngineConfig(block_size=4, max_num_seqs=16, max_num_batched_tokens=96,
-                                    speculation=speculation, **engine), AdapterConfig(max_active_adapters=4))
+                                    speculation=speculation, draft_token_cost=0, **engine),
+                       AdapterConfig(max_active_adapters=4))
     versions = [rt.add_local_adapter(d) for d in dirs]
     g = torch.Generator().manual_seed(7)
     shared = torch.randint(3, VOCAB, (24,), generator=g).tolist()
@@ -91,7 +92,7 @@ def test_a_seed_gives_the_same_text_whether_or_not_the_batch_speculates(tiny):  
     alone = make_engine(model, speculation="off").generate([[5, 6, 7, 5, 6, 7, 5, 6]], sp)[0]
     others = [SamplingParams(max_tokens=20, temperature=0.7, seed=s, ignore_eos=True) for s in (1, 2)]
     spec = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=77, ignore_eos=True, speculation="ngram")
-    engine = make_engine(model, speculation="ngram")
+    engine = make_engine(model, speculation="ngram", draft_token_cost=0)
     batch = engine.generate([[9, 9, 9, 9], [5, 6, 7, 5, 6, 7, 5, 6], [11, 12, 11, 12], [5, 6, 7, 5, 6, 7, 5, 6]],
                             [others[0], sp, others[1], spec])
     assert engine.stats.spec_draft_tokens > 0
@@ -156,7 +157,7 @@ def test_speculative_sampling_keeps_the_model_distribution(peaked):
     exact = (p0.unsqueeze(1) * p1).sum(0)  # marginal of t1
     n = 3000
     engine = make_engine(model, num_blocks=1024, speculation="ngram", max_num_seqs=64, max_num_batched_tokens=4096,
-                         speculative_max_step_tokens=4096)
+                         speculative_max_step_tokens=4096, draft_token_cost=0)
     engine.speculator.proposers["ngram"] = GreedyOracle(hf)
     params = [SamplingParams(max_tokens=4, temperature=temp, seed=s, ignore_eos=True) for s in range(n)]
     finals = engine.generate([prompt] * n, params)
