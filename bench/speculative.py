@@ -18,7 +18,7 @@ import argparse
 import json
 import time
 
-from bench.common import chat_prompts, environment, report
+from bench.common import chat_prompts, environment, report, write_result
 from service.builder import build_runtime
 from service.config import EngineConfig, RuntimeConfig
 from service.engine.sampling import SamplingParams
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "copy_prompt_tokens": [len(p) for p in copy], "chat_new_tokens": args.chat_tokens}
     copy_counts: list[int] = []
     for b in batches:
-        prompts = (copy * -(-b // len(copy)))[:b]
+        # batch 1: each copy prompt alone, one after the other; batch b: b requests over the copy prompts at once
+        prompts = copy if b == 1 else (copy * -(-b // len(copy)))[:b]
         r = ab(engine, prompts, copy_sp, b == 1, args.repeats)
         if b == 1:
             copy_counts = [len(o) for o in r["outputs"]]
@@ -169,11 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
         res["mean_accepted_len"] = (c1["accepted"] + c1["verifies"]) / max(1, c1["verifies"])
     if "chat_64" in res:
         res["chat_64_ratio"] = res["chat_64"]["ratio"]
+    write_result("speculative", res)  # the peer's part below needs a built llama-server; keep ours if it fails
     if c1 and not args.skip_peer:
         peer = peer_single_stream(copy, copy_counts, args.threads)
         if peer is not None:
             res["llamacpp_single_stream_tok_s"] = peer
             res["copy_vs_llamacpp_single_stream"] = res["copy_single_stream_tok_s"] / peer
+    res["threads"] = args.threads
     report("speculative", "speculative decoding (on vs off, same run)", res)
     return res
 
