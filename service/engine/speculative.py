@@ -145,11 +145,10 @@ class Speculator:
         self.max_step_tokens = max_step_tokens
         self.draft_token_cost = draft_token_cost
         self.proposers = proposers
-        # Verifies by accepted length [0, MAX_DRAFT_TOKENS], drafts verified and accepted, steps with drafts.
+        # Verifies by accepted length [0, MAX_DRAFT_TOKENS], drafts verified and accepted.
         self.accepted_hist = [0] * (MAX_DRAFT_TOKENS + 1)
         self.draft_tokens = 0
         self.accepted_tokens = 0
-        self.steps_with_drafts = 0
 
     def mode_of(self, request: Request) -> str:
         sp = request.sampling
