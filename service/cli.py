@@ -21,6 +21,7 @@ from service.config import (
 )
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
+from service.engine.speculative import MAX_DRAFT_TOKENS, SPECULATION_MODES
 from service.engine.structured import FormatKind, ResponseFormat
 
 # The database URL from the environment (a Kubernetes Secret): it carries a password, which a flag would show in
@@ -67,6 +68,15 @@ def add_call_sampling_args(c: argparse.ArgumentParser) -> None:
     c.add_argument("--top-k", type=int)
     c.add_argument("--seed", type=int)
     c.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
+    add_speculation_args(c, "the server's default")
+
+
+def add_speculation_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--speculation", choices=SPECULATION_MODES,
+                   help=f"speculative decoding: off, ngram (prompt lookup) or draft (a draft model; none is available "
+                        f"yet); the output is the same either way (default: {default})")
+    p.add_argument("--max-draft-tokens", type=int, metavar="K",
+                   help=f"most draft tokens verified per step, 1 to {MAX_DRAFT_TOKENS} (default: {default})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -78,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from service.builder import build_runtime
 
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+                              top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()),
+                              speculation=args.speculation, max_draft_tokens=args.max_draft_tokens)
     rt = build_runtime(runtime_config(args), EngineConfig())
     tok = rt.tokenizer
     if args.raw:
@@ -144,7 +155,8 @@ def serve_configs(args: argparse.Namespace) -> tuple:
         EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                            max_waiting=args.max_waiting, scheduling_policy=args.scheduling_policy,
                            input_token_weight=args.input_token_weight,
-                           output_token_weight=args.output_token_weight),
+                           output_token_weight=args.output_token_weight, speculation=args.speculation,
+                           max_draft_tokens=args.max_draft_tokens),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
         ServerConfig: dict(host=args.host, port=args.port, http_port=args.http_port, drain_grace_s=args.drain_grace_s,
                            grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s,
@@ -208,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", metavar="TEXT", help="stop sequence (repeatable)")
     g.add_argument("-v", "--verbose", action="store_true", help="print token count and speed to stderr")
+    add_speculation_args(g, f"{EngineConfig.speculation}, {EngineConfig.max_draft_tokens} drafts")
     add_format_args(g)
     add_model_args(g)
     add_client_args(g, offline_default=True)
@@ -249,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fair-share cost of one prompt token computed (default: {EngineConfig.input_token_weight:g})")
     s.add_argument("--output-token-weight", type=float, metavar="W",
                    help=f"fair-share cost of one generated token (default: {EngineConfig.output_token_weight:g})")
+    s.add_argument("--speculation", choices=("off", "ngram"),
+                   help="speculative decoding of requests that do not choose: off or ngram (prompt lookup); outputs "
+                        f"are the same either way (default: {EngineConfig.speculation})")
+    s.add_argument("--max-draft-tokens", type=int, metavar="K",
+                   help=f"most draft tokens a request verifies per step (default: {EngineConfig.max_draft_tokens})")
     s.add_argument("--max-active-adapters", type=int,
                    help=f"distinct adapters in one batch (default: {AdapterConfig.max_active_adapters})")
     s.add_argument("--drain-grace-s", type=float,

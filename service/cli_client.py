@@ -121,6 +121,7 @@ def format_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_call(args: argparse.Namespace) -> int:
     kwargs = dict(adapter=args.adapter or "", chat=not args.raw, system=args.system, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                  speculation=args.speculation, max_draft_tokens=args.max_draft_tokens,
                   stop=tuple(args.stop or ()), labels=_labels(getattr(args, "label", None) or ()),
                   **format_kwargs(args))
 

@@ -37,7 +37,8 @@ GROUP_BY = {"tenant": upb.USAGE_GROUP_BY_TENANT, "adapter": upb.USAGE_GROUP_BY_A
 _ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER, "assistant": pb.CHAT_ROLE_ASSISTANT,
           "tool": pb.CHAT_ROLE_TOOL}
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs")
+             "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "speculation", "max_draft_tokens")
+SPECULATION = {"off": pb.SPECULATION_OFF, "ngram": pb.SPECULATION_NGRAM, "draft": pb.SPECULATION_DRAFT}
 
 
 def chat_messages(messages: Sequence[dict[str, str]]) -> pb.ChatMessages:
@@ -82,8 +83,13 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
     else:
         req.text = prompt
     for name, value in sampling.items():
-        if value is not None:
-            setattr(req.sampling, name, value)
+        if value is None:
+            continue
+        if name == "speculation":  # "off", "ngram" or "draft" (None: the server's default)
+            if value not in SPECULATION:
+                raise ValueError(f"speculation={value!r} is invalid: use one of {', '.join(SPECULATION)}")
+            value = SPECULATION[value]
+        setattr(req.sampling, name, value)
     return req
 
 

@@ -31,6 +31,7 @@ from prometheus_client import (
 
 from service.engine.engine import LLMEngine
 from service.engine.outputs import EngineStats, FinalOutput
+from service.engine.speculative import MAX_DRAFT_TOKENS
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
@@ -95,6 +96,12 @@ class ServerMetrics:
         self.adapter_load_failures = Counter(P + "adapter_load_failures", "Adapter loads that failed.", registry=r)
         self.step_seconds = Histogram(P + "engine_step_seconds", "Wall time of one engine step.",
                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.spec_drafts = Counter(P + "spec_decode_draft_tokens", "Draft tokens verified (speculative decoding).",
+                                   registry=r)
+        self.spec_accepted = Counter(P + "spec_decode_accepted_tokens", "Draft tokens accepted (each a token that "
+                                     "cost no step of its own).", registry=r)
+        self.spec_accepted_len = Histogram(P + "spec_decode_acceptance_length", "Drafts accepted per verify pass.",
+                                           buckets=tuple(float(b) for b in range(MAX_DRAFT_TOKENS + 1)), registry=r)
         self.client_stalls = Counter(P + "client_stalls", "Calls cancelled because their client stopped reading "
                                      "(write) or sending (read) for longer than the stall timeout.",
                                      ["direction"], registry=r)
@@ -123,6 +130,12 @@ class ServerMetrics:
             self.preemptions.inc(max(0, s.preemptions - last.preemptions))
             self.prefix_queries.inc(max(0, s.prefix_cache_queried_tokens - last.prefix_cache_queried_tokens))
             self.prefix_hits.inc(max(0, s.prefix_cache_hit_tokens - last.prefix_cache_hit_tokens))
+            self.spec_drafts.inc(max(0, s.spec_draft_tokens - last.spec_draft_tokens))
+            self.spec_accepted.inc(max(0, s.spec_accepted_tokens - last.spec_accepted_tokens))
+            before = last.spec_accepted_lengths or (0,) * len(s.spec_accepted_lengths)
+            for length, (now, then) in enumerate(zip(s.spec_accepted_lengths, before)):
+                for _ in range(now - then):
+                    self.spec_accepted_len.observe(length)
         labels = (",".join(sorted(s.running_adapters)), ",".join(sorted(s.waiting_adapters)),
                   str(s.max_active_adapters))
         if labels != self._lora_labels:

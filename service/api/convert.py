@@ -30,6 +30,7 @@ from service.engine.sampling import (
     MAX_STOP_TOKEN_IDS,
     SamplingParams,
 )
+from service.engine.speculative import SpecStats
 from service.engine.structured import MAX_CHOICES, CompiledGrammarLike, FormatKind, ResponseFormat
 from service.engine.types import FinishReason, SampleResult
 from service.runtime.tokenizer import Tokenizer
@@ -51,6 +52,7 @@ ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_
 FINISH_REASONS = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
                   FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
                   FinishReason.ERROR: pb.FINISH_REASON_ERROR}
+SPECULATION = {pb.SPECULATION_OFF: "off", pb.SPECULATION_NGRAM: "ngram", pb.SPECULATION_DRAFT: "draft"}
 # The proto's optional sampling fields that map one to one onto SamplingParams.
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                     "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs")
@@ -233,6 +235,15 @@ class RequestConverter:
             kwargs["max_tokens"] = sp.max_tokens
         else:
             kwargs["max_tokens"] = min(DEFAULT_MAX_TOKENS, room, max_output or DEFAULT_MAX_TOKENS)
+        if sp.HasField("speculation") and sp.speculation != pb.SPECULATION_UNSPECIFIED:
+            mode = SPECULATION.get(sp.speculation)
+            if mode is None:
+                allowed = ", ".join(pb.Speculation.Name(v) for v in SPECULATION)
+                raise ValueError(f"sampling.speculation={sp.speculation} is invalid: use one of {allowed} (or leave it "
+                                 "unset for the server's default)")
+            kwargs["speculation"] = mode
+        if sp.HasField("max_draft_tokens"):
+            kwargs["max_draft_tokens"] = sp.max_draft_tokens
         if "logprobs" in kwargs and kwargs["logprobs"] > MAX_LOGPROBS:
             raise ValueError(f"sampling.logprobs={kwargs['logprobs']} is invalid: must be in [0, {MAX_LOGPROBS}]")
         try:
@@ -306,6 +317,10 @@ def _utf8_len(text: str) -> int:
 def usage(u: Usage) -> pb.Usage:
     return pb.Usage(input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
                     output_tokens=u.output_tokens)
+
+
+def speculation(s: SpecStats) -> pb.SpeculationStats:
+    return pb.SpeculationStats(draft_tokens=s.draft_tokens, accepted_tokens=s.accepted_tokens)
 
 
 def timings(t: Timings) -> pb.Timings:

@@ -206,6 +206,7 @@ class GenerationPath:
     def log_finished(final: FinalOutput) -> None:
         log.info("request_finished", finish_reason=final.finish_reason.value, input_tokens=final.usage.input_tokens,
                  cached_input_tokens=final.usage.cached_input_tokens, output_tokens=final.usage.output_tokens,
+                 draft_tokens=final.speculation.draft_tokens, accepted_tokens=final.speculation.accepted_tokens,
                  total_ms=round(final.timings.total_s * 1000, 1),
                  error=final.error.message if final.error else None)
 

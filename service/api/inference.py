@@ -41,6 +41,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             text=final.text, token_ids=token_ids, finish_reason=convert.FINISH_REASONS[final.finish_reason],
             usage=convert.usage(final.usage), adapter_version=final.adapter_version or "", seed=final.seed,
             timings=convert.timings(final.timings), logprobs=logprobs, request_id=handle.request_id,
+            speculation=convert.speculation(final.speculation),
         )
         call.release_limits()  # the response goes out with the status, after this returns
         call.waiting()  # a client that never reads it is cut off by the watchdog
@@ -62,6 +63,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 msg.adapter_version = final.adapter_version or ""
                 msg.seed = final.seed
                 msg.timings.CopyFrom(convert.timings(final.timings))
+                msg.speculation.CopyFrom(convert.speculation(final.speculation))
             call.waiting()
             yield msg  # grpc asks for the next message only once this one is written
             call.done_waiting()

@@ -29,6 +29,7 @@ from service.engine.outputs import (
 from service.engine.request import Request, RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError, Scheduler
+from service.engine.speculative import NgramProposer, Speculator
 from service.engine.structured import CompiledGrammarLike, FormatDeadEnd
 from service.engine.types import FinishReason, ModelRunnerLike, SampleResult, SchedulerOutput, TokenizerLike
 
@@ -71,8 +72,13 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.pool = BlockPool(runner.num_blocks, runner.block_size)
+        # Chosen once: requests speculate with the proposers this engine has (the n-gram lookup needs no model).
+        self.speculator = Speculator(config.speculation, config.max_draft_tokens, config.speculative_max_step_tokens,
+                                     {"ngram": NgramProposer(config.ngram_min, config.ngram_max)},
+                                     config.draft_token_cost)
         self.scheduler = Scheduler(
-            config, KVCacheManager.create(self.pool, config.enable_prefix_caching), runner.max_model_len, admission
+            config, KVCacheManager.create(self.pool, config.enable_prefix_caching), runner.max_model_len, admission,
+            self.speculator,
         )
         self._vocab_size: int | None = getattr(runner, "vocab_size", None)
         self._eos = frozenset(tokenizer.eos_token_ids)
@@ -102,6 +108,7 @@ class LLMEngine:
             raise ValueError(f"prompt token id {max(spec.prompt_token_ids)} is outside the vocabulary of "
                              f"{self._vocab_size} tokens")
         request = Request(spec)
+        self.speculator.attach(request)
         self.scheduler.add(request)
         if spec.adapter_version is not None and self._adapters is not None:
             # Load while the request queues, not once it reaches the head of the queue.
@@ -163,9 +170,9 @@ class LLMEngine:
         self._count_computed(out)
         self._charge_time(out, time.perf_counter() - t0)
         finished: list[tuple[Request, FinishReason, RequestOutput]] = []
-        for request, result in sampled:
+        for request, results in sampled:
             try:
-                output, reason = self._post_process(request, result)
+                output, reason = self._post_process(request, results)
             except FormatDeadEnd as e:  # the caller's format, not our failure
                 outputs.append(self._finish(request, FinishReason.ERROR, RequestError(ErrorKind.FORMAT_DEAD_END, str(e))))
                 continue
@@ -175,6 +182,7 @@ class LLMEngine:
                 error = RequestError(ErrorKind.INTERNAL, "internal error: decoding the output failed")
                 outputs.append(self._finish(request, FinishReason.ERROR, error))
                 continue
+            self._generation_tokens += len(output.new_token_ids)
             if reason is not None:
                 finished.append((request, reason, output))
             outputs.append(output)
@@ -208,36 +216,44 @@ class LLMEngine:
     def _count_computed(self, out: SchedulerOutput) -> None:
         for c in out.chunks:
             self._prompt_tokens_computed += max(0, min(c.start + c.num_tokens, c.request.num_prompt_tokens) - c.start)
-            self._generation_tokens += c.sample
 
-    def _post_process(self, request: Request, result: SampleResult) -> tuple[RequestOutput, FinishReason | None]:
-        """Detokenize the new token and decide whether the request stops here."""
+    def _post_process(self, request: Request, results: list[SampleResult]) -> tuple[RequestOutput, FinishReason | None]:
+        """Detokenize the new tokens (already appended to the request: several after a verify pass) one by one and
+        decide whether the request stops; a token that stops it drops the ones after it."""
         sp = request.sampling
-        token = result.token_id
-        n_out = request.num_output_tokens  # the new token included
         detok = self._detok[request.request_id]
+        n_before = request.num_output_tokens - len(results)
         reason: FinishReason | None = None
-        # min_tokens: n_out already counts this token, so `n_out > min_tokens` is the sampler's rule (it
-        # masks EOS / stop ids at output indices [0, min_tokens)); these checks guard a runner that does
-        # not mask. A stop string may complete on the min_tokens-th token (n_out == min_tokens).
-        if request.grammar is not None and _advance_grammar(request, token):
-            reason = FinishReason.STOP  # the format is complete: its end token was the only one allowed
-        elif n_out > sp.min_tokens and token in self._eos and not sp.ignore_eos:
-            reason = FinishReason.EOS
-        elif n_out > sp.min_tokens and token in sp.stop_token_ids:
-            reason = FinishReason.STOP
-        if reason is None:
-            # Control tokens that end the request add no text; every other token does.
-            delta = detok.add_token(token, check_stop=n_out >= sp.min_tokens)
-            if detok.stopped:
+        deltas = []
+        kept = 0
+        for result in results:
+            token = result.token_id
+            kept += 1
+            n_out = n_before + kept  # this token included
+            # min_tokens: n_out counts this token, so `n_out > min_tokens` is the sampler's rule (it masks EOS / stop
+            # ids at output indices [0, min_tokens)); these checks guard a runner that does not mask. A stop string
+            # may complete on the min_tokens-th token (n_out == min_tokens).
+            if request.grammar is not None and _advance_grammar(request, token, n_out):
+                reason = FinishReason.STOP  # the format is complete: its end token was the only one allowed
+            elif n_out > sp.min_tokens and token in self._eos and not sp.ignore_eos:
+                reason = FinishReason.EOS
+            elif n_out > sp.min_tokens and token in sp.stop_token_ids:
                 reason = FinishReason.STOP
-            elif n_out >= sp.max_tokens or request.num_tokens >= self.scheduler.max_num_tokens:
-                reason = FinishReason.LENGTH
-        else:
-            delta = ""
-        if reason is not None:
-            delta += detok.finish()
-        out = RequestOutput(request.request_id, [token], delta, [result] if sp.logprobs is not None else [])
+            if reason is None:
+                # Control tokens that end the request add no text; every other token does.
+                deltas.append(detok.add_token(token, check_stop=n_out >= sp.min_tokens))
+                if detok.stopped:
+                    reason = FinishReason.STOP
+                elif n_out >= sp.max_tokens or request.num_prompt_tokens + n_out >= self.scheduler.max_num_tokens:
+                    reason = FinishReason.LENGTH
+            if reason is not None:
+                deltas.append(detok.finish())
+                break
+        if kept < len(results):
+            request.truncate_output(n_before + kept)
+        tokens = [r.token_id for r in results[:kept]]
+        out = RequestOutput(request.request_id, tokens, "".join(deltas),
+                            list(results[:kept]) if sp.logprobs is not None else [])
         return out, reason
 
     def _finish(self, request: Request, reason: FinishReason, error: RequestError | None = None) -> RequestOutput:
@@ -329,6 +345,9 @@ class LLMEngine:
             running_adapters=running,
             waiting_adapters=frozenset(r.extra_key for r in self.scheduler.waiting if r.extra_key is not None),
             adapter_loads_waited=adapters.num_load_waits if adapters else 0,
+            spec_draft_tokens=self.speculator.draft_tokens,
+            spec_accepted_tokens=self.speculator.accepted_tokens,
+            spec_accepted_lengths=tuple(self.speculator.accepted_hist),
         )
 
     def check_integrity(self) -> None:
@@ -345,7 +364,7 @@ class LLMEngine:
         assert self.pool.num_in_use == 0, f"{self.pool.num_in_use} blocks still in use with nothing running"
 
 
-def _advance_grammar(request: Request, token: int) -> bool:
+def _advance_grammar(request: Request, token: int, n_out: int) -> bool:
     """Advance the request's matcher over its sampled token; True when that ended the format. The sampler only
     lets the format's tokens through, so a refused token is a bug: it fails this request (RuntimeError)."""
     grammar = request.grammar
@@ -353,6 +372,6 @@ def _advance_grammar(request: Request, token: int) -> bool:
     if not grammar.accept_token(token):
         if not grammar.allows_any_token():
             raise FormatDeadEnd(f"response_format allows no token of this model's vocabulary after "
-                                f"{request.num_output_tokens - 1} output tokens: the model cannot spell what it asks for")
+                                f"{n_out - 1} output tokens: the model cannot spell what it asks for")
         raise RuntimeError(f"token {token} of request {request.request_id!r} is not allowed by its response format")
     return grammar.is_terminated()

@@ -42,11 +42,14 @@ class KVCacheManager:
         self.pool.record_prefix_query(request.num_tokens, prefix.num_tokens)
         return True
 
-    def grow(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for `num_new_tokens` more computed positions; False if the pool is short."""
+    def grow(self, request: Request, num_new_tokens: int, evict: bool = True) -> bool:
+        """Make room for `num_new_tokens` more computed positions; False if the pool is short. `evict=False`
+        (draft positions): only from blocks that cache nothing, never evicting a cached prefix."""
         need = self.num_blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids)
         if need <= 0:
             return True
+        if not evict and need > self.pool.num_free:
+            return False
         ids = self.pool.allocate_new(need)
         if ids is None:
             return False
@@ -55,6 +58,15 @@ class KVCacheManager:
 
     def on_computed(self, request: Request) -> None:
         """Called after `request.num_computed_tokens` advanced."""
+
+    def trim(self, request: Request) -> None:
+        """Return the blocks past those its tokens need (grown for drafts a verify pass rejected). They hold no
+        computed position, so they were never hashed, and go back to the pool as free blocks."""
+        keep = self.num_blocks_for(request.num_tokens)
+        extra = request.block_ids[keep:]
+        if extra:
+            self.pool.free(extra)
+            del request.block_ids[keep:]
 
     def hashes_in_flight(self, request: Request, end: int) -> list:
         """Hashes of the blocks this step fills for `request` (computing positions up to `end`)."""

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from service.engine.speculative import SpecStats
 from service.engine.types import FinishReason, SampleResult
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class FinalOutput:
     timings: Timings
     seed: int  # the request's seed, or the one the engine drew
     error: RequestError | None = None
+    speculation: SpecStats = SpecStats()  # draft tokens it verified and accepted (speculative decoding)
 
     @classmethod
     def lost(cls, spec: RequestSpec, error: RequestError) -> FinalOutput:
@@ -111,8 +113,10 @@ def final_output(request: Request, text: str, error: RequestError | None = None)
         tpot_s=(end - first) / (n - 1) if first is not None and n > 1 else None,
     )
     usage = Usage(request.num_prompt_tokens, request.num_cached_tokens or 0, n)
+    st = request.spec_state
+    spec = SpecStats(st.draft_tokens, st.accepted_tokens) if st is not None else SpecStats()
     return FinalOutput(request.spec, text, tuple(request.output_token_ids), request.finish_reason, usage, timings,
-                       request.seed, error)
+                       request.seed, error, spec)
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,11 @@ class EngineStats:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     adapter_loads_waited: int = 0  # requests that had to wait for their adapter to load
+    # Speculative decoding since the engine started: draft tokens verified and accepted, and verify passes by
+    # accepted length (index = drafts accepted).
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_accepted_lengths: tuple[int, ...] = ()
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -17,6 +17,7 @@ from types import MappingProxyType
 
 from service.engine.block_hash import BlockHash, hash_block_tokens
 from service.engine.sampling import SamplingParams
+from service.engine.speculative import SpecState
 from service.engine.structured import CompiledGrammarLike
 from service.engine.types import FinishReason
 
@@ -98,7 +99,7 @@ class Request:
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
         "finished_time", "block_hashes", "arrival_seq", "lora_slot", "engine_seconds", "_all_token_ids",
         "_hash_key",
-        "tenant", "num_charged_prompt_tokens", "grammar",
+        "tenant", "num_charged_prompt_tokens", "grammar", "spec_state",
     )
 
     def __init__(self, spec: RequestSpec) -> None:
@@ -145,6 +146,8 @@ class Request:
         # Its matcher when it has a response format: advanced by the engine on each sampled token, read by the
         # runner to mask the next token's logits.
         self.grammar = spec.grammar.matcher() if spec.grammar is not None else None
+        # Its speculative decoding (proposer, adaptive k, counts), set by the engine; None: it does not speculate.
+        self.spec_state: SpecState | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -172,6 +175,15 @@ class Request:
         self._all_token_ids.append(token_id)
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past the first `num_output_tokens` (a verify pass accepted tokens after the one that
+        finished the request). Only for a request about to finish: its block table is not touched."""
+        drop = self.num_output_tokens - num_output_tokens
+        if drop > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self._all_token_ids[len(self._all_token_ids) - drop:]
+            self.num_computed_tokens = min(self.num_computed_tokens, len(self._all_token_ids))
 
     def update_block_hashes(self, block_size: int) -> None:
         """Hash the blocks that became full since the last call (each hash chains its parent's)."""

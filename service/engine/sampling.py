@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from adapters.errors import quote
+from service.engine.speculative import MAX_DRAFT_TOKENS, SPECULATION_MODES
 
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
@@ -49,6 +50,10 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Speculative decoding: "off", "ngram" (prompt lookup) or "draft"; None: the server's default. Outputs are the
+    # same either way (service.engine.speculative); only the speed changes.
+    speculation: str | None = None
+    max_draft_tokens: int | None = None  # drafts per step, at most; None: the server's default
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, allowed: str) -> ValueError:
@@ -91,6 +96,12 @@ class SamplingParams:
         for t in ids:
             if not isinstance(t, int) or t < 0:
                 raise bad("stop_token_ids", t, "each stop token id must be an integer >= 0")
+
+        if self.speculation is not None and self.speculation not in SPECULATION_MODES:
+            raise bad("speculation", self.speculation, f"must be one of {', '.join(SPECULATION_MODES)} or unset")
+        if self.max_draft_tokens is not None and (isinstance(self.max_draft_tokens, bool) or not isinstance(
+                self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS):
+            raise bad("max_draft_tokens", self.max_draft_tokens, f"must be an integer in [1, {MAX_DRAFT_TOKENS}] or unset")
 
     @property
     def greedy(self) -> bool:

@@ -29,6 +29,7 @@ from service.engine.fairness import FairShare
 from service.engine.kv_cache import KVCacheManager
 from service.engine.outputs import RequestError
 from service.engine.request import Request, RequestStatus
+from service.engine.speculative import Speculator, accept
 from service.engine.types import FinishReason, SampleResult, ScheduledChunk, SchedulerOutput
 from service.engine.waiting_queue import WaitingQueue
 
@@ -44,6 +45,7 @@ class Scheduler:
         kv: KVCacheManager,
         max_model_len: int,
         admission: AdmissionPolicy | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
@@ -55,6 +57,7 @@ class Scheduler:
         # num_blocks * block_size tokens is computable, and its sampled token ends the request.
         self.max_num_tokens = min(max_model_len, self.num_blocks * self.block_size + 1)
         self.admission: AdmissionPolicy = admission if admission is not None else AdmitInOrder()
+        self.speculator = speculator
         # Every tenant weighs 1 until the engine is told the tenants' weights (LLMEngine.set_tenant_weights).
         self.fair = FairShare(config.scheduling_policy, None, config.input_token_weight, config.output_token_weight)
         # Sorted by `_run_order` at the start of each step: the last one is always the preemption victim.
@@ -145,6 +148,8 @@ class Scheduler:
         # Admitting while running requests are being evicted would only evict them again.
         if not preempted:
             budget = self._admit(budget, chunks, failed, preempted)
+        if self.speculator is not None and chunks:
+            budget = self._add_drafts(chunks, budget)
 
         return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted, failed)
 
@@ -207,6 +212,31 @@ class Scheduler:
             self.waiting.requeue(entry)
         return budget
 
+    def _add_drafts(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        """Give decode chunks of speculating requests their drafts, in run order, while the step's tokens stay
+        within the speculator's step bound and the budget. Drafts never preempt and never evict a cached prefix:
+        a request whose draft positions do not fit in the pool's free blocks simply decodes one token."""
+        spec = self.speculator
+        assert spec is not None
+        load = self.config.max_num_batched_tokens - budget  # the step's tokens before drafts
+        room = min(budget, spec.max_step_tokens - load)
+        for c in chunks:
+            if room <= 0:
+                break
+            req = c.request
+            if c.num_tokens != 1 or not c.sample or req.spec_state is None or req.num_output_tokens == 0:
+                continue
+            # Positions up to start + k must exist in the context window: the LENGTH rule ends the request once it
+            # holds max_num_tokens tokens, and the token after the drafts is always appended.
+            k = min(room, self.max_num_tokens - req.num_tokens - 1)
+            drafts = spec.drafts_for(req, k, load) if k > 0 else []
+            if drafts and self.kv.grow(req, 1 + len(drafts), evict=False):
+                c.draft_token_ids = tuple(drafts)
+                c.num_tokens += len(drafts)
+                room -= len(drafts)
+                budget -= len(drafts)
+        return budget
+
     def _seat_victim(self, request: Request, held: dict[str, list[Request]]) -> Request | None:
         """Under `vtc`, with every seat taken (`held`: the running requests by tenant): a tenant with no request
         running may take one seat from the tenant furthest ahead of its share, if that tenant holds at least two
@@ -246,23 +276,42 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update_from_output(
-        self, out: SchedulerOutput, results: Sequence[SampleResult | None]
-    ) -> list[tuple[Request, SampleResult]]:
-        """Advance every scheduled request and append the sampled tokens; returns (request, sample)
-        pairs for the engine's stop checks."""
+        self, out: SchedulerOutput, results: Sequence[SampleResult | list[SampleResult] | None]
+    ) -> list[tuple[Request, list[SampleResult]]]:
+        """Advance every scheduled request and append the sampled tokens; returns (request, new samples) pairs
+        for the engine's stop checks. A chunk with drafts keeps the drafts that equal the targets at their
+        positions, then the next target; the KV slots of the drafts it rejected are past its computed tokens
+        (overwritten later), and the blocks holding only those are returned to the pool at once."""
         sampled = []
         for chunk, result in zip(out.chunks, results, strict=True):
             req = chunk.request
             if req.is_finished:
                 continue
-            req.num_computed_tokens += chunk.num_tokens
+            if not chunk.draft_token_ids:
+                req.num_computed_tokens += chunk.num_tokens
+                self.kv.on_computed(req)
+                if chunk.sample:
+                    if not isinstance(result, SampleResult):
+                        raise RuntimeError(f"the model runner returned no sample for {req.request_id!r}")
+                    req.append_output_token(result.token_id)
+                    self.fair.charge(req.tenant, output_tokens=1)
+                    sampled.append((req, [result]))
+                continue
+            drafts = chunk.draft_token_ids
+            if not isinstance(result, list) or len(result) != chunk.num_tokens:
+                raise RuntimeError(f"the model runner returned no {chunk.num_tokens} targets for the verify pass "
+                                   f"of {req.request_id!r}")
+            a = accept(drafts, [r.token_id for r in result])
+            kept = result[:a + 1]
+            req.num_computed_tokens += 1 + a  # its last token and the accepted drafts
+            for r in kept:
+                req.append_output_token(r.token_id)
+            self.kv.trim(req)
             self.kv.on_computed(req)
-            if chunk.sample:
-                if result is None:
-                    raise RuntimeError(f"the model runner returned no sample for {req.request_id!r}")
-                req.append_output_token(result.token_id)
-                self.fair.charge(req.tenant, output_tokens=1)
-                sampled.append((req, result))
+            self.fair.charge(req.tenant, output_tokens=len(kept))
+            assert self.speculator is not None
+            self.speculator.on_verified(req, len(drafts), a)
+            sampled.append((req, kept))
         return sampled
 
     def finish_requests(self, finished: Iterable[tuple[Request, FinishReason]]) -> None:

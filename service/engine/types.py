@@ -28,6 +28,10 @@ class ScheduledChunk:
     start: int  # == request.num_computed_tokens when scheduled
     num_tokens: int
     sample: bool  # True when this chunk catches the request up: sample its next token
+    # Speculative decoding: draft tokens computed after the request's last token, at positions
+    # [start + 1, start + num_tokens) (so num_tokens == 1 + len(drafts)); the runner returns the target token of
+    # every one of those num_tokens positions, as a list (service.engine.speculative).
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -57,8 +61,9 @@ class ModelRunnerLike(Protocol):
     block_size: int
     max_model_len: int
 
-    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
-        """Run one step; return one entry per chunk (None where chunk.sample is False)."""
+    def execute(self, out: SchedulerOutput) -> list[SampleResult | list[SampleResult] | None]:
+        """Run one step; return one entry per chunk (None where chunk.sample is False; for a chunk with drafts, a
+        list of its num_tokens target tokens, each sampled as if the drafts before it were accepted)."""
         ...
 
 

@@ -15,7 +15,7 @@ from service.engine.types import SampleResult, SchedulerOutput
 from service.runtime.device import StepStager
 from service.runtime.lora import LoraSlots
 from service.runtime.model import KVCache, LlamaModel, LoraStep
-from service.runtime.sampler import sample
+from service.runtime.sampler import DraftRow, SamplingRow, sample
 
 if TYPE_CHECKING:
     from service.runtime.structured import GrammarMasks
@@ -46,34 +46,57 @@ class ModelRunner:
         self._masks: GrammarMasks | None = None  # made on the first step with a constrained row
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[SampleResult | None]:
+    def execute(self, out: SchedulerOutput) -> list[SampleResult | list[SampleResult] | None]:
         chunks = out.chunks
         bs = self.block_size
         # Single-token chunks (decodes) first: they share one batched attention call. Within each
         # kind, chunks of one adapter slot are adjacent, so each adapter's tokens form one LoRA segment.
-        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1, chunks[i].request.lora_slot))
+        # A verify pass (a decode with drafts) counts as decodes: each of its positions is attended as a decode
+        # at that position over the same block table (every token's K/V is written before attention reads), so
+        # it takes the decode kernels, batched with the other decodes, under its request's adapter segment.
+        order = sorted(range(len(chunks)), key=lambda i: (chunks[i].num_tokens != 1 and not chunks[i].draft_token_ids,
+                                                          chunks[i].request.lora_slot))
         token_slots: list[int] = []
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []  # where each new token's K/V goes in the arena
         tables, starts, lens = [], [], []
-        last_row: dict[int, int] = {}
+        # Rows of the hidden states to sample, and for each the chunk and the sampling row (a request, or for a
+        # verify pass one row per position: the request as if the drafts before it were accepted).
+        sample_rows: list[int] = []
+        rows: list[SamplingRow] = []
+        owners: list[int] = []
         for i in order:
             c = chunks[i]
             r = c.request
-            ids.extend(r.all_token_ids[c.start : c.start + c.num_tokens])
+            drafts = c.draft_token_ids
+            ids.extend(r.all_token_ids[c.start : c.start + c.num_tokens - len(drafts)])
+            ids.extend(drafts)
             table = r.block_ids
             for p in range(c.start, c.start + c.num_tokens):
                 positions.append(p)
                 slot_mapping.append(table[p // bs] * bs + p % bs)
-            tables.append(table)
-            starts.append(c.start)
-            lens.append(c.num_tokens)
+            if drafts:
+                tables.extend([table] * c.num_tokens)
+                starts.extend(range(c.start, c.start + c.num_tokens))
+                lens.extend([1] * c.num_tokens)
+            else:
+                tables.append(table)
+                starts.append(c.start)
+                lens.append(c.num_tokens)
             token_slots.extend([r.lora_slot] * c.num_tokens)
-            if c.sample:
-                last_row[i] = len(ids) - 1
-        idx = list(last_row)
-        ids_t, pos_t, slots_t, rows_t = self._stage.int64(ids, positions, slot_mapping, [last_row[i] for i in idx])
+            if drafts:
+                first = len(ids) - c.num_tokens
+                out_ids = r.output_token_ids
+                for j in range(c.num_tokens):
+                    sample_rows.append(first + j)
+                    rows.append(r if j == 0 else DraftRow(r, [*out_ids, *drafts[:j]]))
+                    owners.append(i)
+            elif c.sample:
+                sample_rows.append(len(ids) - 1)
+                rows.append(r)
+                owners.append(i)
+        ids_t, pos_t, slots_t, rows_t = self._stage.int64(ids, positions, slot_mapping, sample_rows)
         plan = AttentionPlan.build(tables, starts, lens, bs, self.device, slot_mapping=slots_t)
         lora = None
         if self.lora_slots is not None:
@@ -81,16 +104,22 @@ class ModelRunner:
             if segments.any_lora:
                 self.lora_slots.ready()
                 lora = LoraStep(segments, self.lora_slots.table)
-        rows = [chunks[i].request for i in idx]
         # Constrained rows' token masks are filled on a worker thread while the forward pass runs.
         filled = self._grammar_masks().start(rows, len(rows)) if any(r.grammar is not None for r in rows) else None
         hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
-        results: list[SampleResult | None] = [None] * len(chunks)
-        if idx:
+        results: list[SampleResult | list[SampleResult] | None] = [None] * len(chunks)
+        if rows:
             logits = self.model.compute_logits(hidden[rows_t])
             mask = None if filled is None else partial(self._masks.apply, filled=filled)
-            for i, res in zip(idx, sample(logits, rows, self.eos_token_ids, mask)):
-                results[i] = res
+            for i, res in zip(owners, sample(logits, rows, self.eos_token_ids, mask), strict=True):
+                if chunks[i].draft_token_ids:
+                    prev = results[i]
+                    if prev is None:
+                        results[i] = prev = []
+                    assert isinstance(prev, list)
+                    prev.append(res)
+                else:
+                    results[i] = res
         return results
 
     def _grammar_masks(self) -> GrammarMasks:

@@ -37,6 +37,21 @@ class SamplingRow:
     output_token_ids: list[int]
 
 
+class DraftRow:
+    """A request as it would be with some drafts accepted: what one position of its verify pass samples under
+    (penalties over those output tokens, min_tokens and the seeded draw at that output index), so each position's
+    target is exactly the token decoding without speculation would pick there."""
+
+    __slots__ = ("sampling", "seed", "prompt_token_ids", "output_token_ids")
+    grammar = None  # requests with a response format do not speculate
+
+    def __init__(self, request: SamplingRow, output_token_ids: list[int]) -> None:
+        self.sampling = request.sampling
+        self.seed = request.seed
+        self.prompt_token_ids = request.prompt_token_ids
+        self.output_token_ids = output_token_ids
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int]) -> None:
     """In place on logits[idx]. repetition: prompt+output tokens; presence/frequency: output tokens."""
     vocab = logits.shape[1]

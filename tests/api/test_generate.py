@@ -183,3 +183,32 @@ def test_bad_labels_are_refused_by_name(server, labels, named):
     with pytest.raises(grpc.RpcError) as info:
         server.stub.Generate(pb.GenerateRequest(text="t5", sampling=GREEDY, labels=labels))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and named in info.value.details()
+
+
+def test_speculation_stats_in_the_response_and_the_same_tokens_either_way(make_server):
+    import urllib.request
+
+    server = make_server(service={"metrics_port": 0}, draft_token_cost=0)
+    ids = pb.TokenIds(ids=[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6])  # repetitive: prompt lookup drafts
+    on = pb.SamplingParams(temperature=0, max_tokens=24, speculation=pb.SPECULATION_NGRAM)
+    off = pb.SamplingParams(temperature=0, max_tokens=24, speculation=pb.SPECULATION_OFF)
+    a = server.stub.Generate(pb.GenerateRequest(token_ids=ids, sampling=on))
+    b = server.stub.Generate(pb.GenerateRequest(token_ids=ids, sampling=off))
+    assert list(a.token_ids) == list(b.token_ids) and a.usage.output_tokens == len(a.token_ids) == 24
+    assert a.speculation.draft_tokens > 0 and 0 <= a.speculation.accepted_tokens <= a.speculation.draft_tokens
+    assert (b.speculation.draft_tokens, b.speculation.accepted_tokens) == (0, 0)
+    msgs = list(server.stub.GenerateStream(stream_req(token_ids=ids, sampling=on)))
+    assert [t for m in msgs for t in m.token_ids] == list(a.token_ids)
+    assert msgs[-1].speculation == a.speculation  # the same request drafts the same way
+    assert len(msgs) > 1 and not msgs[0].HasField("speculation")  # on the last message only
+    server.wait_idle_and_intact()
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    drafts = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("loraserve_spec_decode_draft_tokens_total ")]
+    accepted = [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("loraserve_spec_decode_accepted_tokens_total ")]
+    assert drafts and drafts[0] >= 2 * a.speculation.draft_tokens  # the unary and the streamed call
+    assert accepted and accepted[0] >= 2 * a.speculation.accepted_tokens
+    verifies = [float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith("loraserve_spec_decode_acceptance_length_count ")]
+    assert verifies and verifies[0] > 0

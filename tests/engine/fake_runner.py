@@ -66,6 +66,7 @@ class FakeRunner:
         self.preempted: list[str] = []  # request ids, in preemption order
         self.fail_next = 0  # raise in the next this-many steps
         self.adapters_per_step: list[set[str]] = []  # distinct adapter versions computed per step
+        self.drafts_seen = 0  # draft tokens computed in verify passes
 
     def _slot(self, block_ids: Sequence[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -92,8 +93,12 @@ class FakeRunner:
         # Write every chunk's KV first, then read, as a forward pass does.
         for c in out.chunks:
             r = c.request
-            assert c.start == r.num_computed_tokens and c.start + c.num_tokens <= r.num_tokens
-            tokens = r.all_token_ids[c.start:c.start + c.num_tokens]
+            drafts = list(c.draft_token_ids)
+            assert c.start == r.num_computed_tokens and c.start + c.num_tokens - len(drafts) <= r.num_tokens
+            if drafts:
+                assert c.sample and c.start + 1 == r.num_tokens and c.num_tokens == 1 + len(drafts)
+                self.drafts_seen += len(drafts)
+            tokens = r.all_token_ids[c.start:c.start + c.num_tokens - len(drafts)] + drafts
             for i, tok in enumerate(tokens):
                 p = c.start + i
                 self.arena[self._slot(r.block_ids, p)] = (tok, p, self._adapter(r))
@@ -110,10 +115,17 @@ class FakeRunner:
                 assert entry is not None, f"{r.request_id}: position {p} read from a slot never written"
                 assert entry[1] == p, f"{r.request_id}: slot for position {p} holds position {entry[1]}"
                 context.append(entry)
-            results.append(SampleResult(self.choose(r, context), logprob=-1.0))
+            if not c.draft_token_ids:
+                results.append(SampleResult(self.choose(r, context), logprob=-1.0))
+                continue
+            # A verify pass: the target after each of its positions, the drafts before it taken as accepted.
+            first = c.start + 1
+            results.append([SampleResult(self.choose(r, context[:first + j], j), logprob=-1.0)
+                            for j in range(c.num_tokens)])
         return results
 
-    def choose(self, request, context) -> int:
+    def choose(self, request, context, ahead: int = 0) -> int:
+        """The next token after `context`; `ahead`: how many drafts it already holds past the request's tokens."""
         return next_token(context, self.vocab_size)
 
 
@@ -124,9 +136,9 @@ class ScriptedRunner(FakeRunner):
         super().__init__(**kw)
         self.script = script
 
-    def choose(self, request, context) -> int:
+    def choose(self, request, context, ahead: int = 0) -> int:
         seq = self.script.get(request.request_id, [])
-        n = request.num_output_tokens
+        n = request.num_output_tokens + ahead
         return seq[n] if n < len(seq) else 0
 
 

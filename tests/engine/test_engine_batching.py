@@ -33,7 +33,8 @@ def test_sixteen_concurrent_equal_each_alone():
 
 
 def test_chunked_prefill_runs_alongside_decodes():
-    engine = make_engine(num_blocks=128, max_num_batched_tokens=16)
+    # Without speculation: the test counts each step's positions (drafts would add to decodes).
+    engine = make_engine(num_blocks=128, max_num_batched_tokens=16, speculation="off")
     short = engine.add_request(RequestSpec("short", prompt(5), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)))
     engine.step()  # short's whole prompt fits in one step
     engine.add_request(RequestSpec("long", prompt(70, seed=3), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))
@@ -55,7 +56,7 @@ def test_chunked_prefill_runs_alongside_decodes():
 
 
 def test_prefix_cache_computes_only_uncached_tokens():
-    engine = make_engine(num_blocks=64, block_size=4)
+    engine = make_engine(num_blocks=64, block_size=4, speculation="off")  # it counts positions computed
     shared = prompt(24, seed=9)  # 6 full blocks
     p = shared + [1, 2, 3]
     first = engine.generate([p], GREEDY)[0]
