@@ -3,11 +3,14 @@ the gRPC server: one engine, one registry, one ledger behind both fronts.
 
 Bounds: a request body is at most `max_body_bytes` (the gRPC message bound; 413 past it, told by its
 Content-Length or counted as it arrives); at most `max_connections` calls at once (uvicorn answers 503 past
-it); an idle keep-alive connection is closed after a few seconds.
+it); an idle keep-alive connection is closed after a few seconds. Before a 413 the rest of the body is read and
+dropped (up to DRAIN_MAX_BYTES, within DRAIN_TIMEOUT_S): closing a socket with unread bytes resets the
+connection, and the client would lose the answer that says why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -24,6 +27,25 @@ log = structlog.get_logger(__name__)
 
 START_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 5
+DRAIN_MAX_BYTES = 64 * 2**20  # a refused body up to this size is read to its end before the 413 goes out
+DRAIN_TIMEOUT_S = 5.0
+
+
+async def drain(receive: Any, seen: int, more: bool) -> None:
+    """Read and drop what is left of a request body, while it stays under DRAIN_MAX_BYTES and DRAIN_TIMEOUT_S."""
+    async def rest() -> None:
+        nonlocal seen, more
+        while more and seen <= DRAIN_MAX_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            more = message.get("more_body", False)
+
+    try:
+        await asyncio.wait_for(rest(), DRAIN_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        pass
 
 
 class BodyLimit:
@@ -40,8 +62,11 @@ class BodyLimit:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             body = json.dumps(error_body(self._message(declared.decode("latin-1")[:20]), 413)).encode()
+            if declared.isdigit() and int(declared) <= DRAIN_MAX_BYTES:
+                await drain(receive, 0, True)
             await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                                    (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
         seen = 0
@@ -52,6 +77,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    await drain(receive, seen, message.get("more_body", False))
                     raise HttpError(413, self._message(f"more than {self.limit}"))
             return message
 
