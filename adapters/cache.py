@@ -24,6 +24,7 @@ from adapters.identity import adapter_version_id
 from adapters.peft_config import DEFAULT_MAX_RANK, BaseShapes
 from adapters.peft_format import AdapterError, ParsedAdapter, parse_adapter
 from adapters.store import Store, check_version_id
+from kernels.native import serial_thread
 
 __all__ = ["AdapterLoadFailed", "CacheFull", "CacheStats", "HostAdapterCache", "LoaderFromStore", "Status",
            "StoredAdapterCorrupt"]
@@ -89,7 +90,8 @@ class HostAdapterCache:
         self._load_seconds: deque[float] = deque(maxlen=latency_samples)
         self._hits = self._misses = self._loads = self._load_failures = self._evictions = 0
         self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapter-load",
+                                        initializer=serial_thread)
 
     # --- loading ------------------------------------------------------------------------------------------
 

@@ -248,3 +248,32 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t
     rc = library().sgmv_f32w_bf16(x.data_ptr(), y.data_ptr(), n, starts, ends, a_ptrs, b_ptrs, rk, len(outs), oc,
                                   x.shape[1], y.shape[1], torch.get_num_threads())
     return rc == 0
+
+
+def serial_thread() -> None:
+    """Make the calling thread run torch's parallel ops on itself alone (for the threads beside the engine's:
+    adapter loads, grammar work, RPC handlers).
+
+    A thread that runs a parallel op gets an OpenMP team of its own, whose idle worker lives as long as the
+    thread; once the teams' threads outnumber the CPUs, OpenMP cuts how long idle workers spin, and every
+    parallel region of the engine pays for waking its workers (decode steps of 64 requests measured 1.15-1.6x
+    slower after one adapter load; kernels/__init__.py keeps that spin from dropping to nothing). With one
+    thread per region here, no team is made. Only this thread's OpenMP setting changes, not torch's global
+    count (which the engine's thread reads)."""
+    torch.get_num_threads()  # torch's own per-thread OpenMP setup first: it would undo what follows
+    omp = _libgomp()
+    if omp is not None:
+        omp.omp_set_num_threads(1)
+
+
+_gomp: list[ctypes.CDLL | None] = []
+
+
+def _libgomp() -> ctypes.CDLL | None:
+    """The OpenMP runtime torch loaded (by its soname, already in the process), or None without one."""
+    if not _gomp:
+        try:
+            _gomp.append(ctypes.CDLL("libgomp.so.1"))
+        except OSError:
+            _gomp.append(None)
+    return _gomp[0]

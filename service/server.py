@@ -36,6 +36,7 @@ from adapters.registry import MAX_PAGE_SIZE
 from adapters.registry_types import LOCAL_OWNER, DatabaseUnavailable
 from adapters.store import Store, StoreError
 from adapters.stores import open_store
+from kernels.native import serial_thread
 from service.accounting import Accounting, UsageWriter
 from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer
@@ -208,7 +209,8 @@ class LoraServer:
         self.errors = ErrorInterceptor()
         self.authenticator = Authenticator(self.tenants)
         interceptors = [self.errors, AuthInterceptor(self.authenticator), DecodeInterceptor()]
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc",
+                                                     initializer=serial_thread),
                                   interceptors=interceptors,
                                   options=[("grpc.so_reuseport", 0),
                                            ("grpc.max_receive_message_length", self.config.max_message_mib * 2**20)])

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
+from kernels.native import serial_thread
 from service.engine.structured import FormatKind, ResponseFormat
 from service.runtime.tokenizer import Tokenizer
 
@@ -130,7 +131,7 @@ class StructuredOutput:
         self._sizes: dict[str, int] = {}  # bytes of each cached grammar once compiled
         # Our own cache below (bounded by entries, keyed by kind and text); xgrammar's would keep every grammar.
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="grammar-compile")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="grammar-compile", initializer=serial_thread)
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Future[Grammar]] = OrderedDict()
         self.compiles = 0  # compiles started (cache misses)
@@ -271,7 +272,7 @@ class GrammarMasks:
         self.vocab_size = vocab_size
         self.unpack = torch.device(device).type == "cpu"
         self._batch = xgr.BatchGrammarMatcher(max_threads=1)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask", initializer=serial_thread)
         self._grow(1)
 
     def _grow(self, rows: int) -> None:
