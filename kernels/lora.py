@@ -19,6 +19,9 @@ from kernels import native
 SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
 FEW_SEGMENTS = 4  # more short segments than this run their products on one thread
 SHORT_SEGMENT_ROWS = 16  # a segment of at most this many tokens is "short" (decode-sized)
+# The C kernel takes segments up to this many rows (its threads split rows, so one adapter's whole decode batch
+# is one call); longer ones (prefill chunks) are matrix products, where BLAS pays.
+NATIVE_SEGMENT_ROWS = 64
 
 
 class SlicedWeights(tuple):
@@ -115,8 +118,8 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
 
 
 def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
-    """The CPU path: on bfloat16 activations, the decode-sized segments with float32 weights go through the C
-    kernel (`kernels.native.sgmv_`: one call for all of them, B^T's zero blocks skipped); longer segments
+    """The CPU path: on bfloat16 activations, segments of up to NATIVE_SEGMENT_ROWS rows with float32 weights go
+    through the C kernel (`kernels.native.sgmv_`: one call for all of them, B^T's zero blocks skipped); longer segments
     (prefill chunks, where a matrix product pays) and everything the kernel cannot take go through
     `sgmv_torch_`. Same result within one bf16 rounding of y."""
     if y.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or native.library() is None:
@@ -126,7 +129,7 @@ def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequ
         w = weights[slot] if slot >= 0 else None
         if w is None or s1 <= s0:
             continue
-        if s1 - s0 <= SHORT_SEGMENT_ROWS and w[0].dtype == torch.float32 and w[1].dtype == torch.float32:
+        if s1 - s0 <= NATIVE_SEGMENT_ROWS and w[0].dtype == torch.float32 and w[1].dtype == torch.float32:
             short.append((s0, s1, w))
         else:
             rest_slots.append((s0, s1, slot))

@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAX_HEAD_DIM 256
@@ -326,6 +327,8 @@ int q8_gemv_bf16(const uint16_t *x, const int8_t *codes, const float *scale, con
 #define MAX_IN 16384
 #define MAX_OUT 65536
 #define MAX_SLICES 8
+#define SGMV_ROWS 4    /* rows of one segment that share each weight read (the code below is written for 4) */
+#define SGMV_COLS 1024 /* output columns accumulated at once: 4 rows x 4 KiB stay in L1 */
 
 int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
                    const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
@@ -339,48 +342,78 @@ int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *
         for (int64_t j = 0; j < nslices; j++) r += ranks[s * nslices + j];
         if (r > MAX_RANK) return -1;
     }
+    /* Work in blocks of up to SGMV_ROWS rows of one segment, so each weight read from cache feeds several rows;
+     * threads take blocks, not segments: one adapter's whole decode batch is spread over every thread like many
+     * short segments. */
+    int64_t nblk = 0;
+    for (int64_t s = 0; s < nseg; s++) nblk += (ends[s] - starts[s] + SGMV_ROWS - 1) / SGMV_ROWS;
+    int64_t *blk_t = malloc(sizeof(int64_t) * (size_t)(nblk > 0 ? nblk : 1));
+    int64_t *blk_s = malloc(sizeof(int64_t) * (size_t)(nblk > 0 ? nblk : 1));
+    if (blk_t == NULL || blk_s == NULL) { free(blk_t); free(blk_s); return -1; }
     int64_t rows = 0;
-    for (int64_t s = 0; s < nseg; s++) rows += ends[s] - starts[s];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (nseg > 1 && rows * in_dim >= 32768)
-    for (int64_t s = 0; s < nseg; s++) {
+    for (int64_t s = 0, n = 0; s < nseg; s++) {
+        rows += ends[s] - starts[s];
+        for (int64_t t = starts[s]; t < ends[s]; t += SGMV_ROWS, n++) { blk_t[n] = t; blk_s[n] = s; }
+    }
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (nblk > 1 && rows * in_dim >= 32768)
+    for (int64_t n = 0; n < nblk; n++) {
+        const int64_t s = blk_s[n], t0 = blk_t[n];
+        const int64_t nb = ends[s] - t0 < SGMV_ROWS ? ends[s] - t0 : SGMV_ROWS;
         const int64_t *rk = ranks + s * nslices;
         int64_t r_total = 0;
         for (int64_t j = 0; j < nslices; j++) r_total += rk[j];
         const float *a = (const float *)(intptr_t)a_ptrs[s];
         const float *b = (const float *)(intptr_t)b_ptrs[s];
-        for (int64_t t = starts[s]; t < ends[s]; t++) {
-            float tmp[MAX_RANK] __attribute__((aligned(64)));
-            for (int64_t r = 0; r < r_total; r++) tmp[r] = 0.0f;
-            const uint16_t *xr = x + t * in_dim;
-            for (int64_t i = 0; i < in_dim; i++) { /* shrink: tmp += x[i] * A^T[i, :] */
-                const float xi = bf16_to_f32(xr[i]);
-                const float *ar = a + i * r_total;
+        /* shrink: tmp[q] = x[t0 + q] @ A^T, each row of A^T read once for the block */
+        float tmp[SGMV_ROWS][MAX_RANK] __attribute__((aligned(64)));
+        for (int q = 0; q < SGMV_ROWS; q++)
+            for (int64_t r = 0; r < r_total; r++) tmp[q][r] = 0.0f;
+        for (int64_t i = 0; i < in_dim; i++) {
+            float xi[SGMV_ROWS];
+            for (int q = 0; q < SGMV_ROWS; q++) xi[q] = q < nb ? bf16_to_f32(x[(t0 + q) * in_dim + i]) : 0.0f;
+            const float *ar = a + i * r_total;
 #pragma omp simd
-                for (int64_t r = 0; r < r_total; r++) tmp[r] += xi * ar[r];
-            }
-            uint16_t *yr = y + t * out_dim;
-            int64_t r0 = 0, c0 = 0;
-            for (int64_t j = 0; j < nslices; j++) { /* expand each slice through its own rank rows */
-                const int64_t nc = outs[j];
-                if (rk[j] > 0) {
-                    float acc[MAX_OUT / MAX_SLICES] __attribute__((aligned(64)));
-                    for (int64_t c0b = 0; c0b < nc; c0b += MAX_OUT / MAX_SLICES) {
-                        const int64_t cn = nc - c0b < MAX_OUT / MAX_SLICES ? nc - c0b : MAX_OUT / MAX_SLICES;
-                        for (int64_t c = 0; c < cn; c++) acc[c] = 0.0f;
-                        for (int64_t r = r0; r < r0 + rk[j]; r++) {
-                            const float tr = tmp[r];
-                            const float *br = b + r * out_dim + c0 + c0b;
-#pragma omp simd
-                            for (int64_t c = 0; c < cn; c++) acc[c] += tr * br[c];
-                        }
-                        for (int64_t c = 0; c < cn; c++)
-                            yr[c0 + c0b + c] = f32_to_bf16(bf16_to_f32(yr[c0 + c0b + c]) + acc[c]);
-                    }
-                }
-                r0 += rk[j];
-                c0 += nc;
+            for (int64_t r = 0; r < r_total; r++) {
+                const float av = ar[r];
+                tmp[0][r] += xi[0] * av;
+                tmp[1][r] += xi[1] * av;
+                tmp[2][r] += xi[2] * av;
+                tmp[3][r] += xi[3] * av;
             }
         }
+        /* expand each output slice through its own rank rows, each row of B^T read once for the block */
+        int64_t r0 = 0, c0 = 0;
+        for (int64_t j = 0; j < nslices; j++) {
+            const int64_t nc = outs[j];
+            if (rk[j] > 0) {
+                float acc[SGMV_ROWS][SGMV_COLS] __attribute__((aligned(64)));
+                for (int64_t cb = 0; cb < nc; cb += SGMV_COLS) {
+                    const int64_t cn = nc - cb < SGMV_COLS ? nc - cb : SGMV_COLS;
+                    for (int q = 0; q < SGMV_ROWS; q++)
+                        for (int64_t c = 0; c < cn; c++) acc[q][c] = 0.0f;
+                    for (int64_t r = r0; r < r0 + rk[j]; r++) {
+                        const float t_0 = tmp[0][r], t_1 = tmp[1][r], t_2 = tmp[2][r], t_3 = tmp[3][r];
+                        const float *br = b + r * out_dim + c0 + cb;
+#pragma omp simd
+                        for (int64_t c = 0; c < cn; c++) {
+                            const float bv = br[c];
+                            acc[0][c] += t_0 * bv;
+                            acc[1][c] += t_1 * bv;
+                            acc[2][c] += t_2 * bv;
+                            acc[3][c] += t_3 * bv;
+                        }
+                    }
+                    for (int64_t q = 0; q < nb; q++) {
+                        uint16_t *yr = y + (t0 + q) * out_dim + c0 + cb;
+                        for (int64_t c = 0; c < cn; c++) yr[c] = f32_to_bf16(bf16_to_f32(yr[c]) + acc[q][c]);
+                    }
+                }
+            }
+            r0 += rk[j];
+            c0 += nc;
+        }
     }
+    free(blk_t);
+    free(blk_s);
     return 0;
 }

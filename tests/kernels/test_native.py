@@ -224,9 +224,9 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only():
 
 def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch):
     """A fused q/k/v-like group (outputs 32 + 8 + 8) over four slots of different ranks, one projection left
-    out by one adapter (rank 0), a slot without weights, a no-adapter segment and a long (prefill) segment
-    beside the short ones: the C kernel takes the short segments, torch the long one, all match the float32
-    per-token oracle."""
+    out by one adapter (rank 0), a slot without weights, a no-adapter segment, a 20-row segment and a long
+    (prefill, 70 rows) segment beside the short ones: the C kernel takes the segments of up to 64 rows, torch
+    the long one, all match the float32 per-token oracle."""
     from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
 
     g = torch.Generator().manual_seed(11)
@@ -251,7 +251,7 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch)
         a_list.append(a_t.T)  # PEFT layout for the oracle: A [r, in], B [out, r], scale folded into B already
         b_list.append(b_t.T)
         scales.append(1.0)
-    slots = [0, 0, 1, -1, 2, 2, 2, 3] + [1] * 20 + [0]  # rows 8..27: one long segment of slot 1
+    slots = [0, 0, 1, -1, 2, 2, 2, 3] + [1] * 20 + [0] + [2] * 70  # rows 29..98: a prefill-long segment
     seg = LoraSegments.from_token_slots(slots)
     x = torch.randn(len(slots), in_dim, generator=g).to(BF16)
     y0 = torch.randn(len(slots), sum(outs), generator=g).to(BF16)
@@ -260,7 +260,38 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch)
     kernel = native.sgmv_
     monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
     got = sgmv_cpu_(y0.clone(), x, seg, weights)
-    assert calls == [[(0, 2), (2, 3), (4, 7), (28, 29)]]  # the short segments with weights, in one call
+    assert calls == [[(0, 2), (2, 3), (4, 7), (8, 28), (28, 29)]]  # the segments with weights up to 64 rows
     torch.testing.assert_close(got.float(), want, atol=0.1, rtol=2e-2)  # one bf16 rounding of y (values ~10)
     assert torch.equal(got[3], y0[3])  # the no-adapter row is untouched
     assert torch.equal(got[7], y0[7])  # so is the row of the slot that holds nothing
+
+
+def test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch):
+    """64 decode rows of one adapter (the default model's q/k/v shapes, rank 16 per slice): one segment, large
+    enough that the kernel's threads split its rows; each row matches the float32 oracle within one bf16
+    rounding of y."""
+    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+
+    g = torch.Generator().manual_seed(12)
+    in_dim, outs, rs = 576, (576, 192, 192), (16, 16, 16)
+    a_t = torch.randn(in_dim, sum(rs), generator=g) * 0.05
+    b_t = torch.zeros(sum(rs), sum(outs))
+    r0 = c0 = 0
+    for rank, out in zip(rs, outs):
+        b_t[r0 : r0 + rank, c0 : c0 + out] = torch.randn(rank, out, generator=g) * 0.05
+        r0, c0 = r0 + rank, c0 + out
+    seg = LoraSegments.from_token_slots([0] * 64)
+    x = torch.randn(64, in_dim, generator=g).to(BF16)
+    y0 = torch.randn(64, sum(outs), generator=g).to(BF16)
+    want = y0.float() + sgmv_reference(x.float(), seg, [a_t.T], [b_t.T], [1.0])
+    calls = []
+    kernel = native.sgmv_
+    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = sgmv_cpu_(y0.clone(), x, seg, [SlicedWeights(a_t, b_t, rs, outs)])
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [[(0, 64)]]  # the C kernel took it
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
