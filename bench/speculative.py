@@ -130,10 +130,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--copy-tokens", type=int, default=320, help="most output tokens of a copy request")
     ap.add_argument("--chat-tokens", type=int, default=64)
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--max-draft-tokens", type=int, default=EngineConfig.max_draft_tokens,
+                    help="the server default under test (engine.max_draft_tokens)")
+    ap.add_argument("--draft-token-cost", type=float, default=EngineConfig.draft_token_cost,
+                    help="the cost rule under test (engine.draft_token_cost)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
 
-    rt = build_runtime(RuntimeConfig(threads=args.threads), EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048))
+    rt = build_runtime(RuntimeConfig(threads=args.threads), EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048,
+                                                                       max_draft_tokens=args.max_draft_tokens,
+                                                                       draft_token_cost=args.draft_token_cost))
     engine, tok = rt.engine, rt.tokenizer
     cfg = engine.config
     copy = copy_prompts(tok)
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     copy_sp = SamplingParams(max_tokens=args.copy_tokens, temperature=0)
     chat_sp = SamplingParams(max_tokens=args.chat_tokens, min_tokens=args.chat_tokens, temperature=0, ignore_eos=True)
     res: dict = {"model": default_model_path().name, "dtype": "bfloat16", **environment(),
-                 "max_draft_tokens": cfg.max_draft_tokens, "ngram_range": f"{cfg.ngram_min}-{cfg.ngram_max}",
+                 "max_draft_tokens": cfg.max_draft_tokens, "draft_token_cost": cfg.draft_token_cost, "ngram_range": f"{cfg.ngram_min}-{cfg.ngram_max}",
                  "speculative_max_step_tokens": cfg.speculative_max_step_tokens,
                  "copy_prompt_tokens": [len(p) for p in copy], "chat_new_tokens": args.chat_tokens}
     copy_counts: list[int] = []
