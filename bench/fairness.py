@@ -4,8 +4,10 @@ on the default model, once with `--scheduling-policy vtc` and once with `fcfs`.
 - A floods: 4x B's requests outstanding at once, prompts 4x B's, half B's output: each request about twice
   B's work, as many requests in all, so A's work outlasts B's;
 - B is backlogged too: --b-concurrency requests outstanding (twice what the server runs at once), short prompts;
-- C is light: one short request every --c-interval-s seconds (open loop, about a tenth of the engine); its
-  TTFT is what a well-behaved tenant feels.
+- C is light: one short request every --c-interval-s seconds (0.25: open loop, about a tenth of the engine's
+  weighted service on the 2-core machine, and 20-30 samples in the window in which A and B are both
+  backlogged, ~6 s there: at one a second its p99 was the largest of ~6); its TTFT is what a well-behaved
+  tenant feels.
 
 Every prompt is distinct (a numbered preamble), so prefix-cache hits are rare; the client counts only computed
 prompt tokens (usage.input_tokens - cached_input_tokens), at the request's first token, and every output
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "the work)")
     ap.add_argument("--b-words", type=int, default=20, help="B's and C's prompt length in words (A: 4x)")
     ap.add_argument("--max-tokens", type=int, default=16, help="B's output tokens (A and C: half)")
-    ap.add_argument("--c-interval-s", type=float, default=1.0)
+    ap.add_argument("--c-interval-s", type=float, default=0.25)
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
     args = ap.parse_args(argv)
