@@ -32,8 +32,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from adapters.cache import LoaderFromStore
 from adapters.pg import PgDatabase
-from adapters.registry import MAX_PAGE_SIZE
-from adapters.registry_types import LOCAL_OWNER, DatabaseUnavailable
+from adapters.registry_types import DatabaseUnavailable
 from adapters.store import Store, StoreError
 from adapters.stores import open_store
 from kernels.native import serial_thread
@@ -55,7 +54,7 @@ from service.api.gen.loraserve.v1 import (
 from service.api.generation import GenerationPath
 from service.api.http_server import HttpServer
 from service.api.inference import InferenceServicer
-from service.api.openai_app import HttpFront, OpenAIApp, model_object
+from service.api.openai_app import HttpFront, OpenAIApp, list_models
 from service.api.stalls import CallSlots, StallWatchdog
 from service.api.usage_service import UsageServicer
 from service.builder import Runtime
@@ -67,7 +66,7 @@ from service.engine.sampling import SamplingParams
 from service.limits import TenantLimiter
 from service.loop import EngineLoop
 from service.metrics import ServerMetrics
-from service.tenants import Tenant, TenantDirectory
+from service.tenants import TenantDirectory
 from service.tracing import make_tracer_provider
 from service.usage import Pricing
 
@@ -81,7 +80,6 @@ SERVICES = (INFERENCE_SERVICE, ADAPTER_SERVICE, USAGE_SERVICE)
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 HTTP_START_THREADS = 32  # HTTP calls being started at once (tokenizer, format compile); the rest wait their turn
 SPARE_HTTP_CONNECTIONS = 64  # HTTP calls beyond every running and waiting request (health, metrics, models)
-MAX_MODEL_PAGES = 10  # GET /v1/models lists at most this many registry pages of adapters
 MAX_RPC_THREADS = 256  # past this, RPCs queue inside grpc; the engine's own waiting queue is the real bound
 SPARE_RPC_THREADS = 8  # kept from generations and uploads: health checks and short calls never wait on them
 
@@ -237,7 +235,8 @@ class LoraServer:
 
     def _http_front(self, ec: EngineConfig) -> HttpServer:
         front = HttpFront(
-            path=self.generations, auth=self.authenticator, base_model=self.base_model, list_models=self.models_for,
+            path=self.generations, auth=self.authenticator, base_model=self.base_model,
+            list_models=lambda tenant: list_models(self.registry, tenant, self.base_model, self._started_at),
             serving=self.serving, draining=lambda: self._draining, metrics_text=self.metrics.text, logs=self.errors.logs,
             start_limiter=anyio.CapacityLimiter(HTTP_START_THREADS))
         svc = self.service_config
@@ -253,25 +252,6 @@ class LoraServer:
     def serving(self) -> bool:
         """Loaded, warmed up, not draining, and the engine loop healthy (gRPC health SERVING; HTTP /health 200)."""
         return self._ready and not self._draining and self.loop.healthy
-
-    def models_for(self, tenant: Tenant) -> list[dict]:
-        """GET /v1/models: the base model, then every adapter `tenant` may use, by the reference it would use
-        (its own and the service's by bare name, other tenants' shared ones as owner/name)."""
-        infos = []
-        token = ""
-        for _ in range(MAX_MODEL_PAGES):
-            page = self.registry.list(tenant.id, MAX_PAGE_SIZE, token, admin=tenant.admin)
-            infos.extend(page.adapters)
-            token = page.next_page_token
-            if not token:
-                break
-        own = {a.name for a in infos if a.owner == tenant.id}
-        out = [model_object(self.base_model, "loraserve", self._started_at, self.base_model, None)]
-        for a in infos:
-            bare = a.owner == tenant.id or (a.owner == LOCAL_OWNER and a.name not in own)
-            out.append(model_object(a.name if bare else f"{a.owner}/{a.name}", a.owner, a.created_at,
-                                    a.current.version_id, self.base_model))
-        return out
 
     def _adapter_owner(self, tenant: str, name: str, admin: bool) -> str | None:
         try:

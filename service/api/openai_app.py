@@ -31,6 +31,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from adapters.registry import MAX_PAGE_SIZE, AdapterRegistry
+from adapters.registry_types import LOCAL_OWNER
 from service.api import openai_schema as oa
 from service.api.auth import Authenticator
 from service.api.errors import (
@@ -44,6 +46,7 @@ from service.api.generation import POLL_S, RECORD_WAIT_S, Generation, Generation
 from service.api.http_errors import HttpError, http_error, log_refusal
 from service.engine.outputs import FinalOutput, RequestOutput
 from service.loop import LoopClosed
+from service.tenants import Tenant
 
 log = structlog.get_logger("service.api")
 
@@ -355,3 +358,26 @@ def _sse(obj: dict) -> bytes:
 def model_object(model_id: str, owned_by: str, created: float, root: str, parent: str | None) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": int(created), "owned_by": owned_by, "root": root,
             "parent": parent}
+
+
+MAX_MODEL_PAGES = 10  # GET /v1/models lists at most this many registry pages of adapters
+
+
+def list_models(registry: AdapterRegistry, tenant: Tenant, base_model: str, started_at: float) -> list[dict]:
+    """GET /v1/models: the base model, then every adapter `tenant` may use, by the reference it would use
+    (its own and the service's by bare name, other tenants' shared ones as owner/name)."""
+    infos = []
+    token = ""
+    for _ in range(MAX_MODEL_PAGES):
+        page = registry.list(tenant.id, MAX_PAGE_SIZE, token, admin=tenant.admin)
+        infos.extend(page.adapters)
+        token = page.next_page_token
+        if not token:
+            break
+    own = {a.name for a in infos if a.owner == tenant.id}
+    out = [model_object(base_model, "loraserve", started_at, base_model, None)]
+    for a in infos:
+        bare = a.owner == tenant.id or (a.owner == LOCAL_OWNER and a.name not in own)
+        out.append(model_object(a.name if bare else f"{a.owner}/{a.name}", a.owner, a.created_at,
+                                a.current.version_id, base_model))
+    return out
