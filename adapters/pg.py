@@ -26,9 +26,12 @@ import psycopg_pool
 
 from adapters.registry_types import DatabaseUnavailable
 
-__all__ = ["PgDatabase", "PgRow", "SchemaTooNew", "redact_url", "to_pg_sql"]
+__all__ = ["BYTE_ORDER_TEXT", "PgDatabase", "PgRow", "SchemaTooNew", "redact_url", "to_pg_sql"]
 
 SCHEMA_TABLE = "loraserve_schema"
+# Text columns compared in byte order, as SQLite compares: listings, keyset paging and page tokens sort the same on
+# both databases.
+BYTE_ORDER_TEXT = 'TEXT COLLATE "C"'
 _MIGRATE_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key of schema changes ("lora")
 
 

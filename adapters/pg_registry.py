@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from adapters.pg import PgDatabase
+from adapters.pg import BYTE_ORDER_TEXT, PgDatabase
 from adapters.registry import AdapterInUse, AdapterNotFound, AdapterRef, AdapterRegistry, AdapterVersion
 from adapters.registry_types import DatabaseUnavailable
 from adapters.store import Store, StoreError
@@ -36,7 +36,7 @@ __all__ = ["LeaseKeeper", "PgAdapterRegistry"]
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-_TEXT = 'TEXT COLLATE "C"'  # byte order, as SQLite's: keyset paging and listings sort the same on both
+_TEXT = BYTE_ORDER_TEXT
 MIGRATIONS = {0: f"""
 CREATE TABLE adapters (
     id BIGSERIAL PRIMARY KEY,

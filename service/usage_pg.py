@@ -8,13 +8,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from adapters.pg import PgDatabase
+from adapters.pg import BYTE_ORDER_TEXT, PgDatabase
 from service.usage import COLUMNS, Pricing, UsageQueries, UsageRecord, record_from_row, record_row
 
 __all__ = ["PgUsageLedger"]
 
 SCHEMA_VERSION = 1
-_TEXT = 'TEXT COLLATE "C"'  # byte order, as SQLite's: rows and page tokens sort the same on both
+_TEXT = BYTE_ORDER_TEXT
 MIGRATIONS = {0: f"""
 CREATE TABLE usage (
     request_id TEXT PRIMARY KEY,
