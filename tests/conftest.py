@@ -15,12 +15,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def pg_cluster():
     """A throwaway PostgreSQL cluster for the session (tests.pg_cluster); each test makes its own database."""
-    from tests.pg_cluster import PgCluster, missing_binaries
+    from tests.pg_cluster import PgCluster, require_postgres
 
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"PostgreSQL is not installed here ({', '.join(missing)} not on the PATH): the tests of the "
-                    "PostgreSQL control plane cannot run")
+    require_postgres()
     cluster = PgCluster()
     try:
         yield cluster

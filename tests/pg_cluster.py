@@ -20,8 +20,25 @@ from pathlib import Path
 BINARIES = ("initdb", "pg_ctl", "postgres")
 
 
+REQUIRE_ENV = "LORASERVE_REQUIRE_POSTGRES"  # .ci/run sets it: there, no PostgreSQL is a failure, not a skip
+
+
 def missing_binaries() -> list[str]:
     return [b for b in BINARIES if shutil.which(b) is None]
+
+
+def require_postgres() -> None:
+    """Skip the calling test or fixture where PostgreSQL is not installed, naming what is missing; fail instead
+    under REQUIRE_ENV=1 (CI, where PostgreSQL is part of the machine), so a lost install cannot pass as skips."""
+    import pytest
+
+    missing = missing_binaries()
+    if not missing:
+        return
+    why = f"PostgreSQL is not installed here ({', '.join(missing)} not on the PATH)"
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{why}, and {REQUIRE_ENV}=1 requires it")
+    pytest.skip(f"{why}: the tests of the PostgreSQL control plane cannot run")
 
 
 def free_port() -> int:

@@ -18,7 +18,7 @@ from adapters.registry_types import DatabaseUnavailable
 from service.control_plane import UsageExporter
 from service.usage import UsageLedger, UsageRecord
 from service.usage_pg import PgUsageLedger
-from tests.pg_cluster import PgCluster
+from tests.pg_cluster import PgCluster, require_postgres
 
 
 def vid(n: int) -> str:
@@ -223,10 +223,7 @@ def test_the_outbox_is_exported_exactly_once(open_db, tmp_path):
 @pytest.fixture(scope="module")
 def own_cluster():
     """A cluster of this module's own: its tests stop and start it."""
-    from tests.pg_cluster import missing_binaries
-
-    if missing_binaries():
-        pytest.skip(f"PostgreSQL is not installed here ({', '.join(missing_binaries())} not on the PATH)")
+    require_postgres()
     cluster = PgCluster(prefix="loraserve-pg-faults-")
     yield cluster
     cluster.close()
@@ -303,3 +300,16 @@ def test_a_database_that_is_back_is_used_again_by_every_connection(own_cluster):
             assert list(pool.map(get, range(3))) == [vid(1)] * 3
     finally:
         db.close()
+
+
+def test_without_postgresql_ci_fails_and_elsewhere_skips(monkeypatch):
+    """No PostgreSQL binaries on the PATH: a skip that names them, but a failure where CI requires PostgreSQL."""
+    import tests.pg_cluster as pg_cluster
+
+    monkeypatch.setattr(pg_cluster.shutil, "which", lambda name: None)
+    monkeypatch.setenv(pg_cluster.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="LORASERVE_REQUIRE_POSTGRES=1 requires it"):
+        require_postgres()
+    monkeypatch.delenv(pg_cluster.REQUIRE_ENV)
+    with pytest.raises(pytest.skip.Exception, match=r"initdb, pg_ctl, postgres not on the PATH"):
+        require_postgres()
