@@ -24,7 +24,7 @@ from service.tenants import hash_api_key
 from tests.api.conftest import tiny  # noqa: F401 - the session's tiny model and adapter
 from tests.api.serve_process import ServeProcess, cli
 from tests.api.test_service_process import _upload_in_background, _variant
-from tests.pg_cluster import PgCluster, free_port, missing_binaries
+from tests.pg_cluster import PgCluster, free_port, require_postgres
 
 TINY_ARGS = ("--dtype", "float32", "--kv-cache-gib", "0.004", "--threads", "1", "--max-num-seqs", "4")
 ALICE = "alice-key-0123456789abcdef"
@@ -158,8 +158,7 @@ def _delete_or_none(c: LoraServeClient, ref: str):
 @pytest.fixture(scope="module")
 def own_cluster():
     """A PostgreSQL of this module's fault tests only: they stop and start it."""
-    if missing_binaries():
-        pytest.skip(f"PostgreSQL is not installed here ({', '.join(missing_binaries())} not on the PATH)")
+    require_postgres()
     cluster = PgCluster(prefix="loraserve-pg-replicas-")
     yield cluster
     cluster.close()
@@ -252,18 +251,12 @@ def test_a_database_down_at_start_keeps_health_not_serving_until_it_is_up(tiny, 
     config = config_file(tmp_path, s3_server, bucket, url)
     port = free_port()
     own_cluster.stop()
-    pool = ThreadPoolExecutor(1)
-    started = pool.submit(ServeProcess, *serve_args(tiny[0], tenants_file, config, tmp_path / "data"),
-                          "--port", str(port))
-    try:
+    with serving_once_unblocked(serve_args(tiny[0], tenants_file, config, tmp_path / "data"), port,
+                                unblock=lambda: own_cluster.running() or own_cluster.start()) as started:
         with LoraServeClient(f"127.0.0.1:{port}", api_key=ALICE, timeout=5) as c:
-            status, _ = until(lambda: _health(c), 60, "the waiting server answers health")
-            assert status == "NOT_SERVING"
-            with pytest.raises(grpc.RpcError) as refused:
-                c.generate("t5", max_tokens=1)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "the control-plane database cannot be used" in refused.value.details()
-            assert "not-shown" not in refused.value.details()
+            details = refused_while_waiting(c)
+            assert "the control-plane database cannot be used" in details
+            assert "not-shown" not in details
             time.sleep(STORE_RETRY_S + 0.5)
             assert c.health() == "NOT_SERVING"
             own_cluster.start()
@@ -275,12 +268,6 @@ def test_a_database_down_at_start_keeps_health_not_serving_until_it_is_up(tiny, 
         assert "not-shown" not in "\n".join(proc.lines) and "***" in down[0]["error"]
         assert len(down) == 1  # an unchanged problem is not logged at every retry
         assert proc.stop() == 0
-    finally:
-        if not own_cluster.running():
-            own_cluster.start()
-        pool.shutdown()
-        if started.exception() is None:
-            started.result().kill()
 
 
 def test_a_database_of_a_newer_server_is_refused_at_start(tiny, tenants_file, s3_server, bucket,  # noqa: F811
@@ -301,17 +288,10 @@ def test_a_missing_bucket_keeps_health_not_serving_until_it_exists(tiny, tenants
     missing = f"adapters-missing-{int(time.time() * 1000) % 10**9}"
     config = config_file(tmp_path, s3_server, missing)
     port = free_port()  # the waiting server and the real one listen on the same port
-    pool = ThreadPoolExecutor(1)
-    started = pool.submit(ServeProcess, *serve_args(tiny[0], tenants_file, config, tmp_path / "data"),
-                          "--port", str(port))
-    try:
+    with serving_once_unblocked(serve_args(tiny[0], tenants_file, config, tmp_path / "data"), port,
+                                unblock=lambda: s3_server.client().create_bucket(Bucket=missing)) as started:
         with LoraServeClient(f"127.0.0.1:{port}", api_key=ALICE, timeout=5) as c:
-            status, _ = until(lambda: _health(c), 60, "the waiting server answers health")
-            assert status == "NOT_SERVING"
-            with pytest.raises(grpc.RpcError) as refused:
-                c.generate("t5", max_tokens=1)
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert f"bucket {missing!r}" in refused.value.details()
+            assert f"bucket {missing!r}" in refused_while_waiting(c)
             time.sleep(STORE_RETRY_S + 0.5)  # a retry or two: still not serving
             assert c.health() == "NOT_SERVING"
             s3_server.client().create_bucket(Bucket=missing)
@@ -328,13 +308,34 @@ def test_a_missing_bucket_keeps_health_not_serving_until_it_exists(tiny, tenants
         assert unavailable[0]["level"] == "error"
         assert len(unavailable) == 1  # an unchanged problem is not logged again at every retry
         assert proc.stop() == 0
+
+
+@contextlib.contextmanager
+def serving_once_unblocked(args: list[str], port: int, unblock):
+    """`loraserve serve ARGS --port PORT` started on a thread: it waits, listening with health NOT_SERVING, for
+    what it cannot use yet; the future gives the ServeProcess once it serves. On the way out the cause of the
+    wait is removed (`unblock()`, which must do nothing when it already is: a failure may come first) so that
+    the server comes up and the module's other tests find what they need, and the server is killed."""
+    pool = ThreadPoolExecutor(1)
+    started = pool.submit(ServeProcess, *args, "--port", str(port))
+    try:
+        yield started
     finally:
-        if not started.done():  # a failure above: let the server come up, so that it can be stopped
-            with contextlib.suppress(Exception):
-                s3_server.client().create_bucket(Bucket=missing)
+        with contextlib.suppress(Exception):
+            unblock()
         pool.shutdown()
         if started.exception() is None:
             started.result().kill()
+
+
+def refused_while_waiting(c: LoraServeClient) -> str:
+    """Health is NOT_SERVING and a generation UNAVAILABLE while the server waits; returns the refusal's words."""
+    status, _ = until(lambda: _health(c), 60, "the waiting server answers health")
+    assert status == "NOT_SERVING"
+    with pytest.raises(grpc.RpcError) as refused:
+        c.generate("t5", max_tokens=1)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    return refused.value.details()
 
 
 def _health(c: LoraServeClient) -> str | None:
