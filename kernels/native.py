@@ -259,7 +259,8 @@ def serial_thread() -> None:
     parallel region of the engine pays for waking its workers (decode steps of 64 requests measured 1.15-1.6x
     slower after one adapter load; kernels/__init__.py keeps that spin from dropping to nothing). With one
     thread per region here, no team is made. Only this thread's OpenMP setting changes, not torch's global
-    count (which the engine's thread reads)."""
+    count (which the engine's thread reads). It covers torch's own parallel loops (copies, casts, elementwise
+    ops: what these threads run); a BLAS matrix product keeps the library's thread count."""
     torch.get_num_threads()  # torch's own per-thread OpenMP setup first: it would undo what follows
     omp = _libgomp()
     if omp is not None:

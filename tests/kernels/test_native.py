@@ -4,6 +4,9 @@ fallback: every op gives the torch result when the kernels are off or a shape is
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,3 +298,37 @@ def test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch):
         torch.set_num_threads(threads)
     assert calls == [[(0, 64)]]  # the C kernel took it
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
+
+
+SIDE_THREAD = """
+import os, sys, threading
+import kernels
+import torch
+from kernels.native import serial_thread
+torch.set_num_threads(2)
+torch.ones(1 << 22).add_(torch.ones(1 << 22))  # the main thread's OpenMP team exists first
+before = len(os.listdir("/proc/self/task"))
+done, seen = threading.Event(), []
+def side():
+    if sys.argv[1] == "1":
+        serial_thread()
+    torch.ones(1 << 22).add_(torch.ones(1 << 22))  # a parallel torch loop on the side thread
+    seen.append(len(os.listdir("/proc/self/task")))
+    done.wait()
+threading.Thread(target=side, daemon=True).start()
+while not seen:
+    pass
+print(seen[0] - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux's /proc")
+def test_a_serial_side_thread_makes_no_openmp_team(tmp_path):
+    """A thread beside the main one runs a parallel torch loop: without serial_thread() it gets an OpenMP worker
+    of its own (one thread more than itself), with it none."""
+    script = tmp_path / "side.py"
+    script.write_text(SIDE_THREAD)
+    root = Path(__file__).resolve().parents[2]
+    grown = [int(subprocess.run([sys.executable, str(script), flag], capture_output=True, text=True, check=True,
+                                cwd=root, env={**os.environ, "PYTHONPATH": str(root)}).stdout) for flag in "01"]
+    assert grown == [2, 1]
