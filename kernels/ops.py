@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from kernels import quant as _quant
 from kernels.attention import AttentionPlan
 from kernels.lora import LoraSegments, SlotWeights
 from kernels.quant import QuantizedTensor
+
+if TYPE_CHECKING:
+    from kernels.triton.sgmv import SlotTables
 
 __all__ = ["AttentionPlan", "Kernels", "LoraSegments", "QuantizedTensor", "TorchKernels", "TritonKernels",
            "kernel_mode", "select_kernels"]
@@ -159,6 +162,11 @@ class TritonKernels(TorchKernels):
     def sgmv_(self, y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, weights: list[SlotWeights]
               ) -> torch.Tensor:
         return self._sgmv.sgmv_(y, x, segments, weights)
+
+    def sgmv_static_(self, y: torch.Tensor, x: torch.Tensor, tiles: torch.Tensor, tables: SlotTables
+                     ) -> torch.Tensor:
+        """`sgmv_` at a fixed launch shape, from tiles and slot tables already on the device (graph replays)."""
+        return self._sgmv.sgmv_static_(y, x, tiles, tables)
 
 
 def kernel_mode() -> str:

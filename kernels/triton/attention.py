@@ -26,6 +26,7 @@ from kernels.triton.common import MIN_DOT, check_device, check_launchable, dot_d
 
 EXTEND_ROWS = 64  # (token, head) rows per extend tile
 BLOCK_N = 32  # keys per inner step
+STATIC = "triton-attention:static"  # a plan's geometry held in fixed device buffers (`static_decodes`)
 
 
 @triton.jit
@@ -130,6 +131,20 @@ def _geometry(plan: AttentionPlan, device: torch.device, page_size: int, extend_
     return geo
 
 
+def static_decodes(plan: AttentionPlan, seqs: torch.Tensor, tables: torch.Tensor, tiles: torch.Tensor,
+                   max_block: int) -> None:
+    """Make `plan` a decode step of fixed shape, for launches captured once and replayed with new values: its
+    sequences are the rows of `seqs` (int64 [B, 3]: first q row, new tokens (1), cached tokens) over `tables`
+    (int64 [B, width] block ids), each attended by the decode tile of `tiles` (int64 [B, 2]: (row, 0)), all on
+    the device. What is launched depends on their shapes only; `max_block` bounds the block ids they hold."""
+    if seqs.dim() != 2 or seqs.shape[1] != 3 or tables.dim() != 2 or tables.shape[0] != seqs.shape[0] \
+            or tuple(tiles.shape) != (seqs.shape[0], 2):
+        raise ValueError(f"static decodes need seqs [B, 3], tables [B, width] and tiles [B, 2], got "
+                         f"{list(seqs.shape)}, {list(tables.shape)} and {list(tiles.shape)}")
+    empty = torch.empty(0, 2, dtype=torch.int64, device=seqs.device)
+    plan.derived[STATIC] = _Geometry(seqs, tables, tiles, empty, tables.shape[1], max_block, seqs.shape[0])
+
+
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     float_dtype(q, "attention q")
     float_dtype(k_cache, "k_cache")
@@ -165,7 +180,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if extend_m * block_g < MIN_DOT or extend_m & (extend_m - 1) or block_n < MIN_DOT or block_n & (block_n - 1):
         raise ValueError(f"extend_m={extend_m} x {block_g} heads must give >= {MIN_DOT} rows and "
                          f"block_n={block_n} must be a power of two >= {MIN_DOT}")
-    geo = _geometry(plan, q.device, page_size, extend_m)
+    static = plan.derived.get(STATIC)
+    geo = static if isinstance(static, _Geometry) else _geometry(plan, q.device, page_size, extend_m)
     if geo.tokens != q.shape[0]:
         raise ValueError(f"the attention plan covers {geo.tokens} new tokens, q has {q.shape[0]}")
     if geo.max_block >= num_blocks:

@@ -71,6 +71,12 @@ def record() -> dict:
                  SlicedWeights(torch.randn(d_in, 80, dtype=w_dtype), torch.randn(80, 192, dtype=w_dtype),
                                [16, 0, 64], [128, 32, 32])]
         sgmv.sgmv_(torch.zeros(tokens, 192, dtype=x_dtype), torch.randn(tokens, d_in, dtype=x_dtype), seg, fused)
+    for dtype, d_in in ((torch.bfloat16, 1024), (torch.bfloat16, 576), (torch.float16, 576)):  # graph replays
+        flat = torch.zeros(sum(sgmv.SlotTables.sizes(2, 3)), dtype=torch.int64)
+        tables = sgmv.SlotTables.views(flat, 2, (128, 32, 32), 3 * 64, sgmv.MIN_DOT, sgmv.MIN_DOT,
+                                       sgmv.float_dtype(torch.empty(0, dtype=dtype), "weights"))
+        sgmv.sgmv_static_(torch.zeros(8, 192, dtype=dtype), torch.randn(8, d_in, dtype=dtype),
+                          torch.zeros(sgmv.static_tile_capacity(8, 2), 3, dtype=torch.int64), tables)
     plan = AttentionPlan.build([[0, 1, 2], [3, 4]], [37, 0], [1, 6], 16)  # a decode and an extend
     for dtype, heads, kv_heads, d in ((torch.bfloat16, 9, 3, 64), (torch.bfloat16, 8, 8, 128),
                                       (torch.bfloat16, 32, 4, 128), (torch.float16, 9, 3, 64),

@@ -187,3 +187,65 @@ def test_matches_torch_path_on_random_batches():
         y0 = torch.randn(len(token_slots), 40)
         y_torch, y_triton = sgmv_torch_(y0.clone(), x, seg, weights), sgmv_(y0.clone(), x, seg, weights)
         torch.testing.assert_close(y_triton, y_torch, atol=1e-5 * y_torch.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("with_sliced", [False, True], ids=["pairs", "sliced"])
+def test_fixed_shape_sgmv_from_tables_matches_the_oracle(with_sliced):
+    """The graph-replay form: tiles and slot tables in fixed buffers, padded with empty tiles, the launch shaped
+    by the tables' rank capacity rather than by the slots; decode-sized segments of mixed ranks beside base rows."""
+    from kernels.triton.common import MIN_DOT
+    from kernels.triton.sgmv import SlotTables, sgmv_static_, static_tile_capacity, static_tiles
+
+    d_in, outs = 64, (48, 16, 16)
+    ranks = [8, 16, 4, 0]  # slot 3 holds an adapter of rank 0; slot 2 is filled then emptied below
+    slot_of_row = [0, 0, 0, -1, 1, 1, -1, 2, 3] + [0] * 18  # 18 rows of slot 0: two tiles
+    n = len(slot_of_row)
+    a, b, scales, pairs = adapters(ranks, d_in, sum(outs), seed=3)
+    if with_sliced:  # B^T zero off the slices: slot i's rank rows feed slice i % 3 only
+        pairs = [(at, torch.zeros_like(bt)) for at, bt in pairs]
+        for i, (_, bt) in enumerate(pairs):
+            lo = sum(outs[: i % 3])
+            bt[:, lo : lo + outs[i % 3]] = (b[i] * scales[i]).T[:, lo : lo + outs[i % 3]]
+        weights = [SlicedWeights(at, bt, [r if j == i % 3 else 0 for j in range(3)], outs)
+                   for i, ((at, bt), r) in enumerate(zip(pairs, ranks))]
+    else:
+        weights = list(pairs)
+    cap = static_tile_capacity(64, len(weights))  # a bucket of 64 rows: room for padding tiles
+    flat = torch.zeros(sum(SlotTables.sizes(len(weights), 3)), dtype=torch.int64)
+    tables = SlotTables.views(flat, len(weights), outs, 16, MIN_DOT, MIN_DOT, float_dtype_of(torch.float32))
+    tables.fill([*weights[:2], None, weights[3]])  # a slot emptied: its rows get nothing
+    segments = [(0, 3, 0), (3, 4, -1), (4, 6, 1), (6, 7, -1), (7, 8, 2), (8, 9, 3), (9, n, 0)]
+    tiles = torch.tensor(static_tiles(segments, cap), dtype=torch.int64).view(cap, 3)
+    assert (tiles[:, 1] <= tiles[:, 0]).sum() > 0  # padding tiles are launched too
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d_in, generator=g)
+    y0 = torch.randn(n, sum(outs), generator=g)
+    y = sgmv_static_(y0.clone(), x, tiles, tables)
+    seg = LoraSegments.from_token_slots([s if s != 2 else -1 for s in slot_of_row])
+    want = y0 + sgmv_reference(x, seg, [w[0].T for w in weights], [w[1].T for w in weights], [1.0] * 4)
+    assert (want - y0).abs().max() > 1
+    assert (y - want).abs().max() <= TOL[torch.float32] * want.abs().max()
+    untouched = torch.tensor([s in (-1, 2, 3) for s in slot_of_row])
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_fixed_shape_sgmv_refuses_what_it_cannot_launch():
+    """Bad input: more tiles than the launch holds, a slot over the rank capacity, tiles of the wrong shape."""
+    from kernels.triton.common import MIN_DOT
+    from kernels.triton.sgmv import SlotTables, sgmv_static_, static_tiles
+
+    _, _, _, weights = adapters([32], 16, 16)
+    flat = torch.zeros(sum(SlotTables.sizes(1, 1)), dtype=torch.int64)
+    tables = SlotTables.views(flat, 1, (16,), 16, MIN_DOT, MIN_DOT, float_dtype_of(torch.float32))
+    with pytest.raises(ValueError, match="rank 32 exceeds the static launch's rank 16"):
+        tables.fill(weights)
+    with pytest.raises(ValueError, match="LoRA tiles exceed the static launch's 1"):
+        static_tiles([(0, 40, 0)], 1)
+    with pytest.raises(ValueError, match=r"int64 \[capacity, 3\]"):
+        sgmv_static_(torch.zeros(2, 16), torch.zeros(2, 16), torch.zeros(2, 2, dtype=torch.int64), tables)
+
+
+def float_dtype_of(dtype: torch.dtype):
+    from kernels.triton.common import float_dtype
+
+    return float_dtype(torch.empty(0, dtype=dtype), "weights")
