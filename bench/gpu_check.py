@@ -6,7 +6,8 @@
 4. The kernel benchmark on llama-8B shapes (bench/kernels.py).
 5. The engine on a synthetic Llama-3-8B (random int4 weights built on the GPU): one request alone (decode
    tokens/s), 64 concurrent requests without adapters, and 64 over 32 adapters (ranks 8/16/32/64 on all seven
-   projections); tokens/s, TTFT and TPOT percentiles from each request's own timings.
+   projections); tokens/s, TTFT and TPOT percentiles from each request's own timings. Decode steps replay
+   CUDA graphs, as `loraserve serve` does (`--no-cuda-graphs`: eager, for an A/B).
 
 Writes bench/results/gpu_check.json (and $OUT/gpu_check.json when OUT is set). `--dry-run` runs the same
 steps on the CPU at toy sizes (synthetic SmolLM2, the torch backend, no compile or CUDA tests), to check the
@@ -96,14 +97,15 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def engine_bench(model: str, device: str, requests: int, adapters: int, prompt_len: int, new_tokens: int) -> dict:
+def engine_bench(model: str, device: str, requests: int, adapters: int, prompt_len: int, new_tokens: int,
+                 cuda_graphs: bool = True) -> dict:
     from adapters.identity import adapter_version_id
     from service.builder import build_runtime
     from service.config import AdapterConfig, EngineConfig, RuntimeConfig
     from service.engine.sampling import SamplingParams
 
     t = time.perf_counter()
-    rt = build_runtime(RuntimeConfig(model=model, device=device, max_model_len=2048),
+    rt = build_runtime(RuntimeConfig(model=model, device=device, max_model_len=2048, cuda_graphs=cuda_graphs),
                        EngineConfig(max_num_seqs=requests, max_num_batched_tokens=4096),
                        AdapterConfig(max_active_adapters=max(adapters, 1), host_cache_mib=65536,
                                      host_cache_max_count=max(adapters, 1) + 1, max_lora_rank=max(RANKS)))
@@ -141,7 +143,9 @@ def engine_bench(model: str, device: str, requests: int, adapters: int, prompt_l
     single = timed(prompts[:1], None)
     batched = timed(prompts, None)
     mixed = timed(prompts, [versions[i % adapters] for i in range(requests)]) if adapters else None
+    graphs = rt.runner.graphs
     return {"model": model, "device": device, "kernels": rt.model.kernels.name, "build_s": build_s,
+            "decode_graph_buckets": graphs.buckets if graphs is not None else None,
             "prompt_tokens": prompt_len, "new_tokens": new_tokens, "single_stream": single,
             "batched_no_adapter": batched, "mixed_adapters": mixed, "adapters": adapters,
             "ranks": list(RANKS), "kv_blocks": rt.runner.num_blocks}
@@ -152,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="the same steps on the CPU at toy sizes")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: compile,tests,kernels,engine")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="time the engine with eager decode steps (default: CUDA graphs, as served)")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     if not args.dry_run and not torch.cuda.is_available():
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          new_tokens=4)
         else:
             res["engine"] = engine_bench("synthetic:llama-3-8b", "cuda", requests=64, adapters=32, prompt_len=288,
-                                         new_tokens=64)
+                                         new_tokens=64, cuda_graphs=args.cuda_graphs)
         e = res["engine"]
         log(f"engine: single stream {e['single_stream']['tok_s']:.1f} tok/s, 64 requests "
             f"{e['batched_no_adapter']['tok_s']:.1f} tok/s"

@@ -4,6 +4,7 @@ scheduler. The one place that sets process-wide torch settings (threads), once, 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from service.runtime.synthetic import is_synthetic, load_synthetic, synthetic_to
 from service.runtime.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from service.runtime.graphs import Capture
     from service.runtime.structured import StructuredOutput
 
 log = structlog.get_logger(__name__)
@@ -112,6 +114,16 @@ def _cpu_kernels(device: torch.device, dtype: torch.dtype, kernels: str) -> str:
     return "c"
 
 
+def _decode_capture(rc: RuntimeConfig, device: torch.device, kernels: str) -> Capture | None:
+    """How decode steps are replayed at fixed shapes: CUDA graphs on a GPU with the Triton kernels (unless
+    cuda_graphs is off); None elsewhere (each step launches its kernels as it goes)."""
+    if device.type != "cuda" or kernels != "triton" or not rc.cuda_graphs:
+        return None
+    from service.runtime.cuda import CudaGraphCapture
+
+    return CudaGraphCapture(device)
+
+
 def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None,
                   ac: AdapterConfig | None = None,
                   adapter_loader: Callable[[str], ParsedAdapter] | None = None) -> Runtime:
@@ -143,8 +155,12 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
         )
     lora_slots = LoraSlots(loaded.arch, ac.max_active_adapters, device)
     # The sampler masks the same EOS ids the engine stops on (the tokenizer's), below min_tokens.
+    capture = _decode_capture(rc, device, kernels.name)
+    if capture is not None:
+        num_blocks -= 1  # the arena's last block takes the padding rows of fixed-shape decode steps
     runner = ModelRunner(model, num_blocks=num_blocks, block_size=ec.block_size, max_model_len=max_len,
-                         lora_slots=lora_slots, eos_token_ids=tokenizer.eos_token_ids)
+                         lora_slots=lora_slots, eos_token_ids=tokenizer.eos_token_ids, decode_capture=capture,
+                         max_decode_batch=ec.max_num_seqs, max_lora_rank=ac.max_lora_rank)
     local: dict[str, ParsedAdapter] = {}
     runtime: Runtime | None = None
 
@@ -164,11 +180,17 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
                                workers=ac.load_workers)
     engine = LLMEngine(runner, tokenizer, ec, adapter_slots=versions,
                        admission=AdapterAdmission(versions, ac.max_overtake_steps))
+    if runner.graphs is not None:
+        t0 = time.perf_counter()
+        runner.graphs.capture_all()
+        log.info("decode_graphs_captured", buckets=runner.graphs.buckets, lora=lora_slots is not None,
+                 seconds=round(time.perf_counter() - t0, 1))
     cpu_kernels = _cpu_kernels(device, dtype, kernels.name)
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
              device=describe(device), kernels=kernels.name, cpu_kernels=cpu_kernels,
              weights_mib=round(model.nbytes() / 2**20, 1), dense_weights=model.dense_weights,
-             kv_blocks=num_blocks, kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
+             kv_blocks=num_blocks, decode_graphs=runner.graphs.buckets if runner.graphs is not None else None,
+             kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())
     runtime = Runtime(engine, tokenizer, model, runner, loaded, versions, ac, local,
                       _structured_output(tokenizer, loaded.arch.vocab_size), adapter_loader)

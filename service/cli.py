@@ -46,16 +46,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         f"many MiB; 0 never (default: {RuntimeConfig.dense_weights_mib})")
     g.add_argument("--gpu-memory-fraction", type=float,
                    help=f"on a GPU, the share of its memory to use (default: {RuntimeConfig.gpu_memory_fraction})")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   help="on a GPU, capture decode steps as CUDA graphs per batch-size bucket and replay them "
+                        "(default: on)")
     g.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
     g.add_argument("--log-level", help="stderr log level: debug, info, warning, error (default: warning; serve: "
                    "info)")
 
 
+def runtime_flags(args: argparse.Namespace) -> dict:
+    """The model flags as RuntimeConfig fields (None: not given)."""
+    return dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
+                kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
+                gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib,
+                cuda_graphs=args.cuda_graphs)
+
+
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
-    given = dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
-                 kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
-                 gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib)
-    return RuntimeConfig(**{k: v for k, v in given.items() if v is not None})
+    return RuntimeConfig(**{k: v for k, v in runtime_flags(args).items() if v is not None})
 
 
 def add_call_sampling_args(c: argparse.ArgumentParser) -> None:
@@ -149,9 +157,7 @@ def serve_configs(args: argparse.Namespace) -> tuple:
 
     values = read_config_file(args.config) if args.config else {}
     flags = {
-        RuntimeConfig: dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
-                            kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
-                            gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib),
+        RuntimeConfig: runtime_flags(args),
         EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                            max_waiting=args.max_waiting, scheduling_policy=args.scheduling_policy,
                            input_token_weight=args.input_token_weight,

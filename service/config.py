@@ -94,6 +94,8 @@ class RuntimeConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N, or auto (the first GPU when there is one)
     # On a GPU: the share of its memory the server may use (weights, KV arena, activations), as vLLM's.
     gpu_memory_fraction: float = 0.9
+    # On a GPU (Triton kernels): decode steps captured as CUDA graphs per batch-size bucket, replayed each step.
+    cuda_graphs: bool = True
     # On the CPU (bfloat16): also hold the quantized weights as dense bf16, which batched steps multiply ~2x
     # faster, when that copy takes at most this many MiB (the default model's: 268 MiB); 0 never does.
     dense_weights_mib: int = 1024
@@ -110,6 +112,8 @@ class RuntimeConfig:
             raise ValueError(f"dense_weights_mib={self.dense_weights_mib!r} is invalid: must be an integer >= 0")
         if not 0 < self.gpu_memory_fraction <= 1:
             raise ValueError(f"gpu_memory_fraction={self.gpu_memory_fraction} is invalid: must be in (0, 1]")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is invalid: must be true or false")
         if not isinstance(self.device, str) or not self.device.strip():
             raise ValueError("device is empty: use cpu, cuda, cuda:N or auto")
         if self.max_model_len is not None and self.max_model_len < 16:

@@ -1,11 +1,11 @@
-"""What only CUDA can run: pinned staging of a step's metadata, adapter copies on a side stream, and sizing
-the KV arena from the GPU's memory. Imported only when the runtime's device is CUDA; its tests run where CUDA
-exists and are reported as skipped elsewhere (tests/runtime/test_cuda.py).
+"""What only CUDA can run: pinned staging of a step's metadata, adapter copies on a side stream, sizing the KV
+arena from the GPU's memory, and capturing decode steps as CUDA graphs. Imported only when the runtime's device
+is CUDA; its tests run where CUDA exists and are reported as skipped elsewhere (tests/runtime/test_cuda.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,3 +61,32 @@ def kv_cache_bytes(device: torch.device, fraction: float, activation_bytes: int)
     free, total = torch.cuda.mem_get_info(device)
     used = total - free
     return int(total * fraction) - used - activation_bytes
+
+
+class CudaGraphCapture:
+    """Captures a fixed-shape step into a CUDA graph (`service.runtime.graphs.Capture`): the step runs once
+    eagerly on a side stream (Triton compiles its kernels, the allocator settles), then is captured; every
+    replay launches the whole graph at once and returns the captured output tensor, which the next replay
+    overwrites. All graphs share one memory pool: only one runs at a time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        main = torch.cuda.current_stream(self.device)
+        warm = torch.cuda.Stream(self.device)
+        warm.wait_stream(main)
+        with torch.cuda.stream(warm):
+            fn()
+        main.wait_stream(warm)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay

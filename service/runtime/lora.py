@@ -90,6 +90,7 @@ class LoraSlots:
         self.table: list[dict[str, list[SlotWeights]]] = [
             {g: [None] * max_active for g in GROUPS} for _ in range(arch.num_layers)
         ]
+        self.version = 0  # counts loads: what reads the table by address (graph replays) refreshes on a change
         self._copies = None  # on CUDA: adapter copies run on a side stream (service.runtime.cuda)
         if self.device.type == "cuda":
             from service.runtime.cuda import SideStream
@@ -102,6 +103,7 @@ class LoraSlots:
         for layer, groups in enumerate(fused.layers):
             for g, w in groups.items():
                 self.table[layer][g][slot] = w if w is None or self.device.type == "cpu" else self._to_device(w)
+        self.version += 1
 
     def _to_device(self, w: SlicedWeights) -> SlicedWeights:
         copy = self._copies.copy if self._copies is not None else (lambda t: t.to(self.device))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -46,10 +47,20 @@ class KVCache:
 
 @dataclass
 class LoraStep:
-    """The LoRA part of one forward: token segments per slot and the slot table [layer][group][slot]."""
+    """The LoRA part of one forward: token segments per slot and the slot table [layer][group] -> the slots'
+    weights; or, for a fixed-shape step replayed as a graph, tiles on the device ([capacity, 3] int64) and per
+    layer and group the slots' `SlotTables` (the Triton backend's `sgmv_static_`)."""
 
-    segments: LoraSegments
-    table: list[dict[str, list]]
+    segments: LoraSegments | torch.Tensor
+    table: list[dict[str, Any]]
+
+    def apply_(self, kn: Kernels, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
+        """y += the LoRA delta of x under `group`'s weights of `layer`."""
+        w = self.table[layer][group]
+        if isinstance(self.segments, torch.Tensor):
+            kn.sgmv_static_(y, x, self.segments, w)  # type: ignore[attr-defined]  # the Triton backend's
+        else:
+            kn.sgmv_(y, x, self.segments, w)
 
 
 @dataclass
@@ -192,26 +203,25 @@ class LlamaModel:
             return kn.add_rms_norm(x, None, self.final_norm, eps, torch.float32)
         hs = kn.add_rms_norm(x, None, self.layers[0].input_norm, eps, dt)
         for i, lw in enumerate(self.layers):
-            lt = lora.table[i] if lora is not None else None
             qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
-            if lt is not None:
-                kn.sgmv_(qkv, hs, lora.segments, lt["qkv"])
+            if lora is not None:
+                lora.apply_(kn, qkv, hs, i, "qkv")
             k_cache, v_cache = kv.layer(i)
             q = kn.rope_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, plan.slot_mapping,
                                  arch.num_heads)
             attn = kn.paged_attention(q, k_cache, v_cache, plan, self.scale)  # [T, h, d]
             attn = attn.reshape(attn.shape[0], arch.q_size)
             o = kn.linear(attn, lw.o)
-            if lt is not None:
-                kn.sgmv_(o, attn, lora.segments, lt["o"])
+            if lora is not None:
+                lora.apply_(kn, o, attn, i, "o")
             hs = kn.add_rms_norm(x, o, lw.post_norm, eps, dt)
             gu = kn.linear(hs, lw.gate_up)  # [T, 2 * inter]
-            if lt is not None:
-                kn.sgmv_(gu, hs, lora.segments, lt["gate_up"])
+            if lora is not None:
+                lora.apply_(kn, gu, hs, i, "gate_up")
             act = kn.silu_mul(gu)
             down = kn.linear(act, lw.down)
-            if lt is not None:
-                kn.sgmv_(down, act, lora.segments, lt["down"])
+            if lora is not None:
+                lora.apply_(kn, down, act, i, "down")
             # the residual add, and the norm of what reads it next: the next layer's input or the final norm
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             hs = kn.add_rms_norm(x, down, nxt, eps, dt if i + 1 < len(self.layers) else torch.float32)

@@ -18,6 +18,7 @@ from service.runtime.model import KVCache, LlamaModel, LoraStep
 from service.runtime.sampler import DraftRow, SamplingRow, sample
 
 if TYPE_CHECKING:
+    from service.runtime.graphs import Capture, DecodeGraphs
     from service.runtime.structured import GrammarMasks
 
 
@@ -30,7 +31,11 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, max_model_len: int,
-                 lora_slots: LoraSlots | None = None, *, eos_token_ids: Iterable[int]) -> None:
+                 lora_slots: LoraSlots | None = None, *, eos_token_ids: Iterable[int],
+                 decode_capture: Capture | None = None, max_decode_batch: int = 0, max_lora_rank: int = 0) -> None:
+        """`decode_capture`: run decode steps of up to `max_decode_batch` sequences at fixed shapes, replayed
+        through it (`service.runtime.graphs`; the Triton backend); the arena then holds one more block than
+        `num_blocks`, for padding rows."""
         if max_model_len > model.max_model_len:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's rope table ({model.max_model_len})")
         self.model = model
@@ -39,8 +44,15 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.vocab_size = model.arch.vocab_size
         self.device = model.device
-        self.kv = KVCache(model.arch, num_blocks, block_size, model.dtype, device=self.device)
+        scratch = 1 if decode_capture is not None else 0
+        self.kv = KVCache(model.arch, num_blocks + scratch, block_size, model.dtype, device=self.device)
         self.lora_slots = lora_slots
+        self.graphs: DecodeGraphs | None = None
+        if decode_capture is not None:
+            from service.runtime.graphs import DecodeGraphs  # imports the Triton kernels
+
+            self.graphs = DecodeGraphs(model, self.kv, num_blocks, block_size, max_model_len, max_decode_batch,
+                                       decode_capture, lora_slots, max_lora_rank)
         self._stage = StepStager(self.device)
         self.eos_token_ids = frozenset(eos_token_ids)
         self._masks: GrammarMasks | None = None  # made on the first step with a constrained row
@@ -96,20 +108,30 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
                 rows.append(r)
                 owners.append(i)
-        ids_t, pos_t, slots_t, rows_t = self._stage.int64(ids, positions, slot_mapping, sample_rows)
-        plan = AttentionPlan.build(tables, starts, lens, bs, self.device, slot_mapping=slots_t)
-        lora = None
-        if self.lora_slots is not None:
-            segments = LoraSegments.from_token_slots(token_slots)
-            if segments.any_lora:
-                self.lora_slots.ready()
-                lora = LoraStep(segments, self.lora_slots.table)
         # Constrained rows' token masks are filled on a worker thread while the forward pass runs.
         filled = self._grammar_masks().start(rows, len(rows)) if any(r.grammar is not None for r in rows) else None
-        hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
+        graphs = self.graphs
+        if graphs is not None and graphs.fits(len(chunks)) and len(ids) == len(chunks):  # decodes only, no drafts
+            if self.lora_slots is not None:
+                self.lora_slots.ready()
+            logits = graphs.run(ids, positions, slot_mapping, tables, token_slots)
+            if rows:
+                picked = sample_rows == list(range(len(sample_rows)))
+                logits = logits[: len(rows)] if picked else logits[self._stage.int64(sample_rows)[0]]
+        else:
+            ids_t, pos_t, slots_t, rows_t = self._stage.int64(ids, positions, slot_mapping, sample_rows)
+            plan = AttentionPlan.build(tables, starts, lens, bs, self.device, slot_mapping=slots_t)
+            lora = None
+            if self.lora_slots is not None:
+                segments = LoraSegments.from_token_slots(token_slots)
+                if segments.any_lora:
+                    self.lora_slots.ready()
+                    lora = LoraStep(segments, self.lora_slots.table)
+            hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
+            if rows:
+                logits = self.model.compute_logits(hidden[rows_t])
         results: list[SampleResult | list[SampleResult] | None] = [None] * len(chunks)
         if rows:
-            logits = self.model.compute_logits(hidden[rows_t])
             mask = None if filled is None else partial(self._masks.apply, filled=filled)
             for i, res in zip(owners, sample(logits, rows, self.eos_token_ids, mask), strict=True):
                 if chunks[i].draft_token_ids:

@@ -327,6 +327,7 @@ def test_scale_out_parts():
     assert config["runtime"]["model"] == "/models/base.gguf"
     # with a GPU the server runs on it, its KV arena sized from the GPU's memory fraction
     assert config["runtime"]["device"] == "cuda" and config["runtime"]["gpu_memory_fraction"] == 0.9
+    assert config["runtime"]["cuda_graphs"] is True  # decode steps replayed as CUDA graphs
     # With S3 the data dir is per pod (an emptyDir); one PVC is never shared by replicas.
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert "emptyDir" in volumes["data"]

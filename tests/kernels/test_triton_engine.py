@@ -15,6 +15,7 @@ from service.builder import build_runtime
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
+from service.runtime.graphs import eager_capture
 from tests.tiny_models import VOCAB, make_tiny_model
 
 pytestmark = pytest.mark.interpreter
@@ -36,15 +37,18 @@ def model_and_adapters(tmp_path_factory):
     return path, dirs
 
 
-def run(path, dirs, backend: str, monkeypatch) -> tuple[dict[str, list[int]], dict]:
+def run(path, dirs, backend: str, monkeypatch, graphs: bool = False) -> tuple[dict[str, list[int]], dict]:
+    """`graphs`: decode steps run at fixed shapes through the replay path CUDA graphs use (here each replay calls
+    the captured step again)."""
     monkeypatch.setenv("LORASERVE_KERNELS", backend)
+    monkeypatch.setattr("service.builder._decode_capture", lambda *a: eager_capture if graphs else None)
     per_block = 2 * 2 * BLOCK * 2 * 16 * 4  # layers x (K, V) x block x kv heads x head_dim x float32
     rt = build_runtime(RuntimeConfig(model=str(path), dtype="float32", quantize="int4",
                                      kv_cache_gib=KV_BLOCKS * per_block / 2**30,
                                      max_model_len=64, threads=1),
                        EngineConfig(block_size=BLOCK, max_num_seqs=6, max_num_batched_tokens=16),
                        AdapterConfig(max_active_adapters=2, host_cache_max_count=4))
-    assert rt.model.kernels.name == backend and rt.runner.num_blocks == KV_BLOCKS
+    assert rt.model.kernels.name == backend and rt.runner.num_blocks == KV_BLOCKS - graphs  # graphs: a scratch block
     versions = [rt.add_local_adapter(d) for d in dirs]
     g = torch.Generator().manual_seed(5)
     shared = torch.randint(3, VOCAB, (12,), generator=g).tolist()  # 3 full blocks: prefix-cache hits
@@ -69,7 +73,8 @@ def run(path, dirs, backend: str, monkeypatch) -> tuple[dict[str, list[int]], di
     stats = engine.stats
     return {rid: list(f.token_ids) for rid, f in finals.items()}, {
         "preemptions": stats.preemptions, "hits": stats.prefix_cache_hit_tokens, "steps": stats.steps,
-        "chunked": any(f.usage.input_tokens > 16 for f in finals.values())}
+        "chunked": any(f.usage.input_tokens > 16 for f in finals.values()),
+        "graph_steps": dict(rt.runner.graphs.steps) if rt.runner.graphs is not None else {}}
 
 
 def test_the_full_engine_on_the_triton_backend_gives_the_torch_backends_tokens(model_and_adapters, monkeypatch):
@@ -79,6 +84,18 @@ def test_the_full_engine_on_the_triton_backend_gives_the_torch_backends_tokens(m
     assert seen["preemptions"] > 0 and seen["hits"] > 0 and seen["chunked"], seen
     got, _ = run(path, dirs, "triton", monkeypatch)
     assert got == want and len(want) == 7 and all(len(t) == 10 for t in want.values())
+
+
+def test_decode_steps_replayed_at_fixed_shapes_give_the_torch_backends_tokens(model_and_adapters, monkeypatch):
+    """What a CUDA graph replays, run on the CPU: decodes padded up to a batch-size bucket (padding rows write to
+    a scratch block), every per-step value read from fixed buffers, LoRA through fixed tiles and slot tables."""
+    path, dirs = model_and_adapters
+    want, _ = run(path, dirs, "torch", monkeypatch)
+    got, seen = run(path, dirs, "triton", monkeypatch, graphs=True)
+    # with 6 seats the buckets are 1, 2, 4, 6: padded buckets ran, and so did the preemptions and cache hits
+    assert set(seen["graph_steps"]) - {1, 2} and sum(seen["graph_steps"].values()) > 10, seen
+    assert seen["preemptions"] > 0 and seen["hits"] > 0, seen
+    assert got == want
 
 
 def test_serve_on_the_triton_backend_answers_over_a_socket(model_and_adapters, monkeypatch):

@@ -26,6 +26,23 @@ def test_device_names_resolve_or_say_what_is_wrong():
         RuntimeConfig(device=" ")
     with pytest.raises(ValueError, match="gpu_memory_fraction=1.5 is invalid"):
         RuntimeConfig(gpu_memory_fraction=1.5)
+    with pytest.raises(ValueError, match="cuda_graphs='yes' is invalid: must be true or false"):
+        RuntimeConfig(cuda_graphs="yes")  # a string where the config file wants a boolean
+
+
+def test_cuda_graph_flags_reach_the_config_and_leave_the_cpu_path_alone(capsys):
+    from service.cli import build_parser, runtime_config
+
+    parser = build_parser()
+    assert runtime_config(parser.parse_args(["generate", "--prompt", "x"])).cuda_graphs is True
+    assert runtime_config(parser.parse_args(["generate", "--prompt", "x", "--no-cuda-graphs"])).cuda_graphs is False
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    assert "--cuda-graphs, --no-cuda-graphs" in capsys.readouterr().out
+    # on the CPU decode steps are never captured: the torch backend launches as it goes, no scratch block
+    rt = build_runtime(RuntimeConfig(model="synthetic:smollm2-135m", dtype="float32", kv_cache_gib=0.05,
+                                     max_model_len=256, threads=1, cuda_graphs=True), EngineConfig())
+    assert rt.runner.graphs is None and rt.runner.kv.num_blocks == rt.runner.num_blocks
 
 
 def test_the_cpu_stager_builds_the_tensors_in_place():
