@@ -29,6 +29,7 @@ from kernels import native
 SHORT_EXTEND = 64  # extends of at most this many new tokens are batched together
 MIN_SHARED_BLOCKS = 2  # cascade only when the shared prefix is at least this long ...
 MIN_CASCADE_DECODES = 4  # ... and shared by at least this many decodes
+MAX_NATIVE_NEW = 32  # new tokens of one sequence the C kernel takes at once (its MAX_NEW)
 
 
 @dataclass
@@ -114,26 +115,43 @@ class AttentionPlan:
 
 @dataclass
 class NativeDecodes:
-    q_rows: torch.Tensor  # [n] int64: the step's query row of each decode
-    ctx: torch.Tensor  # [n] int64: tokens in context the kernel reads, the new one included
+    """The single-token sequences as the C kernel reads them. Consecutive ones that continue each other (the
+    positions of one request's verify pass: the same blocks, the next position, the next query row) are one
+    sequence of several new tokens, so its context is read once for all of them."""
+
+    q_rows: torch.Tensor  # [n] int64: each sequence's first query row
+    nq: torch.Tensor | None  # [n] int64: its new tokens (rows q_rows[i] ...); None: one each
+    ctx: torch.Tensor  # [n] int64: tokens in context the kernel reads, its last new one included
     tables: torch.Tensor  # [n, max_blocks] int64 block ids (padding 0, never read)
     shared: torch.Tensor | None  # [ns] block ids every decode starts with, read by the cascade; tables follow it
+    rows: torch.Tensor  # [sum(nq)] int64: every new token's query row, in the kernel's output order
 
 
 def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int
                     ) -> NativeDecodes | bool:
-    rows, ctx, tables, q = [], [], [], 0
+    first_rows, nq, first_starts, ctx, tables, rows, q = [], [], [], [], [], [], 0
+    prev = None  # (row, start, table) of the last single-token sequence
     for table, start, n in zip(block_tables, starts, lens):
         if n == 1:
+            if prev is not None and prev[0] + 1 == q and prev[1] + 1 == start and nq[-1] < MAX_NATIVE_NEW \
+                    and table[: len(prev[2])] == prev[2]:
+                nq[-1] += 1  # the next position of the same sequence
+                ctx[-1] = start + 1
+                tables[-1] = table
+            else:
+                first_rows.append(q)
+                nq.append(1)
+                first_starts.append(start)
+                ctx.append(start + 1)
+                tables.append(table)
             rows.append(q)
-            ctx.append(start + 1)
-            tables.append(table)
+            prev = (q, start, table)
         q += n
     if not rows:
         return False
     shared = None
-    if len(rows) >= MIN_CASCADE_DECODES:
-        ns = _common_prefix_blocks(tables, [c - 1 for c in ctx], bs)
+    if len(first_rows) >= MIN_CASCADE_DECODES:
+        ns = _common_prefix_blocks(tables, first_starts, bs)
         if ns >= MIN_SHARED_BLOCKS:
             shared = torch.tensor(tables[0][:ns], dtype=torch.int64)
             tables = [t[ns:] for t in tables]
@@ -142,7 +160,10 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
     padded = torch.zeros(len(tables), width, dtype=torch.int64)
     for i, t in enumerate(tables):
         padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-    return NativeDecodes(torch.tensor(rows, dtype=torch.int64), torch.tensor(ctx, dtype=torch.int64), padded, shared)
+    multi = max(nq) > 1
+    return NativeDecodes(torch.tensor(first_rows, dtype=torch.int64),
+                         torch.tensor(nq, dtype=torch.int64) if multi else None,
+                         torch.tensor(ctx, dtype=torch.int64), padded, shared, torch.tensor(rows, dtype=torch.int64))
 
 
 def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,
@@ -302,18 +323,18 @@ def _attend_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     the kernel cannot take them."""
     q = q.contiguous()
     if nd.shared is None:
-        return native.paged_decode_attention(q, k_cache, v_cache, out, nd.q_rows, nd.ctx, nd.tables, scale)
-    part = native.paged_decode_attention_lse(q, k_cache, v_cache, nd.q_rows, nd.ctx, nd.tables, scale)
+        return native.paged_decode_attention(q, k_cache, v_cache, out, nd.q_rows, nd.ctx, nd.tables, scale, nd.nq)
+    part = native.paged_decode_attention_lse(q, k_cache, v_cache, nd.q_rows, nd.ctx, nd.tables, scale, nd.nq)
     if part is None:
         return False
-    n = nd.q_rows.shape[0]
+    n = nd.rows.shape[0]
     h, d = q.shape[1:]
     kvh = k_cache.shape[2]
     g = h // kvh
-    o1, l1 = _shared_prefix(q[nd.q_rows].view(n, kvh, g, d), k_cache, v_cache, nd.shared, scale)
+    o1, l1 = _shared_prefix(q[nd.rows].view(n, kvh, g, d), k_cache, v_cache, nd.shared, scale)
     o2, l2 = part[0].view(n, kvh, g, d), part[1].view(n, kvh, g, 1)
     w = torch.sigmoid(l1 - l2)  # share of the prefix in the merged softmax
-    out[nd.q_rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
+    out[nd.rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
     return True
 
 

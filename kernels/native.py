@@ -36,8 +36,8 @@ _loaded = False
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64,
-                                     _i64, _i64, _f32, _int], _int),
+    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                                     _i64, _i64, _i64, _f32, _int], _int),
     "rope_write_kv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
@@ -59,12 +59,12 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     src_dir = Path(__file__).parent / "cpu"
     sources = [src_dir / s for s in SOURCES]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    for part in (version, " ".join(FLAGS), *(p.read_text() for p in sources)):
+    for part in (version, " ".join(flags), *(p.read_text() for p in sources)):
         key.update(part.encode())
     out = _cache_dir() / f"loraserve_cpu_{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -74,7 +74,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True,
+        res = subprocess.run([cc, *flags, "-o", tmp, *map(str, sources), "-lm"], capture_output=True, text=True,
                              check=False)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
@@ -99,14 +99,19 @@ def _load() -> None:
         _reason = "no C compiler (cc, gcc or clang) on the PATH"
         return
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        _lib = build_library(cc)
     except (OSError, RuntimeError) as e:
         _reason = f"building the C kernels failed: {e}"
-        return
+
+
+def build_library(cc: str, flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
+    """Build (or find in the cache) and load the kernels compiled with `flags` (the tests also build them for a
+    CPU without some instruction set, to run its code path here)."""
+    lib = ctypes.CDLL(str(_build(cc, flags)))
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
-    _lib = lib
+    return lib
 
 
 def library() -> ctypes.CDLL | None:
@@ -124,30 +129,33 @@ def unavailable_reason() -> str | None:
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                           q_rows: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor, scale: float) -> bool:
-    """One new token per sequence: out[q_rows[i]] = attention of q[q_rows[i]] over the first ctx[i] tokens of
-    sequence i's blocks `tables[i]`. bf16 q/out `[T, heads, head_dim]` and caches `[blocks, block_size, kv_heads,
-    head_dim]`, all contiguous; int64 q_rows/ctx `[n]`, tables `[n, max_blocks]` (ids must be < blocks: the
-    caller's block pool guarantees it). False when the kernels are unavailable or the shape is beyond their
-    bounds (the caller runs the torch path)."""
-    return _decode_attention(q, k_cache, v_cache, out, None, None, q_rows, ctx, tables, scale)
+                           q_rows: torch.Tensor, ctx: torch.Tensor, tables: torch.Tensor, scale: float,
+                           nq: torch.Tensor | None = None) -> bool:
+    """Short runs of new tokens: sequence i's new tokens sit at rows q_rows[i] .. q_rows[i] + nq[i] - 1 of q (nq
+    None: one each) and it has ctx[i] tokens in context counting them, in the blocks `tables[i]`; new token j
+    attends to the first ctx[i] - nq[i] + 1 + j (causal), written to the same row of out. bf16 q/out `[T, heads,
+    head_dim]` and caches `[blocks, block_size, kv_heads, head_dim]`, all contiguous; int64 q_rows/ctx/nq `[n]`,
+    tables `[n, max_blocks]` (ids must be < blocks: the caller's block pool guarantees it). False when the
+    kernels are unavailable or the shape is beyond their bounds (the caller runs the torch path)."""
+    return _decode_attention(q, k_cache, v_cache, out, None, None, q_rows, nq, ctx, tables, scale)
 
 
 def paged_decode_attention_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_rows: torch.Tensor,
-                               ctx: torch.Tensor, tables: torch.Tensor, scale: float
+                               ctx: torch.Tensor, tables: torch.Tensor, scale: float, nq: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """As `paged_decode_attention`, for merging with attention over another part of the context: returns the
-    float32 result by sequence `[n, heads, head_dim]` and each head's log-sum-exp `[n, heads, 1]`; None when
-    the kernels cannot take it."""
-    n, h, d = q_rows.shape[0], q.shape[1], q.shape[2]
-    o = torch.empty(n, h, d, dtype=torch.float32)
-    lse = torch.empty(n, h, 1, dtype=torch.float32)
-    return (o, lse) if _decode_attention(q, k_cache, v_cache, None, o, lse, q_rows, ctx, tables, scale) else None
+    float32 result of every new token, the sequences' in order, `[rows, heads, head_dim]` and each head's
+    log-sum-exp `[rows, heads, 1]`; None when the kernels cannot take it."""
+    rows = int(nq.sum()) if nq is not None else q_rows.shape[0]
+    h, d = q.shape[1], q.shape[2]
+    o = torch.empty(rows, h, d, dtype=torch.float32)
+    lse = torch.empty(rows, h, 1, dtype=torch.float32)
+    return (o, lse) if _decode_attention(q, k_cache, v_cache, None, o, lse, q_rows, nq, ctx, tables, scale) else None
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | None,
-                      out_f32: torch.Tensor | None, lse: torch.Tensor | None, q_rows: torch.Tensor, ctx: torch.Tensor,
-                      tables: torch.Tensor, scale: float) -> bool:
+                      out_f32: torch.Tensor | None, lse: torch.Tensor | None, q_rows: torch.Tensor,
+                      nq: torch.Tensor | None, ctx: torch.Tensor, tables: torch.Tensor, scale: float) -> bool:
     lib = library()
     if lib is None:
         return False
@@ -155,10 +163,9 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     rc = lib.paged_decode_attention_bf16(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), None if out is None else out.data_ptr(),
         None if out_f32 is None else out_f32.data_ptr(), None if lse is None else lse.data_ptr(), q_rows.data_ptr(),
-        ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0], q.shape[1], kvh, d, bs, scale,
-        torch.get_num_threads())
+        None if nq is None else nq.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0],
+        q.shape[1], kvh, d, bs, scale, torch.get_num_threads())
     return rc == 0
-
 
 
 def usable(*tensors: torch.Tensor) -> bool:

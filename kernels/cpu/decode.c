@@ -35,7 +35,7 @@ static inline uint16_t f32_to_bf16(float f) {
 static inline float exp_nonpos(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float t = x * 1.44269504088896341f;
-    const float k = __builtin_roundf(t);
+    const float k = __builtin_rintf(t); /* inlined (vrndscale), unlike roundf */
     const float f = (t - k) * 0.69314718055994531f; /* e^f, |f| <= ln2 / 2 */
     float p = 1.0f / 5040.0f;
     p = p * f + 1.0f / 720.0f;
@@ -50,103 +50,338 @@ static inline float exp_nonpos(float x) {
     return p * s.f;
 }
 
-/* Paged attention of one new token per sequence (decode), grouped-query heads sharing each KV head.
+/* Paged attention of short runs of new tokens: decodes (one new token per sequence) and the positions of a
+ * speculative verify pass (a few consecutive new tokens of one sequence), grouped-query heads sharing each KV
+ * head.
  *
- * q, out: [*, num_heads, head_dim] bf16 rows; sequence i reads query row q_rows[i] and writes out row
- * q_rows[i]. k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] bf16. Sequence i attends to
- * its first ctx[i] tokens, token p in block tables[i * table_stride + p / block_size], row p % block_size.
- * One pass over the context, a block at a time, with a running max per head (online softmax): no buffer
- * grows with the context. Each token's K and V rows (every KV head, contiguous in the arena) are read once,
- * for all query heads. With `lse` set, the result goes to out_f32 [num_seqs, num_heads, head_dim] (float32,
- * by sequence) with each head's log-sum-exp in lse [num_seqs, num_heads], for merging with attention over
- * another part of the context (a shared prefix); `out` is then not written. Returns 0, or -1 when a shape is
- * beyond the fixed bounds (the caller then uses the torch path). */
-int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                                uint16_t *out, float *out_f32, float *lse, const int64_t *q_rows, const int64_t *ctx,
-                                const int64_t *tables, int64_t table_stride, int64_t num_seqs,
-                                int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                float scale, int num_threads) {
+ * Sequence i has nq[i] new tokens (nq NULL: one each) at query rows q_rows[i] .. q_rows[i] + nq[i] - 1 of
+ * q, out: [*, num_heads, head_dim] bf16, and ctx[i] tokens in context counting all of them: its new token j
+ * attends to the first ctx[i] - nq[i] + 1 + j tokens (causal), token p in block tables[i * table_stride +
+ * p / block_size], row p % block_size of k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] bf16.
+ * One pass over the context a block at a time, with a running max per (token, head) (online softmax): no buffer
+ * grows with the context. With `lse` set, the result goes to out_f32 [rows, num_heads, head_dim] (float32, the
+ * sequences' rows in order) with each head's log-sum-exp in lse [rows, num_heads], for merging with attention
+ * over another part of the context (a shared prefix); `out` is then not written. Returns 0, or -1 when a shape
+ * is beyond the fixed bounds (the caller then uses the torch path). */
+
+#define MAX_NEW 32 /* new tokens of one sequence */
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAS_BF16_DOT 1
+#else
+#define HAS_BF16_DOT 0
+#endif
+
+/* Where each of a task's rows goes: out (bf16) or out_f32 + lse. */
+static inline void store_row(const float *acc, float m, float l, int64_t head_dim, uint16_t *out_row,
+                             float *f32_row, float *lse_at) {
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    if (lse_at) {
+        for (int64_t d = 0; d < head_dim; d++) f32_row[d] = acc[d] * inv;
+        *lse_at = m + logf(l);
+    } else {
+        for (int64_t d = 0; d < head_dim; d++) out_row[d] = f32_to_bf16(acc[d] * inv);
+    }
+}
+
+#if HAS_BF16_DOT
+#define TILE 16 /* keys per step: one vector of scores per row */
+
+/* exp_nonpos on 16 lanes: the same polynomial, the power of two applied by vscalefps. */
+static inline __m512 exp_nonpos_v(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* The sums of 16 vectors, as one vector (lane t: the sum of d[t]'s lanes): a tree of unpacks and lane shuffles,
+ * about 3 instructions per vector instead of a full horizontal reduction each. */
+static inline __m512 hsum16(const __m512 d[TILE]) {
+    __m512 w[4];
+    for (int i = 0; i < 4; i++) {
+        const __m512 a = d[4 * i], b = d[4 * i + 1], c = d[4 * i + 2], e = d[4 * i + 3];
+        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+        /* per 128-bit lane: the lane's sum of each of a, b, c, e */
+        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))));
+    }
+    /* sum the four 128-bit lanes of each w[i]; lane i of the result holds w[i]'s four sums */
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44), _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44), _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+/* One task: new tokens j0 .. j1 - 1 of one sequence under KV head g; its rows are (token, query head of g).
+ * Keys TILE at a time: each row's scores from bf16 pair dot products (vdpbf16ps, float32 sums) summed by
+ * `hsum16`, each V row widened to float32 once for all the rows. Inlined per head_dim, so the loops over it
+ * have a fixed length. */
+static inline __attribute__((always_inline)) void attend_task(
+        const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
+        float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1, int64_t ctx_last, int64_t nq,
+        const int64_t *table, int64_t g, int64_t num_heads, int64_t kv_heads, const int64_t head_dim,
+        int64_t block_size, float scale, float *work) {
     const int64_t group = num_heads / kv_heads;
-    const int64_t row = kv_heads * head_dim; /* one token's K (or V) row in the arena, every KV head */
-    if (num_heads > MAX_HEADS || row > MAX_ROW || head_dim > MAX_HEAD_DIM || group * kv_heads != num_heads ||
-        block_size > MAX_BLOCK)
-        return -1;
+    const int64_t row = kv_heads * head_dim;
     const int64_t block_stride = block_size * row;
-    int64_t total = 0;
-    for (int64_t i = 0; i < num_seqs; i++) total += ctx[i];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_seqs > 1 && total > 2048)
-    for (int64_t i = 0; i < num_seqs; i++) {
-        const int64_t n = ctx[i];
-        const int64_t *table = tables + i * table_stride;
-        float qf[MAX_HEADS][MAX_HEAD_DIM] __attribute__((aligned(64)));
-        float acc[MAX_HEADS][MAX_HEAD_DIM] __attribute__((aligned(64)));
-        float s[MAX_HEADS][MAX_BLOCK] __attribute__((aligned(64)));
-        float kv[MAX_ROW] __attribute__((aligned(64)));
-        float m[MAX_HEADS], l[MAX_HEADS];
-        const uint16_t *qr = q + q_rows[i] * num_heads * head_dim;
-        for (int64_t h = 0; h < num_heads; h++) {
-            for (int64_t d = 0; d < head_dim; d++) {
-                qf[h][d] = bf16_to_f32(qr[h * head_dim + d]) * scale;
-                acc[h][d] = 0.0f;
+    const int64_t nr = (j1 - j0) * group;
+    const int64_t pairs = head_dim / 32; /* vectors of 32 bf16 values */
+    const int64_t wide = head_dim / 16;  /* vectors of 16 float32 values */
+    float *acc = work;                   /* [nr][head_dim] */
+    float *s = acc + nr * head_dim;      /* [nr][TILE] */
+    float *vf = s + nr * TILE;           /* [TILE][head_dim]: the tile's V rows in float32 */
+    float *m = vf + TILE * head_dim, *l = m + nr;
+    int64_t seen[MAX_NEW * MAX_HEADS]; /* tokens each row attends to */
+    for (int64_t r = 0; r < nr; r++) {
+        seen[r] = ctx_last - (nq - 1 - (j0 + r / group));
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, (size_t)(nr * head_dim) * sizeof(float));
+    const __m512 scale_v = _mm512_set1_ps(scale);
+    const int64_t n = seen[nr - 1]; /* the task's last row sees the most */
+    for (int64_t p0 = 0; p0 < n; p0 += TILE) {
+        const int64_t nt = n - p0 < TILE ? n - p0 : TILE;
+        const uint16_t *kr[TILE], *vr[TILE];
+        int64_t blk = p0 / block_size, in_blk = p0 % block_size; /* one division per tile, not per key */
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t off = table[blk] * block_stride + in_blk * row + g * head_dim;
+            kr[t] = k_cache + off;
+            vr[t] = v_cache + off;
+            if (++in_blk == block_size) {
+                in_blk = 0;
+                blk++;
             }
-            m[h] = -INFINITY;
-            l[h] = 0.0f;
         }
-        for (int64_t p0 = 0; p0 < n; p0 += block_size) {
-            const int64_t nt = n - p0 < block_size ? n - p0 : block_size;
-            const int64_t base = table[p0 / block_size] * block_stride;
-            for (int64_t t = 0; t < nt; t++) {
-                const uint16_t *kr = k_cache + base + t * row;
-                for (int64_t j = 0; j < row; j++) kv[j] = bf16_to_f32(kr[j]);
-                for (int64_t h = 0; h < num_heads; h++) {
-                    const float *kh = kv + (h / group) * head_dim;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < head_dim; d++) dot += qf[h][d] * kh[d];
-                    s[h][t] = dot;
-                }
+        for (int64_t r = 0; r < nr; r++) {
+            float *sr = s + r * TILE;
+            if (seen[r] <= p0) continue; /* this row's keys ended before the tile */
+            const uint16_t *qr = q + (q_row0 + j0 + r / group) * num_heads * head_dim
+                                 + (g * group + r % group) * head_dim;
+            __m512bh qv[8]; /* head_dim <= 256 */
+            for (int64_t c = 0; c < pairs; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qr + 32 * c);
+            __m512 d[TILE];
+            for (int64_t t = 0; t < TILE; t++) {
+                __m512 dot = _mm512_setzero_ps();
+                if (t < nt)
+                    for (int64_t c = 0; c < pairs; c++)
+                        dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_loadu_si512(kr[t] + 32 * c));
+                d[t] = dot;
             }
+            const __m512 sv = _mm512_mul_ps(hsum16(d), scale_v);
+            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            const __mmask16 keys = (__mmask16)((1u << lim) - 1u); /* the keys this row sees */
+            const float tile_max = _mm512_mask_reduce_max_ps(keys, sv);
+            if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
+                const float c = exp_nonpos(m[r] - tile_max);
+                l[r] *= c;
+                for (int64_t x = 0; x < head_dim; x++) acc[r * head_dim + x] *= c;
+                m[r] = tile_max;
+            }
+            const __m512 e = _mm512_maskz_mov_ps(keys, exp_nonpos_v(_mm512_sub_ps(sv, _mm512_set1_ps(m[r]))));
+            _mm512_storeu_ps(sr, e);
+            l[r] += _mm512_reduce_add_ps(e);
+        }
+        for (int64_t t = 0; t < nt; t++)
+            for (int64_t c = 0; c < wide; c++)
+                _mm512_storeu_ps(vf + t * head_dim + 16 * c, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr[t] + 16 * c))), 16)));
+        for (int64_t r = 0; r < nr; r++) {
+            if (seen[r] <= p0) continue;
+            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            const float *sr = s + r * TILE;
+            float *ar = acc + r * head_dim;
+            __m512 a[16]; /* head_dim <= 256 */
+            for (int64_t c = 0; c < wide; c++) a[c] = _mm512_loadu_ps(ar + 16 * c);
+            for (int64_t t = 0; t < lim; t++) {
+                const __m512 e = _mm512_set1_ps(sr[t]);
+                for (int64_t c = 0; c < wide; c++)
+                    a[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vf + t * head_dim + 16 * c), a[c]);
+            }
+            for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(ar + 16 * c, a[c]);
+        }
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t j = j0 + r / group, h = g * group + r % group;
+        store_row(acc + r * head_dim, m[r], l[r], head_dim,
+                  out ? out + ((q_row0 + j) * num_heads + h) * head_dim : NULL,
+                  out_f32 ? out_f32 + ((out_row0 + j) * num_heads + h) * head_dim : NULL,
+                  lse ? lse + (out_row0 + j) * num_heads + h : NULL);
+    }
+}
+
+static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+                             float *out_f32, float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1,
+                             int64_t ctx_last, int64_t nq, const int64_t *table, int64_t g, int64_t num_heads,
+                             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float *work) {
+#define ATTEND(D)                                                                                              \
+    attend_task(q, k_cache, v_cache, out, out_f32, lse, q_row0, out_row0, j0, j1, ctx_last, nq, table, g,       \
+                num_heads, kv_heads, D, block_size, scale, work)
+    if (head_dim == 64) ATTEND(64);
+    else if (head_dim == 128) ATTEND(128);
+    else ATTEND(head_dim);
+#undef ATTEND
+}
+#endif
+
+/* One new token's attention, every head, in plain C the compiler vectorises (CPUs without AVX512-BF16). */
+static void attend_row(const uint16_t *qr, const uint16_t *k_cache, const uint16_t *v_cache, int64_t n,
+                       const int64_t *table, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
+                       int64_t block_size, float scale, uint16_t *out_row, float *f32_row, float *lse_row) {
+    const int64_t group = num_heads / kv_heads;
+    const int64_t row = kv_heads * head_dim;
+    const int64_t block_stride = block_size * row;
+    float qf[MAX_HEADS][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float acc[MAX_HEADS][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float s[MAX_HEADS][MAX_BLOCK] __attribute__((aligned(64)));
+    float kv[MAX_ROW] __attribute__((aligned(64)));
+    float m[MAX_HEADS], l[MAX_HEADS];
+    for (int64_t h = 0; h < num_heads; h++) {
+        for (int64_t d = 0; d < head_dim; d++) {
+            qf[h][d] = bf16_to_f32(qr[h * head_dim + d]) * scale;
+            acc[h][d] = 0.0f;
+        }
+        m[h] = -INFINITY;
+        l[h] = 0.0f;
+    }
+    for (int64_t p0 = 0; p0 < n; p0 += block_size) {
+        const int64_t nt = n - p0 < block_size ? n - p0 : block_size;
+        const int64_t base = table[p0 / block_size] * block_stride;
+        for (int64_t t = 0; t < nt; t++) {
+            const uint16_t *kr = k_cache + base + t * row;
+            for (int64_t j = 0; j < row; j++) kv[j] = bf16_to_f32(kr[j]);
             for (int64_t h = 0; h < num_heads; h++) {
-                float bm = m[h];
-                for (int64_t t = 0; t < nt; t++) bm = s[h][t] > bm ? s[h][t] : bm;
-                if (bm > m[h]) { /* new running max: rescale what is accumulated */
-                    const float c = exp_nonpos(m[h] - bm);
-                    l[h] *= c;
-                    for (int64_t d = 0; d < head_dim; d++) acc[h][d] *= c;
-                    m[h] = bm;
-                }
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < nt; t++) {
-                    s[h][t] = exp_nonpos(s[h][t] - bm);
-                    sum += s[h][t];
-                }
-                l[h] += sum;
-            }
-            for (int64_t t = 0; t < nt; t++) {
-                const uint16_t *vr = v_cache + base + t * row;
-                for (int64_t j = 0; j < row; j++) kv[j] = bf16_to_f32(vr[j]);
-                for (int64_t h = 0; h < num_heads; h++) {
-                    const float *vh = kv + (h / group) * head_dim;
-                    const float e = s[h][t];
-#pragma omp simd
-                    for (int64_t d = 0; d < head_dim; d++) acc[h][d] += e * vh[d];
-                }
+                const float *kh = kv + (h / group) * head_dim;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < head_dim; d++) dot += qf[h][d] * kh[d];
+                s[h][t] = dot;
             }
         }
         for (int64_t h = 0; h < num_heads; h++) {
-            const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-            if (lse) {
-                float *o = out_f32 + (i * num_heads + h) * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) o[d] = acc[h][d] * inv;
-                lse[i * num_heads + h] = m[h] + logf(l[h]);
-            } else {
-                uint16_t *o = out + (q_rows[i] * num_heads + h) * head_dim;
-                for (int64_t d = 0; d < head_dim; d++) o[d] = f32_to_bf16(acc[h][d] * inv);
+            float bm = m[h];
+            for (int64_t t = 0; t < nt; t++) bm = s[h][t] > bm ? s[h][t] : bm;
+            if (bm > m[h]) {
+                const float c = exp_nonpos(m[h] - bm);
+                l[h] *= c;
+                for (int64_t d = 0; d < head_dim; d++) acc[h][d] *= c;
+                m[h] = bm;
+            }
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < nt; t++) {
+                s[h][t] = exp_nonpos(s[h][t] - bm);
+                sum += s[h][t];
+            }
+            l[h] += sum;
+        }
+        for (int64_t t = 0; t < nt; t++) {
+            const uint16_t *vr = v_cache + base + t * row;
+            for (int64_t j = 0; j < row; j++) kv[j] = bf16_to_f32(vr[j]);
+            for (int64_t h = 0; h < num_heads; h++) {
+                const float *vh = kv + (h / group) * head_dim;
+                const float e = s[h][t];
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) acc[h][d] += e * vh[d];
             }
         }
     }
-    return 0;
+    for (int64_t h = 0; h < num_heads; h++)
+        store_row(acc[h], m[h], l[h], head_dim, out_row ? out_row + h * head_dim : NULL,
+                  f32_row ? f32_row + h * head_dim : NULL, lse_row ? lse_row + h : NULL);
+}
+
+int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                                uint16_t *out, float *out_f32, float *lse, const int64_t *q_rows, const int64_t *nq,
+                                const int64_t *ctx, const int64_t *tables, int64_t table_stride, int64_t num_seqs,
+                                int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                float scale, int num_threads) {
+    const int64_t group = num_heads / kv_heads;
+    if (num_heads > MAX_HEADS || kv_heads * head_dim > MAX_ROW || head_dim > MAX_HEAD_DIM ||
+        group * kv_heads != num_heads || block_size > MAX_BLOCK)
+        return -1;
+    int64_t rows = 0, work = 0, max_new = 1;
+    for (int64_t i = 0; i < num_seqs; i++) {
+        const int64_t k = nq ? nq[i] : 1;
+        if (k < 1 || k > MAX_NEW || ctx[i] < k) return -1;
+        rows += k;
+        work += k * ctx[i];
+        max_new = k > max_new ? k : max_new;
+    }
+    int64_t *first = malloc((size_t)(num_seqs + 1) * sizeof(int64_t)); /* each sequence's first output row */
+    if (!first) return -1;
+    first[0] = 0;
+    for (int64_t i = 0; i < num_seqs; i++) first[i + 1] = first[i] + (nq ? nq[i] : 1);
+    int rc = 0;
+#if HAS_BF16_DOT
+    if (head_dim % 32 == 0) {
+        /* Tasks: (sequence, a run of its new tokens, KV head). A run is cut so that there are about two tasks per
+         * thread when the sequences alone are too few (one decode, one verify pass). */
+        const int64_t base_tasks = num_seqs * kv_heads;
+        int64_t split = base_tasks >= 2 * num_threads ? 1 : (2 * num_threads + base_tasks - 1) / base_tasks;
+        int64_t run = (max_new + split - 1) / split;
+        run = run < 1 ? 1 : run;
+        int64_t ntask = 0;
+        for (int64_t i = 0; i < num_seqs; i++) ntask += ((first[i + 1] - first[i]) + run - 1) / run * kv_heads;
+        int64_t *task = malloc((size_t)(3 * ntask) * sizeof(int64_t));
+        if (!task) {
+            free(first);
+            return -1;
+        }
+        int64_t t = 0;
+        for (int64_t i = 0; i < num_seqs; i++)
+            for (int64_t j0 = 0; j0 < first[i + 1] - first[i]; j0 += run)
+                for (int64_t g = 0; g < kv_heads; g++, t++) {
+                    task[3 * t] = i;
+                    task[3 * t + 1] = j0;
+                    task[3 * t + 2] = g;
+                }
+        const size_t per_thread = (size_t)(run * group * (head_dim + TILE + 2) + TILE * head_dim) * sizeof(float);
+#pragma omp parallel num_threads(num_threads) if (ntask > 1 && work * num_heads > 2048)
+        {
+            float *work_buf = aligned_alloc(64, (per_thread + 63) / 64 * 64);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t x = 0; x < ntask; x++) {
+                const int64_t i = task[3 * x], j0 = task[3 * x + 1], g = task[3 * x + 2];
+                const int64_t k = first[i + 1] - first[i];
+                const int64_t j1 = j0 + run < k ? j0 + run : k;
+                if (work_buf)
+                    attend_task_bf16(q, k_cache, v_cache, lse ? NULL : out, out_f32, lse, q_rows[i], first[i], j0,
+                                     j1, ctx[i], k, tables + i * table_stride, g, num_heads, kv_heads, head_dim,
+                                     block_size, scale, work_buf);
+            }
+            if (!work_buf) rc = -1;
+            free(work_buf);
+        }
+        free(task);
+        free(first);
+        return rc;
+    }
+#endif
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (rows > 1 && work > 2048)
+    for (int64_t x = 0; x < rows; x++) {
+        int64_t i = 0;
+        while (first[i + 1] <= x) i++;
+        const int64_t k = first[i + 1] - first[i], j = x - first[i];
+        const int64_t qrow = q_rows[i] + j;
+        attend_row(q + qrow * num_heads * head_dim, k_cache, v_cache, ctx[i] - (k - 1 - j), tables + i * table_stride,
+                   num_heads, kv_heads, head_dim, block_size, scale,
+                   lse ? NULL : out + qrow * num_heads * head_dim, lse ? out_f32 + x * num_heads * head_dim : NULL,
+                   lse ? lse + x * num_heads : NULL);
+    }
+    free(first);
+    return rc;
 }
 
 /* Rotary embedding of a step's new q and k (HF rotate-half layout) and the write of their K and V rows into

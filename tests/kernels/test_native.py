@@ -77,6 +77,57 @@ def test_decode_attention_with_grouped_heads_and_a_shared_prefix():
                                rtol=0)
 
 
+def _verify_pass(block_size: int, shared_blocks: int = 0):
+    """A step as the runner builds it around a speculative verify pass: request B's 6 positions are 6
+    single-token entries over one block table (next position, next query row), beside plain decodes."""
+    g = torch.Generator().manual_seed(11)
+    nb, kvh, h, d = 96, 3, 9, 64
+    kc = torch.randn(nb, block_size, kvh, d, generator=g).to(BF16)
+    vc = torch.randn(nb, block_size, kvh, d, generator=g).to(BF16)
+    ids = iter(torch.randperm(nb, generator=g).tolist())
+    shared = [next(ids) for _ in range(shared_blocks)]
+    requests = [(37, 1), (50, 6), (shared_blocks * block_size + 3, 1), (41, 1)]  # (first position, positions)
+    tables, starts = [], []
+    for first, n in requests:
+        blocks = shared + [next(ids) for _ in range(-(-(first + n) // block_size) - len(shared))]
+        tables += [blocks] * n
+        starts += range(first, first + n)
+    q = torch.randn(len(starts), h, d, generator=g).to(BF16)
+    plan = AttentionPlan.build(tables, starts, [1] * len(starts), block_size)
+    ref = paged_attention_reference(q, kc, vc, tables, starts, [1] * len(starts))
+    return q, kc, vc, plan, ref
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_a_verify_pass_is_one_sequence_whose_context_is_read_once(block_size):
+    """The verify positions go to the kernel as one sequence of 6 new tokens (causal among themselves); block size
+    4 puts several blocks in one tile of keys."""
+    q, kc, vc, plan, ref = _verify_pass(block_size)
+    nd = plan.native_decodes()
+    assert nd.nq.tolist() == [1, 6, 1, 1] and nd.q_rows.tolist() == [0, 1, 7, 8] and nd.shared is None
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 64**-0.5, nd.nq)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
+
+
+def test_a_verify_pass_beside_decodes_sharing_a_prefix_takes_the_cascade():
+    q, kc, vc, plan, ref = _verify_pass(16, shared_blocks=2)
+    nd = plan.native_decodes()
+    assert nd.shared is not None and nd.nq.tolist() == [1, 6, 1, 1]  # four sequences share 2 blocks
+    torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16, rtol=0)
+
+
+def test_the_kernels_built_without_avx512_bf16_give_the_same_attention(tmp_path, monkeypatch):
+    """The portable code path (CPUs without AVX512-BF16): the kernels built for such a CPU, run here."""
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    lib = native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512bf16"))
+    monkeypatch.setattr(native, "_lib", lib)
+    for shared_blocks in (0, 2):
+        q, kc, vc, plan, ref = _verify_pass(4 if shared_blocks == 0 else 16, shared_blocks)
+        torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16,
+                                   rtol=0)
+
+
 def test_a_head_dim_beyond_the_kernel_falls_back_to_torch():
     """head_dim 512 exceeds the kernel's bound: it declines, and paged attention still answers (torch)."""
     g = torch.Generator().manual_seed(3)
