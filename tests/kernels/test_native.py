@@ -110,7 +110,9 @@ def test_a_verify_pass_is_one_sequence_whose_context_is_read_once(block_size):
     torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
 
 
-def test_a_verify_pass_beside_decodes_sharing_a_prefix_takes_the_cascade():
+def test_a_verify_pass_beside_decodes_sharing_a_prefix_takes_the_cascade(monkeypatch):
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)  # the bar lowered to this small case
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
     q, kc, vc, plan, ref = _verify_pass(16, shared_blocks=2)
     nd = plan.native_decodes()
     assert nd.shared is not None and nd.nq.tolist() == [1, 6, 1, 1]  # four sequences share 2 blocks
@@ -122,6 +124,8 @@ def test_the_kernels_built_without_avx512_bf16_give_the_same_attention(tmp_path,
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     lib = native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512bf16"))
     monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
     for shared_blocks in (0, 2):
         q, kc, vc, plan, ref = _verify_pass(4 if shared_blocks == 0 else 16, shared_blocks)
         torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16,
@@ -218,9 +222,12 @@ def test_the_build_is_cached_by_content(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
 
 
-def test_decodes_sharing_a_long_prefix_read_it_once_through_the_cascade():
+def test_decodes_sharing_a_long_prefix_read_it_once_through_the_cascade(monkeypatch):
     """Five decodes over 8 shared blocks: the prefix is attended once for all of them by matrix products, the C
-    kernel reads each one's own suffix only, the two merge by log-sum-exp."""
+    kernel reads each one's own suffix only, the two merge by log-sum-exp. (The cascade's bar is lowered to this
+    small case; the default bar is tested below.)"""
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
     seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]
     q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12, dtype=BF16)
     nd = plan.native_decodes()
@@ -229,6 +236,22 @@ def test_decodes_sharing_a_long_prefix_read_it_once_through_the_cascade():
     out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
     assert "torch-no-decodes" in plan.derived
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+
+
+def test_the_cascade_waits_for_a_long_prefix_shared_by_many_decodes():
+    """Below NATIVE_CASCADE_DECODES decodes or NATIVE_CASCADE_TOKENS shared tokens the kernel alone is faster."""
+    from kernels.attention import NATIVE_CASCADE_DECODES, NATIVE_CASCADE_TOKENS
+
+    blocks = NATIVE_CASCADE_TOKENS // 16
+    shared = list(range(blocks))
+
+    def shares(n: int, shared_blocks: int) -> bool:
+        tables = [shared[:shared_blocks] + [blocks + i] for i in range(n)]
+        plan = AttentionPlan.build(tables, [shared_blocks * 16 + i % 5 for i in range(n)], [1] * n, 16)
+        return plan.native_decodes().shared is not None
+
+    assert shares(NATIVE_CASCADE_DECODES, blocks)
+    assert not shares(NATIVE_CASCADE_DECODES - 1, blocks) and not shares(NATIVE_CASCADE_DECODES, blocks - 1)
 
 
 def _q8_bound(x: torch.Tensor, w) -> torch.Tensor:
