@@ -446,13 +446,23 @@ int add_rms_norm_bf16(float *x, const uint16_t *delta, const float *weight, uint
 /* SiLU(gate) * up of the fused gate/up projection: gu [T, 2 * inter] bf16 (gate columns, then up), out
  * [T, inter] bf16, in float32 and rounded once. */
 int silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t num_tokens, int64_t inter, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_tokens >= 64)
-    for (int64_t t = 0; t < num_tokens; t++) {
+    /* SiLU(a) = a * sigmoid(a), sigmoid from e = exp(-|a|) <= 1 (exp_nonpos vectorises; expf does not):
+     * 1 / (1 + e) for a >= 0, e / (1 + e) below. Rows are split in column chunks so a decode step's few rows
+     * still use every thread. */
+    const int64_t chunk = 512;
+    const int64_t per_row = (inter + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (num_tokens * inter >= 8192)
+    for (int64_t job = 0; job < num_tokens * per_row; job++) {
+        const int64_t t = job / per_row, i0 = (job % per_row) * chunk;
+        const int64_t i1 = i0 + chunk < inter ? i0 + chunk : inter;
         const uint16_t *g = gu + t * 2 * inter, *u = g + inter;
         uint16_t *o = out + t * inter;
-        for (int64_t i = 0; i < inter; i++) {
+#pragma omp simd
+        for (int64_t i = i0; i < i1; i++) {
             const float a = bf16_to_f32(g[i]);
-            o[i] = f32_to_bf16(a / (1.0f + expf(-a)) * bf16_to_f32(u[i]));
+            const float e = exp_nonpos(a < 0.0f ? a : -a);
+            const float sig = (a < 0.0f ? e : 1.0f) / (1.0f + e);
+            o[i] = f32_to_bf16(a * sig * bf16_to_f32(u[i]));
         }
     }
     return 0;

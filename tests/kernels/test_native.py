@@ -187,9 +187,10 @@ def test_add_rms_norm_matches_torch():
     torch.testing.assert_close(native.add_rms_norm(x, None, w, 1e-5).float(), want, atol=ATOL_BF16, rtol=0)
 
 
-def test_silu_mul_matches_torch():
-    gu = (torch.randn(4, 2 * 40, generator=torch.Generator().manual_seed(4)) * 4).to(BF16)
-    want = F.silu(gu[:, :40].float()) * gu[:, 40:].float()
+@pytest.mark.parametrize("tokens, inter", [(4, 40), (9, 1536), (1, 1100)])  # one chunk; split rows; a ragged chunk
+def test_silu_mul_matches_torch(tokens, inter):
+    gu = (torch.randn(tokens, 2 * inter, generator=torch.Generator().manual_seed(4)) * 8).to(BF16)  # large |a|
+    want = F.silu(gu[:, :inter].float()) * gu[:, inter:].float()
     torch.testing.assert_close(native.silu_mul(gu).float(), want, atol=ATOL_BF16, rtol=1e-2)
 
 
