@@ -17,12 +17,13 @@ from adapters.identity import adapter_version_id
 from adapters.lifecycle import AdapterVersions
 from adapters.peft_format import ParsedAdapter, parse_adapter
 from kernels import native
-from kernels.ops import select_kernels
+from kernels.ops import Kernels, select_kernels
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.adapters import AdapterAdmission
 from service.engine.engine import LLMEngine
 from service.runtime.arch import ModelArch
 from service.runtime.device import describe, resolve_device
+from service.runtime.draft import DraftModelProposer
 from service.runtime.gguf_loader import open_gguf
 from service.runtime.loader import LoadedModel, default_model_path, load_model
 from service.runtime.lora import LoraSlots, fused_loader
@@ -77,10 +78,12 @@ def load_tokenizer(path: Path, gguf_reader: object | None = None) -> Tokenizer:
     return Tokenizer.from_gguf(gguf_reader or path) if path.is_file() else Tokenizer.from_dir(path)
 
 
-def _load(rc: RuntimeConfig, device: torch.device) -> tuple[LoadedModel, Tokenizer]:
-    if is_synthetic(rc.model):
-        return load_synthetic(rc.model, device), synthetic_tokenizer(rc.model)
-    path = Path(rc.model) if rc.model else default_model_path()
+def _load(rc: RuntimeConfig, device: torch.device, source: str | None = None) -> tuple[LoadedModel, Tokenizer]:
+    """The model `source` names (default: rc.model), and its tokenizer."""
+    source = rc.model if source is None else source
+    if is_synthetic(source):
+        return load_synthetic(source, device), synthetic_tokenizer(source)
+    path = Path(source) if source else default_model_path()
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist: expected a .gguf file or an HF directory "
                                 "with config.json + *.safetensors, or synthetic:NAME")
@@ -122,6 +125,36 @@ def _decode_capture(rc: RuntimeConfig, device: torch.device, kernels: str) -> Ca
     from service.runtime.cuda import CudaGraphCapture
 
     return CudaGraphCapture(device)
+
+
+TOKENIZER_PROBE = "Speculative drafts: the same tokens, 1234 times. ¿Qué tal? 中文"
+
+
+def _draft_proposer(rc: RuntimeConfig, ec: EngineConfig, device: torch.device, dtype: torch.dtype,
+                    kernels: Kernels, tokenizer: Tokenizer, vocab_size: int, max_len: int,
+                    kv_tokens: int) -> DraftModelProposer | None:
+    """The draft model's proposer (rc.draft_model), its KV arena holding as many tokens as the target's; None
+    without a draft model. ValueError when it cannot draft for this model (another vocabulary or tokenizer, a
+    shorter context)."""
+    if not rc.draft_model:
+        return None
+    loaded, draft_tokenizer = _load(rc, device, rc.draft_model)
+    arch = loaded.arch
+    if arch.vocab_size != vocab_size:
+        raise ValueError(f"draft model {rc.draft_model}: vocabulary of {arch.vocab_size} tokens, the served model's "
+                         f"has {vocab_size}: a draft model must share the tokenizer")
+    if draft_tokenizer.encode(TOKENIZER_PROBE) != tokenizer.encode(TOKENIZER_PROBE):
+        raise ValueError(f"draft model {rc.draft_model}: its tokenizer splits text differently from the served "
+                         "model's: a draft model must share the tokenizer")
+    if arch.max_position_embeddings < max_len:
+        raise ValueError(f"draft model {rc.draft_model}: context of {arch.max_position_embeddings} tokens, less "
+                         f"than max_model_len={max_len}")
+    model = LlamaModel(arch, loaded.tensors, dtype=dtype, max_model_len=max_len, device=device, kernels=kernels,
+                       dense_weights_bytes=rc.dense_weights_mib * 2**20)
+    proposer = DraftModelProposer(model, kv_tokens // ec.block_size, ec.block_size, max_len)
+    log.info("draft_model_ready", source=loaded.source, quantization=loaded.quantization,
+             weights_mib=round(model.nbytes() / 2**20, 1), kv_blocks=proposer.free_blocks)
+    return proposer
 
 
 def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = None,
@@ -178,8 +211,10 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
     versions = AdapterVersions(fused_loader(load, loaded.arch, lora_dtype, pin=device.type == "cuda"), lora_slots,
                                max_bytes=ac.host_cache_mib * 2**20, max_count=ac.host_cache_max_count,
                                workers=ac.load_workers)
+    draft = _draft_proposer(rc, ec, device, dtype, kernels, tokenizer, loaded.arch.vocab_size, max_len,
+                            num_blocks * ec.block_size)
     engine = LLMEngine(runner, tokenizer, ec, adapter_slots=versions,
-                       admission=AdapterAdmission(versions, ac.max_overtake_steps))
+                       admission=AdapterAdmission(versions, ac.max_overtake_steps), draft_proposer=draft)
     if runner.graphs is not None:
         t0 = time.perf_counter()
         runner.graphs.capture_all()

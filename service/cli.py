@@ -35,6 +35,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "*.safetensors), or synthetic:smollm2-135m / synthetic:llama-3-8b (random weights of that "
                    "shape, for timing); default: the embedded SmolLM2-135M-Instruct Q4_1")
     g.add_argument("--quantize", choices=QUANTIZE_MODES, help="quantize an fp16/bf16/fp32 HF checkpoint on load")
+    g.add_argument("--draft-model", metavar="PATH", help="a smaller model with the same tokenizer (.gguf, HF "
+                   "directory or synthetic:NAME) that proposes speculative drafts for --speculation draft")
     g.add_argument("--dtype", choices=DTYPES,
                    help="compute dtype: bfloat16 is the fast CPU path, float32 the exact one (default: bfloat16)")
     g.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -59,7 +61,7 @@ def runtime_flags(args: argparse.Namespace) -> dict:
     return dict(model=args.model, quantize=args.quantize, dtype=args.dtype, threads=args.threads,
                 kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, device=args.device,
                 gpu_memory_fraction=args.gpu_memory_fraction, dense_weights_mib=args.dense_weights_mib,
-                cuda_graphs=args.cuda_graphs)
+                cuda_graphs=args.cuda_graphs, draft_model=args.draft_model)
 
 
 def runtime_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -81,8 +83,8 @@ def add_call_sampling_args(c: argparse.ArgumentParser) -> None:
 
 def add_speculation_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--speculation", choices=SPECULATION_MODES,
-                   help=f"speculative decoding: off, ngram (prompt lookup) or draft (a draft model; none is available "
-                        f"yet); the output is the same either way (default: {default})")
+                   help=f"speculative decoding: off, ngram (prompt lookup) or draft (the server's draft model, "
+                        f"--draft-model); the output is the same either way (default: {default})")
     p.add_argument("--max-draft-tokens", type=int, metavar="K",
                    help=f"most draft tokens verified per step, 1 to {MAX_DRAFT_TOKENS} (default: {default})")
 

@@ -24,9 +24,9 @@ class EngineConfig:
     scheduling_policy: str = "vtc"
     input_token_weight: float = 1.0
     output_token_weight: float = 2.0
-    # Speculative decoding (service.engine.speculative): the default of requests that do not choose ("off" or
-    # "ngram"), the most drafts per request and step, the n-gram lengths the prompt lookup tries (longest first),
-    # and the batch-level switch: drafts are added to a step only while its scheduled tokens stay within
+    # Speculative decoding (service.engine.speculative): the default of requests that do not choose ("off",
+    # "ngram", or "draft" with a draft model loaded: runtime.draft_model), the most drafts per request and step,
+    # the n-gram lengths the prompt lookup tries (longest first), and the batch-level switch: drafts are added to a step only while its scheduled tokens stay within
     # speculative_max_step_tokens (past that the batch is compute-bound on the CPU and drafts cost more than
     # they save).
     speculation: str = "ngram"
@@ -58,9 +58,9 @@ class EngineConfig:
             w = getattr(self, name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 <= w < float("inf")):
                 raise ValueError(f"{name}={w!r} is invalid: must be a finite number >= 0")
-        if self.speculation not in ("off", "ngram"):
-            raise ValueError(f"speculation={self.speculation!r} is invalid: use off or ngram (a draft model is not "
-                             "available)")
+        if self.speculation not in ("off", "ngram", "draft"):
+            raise ValueError(f"speculation={self.speculation!r} is invalid: use off, ngram or draft (draft needs "
+                             "--draft-model)")
         for name, lo, hi in (("max_draft_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64),
                              ("speculative_max_step_tokens", 1, 1 << 20)):
             v = getattr(self, name)
@@ -96,6 +96,9 @@ class RuntimeConfig:
     gpu_memory_fraction: float = 0.9
     # On a GPU (Triton kernels): decode steps captured as CUDA graphs per batch-size bucket, replayed each step.
     cuda_graphs: bool = True
+    # A smaller model with the same tokenizer (a .gguf file, an HF directory or synthetic:NAME) that proposes
+    # speculative drafts for requests with speculation 'draft'; None: no draft model.
+    draft_model: str | None = None
     # On the CPU (bfloat16): also hold the quantized weights as dense bf16, which batched steps multiply ~2x
     # faster, when that copy takes at most this many MiB (the default model's: 268 MiB); 0 never does.
     dense_weights_mib: int = 1024

@@ -29,7 +29,7 @@ from service.engine.outputs import (
 from service.engine.request import Request, RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.scheduler import QueueFullError, Scheduler
-from service.engine.speculative import NgramProposer, Speculator
+from service.engine.speculative import NgramProposer, Proposer, Speculator
 from service.engine.structured import CompiledGrammarLike, FormatDeadEnd
 from service.engine.types import FinishReason, ModelRunnerLike, SampleResult, SchedulerOutput, TokenizerLike
 
@@ -54,8 +54,10 @@ class LLMEngine:
         admission: AdmissionPolicy | None = None,
         adapter_slots: AdapterSlotsLike | None = None,
         clock: Callable[[], float] = time.monotonic,
+        draft_proposer: Proposer | None = None,
     ) -> None:
-        """`clock`: what request deadlines are compared with (time.monotonic, as the API sets them)."""
+        """`clock`: what request deadlines are compared with (time.monotonic, as the API sets them).
+        `draft_proposer`: proposes drafts for requests with speculation 'draft' (a draft model's)."""
         if runner.block_size != config.block_size:
             raise ValueError(
                 f"the model runner's KV blocks hold {runner.block_size} tokens but config.block_size is "
@@ -72,10 +74,15 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.pool = BlockPool(runner.num_blocks, runner.block_size)
-        # Chosen once: requests speculate with the proposers this engine has (the n-gram lookup needs no model).
+        # Chosen once: requests speculate with the proposers this engine has (the n-gram lookup needs no model; a
+        # draft model is the runtime's, when one was loaded).
+        proposers: dict[str, Proposer] = {"ngram": NgramProposer(config.ngram_min, config.ngram_max)}
+        if draft_proposer is not None:
+            proposers["draft"] = draft_proposer
+        if config.speculation == "draft" and draft_proposer is None:
+            raise ValueError("speculation='draft' needs a draft model (--draft-model): this engine has none")
         self.speculator = Speculator(config.speculation, config.max_draft_tokens, config.speculative_max_step_tokens,
-                                     {"ngram": NgramProposer(config.ngram_min, config.ngram_max)},
-                                     config.draft_token_cost)
+                                     proposers, config.draft_token_cost)
         self.scheduler = Scheduler(
             config, KVCacheManager.create(self.pool, config.enable_prefix_caching), runner.max_model_len, admission,
             self.speculator,

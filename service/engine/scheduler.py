@@ -331,6 +331,8 @@ class Scheduler:
             req.finish_reason = reason
             req.finished_time = now
             self.fair.leave(req.tenant)
+            if self.speculator is not None:
+                self.speculator.release(req)
         if any_running:
             self.running = [r for r in self.running if not r.is_finished]
 

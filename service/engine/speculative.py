@@ -31,9 +31,12 @@ MAX_DRAFT_TOKENS = 16  # per request and step: a verify chunk stays a short exte
 
 
 class Proposer(Protocol):
-    """Proposes up to `k` tokens to follow `tokens` (the request's prompt and output so far)."""
+    """Proposes up to `k` tokens to follow `tokens` (the request's prompt and output so far); `release` frees what
+    it holds for a request (`SpecState.proposer_state`) when the request ends."""
 
     def propose(self, state: SpecState, tokens: Sequence[int], k: int) -> list[int]: ...
+
+    def release(self, state: SpecState) -> None: ...
 
 
 @dataclass
@@ -50,6 +53,7 @@ class SpecState:
     # position (the token after it is what the n-gram was followed by). Positions [0, indexed) are indexed.
     ngrams: dict[tuple[int, ...], int] = field(default_factory=dict)
     indexed: int = 0
+    proposer_state: object = None  # what another proposer keeps per request (a draft model: its KV cache)
 
     # Estimated chance that a draft is accepted (given the one before it was): a moving average over verifies.
     alpha: float = 0.6
@@ -117,6 +121,9 @@ class NgramProposer:
                 return list(tokens[end:end + k])
         return []
 
+    def release(self, state: SpecState) -> None:
+        """The index lives in the state: nothing else to free."""
+
 
 def accept(drafts: Sequence[int], targets: Sequence[int]) -> int:
     """How many leading drafts equal the targets at their positions (the verify rule)."""
@@ -159,7 +166,7 @@ class Speculator:
         if mode != "off" and mode not in self.proposers:
             if mode == "draft":
                 raise ValueError("sampling.speculation='draft' is not available: this server has no draft model "
-                                 "(use 'ngram' or 'off')")
+                                 "(start it with --draft-model, or use 'ngram' or 'off')")
             raise ValueError(f"sampling.speculation={mode!r} is not available on this server")
 
     def attach(self, request: Request) -> None:
@@ -188,6 +195,12 @@ class Speculator:
         if k <= 0:
             return []
         return state.proposer.propose(state, request.all_token_ids, k)
+
+    def release(self, request: Request) -> None:
+        """The request has ended: its proposer frees what it held for it."""
+        state = request.spec_state
+        if state is not None:
+            state.proposer.release(state)
 
     def on_verified(self, request: Request, proposed: int, accepted: int) -> None:
         state = request.spec_state
