@@ -36,6 +36,8 @@ def test_cuda_graph_flags_reach_the_config_and_leave_the_cpu_path_alone(capsys):
     parser = build_parser()
     assert runtime_config(parser.parse_args(["generate", "--prompt", "x"])).cuda_graphs is True
     assert runtime_config(parser.parse_args(["generate", "--prompt", "x", "--no-cuda-graphs"])).cuda_graphs is False
+    assert runtime_config(parser.parse_args(["generate", "--prompt", "x", "--draft-model", "d.gguf"])).draft_model \
+        == "d.gguf"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     assert "--cuda-graphs, --no-cuda-graphs" in capsys.readouterr().out
