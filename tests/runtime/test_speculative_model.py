@@ -123,6 +123,9 @@ class GreedyOracle:
             self.cache[key] = ids[len(tokens):]
         return self.cache[key][:k]
 
+    def release(self, state) -> None:
+        """Nothing held per request."""
+
 
 @pytest.fixture(scope="module")
 def peaked(tmp_path_factory):
