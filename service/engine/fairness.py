@@ -13,7 +13,9 @@ Rules that keep it fair over time:
   tenant to go idle; so idling never buys a burst at everyone else's expense;
 - tokens served from the prefix cache are not charged (the engine computed nothing for them), and a
   preempted request's recomputation is not charged twice (the preemption was the server's choice);
-- preemption victims come from the tenant furthest ahead (largest counter) within the lowest priority.
+- preemption victims come from the tenant furthest ahead (largest counter) within the lowest priority;
+- at equal counters (a tenant back from idle starts level with the tenant furthest behind) the tenant with fewer
+  requests in goes first: the one that is not backlogged.
 
 Under `fcfs` the counters are kept for visibility but do not order anything: priority, then arrival.
 """
@@ -24,6 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from service.config import SCHEDULING_POLICIES
+
+TenantKey = tuple[float, int]
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,13 @@ class FairShare:
         self._idle_floor = 0.0  # where a tenant returning to an empty scheduler starts
 
     # ---- what the scheduler reads --------------------------------------------------------
-    def key(self, tenant: str) -> float:
-        """Admission order among tenants within a priority class: smaller goes first."""
-        return self._counters.get(tenant, 0.0) if self.fair else 0.0
+    def key(self, tenant: str) -> TenantKey:
+        """Admission order among tenants within a priority class: smaller goes first. The counter, then, at equal
+        counters (a tenant back from idle starts level with the tenant furthest behind), the tenant with fewer
+        requests in: the one that is not backlogged."""
+        if not self.fair:
+            return (0.0, 0)
+        return (self._counters.get(tenant, 0.0), self._active.get(tenant, 0))
 
     def counter(self, tenant: str) -> float:
         return self._counters.get(tenant, 0.0)

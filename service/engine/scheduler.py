@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 from service.config import EngineConfig
 from service.engine.admission import AdmissionPolicy, AdmitInOrder
-from service.engine.fairness import FairShare
+from service.engine.fairness import FairShare, TenantKey
 from service.engine.kv_cache import KVCacheManager
 from service.engine.outputs import RequestError
 from service.engine.request import Request, RequestStatus
@@ -104,7 +104,7 @@ class Scheduler:
         return bool(self.running) or len(self.waiting) > 0
 
     # ---- one step -----------------------------------------------------------------------
-    def _run_order(self, request: Request) -> tuple[int, float, int]:
+    def _run_order(self, request: Request) -> tuple[int, TenantKey, int]:
         return (request.priority, self.fair.key(request.tenant), request.arrival_seq)
 
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:

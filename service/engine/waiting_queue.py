@@ -2,8 +2,8 @@
 
 Each tenant has its own heap on (priority, seq); `peek` takes, among the tenants' heads, the smallest
 (priority, tenant key, seq). The tenant key comes from the fair-share policy (`fairness.FairShare.key`: the
-tenant's service counter under `vtc`, a constant under `fcfs`, which leaves plain priority-then-arrival
-order). Preempted requests go to the front of their tenant's queue within their priority class.
+tenant's service counter, then its requests in, under `vtc`; a constant under `fcfs`, which leaves plain
+priority-then-arrival order). Preempted requests go to the front of their tenant's queue within their priority class.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Container, Iterator
 
+from service.engine.fairness import TenantKey
 from service.engine.request import Request
 
 
@@ -29,8 +30,8 @@ class QueueEntry:
         return (self.priority, self.seq) < (other.priority, other.seq)
 
 
-def _no_key(tenant: str) -> float:
-    return 0.0
+def _no_key(tenant: str) -> TenantKey:
+    return (0.0, 0)
 
 
 class WaitingQueue:
@@ -39,7 +40,7 @@ class WaitingQueue:
     class, the most recently preempted first (it arrived earliest: victims are taken latest-arrival first).
     Picking among tenants costs one look at each tenant's head: tenants are few next to requests."""
 
-    def __init__(self, tenant_key: Callable[[str], float] = _no_key) -> None:
+    def __init__(self, tenant_key: Callable[[str], TenantKey] = _no_key) -> None:
         self._heaps: dict[str, list[QueueEntry]] = {}
         self._live: dict[str, QueueEntry] = {}
         self._tenant_key = tenant_key
@@ -73,7 +74,7 @@ class WaitingQueue:
     def peek(self, skip: Container[str] = ()) -> QueueEntry | None:
         """The next request, leaving out the tenants in `skip`."""
         best: QueueEntry | None = None
-        best_key: tuple[int, float, int] | None = None
+        best_key: tuple[int, TenantKey, int] | None = None
         empty = []
         key = self._tenant_key
         for tenant, heap in self._heaps.items():
