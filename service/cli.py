@@ -163,7 +163,8 @@ def serve_configs(args: argparse.Namespace) -> tuple:
         EngineConfig: dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                            max_waiting=args.max_waiting, scheduling_policy=args.scheduling_policy,
                            input_token_weight=args.input_token_weight,
-                           output_token_weight=args.output_token_weight, speculation=args.speculation,
+                           output_token_weight=args.output_token_weight,
+                           max_shared_prefill_tokens=args.max_shared_prefill_tokens, speculation=args.speculation,
                            max_draft_tokens=args.max_draft_tokens),
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
         ServerConfig: dict(host=args.host, port=args.port, http_port=args.http_port, drain_grace_s=args.drain_grace_s,
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fair-share cost of one prompt token computed (default: {EngineConfig.input_token_weight:g})")
     s.add_argument("--output-token-weight", type=float, metavar="W",
                    help=f"fair-share cost of one generated token (default: {EngineConfig.output_token_weight:g})")
+    s.add_argument("--max-shared-prefill-tokens", type=int, metavar="N",
+                   help="vtc: while more than one tenant has requests in, the most prompt tokens one step computes, "
+                        "so a tenant's new request waits for a short step only (default: "
+                        f"{EngineConfig.max_shared_prefill_tokens})")
     s.add_argument("--speculation", choices=("off", "ngram"),
                    help="speculative decoding of requests that do not choose: off or ngram (prompt lookup); outputs "
                         f"are the same either way (default: {EngineConfig.speculation})")

@@ -24,9 +24,14 @@ class EngineConfig:
     scheduling_policy: str = "vtc"
     input_token_weight: float = 1.0
     output_token_weight: float = 2.0
+    # Under vtc, while more than one tenant has requests in, the most prompt tokens one step computes (longer prompts
+    # go on in chunks over the next steps): a tenant's new request then waits for at most a short step of other
+    # tenants' prompts before its own. At or above max_num_batched_tokens it bounds nothing.
+    max_shared_prefill_tokens: int = 64
     # Speculative decoding (service.engine.speculative): the default of requests that do not choose ("off",
     # "ngram", or "draft" with a draft model loaded: runtime.draft_model), the most drafts per request and step,
-    # the n-gram lengths the prompt lookup tries (longest first), and the batch-level switch: drafts are added to a step only while its scheduled tokens stay within
+    # the n-gram lengths the prompt lookup tries (longest first), and the batch-level switch: drafts are added to
+    # a step only while its scheduled tokens stay within
     # speculative_max_step_tokens (past that the batch is compute-bound on the CPU and drafts cost more than
     # they save).
     speculation: str = "ngram"
@@ -62,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"speculation={self.speculation!r} is invalid: use off, ngram or draft (draft needs "
                              "--draft-model)")
         for name, lo, hi in (("max_draft_tokens", 1, 16), ("ngram_min", 1, 64), ("ngram_max", 1, 64),
-                             ("speculative_max_step_tokens", 1, 1 << 20)):
+                             ("speculative_max_step_tokens", 1, 1 << 20), ("max_shared_prefill_tokens", 1, 1 << 20)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise ValueError(f"{name}={v!r} is invalid: must be an integer in [{lo}, {hi}]")

@@ -111,6 +111,10 @@ class FairShare:
         self._idle_floor = 0.0
 
     # ---- visibility ----------------------------------------------------------------------
+    def num_active_tenants(self) -> int:
+        """Tenants with requests in the scheduler (waiting or running)."""
+        return len(self._active)
+
     def active_tenants(self) -> dict[str, int]:
         """Each tenant's requests in the scheduler (waiting or running)."""
         return self._active.copy()

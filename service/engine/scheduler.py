@@ -7,10 +7,13 @@ requests are admitted starting from their longest cached prefix. Between tenants
 policy (`fairness.FairShare`, `EngineConfig.scheduling_policy`) decides: under `vtc` the waiting request
 of the best priority class whose tenant has received the least weighted service goes first, and a tenant
 with no request running may take one seat a step from the tenant furthest ahead when every seat is taken
-(`_seat_victim`); under `fcfs`, priority then arrival. When a running request needs a block and none is left, the running
-request ranked last is preempted (lowest priority; under `vtc` from the tenant furthest ahead; then
-latest arrival): it returns all its blocks and goes back to the front of its tenant's queue to be
-recomputed.
+(`_seat_victim`), and while more than one tenant has requests in, a step computes at most
+`max_shared_prefill_tokens` prompt tokens, of which the request admitted next may claim up to half ahead of the
+running prompts of tenants ahead of it (`_prompt_room`): a tenant's new request waits for a short step, not for a
+step full of another tenant's prompts; under `fcfs`, priority then arrival. When a running request needs a block
+and none is left, the running request ranked last is preempted (lowest priority; under `vtc` from the tenant
+furthest ahead; then latest arrival): it returns all its blocks and goes back to the front of its tenant's queue
+to be recomputed.
 
 The admission policy (chosen at construction) may skip waiting requests; whatever it reserves for a
 request it admits (an adapter slot) is handed back through `on_release`, on every path that ends a
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 from service.config import EngineConfig
 from service.engine.admission import AdmissionPolicy, AdmitInOrder
@@ -32,6 +36,13 @@ from service.engine.request import Request, RequestStatus
 from service.engine.speculative import Speculator, accept
 from service.engine.types import FinishReason, SampleResult, ScheduledChunk, SchedulerOutput
 from service.engine.waiting_queue import WaitingQueue
+
+
+class _Claim(NamedTuple):
+    """Prompt tokens of a step the next waiting request may take before running requests ranked after it."""
+
+    rank: tuple[int, TenantKey]  # its (priority, tenant key)
+    tokens: int
 
 
 class QueueFullError(Exception):
@@ -127,11 +138,19 @@ class Scheduler:
         # scheduled and rank above the tail, so the preemption victim is never one of them.
         running = self.running
         running.sort(key=self._run_order)
+        prompt_room, claim = self._prompt_room(budget)
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             assert n > 0, f"{req} is running with nothing to compute"
+            prompt = n > 1  # a prompt chunk (or a preempted request's recomputation), not a decode
+            if prompt:
+                n = min(n, prompt_room - (claim.tokens if claim is not None and self._run_order(req)[:2] > claim.rank
+                                          else 0))
+                if n <= 0:
+                    i += 1  # its prompt goes on next step
+                    continue
             while not self.kv.grow(req, n):
                 # Victims come from the tail (lowest priority, latest arrival). Requests before i
                 # are already scheduled and rank higher, so the tail is never one of them.
@@ -143,18 +162,38 @@ class Scheduler:
             else:
                 chunks.append(self._chunk(req, n))
                 budget -= n
+                if prompt:
+                    prompt_room -= n
                 i += 1
 
         # Admitting while running requests are being evicted would only evict them again.
         if not preempted:
-            budget = self._admit(budget, chunks, failed, preempted)
+            budget = self._admit(budget, prompt_room, chunks, failed, preempted)
         if self.speculator is not None and chunks:
             budget = self._add_drafts(chunks, budget)
 
         return SchedulerOutput(chunks, self.config.max_num_batched_tokens - budget, preempted, failed)
 
-    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[tuple[Request, RequestError]],
-               preempted: list[str]) -> int:
+    def _prompt_room(self, budget: int) -> tuple[int, _Claim | None]:
+        """The prompt tokens this step may compute, and what the next waiting request may claim of them ahead of the
+        prompt chunks of running requests ranked after it. Under `vtc`, while more than one tenant has requests in,
+        a step computes at most `max_shared_prefill_tokens` prompt tokens, so a tenant's new request never waits long
+        for a step of another tenant's prompts to end; the request the fair share admits next claims its prompt, up
+        to half of them, before running requests of tenants ahead of it. Half: whatever holds that request back (no
+        seat, its adapter loading, memory), the running prompts still go on."""
+        limit = self.config.max_shared_prefill_tokens
+        if limit >= budget or not self.fair.fair or self.fair.num_active_tenants() < 2:
+            return budget, None
+        entry = self.waiting.peek()
+        if entry is None:
+            return limit, None
+        req = entry.request
+        assert req is not None
+        tokens = min(limit // 2, req.num_tokens - self.kv.match(req).num_tokens)
+        return limit, _Claim((req.priority, self.fair.key(req.tenant)), tokens)
+
+    def _admit(self, budget: int, prompt_room: int, chunks: list[ScheduledChunk],
+               failed: list[tuple[Request, RequestError]], preempted: list[str]) -> int:
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
@@ -164,7 +203,7 @@ class Scheduler:
         stolen = False
         # With every seat taken, only a tenant without one may take one (vtc): the running requests by tenant.
         seated: dict[str, list[Request]] = {}
-        while budget > 0:
+        while budget > 0 and prompt_room > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 if stolen or not self.fair.fair:
                     break
@@ -191,11 +230,14 @@ class Scheduler:
                 skipped.append(self.waiting.take(entry))
                 continue
             if victim is not None:
-                budget += self._evict_for_seat(victim, chunks)
+                freed = self._evict_for_seat(victim, chunks)
+                budget += freed
+                if freed > 1:  # its prompt chunk
+                    prompt_room += freed
                 preempted.append(victim.request_id)
                 stolen = True
             prefix = self.kv.match(req)
-            n = min(req.num_tokens - prefix.num_tokens, budget)
+            n = min(req.num_tokens - prefix.num_tokens, budget, prompt_room)
             if not self.kv.admit(req, prefix, n):
                 policy.on_release(req)  # hand back what the policy reserved for it
                 break  # the head waits for memory; nobody behind it jumps the queue
@@ -208,6 +250,7 @@ class Scheduler:
             chunks.append(self._chunk(req, n))
             in_flight.update(self.kv.hashes_in_flight(req, req.num_computed_tokens + n))
             budget -= n
+            prompt_room -= n
         for entry in skipped:
             self.waiting.requeue(entry)
         return budget

@@ -81,6 +81,13 @@ class Tenants:
                 self.refill()
             self.step()
 
+    def prompt_tokens(self, step: int) -> dict[str, int]:
+        """Prompt tokens the runner computed in one step, by tenant."""
+        out: Counter = Counter()
+        for rid, start, n, _ in self.engine.runner.history[step]:
+            out[self.tenant_of[rid]] += max(0, min(start + n, self.prompt_len[rid]) - start)
+        return dict(out)
+
     def max_window_gap(self, a: str, b: str, since: int = 0) -> float:
         """max over intervals [t1, t2] of |service of a - service of b| within the interval."""
         diffs = [s[a] - s[b] for s in self.trace[since:]]
@@ -181,8 +188,9 @@ def test_priority_wins_over_fair_share():
 def test_one_tenant_alone_is_scheduled_exactly_as_fcfs():
     histories = {}
     for policy in ("vtc", "fcfs"):
+        # The bound on a shared step's prompt tokens does not apply to a tenant alone.
         engine = make_engine(scheduling_policy=policy, num_blocks=40, block_size=4, max_num_seqs=6,
-                             max_num_batched_tokens=48)
+                             max_num_batched_tokens=48, max_shared_prefill_tokens=8)
         t = Tenants(engine, {"solo": (20, 12)}, depth={"solo": 6})
         t.run(150)
         histories[policy] = engine.runner.history
@@ -253,6 +261,8 @@ def test_bad_fair_share_settings_are_refused_with_their_name():
         EngineConfig(output_token_weight=-1)
     with pytest.raises(ValueError, match="both 0"):
         EngineConfig(input_token_weight=0, output_token_weight=0)
+    with pytest.raises(ValueError, match="max_shared_prefill_tokens=0"):
+        EngineConfig(max_shared_prefill_tokens=0)
 
 
 def test_at_equal_counters_the_tenant_with_fewer_requests_goes_first():
@@ -266,6 +276,68 @@ def test_at_equal_counters_the_tenant_with_fewer_requests_goes_first():
     f.charge("light", input_tokens=1)
     assert f.key("flood") < f.key("light")
     assert FairShare("fcfs").key("light") == FairShare("fcfs").key("flood")
+
+
+# Four seats, a step budget of 256 tokens, a shared step's prompt tokens bounded by 32.
+SHARED = dict(num_blocks=1024, block_size=4, max_num_seqs=4, max_num_batched_tokens=256, enable_prefix_caching=False)
+
+
+def long_prompt_flood(limit: int) -> Tenants:
+    """flood keeps 8 requests of 200-token prompts waiting; light has one request running."""
+    t = Tenants(make_engine(scheduling_policy="vtc", max_shared_prefill_tokens=limit, **SHARED),
+                {"flood": (200, 4), "light": (8, 100)}, depth={"flood": 8})
+    t.run(20)  # flood alone: whole budgets of its prompts
+    assert max(sum(t.prompt_tokens(s).values()) for s in range(20)) == 256
+    t.submit("light")
+    t.run(3)
+    return t
+
+
+def test_a_light_tenants_request_waits_for_short_steps_only_under_a_flood_of_long_prompts():
+    t = long_prompt_flood(32)
+    engine = t.engine
+    first = len(engine.runner.history)
+    rid = t.submit("light")
+    t.run(1)
+    # Its prompt came first in the step after it arrived, ahead of flood's running prompts...
+    assert engine.get_request(rid).num_output_tokens == 1
+    t.run(40)
+    # ... and while both tenants have requests in, no step computes more than 32 prompt tokens.
+    assert all(sum(t.prompt_tokens(s).values()) <= 32 for s in range(first, len(engine.runner.history)))
+    assert sum(t.prompt_tokens(s).get("flood", 0) for s in range(first, len(engine.runner.history))) >= 30 * 16
+
+
+def test_without_the_bound_a_shared_step_computes_whole_long_prompts():
+    t = long_prompt_flood(256)
+    first = len(t.engine.runner.history)
+    t.submit("light")
+    t.run(5)
+    assert max(sum(t.prompt_tokens(s).values()) for s in range(first, len(t.engine.runner.history))) >= 200
+
+
+def test_the_bound_holds_up_no_prompt_while_the_next_request_cannot_start():
+    # light's request waits for its adapter; it may claim half of each step's prompt tokens, never all of them.
+    slots = FakeAdapterSlots(max_active=2, load_polls={"slow": 10_000})
+    engine = make_engine(scheduling_policy="vtc", slots=slots, max_shared_prefill_tokens=32, **SHARED)
+    t = Tenants(engine, {"flood": (200, 4), "light": (40, 4)}, depth={"flood": 8})
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    engine.add_request(RequestSpec("light-slow", prompt(40), sp, tenant="light", adapter_version="slow"))
+    t.tenant_of["light-slow"], t.prompt_len["light-slow"] = "light", 40
+    first = len(engine.runner.history)
+    t.run(50)
+    assert engine.get_request("light-slow").first_scheduled_time is None
+    steps = range(first, len(engine.runner.history))
+    assert len(steps) == 50 and all(t.prompt_tokens(s).get("flood", 0) >= 16 for s in steps)
+
+
+def test_fcfs_ignores_the_bound():
+    histories = []
+    for limit in (8, 256):
+        t = Tenants(make_engine(scheduling_policy="fcfs", max_shared_prefill_tokens=limit, **SHARED),
+                    {"a": (200, 4), "b": (8, 4)}, depth={"a": 4, "b": 4})
+        t.run(60)
+        histories.append(t.engine.runner.history)
+    assert histories[0] == histories[1]
 
 
 def seats_taken(policy: str) -> Tenants:
