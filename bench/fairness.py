@@ -201,9 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=16, help="B's output tokens (A and C: half)")
     ap.add_argument("--c-interval-s", type=float, default=0.25)
     ap.add_argument("--warmup-s", type=float, default=5.0)
+    ap.add_argument("--max-shared-prefill-tokens", type=int, help="server, vtc: the most prompt tokens of a step "
+                    "while tenants share the engine (default: the server's)")
     ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
     args = ap.parse_args(argv)
 
+    from service.config import EngineConfig
     from service.runtime.loader import default_model_path
     from tests.api.serve_process import ServeProcess
 
@@ -213,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     c = (1, args.b_words, half, 0, args.c_interval_s)
     res: dict = {"workload": "fairness", "model": default_model_path().name,
                  "transport": "gRPC GenerateStream, one client process per tenant",
-                 "server": {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens},
+                 "server": {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
+                            "max_shared_prefill_tokens": args.max_shared_prefill_tokens
+                            or EngineConfig.max_shared_prefill_tokens},
                  "tenants": {name: {"concurrency": spec[0], "prompt_words": spec[1], "max_tokens": spec[2],
                                     "requests": spec[3], "interval_s": spec[4]}
                              for name, spec in (("a", a), ("b", b), ("c", c))},
@@ -226,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
                           str(args.max_num_seqs), "--max-batched-tokens", str(args.max_batched_tokens)]
             if args.threads:
                 serve_args += ["--threads", str(args.threads)]
+            if args.max_shared_prefill_tokens:
+                serve_args += ["--max-shared-prefill-tokens", str(args.max_shared_prefill_tokens)]
             server = ServeProcess(*serve_args, ready_timeout=300)
             try:
                 seats = args.max_num_seqs
