@@ -26,8 +26,11 @@ class EngineConfig:
     output_token_weight: float = 2.0
     # Under vtc, while more than one tenant has requests in, the most prompt tokens one step computes (longer prompts
     # go on in chunks over the next steps): a tenant's new request then waits for at most a short step of other
-    # tenants' prompts before its own. At or above max_num_batched_tokens it bounds nothing.
-    max_shared_prefill_tokens: int = 64
+    # tenants' prompts before its own. At or above max_num_batched_tokens it bounds nothing. 128: on the 2-core CPU
+    # with the default model, a light tenant's engine TTFT under bench/fairness.py's flood (p90 / p97 / max, ~70
+    # samples each, in-process, alternating rounds) was 82 / 86 / 98 ms unbounded, 62 / 67 / 86 ms at 128 and
+    # 47 / 57 / 74 ms at 64; the flood's work took 5% and 12% longer, and the light p50 rose from 28 to 40 ms at 64.
+    max_shared_prefill_tokens: int = 128
     # Speculative decoding (service.engine.speculative): the default of requests that do not choose ("off",
     # "ngram", or "draft" with a draft model loaded: runtime.draft_model), the most drafts per request and step,
     # the n-gram lengths the prompt lookup tries (longest first), and the batch-level switch: drafts are added to
