@@ -33,7 +33,8 @@ FULL = {
                "maxPromptBytes": 65536, "maxUploadMib": 128},
     "runtime": {"model": "/models/base.gguf", "dtype": "float32", "kvCacheGib": 2, "maxModelLen": 4096,
                 "draftModel": "/models/draft.gguf"},
-    "engine": {"maxNumSeqs": 32, "maxBatchedTokens": 2048, "maxWaiting": 256, "speculation": "draft"},
+    "engine": {"maxNumSeqs": 32, "maxBatchedTokens": 2048, "maxWaiting": 256, "speculation": "draft",
+               "maxSharedPrefillTokens": 256},
     "adapters": {"maxActiveAdapters": 16},
     "telemetry": {"otlpEndpoint": "http://otel-collector.observability:4317"},
     "pricing": {"inputPer1k": 0.5, "outputPer1k": 1.5},
@@ -327,6 +328,7 @@ def test_scale_out_parts():
     assert config["telemetry"]["otlp_endpoint"] == "http://otel-collector.observability:4317"
     assert config["runtime"]["model"] == "/models/base.gguf"
     assert config["runtime"]["draft_model"] == "/models/draft.gguf" and config["engine"]["speculation"] == "draft"
+    assert config["engine"]["max_shared_prefill_tokens"] == 256
     # with a GPU the server runs on it, its KV arena sized from the GPU's memory fraction
     assert config["runtime"]["device"] == "cuda" and config["runtime"]["gpu_memory_fraction"] == 0.9
     assert config["runtime"]["cuda_graphs"] is True  # decode steps replayed as CUDA graphs
