@@ -184,6 +184,10 @@ def serve_configs(args: argparse.Namespace) -> tuple:
             out.append(cls(**merged))
         except TypeError as e:  # a value of the wrong type in the config file
             raise ValueError(f"invalid configuration for {cls.__name__}: {e}") from None
+    rc, ec = out[0], out[1]
+    if ec.speculation == "draft" and not rc.draft_model:
+        raise ValueError("speculation 'draft' as the server's default needs a draft model: give --draft-model "
+                         "(runtime.draft_model), or use --speculation ngram or off")
     return tuple(out)
 
 
@@ -275,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vtc: while more than one tenant has requests in, the most prompt tokens one step computes, "
                         "so a tenant's new request waits for a short step only (default: "
                         f"{EngineConfig.max_shared_prefill_tokens})")
-    s.add_argument("--speculation", choices=("off", "ngram"),
-                   help="speculative decoding of requests that do not choose: off or ngram (prompt lookup); outputs "
-                        f"are the same either way (default: {EngineConfig.speculation})")
+    s.add_argument("--speculation", choices=SPECULATION_MODES,
+                   help="speculative decoding of requests that do not choose: off, ngram (prompt lookup) or draft "
+                        "(needs --draft-model); outputs are the same either way (default: "
+                        f"{EngineConfig.speculation})")
     s.add_argument("--max-draft-tokens", type=int, metavar="K",
                    help=f"most draft tokens a request verifies per step (default: {EngineConfig.max_draft_tokens})")
     s.add_argument("--max-active-adapters", type=int,

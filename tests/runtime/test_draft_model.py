@@ -128,7 +128,8 @@ def test_proposals_after_rejections_are_those_of_a_fresh_draft(models):
 
 
 def test_draft_models_that_cannot_draft_for_the_served_one_are_refused(models, tmp_path):
-    """Bad input: a draft of another vocabulary; speculation 'draft' as the default with no draft model."""
+    """Bad input: a draft of another vocabulary; speculation 'draft' as the default with no draft model (engine and
+    serve's flags)."""
     path, _, _ = models
     with pytest.raises(ValueError, match="vocabulary of 49152 tokens, the served model's has 128"):
         build_runtime(RuntimeConfig(model=str(path), dtype="float32", kv_cache_gib=0.01,
@@ -136,3 +137,10 @@ def test_draft_models_that_cannot_draft_for_the_served_one_are_refused(models, t
     with pytest.raises(ValueError, match=r"speculation='draft' needs a draft model \(--draft-model\)"):
         build_runtime(RuntimeConfig(model=str(path), dtype="float32", kv_cache_gib=0.01),
                       EngineConfig(block_size=4, speculation="draft"))
+    # `serve --speculation draft` without --draft-model: refused before the model loads
+    from service.cli import build_parser, serve_configs
+
+    with pytest.raises(ValueError, match="speculation 'draft' as the server's default needs a draft model"):
+        serve_configs(build_parser().parse_args(["serve", "--speculation", "draft"]))
+    rc, ec, *_ = serve_configs(build_parser().parse_args(["serve", "--speculation", "draft", "--draft-model", "d"]))
+    assert (rc.draft_model, ec.speculation) == ("d", "draft")
