@@ -57,6 +57,8 @@ class DecodeGraphs:
             raise ValueError(f"fixed-shape decode steps need the Triton kernels, the model has {model.kernels.name}")
         if not 0 <= scratch_block < kv.num_blocks:
             raise ValueError(f"scratch block {scratch_block} is outside the arena of {kv.num_blocks} blocks")
+        if lora_slots is not None and max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank={max_lora_rank}: LoRA slots need a rank bound to size their tables")
         self.model, self.kv, self.capture = model, kv, capture
         self.block_size, self.scratch_block = block_size, scratch_block
         self.buckets = decode_buckets(max_batch)
@@ -83,7 +85,7 @@ class DecodeGraphs:
         self._tables = self._slot_tables(lora_slots, max_lora_rank) if lora_slots is not None else None
         self._tables_version = -1
         self._replays: dict[tuple[int, bool], StepFn] = {}
-        self.steps: dict[int, int] = {}  # bucket -> steps replayed (what the tests and logs read)
+        self.steps: dict[int, int] = {}  # bucket -> steps replayed
 
     def _fields(self, flat: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
         parts = dict(zip(self._sizes, flat.split(list(self._sizes.values())), strict=True))
