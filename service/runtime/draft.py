@@ -41,7 +41,7 @@ class DraftModelProposer:
         self.max_model_len = max_model_len
         self.kv = KVCache(model.arch, num_blocks, block_size, model.dtype, device=model.device)
         self._free = list(range(num_blocks - 1, -1, -1))
-        self.forward_passes = 0  # what the tests and the bench read
+        self.forward_passes = 0  # the draft's forward passes so far
 
     @property
     def free_blocks(self) -> int:
@@ -81,6 +81,7 @@ class DraftModelProposer:
             self._free.extend(reversed(seq.blocks))
             seq.blocks.clear()
             seq.read = 0
+            seq.ahead = []
 
     def _cover(self, seq: DraftSequence, positions: int) -> bool:
         """Blocks for `positions` tokens; False (nothing taken) when the arena has too few free."""
