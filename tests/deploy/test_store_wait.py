@@ -75,7 +75,11 @@ def test_missing_credentials_then_set(s3_server, bucket, monkeypatch):
     store, sc = w.finish(timeout=RETRY_S + 5)
     assert sc.port == w.port and store.exists("v-" + "0" * 24) is False
     with socket.socket() as s:  # the waiting server let the port go, for the real one
+        # as a server binds (gRPC sets SO_REUSEADDR): a connection of the waiting server's in TIME_WAIT does not
+        # block it, a listener still open would
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", w.port))
+        s.listen()
 
 
 def test_missing_bucket_then_created(s3_server):
