@@ -30,14 +30,11 @@ process's lock are hooks that class overrides (`_FOR_UPDATE`, `_version_lock`, `
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +56,7 @@ from adapters.registry_types import (
     InvalidAdapterName,
     InvalidPageToken,
     InvalidRegistryArgument,
+    Promotion,
     Registered,
     RegistryError,
     VersionFilesMissing,
@@ -67,6 +65,8 @@ from adapters.registry_types import (
     Visibility,
     check_name,
     check_tenant,
+    decode_page_token,
+    encode_page_token,
 )
 from adapters.sqlite_file import SqliteFile
 from adapters.store import VERSION_ID_RE, Store, StoreError
@@ -81,17 +81,6 @@ __all__ = [  # the vocabulary of adapters.registry_types is re-exported: callers
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Promotion:
-    """One re-pointing of an adapter's name: the n-th (`seq`), from `previous` (None: its first version) to
-    `current`, by which tenant."""
-
-    seq: int
-    at: float
-    previous: str | None
-    current: str
-    by: str
 
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # AIP-158: 0 means the default, more is coerced down
 MAX_HINTS = 5  # `owner/name` forms a not-found unqualified name suggests
@@ -360,7 +349,7 @@ class AdapterRegistry(SqliteFile):
         if page_size < 0:
             raise InvalidRegistryArgument(f"page_size must not be negative (got {page_size})")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_token(page_token) if page_token else ("", "")
+        after = decode_page_token(page_token) if page_token else ("", "")
         with self._txn(write=False) as db:
             rows = db.execute(
                 f"SELECT a.id, a.name, a.owner FROM adapters a WHERE {_VISIBLE} AND (a.name, a.owner) > "
@@ -368,7 +357,7 @@ class AdapterRegistry(SqliteFile):
                 {"tenant": tenant, "admin": admin, "name": after[0], "owner": after[1], "limit": size + 1},
             ).fetchall()
             infos = tuple(self._info(db, r["id"], tenant, admin, with_versions=False) for r in rows[:size])
-        token = _encode_token(rows[size - 1]["name"], rows[size - 1]["owner"]) if len(rows) > size else ""
+        token = encode_page_token(rows[size - 1]["name"], rows[size - 1]["owner"]) if len(rows) > size else ""
         return AdapterPage(adapters=infos, next_page_token=token)
 
     # --- helpers (called inside a transaction) ------------------------------------------------------------
@@ -487,17 +476,3 @@ def _to_version(r: sqlite3.Row) -> AdapterVersion:
         description=r["description"], size_bytes=r["size_bytes"], rank=r["rank"],
         target_modules=tuple(json.loads(r["target_modules"])), base_model_id=r["base_model_id"],
     )
-
-
-def _encode_token(name: str, owner: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([name, owner]).encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> tuple[str, str]:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        value = None
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-        raise InvalidPageToken(f"page_token {quote(token, 40)} is not one this server returned")
-    return value[0], value[1]

@@ -1,4 +1,4 @@
-"""The registry's vocabulary, free of SQLite: errors, adapter references, and the records it returns.
+"""The registry's vocabulary, free of SQLite: errors, adapter references, the records it returns and its page tokens.
 
 Kept apart from adapters.registry so the API layer can map errors to status codes and parse references
 without the storage code. Errors -> gRPC codes: InvalidRegistryArgument (InvalidAdapterName, InvalidPageToken)
@@ -9,6 +9,9 @@ DatabaseUnavailable -> UNAVAILABLE.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -23,8 +26,9 @@ __all__ = [
     "LOCAL_OWNER", "MAX_DESCRIPTION_CHARS", "MAX_REF_CHARS", "NAME_RE", "PUBLIC", "TENANT_RE", "AdapterExists",
     "AdapterInUse", "AdapterInfo", "AdapterNotFound", "AdapterPage", "AdapterPermissionDenied", "AdapterRef", "AdapterVersion",
     "DatabaseUnavailable",
-    "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Registered", "RegistryError",
+    "InvalidAdapterName", "InvalidPageToken", "InvalidRegistryArgument", "Promotion", "Registered", "RegistryError",
     "VersionFilesMissing", "VersionIsCurrent", "VersionMeta", "Visibility", "check_name", "check_tenant",
+    "decode_page_token", "encode_page_token",
 ]
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -203,3 +207,31 @@ class Registered:
     version: AdapterVersion
     created: bool  # False: this adapter already had this exact content (a re-upload, deduplicated)
     current: bool  # the name points at this version now
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """One re-pointing of an adapter's name: the n-th (`seq`), from `previous` (None: its first version) to
+    `current`, by which tenant."""
+
+    seq: int
+    at: float
+    previous: str | None
+    current: str
+    by: str
+
+
+def encode_page_token(name: str, owner: str) -> str:
+    """The opaque token of a listing page that continues after adapter `owner/name`."""
+    return base64.urlsafe_b64encode(json.dumps([name, owner]).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> tuple[str, str]:
+    """(name, owner) a page token continues after; InvalidPageToken for one this server did not return."""
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        value = None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+        raise InvalidPageToken(f"page_token {quote(token, 40)} is not one this server returned")
+    return value[0], value[1]
