@@ -15,11 +15,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def pg_cluster():
     """A throwaway PostgreSQL cluster for the session (tests.pg_cluster); each test makes its own database."""
-    from tests.pg_cluster import PgCluster, require_postgres
+    from tests.pg_cluster import cluster_for_tests
 
-    require_postgres()
-    cluster = PgCluster()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+    yield from cluster_for_tests()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -108,3 +109,14 @@ class PgCluster:
                 self.stop("immediate")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def cluster_for_tests(prefix: str = "loraserve-pg-") -> Iterator[PgCluster]:
+    """A cluster fixture's body (`yield from`): skipped, or failed under REQUIRE_ENV=1, without PostgreSQL
+    (`require_postgres`); else a new cluster, closed when the fixture ends."""
+    require_postgres()
+    cluster = PgCluster(prefix=prefix)
+    try:
+        yield cluster
+    finally:
+        cluster.close()

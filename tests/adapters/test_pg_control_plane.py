@@ -18,7 +18,7 @@ from adapters.registry_types import DatabaseUnavailable
 from service.control_plane import UsageExporter
 from service.usage import UsageLedger, UsageRecord
 from service.usage_pg import PgUsageLedger
-from tests.pg_cluster import PgCluster, require_postgres
+from tests.pg_cluster import cluster_for_tests, require_postgres
 
 
 def vid(n: int) -> str:
@@ -223,10 +223,7 @@ def test_the_outbox_is_exported_exactly_once(open_db, tmp_path):
 @pytest.fixture(scope="module")
 def own_cluster():
     """A cluster of this module's own: its tests stop and start it."""
-    require_postgres()
-    cluster = PgCluster(prefix="loraserve-pg-faults-")
-    yield cluster
-    cluster.close()
+    yield from cluster_for_tests("loraserve-pg-faults-")
 
 
 def test_while_the_database_is_down(own_cluster, tmp_path):

@@ -24,7 +24,7 @@ from service.tenants import hash_api_key
 from tests.api.conftest import tiny  # noqa: F401 - the session's tiny model and adapter
 from tests.api.serve_process import ServeProcess, cli
 from tests.api.test_service_process import _upload_in_background, _variant
-from tests.pg_cluster import PgCluster, free_port, require_postgres
+from tests.pg_cluster import cluster_for_tests, free_port
 
 TINY_ARGS = ("--dtype", "float32", "--kv-cache-gib", "0.004", "--threads", "1", "--max-num-seqs", "4")
 ALICE = "alice-key-0123456789abcdef"
@@ -158,10 +158,7 @@ def _delete_or_none(c: LoraServeClient, ref: str):
 @pytest.fixture(scope="module")
 def own_cluster():
     """A PostgreSQL of this module's fault tests only: they stop and start it."""
-    require_postgres()
-    cluster = PgCluster(prefix="loraserve-pg-replicas-")
-    yield cluster
-    cluster.close()
+    yield from cluster_for_tests("loraserve-pg-replicas-")
 
 
 def test_kill_9_and_a_database_outage_lose_nothing(tiny, tenants_file, s3_server, bucket, own_cluster,  # noqa: F811
