@@ -104,14 +104,16 @@ def main(argv: list[str] | None = None) -> dict:
     res["roofline_tok_s"] = peak * 1e9 / res["flops_per_token"]
     res["roofline_fraction"] = res["tok_s_32_adapters"] / res["roofline_tok_s"]
     # The workload's own limit: a decode step of all n requests reads the base weights once, the weights of
-    # every adapter active in it (float32 on this path: 4 bytes) and every request's KV, and computes 2 FLOPs
+    # every adapter active in it (in the dtype the slots hold them) and every request's KV, and computes 2 FLOPs
     # per weight per token; tokens per step / max(FLOPs / peak, bytes / bandwidth).
     # KV positions one step must read at least: the prompts' common prefix once per adapter (requests of one
     # adapter share its blocks; other adapters' K/V differ), the rest once per request.
     shared = next((i for i, col in enumerate(zip(*prompts)) if len(set(col)) > 1), min(map(len, prompts)))
     ctx = sum(map(len, prompts)) / n + new / 2  # mean context over the decode steps
     positions = min(na, n) * shared + n * (ctx - shared)
-    step_bytes = (model_bytes_per_token(rt.model) + 4 * sum(ranks) * per_layer * arch.num_layers
+    a_t = next(w[0] for groups in rt.runner.lora_slots.table for ws in groups.values() for w in ws if w is not None)
+    res["lora_weight_dtype"] = str(a_t.dtype).removeprefix("torch.")
+    step_bytes = (model_bytes_per_token(rt.model) + a_t.element_size() * sum(ranks) * per_layer * arch.num_layers
                   + kv_bytes(arch, round(positions)))
     step_flops = n * res["flops_per_token"]
     res["workload_step_bytes"], res["workload_step_flops"] = step_bytes, step_flops

@@ -43,6 +43,7 @@ _SIGNATURES = {
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_available": ([], _int),
     "sgmv_f32w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
+    "sgmv_bf16w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
 }
 
@@ -239,9 +240,17 @@ def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaled_s
 def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t: list[torch.Tensor],
           b_t: list[torch.Tensor], ranks: list[tuple[int, ...]], outs: tuple[int, ...]) -> bool:
     """In place y (bf16 `[T, out]`) += (x[rows] @ A^T) @ B^T for each segment's rows `(start, end)`, with its
-    float32 contiguous A^T `[in, r]` and block-diagonal B^T `[r, out]` (output slice j, `outs[j]` columns, fed
-    by `ranks[s][j]` rank rows). False when the kernel cannot take it (nothing was changed then)."""
+    contiguous A^T `[in, r]` and block-diagonal B^T `[r, out]` (output slice j, `outs[j]` columns, fed by
+    `ranks[s][j]` rank rows), all float32 or all bfloat16. False when the kernel cannot take it (nothing was
+    changed then)."""
     if not usable(y, x) or any(not (a.is_contiguous() and b.is_contiguous()) for a, b in zip(a_t, b_t)):
+        return False
+    dtypes = {w.dtype for w in (*a_t, *b_t)}
+    if dtypes == {torch.float32}:
+        kernel = library().sgmv_f32w_bf16
+    elif dtypes == {torch.bfloat16}:
+        kernel = library().sgmv_bf16w_bf16
+    else:
         return False
     n = len(segments)
     i64 = ctypes.c_int64
@@ -252,8 +261,8 @@ def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t
     flat = [r for rs in ranks for r in rs]
     rk = (i64 * len(flat))(*flat)
     oc = (i64 * len(outs))(*outs)
-    rc = library().sgmv_f32w_bf16(x.data_ptr(), y.data_ptr(), n, starts, ends, a_ptrs, b_ptrs, rk, len(outs), oc,
-                                  x.shape[1], y.shape[1], torch.get_num_threads())
+    rc = kernel(x.data_ptr(), y.data_ptr(), n, starts, ends, a_ptrs, b_ptrs, rk, len(outs), oc, x.shape[1],
+                y.shape[1], torch.get_num_threads())
     return rc == 0
 
 

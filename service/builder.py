@@ -130,6 +130,17 @@ def _decode_capture(rc: RuntimeConfig, device: torch.device, kernels: str) -> Ca
 TOKENIZER_PROBE = "Speculative drafts: the same tokens, 1234 times. ¿Qué tal? 中文"
 
 
+def lora_weight_dtype(kernels_name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapters' weights are held in. A decode step's LoRA work is streaming every active adapter's
+    weights for a few rows each, so fewer bytes is what counts: the Triton kernels read the model's dtype, and
+    so does the CPU's C kernel (bfloat16 weights, float32 sums) when the CPU is on bfloat16 activations. Without
+    the C kernels the CPU's torch path computes the small products in float32 (small bfloat16 matrix products
+    cost several times more per call there), so it keeps its weights in float32."""
+    if kernels_name != "torch":
+        return model_dtype
+    return torch.bfloat16 if model_dtype == torch.bfloat16 and native.library() is not None else torch.float32
+
+
 def _draft_proposer(rc: RuntimeConfig, ec: EngineConfig, device: torch.device, dtype: torch.dtype,
                     kernels: Kernels, tokenizer: Tokenizer, vocab_size: int, max_len: int,
                     kv_tokens: int) -> DraftModelProposer | None:
@@ -205,9 +216,7 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
             raise KeyError(f"adapter version {version_id} is not known to this process")
         return loader(version_id)
 
-    # The CPU's torch path computes the small LoRA products in float32; the Triton kernels read the model's
-    # dtype (half the bytes to stream on a GPU).
-    lora_dtype = torch.float32 if kernels.name == "torch" else dtype
+    lora_dtype = lora_weight_dtype(kernels.name, dtype)
     versions = AdapterVersions(fused_loader(load, loaded.arch, lora_dtype, pin=device.type == "cuda"), lora_slots,
                                max_bytes=ac.host_cache_mib * 2**20, max_count=ac.host_cache_max_count,
                                workers=ac.load_workers)

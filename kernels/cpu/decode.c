@@ -6,6 +6,7 @@
  * (the process loads one libgomp), their number passed in by the caller.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -563,22 +564,213 @@ int q8_gemv_bf16(const uint16_t *x, const int8_t *codes, const float *scale, con
  *
  * y[t, :] += expand(shrink(x[t, :])) for every row t of each segment, with the segment's adapter weights:
  * x [T, in] bf16, y [T, out] bf16 updated in place (one rounding). Segment s covers rows [starts[s], ends[s])
- * and reads A^T (float32 [in, r_s], r_s = sum_j ranks[s * nslices + j]) at a_ptrs[s] and B^T (float32
- * [r_s, out]) at b_ptrs[s]. B^T is block diagonal: output slice j (outs[j] columns, in order) is fed by the
- * next ranks[s * nslices + j] rank rows; the zero blocks are never read. Segments are independent (disjoint
- * rows), so threads take whole segments. Returns -1 when a dimension is beyond the fixed bounds. */
+ * and reads A^T ([in, r_s], r_s = sum_j ranks[s * nslices + j]) at a_ptrs[s] and B^T ([r_s, out]) at
+ * b_ptrs[s], float32 (sgmv_f32w_bf16) or bfloat16 (sgmv_bf16w_bf16: half the bytes to stream, which is what a
+ * decode step's LoRA costs when each adapter has a few rows; products and sums stay float32). B^T is block
+ * diagonal: output slice j (outs[j] columns, in order) is fed by the next ranks[s * nslices + j] rank rows; the
+ * zero blocks are never read. The rows are taken in blocks of up to SGMV_ROWS of one segment, each weight read
+ * feeding every row of its block; threads take blocks (one adapter's whole decode batch is spread over every
+ * thread). Returns -1 when a dimension is beyond the fixed bounds. */
 
 #define MAX_RANK 1024
 #define MAX_IN 16384
 #define MAX_OUT 65536
 #define MAX_SLICES 8
-#define SGMV_ROWS 4    /* rows of one segment that share each weight read (the code below is written for 4) */
-#define SGMV_COLS 1024 /* output columns accumulated at once: 4 rows x 4 KiB stay in L1 */
+#define SGMV_ROWS 8 /* rows of one segment that share each weight read */
 
-int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
-                   const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
-                   const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {
-    if (in_dim > MAX_IN || out_dim > MAX_OUT || nslices > MAX_SLICES || nslices < 1) return -1;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define HAS_SGMV_AVX512 1
+#else
+#define HAS_SGMV_AVX512 0
+#endif
+
+#if HAS_SGMV_AVX512
+/* 16 weights (fewer where m says) as float32, from float32 or bfloat16 storage */
+static inline __attribute__((always_inline)) __m512 sgmv_load(const void *w, int64_t at, __mmask16 m, const int wbf16) {
+    if (wbf16) {
+        const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)w + at);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)w + at);
+}
+
+/* y[0:16] (m lanes) += v, rounded to bf16 as f32_to_bf16 does (nearest even, NaN stays NaN) */
+static inline void sgmv_add_store(uint16_t *y, __m512 v, __mmask16 m) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, y);
+    const __m512 s = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)), v);
+    const __m512i u = _mm512_castps_si512(s);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_mask_storeu_epi16(y, m, _mm512_cvtepi32_epi16(r));
+}
+
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
+/* tmp[q][r0 : r0 + 16 * RT] = xf[q] @ A^T[:, r0 : r0 + 16 * RT] for the R rows (masked past r_total) */
+static inline __attribute__((always_inline)) void sgmv_shrink(const float *xf, const void *a, int64_t in_dim,
+                                                              int64_t r_total, int64_t r0, float *tmp, const int R,
+                                                              const int RT, const int wbf16) {
+    __mmask16 m[12];
+    __m512 acc[SGMV_ROWS][12];
+#pragma GCC unroll 12
+    for (int k = 0; k < RT; k++) m[k] = lanes(r_total - r0 - 16 * k);
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++)
+#pragma GCC unroll 12
+        for (int k = 0; k < RT; k++) acc[q][k] = _mm512_setzero_ps();
+    const int64_t esize = wbf16 ? 2 : 4;
+    for (int64_t i = 0; i < in_dim; i++) {
+        /* the rows a few iterations ahead: short strided runs that the hardware prefetcher does not see coming */
+        const char *ahead = (const char *)a + ((i + 16) * r_total + r0) * esize;
+        if (i + 16 < in_dim)
+            for (int64_t off = 0; off < 16 * RT * esize; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+        __m512 xv[SGMV_ROWS];
+#pragma GCC unroll 8
+        for (int q = 0; q < R; q++) xv[q] = _mm512_set1_ps(xf[q * in_dim + i]);
+#pragma GCC unroll 12
+        for (int k = 0; k < RT; k++) {
+            const __m512 av = sgmv_load(a, i * r_total + r0 + 16 * k, m[k], wbf16);
+#pragma GCC unroll 8
+            for (int q = 0; q < R; q++) acc[q][k] = _mm512_fmadd_ps(xv[q], av, acc[q][k]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++)
+#pragma GCC unroll 12
+        for (int k = 0; k < RT; k++) _mm512_mask_storeu_ps(tmp + q * MAX_RANK + r0 + 16 * k, m[k], acc[q][k]);
+}
+
+/* One block of R rows (a constant: 2, 4 or 8; xf holds them as float32): tmp = xf @ A^T in passes of up to
+ * 16 * MAX_RT ranks (each pass as many 16-rank tiles as the ranks left need), then y += tmp @ B^T in tiles of
+ * 16 * CT columns of each slice. The accumulators (R per tile) stay in registers: enough independent chains to
+ * hide the FMA latency, and no work on ranks past r_total. */
+static inline __attribute__((always_inline)) void sgmv_block(
+    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, const int R, const int MAX_RT,
+    const int CT, const int wbf16) {
+    for (int64_t r0 = 0; r0 < r_total;) {
+        const int64_t tiles = (r_total - r0 + 15) / 16;
+        if (tiles >= 12 && MAX_RT >= 12) {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 12, wbf16);
+            r0 += 192;
+        } else if (tiles >= 8 && MAX_RT >= 8) {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 8, wbf16);
+            r0 += 128;
+        } else if (tiles >= 6 && MAX_RT >= 6) {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 6, wbf16);
+            r0 += 96;
+        } else if (tiles >= 4 && MAX_RT >= 4) {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 4, wbf16);
+            r0 += 64;
+        } else if (tiles == 3 && MAX_RT >= 3) {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 3, wbf16);
+            r0 += 48;
+        } else if (tiles >= 2) {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 2, wbf16);
+            r0 += 32;
+        } else {
+            sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 1, wbf16);
+            r0 += 16;
+        }
+    }
+    int64_t r0 = 0, c0 = 0;
+    for (int64_t j = 0; j < nslices; j++) {
+        const int64_t nc = outs[j];
+        for (int64_t cb = 0; rk[j] > 0 && cb < nc; cb += 16 * CT) {
+            __mmask16 m[8];
+            __m512 acc[SGMV_ROWS][8];
+#pragma GCC unroll 8
+            for (int k = 0; k < CT; k++) m[k] = lanes(nc - cb - 16 * k);
+#pragma GCC unroll 8
+            for (int q = 0; q < R; q++)
+#pragma GCC unroll 8
+                for (int k = 0; k < CT; k++) acc[q][k] = _mm512_setzero_ps();
+            for (int64_t r = r0; r < r0 + rk[j]; r++) {
+                const int64_t at = r * out_dim + c0 + cb;
+                if (r + 8 < r0 + rk[j])
+                    for (int64_t off = 0; off < 16 * CT * (wbf16 ? 2 : 4); off += 64)
+                        _mm_prefetch((const char *)b + (at + 8 * out_dim) * (wbf16 ? 2 : 4) + off, _MM_HINT_T0);
+                __m512 t[SGMV_ROWS];
+#pragma GCC unroll 8
+                for (int q = 0; q < R; q++) t[q] = _mm512_set1_ps(tmp[q * MAX_RANK + r]);
+#pragma GCC unroll 8
+                for (int k = 0; k < CT; k++) {
+                    const __m512 bv = sgmv_load(b, at + 16 * k, m[k], wbf16);
+#pragma GCC unroll 8
+                    for (int q = 0; q < R; q++) acc[q][k] = _mm512_fmadd_ps(t[q], bv, acc[q][k]);
+                }
+            }
+#pragma GCC unroll 8
+            for (int64_t q = 0; q < nb; q++)
+#pragma GCC unroll 8
+                for (int k = 0; k < CT; k++)
+                    if (m[k]) sgmv_add_store(y + q * out_dim + c0 + cb + 16 * k, acc[q][k], m[k]);
+        }
+        r0 += rk[j];
+        c0 += nc;
+    }
+}
+
+/* The block's rows: the kernel for the fewest rows that hold them (2, 4 or 8) */
+static inline __attribute__((always_inline)) void sgmv_rows(
+    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, const int wbf16) {
+    if (nb <= 2)
+        sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 2, 12, 8, wbf16);
+    else if (nb <= 4)
+        sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 4, 4, 4, wbf16);
+    else
+        sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 8, 2, 2, wbf16);
+}
+#else
+/* Without AVX-512: the same blocks in plain loops the compiler vectorises, the partial sums in memory. */
+static inline __attribute__((always_inline)) void sgmv_rows(
+    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, const int wbf16) {
+    const float *af = (const float *)a, *bf = (const float *)b;
+    const uint16_t *ah = (const uint16_t *)a, *bh = (const uint16_t *)b;
+    for (int64_t q = 0; q < nb; q++) {
+        float *tq = tmp + q * MAX_RANK;
+        for (int64_t r = 0; r < r_total; r++) tq[r] = 0.0f;
+        for (int64_t i = 0; i < in_dim; i++) {
+            const float xi = xf[q * in_dim + i];
+#pragma omp simd
+            for (int64_t r = 0; r < r_total; r++)
+                tq[r] += xi * (wbf16 ? bf16_to_f32(ah[i * r_total + r]) : af[i * r_total + r]);
+        }
+    }
+    float acc[256];
+    int64_t r0 = 0, c0 = 0;
+    for (int64_t j = 0; j < nslices; j++) {
+        const int64_t nc = outs[j];
+        for (int64_t q = 0; q < nb && rk[j] > 0; q++) {
+            for (int64_t cb = 0; cb < nc; cb += 256) {
+                const int64_t cn = nc - cb < 256 ? nc - cb : 256;
+                for (int64_t c = 0; c < cn; c++) acc[c] = 0.0f;
+                for (int64_t r = r0; r < r0 + rk[j]; r++) {
+                    const float t = tmp[q * MAX_RANK + r];
+                    const int64_t at = r * out_dim + c0 + cb;
+#pragma omp simd
+                    for (int64_t c = 0; c < cn; c++) acc[c] += t * (wbf16 ? bf16_to_f32(bh[at + c]) : bf[at + c]);
+                }
+                uint16_t *yr = y + q * out_dim + c0 + cb;
+                for (int64_t c = 0; c < cn; c++) yr[c] = f32_to_bf16(bf16_to_f32(yr[c]) + acc[c]);
+            }
+        }
+        r0 += rk[j];
+        c0 += nc;
+    }
+}
+#endif
+
+static inline __attribute__((always_inline)) int sgmv_body(
+    const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends, const int64_t *a_ptrs,
+    const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices, const int64_t *outs, int64_t in_dim,
+    int64_t out_dim, int num_threads, const int wbf16) {
+    if (in_dim > MAX_IN || out_dim > MAX_OUT || nslices > MAX_SLICES || nslices < 1 || num_threads < 1) return -1;
     int64_t width = 0;
     for (int64_t j = 0; j < nslices; j++) width += outs[j];
     if (width != out_dim) return -1;
@@ -587,78 +779,63 @@ int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *
         for (int64_t j = 0; j < nslices; j++) r += ranks[s * nslices + j];
         if (r > MAX_RANK) return -1;
     }
-    /* Work in blocks of up to SGMV_ROWS rows of one segment, so each weight read from cache feeds several rows;
-     * threads take blocks, not segments: one adapter's whole decode batch is spread over every thread like many
-     * short segments. */
+    /* A segment's blocks: SGMV_ROWS rows each when that still leaves every thread two of them, else half that
+     * (8 rows of one adapter: two blocks of 4, one per thread, rather than one block for one thread). */
     int64_t nblk = 0;
-    for (int64_t s = 0; s < nseg; s++) nblk += (ends[s] - starts[s] + SGMV_ROWS - 1) / SGMV_ROWS;
-    int64_t *blk_t = malloc(sizeof(int64_t) * (size_t)(nblk > 0 ? nblk : 1));
-    int64_t *blk_s = malloc(sizeof(int64_t) * (size_t)(nblk > 0 ? nblk : 1));
-    if (blk_t == NULL || blk_s == NULL) { free(blk_t); free(blk_s); return -1; }
+    for (int64_t s = 0; s < nseg; s++) {
+        const int64_t n = ends[s] - starts[s], bs = n >= 2 * SGMV_ROWS * num_threads ? SGMV_ROWS : SGMV_ROWS / 2;
+        nblk += (n + bs - 1) / bs;
+    }
+    int64_t *blk = malloc(sizeof(int64_t) * 3 * (size_t)(nblk > 0 ? nblk : 1)); /* (segment, first row, rows) */
+    /* per thread: the block's rows as float32 [SGMV_ROWS][in_dim], its rank-sized partial sums [SGMV_ROWS][MAX_RANK] */
+    const size_t per_thread = (size_t)SGMV_ROWS * (size_t)(in_dim + MAX_RANK);
+    float *scratch = malloc(sizeof(float) * per_thread * (size_t)num_threads);
+    if (blk == NULL || scratch == NULL) {
+        free(blk);
+        free(scratch);
+        return -1;
+    }
     int64_t rows = 0;
     for (int64_t s = 0, n = 0; s < nseg; s++) {
-        rows += ends[s] - starts[s];
-        for (int64_t t = starts[s]; t < ends[s]; t += SGMV_ROWS, n++) { blk_t[n] = t; blk_s[n] = s; }
-    }
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (nblk > 1 && rows * in_dim >= 32768)
-    for (int64_t n = 0; n < nblk; n++) {
-        const int64_t s = blk_s[n], t0 = blk_t[n];
-        const int64_t nb = ends[s] - t0 < SGMV_ROWS ? ends[s] - t0 : SGMV_ROWS;
-        const int64_t *rk = ranks + s * nslices;
-        int64_t r_total = 0;
-        for (int64_t j = 0; j < nslices; j++) r_total += rk[j];
-        const float *a = (const float *)(intptr_t)a_ptrs[s];
-        const float *b = (const float *)(intptr_t)b_ptrs[s];
-        /* shrink: tmp[q] = x[t0 + q] @ A^T, each row of A^T read once for the block */
-        float tmp[SGMV_ROWS][MAX_RANK] __attribute__((aligned(64)));
-        for (int q = 0; q < SGMV_ROWS; q++)
-            for (int64_t r = 0; r < r_total; r++) tmp[q][r] = 0.0f;
-        for (int64_t i = 0; i < in_dim; i++) {
-            float xi[SGMV_ROWS];
-            for (int q = 0; q < SGMV_ROWS; q++) xi[q] = q < nb ? bf16_to_f32(x[(t0 + q) * in_dim + i]) : 0.0f;
-            const float *ar = a + i * r_total;
-#pragma omp simd
-            for (int64_t r = 0; r < r_total; r++) {
-                const float av = ar[r];
-                tmp[0][r] += xi[0] * av;
-                tmp[1][r] += xi[1] * av;
-                tmp[2][r] += xi[2] * av;
-                tmp[3][r] += xi[3] * av;
-            }
-        }
-        /* expand each output slice through its own rank rows, each row of B^T read once for the block */
-        int64_t r0 = 0, c0 = 0;
-        for (int64_t j = 0; j < nslices; j++) {
-            const int64_t nc = outs[j];
-            if (rk[j] > 0) {
-                float acc[SGMV_ROWS][SGMV_COLS] __attribute__((aligned(64)));
-                for (int64_t cb = 0; cb < nc; cb += SGMV_COLS) {
-                    const int64_t cn = nc - cb < SGMV_COLS ? nc - cb : SGMV_COLS;
-                    for (int q = 0; q < SGMV_ROWS; q++)
-                        for (int64_t c = 0; c < cn; c++) acc[q][c] = 0.0f;
-                    for (int64_t r = r0; r < r0 + rk[j]; r++) {
-                        const float t_0 = tmp[0][r], t_1 = tmp[1][r], t_2 = tmp[2][r], t_3 = tmp[3][r];
-                        const float *br = b + r * out_dim + c0 + cb;
-#pragma omp simd
-                        for (int64_t c = 0; c < cn; c++) {
-                            const float bv = br[c];
-                            acc[0][c] += t_0 * bv;
-                            acc[1][c] += t_1 * bv;
-                            acc[2][c] += t_2 * bv;
-                            acc[3][c] += t_3 * bv;
-                        }
-                    }
-                    for (int64_t q = 0; q < nb; q++) {
-                        uint16_t *yr = y + (t0 + q) * out_dim + c0 + cb;
-                        for (int64_t c = 0; c < cn; c++) yr[c] = f32_to_bf16(bf16_to_f32(yr[c]) + acc[q][c]);
-                    }
-                }
-            }
-            r0 += rk[j];
-            c0 += nc;
+        const int64_t len = ends[s] - starts[s], bs = len >= 2 * SGMV_ROWS * num_threads ? SGMV_ROWS : SGMV_ROWS / 2;
+        rows += len;
+        for (int64_t t = starts[s]; t < ends[s]; t += bs, n++) {
+            blk[3 * n] = s;
+            blk[3 * n + 1] = t;
+            blk[3 * n + 2] = ends[s] - t < bs ? ends[s] - t : bs;
         }
     }
-    free(blk_t);
-    free(blk_s);
+#pragma omp parallel num_threads(num_threads) if (nblk > 1 && rows * in_dim >= 32768)
+    {
+        float *xf = scratch + per_thread * (size_t)omp_get_thread_num();
+        float *tmp = xf + (size_t)SGMV_ROWS * (size_t)in_dim;
+#pragma omp for schedule(dynamic)
+        for (int64_t n = 0; n < nblk; n++) {
+            const int64_t s = blk[3 * n], t0 = blk[3 * n + 1], nb = blk[3 * n + 2];
+            const int64_t *rk = ranks + s * nslices;
+            int64_t r_total = 0;
+            for (int64_t j = 0; j < nslices; j++) r_total += rk[j];
+            const int64_t padded = nb <= 2 ? 2 : nb <= 4 ? 4 : SGMV_ROWS; /* the rows the block's kernel reads */
+            for (int64_t q = 0; q < padded; q++)
+                for (int64_t i = 0; i < in_dim; i++)
+                    xf[q * in_dim + i] = q < nb ? bf16_to_f32(x[(t0 + q) * in_dim + i]) : 0.0f;
+            sgmv_rows(xf, y + t0 * out_dim, nb, (const void *)(intptr_t)a_ptrs[s], (const void *)(intptr_t)b_ptrs[s],
+                      rk, nslices, outs, in_dim, out_dim, r_total, tmp, wbf16);
+        }
+    }
+    free(blk);
+    free(scratch);
     return 0;
+}
+
+int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                   const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
+                   const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {
+    return sgmv_body(x, y, nseg, starts, ends, a_ptrs, b_ptrs, ranks, nslices, outs, in_dim, out_dim, num_threads, 0);
+}
+
+int sgmv_bf16w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                    const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
+                    const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {
+    return sgmv_body(x, y, nseg, starts, ends, a_ptrs, b_ptrs, ranks, nslices, outs, in_dim, out_dim, num_threads, 1);
 }

@@ -118,7 +118,7 @@ class LoraSlots:
 def fused_loader(load: Callable[[str], ParsedAdapter], arch: ModelArch, dtype: torch.dtype = torch.float32,
                  *, pin: bool = False) -> Callable[[str], FusedLora]:
     """Wrap a version-id -> ParsedAdapter loader so the host tier holds model-layout weights in `dtype`
-    (float32 on the CPU's torch path); `pin`: in pinned memory, for asynchronous copies to a GPU. Runs on the
+    (`service.builder.lora_weight_dtype`); `pin`: in pinned memory, for asynchronous copies to a GPU. Runs on the
     host cache's loader threads."""
     def _load(version_id: str) -> FusedLora:
         fused = fuse_adapter(load(version_id), arch, version_id, dtype)

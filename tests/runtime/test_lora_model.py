@@ -57,22 +57,22 @@ def ref_logits(ref, hf, name: str | None, tokens: list[int]) -> torch.Tensor:
         return ref(torch.tensor([tokens])).logits[0]
 
 
-def test_mixed_batch_matches_peft_per_request(setup):
+def mixed_batch(setup, dtype: torch.dtype, lora_dtype: torch.dtype, reqs: list[tuple[str | None, int]]):
+    """Every prompt but its last token as prefill chunks in one step, then the last tokens as decodes in another,
+    every adapter in one batch with base-model rows; returns (name, prompt, our logits, peft's) per request."""
     loaded, hf, ref, dirs = setup
-    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.float32)
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=dtype)
     slots = LoraSlots(loaded.arch, max_active=4)
     names = list(ADAPTERS)
     for slot, name in enumerate(names):
         parsed = parse_adapter(dirs[name], loaded.arch)
-        slots.load(slot, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id), torch.float32))
-    # six requests: every adapter, two base-model rows (one between adapters), different lengths
-    reqs = [(names[0], 9), (None, 5), (names[1], 12), (names[2], 7), (names[3], 10), (None, 3)]
+        slots.load(slot, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id), lora_dtype))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for _, n in reqs]
     slot_of = {n: i for i, n in enumerate(names)}
     bs = 4
-    kv = KVCache(loaded.arch, num_blocks=64, block_size=bs, dtype=torch.float32)
-    tables = [list(range(10 * i, 10 * i + 10)) for i in range(len(reqs))]
+    kv = KVCache(loaded.arch, num_blocks=256, block_size=bs, dtype=dtype)
+    tables = [list(range(30 * i, 30 * i + 30)) for i in range(len(reqs))]
 
     def step(starts: list[int], lens: list[int], toks: list[list[int]]) -> list[torch.Tensor]:
         token_slots = [slot_of.get(name, -1) for (name, _), n in zip(reqs, lens) for _ in range(n)]
@@ -81,18 +81,44 @@ def test_mixed_batch_matches_peft_per_request(setup):
         pos = torch.tensor([p for s, n in zip(starts, lens) for p in range(s, s + n)])
         lora = LoraStep(LoraSegments.from_token_slots(token_slots), slots.table)
         logits = model.compute_logits(model.forward(ids, pos, plan, kv, lora))
-        return list(logits.split(lens))
+        return list(logits.float().split(lens))
 
-    # step 1: every prompt but its last token as prefill chunks; step 2: the last tokens as decodes
     pre = step([0] * len(reqs), [len(p) - 1 for p in prompts], [p[:-1] for p in prompts])
     dec = step([len(p) - 1 for p in prompts], [1] * len(reqs), [p[-1:] for p in prompts])
-    for (name, _), p, a, b in zip(reqs, prompts, pre, dec):
-        expect = ref_logits(ref, hf, name, p)
-        torch.testing.assert_close(torch.cat([a, b]), expect, atol=ATOL, rtol=0, msg=f"adapter {name}")
-    # the adapters really change the output (the comparison is not base vs base)
-    for name, p in zip([r[0] for r in reqs], prompts):
+    return [(name, p, torch.cat([a, b]), ref_logits(ref, hf, name, p)) for (name, _), p, a, b in zip(reqs, prompts,
+                                                                                                    pre, dec)]
+
+
+def test_mixed_batch_matches_peft_per_request(setup):
+    _, hf, ref, _ = setup
+    names = list(ADAPTERS)
+    # six requests: every adapter, two base-model rows (one between adapters), different lengths
+    reqs = [(names[0], 9), (None, 5), (names[1], 12), (names[2], 7), (names[3], 10), (None, 3)]
+    for name, p, ours, expect in mixed_batch(setup, torch.float32, torch.float32, reqs):
+        torch.testing.assert_close(ours, expect, atol=ATOL, rtol=0, msg=f"adapter {name}")
+        # the adapters really change the output (the comparison is not base vs base)
         if name is not None:
-            assert (ref_logits(ref, hf, name, p) - ref_logits(ref, hf, None, p)).abs().max() > 0.05
+            assert (expect - ref_logits(ref, hf, None, p)).abs().max() > 0.05
+
+
+def test_bfloat16_serving_path_matches_peft_per_request(setup):
+    """What the CPU serves with: bfloat16 activations and the adapters' weights held in bfloat16 (the C SGMV for
+    segments up to 64 rows, a bfloat16 product for the 80-token prefill), against peft in float32. Tolerance:
+    that of the base model's bfloat16 path against transformers (0.25 on these logits, tests/runtime/
+    test_model.py), and every adapter moves the logits by several times that, so it cannot pass unapplied."""
+    from kernels import native
+    from service.builder import lora_weight_dtype
+
+    _, hf, ref, _ = setup
+    # the dtype the server holds them in (float32 only where the C kernels cannot be built)
+    held = torch.bfloat16 if native.library() is not None else torch.float32
+    assert lora_weight_dtype("torch", torch.bfloat16) == held
+    names = list(ADAPTERS)
+    reqs = [(names[0], 81), (None, 5), (names[1], 12), (names[2], 7), (names[3], 10), (None, 3)]
+    for name, p, ours, expect in mixed_batch(setup, torch.bfloat16, torch.bfloat16, reqs):
+        torch.testing.assert_close(ours, expect, atol=0.25, rtol=0, msg=f"adapter {name}")
+        if name is not None:
+            assert (expect - ref_logits(ref, hf, None, p)).abs().max() > 1.0
 
 
 def test_segments_skip_slots_without_weights_for_a_projection(setup):
