@@ -19,15 +19,23 @@ Reported per policy: each tenant's weighted service/s over the window in which A
 `backlogged_service_ratio` (max over min of A's and B's service per unit weight: 1.0 is perfectly fair);
 C's TTFT p50/p99 in that window vs C alone on the idle server (`light_ttft_p99_ratio`) and vs C beside B's
 backlog without A's flood (`light_ttft_p99_ratio_vs_no_flood`: what the flood itself costs C); and
-`throughput_vs_fcfs`: A's and B's fixed work (all their requests) over the time to finish it, vtc over
-fcfs: the same work under both policies, so a mix that favours one policy's figures cannot. fcfs figures carry
-an `fcfs_` prefix. Written to bench/results/fairness.json.
+`throughput_vs_fcfs`: the total throughput, vtc over fcfs: the weighted service every tenant received from
+the start until A's and B's fixed work (all their requests, the same under both policies) was done, over that
+time (C's share counts: a policy that serves C meanwhile does work that the other leaves for later).
+`ab_work_throughput_vs_fcfs` counts A's and B's work alone. fcfs figures carry an `fcfs_` prefix. Written to
+bench/results/fairness.json.
+
+The flood runs --rounds times per policy (default 3), the policies alternating, each on a fresh server: one run's
+makespan varies by ~10% on this machine, so `throughput_vs_fcfs` is the ratio of the two policies' medians (each
+round's ratio is reported too); the service ratio and C's TTFT percentiles pool every round's window, and C alone
+runs in every round, right before that round's flood on the same server.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import statistics
 import tempfile
 import threading
 import time
@@ -35,7 +43,12 @@ from pathlib import Path
 
 from bench.common import TOPICS, environment, print_table, write_result
 from bench.online import percentile
+from bench.probes import scrape
 
+# The server's counters read before and after each flood (bench/probes.scrape): what the engine did meanwhile.
+ENGINE_COUNTERS = {"steps": "loraserve_engine_step_seconds_count", "step_s": "loraserve_engine_step_seconds_sum",
+                   "preemptions": "loraserve_num_preemptions_total", "prompt_tokens": "loraserve_prompt_tokens_total",
+                   "prefix_hit_tokens": "loraserve_prefix_cache_hits_total"}
 KEYS = {"a": "fairness-bench-key-tenant-a", "b": "fairness-bench-key-tenant-b",
         "c": "fairness-bench-key-tenant-c"}
 W_IN, W_OUT = 1.0, 2.0
@@ -63,7 +76,8 @@ def prompt_text(tenant: str, i: int, words: int) -> str:
 
 
 def run_tenant(target: str, tenant: str, concurrency: int, words: int, max_tokens: int, count: int,
-               interval_s: float, backlog_below: int, t_start: float, stop: mp.Event, out: mp.Queue) -> None:
+               interval_s: float, backlog_below: int, t_start: float, stop: mp.Event, out: mp.Queue,
+               series: str) -> None:
     """A client process. Backlogged (interval_s 0): `concurrency` threads keep streamed requests outstanding
     until `count` were sent; `backlog_end` is when fewer than `backlog_below` were left outstanding (from then on
     the server may hold none of them waiting). Light (interval_s > 0): one request every interval_s seconds,
@@ -77,7 +91,7 @@ def run_tenant(target: str, tenant: str, concurrency: int, words: int, max_token
     def one(client: LoraServeClient, i: int) -> None:
         rec: dict = {"sent": time.time(), "first": None, "tokens": []}
         try:
-            for msg in client.generate_stream_messages(prompt_text(tenant, i, words), temperature=0,
+            for msg in client.generate_stream_messages(prompt_text(tenant + series, i, words), temperature=0,
                                                        max_tokens=max_tokens, ignore_eos=True):
                 now = time.time()
                 if msg.token_ids:
@@ -143,16 +157,16 @@ def ttfts(records: list[dict], w0: float, w1: float) -> list[float]:
 
 
 def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], warmup_s: float,
-             backlog_below: int, light_s: float | None = None) -> dict:
+             backlog_below: int, series: str, light_s: float | None = None) -> dict:
     """Run the tenants of `plan` (tenant -> concurrency, words, max_tokens, count, interval_s), each in its own
     process. The light tenant (interval_s > 0) runs until every backlogged tenant is done (or for light_s
     seconds when it runs alone). The window: from warmup_s after the start until the first backlogged tenant
-    stops being backlogged."""
+    stops being backlogged. `series` goes into every prompt: no scenario finds another's prompts cached."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     stop = ctx.Event()
     t0 = time.time() + 3.0  # the processes' start-up (imports) falls before it
-    procs = [ctx.Process(target=run_tenant, args=(target, tenant, *spec, backlog_below, t0, stop, out))
+    procs = [ctx.Process(target=run_tenant, args=(target, tenant, *spec, backlog_below, t0, stop, out, series))
              for tenant, spec in plan.items()]
     for p in procs:
         p.start()
@@ -176,16 +190,20 @@ def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], war
     res: dict = {"window_s": w1 - w0}
     for tenant, (records, _) in results.items():
         errors = [r["error"] for r in records if "error" in r]
+        service = service_in(records, w0, w1)
         res[tenant] = {"requests": len(records), "errors": len(errors), "first_error": errors[0] if errors else None,
-                       "service_per_s": service_in(records, w0, w1) / (w1 - w0), "ttft": ttfts(records, w0, w1)}
+                       "service": service, "service_per_s": service / (w1 - w0), "ttft": ttfts(records, w0, w1)}
     if backlogged:
         # Throughput: the same work under either policy (every backlogged request, all of it), over the time
         # from the start until the last of it finished.
         recs = [r for t in backlogged for r in results[t][0]]
         work = sum(W_IN * r.get("computed_prompt", 0) + W_OUT * sum(n for _, n in r["tokens"]) for r in recs)
         res["work"] = work
-        res["makespan_s"] = max(r["done"] for r in recs) - t0
+        end = max(r["done"] for r in recs)
+        res["makespan_s"] = end - t0
         res["work_per_s"] = work / res["makespan_s"]
+        # Everything the engine delivered meanwhile, C's share included: the total throughput
+        res["total_work_per_s"] = sum(service_in(recs_t, t0, end) for recs_t, _ in results.values()) / (end - t0)
     return res
 
 
@@ -204,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-shared-prefill-tokens", type=int, help="server, vtc: the most prompt tokens of a step "
                     "while tenants share the engine (default: the server's)")
     ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
+    ap.add_argument("--rounds", type=int, default=3, help="flood runs per policy, alternating policies, each after "
+                    "C alone on the same server (C beside B's backlog: the first round only)")
+    ap.add_argument("--alone-s", type=float, default=10.0, help="seconds of C alone per round")
     args = ap.parse_args(argv)
 
     from service.config import EngineConfig
@@ -222,53 +243,106 @@ def main(argv: list[str] | None = None) -> dict:
                  "tenants": {name: {"concurrency": spec[0], "prompt_words": spec[1], "max_tokens": spec[2],
                                     "requests": spec[3], "interval_s": spec[4]}
                              for name, spec in (("a", a), ("b", b), ("c", c))},
-                 "weights": {"input_token": W_IN, "output_token": W_OUT}, **environment()}
+                 "weights": {"input_token": W_IN, "output_token": W_OUT}, "rounds": args.rounds, **environment()}
     rows = []
+    policies = ("vtc", "fcfs")
+    floods: dict[str, list[dict]] = {p: [] for p in policies}
+    alone: dict[str, list[dict]] = {p: [] for p in policies}
+    no_flood: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tenants = tenants_file(Path(tmp) / "tenants.yaml")
-        for policy in ("vtc", "fcfs"):
-            serve_args = ["--tenants", str(tenants), "--scheduling-policy", policy, "--max-num-seqs",
-                          str(args.max_num_seqs), "--max-batched-tokens", str(args.max_batched_tokens)]
-            if args.threads:
-                serve_args += ["--threads", str(args.threads)]
-            if args.max_shared_prefill_tokens:
-                serve_args += ["--max-shared-prefill-tokens", str(args.max_shared_prefill_tokens)]
-            server = ServeProcess(*serve_args, ready_timeout=300)
-            try:
-                seats = args.max_num_seqs
-                alone = scenario(server.address, {"c": c}, 1.0, seats, light_s=15.0)
-                no_flood = scenario(server.address, {"b": b, "c": c}, args.warmup_s, seats)
-                flood = scenario(server.address, {"a": a, "b": b, "c": c}, args.warmup_s, seats)
-            finally:
-                server.stop()
-            sa, sb = flood["a"]["service_per_s"], flood["b"]["service_per_s"]
-            runs = (("alone", alone), ("no_flood", no_flood), ("flood", flood))
-            p99 = {name: percentile(r["c"]["ttft"], 0.99) for name, r in runs}
-            p50 = {name: percentile(r["c"]["ttft"], 0.5) for name, r in runs}
-            prefix = "" if policy == "vtc" else "fcfs_"
-            figures = {
-                "backlogged_service_ratio": max(sa, sb) / min(sa, sb) if min(sa, sb) > 0 else float("inf"),
-                "light_ttft_p99_ratio": p99["flood"] / p99["alone"],
-                "light_ttft_p99_ratio_vs_no_flood": p99["flood"] / p99["no_flood"],
-                "service_per_s": {t: flood[t]["service_per_s"] for t in "abc"},
-                "window_s": flood["window_s"], "work_per_s": flood["work_per_s"], "makespan_s": flood["makespan_s"],
-                "light_ttft_p50_s": p50, "light_ttft_p99_s": p99,
-                "light_ttft_samples": {name: len(r["c"]["ttft"]) for name, r in runs},
-                "requests": {t: flood[t]["requests"] for t in "abc"},
-                "errors": {t: flood[t]["errors"] + no_flood.get(t, {}).get("errors", 0) for t in "abc"},
-                "first_errors": [flood[t]["first_error"] for t in "abc" if flood[t]["first_error"]],
-            }
-            res.update({prefix + k: v for k, v in figures.items()})
-            rows += [(f"{policy}: service/s A, B, C", ", ".join(f"{flood[t]['service_per_s']:.0f}" for t in "abc")
-                      + f" over {flood['window_s']:.0f} s (A:B ratio {figures['backlogged_service_ratio']:.2f})"),
-                     (f"{policy}: C TTFT p50/p99", f"alone {p50['alone']:.3f}/{p99['alone']:.3f} s, beside B "
-                      f"{p50['no_flood']:.3f}/{p99['no_flood']:.3f} s, A flooding {p50['flood']:.3f}/"
-                      f"{p99['flood']:.3f} s"),
-                     (f"{policy}: all of A's and B's work", f"{flood['work']:.0f} in {flood['makespan_s']:.1f} s "
-                      f"= {flood['work_per_s']:.0f}/s")]
-    res["throughput_vs_fcfs"] = res["work_per_s"] / res["fcfs_work_per_s"]
+        for rnd in range(args.rounds):
+            # A fresh server per policy and round (no prefix cache or counters carried over); the order of the
+            # two policies alternates, so a drift of the machine's speed during the run falls on both.
+            for policy in policies if rnd % 2 == 0 else policies[::-1]:
+                serve_args = ["--tenants", str(tenants), "--scheduling-policy", policy, "--max-num-seqs",
+                              str(args.max_num_seqs), "--max-batched-tokens", str(args.max_batched_tokens),
+                              "--metrics-port", "0"]
+                if args.threads:
+                    serve_args += ["--threads", str(args.threads)]
+                if args.max_shared_prefill_tokens:
+                    serve_args += ["--max-shared-prefill-tokens", str(args.max_shared_prefill_tokens)]
+                server = ServeProcess(*serve_args, ready_timeout=300)
+                try:
+                    seats = args.max_num_seqs
+                    # C alone in every round, right before the flood: the machine's speed drifts between rounds,
+                    # and C's TTFT with A flooding is held against C's alone in the same rounds
+                    alone[policy].append(scenario(server.address, {"c": c}, 1.0, seats, f"-{rnd}alone",
+                                                  light_s=args.alone_s))
+                    if rnd == 0:
+                        no_flood[policy] = scenario(server.address, {"b": b, "c": c}, args.warmup_s, seats,
+                                                    f"-{rnd}beside")
+                    port = next(e for e in server.events() if e.get("event") == "server_ready")["metrics_port"]
+                    before = scrape(port)
+                    floods[policy].append(scenario(server.address, {"a": a, "b": b, "c": c}, args.warmup_s, seats,
+                                                   f"-{rnd}flood"))
+                    after = scrape(port)
+                    floods[policy][-1]["engine"] = {name: after.get(key, 0.0) - before.get(key, 0.0)
+                                                    for name, key in ENGINE_COUNTERS.items()}
+                finally:
+                    server.stop()
+                f = floods[policy][-1]
+                e = f["engine"]
+                print(f"round {rnd + 1}/{args.rounds} {policy}: A:B {f['a']['service_per_s']:.0f}:"
+                      f"{f['b']['service_per_s']:.0f}/s, A's and B's work in {f['makespan_s']:.1f} s, C's TTFT p99 "
+                      f"alone {percentile(alone[policy][-1]['c']['ttft'], 0.99):.3f} s, flood "
+                      f"{percentile(f['c']['ttft'], 0.99):.3f} s; engine: {e['steps']:.0f} steps, "
+                      f"{e['step_s'] / max(e['steps'], 1) * 1e3:.1f} ms each, {e['preemptions']:.0f} preemptions, "
+                      f"{e['prompt_tokens']:.0f} prompt tokens ({e['prefix_hit_tokens']:.0f} cached)", flush=True)
+    for policy in policies:
+        rounds, beside_b = floods[policy], no_flood[policy]
+        # Pooled over the rounds: each tenant's service over the sum of the windows, C's TTFTs of every window.
+        window = sum(r["window_s"] for r in rounds)
+        service = {t: sum(r[t]["service"] for r in rounds) / window for t in "abc"}
+        sa, sb = service["a"], service["b"]
+        flood_ttft = [x for r in rounds for x in r["c"]["ttft"]]
+        ttft = {"alone": [x for r in alone[policy] for x in r["c"]["ttft"]], "no_flood": beside_b["c"]["ttft"],
+                "flood": flood_ttft}
+        p99 = {name: percentile(v, 0.99) for name, v in ttft.items()}
+        p50 = {name: percentile(v, 0.5) for name, v in ttft.items()}
+        work_per_s = [r["work_per_s"] for r in rounds]
+        total_per_s = [r["total_work_per_s"] for r in rounds]
+        prefix = "" if policy == "vtc" else "fcfs_"
+        figures = {
+            "backlogged_service_ratio": max(sa, sb) / min(sa, sb) if min(sa, sb) > 0 else float("inf"),
+            "backlogged_service_ratio_rounds": [max(r["a"]["service_per_s"], r["b"]["service_per_s"])
+                                                / max(1e-9, min(r["a"]["service_per_s"], r["b"]["service_per_s"]))
+                                                for r in rounds],
+            "light_ttft_p99_ratio": p99["flood"] / p99["alone"],
+            "light_ttft_p99_ratio_vs_no_flood": p99["flood"] / p99["no_flood"],
+            "service_per_s": service, "window_s": window,
+            "work_per_s": statistics.median(work_per_s), "work_per_s_rounds": work_per_s,
+            "total_work_per_s": statistics.median(total_per_s), "total_work_per_s_rounds": total_per_s,
+            "makespan_s_rounds": [r["makespan_s"] for r in rounds],
+            "engine_rounds": [r["engine"] for r in rounds],
+            "light_ttft_p99_s_rounds": [{"alone": percentile(q["c"]["ttft"], 0.99),
+                                         "flood": percentile(r["c"]["ttft"], 0.99)}
+                                        for q, r in zip(alone[policy], rounds)],
+            "light_ttft_p50_s": p50, "light_ttft_p99_s": p99,
+            "light_ttft_samples": {name: len(v) for name, v in ttft.items()},
+            "requests": {t: sum(r[t]["requests"] for r in rounds) for t in "abc"},
+            "errors": {t: sum(r[t]["errors"] for r in rounds) + beside_b.get(t, {}).get("errors", 0) for t in "abc"},
+            "first_errors": [r[t]["first_error"] for r in rounds for t in "abc" if r[t]["first_error"]],
+        }
+        res.update({prefix + k: v for k, v in figures.items()})
+        rows += [(f"{policy}: service/s A, B, C", ", ".join(f"{service[t]:.0f}" for t in "abc")
+                  + f" over {window:.0f} s in {len(rounds)} rounds"
+                  + f" (A:B ratio {figures['backlogged_service_ratio']:.2f})"),
+                 (f"{policy}: C TTFT p50/p99", f"alone {p50['alone']:.3f}/{p99['alone']:.3f} s, beside B "
+                  f"{p50['no_flood']:.3f}/{p99['no_flood']:.3f} s, A flooding {p50['flood']:.3f}/"
+                  f"{p99['flood']:.3f} s ({len(flood_ttft)} samples)"),
+                 (f"{policy}: all of A's and B's work", f"{rounds[0]['work']:.0f} in "
+                  + ", ".join(f"{r['makespan_s']:.1f}" for r in rounds)
+                  + f" s: median {figures['work_per_s']:.0f}/s; with C's service meanwhile (total) median "
+                  + f"{figures['total_work_per_s']:.0f}/s")]
+    res["throughput_vs_fcfs"] = res["total_work_per_s"] / res["fcfs_total_work_per_s"]
+    res["throughput_vs_fcfs_rounds"] = [v / f for v, f in zip(res["total_work_per_s_rounds"],
+                                                              res["fcfs_total_work_per_s_rounds"])]
+    res["ab_work_throughput_vs_fcfs"] = res["work_per_s"] / res["fcfs_work_per_s"]
     path = write_result("fairness", res)
-    rows += [("throughput vtc / fcfs", f"{res['throughput_vs_fcfs']:.3f}")]
+    rows += [("total throughput vtc / fcfs", f"{res['throughput_vs_fcfs']:.3f} (medians; per round "
+             + ", ".join(f"{x:.2f}" for x in res["throughput_vs_fcfs_rounds"]) + ")"),
+             ("A's and B's work vtc / fcfs", f"{res['ab_work_throughput_vs_fcfs']:.3f}")]
     print_table(f"fairness (written to {path})", rows)
     return res
 
