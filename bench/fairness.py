@@ -99,6 +99,8 @@ def run_tenant(target: str, tenant: str, concurrency: int, words: int, max_token
                     rec["tokens"].append((now, len(msg.token_ids)))
                 if msg.HasField("usage"):
                     rec["computed_prompt"] = msg.usage.input_tokens - msg.usage.cached_input_tokens
+                if msg.HasField("timings"):  # the server's own view, from the request's arrival at the engine
+                    rec["engine_ttft"], rec["engine_queue"] = msg.timings.ttft_ms / 1e3, msg.timings.queue_ms / 1e3
         except Exception as e:  # noqa: BLE001 - counted, not fatal: the report says how many
             rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rec["done"] = time.time()
@@ -152,8 +154,15 @@ def service_in(records: list[dict], w0: float, w1: float) -> float:
     return total
 
 
-def ttfts(records: list[dict], w0: float, w1: float) -> list[float]:
-    return [r["first"] - r["sent"] for r in records if r.get("first") is not None and w0 <= r["sent"] < w1]
+def ttfts(records: list[dict], w0: float, w1: float, key: str | None = None) -> list[float]:
+    """TTFTs of the requests sent within [w0, w1) as the client saw them, or the server's `key` figure."""
+    return [r["first"] - r["sent"] if key is None else r[key] for r in records
+            if r.get("first") is not None and w0 <= r["sent"] < w1 and (key is None or key in r)]
+
+
+def pooled(runs: list[dict], key: str, q: float) -> float:
+    """The q-quantile of C's `key` figures over several scenario runs."""
+    return percentile([x for r in runs for x in r["c"][key]], q)
 
 
 def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], warmup_s: float,
@@ -192,7 +201,9 @@ def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], war
         errors = [r["error"] for r in records if "error" in r]
         service = service_in(records, w0, w1)
         res[tenant] = {"requests": len(records), "errors": len(errors), "first_error": errors[0] if errors else None,
-                       "service": service, "service_per_s": service / (w1 - w0), "ttft": ttfts(records, w0, w1)}
+                       "service": service, "service_per_s": service / (w1 - w0), "ttft": ttfts(records, w0, w1),
+                       "engine_ttft": ttfts(records, w0, w1, "engine_ttft"),
+                       "engine_queue": ttfts(records, w0, w1, "engine_queue")}
     if backlogged:
         # Throughput: the same work under either policy (every backlogged request, all of it), over the time
         # from the start until the last of it finished.
@@ -319,6 +330,11 @@ def main(argv: list[str] | None = None) -> dict:
                                          "flood": percentile(r["c"]["ttft"], 0.99)}
                                         for q, r in zip(alone[policy], rounds)],
             "light_ttft_p50_s": p50, "light_ttft_p99_s": p99,
+            # the same requests' TTFT and queueing as the server measured them (from arrival at the engine)
+            "light_engine_ttft_p50_p99_s": {name: [pooled(runs, "engine_ttft", q) for q in (0.5, 0.99)]
+                                            for name, runs in (("alone", alone[policy]), ("flood", rounds))},
+            "light_engine_queue_p50_p99_s": {name: [pooled(runs, "engine_queue", q) for q in (0.5, 0.99)]
+                                             for name, runs in (("alone", alone[policy]), ("flood", rounds))},
             "light_ttft_samples": {name: len(v) for name, v in ttft.items()},
             "requests": {t: sum(r[t]["requests"] for r in rounds) for t in "abc"},
             "errors": {t: sum(r[t]["errors"] for r in rounds) + beside_b.get(t, {}).get("errors", 0) for t in "abc"},
@@ -331,6 +347,10 @@ def main(argv: list[str] | None = None) -> dict:
                  (f"{policy}: C TTFT p50/p99", f"alone {p50['alone']:.3f}/{p99['alone']:.3f} s, beside B "
                   f"{p50['no_flood']:.3f}/{p99['no_flood']:.3f} s, A flooding {p50['flood']:.3f}/"
                   f"{p99['flood']:.3f} s ({len(flood_ttft)} samples)"),
+                 (f"{policy}: C TTFT p50/p99 in the engine", ", ".join(
+                     f"{name} {v[0]:.3f}/{v[1]:.3f} s" for name, v in figures["light_engine_ttft_p50_p99_s"].items())
+                  + " (queued " + ", ".join(f"{name} {v[0]:.3f}/{v[1]:.3f} s"
+                                            for name, v in figures["light_engine_queue_p50_p99_s"].items()) + ")"),
                  (f"{policy}: all of A's and B's work", f"{rounds[0]['work']:.0f} in "
                   + ", ".join(f"{r['makespan_s']:.1f}" for r in rounds)
                   + f" s: median {figures['work_per_s']:.0f}/s; with C's service meanwhile (total) median "
