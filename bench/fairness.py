@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "C alone on the same server (C beside B's backlog: the first round only)")
     ap.add_argument("--alone-s", type=float, default=10.0, help="seconds of C alone per round")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least one round per policy is needed")
 
     from service.config import EngineConfig
     from service.runtime.loader import default_model_path
