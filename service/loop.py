@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -90,6 +90,9 @@ class _Submit:
     spec: RequestSpec
     future: Future[RequestHandle]
     context: Any = None
+    # When the submitter handed it over: the request's arrival, so its timings (queue, TTFT) include the wait
+    # for the step in progress, which the loop thread only ends before taking it in.
+    submitted_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -335,10 +338,11 @@ class EngineLoop:
         if not command.future.set_running_or_notify_cancel():
             return  # the submitter gave up waiting
         try:
-            self.engine.add_request(command.spec)
+            request = self.engine.add_request(command.spec)
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return
+        request.arrival_time = command.submitted_at
         handle = RequestHandle(self, command.spec, command.context)
         self._handles[handle.request_id] = handle
         command.future.set_result(handle)

@@ -125,6 +125,32 @@ def test_an_idle_loop_runs_no_step_when_woken(loop):
     assert calls[0] == settled  # nothing to do: not a single step
 
 
+def test_a_request_submitted_during_a_step_counts_the_wait_for_that_step(loop):
+    """The loop takes new requests in between steps; a request's timings start when it was submitted, so its
+    queue time and TTFT include the rest of the step in progress (what its client waits), not only what
+    follows once the loop took it in."""
+    engine = make_engine()
+    step, in_step = engine.step, threading.Event()
+
+    def slow_step():  # scheduling, then 0.2 s of "model"
+        out = step()
+        in_step.set()
+        time.sleep(0.2)
+        return out
+
+    engine.step = slow_step
+    lp = loop(engine)
+    first = lp.submit(RequestSpec("first", prompt(4), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)))
+    assert in_step.wait(5)
+    t = time.monotonic()
+    second = lp.submit(RequestSpec("second", prompt(5), GREEDY))  # returns once the loop took it in
+    waited = time.monotonic() - t
+    assert waited >= 0.1, f"the submit returned after {waited:.3f} s: it did not wait for the step in progress"
+    final = [o.final for o in second][-1]
+    assert final.timings.queue_s >= waited - 0.01 and final.timings.ttft_s >= waited - 0.01, final.timings
+    list(first)
+
+
 def test_a_held_loop_keeps_requests_where_they_are_and_still_serves_commands(loop):
     engine = make_engine()
     calls = count_steps(engine)
