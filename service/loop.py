@@ -90,8 +90,8 @@ class _Submit:
     spec: RequestSpec
     future: Future[RequestHandle]
     context: Any = None
-    # When the submitter handed it over: the request's arrival, so its timings (queue, TTFT) include the wait
-    # for the step in progress, which the loop thread only ends before taking it in.
+    # When the submitter handed it over: the request's arrival. The loop takes requests in only between steps,
+    # so its timings (queue, TTFT) then include the wait for the step in progress, as its client sees it.
     submitted_at: float = field(default_factory=time.monotonic)
 
 
