@@ -766,6 +766,12 @@ static inline __attribute__((always_inline)) void sgmv_rows(
 }
 #endif
 
+/* A segment of n rows is taken in blocks of SGMV_ROWS rows when that still leaves every thread two of them, else
+ * of half that (8 rows of one adapter: two blocks of 4, one per thread, rather than one block for one thread). */
+static inline int64_t sgmv_block_rows(int64_t n, int num_threads) {
+    return n >= 2 * SGMV_ROWS * num_threads ? SGMV_ROWS : SGMV_ROWS / 2;
+}
+
 static inline __attribute__((always_inline)) int sgmv_body(
     const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends, const int64_t *a_ptrs,
     const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices, const int64_t *outs, int64_t in_dim,
@@ -779,11 +785,9 @@ static inline __attribute__((always_inline)) int sgmv_body(
         for (int64_t j = 0; j < nslices; j++) r += ranks[s * nslices + j];
         if (r > MAX_RANK) return -1;
     }
-    /* A segment's blocks: SGMV_ROWS rows each when that still leaves every thread two of them, else half that
-     * (8 rows of one adapter: two blocks of 4, one per thread, rather than one block for one thread). */
     int64_t nblk = 0;
     for (int64_t s = 0; s < nseg; s++) {
-        const int64_t n = ends[s] - starts[s], bs = n >= 2 * SGMV_ROWS * num_threads ? SGMV_ROWS : SGMV_ROWS / 2;
+        const int64_t n = ends[s] - starts[s], bs = sgmv_block_rows(n, num_threads);
         nblk += (n + bs - 1) / bs;
     }
     int64_t *blk = malloc(sizeof(int64_t) * 3 * (size_t)(nblk > 0 ? nblk : 1)); /* (segment, first row, rows) */
@@ -797,7 +801,7 @@ static inline __attribute__((always_inline)) int sgmv_body(
     }
     int64_t rows = 0;
     for (int64_t s = 0, n = 0; s < nseg; s++) {
-        const int64_t len = ends[s] - starts[s], bs = len >= 2 * SGMV_ROWS * num_threads ? SGMV_ROWS : SGMV_ROWS / 2;
+        const int64_t len = ends[s] - starts[s], bs = sgmv_block_rows(len, num_threads);
         rows += len;
         for (int64_t t = starts[s]; t < ends[s]; t += bs, n++) {
             blk[3 * n] = s;

@@ -124,6 +124,8 @@ def test_the_kernels_built_without_avx512_bf16_give_the_same_attention(tmp_path,
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     lib = native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512bf16"))
     monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_loaded", True)  # a first library() call must not load the default build over it
+    assert native.library() is lib
     monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
     monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
     for shared_blocks in (0, 2):
@@ -392,7 +394,10 @@ def test_the_sgmv_built_without_avx512_gives_the_same_deltas(tmp_path, monkeypat
     """The SGMV kernel's plain-C path (CPUs without AVX-512): the kernels built for such a CPU, run here, on the
     fused-slices case and the 64-row case above."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(native, "_lib", native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512f")))
+    lib = native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512f"))
+    monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_loaded", True)  # a first library() call must not load the default build over it
+    assert native.library() is lib
     test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype)
     test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtype)
 
