@@ -5,12 +5,13 @@ Each step, under a token budget and a sequence limit, every running request catc
 remaining budget is computed in chunks over several steps, so decodes keep flowing), then waiting
 requests are admitted starting from their longest cached prefix. Between tenants, the fair-share
 policy (`fairness.FairShare`, `EngineConfig.scheduling_policy`) decides: under `vtc` the waiting request
-of the best priority class whose tenant has received the least weighted service goes first, and a tenant
-with no request running may take one seat a step from the tenant furthest ahead when every seat is taken
-(`_seat_victim`), and while more than one tenant has requests in, a step computes at most
-`max_shared_prefill_tokens` prompt tokens, of which the request admitted next may claim up to half ahead of the
-running prompts of tenants ahead of it (`_prompt_room`): a tenant's new request waits for a short step, not for a
-step full of another tenant's prompts; under `fcfs`, priority then arrival. When a running request needs a block
+of the best priority class whose tenant has received the least weighted service goes first; when every seat is
+taken, a tenant that is not backlogged (nothing else waiting) may take one seat a step from the tenant furthest
+ahead (`_seat_victims`); and while more than one tenant has requests in, a step computes at most
+`max_shared_prefill_tokens` prompt tokens, of which the request admitted next claims its share ahead of the running
+prompts of tenants ahead of it, all of them when its tenant is not backlogged (`_prompt_room`): a light tenant's new
+request waits for one short step, not for a step full of another tenant's prompts; under `fcfs`, priority then
+arrival. When a running request needs a block
 and none is left, the running request ranked last is preempted (lowest priority; under `vtc` from the tenant
 furthest ahead; then latest arrival): it returns all its blocks and goes back to the front of its tenant's queue
 to be recomputed.
@@ -41,8 +42,12 @@ from service.engine.waiting_queue import WaitingQueue
 class _Claim(NamedTuple):
     """Prompt tokens of a step the next waiting request may take before running requests ranked after it."""
 
+    request: Request
     rank: tuple[int, TenantKey]  # its (priority, tenant key)
     tokens: int
+    # Its tenant is not backlogged and it can have a seat: running requests ranked after it compute no prompt
+    # tokens this step unless it is not admitted after all (then they get the step's prompt room it left).
+    exclusive: bool
 
 
 class QueueFullError(Exception):
@@ -75,7 +80,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting = WaitingQueue(self.fair.key)
         self.num_preemptions = 0  # every preemption, for memory or for a seat
-        self.num_seats_taken = 0  # preemptions that gave a seat to a tenant without one (vtc)
+        self.num_seats_taken = 0  # preemptions that gave a seat to a tenant (vtc, `_seat_victims`)
         self._arrivals = 0
 
     # ---- queue --------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class Scheduler:
         running = self.running
         running.sort(key=self._run_order)
         prompt_room, claim = self._prompt_room(budget)
+        deferred: list[Request] = []  # prompts held back by an exclusive claim
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -146,8 +152,12 @@ class Scheduler:
             assert n > 0, f"{req} is running with nothing to compute"
             prompt = n > 1  # a prompt chunk (or a preempted request's recomputation), not a decode
             if prompt:
-                n = min(n, prompt_room - (claim.tokens if claim is not None and self._run_order(req)[:2] > claim.rank
-                                          else 0))
+                behind = claim is not None and self._run_order(req)[:2] > claim.rank
+                if behind and claim.exclusive:
+                    deferred.append(req)
+                    i += 1
+                    continue
+                n = min(n, prompt_room - (claim.tokens if behind else 0))
                 if n <= 0:
                     i += 1  # its prompt goes on next step
                     continue
@@ -168,7 +178,17 @@ class Scheduler:
 
         # Admitting while running requests are being evicted would only evict them again.
         if not preempted:
-            budget = self._admit(budget, prompt_room, chunks, failed, preempted)
+            budget, prompt_room = self._admit(budget, prompt_room, claim, chunks, failed, preempted)
+        if deferred and claim is not None and claim.request.status != RequestStatus.RUNNING:
+            # The claim was not taken up (memory, its adapter, a preemption): the prompts it held back go on, in run
+            # order, in the room it left, from free blocks only (a preemption now would evict requests scheduled
+            # above them).
+            for req in deferred:
+                n = min(req.num_tokens - req.num_computed_tokens, budget, prompt_room)
+                if n > 0 and self.kv.grow(req, n):
+                    chunks.append(self._chunk(req, n))
+                    budget -= n
+                    prompt_room -= n
         if self.speculator is not None and chunks:
             budget = self._add_drafts(chunks, budget)
 
@@ -179,8 +199,14 @@ class Scheduler:
         prompt chunks of running requests ranked after it. Under `vtc`, while more than one tenant has requests in,
         a step computes at most `max_shared_prefill_tokens` prompt tokens, so a tenant's new request never waits long
         for a step of another tenant's prompts to end; the request the fair share admits next claims its prompt, up
-        to half of them, before running requests of tenants ahead of it. Half: whatever holds that request back (no
-        seat, its adapter loading, memory), the running prompts still go on."""
+        to half of them, before running requests of tenants ahead of it. Half: whatever holds a backlogged tenant's
+        request back (its adapter loading, memory), the running prompts still go on.
+
+        When that request's tenant is not backlogged (this is its only request waiting: a light or interactive
+        stream) and it can have a seat, its claim is exclusive: its prompt, up to the whole room, is the only one
+        that starts or goes on in this step (decodes go on), so its first token comes after one short step, not
+        after a step of other tenants' prompts; if it is not admitted after all, the prompts held back get the room.
+        A backlogged tenant's next request would gain nothing from a short step: its claim is never exclusive."""
         limit = self.config.max_shared_prefill_tokens
         if limit >= budget or not self.fair.fair or self.fair.num_active_tenants() < 2:
             return budget, None
@@ -189,11 +215,24 @@ class Scheduler:
             return limit, None
         req = entry.request
         assert req is not None
-        tokens = min(limit // 2, req.num_tokens - self.kv.match(req).num_tokens)
-        return limit, _Claim((req.priority, self.fair.key(req.tenant)), tokens)
+        uncached = req.num_tokens - self.kv.match(req).num_tokens
+        held: dict[str, list[Request]] = {}
+        for r in self.running:
+            held.setdefault(r.tenant, []).append(r)
+        exclusive = (self._only_one_waiting(req.tenant, held)
+                     and (len(self.running) < self.config.max_num_seqs or self._seat_victim(req, held) is not None))
+        tokens = min(limit if exclusive else limit // 2, uncached)
+        return limit, _Claim(req, (req.priority, self.fair.key(req.tenant)), tokens, exclusive)
 
-    def _admit(self, budget: int, prompt_room: int, chunks: list[ScheduledChunk],
-               failed: list[tuple[Request, RequestError]], preempted: list[str]) -> int:
+    def _only_one_waiting(self, tenant: str, held: dict[str, list[Request]]) -> bool:
+        """`tenant` is not backlogged: of its requests in the scheduler, one is waiting (`held`: running requests by
+        tenant)."""
+        return self.fair.active_tenants().get(tenant, 0) - len(held.get(tenant, ())) == 1
+
+    def _admit(self, budget: int, prompt_room: int, claim: _Claim | None, chunks: list[ScheduledChunk],
+               failed: list[tuple[Request, RequestError]], preempted: list[str]) -> tuple[int, int]:
+        """Admit waiting requests in the fair order while the budget, the prompt room and the seats allow; returns
+        what is left of the budget and the prompt room."""
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
@@ -201,8 +240,10 @@ class Scheduler:
         # waits one step and then reuses it, instead of computing the same prefix a second time.
         in_flight = {h for c in chunks for h in self.kv.hashes_in_flight(c.request, c.start + c.num_tokens)}
         stolen = False
-        # With every seat taken, only a tenant without one may take one (vtc): the running requests by tenant.
+        # With every seat taken, only a tenant that may take one is looked at (vtc, `_seat_victims`): the running
+        # requests by tenant, and the seated tenants that may not take another seat.
         seated: dict[str, list[Request]] = {}
+        skip: set[str] = set()
         while budget > 0 and prompt_room > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 if stolen or not self.fair.fair:
@@ -210,7 +251,8 @@ class Scheduler:
                 seated = {}
                 for r in self.running:
                     seated.setdefault(r.tenant, []).append(r)
-            entry = self.waiting.peek(seated)
+                skip = {t for t in seated if not self._seat_victims(t, seated)}
+            entry = self.waiting.peek(skip)
             if entry is None:
                 break
             req = entry.request
@@ -251,9 +293,11 @@ class Scheduler:
             in_flight.update(self.kv.hashes_in_flight(req, req.num_computed_tokens + n))
             budget -= n
             prompt_room -= n
+            if claim is not None and claim.exclusive and req is claim.request:
+                prompt_room = 0  # its step computes its prompt only
         for entry in skipped:
             self.waiting.requeue(entry)
-        return budget
+        return budget, prompt_room
 
     def _add_drafts(self, chunks: list[ScheduledChunk], budget: int) -> int:
         """Give decode chunks of speculating requests their drafts, in run order, while the step's tokens stay
@@ -280,18 +324,25 @@ class Scheduler:
                 budget -= len(drafts)
         return budget
 
-    def _seat_victim(self, request: Request, held: dict[str, list[Request]]) -> Request | None:
-        """Under `vtc`, with every seat taken (`held`: the running requests by tenant): a tenant with no request
-        running may take one seat from the tenant furthest ahead of its share, if that tenant holds at least two
-        and is ahead of this one. The victim is that tenant's latest arrival at this request's priority or a
-        lower one (its full KV blocks stay in the prefix cache, so resuming it recomputes little). None when no
-        seat may be taken."""
-        if request.tenant in held:
-            return None
+    def _seat_victims(self, tenant: str, held: dict[str, list[Request]]) -> list[str]:
+        """Under `vtc`, with every seat taken (`held`: the running requests by tenant): the tenants `tenant` may take
+        a seat from, furthest ahead first. Only a tenant that is not backlogged takes seats (none of its requests
+        running, or this one its only request waiting: a light stream whose requests overlap), so backlogged
+        tenants never take seats from each other; the victim's tenant is ahead of it (larger key) and holds at least
+        two seats more than it, so a move never turns the seat counts around."""
+        own = len(held.get(tenant, ()))
+        if own and not self._only_one_waiting(tenant, held):
+            return []
         key = self.fair.key
-        mine = key(request.tenant)
-        ahead = [t for t, rs in held.items() if len(rs) >= 2 and key(t) > mine]
-        for tenant in sorted(ahead, key=key, reverse=True):
+        mine = key(tenant)
+        ahead = [t for t, rs in held.items() if t != tenant and len(rs) >= own + 2 and key(t) > mine]
+        return sorted(ahead, key=key, reverse=True)
+
+    def _seat_victim(self, request: Request, held: dict[str, list[Request]]) -> Request | None:
+        """The running request that gives `request` a seat (see `_seat_victims`): the latest arrival, at this
+        request's priority or a lower one, of the tenant furthest ahead that has one (its full KV blocks stay in
+        the prefix cache, so resuming it recomputes little). None when no seat may be taken."""
+        for tenant in self._seat_victims(request.tenant, held):
             candidates = [r for r in held[tenant] if r.priority >= request.priority]
             if candidates:
                 return max(candidates, key=lambda r: r.arrival_seq)

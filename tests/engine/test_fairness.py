@@ -299,8 +299,10 @@ def test_a_light_tenants_request_waits_for_short_steps_only_under_a_flood_of_lon
     first = len(engine.runner.history)
     rid = t.submit("light")
     t.run(1)
-    # Its prompt came first in the step after it arrived, ahead of flood's running prompts...
+    # Its prompt came first in the step after it arrived, ahead of flood's running prompts, alone: light is not
+    # backlogged (this is its only request waiting), so its step computes its prompt only (flood's decodes go on)...
     assert engine.get_request(rid).num_output_tokens == 1
+    assert t.prompt_tokens(len(engine.runner.history) - 1) == {"light": 8}
     t.run(40)
     # ... and while both tenants have requests in, no step computes more than 32 prompt tokens.
     assert all(sum(t.prompt_tokens(s).values()) <= 32 for s in range(first, len(engine.runner.history)))
@@ -328,16 +330,32 @@ def test_the_bound_holds_up_no_prompt_while_the_next_request_cannot_start():
     assert engine.get_request("light-slow").first_scheduled_time is None
     steps = range(first, len(engine.runner.history))
     assert len(steps) == 50 and all(t.prompt_tokens(s).get("flood", 0) >= 16 for s in steps)
+    # light is not backlogged, so its claim is exclusive; each step it is not admitted, the prompts it held back get
+    # the whole room it left.
+    assert sum(t.prompt_tokens(s).get("flood", 0) == 32 for s in steps) >= 45
 
 
-def test_fcfs_ignores_the_bound():
-    histories = []
-    for limit in (8, 256):
-        t = Tenants(make_engine(scheduling_policy="fcfs", max_shared_prefill_tokens=limit, **SHARED),
-                    {"a": (200, 4), "b": (8, 4)}, depth={"a": 4, "b": 4})
-        t.run(60)
-        histories.append(t.engine.runner.history)
-    assert histories[0] == histories[1]
+@pytest.mark.parametrize("new_requests", [1, 3])
+def test_only_a_tenant_that_is_not_backlogged_gets_a_step_to_itself(new_requests):
+    # flood's 400-token prompt runs in chunks of the shared room (32) beside light's running request; then light
+    # sends one request (not backlogged: its step computes its prompt alone) or three (backlogged: its claim is
+    # its share, and flood's prompt goes on in the same step).
+    t = Tenants(make_engine(scheduling_policy="vtc", max_shared_prefill_tokens=32, **SHARED),
+                {"flood": (400, 4), "light": (8, 100)})
+    t.submit("light")
+    t.step()
+    t.submit("flood")
+    t.run(3, refill=False)
+    fair = t.engine.scheduler.fair
+    assert fair.counter("light") < fair.counter("flood")
+    for _ in range(new_requests):
+        t.submit("light")
+    t.step()
+    step = t.prompt_tokens(len(t.engine.runner.history) - 1)
+    if new_requests == 1:
+        assert step == {"light": 8}
+    else:
+        assert step == {"flood": 24, "light": 8}
 
 
 def seats_taken(policy: str) -> Tenants:
@@ -347,6 +365,7 @@ def seats_taken(policy: str) -> Tenants:
     t = Tenants(engine, {"a": (16, 40), "b": (16, 40), "light": (8, 4)})
     for _ in range(3):
         t.submit("a")
+    t.step()
     t.submit("b")
     t.step()
     for _ in range(4):
@@ -373,6 +392,44 @@ def test_a_tenant_with_no_seat_takes_one_from_the_tenant_furthest_ahead():
         t.step()
     assert engine.get_request(victim) is None, "the preempted request never finished"
     assert newest_a.output_token_ids == reference_tokens(newest_a.prompt_token_ids, 40)
+
+
+def test_a_light_tenant_whose_request_is_running_takes_a_seat_for_its_next_one():
+    # light's first request holds a seat (40 tokens to go) when its second arrives; every seat is taken and a holds
+    # three. light is not backlogged (its new request is its only one waiting), so the new request takes a seat
+    # from a (a keeps more seats than light) instead of waiting for one of a's requests to end.
+    engine = make_engine(scheduling_policy="vtc", num_blocks=256, block_size=4, max_num_seqs=4,
+                         max_num_batched_tokens=256, enable_prefix_caching=False)
+    t = Tenants(engine, {"a": (16, 40), "light": (8, 40)})
+    for _ in range(3):
+        t.submit("a")
+    t.step()
+    t.submit("light")
+    t.step()
+    for _ in range(4):
+        t.submit("a")
+    t.run(3, refill=False)
+    running = lambda: Counter(r.tenant for r in engine.scheduler.running)  # noqa: E731
+    assert running() == {"a": 3, "light": 1} and not engine.runner.preempted
+    second = t.submit("light")
+    t.step()
+    assert engine.get_request(second).num_output_tokens == 1, "light's second request waited for a seat"
+    assert running() == {"a": 2, "light": 2} and len(engine.runner.preempted) == 1
+    # With two seats each, light's third request waits: a move would leave a with fewer seats than light.
+    third = t.submit("light")
+    t.run(3, refill=False)
+    assert engine.get_request(third).first_scheduled_time is None and len(engine.runner.preempted) == 1
+
+
+def test_a_backlogged_tenant_holding_a_seat_takes_no_other():
+    # b holds one seat and a three, both with requests waiting; b is behind a, but backlogged: it waits for a free
+    # seat (a seat taken from a backlogged tenant would only be taken back).
+    t = seats_taken("vtc")
+    fair = t.engine.scheduler.fair
+    assert fair.counter("b") < fair.counter("a")
+    t.run(10, refill=False)
+    assert Counter(r.tenant for r in t.engine.scheduler.running) == {"a": 3, "b": 1}
+    assert not t.engine.runner.preempted
 
 
 def test_fcfs_takes_no_seat():
