@@ -14,10 +14,13 @@ a 2-core AVX512-BF16 machine (see `bench/quant_linear.py`, which times every pat
 - bf16 x, int8 per channel: `_weight_int8pack_mm` for M <= 8 (no extra memory; the nibble split is ~15%
   faster at M = 1 but would hold a second copy of the weight), chunked dequant + matmul above.
 - bf16 x with a dense copy held (`prepack(w, dense=True)`, when the model is small enough for the runtime to
-  afford one): a plain bf16 matmul from M = 16 on. The int4pack kernel's time grows linearly with M (it reads
-  the codes once per row block); the dense matmul runs near the bf16 peak: at M = 64 on a 3072x576 weight,
-  0.78 ms against 1.35 ms (int4pack) and 2.39 ms (chunked dequant). The copy holds the dequantized values
-  rounded to bf16, exactly what the chunked dequant path computes with.
+  afford one): a bf16 matmul from M = 9 on. The int4pack kernel's time grows linearly with M (it reads the
+  codes once per row block); the dense matmul's does not. The copy is held in oneDNN's blocked layout for its
+  linear kernel (`_onednn_pack`: reordered once at load; `F.linear` on a plain copy reorders it in every call),
+  which measured 1.3-2x `F.linear` at every M on the default model's shapes: one layer's four matmuls at M = 16
+  0.24 ms against 0.45 ms (int4pack), at M = 64 0.66 ms against 1.01 ms (plain copy); int4pack stays ahead up
+  to M = 8 (0.18 against 0.20 ms). The copy holds the dequantized values rounded to bf16, exactly what the
+  chunked dequant path computes with, and the blocked kernel gives the plain matmul's results bit for bit.
 
 Tensors here are duck-typed `QuantizedTensor`s (see kernels.quant); this module imports nothing of it.
 """
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 INT4PACK_MAX_M = 127  # int4 bf16: the int4pack kernel below M = 128, chunked dequant + matmul from there
 INT8_SPLIT_MAX_M = 8  # grouped int8 bf16: two int4pack matmuls up to here
 INT8PACK_MAX_M = 8  # per-channel int8 bf16: aten's int8pack kernel up to here
-DENSE_MIN_M = 16  # with a dense bf16 copy held: a plain matmul from here on
+DENSE_MIN_M = 9  # with a dense bf16 copy held: the dense matmul from here on (the int8 kernels stop at 8)
 CHUNK_ELEMS = 1 << 20  # weight elements dequantized per step: 4 MiB float32 + 2 MiB bf16, in L3 (32 MiB)
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4pack kernel accepts
 
@@ -176,7 +179,7 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and m > 0:
         dense = w.packed.get("dense")
         if dense is not None and m >= DENSE_MIN_M:
-            return F.linear(x, dense[0])
+            return dense_mm(x, dense[0])
         if w.kind == "int4":
             if m <= INT4PACK_MAX_M and _int4pack_group(w) == w.group_size:
                 return int4pack_mm(x, w)
@@ -192,6 +195,24 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
     return dequant_mm(x, w)
 
 
+def _onednn_pack(dense: Tensor) -> Tensor:
+    """`dense` [N, K] bf16 in oneDNN's blocked layout for its linear kernel, or `dense` itself where torch has no
+    oneDNN (`dense_mm` takes either)."""
+    if not torch.backends.mkldnn.is_available():
+        return dense
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(dense, 64)  # 64: the batch it is laid out for (a hint)
+    except (AttributeError, RuntimeError):
+        return dense
+
+
+def dense_mm(x: Tensor, dense: Tensor) -> Tensor:
+    """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`) -> `[M, N]`."""
+    if dense.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], "")
+    return F.linear(x, dense)
+
+
 def dense_bytes(w: QuantizedTensor) -> int:
     """What a dense bf16 copy of `w` takes."""
     return 2 * w.shape[0] * w.shape[1]
@@ -201,7 +222,7 @@ def prepack(w: QuantizedTensor, dense: bool = False) -> None:
     """Build the cached layouts the bf16 fast paths of `linear` use for this weight (`dense`: also a dense
     bf16 copy, for batched steps)."""
     if dense and "dense" not in w.packed:
-        w.packed["dense"] = (dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16),)
+        w.packed["dense"] = (_onednn_pack(dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16)),)
     if w.kind == "int4" and _int4pack_group(w) == w.group_size:
         _int4pack(w)
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):

@@ -189,10 +189,18 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     from kernels import quant_cpu
 
     w = quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), 32)
-    x = torch.randn(quant_cpu.DENSE_MIN_M, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    want = quant_cpu.dequant_mm(x, w)
+    xs = {m: torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+          for m in (quant_cpu.DENSE_MIN_M, 16, 64, 200)}
+    want = {m: quant_cpu.dequant_mm(x, w) for m, x in xs.items()}
     w.prepack(dense=True)
-    assert w.packed["dense"][0].dtype == torch.bfloat16 and w.nbytes >= 2 * 96 * 128
-    torch.testing.assert_close(quant_cpu.linear(x, w), want, atol=0, rtol=0)
-    one = x[:1]
-    torch.testing.assert_close(quant_cpu.linear(one, w), quant_cpu.int4pack_mm(one, w), atol=0, rtol=0)
+    dense = w.packed["dense"][0]
+    assert dense.dtype == torch.bfloat16 and w.nbytes >= 2 * 96 * 128
+    # held in oneDNN's blocked layout where torch has oneDNN (as this CPU build does)
+    assert dense.is_mkldnn == torch.backends.mkldnn.is_available()
+    for m, x in xs.items():
+        torch.testing.assert_close(quant_cpu.linear(x, w), want[m], atol=0, rtol=0, msg=f"M={m}")
+    # a non-contiguous x (a strided view) too
+    wide = torch.randn(16, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)[:, ::2]
+    torch.testing.assert_close(quant_cpu.linear(wide, w), quant_cpu.dequant_mm(wide.contiguous(), w), atol=0, rtol=0)
+    below = xs[quant_cpu.DENSE_MIN_M][: quant_cpu.DENSE_MIN_M - 1]
+    torch.testing.assert_close(quant_cpu.linear(below, w), quant_cpu.int4pack_mm(below, w), atol=0, rtol=0)
