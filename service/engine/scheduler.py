@@ -82,6 +82,7 @@ class Scheduler:
         self.num_preemptions = 0  # every preemption, for memory or for a seat
         self.num_seats_taken = 0  # preemptions that gave a seat to a tenant (vtc, `_seat_victims`)
         self._arrivals = 0
+        self._exclusive_last_step = False  # the last step's claim was exclusive (`_prompt_room`)
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -144,6 +145,7 @@ class Scheduler:
         running = self.running
         running.sort(key=self._run_order)
         prompt_room, claim = self._prompt_room(budget)
+        self._exclusive_last_step = claim is not None and claim.exclusive
         deferred: list[Request] = []  # prompts held back by an exclusive claim
         i = 0
         while i < len(running) and budget > 0:
@@ -206,7 +208,9 @@ class Scheduler:
         stream) and it can have a seat, its claim is exclusive: its prompt, up to the whole room, is the only one
         that starts or goes on in this step (decodes go on), so its first token comes after one short step, not
         after a step of other tenants' prompts; if it is not admitted after all, the prompts held back get the room.
-        A backlogged tenant's next request would gain nothing from a short step: its claim is never exclusive."""
+        A backlogged tenant's next request would gain nothing from a short step: its claim is never exclusive. Nor
+        is a claim in the step right after an exclusive one: however many light tenants arrive, the prompts held back
+        go on at least every other step."""
         limit = self.config.max_shared_prefill_tokens
         if limit >= budget or not self.fair.fair or self.fair.num_active_tenants() < 2:
             return budget, None
@@ -219,7 +223,7 @@ class Scheduler:
         held: dict[str, list[Request]] = {}
         for r in self.running:
             held.setdefault(r.tenant, []).append(r)
-        exclusive = (self._only_one_waiting(req.tenant, held)
+        exclusive = (not self._exclusive_last_step and self._only_one_waiting(req.tenant, held)
                      and (len(self.running) < self.config.max_num_seqs or self._seat_victim(req, held) is not None))
         tokens = min(limit if exclusive else limit // 2, uncached)
         return limit, _Claim(req, (req.priority, self.fair.key(req.tenant)), tokens, exclusive)
