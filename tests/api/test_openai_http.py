@@ -347,8 +347,11 @@ def test_draining_answers_503_and_health_says_so(tiny, tmp_path):
     base = f"http://127.0.0.1:{s.server.http_port}"
     try:
         s.hold()
+        # ignore_eos: the random tiny model may sample EOS (a "stop" finish); this test wants the stream to run to
+        # its length within the grace
         stream = httpx.stream("POST", base + "/v1/completions", timeout=30,
-                              json={"model": s.server.base_model, "prompt": "t5", "stream": True, "max_tokens": 3})
+                              json={"model": s.server.base_model, "prompt": "t5", "stream": True, "max_tokens": 3,
+                                    "ignore_eos": True})
         response = stream.__enter__()
         done = threading.Thread(target=s.server.shutdown, kwargs={"grace_s": 5})
         done.start()
