@@ -6,8 +6,8 @@ remaining budget is computed in chunks over several steps, so decodes keep flowi
 requests are admitted starting from their longest cached prefix. Between tenants, the fair-share
 policy (`fairness.FairShare`, `EngineConfig.scheduling_policy`) decides: under `vtc` the waiting request
 of the best priority class whose tenant has received the least weighted service goes first; when every seat is
-taken, a tenant that is not backlogged (nothing else waiting) may take one seat a step from the tenant furthest
-ahead (`_seat_victims`); and while more than one tenant has requests in, a step computes at most
+taken, a tenant with none, or one that is not backlogged (nothing else waiting), may take one seat a step from the
+tenant furthest ahead (`_seat_victims`); and while more than one tenant has requests in, a step computes at most
 `max_shared_prefill_tokens` prompt tokens, of which the request admitted next claims its share ahead of the running
 prompts of tenants ahead of it, all of them when its tenant is not backlogged (`_prompt_room`): a light tenant's new
 request waits for one short step, not for a step full of another tenant's prompts; under `fcfs`, priority then
@@ -330,10 +330,10 @@ class Scheduler:
 
     def _seat_victims(self, tenant: str, held: dict[str, list[Request]]) -> list[str]:
         """Under `vtc`, with every seat taken (`held`: the running requests by tenant): the tenants `tenant` may take
-        a seat from, furthest ahead first. Only a tenant that is not backlogged takes seats (none of its requests
-        running, or this one its only request waiting: a light stream whose requests overlap), so backlogged
-        tenants never take seats from each other; the victim's tenant is ahead of it (larger key) and holds at least
-        two seats more than it, so a move never turns the seat counts around."""
+        a seat from, furthest ahead first. A tenant takes a seat when it holds none, or when its waiting request is
+        its only one (it is not backlogged: a light stream whose requests overlap); so a backlogged tenant that holds
+        a seat never takes another, and seats do not churn between backlogged tenants. The victim's tenant is ahead
+        of it (larger key) and holds at least two seats more than it, so a move never turns the seat counts around."""
         own = len(held.get(tenant, ()))
         if own and not self._only_one_waiting(tenant, held):
             return []
