@@ -184,8 +184,10 @@ class Scheduler:
         if deferred and claim is not None and claim.request.status != RequestStatus.RUNNING:
             # The claim was not taken up (memory, its adapter, a preemption): the prompts it held back go on, in run
             # order, in the room it left, from free blocks only (a preemption now would evict requests scheduled
-            # above them).
+            # above them); not those that lost their seat meanwhile (`_admit` may have given it to another tenant).
             for req in deferred:
+                if req.status != RequestStatus.RUNNING:
+                    continue
                 n = min(req.num_tokens - req.num_computed_tokens, budget, prompt_room)
                 if n > 0 and self.kv.grow(req, n):
                     chunks.append(self._chunk(req, n))
