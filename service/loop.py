@@ -338,11 +338,10 @@ class EngineLoop:
         if not command.future.set_running_or_notify_cancel():
             return  # the submitter gave up waiting
         try:
-            request = self.engine.add_request(command.spec)
+            self.engine.add_request(command.spec, arrival_time=command.submitted_at)
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return
-        request.arrival_time = command.submitted_at
         handle = RequestHandle(self, command.spec, command.context)
         self._handles[handle.request_id] = handle
         command.future.set_result(handle)

@@ -102,9 +102,10 @@ class LLMEngine:
         self._generation_tokens = 0
 
     # ---- requests -----------------------------------------------------------------------
-    def add_request(self, spec: RequestSpec) -> Request:
+    def add_request(self, spec: RequestSpec, arrival_time: float | None = None) -> Request:
         """Queue a request. ValueError for input this engine cannot serve, QueueFullError when the queue is
-        at its bound. The spec itself was validated when it was built."""
+        at its bound. The spec itself was validated when it was built. `arrival_time` (time.monotonic()): when it
+        arrived, if before now (its queue time and TTFT count from there)."""
         if not isinstance(spec, RequestSpec):
             raise TypeError(f"add_request takes a RequestSpec, not {type(spec).__name__}")
         if spec.request_id in self._requests:
@@ -114,7 +115,7 @@ class LLMEngine:
         if self._vocab_size is not None and max(spec.prompt_token_ids) >= self._vocab_size:
             raise ValueError(f"prompt token id {max(spec.prompt_token_ids)} is outside the vocabulary of "
                              f"{self._vocab_size} tokens")
-        request = Request(spec)
+        request = Request(spec, arrival_time)
         self.speculator.attach(request)
         self.scheduler.add(request)
         if spec.adapter_version is not None and self._adapters is not None:

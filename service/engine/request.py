@@ -102,7 +102,7 @@ class Request:
         "tenant", "num_charged_prompt_tokens", "grammar", "spec_state",
     )
 
-    def __init__(self, spec: RequestSpec) -> None:
+    def __init__(self, spec: RequestSpec, arrival_time: float | None = None) -> None:
         self.spec = spec
         # Read on every step: kept as plain attributes rather than looked up through the spec.
         self.request_id = spec.request_id
@@ -127,7 +127,7 @@ class Request:
         self.num_registered_blocks = 0  # leading blocks of block_ids already in the prefix cache
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
-        self.arrival_time = time.monotonic()
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time  # monotonic seconds
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
