@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import native
+from kernels.cpu_features import matmul_dtype
 
 SHORT_EXTEND = 64  # extends of at most this many new tokens are batched together
 MIN_SHARED_BLOCKS = 2  # cascade only when the shared prefix is at least this long ...
@@ -290,9 +291,11 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     # The g query heads sharing one KV head are stacked as rows of one product:
     # [n, kvh, g * max_q, d] @ [n, kvh, d, L]. (Measured on the CPU: several times faster than SDPA with a
     # mask for these short query blocks.)
+    mm = matmul_dtype(q)
     qb = q[b.q_index.view(-1)].view(n, max_q, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(n, kvh, g * max_q, d)
-    k = _fetch(k_cache, b.tables).to(q.dtype)  # [n, kvh, L, d]
-    v = _fetch(v_cache, b.tables).to(q.dtype)
+    qb = qb.to(mm)
+    k = _fetch(k_cache, b.tables).to(mm)  # [n, kvh, L, d]
+    v = _fetch(v_cache, b.tables).to(mm)
     s = torch.matmul(qb, k.transpose(-1, -2)).float() * scale  # [n, kvh, g * max_q, L]
     s = s.view(n, kvh, g, max_q, -1).masked_fill(~b.mask.unsqueeze(1), float("-inf"))
     p = torch.softmax(s, -1).to(v.dtype).view(n, kvh, g * max_q, -1)
@@ -317,9 +320,10 @@ def _shared_prefix(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Attention of decodes' queries qd `[n, kvh, g, d]` over the prefix blocks they share: every decode's query
     heads of one KV head form the rows of one matrix product. Returns ([n, kvh, g, d], log-sum-exp [n, kvh, g, 1])."""
     n, kvh, g, d = qd.shape
-    ks = _fetch(k_cache, shared).to(qd.dtype)  # [kvh, S, d]
-    vs = _fetch(v_cache, shared).to(qd.dtype)
-    o1, l1 = _partial(qd.permute(1, 0, 2, 3).reshape(kvh, n * g, d), ks, vs, None, scale)
+    mm = matmul_dtype(qd)
+    ks = _fetch(k_cache, shared).to(mm)  # [kvh, S, d]
+    vs = _fetch(v_cache, shared).to(mm)
+    o1, l1 = _partial(qd.permute(1, 0, 2, 3).reshape(kvh, n * g, d).to(mm), ks, vs, None, scale)
     return o1.view(kvh, n, g, d).transpose(0, 1), l1.view(kvh, n, g, 1).transpose(0, 1)
 
 
@@ -354,9 +358,10 @@ def _attend_cascade(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qd = q[rows].view(n, kvh, g, d)  # [n, kvh, g, d]
     o1, l1 = _shared_prefix(qd, k_cache, v_cache, c.shared, scale)
     # own suffix of each decode (padded; its mask row is [n, 1, 1, L])
-    k2 = _fetch(k_cache, c.suffix.tables).to(q.dtype)  # [n, kvh, L, d]
-    v2 = _fetch(v_cache, c.suffix.tables).to(q.dtype)
-    o2, l2 = _partial(qd, k2, v2, c.suffix.mask, scale)
+    mm = matmul_dtype(q)
+    k2 = _fetch(k_cache, c.suffix.tables).to(mm)  # [n, kvh, L, d]
+    v2 = _fetch(v_cache, c.suffix.tables).to(mm)
+    o2, l2 = _partial(qd.to(mm), k2, v2, c.suffix.mask, scale)
     w = torch.sigmoid(l1 - l2)  # share of the prefix in the merged softmax: e^l1 / (e^l1 + e^l2)
     out[rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
 
@@ -381,10 +386,11 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         _attend_batch(q, k_cache, v_cache, view.decodes, scale, out)
     if view.extends is not None:
         _attend_batch(q, k_cache, v_cache, view.extends, scale, out)
+    mm = matmul_dtype(q)
     for c in view.longs:
-        qe = q[c.q_start : c.q_start + c.q_len].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-        ke = _fetch(k_cache, c.table)[:, : c.ctx].unsqueeze(0).to(q.dtype)  # [1, kvh, ctx, d]
-        ve = _fetch(v_cache, c.table)[:, : c.ctx].unsqueeze(0).to(q.dtype)
+        qe = q[c.q_start : c.q_start + c.q_len].transpose(0, 1).unsqueeze(0).to(mm)  # [1, h, n, d]
+        ke = _fetch(k_cache, c.table)[:, : c.ctx].unsqueeze(0).to(mm)  # [1, kvh, ctx, d]
+        ve = _fetch(v_cache, c.table)[:, : c.ctx].unsqueeze(0).to(mm)
         oe = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=c.mask, is_causal=c.mask is None, scale=scale,
                                             enable_gqa=h != kvh)
         out[c.q_start : c.q_start + c.q_len] = oe[0].transpose(0, 1)

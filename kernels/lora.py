@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import native
+from kernels.cpu_features import matmul_dtype
 
 SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
 FEW_SEGMENTS = 4  # more short segments than this run their products on one thread
@@ -152,6 +153,10 @@ def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequ
 def _apply(y: torch.Tensor, x: torch.Tensor, segments: Sequence[tuple[int, int, SlotWeights]]) -> None:
     for s0, s1, w in segments:
         a_t, b_t = w  # type: ignore[misc]  # filtered: never None here
+        mm = matmul_dtype(a_t)
+        if mm != a_t.dtype:  # bf16 weights on a CPU without native bf16: the products in float32
+            y[s0:s1] += ((x[s0:s1].to(mm) @ a_t.to(mm)) @ b_t.to(mm)).to(y.dtype)
+            continue
         xs = x[s0:s1].to(a_t.dtype)
         if y.dtype == a_t.dtype:  # shrink [n, in] @ [in, r] -> [n, r]; expand into the rows, fused
             y[s0:s1].addmm_(xs @ a_t, b_t)

@@ -26,7 +26,8 @@ import torch
 
 NATIVE_ENV = "LORASERVE_NATIVE"  # 0 turns the C kernels off
 CACHE_ENV = "LORASERVE_KERNEL_CACHE"  # where the built library goes (default ~/.cache/loraserve/kernels)
-SOURCES = ("decode.c",)
+SOURCES = ("decode.c", "quant.c")
+HEADERS = ("common.h",)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
 
 _lock = threading.Lock()
@@ -45,6 +46,8 @@ _SIGNATURES = {
     "sgmv_f32w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "sgmv_bf16w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "quant_avx2_available": ([], _int),
+    "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
 }
 
 
@@ -65,7 +68,7 @@ def _build(cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     sources = [src_dir / s for s in SOURCES]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256()
-    for part in (version, " ".join(flags), *(p.read_text() for p in sources)):
+    for part in (version, " ".join(flags), *(p.read_text() for p in [*sources, *(src_dir / h for h in HEADERS)])):
         key.update(part.encode())
     out = _cache_dir() / f"loraserve_cpu_{key.hexdigest()[:16]}.so"
     if out.exists():
@@ -234,6 +237,28 @@ def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaled_s
     y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
     rc = library().q8_gemv_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), scaled_sums.data_ptr(),
                                 y.data_ptr(), m, codes.shape[0], k, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+QUANT_MAX_M = 16  # rows of x the AVX2 int8 kernel takes
+
+
+def quant_avx2_available() -> bool:
+    """Whether the AVX2 int8 matrix-product kernel exists on this CPU (it needs AVX2 and FMA)."""
+    lib = library()
+    return lib is not None and bool(lib.quant_avx2_available())
+
+
+def q8_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (M <= QUANT_MAX_M) @ an int8 weight with groups of 32 (codes int8 `[N, K]` in -127..127,
+    scales float32 `[N, K//32]`) -> bf16 `[M, N]`, x quantized to int8 by groups of 32. None when the kernel
+    cannot take it."""
+    if not quant_avx2_available() or not usable(x, codes, scales):
+        return None
+    m, k = x.shape
+    y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
+    rc = library().q8_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m,
+                                codes.shape[0], k, torch.get_num_threads())
     return y if rc == 0 else None
 
 

@@ -109,10 +109,11 @@ class QuantizedTensor:
             zeros=None if first.zeros is None else torch.cat([w.zeros for w in ws]),
         )
 
-    def prepack(self, dense: bool = False) -> None:
+    def prepack(self, dense: bool = False, dtype: torch.dtype | None = None) -> None:
         """Build the CPU fast-path layouts now rather than on the first bf16 matmul; `dense`: also hold a dense
-        bf16 copy for batched matmuls (see kernels.quant_cpu)."""
-        quant_cpu.prepack(self, dense)
+        copy (bf16, or float32 on a CPU without native bf16; `dtype` to choose) for batched matmuls (see
+        kernels.quant_cpu)."""
+        quant_cpu.prepack(self, dense, dtype)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """The same weight on `device` (canonical tensors only: fast-path layouts are per device, built there)."""

@@ -1,7 +1,10 @@
 """Torch implementations of the quantized ops: the CPU fast paths and the exact reference.
 
 `linear` picks a path per activation dtype and batch size M; the thresholds come from measurements on
-a 2-core AVX512-BF16 machine (see `bench/quant_linear.py`, which times every path):
+a 2-core AVX512-BF16 machine (see `bench/quant_linear.py`, which times every path). On a CPU without bf16
+dot-product instructions (`kernels.cpu_features.native_bf16`) a bf16 matmul is emulated and runs ~8x slower
+than a float32 one; there the dense copy is float32 and the dequantizing path multiplies in float32 (bf16 in,
+bf16 out, one rounding at the end), see `dense_dtype`:
 
 - float32 x: dequantize to float32 (in row chunks that stay in cache) + dense matmul. The reference.
 - bf16 x, int4: aten's int4pack kernel (`_weight_int4pack_mm_for_cpu`) for M < 128; from M = 128 on,
@@ -9,6 +12,9 @@ a 2-core AVX512-BF16 machine (see `bench/quant_linear.py`, which times every pat
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI: the C kernel of
   `kernels.native` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
   the default model's 49152x576 LM head, at M = 1, one thread).
+- bf16 x, int8 with groups of 32 otherwise (no AVX512-VNNI), M <= 16, on a CPU with AVX2: the AVX2 kernel of
+  `kernels.native` (the same scheme; on the LM head 3x the int4pack split at M = 1 and 8 on a 2-core AVX2
+  machine: 1.5 against 4.7 ms, 5.9 against 19.7 ms).
 - bf16 x, int8 with groups otherwise: for M <= 8, split q = 16 * hi + lo into two int4 weights and
   run the int4pack kernel twice (~4x faster than dequantizing at M = 1); above, chunked dequant + matmul.
 - bf16 x, int8 per channel: `_weight_int8pack_mm` for M <= 8 (no extra memory; the nibble split is ~15%
@@ -21,6 +27,9 @@ a 2-core AVX512-BF16 machine (see `bench/quant_linear.py`, which times every pat
   0.24 ms against 0.45 ms (int4pack), at M = 64 0.66 ms against 1.01 ms (plain copy); int4pack stays ahead up
   to M = 8 (0.18 against 0.20 ms). The copy holds the dequantized values rounded to bf16, exactly what the
   chunked dequant path computes with, and the blocked kernel gives the plain matmul's results bit for bit.
+- the same on a CPU without native bf16: the copy is float32 (twice the memory; the values rounded to bf16,
+  as the bf16 copy holds them), x is converted to float32 for the matmul, and it takes over from M = 16 (one layer's four matmuls on a 2-core AVX2 machine: at M = 16
+  1.39 ms against 1.58 for int4pack, at M = 64 5.6 against 9.5; at M = 8 int4pack leads, 0.82 against 1.16).
 
 Tensors here are duck-typed `QuantizedTensor`s (see kernels.quant); this module imports nothing of it.
 """
@@ -34,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels import native
+from kernels.cpu_features import native_bf16
 
 if TYPE_CHECKING:
     from kernels.quant import QuantizedTensor
@@ -42,8 +52,15 @@ INT4PACK_MAX_M = 127  # int4 bf16: the int4pack kernel below M = 128, chunked de
 INT8_SPLIT_MAX_M = 8  # grouped int8 bf16: two int4pack matmuls up to here
 INT8PACK_MAX_M = 8  # per-channel int8 bf16: aten's int8pack kernel up to here
 DENSE_MIN_M = 9  # with a dense bf16 copy held: the dense matmul from here on (the int8 kernels stop at 8)
+DENSE_F32_MIN_M = 16  # with a dense float32 copy held (no native bf16): the dense matmul from here on
 CHUNK_ELEMS = 1 << 20  # weight elements dequantized per step: 4 MiB float32 + 2 MiB bf16, in L3 (32 MiB)
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4pack kernel accepts
+
+
+def dense_dtype() -> torch.dtype:
+    """The dtype of the dense copy of a weight (and of the dequantizing path's matmul) for a bf16 model: bf16
+    where the CPU multiplies it natively, float32 elsewhere."""
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def unpack_int4(qweight: Tensor) -> Tensor:
@@ -68,19 +85,28 @@ def dequantize_rows(w: QuantizedTensor, r0: int, r1: int) -> Tensor:
     return out.view(n, k)
 
 
-def dequant_mm(x: Tensor, w: QuantizedTensor) -> Tensor:
-    """x `[M, K]` @ W^T -> `[M, N]`, dequantizing W to x.dtype a chunk of rows at a time."""
+def dequant_mm(x: Tensor, w: QuantizedTensor, compute: torch.dtype | None = None) -> Tensor:
+    """x `[M, K]` @ W^T -> `[M, N]` in x.dtype, dequantizing W a chunk of rows at a time to `compute` (default:
+    x.dtype, except a bf16 x on a CPU without native bf16: float32, see `dense_dtype`) and multiplying in it."""
+    if compute is None:
+        compute = dense_dtype() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else x.dtype
+    out_dtype = x.dtype
+
+    def rows_of(r0: int, r1: int) -> Tensor:  # a bf16 x multiplies with the weight rounded to bf16 either way
+        return dequantize_rows(w, r0, r1).to(out_dtype).to(compute)
+
+    x = x.to(compute)
     n, k = w.shape
     rows = max(16, CHUNK_ELEMS // k)
     if n <= rows:
-        return F.linear(x, dequantize_rows(w, 0, n).to(x.dtype))
+        return F.linear(x, rows_of(0, n)).to(out_dtype)
     # y^T [N, M]: each chunk of weight rows writes a contiguous block of rows of y^T.
-    yt = torch.empty(n, x.shape[0], dtype=x.dtype, device=x.device)
+    yt = torch.empty(n, x.shape[0], dtype=compute, device=x.device)
     xt = x.t()  # [K, M]
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        torch.mm(dequantize_rows(w, r0, r1).to(x.dtype), xt, out=yt[r0:r1])
-    return yt.t().contiguous()
+        torch.mm(rows_of(r0, r1), xt, out=yt[r0:r1])
+    return yt.t().to(out_dtype).contiguous()
 
 
 def _scales_and_zeros(scales: Tensor, zeros: Tensor) -> Tensor:
@@ -168,6 +194,16 @@ def _q8_gemv(x: Tensor, w: QuantizedTensor) -> Tensor | None:
     return native.q8_gemv(x.contiguous(), w.qweight, w.scales, _q8_sums(w))
 
 
+def _q8_avx2_ok(w: QuantizedTensor) -> bool:
+    """Whether the AVX2 int8 kernel can take this weight: on this CPU, float32 scales, no code of -128 (checked
+    once per weight)."""
+    hit = w.packed.get("q8avx2")
+    if hit is None:
+        ok = native.quant_avx2_available() and w.scales.dtype == torch.float32 and int(w.qweight.min()) > -128
+        hit = w.packed["q8avx2"] = (torch.tensor(ok),)
+    return bool(hit[0])
+
+
 def _int8pack_ok(w: QuantizedTensor) -> bool:
     # The kernel gives wrong results (or crashes) for K not a multiple of 16: keep to multiples of 32.
     return w.group_size == w.shape[1] and w.shape[1] % 32 == 0
@@ -178,7 +214,7 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
     m = x.shape[0]
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and m > 0:
         dense = w.packed.get("dense")
-        if dense is not None and m >= DENSE_MIN_M:
+        if dense is not None and m >= (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M):
             return dense_mm(x, dense[0])
         if w.kind == "int4":
             if m <= INT4PACK_MAX_M and _int4pack_group(w) == w.group_size:
@@ -188,6 +224,8 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
                 return int8pack_mm(x, w)
         else:
             y = _q8_gemv(x, w) if m <= native.GEMV_MAX_M and w.group_size == 32 else None
+            if y is None and m <= native.QUANT_MAX_M and w.group_size == 32 and _q8_avx2_ok(w):
+                y = native.q8_gemm(x.contiguous(), w.qweight, w.scales)
             if y is not None:
                 return y
             if m <= INT8_SPLIT_MAX_M and _int4pack_group(w) is not None:
@@ -196,8 +234,9 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
 
 
 def _onednn_pack(dense: Tensor) -> Tensor:
-    """`dense` [N, K] bf16 in oneDNN's blocked layout for its linear kernel, or `dense` itself where torch has no
-    oneDNN (`dense_mm` takes either)."""
+    """`dense` [N, K] (bf16 or float32) in oneDNN's blocked layout for its linear kernel, or `dense` itself where
+    torch has no oneDNN (`dense_mm` takes either). Float32 too: 1.5-2x the plain `F.linear` (which repacks the
+    weight in every call) at M = 8-128 on a 2-core AVX2 machine, twelve 3072x576 weights."""
     if not torch.backends.mkldnn.is_available():
         return dense
     try:
@@ -207,22 +246,28 @@ def _onednn_pack(dense: Tensor) -> Tensor:
 
 
 def dense_mm(x: Tensor, dense: Tensor) -> Tensor:
-    """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`) -> `[M, N]`."""
+    """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`; bf16 or float32, x converted to
+    its dtype) -> `[M, N]` in x.dtype."""
+    if dense.dtype != x.dtype:
+        return dense_mm(x.to(dense.dtype), dense).to(x.dtype)
     if dense.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, dense, None, "none", [], "")
     return F.linear(x, dense)
 
 
-def dense_bytes(w: QuantizedTensor) -> int:
-    """What a dense bf16 copy of `w` takes."""
-    return 2 * w.shape[0] * w.shape[1]
+def dense_bytes(w: QuantizedTensor, dtype: torch.dtype | None = None) -> int:
+    """What a dense copy of `w` in `dtype` (default: `dense_dtype()`) takes."""
+    return (dtype or dense_dtype()).itemsize * w.shape[0] * w.shape[1]
 
 
-def prepack(w: QuantizedTensor, dense: bool = False) -> None:
+def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None = None) -> None:
     """Build the cached layouts the bf16 fast paths of `linear` use for this weight (`dense`: also a dense
-    bf16 copy, for batched steps)."""
+    copy in `dtype`, default `dense_dtype()`, for batched steps)."""
     if dense and "dense" not in w.packed:
-        w.packed["dense"] = (_onednn_pack(dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16)),)
+        # the values rounded to bf16 either way: a float32 copy multiplies with what a bf16 one holds (products
+        # of bf16 values are exact in float32), so both kinds of CPU compute with the same weights
+        values = dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16)
+        w.packed["dense"] = (_onednn_pack(values.to(dtype or dense_dtype())),)
     if w.kind == "int4" and _int4pack_group(w) == w.group_size:
         _int4pack(w)
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):

@@ -11,25 +11,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common.h"
+
 #define MAX_HEAD_DIM 256
 #define MAX_HEADS 64
 #define MAX_ROW 2048 /* kv_heads * head_dim */
 #define MAX_BLOCK 64
 
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    uint32_t u = v.u;
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(u >> 16);
-}
 
 /* exp(x) for x <= 0 (softmax arguments after the max is subtracted), to about 2 ulp, in plain arithmetic the
  * compiler vectorises: 2^(x log2 e) split into an integer power (exponent bits) and a polynomial on [-0.5, 0.5]. */

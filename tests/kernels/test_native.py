@@ -273,7 +273,8 @@ def test_q8_gemv_within_the_bound_of_its_activation_rounding(m):
     from kernels.quant_cpu import _q8_sums
 
     if not native.gemv_available():
-        pytest.fail("this CPU lacks AVX512-VNNI: the int8 kernel cannot be tested here")
+        pytest.skip("this CPU lacks AVX512-VNNI: the VNNI int8 kernel cannot run here (its AVX2 counterpart: "
+                    "tests/kernels/test_cpu_without_bf16.py)")
     g = torch.Generator().manual_seed(m)
     w = quantize_int8(torch.randn(200, 576, generator=g) * 0.05, 32)
     x = torch.randn(m, 576, generator=g).to(BF16)
@@ -291,6 +292,9 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only():
     from kernels.quant import quantize_int8
     from kernels.quant_cpu import linear
 
+    if not native.gemv_available():
+        pytest.skip("this CPU lacks AVX512-VNNI: linear cannot take the VNNI int8 kernel here (the AVX2 one's "
+                    "dispatch: tests/kernels/test_cpu_without_bf16.py)")
     g = torch.Generator().manual_seed(9)
     w = quantize_int8(torch.randn(64, 576, generator=g) * 0.05, 32)
     for m in (9, 1):  # 9 first: the kernel's sums are built on its first use

@@ -183,10 +183,13 @@ def test_invalid_quantized_tensor() -> None:
         quantize_int4(torch.randn(4, 64), 24)
 
 
-def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_would():
-    """With a dense bf16 copy held (small models), M >= DENSE_MIN_M takes a plain bf16 matmul: the same values
-    as dequantizing on the fly (both round the dequantized weight to bf16 once); smaller M keeps the int4 kernel."""
-    from kernels import quant_cpu
+def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_would(monkeypatch):
+    """With a dense bf16 copy held (small models, a CPU with native bf16: forced here), M >= DENSE_MIN_M takes a
+    plain bf16 matmul: the same values as dequantizing on the fly (both round the dequantized weight to bf16
+    once); smaller M keeps the int4 kernel. (Without native bf16: tests/kernels/test_cpu_without_bf16.py.)"""
+    from kernels import cpu_features, quant_cpu
+
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
 
     w = quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), 32)
     xs = {m: torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
@@ -195,8 +198,8 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     w.prepack(dense=True)
     dense = w.packed["dense"][0]
     assert dense.dtype == torch.bfloat16 and w.nbytes >= 2 * 96 * 128
-    # held in oneDNN's blocked layout where torch has oneDNN (as this CPU build does)
-    assert dense.is_mkldnn == torch.backends.mkldnn.is_available()
+    # held in oneDNN's blocked layout where torch's oneDNN multiplies bf16 on this CPU (plain elsewhere)
+    assert dense.is_mkldnn == (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     for m, x in xs.items():
         torch.testing.assert_close(quant_cpu.linear(x, w), want[m], atol=0, rtol=0, msg=f"M={m}")
     # a non-contiguous x (a strided view) too

@@ -1,0 +1,151 @@
+"""The CPU's bf16 paths where the CPU has no bf16 dot-product instructions (kernels.cpu_features): the dense
+weight copies are float32, attention's and LoRA's products run in float32, and int8 weights with groups of 32
+go through the AVX2 kernel of kernels/cpu/quant.c. Each path runs here whatever this CPU has (`native` is
+forced either way), against float32 oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_features, native, quant_cpu
+from kernels.attention import paged_attention_reference, paged_attention_torch
+from kernels.quant import quantize_int4, quantize_int8
+from tests.kernels.test_attention import CASES, D, setup
+from tests.kernels.test_native import _q8_bound
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "no-native-bf16"])
+def native_bf16(request, monkeypatch):
+    """Run the test as on a CPU with (True) or without (False) bf16 dot-product instructions."""
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", request.param)
+    return request.param
+
+
+def test_the_flags_decide_native_bf16(monkeypatch):
+    for flags, want in (({"avx2", "fma"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_bf16"}, True),
+                        ({"asimd", "bf16"}, True), (set(), False)):
+        monkeypatch.setattr(cpu_features, "_NATIVE_BF16", None)
+        monkeypatch.setattr(cpu_features, "cpu_flags", lambda f=flags: f)
+        assert cpu_features.native_bf16() is want, flags
+        assert quant_cpu.dense_dtype() == (BF16 if want else torch.float32)
+        assert cpu_features.matmul_dtype(torch.zeros(1, dtype=BF16)) == (BF16 if want else torch.float32)
+        assert cpu_features.matmul_dtype(torch.zeros(1)) == torch.float32
+
+
+def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(native_bf16):
+    """Without native bf16 the dense copy is float32 (twice a bf16 copy's bytes, oneDNN's layout where torch has
+    it; the weight's values rounded to bf16, what a bf16 copy holds) and takes over from DENSE_F32_MIN_M: the
+    float32 product of the bf16 x and that weight, rounded once to bf16 (relative error <= 2^-8 of each output,
+    against the float32 oracle on the same values). Below it the int4 kernel stays; the chunked dequant path
+    multiplies the same values in float32 too."""
+    w = quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), 32)
+    w.prepack(dense=True)
+    dense = w.packed["dense"][0]
+    assert dense.dtype == (BF16 if native_bf16 else torch.float32)
+    assert quant_cpu.dense_bytes(w) == (2 if native_bf16 else 4) * 96 * 128
+    first = quant_cpu.DENSE_MIN_M if native_bf16 else quant_cpu.DENSE_F32_MIN_M
+    for m in (first, 64, 200):
+        x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(BF16)
+        ref = x.float() @ w.dequantize().to(BF16).float().T
+        y = quant_cpu.linear(x, w)
+        assert y.dtype == BF16
+        if not native_bf16:
+            torch.testing.assert_close(y.float(), ref, atol=1e-6, rtol=2**-8, msg=f"M={m}")
+            torch.testing.assert_close(quant_cpu.dequant_mm(x, w).float(), ref, atol=1e-6, rtol=2**-8)
+        else:  # the bf16 copy: what the chunked path computes in bf16, bit for bit (tests/kernels/test_quant.py)
+            torch.testing.assert_close(y, quant_cpu.dequant_mm(x, w, compute=BF16), atol=0, rtol=0, msg=f"M={m}")
+    below = torch.randn(first - 1, 128, generator=torch.Generator().manual_seed(1)).to(BF16)
+    torch.testing.assert_close(quant_cpu.linear(below, w), quant_cpu.int4pack_mm(below, w), atol=0, rtol=0)
+
+
+def test_attention_in_bf16_is_within_one_rounding_of_the_oracle_without_native_bf16(native_bf16):
+    """Every attention path (short extends, a long prefill through SDPA, decodes, a shared-prefix cascade) on
+    bf16 q and caches: without native bf16 the products run in float32 and the result is the oracle's rounded
+    once to bf16; with it the products are bf16 (the existing bound of 3e-2)."""
+    for case, prefix in (("mixed", 0), ("long-prefill-and-extend", 0), ("decodes-partial-blocks", 0)):
+        q, kc, vc, tables, starts, lens, plan = setup(CASES[case], shared_prefix_blocks=prefix, dtype=BF16)
+        out = paged_attention_torch(q, kc, vc, plan, D**-0.5).float()
+        ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+        if native_bf16:
+            torch.testing.assert_close(out, ref, atol=3e-2, rtol=0, msg=case)
+        else:
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=2**-8, msg=case)
+    seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]  # the cascade: 8 shared leading blocks
+    q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12, dtype=BF16)
+    out = paged_attention_torch(q, kc, vc, plan, D**-0.5).float()
+    ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+    torch.testing.assert_close(out, ref, atol=1e-5 if not native_bf16 else 3e-2, rtol=2**-8 if not native_bf16 else 0)
+
+
+def test_a_long_lora_segment_with_bf16_weights_is_computed_in_float32_without_native_bf16(native_bf16):
+    """A prefill-length segment (torch's path) with bf16 adapter weights: without native bf16 the two products
+    run in float32 and only the final add rounds (2^-8 of y); with it, the bf16 products' bound."""
+    from kernels.lora import _apply
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(80, 64, generator=g).to(BF16)
+    a_t = (torch.randn(64, 8, generator=g) * 0.1).to(BF16)
+    b_t = (torch.randn(8, 48, generator=g) * 0.1).to(BF16)
+    y = torch.zeros(80, 48, dtype=BF16)
+    _apply(y, x, [(0, 80, (a_t, b_t))])
+    ref = (x.float() @ a_t.float()) @ b_t.float()
+    if native_bf16:
+        torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    else:
+        torch.testing.assert_close(y.float(), ref, atol=1e-6, rtol=2**-8)
+
+
+def _avx2():
+    if not native.quant_avx2_available():
+        pytest.skip(f"this CPU (or its C build) lacks AVX2 and FMA: {native.unavailable_reason() or 'no AVX2'}")
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
+def test_q8_avx2_kernel_is_within_the_bound_of_its_activation_rounding(m):
+    """The AVX2 int8 kernel quantizes x by groups of 32 like the VNNI one: the same error bound (half a step of
+    x's codes times the group's |weights|, plus the output's bf16 rounding), every M up to QUANT_MAX_M."""
+    _avx2()
+    g = torch.Generator().manual_seed(m)
+    w = quantize_int8(torch.randn(200, 576, generator=g) * 0.05, 32)
+    x = torch.randn(m, 576, generator=g).to(BF16)
+    y = native.q8_gemm(x, w.qweight, w.scales)
+    assert y is not None and y.shape == (m, 200) and y.dtype == BF16
+    ref = x.float() @ w.dequantize().T
+    err = (y.float() - ref).abs()
+    assert (err <= _q8_bound(x, w) + ref.abs() * 2**-8 + 1e-6).all(), err.max()
+    assert err.max() > 0  # it does round: a kernel that silently did something else would be noticed
+
+
+def test_q8_avx2_kernel_refuses_what_it_cannot_take():
+    """Bad shapes: too many rows of x (17 > QUANT_MAX_M), K not a multiple of 32 (the kernel answers -1, the
+    wrapper None); a weight holding a code of -128 (the sign flip would overflow) stays off it in `linear`."""
+    _avx2()
+    w = quantize_int8(torch.randn(64, 576, generator=torch.Generator().manual_seed(2)) * 0.05, 32)
+    assert native.q8_gemm(torch.zeros(native.QUANT_MAX_M + 1, 576, dtype=BF16), w.qweight, w.scales) is None
+    odd = torch.zeros(64, 40, dtype=torch.int8)
+    assert native.q8_gemm(torch.zeros(1, 40, dtype=BF16), odd, torch.ones(64, 1)) is None
+    low = quantize_int8(torch.randn(64, 576, generator=torch.Generator().manual_seed(3)) * 0.05, 32)
+    low.qweight[0, 0] = -128
+    assert not quant_cpu._q8_avx2_ok(low)
+    assert quant_cpu._q8_avx2_ok(w)
+
+
+def test_linear_takes_the_avx2_int8_kernel_without_vnni_up_to_its_rows(monkeypatch):
+    """Without the VNNI kernel, int8 groups of 32 with M <= QUANT_MAX_M go to the AVX2 kernel (its check is
+    cached on the weight); above, the other paths; every answer within the kernel's bound of float32."""
+    _avx2()
+    monkeypatch.setattr(native, "gemv_available", lambda: False)
+    called = []
+    real = native.q8_gemm
+    monkeypatch.setattr(native, "q8_gemm", lambda *a: called.append(a[0].shape[0]) or real(*a))
+    g = torch.Generator().manual_seed(9)
+    w = quantize_int8(torch.randn(64, 576, generator=g) * 0.05, 32)
+    for m in (1, native.QUANT_MAX_M, native.QUANT_MAX_M + 1):
+        x = torch.randn(m, 576, generator=g).to(BF16)
+        ref = x.float() @ w.dequantize().T
+        err = (quant_cpu.linear(x, w).float() - ref).abs()
+        assert (err <= _q8_bound(x, w) + ref.abs() * 2**-7 + 1e-6).all(), (m, err.max())
+    assert called == [1, native.QUANT_MAX_M] and "q8avx2" in w.packed
