@@ -56,6 +56,10 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def measure_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n matrix product in `dtype`, the best of `reps`. bf16 on a CPU without native bf16 runs
+    an emulation of well under 1 GFLOP/s at this size (minutes for 2048): 512 there, still well past the caches."""
+    if matmul_peak_dtype(dtype) != dtype:
+        n = min(n, 512)
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
@@ -118,9 +122,21 @@ def commit() -> str:
 
 
 def environment() -> dict:
+    from kernels.cpu_features import cpu_flags, native_bf16
+
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
     return {"commit": commit(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "cpu_simd": simd, "cpu_native_bf16": native_bf16(),
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def matmul_peak_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a model computing in `dtype` runs its matrix products in on this CPU (a bf16 model's are float32
+    where bf16 is not native, kernels.cpu_features): the peak its roofline is measured in."""
+    from kernels.cpu_features import matmul_dtype
+
+    return matmul_dtype(torch.empty(0, dtype=dtype))
 
 
 def write_result(name: str, data: dict) -> Path:

@@ -17,6 +17,7 @@ from bench.common import (
     chat_prompts,
     environment,
     kv_bytes,
+    matmul_peak_dtype,
     measure_bandwidth_gbs,
     measure_peak_gflops,
     model_bytes_per_token,
@@ -89,8 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     peak16 = measure_peak_gflops(torch.bfloat16)
     bandwidth = measure_bandwidth_gbs()
     flops_tok = 2 * arch.active_params()
-    # The roofline of the dtype the engine computes in (its matmuls run in it), not float32's.
-    roofline = (peak16 if args.dtype == "bfloat16" else peak32) * 1e9 / flops_tok
+    # The roofline of the dtype the engine's matmuls run in: bf16's where the CPU has it natively, float32's
+    # where a bf16 model multiplies in float32 (kernels.cpu_features).
+    mm = matmul_peak_dtype(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    roofline = (peak16 if mm == torch.bfloat16 else peak32) * 1e9 / flops_tok
     # One request alone reads every weight and its KV per token: bytes, not FLOPs, bound it.
     single_bytes = model_bytes_per_token(rt.model) + kv_bytes(arch, len(single) + args.new_tokens // 2)
     res = {
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_tok_s": e_n / e_dt, "engine_seconds": e_dt, "single_stream_tok_s": s_n / s_dt,
         "prefix_cache_hit_tokens": stats.prefix_cache_hit_tokens,
         "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "flops_per_token": flops_tok,
-        "roofline_tok_s": roofline, "roofline_fraction": e_n / e_dt / roofline, "roofline_dtype": args.dtype,
+        "roofline_tok_s": roofline, "roofline_fraction": e_n / e_dt / roofline,
+        "roofline_dtype": str(mm).removeprefix("torch."),
         "peak_bandwidth_gbs": bandwidth, "single_stream_bytes_per_token": single_bytes,
         "single_stream_byte_roofline_tok_s": bandwidth * 1e9 / single_bytes,
         **peer_results(),

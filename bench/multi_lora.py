@@ -22,6 +22,7 @@ from bench.common import (
     chat_prompts,
     environment,
     kv_bytes,
+    matmul_peak_dtype,
     measure_bandwidth_gbs,
     measure_peak_gflops,
     model_bytes_per_token,
@@ -100,8 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     ranks = [RANKS[i % len(RANKS)] for i in range(na)]
     mean_rank = sum(ranks) / na
     res["flops_per_token"] = 2 * arch.active_params() + 2 * mean_rank * per_layer * arch.num_layers
-    res["peak_fp32_gflops"] = measure_peak_gflops(torch.float32)
-    res["peak_bf16_gflops"] = peak = measure_peak_gflops(torch.bfloat16)  # the base matmuls' dtype
+    res["peak_fp32_gflops"] = peak32 = measure_peak_gflops(torch.float32)
+    res["peak_bf16_gflops"] = peak16 = measure_peak_gflops(torch.bfloat16)
+    mm = matmul_peak_dtype(torch.bfloat16)  # the base matmuls' dtype on this CPU (float32 without native bf16)
+    res["roofline_dtype"] = str(mm).removeprefix("torch.")
+    peak = peak16 if mm == torch.bfloat16 else peak32
     res["peak_bandwidth_gbs"] = bandwidth = measure_bandwidth_gbs()
     res["roofline_tok_s"] = peak * 1e9 / res["flops_per_token"]
     res["roofline_fraction"] = res["tok_s_32_adapters"] / res["roofline_tok_s"]
