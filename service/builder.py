@@ -17,6 +17,7 @@ from adapters.identity import adapter_version_id
 from adapters.lifecycle import AdapterVersions
 from adapters.peft_format import ParsedAdapter, parse_adapter
 from kernels import native
+from kernels.cpu_features import matmul_dtype
 from kernels.ops import Kernels, select_kernels
 from service.config import AdapterConfig, EngineConfig, RuntimeConfig
 from service.engine.adapters import AdapterAdmission
@@ -233,6 +234,7 @@ def build_runtime(rc: RuntimeConfig | None = None, ec: EngineConfig | None = Non
     log.info("model_ready", source=loaded.source, quantization=loaded.quantization, dtype=rc.dtype,
              device=describe(device), kernels=kernels.name, cpu_kernels=cpu_kernels,
              weights_mib=round(model.nbytes() / 2**20, 1), dense_weights=model.dense_weights,
+             matmul_dtype=str(matmul_dtype(torch.empty(0, dtype=dtype, device=device))).removeprefix("torch."),
              kv_blocks=num_blocks, decode_graphs=runner.graphs.buckets if runner.graphs is not None else None,
              kv_cache_mib=round(num_blocks * per_block / 2**20, 1), max_model_len=max_len,
              threads=torch.get_num_threads())

@@ -18,7 +18,6 @@
 #define MAX_ROW 2048 /* kv_heads * head_dim */
 #define MAX_BLOCK 64
 
-
 /* exp(x) for x <= 0 (softmax arguments after the max is subtracted), to about 2 ulp, in plain arithmetic the
  * compiler vectorises: 2^(x log2 e) split into an integer power (exponent bits) and a polynomial on [-0.5, 0.5]. */
 static inline float exp_nonpos(float x) {

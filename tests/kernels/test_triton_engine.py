@@ -108,7 +108,7 @@ def test_serve_on_the_triton_backend_answers_over_a_socket(model_and_adapters, m
                         "--adapter", f"tiny={dirs[0]}")
     try:
         ready = next(e for e in proc.events() if e.get("event") == "model_ready")
-        assert ready["kernels"] == "triton" and ready["device"] == "cpu"
+        assert ready["kernels"] == "triton" and ready["device"] == "cpu" and ready["matmul_dtype"] == "float32"
         with LoraServeClient(proc.address, timeout=120) as c:
             r = c.generate("t5 t6 t7", adapter="tiny", temperature=0, max_tokens=4, ignore_eos=True)
         assert len(r.token_ids) == 4 and r.adapter_version
