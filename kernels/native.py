@@ -28,7 +28,7 @@ NATIVE_ENV = "LORASERVE_NATIVE"  # 0 turns the C kernels off
 CACHE_ENV = "LORASERVE_KERNEL_CACHE"  # where the built library goes (default ~/.cache/loraserve/kernels)
 SOURCES = ("decode.c", "quant.c")
 HEADERS = ("common.h",)
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
