@@ -2,8 +2,9 @@
 
 A decode step on the CPU is hundreds of tiny torch ops: for one token of a small model, dispatching them costs
 more than the arithmetic. The C kernels do the work of several ops in one call on bfloat16 tensors. The C
-compiler builds them with `-O3 -march=native` (vectorised for the CPU they run on) into a cache folder keyed by
-the source, the compiler and the flags, so a second start does not compile again.
+compiler builds them with `-O3 -march=native` (vectorised for the CPU they run on; `-fno-trapping-math` too,
+without which GCC leaves loops with float selects scalar where it has no masked instructions, as on AVX2) into a
+cache folder keyed by the sources, the compiler and the flags, so a second start does not compile again.
 
 `library()` is None when the kernels cannot be used: no C compiler, a failed build, or `LORASERVE_NATIVE=0`
 (the reason is in `unavailable_reason()`); the torch implementations then run instead, and give the same
