@@ -47,6 +47,17 @@ class Batch:
     q_valid: torch.Tensor  # [n, max_q] bool: real query rows
     tables: torch.Tensor  # [n, nblk] block ids (padding 0; masked)
     mask: torch.Tensor  # [n, 1, max_q, nblk * block_size] bool, True = attend
+    # Built once per step for every layer (boolean indexing and the mask's negation cost a nonzero or a pass
+    # each time): the real rows' positions in the flattened [n * max_q] layout, their rows of q, ~mask.
+    valid_at: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    rows: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    blocked: torch.Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.valid_at is None:
+            self.valid_at = self.q_valid.reshape(-1).nonzero().squeeze(1)
+            self.rows = self.q_index.reshape(-1)[self.valid_at]
+            self.blocked = ~self.mask
 
 
 @dataclass
@@ -297,18 +308,19 @@ def _attend_batch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k = _fetch(k_cache, b.tables).to(mm)  # [n, kvh, L, d]
     v = _fetch(v_cache, b.tables).to(mm)
     s = torch.matmul(qb, k.transpose(-1, -2)).float() * scale  # [n, kvh, g * max_q, L]
-    s = s.view(n, kvh, g, max_q, -1).masked_fill(~b.mask.unsqueeze(1), float("-inf"))
+    s = s.view(n, kvh, g, max_q, -1).masked_fill(b.blocked.unsqueeze(1), float("-inf"))
     p = torch.softmax(s, -1).to(v.dtype).view(n, kvh, g * max_q, -1)
     o = torch.matmul(p, v).view(n, kvh, g, max_q, d).permute(0, 3, 1, 2, 4).reshape(n, max_q, h, d)
-    out[b.q_index[b.q_valid]] = o[b.q_valid].to(out.dtype)
+    out[b.rows] = o.reshape(n * max_q, h, d)[b.valid_at].to(out.dtype)
 
 
-def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor | None, scale: float
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised attention and its log-sum-exp: q [..., m, d], k/v [..., L, d] -> ([..., m, d], [..., m, 1])."""
+    """Unnormalised attention and its log-sum-exp: q [..., m, d], k/v [..., L, d] -> ([..., m, d], [..., m, 1]);
+    `blocked`: True where a query must not attend (a Batch's ~mask), or None."""
     s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+    if blocked is not None:
+        s = s.masked_fill(blocked, float("-inf"))
     m = s.amax(-1, keepdim=True)
     e = torch.exp(s - m)
     o = torch.matmul(e.to(v.dtype), v).float()
@@ -361,7 +373,7 @@ def _attend_cascade(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     mm = matmul_dtype(q)
     k2 = _fetch(k_cache, c.suffix.tables).to(mm)  # [n, kvh, L, d]
     v2 = _fetch(v_cache, c.suffix.tables).to(mm)
-    o2, l2 = _partial(qd.to(mm), k2, v2, c.suffix.mask, scale)
+    o2, l2 = _partial(qd.to(mm), k2, v2, c.suffix.blocked, scale)
     w = torch.sigmoid(l1 - l2)  # share of the prefix in the merged softmax: e^l1 / (e^l1 + e^l2)
     out[rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
 
