@@ -44,8 +44,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="paged KV arena size in GiB (default: 1 on the CPU; on a GPU what --gpu-memory-fraction leaves)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (the first GPU if there is one) (default: cpu)")
     g.add_argument("--dense-weights-mib", type=int,
-                   help="CPU: also hold the weights as dense bfloat16 for batched steps when that takes at most this "
-                        f"many MiB; 0 never (default: {RuntimeConfig.dense_weights_mib})")
+                   help="CPU: also hold the weights dense for batched steps (bfloat16; float32 on a CPU without "
+                        "native bf16) when that takes at most this many MiB; 0 never "
+                        f"(default: {RuntimeConfig.dense_weights_mib})")
     g.add_argument("--gpu-memory-fraction", type=float,
                    help=f"on a GPU, the share of its memory to use (default: {RuntimeConfig.gpu_memory_fraction})")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,

@@ -107,8 +107,9 @@ class RuntimeConfig:
     # A smaller model with the same tokenizer (a .gguf file, an HF directory or synthetic:NAME) that proposes
     # speculative drafts for requests with speculation 'draft'; None: no draft model.
     draft_model: str | None = None
-    # On the CPU (bfloat16): also hold the quantized weights as dense bf16, which batched steps multiply ~2x
-    # faster, when that copy takes at most this many MiB (the default model's: 268 MiB); 0 never does.
+    # On the CPU (bfloat16): also hold the quantized weights dense, which batched steps multiply ~2x faster, when
+    # that copy takes at most this many MiB (bf16: the default model's takes 268 MiB; float32 on a CPU without
+    # native bf16, kernels/cpu_features.py: twice that); 0 never does.
     dense_weights_mib: int = 1024
 
     def __post_init__(self) -> None:
