@@ -87,6 +87,7 @@ def test_no_key_is_unauthenticated(server):
 
 
 def test_cli_prints_the_shares(server):
+    generate(server, "alice", "t1 t2", 1)  # alice has been served, whichever tests ran before
     args = ("fair-share", "--target", server.target, "--api-key", TENANT_KEYS["ops"], "--tenant", "*")
     table = cli(*args)
     assert table.returncode == 0, table.stderr
