@@ -65,8 +65,8 @@ def test_attention_in_bf16_is_within_one_rounding_of_the_oracle_without_native_b
     """Every attention path (short extends, a long prefill through SDPA, decodes, a shared-prefix cascade) on
     bf16 q and caches: without native bf16 the products run in float32 and the result is the oracle's rounded
     once to bf16; with it the products are bf16 (the existing bound of 3e-2)."""
-    for case, prefix in (("mixed", 0), ("long-prefill-and-extend", 0), ("decodes-partial-blocks", 0)):
-        q, kc, vc, tables, starts, lens, plan = setup(CASES[case], shared_prefix_blocks=prefix, dtype=BF16)
+    for case in ("mixed", "long-prefill-and-extend", "decodes-partial-blocks"):
+        q, kc, vc, tables, starts, lens, plan = setup(CASES[case], dtype=BF16)
         out = paged_attention_torch(q, kc, vc, plan, D**-0.5).float()
         ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
         if native_bf16:
