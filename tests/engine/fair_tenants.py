@@ -35,9 +35,15 @@ class Tenants:
     def submit(self, tenant: str, priority: int = 0) -> str:
         n_in, n_out = self.shapes[tenant]
         i = next(self.ids)
-        rid = f"{tenant}-{i}"
+        return self.add(f"{tenant}-{i}", tenant, n_in, n_out, seed=i, priority=priority)
+
+    def add(self, rid: str, tenant: str, n_in: int, n_out: int = 4, seed: int = 0, priority: int = 0,
+            adapter_version: str | None = None) -> str:
+        """One request of `tenant` outside its usual shape (a long prompt, an adapter that loads slowly),
+        counted like the others."""
         sp = SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True)
-        self.engine.add_request(RequestSpec(rid, prompt(n_in, seed=i), sp, tenant=tenant, priority=priority))
+        self.engine.add_request(RequestSpec(rid, prompt(n_in, seed=seed), sp, tenant=tenant, priority=priority,
+                                            adapter_version=adapter_version))
         self.tenant_of[rid] = tenant
         self.prompt_len[rid] = n_in
         return rid

@@ -7,11 +7,9 @@ from collections import Counter
 
 import pytest
 
-from service.engine.request import RequestSpec
-from service.engine.sampling import SamplingParams
 from tests.engine.fair_tenants import Tenants, flood
 from tests.engine.fake_adapters import FakeAdapterSlots
-from tests.engine.fake_runner import make_engine, prompt, reference_tokens
+from tests.engine.fake_runner import make_engine, reference_tokens
 
 # Four seats, a step budget of 256 tokens, a shared step's prompt tokens bounded by 32.
 SHARED = dict(num_blocks=1024, block_size=4, max_num_seqs=4, max_num_batched_tokens=256, enable_prefix_caching=False)
@@ -57,9 +55,7 @@ def test_the_bound_holds_up_no_prompt_while_the_next_request_cannot_start():
     slots = FakeAdapterSlots(max_active=2, load_polls={"slow": 10_000})
     engine = make_engine(scheduling_policy="vtc", slots=slots, max_shared_prefill_tokens=32, **SHARED)
     t = Tenants(engine, {"flood": (200, 4), "light": (40, 4)}, depth={"flood": 8})
-    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    engine.add_request(RequestSpec("light-slow", prompt(40), sp, tenant="light", adapter_version="slow"))
-    t.tenant_of["light-slow"], t.prompt_len["light-slow"] = "light", 40
+    t.add("light-slow", "light", 40, adapter_version="slow")
     first = len(engine.runner.history)
     t.run(50)
     assert engine.get_request("light-slow").first_scheduled_time is None
@@ -127,15 +123,12 @@ def test_a_held_back_prompt_whose_seat_is_taken_is_not_scheduled():
     t.step()
     t.submit("light")
     t.step()
-    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    engine.add_request(RequestSpec("flood-long", prompt(400, seed=99), sp, tenant="flood"))
-    t.tenant_of["flood-long"], t.prompt_len["flood-long"] = "flood", 400
+    t.add("flood-long", "flood", 400, seed=99)
     t.run(2, refill=False)
     running = {r.request_id for r in engine.scheduler.running}
     assert len(running) == 4 and "flood-long" in running
     assert 0 < engine.get_request("flood-long").num_computed_tokens < 400  # its prompt in chunks
-    engine.add_request(RequestSpec("light-slow", prompt(8, seed=98), sp, tenant="light", adapter_version="slow"))
-    t.tenant_of["light-slow"], t.prompt_len["light-slow"] = "light", 8
+    t.add("light-slow", "light", 8, seed=98, adapter_version="slow")
     t.submit("other")
     t.submit("other")
     t.step()  # check_integrity after the step: the pool is referenced exactly by the running requests

@@ -13,11 +13,9 @@ from __future__ import annotations
 import pytest
 
 from service.engine.fairness import FairShare
-from service.engine.request import RequestSpec
-from service.engine.sampling import SamplingParams
 from tests.engine.fair_tenants import ENGINE, Tenants, flood, paper_bound
 from tests.engine.fake_adapters import FakeAdapterSlots
-from tests.engine.fake_runner import make_engine, prompt
+from tests.engine.fake_runner import make_engine
 
 
 def test_two_backlogged_tenants_get_equal_service_within_the_paper_bound():
@@ -128,9 +126,7 @@ def test_a_tenant_whose_adapter_is_loading_does_not_block_the_others():
     slots = FakeAdapterSlots(max_active=2, load_polls={"slow": 10_000})
     engine = make_engine(scheduling_policy="vtc", slots=slots, **ENGINE)
     t = Tenants(engine, {"a": (8, 4), "b": (8, 4)})
-    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    engine.add_request(RequestSpec("a-slow", prompt(8), sp, tenant="a", adapter_version="slow"))
-    t.tenant_of["a-slow"], t.prompt_len["a-slow"] = "a", 8
+    t.add("a-slow", "a", 8, adapter_version="slow")
     b = [t.submit("b") for _ in range(3)]
     t.run(10, refill=False)
     assert all(engine.get_request(r) is None for r in b), "b's requests should have finished"
