@@ -44,6 +44,7 @@ _SIGNATURES = {
     "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_available": ([], _int),
+    "decode_attention_path": ([], _int),
     "sgmv_f32w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "sgmv_bf16w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
@@ -216,6 +217,15 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(t, two // 2, dtype=gu.dtype)
     library().silu_mul_bf16(gu.data_ptr(), out.data_ptr(), t, two // 2, torch.get_num_threads())
     return out
+
+
+ATTENTION_PATHS = {2: "avx512-bf16", 1: "avx2", 0: "portable"}
+
+
+def attention_path() -> str | None:
+    """The code path of the decode attention kernel in this build (`ATTENTION_PATHS`), None without the kernels."""
+    lib = library()
+    return None if lib is None else ATTENTION_PATHS[lib.decode_attention_path()]
 
 
 GEMV_MAX_M = 8  # rows of x the int8 matrix-vector kernel takes

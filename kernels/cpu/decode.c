@@ -57,8 +57,14 @@ static inline float exp_nonpos(float x) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define HAS_BF16_DOT 1
+#define HAS_AVX2_TILE 0
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HAS_BF16_DOT 0
+#define HAS_AVX2_TILE 1
 #else
 #define HAS_BF16_DOT 0
+#define HAS_AVX2_TILE 0
 #endif
 
 /* Where each of a task's rows goes: out (bf16) or out_f32 + lse. */
@@ -221,6 +227,184 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const u
     else ATTEND(head_dim);
 #undef ATTEND
 }
+#define TILED_DIM 32 /* head_dim a multiple of this: whole vectors of bf16 pairs */
+#endif
+
+#if HAS_AVX2_TILE
+#define TILE 8 /* keys per step: one vector of scores per row */
+#ifndef PREFETCH_KEYS /* how far ahead the K and V rows are fetched (a block table scatters them) */
+#define PREFETCH_KEYS 16
+#endif
+
+/* exp_nonpos on 8 lanes: the same polynomial, the power of two built in the exponent bits. */
+static inline __m256 exp_nonpos_v8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 k = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, k), _mm256_set1_ps(0.69314718055994531f));
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e)); /* k >= -126: a normal power of two */
+}
+
+/* The sums of 8 vectors, as one vector (lane t: the sum of d[t]'s lanes): two rounds of pairwise adds within
+ * 128-bit lanes, then the two halves added. */
+static inline __m256 hsum8(const __m256 d[TILE]) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
+    return _mm_cvtss_f32(x);
+}
+
+static inline float hadd8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+    return _mm_cvtss_f32(x);
+}
+
+/* 8 bf16 values widened to float32. */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* One task, as the AVX512-BF16 path's (same tasks, same online softmax), on 8-lane float32 vectors: the task's
+ * query rows widened and scaled once, each tile's K and V rows widened once for all the rows, each row's 8
+ * scores summed by `hsum8`. */
+static inline __attribute__((always_inline)) void attend_task(
+        const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
+        float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1, int64_t ctx_last, int64_t nq,
+        const int64_t *table, int64_t g, int64_t num_heads, int64_t kv_heads, const int64_t head_dim,
+        int64_t block_size, float scale, float *work) {
+    const int64_t group = num_heads / kv_heads;
+    const int64_t row = kv_heads * head_dim;
+    const int64_t block_stride = block_size * row;
+    const int64_t nr = (j1 - j0) * group;
+    const int64_t wide = head_dim / 8; /* vectors of 8 float32 values */
+    float *acc = work;                 /* [nr][head_dim] */
+    float *qf = acc + nr * head_dim;   /* [nr][head_dim]: the rows' queries, scaled */
+    float *s = qf + nr * head_dim;     /* [nr][TILE] */
+    float *kf = s + nr * TILE;         /* [TILE][head_dim]: the tile's K rows in float32 */
+    float *vf = kf + TILE * head_dim;  /* [TILE][head_dim]: its V rows */
+    float *m = vf + TILE * head_dim, *l = m + nr;
+    int64_t seen[MAX_NEW * MAX_HEADS]; /* tokens each row attends to */
+    const __m256 scale_v = _mm256_set1_ps(scale);
+    for (int64_t r = 0; r < nr; r++) {
+        seen[r] = ctx_last - (nq - 1 - (j0 + r / group));
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        const uint16_t *qr = q + (q_row0 + j0 + r / group) * num_heads * head_dim + (g * group + r % group) * head_dim;
+        for (int64_t c = 0; c < wide; c++)
+            _mm256_storeu_ps(qf + r * head_dim + 8 * c, _mm256_mul_ps(load_bf16x8(qr + 8 * c), scale_v));
+    }
+    memset(acc, 0, (size_t)(nr * head_dim) * sizeof(float));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const int64_t n = seen[nr - 1]; /* the task's last row sees the most */
+    for (int64_t p0 = 0; p0 < n; p0 += TILE) {
+        const int64_t nt = n - p0 < TILE ? n - p0 : TILE;
+        int64_t blk = p0 / block_size, in_blk = p0 % block_size; /* one division per tile, not per key */
+        for (int64_t t = 0; t < nt; t++) {
+            const int64_t off = table[blk] * block_stride + in_blk * row + g * head_dim;
+            if (p0 + t + PREFETCH_KEYS < n) { /* a later tile's rows (same block or the next one's) */
+                const int64_t ahead = in_blk + PREFETCH_KEYS;
+                const int64_t poff = ahead < block_size ? off + PREFETCH_KEYS * row
+                                     : table[blk + ahead / block_size] * block_stride + (ahead % block_size) * row
+                                       + g * head_dim;
+                for (int64_t b = 0; b < head_dim * 2; b += 64) {
+                    _mm_prefetch((const char *)(k_cache + poff) + b, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v_cache + poff) + b, _MM_HINT_T0);
+                }
+            }
+            for (int64_t c = 0; c < wide; c++) {
+                _mm256_storeu_ps(kf + t * head_dim + 8 * c, load_bf16x8(k_cache + off + 8 * c));
+                _mm256_storeu_ps(vf + t * head_dim + 8 * c, load_bf16x8(v_cache + off + 8 * c));
+            }
+            if (++in_blk == block_size) {
+                in_blk = 0;
+                blk++;
+            }
+        }
+        for (int64_t r = 0; r < nr; r++) {
+            if (seen[r] <= p0) continue; /* this row's keys ended before the tile */
+            const float *qr = qf + r * head_dim;
+            __m256 d[TILE];
+            for (int64_t t = 0; t < TILE; t++) {
+                __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+                if (t < nt) {
+                    const float *kt = kf + t * head_dim;
+                    int64_t c = 0;
+                    for (; c + 1 < wide; c += 2) {
+                        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), _mm256_loadu_ps(kt + 8 * c), d0);
+                        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c + 8), _mm256_loadu_ps(kt + 8 * c + 8), d1);
+                    }
+                    if (c < wide) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), _mm256_loadu_ps(kt + 8 * c), d0);
+                }
+                d[t] = _mm256_add_ps(d0, d1);
+            }
+            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            const __m256 keys = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)lim), lane));
+            const __m256 sv = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(d), keys);
+            const float tile_max = hmax8(sv);
+            if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
+                const float c = exp_nonpos(m[r] - tile_max);
+                l[r] *= c;
+                for (int64_t x = 0; x < head_dim; x++) acc[r * head_dim + x] *= c;
+                m[r] = tile_max;
+            }
+            const __m256 e = _mm256_and_ps(keys, exp_nonpos_v8(_mm256_sub_ps(sv, _mm256_set1_ps(m[r]))));
+            _mm256_storeu_ps(s + r * TILE, e);
+            l[r] += hadd8(e);
+        }
+        for (int64_t r = 0; r < nr; r++) {
+            if (seen[r] <= p0) continue;
+            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            const float *sr = s + r * TILE;
+            float *ar = acc + r * head_dim;
+            __m256 a[32]; /* head_dim <= 256 */
+            for (int64_t c = 0; c < wide; c++) a[c] = _mm256_loadu_ps(ar + 8 * c);
+            for (int64_t t = 0; t < lim; t++) {
+                const __m256 e = _mm256_set1_ps(sr[t]);
+                for (int64_t c = 0; c < wide; c++)
+                    a[c] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vf + t * head_dim + 8 * c), a[c]);
+            }
+            for (int64_t c = 0; c < wide; c++) _mm256_storeu_ps(ar + 8 * c, a[c]);
+        }
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t j = j0 + r / group, h = g * group + r % group;
+        store_row(acc + r * head_dim, m[r], l[r], head_dim,
+                  out ? out + ((q_row0 + j) * num_heads + h) * head_dim : NULL,
+                  out_f32 ? out_f32 + ((out_row0 + j) * num_heads + h) * head_dim : NULL,
+                  lse ? lse + (out_row0 + j) * num_heads + h : NULL);
+    }
+}
+
+static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
+                             float *out_f32, float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1,
+                             int64_t ctx_last, int64_t nq, const int64_t *table, int64_t g, int64_t num_heads,
+                             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float *work) {
+#define ATTEND(D)                                                                                              \
+    attend_task(q, k_cache, v_cache, out, out_f32, lse, q_row0, out_row0, j0, j1, ctx_last, nq, table, g,       \
+                num_heads, kv_heads, D, block_size, scale, work)
+    if (head_dim == 64) ATTEND(64);
+    else if (head_dim == 128) ATTEND(128);
+    else ATTEND(head_dim);
+#undef ATTEND
+}
+#define TILED_DIM 8 /* head_dim a multiple of this: whole vectors of float32 */
 #endif
 
 /* One new token's attention, every head, in plain C the compiler vectorises (CPUs without AVX512-BF16). */
@@ -290,6 +474,10 @@ static void attend_row(const uint16_t *qr, const uint16_t *k_cache, const uint16
                   f32_row ? f32_row + h * head_dim : NULL, lse_row ? lse_row + h : NULL);
 }
 
+/* Which code path decode attention takes in this build: 2 tiled on AVX512-BF16 pair dot products, 1 tiled on
+ * AVX2 float32 vectors, 0 one row at a time in plain C. */
+int decode_attention_path(void) { return HAS_BF16_DOT ? 2 : HAS_AVX2_TILE ? 1 : 0; }
+
 int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                 uint16_t *out, float *out_f32, float *lse, const int64_t *q_rows, const int64_t *nq,
                                 const int64_t *ctx, const int64_t *tables, int64_t table_stride, int64_t num_seqs,
@@ -312,8 +500,8 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
     first[0] = 0;
     for (int64_t i = 0; i < num_seqs; i++) first[i + 1] = first[i] + (nq ? nq[i] : 1);
     int rc = 0;
-#if HAS_BF16_DOT
-    if (head_dim % 32 == 0) {
+#if HAS_BF16_DOT || HAS_AVX2_TILE
+    if (head_dim % TILED_DIM == 0) {
         /* Tasks: (sequence, a run of its new tokens, KV head). A run is cut so that there are about two tasks per
          * thread when the sequences alone are too few (one decode, one verify pass). */
         const int64_t base_tasks = num_seqs * kv_heads;
@@ -335,7 +523,9 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                     task[3 * t + 1] = j0;
                     task[3 * t + 2] = g;
                 }
-        const size_t per_thread = (size_t)(run * group * (head_dim + TILE + 2) + TILE * head_dim) * sizeof(float);
+        /* acc, query rows, scores, running max and sum per row; K and V tiles (what either task needs) */
+        const size_t per_thread = (size_t)(run * group * (2 * head_dim + TILE + 2) + 2 * TILE * head_dim)
+                                  * sizeof(float);
 #pragma omp parallel num_threads(num_threads) if (ntask > 1 && work * num_heads > 2048)
         {
             float *work_buf = aligned_alloc(64, (per_thread + 63) / 64 * 64);

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import native
+from kernels.cpu_features import cpu_flags
 from kernels.attention import (
     AttentionPlan,
     paged_attention_reference,
@@ -119,19 +120,67 @@ def test_a_verify_pass_beside_decodes_sharing_a_prefix_takes_the_cascade(monkeyp
     torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16, rtol=0)
 
 
-def test_the_kernels_built_without_avx512_bf16_give_the_same_attention(tmp_path, monkeypatch):
-    """The portable code path (CPUs without AVX512-BF16): the kernels built for such a CPU, run here."""
+# Builds of the kernels for CPUs other than this one's best: (extra compiler flags, the attention path expected
+# where this CPU has AVX2 and FMA). Without AVX512-BF16 the tiled AVX2 path; without AVX2 the plain C path.
+OTHER_BUILDS = {"without-avx512-bf16": (("-mno-avx512bf16",), "avx2"), "without-avx2": (("-mno-avx2",), "portable")}
+
+
+@pytest.mark.parametrize("build", list(OTHER_BUILDS))
+def test_the_kernels_built_for_other_cpus_give_the_same_attention(build, tmp_path, monkeypatch):
+    """The code paths of CPUs without AVX512-BF16 (tiled on AVX2) and without AVX2 (one row at a time): the
+    kernels built for such a CPU, run here: decodes, verify passes (several new tokens of one sequence), the
+    cascade over a shared prefix, a head_dim of 128 and one of 40 (not a whole number of vectors)."""
+    flags, path = OTHER_BUILDS[build]
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    lib = native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512bf16"))
+    lib = native.build_library(native._compiler(), (*native.FLAGS, *flags))
     monkeypatch.setattr(native, "_lib", lib)
     monkeypatch.setattr(native, "_loaded", True)  # a first library() call must not load the default build over it
     assert native.library() is lib
+    if {"avx2", "fma"} <= cpu_flags():
+        assert native.attention_path() == path
     monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
     monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
     for shared_blocks in (0, 2):
         q, kc, vc, plan, ref = _verify_pass(4 if shared_blocks == 0 else 16, shared_blocks)
         torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16,
                                    rtol=0)
+    for case, seqs in ATTN_CASES.items():
+        q, kc, vc, tables, starts, lens, plan = setup(seqs, dtype=BF16)
+        nd = plan.native_decodes()
+        out = torch.full_like(q, float("nan"))
+        assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 16**-0.5), case
+        ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+        torch.testing.assert_close(out[nd.q_rows].float(), ref[nd.q_rows], atol=ATOL_BF16, rtol=0, msg=case)
+    for head_dim in (128, 40):
+        _decodes_of_head_dim(head_dim)
+
+
+def _decodes_of_head_dim(head_dim: int) -> None:
+    """Six decodes of contexts 1..70 with 4 query heads on 2 KV heads of `head_dim`, through the kernel, against
+    the float32 oracle."""
+    g = torch.Generator().manual_seed(head_dim)
+    block, ctxs = 16, [1, 7, 16, 17, 40, 70]
+    nblocks = [(c + block - 1) // block for c in ctxs]
+    kc = torch.randn(sum(nblocks) + 1, block, 2, head_dim, generator=g).to(BF16)
+    vc = torch.randn(sum(nblocks) + 1, block, 2, head_dim, generator=g).to(BF16)
+    q = torch.randn(len(ctxs), 4, head_dim, generator=g).to(BF16)
+    tables, at = [], 1
+    for n in nblocks:
+        tables.append(list(range(at, at + n)))
+        at += n
+    width = max(nblocks)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+    ctx = torch.tensor(ctxs, dtype=torch.int64)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    assert native.paged_decode_attention(q, kc, vc, out, torch.arange(len(ctxs)), ctx, table_t, scale)
+    for i, c in enumerate(ctxs):
+        pos = torch.arange(c)
+        k = kc[table_t[i, pos // block], pos % block].float().repeat_interleave(2, dim=1)  # [c, 4, head_dim]
+        v = vc[table_t[i, pos // block], pos % block].float().repeat_interleave(2, dim=1)
+        p = torch.softmax(torch.einsum("hd,chd->hc", q[i].float(), k) * scale, dim=-1)
+        torch.testing.assert_close(out[i].float(), torch.einsum("hc,chd->hd", p, v), atol=ATOL_BF16, rtol=0,
+                                   msg=f"head_dim {head_dim}, context {c}")
 
 
 def test_a_head_dim_beyond_the_kernel_falls_back_to_torch():
