@@ -4,10 +4,11 @@ on the default model, once with `--scheduling-policy vtc` and once with `fcfs`.
 - A floods: 4x B's requests outstanding at once, prompts 4x B's, half B's output: each request about twice
   B's work, as many requests in all, so A's work outlasts B's;
 - B is backlogged too: --b-concurrency requests outstanding (twice what the server runs at once), short prompts;
-- C is light: one short request every --c-interval-s seconds (0.25: open loop, about a tenth of the engine's
-  weighted service on the 2-core machine, and 20-30 samples in the window in which A and B are both
-  backlogged, ~6 s there: at one a second its p99 was the largest of ~6); its TTFT is what a well-behaved
-  tenant feels.
+- C is light: one short request every --c-interval-s seconds, open loop; its TTFT is what a well-behaved tenant
+  feels. By default the interval is set from the machine (`calibrate`): C asks for --c-share (a tenth) of the
+  weighted service the server gives B's requests alone, measured on the first server before the first round.
+  (It was a fixed 0.25 s, set on a 2-core AVX512-BF16 machine; on a 2-core AVX2 machine, whose steps are 4-5x
+  longer, that made C a flood of its own: its TTFT p99 under the flood was 104 s.)
 
 Every prompt is distinct (a numbered preamble), so prefix-cache hits are rare; the client counts only computed
 prompt tokens (usage.input_tokens - cached_input_tokens), at the request's first token, and every output
@@ -200,7 +201,8 @@ def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], war
     for tenant, (records, _) in results.items():
         errors = [r["error"] for r in records if "error" in r]
         service = service_in(records, w0, w1)
-        res[tenant] = {"requests": len(records), "errors": len(errors), "first_error": errors[0] if errors else None,
+        res[tenant] = {"records": records, "requests": len(records), "errors": len(errors),
+                       "first_error": errors[0] if errors else None,
                        "service": service, "service_per_s": service / (w1 - w0), "ttft": ttfts(records, w0, w1),
                        "engine_ttft": ttfts(records, w0, w1, "engine_ttft"),
                        "engine_queue": ttfts(records, w0, w1, "engine_queue")}
@@ -218,6 +220,21 @@ def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], war
     return res
 
 
+def calibrate(target: str, b: tuple, seats: int, share: float, c_max_tokens: int) -> dict:
+    """C's interval for this machine: B's requests alone (twice the seats outstanding, four times the seats in
+    all) give the weighted service/s the server delivers; C, whose request is B's prompt and `c_max_tokens`
+    outputs, sends one every interval so that it asks for `share` of it."""
+    concurrency, words, max_tokens = 2 * seats, b[1], b[2]
+    run = scenario(target, {"b": (concurrency, words, max_tokens, 4 * seats, 0.0)}, 0.0, seats, "-calibration")
+    records = [r for r in run["b"]["records"] if "error" not in r]
+    if not records:
+        raise RuntimeError(f"calibration: every request failed ({run['b']['first_error']})")
+    prompt = statistics.mean(r.get("computed_prompt", 0) for r in records)
+    c_work = W_IN * prompt + W_OUT * c_max_tokens
+    return {"service_per_s": run["work_per_s"], "b_prompt_tokens": prompt, "c_work_per_request": c_work,
+            "share": share, "c_interval_s": round(c_work / (share * run["work_per_s"]), 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="bench.fairness", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,7 +245,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "the work)")
     ap.add_argument("--b-words", type=int, default=20, help="B's and C's prompt length in words (A: 4x)")
     ap.add_argument("--max-tokens", type=int, default=16, help="B's output tokens (A and C: half)")
-    ap.add_argument("--c-interval-s", type=float, default=0.25)
+    ap.add_argument("--c-interval-s", type=float, help="C's interval between requests (default: from --c-share)")
+    ap.add_argument("--c-share", type=float, default=0.1, help="C's demand as a fraction of the weighted service "
+                    "the server gives B's requests alone, measured before the first round (sets C's interval)")
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--max-shared-prefill-tokens", type=int, help="server, vtc: the most prompt tokens of a step "
                     "while tenants share the engine (default: the server's)")
@@ -239,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: at least one round per policy is needed")
+    if args.c_interval_s is not None and args.c_interval_s <= 0:
+        ap.error(f"--c-interval-s {args.c_interval_s}: C's interval must be positive")
+    if not 0 < args.c_share < 1:
+        ap.error(f"--c-share {args.c_share}: C's share must be between 0 and 1")
 
     from service.config import EngineConfig
     from service.runtime.loader import default_model_path
@@ -247,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     half = max(1, args.max_tokens // 2)
     a = (4 * args.b_concurrency, 4 * args.b_words, half, args.b_requests, 0.0)
     b = (args.b_concurrency, args.b_words, args.max_tokens, args.b_requests, 0.0)
-    c = (1, args.b_words, half, 0, args.c_interval_s)
+    c = [1, args.b_words, half, 0, args.c_interval_s]  # the interval is set by `calibrate` when not given
     res: dict = {"workload": "fairness", "model": default_model_path().name,
                  "transport": "gRPC GenerateStream, one client process per tenant",
                  "server": {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
@@ -278,6 +301,12 @@ def main(argv: list[str] | None = None) -> dict:
                 server = ServeProcess(*serve_args, ready_timeout=300)
                 try:
                     seats = args.max_num_seqs
+                    if c[4] is None:
+                        res["calibration"] = calibrate(server.address, b, seats, args.c_share, half)
+                        c[4] = res["calibration"]["c_interval_s"]
+                        res["tenants"]["c"]["interval_s"] = c[4]
+                        print(f"calibration: B's requests alone {res['calibration']['service_per_s']:.0f} weighted "
+                              f"service/s; C sends one every {c[4]:.2f} s", flush=True)
                     # C alone in every round, right before the flood: the machine's speed drifts between rounds,
                     # and C's TTFT with A flooding is held against C's alone in the same rounds
                     alone[policy].append(scenario(server.address, {"c": c}, 1.0, seats, f"-{rnd}alone",
