@@ -388,7 +388,7 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     h = q.shape[1]
     kvh = k_cache.shape[2]
     native_done = False
-    if q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.is_cpu:
         nd = plan.native_decodes()
         native_done = nd is not None and _attend_native(q, k_cache, v_cache, nd, scale, out)
     view = plan.torch_view(decodes=not native_done)

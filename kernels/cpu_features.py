@@ -38,6 +38,6 @@ def native_bf16() -> bool:
 
 def matmul_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype to multiply `t` in: float32 for a bf16 CPU tensor where bf16 is not native, else its own."""
-    if t.dtype == torch.bfloat16 and t.device.type == "cpu" and not native_bf16():
+    if t.dtype == torch.bfloat16 and t.is_cpu and not native_bf16():
         return torch.float32
     return t.dtype

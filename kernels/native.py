@@ -176,7 +176,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the C kernels can take these tensors: loaded, all on the CPU and contiguous."""
-    return library() is not None and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    return library() is not None and all(t.is_cpu and t.is_contiguous() for t in tensors)  # is_cpu: no device object
 
 
 def rope_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -134,7 +134,7 @@ class TorchKernels:
 
     def sgmv_(self, y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, weights: list[SlotWeights]
               ) -> torch.Tensor:
-        return _lora.sgmv_cpu_(y, x, segments, weights) if y.device.type == "cpu" else \
+        return _lora.sgmv_cpu_(y, x, segments, weights) if y.is_cpu else \
             _lora.sgmv_torch_(y, x, segments, weights)
 
 

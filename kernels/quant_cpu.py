@@ -213,7 +213,7 @@ def _int8pack_ok(w: QuantizedTensor) -> bool:
 def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
     """x `[M, K]` @ W^T -> `[M, N]` in x.dtype by the fastest exact-enough path for this dtype and M."""
     m = x.shape[0]
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and m > 0:
+    if x.dtype == torch.bfloat16 and x.is_cpu and m > 0:
         dense = w.packed.get("dense")
         if dense is not None and m >= (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M):
             return dense_mm(x, dense[0])
