@@ -254,12 +254,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
     ap.add_argument("--rounds", type=int, default=3, help="flood runs per policy, alternating policies, each after "
                     "C alone on the same server (C beside B's backlog: the first round only)")
-    ap.add_argument("--alone-s", type=float, default=10.0, help="seconds of C alone per round")
+    ap.add_argument("--alone-s", type=float, help="seconds of C alone per round (default: 20 of C's intervals, at "
+                    "least 10 s)")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: at least one round per policy is needed")
     if args.c_interval_s is not None and args.c_interval_s <= 0:
         ap.error(f"--c-interval-s {args.c_interval_s}: C's interval must be positive")
+    if args.alone_s is not None and args.alone_s <= 0:
+        ap.error(f"--alone-s {args.alone_s}: C alone needs a positive number of seconds")
     if not 0 < args.c_share < 1:
         ap.error(f"--c-share {args.c_share}: C's share must be between 0 and 1")
 
@@ -310,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
                     # C alone in every round, right before the flood: the machine's speed drifts between rounds,
                     # and C's TTFT with A flooding is held against C's alone in the same rounds
                     alone[policy].append(scenario(server.address, {"c": c}, 1.0, seats, f"-{rnd}alone",
-                                                  light_s=args.alone_s))
+                                                  light_s=args.alone_s or max(10.0, 20 * c[4])))
                     if rnd == 0:
                         no_flood[policy] = scenario(server.address, {"b": b, "c": c}, args.warmup_s, seats,
                                                     f"-{rnd}beside")
