@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from kernels import native
-from kernels.cpu_features import cpu_flags
 from kernels.attention import (
     AttentionPlan,
     paged_attention_reference,
     paged_attention_torch,
     rope_write_kv_torch,
 )
+from kernels.cpu_features import cpu_flags
 from kernels.ops import TorchKernels
 from tests.kernels.test_attention import setup
 
@@ -129,7 +129,8 @@ OTHER_BUILDS = {"without-avx512-bf16": (("-mno-avx512bf16",), "avx2"), "without-
 def test_the_kernels_built_for_other_cpus_give_the_same_attention(build, tmp_path, monkeypatch):
     """The code paths of CPUs without AVX512-BF16 (tiled on AVX2) and without AVX2 (one row at a time): the
     kernels built for such a CPU, run here: decodes, verify passes (several new tokens of one sequence), the
-    cascade over a shared prefix, a head_dim of 128 and one of 40 (not a whole number of vectors)."""
+    cascade over a shared prefix, head_dims of 128, 40 (not a multiple of 32, the AVX512-BF16 path's vectors of bf16
+    pairs; an odd number of 8-lane vectors) and 36 (not a multiple of 8: the plain C rows in every build)."""
     flags, path = OTHER_BUILDS[build]
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     lib = native.build_library(native._compiler(), (*native.FLAGS, *flags))
@@ -151,7 +152,7 @@ def test_the_kernels_built_for_other_cpus_give_the_same_attention(build, tmp_pat
         assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 16**-0.5), case
         ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
         torch.testing.assert_close(out[nd.q_rows].float(), ref[nd.q_rows], atol=ATOL_BF16, rtol=0, msg=case)
-    for head_dim in (128, 40):
+    for head_dim in (128, 40, 36):
         _decodes_of_head_dim(head_dim)
 
 
