@@ -79,6 +79,19 @@ static inline void store_row(const float *acc, float m, float l, int64_t head_di
     }
 }
 
+/* A tiled task's rows (token j0 + r / group, query head g * group + r % group) from their accumulators. */
+static inline void store_task_rows(const float *acc, const float *m, const float *l, int64_t nr, int64_t group,
+                                   int64_t j0, int64_t g, int64_t num_heads, int64_t head_dim, int64_t q_row0,
+                                   int64_t out_row0, uint16_t *out, float *out_f32, float *lse) {
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t j = j0 + r / group, h = g * group + r % group;
+        store_row(acc + r * head_dim, m[r], l[r], head_dim,
+                  out ? out + ((q_row0 + j) * num_heads + h) * head_dim : NULL,
+                  out_f32 ? out_f32 + ((out_row0 + j) * num_heads + h) * head_dim : NULL,
+                  lse ? lse + (out_row0 + j) * num_heads + h : NULL);
+    }
+}
+
 #if HAS_BF16_DOT
 #define TILE 16 /* keys per step: one vector of scores per row */
 
@@ -206,27 +219,9 @@ static inline __attribute__((always_inline)) void attend_task(
             for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(ar + 16 * c, a[c]);
         }
     }
-    for (int64_t r = 0; r < nr; r++) {
-        const int64_t j = j0 + r / group, h = g * group + r % group;
-        store_row(acc + r * head_dim, m[r], l[r], head_dim,
-                  out ? out + ((q_row0 + j) * num_heads + h) * head_dim : NULL,
-                  out_f32 ? out_f32 + ((out_row0 + j) * num_heads + h) * head_dim : NULL,
-                  lse ? lse + (out_row0 + j) * num_heads + h : NULL);
-    }
+    store_task_rows(acc, m, l, nr, group, j0, g, num_heads, head_dim, q_row0, out_row0, out, out_f32, lse);
 }
 
-static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
-                             float *out_f32, float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1,
-                             int64_t ctx_last, int64_t nq, const int64_t *table, int64_t g, int64_t num_heads,
-                             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float *work) {
-#define ATTEND(D)                                                                                              \
-    attend_task(q, k_cache, v_cache, out, out_f32, lse, q_row0, out_row0, j0, j1, ctx_last, nq, table, g,       \
-                num_heads, kv_heads, D, block_size, scale, work)
-    if (head_dim == 64) ATTEND(64);
-    else if (head_dim == 128) ATTEND(128);
-    else ATTEND(head_dim);
-#undef ATTEND
-}
 #define TILED_DIM 32 /* head_dim a multiple of this: whole vectors of bf16 pairs */
 #endif
 
@@ -383,15 +378,14 @@ static inline __attribute__((always_inline)) void attend_task(
             for (int64_t c = 0; c < wide; c++) _mm256_storeu_ps(ar + 8 * c, a[c]);
         }
     }
-    for (int64_t r = 0; r < nr; r++) {
-        const int64_t j = j0 + r / group, h = g * group + r % group;
-        store_row(acc + r * head_dim, m[r], l[r], head_dim,
-                  out ? out + ((q_row0 + j) * num_heads + h) * head_dim : NULL,
-                  out_f32 ? out_f32 + ((out_row0 + j) * num_heads + h) * head_dim : NULL,
-                  lse ? lse + (out_row0 + j) * num_heads + h : NULL);
-    }
+    store_task_rows(acc, m, l, nr, group, j0, g, num_heads, head_dim, q_row0, out_row0, out, out_f32, lse);
 }
 
+#define TILED_DIM 8 /* head_dim a multiple of this: whole vectors of float32 */
+#endif
+
+#if HAS_BF16_DOT || HAS_AVX2_TILE
+/* The tiled path's task (whichever this build has), inlined per head_dim so the loops over it have a fixed length. */
 static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
                              float *out_f32, float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1,
                              int64_t ctx_last, int64_t nq, const int64_t *table, int64_t g, int64_t num_heads,
@@ -404,7 +398,6 @@ static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const u
     else ATTEND(head_dim);
 #undef ATTEND
 }
-#define TILED_DIM 8 /* head_dim a multiple of this: whole vectors of float32 */
 #endif
 
 /* One new token's attention, every head, in plain C the compiler vectorises (CPUs without AVX512-BF16). */
