@@ -50,6 +50,7 @@ _SIGNATURES = {
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "quant_avx2_available": ([], _int),
     "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
 }
 
 
@@ -270,6 +271,26 @@ def q8_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch
     y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
     rc = library().q8_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m,
                                 codes.shape[0], k, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+Q4_MAX_M = 16  # rows of x the AVX2 int4 kernel takes
+
+
+def q4_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, checked: bool = False
+            ) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (M <= Q4_MAX_M) @ an int4 weight with groups of 32 (codes nibble-packed uint8 `[N, K//2]`,
+    even k in the low nibble; w = code * scale + zero, scales and zeros float32 `[N, K//32]`) -> bf16 `[M, N]`,
+    x quantized to int16 by groups of 32. None when the kernel cannot take it. `checked`: the caller knows the CPU
+    has the kernel, the weight's tensors are contiguous on the CPU and x is too (a decode step's 120 calls skip
+    the checks: kernels.quant_cpu caches them per weight)."""
+    lib = library()
+    if lib is None or not checked and (not lib.quant_avx2_available() or not usable(x, codes, scales, zeros)):
+        return None
+    m, k = x.shape
+    y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
+    rc = lib.q4_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
+                                m, codes.shape[0], k, torch.get_num_threads())
     return y if rc == 0 else None
 
 

@@ -9,6 +9,11 @@ bf16 out, one rounding at the end), see `dense_dtype`:
 - float32 x: dequantize to float32 (in row chunks that stay in cache) + dense matmul. The reference.
 - bf16 x, int4: aten's int4pack kernel (`_weight_int4pack_mm_for_cpu`) for M < 128; from M = 128 on,
   dequantizing to bf16 in row chunks + dense bf16 matmul is faster (dense bf16 runs ~2x the kernel).
+- bf16 x, int4 with groups of 32, M <= 16, on a CPU with AVX2 and without native bf16: the AVX2 int4 kernel of
+  `kernels.native` instead (x quantized to int16 per group with a power-of-two scale, so its error is about
+  the output's bf16 rounding; it reads the canonical codes, no packed copy). On a 2-core AVX2 machine, the
+  default model's 120 layer matmuls at M = 1: 6.2-7.7 ms against int4pack's 9.0-9.8 (one process,
+  alternating; the C loop alone 4-6 ms), level or ahead up to M = 15.
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI: the C kernel of
   `kernels.native` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
   the default model's 49152x576 LM head, at M = 1, one thread).
@@ -205,6 +210,18 @@ def _q8_avx2_ok(w: QuantizedTensor) -> bool:
     return bool(hit[0])
 
 
+def _q4_avx2_ok(w: QuantizedTensor) -> bool:
+    """Whether the AVX2 int4 kernel takes this weight: groups of 32, float32 scales and zeros, on a CPU with AVX2
+    and without bf16 dot products (where it was measured against int4pack; checked once per weight)."""
+    hit = w.packed.get("q4avx2")
+    if hit is None:
+        ok = (native.quant_avx2_available() and not native_bf16() and w.group_size == 32
+              and w.scales.dtype == torch.float32 and w.zeros is not None and w.zeros.dtype == torch.float32
+              and w.qweight.is_contiguous() and w.scales.is_contiguous() and w.zeros.is_contiguous())
+        hit = w.packed["q4avx2"] = (torch.tensor(ok),)
+    return bool(hit[0])
+
+
 def _int8pack_ok(w: QuantizedTensor) -> bool:
     # The kernel gives wrong results (or crashes) for K not a multiple of 16: keep to multiples of 32.
     return w.group_size == w.shape[1] and w.shape[1] % 32 == 0
@@ -218,6 +235,10 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
         if dense is not None and m >= (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M):
             return dense_mm(x, dense[0])
         if w.kind == "int4":
+            if m <= native.Q4_MAX_M and _q4_avx2_ok(w):
+                y = native.q4_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, checked=True)
+                if y is not None:
+                    return y
             if m <= INT4PACK_MAX_M and _int4pack_group(w) == w.group_size:
                 return int4pack_mm(x, w)
         elif w.group_size == w.shape[1]:
@@ -269,8 +290,8 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
         # of bf16 values are exact in float32), so both kinds of CPU compute with the same weights
         values = dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16)
         w.packed["dense"] = (_onednn_pack(values.to(dtype or dense_dtype())),)
-    if w.kind == "int4" and _int4pack_group(w) == w.group_size:
-        _int4pack(w)
+    if w.kind == "int4" and _int4pack_group(w) == w.group_size and not ("dense" in w.packed and _q4_avx2_ok(w)):
+        _int4pack(w)  # with a dense copy and the AVX2 int4 kernel held, int4pack would serve no batch size
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):
         int8pack_mm(torch.zeros(1, w.shape[1], dtype=torch.bfloat16), w)
     elif w.kind == "int8" and w.group_size == 32 and native.gemv_available():

@@ -13,6 +13,7 @@
  *
  * Threads split the rows of W (each reads its rows once for every row of x). Returns 0, or -1 when a dimension
  * is outside the bounds (the caller then takes torch's path). Without AVX2 and FMA it returns -1. */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -122,6 +123,147 @@ int q8_gemm_bf16(const uint16_t *x, const int8_t *codes, const float *scales, ui
     return gemm(x, codes, scales, y, m, n, k, num_threads);
 #else
     (void)x; (void)codes; (void)scales; (void)y; (void)m; (void)n; (void)k; (void)num_threads;
+    return -1;
+#endif
+}
+
+/* int4 matrix product for small batches on CPUs with AVX2 (and FMA): y = x @ W^T for bf16 x [M, K] (M <=
+ * Q4_MAX_M) and an int4 weight with groups of 32 along K in the canonical packing (uint8 [N, K/2], element 2j
+ * in the low nibble of byte j, 2j + 1 in the high one; w = code * scale + zero, float32 scales and zeros
+ * [N, K/32]), bf16 y [M, N].
+ *
+ * x is quantized per row and group of 32 to int16 with a power-of-two scale d = 2^(e - 15), 2^e the power of two
+ * above the group's max |x|: x / d is exact for every bf16 element within a factor 128 of the group's largest
+ * (its 8 significant bits fit in 15), the rest are rounded by at most d / 2 <= max|x| / 2^15, and scale * d is
+ * exact. A group's 16 code bytes are read as eight 16-bit lanes, lane i holding
+ * the codes of elements 4i .. 4i + 3 in its four nibbles, broadcast to both halves of a 256-bit register: masking
+ * the low half with 0x000F and the high half with 0x00F0 gives elements 4i and 16 * (4i + 1), the same after a
+ * shift by 8 elements 4i + 2 and 16 * (4i + 3), with no shuffle. x is stored in that order (its elements 4i,
+ * then 4i + 1, then 4i + 2, then 4i + 3), so that two _mm256_madd_epi16 give the group's integer dot product,
+ * exact (|sums| <= 4 * 240 * 32767 per lane), the high half 16 times too large: each group's float32 scale
+ * vector (d, and d / 16 in the high half) takes the 16 back out. The zeros add sum_g zero[n, g] * (the exact
+ * float32 sum of x's group). A group's codes are read once for every row of x.
+ *
+ * Threads split the rows of W. Returns 0, or -1 when a dimension is outside the bounds (the caller then takes
+ * another path). Without AVX2 and FMA it returns -1. */
+#define Q4_MAX_M 16
+
+#if HAS_AVX2
+/* One row of x: int16 codes by groups of 32 in the kernel's order, each group's scale vector dv[8 g .. 8 g + 7]
+ * (d four times, d / 16 four times) and its float32 sum s[g]. */
+static void quantize_x16(const uint16_t *x, int64_t k, int16_t *q, float *dv, float *s) {
+    for (int64_t g = 0; g < k / QGROUP; g++) {
+        float v[QGROUP], amax = 0.0f, sum = 0.0f;
+        for (int j = 0; j < QGROUP; j++) {
+            v[j] = bf16_to_f32(x[g * QGROUP + j]);
+            const float a = v[j] < 0 ? -v[j] : v[j];
+            amax = a > amax ? a : amax;
+            sum += v[j];
+        }
+        int e = 0;
+        frexpf(amax, &e); /* amax < 2^e, and a bf16 amax <= (1 - 2^-8) 2^e: at most 32640 d */
+        const float d = amax > 0.0f ? ldexpf(1.0f, e - 15) : 0.0f, inv = amax > 0.0f ? ldexpf(1.0f, 15 - e) : 0.0f;
+        for (int j = 0; j < QGROUP; j++) /* element 4i + c goes to 8c + i */
+            q[g * QGROUP + 8 * (j % 4) + j / 4] = (int16_t)__builtin_lrintf(v[j] * inv);
+        for (int j = 0; j < 8; j++) dv[8 * g + j] = j < 4 ? d : d / 16.0f;
+        s[g] = sum;
+    }
+}
+
+/* Weight rows n0 .. n0 + RB - 1 against rows r0 .. r0 + MB - 1 of x: RB * MB <= 8 accumulators in registers. */
+static inline __attribute__((always_inline)) void q4_tile(
+    const uint8_t *codes, const float *scales, const float *zeros, const int16_t *qx, const float *dx,
+    const float *sx, int64_t groups, int64_t n, int64_t n0, int64_t r0, const int RB, const int MB, uint16_t *y) {
+    const int64_t k = groups * QGROUP;
+    const __m256i mask = _mm256_setr_epi16(0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0xF0, 0xF0, 0xF0, 0xF0,
+                                           0xF0, 0xF0, 0xF0, 0xF0);
+    __m256 acc[4][4];
+    for (int b = 0; b < RB; b++)
+        for (int r = 0; r < MB; r++) acc[b][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        for (int b = 0; b < RB; b++) {
+            const __m256i v =
+                _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(codes + (n0 + b) * (k / 2) + g * 16)));
+            const __m256i c01 = _mm256_and_si256(v, mask), c23 = _mm256_and_si256(_mm256_srli_epi16(v, 8), mask);
+            const __m256 sc = _mm256_broadcast_ss(scales + (n0 + b) * groups + g);
+            for (int r = 0; r < MB; r++) {
+                const int16_t *xq = qx + (r0 + r) * k + g * QGROUP;
+                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(c01, _mm256_load_si256((const __m256i *)xq)),
+                                                   _mm256_madd_epi16(c23, _mm256_load_si256((const __m256i *)(xq + 16))));
+                const __m256 d = _mm256_load_ps(dx + ((r0 + r) * groups + g) * 8);
+                acc[b][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sc, d), acc[b][r]);
+            }
+        }
+    }
+    for (int b = 0; b < RB; b++) {
+        const float *z = zeros + (n0 + b) * groups;
+        for (int r = 0; r < MB; r++) {
+            const float *s = sx + (r0 + r) * groups;
+            __m256 t = acc[b][r];
+            int64_t g = 0;
+            for (; g + 8 <= groups; g += 8) t = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(s + g), t);
+            float base = 0.0f;
+            for (; g < groups; g++) base += z[g] * s[g];
+            y[(r0 + r) * n + n0 + b] = f32_to_bf16(hsum8(t) + base);
+        }
+    }
+}
+
+/* RB weight rows against every row of x, in tiles of at most 8 accumulators. */
+static inline __attribute__((always_inline)) void q4_rows(
+    const uint8_t *codes, const float *scales, const float *zeros, const int16_t *qx, const float *dx,
+    const float *sx, int64_t groups, int64_t n, int64_t n0, int64_t m, const int RB, uint16_t *y) {
+    const int MB = 8 / RB > 4 ? 4 : 8 / RB;
+    int64_t r0 = 0;
+    for (; r0 + MB <= m; r0 += MB) q4_tile(codes, scales, zeros, qx, dx, sx, groups, n, n0, r0, RB, MB, y);
+    switch (m - r0) {
+    case 1: q4_tile(codes, scales, zeros, qx, dx, sx, groups, n, n0, r0, RB, 1, y); break;
+    case 2: q4_tile(codes, scales, zeros, qx, dx, sx, groups, n, n0, r0, RB, 2, y); break;
+    case 3: q4_tile(codes, scales, zeros, qx, dx, sx, groups, n, n0, r0, RB, 3, y); break;
+    default: break;
+    }
+}
+
+static int q4_gemm(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
+                   int64_t m, int64_t n, int64_t k, int num_threads) {
+    if (m < 1 || m > Q4_MAX_M || n < 1 || k < QGROUP || k % QGROUP || k > QMAX_K || num_threads < 1) return -1;
+    const int64_t groups = k / QGROUP;
+    int16_t *qx = aligned_alloc(64, (size_t)(m * k) * sizeof(int16_t));
+    float *dx = aligned_alloc(64, sizeof(float) * (size_t)(9 * m * groups + 16));
+    if (qx == NULL || dx == NULL) {
+        free(qx);
+        free(dx);
+        return -1;
+    }
+    float *sx = dx + 8 * m * groups;
+    for (int64_t r = 0; r < m; r++) quantize_x16(x + r * k, k, qx + r * k, dx + 8 * r * groups, sx + r * groups);
+    /* Four weight rows a pass at one or two rows of x (more independent chains, each code group loaded once), two
+     * at three or four, one above. */
+    const int64_t rb = m <= 2 ? 4 : m <= 4 ? 2 : 1;
+    const int64_t blocks = (n + rb - 1) / rb;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * rb;
+        if (n0 + rb <= n && rb == 4)
+            q4_rows(codes, scales, zeros, qx, dx, sx, groups, n, n0, m, 4, y);
+        else if (n0 + rb <= n && rb == 2)
+            q4_rows(codes, scales, zeros, qx, dx, sx, groups, n, n0, m, 2, y);
+        else
+            for (int64_t row = n0; row < n && row < n0 + rb; row++)
+                q4_rows(codes, scales, zeros, qx, dx, sx, groups, n, row, m, 1, y);
+    }
+    free(qx);
+    free(dx);
+    return 0;
+}
+#endif
+
+int q4_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
+                 int64_t m, int64_t n, int64_t k, int num_threads) {
+#if HAS_AVX2
+    return q4_gemm(x, codes, scales, zeros, y, m, n, k, num_threads);
+#else
+    (void)x; (void)codes; (void)scales; (void)zeros; (void)y; (void)m; (void)n; (void)k; (void)num_threads;
     return -1;
 #endif
 }

@@ -10,7 +10,7 @@ import torch
 
 from kernels import cpu_features, native, quant_cpu
 from kernels.attention import paged_attention_reference, paged_attention_torch
-from kernels.quant import quantize_int4, quantize_int8
+from kernels.quant import QuantizedTensor, quantize_int4, quantize_int8
 from tests.kernels.test_attention import CASES, D, setup
 from tests.kernels.test_native import _q8_bound
 
@@ -58,7 +58,9 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
         else:  # the bf16 copy: what the chunked path computes in bf16, bit for bit (tests/kernels/test_quant.py)
             torch.testing.assert_close(y, quant_cpu.dequant_mm(x, w, compute=BF16), atol=0, rtol=0, msg=f"M={m}")
     below = torch.randn(first - 1, 128, generator=torch.Generator().manual_seed(1)).to(BF16)
-    torch.testing.assert_close(quant_cpu.linear(below, w), quant_cpu.int4pack_mm(below, w), atol=0, rtol=0)
+    small = native.q4_gemm(below, w.qweight, w.scales, w.zeros) if not native_bf16 else None
+    want = small if small is not None else quant_cpu.int4pack_mm(below, w)  # the AVX2 int4 kernel where it runs
+    torch.testing.assert_close(quant_cpu.linear(below, w), want, atol=0, rtol=0)
 
 
 def test_attention_in_bf16_is_within_one_rounding_of_the_oracle_without_native_bf16(native_bf16):
@@ -149,3 +151,96 @@ def test_linear_takes_the_avx2_int8_kernel_without_vnni_up_to_its_rows(monkeypat
         err = (quant_cpu.linear(x, w).float() - ref).abs()
         assert (err <= _q8_bound(x, w) + ref.abs() * 2**-7 + 1e-6).all(), (m, err.max())
     assert called == [1, native.QUANT_MAX_M] and "q8avx2" in w.packed
+
+
+def _q4_bound(x: torch.Tensor, w) -> torch.Tensor:
+    """What quantizing x to int16 per group of 32 may cost (per group, |error of x| <= amax / 2^15 per element,
+    times the sum of the group's |weights|) plus the bf16 rounding of the output (2^-8 of it; float32 sums and
+    the weight scales' products in float32 add far less: 1e-5 of the output's scale). [M, N]"""
+    m, k = x.shape
+    xg = x.float().view(m, k // 32, 32)
+    wd = w.dequantize()
+    wabs = wd.abs().view(w.shape[0], k // 32, 32).sum(-1)  # [N, G]
+    ref = x.float() @ wd.T
+    return (xg.abs().amax(-1) / 2**15) @ wabs.T + ref.abs() * 2**-8 + 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("k", [256, 576])  # 8 groups; 18 (the zeros' float32 sums take a tail of 2)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 15, 16])  # every tile: 4 weight rows x 1-2, 2 x 3-4, 1 x 4
+def test_q4_avx2_kernel_is_within_the_bound_of_its_int16_activations(m, k):
+    """The AVX2 int4 kernel (N = 70: weight-row tails of every tile) against the float32 product of x and the
+    dequantized weight: within x's int16 rounding and the output's bf16 rounding, and on average within 1.5x of
+    that rounding alone. x has an all-zero group and a group with an outlier 1000x the rest (per-group scales keep the other
+    groups exact); the weight's zeros are negative and positive."""
+    _avx2()
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    w = quantize_int4(torch.randn(70, k, generator=g) * 0.05 + 0.01, 32)
+    assert (w.zeros < 0).any() and w.scales.dtype == torch.float32
+    w.zeros[0, :] = 0.02  # positive zeros too
+    x = torch.randn(m, k, generator=g)
+    x[:, 32:64] = 0.0
+    x[0, 70] = 1000.0
+    x = x.to(BF16)
+    y = native.q4_gemm(x, w.qweight, w.scales, w.zeros)
+    assert y is not None and y.shape == (m, 70) and y.dtype == BF16
+    ref = x.float() @ w.dequantize().T
+    err = (y.float() - ref).abs()
+    bound = _q4_bound(x, w)
+    assert (err <= bound).all(), (err - bound).max()
+    rounding = (ref.to(BF16).float() - ref).abs()  # the output's own bf16 rounding: the error is mostly that
+    assert err.mean() <= 1.5 * rounding.mean() + 1e-6, (err.mean(), rounding.mean())
+
+
+def test_q4_avx2_kernel_takes_a_q4_0_weight_exactly_on_small_integers():
+    """GGUF Q4_0 (zero = -8 * scale) with x of small integers: x's power-of-two int16 scale holds them exactly,
+    every product and sum is exact in int32 and float32, so the kernel returns the exact sums rounded to bf16."""
+    _avx2()
+    codes = torch.randint(0, 16, (48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    scales = torch.full((48, 2), 0.5)
+    w = QuantizedTensor(
+        "int4", (48, 64), 32, codes[:, 0::2] | (codes[:, 1::2] << 4), scales, -8 * scales)
+    x = torch.randint(-3, 4, (3, 64), generator=torch.Generator().manual_seed(3)).to(BF16)
+    y = native.q4_gemm(x, w.qweight, w.scales, w.zeros)
+    want = (x.float() @ ((codes.float() - 8) * 0.5).T).to(BF16)
+    assert y is not None and torch.equal(y, want)
+
+
+def test_q4_avx2_kernel_refuses_what_it_cannot_take():
+    """More rows of x than Q4_MAX_M, K not a multiple of 32, a non-contiguous scale table: None (the caller takes
+    another path); a weight whose check fails is remembered as such."""
+    _avx2()
+    w = quantize_int4(torch.randn(64, 576) * 0.05, 32)
+    assert native.q4_gemm(torch.zeros(native.Q4_MAX_M + 1, 576, dtype=BF16), w.qweight, w.scales, w.zeros) is None
+    odd = quantize_int4(torch.randn(64, 48), 16)  # K = 48
+    assert native.q4_gemm(torch.zeros(1, 48, dtype=BF16), odd.qweight, odd.scales, odd.zeros) is None
+    wide = torch.zeros(64, 36)[:, ::2]  # a strided [64, 18] scale table
+    assert native.q4_gemm(torch.zeros(1, 576, dtype=BF16), w.qweight, wide, w.zeros) is None
+    g16 = quantize_int4(torch.randn(64, 576) * 0.05, 16)
+    assert not quant_cpu._q4_avx2_ok(g16) and "q4avx2" in g16.packed
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["no-dense-copy", "dense-copy"])
+def test_linear_takes_the_avx2_int4_kernel_without_native_bf16_up_to_its_rows(monkeypatch, native_bf16, dense):
+    """Without native bf16, int4 groups of 32 with M <= Q4_MAX_M go to the AVX2 kernel (below the dense copy's
+    first M when one is held, which then also needs no int4pack layout); with native bf16, never (int4pack
+    there). Every answer within the kernel's bound of float32."""
+    _avx2()
+    called = []
+    real = native.q4_gemm
+    monkeypatch.setattr(native, "q4_gemm", lambda *a, **kw: called.append(a[0].shape[0]) or real(*a, **kw))
+    g = torch.Generator().manual_seed(11)
+    w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
+    w.prepack(dense=dense)
+    assert ("int4pack" in w.packed) == (native_bf16 or not dense)
+    ms = (1, 8, quant_cpu.DENSE_F32_MIN_M - 1, native.Q4_MAX_M, native.Q4_MAX_M + 1)
+    last = quant_cpu.DENSE_F32_MIN_M - 1 if dense else native.Q4_MAX_M
+    for m in ms:
+        x = torch.randn(m, 576, generator=g).to(BF16)
+        ref = x.float() @ w.dequantize().T
+        y = quant_cpu.linear(x, w).float()
+        if native_bf16 or m > last:  # int4pack (bf16 scales and zeros) or the dense copy (bf16 weights)
+            torch.testing.assert_close(y, ref, atol=0.02, rtol=0.02, msg=f"M={m}")
+        else:
+            err = (y - ref).abs()
+            assert (err <= _q4_bound(x, w)).all(), (m, err.max())
+    assert called == ([] if native_bf16 else [m for m in ms if m <= last])

@@ -108,12 +108,13 @@ def test_int4pack_q4_0_style_zero_is_exact() -> None:
 
 
 def test_unpackable_shapes_fall_back() -> None:
-    # N = 40 is not a multiple of 16 (int4pack) and K = 48 not of 32 (int8pack): the dequant path serves.
+    # N = 40 is not a multiple of 16 (int4pack) and K = 48 not of 32 (int8pack): the dequant path serves, or for
+    # the int4 weight on a CPU with AVX2 and no native bf16 the AVX2 int4 kernel, which needs no packed layout.
     for w in (quantize_int4(torch.randn(40, 64), 32), quantize_int8(torch.randn(40, 48), 16),
               quantize_int8(torch.randn(40, 48), None)):
         x = _x(2, w.shape[1], torch.bfloat16)
         _close_bf16(quant_linear(x, w), F.linear(x.float(), w.dequantize()))
-        assert w.packed == {}
+        assert set(w.packed) <= {"q4avx2"}  # its check only: no layout built
 
 
 def test_leading_dims_bias_and_empty() -> None:
