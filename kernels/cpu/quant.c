@@ -147,6 +147,9 @@ int q8_gemm_bf16(const uint16_t *x, const int8_t *codes, const float *scales, ui
  * Threads split the rows of W. Returns 0, or -1 when a dimension is outside the bounds (the caller then takes
  * another path). Without AVX2 and FMA it returns -1. */
 #define Q4_MAX_M 16
+#ifndef Q4_PREFETCH
+#define Q4_PREFETCH 2
+#endif
 
 #if HAS_AVX2
 /* One row of x: int16 codes by groups of 32 in the kernel's order, each group's scale vector dv[8 g .. 8 g + 7]
@@ -209,6 +212,59 @@ static inline __attribute__((always_inline)) void q4_tile(
     }
 }
 
+/* The decode case, one row of x: q4_tile's loop for four weight rows with the accumulators in named registers
+ * (GCC kept q4_tile's array of them on the stack here, a store and a reload on every group's chain). */
+static inline void q4_four_rows(const uint8_t *codes, const float *scales, const float *zeros, const int16_t *qx,
+                                const float *dx, const float *sx, int64_t groups, int64_t n0, uint16_t *y) {
+    const int64_t half = groups * (QGROUP / 2);
+    const __m256i mask = _mm256_setr_epi16(0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0x0F, 0xF0, 0xF0, 0xF0, 0xF0,
+                                           0xF0, 0xF0, 0xF0, 0xF0);
+    const uint8_t *c0 = codes + n0 * half, *c1 = c0 + half, *c2 = c1 + half, *c3 = c2 + half;
+    const float *s0 = scales + n0 * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define Q4_ROW(c, s, a)                                                                                              \
+    do {                                                                                                           \
+        const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)((c) + g * 16)));          \
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(v, mask), x01),                     \
+                                           _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), mask), x23)); \
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_broadcast_ss((s) + g), d), a);            \
+    } while (0)
+    /* The hardware prefetcher falls behind on these streams (the loads stall): fetch the codes, scales and zeros
+     * of the same rows Q4_PREFETCH tiles on, a cache line of each every four groups (a tile's scales and its zeros
+     * take as many bytes as one of its rows of codes). Prefetches past the end of an array do not fault. */
+    const int64_t ahead = Q4_PREFETCH * 4 * half;
+    const char *sn = (const char *)(scales + (n0 + Q4_PREFETCH * 4) * groups);
+    const char *zn = (const char *)(zeros + (n0 + Q4_PREFETCH * 4) * groups);
+    for (int64_t g = 0; g < groups; g++) {
+        if ((g & 3) == 0) {
+            _mm_prefetch((const char *)(c0 + ahead + g * 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c1 + ahead + g * 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c2 + ahead + g * 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(c3 + ahead + g * 16), _MM_HINT_T0);
+            _mm_prefetch(sn + g * 16, _MM_HINT_T0);
+            _mm_prefetch(zn + g * 16, _MM_HINT_T0);
+        }
+        const __m256i x01 = _mm256_load_si256((const __m256i *)(qx + g * QGROUP));
+        const __m256i x23 = _mm256_load_si256((const __m256i *)(qx + g * QGROUP + 16));
+        const __m256 d = _mm256_load_ps(dx + g * 8);
+        Q4_ROW(c0, s0, a0);
+        Q4_ROW(c1, s1, a1);
+        Q4_ROW(c2, s2, a2);
+        Q4_ROW(c3, s3, a3);
+    }
+#undef Q4_ROW
+    const __m256 acc[4] = {a0, a1, a2, a3};
+    for (int b = 0; b < 4; b++) {
+        const float *z = zeros + (n0 + b) * groups;
+        __m256 t = acc[b];
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8) t = _mm256_fmadd_ps(_mm256_loadu_ps(z + g), _mm256_loadu_ps(sx + g), t);
+        float base = 0.0f;
+        for (; g < groups; g++) base += z[g] * sx[g];
+        y[n0 + b] = f32_to_bf16(hsum8(t) + base);
+    }
+}
+
 /* RB weight rows against every row of x, in tiles of at most 8 accumulators. */
 static inline __attribute__((always_inline)) void q4_rows(
     const uint8_t *codes, const float *scales, const float *zeros, const int16_t *qx, const float *dx,
@@ -244,7 +300,9 @@ static int q4_gemm(const uint16_t *x, const uint8_t *codes, const float *scales,
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * rb;
-        if (n0 + rb <= n && rb == 4)
+        if (n0 + rb <= n && rb == 4 && m == 1)
+            q4_four_rows(codes, scales, zeros, qx, dx, sx, groups, n0, y);
+        else if (n0 + rb <= n && rb == 4)
             q4_rows(codes, scales, zeros, qx, dx, sx, groups, n, n0, m, 4, y);
         else if (n0 + rb <= n && rb == 2)
             q4_rows(codes, scales, zeros, qx, dx, sx, groups, n, n0, m, 2, y);
