@@ -21,7 +21,7 @@ from service.config import EngineConfig, RuntimeConfig
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 
-OPS = ("linear", "paged_attention", "rope_write_kv", "add_rms_norm", "silu_mul", "sgmv_", "embedding")
+OPS = ("linear", "paged_attention", "rope_write_kv", "add_rms_norm", "silu_mul", "sgmv_", "embedding", "decode_layers")
 
 
 class Timed:

@@ -21,13 +21,14 @@ import subprocess
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 NATIVE_ENV = "LORASERVE_NATIVE"  # 0 turns the C kernels off
 CACHE_ENV = "LORASERVE_KERNEL_CACHE"  # where the built library goes (default ~/.cache/loraserve/kernels)
-SOURCES = ("decode.c", "quant.c")
+SOURCES = ("decode.c", "quant.c", "layers.c")
 HEADERS = ("common.h",)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 
@@ -51,6 +52,8 @@ _SIGNATURES = {
     "quant_avx2_available": ([], _int),
     "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
+                            _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _int], _int),
 }
 
 
@@ -292,6 +295,65 @@ def q4_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
     rc = lib.q4_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
                                 m, codes.shape[0], k, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+LAYER_FIELDS = 16  # one layer's row of the decode_layers_bf16 pointer table (kernels/cpu/layers.c)
+
+
+@dataclass
+class DecodeLayers:
+    """The pointer table `decode_layers_bf16` reads for one model over one KV arena, the tensors it points into
+    (held, so the pointers stay valid) and the model's dimensions."""
+
+    table: torch.Tensor  # int64 [layers, LAYER_FIELDS]
+    held: list[torch.Tensor]
+    hidden: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    block_size: int
+
+
+def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
+    """`layers`: per layer (qkv, o, gate_up, down, post_norm, next_norm, k_cache, v_cache): int4 weights with
+    groups of 32 (duck-typed QuantizedTensors: qweight, scales, zeros, contiguous), the float32 norm weights (the
+    last layer's next_norm None) and the layer's bf16 caches `[blocks, block_size, kv_heads, head_dim]`."""
+    rows, held = [], []
+    for qkv, o, gate_up, down, post, nxt, kc, vc in layers:
+        row = []
+        for w in (qkv, o, gate_up, down):
+            row += [w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()]
+            held += [w.qweight, w.scales, w.zeros]
+        row += [post.data_ptr(), 0 if nxt is None else nxt.data_ptr(), kc.data_ptr(), vc.data_ptr()]
+        held += [post, kc, vc, *(() if nxt is None else (nxt,))]
+        rows.append(row)
+    _, bs, kvh, d = layers[0][6].shape
+    return DecodeLayers(torch.tensor(rows, dtype=torch.int64), held, layers[0][1].shape[0], num_heads, kvh, d,
+                        layers[0][3].shape[1], bs)
+
+
+def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, slot_mapping: torch.Tensor, q_rows: torch.Tensor, nq: torch.Tensor | None,
+                  ctx: torch.Tensor, tables: torch.Tensor, eps: float, scale: float) -> torch.Tensor | None:
+    """Every layer of a decode step in one call (kernels/cpu/layers.c): x (float32 `[T, hidden]`, the residual
+    stream) updated in place from the first layer's normed input hs (bf16) to the last layer's residual before its
+    down projection, which is returned (bf16 `[T, hidden]`: the caller adds it and applies the final norm). The
+    step's metadata as `rope_write_kv` and `paged_decode_attention` take it. None when a kernel refused the step
+    before x changed (run the layers op by op: nothing is lost); RuntimeError when one failed after."""
+    lib = library()
+    if lib is None or not usable(x, hs, positions, cos, sin, slot_mapping, q_rows, ctx, tables,
+                                 *(() if nq is None else (nq,))):
+        return None
+    down = torch.empty(hs.shape, dtype=torch.bfloat16)
+    rc = lib.decode_layers_bf16(
+        x.data_ptr(), hs.data_ptr(), down.data_ptr(), dl.table.data_ptr(), dl.table.shape[0], positions.data_ptr(),
+        cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q_rows.data_ptr(), None if nq is None else nq.data_ptr(),
+        ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0], x.shape[0], dl.hidden, dl.num_heads,
+        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, torch.get_num_threads())
+    if rc == -2:
+        raise RuntimeError("the fused decode layers failed after changing the residual stream (out of memory?)")
+    return down if rc == 0 else None
 
 
 def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t: list[torch.Tensor],

@@ -137,6 +137,21 @@ class TorchKernels:
         return _lora.sgmv_cpu_(y, x, segments, weights) if y.is_cpu else \
             _lora.sgmv_torch_(y, x, segments, weights)
 
+    def decode_layers(self, x: torch.Tensor, hs: torch.Tensor, layers: native.DecodeLayers, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, eps: float, scale: float
+                      ) -> torch.Tensor | None:
+        """Every layer of a step in one C call (`native.decode_layers`: the same kernels as the op-by-op path, bit
+        for bit) when every new token is a decode the C attention kernel reads alone (no shared-prefix cascade, no
+        prefill); None otherwise, nothing changed. The caller checks the weights and the LoRA (none)."""
+        nd = plan.native_decodes()
+        if nd is None or nd.shared is not None:
+            return None
+        rest = plan.torch_view(decodes=False)
+        if rest.cascade is not None or rest.decodes is not None or rest.extends is not None or rest.longs:
+            return None
+        return native.decode_layers(x, hs, layers, positions, cos, sin, plan.slot_mapping, nd.q_rows, nd.nq, nd.ctx,
+                                    nd.tables, eps, scale)
+
 
 class TritonKernels(TorchKernels):
     """The Triton kernels for quantized matmuls, paged attention and SGMV; dense matmuls stay with torch."""

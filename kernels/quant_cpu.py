@@ -210,6 +210,16 @@ def _q8_avx2_ok(w: QuantizedTensor) -> bool:
     return bool(hit[0])
 
 
+def q4_max_rows(w: QuantizedTensor) -> int:
+    """The most rows of x `linear` gives the AVX2 int4 kernel for this weight (0: it never does)."""
+    if w.kind != "int4" or not _q4_avx2_ok(w):
+        return 0
+    dense = w.packed.get("dense")
+    if dense is None:
+        return native.Q4_MAX_M
+    return min(native.Q4_MAX_M, (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M) - 1)
+
+
 def _q4_avx2_ok(w: QuantizedTensor) -> bool:
     """Whether the AVX2 int4 kernel takes this weight: groups of 32, float32 scales and zeros, on a CPU with AVX2
     and without bf16 dot products (where it was measured against int4pack; checked once per weight)."""

@@ -151,6 +151,11 @@ int q8_gemm_bf16(const uint16_t *x, const int8_t *codes, const float *scales, ui
 #define Q4_PREFETCH 2
 #endif
 
+/* Whether the kernel takes these dimensions on this CPU. */
+int q4_gemm_fits(int64_t m, int64_t n, int64_t k) {
+    return HAS_AVX2 && m >= 1 && m <= Q4_MAX_M && n >= 1 && k >= QGROUP && k % QGROUP == 0 && k <= QMAX_K;
+}
+
 #if HAS_AVX2
 /* One row of x: int16 codes by groups of 32 in the kernel's order, each group's scale vector dv[8 g .. 8 g + 7]
  * (d four times, d / 16 four times) and its float32 sum s[g]. */
@@ -282,7 +287,7 @@ static inline __attribute__((always_inline)) void q4_rows(
 
 static int q4_gemm(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
                    int64_t m, int64_t n, int64_t k, int num_threads) {
-    if (m < 1 || m > Q4_MAX_M || n < 1 || k < QGROUP || k % QGROUP || k > QMAX_K || num_threads < 1) return -1;
+    if (!q4_gemm_fits(m, n, k) || num_threads < 1) return -1;
     const int64_t groups = k / QGROUP;
     int16_t *qx = aligned_alloc(64, (size_t)(m * k) * sizeof(int16_t));
     float *dx = aligned_alloc(64, sizeof(float) * (size_t)(9 * m * groups + 16));

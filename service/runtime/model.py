@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from kernels import ops
+from kernels import native, ops
 from kernels.lora import LoraSegments
 from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
-from kernels.quant_cpu import dense_bytes
+from kernels.quant_cpu import dense_bytes, q4_max_rows
 from service.runtime.arch import ModelArch
 
 Weight = torch.Tensor | QuantizedTensor
@@ -167,6 +167,31 @@ class LlamaModel:
             for w in self._weights():
                 if isinstance(w, QuantizedTensor):
                     w.prepack(dense=self.dense_weights and any(w is m for m in matmuls))
+        # Decode steps of at most this many tokens run their layers in one C call (kernels/cpu/layers.c).
+        self._fused_rows = self._fused_rows_limit()
+        self._fused_table: tuple[KVCache, native.DecodeLayers] | None = None
+
+    def _fused_rows_limit(self) -> int:
+        """The most tokens a step may have for `native.decode_layers` to run its layers (0: never): the CPU torch
+        backend on bf16 with the C kernels, no biases, every layer matmul an int4 weight `linear` gives the AVX2
+        int4 kernel (up to that many rows)."""
+        if not (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.kernels.name == "torch"
+                and hasattr(self.kernels, "decode_layers") and native.library() is not None and self.layers
+                and all(lw.qkv_bias is None for lw in self.layers)):
+            return 0
+        ws = [w for lw in self.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        if not all(isinstance(w, QuantizedTensor) for w in ws):
+            return 0
+        return min(q4_max_rows(w) for w in ws)  # type: ignore[arg-type]
+
+    def _decode_layers(self, kv: KVCache) -> native.DecodeLayers:
+        """The pointer table of the fused decode layers over `kv`'s arena, built on first use for that arena."""
+        if self._fused_table is None or self._fused_table[0] is not kv:
+            n = len(self.layers)
+            self._fused_table = (kv, native.decode_layer_table([
+                (lw.qkv, lw.o, lw.gate_up, lw.down, lw.post_norm, self.layers[i + 1].input_norm if i + 1 < n else None,
+                 *kv.layer(i)) for i, lw in enumerate(self.layers)], self.arch.num_heads))
+        return self._fused_table[1]
 
     def _matmul_weights(self) -> list[Weight]:
         ws: list[Weight] = [self.lm_head]
@@ -202,6 +227,11 @@ class LlamaModel:
         if not self.layers:
             return kn.add_rms_norm(x, None, self.final_norm, eps, torch.float32)
         hs = kn.add_rms_norm(x, None, self.layers[0].input_norm, eps, dt)
+        if lora is None and x.shape[0] <= self._fused_rows:
+            dl = self._decode_layers(kv)
+            down = kn.decode_layers(x, hs, dl, positions, self._cos, self._sin, plan, eps, self.scale)
+            if down is not None:
+                return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
         for i, lw in enumerate(self.layers):
             qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
             if lora is not None:

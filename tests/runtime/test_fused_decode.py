@@ -1,0 +1,155 @@
+"""The fused decode layers (kernels/cpu/layers.c through `native.decode_layers`): a decode step's layers in one C
+call give bit for bit what the op-by-op path gives (the same kernels in the same order), and only the steps every
+one of those kernels takes go there: int4 weights the AVX2 int4 kernel takes, decodes (verify passes included)
+of at most `model._fused_rows` tokens, no LoRA. The CPU is taken as one without native bf16 (where the AVX2 int4
+kernel serves); the tests need AVX2 and FMA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu_features, native
+from kernels.ops import AttentionPlan
+from service.runtime.loader import load_model
+from service.runtime.model import KVCache, LlamaModel
+from tests.tiny_models import VOCAB, make_tiny_model
+
+BS = 4  # block size
+PROMPT = 13
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "llama-tied"])
+def tiny_path(request, tmp_path_factory):
+    path, _ = make_tiny_model(tmp_path_factory.mktemp("m"), request.param)
+    return path
+
+
+@pytest.fixture
+def model(tiny_path, monkeypatch):
+    if not native.quant_avx2_available():
+        pytest.skip(f"this CPU (or its C build) lacks AVX2 and FMA: {native.unavailable_reason() or 'no AVX2'}")
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
+    loaded = load_model(tiny_path, quantize="int4")
+    m = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
+    assert m._fused_rows == native.Q4_MAX_M  # no dense copy held: the int4 kernel's own limit
+    g = torch.Generator().manual_seed(7)
+    for lw in m.layers:  # transformers initializes every norm weight to 1: make each layer's its own
+        for w in (lw.input_norm, lw.post_norm):
+            w.copy_(torch.rand(w.shape, generator=g) + 0.5)
+    return m
+
+
+@pytest.fixture
+def calls(model, monkeypatch):
+    """Each step the model offered to the fused layers: True when they ran it, False when they handed it back."""
+    seen: list[bool] = []
+    real = model.kernels.decode_layers
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr(model.kernels, "decode_layers", spy)
+    return seen
+
+
+def _prefill(model: LlamaModel, n_seqs: int, seed: int = 0) -> tuple[KVCache, list[list[int]]]:
+    """n_seqs sequences of PROMPT tokens in scrambled blocks, prefilled (op by op: a prefill never fuses)."""
+    per = 12  # blocks per sequence: room for 48 tokens
+    kv = KVCache(model.arch, num_blocks=n_seqs * per + 2, block_size=BS, dtype=model.dtype)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_seqs * per, generator=g).add(2).tolist()
+    tables = [order[i * per:(i + 1) * per] for i in range(n_seqs)]
+    for t in tables:
+        ids = torch.randint(3, VOCAB, (PROMPT,), generator=g)
+        model.forward(ids, torch.arange(PROMPT), AttentionPlan.build([t], [0], [PROMPT], BS), kv)
+    return kv, tables
+
+
+def _step(model: LlamaModel, kv: KVCache, tables: list[list[int]], starts: list[int], seed: int) -> torch.Tensor:
+    """One step of single-token entries (sequence tables[i] at position starts[i]); its logits."""
+    n = len(starts)
+    ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+    plan = AttentionPlan.build(tables, starts, [1] * n, BS)
+    return model.compute_logits(model.forward(ids, torch.tensor(starts), plan, kv))
+
+
+def _both_ways(model: LlamaModel, kv: KVCache, steps: list[tuple[list[list[int]], list[int]]]):
+    """The steps run fused and again op by op from the same cache: (logits, arena) of each way."""
+    start = kv.arena.clone()
+    out = []
+    for rows in (model._fused_rows, 0):
+        kv.arena.copy_(start)
+        model._fused_rows = rows
+        logits = [_step(model, kv, tables, starts, seed) for seed, (tables, starts) in enumerate(steps)]
+        out.append((torch.stack([lg for lg in logits]) if len({lg.shape for lg in logits}) == 1 else logits,
+                    kv.arena.clone()))
+    model._fused_rows = max(model._fused_rows, native.Q4_MAX_M)
+    return out
+
+
+def test_decode_steps_of_one_and_several_sequences_are_bit_identical(model, calls):
+    """Five decode steps of one sequence, then of three (scrambled blocks, crossing block boundaries): the same
+    logits and the same K/V written, to the bit, and every one of these steps ran fused."""
+    kv, tables = _prefill(model, 3)
+    calls.clear()  # the prefills were offered and handed back
+    steps = [([tables[0]], [PROMPT + i]) for i in range(5)]
+    steps += [(tables, [PROMPT + 5 + i, PROMPT + i, PROMPT + i]) for i in range(5)]
+    (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, steps)
+    assert calls == [True] * len(steps)
+    assert torch.equal(arena_f, arena_o)
+    for a, b in zip(fused, ops):
+        assert torch.equal(a, b)
+    assert not torch.equal(arena_f, kv.arena.new_zeros(kv.arena.shape))  # something was written
+
+
+def test_a_verify_pass_and_the_largest_fused_step_are_bit_identical(model, calls):
+    """A verify pass (one sequence's consecutive positions, which the attention kernel reads as one sequence of
+    several new tokens) beside a decode, and a step of exactly `_fused_rows` tokens: fused, and identical."""
+    kv, tables = _prefill(model, 2, seed=1)
+    calls.clear()
+    limit = model._fused_rows
+    verify = ([tables[0]] * 5 + [tables[1]], [PROMPT + i for i in range(5)] + [PROMPT])
+    largest = ([tables[0]] * (limit - 1) + [tables[1]], [PROMPT + 5 + i for i in range(limit - 1)] + [PROMPT + 1])
+    (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, [verify, largest])
+    assert calls == [True, True]
+    assert torch.equal(arena_f, arena_o)
+    for a, b in zip(fused, ops):
+        assert torch.equal(a, b)
+
+
+def test_steps_the_fused_layers_cannot_take_run_op_by_op(model, calls):
+    """More tokens than the int4 kernel takes, a prefill chunk beside a decode, and a step with LoRA never run
+    fused (the first is not offered; the prefill is offered and handed back untouched); a decode after them
+    still is."""
+    kv, tables = _prefill(model, 2, seed=2)
+    assert calls == [False, False]  # the prefills: offered (13 tokens) and handed back
+    calls.clear()
+    limit = model._fused_rows
+    too_many = AttentionPlan.build([tables[0]] * (limit + 1), [PROMPT + i for i in range(limit + 1)],
+                                   [1] * (limit + 1), BS)
+    model.forward(torch.randint(3, VOCAB, (limit + 1,)), torch.arange(PROMPT, PROMPT + limit + 1), too_many, kv)
+    assert calls == []
+    mixed = AttentionPlan.build(tables, [PROMPT + limit + 1, PROMPT], [1, 4], BS)
+    model.forward(torch.randint(3, VOCAB, (5,)), torch.tensor([PROMPT + limit + 1, *range(PROMPT, PROMPT + 4)]),
+                  mixed, kv)
+    assert calls == [False]
+    _step(model, kv, [tables[1]], [PROMPT + 4], seed=3)
+    assert calls == [False, True]
+
+
+def test_a_step_a_kernel_refuses_is_handed_back_with_the_residual_untouched(model):
+    """Blocks of 128 tokens (beyond the attention kernel's 64): the first layer's attention refuses, the call
+    returns None before the residual stream changes, and the op-by-op path then serves the step."""
+    kv = KVCache(model.arch, num_blocks=2, block_size=128, dtype=model.dtype)
+    plan = AttentionPlan.build([[1]], [0], [1], 128)
+    x = torch.randn(1, model.arch.hidden_size)
+    before = x.clone()
+    hs = torch.randn(1, model.arch.hidden_size).to(torch.bfloat16)
+    out = model.kernels.decode_layers(x, hs, model._decode_layers(kv), torch.tensor([0]), model._cos, model._sin,
+                                      plan, model.arch.rms_norm_eps, model.scale)
+    assert out is None and torch.equal(x, before)
+    logits = model.compute_logits(model.forward(torch.tensor([5]), torch.tensor([0]), plan, kv))
+    assert torch.isfinite(logits).all()
