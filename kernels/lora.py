@@ -150,6 +150,62 @@ def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequ
     return y
 
 
+FUSED_GROUPS = ("qkv", "o", "gate_up", "down")  # the projection groups of a layer, in the fused layers' order
+FUSED_MAX_SLICES = 3  # output slices a group has at most (q/k/v)
+
+
+def fused_lora(seg: LoraSegments, table: Sequence[dict[str, Sequence[SlotWeights]]]
+               ) -> native.FusedLoraArgs | None:
+    """A step's LoRA as the fused decode layers read it (`native.FusedLoraArgs`), or None when `sgmv_cpu_` would
+    not give every (layer, group) to the C kernel in one call (a segment beyond its rows, weights not contiguous,
+    mixed dtypes, a group whose segments' output slices differ): the layers then run op by op. The segments without
+    an adapter, or without weights in a layer or group, are left out exactly as `sgmv_cpu_` leaves them out, so
+    the fused layers add the same deltas."""
+    segs = [(s0, s1, slot) for s0, s1, slot in zip(seg.starts, seg.ends, seg.slots) if slot >= 0 and s1 > s0]
+    if any(s1 - s0 > NATIVE_SEGMENT_ROWS for s0, s1, _ in segs):
+        return None
+    ptrs: list[int] = []
+    ranks: list[int] = []
+    outs: list[tuple[int, ...] | None] = [None] * len(FUSED_GROUPS)
+    dtypes = set()
+    pad = [0] * FUSED_MAX_SLICES
+    for layer in table:
+        for g, name in enumerate(FUSED_GROUPS):
+            ws = layer[name]
+            for _, _, slot in segs:
+                w = ws[slot]
+                if w is None:
+                    ptrs += (0, 0)
+                    ranks += pad
+                    continue
+                a_t, b_t = w
+                if not (a_t.is_contiguous() and b_t.is_contiguous()):
+                    return None
+                o = w.outs if isinstance(w, SlicedWeights) else (b_t.shape[1],)
+                r = w.ranks if isinstance(w, SlicedWeights) else (a_t.shape[1],)
+                if outs[g] is None:
+                    outs[g] = o
+                elif outs[g] != o:
+                    return None
+                dtypes.add(a_t.dtype)
+                dtypes.add(b_t.dtype)
+                ptrs += (a_t.data_ptr(), b_t.data_ptr())
+                ranks += (*r, *pad[len(r):])
+    if not segs or not dtypes:
+        return native.FusedLoraArgs.none()
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
+        return None
+    if any(len(o or ()) > FUSED_MAX_SLICES for o in outs):
+        return None
+    nslices = [len(o) if o else 1 for o in outs]
+    flat_outs = [v for o in outs for v in (*(o or (0,)), *pad[len(o or (0,)):])]
+    return native.FusedLoraArgs(
+        len(segs), torch.tensor([s0 for s0, _, _ in segs], dtype=torch.int64),
+        torch.tensor([s1 for _, s1, _ in segs], dtype=torch.int64), torch.tensor(ptrs, dtype=torch.int64),
+        torch.tensor(ranks, dtype=torch.int64), torch.tensor(nslices, dtype=torch.int64),
+        torch.tensor(flat_outs, dtype=torch.int64), next(iter(dtypes)) == torch.bfloat16)
+
+
 def _apply(y: torch.Tensor, x: torch.Tensor, segments: Sequence[tuple[int, int, SlotWeights]]) -> None:
     for s0, s1, w in segments:
         a_t, b_t = w  # type: ignore[misc]  # filtered: never None here

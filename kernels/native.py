@@ -53,7 +53,8 @@ _SIGNATURES = {
     "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
-                            _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _int], _int),
+                            _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
+                            _ptr, _int, _int], _int),
 }
 
 
@@ -315,6 +316,26 @@ class DecodeLayers:
     block_size: int
 
 
+@dataclass
+class FusedLoraArgs:
+    """A step's LoRA as `decode_layers_bf16` reads it (built by `kernels.lora.fused_lora`): `nseg` token segments
+    [starts, ends) with an adapter; per (layer, group, segment) the A^T and B^T pointers (0: no weights there) and
+    the rank of each of the group's output slices (3 entries, trailing zeros); per group its slices' widths."""
+
+    nseg: int
+    starts: torch.Tensor | None = None  # int64 [nseg]
+    ends: torch.Tensor | None = None
+    ptrs: torch.Tensor | None = None  # int64 [layers, 4, nseg, 2]
+    ranks: torch.Tensor | None = None  # int64 [layers, 4, nseg, 3]
+    nslices: torch.Tensor | None = None  # int64 [4]
+    outs: torch.Tensor | None = None  # int64 [4, 3]
+    bf16: bool = True
+
+    @staticmethod
+    def none() -> FusedLoraArgs:
+        return FusedLoraArgs(0)
+
+
 def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
     """`layers`: per layer (qkv, o, gate_up, down, post_norm, next_norm, k_cache, v_cache): int4 weights with
     groups of 32 (duck-typed QuantizedTensors: qweight, scales, zeros, contiguous), the float32 norm weights (the
@@ -335,22 +356,28 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
 
 def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, slot_mapping: torch.Tensor, q_rows: torch.Tensor, nq: torch.Tensor | None,
-                  ctx: torch.Tensor, tables: torch.Tensor, eps: float, scale: float) -> torch.Tensor | None:
+                  ctx: torch.Tensor, tables: torch.Tensor, eps: float, scale: float,
+                  lora: FusedLoraArgs | None = None) -> torch.Tensor | None:
     """Every layer of a decode step in one call (kernels/cpu/layers.c): x (float32 `[T, hidden]`, the residual
     stream) updated in place from the first layer's normed input hs (bf16) to the last layer's residual before its
     down projection, which is returned (bf16 `[T, hidden]`: the caller adds it and applies the final norm). The
-    step's metadata as `rope_write_kv` and `paged_decode_attention` take it. None when a kernel refused the step
-    before x changed (run the layers op by op: nothing is lost); RuntimeError when one failed after."""
+    step's metadata as `rope_write_kv` and `paged_decode_attention` take it; `lora` the step's adapters (None:
+    none). None when a kernel refused the step before x changed (run the layers op by op: nothing is lost);
+    RuntimeError when one failed after."""
     lib = library()
     if lib is None or not usable(x, hs, positions, cos, sin, slot_mapping, q_rows, ctx, tables,
                                  *(() if nq is None else (nq,))):
         return None
+    lo = lora if lora is not None else FusedLoraArgs.none()
+    lp = [None] * 7 if lo.nseg == 0 else [t.data_ptr() for t in (lo.starts, lo.ends, lo.ptrs, lo.ranks, lo.nslices,
+                                                                lo.outs)]  # type: ignore[union-attr]
     down = torch.empty(hs.shape, dtype=torch.bfloat16)
     rc = lib.decode_layers_bf16(
         x.data_ptr(), hs.data_ptr(), down.data_ptr(), dl.table.data_ptr(), dl.table.shape[0], positions.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q_rows.data_ptr(), None if nq is None else nq.data_ptr(),
         ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0], x.shape[0], dl.hidden, dl.num_heads,
-        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, torch.get_num_threads())
+        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, lo.nseg, *lp[:6], int(lo.bf16),
+        torch.get_num_threads())
     if rc == -2:
         raise RuntimeError("the fused decode layers failed after changing the residual stream (out of memory?)")
     return down if rc == 0 else None

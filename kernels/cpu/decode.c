@@ -1002,6 +1002,14 @@ static inline __attribute__((always_inline)) int sgmv_body(
     return 0;
 }
 
+/* Whether sgmv_*_bf16 takes a projection of these dimensions and slices with this total rank. */
+int sgmv_fits(int64_t in_dim, int64_t out_dim, int64_t nslices, const int64_t *outs, int64_t rank) {
+    if (in_dim > MAX_IN || out_dim > MAX_OUT || nslices > MAX_SLICES || nslices < 1 || rank > MAX_RANK) return 0;
+    int64_t width = 0;
+    for (int64_t j = 0; j < nslices; j++) width += outs[j];
+    return width == out_dim;
+}
+
 int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
                    const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
                    const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {

@@ -4,7 +4,7 @@
  * bit for bit the layer-by-layer path's. One call instead of ~9 per layer saves their Python wrappers (~10 us
  * each, a few ms of a ~14 ms single-request step on a 2-core AVX2 machine). It serves only the steps every one
  * of those kernels takes: int4 weights with groups of 32 at M <= Q4_MAX_M, decodes the attention kernel reads
- * alone (no shared-prefix cascade, no prefill), no LoRA; the caller checks that. */
+ * alone (no shared-prefix cascade, no prefill), LoRA segments the SGMV kernel takes; the caller checks that. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +24,68 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
 int add_rms_norm_bf16(float *x, const uint16_t *delta, const float *weight, uint16_t *out, int64_t num_tokens,
                       int64_t hidden, float eps, int num_threads);
 int silu_mul_bf16(const uint16_t *gu, uint16_t *out, int64_t num_tokens, int64_t inter, int num_threads);
+int sgmv_fits(int64_t in_dim, int64_t out_dim, int64_t nslices, const int64_t *outs, int64_t rank);
+int sgmv_f32w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                   const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
+                   const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads);
+int sgmv_bf16w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                    const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
+                    const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads);
+
+/* A step's LoRA, for the four projection groups (q/k/v, o, gate/up, down) of every layer: the token segments
+ * [starts[s], ends[s]) and, per (layer, group, segment), the A^T and B^T pointers (0: no LoRA there) and the
+ * rank of each of the group's output slices (nslices[group] of them, outs[group][j] columns each; MAX_GROUP_SLICES
+ * entries per segment). What sgmv_cpu_ of kernels/lora.py hands the SGMV kernel op by op, the segments without
+ * weights left out the same way. */
+#define GROUPS 4
+#define MAX_GROUP_SLICES 3
+typedef struct {
+    int64_t nseg;
+    const int64_t *starts, *ends;
+    const int64_t *ptrs;   /* [layers, GROUPS, nseg, 2] */
+    const int64_t *ranks;  /* [layers, GROUPS, nseg, MAX_GROUP_SLICES] */
+    const int64_t *nslices; /* [GROUPS] */
+    const int64_t *outs;   /* [GROUPS, MAX_GROUP_SLICES] */
+    int bf16;              /* the weights' dtype: bfloat16 (1) or float32 (0) */
+} Lora;
+
+static int lora_fits(const Lora *lo, int64_t num_layers, const int64_t *in_dims, const int64_t *out_dims) {
+    if (lo->nseg == 0) return 1;
+    for (int g = 0; g < GROUPS; g++) {
+        if (lo->nslices[g] < 1 || lo->nslices[g] > MAX_GROUP_SLICES) return 0;
+        for (int64_t l = 0; l < num_layers; l++)
+            for (int64_t s = 0; s < lo->nseg; s++) {
+                if (!lo->ptrs[((l * GROUPS + g) * lo->nseg + s) * 2]) continue; /* no weights there */
+                const int64_t *rk = lo->ranks + ((l * GROUPS + g) * lo->nseg + s) * MAX_GROUP_SLICES;
+                int64_t r = 0;
+                for (int64_t j = 0; j < lo->nslices[g]; j++) r += rk[j];
+                if (!sgmv_fits(in_dims[g], out_dims[g], lo->nslices[g], lo->outs + g * MAX_GROUP_SLICES, r)) return 0;
+            }
+    }
+    return 1;
+}
+
+/* y += the LoRA delta of x for group g of layer l: the segments with weights there, in order, in one call. */
+static int lora_apply(const Lora *lo, int64_t l, int g, const uint16_t *x, uint16_t *y, int64_t in_dim,
+                      int64_t out_dim, int64_t *work, int threads) {
+    if (lo->nseg == 0) return 0;
+    const int64_t n = lo->nseg, ns = lo->nslices[g];
+    int64_t *st = work, *en = st + n, *a = en + n, *b = a + n, *rk = b + n, k = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *p = lo->ptrs + ((l * GROUPS + g) * n + s) * 2;
+        if (!p[0] || lo->ends[s] <= lo->starts[s]) continue;
+        st[k] = lo->starts[s];
+        en[k] = lo->ends[s];
+        a[k] = p[0];
+        b[k] = p[1];
+        for (int64_t j = 0; j < ns; j++) rk[k * ns + j] = lo->ranks[((l * GROUPS + g) * n + s) * MAX_GROUP_SLICES + j];
+        k++;
+    }
+    if (k == 0) return 0;
+    const int64_t *outs = lo->outs + g * MAX_GROUP_SLICES;
+    return lo->bf16 ? sgmv_bf16w_bf16(x, y, k, st, en, a, b, rk, ns, outs, in_dim, out_dim, threads)
+                    : sgmv_f32w_bf16(x, y, k, st, en, a, b, rk, ns, outs, in_dim, out_dim, threads);
+}
 
 /* One layer's pointers, as int64 in this order (kernels/native.py builds the table). */
 enum { QKV, O = 3, GATE_UP = 6, DOWN = 9, POST_NORM = 12, NEXT_NORM, K_CACHE, V_CACHE, LAYER_FIELDS };
@@ -48,37 +110,52 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
                        const int64_t *q_rows, const int64_t *nq, const int64_t *ctx, const int64_t *tables,
                        int64_t table_stride, int64_t num_seqs, int64_t num_tokens, int64_t hidden, int64_t num_heads,
                        int64_t kv_heads, int64_t head_dim, int64_t inter, int64_t block_size, float eps, float scale,
-                       int num_threads) {
+                       int64_t lora_nseg, const int64_t *lora_starts, const int64_t *lora_ends,
+                       const int64_t *lora_ptrs, const int64_t *lora_ranks, const int64_t *lora_nslices,
+                       const int64_t *lora_outs, int lora_bf16, int num_threads) {
     const int64_t t = num_tokens, qd = num_heads * head_dim, width = qd + 2 * kv_heads * head_dim;
-    /* The matmuls' bounds, all checked now: the gate/up and down products run after the first residual add. */
+    const Lora lo = {lora_nseg, lora_starts, lora_ends, lora_ptrs, lora_ranks, lora_nslices, lora_outs, lora_bf16};
+    const int64_t in_dims[GROUPS] = {hidden, qd, hidden, inter}, out_dims[GROUPS] = {width, hidden, 2 * inter, hidden};
+    /* The products' bounds, all checked now: the gate/up and down products run after the first residual add. */
     if (num_layers < 1 || !q4_gemm_fits(t, width, hidden) || !q4_gemm_fits(t, hidden, qd) ||
-        !q4_gemm_fits(t, 2 * inter, hidden) || !q4_gemm_fits(t, hidden, inter) || num_threads < 1)
+        !q4_gemm_fits(t, 2 * inter, hidden) || !q4_gemm_fits(t, hidden, inter) || num_threads < 1 || lora_nseg < 0 ||
+        !lora_fits(&lo, num_layers, in_dims, out_dims))
         return -1;
     const size_t elems = (size_t)(t * (width + 2 * qd + 2 * hidden + 3 * inter));
     uint16_t *buf = malloc(elems * sizeof(uint16_t));
-    if (!buf) return -1;
+    int64_t *work = malloc(sizeof(int64_t) * (size_t)((4 + MAX_GROUP_SLICES) * (lora_nseg > 0 ? lora_nseg : 1)));
+    if (!buf || !work) {
+        free(buf);
+        free(work);
+        return -1;
+    }
     uint16_t *qkv = buf, *q = qkv + t * width, *attn = q + t * qd, *o = attn + t * qd, *hs = o + t * hidden;
     uint16_t *gu = hs + t * hidden, *act = gu + t * 2 * inter;
     int rc = 0;
     for (int64_t l = 0; l < num_layers && rc == 0; l++) {
         const int64_t *p = layers + l * LAYER_FIELDS;
         uint16_t *kc = PTR(uint16_t *, p[K_CACHE]), *vc = PTR(uint16_t *, p[V_CACHE]);
-        if (gemm(l == 0 ? hs0 : hs, p + QKV, qkv, t, width, hidden, num_threads) ||
+        const uint16_t *in = l == 0 ? hs0 : hs;
+        if (gemm(in, p + QKV, qkv, t, width, hidden, num_threads) ||
+            lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
             paged_decode_attention_bf16(q, kc, vc, attn, NULL, NULL, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
-            gemm(attn, p + O, o, t, hidden, qd, num_threads)) {
+            gemm(attn, p + O, o, t, hidden, qd, num_threads) ||
+            lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {
             rc = l == 0 ? -1 : -2;
             break;
         }
         add_rms_norm_bf16(x, o, PTR(const float *, p[POST_NORM]), hs, t, hidden, eps, num_threads);
-        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, num_threads)) {
+        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, num_threads) ||
+            lora_apply(&lo, l, 2, hs, gu, hidden, 2 * inter, work, num_threads)) {
             rc = -2;
             break;
         }
         silu_mul_bf16(gu, act, t, inter, num_threads);
-        if (gemm(act, p + DOWN, down, t, hidden, inter, num_threads)) {
+        if (gemm(act, p + DOWN, down, t, hidden, inter, num_threads) ||
+            lora_apply(&lo, l, 3, act, down, inter, hidden, work, num_threads)) {
             rc = -2;
             break;
         }
@@ -86,5 +163,6 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
                                                   num_threads);
     }
     free(buf);
+    free(work);
     return rc;
 }

@@ -227,9 +227,10 @@ class LlamaModel:
         if not self.layers:
             return kn.add_rms_norm(x, None, self.final_norm, eps, torch.float32)
         hs = kn.add_rms_norm(x, None, self.layers[0].input_norm, eps, dt)
-        if lora is None and x.shape[0] <= self._fused_rows:
+        if x.shape[0] <= self._fused_rows and (lora is None or isinstance(lora.segments, LoraSegments)):
             dl = self._decode_layers(kv)
-            down = kn.decode_layers(x, hs, dl, positions, self._cos, self._sin, plan, eps, self.scale)
+            down = kn.decode_layers(x, hs, dl, positions, self._cos, self._sin, plan, eps, self.scale,
+                                    None if lora is None else (lora.segments, lora.table))
             if down is not None:
                 return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
         for i, lw in enumerate(self.layers):

@@ -9,10 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapters.identity import adapter_version_id
+from adapters.peft_format import parse_adapter
 from kernels import cpu_features, native
+from kernels.lora import LoraSegments
 from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
-from service.runtime.model import KVCache, LlamaModel
+from service.runtime.lora import LoraSlots, fuse_adapter
+from service.runtime.model import KVCache, LlamaModel, LoraStep
+from tests.runtime.test_lora_model import ADAPTERS
 from tests.tiny_models import VOCAB, make_tiny_model
 
 BS = 4  # block size
@@ -68,22 +73,24 @@ def _prefill(model: LlamaModel, n_seqs: int, seed: int = 0) -> tuple[KVCache, li
     return kv, tables
 
 
-def _step(model: LlamaModel, kv: KVCache, tables: list[list[int]], starts: list[int], seed: int) -> torch.Tensor:
+def _step(model: LlamaModel, kv: KVCache, tables: list[list[int]], starts: list[int], seed: int,
+          lora: LoraStep | None = None) -> torch.Tensor:
     """One step of single-token entries (sequence tables[i] at position starts[i]); its logits."""
     n = len(starts)
     ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
     plan = AttentionPlan.build(tables, starts, [1] * n, BS)
-    return model.compute_logits(model.forward(ids, torch.tensor(starts), plan, kv))
+    return model.compute_logits(model.forward(ids, torch.tensor(starts), plan, kv, lora))
 
 
-def _both_ways(model: LlamaModel, kv: KVCache, steps: list[tuple[list[list[int]], list[int]]]):
+def _both_ways(model: LlamaModel, kv: KVCache, steps: list[tuple[list[list[int]], list[int]]],
+               lora: LoraStep | None = None):
     """The steps run fused and again op by op from the same cache: (logits, arena) of each way."""
     start = kv.arena.clone()
     out = []
     for rows in (model._fused_rows, 0):
         kv.arena.copy_(start)
         model._fused_rows = rows
-        logits = [_step(model, kv, tables, starts, seed) for seed, (tables, starts) in enumerate(steps)]
+        logits = [_step(model, kv, tables, starts, seed, lora) for seed, (tables, starts) in enumerate(steps)]
         out.append((torch.stack([lg for lg in logits]) if len({lg.shape for lg in logits}) == 1 else logits,
                     kv.arena.clone()))
     model._fused_rows = max(model._fused_rows, native.Q4_MAX_M)
@@ -153,3 +160,56 @@ def test_a_step_a_kernel_refuses_is_handed_back_with_the_residual_untouched(mode
     assert out is None and torch.equal(x, before)
     logits = model.compute_logits(model.forward(torch.tensor([5]), torch.tensor([0]), plan, kv))
     assert torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    """A 3-layer tiny model and the four adapters of tests/runtime/test_lora_model.py (ranks 4-32, different
+    targets, a layer filter, rank patterns)."""
+    import copy
+
+    import peft
+
+    root = tmp_path_factory.mktemp("lora")
+    path, hf = make_tiny_model(root, "llama-gqa", layers=3)
+    dirs = []
+    for i, kw in enumerate(ADAPTERS.values()):
+        torch.manual_seed(100 + i)
+        pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(init_lora_weights=False, **kw))
+        pm.save_pretrained(root / f"a{i}")
+        dirs.append(root / f"a{i}")
+    return path, dirs
+
+
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32], ids=["bf16-adapters", "f32-adapters"])
+def test_decodes_of_four_adapters_and_base_rows_are_bit_identical(lora_setup, monkeypatch, lora_dtype):
+    """Decode steps of six sequences over four adapters of different ranks and targets (two rows of one, a base
+    row between): the fused layers apply the same LoRA deltas as the op-by-op path (the SGMV kernel, once per
+    projection group and layer), to the bit, and ran every step."""
+    if not native.quant_avx2_available():
+        pytest.skip(f"this CPU (or its C build) lacks AVX2 and FMA: {native.unavailable_reason() or 'no AVX2'}")
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
+    path, dirs = lora_setup
+    loaded = load_model(path, quantize="int4")
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
+    slots = LoraSlots(loaded.arch, max_active=4)
+    for slot, d in enumerate(dirs):
+        parsed = parse_adapter(d, loaded.arch)
+        slots.load(slot, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id), lora_dtype))
+    seen: list[bool] = []
+    real = model.kernels.decode_layers
+    monkeypatch.setattr(model.kernels, "decode_layers", lambda *a, **kw: seen.append(r := real(*a, **kw)) or r)
+    kv, tables = _prefill(model, 6, seed=4)
+    start = kv.arena.clone()
+    lora = LoraStep(LoraSegments.from_token_slots([0, 0, 1, -1, 2, 3]), slots.table)
+    steps = [(tables, [PROMPT + i] * 6) for i in range(4)]
+    (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, steps, lora)
+    assert len(seen) == 6 + 4 and all(r is None for r in seen[:6]) and all(r is not None for r in seen[6:])
+    assert torch.equal(arena_f, arena_o)
+    assert torch.equal(fused, ops)
+    # the adapters did act: without them (fused too) every adapter row differs, the base row (3) does not
+    kv.arena.copy_(start)
+    (plain, _), _ = _both_ways(model, kv, steps, None)
+    for row in (0, 1, 2, 4, 5):
+        assert not torch.equal(plain[:, row], fused[:, row]), row
+    assert torch.equal(plain[:, 3], fused[:, 3])
