@@ -12,7 +12,9 @@ runtime starts, from the device and the `LORASERVE_KERNELS` override (read there
 `embedding` and `write_kv` are gathers and scatters torch does well on any device: both backends use torch.
 On the CPU, the torch backend runs the decode step's small fused ops (rotary embedding with the K/V write,
 residual add with RMS norm, SiLU-and-multiply, single-token paged attention) through the C kernels of
-`kernels.native` when they are built, on bfloat16; otherwise, and for every other dtype, as torch ops.
+`kernels.native` when they are built, on bfloat16; otherwise, and for every other dtype, as torch ops. Its
+`decode_layers` runs every layer of a decode step in one C call where the model's weights allow it (the model
+checks; see `kernels/cpu/layers.c`).
 Nothing outside `kernels` picks an implementation; the model holds the backend it was given.
 """
 

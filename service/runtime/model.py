@@ -219,6 +219,8 @@ class LlamaModel:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (float32, after the last norm).
 
         `lora`: which tokens use which adapter slot this step, and the slot table; None = base model only.
+        A step of at most `_fused_rows` tokens is first offered to the backend's `decode_layers` (all layers in one
+        C call, the same results); the layers run op by op when it declines.
         """
         arch, dt = self.arch, self.dtype
         eps = arch.rms_norm_eps
