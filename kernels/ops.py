@@ -141,16 +141,12 @@ class TorchKernels:
 
     def decode_layers(self, x: torch.Tensor, hs: torch.Tensor, layers: native.DecodeLayers, positions: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, eps: float, scale: float,
-                      lora: tuple[LoraSegments, list] | None = None) -> torch.Tensor | None:
+                      lora: native.FusedLoraArgs | None = None) -> torch.Tensor | None:
         """Every layer of a step in one C call (`native.decode_layers`: the same kernels as the op-by-op path, bit
         for bit) when every new token is a decode the C attention kernel reads alone (no shared-prefix cascade, no
-        prefill) and the step's LoRA (`lora`: its segments and slot table, None for none) goes to the C SGMV
-        kernel; None otherwise, nothing changed. The caller checks the weights."""
-        fl = None
-        if lora is not None:
-            fl = _lora.fused_lora(*lora)
-            if fl is None:
-                return None
+        prefill); `lora`: the step's LoRA as `kernels.lora.fused_lora` builds it (None: none). None otherwise,
+        nothing changed. The caller checks the weights and builds the LoRA tables (None from `fused_lora`: the
+        layers cannot take that LoRA)."""
         nd = plan.native_decodes()
         if nd is None or nd.shared is not None:
             return None
@@ -158,7 +154,7 @@ class TorchKernels:
         if rest.cascade is not None or rest.decodes is not None or rest.extends is not None or rest.longs:
             return None
         return native.decode_layers(x, hs, layers, positions, cos, sin, plan.slot_mapping, nd.q_rows, nd.nq, nd.ctx,
-                                    nd.tables, eps, scale, fl)
+                                    nd.tables, eps, scale, lora)
 
 
 class TritonKernels(TorchKernels):

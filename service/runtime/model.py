@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kernels import native, ops
-from kernels.lora import LoraSegments
+from kernels.lora import LoraSegments, fused_lora
 from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
 from kernels.quant_cpu import dense_bytes, q4_max_rows
@@ -53,6 +53,9 @@ class LoraStep:
 
     segments: LoraSegments | torch.Tensor
     table: list[dict[str, Any]]
+    # the slot table's load count (`LoraSlots.version`): steps of the same segments over the same version read the
+    # same weights, so what the fused decode layers build from them is reused (None: rebuilt every step)
+    version: int | None = None
 
     def apply_(self, kn: Kernels, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
         """y += the LoRA delta of x under `group`'s weights of `layer`."""
@@ -170,6 +173,7 @@ class LlamaModel:
         # Decode steps of at most this many tokens run their layers in one C call (kernels/cpu/layers.c).
         self._fused_rows = self._fused_rows_limit()
         self._fused_table: tuple[KVCache, native.DecodeLayers] | None = None
+        self._fused_lora_cache: dict[str, Any] = {}
 
     def _fused_rows_limit(self) -> int:
         """The most tokens a step may have for `native.decode_layers` to run its layers (0: never): the CPU torch
@@ -192,6 +196,18 @@ class LlamaModel:
                 (lw.qkv, lw.o, lw.gate_up, lw.down, lw.post_norm, self.layers[i + 1].input_norm if i + 1 < n else None,
                  *kv.layer(i)) for i, lw in enumerate(self.layers)], self.arch.num_heads))
         return self._fused_table[1]
+
+    def _fused_lora(self, lora: LoraStep) -> native.FusedLoraArgs | None:
+        """The step's LoRA as the fused layers read it (`kernels.lora.fused_lora`; None: they cannot take it),
+        reused while the segments and the slot table's version stay the same (building it walks every layer and
+        group: ~0.5 ms a step in Python)."""
+        key = (lora.version, lora.segments)
+        if lora.version is not None and self._fused_lora_cache.get("key") == key:
+            return self._fused_lora_cache["args"]
+        args = fused_lora(lora.segments, lora.table)  # type: ignore[arg-type]  # LoraSegments: checked by forward
+        if lora.version is not None:
+            self._fused_lora_cache = {"key": key, "args": args}
+        return args
 
     def _matmul_weights(self) -> list[Weight]:
         ws: list[Weight] = [self.lm_head]
@@ -230,11 +246,12 @@ class LlamaModel:
             return kn.add_rms_norm(x, None, self.final_norm, eps, torch.float32)
         hs = kn.add_rms_norm(x, None, self.layers[0].input_norm, eps, dt)
         if x.shape[0] <= self._fused_rows and (lora is None or isinstance(lora.segments, LoraSegments)):
-            dl = self._decode_layers(kv)
-            down = kn.decode_layers(x, hs, dl, positions, self._cos, self._sin, plan, eps, self.scale,
-                                    None if lora is None else (lora.segments, lora.table))
-            if down is not None:
-                return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
+            fl = None if lora is None else self._fused_lora(lora)
+            if lora is None or fl is not None:
+                down = kn.decode_layers(x, hs, self._decode_layers(kv), positions, self._cos, self._sin, plan, eps,
+                                        self.scale, fl)
+                if down is not None:
+                    return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
         for i, lw in enumerate(self.layers):
             qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
             if lora is not None:

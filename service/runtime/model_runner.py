@@ -126,7 +126,7 @@ class ModelRunner:
                 segments = LoraSegments.from_token_slots(token_slots)
                 if segments.any_lora:
                     self.lora_slots.ready()
-                    lora = LoraStep(segments, self.lora_slots.table)
+                    lora = LoraStep(segments, self.lora_slots.table, self.lora_slots.version)
             hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
             if rows:
                 logits = self.model.compute_logits(hidden[rows_t])

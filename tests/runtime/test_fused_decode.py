@@ -201,15 +201,23 @@ def test_decodes_of_four_adapters_and_base_rows_are_bit_identical(lora_setup, mo
     monkeypatch.setattr(model.kernels, "decode_layers", lambda *a, **kw: seen.append(r := real(*a, **kw)) or r)
     kv, tables = _prefill(model, 6, seed=4)
     start = kv.arena.clone()
-    lora = LoraStep(LoraSegments.from_token_slots([0, 0, 1, -1, 2, 3]), slots.table)
+    segments = LoraSegments.from_token_slots([0, 0, 1, -1, 2, 3])
+    lora = LoraStep(segments, slots.table, slots.version)
     steps = [(tables, [PROMPT + i] * 6) for i in range(4)]
     (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, steps, lora)
     assert len(seen) == 6 + 4 and all(r is None for r in seen[:6]) and all(r is not None for r in seen[6:])
     assert torch.equal(arena_f, arena_o)
     assert torch.equal(fused, ops)
+    assert model._fused_lora_cache["key"] == (slots.version, segments)  # built once, reused by the later steps
+    # another adapter loaded into slot 0 (a new table version): the fused layers read its weights, not the old
+    parsed = parse_adapter(dirs[3], loaded.arch)
+    slots.load(0, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id), lora_dtype))
+    kv.arena.copy_(start)
+    (fused2, _), (ops2, _) = _both_ways(model, kv, steps, LoraStep(segments, slots.table, slots.version))
+    assert torch.equal(fused2, ops2) and not torch.equal(fused2[:, 0], fused[:, 0])
     # the adapters did act: without them (fused too) every adapter row differs, the base row (3) does not
     kv.arena.copy_(start)
-    (plain, _), _ = _both_ways(model, kv, steps, None)
+    (plain, _), _ = _both_ways(model, kv, steps, None)  # (slot 0 now holds the fourth adapter: rows 0, 1 too)
     for row in (0, 1, 2, 4, 5):
         assert not torch.equal(plain[:, row], fused[:, row]), row
     assert torch.equal(plain[:, 3], fused[:, 3])
