@@ -293,8 +293,8 @@ def q4_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
         return None
     m, k = x.shape
     y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
-    rc = lib.q4_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(),
-                                m, codes.shape[0], k, torch.get_num_threads())
+    rc = lib.q4_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), m,
+                          codes.shape[0], k, torch.get_num_threads())
     return y if rc == 0 else None
 
 
@@ -348,6 +348,7 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
             held += [w.qweight, w.scales, w.zeros]
         row += [post.data_ptr(), 0 if nxt is None else nxt.data_ptr(), kc.data_ptr(), vc.data_ptr()]
         held += [post, kc, vc, *(() if nxt is None else (nxt,))]
+        assert len(row) == LAYER_FIELDS  # the C side's enum of a row's fields
         rows.append(row)
     _, bs, kvh, d = layers[0][6].shape
     return DecodeLayers(torch.tensor(rows, dtype=torch.int64), held, layers[0][1].shape[0], num_heads, kvh, d,
@@ -369,14 +370,14 @@ def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions
                                  *(() if nq is None else (nq,))):
         return None
     lo = lora if lora is not None else FusedLoraArgs.none()
-    lp = [None] * 7 if lo.nseg == 0 else [t.data_ptr() for t in (lo.starts, lo.ends, lo.ptrs, lo.ranks, lo.nslices,
+    lp = [None] * 6 if lo.nseg == 0 else [t.data_ptr() for t in (lo.starts, lo.ends, lo.ptrs, lo.ranks, lo.nslices,
                                                                 lo.outs)]  # type: ignore[union-attr]
     down = torch.empty(hs.shape, dtype=torch.bfloat16)
     rc = lib.decode_layers_bf16(
         x.data_ptr(), hs.data_ptr(), down.data_ptr(), dl.table.data_ptr(), dl.table.shape[0], positions.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q_rows.data_ptr(), None if nq is None else nq.data_ptr(),
         ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0], x.shape[0], dl.hidden, dl.num_heads,
-        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, lo.nseg, *lp[:6], int(lo.bf16),
+        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, lo.nseg, *lp, int(lo.bf16),
         torch.get_num_threads())
     if rc == -2:
         raise RuntimeError("the fused decode layers failed after changing the residual stream (out of memory?)")

@@ -7,7 +7,6 @@
  * alone (no shared-prefix cascade, no prefill), LoRA segments the SGMV kernel takes; the caller checks that. */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 /* The kernels of decode.c and quant.c it calls. */
 int q4_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
