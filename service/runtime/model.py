@@ -173,7 +173,7 @@ class LlamaModel:
         # Decode steps of at most this many tokens run their layers in one C call (kernels/cpu/layers.c).
         self._fused_rows = self._fused_rows_limit()
         self._fused_table: tuple[KVCache, native.DecodeLayers] | None = None
-        self._fused_lora_cache: dict[str, Any] = {}
+        self._fused_lora_cache: tuple[tuple, native.FusedLoraArgs | None] | None = None  # ((version, segments), args)
 
     def _fused_rows_limit(self) -> int:
         """The most tokens a step may have for `native.decode_layers` to run its layers (0: never): the CPU torch
@@ -202,11 +202,11 @@ class LlamaModel:
         reused while the segments and the slot table's version stay the same (building it walks every layer and
         group: ~0.5 ms a step in Python)."""
         key = (lora.version, lora.segments)
-        if lora.version is not None and self._fused_lora_cache.get("key") == key:
-            return self._fused_lora_cache["args"]
+        if lora.version is not None and self._fused_lora_cache is not None and self._fused_lora_cache[0] == key:
+            return self._fused_lora_cache[1]
         args = fused_lora(lora.segments, lora.table)  # type: ignore[arg-type]  # LoraSegments: checked by forward
         if lora.version is not None:
-            self._fused_lora_cache = {"key": key, "args": args}
+            self._fused_lora_cache = (key, args)
         return args
 
     def _matmul_weights(self) -> list[Weight]:

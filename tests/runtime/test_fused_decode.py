@@ -1,8 +1,8 @@
 """The fused decode layers (kernels/cpu/layers.c through `native.decode_layers`): a decode step's layers in one C
 call give bit for bit what the op-by-op path gives (the same kernels in the same order), and only the steps every
 one of those kernels takes go there: int4 weights the AVX2 int4 kernel takes, decodes (verify passes included)
-of at most `model._fused_rows` tokens, no LoRA. The CPU is taken as one without native bf16 (where the AVX2 int4
-kernel serves); the tests need AVX2 and FMA."""
+of at most `model._fused_rows` tokens, LoRA the SGMV kernel takes. The CPU is taken as one without native bf16
+(where the AVX2 int4 kernel serves); the tests need AVX2 and FMA."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
 from service.runtime.lora import LoraSlots, fuse_adapter
 from service.runtime.model import KVCache, LlamaModel, LoraStep
+from tests.kernels.test_cpu_without_bf16 import _avx2
 from tests.runtime.test_lora_model import ADAPTERS
 from tests.tiny_models import VOCAB, make_tiny_model
 
@@ -32,8 +33,7 @@ def tiny_path(request, tmp_path_factory):
 
 @pytest.fixture
 def model(tiny_path, monkeypatch):
-    if not native.quant_avx2_available():
-        pytest.skip(f"this CPU (or its C build) lacks AVX2 and FMA: {native.unavailable_reason() or 'no AVX2'}")
+    _avx2()
     monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
     loaded = load_model(tiny_path, quantize="int4")
     m = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
@@ -85,15 +85,14 @@ def _step(model: LlamaModel, kv: KVCache, tables: list[list[int]], starts: list[
 def _both_ways(model: LlamaModel, kv: KVCache, steps: list[tuple[list[list[int]], list[int]]],
                lora: LoraStep | None = None):
     """The steps run fused and again op by op from the same cache: (logits, arena) of each way."""
-    start = kv.arena.clone()
+    start, limit = kv.arena.clone(), model._fused_rows
     out = []
-    for rows in (model._fused_rows, 0):
+    for rows in (limit, 0):
         kv.arena.copy_(start)
         model._fused_rows = rows
         logits = [_step(model, kv, tables, starts, seed, lora) for seed, (tables, starts) in enumerate(steps)]
-        out.append((torch.stack([lg for lg in logits]) if len({lg.shape for lg in logits}) == 1 else logits,
-                    kv.arena.clone()))
-    model._fused_rows = max(model._fused_rows, native.Q4_MAX_M)
+        out.append((torch.stack(logits) if len({lg.shape for lg in logits}) == 1 else logits, kv.arena.clone()))
+    model._fused_rows = limit
     return out
 
 
@@ -104,12 +103,13 @@ def test_decode_steps_of_one_and_several_sequences_are_bit_identical(model, call
     calls.clear()  # the prefills were offered and handed back
     steps = [([tables[0]], [PROMPT + i]) for i in range(5)]
     steps += [(tables, [PROMPT + 5 + i, PROMPT + i, PROMPT + i]) for i in range(5)]
+    before = kv.arena.clone()
     (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, steps)
     assert calls == [True] * len(steps)
     assert torch.equal(arena_f, arena_o)
     for a, b in zip(fused, ops):
         assert torch.equal(a, b)
-    assert not torch.equal(arena_f, kv.arena.new_zeros(kv.arena.shape))  # something was written
+    assert not torch.equal(arena_f, before)  # the fused steps wrote their K/V
 
 
 def test_a_verify_pass_and_the_largest_fused_step_are_bit_identical(model, calls):
@@ -128,9 +128,8 @@ def test_a_verify_pass_and_the_largest_fused_step_are_bit_identical(model, calls
 
 
 def test_steps_the_fused_layers_cannot_take_run_op_by_op(model, calls):
-    """More tokens than the int4 kernel takes, a prefill chunk beside a decode, and a step with LoRA never run
-    fused (the first is not offered; the prefill is offered and handed back untouched); a decode after them
-    still is."""
+    """More tokens than the int4 kernel takes and a prefill chunk beside a decode never run fused (the first is
+    not offered; the second is offered and handed back untouched); a decode after them still is."""
     kv, tables = _prefill(model, 2, seed=2)
     assert calls == [False, False]  # the prefills: offered (13 tokens) and handed back
     calls.clear()
@@ -186,8 +185,7 @@ def test_decodes_of_four_adapters_and_base_rows_are_bit_identical(lora_setup, mo
     """Decode steps of six sequences over four adapters of different ranks and targets (two rows of one, a base
     row between): the fused layers apply the same LoRA deltas as the op-by-op path (the SGMV kernel, once per
     projection group and layer), to the bit, and ran every step."""
-    if not native.quant_avx2_available():
-        pytest.skip(f"this CPU (or its C build) lacks AVX2 and FMA: {native.unavailable_reason() or 'no AVX2'}")
+    _avx2()
     monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
     path, dirs = lora_setup
     loaded = load_model(path, quantize="int4")
@@ -208,7 +206,7 @@ def test_decodes_of_four_adapters_and_base_rows_are_bit_identical(lora_setup, mo
     assert len(seen) == 6 + 4 and all(r is None for r in seen[:6]) and all(r is not None for r in seen[6:])
     assert torch.equal(arena_f, arena_o)
     assert torch.equal(fused, ops)
-    assert model._fused_lora_cache["key"] == (slots.version, segments)  # built once, reused by the later steps
+    assert model._fused_lora_cache[0] == (slots.version, segments)  # cached under this version: later steps reuse it
     # another adapter loaded into slot 0 (a new table version): the fused layers read its weights, not the old
     parsed = parse_adapter(dirs[3], loaded.arch)
     slots.load(0, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id), lora_dtype))
