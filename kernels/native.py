@@ -28,7 +28,7 @@ import torch
 
 NATIVE_ENV = "LORASERVE_NATIVE"  # 0 turns the C kernels off
 CACHE_ENV = "LORASERVE_KERNEL_CACHE"  # where the built library goes (default ~/.cache/loraserve/kernels)
-SOURCES = ("decode.c", "quant.c", "layers.c")
+SOURCES = ("decode.c", "quant.c", "layers.c", "gemm.c")
 HEADERS = ("common.h",)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")
 
@@ -52,6 +52,8 @@ _SIGNATURES = {
     "quant_avx2_available": ([], _int),
     "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "gemm_f32w_available": ([], _int),
+    "gemm_f32w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                             _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                             _ptr, _int, _int], _int),
@@ -295,6 +297,45 @@ def q4_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
     y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
     rc = lib.q4_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), m,
                           codes.shape[0], k, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+GEMM_PANEL = 16  # output columns of one panel of `gemm_pack`'s layout (kernels/cpu/gemm.c)
+
+
+def gemm_available() -> bool:
+    """Whether the AVX2 dense float32-weight kernel (`gemm_f32w`) exists on this CPU (it needs AVX2 and FMA)."""
+    lib = library()
+    return lib is not None and bool(lib.gemm_f32w_available())
+
+
+def gemm_pack(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight `[N, K]` (N a multiple of GEMM_PANEL) in the panels `gemm_f32w` reads: `[N/16, K, 16]`,
+    panel p's row k holding W[16p .. 16p + 15, k]."""
+    n, k = w.shape
+    return w.float().reshape(n // GEMM_PANEL, GEMM_PANEL, k).transpose(1, 2).contiguous()
+
+
+def gemm_unpack(wp: torch.Tensor) -> torch.Tensor:
+    """`gemm_pack`'s panels back to the weight `[N, K]` (a copy)."""
+    panels, k, width = wp.shape
+    return wp.transpose(1, 2).reshape(panels * width, k)
+
+
+def gemm_f32w(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (rows may be strided) @ W^T for a float32 weight in `gemm_pack`'s panels -> bf16 `[M, N]`:
+    the float32 sum of the products rounded once. None when the kernel cannot take it (no AVX2 and FMA, x not
+    bf16 on the CPU with unit column stride, shapes that do not match)."""
+    lib = library()
+    if (lib is None or x.dtype != torch.bfloat16 or wp.dtype != torch.float32 or x.dim() != 2 or wp.dim() != 3
+            or not x.is_cpu or x.stride(1) != 1 or not wp.is_contiguous() or wp.shape[2] != GEMM_PANEL
+            or wp.shape[1] != x.shape[1]):
+        return None
+    m, k = x.shape
+    n = wp.shape[0] * GEMM_PANEL
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.gemm_f32w_bf16(x.data_ptr(), x.stride(0), wp.data_ptr(), y.data_ptr(), n, m, n, k,
+                            torch.get_num_threads())
     return y if rc == 0 else None
 
 

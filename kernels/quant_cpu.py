@@ -33,9 +33,11 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   to M = 8 (0.18 against 0.20 ms). The copy holds the dequantized values rounded to bf16, exactly what the
   chunked dequant path computes with, and the blocked kernel gives the plain matmul's results bit for bit.
 - the same on a CPU without native bf16: the copy is float32 (twice the memory; the values rounded to bf16,
-  as the bf16 copy holds them), x is converted to float32 for the matmul, and it takes over from M = 16. In the
-  engine on a 2-core AVX2 machine, a step of 8 decodes and a 24 / 56 / 120-token prompt: 140 / 199 / 309 ms
-  against 155-169 / 273-285 / 415 with int4pack there; at 16 rows the two were level.
+  as the bf16 copy holds them) and it takes over from M = 16. Where the CPU has AVX2 and FMA the copy is held in
+  the panels of `kernels.native.gemm_pack` and multiplied by the C kernel `gemm_f32w` (bf16 x and y, float32
+  sums rounded once): the default model's 30 layers of weights at M = 16 / 64 / 128 / 256 on a 2-core AVX2
+  machine, 35 / 84 / 163 / 310 ms against oneDNN's float32 kernel on its blocked layout 43 / 110 / 219 / 375
+  (one process, alternating). Elsewhere x is converted to float32 for oneDNN's kernel.
 
 Tensors here are duck-typed `QuantizedTensor`s (see kernels.quant); this module imports nothing of it.
 """
@@ -278,8 +280,13 @@ def _onednn_pack(dense: Tensor) -> Tensor:
 
 
 def dense_mm(x: Tensor, dense: Tensor) -> Tensor:
-    """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`; bf16 or float32, x converted to
-    its dtype) -> `[M, N]` in x.dtype."""
+    """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`, or float32 panels of
+    `native.gemm_pack`; bf16 or float32, x converted to its dtype) -> `[M, N]` in x.dtype."""
+    if dense.dim() == 3:  # float32 panels: the AVX2 kernel takes bf16 x; anything else multiplies the plain weight
+        y = native.gemm_f32w(x, dense)
+        if y is not None:
+            return y
+        return F.linear(x.float(), native.gemm_unpack(dense)).to(x.dtype)
     if dense.dtype != x.dtype:
         return dense_mm(x.to(dense.dtype), dense).to(x.dtype)
     if dense.is_mkldnn:
@@ -298,8 +305,11 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
     if dense and "dense" not in w.packed:
         # the values rounded to bf16 either way: a float32 copy multiplies with what a bf16 one holds (products
         # of bf16 values are exact in float32), so both kinds of CPU compute with the same weights
-        values = dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16)
-        w.packed["dense"] = (_onednn_pack(values.to(dtype or dense_dtype())),)
+        values = dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16).to(dtype or dense_dtype())
+        if values.dtype == torch.float32 and w.shape[0] % native.GEMM_PANEL == 0 and native.gemm_available():
+            w.packed["dense"] = (native.gemm_pack(values),)
+        else:
+            w.packed["dense"] = (_onednn_pack(values),)
     if w.kind == "int4" and _int4pack_group(w) == w.group_size and not ("dense" in w.packed and _q4_avx2_ok(w)):
         _int4pack(w)  # with a dense copy and the AVX2 int4 kernel held, int4pack would serve no batch size
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):

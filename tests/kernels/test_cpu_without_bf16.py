@@ -36,8 +36,8 @@ def test_the_flags_decide_native_bf16(monkeypatch):
 
 
 def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(native_bf16):
-    """Without native bf16 the dense copy is float32 (twice a bf16 copy's bytes, oneDNN's layout where torch has
-    it; the weight's values rounded to bf16, what a bf16 copy holds) and takes over from DENSE_F32_MIN_M: the
+    """Without native bf16 the dense copy is float32 (twice a bf16 copy's bytes, in the AVX2 kernel's panels where
+    the CPU has it; the weight's values rounded to bf16, what a bf16 copy holds) and takes over from DENSE_F32_MIN_M: the
     float32 product of the bf16 x and that weight, rounded once to bf16 (relative error <= 2^-8 of each output,
     against the float32 oracle on the same values). Below it the int4 kernel stays; the chunked dequant path
     multiplies the same values in float32 too."""
@@ -45,6 +45,7 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
     w.prepack(dense=True)
     dense = w.packed["dense"][0]
     assert dense.dtype == (BF16 if native_bf16 else torch.float32)
+    assert (dense.dim() == 3) == (not native_bf16 and native.gemm_available())  # [N/16, K, 16] panels
     assert quant_cpu.dense_bytes(w) == (2 if native_bf16 else 4) * 96 * 128
     first = quant_cpu.DENSE_MIN_M if native_bf16 else quant_cpu.DENSE_F32_MIN_M
     for m in (first, 64, 200):
@@ -217,6 +218,83 @@ def test_q4_avx2_kernel_refuses_what_it_cannot_take():
     assert native.q4_gemm(torch.zeros(1, 576, dtype=BF16), w.qweight, wide, w.zeros) is None
     g16 = quantize_int4(torch.randn(64, 576) * 0.05, 16)
     assert not quant_cpu._q4_avx2_ok(g16) and "q4avx2" in g16.packed
+
+
+def _gemm():
+    if not native.gemm_available():
+        pytest.skip(f"the dense AVX2 kernel needs AVX2 and FMA and the C kernels ({native.unavailable_reason()})")
+
+
+@pytest.mark.parametrize("k", [1, 100, 576])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 7, 12, 13, 64])  # full tiles of 6 rows and every tail of 1-5
+def test_dense_avx2_kernel_rounds_its_float32_sums_once(m, k):
+    """The dense float32-weight kernel (N = 48: three panels) against the float64 product: within the output's
+    bf16 rounding (2^-8 of it) plus float32 summation (k * 2^-23 of the sum of |products|), and on average no
+    further than that rounding alone; x is a strided view (rows wider than K)."""
+    _gemm()
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    w = torch.randn(48, k, generator=g)
+    x = torch.randn(m, k + 7, generator=g).to(BF16)[:, :k]
+    y = native.gemm_f32w(x, native.gemm_pack(w))
+    assert y is not None and y.shape == (m, 48) and y.dtype == BF16
+    ref = x.double() @ w.double().T
+    err = (y.double() - ref).abs()
+    bound = ref.abs() * 2**-8 + k * 2**-23 * (x.double().abs() @ w.double().abs().T)
+    assert (err <= bound).all(), (err - bound).max()
+    rounding = (ref.to(BF16).double() - ref).abs()
+    assert err.mean() <= 1.01 * rounding.mean() + 1e-9, (err.mean(), rounding.mean())
+
+
+def test_dense_avx2_kernel_is_exact_on_small_integers_and_rounds_ties_to_even():
+    """Small-integer x and weights: every sum is exact in float32, so each output is the exact sum rounded to
+    bf16, in its own column (the panels and the packed store keep the columns' order). Sums halfway between two
+    bf16 values round to the even one, as torch rounds; NaN and infinity come through."""
+    _gemm()
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(-8, 8, (64, 40), generator=g).float()
+    x = torch.randint(-3, 4, (9, 40), generator=g).to(BF16)
+    want = (x.double() @ w.double().T).to(BF16)
+    assert torch.equal(native.gemm_f32w(x, native.gemm_pack(w)), want)
+    # 257 and 259 lie halfway between bf16 neighbours (256, 258 and 258, 260): they round to 256 and 260
+    ties = torch.zeros(16, 2)
+    ties[:2, 0] = torch.tensor([257.0, 259.0])
+    y = native.gemm_f32w(torch.tensor([[1.0, 0.0]], dtype=BF16), native.gemm_pack(ties))
+    assert y[0, :2].tolist() == [256.0, 260.0]
+    odd = torch.tensor([[float("nan"), 1.0], [float("inf"), 1.0]], dtype=BF16)
+    y = native.gemm_f32w(odd, native.gemm_pack(torch.ones(16, 2)))
+    assert y[0].isnan().all() and (y[1] == float("inf")).all()
+
+
+def test_dense_avx2_kernel_refuses_what_it_cannot_take():
+    """float32 x, K not the weight's, panels not 16 wide or misaligned in memory: None (the caller multiplies the
+    plain weight); `dense_mm` on panels then still gives the product."""
+    _gemm()
+    w = torch.randn(32, 64)
+    wp = native.gemm_pack(w)
+    x = torch.randn(3, 64).to(BF16)
+    assert native.gemm_f32w(x.float(), wp) is None
+    assert native.gemm_f32w(torch.zeros(3, 60, dtype=BF16), wp) is None
+    assert native.gemm_f32w(x, w.reshape(4, 64, 8).contiguous()) is None
+    off = torch.empty(wp.numel() + 1)[1:].view(wp.shape)  # 4 bytes off the 32-byte alignment the loads need
+    off.copy_(wp)
+    assert native.gemm_f32w(x, off) is None
+    ref = x.float() @ w.T
+    torch.testing.assert_close(quant_cpu.dense_mm(x, off).float(), ref, atol=1e-6, rtol=2**-8)
+    torch.testing.assert_close(quant_cpu.dense_mm(x.float(), wp), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(native.gemm_unpack(wp), w)
+
+
+def test_a_weight_whose_rows_do_not_fill_panels_keeps_onednns_layout(monkeypatch):
+    """Without native bf16, a weight of 40 rows (not a multiple of 16) keeps the 2-D dense copy and its answer."""
+    _gemm()
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
+    w = quantize_int4(torch.randn(40, 64, generator=torch.Generator().manual_seed(6)), 32)
+    w.prepack(dense=True)
+    dense = w.packed["dense"][0]
+    assert dense.dim() == 2 and dense.dtype == torch.float32
+    x = torch.randn(quant_cpu.DENSE_F32_MIN_M, 64).to(BF16)
+    torch.testing.assert_close(quant_cpu.linear(x, w).float(), x.float() @ w.dequantize().to(BF16).float().T,
+                               atol=1e-6, rtol=2**-8)
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["no-dense-copy", "dense-copy"])
