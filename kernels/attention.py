@@ -9,7 +9,9 @@ A step's sequences are split three ways, each computed batched:
 - decodes (one new token): one padded batch; when every decode shares leading blocks (a common system
   prompt, shared through the prefix cache), that shared prefix is attended once for all of them as one
   matrix product and merged with each sequence's own suffix by log-sum-exp ("cascade" attention);
-- short extends (new tokens attending causally to a cached prefix and to each other): one padded batch;
+- short extends (new tokens attending causally to a cached prefix and to each other): one padded batch; with
+  bf16 K/V on the CPU the C decode kernel takes them instead, in runs of up to MAX_NATIVE_NEW new tokens
+  (`AttentionPlan.native_extends`);
 - long prefills: one call each (padding them to a common length would waste more than it saves).
 
 `AttentionPlan` is built once per step and holds the step's geometry and slot mapping; each implementation
@@ -36,6 +38,7 @@ MAX_NATIVE_NEW = 32  # new tokens of one sequence the C kernel takes at once (it
 # steps with the cascade / with the kernel alone, ms): 600 shared tokens x 32 decodes 41.5 / 37.3, x 64 66.4 / 65.1;
 # 1,024 x 16 30.2 / 27.5, x 32 42.5 / 43.4, x 64 65.8 / 70.5; 2,048 x 32 58.3 / 64.5, x 64 102.1 / 113.7.
 NATIVE_CASCADE_DECODES = 32
+NATIVE_EXTENDS = True  # the short extends through the C kernel where it takes them
 NATIVE_CASCADE_TOKENS = 1024
 
 
@@ -111,13 +114,14 @@ class AttentionPlan:
         used_tables = [t[: -(-(s + n) // bs)] for t, s, n in zip(block_tables, starts, lens)]  # blocks in context
         return AttentionPlan(slot_mapping, used_tables, list(starts), list(lens), bs)
 
-    def torch_view(self, decodes: bool = True) -> TorchAttention:
-        """`decodes` False: the single-token sequences are left out (the C decode kernel computes them)."""
-        key = "torch" if decodes else "torch-no-decodes"
+    def torch_view(self, decodes: bool = True, extends: bool = True) -> TorchAttention:
+        """`decodes` False: the single-token sequences are left out (the C decode kernel computes them);
+        `extends` False: the short extends too."""
+        key = "torch" + ("" if decodes else "-no-decodes") + ("" if extends else "-no-extends")
         hit = self.derived.get(key)
         if not isinstance(hit, TorchAttention):
             hit = self.derived[key] = _torch_attention(self.block_tables, self.starts, self.lens,
-                                                       self.block_size, self.slot_mapping.device, decodes)
+                                                       self.block_size, self.slot_mapping.device, decodes, extends)
         return hit
 
     def native_decodes(self) -> NativeDecodes | None:
@@ -128,6 +132,15 @@ class AttentionPlan:
         if hit is None:
             hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens,
                                                            self.block_size)
+        return hit if isinstance(hit, NativeDecodes) else None
+
+    def native_extends(self) -> NativeDecodes | None:
+        """The short extends (2..SHORT_EXTEND new tokens) as the C decode kernel reads them: each one's new tokens
+        in runs of up to MAX_NATIVE_NEW, every run a sequence of its own over the same blocks (causal within it,
+        as the kernel computes a verify pass). None when there are none."""
+        hit = self.derived.get("native-extends")
+        if hit is None:
+            hit = self.derived["native-extends"] = _native_extends(self.block_tables, self.starts, self.lens)
         return hit if isinstance(hit, NativeDecodes) else None
 
 
@@ -184,14 +197,36 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
                          torch.tensor(ctx, dtype=torch.int64), padded, shared, torch.tensor(rows, dtype=torch.int64))
 
 
+def _native_extends(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:
+    first_rows, nq, ctx, tables, rows, q = [], [], [], [], [], 0
+    for table, start, n in zip(block_tables, starts, lens):
+        if 1 < n <= SHORT_EXTEND:
+            for j in range(0, n, MAX_NATIVE_NEW):
+                k = min(MAX_NATIVE_NEW, n - j)
+                first_rows.append(q + j)
+                nq.append(k)
+                ctx.append(start + j + k)
+                tables.append(table)
+            rows.extend(range(q, q + n))
+        q += n
+    if not rows:
+        return False
+    width = max(len(t) for t in tables)
+    padded = torch.zeros(len(tables), width, dtype=torch.int64)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+    return NativeDecodes(torch.tensor(first_rows, dtype=torch.int64), torch.tensor(nq, dtype=torch.int64),
+                         torch.tensor(ctx, dtype=torch.int64), padded, None, torch.tensor(rows, dtype=torch.int64))
+
+
 def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,
-                     device: torch.device, decodes: bool = True) -> TorchAttention:
+                     device: torch.device, decodes: bool = True, extends: bool = True) -> TorchAttention:
     q_starts, acc = [], 0
     for n in lens:
         q_starts.append(acc)
         acc += n
     dec = [i for i, n in enumerate(lens) if n == 1] if decodes else []
-    ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND]
+    ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND] if extends else []
     longs = [i for i, n in enumerate(lens) if n > SHORT_EXTEND]
 
     cascade = decodes = None
@@ -387,11 +422,13 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     out = torch.empty_like(q)
     h = q.shape[1]
     kvh = k_cache.shape[2]
-    native_done = False
+    native_done = native_ext = False
     if q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and q.is_cpu:
         nd = plan.native_decodes()
         native_done = nd is not None and _attend_native(q, k_cache, v_cache, nd, scale, out)
-    view = plan.torch_view(decodes=not native_done)
+        ne = plan.native_extends() if NATIVE_EXTENDS else None
+        native_ext = ne is not None and _attend_native(q, k_cache, v_cache, ne, scale, out)
+    view = plan.torch_view(decodes=not native_done, extends=not native_ext)
     if view.cascade is not None:
         _attend_cascade(q, k_cache, v_cache, view.cascade, scale, out)
     if view.decodes is not None:
