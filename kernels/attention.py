@@ -38,8 +38,8 @@ MAX_NATIVE_NEW = 32  # new tokens of one sequence the C kernel takes at once (it
 # steps with the cascade / with the kernel alone, ms): 600 shared tokens x 32 decodes 41.5 / 37.3, x 64 66.4 / 65.1;
 # 1,024 x 16 30.2 / 27.5, x 32 42.5 / 43.4, x 64 65.8 / 70.5; 2,048 x 32 58.3 / 64.5, x 64 102.1 / 113.7.
 NATIVE_CASCADE_DECODES = 32
-NATIVE_EXTENDS = True  # the short extends through the C kernel where it takes them
 NATIVE_CASCADE_TOKENS = 1024
+NATIVE_EXTENDS = True  # the short extends through the C kernel where it takes them (bf16 K/V on the CPU)
 
 
 @dataclass
