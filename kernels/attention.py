@@ -9,10 +9,10 @@ A step's sequences are split three ways, each computed batched:
 - decodes (one new token): one padded batch; when every decode shares leading blocks (a common system
   prompt, shared through the prefix cache), that shared prefix is attended once for all of them as one
   matrix product and merged with each sequence's own suffix by log-sum-exp ("cascade" attention);
-- short extends (new tokens attending causally to a cached prefix and to each other): one padded batch; with
-  bf16 K/V on the CPU the C decode kernel takes them instead, in runs of up to MAX_NATIVE_NEW new tokens
-  (`AttentionPlan.native_extends`);
+- short extends (new tokens attending causally to a cached prefix and to each other): one padded batch;
 - long prefills: one call each (padding them to a common length would waste more than it saves).
+With bf16 K/V on the CPU the C decode kernel takes the extends and the prefills of up to NATIVE_PREFILL_MAX new
+tokens instead, in runs of up to MAX_NATIVE_NEW new tokens (`AttentionPlan.native_extends`).
 
 `AttentionPlan` is built once per step and holds the step's geometry and slot mapping; each implementation
 derives what it reads from the geometry on first use (this one: `TorchAttention`, the Triton one its tile
@@ -39,7 +39,10 @@ MAX_NATIVE_NEW = 32  # new tokens of one sequence the C kernel takes at once (it
 # 1,024 x 16 30.2 / 27.5, x 32 42.5 / 43.4, x 64 65.8 / 70.5; 2,048 x 32 58.3 / 64.5, x 64 102.1 / 113.7.
 NATIVE_CASCADE_DECODES = 32
 NATIVE_CASCADE_TOKENS = 1024
-NATIVE_EXTENDS = True  # the short extends through the C kernel where it takes them (bf16 K/V on the CPU)
+NATIVE_EXTENDS = True  # the short extends through the C kernel where it takes them (bf16 K/V on the CPU) ...
+# ... and the prompts of up to this many new tokens too (its runs of MAX_NATIVE_NEW read the context once each:
+# against torch's attention on one prompt, 2x at 128 tokens, 1.2-1.6x at 512, slower at 2,048)
+NATIVE_PREFILL_MAX = 512
 
 
 @dataclass
@@ -116,7 +119,7 @@ class AttentionPlan:
 
     def torch_view(self, decodes: bool = True, extends: bool = True) -> TorchAttention:
         """`decodes` False: the single-token sequences are left out (the C decode kernel computes them);
-        `extends` False: the short extends too."""
+        `extends` False: the sequences of 2..NATIVE_PREFILL_MAX new tokens too (`native_extends`)."""
         key = "torch" + ("" if decodes else "-no-decodes") + ("" if extends else "-no-extends")
         hit = self.derived.get(key)
         if not isinstance(hit, TorchAttention):
@@ -135,7 +138,8 @@ class AttentionPlan:
         return hit if isinstance(hit, NativeDecodes) else None
 
     def native_extends(self) -> NativeDecodes | None:
-        """The short extends (2..SHORT_EXTEND new tokens) as the C decode kernel reads them: each one's new tokens
+        """The sequences of 2..NATIVE_PREFILL_MAX new tokens (extends of a cached prefix and prompts from their
+        start) as the C decode kernel reads them: each one's new tokens
         in runs of up to MAX_NATIVE_NEW, every run a sequence of its own over the same blocks (causal within it,
         as the kernel computes a verify pass). None when there are none."""
         hit = self.derived.get("native-extends")
@@ -200,7 +204,7 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
 def _native_extends(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:
     first_rows, nq, ctx, tables, rows, q = [], [], [], [], [], 0
     for table, start, n in zip(block_tables, starts, lens):
-        if 1 < n <= SHORT_EXTEND:
+        if 1 < n <= NATIVE_PREFILL_MAX:
             for j in range(0, n, MAX_NATIVE_NEW):
                 k = min(MAX_NATIVE_NEW, n - j)
                 first_rows.append(q + j)
@@ -227,7 +231,7 @@ def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: lis
         acc += n
     dec = [i for i, n in enumerate(lens) if n == 1] if decodes else []
     ext = [i for i, n in enumerate(lens) if 1 < n <= SHORT_EXTEND] if extends else []
-    longs = [i for i, n in enumerate(lens) if n > SHORT_EXTEND]
+    longs = [i for i, n in enumerate(lens) if n > (SHORT_EXTEND if extends else NATIVE_PREFILL_MAX)]
 
     cascade = decodes = None
     if dec:

@@ -60,28 +60,41 @@ def test_paged_attention_uses_the_kernel_for_decodes_and_torch_for_the_rest():
     q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES["decodes-beside-extends-and-a-long-prefill"], dtype=BF16)
     out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
-    # the decodes and the short extends went to the kernel, the long prefill to torch
+    # the decodes, the short extends and the 80-token prefill (within NATIVE_PREFILL_MAX) went to the kernel
     assert "native" in plan.derived and "torch-no-decodes-no-extends" in plan.derived
     view = plan.torch_view(decodes=False, extends=False)
-    assert view.decodes is None and view.extends is None and [c.q_len for c in view.longs] == [80]
+    assert view.decodes is None and view.extends is None and view.longs == []
+
+
+def test_prefills_beyond_the_kernels_bound_stay_with_torch(monkeypatch):
+    """A prefill of more new tokens than NATIVE_PREFILL_MAX (here lowered to 64) is attended by torch, the
+    extends beside it by the kernel, with the oracle's answer."""
+    from kernels import attention
+
+    monkeypatch.setattr(attention, "NATIVE_PREFILL_MAX", 64)
+    q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES["decodes-beside-extends-and-a-long-prefill"], dtype=BF16)
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+    assert plan.native_extends().nq.tolist() == [9, 4]
+    assert [c.q_len for c in plan.torch_view(decodes=False, extends=False).longs] == [80]
 
 
 EXTENDS = [(7, 2), (0, 5), (9, 32), (3, 33), (20, 64), (10, 1), (0, 70)]  # (cached tokens, new tokens)
 
 
 def test_short_extends_go_to_the_kernel_in_runs_of_its_new_token_limit(monkeypatch):
-    """Extends of 2-64 new tokens over cached prefixes (and from position 0) are split into runs of at most
-    MAX_NATIVE_NEW, each run a sequence over the same blocks whose context ends at its last token; the kernel's
-    answer is the float32 oracle's within bf16 rounding, and the torch batch's (the kernel off for extends)."""
+    """Extends of 2-64 new tokens over cached prefixes (and from position 0) and a 70-token prompt are split into
+    runs of at most MAX_NATIVE_NEW, each run a sequence over the same blocks whose context ends at its last token;
+    the kernel's answer is the float32 oracle's within bf16 rounding, and torch's (the switch off)."""
     from kernels import attention
 
     q, kc, vc, tables, starts, lens, plan = setup(EXTENDS, dtype=BF16)
     ne = plan.native_extends()
     assert ne is not None and ne.shared is None
-    assert ne.nq.tolist() == [2, 5, 32, 32, 1, 32, 32]
-    assert ne.ctx.tolist() == [9, 5, 41, 35, 36, 52, 84]
-    assert ne.q_rows.tolist() == [0, 2, 7, 39, 71, 72, 104]
-    assert ne.rows.tolist() == list(range(136))  # every extend's row; the decode's (136) and the prefill's are not
+    assert ne.nq.tolist() == [2, 5, 32, 32, 1, 32, 32, 32, 32, 6]
+    assert ne.ctx.tolist() == [9, 5, 41, 35, 36, 52, 84, 32, 64, 70]
+    assert ne.q_rows.tolist() == [0, 2, 7, 39, 71, 72, 104, 137, 169, 201]
+    assert ne.rows.tolist() == list(range(136)) + list(range(137, 207))  # every row but the decode's (136)
     out = paged_attention_torch(q, kc, vc, plan, 16**-0.5)
     ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
     torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
@@ -89,6 +102,7 @@ def test_short_extends_go_to_the_kernel_in_runs_of_its_new_token_limit(monkeypat
     plan = AttentionPlan.build(tables, starts, lens, 4)
     torch_out = paged_attention_torch(q, kc, vc, plan, 16**-0.5)
     assert "native-extends" not in plan.derived and plan.torch_view(decodes=False).extends is not None
+    assert [c.q_len for c in plan.torch_view(decodes=False).longs] == [70]
     torch.testing.assert_close(out.float(), torch_out.float(), atol=ATOL_BF16, rtol=0)
 
 
