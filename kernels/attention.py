@@ -191,14 +191,19 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
             shared = torch.tensor(tables[0][:ns], dtype=torch.int64)
             tables = [t[ns:] for t in tables]
             ctx = [c - ns * bs for c in ctx]
-    width = max(len(t) for t in tables)
-    padded = torch.zeros(len(tables), width, dtype=torch.int64)
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
     multi = max(nq) > 1
     return NativeDecodes(torch.tensor(first_rows, dtype=torch.int64),
                          torch.tensor(nq, dtype=torch.int64) if multi else None,
-                         torch.tensor(ctx, dtype=torch.int64), padded, shared, torch.tensor(rows, dtype=torch.int64))
+                         torch.tensor(ctx, dtype=torch.int64), _padded(tables), shared,
+                         torch.tensor(rows, dtype=torch.int64))
+
+
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one int64 tensor `[n, longest]`, short rows padded with block 0 (never read)."""
+    padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int64)
+    for i, t in enumerate(tables):
+        padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+    return padded
 
 
 def _native_extends(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:
@@ -215,12 +220,9 @@ def _native_extends(block_tables: list[list[int]], starts: list[int], lens: list
         q += n
     if not rows:
         return False
-    width = max(len(t) for t in tables)
-    padded = torch.zeros(len(tables), width, dtype=torch.int64)
-    for i, t in enumerate(tables):
-        padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
     return NativeDecodes(torch.tensor(first_rows, dtype=torch.int64), torch.tensor(nq, dtype=torch.int64),
-                         torch.tensor(ctx, dtype=torch.int64), padded, None, torch.tensor(rows, dtype=torch.int64))
+                         torch.tensor(ctx, dtype=torch.int64), _padded(tables), None,
+                         torch.tensor(rows, dtype=torch.int64))
 
 
 def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,

@@ -52,50 +52,28 @@ static inline void store_bf16x16(uint16_t *dst, __m256 lo, __m256 hi) {
     _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(packed, 0xD8));
 }
 
-/* `rows` (1..6, a constant where it is inlined) rows of xf (float32, rows k apart) by one panel -> y. */
+/* Row i of a tile (i < rows): its two accumulators take x[i][j] times the panel's row j. */
+#define TILE_ROW(i)                                                                                                \
+    if (rows > i) {                                                                                                \
+        const __m256 a = _mm256_broadcast_ss(xf + i * k + j);                                                      \
+        c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                                                                 \
+        c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                                                                 \
+    }
+
+/* `rows` (1..6, a constant where it is inlined: the tests on it fold away) rows of xf (float32, rows k apart) by
+ * one panel -> y. */
 static inline __attribute__((always_inline)) void tile(const int rows, const float *xf, int64_t k, const float *w,
                                                         uint16_t *y, int64_t ldy) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-    const float *x0 = xf, *x1 = xf + k, *x2 = xf + 2 * k, *x3 = xf + 3 * k, *x4 = xf + 4 * k, *x5 = xf + 5 * k;
     for (int64_t j = 0; j < k; j++) {
         const __m256 b0 = _mm256_load_ps(w + GEMM_PANEL * j), b1 = _mm256_load_ps(w + GEMM_PANEL * j + 8);
-        __m256 a = _mm256_broadcast_ss(x0 + j);
-        c00 = _mm256_fmadd_ps(a, b0, c00);
-        c01 = _mm256_fmadd_ps(a, b1, c01);
-        if (rows > 1) {
-            a = _mm256_broadcast_ss(x1 + j);
-            c10 = _mm256_fmadd_ps(a, b0, c10);
-            c11 = _mm256_fmadd_ps(a, b1, c11);
-        }
-        if (rows > 2) {
-            a = _mm256_broadcast_ss(x2 + j);
-            c20 = _mm256_fmadd_ps(a, b0, c20);
-            c21 = _mm256_fmadd_ps(a, b1, c21);
-        }
-        if (rows > 3) {
-            a = _mm256_broadcast_ss(x3 + j);
-            c30 = _mm256_fmadd_ps(a, b0, c30);
-            c31 = _mm256_fmadd_ps(a, b1, c31);
-        }
-        if (rows > 4) {
-            a = _mm256_broadcast_ss(x4 + j);
-            c40 = _mm256_fmadd_ps(a, b0, c40);
-            c41 = _mm256_fmadd_ps(a, b1, c41);
-        }
-        if (rows > 5) {
-            a = _mm256_broadcast_ss(x5 + j);
-            c50 = _mm256_fmadd_ps(a, b0, c50);
-            c51 = _mm256_fmadd_ps(a, b1, c51);
-        }
+        TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5)
     }
-    store_bf16x16(y, c00, c01);
-    if (rows > 1) store_bf16x16(y + ldy, c10, c11);
-    if (rows > 2) store_bf16x16(y + 2 * ldy, c20, c21);
-    if (rows > 3) store_bf16x16(y + 3 * ldy, c30, c31);
-    if (rows > 4) store_bf16x16(y + 4 * ldy, c40, c41);
-    if (rows > 5) store_bf16x16(y + 5 * ldy, c50, c51);
+    const __m256 lo[GEMM_TILE] = {c00, c10, c20, c30, c40, c50}, hi[GEMM_TILE] = {c01, c11, c21, c31, c41, c51};
+    for (int i = 0; i < rows; i++) store_bf16x16(y + i * ldy, lo[i], hi[i]);
 }
+#undef TILE_ROW
 
 static void panel(const float *xf, int64_t m, int64_t k, const float *w, uint16_t *y, int64_t ldy) {
     int64_t r = 0;

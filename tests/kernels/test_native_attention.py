@@ -1,0 +1,263 @@
+"""The C paged-attention kernel (kernels/cpu/decode.c through kernels.native) against the float32 oracle: decodes,
+verify passes and extends/prefills in runs of new tokens, the cascade over a shared prefix, the builds for other
+CPUs, and the fallback to torch where the kernel declines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import native
+from kernels.attention import AttentionPlan, paged_attention_reference, paged_attention_torch
+from kernels.cpu_features import cpu_flags
+from tests.kernels.test_attention import setup
+from tests.kernels.test_native import ATOL_BF16, BF16
+
+ATTN_CASES = {
+    "one-decode-one-token": [(0, 1)],
+    "ragged-decodes-across-blocks": [(5, 1), (0, 1), (13, 1), (7, 1), (30, 1)],
+    "decodes-beside-extends-and-a-long-prefill": [(10, 1), (0, 9), (4, 1), (0, 80), (11, 4)],
+}
+
+
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_decode_attention_matches_the_fp32_oracle(case):
+    q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES[case], dtype=BF16)
+    nd = plan.native_decodes()
+    assert nd is not None
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 16**-0.5)
+    ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+    rows = nd.q_rows
+    torch.testing.assert_close(out[rows].float(), ref[rows], atol=ATOL_BF16, rtol=0)
+    # rows of the other sequences (extends, prefills) are not touched
+    others = torch.ones(q.shape[0], dtype=torch.bool)
+    others[rows] = False
+    assert out[others].isnan().all()
+
+
+def test_paged_attention_uses_the_kernel_for_decodes_and_torch_for_the_rest():
+    q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES["decodes-beside-extends-and-a-long-prefill"], dtype=BF16)
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+    # the decodes, the short extends and the 80-token prefill (within NATIVE_PREFILL_MAX) went to the kernel
+    assert "native" in plan.derived and "torch-no-decodes-no-extends" in plan.derived
+    view = plan.torch_view(decodes=False, extends=False)
+    assert view.decodes is None and view.extends is None and view.longs == []
+
+
+def test_prefills_beyond_the_kernels_bound_stay_with_torch(monkeypatch):
+    """A prefill of more new tokens than NATIVE_PREFILL_MAX (here lowered to 64) is attended by torch, the
+    extends beside it by the kernel, with the oracle's answer."""
+    from kernels import attention
+
+    monkeypatch.setattr(attention, "NATIVE_PREFILL_MAX", 64)
+    q, kc, vc, tables, starts, lens, plan = setup(ATTN_CASES["decodes-beside-extends-and-a-long-prefill"], dtype=BF16)
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+    assert plan.native_extends().nq.tolist() == [9, 4]
+    assert [c.q_len for c in plan.torch_view(decodes=False, extends=False).longs] == [80]
+
+
+EXTENDS = [(7, 2), (0, 5), (9, 32), (3, 33), (20, 64), (10, 1), (0, 70)]  # (cached tokens, new tokens)
+
+
+def test_short_extends_go_to_the_kernel_in_runs_of_its_new_token_limit(monkeypatch):
+    """Extends of 2-64 new tokens over cached prefixes (and from position 0) and a 70-token prompt are split into
+    runs of at most MAX_NATIVE_NEW, each run a sequence over the same blocks whose context ends at its last token;
+    the kernel's answer is the float32 oracle's within bf16 rounding, and torch's (the switch off)."""
+    from kernels import attention
+
+    q, kc, vc, tables, starts, lens, plan = setup(EXTENDS, dtype=BF16)
+    ne = plan.native_extends()
+    assert ne is not None and ne.shared is None
+    assert ne.nq.tolist() == [2, 5, 32, 32, 1, 32, 32, 32, 32, 6]
+    assert ne.ctx.tolist() == [9, 5, 41, 35, 36, 52, 84, 32, 64, 70]
+    assert ne.q_rows.tolist() == [0, 2, 7, 39, 71, 72, 104, 137, 169, 201]
+    assert ne.rows.tolist() == list(range(136)) + list(range(137, 207))  # every row but the decode's (136)
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5)
+    ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
+    monkeypatch.setattr(attention, "NATIVE_EXTENDS", False)
+    plan = AttentionPlan.build(tables, starts, lens, 4)
+    torch_out = paged_attention_torch(q, kc, vc, plan, 16**-0.5)
+    assert "native-extends" not in plan.derived and plan.torch_view(decodes=False).extends is not None
+    assert [c.q_len for c in plan.torch_view(decodes=False).longs] == [70]
+    torch.testing.assert_close(out.float(), torch_out.float(), atol=ATOL_BF16, rtol=0)
+
+
+def test_extends_the_kernel_refuses_are_computed_by_torch(monkeypatch):
+    """When the C kernel refuses (here: made to), the decodes and the extends both go to torch's batches, with
+    the same answer."""
+    q, kc, vc, tables, starts, lens, plan = setup(EXTENDS, dtype=BF16)
+    monkeypatch.setattr(native, "paged_decode_attention", lambda *a, **k: False)
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5)
+    assert "torch" in plan.derived and "torch-no-decodes" not in plan.derived
+    torch.testing.assert_close(out.float(), paged_attention_reference(q, kc, vc, tables, starts, lens),
+                               atol=ATOL_BF16, rtol=0)
+
+
+def test_decode_attention_with_grouped_heads_and_a_shared_prefix():
+    """9 query heads over 3 KV heads (the default model's grouping), 64-token blocks, a prefix shared by all."""
+    g = torch.Generator().manual_seed(7)
+    nb, bs, kvh, h, d = 40, 64, 3, 9, 64
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
+    vc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
+    tables = [[5, 6, 7], [5, 6, 9], [5, 11], [5, 6, 12, 13]]
+    starts = [150, 130, 70, 200]
+    plan = AttentionPlan.build(tables, starts, [1] * 4, bs)
+    q = torch.randn(4, h, d, generator=g).to(BF16)
+    out = paged_attention_torch(q, kc, vc, plan, d**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, [1] * 4), atol=ATOL_BF16,
+                               rtol=0)
+
+
+def _verify_pass(block_size: int, shared_blocks: int = 0):
+    """A step as the runner builds it around a speculative verify pass: request B's 6 positions are 6
+    single-token entries over one block table (next position, next query row), beside plain decodes."""
+    g = torch.Generator().manual_seed(11)
+    nb, kvh, h, d = 96, 3, 9, 64
+    kc = torch.randn(nb, block_size, kvh, d, generator=g).to(BF16)
+    vc = torch.randn(nb, block_size, kvh, d, generator=g).to(BF16)
+    ids = iter(torch.randperm(nb, generator=g).tolist())
+    shared = [next(ids) for _ in range(shared_blocks)]
+    requests = [(37, 1), (50, 6), (shared_blocks * block_size + 3, 1), (41, 1)]  # (first position, positions)
+    tables, starts = [], []
+    for first, n in requests:
+        blocks = shared + [next(ids) for _ in range(-(-(first + n) // block_size) - len(shared))]
+        tables += [blocks] * n
+        starts += range(first, first + n)
+    q = torch.randn(len(starts), h, d, generator=g).to(BF16)
+    plan = AttentionPlan.build(tables, starts, [1] * len(starts), block_size)
+    ref = paged_attention_reference(q, kc, vc, tables, starts, [1] * len(starts))
+    return q, kc, vc, plan, ref
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_a_verify_pass_is_one_sequence_whose_context_is_read_once(block_size):
+    """The verify positions go to the kernel as one sequence of 6 new tokens (causal among themselves); block size
+    4 puts several blocks in one tile of keys."""
+    q, kc, vc, plan, ref = _verify_pass(block_size)
+    nd = plan.native_decodes()
+    assert nd.nq.tolist() == [1, 6, 1, 1] and nd.q_rows.tolist() == [0, 1, 7, 8] and nd.shared is None
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 64**-0.5, nd.nq)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
+
+
+def test_a_verify_pass_beside_decodes_sharing_a_prefix_takes_the_cascade(monkeypatch):
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)  # the bar lowered to this small case
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
+    q, kc, vc, plan, ref = _verify_pass(16, shared_blocks=2)
+    nd = plan.native_decodes()
+    assert nd.shared is not None and nd.nq.tolist() == [1, 6, 1, 1]  # four sequences share 2 blocks
+    torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16, rtol=0)
+
+
+# Builds of the kernels for CPUs other than this one's best: (extra compiler flags, the attention path expected
+# where this CPU has AVX2 and FMA). Without AVX512-BF16 the tiled AVX2 path; without AVX2 the plain C path.
+OTHER_BUILDS = {"without-avx512-bf16": (("-mno-avx512bf16",), "avx2"), "without-avx2": (("-mno-avx2",), "portable")}
+
+
+@pytest.mark.parametrize("build", list(OTHER_BUILDS))
+def test_the_kernels_built_for_other_cpus_give_the_same_attention(build, tmp_path, monkeypatch):
+    """The code paths of CPUs without AVX512-BF16 (tiled on AVX2) and without AVX2 (one row at a time): the
+    kernels built for such a CPU, run here: decodes, verify passes (several new tokens of one sequence), the
+    cascade over a shared prefix, head_dims of 128, 40 (not a multiple of 32, the AVX512-BF16 path's vectors of bf16
+    pairs; an odd number of 8-lane vectors) and 36 (not a multiple of 8: the plain C rows in every build)."""
+    flags, path = OTHER_BUILDS[build]
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    lib = native.build_library(native._compiler(), (*native.FLAGS, *flags))
+    monkeypatch.setattr(native, "_lib", lib)
+    monkeypatch.setattr(native, "_loaded", True)  # a first library() call must not load the default build over it
+    assert native.library() is lib
+    if {"avx2", "fma"} <= cpu_flags():
+        assert native.attention_path() == path
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
+    for shared_blocks in (0, 2):
+        q, kc, vc, plan, ref = _verify_pass(4 if shared_blocks == 0 else 16, shared_blocks)
+        torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16,
+                                   rtol=0)
+    for case, seqs in ATTN_CASES.items():
+        q, kc, vc, tables, starts, lens, plan = setup(seqs, dtype=BF16)
+        nd = plan.native_decodes()
+        out = torch.full_like(q, float("nan"))
+        assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 16**-0.5), case
+        ref = paged_attention_reference(q, kc, vc, tables, starts, lens)
+        torch.testing.assert_close(out[nd.q_rows].float(), ref[nd.q_rows], atol=ATOL_BF16, rtol=0, msg=case)
+    for head_dim in (128, 40, 36):
+        _decodes_of_head_dim(head_dim)
+
+
+def _decodes_of_head_dim(head_dim: int) -> None:
+    """Six decodes of contexts 1..70 with 4 query heads on 2 KV heads of `head_dim`, through the kernel, against
+    the float32 oracle."""
+    g = torch.Generator().manual_seed(head_dim)
+    block, ctxs = 16, [1, 7, 16, 17, 40, 70]
+    nblocks = [(c + block - 1) // block for c in ctxs]
+    kc = torch.randn(sum(nblocks) + 1, block, 2, head_dim, generator=g).to(BF16)
+    vc = torch.randn(sum(nblocks) + 1, block, 2, head_dim, generator=g).to(BF16)
+    q = torch.randn(len(ctxs), 4, head_dim, generator=g).to(BF16)
+    tables, at = [], 1
+    for n in nblocks:
+        tables.append(list(range(at, at + n)))
+        at += n
+    width = max(nblocks)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+    ctx = torch.tensor(ctxs, dtype=torch.int64)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    assert native.paged_decode_attention(q, kc, vc, out, torch.arange(len(ctxs)), ctx, table_t, scale)
+    for i, c in enumerate(ctxs):
+        pos = torch.arange(c)
+        k = kc[table_t[i, pos // block], pos % block].float().repeat_interleave(2, dim=1)  # [c, 4, head_dim]
+        v = vc[table_t[i, pos // block], pos % block].float().repeat_interleave(2, dim=1)
+        p = torch.softmax(torch.einsum("hd,chd->hc", q[i].float(), k) * scale, dim=-1)
+        torch.testing.assert_close(out[i].float(), torch.einsum("hc,chd->hd", p, v), atol=ATOL_BF16, rtol=0,
+                                   msg=f"head_dim {head_dim}, context {c}")
+
+
+def test_a_head_dim_beyond_the_kernel_falls_back_to_torch():
+    """head_dim 512 exceeds the kernel's bound: it declines, and paged attention still answers (torch)."""
+    g = torch.Generator().manual_seed(3)
+    kc = torch.randn(4, 4, 1, 512, generator=g).to(BF16)
+    vc = torch.randn(4, 4, 1, 512, generator=g).to(BF16)
+    plan = AttentionPlan.build([[2, 1]], [5], [1], 4)
+    q = torch.randn(1, 2, 512, generator=g).to(BF16)
+    nd = plan.native_decodes()
+    assert not native.paged_decode_attention(q, kc, vc, torch.empty_like(q), nd.q_rows, nd.ctx, nd.tables, 0.1)
+    out = paged_attention_torch(q, kc, vc, plan, 512**-0.5).float()
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, [[2, 1]], [5], [1]), atol=ATOL_BF16, rtol=0)
+
+
+def test_decodes_sharing_a_long_prefix_read_it_once_through_the_cascade(monkeypatch):
+    """Five decodes over 8 shared blocks: the prefix is attended once for all of them by matrix products, the C
+    kernel reads each one's own suffix only, the two merge by log-sum-exp. (The cascade's bar is lowered to this
+    small case; the default bar is tested below.)"""
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
+    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
+    seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]
+    q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12, dtype=BF16)
+    nd = plan.native_decodes()
+    assert nd is not None and nd.shared.tolist() == tables[0][:8]
+    assert nd.ctx.tolist() == [s + 1 - 8 * 4 for s, _ in seqs]  # the suffix past the 8 shared blocks of 4
+    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
+    assert "torch-no-decodes" in plan.derived
+    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
+
+
+def test_the_cascade_waits_for_a_long_prefix_shared_by_many_decodes():
+    """Below NATIVE_CASCADE_DECODES decodes or NATIVE_CASCADE_TOKENS shared tokens the kernel alone is faster."""
+    from kernels.attention import NATIVE_CASCADE_DECODES, NATIVE_CASCADE_TOKENS
+
+    blocks = NATIVE_CASCADE_TOKENS // 16
+    shared = list(range(blocks))
+
+    def shares(n: int, shared_blocks: int) -> bool:
+        tables = [shared[:shared_blocks] + [blocks + i] for i in range(n)]
+        plan = AttentionPlan.build(tables, [shared_blocks * 16 + i % 5 for i in range(n)], [1] * n, 16)
+        return plan.native_decodes().shared is not None
+
+    assert shares(NATIVE_CASCADE_DECODES, blocks)
+    assert not shares(NATIVE_CASCADE_DECODES - 1, blocks) and not shares(NATIVE_CASCADE_DECODES, blocks - 1)
