@@ -54,6 +54,7 @@ _SIGNATURES = {
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_available": ([], _int),
     "gemm_f32w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
+    "gemm_f32w_f32": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                             _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                             _ptr, _int, _int], _int),
@@ -323,19 +324,20 @@ def gemm_unpack(wp: torch.Tensor) -> torch.Tensor:
 
 
 def gemm_f32w(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor | None:
-    """bf16 x `[M, K]` (rows may be strided) @ W^T for a float32 weight in `gemm_pack`'s panels -> bf16 `[M, N]`:
-    the float32 sum of the products rounded once. None when the kernel cannot take it (no AVX2 and FMA, x not
-    bf16 on the CPU with unit column stride, shapes that do not match)."""
+    """x `[M, K]` (rows may be strided) @ W^T for a float32 weight in `gemm_pack`'s panels -> `[M, N]` in x's
+    dtype: for bf16 x the float32 sum of the products rounded once, for float32 x the float32 sum (no rounding:
+    the LM head's exact logits). None when the kernel cannot take it (no AVX2 and FMA, x neither bf16 nor float32
+    on the CPU with unit column stride, shapes that do not match)."""
     lib = library()
-    if (lib is None or x.dtype != torch.bfloat16 or wp.dtype != torch.float32 or x.dim() != 2 or wp.dim() != 3
-            or not x.is_cpu or x.stride(1) != 1 or not wp.is_contiguous() or wp.shape[2] != GEMM_PANEL
-            or wp.shape[1] != x.shape[1]):
+    if (lib is None or x.dtype not in (torch.bfloat16, torch.float32) or wp.dtype != torch.float32 or x.dim() != 2
+            or wp.dim() != 3 or not x.is_cpu or x.stride(1) != 1 or not wp.is_contiguous()
+            or wp.shape[2] != GEMM_PANEL or wp.shape[1] != x.shape[1]):
         return None
     m, k = x.shape
     n = wp.shape[0] * GEMM_PANEL
-    y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.gemm_f32w_bf16(x.data_ptr(), x.stride(0), wp.data_ptr(), y.data_ptr(), n, m, n, k,
-                            torch.get_num_threads())
+    y = torch.empty(m, n, dtype=x.dtype)
+    fn = lib.gemm_f32w_f32 if x.dtype == torch.float32 else lib.gemm_f32w_bf16
+    rc = fn(x.data_ptr(), x.stride(0), wp.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
     return y if rc == 0 else None
 
 

@@ -31,6 +31,7 @@ from kernels import attention as _attn
 from kernels import lora as _lora
 from kernels import native
 from kernels import quant as _quant
+from kernels import quant_cpu as _quant_cpu
 from kernels.attention import AttentionPlan
 from kernels.lora import LoraSegments, SlotWeights
 from kernels.quant import QuantizedTensor
@@ -51,6 +52,11 @@ class Kernels(Protocol):
     def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
         """y = x @ w.T (+ bias); x: [..., in_features], w: [out_features, in_features] (quantized or dense)."""
+        ...
+
+    def linear_f32(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor) -> torch.Tensor | None:
+        """float32 x `[M, K]` @ w.T in float32, nothing rounded, where a fast path holds a float32 layout of w for
+        this M (the LM head's logits); None: the caller takes `linear`."""
         ...
 
     def embedding(self, ids: torch.Tensor, w: QuantizedTensor | torch.Tensor) -> torch.Tensor:
@@ -95,6 +101,9 @@ class TorchKernels:
     def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
         return _quant.quant_linear(x, w, bias)
+
+    def linear_f32(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor) -> torch.Tensor | None:
+        return _quant_cpu.linear_f32(x, w) if isinstance(w, QuantizedTensor) and x.is_cpu else None
 
     def embedding(self, ids: torch.Tensor, w: QuantizedTensor | torch.Tensor) -> torch.Tensor:
         return _quant.quant_embedding(ids, w)

@@ -109,11 +109,11 @@ class QuantizedTensor:
             zeros=None if first.zeros is None else torch.cat([w.zeros for w in ws]),
         )
 
-    def prepack(self, dense: bool = False, dtype: torch.dtype | None = None) -> None:
+    def prepack(self, dense: bool = False, dtype: torch.dtype | None = None, exact: bool = False) -> None:
         """Build the CPU fast-path layouts now rather than on the first bf16 matmul; `dense`: also hold a dense
-        copy (bf16, or float32 on a CPU without native bf16; `dtype` to choose) for batched matmuls (see
-        kernels.quant_cpu)."""
-        quant_cpu.prepack(self, dense, dtype)
+        copy (bf16, or float32 on a CPU without native bf16; `dtype` to choose) for batched matmuls; `exact`: a
+        float32 copy holds the values unrounded (for `quant_cpu.linear_f32`; see kernels.quant_cpu)."""
+        quant_cpu.prepack(self, dense, dtype, exact)
 
     def to(self, device: torch.device | str) -> QuantizedTensor:
         """The same weight on `device` (canonical tensors only: fast-path layouts are per device, built there)."""

@@ -267,6 +267,17 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
     return dequant_mm(x, w)
 
 
+def linear_f32(x: Tensor, w: QuantizedTensor) -> Tensor | None:
+    """float32 x `[M, K]` @ W^T in float32, nothing rounded to bf16, where the weight's float32 panels (the dense
+    copy `prepack(exact=True)` holds on CPUs with AVX2 and without native bf16) make it the batched path's own
+    speed: M >= DENSE_F32_MIN_M. The LM head's logits then need no float32 refinement of their leading candidates.
+    None otherwise (the caller takes `linear`)."""
+    dense = w.packed.get("dense")
+    if dense is None or dense[0].dim() != 3 or x.dtype != torch.float32 or x.shape[0] < DENSE_F32_MIN_M:
+        return None
+    return native.gemm_f32w(x, dense[0])
+
+
 def _onednn_pack(dense: Tensor) -> Tensor:
     """`dense` [N, K] (bf16 or float32) in oneDNN's blocked layout for its linear kernel, or `dense` itself where
     torch has no oneDNN (`dense_mm` takes either). Float32 too: 1.5-2x the plain `F.linear` (which repacks the
@@ -299,13 +310,17 @@ def dense_bytes(w: QuantizedTensor, dtype: torch.dtype | None = None) -> int:
     return (dtype or dense_dtype()).itemsize * w.shape[0] * w.shape[1]
 
 
-def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None = None) -> None:
+def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None = None, exact: bool = False) -> None:
     """Build the cached layouts the bf16 fast paths of `linear` use for this weight (`dense`: also a dense
-    copy in `dtype`, default `dense_dtype()`, for batched steps)."""
+    copy in `dtype`, default `dense_dtype()`, for batched steps; `exact`: a float32 copy keeps the dequantized
+    values unrounded, for `linear_f32`: the LM head)."""
     if dense and "dense" not in w.packed:
-        # the values rounded to bf16 either way: a float32 copy multiplies with what a bf16 one holds (products
+        # the values rounded to bf16 otherwise: a float32 copy multiplies with what a bf16 one holds (products
         # of bf16 values are exact in float32), so both kinds of CPU compute with the same weights
-        values = dequantize_rows(w, 0, w.shape[0]).to(torch.bfloat16).to(dtype or dense_dtype())
+        values = dequantize_rows(w, 0, w.shape[0])
+        if not (exact and (dtype or dense_dtype()) == torch.float32):
+            values = values.to(torch.bfloat16)
+        values = values.to(dtype or dense_dtype())
         if values.dtype == torch.float32 and w.shape[0] % native.GEMM_PANEL == 0 and native.gemm_available():
             w.packed["dense"] = (native.gemm_pack(values),)
         else:

@@ -1,6 +1,8 @@
 /* Dense matrix product with float32 weights for bf16 activations, on CPUs with AVX2 and FMA but without bf16
  * dot products: y = x @ W^T for bf16 x [M, K] (rows ldx apart), W float32 [N, K], bf16 y [M, N] (rows ldy
  * apart), each output the float32 sum of the products rounded once to bf16 (nearest even, as torch rounds).
+ * `gemm_f32w_f32` is the same product for float32 x and float32 y (no rounding anywhere: the LM head's logits
+ * from the float32 final hidden states, exact to float32 summation).
  *
  * This is the batched path of such CPUs (the weight's dense float32 copy, from 16 rows up: prefill chunks and
  * large decode batches). W is held in panels of 16 output columns, the panel's K rows one after the other
@@ -55,15 +57,15 @@ static inline void store_bf16x16(uint16_t *dst, __m256 lo, __m256 hi) {
 /* Row i of a tile (i < rows): its two accumulators take x[i][j] times the panel's row j. */
 #define TILE_ROW(i)                                                                                                \
     if (rows > i) {                                                                                                \
-        const __m256 a = _mm256_broadcast_ss(xf + i * k + j);                                                      \
+        const __m256 a = _mm256_broadcast_ss(xf + i * ldxf + j);                                                   \
         c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                                                                 \
         c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                                                                 \
     }
 
-/* `rows` (1..6, a constant where it is inlined: the tests on it fold away) rows of xf (float32, rows k apart) by
- * one panel -> y. */
-static inline __attribute__((always_inline)) void tile(const int rows, const float *xf, int64_t k, const float *w,
-                                                        uint16_t *y, int64_t ldy) {
+/* `rows` (1..6, a constant where it is inlined: the tests on it fold away) rows of xf (float32, rows ldxf apart)
+ * by one panel -> y: bf16 (uint16_t, rows ldy apart), or float32 when y_f32. */
+static inline __attribute__((always_inline)) void tile(const int rows, const float *xf, int64_t ldxf, int64_t k,
+                                                        const float *w, void *y, int64_t ldy, int y_f32) {
     __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
     __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
     for (int64_t j = 0; j < k; j++) {
@@ -71,44 +73,80 @@ static inline __attribute__((always_inline)) void tile(const int rows, const flo
         TILE_ROW(0) TILE_ROW(1) TILE_ROW(2) TILE_ROW(3) TILE_ROW(4) TILE_ROW(5)
     }
     const __m256 lo[GEMM_TILE] = {c00, c10, c20, c30, c40, c50}, hi[GEMM_TILE] = {c01, c11, c21, c31, c41, c51};
-    for (int i = 0; i < rows; i++) store_bf16x16(y + i * ldy, lo[i], hi[i]);
+    for (int i = 0; i < rows; i++) {
+        if (y_f32) {
+            float *yf = (float *)y + i * ldy;
+            _mm256_storeu_ps(yf, lo[i]);
+            _mm256_storeu_ps(yf + 8, hi[i]);
+        } else {
+            store_bf16x16((uint16_t *)y + i * ldy, lo[i], hi[i]);
+        }
+    }
 }
 #undef TILE_ROW
 
-static void panel(const float *xf, int64_t m, int64_t k, const float *w, uint16_t *y, int64_t ldy) {
+/* Panel `p` of the weight against every row of xf -> y's columns 16p .. 16p + 15. */
+static void panel(const float *xf, int64_t ldxf, int64_t m, int64_t k, const float *wp, int64_t p, void *y,
+                  int64_t ldy, int y_f32) {
+    const float *w = wp + p * k * GEMM_PANEL;
+    const size_t esize = y_f32 ? sizeof(float) : sizeof(uint16_t);
+    char *yc = (char *)y + (size_t)(p * GEMM_PANEL) * esize;
     int64_t r = 0;
-    for (; r + GEMM_TILE <= m; r += GEMM_TILE) tile(GEMM_TILE, xf + r * k, k, w, y + r * ldy, ldy);
+#define TILE(rows) tile(rows, xf + r * ldxf, ldxf, k, w, yc + (size_t)(r * ldy) * esize, ldy, y_f32)
+    for (; r + GEMM_TILE <= m; r += GEMM_TILE) TILE(GEMM_TILE);
     switch (m - r) { /* the last rows: each count its own unrolled copy */
-    case 5: tile(5, xf + r * k, k, w, y + r * ldy, ldy); break;
-    case 4: tile(4, xf + r * k, k, w, y + r * ldy, ldy); break;
-    case 3: tile(3, xf + r * k, k, w, y + r * ldy, ldy); break;
-    case 2: tile(2, xf + r * k, k, w, y + r * ldy, ldy); break;
-    case 1: tile(1, xf + r * k, k, w, y + r * ldy, ldy); break;
+    case 5: TILE(5); break;
+    case 4: TILE(4); break;
+    case 3: TILE(3); break;
+    case 2: TILE(2); break;
+    case 1: TILE(1); break;
     default: break;
     }
+#undef TILE
+}
+
+/* The shared driver: bf16 x (converted to float32 once, the threads a share of the rows each) or float32 x (read
+ * in place), then the threads split the panels. */
+static int gemm_run(const void *x, int x_f32, int64_t ldx, const float *wp, void *y, int y_f32, int64_t ldy,
+                    int64_t m, int64_t n, int64_t k, int num_threads) {
+    if (m < 1 || n < GEMM_PANEL || n % GEMM_PANEL != 0 || k < 1 || ldx < k || ldy < n || num_threads < 1)
+        return -1;
+    if (((uintptr_t)wp & 31) != 0) return -1; /* the panels are read with aligned loads */
+    float *xf = x_f32 ? NULL : malloc(sizeof(float) * (size_t)(m * k));
+    if (!x_f32 && xf == NULL) return -1;
+    const float *xs = x_f32 ? (const float *)x : xf;
+    const int64_t ldxf = x_f32 ? ldx : k;
+    const uint16_t *xb = (const uint16_t *)x;
+    const int64_t panels = n / GEMM_PANEL;
+#pragma omp parallel num_threads(num_threads) if (m * n * k >= 65536)
+    {
+        if (!x_f32) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t j = 0; j < k; j++) xf[i * k + j] = bf16_to_f32(xb[i * ldx + j]);
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) panel(xs, ldxf, m, k, wp, p, y, ldy, y_f32);
+    }
+    free(xf);
+    return 0;
 }
 #endif
 
 int gemm_f32w_bf16(const uint16_t *x, int64_t ldx, const float *wp, uint16_t *y, int64_t ldy, int64_t m, int64_t n,
                    int64_t k, int num_threads) {
 #if GEMM_AVX2
-    if (m < 1 || n < GEMM_PANEL || n % GEMM_PANEL != 0 || k < 1 || ldx < k || ldy < n || num_threads < 1)
-        return -1;
-    if (((uintptr_t)wp & 31) != 0) return -1; /* the panels are read with aligned loads */
-    float *xf = malloc(sizeof(float) * (size_t)(m * k));
-    if (xf == NULL) return -1;
-    const int64_t panels = n / GEMM_PANEL;
-#pragma omp parallel num_threads(num_threads) if (m * n * k >= 65536)
-    {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t j = 0; j < k; j++) xf[i * k + j] = bf16_to_f32(x[i * ldx + j]);
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++)
-            panel(xf, m, k, wp + p * k * GEMM_PANEL, y + p * GEMM_PANEL, ldy);
-    }
-    free(xf);
-    return 0;
+    return gemm_run(x, 0, ldx, wp, y, 0, ldy, m, n, k, num_threads);
+#else
+    (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)num_threads;
+    return -1;
+#endif
+}
+
+int gemm_f32w_f32(const float *x, int64_t ldx, const float *wp, float *y, int64_t ldy, int64_t m, int64_t n, int64_t k,
+                  int num_threads) {
+#if GEMM_AVX2
+    return gemm_run(x, 1, ldx, wp, y, 1, ldy, m, n, k, num_threads);
 #else
     (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)num_threads;
     return -1;

@@ -169,7 +169,8 @@ class LlamaModel:
             self.dense_weights = 0 < sum(map(dense_bytes, matmuls)) <= dense_weights_bytes
             for w in self._weights():
                 if isinstance(w, QuantizedTensor):
-                    w.prepack(dense=self.dense_weights and any(w is m for m in matmuls))
+                    # the head's float32 copy unrounded: `compute_logits` reads exact logits from it
+                    w.prepack(dense=self.dense_weights and any(w is m for m in matmuls), exact=w is self.lm_head)
         # Decode steps of at most this many tokens run their layers in one C call (kernels/cpu/layers.c).
         self._fused_rows = self._fused_rows_limit()
         self._fused_table: tuple[KVCache, native.DecodeLayers] | None = None
@@ -279,6 +280,11 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [S, hidden] (float32) -> logits [S, vocab] float32."""
+        if self.dtype != torch.float32:
+            # batched rows on a CPU that holds the head's float32 copy: float32 logits from it directly
+            exact = self.kernels.linear_f32(hidden, self.lm_head)
+            if exact is not None:
+                return exact
         logits = self.kernels.linear(hidden.to(self.dtype), self.lm_head).float()
         if self.dtype != torch.float32:
             # bf16 logits near 25 are rounded to steps of 0.125: enough to swap the top two tokens. Recompute

@@ -265,14 +265,32 @@ def test_dense_avx2_kernel_is_exact_on_small_integers_and_rounds_ties_to_even():
     assert y[0].isnan().all() and (y[1] == float("inf")).all()
 
 
+@pytest.mark.parametrize("m", [1, 5, 6, 13, 64])
+def test_dense_avx2_kernel_on_float32_x_gives_float32_sums(m):
+    """float32 x (a strided view) -> float32 y, nothing rounded to bf16: within float32 summation of the float64
+    product (k * 2^-23 of the sum of |products|; the LM head's exact logits rest on it), every column in place."""
+    _gemm()
+    g = torch.Generator().manual_seed(m)
+    k = 576
+    w = torch.randn(64, k, generator=g)
+    x = torch.randn(m, k + 3, generator=g)[:, :k]
+    y = native.gemm_f32w(x, native.gemm_pack(w))
+    assert y is not None and y.shape == (m, 64) and y.dtype == torch.float32
+    ref = x.double() @ w.double().T
+    bound = k * 2**-23 * (x.double().abs() @ w.double().abs().T)
+    assert ((y.double() - ref).abs() <= bound).all()
+    # far inside bf16's rounding: the kernel did not round (bf16 would be off by up to 2^-9 of each value)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2**-12 + 1e-4).all()
+
+
 def test_dense_avx2_kernel_refuses_what_it_cannot_take():
-    """float32 x, K not the weight's, panels not 16 wide or misaligned in memory: None (the caller multiplies the
-    plain weight); `dense_mm` on panels then still gives the product."""
+    """x neither bf16 nor float32, K not the weight's, panels not 16 wide or misaligned in memory: None (the caller
+    multiplies the plain weight); `dense_mm` on panels then still gives the product."""
     _gemm()
     w = torch.randn(32, 64)
     wp = native.gemm_pack(w)
     x = torch.randn(3, 64).to(BF16)
-    assert native.gemm_f32w(x.float(), wp) is None
+    assert native.gemm_f32w(x.half(), wp) is None
     assert native.gemm_f32w(torch.zeros(3, 60, dtype=BF16), wp) is None
     assert native.gemm_f32w(x, w.reshape(4, 64, 8).contiguous()) is None
     off = torch.empty(wp.numel() + 1)[1:].view(wp.shape)  # 4 bytes off the 32-byte alignment the loads need

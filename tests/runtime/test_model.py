@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import cpu_features, native, quant_cpu
 from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
-from service.runtime.model import KVCache, LlamaModel
+from service.runtime.model import REFINE_TOP, KVCache, LlamaModel
 from tests.tiny_models import KINDS, VOCAB, make_tiny_model
 
 # fp32 path: same math as transformers up to summation order.
@@ -101,3 +102,32 @@ def test_quantize_on_load_stays_close(tiny):
     assert 0 < rel["int8"] < 0.05, rel
     assert agree["int8"] >= 0.85, agree  # at least 17 of the 20 positions
     assert rel["int8"] < rel["int4"] < 0.5, rel
+
+
+def test_batched_logits_are_float32_products_on_cpus_without_native_bf16(tiny, monkeypatch):
+    """On a CPU without native bf16 that holds the dense copies in the AVX2 kernel's panels, the logits of
+    DENSE_F32_MIN_M rows or more are the float32 product of the float32 final hidden states and the head's values
+    unrounded (the head's copy keeps them so): every entry within float32 summation of the float64 product, not
+    only the leading candidates. Fewer rows take the bf16 head, whose entries are that far off only where refined."""
+    if not native.gemm_available():
+        pytest.skip(f"the dense AVX2 kernel needs AVX2 and FMA and the C kernels ({native.unavailable_reason()})")
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
+    path, _ = tiny
+    loaded = load_model(path, quantize="int8")
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16, dense_weights_bytes=1 << 30)
+    head = model.lm_head
+    assert model.dense_weights and head.packed["dense"][0].dim() == 3  # float32 panels
+    w = head.dequantize().double()
+    h = torch.randn(20, w.shape[1], generator=torch.Generator().manual_seed(5))
+
+    def off(m: int) -> torch.Tensor:  # how far each logit is from the float64 product, in float32 summation bounds
+        got = model.compute_logits(h[:m])
+        assert got.dtype == torch.float32 and got.shape == (m, w.shape[0])
+        bound = w.shape[1] * 2**-23 * (h[:m].double().abs() @ w.abs().T)
+        return (got.double() - h[:m].double() @ w.T).abs() / (bound + 1e-30)  # (a zero row: 0 / tiny)
+
+    for m in (quant_cpu.DENSE_F32_MIN_M, 20):
+        assert (off(m) <= 1).all(), m
+    few = off(4)
+    assert (few > 1).any()  # the bf16 head: rounded outside the refined candidates
+    assert (few.topk(min(REFINE_TOP, w.shape[0]), dim=1, largest=False).values <= 1).all()
