@@ -72,8 +72,10 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list
 
 
 def mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int],
-                     eos_token_ids: Collection[int]) -> None:
-    """In place: logit -inf for EOS and stop token ids of rows[idx] (those still below min_tokens)."""
+                     eos_token_ids: Collection[int]) -> Callable[[], None] | None:
+    """In place: logit -inf for EOS and stop token ids of rows[idx] (those still below min_tokens). Returns what
+    puts the masked logits back as they were (None: nothing was masked): a few values, where copying the logits to
+    keep the caller's would move all of them."""
     vocab = logits.shape[1]
     row_ids: list[int] = []
     token_ids: list[int] = []
@@ -82,11 +84,18 @@ def mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: lis
         banned = [t for t in {*eos_token_ids, *rows[i].sampling.stop_token_ids} if t < vocab]
         row_ids.extend([i] * len(banned))
         token_ids.extend(banned)
-    if token_ids:
-        # one scatter for the whole batch: (row, token) pairs -> -inf
-        dev = logits.device
-        logits.index_put_((torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev)),
-                          torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
+    if not token_ids:
+        return None
+    # one scatter for the whole batch: (row, token) pairs -> -inf
+    dev = logits.device
+    at = (torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev))
+    saved = logits[at]
+    logits.index_put_(at, torch.tensor(float("-inf"), dtype=logits.dtype, device=dev))
+
+    def unmask() -> None:
+        logits.index_put_(at, saved)
+
+    return unmask
 
 
 def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -124,12 +133,13 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Col
     pen = [i for i, p in enumerate(params) if p.needs_penalties]
     # rows below min_tokens: usually none, so the common step builds no mask at all
     short = [i for i, p in enumerate(params) if len(rows[i].output_token_ids) < p.min_tokens]
-    if pen or short or (grammar_mask is not None and any(p.logprobs is not None for p in params)):
-        logits = logits.clone()  # raw stays the model's, for logprobs
+    # raw stays the model's, for logprobs and the caller; the stop-token mask of rows below min_tokens (often every
+    # row: a copy of all the logits would cost more than the rest of sampling) is put back after the draws instead
+    if pen or (grammar_mask is not None and any(p.logprobs is not None for p in params)):
+        logits = logits.clone()
     if pen:
         apply_penalties(logits, rows, pen)
-    if short:
-        mask_stop_tokens(logits, rows, short, eos_token_ids)
+    unmask = mask_stop_tokens(logits, rows, short, eos_token_ids) if short else None
     if grammar_mask is not None:
         grammar_mask(logits)
     tokens = logits.argmax(1)
@@ -141,6 +151,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Col
             # Exponential race: argmax p / E with E ~ Exp(1) draws a token with probability p.
             noise = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
             tokens[i] = (probs[j] / noise).argmax()
+    if unmask is not None and logits is raw:
+        unmask()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:  # computed batched on the logits' device, read back after the tokens (no sync per row)
         logp = torch.log_softmax(raw[want].float(), dim=1)
