@@ -38,8 +38,8 @@ RANKS = (8, 16, 32, 64)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(hf, n: int, root: Path):
-    """n peft adapters with small random weights; returns (PeftModel holding all of them, dirs)."""
+def write_adapters(hf, n: int, root: Path) -> list[Path]:
+    """n peft adapters with small random weights (ranks RANKS in turn, on TARGETS) saved under root; their dirs."""
     import peft
 
     dirs = []
@@ -54,6 +54,14 @@ def make_adapters(hf, n: int, root: Path):
         d = root / f"a{i}"
         pm.save_pretrained(d)
         dirs.append(d)
+    return dirs
+
+
+def make_adapters(hf, n: int, root: Path):
+    """n peft adapters with small random weights; returns (PeftModel holding all of them, dirs)."""
+    import peft
+
+    dirs = write_adapters(hf, n, root)
     ref = peft.PeftModel.from_pretrained(hf, dirs[0], adapter_name="a0").eval()
     for i in range(1, n):
         ref.load_adapter(dirs[i], adapter_name=f"a{i}")

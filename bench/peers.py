@@ -10,12 +10,16 @@ template, 64 output tokens, EOS ignored, greedy):
   its own with a scale of 1).
 Ours runs in this process; the peer is built once (bench/llamacpp.py, cached under bench/.peers/) and runs as
 its own process, over HTTP from this one. Tokens/s count output tokens over wall time, prefill included, on
-both sides. Writes bench/results/peers.json.
+both sides. Each of our runs is paired with the peer's run of the same workload right before or after it, the
+order alternating from one pair to the next (this machine's speed drifts over minutes: a ratio of two runs far
+apart in time measures the drift too); both servers start before anything is timed and take no CPU while idle.
+Writes bench/results/peers.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,46 +28,12 @@ from pathlib import Path
 from bench.common import chat_prompts, environment, report, single_prompt
 
 
-def peer_tok_s(server, prompts: list[list[int]], new_tokens: int, loras: list[list[dict] | None]) -> float:
-    t = time.perf_counter()
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        outs = list(pool.map(lambda a: server.complete(a[0], new_tokens, a[1]), zip(prompts, loras)))
-    wall = time.perf_counter() - t
-    n = sum(o["tokens_predicted"] for o in outs)
-    assert n == new_tokens * len(prompts), f"the peer generated {n} tokens, not {new_tokens} per request"
-    return n / wall
+def _write_adapters(n: int, root: str) -> None:
+    """The child process's work: the bench's n peft adapters under root (bench.multi_lora.write_adapters)."""
+    from bench.engine import load_hf_default_model
+    from bench.multi_lora import write_adapters
 
-
-def run_peer(model: Path, prompts: list[list[int]], single: list[int], new_tokens: int, threads: int,
-             gguf_loras: list[Path], sequential: int) -> dict:
-    from bench.llamacpp import LlamaServer
-
-    res = {}
-    one = LlamaServer(model, threads=threads, parallel=1)
-    try:
-        one.complete(prompts[0][:8], 2)  # warm
-        t = time.perf_counter()
-        for _ in range(sequential):
-            one.complete(single, new_tokens)
-        res["llamacpp_single_stream_tok_s"] = sequential * new_tokens / (time.perf_counter() - t)
-    finally:
-        one.stop()
-    na = len(gguf_loras)
-    many = LlamaServer(model, threads=threads, parallel=len(prompts), loras=gguf_loras)
-    try:
-        none = [[{"id": j, "scale": 0.0} for j in range(na)]] * len(prompts) if na else [None] * len(prompts)
-        many.complete(prompts[0][:8], 2, none[0])  # warm
-        res["llamacpp_batched_tok_s"] = peer_tok_s(many, prompts, new_tokens, none)
-        if na:
-            def only(k: int) -> list[dict]:
-                return [{"id": j, "scale": 1.0 if j == k else 0.0} for j in range(na)]
-            res["llamacpp_no_adapter_tok_s"] = res["llamacpp_batched_tok_s"]
-            res["llamacpp_1_adapter_tok_s"] = peer_tok_s(many, prompts, new_tokens, [only(1)] * len(prompts))
-            res["llamacpp_32_adapters_tok_s"] = peer_tok_s(many, prompts, new_tokens,
-                                                           [only(i % na) for i in range(len(prompts))])
-    finally:
-        many.stop()
-    return res
+    write_adapters(load_hf_default_model(), n, Path(root))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -72,14 +42,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--sequential", type=int, default=4, help="requests timed one at a time")
+    ap.add_argument("--sequential", type=int, default=4, help="requests timed one at a time, on each side")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    from bench.engine import engine_run, load_hf_default_model
+    from bench.engine import engine_run
     from bench.gguf_lora import write_gguf_lora
-    from bench.llamacpp import ensure_server
-    from bench.multi_lora import RANKS, TARGETS, make_adapters
+    from bench.llamacpp import LlamaServer, ensure_server
+    from bench.multi_lora import RANKS, TARGETS
     from service.builder import build_runtime
     from service.config import AdapterConfig, EngineConfig, RuntimeConfig
     from service.runtime.loader import default_model_path
@@ -88,39 +58,82 @@ def main(argv: list[str] | None = None) -> dict:
     model = default_model_path()
     n, na, new = args.requests, args.adapters, args.new_tokens
     res = {"workload": "mixed", "requests": n, "adapters": na, "ranks": list(RANKS), "targets": TARGETS,
-           "new_tokens": new, "model": model.name, "threads": args.threads, **environment()}
+           "new_tokens": new, "model": model.name, "threads": args.threads,
+           "timing": "adjacent pairs, the order alternating between workloads", **environment()}
     rt = build_runtime(RuntimeConfig(threads=args.threads), EngineConfig(max_num_seqs=n, max_num_batched_tokens=2048),
                        AdapterConfig(max_active_adapters=max(na, 1)))
     prompts = chat_prompts(rt.tokenizer, n)
     single = single_prompt(rt.tokenizer)
-
-    def ours(ps: list[list[int]], assign: list[str | None] | None) -> float:
-        rt.engine.pool.reset_prefix_cache()
-        dt, tokens = engine_run(rt.engine, ps, new, assign)
-        return tokens / dt
-
-    # Without adapters first, before this process builds the peft models (a process that held them runs
-    # ours measurably slower afterwards: its allocator's state, not the engine's work).
     engine_run(rt.engine, [p[:16] for p in prompts[:4]], 2)
-    alone = [ours([single], None) for _ in range(args.sequential)]
-    res["single_stream_tok_s"] = len(alone) / sum(1 / s for s in alone)  # tokens over total time
-    res["engine_tok_s"] = ours(prompts, None)
+
+    def ours(ps: list[list[int]], assign: list[str | None] | None) -> tuple[float, int]:
+        rt.engine.pool.reset_prefix_cache()
+        return engine_run(rt.engine, ps, new, assign)
+
     with tempfile.TemporaryDirectory() as tmp:
-        ggufs = []
+        versions: list[str] = []
+        ggufs: list[Path] = []
         if na:
-            _, dirs = make_adapters(load_hf_default_model(), na, Path(tmp))
+            # In a child process: one that built the peft models runs ours measurably slower afterwards (its
+            # allocator's state, not the engine's work).
+            child = multiprocessing.get_context("spawn").Process(target=_write_adapters, args=(na, tmp))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"writing the adapters failed (exit code {child.exitcode})")
+            dirs = [Path(tmp) / f"a{i}" for i in range(na)]
             versions = [rt.add_local_adapter(d) for d in dirs]
             ggufs = [write_gguf_lora(d, rt.loaded.arch, Path(tmp) / f"a{i}.gguf") for i, d in enumerate(dirs)]
             # every adapter loaded and active before the timed runs, as the peer's are from its start
             engine_run(rt.engine, [prompts[i % n][:16] for i in range(na)], 2, versions)
-            res["tok_s_32_adapters"] = ours(prompts, [versions[i % na] for i in range(n)])
-            res["tok_s_1_adapter"] = ours(prompts, [versions[1]] * n)
-            res["tok_s_no_adapter"] = res["engine_tok_s"]
-        res.update(run_peer(model, prompts, single, new, args.threads, ggufs, args.sequential))
+        # Both servers start before anything is timed; idle, they take no CPU while ours runs.
+        one = LlamaServer(model, threads=args.threads, parallel=1)
+        many = LlamaServer(model, threads=args.threads, parallel=n, loras=ggufs)
+        try:
+            def scales(k: int | None) -> list[dict] | None:  # the peer's per-request adapter scales (k: the one on)
+                return [{"id": j, "scale": 1.0 if j == k else 0.0} for j in range(na)] if na else None
+
+            one.complete(prompts[0][:8], 2)  # warm
+            many.complete(prompts[0][:8], 2, scales(None))
+
+            def peer(ps: list[list[int]], loras: list[list[dict] | None]) -> tuple[float, int]:
+                server = one if len(ps) == 1 else many
+                t = time.perf_counter()
+                with ThreadPoolExecutor(len(ps)) as pool:
+                    outs = list(pool.map(lambda a: server.complete(a[0], new, a[1]), zip(ps, loras)))
+                dt = time.perf_counter() - t
+                got = sum(o["tokens_predicted"] for o in outs)
+                assert got == new * len(ps), f"the peer generated {got} tokens, not {new} per request"
+                return dt, got
+
+            # (our key, the peer's key, our run, the peer's run); a pair's two runs are adjacent in time
+            pairs = [("single_stream_tok_s", "llamacpp_single_stream_tok_s", lambda: ours([single], None),
+                      lambda: peer([single], [None]))] * args.sequential
+            pairs.append(("engine_tok_s", "llamacpp_batched_tok_s", lambda: ours(prompts, None),
+                          lambda: peer(prompts, [scales(None)] * n)))
+            if na:
+                pairs.append(("tok_s_32_adapters", "llamacpp_32_adapters_tok_s",
+                              lambda: ours(prompts, [versions[i % na] for i in range(n)]),
+                              lambda: peer(prompts, [scales(i % na) for i in range(n)])))
+                pairs.append(("tok_s_1_adapter", "llamacpp_1_adapter_tok_s", lambda: ours(prompts, [versions[1]] * n),
+                              lambda: peer(prompts, [scales(1)] * n)))
+            spent: dict[str, list[float]] = {}  # key -> [seconds, tokens], summed over its pairs
+            for i, (key, peer_key, run_ours, run_peer) in enumerate(pairs):
+                for k, run in ((key, run_ours), (peer_key, run_peer))[:: 1 if i % 2 == 0 else -1]:
+                    dt, got = run()
+                    acc = spent.setdefault(k, [0.0, 0])
+                    acc[0] += dt
+                    acc[1] += got
+            res.update({k: tokens / seconds for k, (seconds, tokens) in spent.items()})
+        finally:
+            one.stop()
+            many.stop()
+    if na:
+        res["tok_s_no_adapter"] = res["engine_tok_s"]
+        res["llamacpp_no_adapter_tok_s"] = res["llamacpp_batched_tok_s"]
+        res["ratio_32_adapters"] = res["tok_s_32_adapters"] / res["llamacpp_32_adapters_tok_s"]
     res["ratio_single_stream"] = res["single_stream_tok_s"] / res["llamacpp_single_stream_tok_s"]
     res["ratio_batched"] = res["engine_tok_s"] / res["llamacpp_batched_tok_s"]
-    if na:
-        res["ratio_32_adapters"] = res["tok_s_32_adapters"] / res["llamacpp_32_adapters_tok_s"]
     report("peers", "loraserve vs llama.cpp's server", res)
     return res
 
