@@ -21,8 +21,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -471,6 +473,37 @@ def serial_thread() -> None:
     omp = _libgomp()
     if omp is not None:
         omp.omp_set_num_threads(1)
+
+
+T = TypeVar("T")
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """fn() on a thread of its own that ends when fn returns; its result, or what it raised. For the heavy torch
+    work done before an engine starts on another thread (loading and preparing the model): that thread's OpenMP
+    team leaves with it.
+
+    Each thread that runs a parallel torch op (or C kernel) on more than one thread keeps an OpenMP team whose
+    worker lives as long as the thread; with two such threads on a 2-CPU machine the teams' threads outnumber
+    the CPUs, libgomp cuts every idle worker's spin to ~1,000 rounds (kernels/__init__.py) and each of a step's
+    hundreds of parallel regions wakes a sleeping worker. A server that loaded its model on the main thread (which
+    lives on) and ran the engine on its loop thread took 138-163 ms (medians of 10) for the prefill of a 55-token
+    prompt that took 105-127 ms with the model loaded on a passing thread (one process per run, alternating)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller's thread
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="loader")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 _gomp: list[ctypes.CDLL | None] = []

@@ -208,3 +208,23 @@ def test_the_last_message_waits_for_the_usage_row(make_server):
         gate.set()
         t.join(10)
         assert got and ledger.get(got[0].request_id).output_tokens == 3
+
+
+def test_serve_builds_the_model_on_a_thread_that_ends_before_the_engine_starts(tmp_path, monkeypatch):
+    """`serve` loads and prepares the model on a passing thread (kernels.native.in_passing_thread), not on the main
+    thread that lives on: the engine's loop thread is then the one thread with OpenMP workers. A build that fails
+    there fails `serve` on the main thread with its own error."""
+    from service import server as server_mod
+    from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
+
+    seen: list[threading.Thread] = []
+
+    def build(*args, **kwargs):
+        seen.append(threading.current_thread())
+        raise RuntimeError("the model file is unreadable")
+
+    monkeypatch.setattr(server_mod, "build_server", build)
+    with pytest.raises(RuntimeError, match="the model file is unreadable"):
+        server_mod.serve(RuntimeConfig(), EngineConfig(), AdapterConfig(), ServerConfig(port=0),
+                         ServiceConfig(data_dir=str(tmp_path)))
+    assert len(seen) == 1 and seen[0] is not threading.main_thread() and not seen[0].is_alive()
