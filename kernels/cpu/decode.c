@@ -226,7 +226,8 @@ static inline __attribute__((always_inline)) void attend_task(
 #endif
 
 #if HAS_AVX2_TILE
-#define TILE 8 /* keys per step: one vector of scores per row */
+#define TILE 16 /* keys per step: two vectors of scores per row */
+#define HALF 8  /* keys of one score vector */
 #ifndef PREFETCH_KEYS /* how far ahead the K and V rows are fetched (a block table scatters them) */
 #define PREFETCH_KEYS 16
 #endif
@@ -251,7 +252,7 @@ static inline __m256 exp_nonpos_v8(__m256 x) {
 
 /* The sums of 8 vectors, as one vector (lane t: the sum of d[t]'s lanes): two rounds of pairwise adds within
  * 128-bit lanes, then the two halves added. */
-static inline __m256 hsum8(const __m256 d[TILE]) {
+static inline __m256 hsum8(const __m256 d[HALF]) {
     const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(d[0], d[1]), _mm256_hadd_ps(d[2], d[3]));
     const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(d[4], d[5]), _mm256_hadd_ps(d[6], d[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
@@ -277,8 +278,9 @@ static inline __m256 load_bf16x8(const uint16_t *p) {
 }
 
 /* One task, as the AVX512-BF16 path's (same tasks, same online softmax), on 8-lane float32 vectors: the task's
- * query rows widened and scaled once, each tile's K and V rows widened once for all the rows, each row's 8
- * scores summed by `hsum8`. */
+ * query rows widened and scaled once, each tile's K and V rows widened once for all the rows. Per row and tile of
+ * 16 keys: the row's query held in registers while its 16 scores are summed (one load per FMA), in two vectors of
+ * 8 by `hsum8`; one running-max update, and the row's accumulator in registers across the tile's 16 V rows. */
 static inline __attribute__((always_inline)) void attend_task(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
         float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1, int64_t ctx_last, int64_t nq,
@@ -335,33 +337,46 @@ static inline __attribute__((always_inline)) void attend_task(
         for (int64_t r = 0; r < nr; r++) {
             if (seen[r] <= p0) continue; /* this row's keys ended before the tile */
             const float *qr = qf + r * head_dim;
-            __m256 d[TILE];
-            for (int64_t t = 0; t < TILE; t++) {
-                __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
-                if (t < nt) {
-                    const float *kt = kf + t * head_dim;
-                    int64_t c = 0;
-                    for (; c + 1 < wide; c += 2) {
-                        d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), _mm256_loadu_ps(kt + 8 * c), d0);
-                        d1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c + 8), _mm256_loadu_ps(kt + 8 * c + 8), d1);
-                    }
-                    if (c < wide) d0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + 8 * c), _mm256_loadu_ps(kt + 8 * c), d0);
-                }
-                d[t] = _mm256_add_ps(d0, d1);
-            }
+            __m256 qv[MAX_HEAD_DIM / 8]; /* the row's query: registers for head_dim 64 */
+            for (int64_t c = 0; c < wide; c++) qv[c] = _mm256_loadu_ps(qr + 8 * c);
             const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
-            const __m256 keys = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)lim), lane));
-            const __m256 sv = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(d), keys);
-            const float tile_max = hmax8(sv);
+            __m256 sv[2];
+            for (int64_t h = 0; h < 2; h++) {
+                __m256 d[HALF];
+                for (int64_t u = 0; u < HALF; u++) {
+                    const int64_t t = h * HALF + u;
+                    __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+                    if (t < nt) {
+                        const float *kt = kf + t * head_dim;
+                        int64_t c = 0;
+                        for (; c + 1 < wide; c += 2) {
+                            d0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kt + 8 * c), d0);
+                            d1 = _mm256_fmadd_ps(qv[c + 1], _mm256_loadu_ps(kt + 8 * c + 8), d1);
+                        }
+                        if (c < wide) d0 = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kt + 8 * c), d0);
+                    }
+                    d[u] = _mm256_add_ps(d0, d1);
+                }
+                const __m256 keys = _mm256_castsi256_ps(
+                    _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(lim - h * HALF)), lane));
+                sv[h] = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), hsum8(d), keys);
+            }
+            const float tile_max = hmax8(_mm256_max_ps(sv[0], sv[1]));
             if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
                 const float c = exp_nonpos(m[r] - tile_max);
                 l[r] *= c;
                 for (int64_t x = 0; x < head_dim; x++) acc[r * head_dim + x] *= c;
                 m[r] = tile_max;
             }
-            const __m256 e = _mm256_and_ps(keys, exp_nonpos_v8(_mm256_sub_ps(sv, _mm256_set1_ps(m[r]))));
-            _mm256_storeu_ps(s + r * TILE, e);
-            l[r] += hadd8(e);
+            const __m256 mv = _mm256_set1_ps(m[r]);
+            /* keys past lim hold -inf: exp gives 0 (the argument clamped, then the product masked) */
+            const __m256 e0 = _mm256_and_ps(_mm256_cmp_ps(sv[0], _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                            exp_nonpos_v8(_mm256_sub_ps(sv[0], mv)));
+            const __m256 e1 = _mm256_and_ps(_mm256_cmp_ps(sv[1], _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                            exp_nonpos_v8(_mm256_sub_ps(sv[1], mv)));
+            _mm256_storeu_ps(s + r * TILE, e0);
+            _mm256_storeu_ps(s + r * TILE + HALF, e1);
+            l[r] += hadd8(_mm256_add_ps(e0, e1));
         }
         for (int64_t r = 0; r < nr; r++) {
             if (seen[r] <= p0) continue;
