@@ -9,9 +9,9 @@ of the best priority class whose tenant has received the least weighted service 
 taken, a tenant with none, or one that is not backlogged (nothing else waiting), may take one seat a step from the
 tenant furthest ahead (`_seat_victims`); and while more than one tenant has requests in, a step computes at most
 `max_shared_prefill_tokens` prompt tokens, of which the request admitted next claims its share ahead of the running
-prompts of tenants ahead of it, all of them when its tenant is not backlogged (`_prompt_room`): a light tenant's new
-request waits for one short step, not for a step full of another tenant's prompts; under `fcfs`, priority then
-arrival. When a running request needs a block
+prompts of tenants ahead of it, all of them when its tenant is not backlogged, and then its whole prompt even beyond
+the bound (`_prompt_room`): a light tenant's new request waits for one short step, not for a step full of another
+tenant's prompts, and then for one step of its own prompt; under `fcfs`, priority then arrival. When a running request needs a block
 and none is left, the running request ranked last is preempted (lowest priority; under `vtc` from the tenant
 furthest ahead; then latest arrival): it returns all its blocks and goes back to the front of its tenant's queue
 to be recomputed.
@@ -146,6 +146,9 @@ class Scheduler:
         running.sort(key=self._run_order)
         prompt_room, claim = self._prompt_room(budget)
         self._exclusive_last_step = claim is not None and claim.exclusive
+        # An exclusive claim may take more than the shared bound (a light request's whole prompt in one step); the
+        # other prompts of the step stay within the bound.
+        over = max(0, prompt_room - self.config.max_shared_prefill_tokens) if claim is not None else 0
         deferred: list[Request] = []  # prompts held back by an exclusive claim
         i = 0
         while i < len(running) and budget > 0:
@@ -159,7 +162,7 @@ class Scheduler:
                     deferred.append(req)
                     i += 1
                     continue
-                n = min(n, prompt_room - (claim.tokens if behind else 0))
+                n = min(n, prompt_room - over - (claim.tokens if behind else 0))
                 if n <= 0:
                     i += 1  # its prompt goes on next step
                     continue
@@ -180,7 +183,7 @@ class Scheduler:
 
         # Admitting while running requests are being evicted would only evict them again.
         if not preempted:
-            budget, prompt_room = self._admit(budget, prompt_room, claim, chunks, failed, preempted)
+            budget, prompt_room = self._admit(budget, prompt_room, over, claim, chunks, failed, preempted)
         if deferred and claim is not None and claim.request.status != RequestStatus.RUNNING:
             # The claim was not taken up (memory, its adapter, a preemption): the prompts it held back go on, in run
             # order, in the room it left, from free blocks only (a preemption now would evict requests scheduled
@@ -188,7 +191,7 @@ class Scheduler:
             for req in deferred:
                 if req.status != RequestStatus.RUNNING:
                     continue
-                n = min(req.num_tokens - req.num_computed_tokens, budget, prompt_room)
+                n = min(req.num_tokens - req.num_computed_tokens, budget, prompt_room - over)
                 if n > 0 and self.kv.grow(req, n):
                     chunks.append(self._chunk(req, n))
                     budget -= n
@@ -207,9 +210,11 @@ class Scheduler:
         request back (its adapter loading, memory), the running prompts still go on.
 
         When that request's tenant is not backlogged (this is its only request waiting: a light or interactive
-        stream) and it can have a seat, its claim is exclusive: its prompt, up to the whole room, is the only one
-        that starts or goes on in this step (decodes go on), so its first token comes after one short step, not
-        after a step of other tenants' prompts; if it is not admitted after all, the prompts held back get the room.
+        stream) and it can have a seat, its claim is exclusive: its prompt, whole (up to the step's budget, beyond
+        the shared bound: the room grows to hold it), is the only one that starts or goes on in this step (decodes
+        go on), so its first token comes after one step of its own prompt, not after a step of other tenants'
+        prompts nor after several steps of its own; if it is not admitted after all, the prompts held back get the
+        shared bound's room.
         A backlogged tenant's next request would gain nothing from a short step: its claim is never exclusive. Nor
         is a claim in the step right after an exclusive one: however many light tenants arrive, the prompts held back
         go on at least every other step."""
@@ -227,18 +232,19 @@ class Scheduler:
             held.setdefault(r.tenant, []).append(r)
         exclusive = (not self._exclusive_last_step and self._only_one_waiting(req.tenant, held)
                      and (len(self.running) < self.config.max_num_seqs or self._seat_victim(req, held) is not None))
-        tokens = min(limit if exclusive else limit // 2, uncached)
-        return limit, _Claim(req, (req.priority, self.fair.key(req.tenant)), tokens, exclusive)
+        tokens = min(budget if exclusive else limit // 2, uncached)
+        return max(limit, tokens), _Claim(req, (req.priority, self.fair.key(req.tenant)), tokens, exclusive)
 
     def _only_one_waiting(self, tenant: str, held: dict[str, list[Request]]) -> bool:
         """`tenant` is not backlogged: of its requests in the scheduler, one is waiting (`held`: running requests by
         tenant)."""
         return self.fair.active_tenants().get(tenant, 0) - len(held.get(tenant, ())) == 1
 
-    def _admit(self, budget: int, prompt_room: int, claim: _Claim | None, chunks: list[ScheduledChunk],
+    def _admit(self, budget: int, prompt_room: int, over: int, claim: _Claim | None, chunks: list[ScheduledChunk],
                failed: list[tuple[Request, RequestError]], preempted: list[str]) -> tuple[int, int]:
         """Admit waiting requests in the fair order while the budget, the prompt room and the seats allow; returns
-        what is left of the budget and the prompt room."""
+        what is left of the budget and the prompt room. `over`: the part of the room only the claim's request may
+        take (an exclusive claim beyond the shared bound)."""
         policy = self.admission
         policy.begin_step(self.running)
         skipped = []
@@ -263,6 +269,9 @@ class Scheduler:
                 break
             req = entry.request
             assert req is not None
+            room = prompt_room if claim is not None and req is claim.request else prompt_room - over
+            if room <= 0:
+                break  # what is left of the room is the claim's alone
             victim = None
             if seated:
                 victim = self._seat_victim(req, seated)
@@ -285,7 +294,7 @@ class Scheduler:
                 preempted.append(victim.request_id)
                 stolen = True
             prefix = self.kv.match(req)
-            n = min(req.num_tokens - prefix.num_tokens, budget, prompt_room)
+            n = min(req.num_tokens - prefix.num_tokens, budget, room)
             if not self.kv.admit(req, prefix, n):
                 policy.on_release(req)  # hand back what the policy reserved for it
                 break  # the head waits for memory; nobody behind it jumps the queue

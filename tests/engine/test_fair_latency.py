@@ -110,6 +110,21 @@ def test_light_requests_in_consecutive_steps_do_not_hold_back_the_running_prompt
     assert computed() == {"flood": 24, "l2": 8}
 
 
+def test_a_light_requests_prompt_longer_than_the_bound_goes_in_one_step_of_its_own():
+    # light's one request has an 80-token prompt, beyond the shared bound of 32: its step computes all of it (the
+    # room grows to hold it; flood's prompt held back), so its first token comes after one step, not three. The
+    # next step is flood's again, within the bound.
+    t = long_prompt_beside_light(l1=(80, 4))
+    history = t.engine.runner.history
+    computed = lambda: {k: v for k, v in t.prompt_tokens(len(history) - 1).items() if v}  # noqa: E731
+    rid = t.submit("l1")
+    t.step()
+    assert computed() == {"l1": 80}
+    assert t.engine.get_request(rid).num_output_tokens == 1
+    t.step()
+    assert computed() == {"flood": 32}
+
+
 def test_a_held_back_prompt_whose_seat_is_taken_is_not_scheduled():
     # Every seat taken: flood's two decodes and its long prompt in chunks (its latest arrival), and light's request.
     # light's next request claims the step exclusively (flood's prompt held back) but waits for its adapter;
