@@ -104,13 +104,20 @@ def kv_bytes(arch, tokens: int, dtype_bytes: int = 2) -> int:
     return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * dtype_bytes * tokens
 
 
+PAIRED = ("single_stream_tok_s", "engine_tok_s", "tok_s_32_adapters", "tok_s_1_adapter", "ratio_single_stream",
+          "ratio_batched", "ratio_32_adapters")
+
+
 def peer_results() -> dict:
-    """The peer's figures from bench/results/peers.json when `make bench ARGS=peers` ran (else nothing)."""
+    """The peer's figures from bench/results/peers.json when `make bench ARGS=peers` ran (else nothing), and ours
+    from that run as `paired_*`: each timed right beside the peer's run of the same workload (this bench's own
+    figures are timed minutes apart from the peer's, and this machine's speed drifts by more than the gap)."""
     path = RESULTS / "peers.json"
     if not path.is_file():
         return {}
     data = json.loads(path.read_text())
-    return {k: v for k, v in data.items() if k.startswith("llamacpp_")} | {"llamacpp_commit": data.get("commit")}
+    return ({k: v for k, v in data.items() if k.startswith("llamacpp_")} | {"llamacpp_commit": data.get("commit")}
+            | {f"paired_{k}": data[k] for k in PAIRED if k in data and "timing" in data})  # (older runs: not paired)
 
 
 def commit() -> str:
