@@ -7,6 +7,7 @@ projections, small random weights, written by peft itself. Baselines:
 - hf_peft_batched: one left-padded static batch, `generate(..., adapter_names=[...])`;
 - hf_peft_sequential: one request at a time, `set_adapter` before each `generate` (timed over the first
   `--sequential-requests` requests: its tokens/s does not depend on how many run).
+Ours: 32 / 1 / 0 adapters each timed `--rounds` times (default 2), the order reversed every other round.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sequential-requests", type=int, default=4)
     ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2, help="timed runs of each configuration, the order alternating")
     args = ap.parse_args(argv)
     n, na, new = args.requests, args.adapters, args.new_tokens
 
@@ -91,17 +93,21 @@ def main(argv: list[str] | None = None) -> dict:
     warm = [rt.tokenizer.encode(f"warm up {i} " * 20) for i in range(na)]
     engine_run(rt.engine, warm, 4, [versions[i] for i in range(na)])
 
-    def ours(assign: list[str | None]) -> float:
-        rt.engine.pool.reset_prefix_cache()  # every configuration starts cold
-        dt, tokens = engine_run(rt.engine, prompts, new, assign)
-        return tokens / dt
-
     res = {"workload": "mixed", "requests": n, "adapters": na, "ranks": list(RANKS), "targets": TARGETS,
            "new_tokens": new, "model": default_model_path().name, "quantization": rt.loaded.quantization,
-           **environment()}
-    res["tok_s_32_adapters"] = ours([versions[i % na] for i in range(n)])
-    res["tok_s_1_adapter"] = ours([versions[1]] * n)
-    res["tok_s_no_adapter"] = ours([None] * n)
+           "rounds": args.rounds, **environment()}
+    # Each configuration timed once a round, the order reversed every other round (this machine's speed drifts
+    # within minutes: a ratio of two runs timed apart would measure the drift too); tokens over seconds in all.
+    configs = {"tok_s_32_adapters": [versions[i % na] for i in range(n)], "tok_s_1_adapter": [versions[1]] * n,
+               "tok_s_no_adapter": [None] * n}
+    spent = {key: [0.0, 0] for key in configs}
+    for rnd in range(args.rounds):
+        for key in list(configs)[:: 1 if rnd % 2 == 0 else -1]:
+            rt.engine.pool.reset_prefix_cache()  # every configuration starts cold
+            dt, tokens = engine_run(rt.engine, prompts, new, configs[key])
+            spent[key][0] += dt
+            spent[key][1] += tokens
+    res.update({key: tokens / seconds for key, (seconds, tokens) in spent.items()})
     res["ratio_32_vs_1_adapter"] = res["tok_s_32_adapters"] / res["tok_s_1_adapter"]
     res["ratio_1_adapter_vs_none"] = res["tok_s_1_adapter"] / res["tok_s_no_adapter"]
     arch = rt.loaded.arch
