@@ -11,10 +11,10 @@ tenant furthest ahead (`_seat_victims`); and while more than one tenant has requ
 `max_shared_prefill_tokens` prompt tokens, of which the request admitted next claims its share ahead of the running
 prompts of tenants ahead of it, all of them when its tenant is not backlogged, and then its whole prompt even beyond
 the bound (`_prompt_room`): a light tenant's new request waits for one short step, not for a step full of another
-tenant's prompts, and then for one step of its own prompt; under `fcfs`, priority then arrival. When a running request needs a block
-and none is left, the running request ranked last is preempted (lowest priority; under `vtc` from the tenant
-furthest ahead; then latest arrival): it returns all its blocks and goes back to the front of its tenant's queue
-to be recomputed.
+tenant's prompts, and then for one step of its own prompt; under `fcfs`, priority then arrival. When a running
+request needs a block and none is left, the running request ranked last is preempted (lowest priority; under
+`vtc` from the tenant furthest ahead; then latest arrival): it returns all its blocks and goes back to the front of
+its tenant's queue to be recomputed.
 
 The admission policy (chosen at construction) may skip waiting requests; whatever it reserves for a
 request it admits (an adapter slot) is handed back through `on_release`, on every path that ends a
