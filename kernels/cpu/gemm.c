@@ -131,24 +131,22 @@ static int gemm_run(const void *x, int x_f32, int64_t ldx, const float *wp, void
     free(xf);
     return 0;
 }
+#else
+/* Without AVX2 and FMA the kernel takes nothing: the caller uses another path. */
+static int gemm_run(const void *x, int x_f32, int64_t ldx, const float *wp, void *y, int y_f32, int64_t ldy,
+                    int64_t m, int64_t n, int64_t k, int num_threads) {
+    (void)x; (void)x_f32; (void)ldx; (void)wp; (void)y; (void)y_f32; (void)ldy; (void)m; (void)n; (void)k;
+    (void)num_threads;
+    return -1;
+}
 #endif
 
 int gemm_f32w_bf16(const uint16_t *x, int64_t ldx, const float *wp, uint16_t *y, int64_t ldy, int64_t m, int64_t n,
                    int64_t k, int num_threads) {
-#if GEMM_AVX2
     return gemm_run(x, 0, ldx, wp, y, 0, ldy, m, n, k, num_threads);
-#else
-    (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)num_threads;
-    return -1;
-#endif
 }
 
 int gemm_f32w_f32(const float *x, int64_t ldx, const float *wp, float *y, int64_t ldy, int64_t m, int64_t n, int64_t k,
                   int num_threads) {
-#if GEMM_AVX2
     return gemm_run(x, 1, ldx, wp, y, 1, ldy, m, n, k, num_threads);
-#else
-    (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)num_threads;
-    return -1;
-#endif
 }
