@@ -24,7 +24,7 @@ from adapters.identity import adapter_version_id
 from adapters.peft_config import DEFAULT_MAX_RANK, BaseShapes
 from adapters.peft_format import AdapterError, ParsedAdapter, parse_adapter
 from adapters.store import Store, check_version_id
-from kernels.native import serial_thread
+from kernels.threads import serial_thread
 
 __all__ = ["AdapterLoadFailed", "CacheFull", "CacheStats", "HostAdapterCache", "LoaderFromStore", "Status",
            "StoredAdapterCorrupt"]

@@ -35,7 +35,7 @@ from adapters.pg import PgDatabase
 from adapters.registry_types import DatabaseUnavailable
 from adapters.store import Store, StoreError
 from adapters.stores import open_store
-from kernels.native import in_passing_thread, serial_thread
+from kernels.threads import in_passing_thread, serial_thread
 from service.accounting import Accounting, UsageWriter
 from service.adapter_manager import AdapterManager
 from service.api.adapter_service import AdapterServicer
@@ -470,7 +470,7 @@ def serve(rc: RuntimeConfig, ec: EngineConfig, ac: AdapterConfig, sc: ServerConf
         database, sc = connected
         try:
             # Loaded on a thread that ends here: the engine's loop thread is then the one thread with OpenMP workers
-            # (see kernels.native.in_passing_thread: on a 2-CPU machine every step ran 1.3-1.5x slower otherwise).
+            # (see kernels.threads.in_passing_thread: on a 2-CPU machine every step ran 1.3-1.5x slower otherwise).
             server = in_passing_thread(
                 lambda: build_server(rc, ec, ac, sc, svc, adapters, store=store, tenants=tenants, database=database))
         except BaseException:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xgrammar as xgr
 
-from kernels.native import serial_thread
+from kernels.threads import serial_thread
 from service.engine.structured import FormatKind, ResponseFormat
 from service.runtime.tokenizer import Tokenizer
 

@@ -211,7 +211,7 @@ def test_the_last_message_waits_for_the_usage_row(make_server):
 
 
 def test_serve_builds_the_model_on_a_thread_that_ends_before_the_engine_starts(tmp_path, monkeypatch):
-    """`serve` loads and prepares the model on a passing thread (kernels.native.in_passing_thread), not on the main
+    """`serve` loads and prepares the model on a passing thread (kernels.threads.in_passing_thread), not on the main
     thread that lives on: the engine's loop thread is then the one thread with OpenMP workers. A build that fails
     there fails `serve` on the main thread with its own error."""
     from service import server as server_mod
