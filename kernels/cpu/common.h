@@ -1,4 +1,5 @@
-/* What the C kernels share: bfloat16 <-> float32 conversions (bf16 values travel as uint16_t). */
+/* What the C kernels share: bfloat16 <-> float32 conversions (bf16 values travel as uint16_t), one at a time and,
+ * with AVX2, eight at a time. */
 #ifndef LORASERVE_COMMON_H
 #define LORASERVE_COMMON_H
 
@@ -21,5 +22,26 @@ static inline uint16_t f32_to_bf16(float f) {
     const uint32_t nan = (u >> 16) | 0x40u;
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* 8 bf16 values widened to float32. */
+static inline __m256 load_bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Eight float32 -> bf16 bit patterns in the low halves of int32 lanes: round to nearest even, a NaN stays NaN
+ * (f32_to_bf16, eight at a time). */
+static inline __m256i bf16_bits8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                              _mm256_set1_epi32(0x7f800000));
+    const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+    return _mm256_blendv_epi8(rounded, nan, is_nan);
+}
+#endif
 
 #endif

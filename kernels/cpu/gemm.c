@@ -35,22 +35,10 @@
 int gemm_f32w_available(void) { return GEMM_AVX2; }
 
 #if GEMM_AVX2
-/* Eight float32 -> bf16 bit patterns in the low halves of int32 lanes: round to nearest even, a NaN stays NaN
- * (common.h's f32_to_bf16, eight at a time). */
-static inline __m256i bf16_bits(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                              _mm256_set1_epi32(0x7f800000));
-    const __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    return _mm256_blendv_epi8(rounded, nan, is_nan);
-}
-
 /* 16 outputs (lo: columns 0-7, hi: 8-15) stored as bf16. packus works within 128-bit lanes ([lo0-3 hi0-3 |
  * lo4-7 hi4-7]); the permute puts the four 64-bit quarters back in column order. */
 static inline void store_bf16x16(uint16_t *dst, __m256 lo, __m256 hi) {
-    const __m256i packed = _mm256_packus_epi32(bf16_bits(lo), bf16_bits(hi));
+    const __m256i packed = _mm256_packus_epi32(bf16_bits8(lo), bf16_bits8(hi));
     _mm256_storeu_si256((__m256i *)dst, _mm256_permute4x64_epi64(packed, 0xD8));
 }
 

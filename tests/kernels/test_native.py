@@ -151,15 +151,19 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only():
     assert native.q8_gemv(torch.zeros(1, 96, dtype=BF16), odd.qweight, odd.scales, odd.scales) is None
 
 
+@pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "no-bf16-cpu"])
 @pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
-def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype):
+def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype, native_bf16):
     """A fused q/k/v-like group (outputs 32 + 8 + 8) over four slots of different ranks, one projection left
     out by one adapter (rank 0), a slot without weights, a no-adapter segment, a 37-row segment and a long
-    (prefill, 70 rows) segment beside the short ones: the C kernel takes the segments of up to 64 rows, torch
-    the long one, all match the float32 per-token oracle on the same weights. With weights held in bfloat16
-    (what the CPU path holds) the oracle reads those rounded weights: the kernel's products and sums stay
-    float32, so the tolerance is the same."""
+    (prefill, 70 rows) segment beside the short ones: the C kernel takes the segments of up to 64 rows and, on a
+    CPU without bf16 products, the long one too (torch takes it where bf16 is native); all match the float32
+    per-token oracle on the same weights. With weights held in bfloat16 (what the CPU path holds) the oracle
+    reads those rounded weights: the kernel's products and sums stay float32, so the tolerance is the same."""
+    import kernels.lora
     from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+
+    monkeypatch.setattr(kernels.lora, "native_bf16", lambda: native_bf16)
 
     g = torch.Generator().manual_seed(11)
     in_dim, outs = 24, (32, 8, 8)
@@ -194,12 +198,13 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     kernel = native.sgmv_
     monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
     got = sgmv_cpu_(y0.clone(), x, seg, weights)
-    assert calls == [[(0, 2), (2, 3), (4, 7), (8, 45), (45, 46)]]  # the segments with weights up to 64 rows
+    short = [(0, 2), (2, 3), (4, 7), (8, 45), (45, 46)]  # the segments with weights up to 64 rows
+    assert calls == [short if native_bf16 else [*short, (46, 116)]]
     # the C kernel's rows: one bf16 rounding of y (values ~10)
     torch.testing.assert_close(got[:46].float(), want[:46], atol=0.1, rtol=2e-2)
-    # the long segment (torch): with bfloat16 weights its product runs in bfloat16, and the rank-sized
-    # intermediate (values up to ~15, 16 ranks summed into each output) is rounded once more
-    long_atol = 0.1 if wdtype == torch.float32 else 0.3
+    # the long segment: in C one rounding as above; in torch with bfloat16 weights its product runs in bfloat16,
+    # and the rank-sized intermediate (values up to ~15, 16 ranks summed into each output) is rounded once more
+    long_atol = 0.1 if wdtype == torch.float32 or not native_bf16 else 0.3
     torch.testing.assert_close(got[46:].float(), want[46:], atol=long_atol, rtol=2e-2)
     assert torch.equal(got[3], y0[3])  # the no-adapter row is untouched
     assert torch.equal(got[7], y0[7])  # so is the row of the slot that holds nothing
@@ -239,13 +244,61 @@ def test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtyp
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
-def test_the_sgmv_built_without_avx512_gives_the_same_deltas(tmp_path, monkeypatch, wdtype):
-    """The SGMV kernel's plain-C path (CPUs without AVX-512): the kernels built for such a CPU, run here, on the
-    fused-slices case and the 64-row case above."""
+def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype):
+    """Ranks and output widths that are not multiples of 8 or 16 (the kernels' vector tails: in_dim 40, slices of
+    21 and 13 columns, ranks 5 + 11, 3 + 0 and 24 + 9) over segments of 1, 3, 4, 6, 13 and 70 rows (every block
+    kind: two, four and the long segments' rows), all through the C kernel (a CPU without bf16 products): each
+    row within one bf16 rounding of the float32 oracle."""
+    import kernels.lora
+    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+
+    monkeypatch.setattr(kernels.lora, "native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(13)
+    in_dim, outs = 40, (21, 13)
+    weights, a_list, b_list = [], [], []
+    for rs in [(5, 11), (3, 0), (24, 9)]:
+        a_t = torch.randn(in_dim, sum(rs), generator=g) * 0.2
+        b_t = torch.zeros(sum(rs), sum(outs))
+        r0 = c0 = 0
+        for rank, out in zip(rs, outs):
+            b_t[r0 : r0 + rank, c0 : c0 + out] = torch.randn(rank, out, generator=g) * 0.2
+            r0, c0 = r0 + rank, c0 + out
+        a_t, b_t = a_t.to(wdtype), b_t.to(wdtype)
+        weights.append(SlicedWeights(a_t, b_t, rs, outs))
+        a_list.append(a_t.float().T)
+        b_list.append(b_t.float().T)
+    slots = [0] + [1] * 3 + [2] * 4 + [0] * 6 + [1] * 13 + [2] * 70
+    seg = LoraSegments.from_token_slots(slots)
+    x = torch.randn(len(slots), in_dim, generator=g).to(BF16)
+    y0 = torch.randn(len(slots), sum(outs), generator=g).to(BF16)
+    want = y0.float() + sgmv_reference(x.float(), seg, a_list, b_list, [1.0] * 3)
+    calls = []
+    kernel = native.sgmv_
+    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = sgmv_cpu_(y0.clone(), x, seg, weights)
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [list(zip(seg.starts, seg.ends))]  # the C kernel took every segment
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~4)
+
+
+@pytest.mark.parametrize("without", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx2", "plain-c"])
+@pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
+def test_the_sgmv_built_for_a_smaller_instruction_set_gives_the_same_deltas(tmp_path, monkeypatch, wdtype, without):
+    """The SGMV kernel's AVX2 path (CPUs without AVX-512) and its plain-C path (neither): the kernels built for
+    such a CPU, run here, on the cases above (the fused slices on both CPU policies, the 64-row batch, the odd
+    ranks and widths). On a CPU without AVX2 the first build is the plain-C one too."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
-    lib = native.build_library(native._compiler(), (*native.FLAGS, "-mno-avx512f"))
+    lib = native.build_library(native._compiler(), (*native.FLAGS, *without))
     monkeypatch.setattr(native, "_lib", lib)
     monkeypatch.setattr(native, "_loaded", True)  # a first library() call must not load the default build over it
     assert native.library() is lib
-    test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype)
+    for bf16_cpu in (True, False):
+        test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype, bf16_cpu)
     test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtype)
+    test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype)
+
