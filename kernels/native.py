@@ -58,6 +58,8 @@ _SIGNATURES = {
     "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                             _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                             _ptr, _int, _int], _int),
+    "lora_group_bf16": ([_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int,
+                         _int], _int),
 }
 
 
@@ -378,6 +380,12 @@ class FusedLoraArgs:
     def none() -> FusedLoraArgs:
         return FusedLoraArgs(0)
 
+    def addresses(self) -> list[int | None]:
+        """starts, ends, ptrs, ranks, nslices, outs as the C side takes them (None each when there is no segment)."""
+        if self.nseg == 0:
+            return [None] * 6
+        return [t.data_ptr() for t in (self.starts, self.ends, self.ptrs, self.ranks, self.nslices, self.outs)]  # type: ignore[union-attr]
+
 
 def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
     """`layers`: per layer (qkv, o, gate_up, down, post_norm, next_norm, k_cache, v_cache): int4 weights with
@@ -413,8 +421,7 @@ def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions
                                  *(() if nq is None else (nq,))):
         return None
     lo = lora if lora is not None else FusedLoraArgs.none()
-    lp = [None] * 6 if lo.nseg == 0 else [t.data_ptr() for t in (lo.starts, lo.ends, lo.ptrs, lo.ranks, lo.nslices,
-                                                                lo.outs)]  # type: ignore[union-attr]
+    lp = lo.addresses()
     down = torch.empty(hs.shape, dtype=torch.bfloat16)
     rc = lib.decode_layers_bf16(
         x.data_ptr(), hs.data_ptr(), down.data_ptr(), dl.table.data_ptr(), dl.table.shape[0], positions.data_ptr(),
@@ -425,6 +432,23 @@ def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions
     if rc == -2:
         raise RuntimeError("the fused decode layers failed after changing the residual stream (out of memory?)")
     return down if rc == 0 else None
+
+
+def lora_group_(y: torch.Tensor, x: torch.Tensor, lora: FusedLoraArgs, layer: int, group: int) -> bool:
+    """In place y (bf16 `[T, out]`) += the LoRA delta of x (bf16 `[T, in]`) for projection group `group` (an index
+    of `kernels.lora.FUSED_GROUPS`) of `layer`, from a step's table as the fused decode layers read it (built once
+    a step: each projection's call then passes a few pointers). False when the kernel cannot take it (nothing was
+    changed then)."""
+    lib = library()
+    if (lib is None or not usable(y, x) or x.dtype != torch.bfloat16 or y.dtype != torch.bfloat16
+            or y.shape[0] != x.shape[0]):
+        return False
+    if lora.nseg == 0:
+        return True
+    layers = lora.ptrs.numel() // (4 * lora.nseg * 2)  # type: ignore[union-attr]
+    rc = lib.lora_group_bf16(x.data_ptr(), y.data_ptr(), x.shape[0], x.shape[1], y.shape[1], layer, layers, group,
+                             lora.nseg, *lora.addresses(), int(lora.bf16), torch.get_num_threads())
+    return rc == 0
 
 
 def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t: list[torch.Tensor],

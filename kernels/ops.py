@@ -148,6 +148,14 @@ class TorchKernels:
         return _lora.sgmv_cpu_(y, x, segments, weights) if y.is_cpu else \
             _lora.sgmv_torch_(y, x, segments, weights)
 
+    def sgmv_fused_(self, y: torch.Tensor, x: torch.Tensor, lora: native.FusedLoraArgs, layer: int, group: int
+                    ) -> bool:
+        """y += the LoRA delta of `layer`'s projection group `group` (an index of `kernels.lora.FUSED_GROUPS`) from
+        the step's table as `kernels.lora.fused_lora` builds it: the same deltas as `sgmv_` on the segments and
+        weights it was built from (the C kernel, one call with a few pointers). False when it cannot (nothing
+        changed: call `sgmv_`)."""
+        return native.lora_group_(y, x, lora, layer, group)
+
     def decode_layers(self, x: torch.Tensor, hs: torch.Tensor, layers: native.DecodeLayers, positions: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, eps: float, scale: float,
                       lora: native.FusedLoraArgs | None = None) -> torch.Tensor | None:

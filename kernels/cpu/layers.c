@@ -86,6 +86,34 @@ static int lora_apply(const Lora *lo, int64_t l, int g, const uint16_t *x, uint1
                     : sgmv_f32w_bf16(x, y, k, st, en, a, b, rk, ns, outs, in_dim, out_dim, threads);
 }
 
+/* y [rows, out_dim] bf16 += the LoRA delta of x [rows, in_dim] bf16 for group g of layer l of a step's table (the
+ * op-by-op layers' call: the table is built once a step, not once a projection). Returns 0; -1 when the kernel
+ * cannot take it (a segment past the rows, a group or layer out of range, dimensions it does not fit), nothing
+ * changed then. */
+int lora_group_bf16(const uint16_t *x, uint16_t *y, int64_t rows, int64_t in_dim, int64_t out_dim, int64_t l,
+                    int64_t num_layers, int64_t g, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                    const int64_t *ptrs, const int64_t *ranks, const int64_t *nslices, const int64_t *outs, int bf16,
+                    int num_threads) {
+    const Lora lo = {nseg, starts, ends, ptrs, ranks, nslices, outs, bf16};
+    if (nseg == 0) return 0;
+    if (g < 0 || g >= GROUPS || l < 0 || l >= num_layers || nseg < 0 || num_threads < 1 || nslices[g] < 1 ||
+        nslices[g] > MAX_GROUP_SLICES)
+        return -1;
+    for (int64_t s = 0; s < nseg; s++) {
+        if (starts[s] < 0 || ends[s] > rows) return -1;
+        if (!ptrs[((l * GROUPS + g) * nseg + s) * 2]) continue;
+        const int64_t *rk = ranks + ((l * GROUPS + g) * nseg + s) * MAX_GROUP_SLICES;
+        int64_t r = 0;
+        for (int64_t j = 0; j < nslices[g]; j++) r += rk[j];
+        if (!sgmv_fits(in_dim, out_dim, nslices[g], outs + g * MAX_GROUP_SLICES, r)) return -1;
+    }
+    int64_t *work = malloc(sizeof(int64_t) * (size_t)((4 + MAX_GROUP_SLICES) * nseg));
+    if (work == NULL) return -1;
+    const int rc = lora_apply(&lo, l, (int)g, x, y, in_dim, out_dim, work, num_threads);
+    free(work);
+    return rc;
+}
+
 /* One layer's pointers, as int64 in this order (kernels/native.py builds the table). */
 enum { QKV, O = 3, GATE_UP = 6, DOWN = 9, POST_NORM = 12, NEXT_NORM, K_CACHE, V_CACHE, LAYER_FIELDS };
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from kernels import native, ops
-from kernels.lora import LoraSegments, fused_lora
+from kernels.lora import FUSED_GROUPS, LoraSegments, fused_lora
 from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
 from kernels.quant_cpu import dense_bytes, q4_max_rows
@@ -57,8 +57,12 @@ class LoraStep:
     # same weights, so what the fused decode layers build from them is reused (None: rebuilt every step)
     version: int | None = None
 
-    def apply_(self, kn: Kernels, y: torch.Tensor, x: torch.Tensor, layer: int, group: str) -> None:
-        """y += the LoRA delta of x under `group`'s weights of `layer`."""
+    def apply_(self, kn: Kernels, y: torch.Tensor, x: torch.Tensor, layer: int, group: str,
+               fused: native.FusedLoraArgs | None = None) -> None:
+        """y += the LoRA delta of x under `group`'s weights of `layer`; `fused`: this step's table as
+        `kernels.lora.fused_lora` built it, offered first to the backend's `sgmv_fused_` (the same deltas)."""
+        if fused is not None and kn.sgmv_fused_(y, x, fused, layer, FUSED_GROUPS.index(group)):  # type: ignore[attr-defined]
+            return
         w = self.table[layer][group]
         if isinstance(self.segments, torch.Tensor):
             kn.sgmv_static_(y, x, self.segments, w)  # type: ignore[attr-defined]  # the Triton backend's
@@ -173,6 +177,10 @@ class LlamaModel:
                     w.prepack(dense=self.dense_weights and any(w is m for m in matmuls), exact=w is self.lm_head)
         # Decode steps of at most this many tokens run their layers in one C call (kernels/cpu/layers.c).
         self._fused_rows = self._fused_rows_limit()
+        # The op-by-op layers' LoRA from one table a step (`kernels.lora.fused_lora`) through the C kernel's
+        # per-group entry, rather than one argument list built per projection: the CPU torch backend on bf16.
+        self._table_lora = (dev.type == "cpu" and dtype == torch.bfloat16 and self.kernels.name == "torch"
+                            and hasattr(self.kernels, "sgmv_fused_") and native.library() is not None)
         self._fused_table: tuple[KVCache, native.DecodeLayers] | None = None
         self._fused_lora_cache: tuple[tuple, native.FusedLoraArgs | None] | None = None  # ((version, segments), args)
 
@@ -253,10 +261,13 @@ class LlamaModel:
                                         self.scale, fl)
                 if down is not None:
                     return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
+        table = None  # the step's LoRA table for the op-by-op layers' C calls
+        if lora is not None and self._table_lora and isinstance(lora.segments, LoraSegments):
+            table = self._fused_lora(lora)  # reused from the fused layers' try when they declined
         for i, lw in enumerate(self.layers):
             qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
             if lora is not None:
-                lora.apply_(kn, qkv, hs, i, "qkv")
+                lora.apply_(kn, qkv, hs, i, "qkv", table)
             k_cache, v_cache = kv.layer(i)
             q = kn.rope_write_kv(qkv, positions, self._cos, self._sin, k_cache, v_cache, plan.slot_mapping,
                                  arch.num_heads)
@@ -264,15 +275,15 @@ class LlamaModel:
             attn = attn.reshape(attn.shape[0], arch.q_size)
             o = kn.linear(attn, lw.o)
             if lora is not None:
-                lora.apply_(kn, o, attn, i, "o")
+                lora.apply_(kn, o, attn, i, "o", table)
             hs = kn.add_rms_norm(x, o, lw.post_norm, eps, dt)
             gu = kn.linear(hs, lw.gate_up)  # [T, 2 * inter]
             if lora is not None:
-                lora.apply_(kn, gu, hs, i, "gate_up")
+                lora.apply_(kn, gu, hs, i, "gate_up", table)
             act = kn.silu_mul(gu)
             down = kn.linear(act, lw.down)
             if lora is not None:
-                lora.apply_(kn, down, act, i, "down")
+                lora.apply_(kn, down, act, i, "down", table)
             # the residual add, and the norm of what reads it next: the next layer's input or the final norm
             nxt = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.final_norm
             hs = kn.add_rms_norm(x, down, nxt, eps, dt if i + 1 < len(self.layers) else torch.float32)

@@ -302,3 +302,29 @@ def test_the_sgmv_built_for_a_smaller_instruction_set_gives_the_same_deltas(tmp_
     test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtype)
     test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype)
 
+
+def test_lora_group_refuses_a_table_that_does_not_fit_and_changes_nothing():
+    """`native.lora_group_` on bad input: a segment past the batch's rows, a group index past the four groups, a
+    layer past the table, activations in float32: each answers False with y untouched (the caller then runs
+    `sgmv_`); the same table on a fitting batch applies the delta."""
+    from kernels.lora import LoraSegments, SlicedWeights, fused_lora
+
+    g = torch.Generator().manual_seed(3)
+    groups = {"qkv": (16, (8, 4, 4)), "o": (8, (16,)), "gate_up": (16, (12, 12)), "down": (12, (16,))}
+    layer = {}
+    for name, (ind, outs) in groups.items():
+        rs = (4,) * len(outs)
+        layer[name] = [SlicedWeights(torch.randn(ind, sum(rs), generator=g).to(BF16),
+                                     torch.block_diag(*[torch.randn(4, o, generator=g) for o in outs]).to(BF16),
+                                     rs, outs)]
+    table = fused_lora(LoraSegments.from_token_slots([0] * 6), [layer])
+    assert table is not None and table.nseg == 1
+    x = torch.randn(6, 16, generator=g).to(BF16)
+    y = torch.randn(6, 16, generator=g).to(BF16)
+    before = y.clone()
+    assert not native.lora_group_(y[:4], x[:4], table, 0, 0)  # the segment ends at row 6 of a 4-row batch
+    assert not native.lora_group_(y, x, table, 0, 4)  # group 4: there are four, 0-3
+    assert not native.lora_group_(y, x, table, 1, 0)  # layer 1 of a one-layer table
+    assert not native.lora_group_(y.float(), x.float(), table, 0, 0)  # float32 activations
+    assert torch.equal(y, before)
+    assert native.lora_group_(y, x, table, 0, 0) and not torch.equal(y, before)

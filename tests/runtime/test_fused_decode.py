@@ -219,3 +219,45 @@ def test_decodes_of_four_adapters_and_base_rows_are_bit_identical(lora_setup, mo
     for row in (0, 1, 2, 4, 5):
         assert not torch.equal(plain[:, row], fused[:, row]), row
     assert torch.equal(plain[:, 3], fused[:, 3])
+
+
+def test_the_op_by_op_layers_lora_from_the_steps_table_is_bit_identical(lora_setup, monkeypatch):
+    """A prefill step of three prompts under three adapters and a base prompt (segments of 13-40 tokens: beyond
+    the fused layers), op by op: the LoRA of every layer and group from the step's one table (`sgmv_fused_`, what
+    the model does on this CPU path) against one argument list per projection (`sgmv_`), same logits and cache
+    to the bit; the table path took every projection of the step."""
+    _avx2()
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
+    path, dirs = lora_setup
+    loaded = load_model(path, quantize="int4")
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
+    assert model._table_lora
+    slots = LoraSlots(loaded.arch, max_active=4)
+    for slot, d in enumerate(dirs[:3]):
+        parsed = parse_adapter(d, loaded.arch)
+        slots.load(slot, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id),
+                                      torch.bfloat16))
+    lens, token_slots = [13, 40, 21, 17], [0, 1, -1, 2]
+    kv = KVCache(loaded.arch, num_blocks=40, block_size=BS, dtype=model.dtype)
+    tables, b = [], 1
+    for n in lens:
+        tables.append(list(range(b, b + -(-n // BS))))
+        b += len(tables[-1])
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (sum(lens),), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    plan = AttentionPlan.build(tables, [0] * 4, lens, BS)
+    lora = LoraStep(LoraSegments.from_token_slots([s for s, n in zip(token_slots, lens) for _ in range(n)]),
+                    slots.table, slots.version)
+    used: list[bool] = []
+    real = model.kernels.sgmv_fused_
+    monkeypatch.setattr(model.kernels, "sgmv_fused_", lambda *a: used.append(r := real(*a)) or r)
+    out = []
+    for table_lora in (True, False):
+        kv.arena.zero_()
+        model._table_lora = table_lora
+        out.append((model.forward(ids, positions, plan, kv, lora), kv.arena.clone()))
+    assert len(used) == 4 * loaded.arch.num_layers and all(used)  # every group of every layer, once, taken
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    base = model.forward(ids, positions, plan, kv)  # and the adapters did change the result
+    assert not torch.equal(base, out[0][0])
