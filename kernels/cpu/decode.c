@@ -1217,17 +1217,21 @@ static inline __attribute__((always_inline)) int sgmv_body(
         free(scratch);
         return -1;
     }
-    int64_t rows = 0;
+    /* threads when the blocks' work pays for a parallel region: each block reads its adapter's weights (a decode
+     * step of 32 adapters with one row each is megabytes of them over only 32 rows) and converts its rows */
+    int64_t work = 0;
     for (int64_t s = 0, n = 0; s < nseg; s++) {
         const int64_t len = ends[s] - starts[s], bs = sgmv_block_rows(len, num_threads);
-        rows += len;
+        int64_t r = 0;
+        for (int64_t j = 0; j < nslices; j++) r += ranks[s * nslices + j];
+        work += len * in_dim + (len + bs - 1) / bs * r * (in_dim + out_dim);
         for (int64_t t = starts[s]; t < ends[s]; t += bs, n++) {
             blk[3 * n] = s;
             blk[3 * n + 1] = t;
             blk[3 * n + 2] = ends[s] - t < bs ? ends[s] - t : bs;
         }
     }
-#pragma omp parallel num_threads(num_threads) if (nblk > 1 && rows * in_dim >= 32768)
+#pragma omp parallel num_threads(num_threads) if (nblk > 1 && work >= 32768)
     {
         float *xf = scratch + per_thread * (size_t)omp_get_thread_num();
         float *tmp = xf + (size_t)SGMV_ROWS * (size_t)in_dim;

@@ -301,6 +301,7 @@ def test_the_sgmv_built_for_a_smaller_instruction_set_gives_the_same_deltas(tmp_
         test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype, bf16_cpu)
     test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtype)
     test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype)
+    test_sgmv_of_many_one_row_adapters_matches_the_reference(monkeypatch, wdtype)
 
 
 def test_lora_group_refuses_a_table_that_does_not_fit_and_changes_nothing():
@@ -328,3 +329,36 @@ def test_lora_group_refuses_a_table_that_does_not_fit_and_changes_nothing():
     assert not native.lora_group_(y.float(), x.float(), table, 0, 0)  # float32 activations
     assert torch.equal(y, before)
     assert native.lora_group_(y, x, table, 0, 0) and not torch.equal(y, before)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
+def test_sgmv_of_many_one_row_adapters_matches_the_reference(monkeypatch, wdtype):
+    """A decode step of 32 requests under 32 adapters (one row each, ranks 8 and 16, the default model's gate/up
+    shapes): few rows but megabytes of weights, so the kernel's threads split the segments; every row within one
+    bf16 rounding of the float32 oracle."""
+    import kernels.lora
+    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+
+    monkeypatch.setattr(kernels.lora, "native_bf16", lambda: False)
+    g = torch.Generator().manual_seed(14)
+    in_dim, outs = 576, (1536, 1536)
+    weights, a_list, b_list = [], [], []
+    for i in range(32):
+        r = 8 if i % 2 else 16
+        a_t = torch.randn(in_dim, 2 * r, generator=g) * 0.05
+        b_t = torch.block_diag(*[torch.randn(r, o, generator=g) * 0.05 for o in outs])
+        a_t, b_t = a_t.to(wdtype), b_t.to(wdtype)
+        weights.append(SlicedWeights(a_t, b_t, (r, r), outs))
+        a_list.append(a_t.float().T)
+        b_list.append(b_t.float().T)
+    seg = LoraSegments.from_token_slots(list(range(32)))
+    x = torch.randn(32, in_dim, generator=g).to(BF16)
+    y0 = torch.randn(32, sum(outs), generator=g).to(BF16)
+    want = y0.float() + sgmv_reference(x.float(), seg, a_list, b_list, [1.0] * 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = sgmv_cpu_(y0.clone(), x, seg, weights)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
