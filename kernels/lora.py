@@ -30,8 +30,9 @@ NATIVE_SEGMENT_ROWS = 64
 
 
 def native_segment_rows() -> int:
-    """The longest segment `sgmv_cpu_` gives the C kernel on this CPU."""
-    return NATIVE_SEGMENT_ROWS if native_bf16() else sys.maxsize
+    """The longest segment `sgmv_cpu_` gives the C kernel on this CPU: every one where bf16 is not native and the
+    kernel has its vector tiles (AVX2 or AVX-512; its plain-C loops leave prefill chunks to torch's matmuls)."""
+    return NATIVE_SEGMENT_ROWS if native_bf16() or native.sgmv_path() in (None, "portable") else sys.maxsize
 
 
 class SlicedWeights(tuple):

@@ -46,6 +46,7 @@ _SIGNATURES = {
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_available": ([], _int),
     "decode_attention_path": ([], _int),
+    "sgmv_path": ([], _int),
     "sgmv_f32w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "sgmv_bf16w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
@@ -230,6 +231,13 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor | None:
 
 
 ATTENTION_PATHS = {2: "avx512-bf16", 1: "avx2", 0: "portable"}
+SGMV_PATHS = {2: "avx512", 1: "avx2", 0: "portable"}
+
+
+def sgmv_path() -> str | None:
+    """The code path of the SGMV kernel in this build (`SGMV_PATHS`), None without the kernels."""
+    lib = library()
+    return None if lib is None else SGMV_PATHS[lib.sgmv_path()]
 
 
 def attention_path() -> str | None:

@@ -763,12 +763,15 @@ int q8_gemv_bf16(const uint16_t *x, const int8_t *codes, const float *scale, con
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define HAS_SGMV_AVX512 1
+#define HAS_SGMV_AVX2 0
 #define SGMV_LONG_ROWS SGMV_ROWS /* rows of a long segment's blocks */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define HAS_SGMV_AVX512 0
+#define HAS_SGMV_AVX2 1
 #define SGMV_LONG_ROWS 6 /* AVX2's 16 registers: 6 rows x 16 columns of sums */
 #else
 #define HAS_SGMV_AVX512 0
+#define HAS_SGMV_AVX2 0
 #define SGMV_LONG_ROWS SGMV_ROWS
 #endif
 
@@ -914,7 +917,7 @@ static inline __attribute__((always_inline)) void sgmv_rows(
     else
         sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 8, 2, 2, wbf16);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif HAS_SGMV_AVX2
 /* AVX2: the blocks on 8-lane vectors, two kinds. A decode block (2 or 4 rows of one adapter) streams its weights
  * from memory once, row after row of A^T and of B^T's diagonal blocks (a few KB each: prefetched a row or 1 KB
  * ahead, the hardware prefetcher starting cold on each), its sums in L1; a rank of up to 32 / 16 is summed in
@@ -1253,6 +1256,9 @@ static inline __attribute__((always_inline)) int sgmv_body(
     free(scratch);
     return 0;
 }
+
+/* The SGMV kernel's code path in this build: 2 AVX-512, 1 AVX2, 0 plain C. */
+int sgmv_path(void) { return HAS_SGMV_AVX512 ? 2 : HAS_SGMV_AVX2 ? 1 : 0; }
 
 /* Whether sgmv_*_bf16 takes a projection of these dimensions and slices with this total rank. */
 int sgmv_fits(int64_t in_dim, int64_t out_dim, int64_t nslices, const int64_t *outs, int64_t rank) {

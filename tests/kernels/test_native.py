@@ -199,12 +199,14 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
     got = sgmv_cpu_(y0.clone(), x, seg, weights)
     short = [(0, 2), (2, 3), (4, 7), (8, 45), (45, 46)]  # the segments with weights up to 64 rows
-    assert calls == [short if native_bf16 else [*short, (46, 116)]]
+    # the long one too where bf16 is not native and the kernel has vector tiles (not its plain-C loops)
+    long_to_c = not native_bf16 and native.sgmv_path() != "portable"
+    assert calls == [[*short, (46, 116)] if long_to_c else short]
     # the C kernel's rows: one bf16 rounding of y (values ~10)
     torch.testing.assert_close(got[:46].float(), want[:46], atol=0.1, rtol=2e-2)
     # the long segment: in C one rounding as above; in torch with bfloat16 weights its product runs in bfloat16,
     # and the rank-sized intermediate (values up to ~15, 16 ranks summed into each output) is rounded once more
-    long_atol = 0.1 if wdtype == torch.float32 or not native_bf16 else 0.3
+    long_atol = 0.1 if wdtype == torch.float32 or long_to_c else 0.3
     torch.testing.assert_close(got[46:].float(), want[46:], atol=long_atol, rtol=2e-2)
     assert torch.equal(got[3], y0[3])  # the no-adapter row is untouched
     assert torch.equal(got[7], y0[7])  # so is the row of the slot that holds nothing
@@ -247,12 +249,14 @@ def test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtyp
 def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype):
     """Ranks and output widths that are not multiples of 8 or 16 (the kernels' vector tails: in_dim 40, slices of
     21 and 13 columns, ranks 5 + 11, 3 + 0 and 24 + 9) over segments of 1, 3, 4, 6, 13 and 70 rows (every block
-    kind: two, four and the long segments' rows), all through the C kernel (a CPU without bf16 products): each
-    row within one bf16 rounding of the float32 oracle."""
+    kind: two, four and the long segments' rows), all through the C kernel (told to take every length, whatever
+    its build would choose): each row within one bf16 rounding of the float32 oracle."""
+    import sys
+
     import kernels.lora
     from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
 
-    monkeypatch.setattr(kernels.lora, "native_bf16", lambda: False)
+    monkeypatch.setattr(kernels.lora, "native_segment_rows", lambda: sys.maxsize)
     g = torch.Generator().manual_seed(13)
     in_dim, outs = 40, (21, 13)
     weights, a_list, b_list = [], [], []
@@ -362,3 +366,27 @@ def test_sgmv_of_many_one_row_adapters_matches_the_reference(monkeypatch, wdtype
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
+
+
+def test_the_sgmv_path_of_each_build_and_where_prefill_segments_go(tmp_path, monkeypatch):
+    """The SGMV kernel's path in builds for smaller instruction sets (`native.sgmv_path`), and the segment length
+    `sgmv_cpu_` gives it: every length with vector tiles where bf16 is not native, 64 rows where bf16 is native
+    or where only its plain-C loops exist (prefill chunks then stay with torch's matmuls)."""
+    import sys
+
+    import kernels.lora
+    from kernels.lora import NATIVE_SEGMENT_ROWS, native_segment_rows
+
+    default = native.sgmv_path()  # this CPU's own build: AVX2 can be built here only where it runs
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", True)  # library() must not load the default build over the ones below
+    builds = {"portable": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
+    if default in ("avx2", "avx512"):
+        builds["avx2"] = ("-mno-avx512f",)
+    for want, without in builds.items():
+        monkeypatch.setattr(native, "_lib", native.build_library(native._compiler(), (*native.FLAGS, *without)))
+        assert native.sgmv_path() == want
+        for bf16_cpu in (True, False):
+            monkeypatch.setattr(kernels.lora, "native_bf16", lambda b=bf16_cpu: b)
+            long_to_c = want != "portable" and not bf16_cpu
+            assert native_segment_rows() == (sys.maxsize if long_to_c else NATIVE_SEGMENT_ROWS)
