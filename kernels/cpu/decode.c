@@ -757,7 +757,7 @@ int q8_gemv_bf16(const uint16_t *x, const int8_t *codes, const float *scale, con
 #define MAX_OUT 65536
 #define MAX_SLICES 8
 #define SGMV_ROWS 8 /* rows of one segment that share each weight read */
-#define SGMV_AHEAD 2 /* rows of A^T or B^T ahead that the AVX2 kernel prefetches */
+#define SGMV_AHEAD 2 /* rows of B^T ahead that the AVX2 decode blocks prefetch */
 #define SGMV_ACC 4096 /* float32 sums an expand keeps in L1 (AVX2): R rows of 4096 / R columns */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -1071,8 +1071,9 @@ static inline __attribute__((always_inline)) void sgmv_expand_rows(const float *
     }
 }
 
-/* One block of R rows (2, 4 or 8; xf holds them as float32). A rank of up to 8 * (8 / R) is summed in registers
- * in one pass over A^T's rows; a larger one in tmp. The expand streams B^T's rows. */
+/* A decode block of R rows (2 or 4; xf holds them as float32). A rank that is a multiple of 8 and at most 32 (2
+ * rows) or 16 (4 rows) is summed in registers in one pass over A^T's rows; any other in tmp. The expand streams
+ * B^T's rows. */
 static inline __attribute__((always_inline)) void sgmv_block8(
     const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
     const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, float *acc, const int R,
@@ -1186,8 +1187,9 @@ static inline __attribute__((always_inline)) void sgmv_rows(
 }
 #endif
 
-/* A segment of n rows is taken in blocks of SGMV_ROWS rows when that still leaves every thread two of them, else
- * of half that (8 rows of one adapter: two blocks of 4, one per thread, rather than one block for one thread). */
+/* A segment of n rows is taken in blocks of SGMV_LONG_ROWS rows (8; AVX2: 6) when that still leaves every thread
+ * two of them, else of SGMV_ROWS / 2 (8 rows of one adapter: two blocks of 4, one per thread, rather than one block
+ * for one thread). */
 static inline int64_t sgmv_block_rows(int64_t n, int num_threads) {
     return n >= 2 * SGMV_LONG_ROWS * num_threads ? SGMV_LONG_ROWS : SGMV_ROWS / 2;
 }
