@@ -941,6 +941,22 @@ static inline void sgmv_add8(uint16_t *dst, __m256 v) {
     _mm_storeu_si128((__m128i *)dst, _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
 }
 
+/* One step of an R x T register tile, the shrink's and the expand's alike: acc[q][k] += p[q * ld] * the 8 weights
+ * at w[at + 8 * k] (one weight row's T vectors loaded once for the R rows). */
+static inline __attribute__((always_inline)) void sgmv_tile_step(__m256 acc[SGMV_ROWS][4], const float *p, int64_t ld,
+                                                                 const void *w, int64_t at, const int R, const int T,
+                                                                 const int wbf16) {
+    __m256 wv[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < T; k++) wv[k] = sgmv_load8(w, at + 8 * k, wbf16);
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++) {
+        const __m256 v = _mm256_broadcast_ss(p + q * ld);
+#pragma GCC unroll 4
+        for (int k = 0; k < T; k++) acc[q][k] = _mm256_fmadd_ps(v, wv[k], acc[q][k]);
+    }
+}
+
 /* tmp[q][r0 : r0 + 8 * T] = xf[q] @ A^T[:, r0 : r0 + 8 * T] for the R rows (every tile full) */
 static inline __attribute__((always_inline)) void sgmv_shrink8(const float *xf, const void *a, int64_t in_dim,
                                                                int64_t r_total, int64_t r0, float *tmp, const int R,
@@ -956,15 +972,7 @@ static inline __attribute__((always_inline)) void sgmv_shrink8(const float *xf, 
         if (i + 16 < in_dim)
             for (int64_t off = 0; off < 8 * T * esize; off += 64)
                 _mm_prefetch((const char *)a + ((i + 16) * r_total + r0) * esize + off, _MM_HINT_T0);
-        __m256 av[4];
-#pragma GCC unroll 4
-        for (int k = 0; k < T; k++) av[k] = sgmv_load8(a, i * r_total + r0 + 8 * k, wbf16);
-#pragma GCC unroll 8
-        for (int q = 0; q < R; q++) {
-            const __m256 xv = _mm256_broadcast_ss(xf + q * in_dim + i);
-#pragma GCC unroll 4
-            for (int k = 0; k < T; k++) acc[q][k] = _mm256_fmadd_ps(xv, av[k], acc[q][k]);
-        }
+        sgmv_tile_step(acc, xf + i, in_dim, a, i * r_total + r0, R, T, wbf16);
     }
 #pragma GCC unroll 8
     for (int q = 0; q < R; q++)
@@ -982,17 +990,7 @@ static inline __attribute__((always_inline)) void sgmv_expand8(const float *tmp,
     for (int q = 0; q < R; q++)
 #pragma GCC unroll 4
         for (int k = 0; k < T; k++) acc[q][k] = _mm256_setzero_ps();
-    for (int64_t r = r0; r < r1; r++) {
-        __m256 bv[4];
-#pragma GCC unroll 4
-        for (int k = 0; k < T; k++) bv[k] = sgmv_load8(b, r * out_dim + c + 8 * k, wbf16);
-#pragma GCC unroll 8
-        for (int q = 0; q < R; q++) {
-            const __m256 t = _mm256_broadcast_ss(tmp + q * MAX_RANK + r);
-#pragma GCC unroll 4
-            for (int k = 0; k < T; k++) acc[q][k] = _mm256_fmadd_ps(t, bv[k], acc[q][k]);
-        }
-    }
+    for (int64_t r = r0; r < r1; r++) sgmv_tile_step(acc, tmp + r, MAX_RANK, b, r * out_dim + c, R, T, wbf16);
 #pragma GCC unroll 8
     for (int64_t q = 0; q < nb; q++)
 #pragma GCC unroll 4

@@ -48,19 +48,24 @@ typedef struct {
     int bf16;              /* the weights' dtype: bfloat16 (1) or float32 (0) */
 } Lora;
 
+/* Whether the SGMV kernel takes group g of layer l (its slices, and every segment's total rank at these dims). */
+static int lora_group_fits(const Lora *lo, int64_t l, int64_t g, int64_t in_dim, int64_t out_dim) {
+    if (lo->nslices[g] < 1 || lo->nslices[g] > MAX_GROUP_SLICES) return 0;
+    for (int64_t s = 0; s < lo->nseg; s++) {
+        if (!lo->ptrs[((l * GROUPS + g) * lo->nseg + s) * 2]) continue; /* no weights there */
+        const int64_t *rk = lo->ranks + ((l * GROUPS + g) * lo->nseg + s) * MAX_GROUP_SLICES;
+        int64_t r = 0;
+        for (int64_t j = 0; j < lo->nslices[g]; j++) r += rk[j];
+        if (!sgmv_fits(in_dim, out_dim, lo->nslices[g], lo->outs + g * MAX_GROUP_SLICES, r)) return 0;
+    }
+    return 1;
+}
+
 static int lora_fits(const Lora *lo, int64_t num_layers, const int64_t *in_dims, const int64_t *out_dims) {
     if (lo->nseg == 0) return 1;
-    for (int g = 0; g < GROUPS; g++) {
-        if (lo->nslices[g] < 1 || lo->nslices[g] > MAX_GROUP_SLICES) return 0;
+    for (int g = 0; g < GROUPS; g++)
         for (int64_t l = 0; l < num_layers; l++)
-            for (int64_t s = 0; s < lo->nseg; s++) {
-                if (!lo->ptrs[((l * GROUPS + g) * lo->nseg + s) * 2]) continue; /* no weights there */
-                const int64_t *rk = lo->ranks + ((l * GROUPS + g) * lo->nseg + s) * MAX_GROUP_SLICES;
-                int64_t r = 0;
-                for (int64_t j = 0; j < lo->nslices[g]; j++) r += rk[j];
-                if (!sgmv_fits(in_dims[g], out_dims[g], lo->nslices[g], lo->outs + g * MAX_GROUP_SLICES, r)) return 0;
-            }
-    }
+            if (!lora_group_fits(lo, l, g, in_dims[g], out_dims[g])) return 0;
     return 1;
 }
 
@@ -96,17 +101,11 @@ int lora_group_bf16(const uint16_t *x, uint16_t *y, int64_t rows, int64_t in_dim
                     int num_threads) {
     const Lora lo = {nseg, starts, ends, ptrs, ranks, nslices, outs, bf16};
     if (nseg == 0) return 0;
-    if (g < 0 || g >= GROUPS || l < 0 || l >= num_layers || nseg < 0 || num_threads < 1 || nslices[g] < 1 ||
-        nslices[g] > MAX_GROUP_SLICES)
+    if (g < 0 || g >= GROUPS || l < 0 || l >= num_layers || nseg < 0 || num_threads < 1 ||
+        !lora_group_fits(&lo, l, g, in_dim, out_dim))
         return -1;
-    for (int64_t s = 0; s < nseg; s++) {
+    for (int64_t s = 0; s < nseg; s++)
         if (starts[s] < 0 || ends[s] > rows) return -1;
-        if (!ptrs[((l * GROUPS + g) * nseg + s) * 2]) continue;
-        const int64_t *rk = ranks + ((l * GROUPS + g) * nseg + s) * MAX_GROUP_SLICES;
-        int64_t r = 0;
-        for (int64_t j = 0; j < nslices[g]; j++) r += rk[j];
-        if (!sgmv_fits(in_dim, out_dim, nslices[g], outs + g * MAX_GROUP_SLICES, r)) return -1;
-    }
     int64_t *work = malloc(sizeof(int64_t) * (size_t)((4 + MAX_GROUP_SLICES) * nseg));
     if (work == NULL) return -1;
     const int rc = lora_apply(&lo, l, (int)g, x, y, in_dim, out_dim, work, num_threads);

@@ -151,6 +151,35 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only():
     assert native.q8_gemv(torch.zeros(1, 96, dtype=BF16), odd.qweight, odd.scales, odd.scales) is None
 
 
+def _sliced_lora(g: torch.Generator, in_dim: int, ranks: tuple[int, ...], outs: tuple[int, ...], wdtype: torch.dtype,
+                 scale: float = 1.0):
+    """Random fused-group LoRA weights as the CPU path holds them (`SlicedWeights`: A^T and a block-diagonal B^T
+    whose slice j has ranks[j] rows, 0 = no LoRA there) and, for the float32 oracle, the same (rounded) weights in
+    PEFT's layout: A [r, in], B [out, r]."""
+    from kernels.lora import SlicedWeights
+
+    a_t = (torch.randn(in_dim, sum(ranks), generator=g) * scale).to(wdtype)
+    b_t = torch.block_diag(*[torch.randn(r, o, generator=g) * scale for r, o in zip(ranks, outs)]).to(wdtype)
+    return SlicedWeights(a_t, b_t, ranks, outs), a_t.float().T, b_t.float().T
+
+
+def _recording_sgmv(monkeypatch) -> list:
+    """The segment lists `native.sgmv_` is called with, one entry per call."""
+    calls: list = []
+    kernel = native.sgmv_
+    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
+    return calls
+
+
+def _on_two_threads(fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("native_bf16", [True, False], ids=["bf16-cpu", "no-bf16-cpu"])
 @pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
 def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype, native_bf16):
@@ -161,7 +190,7 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     per-token oracle on the same weights. With weights held in bfloat16 (what the CPU path holds) the oracle
     reads those rounded weights: the kernel's products and sums stay float32, so the tolerance is the same."""
     import kernels.lora
-    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+    from kernels.lora import LoraSegments, sgmv_cpu_, sgmv_reference
 
     monkeypatch.setattr(kernels.lora, "native_bf16", lambda: native_bf16)
 
@@ -176,17 +205,10 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
             b_list.append(None)
             scales.append(1.0)
             continue
-        r = sum(rs)
-        a_t = torch.randn(in_dim, r, generator=g)
-        b_t = torch.zeros(r, sum(outs))
-        r0 = c0 = 0
-        for rank, out in zip(rs, outs):
-            b_t[r0 : r0 + rank, c0 : c0 + out] = torch.randn(rank, out, generator=g)
-            r0, c0 = r0 + rank, c0 + out
-        a_t, b_t = a_t.to(wdtype), b_t.to(wdtype)
-        weights.append(SlicedWeights(a_t, b_t, rs, outs))
-        a_list.append(a_t.float().T)  # PEFT layout for the oracle: A [r, in], B [out, r], scale folded into B
-        b_list.append(b_t.float().T)
+        w, a, b = _sliced_lora(g, in_dim, rs, outs, wdtype)
+        weights.append(w)
+        a_list.append(a)
+        b_list.append(b)
         scales.append(1.0)
     # a 37-row segment (blocks of 8 rows and a last one of 5 on two threads) and a prefill-long one (rows 46..115)
     slots = [0, 0, 1, -1, 2, 2, 2, 3] + [1] * 37 + [0] + [2] * 70
@@ -194,9 +216,7 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     x = torch.randn(len(slots), in_dim, generator=g).to(BF16)
     y0 = torch.randn(len(slots), sum(outs), generator=g).to(BF16)
     want = y0.float() + sgmv_reference(x.float(), seg, a_list, b_list, scales)
-    calls = []
-    kernel = native.sgmv_
-    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
+    calls = _recording_sgmv(monkeypatch)
     got = sgmv_cpu_(y0.clone(), x, seg, weights)
     short = [(0, 2), (2, 3), (4, 7), (8, 45), (45, 46)]  # the segments with weights up to 64 rows
     # the long one too where bf16 is not native and the kernel has vector tiles (not its plain-C loops)
@@ -217,30 +237,17 @@ def test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtyp
     """64 decode rows of one adapter (the default model's q/k/v shapes, rank 16 per slice): one segment, large
     enough that the kernel's threads split its rows; each row matches the float32 oracle (on the weights as
     held) within one bf16 rounding of y."""
-    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+    from kernels.lora import LoraSegments, sgmv_cpu_, sgmv_reference
 
     g = torch.Generator().manual_seed(12)
-    in_dim, outs, rs = 576, (576, 192, 192), (16, 16, 16)
-    a_t = torch.randn(in_dim, sum(rs), generator=g) * 0.05
-    b_t = torch.zeros(sum(rs), sum(outs))
-    r0 = c0 = 0
-    for rank, out in zip(rs, outs):
-        b_t[r0 : r0 + rank, c0 : c0 + out] = torch.randn(rank, out, generator=g) * 0.05
-        r0, c0 = r0 + rank, c0 + out
-    a_t, b_t = a_t.to(wdtype), b_t.to(wdtype)
+    in_dim, outs = 576, (576, 192, 192)
+    w, a, b = _sliced_lora(g, in_dim, (16, 16, 16), outs, wdtype, 0.05)
     seg = LoraSegments.from_token_slots([0] * 64)
     x = torch.randn(64, in_dim, generator=g).to(BF16)
     y0 = torch.randn(64, sum(outs), generator=g).to(BF16)
-    want = y0.float() + sgmv_reference(x.float(), seg, [a_t.float().T], [b_t.float().T], [1.0])
-    calls = []
-    kernel = native.sgmv_
-    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        got = sgmv_cpu_(y0.clone(), x, seg, [SlicedWeights(a_t, b_t, rs, outs)])
-    finally:
-        torch.set_num_threads(threads)
+    want = y0.float() + sgmv_reference(x.float(), seg, [a], [b], [1.0])
+    calls = _recording_sgmv(monkeypatch)
+    got = _on_two_threads(lambda: sgmv_cpu_(y0.clone(), x, seg, [w]))
     assert calls == [[(0, 64)]]  # the C kernel took it
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
 
@@ -254,37 +261,20 @@ def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monke
     import sys
 
     import kernels.lora
-    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+    from kernels.lora import LoraSegments, sgmv_cpu_, sgmv_reference
 
     monkeypatch.setattr(kernels.lora, "native_segment_rows", lambda: sys.maxsize)
     g = torch.Generator().manual_seed(13)
     in_dim, outs = 40, (21, 13)
-    weights, a_list, b_list = [], [], []
-    for rs in [(5, 11), (3, 0), (24, 9)]:
-        a_t = torch.randn(in_dim, sum(rs), generator=g) * 0.2
-        b_t = torch.zeros(sum(rs), sum(outs))
-        r0 = c0 = 0
-        for rank, out in zip(rs, outs):
-            b_t[r0 : r0 + rank, c0 : c0 + out] = torch.randn(rank, out, generator=g) * 0.2
-            r0, c0 = r0 + rank, c0 + out
-        a_t, b_t = a_t.to(wdtype), b_t.to(wdtype)
-        weights.append(SlicedWeights(a_t, b_t, rs, outs))
-        a_list.append(a_t.float().T)
-        b_list.append(b_t.float().T)
+    weights, a_list, b_list = zip(*[_sliced_lora(g, in_dim, rs, outs, wdtype, 0.2)
+                                    for rs in [(5, 11), (3, 0), (24, 9)]])
     slots = [0] + [1] * 3 + [2] * 4 + [0] * 6 + [1] * 13 + [2] * 70
     seg = LoraSegments.from_token_slots(slots)
     x = torch.randn(len(slots), in_dim, generator=g).to(BF16)
     y0 = torch.randn(len(slots), sum(outs), generator=g).to(BF16)
     want = y0.float() + sgmv_reference(x.float(), seg, a_list, b_list, [1.0] * 3)
-    calls = []
-    kernel = native.sgmv_
-    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        got = sgmv_cpu_(y0.clone(), x, seg, weights)
-    finally:
-        torch.set_num_threads(threads)
+    calls = _recording_sgmv(monkeypatch)
+    got = _on_two_threads(lambda: sgmv_cpu_(y0.clone(), x, seg, weights))
     assert calls == [list(zip(seg.starts, seg.ends))]  # the C kernel took every segment
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~4)
 
@@ -312,17 +302,13 @@ def test_lora_group_refuses_a_table_that_does_not_fit_and_changes_nothing():
     """`native.lora_group_` on bad input: a segment past the batch's rows, a group index past the four groups, a
     layer past the table, activations in float32: each answers False with y untouched (the caller then runs
     `sgmv_`); the same table on a fitting batch applies the delta."""
-    from kernels.lora import LoraSegments, SlicedWeights, fused_lora
+    from kernels.lora import LoraSegments, fused_lora, sgmv_cpu_
 
     g = torch.Generator().manual_seed(3)
     groups = {"qkv": (16, (8, 4, 4)), "o": (8, (16,)), "gate_up": (16, (12, 12)), "down": (12, (16,))}
-    layer = {}
-    for name, (ind, outs) in groups.items():
-        rs = (4,) * len(outs)
-        layer[name] = [SlicedWeights(torch.randn(ind, sum(rs), generator=g).to(BF16),
-                                     torch.block_diag(*[torch.randn(4, o, generator=g) for o in outs]).to(BF16),
-                                     rs, outs)]
-    table = fused_lora(LoraSegments.from_token_slots([0] * 6), [layer])
+    layer = {name: [_sliced_lora(g, ind, (4,) * len(outs), outs, BF16)[0]] for name, (ind, outs) in groups.items()}
+    seg = LoraSegments.from_token_slots([0] * 6)
+    table = fused_lora(seg, [layer])
     assert table is not None and table.nseg == 1
     x = torch.randn(6, 16, generator=g).to(BF16)
     y = torch.randn(6, 16, generator=g).to(BF16)
@@ -333,6 +319,7 @@ def test_lora_group_refuses_a_table_that_does_not_fit_and_changes_nothing():
     assert not native.lora_group_(y.float(), x.float(), table, 0, 0)  # float32 activations
     assert torch.equal(y, before)
     assert native.lora_group_(y, x, table, 0, 0) and not torch.equal(y, before)
+    assert torch.equal(y, sgmv_cpu_(before.clone(), x, seg, layer["qkv"]))  # the delta sgmv_ adds, to the bit
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
@@ -341,30 +328,18 @@ def test_sgmv_of_many_one_row_adapters_matches_the_reference(monkeypatch, wdtype
     shapes): few rows but megabytes of weights, so the kernel's threads split the segments; every row within one
     bf16 rounding of the float32 oracle."""
     import kernels.lora
-    from kernels.lora import LoraSegments, SlicedWeights, sgmv_cpu_, sgmv_reference
+    from kernels.lora import LoraSegments, sgmv_cpu_, sgmv_reference
 
     monkeypatch.setattr(kernels.lora, "native_bf16", lambda: False)
     g = torch.Generator().manual_seed(14)
     in_dim, outs = 576, (1536, 1536)
-    weights, a_list, b_list = [], [], []
-    for i in range(32):
-        r = 8 if i % 2 else 16
-        a_t = torch.randn(in_dim, 2 * r, generator=g) * 0.05
-        b_t = torch.block_diag(*[torch.randn(r, o, generator=g) * 0.05 for o in outs])
-        a_t, b_t = a_t.to(wdtype), b_t.to(wdtype)
-        weights.append(SlicedWeights(a_t, b_t, (r, r), outs))
-        a_list.append(a_t.float().T)
-        b_list.append(b_t.float().T)
+    weights, a_list, b_list = zip(*[_sliced_lora(g, in_dim, (r, r), outs, wdtype, 0.05)
+                                    for r in [8 if i % 2 else 16 for i in range(32)]])
     seg = LoraSegments.from_token_slots(list(range(32)))
     x = torch.randn(32, in_dim, generator=g).to(BF16)
     y0 = torch.randn(32, sum(outs), generator=g).to(BF16)
     want = y0.float() + sgmv_reference(x.float(), seg, a_list, b_list, [1.0] * 32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        got = sgmv_cpu_(y0.clone(), x, seg, weights)
-    finally:
-        torch.set_num_threads(threads)
+    got = _on_two_threads(lambda: sgmv_cpu_(y0.clone(), x, seg, weights))
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
 
 
