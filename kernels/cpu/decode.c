@@ -130,9 +130,67 @@ static inline __m512 hsum16(const __m512 d[TILE]) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
 }
 
+/* V rows widened from bf16 to float32 (the high half of each lane). */
+static inline __m512 widen16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* The tile's weighted V rows added to R rows' accumulators (acc + r * W * 16), with R * W sums in registers: each
+ * key's V row is widened once, in registers, for all R rows (a row's weight is 0 past the keys it sees). One
+ * function per (R, W), so the sums are a fixed-size array the compiler keeps in registers. */
+#define PV_ROWS(R, W)                                                                                          \
+    static inline __attribute__((always_inline)) void pv_rows_##R##_##W(float *acc, const float *s,           \
+                                                                        const uint16_t *const *vr, int64_t nt) { \
+        __m512 a[R * W];                                                                                       \
+        for (int r = 0; r < R; r++)                                                                            \
+            for (int c = 0; c < W; c++) a[r * W + c] = _mm512_loadu_ps(acc + (r * W + c) * 16);              \
+        for (int64_t t = 0; t < nt; t++) {                                                                     \
+            __m512 v[W];                                                                                       \
+            for (int c = 0; c < W; c++) v[c] = widen16(vr[t] + 16 * c);                                        \
+            for (int r = 0; r < R; r++) {                                                                      \
+                const __m512 e = _mm512_set1_ps(s[r * TILE + t]);                                              \
+                for (int c = 0; c < W; c++) a[r * W + c] = _mm512_fmadd_ps(e, v[c], a[r * W + c]);             \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < R; r++)                                                                            \
+            for (int c = 0; c < W; c++) _mm512_storeu_ps(acc + (r * W + c) * 16, a[r * W + c]);               \
+    }
+PV_ROWS(1, 4)
+PV_ROWS(2, 4)
+PV_ROWS(3, 4)
+PV_ROWS(4, 4)
+PV_ROWS(1, 8)
+PV_ROWS(2, 8)
+#undef PV_ROWS
+
+/* The rows r0 .. r0 + R - 1 of a tile through `pv_rows`, R = min(nr - r0, 16 / W): the sums stay within 16
+ * registers. Returns the rows taken (0: head_dim not 64 or 128, where the caller widens V into a buffer). */
+static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const float *s, const uint16_t *const *vr,
+                                                             int64_t nt, int64_t r0, int64_t nr, const int64_t head_dim) {
+    const int64_t left = nr - r0;
+    if (head_dim == 64) {
+        float *a = acc + r0 * 64;
+        const float *sr = s + r0 * TILE;
+        if (left >= 4) { pv_rows_4_4(a, sr, vr, nt); return 4; }
+        if (left == 3) { pv_rows_3_4(a, sr, vr, nt); return 3; }
+        if (left == 2) { pv_rows_2_4(a, sr, vr, nt); return 2; }
+        pv_rows_1_4(a, sr, vr, nt);
+        return 1;
+    }
+    if (head_dim == 128) {
+        float *a = acc + r0 * 128;
+        const float *sr = s + r0 * TILE;
+        if (left >= 2) { pv_rows_2_8(a, sr, vr, nt); return 2; }
+        pv_rows_1_8(a, sr, vr, nt);
+        return 1;
+    }
+    return 0;
+}
+
 /* One task: new tokens j0 .. j1 - 1 of one sequence under KV head g; its rows are (token, query head of g).
  * Keys TILE at a time: each row's scores from bf16 pair dot products (vdpbf16ps, float32 sums) summed by
- * `hsum16`, each V row widened to float32 once for all the rows. Inlined per head_dim, so the loops over it
+ * `hsum16`; V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`; other
+ * head sizes widen each V row once into a buffer for all the rows). Inlined per head_dim, so the loops over it
  * have a fixed length. */
 static inline __attribute__((always_inline)) void attend_task(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
@@ -173,7 +231,10 @@ static inline __attribute__((always_inline)) void attend_task(
         }
         for (int64_t r = 0; r < nr; r++) {
             float *sr = s + r * TILE;
-            if (seen[r] <= p0) continue; /* this row's keys ended before the tile */
+            if (seen[r] <= p0) { /* this row's keys ended before the tile: its weights are 0 */
+                _mm512_storeu_ps(sr, _mm512_setzero_ps());
+                continue;
+            }
             const uint16_t *qr = q + (q_row0 + j0 + r / group) * num_heads * head_dim
                                  + (g * group + r % group) * head_dim;
             __m512bh qv[8]; /* head_dim <= 256 */
@@ -200,10 +261,12 @@ static inline __attribute__((always_inline)) void attend_task(
             _mm512_storeu_ps(sr, e);
             l[r] += _mm512_reduce_add_ps(e);
         }
+        if (head_dim == 64 || head_dim == 128) {
+            for (int64_t r = 0; r < nr;) r += pv_tile(acc, s, vr, nt, r, nr, head_dim);
+            continue;
+        }
         for (int64_t t = 0; t < nt; t++)
-            for (int64_t c = 0; c < wide; c++)
-                _mm512_storeu_ps(vf + t * head_dim + 16 * c, _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vr[t] + 16 * c))), 16)));
+            for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(vf + t * head_dim + 16 * c, widen16(vr[t] + 16 * c));
         for (int64_t r = 0; r < nr; r++) {
             if (seen[r] <= p0) continue;
             const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;

@@ -133,6 +133,35 @@ def _verify_pass(block_size: int, shared_blocks: int = 0):
     return q, kc, vc, plan, ref
 
 
+@pytest.mark.parametrize(("head_dim", "heads", "kv_heads"),
+                         [(64, 9, 3), (64, 8, 1), (64, 10, 2), (64, 4, 4), (128, 6, 2), (128, 8, 2), (96, 4, 2)])
+def test_the_tiled_kernel_adds_v_to_every_grouping_of_rows(head_dim, heads, kv_heads):
+    """The tiled path adds each tile's weighted V rows to up to 4 rows at a time (head_dim 64) or 2 (128) in
+    registers, the rest of a task's rows in further groups; other head sizes (96) widen V into a buffer. Groups of
+    1-8 query heads per KV head, verify passes of 6 and 3 positions whose first rows see fewer keys than a tile holds
+    (a row's keys end inside or before a tile), decodes of 1 and 41 tokens, against the float32 oracle."""
+    g = torch.Generator().manual_seed(head_dim + heads)
+    block = 16
+    requests = [(27, 6), (0, 1), (40, 1), (14, 3)]  # (first position, positions)
+    nb = sum(-(-(first + n) // block) for first, n in requests) + 1
+    kc = torch.randn(nb, block, kv_heads, head_dim, generator=g).to(BF16)
+    vc = torch.randn(nb, block, kv_heads, head_dim, generator=g).to(BF16)
+    ids = iter(torch.randperm(nb - 1, generator=g).add(1).tolist())
+    tables, starts = [], []
+    for first, n in requests:
+        blocks = [next(ids) for _ in range(-(-(first + n) // block))]
+        tables += [blocks] * n
+        starts += range(first, first + n)
+    q = torch.randn(len(starts), heads, head_dim, generator=g).to(BF16)
+    plan = AttentionPlan.build(tables, starts, [1] * len(starts), block)
+    nd = plan.native_decodes()
+    assert nd.nq.tolist() == [6, 1, 1, 3]
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, head_dim**-0.5, nd.nq)
+    ref = paged_attention_reference(q, kc, vc, tables, starts, [1] * len(starts))
+    torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
+
+
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_a_verify_pass_is_one_sequence_whose_context_is_read_once(block_size):
     """The verify positions go to the kernel as one sequence of 6 new tokens (causal among themselves); block size
