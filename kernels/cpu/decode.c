@@ -112,23 +112,70 @@ static inline __m512 exp_nonpos_v(__m512 x) {
     return _mm512_scalef_ps(p, k);
 }
 
-/* The sums of 16 vectors, as one vector (lane t: the sum of d[t]'s lanes): a tree of unpacks and lane shuffles,
- * about 3 instructions per vector instead of a full horizontal reduction each. */
-static inline __m512 hsum16(const __m512 d[TILE]) {
-    __m512 w[4];
-    for (int i = 0; i < 4; i++) {
-        const __m512 a = d[4 * i], b = d[4 * i + 1], c = d[4 * i + 2], e = d[4 * i + 3];
-        const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
-        /* per 128-bit lane: the lane's sum of each of a, b, c, e */
-        w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(ce))));
+/* A 16 x 16 matrix of 32-bit elements transposed in registers: m[i] lane j -> m[j] lane i (four rounds of
+ * unpacks and 128-bit lane shuffles, 64 instructions). */
+static inline void transpose16(__m512i m[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(m[2 * i], m[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(m[2 * i], m[2 * i + 1]);
     }
-    /* sum the four 128-bit lanes of each w[i]; lane i of the result holds w[i]'s four sums */
-    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44), _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
-    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44), _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_i32x4(u[i], u[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_i32x4(u[i], u[4 + i], 0xdd);
+        t[8 + i] = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_i32x4(u[8 + i], u[12 + i], 0xdd);
+    }
+    for (int i = 0; i < 8; i++) {
+        m[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+        m[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    }
 }
+
+/* A tile's K rows (nt <= TILE keys of head_dim bf16 values) as head_dim / 2 vectors of bf16 pairs, pair-major:
+ * kt[i] lane t holds key t's values 2i and 2i + 1 (keys past nt: zero). */
+static inline __attribute__((always_inline)) void k_pairs(__m512i *kt, const uint16_t *const *kr, int64_t nt,
+                                                          const int64_t head_dim) {
+    for (int64_t c = 0; c < head_dim / 32; c++) {
+        __m512i m[16];
+        for (int64_t t = 0; t < TILE; t++) m[t] = t < nt ? _mm512_loadu_si512(kr[t] + 32 * c) : _mm512_setzero_si512();
+        transpose16(m);
+        for (int t = 0; t < 16; t++) kt[16 * c + t] = m[t];
+    }
+}
+
+/* R rows' scores over a tile: row r's query (qr[r], head_dim bf16 values) against the tile's keys in pair-major
+ * form (`k_pairs`), each pair of query values broadcast to the 16 keys' lanes: 16 scores a vector with no
+ * horizontal sums. Two sums a row hide the products' latency; scaled by `scale` into s + r * TILE. */
+#define QK_ROWS(R)                                                                                             \
+    static inline __attribute__((always_inline)) void qk_rows_##R(float *s, const uint16_t *const *qr,         \
+                                                                  const __m512i *kt, const int64_t head_dim,   \
+                                                                  __m512 scale) {                              \
+        __m512 a[2 * R];                                                                                       \
+        for (int r = 0; r < 2 * R; r++) a[r] = _mm512_setzero_ps();                                            \
+        for (int64_t i = 0; i < head_dim / 2; i += 2)                                                          \
+            for (int h = 0; h < 2; h++) {                                                                      \
+                const __m512bh k = (__m512bh)kt[i + h];                                                        \
+                for (int r = 0; r < R; r++) {                                                                  \
+                    int32_t pair;                                                                              \
+                    memcpy(&pair, qr[r] + 2 * (i + h), sizeof pair);                                           \
+                    a[2 * r + h] = _mm512_dpbf16_ps(a[2 * r + h], (__m512bh)_mm512_set1_epi32(pair), k);       \
+                }                                                                                              \
+            }                                                                                                  \
+        for (int r = 0; r < R; r++)                                                                            \
+            _mm512_storeu_ps(s + r * TILE, _mm512_mul_ps(_mm512_add_ps(a[2 * r], a[2 * r + 1]), scale));       \
+    }
+QK_ROWS(1)
+QK_ROWS(2)
+QK_ROWS(3)
+QK_ROWS(4)
+#undef QK_ROWS
 
 /* V rows widened from bf16 to float32 (the high half of each lane). */
 static inline __m512 widen16(const uint16_t *p) {
@@ -166,7 +213,8 @@ PV_ROWS(2, 8)
 /* The rows r0 .. r0 + R - 1 of a tile through `pv_rows`, R = min(nr - r0, 16 / W): the sums stay within 16
  * registers. Returns the rows taken (0: head_dim not 64 or 128, where the caller widens V into a buffer). */
 static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const float *s, const uint16_t *const *vr,
-                                                             int64_t nt, int64_t r0, int64_t nr, const int64_t head_dim) {
+                                                             int64_t nt, int64_t r0, int64_t nr,
+                                                             const int64_t head_dim) {
     const int64_t left = nr - r0;
     if (head_dim == 64) {
         float *a = acc + r0 * 64;
@@ -188,10 +236,11 @@ static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const f
 }
 
 /* One task: new tokens j0 .. j1 - 1 of one sequence under KV head g; its rows are (token, query head of g).
- * Keys TILE at a time: each row's scores from bf16 pair dot products (vdpbf16ps, float32 sums) summed by
- * `hsum16`; V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`; other
- * head sizes widen each V row once into a buffer for all the rows). Inlined per head_dim, so the loops over it
- * have a fixed length. */
+ * Keys TILE at a time: the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each row's 16 scores
+ * from pair dot products (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time (`qk_rows_*`);
+ * V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`; other head sizes
+ * widen each V row once into a buffer for all the rows). Inlined per head_dim, so the loops over it have a fixed
+ * length. */
 static inline __attribute__((always_inline)) void attend_task(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
         float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1, int64_t ctx_last, int64_t nq,
@@ -201,9 +250,8 @@ static inline __attribute__((always_inline)) void attend_task(
     const int64_t row = kv_heads * head_dim;
     const int64_t block_stride = block_size * row;
     const int64_t nr = (j1 - j0) * group;
-    const int64_t pairs = head_dim / 32; /* vectors of 32 bf16 values */
-    const int64_t wide = head_dim / 16;  /* vectors of 16 float32 values */
-    float *acc = work;                   /* [nr][head_dim] */
+    const int64_t wide = head_dim / 16; /* vectors of 16 float32 values */
+    float *acc = work;                  /* [nr][head_dim] */
     float *s = acc + nr * head_dim;      /* [nr][TILE] */
     float *vf = s + nr * TILE;           /* [TILE][head_dim]: the tile's V rows in float32 */
     float *m = vf + TILE * head_dim, *l = m + nr;
@@ -219,6 +267,7 @@ static inline __attribute__((always_inline)) void attend_task(
     for (int64_t p0 = 0; p0 < n; p0 += TILE) {
         const int64_t nt = n - p0 < TILE ? n - p0 : TILE;
         const uint16_t *kr[TILE], *vr[TILE];
+        __m512i kt[MAX_HEAD_DIM / 2]; /* the tile's K in pairs, pair-major */
         int64_t blk = p0 / block_size, in_blk = p0 % block_size; /* one division per tile, not per key */
         for (int64_t t = 0; t < nt; t++) {
             const int64_t off = table[blk] * block_stride + in_blk * row + g * head_dim;
@@ -229,25 +278,25 @@ static inline __attribute__((always_inline)) void attend_task(
                 blk++;
             }
         }
+        k_pairs(kt, kr, nt, head_dim);
+        for (int64_t r0 = 0; r0 < nr; r0 += 4) { /* every row's scores, 4 rows at a time */
+            const uint16_t *qr[4];
+            const int64_t k = nr - r0 < 4 ? nr - r0 : 4;
+            for (int64_t r = 0; r < k; r++)
+                qr[r] = q + (q_row0 + j0 + (r0 + r) / group) * num_heads * head_dim
+                        + (g * group + (r0 + r) % group) * head_dim;
+            if (k == 4) qk_rows_4(s + r0 * TILE, qr, kt, head_dim, scale_v);
+            else if (k == 3) qk_rows_3(s + r0 * TILE, qr, kt, head_dim, scale_v);
+            else if (k == 2) qk_rows_2(s + r0 * TILE, qr, kt, head_dim, scale_v);
+            else qk_rows_1(s + r0 * TILE, qr, kt, head_dim, scale_v);
+        }
         for (int64_t r = 0; r < nr; r++) {
             float *sr = s + r * TILE;
             if (seen[r] <= p0) { /* this row's keys ended before the tile: its weights are 0 */
                 _mm512_storeu_ps(sr, _mm512_setzero_ps());
                 continue;
             }
-            const uint16_t *qr = q + (q_row0 + j0 + r / group) * num_heads * head_dim
-                                 + (g * group + r % group) * head_dim;
-            __m512bh qv[8]; /* head_dim <= 256 */
-            for (int64_t c = 0; c < pairs; c++) qv[c] = (__m512bh)_mm512_loadu_si512(qr + 32 * c);
-            __m512 d[TILE];
-            for (int64_t t = 0; t < TILE; t++) {
-                __m512 dot = _mm512_setzero_ps();
-                if (t < nt)
-                    for (int64_t c = 0; c < pairs; c++)
-                        dot = _mm512_dpbf16_ps(dot, qv[c], (__m512bh)_mm512_loadu_si512(kr[t] + 32 * c));
-                d[t] = dot;
-            }
-            const __m512 sv = _mm512_mul_ps(hsum16(d), scale_v);
+            const __m512 sv = _mm512_loadu_ps(sr);
             const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
             const __mmask16 keys = (__mmask16)((1u << lim) - 1u); /* the keys this row sees */
             const float tile_max = _mm512_mask_reduce_max_ps(keys, sv);
