@@ -13,7 +13,11 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   `kernels.native` instead (x quantized to int16 per group with a power-of-two scale, so its error is about
   the output's bf16 rounding; it reads the canonical codes, no packed copy). On a 2-core AVX2 machine, the
   default model's 120 layer matmuls at M = 1: 6.2-7.7 ms against int4pack's 9.0-9.8 (one process,
-  alternating; the C loop alone 4-6 ms), level or ahead up to M = 15.
+  alternating; the C loop alone 4-6 ms), level or ahead up to M = 15. On a CPU with native bf16 it takes
+  M <= 4 (`Q4_BF16_MAX_M`; int4pack from 5 to 8): on a 2-core AVX512-BF16 machine a decode step of 1 / 2 / 4 /
+  8 requests 6.7-8.5 / 9.9-11.3 / 13.3-16.1 / 27.9-28.9 ms against int4pack's 10.0-12.2 / 12.3-13.6 /
+  15.2-19.1 / 24.8-29.2 (two alternations of separate processes; the steps of up to 4 then also run their
+  layers in one C call, `native.decode_layers`).
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI: the C kernel of
   `kernels.native` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
   the default model's 49152x576 LM head, at M = 1, one thread).
@@ -64,6 +68,7 @@ INT8_SPLIT_MAX_M = 8  # grouped int8 bf16: two int4pack matmuls up to here
 INT8PACK_MAX_M = 8  # per-channel int8 bf16: aten's int8pack kernel up to here
 DENSE_MIN_M = 9  # with a dense bf16 copy held: the dense matmul from here on (the int8 kernels stop at 8)
 DENSE_F32_MIN_M = 16  # with a dense float32 copy held (no native bf16): the dense matmul from here on
+Q4_BF16_MAX_M = 4  # with native bf16: the AVX2 int4 kernel up to here (int4pack is ahead from 8 rows)
 CHUNK_ELEMS = 1 << 20  # weight elements dequantized per step: 4 MiB float32 + 2 MiB bf16, in L3 (32 MiB)
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4pack kernel accepts
 
@@ -219,18 +224,19 @@ def q4_max_rows(w: QuantizedTensor) -> int:
     """The most rows of x `linear` gives the AVX2 int4 kernel for this weight (0: it never does)."""
     if w.kind != "int4" or not _q4_avx2_ok(w):
         return 0
+    rows = Q4_BF16_MAX_M if native_bf16() else native.Q4_MAX_M
     dense = w.packed.get("dense")
     if dense is None:
-        return native.Q4_MAX_M
-    return min(native.Q4_MAX_M, (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M) - 1)
+        return rows
+    return min(rows, (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M) - 1)
 
 
 def _q4_avx2_ok(w: QuantizedTensor) -> bool:
     """Whether the AVX2 int4 kernel takes this weight: groups of 32, float32 scales and zeros, on a CPU with AVX2
-    and without bf16 dot products (where it was measured against int4pack; checked once per weight)."""
+    (checked once per weight; `q4_max_rows` says up to how many rows)."""
     hit = w.packed.get("q4avx2")
     if hit is None:
-        ok = (native.quant_avx2_available() and not native_bf16() and w.group_size == 32
+        ok = (native.quant_avx2_available() and w.group_size == 32
               and w.scales.dtype == torch.float32 and w.zeros is not None and w.zeros.dtype == torch.float32
               and w.qweight.is_contiguous() and w.scales.is_contiguous() and w.zeros.is_contiguous())
         hit = w.packed["q4avx2"] = (torch.tensor(ok),)
@@ -250,7 +256,7 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
         if dense is not None and m >= (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M):
             return dense_mm(x, dense[0])
         if w.kind == "int4":
-            if m <= native.Q4_MAX_M and _q4_avx2_ok(w):
+            if m <= q4_max_rows(w):
                 y = native.q4_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, checked=True)
                 if y is not None:
                     return y
@@ -328,8 +334,10 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
             w.packed["dense"] = (native.gemm_pack(values),)
         else:
             w.packed["dense"] = (_onednn_pack(values),)
-    if w.kind == "int4" and _int4pack_group(w) == w.group_size and not ("dense" in w.packed and _q4_avx2_ok(w)):
-        _int4pack(w)  # with a dense copy and the AVX2 int4 kernel held, int4pack would serve no batch size
+    held = w.packed.get("dense")
+    below = (DENSE_MIN_M if held[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M) - 1 if held else None
+    if w.kind == "int4" and _int4pack_group(w) == w.group_size and not (held and q4_max_rows(w) >= below):
+        _int4pack(w)  # with a dense copy and the AVX2 int4 kernel below it, int4pack would serve no batch size
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):
         int8pack_mm(torch.zeros(1, w.shape[1], dtype=torch.bfloat16), w)
     elif w.kind == "int8" and w.group_size == 32 and native.gemv_available():

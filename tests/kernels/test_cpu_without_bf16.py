@@ -316,10 +316,11 @@ def test_a_weight_whose_rows_do_not_fill_panels_keeps_onednns_layout(monkeypatch
 
 
 @pytest.mark.parametrize("dense", [False, True], ids=["no-dense-copy", "dense-copy"])
-def test_linear_takes_the_avx2_int4_kernel_without_native_bf16_up_to_its_rows(monkeypatch, native_bf16, dense):
-    """Without native bf16, int4 groups of 32 with M <= Q4_MAX_M go to the AVX2 kernel (below the dense copy's
-    first M when one is held, which then also needs no int4pack layout); with native bf16, never (int4pack
-    there). Every answer within the kernel's bound of float32."""
+def test_linear_takes_the_avx2_int4_kernel_up_to_its_rows(monkeypatch, native_bf16, dense):
+    """int4 groups of 32 go to the AVX2 kernel: without native bf16 with M <= Q4_MAX_M (below the dense copy's
+    first M when one is held, which then also needs no int4pack layout); with native bf16 with M <= Q4_BF16_MAX_M
+    (int4pack above it, up to the dense copy). Every answer within the kernel's bound of float32 where it ran,
+    close to float32 elsewhere."""
     _avx2()
     called = []
     real = native.q4_gemm
@@ -328,15 +329,20 @@ def test_linear_takes_the_avx2_int4_kernel_without_native_bf16_up_to_its_rows(mo
     w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
     w.prepack(dense=dense)
     assert ("int4pack" in w.packed) == (native_bf16 or not dense)
-    ms = (1, 8, quant_cpu.DENSE_F32_MIN_M - 1, native.Q4_MAX_M, native.Q4_MAX_M + 1)
-    last = quant_cpu.DENSE_F32_MIN_M - 1 if dense else native.Q4_MAX_M
+    ms = (1, quant_cpu.Q4_BF16_MAX_M, quant_cpu.Q4_BF16_MAX_M + 1, 8, quant_cpu.DENSE_F32_MIN_M - 1,
+          native.Q4_MAX_M, native.Q4_MAX_M + 1)
+    if native_bf16:
+        last = quant_cpu.Q4_BF16_MAX_M
+    else:
+        last = quant_cpu.DENSE_F32_MIN_M - 1 if dense else native.Q4_MAX_M
+    assert quant_cpu.q4_max_rows(w) == last
     for m in ms:
         x = torch.randn(m, 576, generator=g).to(BF16)
         ref = x.float() @ w.dequantize().T
         y = quant_cpu.linear(x, w).float()
-        if native_bf16 or m > last:  # int4pack (bf16 scales and zeros) or the dense copy (bf16 weights)
+        if m > last:  # int4pack (bf16 scales and zeros) or the dense copy (bf16 weights)
             torch.testing.assert_close(y, ref, atol=0.02, rtol=0.02, msg=f"M={m}")
         else:
             err = (y - ref).abs()
             assert (err <= _q4_bound(x, w)).all(), (m, err.max())
-    assert called == ([] if native_bf16 else [m for m in ms if m <= last])
+    assert called == [m for m in ms if m <= last]

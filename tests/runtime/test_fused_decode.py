@@ -11,7 +11,7 @@ import torch
 
 from adapters.identity import adapter_version_id
 from adapters.peft_format import parse_adapter
-from kernels import cpu_features, native
+from kernels import cpu_features, native, quant_cpu
 from kernels.lora import LoraSegments
 from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
@@ -31,13 +31,15 @@ def tiny_path(request, tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def model(tiny_path, monkeypatch):
+@pytest.fixture(params=[False, True], ids=["no-native-bf16", "native-bf16"])
+def model(tiny_path, monkeypatch, request):
+    """The tiny model in bf16 as on a CPU without native bf16 or with it: the int4 kernel's own row limit with no
+    dense copy held (Q4_MAX_M), or the limit it has beside bf16 dot products (Q4_BF16_MAX_M)."""
     _avx2()
-    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", request.param)
     loaded = load_model(tiny_path, quantize="int4")
     m = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
-    assert m._fused_rows == native.Q4_MAX_M  # no dense copy held: the int4 kernel's own limit
+    assert m._fused_rows == (quant_cpu.Q4_BF16_MAX_M if request.param else native.Q4_MAX_M)
     g = torch.Generator().manual_seed(7)
     for lw in m.layers:  # transformers initializes every norm weight to 1: make each layer's its own
         for w in (lw.input_norm, lw.post_norm):
@@ -118,8 +120,9 @@ def test_a_verify_pass_and_the_largest_fused_step_are_bit_identical(model, calls
     kv, tables = _prefill(model, 2, seed=1)
     calls.clear()
     limit = model._fused_rows
-    verify = ([tables[0]] * 5 + [tables[1]], [PROMPT + i for i in range(5)] + [PROMPT])
-    largest = ([tables[0]] * (limit - 1) + [tables[1]], [PROMPT + 5 + i for i in range(limit - 1)] + [PROMPT + 1])
+    v = min(5, limit - 1)  # verify positions: the pass and the decode within the limit
+    verify = ([tables[0]] * v + [tables[1]], [PROMPT + i for i in range(v)] + [PROMPT])
+    largest = ([tables[0]] * (limit - 1) + [tables[1]], [PROMPT + v + i for i in range(limit - 1)] + [PROMPT + 1])
     (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, [verify, largest])
     assert calls == [True, True]
     assert torch.equal(arena_f, arena_o)
@@ -131,18 +134,20 @@ def test_steps_the_fused_layers_cannot_take_run_op_by_op(model, calls):
     """More tokens than the int4 kernel takes and a prefill chunk beside a decode never run fused (the first is
     not offered; the second is offered and handed back untouched); a decode after them still is."""
     kv, tables = _prefill(model, 2, seed=2)
-    assert calls == [False, False]  # the prefills: offered (13 tokens) and handed back
-    calls.clear()
     limit = model._fused_rows
+    # the prefills (13 tokens): offered and handed back where the limit holds them, not offered where it does not
+    assert calls == ([False, False] if PROMPT <= limit else [])
+    calls.clear()
     too_many = AttentionPlan.build([tables[0]] * (limit + 1), [PROMPT + i for i in range(limit + 1)],
                                    [1] * (limit + 1), BS)
     model.forward(torch.randint(3, VOCAB, (limit + 1,)), torch.arange(PROMPT, PROMPT + limit + 1), too_many, kv)
     assert calls == []
-    mixed = AttentionPlan.build(tables, [PROMPT + limit + 1, PROMPT], [1, 4], BS)
-    model.forward(torch.randint(3, VOCAB, (5,)), torch.tensor([PROMPT + limit + 1, *range(PROMPT, PROMPT + 4)]),
+    c = min(4, limit - 1)  # the chunk's tokens: the step within the limit, so it is offered
+    mixed = AttentionPlan.build(tables, [PROMPT + limit + 1, PROMPT], [1, c], BS)
+    model.forward(torch.randint(3, VOCAB, (c + 1,)), torch.tensor([PROMPT + limit + 1, *range(PROMPT, PROMPT + c)]),
                   mixed, kv)
     assert calls == [False]
-    _step(model, kv, [tables[1]], [PROMPT + 4], seed=3)
+    _step(model, kv, [tables[1]], [PROMPT + c], seed=3)
     assert calls == [False, True]
 
 
