@@ -252,8 +252,8 @@ static inline __attribute__((always_inline)) void attend_task(
     const int64_t nr = (j1 - j0) * group;
     const int64_t wide = head_dim / 16; /* vectors of 16 float32 values */
     float *acc = work;                  /* [nr][head_dim] */
-    float *s = acc + nr * head_dim;      /* [nr][TILE] */
-    float *vf = s + nr * TILE;           /* [TILE][head_dim]: the tile's V rows in float32 */
+    float *s = acc + nr * head_dim;     /* [nr][TILE] */
+    float *vf = s + nr * TILE;          /* [TILE][head_dim]: the tile's V rows in float32 (head sizes not 64, 128) */
     float *m = vf + TILE * head_dim, *l = m + nr;
     int64_t seen[MAX_NEW * MAX_HEADS]; /* tokens each row attends to */
     for (int64_t r = 0; r < nr; r++) {
