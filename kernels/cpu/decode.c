@@ -211,28 +211,23 @@ PV_ROWS(2, 8)
 #undef PV_ROWS
 
 /* The rows r0 .. r0 + R - 1 of a tile through `pv_rows`, R = min(nr - r0, 16 / W): the sums stay within 16
- * registers. Returns the rows taken (0: head_dim not 64 or 128, where the caller widens V into a buffer). */
+ * registers. head_dim 64 or 128 (the caller widens V into a buffer for other sizes). Returns the rows taken. */
 static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const float *s, const uint16_t *const *vr,
                                                              int64_t nt, int64_t r0, int64_t nr,
                                                              const int64_t head_dim) {
     const int64_t left = nr - r0;
+    float *a = acc + r0 * head_dim;
+    const float *sr = s + r0 * TILE;
     if (head_dim == 64) {
-        float *a = acc + r0 * 64;
-        const float *sr = s + r0 * TILE;
         if (left >= 4) { pv_rows_4_4(a, sr, vr, nt); return 4; }
         if (left == 3) { pv_rows_3_4(a, sr, vr, nt); return 3; }
         if (left == 2) { pv_rows_2_4(a, sr, vr, nt); return 2; }
         pv_rows_1_4(a, sr, vr, nt);
         return 1;
     }
-    if (head_dim == 128) {
-        float *a = acc + r0 * 128;
-        const float *sr = s + r0 * TILE;
-        if (left >= 2) { pv_rows_2_8(a, sr, vr, nt); return 2; }
-        pv_rows_1_8(a, sr, vr, nt);
-        return 1;
-    }
-    return 0;
+    if (left >= 2) { pv_rows_2_8(a, sr, vr, nt); return 2; }
+    pv_rows_1_8(a, sr, vr, nt);
+    return 1;
 }
 
 /* One task: new tokens j0 .. j1 - 1 of one sequence under KV head g; its rows are (token, query head of g).
