@@ -53,6 +53,10 @@ _SIGNATURES = {
     "quant_avx2_available": ([], _int),
     "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "q4b_available": ([], _int),
+    "q8t_available": ([], _int),
+    "q8t_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "q4b_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_available": ([], _int),
     "gemm_f32w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_f32": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
@@ -269,6 +273,46 @@ def q8_gemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, scaled_s
     return y if rc == 0 else None
 
 
+Q8T_MAX_M = 64  # rows of x the tiled AVX512-VNNI int8 kernel takes (on the default model's head ~2x the dense copy at 64)
+
+
+def q8t_available() -> bool:
+    """Whether the tiled int8 kernel (`q8t_gemm`: AVX512-VNNI and AVX512-BF16) exists on this CPU."""
+    lib = library()
+    return lib is not None and bool(lib.q8t_available())
+
+
+def q8t_pack(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 weight with groups of 32 (codes int8 `[N, K]`, scales float32 `[N, K//32]`) in the tiled layout
+    `q8t_gemm` reads (kernels/cpu/decode.c): codes int8 `[tiles, groups, 8, 16, 4]` (16 weight rows a tile; chunk c
+    of a group holds each row's codes at k = 4 c .. 4 c + 3 of the group) and float32 `[tiles, groups, 2, 16]` (the
+    scales, then 128 * scale * the group's sum of codes). Rows past N are zero."""
+    n, k = codes.shape
+    groups, tiles = k // 32, (n + 15) // 16
+    c = torch.zeros(tiles * 16, k, dtype=torch.int8)
+    c[:n] = codes
+    packed = c.view(tiles, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+    d = torch.zeros(tiles * 16, groups, dtype=torch.float32)
+    s128 = torch.zeros(tiles * 16, groups, dtype=torch.float32)
+    d[:n] = scales.float()
+    s128[:n] = 128 * scales.float() * codes.view(n, groups, 32).sum(-1, dtype=torch.int32).float()
+    dss = torch.stack((d.view(tiles, 16, groups), s128.view(tiles, 16, groups)), dim=2)  # [tile, 16, 2, group]
+    return packed, dss.permute(0, 3, 2, 1).contiguous()
+
+
+def q8t_gemm(x: torch.Tensor, codes: torch.Tensor, dss: torch.Tensor, n: int) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (M <= Q8T_MAX_M, contiguous) @ an int8 weight of N rows in `q8t_pack`'s layout -> bf16
+    `[M, N]`, x quantized to int8 by groups of 32 as `q8_gemv` does. None when the kernel cannot take it."""
+    lib = library()
+    if lib is None:
+        return None
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.q8t_gemm_bf16(x.data_ptr(), codes.data_ptr(), dss.data_ptr(), y.data_ptr(), m, n, k,
+                           torch.get_num_threads())
+    return y if rc == 0 else None
+
+
 QUANT_MAX_M = 16  # rows of x the AVX2 int8 kernel takes
 
 
@@ -308,6 +352,52 @@ def q4_gemm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: t
     y = torch.empty(m, codes.shape[0], dtype=torch.bfloat16)
     rc = lib.q4_gemm_bf16(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(), y.data_ptr(), m,
                           codes.shape[0], k, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+Q4B_MAX_M = 64  # rows of x the AVX512-BF16 int4 kernel takes
+QMAX_K = 16384  # the most columns (K) the int4 and int8 kernels of quant.c take
+
+
+def q4b_available() -> bool:
+    """Whether the AVX512-BF16 int4 matrix-product kernel (`q4b_gemm`) exists on this CPU."""
+    lib = library()
+    return lib is not None and bool(lib.q4b_available())
+
+
+def q4b_pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 weight with groups of 32 (codes nibble-packed uint8 `[N, K//2]`, even k in the low nibble; scales
+    and zeros float32 `[N, K//32]`) in the tiled layout `q4b_gemm` reads (kernels/cpu/quant.c): codes uint8
+    `[tiles, groups, 4, 64]` (16 weight rows a tile; in each 64-byte chunk, nibble j of 16-bit word w is the code
+    of row w // 2 at k = 8 c + 2 j + w % 2 of the group) and float32 `[tiles, groups, 2, 16]` (the scales, then
+    zero - 16 * scale). Rows past N are zero."""
+    n, half = codes.shape
+    k = 2 * half
+    groups, tiles = k // 32, (n + 15) // 16
+    c = torch.zeros(tiles * 16, k, dtype=torch.uint8)
+    c[:n, 0::2] = codes & 15
+    c[:n, 1::2] = codes >> 4
+    # [tile, row i, group, chunk, j, e] -> [tile, group, chunk, word (i, e), j]
+    c = c.view(tiles, 16, groups, 4, 4, 2).permute(0, 2, 3, 1, 5, 4).reshape(tiles, groups, 4, 32, 4)
+    packed = (c[..., 0::2] | (c[..., 1::2] << 4)).reshape(tiles, groups, 4, 64).contiguous()
+    d = torch.zeros(tiles * 16, groups, dtype=torch.float32)
+    mz = torch.zeros(tiles * 16, groups, dtype=torch.float32)
+    d[:n] = scales.float()
+    mz[:n] = zeros.float() - 16 * scales.float()
+    dm = torch.stack((d.view(tiles, 16, groups), mz.view(tiles, 16, groups)), dim=2)  # [tile, 16, 2, group]
+    return packed, dm.permute(0, 3, 2, 1).contiguous()
+
+
+def q4b_gemm(x: torch.Tensor, codes: torch.Tensor, dm: torch.Tensor, n: int) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (M <= Q4B_MAX_M, contiguous) @ an int4 weight of N rows in `q4b_pack`'s layout -> bf16
+    `[M, N]`. None when the kernel cannot take it."""
+    lib = library()
+    if lib is None:
+        return None
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.q4b_gemm_bf16(x.data_ptr(), codes.data_ptr(), dm.data_ptr(), y.data_ptr(), m, n, k,
+                           torch.get_num_threads())
     return y if rc == 0 else None
 
 
@@ -403,8 +493,13 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
     for qkv, o, gate_up, down, post, nxt, kc, vc in layers:
         row = []
         for w in (qkv, o, gate_up, down):
-            row += [w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()]
-            held += [w.qweight, w.scales, w.zeros]
+            q4b = w.packed.get("q4b")
+            if q4b:  # the AVX512-BF16 kernel's layout (kernels.quant_cpu.q4b_layout): codes, scales, 0
+                row += [q4b[0].data_ptr(), q4b[1].data_ptr(), 0]
+                held += list(q4b)
+            else:
+                row += [w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()]
+                held += [w.qweight, w.scales, w.zeros]
         row += [post.data_ptr(), 0 if nxt is None else nxt.data_ptr(), kc.data_ptr(), vc.data_ptr()]
         held += [post, kc, vc, *(() if nxt is None else (nxt,))]
         assert len(row) == LAYER_FIELDS  # the C side's enum of a row's fields

@@ -49,9 +49,11 @@ MODES = ("auto", "torch", "triton")
 class Kernels(Protocol):
     name: str  # "torch" | "triton"
 
-    def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        """y = x @ w.T (+ bias); x: [..., in_features], w: [out_features, in_features] (quantized or dense)."""
+    def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None,
+               prompt: bool = False) -> torch.Tensor:
+        """y = x @ w.T (+ bias); x: [..., in_features], w: [out_features, in_features] (quantized or dense).
+        `prompt`: the step computes prompt tokens (a backend may then keep to the path a whole prompt takes, so
+        a prompt's K/V and first token do not depend on how much of it the prefix cache held)."""
         ...
 
     def linear_f32(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor) -> torch.Tensor | None:
@@ -98,9 +100,9 @@ class Kernels(Protocol):
 class TorchKernels:
     name = "torch"
 
-    def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
-        return _quant.quant_linear(x, w, bias)
+    def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None,
+               prompt: bool = False) -> torch.Tensor:
+        return _quant.quant_linear(x, w, bias, prompt)
 
     def linear_f32(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor) -> torch.Tensor | None:
         return _quant_cpu.linear_f32(x, w) if isinstance(w, QuantizedTensor) and x.is_cpu else None
@@ -185,8 +187,8 @@ class TritonKernels(TorchKernels):
 
         self._attention, self._quant, self._sgmv = attention, quant, sgmv
 
-    def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None
-               ) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: QuantizedTensor | torch.Tensor, bias: torch.Tensor | None = None,
+               prompt: bool = False) -> torch.Tensor:
         if isinstance(w, QuantizedTensor):
             return self._quant.quant_linear(x, w, bias)
         return _quant.quant_linear(x, w, bias)

@@ -162,8 +162,9 @@ def quantize_int8(w: Tensor, group_size: int | None = None) -> QuantizedTensor:
 # --- the torch implementations of the ops (kernels.ops dispatches between these and Triton) ---
 
 
-def quant_linear(x: Tensor, w: QuantizedTensor | Tensor, bias: Tensor | None = None) -> Tensor:
-    """y = x @ W^T + bias for x `[..., K]`, W `[N, K]` quantized or plain; returns `[..., N]` in x.dtype."""
+def quant_linear(x: Tensor, w: QuantizedTensor | Tensor, bias: Tensor | None = None, prompt: bool = False) -> Tensor:
+    """y = x @ W^T + bias for x `[..., K]`, W `[N, K]` quantized or plain; returns `[..., N]` in x.dtype.
+    `prompt`: a step that computes prompt tokens (see `quant_cpu.linear`)."""
     if isinstance(w, Tensor):
         # Plain weights (e.g. GGUF F16 tensors) may be held in another dtype than the activations.
         weight = w if w.dtype == x.dtype else w.to(x.dtype)
@@ -171,9 +172,9 @@ def quant_linear(x: Tensor, w: QuantizedTensor | Tensor, bias: Tensor | None = N
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects K={w.shape[1]}")
     if x.dim() == 2 and bias is None:  # the model's case: no reshapes (~4 us a call, 120 calls a decode step)
-        return quant_cpu.linear(x, w)
+        return quant_cpu.linear(x, w, prompt)
     x2 = x.reshape(-1, w.shape[1])  # [M, K]
-    y = quant_cpu.linear(x2, w)  # [M, N]
+    y = quant_cpu.linear(x2, w, prompt)  # [M, N]
     if bias is not None:
         y = y.add_(bias.to(y.dtype))
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -17,8 +17,20 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   M <= 4 (`Q4_BF16_MAX_M`; int4pack from 5 to 8): on a 2-core AVX512-BF16 machine a decode step of 1 / 2 / 4 /
   8 requests 6.7-8.5 / 9.9-11.3 / 13.3-16.1 / 27.9-28.9 ms against int4pack's 10.0-12.2 / 12.3-13.6 /
   15.2-19.1 / 24.8-29.2 (two alternations of separate processes; the steps of up to 4 then also run their
-  layers in one C call, `native.decode_layers`).
-- bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI: the C kernel of
+  layers in one C call, `native.decode_layers`). Where the AVX512-BF16 int4 kernel runs, it serves instead:
+- bf16 x, int4 with groups of 32, M <= 32 (`Q4B_MAX_M`), on a CPU with native bf16 and AVX512-BF16: the tiled
+  kernel of `kernels.native` (`q4b_layout`: a second copy of the weight in tiles of 16 rows, codes + float32
+  scales; each code becomes the bf16 16 + code with a shift and a bit-select, vdpbf16ps multiplies 16 rows' pairs
+  by x's pair broadcast: the outputs are the lanes, products exact, float32 sums). The default model's 120 layer
+  matmuls on a 2-core AVX512-BF16 machine (one process, alternating): M = 1 / 2 / 4 / 8 / 16 / 32 2.7 / 2.9 / 2.7
+  / 3.7 / 6.2 / 11.6 ms against 3.5 / 5.1 / 6.7 / 6.7 / 8.9 / 12.9 on the paths above; at M = 64 the dense copy
+  is ahead (20.2 against 22.1). Decode steps of up to 32 then run their layers in one C call.
+- bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 64, on a CPU with native bf16, AVX512-VNNI and AVX512-BF16:
+  the tiled int8 kernel of `kernels.native` (`q8t_layout`: tiles of 16 rows, one vpdpbusd multiplies 16 rows'
+  4 codes by 4 bytes of x broadcast; x quantized per group of 32 as the kernel below does, the same sums). On the
+  default model's 49152x576 LM head, 2 threads: M = 1 / 8 / 32 / 64 0.45-0.50 / 0.45-0.49 / 1.3-1.5 / 2.8-3.5 ms,
+  against 0.73-0.78 / 2.7-2.9 ms for the kernel below and 2.6 / 4.6 ms for the dense copy at 32 / 64.
+- bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI otherwise: the C kernel of
   `kernels.native` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
   the default model's 49152x576 LM head, at M = 1, one thread).
 - bf16 x, int8 with groups of 32 otherwise (no AVX512-VNNI), M <= 16, on a CPU with AVX2: the AVX2 kernel of
@@ -69,6 +81,7 @@ INT8PACK_MAX_M = 8  # per-channel int8 bf16: aten's int8pack kernel up to here
 DENSE_MIN_M = 9  # with a dense bf16 copy held: the dense matmul from here on (the int8 kernels stop at 8)
 DENSE_F32_MIN_M = 16  # with a dense float32 copy held (no native bf16): the dense matmul from here on
 Q4_BF16_MAX_M = 4  # with native bf16: the AVX2 int4 kernel up to here (int4pack is ahead from 8 rows)
+Q4B_MAX_M = 32  # with native bf16 and the AVX512-BF16 int4 kernel: it up to here (the dense copy above)
 CHUNK_ELEMS = 1 << 20  # weight elements dequantized per step: 4 MiB float32 + 2 MiB bf16, in L3 (32 MiB)
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4pack kernel accepts
 
@@ -220,15 +233,54 @@ def _q8_avx2_ok(w: QuantizedTensor) -> bool:
     return bool(hit[0])
 
 
+def q4b_layout(w: QuantizedTensor) -> tuple[Tensor, Tensor] | None:
+    """This weight in the layout of the AVX512-BF16 int4 kernel (`native.q4b_pack`, built once), or None where that
+    kernel does not take it: not int4 with groups of 32 and zeros, or a CPU without native bf16 or the kernel."""
+    hit = w.packed.get("q4b")
+    if hit is None:
+        ok = (w.kind == "int4" and w.group_size == 32 and w.zeros is not None and native_bf16()
+              and native.q4b_available() and w.shape[1] <= native.QMAX_K)
+        hit = w.packed["q4b"] = native.q4b_pack(w.qweight, w.scales, w.zeros) if ok else ()
+    return (hit[0], hit[1]) if hit else None
+
+
+def q8t_layout(w: QuantizedTensor) -> tuple[Tensor, Tensor] | None:
+    """This weight in the layout of the tiled int8 kernel (`native.q8t_pack`, built once), or None where that
+    kernel does not take it: not int8 with groups of 32, or a CPU without native bf16 or the kernel."""
+    hit = w.packed.get("q8t")
+    if hit is None:
+        ok = (w.kind == "int8" and w.group_size == 32 and w.shape[1] <= native.QMAX_K and native_bf16()
+              and native.q8t_available())
+        hit = w.packed["q8t"] = native.q8t_pack(w.qweight, w.scales) if ok else ()
+    return (hit[0], hit[1]) if hit else None
+
+
+def dense_min_rows(w: QuantizedTensor) -> int:
+    """The first M from which `linear` multiplies by the weight's dense copy, when one is held (float32 copy:
+    DENSE_F32_MIN_M; bf16: DENSE_MIN_M, or past the rows of the AVX512-BF16 int4 kernel or of the tiled int8 one
+    where that takes the weight)."""
+    dense = w.packed.get("dense")
+    if dense is not None and dense[0].dtype != torch.bfloat16:
+        return DENSE_F32_MIN_M
+    if w.kind == "int4" and q4b_layout(w) is not None:
+        return Q4B_MAX_M + 1
+    return native.Q8T_MAX_M + 1 if q8t_layout(w) is not None else DENSE_MIN_M
+
+
 def q4_max_rows(w: QuantizedTensor) -> int:
-    """The most rows of x `linear` gives the AVX2 int4 kernel for this weight (0: it never does)."""
-    if w.kind != "int4" or not _q4_avx2_ok(w):
+    """The most rows of x `linear` gives one of the C int4 kernels for this weight (0: it never does): the
+    AVX512-BF16 one (`q4b_layout`) where it runs, else the AVX2 one."""
+    if w.kind != "int4":
+        return 0
+    if q4b_layout(w) is not None:
+        return Q4B_MAX_M
+    if not _q4_avx2_ok(w):
         return 0
     rows = Q4_BF16_MAX_M if native_bf16() else native.Q4_MAX_M
     dense = w.packed.get("dense")
     if dense is None:
         return rows
-    return min(rows, (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M) - 1)
+    return min(rows, dense_min_rows(w) - 1)
 
 
 def _q4_avx2_ok(w: QuantizedTensor) -> bool:
@@ -248,12 +300,26 @@ def _int8pack_ok(w: QuantizedTensor) -> bool:
     return w.group_size == w.shape[1] and w.shape[1] % 32 == 0
 
 
-def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
-    """x `[M, K]` @ W^T -> `[M, N]` in x.dtype by the fastest exact-enough path for this dtype and M."""
+def linear(x: Tensor, w: QuantizedTensor, prompt: bool = False) -> Tensor:
+    """x `[M, K]` @ W^T -> `[M, N]` in x.dtype by the fastest exact-enough path for this dtype and M.
+
+    `prompt`: the step computes prompt tokens. Where the AVX512-BF16 int4 kernel takes the weight and a dense copy
+    is held, such a step then multiplies by the dense copy at every M, as a whole prompt's step does: the two
+    differ by the rounding of the weights to bf16, enough to change the first token of a prompt whose two best
+    candidates are within ~0.1 nats, and a prompt's K/V and first token must not depend on how much of it the
+    prefix cache held. Decode steps and verify passes (single-token entries) take the kernel."""
     m = x.shape[0]
     if x.dtype == torch.bfloat16 and x.is_cpu and m > 0:
+        if prompt and w.kind == "int4" and "dense" in w.packed and q4b_layout(w) is not None:
+            return dense_mm(x, w.packed["dense"][0])
+        if w.kind == "int4" and m <= Q4B_MAX_M:
+            q4b = q4b_layout(w)
+            if q4b is not None:
+                y = native.q4b_gemm(x.contiguous(), q4b[0], q4b[1], w.shape[0])
+                if y is not None:
+                    return y
         dense = w.packed.get("dense")
-        if dense is not None and m >= (DENSE_MIN_M if dense[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M):
+        if dense is not None and m >= dense_min_rows(w):
             return dense_mm(x, dense[0])
         if w.kind == "int4":
             if m <= q4_max_rows(w):
@@ -266,6 +332,10 @@ def linear(x: Tensor, w: QuantizedTensor) -> Tensor:
             if m <= INT8PACK_MAX_M and _int8pack_ok(w):
                 return int8pack_mm(x, w)
         else:
+            q8t = q8t_layout(w) if m <= native.Q8T_MAX_M else None
+            y = native.q8t_gemm(x.contiguous(), q8t[0], q8t[1], w.shape[0]) if q8t is not None else None
+            if y is not None:
+                return y
             y = _q8_gemv(x, w) if m <= native.GEMV_MAX_M and w.group_size == 32 else None
             if y is None and m <= native.QUANT_MAX_M and w.group_size == 32 and _q8_avx2_ok(w):
                 y = native.q8_gemm(x.contiguous(), w.qweight, w.scales)
@@ -335,11 +405,13 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
         else:
             w.packed["dense"] = (_onednn_pack(values),)
     held = w.packed.get("dense")
-    below = (DENSE_MIN_M if held[0].dtype == torch.bfloat16 else DENSE_F32_MIN_M) - 1 if held else None
+    below = dense_min_rows(w) - 1 if held else None
     if w.kind == "int4" and _int4pack_group(w) == w.group_size and not (held and q4_max_rows(w) >= below):
         _int4pack(w)  # with a dense copy and the AVX2 int4 kernel below it, int4pack would serve no batch size
     elif w.kind == "int8" and w.group_size == w.shape[1] and _int8pack_ok(w):
         int8pack_mm(torch.zeros(1, w.shape[1], dtype=torch.bfloat16), w)
+    elif w.kind == "int8" and w.group_size == 32 and q8t_layout(w) is not None:
+        pass  # the tiled int8 kernel's layout, built by the check
     elif w.kind == "int8" and w.group_size == 32 and native.gemv_available():
         _q8_sums(w)
     elif w.kind == "int8" and _int4pack_group(w) is not None:

@@ -847,6 +847,150 @@ int q8_gemv_bf16(const uint16_t *x, const int8_t *codes, const float *scale, con
 #endif
 }
 
+/* ---- int8 matrix product with the outputs in the lanes (AVX512-VNNI) ----
+ *
+ * The same product and x quantization as q8_gemv_bf16, for up to Q8T_MAX_M rows of x, on the weight in a tiled
+ * layout (`q8t_pack` of kernels/native.py, built once): tiles of 16 weight rows; per tile and group of 32 k, eight
+ * 64-byte chunks of 4 k, the 4 codes of row i (k = 32 g + 4 c .. + 3) in bytes 4 i .. 4 i + 3. One vpdpbusd then
+ * multiplies 16 rows' 4 codes by the same 4 bytes of x broadcast to every lane: the lanes are the outputs, each
+ * loaded chunk serves every row of x, and nothing is summed across lanes. Per tile and group, dss holds the 16
+ * scales d, then 128 * d * (the group's sum of codes) for each row: x goes in as xq + 128 (the instruction's
+ * unsigned operand), so y = sum_g sx[g] * (d * isum - 128 d sum(codes)). Threads split the tiles. Returns -1 when
+ * a dimension is outside the bounds or the CPU has no AVX512-VNNI and AVX512-BF16 (its rounding to bf16). */
+#define Q8T_MAX_M 64
+#if HAS_VNNI && defined(__AVX512BF16__)
+#define HAS_Q8T 1
+#else
+#define HAS_Q8T 0
+#endif
+
+int q8t_available(void) { return HAS_Q8T; }
+
+int q8t_gemm_fits(int64_t m, int64_t n, int64_t k) {
+    return HAS_Q8T && m >= 1 && m <= Q8T_MAX_M && n >= 1 && k >= 32 && k % 32 == 0 && k <= MAX_K;
+}
+
+#if HAS_Q8T
+/* TN tiles from col0 against rows r0 .. r0 + MB - 1 of x (xu: x's codes + 128, sx: their scales). SPLIT: two
+ * chains of integer sums per tile and row. */
+static inline __attribute__((always_inline)) void q8t_block(
+    const int8_t *codes, const float *dss, const uint8_t *xu, const float *sx, int64_t groups, int64_t n,
+    int64_t col0, int64_t r0, const int TN, const int MB, const int SPLIT, uint16_t *y) {
+    const int64_t k = groups * 32, tstride = groups * 512;
+    __m512 acc[4][8];
+    __m512i ia[4][8], ib[4][8];
+    for (int t = 0; t < TN; t++)
+        for (int r = 0; r < MB; r++) acc[t][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        for (int t = 0; t < TN; t++) {
+            const char *nc = (const char *)(codes + (TN + t) * tstride + g * 512);
+            for (int c = 0; c < 8; c++) _mm_prefetch(nc + 64 * c, _MM_HINT_T0);
+            _mm_prefetch((const char *)(dss + (TN + t) * groups * 32 + g * 32), _MM_HINT_T0);
+            _mm_prefetch((const char *)(dss + (TN + t) * groups * 32 + g * 32 + 16), _MM_HINT_T0);
+        }
+        for (int t = 0; t < TN; t++)
+            for (int r = 0; r < MB; r++) {
+                ia[t][r] = _mm512_setzero_si512();
+                if (SPLIT) ib[t][r] = _mm512_setzero_si512();
+            }
+        for (int c = 0; c < 8; c++)
+            for (int t = 0; t < TN; t++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(codes + t * tstride + g * 512 + c * 64));
+                for (int r = 0; r < MB; r++) {
+                    int32_t four;
+                    __builtin_memcpy(&four, xu + (r0 + r) * k + g * 32 + c * 4, sizeof four);
+                    if (SPLIT && (c & 1))
+                        ib[t][r] = _mm512_dpbusd_epi32(ib[t][r], _mm512_set1_epi32(four), w);
+                    else
+                        ia[t][r] = _mm512_dpbusd_epi32(ia[t][r], _mm512_set1_epi32(four), w);
+                }
+            }
+        for (int t = 0; t < TN; t++) {
+            const __m512 d = _mm512_loadu_ps(dss + t * groups * 32 + g * 32);
+            const __m512 s128 = _mm512_loadu_ps(dss + t * groups * 32 + g * 32 + 16);
+            for (int r = 0; r < MB; r++) {
+                const __m512i is = SPLIT ? _mm512_add_epi32(ia[t][r], ib[t][r]) : ia[t][r];
+                const __m512 v = _mm512_fmsub_ps(d, _mm512_cvtepi32_ps(is), s128);
+                acc[t][r] = _mm512_fmadd_ps(v, _mm512_set1_ps(sx[(r0 + r) * groups + g]), acc[t][r]);
+            }
+        }
+    }
+    for (int t = 0; t < TN; t++) {
+        const int64_t c0 = col0 + 16 * t;
+        if (c0 >= n) break;
+        const __mmask16 keep = n - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c0)) - 1);
+        for (int r = 0; r < MB; r++)
+            _mm256_mask_storeu_epi16(y + (r0 + r) * n + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
+    }
+}
+
+/* One tile against every row of x: blocks of 8 rows, the last block's size a constant. */
+static void q8t_tile(const int8_t *cb, const float *db, const uint8_t *xu, const float *sx, int64_t groups,
+                     int64_t n, int64_t col0, int64_t m, uint16_t *y) {
+    int64_t r0 = 0;
+    for (; r0 + 8 <= m; r0 += 8) q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 8, 0, y);
+    switch (m - r0) {
+    case 1: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 1, 1, y); break;
+    case 2: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 2, 1, y); break;
+    case 3: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 3, 1, y); break;
+    case 4: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 4, 0, y); break;
+    case 5: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 5, 0, y); break;
+    case 6: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 6, 0, y); break;
+    case 7: q8t_block(cb, db, xu, sx, groups, n, col0, r0, 1, 7, 0, y); break;
+    default: break;
+    }
+}
+#endif
+
+int q8t_gemm_bf16(const uint16_t *x, const int8_t *codes, const float *dss, uint16_t *y, int64_t m, int64_t n,
+                  int64_t k, int num_threads) {
+#if HAS_Q8T
+    if (!q8t_gemm_fits(m, n, k) || num_threads < 1) return -1;
+    const int64_t groups = k / 32, tiles = (n + 15) / 16;
+    uint8_t *xu = aligned_alloc(64, (size_t)((m * k + 63) / 64 * 64));
+    float *sx = malloc(sizeof(float) * (size_t)(m * groups));
+    int8_t *q = malloc((size_t)k);
+    if (xu == NULL || sx == NULL || q == NULL) {
+        free(xu);
+        free(sx);
+        free(q);
+        return -1;
+    }
+    for (int64_t r = 0; r < m; r++) {
+        quantize_row(x + r * k, k, q, sx + r * groups);
+        for (int64_t i = 0; i < k; i++) xu[r * k + i] = (uint8_t)(q[i] + 128);
+    }
+    free(q);
+    /* Enough independent sums in flight: up to four rows take two tiles a pass (two chains each for one or two
+     * rows), more one tile and blocks of 8 rows. */
+    const int64_t tn = m <= 4 ? 2 : 1;
+    const int64_t blocks = (tiles + tn - 1) / tn;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t t0 = b * tn, col0 = 16 * t0;
+        const int8_t *cb = codes + t0 * groups * 512;
+        const float *db = dss + t0 * groups * 32;
+        if (tiles - t0 >= tn && tn == 2 && m == 1)
+            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 1, 1, y);
+        else if (tiles - t0 >= tn && tn == 2 && m == 2)
+            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 2, 1, y);
+        else if (tiles - t0 >= tn && tn == 2 && m == 3)
+            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 3, 0, y);
+        else if (tiles - t0 >= tn && tn == 2)
+            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 4, 0, y);
+        else
+            for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
+                q8t_tile(codes + t * groups * 512, dss + t * groups * 32, xu, sx, groups, n, 16 * t, m, y);
+    }
+    free(xu);
+    free(sx);
+    return 0;
+#else
+    (void)x; (void)codes; (void)dss; (void)y; (void)m; (void)n; (void)k; (void)num_threads;
+    return -1;
+#endif
+}
+
 /* ---- segmented LoRA for decode-sized segments ----
  *
  * y[t, :] += expand(shrink(x[t, :])) for every row t of each segment, with the segment's adapter weights:

@@ -1,9 +1,10 @@
 /* A decode step's transformer layers in one call: what LlamaModel.forward runs layer by layer through the other
- * kernels of this library (the AVX2 int4 matmul, rotary embedding with the K/V write, paged decode attention,
+ * kernels of this library (the int4 matmul: AVX512-BF16 on the tiled layout, or AVX2, per weight; rotary
+ * embedding with the K/V write, paged decode attention,
  * residual add with RMS norm, SiLU-and-multiply), in the same order with the same arguments, so the results are
  * bit for bit the layer-by-layer path's. One call instead of ~9 per layer saves their Python wrappers (~10 us
  * each, a few ms of a ~14 ms single-request step on a 2-core AVX2 machine). It serves only the steps every one
- * of those kernels takes: int4 weights with groups of 32 at M <= Q4_MAX_M, decodes the attention kernel reads
+ * of those kernels takes: int4 weights with groups of 32 at M <= Q4_MAX_M (Q4B_MAX_M), decodes the attention kernel reads
  * alone (no shared-prefix cascade, no prefill), LoRA segments the SGMV kernel takes; the caller checks that. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -12,6 +13,9 @@
 int q4_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
                  int64_t m, int64_t n, int64_t k, int num_threads);
 int q4_gemm_fits(int64_t m, int64_t n, int64_t k);
+int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *dm, uint16_t *y, int64_t m, int64_t n,
+                  int64_t k, int num_threads);
+int q4b_gemm_fits(int64_t m, int64_t n, int64_t k);
 int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
                        int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int num_threads);
@@ -118,9 +122,16 @@ enum { QKV, O = 3, GATE_UP = 6, DOWN = 9, POST_NORM = 12, NEXT_NORM, K_CACHE, V_
 
 #define PTR(type, v) ((type)(intptr_t)(v))
 
+/* A weight's three fields: codes, scales, zeros in the canonical layout (the AVX2 int4 kernel), or codes, scales
+ * and 0 in the AVX512-BF16 kernel's tiled layout. */
 static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int threads) {
+    if (w[2] == 0) return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), y, m, n, k, threads);
     return q4_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), PTR(const float *, w[2]), y, m, n, k,
                         threads);
+}
+
+static int gemm_fits(const int64_t *w, int64_t m, int64_t n, int64_t k) {
+    return w[2] == 0 ? q4b_gemm_fits(m, n, k) : q4_gemm_fits(m, n, k);
 }
 
 /* x [T, hidden] float32: the residual stream, updated in place; hs0 [T, hidden] bf16: the first layer's normed
@@ -143,10 +154,14 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
     const Lora lo = {lora_nseg, lora_starts, lora_ends, lora_ptrs, lora_ranks, lora_nslices, lora_outs, lora_bf16};
     const int64_t in_dims[GROUPS] = {hidden, qd, hidden, inter}, out_dims[GROUPS] = {width, hidden, 2 * inter, hidden};
     /* The products' bounds, all checked now: the gate/up and down products run after the first residual add. */
-    if (num_layers < 1 || !q4_gemm_fits(t, width, hidden) || !q4_gemm_fits(t, hidden, qd) ||
-        !q4_gemm_fits(t, 2 * inter, hidden) || !q4_gemm_fits(t, hidden, inter) || num_threads < 1 || lora_nseg < 0 ||
-        !lora_fits(&lo, num_layers, in_dims, out_dims))
+    if (num_layers < 1 || num_threads < 1 || lora_nseg < 0 || !lora_fits(&lo, num_layers, in_dims, out_dims))
         return -1;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const int64_t *p = layers + l * LAYER_FIELDS;
+        if (!gemm_fits(p + QKV, t, width, hidden) || !gemm_fits(p + O, t, hidden, qd) ||
+            !gemm_fits(p + GATE_UP, t, 2 * inter, hidden) || !gemm_fits(p + DOWN, t, hidden, inter))
+            return -1;
+    }
     const size_t elems = (size_t)(t * (width + 2 * qd + 2 * hidden + 3 * inter));
     uint16_t *buf = malloc(elems * sizeof(uint16_t));
     int64_t *work = malloc(sizeof(int64_t) * (size_t)((4 + MAX_GROUP_SLICES) * (lora_nseg > 0 ? lora_nseg : 1)));

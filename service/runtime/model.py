@@ -261,11 +261,14 @@ class LlamaModel:
                                         self.scale, fl)
                 if down is not None:
                     return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
+        # A step that computes prompt tokens (an entry of several new tokens; verify passes are single-token
+        # entries) keeps to the matmul path a whole prompt takes (`quant_cpu.linear`'s `prompt`).
+        prompt = any(n > 1 for n in plan.lens)
         table = None  # the step's LoRA table for the op-by-op layers' C calls
         if lora is not None and self._table_lora and isinstance(lora.segments, LoraSegments):
             table = self._fused_lora(lora)  # reused from the fused layers' try when they declined
         for i, lw in enumerate(self.layers):
-            qkv = kn.linear(hs, lw.qkv, lw.qkv_bias)  # [T, q + 2kv]
+            qkv = kn.linear(hs, lw.qkv, lw.qkv_bias, prompt)  # [T, q + 2kv]
             if lora is not None:
                 lora.apply_(kn, qkv, hs, i, "qkv", table)
             k_cache, v_cache = kv.layer(i)
@@ -273,15 +276,15 @@ class LlamaModel:
                                  arch.num_heads)
             attn = kn.paged_attention(q, k_cache, v_cache, plan, self.scale)  # [T, h, d]
             attn = attn.reshape(attn.shape[0], arch.q_size)
-            o = kn.linear(attn, lw.o)
+            o = kn.linear(attn, lw.o, prompt=prompt)
             if lora is not None:
                 lora.apply_(kn, o, attn, i, "o", table)
             hs = kn.add_rms_norm(x, o, lw.post_norm, eps, dt)
-            gu = kn.linear(hs, lw.gate_up)  # [T, 2 * inter]
+            gu = kn.linear(hs, lw.gate_up, prompt=prompt)  # [T, 2 * inter]
             if lora is not None:
                 lora.apply_(kn, gu, hs, i, "gate_up", table)
             act = kn.silu_mul(gu)
-            down = kn.linear(act, lw.down)
+            down = kn.linear(act, lw.down, prompt=prompt)
             if lora is not None:
                 lora.apply_(kn, down, act, i, "down", table)
             # the residual add, and the norm of what reads it next: the next layer's input or the final norm

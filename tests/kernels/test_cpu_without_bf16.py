@@ -47,7 +47,9 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
     assert dense.dtype == (BF16 if native_bf16 else torch.float32)
     assert (dense.dim() == 3) == (not native_bf16 and native.gemm_available())  # [N/16, K, 16] panels
     assert quant_cpu.dense_bytes(w) == (2 if native_bf16 else 4) * 96 * 128
-    first = quant_cpu.DENSE_MIN_M if native_bf16 else quant_cpu.DENSE_F32_MIN_M
+    first = quant_cpu.dense_min_rows(w)
+    assert first == (quant_cpu.DENSE_F32_MIN_M if not native_bf16 else
+                     quant_cpu.Q4B_MAX_M + 1 if native.q4b_available() else quant_cpu.DENSE_MIN_M)
     for m in (first, 64, 200):
         x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(BF16)
         ref = x.float() @ w.dequantize().to(BF16).float().T
@@ -59,8 +61,10 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
         else:  # the bf16 copy: what the chunked path computes in bf16, bit for bit (tests/kernels/test_quant.py)
             torch.testing.assert_close(y, quant_cpu.dequant_mm(x, w, compute=BF16), atol=0, rtol=0, msg=f"M={m}")
     below = torch.randn(first - 1, 128, generator=torch.Generator().manual_seed(1)).to(BF16)
-    small = native.q4_gemm(below, w.qweight, w.scales, w.zeros) if not native_bf16 else None
-    want = small if small is not None else quant_cpu.int4pack_mm(below, w)  # the AVX2 int4 kernel where it runs
+    q4b = quant_cpu.q4b_layout(w)  # the AVX512-BF16 int4 kernel where it runs, the AVX2 one, int4pack
+    small = (native.q4b_gemm(below, *q4b, w.shape[0]) if q4b is not None
+             else native.q4_gemm(below, w.qweight, w.scales, w.zeros) if not native_bf16 else None)
+    want = small if small is not None else quant_cpu.int4pack_mm(below, w)
     torch.testing.assert_close(quant_cpu.linear(below, w), want, atol=0, rtol=0)
 
 
@@ -137,10 +141,12 @@ def test_q8_avx2_kernel_refuses_what_it_cannot_take():
 
 
 def test_linear_takes_the_avx2_int8_kernel_without_vnni_up_to_its_rows(monkeypatch):
-    """Without the VNNI kernel, int8 groups of 32 with M <= QUANT_MAX_M go to the AVX2 kernel (its check is
-    cached on the weight); above, the other paths; every answer within the kernel's bound of float32."""
+    """Without the VNNI kernels (the matrix-vector one and the tiled one), int8 groups of 32 with M <= QUANT_MAX_M
+    go to the AVX2 kernel (its check is cached on the weight); above, the other paths; every answer within the
+    kernel's bound of float32."""
     _avx2()
     monkeypatch.setattr(native, "gemv_available", lambda: False)
+    monkeypatch.setattr(native, "q8t_available", lambda: False)
     called = []
     real = native.q8_gemm
     monkeypatch.setattr(native, "q8_gemm", lambda *a: called.append(a[0].shape[0]) or real(*a))
@@ -318,10 +324,12 @@ def test_a_weight_whose_rows_do_not_fill_panels_keeps_onednns_layout(monkeypatch
 @pytest.mark.parametrize("dense", [False, True], ids=["no-dense-copy", "dense-copy"])
 def test_linear_takes_the_avx2_int4_kernel_up_to_its_rows(monkeypatch, native_bf16, dense):
     """int4 groups of 32 go to the AVX2 kernel: without native bf16 with M <= Q4_MAX_M (below the dense copy's
-    first M when one is held, which then also needs no int4pack layout); with native bf16 with M <= Q4_BF16_MAX_M
-    (int4pack above it, up to the dense copy). Every answer within the kernel's bound of float32 where it ran,
-    close to float32 elsewhere."""
+    first M when one is held, which then also needs no int4pack layout); with native bf16 but without the
+    AVX512-BF16 int4 kernel (taken away here where the CPU has it) with M <= Q4_BF16_MAX_M (int4pack above it, up
+    to the dense copy). Every answer within the kernel's bound of float32 where it ran, close to float32
+    elsewhere."""
     _avx2()
+    monkeypatch.setattr(native, "q4b_available", lambda: False)
     called = []
     real = native.q4_gemm
     monkeypatch.setattr(native, "q4_gemm", lambda *a, **kw: called.append(a[0].shape[0]) or real(*a, **kw))

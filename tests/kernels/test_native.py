@@ -131,12 +131,14 @@ def test_q8_gemv_within_the_bound_of_its_activation_rounding(m):
     assert err.max() > 0  # it does round: the test would notice a kernel that silently did something else
 
 
-def test_linear_takes_the_int8_kernel_for_decode_rows_only():
-    """bf16, groups of 32, M <= 8: the C kernel (its prepacked sums appear); M = 9 and K not a multiple of 64
-    go to the other paths; every answer stays close to float32."""
+def test_linear_takes_the_int8_kernel_for_decode_rows_only(monkeypatch):
+    """bf16, groups of 32, M <= 8, without the tiled int8 kernel (taken away here where the CPU has it; its own
+    tests: tests/kernels/test_tiled_quant.py): the C kernel (its prepacked sums appear); M = 9 and K not a multiple
+    of 64 go to the other paths; every answer stays close to float32."""
     from kernels.quant import quantize_int8
     from kernels.quant_cpu import linear
 
+    monkeypatch.setattr(native, "q8t_available", lambda: False)
     if not native.gemv_available():
         pytest.skip("this CPU lacks AVX512-VNNI: linear cannot take the VNNI int8 kernel here (the AVX2 one's "
                     "dispatch: tests/kernels/test_cpu_without_bf16.py)")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import quant_cpu
+from kernels import native, quant_cpu
 from kernels.quant import QuantizedTensor, quant_embedding, quant_linear, quantize_int4, quantize_int8
 
 # float32 x runs the exact reference path: dequantize + dense matmul (row chunks at most reorder nothing
@@ -109,12 +109,14 @@ def test_int4pack_q4_0_style_zero_is_exact() -> None:
 
 def test_unpackable_shapes_fall_back() -> None:
     # N = 40 is not a multiple of 16 (int4pack) and K = 48 not of 32 (int8pack): the dequant path serves, or for
-    # the int4 weight on a CPU with AVX2 and no native bf16 the AVX2 int4 kernel, which needs no packed layout.
+    # the int4 weight on a CPU with AVX2 and no native bf16 the AVX2 int4 kernel, which needs no packed layout, or
+    # on one with AVX512-BF16 that int4 kernel, whose tiled layout pads N to a multiple of 16.
     for w in (quantize_int4(torch.randn(40, 64), 32), quantize_int8(torch.randn(40, 48), 16),
               quantize_int8(torch.randn(40, 48), None)):
         x = _x(2, w.shape[1], torch.bfloat16)
         _close_bf16(quant_linear(x, w), F.linear(x.float(), w.dequantize()))
-        assert set(w.packed) <= {"q4avx2"}  # its check only: no layout built
+        # the kernels' checks, cached (the int4 weight's tiled layout where the CPU has AVX512-BF16)
+        assert set(w.packed) <= {"q4avx2", "q4b", "q8t"}
 
 
 def test_leading_dims_bias_and_empty() -> None:
@@ -193,10 +195,12 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
 
     w = quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), 32)
-    xs = {m: torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-          for m in (quant_cpu.DENSE_MIN_M, 16, 64, 200)}
-    want = {m: quant_cpu.dequant_mm(x, w) for m, x in xs.items()}
     w.prepack(dense=True)
+    first = quant_cpu.dense_min_rows(w)  # past the AVX512-BF16 int4 kernel's rows where this CPU has it
+    assert first == (quant_cpu.Q4B_MAX_M + 1 if native.q4b_available() else quant_cpu.DENSE_MIN_M)
+    xs = {m: torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+          for m in (first, first + 7, 64, 200)}
+    want = {m: quant_cpu.dequant_mm(x, w) for m, x in xs.items()}
     dense = w.packed["dense"][0]
     assert dense.dtype == torch.bfloat16 and w.nbytes >= 2 * 96 * 128
     # held in oneDNN's blocked layout where torch's oneDNN multiplies bf16 on this CPU (plain elsewhere)
@@ -204,7 +208,9 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     for m, x in xs.items():
         torch.testing.assert_close(quant_cpu.linear(x, w), want[m], atol=0, rtol=0, msg=f"M={m}")
     # a non-contiguous x (a strided view) too
-    wide = torch.randn(16, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)[:, ::2]
+    wide = torch.randn(first, 256, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)[:, ::2]
     torch.testing.assert_close(quant_cpu.linear(wide, w), quant_cpu.dequant_mm(wide.contiguous(), w), atol=0, rtol=0)
-    below = xs[quant_cpu.DENSE_MIN_M][: quant_cpu.DENSE_MIN_M - 1]
-    torch.testing.assert_close(quant_cpu.linear(below, w), quant_cpu.int4pack_mm(below, w), atol=0, rtol=0)
+    below = xs[first][: first - 1]
+    q4b = quant_cpu.q4b_layout(w)
+    small = native.q4b_gemm(below, *q4b, w.shape[0]) if q4b is not None else quant_cpu.int4pack_mm(below, w)
+    torch.testing.assert_close(quant_cpu.linear(below, w), small, atol=0, rtol=0)

@@ -2,7 +2,8 @@
 call give bit for bit what the op-by-op path gives (the same kernels in the same order), and only the steps every
 one of those kernels takes go there: int4 weights the AVX2 int4 kernel takes, decodes (verify passes included)
 of at most `model._fused_rows` tokens, LoRA the SGMV kernel takes. The CPU is taken as one without native bf16
-(where the AVX2 int4 kernel serves); the tests need AVX2 and FMA."""
+(where the AVX2 int4 kernel serves) and as one with it (the AVX512-BF16 int4 kernel where this CPU has it); the
+tests need AVX2 and FMA."""
 
 from __future__ import annotations
 
@@ -33,13 +34,17 @@ def tiny_path(request, tmp_path_factory):
 
 @pytest.fixture(params=[False, True], ids=["no-native-bf16", "native-bf16"])
 def model(tiny_path, monkeypatch, request):
-    """The tiny model in bf16 as on a CPU without native bf16 or with it: the int4 kernel's own row limit with no
-    dense copy held (Q4_MAX_M), or the limit it has beside bf16 dot products (Q4_BF16_MAX_M)."""
+    """The tiny model in bf16 as on a CPU without native bf16 or with it: the AVX2 int4 kernel's own row limit with
+    no dense copy held (Q4_MAX_M); with native bf16 the AVX512-BF16 int4 kernel's (Q4B_MAX_M) where this CPU has
+    it, else the limit the AVX2 kernel has beside bf16 dot products (Q4_BF16_MAX_M)."""
     _avx2()
     monkeypatch.setattr(cpu_features, "_NATIVE_BF16", request.param)
     loaded = load_model(tiny_path, quantize="int4")
     m = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
-    assert m._fused_rows == (quant_cpu.Q4_BF16_MAX_M if request.param else native.Q4_MAX_M)
+    if not request.param:
+        assert m._fused_rows == native.Q4_MAX_M
+    else:
+        assert m._fused_rows == (quant_cpu.Q4B_MAX_M if native.q4b_available() else quant_cpu.Q4_BF16_MAX_M)
     g = torch.Generator().manual_seed(7)
     for lw in m.layers:  # transformers initializes every norm weight to 1: make each layer's its own
         for w in (lw.input_norm, lw.post_norm):
@@ -64,7 +69,7 @@ def calls(model, monkeypatch):
 
 def _prefill(model: LlamaModel, n_seqs: int, seed: int = 0) -> tuple[KVCache, list[list[int]]]:
     """n_seqs sequences of PROMPT tokens in scrambled blocks, prefilled (op by op: a prefill never fuses)."""
-    per = 12  # blocks per sequence: room for 48 tokens
+    per = 20  # blocks per sequence: room for 80 tokens (the largest fused step is 32 decodes of one sequence)
     kv = KVCache(model.arch, num_blocks=n_seqs * per + 2, block_size=BS, dtype=model.dtype)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_seqs * per, generator=g).add(2).tolist()
