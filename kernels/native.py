@@ -56,7 +56,7 @@ _SIGNATURES = {
     "q4b_available": ([], _int),
     "q8t_available": ([], _int),
     "q8t_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
-    "q4b_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
+    "q4b_gemm_bf16": ([_ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_available": ([], _int),
     "gemm_f32w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_f32": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
@@ -370,7 +370,8 @@ def q4b_pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     and zeros float32 `[N, K//32]`) in the tiled layout `q4b_gemm` reads (kernels/cpu/quant.c): codes uint8
     `[tiles, groups, 4, 64]` (16 weight rows a tile; in each 64-byte chunk, nibble j of 16-bit word w is the code
     of row w // 2 at k = 8 c + 2 j + w % 2 of the group) and float32 `[tiles, groups, 2, 16]` (the scales, then
-    zero - 16 * scale). Rows past N are zero."""
+    zero - 16 * scale), or, where every scale and zero is exact in fp16 (GGUF stores them so), fp16 `[tiles,
+    groups, 2, 16]` (the scales, then the zeros: the kernel forms zero - 16 * scale). Rows past N are zero."""
     n, half = codes.shape
     k = 2 * half
     groups, tiles = k // 32, (n + 15) // 16
@@ -380,12 +381,15 @@ def q4b_pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> 
     # [tile, row i, group, chunk, j, e] -> [tile, group, chunk, word (i, e), j]
     c = c.view(tiles, 16, groups, 4, 4, 2).permute(0, 2, 3, 1, 5, 4).reshape(tiles, groups, 4, 32, 4)
     packed = (c[..., 0::2] | (c[..., 1::2] << 4)).reshape(tiles, groups, 4, 64).contiguous()
+    sf, zf = scales.float(), zeros.float()
+    exact16 = all(torch.equal(v.half().float(), v) for v in (sf, zf))  # no rounding, no overflow to inf
     d = torch.zeros(tiles * 16, groups, dtype=torch.float32)
     mz = torch.zeros(tiles * 16, groups, dtype=torch.float32)
-    d[:n] = scales.float()
-    mz[:n] = zeros.float() - 16 * scales.float()
+    d[:n] = sf
+    mz[:n] = zf if exact16 else zf - 16 * sf
     dm = torch.stack((d.view(tiles, 16, groups), mz.view(tiles, 16, groups)), dim=2)  # [tile, 16, 2, group]
-    return packed, dm.permute(0, 3, 2, 1).contiguous()
+    dm = dm.permute(0, 3, 2, 1).contiguous()
+    return packed, dm.half() if exact16 else dm
 
 
 def q4b_gemm(x: torch.Tensor, codes: torch.Tensor, dm: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -396,8 +400,8 @@ def q4b_gemm(x: torch.Tensor, codes: torch.Tensor, dm: torch.Tensor, n: int) -> 
         return None
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
-    rc = lib.q4b_gemm_bf16(x.data_ptr(), codes.data_ptr(), dm.data_ptr(), y.data_ptr(), m, n, k,
-                           torch.get_num_threads())
+    rc = lib.q4b_gemm_bf16(x.data_ptr(), codes.data_ptr(), dm.data_ptr(), int(dm.dtype == torch.float16),
+                           y.data_ptr(), m, n, k, torch.get_num_threads())
     return y if rc == 0 else None
 
 
@@ -494,8 +498,8 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
         row = []
         for w in (qkv, o, gate_up, down):
             q4b = w.packed.get("q4b")
-            if q4b:  # the AVX512-BF16 kernel's layout (kernels.quant_cpu.q4b_layout): codes, scales, 0
-                row += [q4b[0].data_ptr(), q4b[1].data_ptr(), 0]
+            if q4b:  # the AVX512-BF16 kernel's layout (kernels.quant_cpu.q4b_layout): codes, scales, 0 or 1 (fp16)
+                row += [q4b[0].data_ptr(), q4b[1].data_ptr(), int(q4b[1].dtype == torch.float16)]
                 held += list(q4b)
             else:
                 row += [w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()]

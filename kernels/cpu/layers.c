@@ -13,8 +13,8 @@
 int q4_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
                  int64_t m, int64_t n, int64_t k, int num_threads);
 int q4_gemm_fits(int64_t m, int64_t n, int64_t k);
-int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *dm, uint16_t *y, int64_t m, int64_t n,
-                  int64_t k, int num_threads);
+int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,
+                  int64_t n, int64_t k, int num_threads);
 int q4b_gemm_fits(int64_t m, int64_t n, int64_t k);
 int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
@@ -123,15 +123,16 @@ enum { QKV, O = 3, GATE_UP = 6, DOWN = 9, POST_NORM = 12, NEXT_NORM, K_CACHE, V_
 #define PTR(type, v) ((type)(intptr_t)(v))
 
 /* A weight's three fields: codes, scales, zeros in the canonical layout (the AVX2 int4 kernel), or codes, scales
- * and 0 in the AVX512-BF16 kernel's tiled layout. */
+ * and 0 (float32 scales) or 1 (fp16) in the AVX512-BF16 kernel's tiled layout. */
 static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int threads) {
-    if (w[2] == 0) return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), y, m, n, k, threads);
+    if (w[2] == 0 || w[2] == 1)
+        return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const void *, w[1]), (int)w[2], y, m, n, k, threads);
     return q4_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), PTR(const float *, w[2]), y, m, n, k,
                         threads);
 }
 
 static int gemm_fits(const int64_t *w, int64_t m, int64_t n, int64_t k) {
-    return w[2] == 0 ? q4b_gemm_fits(m, n, k) : q4_gemm_fits(m, n, k);
+    return w[2] == 0 || w[2] == 1 ? q4b_gemm_fits(m, n, k) : q4_gemm_fits(m, n, k);
 }
 
 /* x [T, hidden] float32: the residual stream, updated in place; hs0 [T, hidden] bf16: the first layer's normed

@@ -343,7 +343,9 @@ int q4_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *scales, c
  * - dm: per tile and group, 16 float32 scales d, then 16 float32 m - 16 d (m: the zero): w = d * code + m =
  *   d * (16 + code) + (m - 16 d), so y[r, n] = sum_g d[n, g] * S[r, n, g] + (m - 16 d)[n, g] * X[r, g], S the
  *   group's pair-dot sums of x with 16 + code, X the float32 sum of x's group. Rows past N (the last tile) have
- *   zero codes' scales and are never stored.
+ *   zero codes' scales and are never stored. With `half`, dm holds 16 fp16 scales then 16 fp16 zeros per tile and
+ *   group (where both are exact in fp16, as GGUF stores them: a quarter of the weight's bytes instead of a third)
+ *   and m - 16 d is formed in float32 in the kernel.
  *
  * Products are exact in float32 (8 significant bits times 5); sums are float32, y rounded once to bf16. Threads
  * split the tiles; a tile's codes stay in cache while every block of rows of x passes over them. Returns 0, or -1
@@ -372,8 +374,10 @@ static inline __m512bh q4b_bcast(const uint16_t *x) {
 /* TN tiles (16 TN weight rows from col0) against rows r0 .. r0 + MB - 1 of x. SPLIT: two chains of sums per tile and
  * row (a few rows: more independent dot products in flight). */
 static inline __attribute__((always_inline)) void q4b_block(
-    const uint8_t *codes, const float *dm, const uint16_t *x, const float *xs, int64_t groups, int64_t n,
-    int64_t col0, int64_t r0, const int TN, const int MB, const int SPLIT, uint16_t *y) {
+    const uint8_t *codes, const void *dm, const uint16_t *x, const float *xs, int64_t groups, int64_t n,
+    int64_t col0, int64_t r0, const int TN, const int MB, const int SPLIT, const int HALF, uint16_t *y) {
+    const float *dmf = (const float *)dm;
+    const uint16_t *dmh = (const uint16_t *)dm;
     const int64_t k = groups * QGROUP, tstride = groups * 256;
     const __m512i lowbits = _mm512_set1_epi16(0x78), magic = _mm512_set1_epi16(0x4180);
     __m512 acc[4][8], ga[4][8], gb[4][8];
@@ -383,13 +387,14 @@ static inline __attribute__((always_inline)) void q4b_block(
         /* The next TN tiles' codes and scales for this group (the hardware prefetcher alone falls behind) */
         for (int t = 0; t < TN; t++) {
             const char *nc = (const char *)(codes + (TN + t) * tstride + g * 256);
-            const char *nd = (const char *)(dm + (TN + t) * groups * 32 + g * 32);
+            const char *nd = HALF ? (const char *)(dmh + (TN + t) * groups * 32 + g * 32)
+                                  : (const char *)(dmf + (TN + t) * groups * 32 + g * 32);
             _mm_prefetch(nc, _MM_HINT_T0);
             _mm_prefetch(nc + 64, _MM_HINT_T0);
             _mm_prefetch(nc + 128, _MM_HINT_T0);
             _mm_prefetch(nc + 192, _MM_HINT_T0);
             _mm_prefetch(nd, _MM_HINT_T0);
-            _mm_prefetch(nd + 64, _MM_HINT_T0);
+            if (!HALF) _mm_prefetch(nd + 64, _MM_HINT_T0);
         }
         for (int t = 0; t < TN; t++)
             for (int r = 0; r < MB; r++) {
@@ -420,8 +425,15 @@ static inline __attribute__((always_inline)) void q4b_block(
             }
         }
         for (int t = 0; t < TN; t++) {
-            const __m512 d = _mm512_loadu_ps(dm + t * groups * 32 + g * 32);
-            const __m512 mz = _mm512_loadu_ps(dm + t * groups * 32 + g * 32 + 16);
+            __m512 d, mz;
+            if (HALF) { /* fp16 scales and zeros: zero - 16 d here */
+                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32)));
+                mz = _mm512_fmadd_ps(d, _mm512_set1_ps(-16.0f),
+                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32 + 16))));
+            } else {
+                d = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32);
+                mz = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32 + 16);
+            }
             for (int r = 0; r < MB; r++) {
                 const __m512 s = SPLIT ? _mm512_add_ps(ga[t][r], gb[t][r]) : ga[t][r];
                 acc[t][r] = _mm512_fmadd_ps(s, d, acc[t][r]);
@@ -438,25 +450,53 @@ static inline __attribute__((always_inline)) void q4b_block(
     }
 }
 
-/* One tile (16 weight rows from col0) against every row of x: blocks of 8 rows, the last block's size a constant. */
-static void q4b_tile(const uint8_t *cb, const float *db, const uint16_t *x, const float *xs, int64_t groups,
-                     int64_t n, int64_t col0, int64_t m, uint16_t *y) {
+static inline __attribute__((always_inline)) void q4b_tile_(
+    const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups, int64_t n, int64_t col0,
+    int64_t m, const int HALF, uint16_t *y) {
     int64_t r0 = 0;
-    for (; r0 + 8 <= m; r0 += 8) q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 8, 0, y);
+    for (; r0 + 8 <= m; r0 += 8) q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 8, 0, HALF, y);
     switch (m - r0) {
-    case 1: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 1, 1, y); break;
-    case 2: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 2, 1, y); break;
-    case 3: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 3, 1, y); break;
-    case 4: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 4, 0, y); break;
-    case 5: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 5, 0, y); break;
-    case 6: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 6, 0, y); break;
-    case 7: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 7, 0, y); break;
+    case 1: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 1, 1, HALF, y); break;
+    case 2: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 2, 1, HALF, y); break;
+    case 3: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 3, 1, HALF, y); break;
+    case 4: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 4, 0, HALF, y); break;
+    case 5: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 5, 0, HALF, y); break;
+    case 6: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 6, 0, HALF, y); break;
+    case 7: q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 7, 0, HALF, y); break;
     default: break;
     }
 }
 
-static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const float *dm, uint16_t *y, int64_t m, int64_t n,
-                    int64_t k, int num_threads) {
+/* One tile (16 weight rows from col0) against every row of x: blocks of 8 rows, the last block's size a constant;
+ * float32 or fp16 scales. */
+static void q4b_tile(const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups,
+                     int64_t n, int64_t col0, int64_t m, int half, uint16_t *y) {
+    if (half)
+        q4b_tile_(cb, db, x, xs, groups, n, col0, m, 1, y);
+    else
+        q4b_tile_(cb, db, x, xs, groups, n, col0, m, 0, y);
+}
+
+/* TN tiles from col0 against all m (<= 4) rows of x at once. */
+static inline __attribute__((always_inline)) void q4b_few_(
+    const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups, int64_t n, int64_t col0,
+    int64_t m, const int HALF, uint16_t *y) {
+    if (m == 1) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 1, 1, HALF, y);
+    else if (m == 2) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 2, 1, HALF, y);
+    else if (m == 3) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 3, 1, HALF, y);
+    else q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 4, 0, HALF, y);
+}
+
+static void q4b_few(const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups,
+                    int64_t n, int64_t col0, int64_t m, int half, uint16_t *y) {
+    if (half)
+        q4b_few_(cb, db, x, xs, groups, n, col0, m, 1, y);
+    else
+        q4b_few_(cb, db, x, xs, groups, n, col0, m, 0, y);
+}
+
+static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,
+                    int64_t n, int64_t k, int num_threads) {
     if (!q4b_gemm_fits(m, n, k) || num_threads < 1) return -1;
     const int64_t groups = k / QGROUP, tiles = (n + 15) / 16;
     float *xs = malloc(sizeof(float) * (size_t)(m * groups));
@@ -475,31 +515,26 @@ static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const float *dm, ui
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * tn, col0 = 16 * t0;
-        const uint8_t *cb = codes + t0 * groups * 256;
-        const float *db = dm + t0 * groups * 32;
-        if (tiles - t0 >= tn && tn == 2 && m == 1)
-            q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 1, 1, y);
-        else if (tiles - t0 >= tn && tn == 2 && m == 2)
-            q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 2, 1, y);
-        else if (tiles - t0 >= tn && tn == 2 && m == 3)
-            q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 3, 1, y);
-        else if (tiles - t0 >= tn && tn == 2)
-            q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 4, 0, y);
+        const size_t esz = half ? sizeof(uint16_t) : sizeof(float); /* the scales' element size */
+        if (tiles - t0 >= tn && tn == 2)
+            q4b_few(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n,
+                    col0, m, half, y);
         else
             for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
-                q4b_tile(codes + t * groups * 256, dm + t * groups * 32, x, xs, groups, n, 16 * t, m, y);
+                q4b_tile(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups,
+                         n, 16 * t, m, half, y);
     }
     free(xs);
     return 0;
 }
 #endif
 
-int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *dm, uint16_t *y, int64_t m, int64_t n,
-                  int64_t k, int num_threads) {
+int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,
+                  int64_t n, int64_t k, int num_threads) {
 #if HAS_Q4B
-    return q4b_gemm(x, codes, dm, y, m, n, k, num_threads);
+    return q4b_gemm(x, codes, dm, half, y, m, n, k, num_threads);
 #else
-    (void)x; (void)codes; (void)dm; (void)y; (void)m; (void)n; (void)k; (void)num_threads;
+    (void)x; (void)codes; (void)dm; (void)half; (void)y; (void)m; (void)n; (void)k; (void)num_threads;
     return -1;
 #endif
 }

@@ -39,15 +39,21 @@ def _bound(x: torch.Tensor, w: QuantizedTensor, ref: torch.Tensor) -> torch.Tens
     return ref.abs() * 2**-8 + terms * 2**-16 + 1e-30
 
 
+@pytest.mark.parametrize("scales", ["float32", "float16"])  # as quantized here / as GGUF stores them (fp16 layout)
 @pytest.mark.parametrize("k", [32, 576, 1536])  # one group; the default model's two K
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 13, 16, 31, 32, 64])  # every tiling: 2 tiles x 1-4 rows, 1 x 8 + tail
-def test_q4b_kernel_is_within_float32_summation_and_the_outputs_rounding(m, k):
+def test_q4b_kernel_is_within_float32_summation_and_the_outputs_rounding(m, k, scales):
     """N = 70 (a last tile of 6 rows); x has an all-zero group (where K allows) and a value 1000x the rest; the
-    weight's zeros are negative and positive. Every output within the bound, and on average within 1.5x of the
-    output's own bf16 rounding: the kernel's error is that rounding."""
+    weight's zeros are negative and positive; its scales and zeros float32, or exact in fp16 (the layout then holds
+    them in fp16). Every output within the bound, and on average within 1.5x of the output's own bf16 rounding:
+    the kernel's error is that rounding."""
     g = torch.Generator().manual_seed(m * 10000 + k)
     w = quantize_int4(torch.randn(70, k, generator=g) * 0.05 + 0.01, 32)
     w.zeros[0, :] = 0.02
+    if scales == "float16":
+        w.scales.copy_(w.scales.half().float())
+        w.zeros.copy_(w.zeros.half().float())
+    assert native.q4b_pack(w.qweight, w.scales, w.zeros)[1].dtype == getattr(torch, scales)
     assert (w.zeros < 0).any() and (w.zeros > 0).any()
     x = torch.randn(m, k, generator=g)
     if k >= 64:
@@ -91,6 +97,9 @@ def test_q4b_layout_puts_each_code_where_the_kernel_reads_it():
         assert (words[t, g, c, wd] >> (4 * j)) & 15 == codes[row, col]
     assert torch.equal(dm[0, 1, 0], scales[:16, 1]) and torch.equal(dm[1, 0, 1, :4], zeros[16:, 0] - 16 * scales[16:, 0])
     assert not packed[1, :, :, 16:].any() and not dm[1, :, :, 4:].any()  # rows 20..31 of the last tile: words 8..31
+    # scales and zeros exact in fp16: held in fp16, the zeros themselves (the kernel forms zero - 16 * scale)
+    _, dm16 = native.q4b_pack(codes[:, 0::2] | (codes[:, 1::2] << 4), scales.half().float(), zeros.half().float())
+    assert dm16.dtype == torch.float16 and torch.equal(dm16[1, 0, 1, :4], zeros[16:, 0].half())
 
 
 def test_q4b_kernel_refuses_what_it_cannot_take():
