@@ -55,6 +55,7 @@ _SIGNATURES = {
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4b_available": ([], _int),
     "q8t_available": ([], _int),
+    "refine_top_q8": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "q8t_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4b_gemm_bf16": ([_ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_available": ([], _int),
@@ -311,6 +312,25 @@ def q8t_gemm(x: torch.Tensor, codes: torch.Tensor, dss: torch.Tensor, n: int) ->
     rc = lib.q8t_gemm_bf16(x.data_ptr(), codes.data_ptr(), dss.data_ptr(), y.data_ptr(), m, n, k,
                            torch.get_num_threads())
     return y if rc == 0 else None
+
+
+REFINE_MAX_K = 64  # the most leading candidates `refine_top_q8` recomputes a row
+
+
+def refine_top_q8(logits: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                  k: int) -> bool:
+    """In place: each row of logits (float32 `[S, V]`) gets, at its k largest entries (ties: the lower index), the
+    float32 dot product of its row of hidden (float32 `[S, H]`) with that row of an int8 head with groups of 32
+    (codes int8 `[V, H]`, scales float32 `[V, H//32]`), each weight dequantized to float32 first. False when the
+    kernel cannot take it (nothing changed then)."""
+    lib = library()
+    if (lib is None or logits.dtype != torch.float32 or hidden.dtype != torch.float32 or codes.dtype != torch.int8
+            or scales.dtype != torch.float32 or not usable(logits, hidden, codes, scales)
+            or logits.shape[0] != hidden.shape[0] or logits.shape[1] != codes.shape[0]
+            or hidden.shape[1] != codes.shape[1]):
+        return False
+    return lib.refine_top_q8(logits.data_ptr(), hidden.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                             logits.shape[0], logits.shape[1], hidden.shape[1], k, torch.get_num_threads()) == 0
 
 
 QUANT_MAX_M = 16  # rows of x the AVX2 int8 kernel takes

@@ -991,6 +991,73 @@ int q8t_gemm_bf16(const uint16_t *x, const int8_t *codes, const float *dss, uint
 #endif
 }
 
+/* ---- exact logits for each row's leading candidates (an int8 head with groups of 32) ----
+ *
+ * logits [S, V] float32 (from a bf16 or int8-activation product) are replaced, at each row's k largest entries
+ * (k <= REFINE_MAX_K; ties keep the lower index), by the float32 dot product of hidden [S, H] float32 with the
+ * dequantized weight row (code * scale, each rounded to float32, as the torch path dequantizes them): greedy
+ * choices and top logprobs then follow the float32 model. One pass over each row keeps a sorted list of k (blocks
+ * of 32 whose largest is not above the smallest kept are skipped whole; a NaN is never kept). Rows go to threads. Returns -1 when k or the dimensions are outside the bounds. */
+#define REFINE_MAX_K 64
+
+int refine_top_q8(float *logits, const float *hidden, const int8_t *codes, const float *scales, int64_t s,
+                  int64_t vocab, int64_t hdim, int64_t k, int num_threads) {
+    if (k < 1 || k > REFINE_MAX_K || k > vocab || hdim < 32 || hdim % 32 || s < 1 || num_threads < 1) return -1;
+    const int64_t groups = hdim / 32;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (s >= 2)
+    for (int64_t r = 0; r < s; r++) {
+        float *row = logits + r * vocab;
+        float tv[REFINE_MAX_K];
+        int64_t ti[REFINE_MAX_K];
+        int64_t n = 0; /* tv[0 .. n) ascending: tv[0] the smallest kept */
+        for (int64_t j = 0; j < vocab; j++) {
+            if (n == k && (j & 31) == 0 && j + 32 <= vocab) { /* skip blocks of 32 with nothing above the kept */
+                float mx = row[j];
+#pragma omp simd reduction(max : mx)
+                for (int i = 1; i < 32; i++) mx = row[j + i] > mx ? row[j + i] : mx;
+                if (!(mx > tv[0])) {
+                    j += 31;
+                    continue;
+                }
+            }
+            const float v = row[j];
+            if (v != v || (n == k && !(v > tv[0]))) continue; /* a NaN, or not above the smallest kept */
+            int64_t p;
+            if (n < k) { /* insert into the first n, keeping them ascending */
+                p = n++;
+                while (p > 0 && tv[p - 1] >= v) {
+                    tv[p] = tv[p - 1];
+                    ti[p] = ti[p - 1];
+                    p--;
+                }
+            } else { /* drop tv[0], insert v */
+                p = 0;
+                while (p + 1 < k && tv[p + 1] < v) {
+                    tv[p] = tv[p + 1];
+                    ti[p] = ti[p + 1];
+                    p++;
+                }
+            }
+            tv[p] = v;
+            ti[p] = j;
+        }
+        const float *h = hidden + r * hdim;
+        for (int64_t c = 0; c < n; c++) {
+            const int8_t *q = codes + ti[c] * hdim;
+            const float *sc = scales + ti[c] * groups;
+            float acc = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+                for (int i = 0; i < 32; i++) part += h[g * 32 + i] * ((float)q[g * 32 + i] * sc[g]);
+                acc += part;
+            }
+            row[ti[c]] = acc;
+        }
+    }
+    return 0;
+}
+
 /* ---- segmented LoRA for decode-sized segments ----
  *
  * y[t, :] += expand(shrink(x[t, :])) for every row t of each segment, with the segment's adapter weights:

@@ -367,3 +367,32 @@ def test_the_sgmv_path_of_each_build_and_where_prefill_segments_go(tmp_path, mon
             monkeypatch.setattr(kernels.lora, "native_bf16", lambda b=bf16_cpu: b)
             long_to_c = want != "portable" and not bf16_cpu
             assert native_segment_rows() == (sys.maxsize if long_to_c else NATIVE_SEGMENT_ROWS)
+
+
+def test_refine_top_q8_recomputes_each_rows_leading_candidates_exactly():
+    """Tie-free logits (float32 noise, so the k largest are one set): at each row's 16 largest the float32 dot
+    product of hidden with the dequantized int8 row (within float32 summation of the torch einsum's), everything
+    else untouched; a NaN is never taken for a candidate; k outside 1..REFINE_MAX_K and mismatched shapes are
+    refused with nothing changed."""
+    from kernels.quant import quantize_int8
+
+    g = torch.Generator().manual_seed(12)
+    w = quantize_int8(torch.randn(1000, 64, generator=g) * 0.05, 32)
+    hidden = torch.randn(3, 64, generator=g)
+    logits = torch.randn(3, 1000, generator=g)
+    logits[1, 7] = float("nan")
+    out = logits.clone()
+    assert native.refine_top_q8(out, hidden, w.qweight, w.scales, 16)
+    exact = hidden @ w.dequantize().T
+    for r in range(3):
+        finite = logits[r].nan_to_num(nan=-float("inf"))
+        top = finite.topk(16).indices
+        torch.testing.assert_close(out[r, top], exact[r, top], rtol=1e-5, atol=1e-6)
+        rest = torch.ones(1000, dtype=torch.bool)
+        rest[top] = False
+        assert torch.equal(out[r, rest].nan_to_num(nan=123.0), logits[r, rest].nan_to_num(nan=123.0))
+    for k in (0, native.REFINE_MAX_K + 1):
+        again = logits.clone()
+        assert not native.refine_top_q8(again, hidden, w.qweight, w.scales, k)
+        assert torch.equal(again.nan_to_num(nan=1.0), logits.nan_to_num(nan=1.0))
+    assert not native.refine_top_q8(logits.clone(), hidden[:2], w.qweight, w.scales, 16)  # rows disagree
