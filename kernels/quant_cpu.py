@@ -18,13 +18,16 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   8 requests 6.7-8.5 / 9.9-11.3 / 13.3-16.1 / 27.9-28.9 ms against int4pack's 10.0-12.2 / 12.3-13.6 /
   15.2-19.1 / 24.8-29.2 (two alternations of separate processes; the steps of up to 4 then also run their
   layers in one C call, `native.decode_layers`). Where the AVX512-BF16 int4 kernel runs, it serves instead:
-- bf16 x, int4 with groups of 32, M <= 32 (`Q4B_MAX_M`), on a CPU with native bf16 and AVX512-BF16: the tiled
+- bf16 x, int4 with groups of 32, M <= 64 (`Q4B_MAX_M`), on a CPU with native bf16 and AVX512-BF16: the tiled
   kernel of `kernels.native` (`q4b_layout`: a second copy of the weight in tiles of 16 rows, codes + float32
   scales; each code becomes the bf16 16 + code with a shift and a bit-select, vdpbf16ps multiplies 16 rows' pairs
   by x's pair broadcast: the outputs are the lanes, products exact, float32 sums). The default model's 120 layer
   matmuls on a 2-core AVX512-BF16 machine (one process, alternating): M = 1 / 2 / 4 / 8 / 16 / 32 2.7 / 2.9 / 2.7
   / 3.7 / 6.2 / 11.6 ms against 3.5 / 5.1 / 6.7 / 6.7 / 8.9 / 12.9 on the paths above; at M = 64 the dense copy
-  is ahead (20.2 against 22.1). Decode steps of up to 32 then run their layers in one C call.
+  is level or ahead (21.1 against 22.5 with fp16 scales), but decode steps of up to 64 then run their layers in
+  one C call, which saves the op-by-op path's ~270 Python calls: decode steps of 40 / 48 / 56 / 64 requests 27 /
+  34 / 34-38 / 44 ms against 30-31 / 39 / 41-42 / 46-47 with the limit at 32 or 48 (separate processes,
+  alternating). A step that computes prompt tokens takes the dense copy at every M (`linear`'s `prompt`).
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 64, on a CPU with native bf16, AVX512-VNNI and AVX512-BF16:
   the tiled int8 kernel of `kernels.native` (`q8t_layout`: tiles of 16 rows, one vpdpbusd multiplies 16 rows'
   4 codes by 4 bytes of x broadcast; x quantized per group of 32 as the kernel below does, the same sums). On the
@@ -81,7 +84,7 @@ INT8PACK_MAX_M = 8  # per-channel int8 bf16: aten's int8pack kernel up to here
 DENSE_MIN_M = 9  # with a dense bf16 copy held: the dense matmul from here on (the int8 kernels stop at 8)
 DENSE_F32_MIN_M = 16  # with a dense float32 copy held (no native bf16): the dense matmul from here on
 Q4_BF16_MAX_M = 4  # with native bf16: the AVX2 int4 kernel up to here (int4pack is ahead from 8 rows)
-Q4B_MAX_M = 32  # with native bf16 and the AVX512-BF16 int4 kernel: it up to here (the dense copy above)
+Q4B_MAX_M = 64  # with native bf16 and the AVX512-BF16 int4 kernel: it up to here (the dense copy above)
 CHUNK_ELEMS = 1 << 20  # weight elements dequantized per step: 4 MiB float32 + 2 MiB bf16, in L3 (32 MiB)
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4pack kernel accepts
 

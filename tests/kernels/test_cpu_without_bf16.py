@@ -50,7 +50,7 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
     first = quant_cpu.dense_min_rows(w)
     assert first == (quant_cpu.DENSE_F32_MIN_M if not native_bf16 else
                      quant_cpu.Q4B_MAX_M + 1 if native.q4b_available() else quant_cpu.DENSE_MIN_M)
-    for m in (first, 64, 200):
+    for m in (first, 2 * first, 200):
         x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(BF16)
         ref = x.float() @ w.dequantize().to(BF16).float().T
         y = quant_cpu.linear(x, w)

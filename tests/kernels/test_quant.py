@@ -199,7 +199,7 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     first = quant_cpu.dense_min_rows(w)  # past the AVX512-BF16 int4 kernel's rows where this CPU has it
     assert first == (quant_cpu.Q4B_MAX_M + 1 if native.q4b_available() else quant_cpu.DENSE_MIN_M)
     xs = {m: torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-          for m in (first, first + 7, 64, 200)}
+          for m in (first, first + 7, 2 * first, 200)}
     want = {m: quant_cpu.dequant_mm(x, w) for m, x in xs.items()}
     dense = w.packed["dense"][0]
     assert dense.dtype == torch.bfloat16 and w.nbytes >= 2 * 96 * 128

@@ -69,7 +69,7 @@ def calls(model, monkeypatch):
 
 def _prefill(model: LlamaModel, n_seqs: int, seed: int = 0) -> tuple[KVCache, list[list[int]]]:
     """n_seqs sequences of PROMPT tokens in scrambled blocks, prefilled (op by op: a prefill never fuses)."""
-    per = 20  # blocks per sequence: room for 80 tokens (the largest fused step is 32 decodes of one sequence)
+    per = 24  # blocks per sequence: room for 96 tokens (the largest fused step is 64 decodes of one sequence)
     kv = KVCache(model.arch, num_blocks=n_seqs * per + 2, block_size=BS, dtype=model.dtype)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_seqs * per, generator=g).add(2).tolist()
