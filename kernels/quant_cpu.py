@@ -19,8 +19,8 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   15.2-19.1 / 24.8-29.2 (two alternations of separate processes; the steps of up to 4 then also run their
   layers in one C call, `native.decode_layers`). Where the AVX512-BF16 int4 kernel runs, it serves instead:
 - bf16 x, int4 with groups of 32, M <= 64 (`Q4B_MAX_M`), on a CPU with native bf16 and AVX512-BF16: the tiled
-  kernel of `kernels.native` (`q4b_layout`: a second copy of the weight in tiles of 16 rows, codes + float32
-  scales; each code becomes the bf16 16 + code with a shift and a bit-select, vdpbf16ps multiplies 16 rows' pairs
+  kernel of `kernels.native` (`q4b_layout`: a second copy of the weight in tiles of 16 rows, codes + scales and
+  zeros in fp16 where they are exact in it, as GGUF's are, else float32; each code becomes the bf16 16 + code with a shift and a bit-select, vdpbf16ps multiplies 16 rows' pairs
   by x's pair broadcast: the outputs are the lanes, products exact, float32 sums). The default model's 120 layer
   matmuls on a 2-core AVX512-BF16 machine (one process, alternating): M = 1 / 2 / 4 / 8 / 16 / 32 2.7 / 2.9 / 2.7
   / 3.7 / 6.2 / 11.6 ms against 3.5 / 5.1 / 6.7 / 6.7 / 8.9 / 12.9 on the paths above; at M = 64 the dense copy
@@ -408,6 +408,7 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
         else:
             w.packed["dense"] = (_onednn_pack(values),)
     held = w.packed.get("dense")
+    q4b_layout(w)  # the AVX512-BF16 int4 kernel's layout where it takes the weight, built now
     below = dense_min_rows(w) - 1 if held else None
     if w.kind == "int4" and _int4pack_group(w) == w.group_size and not (held and q4_max_rows(w) >= below):
         _int4pack(w)  # with a dense copy and the AVX2 int4 kernel below it, int4pack would serve no batch size
