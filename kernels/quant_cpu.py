@@ -10,7 +10,7 @@ bf16 out, one rounding at the end), see `dense_dtype`:
 - bf16 x, int4: aten's int4pack kernel (`_weight_int4pack_mm_for_cpu`) for M < 128; from M = 128 on,
   dequantizing to bf16 in row chunks + dense bf16 matmul is faster (dense bf16 runs ~2x the kernel).
 - bf16 x, int4 with groups of 32, M <= 16, on a CPU with AVX2 and without native bf16: the AVX2 int4 kernel of
-  `kernels.native` instead (x quantized to int16 per group with a power-of-two scale, so its error is about
+  `kernels.native_matmul` instead (x quantized to int16 per group with a power-of-two scale, so its error is about
   the output's bf16 rounding; it reads the canonical codes, no packed copy). On a 2-core AVX2 machine, the
   default model's 120 layer matmuls at M = 1: 6.2-7.7 ms against int4pack's 9.0-9.8 (one process,
   alternating; the C loop alone 4-6 ms), level or ahead up to M = 15. On a CPU with native bf16 it takes
@@ -19,7 +19,7 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   15.2-19.1 / 24.8-29.2 (two alternations of separate processes; the steps of up to 4 then also run their
   layers in one C call, `native.decode_layers`). Where the AVX512-BF16 int4 kernel runs, it serves instead:
 - bf16 x, int4 with groups of 32, M <= 64 (`Q4B_MAX_M`), on a CPU with native bf16 and AVX512-BF16: the tiled
-  kernel of `kernels.native` (`q4b_layout`: a second copy of the weight in tiles of 16 rows, codes + scales and
+  kernel of `kernels.native_matmul` (`q4b_layout`: a second copy of the weight in tiles of 16 rows, codes + scales and
   zeros in fp16 where they are exact in it, as GGUF's are, else float32; each code becomes the bf16 16 + code with a shift and a bit-select, vdpbf16ps multiplies 16 rows' pairs
   by x's pair broadcast: the outputs are the lanes, products exact, float32 sums). The default model's 120 layer
   matmuls on a 2-core AVX512-BF16 machine (one process, alternating): M = 1 / 2 / 4 / 8 / 16 / 32 2.7 / 2.9 / 2.7
@@ -29,15 +29,15 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   34 / 34-38 / 44 ms against 30-31 / 39 / 41-42 / 46-47 with the limit at 32 or 48 (separate processes,
   alternating). A step that computes prompt tokens takes the dense copy at every M (`linear`'s `prompt`).
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 64, on a CPU with native bf16, AVX512-VNNI and AVX512-BF16:
-  the tiled int8 kernel of `kernels.native` (`q8t_layout`: tiles of 16 rows, one vpdpbusd multiplies 16 rows'
+  the tiled int8 kernel of `kernels.native_matmul` (`q8t_layout`: tiles of 16 rows, one vpdpbusd multiplies 16 rows'
   4 codes by 4 bytes of x broadcast; x quantized per group of 32 as the kernel below does, the same sums). On the
   default model's 49152x576 LM head, 2 threads: M = 1 / 8 / 32 / 64 0.45-0.50 / 0.45-0.49 / 1.3-1.5 / 2.8-3.5 ms,
   against 0.73-0.78 / 2.7-2.9 ms for the kernel below and 2.6 / 4.6 ms for the dense copy at 32 / 64.
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 8, on a CPU with AVX512-VNNI otherwise: the C kernel of
-  `kernels.native` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
+  `kernels.native_matmul` (int8 dot products with x quantized per group of 32; 1.5-2x the int4pack split below on
   the default model's 49152x576 LM head, at M = 1, one thread).
 - bf16 x, int8 with groups of 32 otherwise (no AVX512-VNNI), M <= 16, on a CPU with AVX2: the AVX2 kernel of
-  `kernels.native` (the same scheme; on the LM head 3x the int4pack split at M = 1 and 8 on a 2-core AVX2
+  `kernels.native_matmul` (the same scheme; on the LM head 3x the int4pack split at M = 1 and 8 on a 2-core AVX2
   machine: 1.5 against 4.7 ms, 5.9 against 19.7 ms).
 - bf16 x, int8 with groups otherwise: for M <= 8, split q = 16 * hi + lo into two int4 weights and
   run the int4pack kernel twice (~4x faster than dequantizing at M = 1); above, chunked dequant + matmul.
@@ -53,7 +53,7 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   chunked dequant path computes with, and the blocked kernel gives the plain matmul's results bit for bit.
 - the same on a CPU without native bf16: the copy is float32 (twice the memory; the values rounded to bf16,
   as the bf16 copy holds them) and it takes over from M = 16. Where the CPU has AVX2 and FMA the copy is held in
-  the panels of `kernels.native.gemm_pack` and multiplied by the C kernel `gemm_f32w` (bf16 x and y, float32
+  the panels of `kernels.native_matmul.gemm_pack` and multiplied by the C kernel `gemm_f32w` (bf16 x and y, float32
   sums rounded once): the default model's 30 layers of weights at M = 16 / 64 / 128 / 256 on a 2-core AVX2
   machine, 35 / 84 / 163 / 310 ms against oneDNN's float32 kernel on its blocked layout 43 / 110 / 219 / 375
   (one process, alternating). Elsewhere x is converted to float32 for oneDNN's kernel.
@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import native
+from kernels import native_matmul
 from kernels.cpu_features import native_bf16
 
 if TYPE_CHECKING:
@@ -221,9 +221,9 @@ def _q8_sums(w: QuantizedTensor) -> Tensor:
 
 
 def _q8_gemv(x: Tensor, w: QuantizedTensor) -> Tensor | None:
-    if not native.gemv_available():
+    if not native_matmul.gemv_available():
         return None
-    return native.q8_gemv(x.contiguous(), w.qweight, w.scales, _q8_sums(w))
+    return native_matmul.q8_gemv(x.contiguous(), w.qweight, w.scales, _q8_sums(w))
 
 
 def _q8_avx2_ok(w: QuantizedTensor) -> bool:
@@ -231,30 +231,30 @@ def _q8_avx2_ok(w: QuantizedTensor) -> bool:
     once per weight)."""
     hit = w.packed.get("q8avx2")
     if hit is None:
-        ok = native.quant_avx2_available() and w.scales.dtype == torch.float32 and int(w.qweight.min()) > -128
+        ok = native_matmul.quant_avx2_available() and w.scales.dtype == torch.float32 and int(w.qweight.min()) > -128
         hit = w.packed["q8avx2"] = (torch.tensor(ok),)
     return bool(hit[0])
 
 
 def q4b_layout(w: QuantizedTensor) -> tuple[Tensor, Tensor] | None:
-    """This weight in the layout of the AVX512-BF16 int4 kernel (`native.q4b_pack`, built once), or None where that
+    """This weight in the layout of the AVX512-BF16 int4 kernel (`native_matmul.q4b_pack`, built once), or None where that
     kernel does not take it: not int4 with groups of 32 and zeros, or a CPU without native bf16 or the kernel."""
     hit = w.packed.get("q4b")
     if hit is None:
         ok = (w.kind == "int4" and w.group_size == 32 and w.zeros is not None and native_bf16()
-              and native.q4b_available() and w.shape[1] <= native.QMAX_K)
-        hit = w.packed["q4b"] = native.q4b_pack(w.qweight, w.scales, w.zeros) if ok else ()
+              and native_matmul.q4b_available() and w.shape[1] <= native_matmul.QMAX_K)
+        hit = w.packed["q4b"] = native_matmul.q4b_pack(w.qweight, w.scales, w.zeros) if ok else ()
     return (hit[0], hit[1]) if hit else None
 
 
 def q8t_layout(w: QuantizedTensor) -> tuple[Tensor, Tensor] | None:
-    """This weight in the layout of the tiled int8 kernel (`native.q8t_pack`, built once), or None where that
+    """This weight in the layout of the tiled int8 kernel (`native_matmul.q8t_pack`, built once), or None where that
     kernel does not take it: not int8 with groups of 32, or a CPU without native bf16 or the kernel."""
     hit = w.packed.get("q8t")
     if hit is None:
-        ok = (w.kind == "int8" and w.group_size == 32 and w.shape[1] <= native.QMAX_K and native_bf16()
-              and native.q8t_available())
-        hit = w.packed["q8t"] = native.q8t_pack(w.qweight, w.scales) if ok else ()
+        ok = (w.kind == "int8" and w.group_size == 32 and w.shape[1] <= native_matmul.QMAX_K and native_bf16()
+              and native_matmul.q8t_available())
+        hit = w.packed["q8t"] = native_matmul.q8t_pack(w.qweight, w.scales) if ok else ()
     return (hit[0], hit[1]) if hit else None
 
 
@@ -267,7 +267,7 @@ def dense_min_rows(w: QuantizedTensor) -> int:
         return DENSE_F32_MIN_M
     if w.kind == "int4" and q4b_layout(w) is not None:
         return Q4B_MAX_M + 1
-    return native.Q8T_MAX_M + 1 if q8t_layout(w) is not None else DENSE_MIN_M
+    return native_matmul.Q8T_MAX_M + 1 if q8t_layout(w) is not None else DENSE_MIN_M
 
 
 def q4_max_rows(w: QuantizedTensor) -> int:
@@ -279,7 +279,7 @@ def q4_max_rows(w: QuantizedTensor) -> int:
         return Q4B_MAX_M
     if not _q4_avx2_ok(w):
         return 0
-    rows = Q4_BF16_MAX_M if native_bf16() else native.Q4_MAX_M
+    rows = Q4_BF16_MAX_M if native_bf16() else native_matmul.Q4_MAX_M
     dense = w.packed.get("dense")
     if dense is None:
         return rows
@@ -291,7 +291,7 @@ def _q4_avx2_ok(w: QuantizedTensor) -> bool:
     (checked once per weight; `q4_max_rows` says up to how many rows)."""
     hit = w.packed.get("q4avx2")
     if hit is None:
-        ok = (native.quant_avx2_available() and w.group_size == 32
+        ok = (native_matmul.quant_avx2_available() and w.group_size == 32
               and w.scales.dtype == torch.float32 and w.zeros is not None and w.zeros.dtype == torch.float32
               and w.qweight.is_contiguous() and w.scales.is_contiguous() and w.zeros.is_contiguous())
         hit = w.packed["q4avx2"] = (torch.tensor(ok),)
@@ -318,7 +318,7 @@ def linear(x: Tensor, w: QuantizedTensor, prompt: bool = False) -> Tensor:
         if w.kind == "int4" and m <= Q4B_MAX_M:
             q4b = q4b_layout(w)
             if q4b is not None:
-                y = native.q4b_gemm(x.contiguous(), q4b[0], q4b[1], w.shape[0])
+                y = native_matmul.q4b_gemm(x.contiguous(), q4b[0], q4b[1], w.shape[0])
                 if y is not None:
                     return y
         dense = w.packed.get("dense")
@@ -326,7 +326,7 @@ def linear(x: Tensor, w: QuantizedTensor, prompt: bool = False) -> Tensor:
             return dense_mm(x, dense[0])
         if w.kind == "int4":
             if m <= q4_max_rows(w):
-                y = native.q4_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, checked=True)
+                y = native_matmul.q4_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, checked=True)
                 if y is not None:
                     return y
             if m <= INT4PACK_MAX_M and _int4pack_group(w) == w.group_size:
@@ -335,13 +335,13 @@ def linear(x: Tensor, w: QuantizedTensor, prompt: bool = False) -> Tensor:
             if m <= INT8PACK_MAX_M and _int8pack_ok(w):
                 return int8pack_mm(x, w)
         else:
-            q8t = q8t_layout(w) if m <= native.Q8T_MAX_M else None
-            y = native.q8t_gemm(x.contiguous(), q8t[0], q8t[1], w.shape[0]) if q8t is not None else None
+            q8t = q8t_layout(w) if m <= native_matmul.Q8T_MAX_M else None
+            y = native_matmul.q8t_gemm(x.contiguous(), q8t[0], q8t[1], w.shape[0]) if q8t is not None else None
             if y is not None:
                 return y
-            y = _q8_gemv(x, w) if m <= native.GEMV_MAX_M and w.group_size == 32 else None
-            if y is None and m <= native.QUANT_MAX_M and w.group_size == 32 and _q8_avx2_ok(w):
-                y = native.q8_gemm(x.contiguous(), w.qweight, w.scales)
+            y = _q8_gemv(x, w) if m <= native_matmul.GEMV_MAX_M and w.group_size == 32 else None
+            if y is None and m <= native_matmul.QUANT_MAX_M and w.group_size == 32 and _q8_avx2_ok(w):
+                y = native_matmul.q8_gemm(x.contiguous(), w.qweight, w.scales)
             if y is not None:
                 return y
             if m <= INT8_SPLIT_MAX_M and _int4pack_group(w) is not None:
@@ -357,7 +357,7 @@ def linear_f32(x: Tensor, w: QuantizedTensor) -> Tensor | None:
     dense = w.packed.get("dense")
     if dense is None or dense[0].dim() != 3 or x.dtype != torch.float32 or x.shape[0] < DENSE_F32_MIN_M:
         return None
-    return native.gemm_f32w(x, dense[0])
+    return native_matmul.gemm_f32w(x, dense[0])
 
 
 def _onednn_pack(dense: Tensor) -> Tensor:
@@ -374,12 +374,12 @@ def _onednn_pack(dense: Tensor) -> Tensor:
 
 def dense_mm(x: Tensor, dense: Tensor) -> Tensor:
     """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`, or float32 panels of
-    `native.gemm_pack`; bf16 or float32, x converted to its dtype) -> `[M, N]` in x.dtype."""
+    `native_matmul.gemm_pack`; bf16 or float32, x converted to its dtype) -> `[M, N]` in x.dtype."""
     if dense.dim() == 3:  # float32 panels: the AVX2 kernel takes bf16 x; anything else multiplies the plain weight
-        y = native.gemm_f32w(x, dense)
+        y = native_matmul.gemm_f32w(x, dense)
         if y is not None:
             return y
-        return F.linear(x.float(), native.gemm_unpack(dense)).to(x.dtype)
+        return F.linear(x.float(), native_matmul.gemm_unpack(dense)).to(x.dtype)
     if dense.dtype != x.dtype:
         return dense_mm(x.to(dense.dtype), dense).to(x.dtype)
     if dense.is_mkldnn:
@@ -403,12 +403,13 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
         if not (exact and (dtype or dense_dtype()) == torch.float32):
             values = values.to(torch.bfloat16)
         values = values.to(dtype or dense_dtype())
-        if values.dtype == torch.float32 and w.shape[0] % native.GEMM_PANEL == 0 and native.gemm_available():
-            w.packed["dense"] = (native.gemm_pack(values),)
+        if values.dtype == torch.float32 and w.shape[0] % native_matmul.GEMM_PANEL == 0 and native_matmul.gemm_available():
+            w.packed["dense"] = (native_matmul.gemm_pack(values),)
         else:
             w.packed["dense"] = (_onednn_pack(values),)
     held = w.packed.get("dense")
-    q4b_layout(w)  # the AVX512-BF16 int4 kernel's layout where it takes the weight, built now
+    if w.kind == "int4":
+        q4b_layout(w)  # the AVX512-BF16 int4 kernel's layout where it takes the weight, built now
     below = dense_min_rows(w) - 1 if held else None
     if w.kind == "int4" and _int4pack_group(w) == w.group_size and not (held and q4_max_rows(w) >= below):
         _int4pack(w)  # with a dense copy and the AVX2 int4 kernel below it, int4pack would serve no batch size
@@ -416,7 +417,7 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
         int8pack_mm(torch.zeros(1, w.shape[1], dtype=torch.bfloat16), w)
     elif w.kind == "int8" and w.group_size == 32 and q8t_layout(w) is not None:
         pass  # the tiled int8 kernel's layout, built by the check
-    elif w.kind == "int8" and w.group_size == 32 and native.gemv_available():
+    elif w.kind == "int8" and w.group_size == 32 and native_matmul.gemv_available():
         _q8_sums(w)
     elif w.kind == "int8" and _int4pack_group(w) is not None:
         _int8_split(w)

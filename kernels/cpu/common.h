@@ -44,4 +44,20 @@ static inline __m256i bf16_bits8(__m256 v) {
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+/* The float32 sums acc[t][r] of a tiled kernel whose lanes are its outputs, rounded to bf16 (nearest even) into
+ * rows r0 .. r0 + MB - 1 of y [., n], columns col0 + 16 t .. + 15 for t < TN; columns from n on are not written
+ * (a last tile's padding rows), tiles from n on not at all. */
+static inline __attribute__((always_inline)) void store_tiles_bf16(uint16_t *y, int64_t n, int64_t col0, int64_t r0,
+                                                                   __m512 acc[4][8], const int TN, const int MB) {
+    for (int t = 0; t < TN; t++) {
+        const int64_t c0 = col0 + 16 * t;
+        if (c0 >= n) break;
+        const __mmask16 keep = n - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c0)) - 1);
+        for (int r = 0; r < MB; r++)
+            _mm256_mask_storeu_epi16(y + (r0 + r) * n + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
+    }
+}
+#endif
+
 #endif

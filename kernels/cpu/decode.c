@@ -915,13 +915,7 @@ static inline __attribute__((always_inline)) void q8t_block(
             }
         }
     }
-    for (int t = 0; t < TN; t++) {
-        const int64_t c0 = col0 + 16 * t;
-        if (c0 >= n) break;
-        const __mmask16 keep = n - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c0)) - 1);
-        for (int r = 0; r < MB; r++)
-            _mm256_mask_storeu_epi16(y + (r0 + r) * n + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
-    }
+    store_tiles_bf16(y, n, col0, r0, acc, TN, MB);
 }
 
 /* One tile against every row of x: blocks of 8 rows, the last block's size a constant. */

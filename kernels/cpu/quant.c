@@ -441,18 +441,21 @@ static inline __attribute__((always_inline)) void q4b_block(
             }
         }
     }
-    for (int t = 0; t < TN; t++) {
-        const int64_t c0 = col0 + 16 * t;
-        if (c0 >= n) break;
-        const __mmask16 keep = n - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c0)) - 1);
-        for (int r = 0; r < MB; r++)
-            _mm256_mask_storeu_epi16(y + (r0 + r) * n + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
-    }
+    store_tiles_bf16(y, n, col0, r0, acc, TN, MB);
 }
 
-static inline __attribute__((always_inline)) void q4b_tile_(
+/* Against every row of x: two tiles from col0 at once (`two`, m <= 4: more independent sums in flight), or one tile
+ * in blocks of 8 rows, the last block's size a constant. */
+static inline __attribute__((always_inline)) void q4b_rows_(
     const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups, int64_t n, int64_t col0,
-    int64_t m, const int HALF, uint16_t *y) {
+    int64_t m, int two, const int HALF, uint16_t *y) {
+    if (two) {
+        if (m == 1) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 1, 1, HALF, y);
+        else if (m == 2) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 2, 1, HALF, y);
+        else if (m == 3) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 3, 1, HALF, y);
+        else q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 4, 0, HALF, y);
+        return;
+    }
     int64_t r0 = 0;
     for (; r0 + 8 <= m; r0 += 8) q4b_block(cb, db, x, xs, groups, n, col0, r0, 1, 8, 0, HALF, y);
     switch (m - r0) {
@@ -467,32 +470,13 @@ static inline __attribute__((always_inline)) void q4b_tile_(
     }
 }
 
-/* One tile (16 weight rows from col0) against every row of x: blocks of 8 rows, the last block's size a constant;
- * float32 or fp16 scales. */
-static void q4b_tile(const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups,
-                     int64_t n, int64_t col0, int64_t m, int half, uint16_t *y) {
+/* q4b_rows_ with float32 or fp16 scales. */
+static void q4b_rows(const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups,
+                     int64_t n, int64_t col0, int64_t m, int two, int half, uint16_t *y) {
     if (half)
-        q4b_tile_(cb, db, x, xs, groups, n, col0, m, 1, y);
+        q4b_rows_(cb, db, x, xs, groups, n, col0, m, two, 1, y);
     else
-        q4b_tile_(cb, db, x, xs, groups, n, col0, m, 0, y);
-}
-
-/* TN tiles from col0 against all m (<= 4) rows of x at once. */
-static inline __attribute__((always_inline)) void q4b_few_(
-    const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups, int64_t n, int64_t col0,
-    int64_t m, const int HALF, uint16_t *y) {
-    if (m == 1) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 1, 1, HALF, y);
-    else if (m == 2) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 2, 1, HALF, y);
-    else if (m == 3) q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 3, 1, HALF, y);
-    else q4b_block(cb, db, x, xs, groups, n, col0, 0, 2, 4, 0, HALF, y);
-}
-
-static void q4b_few(const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups,
-                    int64_t n, int64_t col0, int64_t m, int half, uint16_t *y) {
-    if (half)
-        q4b_few_(cb, db, x, xs, groups, n, col0, m, 1, y);
-    else
-        q4b_few_(cb, db, x, xs, groups, n, col0, m, 0, y);
+        q4b_rows_(cb, db, x, xs, groups, n, col0, m, two, 0, y);
 }
 
 static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,
@@ -517,12 +501,12 @@ static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const void *dm, int
         const int64_t t0 = b * tn, col0 = 16 * t0;
         const size_t esz = half ? sizeof(uint16_t) : sizeof(float); /* the scales' element size */
         if (tiles - t0 >= tn && tn == 2)
-            q4b_few(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n,
-                    col0, m, half, y);
+            q4b_rows(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n,
+                     col0, m, 1, half, y);
         else
             for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
-                q4b_tile(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups,
-                         n, 16 * t, m, half, y);
+                q4b_rows(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups,
+                         n, 16 * t, m, 0, half, y);
     }
     free(xs);
     return 0;

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from kernels import native, ops
+from kernels import native, native_matmul, ops
 from kernels.lora import FUSED_GROUPS, LoraSegments, fused_lora
 from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
@@ -306,7 +306,7 @@ class LlamaModel:
             # choices and top logprobs match the float32 model.
             w = self.lm_head
             if (isinstance(w, QuantizedTensor) and w.kind == "int8" and w.group_size == 32 and logits.is_cpu
-                    and native.refine_top_q8(logits, hidden.float().contiguous(), w.qweight, w.scales, REFINE_TOP)):
+                    and native_matmul.refine_top_q8(logits, hidden.float().contiguous(), w.qweight, w.scales, REFINE_TOP)):
                 return logits  # the same in one C pass (the head of the default model: 0.25-3 ms a step in torch)
             top = logits.topk(REFINE_TOP, dim=-1).indices  # [S, k]
             rows = w.rows(top.reshape(-1)).dequantize() if isinstance(w, QuantizedTensor) else w[top.reshape(-1)].float()

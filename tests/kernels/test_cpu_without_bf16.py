@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_features, native, quant_cpu
+from kernels import cpu_features, native, native_matmul, quant_cpu
 from kernels.attention import paged_attention_reference, paged_attention_torch
 from kernels.quant import QuantizedTensor, quantize_int4, quantize_int8
 from tests.kernels.test_attention import CASES, D, setup
@@ -45,11 +45,11 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
     w.prepack(dense=True)
     dense = w.packed["dense"][0]
     assert dense.dtype == (BF16 if native_bf16 else torch.float32)
-    assert (dense.dim() == 3) == (not native_bf16 and native.gemm_available())  # [N/16, K, 16] panels
+    assert (dense.dim() == 3) == (not native_bf16 and native_matmul.gemm_available())  # [N/16, K, 16] panels
     assert quant_cpu.dense_bytes(w) == (2 if native_bf16 else 4) * 96 * 128
     first = quant_cpu.dense_min_rows(w)
     assert first == (quant_cpu.DENSE_F32_MIN_M if not native_bf16 else
-                     quant_cpu.Q4B_MAX_M + 1 if native.q4b_available() else quant_cpu.DENSE_MIN_M)
+                     quant_cpu.Q4B_MAX_M + 1 if native_matmul.q4b_available() else quant_cpu.DENSE_MIN_M)
     for m in (first, 2 * first, 200):
         x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(BF16)
         ref = x.float() @ w.dequantize().to(BF16).float().T
@@ -62,8 +62,8 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
             torch.testing.assert_close(y, quant_cpu.dequant_mm(x, w, compute=BF16), atol=0, rtol=0, msg=f"M={m}")
     below = torch.randn(first - 1, 128, generator=torch.Generator().manual_seed(1)).to(BF16)
     q4b = quant_cpu.q4b_layout(w)  # the AVX512-BF16 int4 kernel where it runs, the AVX2 one, int4pack
-    small = (native.q4b_gemm(below, *q4b, w.shape[0]) if q4b is not None
-             else native.q4_gemm(below, w.qweight, w.scales, w.zeros) if not native_bf16 else None)
+    small = (native_matmul.q4b_gemm(below, *q4b, w.shape[0]) if q4b is not None
+             else native_matmul.q4_gemm(below, w.qweight, w.scales, w.zeros) if not native_bf16 else None)
     want = small if small is not None else quant_cpu.int4pack_mm(below, w)
     torch.testing.assert_close(quant_cpu.linear(below, w), want, atol=0, rtol=0)
 
@@ -106,7 +106,7 @@ def test_a_long_lora_segment_with_bf16_weights_is_computed_in_float32_without_na
 
 
 def _avx2():
-    if not native.quant_avx2_available():
+    if not native_matmul.quant_avx2_available():
         pytest.skip(f"this CPU (or its C build) lacks AVX2 and FMA: {native.unavailable_reason() or 'no AVX2'}")
 
 
@@ -118,7 +118,7 @@ def test_q8_avx2_kernel_is_within_the_bound_of_its_activation_rounding(m):
     g = torch.Generator().manual_seed(m)
     w = quantize_int8(torch.randn(200, 576, generator=g) * 0.05, 32)
     x = torch.randn(m, 576, generator=g).to(BF16)
-    y = native.q8_gemm(x, w.qweight, w.scales)
+    y = native_matmul.q8_gemm(x, w.qweight, w.scales)
     assert y is not None and y.shape == (m, 200) and y.dtype == BF16
     ref = x.float() @ w.dequantize().T
     err = (y.float() - ref).abs()
@@ -131,9 +131,9 @@ def test_q8_avx2_kernel_refuses_what_it_cannot_take():
     wrapper None); a weight holding a code of -128 (the sign flip would overflow) stays off it in `linear`."""
     _avx2()
     w = quantize_int8(torch.randn(64, 576, generator=torch.Generator().manual_seed(2)) * 0.05, 32)
-    assert native.q8_gemm(torch.zeros(native.QUANT_MAX_M + 1, 576, dtype=BF16), w.qweight, w.scales) is None
+    assert native_matmul.q8_gemm(torch.zeros(native_matmul.QUANT_MAX_M + 1, 576, dtype=BF16), w.qweight, w.scales) is None
     odd = torch.zeros(64, 40, dtype=torch.int8)
-    assert native.q8_gemm(torch.zeros(1, 40, dtype=BF16), odd, torch.ones(64, 1)) is None
+    assert native_matmul.q8_gemm(torch.zeros(1, 40, dtype=BF16), odd, torch.ones(64, 1)) is None
     low = quantize_int8(torch.randn(64, 576, generator=torch.Generator().manual_seed(3)) * 0.05, 32)
     low.qweight[0, 0] = -128
     assert not quant_cpu._q8_avx2_ok(low)
@@ -145,19 +145,19 @@ def test_linear_takes_the_avx2_int8_kernel_without_vnni_up_to_its_rows(monkeypat
     go to the AVX2 kernel (its check is cached on the weight); above, the other paths; every answer within the
     kernel's bound of float32."""
     _avx2()
-    monkeypatch.setattr(native, "gemv_available", lambda: False)
-    monkeypatch.setattr(native, "q8t_available", lambda: False)
+    monkeypatch.setattr(native_matmul, "gemv_available", lambda: False)
+    monkeypatch.setattr(native_matmul, "q8t_available", lambda: False)
     called = []
-    real = native.q8_gemm
-    monkeypatch.setattr(native, "q8_gemm", lambda *a: called.append(a[0].shape[0]) or real(*a))
+    real = native_matmul.q8_gemm
+    monkeypatch.setattr(native_matmul, "q8_gemm", lambda *a: called.append(a[0].shape[0]) or real(*a))
     g = torch.Generator().manual_seed(9)
     w = quantize_int8(torch.randn(64, 576, generator=g) * 0.05, 32)
-    for m in (1, native.QUANT_MAX_M, native.QUANT_MAX_M + 1):
+    for m in (1, native_matmul.QUANT_MAX_M, native_matmul.QUANT_MAX_M + 1):
         x = torch.randn(m, 576, generator=g).to(BF16)
         ref = x.float() @ w.dequantize().T
         err = (quant_cpu.linear(x, w).float() - ref).abs()
         assert (err <= _q8_bound(x, w) + ref.abs() * 2**-7 + 1e-6).all(), (m, err.max())
-    assert called == [1, native.QUANT_MAX_M] and "q8avx2" in w.packed
+    assert called == [1, native_matmul.QUANT_MAX_M] and "q8avx2" in w.packed
 
 
 def _q4_bound(x: torch.Tensor, w) -> torch.Tensor:
@@ -188,7 +188,7 @@ def test_q4_avx2_kernel_is_within_the_bound_of_its_int16_activations(m, k):
     x[:, 32:64] = 0.0
     x[0, 70] = 1000.0
     x = x.to(BF16)
-    y = native.q4_gemm(x, w.qweight, w.scales, w.zeros)
+    y = native_matmul.q4_gemm(x, w.qweight, w.scales, w.zeros)
     assert y is not None and y.shape == (m, 70) and y.dtype == BF16
     ref = x.float() @ w.dequantize().T
     err = (y.float() - ref).abs()
@@ -207,7 +207,7 @@ def test_q4_avx2_kernel_takes_a_q4_0_weight_exactly_on_small_integers():
     w = QuantizedTensor(
         "int4", (48, 64), 32, codes[:, 0::2] | (codes[:, 1::2] << 4), scales, -8 * scales)
     x = torch.randint(-3, 4, (3, 64), generator=torch.Generator().manual_seed(3)).to(BF16)
-    y = native.q4_gemm(x, w.qweight, w.scales, w.zeros)
+    y = native_matmul.q4_gemm(x, w.qweight, w.scales, w.zeros)
     want = (x.float() @ ((codes.float() - 8) * 0.5).T).to(BF16)
     assert y is not None and torch.equal(y, want)
 
@@ -217,17 +217,17 @@ def test_q4_avx2_kernel_refuses_what_it_cannot_take():
     another path); a weight whose check fails is remembered as such."""
     _avx2()
     w = quantize_int4(torch.randn(64, 576) * 0.05, 32)
-    assert native.q4_gemm(torch.zeros(native.Q4_MAX_M + 1, 576, dtype=BF16), w.qweight, w.scales, w.zeros) is None
+    assert native_matmul.q4_gemm(torch.zeros(native_matmul.Q4_MAX_M + 1, 576, dtype=BF16), w.qweight, w.scales, w.zeros) is None
     odd = quantize_int4(torch.randn(64, 48), 16)  # K = 48
-    assert native.q4_gemm(torch.zeros(1, 48, dtype=BF16), odd.qweight, odd.scales, odd.zeros) is None
+    assert native_matmul.q4_gemm(torch.zeros(1, 48, dtype=BF16), odd.qweight, odd.scales, odd.zeros) is None
     wide = torch.zeros(64, 36)[:, ::2]  # a strided [64, 18] scale table
-    assert native.q4_gemm(torch.zeros(1, 576, dtype=BF16), w.qweight, wide, w.zeros) is None
+    assert native_matmul.q4_gemm(torch.zeros(1, 576, dtype=BF16), w.qweight, wide, w.zeros) is None
     g16 = quantize_int4(torch.randn(64, 576) * 0.05, 16)
     assert not quant_cpu._q4_avx2_ok(g16) and "q4avx2" in g16.packed
 
 
 def _gemm():
-    if not native.gemm_available():
+    if not native_matmul.gemm_available():
         pytest.skip(f"the dense AVX2 kernel needs AVX2 and FMA and the C kernels ({native.unavailable_reason()})")
 
 
@@ -241,7 +241,7 @@ def test_dense_avx2_kernel_rounds_its_float32_sums_once(m, k):
     g = torch.Generator().manual_seed(m * 1000 + k)
     w = torch.randn(48, k, generator=g)
     x = torch.randn(m, k + 7, generator=g).to(BF16)[:, :k]
-    y = native.gemm_f32w(x, native.gemm_pack(w))
+    y = native_matmul.gemm_f32w(x, native_matmul.gemm_pack(w))
     assert y is not None and y.shape == (m, 48) and y.dtype == BF16
     ref = x.double() @ w.double().T
     err = (y.double() - ref).abs()
@@ -260,14 +260,14 @@ def test_dense_avx2_kernel_is_exact_on_small_integers_and_rounds_ties_to_even():
     w = torch.randint(-8, 8, (64, 40), generator=g).float()
     x = torch.randint(-3, 4, (9, 40), generator=g).to(BF16)
     want = (x.double() @ w.double().T).to(BF16)
-    assert torch.equal(native.gemm_f32w(x, native.gemm_pack(w)), want)
+    assert torch.equal(native_matmul.gemm_f32w(x, native_matmul.gemm_pack(w)), want)
     # 257 and 259 lie halfway between bf16 neighbours (256, 258 and 258, 260): they round to 256 and 260
     ties = torch.zeros(16, 2)
     ties[:2, 0] = torch.tensor([257.0, 259.0])
-    y = native.gemm_f32w(torch.tensor([[1.0, 0.0]], dtype=BF16), native.gemm_pack(ties))
+    y = native_matmul.gemm_f32w(torch.tensor([[1.0, 0.0]], dtype=BF16), native_matmul.gemm_pack(ties))
     assert y[0, :2].tolist() == [256.0, 260.0]
     odd = torch.tensor([[float("nan"), 1.0], [float("inf"), 1.0]], dtype=BF16)
-    y = native.gemm_f32w(odd, native.gemm_pack(torch.ones(16, 2)))
+    y = native_matmul.gemm_f32w(odd, native_matmul.gemm_pack(torch.ones(16, 2)))
     assert y[0].isnan().all() and (y[1] == float("inf")).all()
 
 
@@ -280,7 +280,7 @@ def test_dense_avx2_kernel_on_float32_x_gives_float32_sums(m):
     k = 576
     w = torch.randn(64, k, generator=g)
     x = torch.randn(m, k + 3, generator=g)[:, :k]
-    y = native.gemm_f32w(x, native.gemm_pack(w))
+    y = native_matmul.gemm_f32w(x, native_matmul.gemm_pack(w))
     assert y is not None and y.shape == (m, 64) and y.dtype == torch.float32
     ref = x.double() @ w.double().T
     bound = k * 2**-23 * (x.double().abs() @ w.double().abs().T)
@@ -294,18 +294,18 @@ def test_dense_avx2_kernel_refuses_what_it_cannot_take():
     multiplies the plain weight); `dense_mm` on panels then still gives the product."""
     _gemm()
     w = torch.randn(32, 64)
-    wp = native.gemm_pack(w)
+    wp = native_matmul.gemm_pack(w)
     x = torch.randn(3, 64).to(BF16)
-    assert native.gemm_f32w(x.half(), wp) is None
-    assert native.gemm_f32w(torch.zeros(3, 60, dtype=BF16), wp) is None
-    assert native.gemm_f32w(x, w.reshape(4, 64, 8).contiguous()) is None
+    assert native_matmul.gemm_f32w(x.half(), wp) is None
+    assert native_matmul.gemm_f32w(torch.zeros(3, 60, dtype=BF16), wp) is None
+    assert native_matmul.gemm_f32w(x, w.reshape(4, 64, 8).contiguous()) is None
     off = torch.empty(wp.numel() + 1)[1:].view(wp.shape)  # 4 bytes off the 32-byte alignment the loads need
     off.copy_(wp)
-    assert native.gemm_f32w(x, off) is None
+    assert native_matmul.gemm_f32w(x, off) is None
     ref = x.float() @ w.T
     torch.testing.assert_close(quant_cpu.dense_mm(x, off).float(), ref, atol=1e-6, rtol=2**-8)
     torch.testing.assert_close(quant_cpu.dense_mm(x.float(), wp), ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(native.gemm_unpack(wp), w)
+    assert torch.equal(native_matmul.gemm_unpack(wp), w)
 
 
 def test_a_weight_whose_rows_do_not_fill_panels_keeps_onednns_layout(monkeypatch):
@@ -329,20 +329,20 @@ def test_linear_takes_the_avx2_int4_kernel_up_to_its_rows(monkeypatch, native_bf
     to the dense copy). Every answer within the kernel's bound of float32 where it ran, close to float32
     elsewhere."""
     _avx2()
-    monkeypatch.setattr(native, "q4b_available", lambda: False)
+    monkeypatch.setattr(native_matmul, "q4b_available", lambda: False)
     called = []
-    real = native.q4_gemm
-    monkeypatch.setattr(native, "q4_gemm", lambda *a, **kw: called.append(a[0].shape[0]) or real(*a, **kw))
+    real = native_matmul.q4_gemm
+    monkeypatch.setattr(native_matmul, "q4_gemm", lambda *a, **kw: called.append(a[0].shape[0]) or real(*a, **kw))
     g = torch.Generator().manual_seed(11)
     w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
     w.prepack(dense=dense)
     assert ("int4pack" in w.packed) == (native_bf16 or not dense)
     ms = (1, quant_cpu.Q4_BF16_MAX_M, quant_cpu.Q4_BF16_MAX_M + 1, 8, quant_cpu.DENSE_F32_MIN_M - 1,
-          native.Q4_MAX_M, native.Q4_MAX_M + 1)
+          native_matmul.Q4_MAX_M, native_matmul.Q4_MAX_M + 1)
     if native_bf16:
         last = quant_cpu.Q4_BF16_MAX_M
     else:
-        last = quant_cpu.DENSE_F32_MIN_M - 1 if dense else native.Q4_MAX_M
+        last = quant_cpu.DENSE_F32_MIN_M - 1 if dense else native_matmul.Q4_MAX_M
     assert quant_cpu.q4_max_rows(w) == last
     for m in ms:
         x = torch.randn(m, 576, generator=g).to(BF16)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import native
+from kernels import native, native_matmul
 from kernels.attention import rope_write_kv_torch
 from kernels.ops import TorchKernels
 
@@ -117,13 +117,13 @@ def test_q8_gemv_within_the_bound_of_its_activation_rounding(m):
     from kernels.quant import quantize_int8
     from kernels.quant_cpu import _q8_sums
 
-    if not native.gemv_available():
+    if not native_matmul.gemv_available():
         pytest.skip("this CPU lacks AVX512-VNNI: the VNNI int8 kernel cannot run here (its AVX2 counterpart: "
                     "tests/kernels/test_cpu_without_bf16.py)")
     g = torch.Generator().manual_seed(m)
     w = quantize_int8(torch.randn(200, 576, generator=g) * 0.05, 32)
     x = torch.randn(m, 576, generator=g).to(BF16)
-    y = native.q8_gemv(x, w.qweight, w.scales, _q8_sums(w))
+    y = native_matmul.q8_gemv(x, w.qweight, w.scales, _q8_sums(w))
     assert y is not None and y.shape == (m, 200) and y.dtype == BF16
     ref = x.float() @ w.dequantize().T
     err = (y.float() - ref).abs()
@@ -138,8 +138,8 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only(monkeypatch):
     from kernels.quant import quantize_int8
     from kernels.quant_cpu import linear
 
-    monkeypatch.setattr(native, "q8t_available", lambda: False)
-    if not native.gemv_available():
+    monkeypatch.setattr(native_matmul, "q8t_available", lambda: False)
+    if not native_matmul.gemv_available():
         pytest.skip("this CPU lacks AVX512-VNNI: linear cannot take the VNNI int8 kernel here (the AVX2 one's "
                     "dispatch: tests/kernels/test_cpu_without_bf16.py)")
     g = torch.Generator().manual_seed(9)
@@ -150,7 +150,7 @@ def test_linear_takes_the_int8_kernel_for_decode_rows_only(monkeypatch):
         torch.testing.assert_close(linear(x, w).float(), ref, atol=0.02, rtol=0.02)
         assert ("q8sums" in w.packed) == (m == 1)
     odd = quantize_int8(torch.randn(64, 96, generator=g) * 0.05, 32)  # K = 96: not a multiple of 64
-    assert native.q8_gemv(torch.zeros(1, 96, dtype=BF16), odd.qweight, odd.scales, odd.scales) is None
+    assert native_matmul.q8_gemv(torch.zeros(1, 96, dtype=BF16), odd.qweight, odd.scales, odd.scales) is None
 
 
 def _sliced_lora(g: torch.Generator, in_dim: int, ranks: tuple[int, ...], outs: tuple[int, ...], wdtype: torch.dtype,
@@ -382,7 +382,7 @@ def test_refine_top_q8_recomputes_each_rows_leading_candidates_exactly():
     logits = torch.randn(3, 1000, generator=g)
     logits[1, 7] = float("nan")
     out = logits.clone()
-    assert native.refine_top_q8(out, hidden, w.qweight, w.scales, 16)
+    assert native_matmul.refine_top_q8(out, hidden, w.qweight, w.scales, 16)
     exact = hidden @ w.dequantize().T
     for r in range(3):
         finite = logits[r].nan_to_num(nan=-float("inf"))
@@ -391,8 +391,8 @@ def test_refine_top_q8_recomputes_each_rows_leading_candidates_exactly():
         rest = torch.ones(1000, dtype=torch.bool)
         rest[top] = False
         assert torch.equal(out[r, rest].nan_to_num(nan=123.0), logits[r, rest].nan_to_num(nan=123.0))
-    for k in (0, native.REFINE_MAX_K + 1):
+    for k in (0, native_matmul.REFINE_MAX_K + 1):
         again = logits.clone()
-        assert not native.refine_top_q8(again, hidden, w.qweight, w.scales, k)
+        assert not native_matmul.refine_top_q8(again, hidden, w.qweight, w.scales, k)
         assert torch.equal(again.nan_to_num(nan=1.0), logits.nan_to_num(nan=1.0))
-    assert not native.refine_top_q8(logits.clone(), hidden[:2], w.qweight, w.scales, 16)  # rows disagree
+    assert not native_matmul.refine_top_q8(logits.clone(), hidden[:2], w.qweight, w.scales, 16)  # rows disagree

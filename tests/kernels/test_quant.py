@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import native, quant_cpu
+from kernels import native_matmul, quant_cpu
 from kernels.quant import QuantizedTensor, quant_embedding, quant_linear, quantize_int4, quantize_int8
 
 # float32 x runs the exact reference path: dequantize + dense matmul (row chunks at most reorder nothing
@@ -197,7 +197,7 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     w = quantize_int4(torch.randn(96, 128, generator=torch.Generator().manual_seed(3)), 32)
     w.prepack(dense=True)
     first = quant_cpu.dense_min_rows(w)  # past the AVX512-BF16 int4 kernel's rows where this CPU has it
-    assert first == (quant_cpu.Q4B_MAX_M + 1 if native.q4b_available() else quant_cpu.DENSE_MIN_M)
+    assert first == (quant_cpu.Q4B_MAX_M + 1 if native_matmul.q4b_available() else quant_cpu.DENSE_MIN_M)
     xs = {m: torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
           for m in (first, first + 7, 2 * first, 200)}
     want = {m: quant_cpu.dequant_mm(x, w) for m, x in xs.items()}
@@ -212,5 +212,5 @@ def test_a_dense_copy_serves_batched_bf16_matmuls_as_the_chunked_dequant_path_wo
     torch.testing.assert_close(quant_cpu.linear(wide, w), quant_cpu.dequant_mm(wide.contiguous(), w), atol=0, rtol=0)
     below = xs[first][: first - 1]
     q4b = quant_cpu.q4b_layout(w)
-    small = native.q4b_gemm(below, *q4b, w.shape[0]) if q4b is not None else quant_cpu.int4pack_mm(below, w)
+    small = native_matmul.q4b_gemm(below, *q4b, w.shape[0]) if q4b is not None else quant_cpu.int4pack_mm(below, w)
     torch.testing.assert_close(quant_cpu.linear(below, w), small, atol=0, rtol=0)

@@ -1,7 +1,7 @@
 """The kernels that multiply quantized weights held in tiles of 16 rows with the outputs in the vector lanes: the
-AVX512-BF16 int4 kernel (`native.q4b_gemm`, kernels/cpu/quant.c) and the AVX512-VNNI int8 one (`native.q8t_gemm`,
+AVX512-BF16 int4 kernel (`native_matmul.q4b_gemm`, kernels/cpu/quant.c) and the AVX512-VNNI int8 one (`native_matmul.q8t_gemm`,
 kernels/cpu/decode.c), against the float32 product of x and the dequantized weight; their layouts
-(`native.q4b_pack`, `native.q8t_pack`), what they refuse, and where `linear` sends them work. They run only where
+(`native_matmul.q4b_pack`, `native_matmul.q8t_pack`), what they refuse, and where `linear` sends them work. They run only where
 the CPU (and the C build) has AVX512-BF16 (and VNNI); elsewhere these tests are skipped with that reason, and the
 AVX2 kernels' tests (tests/kernels/test_cpu_without_bf16.py) cover the same weights."""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_features, native, quant_cpu
+from kernels import cpu_features, native, native_matmul, quant_cpu
 from kernels.quant import QuantizedTensor, quantize_int4, quantize_int8
 from tests.kernels.test_native import _q8_bound
 
@@ -19,13 +19,22 @@ BF16 = torch.bfloat16
 
 @pytest.fixture(autouse=True)
 def _q4b():
-    if not native.q4b_available():
+    if not native_matmul.q4b_available():
         pytest.skip(f"this CPU (or its C build) lacks AVX512-BF16: {native.unavailable_reason() or 'no AVX512-BF16'}")
 
 
+def _spy_with_native_bf16(monkeypatch, kernel: str) -> list[int]:
+    """As on a CPU with native bf16: the rows of x of each call of `native_matmul.<kernel>` (which still runs)."""
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
+    called: list[int] = []
+    real = getattr(native_matmul, kernel)
+    monkeypatch.setattr(native_matmul, kernel, lambda *a: called.append(a[0].shape[0]) or real(*a))
+    return called
+
+
 def _gemm(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor | None:
-    codes, dm = native.q4b_pack(w.qweight, w.scales, w.zeros)
-    return native.q4b_gemm(x, codes, dm, w.shape[0])
+    codes, dm = native_matmul.q4b_pack(w.qweight, w.scales, w.zeros)
+    return native_matmul.q4b_gemm(x, codes, dm, w.shape[0])
 
 
 def _bound(x: torch.Tensor, w: QuantizedTensor, ref: torch.Tensor) -> torch.Tensor:
@@ -53,7 +62,7 @@ def test_q4b_kernel_is_within_float32_summation_and_the_outputs_rounding(m, k, s
     if scales == "float16":
         w.scales.copy_(w.scales.half().float())
         w.zeros.copy_(w.zeros.half().float())
-    assert native.q4b_pack(w.qweight, w.scales, w.zeros)[1].dtype == getattr(torch, scales)
+    assert native_matmul.q4b_pack(w.qweight, w.scales, w.zeros)[1].dtype == getattr(torch, scales)
     assert (w.zeros < 0).any() and (w.zeros > 0).any()
     x = torch.randn(m, k, generator=g)
     if k >= 64:
@@ -88,7 +97,7 @@ def test_q4b_layout_puts_each_code_where_the_kernel_reads_it():
     n, k = 20, 64
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     scales, zeros = torch.rand(n, 2) + 0.5, torch.rand(n, 2) - 0.5
-    packed, dm = native.q4b_pack(codes[:, 0::2] | (codes[:, 1::2] << 4), scales, zeros)
+    packed, dm = native_matmul.q4b_pack(codes[:, 0::2] | (codes[:, 1::2] << 4), scales, zeros)
     assert packed.shape == (2, 2, 4, 64) and dm.shape == (2, 2, 2, 16)
     words = packed.view(2, 2, 4, 32, 2).to(torch.int32)
     words = words[..., 0] | (words[..., 1] << 8)  # little-endian 16-bit words
@@ -98,7 +107,7 @@ def test_q4b_layout_puts_each_code_where_the_kernel_reads_it():
     assert torch.equal(dm[0, 1, 0], scales[:16, 1]) and torch.equal(dm[1, 0, 1, :4], zeros[16:, 0] - 16 * scales[16:, 0])
     assert not packed[1, :, :, 16:].any() and not dm[1, :, :, 4:].any()  # rows 20..31 of the last tile: words 8..31
     # scales and zeros exact in fp16: held in fp16, the zeros themselves (the kernel forms zero - 16 * scale)
-    _, dm16 = native.q4b_pack(codes[:, 0::2] | (codes[:, 1::2] << 4), scales.half().float(), zeros.half().float())
+    _, dm16 = native_matmul.q4b_pack(codes[:, 0::2] | (codes[:, 1::2] << 4), scales.half().float(), zeros.half().float())
     assert dm16.dtype == torch.float16 and torch.equal(dm16[1, 0, 1, :4], zeros[16:, 0].half())
 
 
@@ -106,7 +115,7 @@ def test_q4b_kernel_refuses_what_it_cannot_take():
     """No rows, more rows than Q4B_MAX_M, K not a multiple of 32: None (the caller takes another path)."""
     w = quantize_int4(torch.randn(32, 64), 32)
     assert _gemm(torch.zeros(0, 64, dtype=BF16), w) is None
-    assert _gemm(torch.zeros(native.Q4B_MAX_M + 1, 64, dtype=BF16), w) is None
+    assert _gemm(torch.zeros(native_matmul.Q4B_MAX_M + 1, 64, dtype=BF16), w) is None
     odd = QuantizedTensor("int4", (32, 48), 16, torch.zeros(32, 24, dtype=torch.uint8), torch.ones(32, 3),
                           torch.zeros(32, 3))
     assert quant_cpu.q4b_layout(odd) is None  # groups of 16: not this kernel's
@@ -116,10 +125,7 @@ def test_linear_takes_the_q4b_kernel_up_to_its_rows_then_the_dense_copy(monkeypa
     """On a CPU with native bf16 and this kernel: int4 weights with groups of 32 go to it for M <= Q4B_MAX_M, to the
     dense copy from the next M on (whose layout then needs no int4pack copy); the fused decode layers take as many
     rows (`q4_max_rows`)."""
-    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
-    called = []
-    real = native.q4b_gemm
-    monkeypatch.setattr(native, "q4b_gemm", lambda *a: called.append(a[0].shape[0]) or real(*a))
+    called = _spy_with_native_bf16(monkeypatch, "q4b_gemm")
     g = torch.Generator().manual_seed(5)
     w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
     w.prepack(dense=True)
@@ -136,13 +142,13 @@ def test_linear_takes_the_q4b_kernel_up_to_its_rows_then_the_dense_copy(monkeypa
 
 @pytest.fixture
 def q8t():
-    if not native.q8t_available():
+    if not native_matmul.q8t_available():
         pytest.skip("this CPU (or its C build) lacks AVX512-VNNI")
 
 
 def _q8t(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor | None:
-    codes, dss = native.q8t_pack(w.qweight, w.scales)
-    return native.q8t_gemm(x, codes, dss, w.shape[0])
+    codes, dss = native_matmul.q8t_pack(w.qweight, w.scales)
+    return native_matmul.q8t_gemm(x, codes, dss, w.shape[0])
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 37, 64])  # 2 tiles x 1-4 rows, 1 x 5-8, 8 + tail
@@ -162,8 +168,8 @@ def test_q8t_kernel_is_the_int8_dot_product_kernels_product(m, q8t):
     ref = x.float() @ w.dequantize().T
     err = (y.float() - ref).abs()
     assert (err <= _q8_bound(x, w) + ref.abs() * 2**-8 + 1e-6).all(), err.max()
-    if m <= native.GEMV_MAX_M and native.gemv_available():
-        old = native.q8_gemv(x, w.qweight, w.scales, _q8_sums(w))
+    if m <= native_matmul.GEMV_MAX_M and native_matmul.gemv_available():
+        old = native_matmul.q8_gemv(x, w.qweight, w.scales, _q8_sums(w))
         assert (y.float() - old.float()).abs().max() <= (old.float().abs() * 2**-7).max()
 
 
@@ -172,33 +178,30 @@ def test_q8t_layout_and_refusals(q8t):
     and 128 * scale * the group's code sum follow; rows past N are zero. No rows, more rows than Q8T_MAX_M, K not a
     multiple of 32: None."""
     w = quantize_int8(torch.randn(20, 64), 32)
-    packed, dss = native.q8t_pack(w.qweight, w.scales)
+    packed, dss = native_matmul.q8t_pack(w.qweight, w.scales)
     assert packed.shape == (2, 2, 8, 16, 4) and dss.shape == (2, 2, 2, 16)
     assert torch.equal(packed[1, 1, 3, 2], w.qweight[18, 32 + 12:32 + 16])
     assert torch.equal(dss[0, 1, 1], 128 * w.scales[:16, 1] * w.qweight[:16, 32:].sum(-1).float())
     assert not packed[1, :, :, 4:].any() and not dss[1, :, :, 4:].any()
     assert _q8t(torch.zeros(0, 64, dtype=BF16), w) is None
-    assert _q8t(torch.zeros(native.Q8T_MAX_M + 1, 64, dtype=BF16), w) is None
-    assert native.q8t_gemm(torch.zeros(1, 48, dtype=BF16), packed, dss, 20) is None
+    assert _q8t(torch.zeros(native_matmul.Q8T_MAX_M + 1, 64, dtype=BF16), w) is None
+    assert native_matmul.q8t_gemm(torch.zeros(1, 48, dtype=BF16), packed, dss, 20) is None
 
 
 def test_linear_takes_the_q8t_kernel_up_to_its_rows(monkeypatch, q8t):
     """On a CPU with native bf16 and the kernel: an int8 weight with groups of 32 (the default model's head) goes
     to it for M <= Q8T_MAX_M, to its dense copy from the next M on."""
-    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
-    called = []
-    real = native.q8t_gemm
-    monkeypatch.setattr(native, "q8t_gemm", lambda *a: called.append(a[0].shape[0]) or real(*a))
+    called = _spy_with_native_bf16(monkeypatch, "q8t_gemm")
     g = torch.Generator().manual_seed(6)
     w = quantize_int8(torch.randn(64, 576, generator=g) * 0.05, 32)
     w.prepack(dense=True)
-    assert "q8t" in w.packed and quant_cpu.dense_min_rows(w) == native.Q8T_MAX_M + 1
-    ms = (1, 8, native.Q8T_MAX_M, native.Q8T_MAX_M + 1)
+    assert "q8t" in w.packed and quant_cpu.dense_min_rows(w) == native_matmul.Q8T_MAX_M + 1
+    ms = (1, 8, native_matmul.Q8T_MAX_M, native_matmul.Q8T_MAX_M + 1)
     for m in ms:
         x = torch.randn(m, 576, generator=g).to(BF16)
         ref = x.float() @ w.dequantize().T
         torch.testing.assert_close(quant_cpu.linear(x, w).float(), ref, atol=0.03, rtol=0.02, msg=f"M={m}")
-    assert called == [m for m in ms if m <= native.Q8T_MAX_M]
+    assert called == [m for m in ms if m <= native_matmul.Q8T_MAX_M]
 
 
 def test_prompt_steps_keep_to_the_dense_copy_at_every_m(monkeypatch):
@@ -212,4 +215,4 @@ def test_prompt_steps_keep_to_the_dense_copy_at_every_m(monkeypatch):
     for m in (1, 5, quant_cpu.Q4B_MAX_M):
         x = torch.randn(m, 576, generator=g).to(BF16)
         assert torch.equal(quant_cpu.linear(x, w, prompt=True), quant_cpu.dense_mm(x, w.packed["dense"][0])), m
-        assert torch.equal(quant_cpu.linear(x, w), native.q4b_gemm(x, *quant_cpu.q4b_layout(w), 48)), m
+        assert torch.equal(quant_cpu.linear(x, w), native_matmul.q4b_gemm(x, *quant_cpu.q4b_layout(w), 48)), m

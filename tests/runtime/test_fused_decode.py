@@ -12,7 +12,7 @@ import torch
 
 from adapters.identity import adapter_version_id
 from adapters.peft_format import parse_adapter
-from kernels import cpu_features, native, quant_cpu
+from kernels import cpu_features, native_matmul, quant_cpu
 from kernels.lora import LoraSegments
 from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
@@ -42,9 +42,9 @@ def model(tiny_path, monkeypatch, request):
     loaded = load_model(tiny_path, quantize="int4")
     m = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16)
     if not request.param:
-        assert m._fused_rows == native.Q4_MAX_M
+        assert m._fused_rows == native_matmul.Q4_MAX_M
     else:
-        assert m._fused_rows == (quant_cpu.Q4B_MAX_M if native.q4b_available() else quant_cpu.Q4_BF16_MAX_M)
+        assert m._fused_rows == (quant_cpu.Q4B_MAX_M if native_matmul.q4b_available() else quant_cpu.Q4_BF16_MAX_M)
     g = torch.Generator().manual_seed(7)
     for lw in m.layers:  # transformers initializes every norm weight to 1: make each layer's its own
         for w in (lw.input_norm, lw.post_norm):
@@ -271,3 +271,23 @@ def test_the_op_by_op_layers_lora_from_the_steps_table_is_bit_identical(lora_set
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     base = model.forward(ids, positions, plan, kv)  # and the adapters did change the result
     assert not torch.equal(base, out[0][0])
+
+
+def test_prompt_steps_tell_every_layer_matmul_so_and_decode_steps_do_not(model, monkeypatch):
+    """A step with an entry of several new tokens (a prompt) passes `prompt=True` to each of its layer matmuls, so
+    a backend keeps them to the path a whole prompt takes whatever the prefix cache held (kernels.quant_cpu.linear);
+    a decode step run op by op passes False, to its layers and to the LM head."""
+    seen: list[bool] = []
+    real = model.kernels.linear
+
+    def spy(x, w, bias=None, prompt=False):
+        seen.append(prompt)
+        return real(x, w, bias, prompt)
+
+    monkeypatch.setattr(model.kernels, "linear", spy)
+    kv, tables = _prefill(model, 1)
+    assert seen == [True] * (4 * len(model.layers))
+    seen.clear()
+    model._fused_rows = 0  # op by op
+    _step(model, kv, tables, [PROMPT], seed=5)
+    assert seen == [False] * (4 * len(model.layers) + 1)

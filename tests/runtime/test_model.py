@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu_features, native, quant_cpu
+from kernels import cpu_features, native, native_matmul, quant_cpu
 from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
 from service.runtime.model import REFINE_TOP, KVCache, LlamaModel
@@ -109,7 +109,7 @@ def test_batched_logits_are_float32_products_on_cpus_without_native_bf16(tiny, m
     DENSE_F32_MIN_M rows or more are the float32 product of the float32 final hidden states and the head's values
     unrounded (the head's copy keeps them so): every entry within float32 summation of the float64 product, not
     only the leading candidates. Fewer rows take the bf16 head, whose entries are that far off only where refined."""
-    if not native.gemm_available():
+    if not native_matmul.gemm_available():
         pytest.skip(f"the dense AVX2 kernel needs AVX2 and FMA and the C kernels ({native.unavailable_reason()})")
     monkeypatch.setattr(cpu_features, "_NATIVE_BF16", False)
     path, _ = tiny
