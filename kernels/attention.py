@@ -11,8 +11,11 @@ A step's sequences are split three ways, each computed batched:
   matrix product and merged with each sequence's own suffix by log-sum-exp ("cascade" attention);
 - short extends (new tokens attending causally to a cached prefix and to each other): one padded batch;
 - long prefills: one call each (padding them to a common length would waste more than it saves).
-With bf16 K/V on the CPU the C decode kernel takes the extends and the prefills of up to NATIVE_PREFILL_MAX new
-tokens instead, in runs of up to MAX_NATIVE_NEW new tokens (`AttentionPlan.native_extends`).
+With bf16 K/V on the CPU the C kernel takes the decodes, and the extends and the prefills of up to
+NATIVE_PREFILL_MAX new tokens in runs of up to MAX_NATIVE_NEW new tokens (`AttentionPlan.native_extends`); the
+sequences it is given that share a prefix's blocks attend to them together inside it, with the results each has
+alone (the torch cascade's products and merge cost more than they save there: 64 decodes over a 1,024-token
+shared prefix, a whole decode step 78.8 ms with the cascade, 52.8 ms with the kernel alone).
 
 `AttentionPlan` is built once per step and holds the step's geometry and slot mapping; each implementation
 derives what it reads from the geometry on first use (this one: `TorchAttention`, the Triton one its tile
@@ -33,12 +36,6 @@ SHORT_EXTEND = 64  # extends of at most this many new tokens are batched togethe
 MIN_SHARED_BLOCKS = 2  # cascade only when the shared prefix is at least this long ...
 MIN_CASCADE_DECODES = 4  # ... and shared by at least this many decodes
 MAX_NATIVE_NEW = 32  # new tokens of one sequence the C kernel takes at once (its MAX_NEW)
-# The C kernel reads a key in ~40 ns per query token (9 heads, one thread), so the cascade's torch products and
-# merge pay only for long prefixes shared by many decodes. Measured in the engine (default model, 2 threads, decode
-# steps with the cascade / with the kernel alone, ms): 600 shared tokens x 32 decodes 41.5 / 37.3, x 64 66.4 / 65.1;
-# 1,024 x 16 30.2 / 27.5, x 32 42.5 / 43.4, x 64 65.8 / 70.5; 2,048 x 32 58.3 / 64.5, x 64 102.1 / 113.7.
-NATIVE_CASCADE_DECODES = 32
-NATIVE_CASCADE_TOKENS = 1024
 NATIVE_EXTENDS = True  # the short extends through the C kernel where it takes them (bf16 K/V on the CPU) ...
 # ... and the prompts of up to this many new tokens too (its runs of MAX_NATIVE_NEW read the context once each:
 # against torch's attention on one prompt, 2x at 128 tokens, 1.2-1.6x at 512, slower at 2,048)
@@ -128,9 +125,8 @@ class AttentionPlan:
         return hit
 
     def native_decodes(self) -> NativeDecodes | None:
-        """The single-token sequences as the C decode kernel reads them; None when there are none. When they
-        share a long prefix, the kernel reads only each one's own suffix, and the prefix is attended once for all
-        of them by matrix products (the cascade), merged by log-sum-exp."""
+        """The single-token sequences as the C decode kernel reads them; None when there are none. (Those that
+        share a prefix's blocks attend to it together inside the kernel.)"""
         hit = self.derived.get("native")
         if hit is None:
             hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens,
@@ -158,13 +154,12 @@ class NativeDecodes:
     nq: torch.Tensor | None  # [n] int64: its new tokens (rows q_rows[i] ...); None: one each
     ctx: torch.Tensor  # [n] int64: tokens in context the kernel reads, its last new one included
     tables: torch.Tensor  # [n, max_blocks] int64 block ids (padding 0, never read)
-    shared: torch.Tensor | None  # [ns] block ids every decode starts with, read by the cascade; tables follow it
     rows: torch.Tensor  # [sum(nq)] int64: every new token's query row, in the kernel's output order
 
 
 def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int
                     ) -> NativeDecodes | bool:
-    first_rows, nq, first_starts, ctx, tables, rows, q = [], [], [], [], [], [], 0
+    first_rows, nq, ctx, tables, rows, q = [], [], [], [], [], 0
     prev = None  # (row, start, table) of the last single-token sequence
     for table, start, n in zip(block_tables, starts, lens):
         if n == 1:
@@ -176,7 +171,6 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
             else:
                 first_rows.append(q)
                 nq.append(1)
-                first_starts.append(start)
                 ctx.append(start + 1)
                 tables.append(table)
             rows.append(q)
@@ -184,18 +178,10 @@ def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list
         q += n
     if not rows:
         return False
-    shared = None
-    if len(first_rows) >= NATIVE_CASCADE_DECODES:
-        ns = _common_prefix_blocks(tables, first_starts, bs)
-        if ns * bs >= NATIVE_CASCADE_TOKENS:
-            shared = torch.tensor(tables[0][:ns], dtype=torch.int64)
-            tables = [t[ns:] for t in tables]
-            ctx = [c - ns * bs for c in ctx]
     multi = max(nq) > 1
     return NativeDecodes(torch.tensor(first_rows, dtype=torch.int64),
                          torch.tensor(nq, dtype=torch.int64) if multi else None,
-                         torch.tensor(ctx, dtype=torch.int64), _padded(tables), shared,
-                         torch.tensor(rows, dtype=torch.int64))
+                         torch.tensor(ctx, dtype=torch.int64), _padded(tables), torch.tensor(rows, dtype=torch.int64))
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:
@@ -221,8 +207,7 @@ def _native_extends(block_tables: list[list[int]], starts: list[int], lens: list
     if not rows:
         return False
     return NativeDecodes(torch.tensor(first_rows, dtype=torch.int64), torch.tensor(nq, dtype=torch.int64),
-                         torch.tensor(ctx, dtype=torch.int64), _padded(tables), None,
-                         torch.tensor(rows, dtype=torch.int64))
+                         torch.tensor(ctx, dtype=torch.int64), _padded(tables), torch.tensor(rows, dtype=torch.int64))
 
 
 def _torch_attention(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int,
@@ -382,23 +367,9 @@ def _shared_prefix(qd: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 def _attend_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, nd: NativeDecodes, scale: float,
                    out: torch.Tensor) -> bool:
-    """The decodes through the C kernel (their own suffixes, with the cascade for a shared prefix); False when
-    the kernel cannot take them."""
-    q = q.contiguous()
-    if nd.shared is None:
-        return native.paged_decode_attention(q, k_cache, v_cache, out, nd.q_rows, nd.ctx, nd.tables, scale, nd.nq)
-    part = native.paged_decode_attention_lse(q, k_cache, v_cache, nd.q_rows, nd.ctx, nd.tables, scale, nd.nq)
-    if part is None:
-        return False
-    n = nd.rows.shape[0]
-    h, d = q.shape[1:]
-    kvh = k_cache.shape[2]
-    g = h // kvh
-    o1, l1 = _shared_prefix(q[nd.rows].view(n, kvh, g, d), k_cache, v_cache, nd.shared, scale)
-    o2, l2 = part[0].view(n, kvh, g, d), part[1].view(n, kvh, g, 1)
-    w = torch.sigmoid(l1 - l2)  # share of the prefix in the merged softmax
-    out[nd.rows] = (o2 + (o1 - o2) * w).to(out.dtype).view(n, h, d)
-    return True
+    """The runs of new tokens through the C kernel; False when it cannot take them."""
+    return native.paged_decode_attention(q.contiguous(), k_cache, v_cache, out, nd.q_rows, nd.ctx, nd.tables, scale,
+                                         nd.nq)
 
 
 def _attend_cascade(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, c: Cascade, scale: float,

@@ -39,8 +39,9 @@ _loaded = False
 
 _i64, _f32, _int, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64,
-                                     _i64, _i64, _i64, _f32, _int], _int),
+    "paged_decode_attention_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64,
+                                     _i64, _f32, _int], _int),
+    "decode_attention_groups": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr], _int),
     "rope_write_kv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "add_rms_norm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _f32, _int], _int),
     "silu_mul_bf16": ([_ptr, _ptr, _i64, _i64, _int], _int),
@@ -157,37 +158,38 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     None: one each) and it has ctx[i] tokens in context counting them, in the blocks `tables[i]`; new token j
     attends to the first ctx[i] - nq[i] + 1 + j (causal), written to the same row of out. bf16 q/out `[T, heads,
     head_dim]` and caches `[blocks, block_size, kv_heads, head_dim]`, all contiguous; int64 q_rows/ctx/nq `[n]`,
-    tables `[n, max_blocks]` (ids must be < blocks: the caller's block pool guarantees it). False when the
-    kernels are unavailable or the shape is beyond their bounds (the caller runs the torch path)."""
-    return _decode_attention(q, k_cache, v_cache, out, None, None, q_rows, nq, ctx, tables, scale)
-
-
-def paged_decode_attention_lse(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, q_rows: torch.Tensor,
-                               ctx: torch.Tensor, tables: torch.Tensor, scale: float, nq: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """As `paged_decode_attention`, for merging with attention over another part of the context: returns the
-    float32 result of every new token, the sequences' in order, `[rows, heads, head_dim]` and each head's
-    log-sum-exp `[rows, heads, 1]`; None when the kernels cannot take it."""
-    rows = int(nq.sum()) if nq is not None else q_rows.shape[0]
-    h, d = q.shape[1], q.shape[2]
-    o = torch.empty(rows, h, d, dtype=torch.float32)
-    lse = torch.empty(rows, h, 1, dtype=torch.float32)
-    return (o, lse) if _decode_attention(q, k_cache, v_cache, None, o, lse, q_rows, nq, ctx, tables, scale) else None
-
-
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor | None,
-                      out_f32: torch.Tensor | None, lse: torch.Tensor | None, q_rows: torch.Tensor,
-                      nq: torch.Tensor | None, ctx: torch.Tensor, tables: torch.Tensor, scale: float) -> bool:
+    tables `[n, max_blocks]` (ids must be < blocks: the caller's block pool guarantees it). Sequences whose tables
+    start with the same blocks (a cached prompt prefix) attend to those keys together, with the results each
+    has alone, bit for bit. False when the kernels are unavailable or the shape is beyond their bounds (the caller
+    runs the torch path)."""
     lib = library()
     if lib is None:
         return False
     _, bs, kvh, d = k_cache.shape
     rc = lib.paged_decode_attention_bf16(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), None if out is None else out.data_ptr(),
-        None if out_f32 is None else out_f32.data_ptr(), None if lse is None else lse.data_ptr(), q_rows.data_ptr(),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), q_rows.data_ptr(),
         None if nq is None else nq.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0],
         q.shape[1], kvh, d, bs, scale, torch.get_num_threads())
     return rc == 0
+
+
+def decode_attention_groups(tables: torch.Tensor, ctx: torch.Tensor, block_size: int, nq: torch.Tensor | None = None
+                            ) -> list[tuple[list[int], int]] | None:
+    """The groups of sequences `paged_decode_attention` attends to a shared prefix together for these arguments:
+    (the sequences, the keys they share), or None where the kernels attend to each alone (no tiled path)."""
+    lib = library()
+    if lib is None:
+        return None
+    n = tables.shape[0]
+    seqs = torch.empty(n, dtype=torch.int64)
+    groups = torch.empty(3 * n + 1, dtype=torch.int64)
+    count = lib.decode_attention_groups(tables.data_ptr(), tables.shape[1], ctx.data_ptr(),
+                                        None if nq is None else nq.data_ptr(), n, block_size, seqs.data_ptr(),
+                                        groups.data_ptr())
+    if count < 0:
+        return None
+    order, g = seqs.tolist(), groups.tolist()
+    return [(order[g[3 * x]:g[3 * x + 1]], g[3 * x + 2]) for x in range(count)]
 
 
 def usable(*tensors: torch.Tensor) -> bool:

@@ -162,12 +162,11 @@ class TorchKernels:
                       cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, eps: float, scale: float,
                       lora: native.FusedLoraArgs | None = None) -> torch.Tensor | None:
         """Every layer of a step in one C call (`native.decode_layers`: the same kernels as the op-by-op path, bit
-        for bit) when every new token is a decode the C attention kernel reads alone (no shared-prefix cascade, no
-        prefill); `lora`: the step's LoRA as `kernels.lora.fused_lora` builds it (None: none). None otherwise,
+        for bit) when every new token is a decode the C attention kernel reads (no prefill); `lora`: the step's LoRA as `kernels.lora.fused_lora` builds it (None: none). None otherwise,
         nothing changed. The caller checks the weights and builds the LoRA tables (None from `fused_lora`: the
         layers cannot take that LoRA)."""
         nd = plan.native_decodes()
-        if nd is None or nd.shared is not None:
+        if nd is None:
             return None
         rest = plan.torch_view(decodes=False)
         if rest.cascade is not None or rest.decodes is not None or rest.extends is not None or rest.longs:

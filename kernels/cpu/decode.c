@@ -47,10 +47,9 @@ static inline float exp_nonpos(float x) {
  * attends to the first ctx[i] - nq[i] + 1 + j tokens (causal), token p in block tables[i * table_stride +
  * p / block_size], row p % block_size of k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] bf16.
  * One pass over the context a block at a time, with a running max per (token, head) (online softmax): no buffer
- * grows with the context. With `lse` set, the result goes to out_f32 [rows, num_heads, head_dim] (float32, the
- * sequences' rows in order) with each head's log-sum-exp in lse [rows, num_heads], for merging with attention
- * over another part of the context (a shared prefix); `out` is then not written. Returns 0, or -1 when a shape
- * is beyond the fixed bounds (the caller then uses the torch path). */
+ * grows with the context. Sequences that share the blocks of a prefix attend to it together (see
+ * paged_decode_attention_bf16). Returns 0, or -1 when a shape is beyond the fixed bounds (the caller then uses the
+ * torch path). */
 
 #define MAX_NEW 32 /* new tokens of one sequence */
 
@@ -67,30 +66,27 @@ static inline float exp_nonpos(float x) {
 #define HAS_AVX2_TILE 0
 #endif
 
-/* Where each of a task's rows goes: out (bf16) or out_f32 + lse. */
-static inline void store_row(const float *acc, float m, float l, int64_t head_dim, uint16_t *out_row,
-                             float *f32_row, float *lse_at) {
+/* A row's result, normalised and rounded to bf16. */
+static inline void store_row(const float *acc, float l, int64_t head_dim, uint16_t *out_row) {
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    if (lse_at) {
-        for (int64_t d = 0; d < head_dim; d++) f32_row[d] = acc[d] * inv;
-        *lse_at = m + logf(l);
-    } else {
-        for (int64_t d = 0; d < head_dim; d++) out_row[d] = f32_to_bf16(acc[d] * inv);
-    }
+    for (int64_t d = 0; d < head_dim; d++) out_row[d] = f32_to_bf16(acc[d] * inv);
 }
 
 /* A tiled task's rows (token j0 + r / group, query head g * group + r % group) from their accumulators. */
-static inline void store_task_rows(const float *acc, const float *m, const float *l, int64_t nr, int64_t group,
-                                   int64_t j0, int64_t g, int64_t num_heads, int64_t head_dim, int64_t q_row0,
-                                   int64_t out_row0, uint16_t *out, float *out_f32, float *lse) {
+static inline void store_task_rows(const float *acc, const float *l, int64_t nr, int64_t group, int64_t j0, int64_t g,
+                                   int64_t num_heads, int64_t head_dim, int64_t q_row0, uint16_t *out) {
     for (int64_t r = 0; r < nr; r++) {
         const int64_t j = j0 + r / group, h = g * group + r % group;
-        store_row(acc + r * head_dim, m[r], l[r], head_dim,
-                  out ? out + ((q_row0 + j) * num_heads + h) * head_dim : NULL,
-                  out_f32 ? out_f32 + ((out_row0 + j) * num_heads + h) * head_dim : NULL,
-                  lse ? lse + (out_row0 + j) * num_heads + h : NULL);
+        store_row(acc + r * head_dim, l[r], head_dim, out + ((q_row0 + j) * num_heads + h) * head_dim);
     }
 }
+
+/* One row of a task (a new token under one query head): its query (head_dim bf16 values) and the keys it attends
+ * to (the context's first `seen`). */
+typedef struct {
+    const uint16_t *q;
+    int64_t seen;
+} RowRef;
 
 #if HAS_BF16_DOT
 #define TILE 16 /* keys per step: one vector of scores per row */
@@ -230,36 +226,28 @@ static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const f
     return 1;
 }
 
-/* One task: new tokens j0 .. j1 - 1 of one sequence under KV head g; its rows are (token, query head of g).
- * Keys TILE at a time: the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each row's 16 scores
- * from pair dot products (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time (`qk_rows_*`);
- * V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`; other head sizes
- * widen each V row once into a buffer for all the rows). Inlined per head_dim, so the loops over it have a fixed
- * length. */
-static inline __attribute__((always_inline)) void attend_task(
-        const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
-        float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1, int64_t ctx_last, int64_t nq,
-        const int64_t *table, int64_t g, int64_t num_heads, int64_t kv_heads, const int64_t head_dim,
-        int64_t block_size, float scale, float *work) {
-    const int64_t group = num_heads / kv_heads;
+/* Rows rows[0 .. nr - 1] under KV head g over the keys p_begin .. p_end - 1 (p_begin a multiple of TILE; keys a row
+ * does not see are skipped), continuing each row's online softmax: its running max m[r], sum l[r] and accumulator
+ * acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each
+ * row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time
+ * (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`;
+ * other head sizes widen each V row once into a buffer for all the rows). Every row's arithmetic is its own: the
+ * rows taken together (those of one sequence, or of several sequences over the prefix they share) change nothing
+ * in any row's result. Inlined per head_dim, so the loops over it have a fixed length. */
+static inline __attribute__((always_inline)) void attend_tiles(
+        const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin, int64_t p_end,
+        const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t g, int64_t kv_heads,
+        const int64_t head_dim, int64_t block_size, float scale, float *scratch) {
     const int64_t row = kv_heads * head_dim;
     const int64_t block_stride = block_size * row;
-    const int64_t nr = (j1 - j0) * group;
+    float *s = scratch;              /* [nr][TILE] */
+    float *vf = s + nr * TILE;       /* [TILE][head_dim]: the tile's V rows in float32 (head sizes not 64, 128) */
     const int64_t wide = head_dim / 16; /* vectors of 16 float32 values */
-    float *acc = work;                  /* [nr][head_dim] */
-    float *s = acc + nr * head_dim;     /* [nr][TILE] */
-    float *vf = s + nr * TILE;          /* [TILE][head_dim]: the tile's V rows in float32 (head sizes not 64, 128) */
-    float *m = vf + TILE * head_dim, *l = m + nr;
-    int64_t seen[MAX_NEW * MAX_HEADS]; /* tokens each row attends to */
-    for (int64_t r = 0; r < nr; r++) {
-        seen[r] = ctx_last - (nq - 1 - (j0 + r / group));
-        m[r] = -INFINITY;
-        l[r] = 0.0f;
-    }
-    memset(acc, 0, (size_t)(nr * head_dim) * sizeof(float));
     const __m512 scale_v = _mm512_set1_ps(scale);
-    const int64_t n = seen[nr - 1]; /* the task's last row sees the most */
-    for (int64_t p0 = 0; p0 < n; p0 += TILE) {
+    int64_t n = 0;
+    for (int64_t r = 0; r < nr; r++) n = rows[r].seen > n ? rows[r].seen : n;
+    n = n < p_end ? n : p_end;
+    for (int64_t p0 = p_begin; p0 < n; p0 += TILE) {
         const int64_t nt = n - p0 < TILE ? n - p0 : TILE;
         const uint16_t *kr[TILE], *vr[TILE];
         __m512i kt[MAX_HEAD_DIM / 2]; /* the tile's K in pairs, pair-major */
@@ -277,9 +265,7 @@ static inline __attribute__((always_inline)) void attend_task(
         for (int64_t r0 = 0; r0 < nr; r0 += 4) { /* every row's scores, 4 rows at a time */
             const uint16_t *qr[4];
             const int64_t k = nr - r0 < 4 ? nr - r0 : 4;
-            for (int64_t r = 0; r < k; r++)
-                qr[r] = q + (q_row0 + j0 + (r0 + r) / group) * num_heads * head_dim
-                        + (g * group + (r0 + r) % group) * head_dim;
+            for (int64_t r = 0; r < k; r++) qr[r] = rows[r0 + r].q;
             if (k == 4) qk_rows_4(s + r0 * TILE, qr, kt, head_dim, scale_v);
             else if (k == 3) qk_rows_3(s + r0 * TILE, qr, kt, head_dim, scale_v);
             else if (k == 2) qk_rows_2(s + r0 * TILE, qr, kt, head_dim, scale_v);
@@ -287,12 +273,12 @@ static inline __attribute__((always_inline)) void attend_task(
         }
         for (int64_t r = 0; r < nr; r++) {
             float *sr = s + r * TILE;
-            if (seen[r] <= p0) { /* this row's keys ended before the tile: its weights are 0 */
+            if (rows[r].seen <= p0) { /* this row's keys ended before the tile: its weights are 0 */
                 _mm512_storeu_ps(sr, _mm512_setzero_ps());
                 continue;
             }
             const __m512 sv = _mm512_loadu_ps(sr);
-            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
             const __mmask16 keys = (__mmask16)((1u << lim) - 1u); /* the keys this row sees */
             const float tile_max = _mm512_mask_reduce_max_ps(keys, sv);
             if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
@@ -312,8 +298,8 @@ static inline __attribute__((always_inline)) void attend_task(
         for (int64_t t = 0; t < nt; t++)
             for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(vf + t * head_dim + 16 * c, widen16(vr[t] + 16 * c));
         for (int64_t r = 0; r < nr; r++) {
-            if (seen[r] <= p0) continue;
-            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            if (rows[r].seen <= p0) continue;
+            const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
             const float *sr = s + r * TILE;
             float *ar = acc + r * head_dim;
             __m512 a[16]; /* head_dim <= 256 */
@@ -326,7 +312,6 @@ static inline __attribute__((always_inline)) void attend_task(
             for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(ar + 16 * c, a[c]);
         }
     }
-    store_task_rows(acc, m, l, nr, group, j0, g, num_heads, head_dim, q_row0, out_row0, out, out_f32, lse);
 }
 
 #define TILED_DIM 32 /* head_dim a multiple of this: whole vectors of bf16 pairs */
@@ -379,40 +364,31 @@ static inline float hadd8(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-/* One task, as the AVX512-BF16 path's (same tasks, same online softmax), on 8-lane float32 vectors: the task's
- * query rows widened and scaled once, each tile's K and V rows widened once for all the rows. Per row and tile of
- * 16 keys: the row's query held in registers while its 16 scores are summed (one load per FMA), in two vectors of
- * 8 by `hsum8`; one running-max update, and the row's accumulator in registers across the tile's 16 V rows. */
-static inline __attribute__((always_inline)) void attend_task(
-        const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out, float *out_f32,
-        float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1, int64_t ctx_last, int64_t nq,
-        const int64_t *table, int64_t g, int64_t num_heads, int64_t kv_heads, const int64_t head_dim,
-        int64_t block_size, float scale, float *work) {
-    const int64_t group = num_heads / kv_heads;
+/* `attend_tiles` as the AVX512-BF16 path's (same rows, same online softmax), on 8-lane float32 vectors: the rows'
+ * queries widened and scaled once, each tile's K and V rows widened once for all the rows. Per row and tile of 16
+ * keys: the row's query held in registers while its 16 scores are summed (one load per FMA), in two vectors of 8
+ * by `hsum8`; one running-max update, and the row's accumulator in registers across the tile's 16 V rows. */
+static inline __attribute__((always_inline)) void attend_tiles(
+        const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin, int64_t p_end,
+        const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t g, int64_t kv_heads,
+        const int64_t head_dim, int64_t block_size, float scale, float *scratch) {
     const int64_t row = kv_heads * head_dim;
     const int64_t block_stride = block_size * row;
-    const int64_t nr = (j1 - j0) * group;
     const int64_t wide = head_dim / 8; /* vectors of 8 float32 values */
-    float *acc = work;                 /* [nr][head_dim] */
-    float *qf = acc + nr * head_dim;   /* [nr][head_dim]: the rows' queries, scaled */
+    float *qf = scratch;               /* [nr][head_dim]: the rows' queries, scaled */
     float *s = qf + nr * head_dim;     /* [nr][TILE] */
     float *kf = s + nr * TILE;         /* [TILE][head_dim]: the tile's K rows in float32 */
     float *vf = kf + TILE * head_dim;  /* [TILE][head_dim]: its V rows */
-    float *m = vf + TILE * head_dim, *l = m + nr;
-    int64_t seen[MAX_NEW * MAX_HEADS]; /* tokens each row attends to */
     const __m256 scale_v = _mm256_set1_ps(scale);
+    int64_t n = 0;
     for (int64_t r = 0; r < nr; r++) {
-        seen[r] = ctx_last - (nq - 1 - (j0 + r / group));
-        m[r] = -INFINITY;
-        l[r] = 0.0f;
-        const uint16_t *qr = q + (q_row0 + j0 + r / group) * num_heads * head_dim + (g * group + r % group) * head_dim;
+        n = rows[r].seen > n ? rows[r].seen : n;
         for (int64_t c = 0; c < wide; c++)
-            _mm256_storeu_ps(qf + r * head_dim + 8 * c, _mm256_mul_ps(load_bf16x8(qr + 8 * c), scale_v));
+            _mm256_storeu_ps(qf + r * head_dim + 8 * c, _mm256_mul_ps(load_bf16x8(rows[r].q + 8 * c), scale_v));
     }
-    memset(acc, 0, (size_t)(nr * head_dim) * sizeof(float));
+    n = n < p_end ? n : p_end;
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const int64_t n = seen[nr - 1]; /* the task's last row sees the most */
-    for (int64_t p0 = 0; p0 < n; p0 += TILE) {
+    for (int64_t p0 = p_begin; p0 < n; p0 += TILE) {
         const int64_t nt = n - p0 < TILE ? n - p0 : TILE;
         int64_t blk = p0 / block_size, in_blk = p0 % block_size; /* one division per tile, not per key */
         for (int64_t t = 0; t < nt; t++) {
@@ -437,11 +413,11 @@ static inline __attribute__((always_inline)) void attend_task(
             }
         }
         for (int64_t r = 0; r < nr; r++) {
-            if (seen[r] <= p0) continue; /* this row's keys ended before the tile */
+            if (rows[r].seen <= p0) continue; /* this row's keys ended before the tile */
             const float *qr = qf + r * head_dim;
             __m256 qv[MAX_HEAD_DIM / 8]; /* the row's query: registers for head_dim 64 */
             for (int64_t c = 0; c < wide; c++) qv[c] = _mm256_loadu_ps(qr + 8 * c);
-            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
             __m256 sv[2];
             for (int64_t h = 0; h < 2; h++) {
                 __m256 d[HALF];
@@ -481,8 +457,8 @@ static inline __attribute__((always_inline)) void attend_task(
             l[r] += hadd8(_mm256_add_ps(e0, e1));
         }
         for (int64_t r = 0; r < nr; r++) {
-            if (seen[r] <= p0) continue;
-            const int64_t lim = seen[r] - p0 < nt ? seen[r] - p0 : nt;
+            if (rows[r].seen <= p0) continue;
+            const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
             const float *sr = s + r * TILE;
             float *ar = acc + r * head_dim;
             __m256 a[32]; /* head_dim <= 256 */
@@ -495,32 +471,108 @@ static inline __attribute__((always_inline)) void attend_task(
             for (int64_t c = 0; c < wide; c++) _mm256_storeu_ps(ar + 8 * c, a[c]);
         }
     }
-    store_task_rows(acc, m, l, nr, group, j0, g, num_heads, head_dim, q_row0, out_row0, out, out_f32, lse);
 }
 
 #define TILED_DIM 8 /* head_dim a multiple of this: whole vectors of float32 */
 #endif
 
 #if HAS_BF16_DOT || HAS_AVX2_TILE
-/* The tiled path's task (whichever this build has), inlined per head_dim so the loops over it have a fixed length. */
-static void attend_task_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
-                             float *out_f32, float *lse, int64_t q_row0, int64_t out_row0, int64_t j0, int64_t j1,
-                             int64_t ctx_last, int64_t nq, const int64_t *table, int64_t g, int64_t num_heads,
-                             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale, float *work) {
+/* `attend_tiles` of this build, inlined per head_dim so the loops over it have a fixed length. */
+static void attend_tiles_any(const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin,
+                             int64_t p_end, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
+                             int64_t g, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
+                             float *scratch) {
 #define ATTEND(D)                                                                                              \
-    attend_task(q, k_cache, v_cache, out, out_f32, lse, q_row0, out_row0, j0, j1, ctx_last, nq, table, g,       \
-                num_heads, kv_heads, D, block_size, scale, work)
+    attend_tiles(rows, nr, acc, m, l, p_begin, p_end, k_cache, v_cache, table, g, kv_heads, D, block_size, scale, \
+                 scratch)
     if (head_dim == 64) ATTEND(64);
     else if (head_dim == 128) ATTEND(128);
     else ATTEND(head_dim);
 #undef ATTEND
+}
+
+/* The rows of new tokens j0 .. j1 - 1 of a sequence (its first at query row q_row, nq new tokens, ctx_last tokens
+ * in context counting them) under KV head g, token-major then query head, into rows[], their softmax state reset.
+ * Returns their number. */
+static int64_t seq_rows(RowRef *rows, float *acc, float *m, float *l, const uint16_t *q, int64_t q_row, int64_t j0,
+                        int64_t j1, int64_t ctx_last, int64_t nq, int64_t g, int64_t group, int64_t num_heads,
+                        int64_t head_dim) {
+    const int64_t nr = (j1 - j0) * group;
+    for (int64_t r = 0; r < nr; r++) {
+        const int64_t j = j0 + r / group;
+        rows[r].q = q + (q_row + j) * num_heads * head_dim + (g * group + r % group) * head_dim;
+        rows[r].seen = ctx_last - (nq - 1 - j);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, (size_t)(nr * head_dim) * sizeof(float));
+    return nr;
+}
+
+#define MIN_SHARED_KEYS (2 * TILE) /* a prefix shorter than this is attended by each sequence alone */
+#define CHUNK_ROWS 24              /* rows of one task over a shared prefix: enough to spread its tiles' K and V
+                                      unpacking, few enough that a group of many sequences makes several tasks */
+
+typedef struct {
+    int64_t block, seq;
+} FirstBlock;
+
+static int by_first_block(const void *a, const void *b) {
+    const FirstBlock *x = a, *y = b;
+    if (x->block != y->block) return x->block < y->block ? -1 : 1;
+    return x->seq < y->seq ? -1 : x->seq > y->seq;
+}
+
+/* Keys sequences i and h both see and hold in the same blocks, in whole tiles: their tables' common leading
+ * blocks within what each one's first new token sees. */
+static int64_t shared_keys(const int64_t *tables, int64_t stride, const int64_t *ctx, const int64_t *nq, int64_t i,
+                           int64_t h, int64_t block_size) {
+    const int64_t si = ctx[i] - (nq ? nq[i] : 1) + 1, sh = ctx[h] - (nq ? nq[h] : 1) + 1;
+    const int64_t seen = si < sh ? si : sh;
+    const int64_t *ti = tables + i * stride, *th = tables + h * stride;
+    int64_t b = 0;
+    while (b < seen / block_size && ti[b] == th[b]) b++;
+    const int64_t keys = b * block_size;
+    return keys / TILE * TILE;
+}
+
+/* The groups of sequences that attend to a shared prefix together: fb[] gets the sequences sorted by first block,
+ * grp[3 x] .. grp[3 x + 2] group x's range [begin, end) in fb (two sequences or more) and its shared keys (at least
+ * MIN_SHARED_KEYS, whole tiles seen by every row of the group). Consecutive sequences stay together while they
+ * share that much with the group's first. Returns the number of groups. */
+static int64_t shared_groups(const int64_t *tables, int64_t stride, const int64_t *ctx, const int64_t *nq,
+                             int64_t num_seqs, int64_t block_size, FirstBlock *fb, int64_t *grp) {
+    for (int64_t i = 0; i < num_seqs; i++) {
+        fb[i].block = tables[i * stride];
+        fb[i].seq = i;
+    }
+    qsort(fb, (size_t)num_seqs, sizeof(FirstBlock), by_first_block);
+    int64_t ngrp = 0;
+    for (int64_t a = 0; a < num_seqs;) {
+        int64_t b = a + 1, keys = INT64_MAX;
+        while (b < num_seqs) {
+            const int64_t k = shared_keys(tables, stride, ctx, nq, fb[b].seq, fb[a].seq, block_size);
+            const int64_t kk = k < keys ? k : keys;
+            if (kk < MIN_SHARED_KEYS) break;
+            keys = kk;
+            b++;
+        }
+        if (b - a > 1) {
+            grp[3 * ngrp] = a;
+            grp[3 * ngrp + 1] = b;
+            grp[3 * ngrp + 2] = keys;
+            ngrp++;
+        }
+        a = b;
+    }
+    return ngrp;
 }
 #endif
 
 /* One new token's attention, every head, in plain C the compiler vectorises (CPUs without AVX512-BF16). */
 static void attend_row(const uint16_t *qr, const uint16_t *k_cache, const uint16_t *v_cache, int64_t n,
                        const int64_t *table, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
-                       int64_t block_size, float scale, uint16_t *out_row, float *f32_row, float *lse_row) {
+                       int64_t block_size, float scale, uint16_t *out_row) {
     const int64_t group = num_heads / kv_heads;
     const int64_t row = kv_heads * head_dim;
     const int64_t block_stride = block_size * row;
@@ -580,16 +632,33 @@ static void attend_row(const uint16_t *qr, const uint16_t *k_cache, const uint16
         }
     }
     for (int64_t h = 0; h < num_heads; h++)
-        store_row(acc[h], m[h], l[h], head_dim, out_row ? out_row + h * head_dim : NULL,
-                  f32_row ? f32_row + h * head_dim : NULL, lse_row ? lse_row + h : NULL);
+        store_row(acc[h], l[h], head_dim, out_row + h * head_dim);
 }
 
 /* Which code path decode attention takes in this build: 2 tiled on AVX512-BF16 pair dot products, 1 tiled on
  * AVX2 float32 vectors, 0 one row at a time in plain C. */
 int decode_attention_path(void) { return HAS_BF16_DOT ? 2 : HAS_AVX2_TILE ? 1 : 0; }
 
+/* The groups paged_decode_attention_bf16 forms for these sequences (its arguments of the same names): seqs[] the
+ * sequences in group order, groups[3 x] .. groups[3 x + 2] group x's [begin, end) in seqs and its shared keys.
+ * Returns the number of groups, or -1 where this build attends to each sequence alone (no tiled path). */
+int decode_attention_groups(const int64_t *tables, int64_t table_stride, const int64_t *ctx, const int64_t *nq,
+                            int64_t num_seqs, int64_t block_size, int64_t *seqs, int64_t *groups) {
+#if HAS_BF16_DOT || HAS_AVX2_TILE
+    FirstBlock *fb = malloc((size_t)(num_seqs > 0 ? num_seqs : 1) * sizeof(FirstBlock));
+    if (!fb) return -1;
+    const int64_t n = shared_groups(tables, table_stride, ctx, nq, num_seqs, block_size, fb, groups);
+    for (int64_t i = 0; i < num_seqs; i++) seqs[i] = fb[i].seq;
+    free(fb);
+    return n;
+#else
+    (void)tables, (void)table_stride, (void)ctx, (void)nq, (void)num_seqs, (void)block_size, (void)seqs, (void)groups;
+    return -1;
+#endif
+}
+
 int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                                uint16_t *out, float *out_f32, float *lse, const int64_t *q_rows, const int64_t *nq,
+                                uint16_t *out, const int64_t *q_rows, const int64_t *nq,
                                 const int64_t *ctx, const int64_t *tables, int64_t table_stride, int64_t num_seqs,
                                 int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                                 float scale, int num_threads) {
@@ -612,47 +681,130 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
     int rc = 0;
 #if HAS_BF16_DOT || HAS_AVX2_TILE
     if (head_dim % TILED_DIM == 0) {
-        /* Tasks: (sequence, a run of its new tokens, KV head). A run is cut so that there are about two tasks per
-         * thread when the sequences alone are too few (one decode, one verify pass). */
+        /* Sequences whose tables start with the same blocks (a prompt prefix the prefix cache holds once) attend to
+         * those keys together: groups of them, CHUNK_ROWS rows a task, go over the shared tiles once (each tile's K
+         * transposed and V widened once for all their rows), then each sequence over the rest of its own context
+         * with its rows' running softmax. Every row's arithmetic is the one it has alone (`attend_tiles`): grouping
+         * changes no result. Groups: sequences sorted by first block, consecutive ones kept together while they
+         * share at least MIN_SHARED_KEYS with the group's first. */
+        FirstBlock *fb = malloc((size_t)num_seqs * sizeof(FirstBlock));
+        int64_t *grp = malloc((size_t)(3 * num_seqs + 1) * sizeof(int64_t)); /* (begin, end, keys) into fb */
+        if (!fb || !grp) {
+            free(fb);
+            free(grp);
+            free(first);
+            return -1;
+        }
+        const int64_t ngrp = shared_groups(tables, table_stride, ctx, nq, num_seqs, block_size, fb, grp);
+        /* The other sequences' tasks: (sequence, a run of its new tokens, KV head). A run is cut so that there are
+         * about two tasks per thread when the sequences alone are too few (one decode, one verify pass). */
         const int64_t base_tasks = num_seqs * kv_heads;
         int64_t split = base_tasks >= 2 * num_threads ? 1 : (2 * num_threads + base_tasks - 1) / base_tasks;
         int64_t run = (max_new + split - 1) / split;
         run = run < 1 ? 1 : run;
-        int64_t ntask = 0;
-        for (int64_t i = 0; i < num_seqs; i++) ntask += ((first[i + 1] - first[i]) + run - 1) / run * kv_heads;
-        int64_t *task = malloc((size_t)(3 * ntask) * sizeof(int64_t));
-        if (!task) {
+        char *in_group = calloc((size_t)num_seqs, 1);
+        int64_t ntask = 0, max_rows = run * group;
+        for (int64_t x = 0; x < ngrp; x++) {
+            for (int64_t p = grp[3 * x]; p < grp[3 * x + 1]; p++) in_group[fb[p].seq] = 1;
+            int64_t rows_now = 0; /* chunks of CHUNK_ROWS rows or more */
+            for (int64_t p = grp[3 * x]; p < grp[3 * x + 1]; p++) {
+                rows_now += (first[fb[p].seq + 1] - first[fb[p].seq]) * group;
+                if (rows_now >= CHUNK_ROWS || p + 1 == grp[3 * x + 1]) {
+                    ntask += kv_heads;
+                    max_rows = rows_now > max_rows ? rows_now : max_rows;
+                    rows_now = 0;
+                }
+            }
+        }
+        for (int64_t i = 0; i < num_seqs; i++)
+            if (!in_group || !in_group[i]) ntask += ((first[i + 1] - first[i]) + run - 1) / run * kv_heads;
+        /* (sequence, j0, g, -1) or (begin, end, g, shared keys) of a chunk of a group */
+        int64_t *task = malloc((size_t)(4 * ntask) * sizeof(int64_t));
+        if (!task || !in_group) {
+            free(task);
+            free(in_group);
+            free(fb);
+            free(grp);
             free(first);
             return -1;
         }
         int64_t t = 0;
-        for (int64_t i = 0; i < num_seqs; i++)
-            for (int64_t j0 = 0; j0 < first[i + 1] - first[i]; j0 += run)
-                for (int64_t g = 0; g < kv_heads; g++, t++) {
-                    task[3 * t] = i;
-                    task[3 * t + 1] = j0;
-                    task[3 * t + 2] = g;
+        for (int64_t x = 0; x < ngrp; x++) {
+            int64_t rows_now = 0, begin = grp[3 * x];
+            for (int64_t p = grp[3 * x]; p < grp[3 * x + 1]; p++) {
+                rows_now += (first[fb[p].seq + 1] - first[fb[p].seq]) * group;
+                if (rows_now >= CHUNK_ROWS || p + 1 == grp[3 * x + 1]) {
+                    for (int64_t g = 0; g < kv_heads; g++, t++) {
+                        task[4 * t] = begin;
+                        task[4 * t + 1] = p + 1;
+                        task[4 * t + 2] = g;
+                        task[4 * t + 3] = grp[3 * x + 2];
+                    }
+                    begin = p + 1;
+                    rows_now = 0;
                 }
-        /* acc, query rows, scores, running max and sum per row; K and V tiles (what either task needs) */
-        const size_t per_thread = (size_t)(run * group * (2 * head_dim + TILE + 2) + 2 * TILE * head_dim)
+            }
+        }
+        for (int64_t i = 0; i < num_seqs; i++)
+            if (!in_group[i])
+                for (int64_t j0 = 0; j0 < first[i + 1] - first[i]; j0 += run)
+                    for (int64_t g = 0; g < kv_heads; g++, t++) {
+                        task[4 * t] = i;
+                        task[4 * t + 1] = j0;
+                        task[4 * t + 2] = g;
+                        task[4 * t + 3] = -1;
+                    }
+        /* acc, running max and sum per row; scratch: query rows, scores, K and V tiles (what either build needs) */
+        const size_t per_thread = (size_t)(max_rows * (2 * head_dim + TILE + 2) + 2 * TILE * head_dim)
                                   * sizeof(float);
 #pragma omp parallel num_threads(num_threads) if (ntask > 1 && work * num_heads > 2048)
         {
             float *work_buf = aligned_alloc(64, (per_thread + 63) / 64 * 64);
+            RowRef *rows = malloc((size_t)max_rows * sizeof(RowRef));
 #pragma omp for schedule(dynamic, 1)
             for (int64_t x = 0; x < ntask; x++) {
-                const int64_t i = task[3 * x], j0 = task[3 * x + 1], g = task[3 * x + 2];
-                const int64_t k = first[i + 1] - first[i];
-                const int64_t j1 = j0 + run < k ? j0 + run : k;
-                if (work_buf)
-                    attend_task_bf16(q, k_cache, v_cache, lse ? NULL : out, out_f32, lse, q_rows[i], first[i], j0,
-                                     j1, ctx[i], k, tables + i * table_stride, g, num_heads, kv_heads, head_dim,
-                                     block_size, scale, work_buf);
+                if (!work_buf || !rows) continue;
+                const int64_t g = task[4 * x + 2], keys = task[4 * x + 3];
+                float *acc = work_buf, *m = acc + max_rows * head_dim, *l = m + max_rows, *scratch = l + max_rows;
+                if (keys < 0) {
+                    const int64_t i = task[4 * x], j0 = task[4 * x + 1];
+                    const int64_t k = first[i + 1] - first[i];
+                    const int64_t j1 = j0 + run < k ? j0 + run : k;
+                    const int64_t nr = seq_rows(rows, acc, m, l, q, q_rows[i], j0, j1, ctx[i], k, g, group,
+                                                num_heads, head_dim);
+                    attend_tiles_any(rows, nr, acc, m, l, 0, INT64_MAX, k_cache, v_cache, tables + i * table_stride,
+                                     g, kv_heads, head_dim, block_size, scale, scratch);
+                    store_task_rows(acc, l, nr, group, j0, g, num_heads, head_dim, q_rows[i], out);
+                    continue;
+                }
+                const int64_t begin = task[4 * x], end = task[4 * x + 1];
+                int64_t nr = 0;
+                for (int64_t p = begin; p < end; p++) {
+                    const int64_t i = fb[p].seq, k = first[i + 1] - first[i];
+                    nr += seq_rows(rows + nr, acc + nr * head_dim, m + nr, l + nr, q, q_rows[i], 0, k, ctx[i], k, g,
+                                   group, num_heads, head_dim);
+                }
+                attend_tiles_any(rows, nr, acc, m, l, 0, keys, k_cache, v_cache, tables + fb[begin].seq * table_stride,
+                                 g, kv_heads, head_dim, block_size, scale, scratch);
+                int64_t r0 = 0;
+                for (int64_t p = begin; p < end; p++) {
+                    const int64_t i = fb[p].seq, k = first[i + 1] - first[i], nr_i = k * group;
+                    attend_tiles_any(rows + r0, nr_i, acc + r0 * head_dim, m + r0, l + r0, keys, INT64_MAX, k_cache,
+                                     v_cache, tables + i * table_stride, g, kv_heads, head_dim, block_size, scale,
+                                     scratch);
+                    store_task_rows(acc + r0 * head_dim, l + r0, nr_i, group, 0, g, num_heads, head_dim, q_rows[i],
+                                    out);
+                    r0 += nr_i;
+                }
             }
-            if (!work_buf) rc = -1;
+            if (!work_buf || !rows) rc = -1;
             free(work_buf);
+            free(rows);
         }
         free(task);
+        free(in_group);
+        free(fb);
+        free(grp);
         free(first);
         return rc;
     }
@@ -665,8 +817,7 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
         const int64_t qrow = q_rows[i] + j;
         attend_row(q + qrow * num_heads * head_dim, k_cache, v_cache, ctx[i] - (k - 1 - j), tables + i * table_stride,
                    num_heads, kv_heads, head_dim, block_size, scale,
-                   lse ? NULL : out + qrow * num_heads * head_dim, lse ? out_f32 + x * num_heads * head_dim : NULL,
-                   lse ? lse + x * num_heads : NULL);
+                   out + qrow * num_heads * head_dim);
     }
     free(first);
     return rc;

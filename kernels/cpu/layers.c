@@ -5,7 +5,7 @@
  * bit for bit the layer-by-layer path's. One call instead of ~9 per layer saves their Python wrappers (~10 us
  * each, a few ms of a ~14 ms single-request step on a 2-core AVX2 machine). It serves only the steps every one
  * of those kernels takes: int4 weights with groups of 32 at M <= Q4_MAX_M (Q4B_MAX_M), decodes the attention kernel reads
- * alone (no shared-prefix cascade, no prefill), LoRA segments the SGMV kernel takes; the caller checks that. */
+ * (no prefill), LoRA segments the SGMV kernel takes; the caller checks that. */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -20,7 +20,7 @@ int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const floa
                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
                        int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int num_threads);
 int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, uint16_t *out,
-                                float *out_f32, float *lse, const int64_t *q_rows, const int64_t *nq,
+                                const int64_t *q_rows, const int64_t *nq,
                                 const int64_t *ctx, const int64_t *tables, int64_t table_stride, int64_t num_seqs,
                                 int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
                                 int num_threads);
@@ -182,7 +182,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
             lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
-            paged_decode_attention_bf16(q, kc, vc, attn, NULL, NULL, q_rows, nq, ctx, tables, table_stride, num_seqs,
+            paged_decode_attention_bf16(q, kc, vc, attn, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
             gemm(attn, p + O, o, t, hidden, qd, num_threads) ||
             lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {

@@ -1,6 +1,6 @@
 """The C paged-attention kernel (kernels/cpu/decode.c through kernels.native) against the float32 oracle: decodes,
-verify passes and extends/prefills in runs of new tokens, the cascade over a shared prefix, the builds for other
-CPUs, and the fallback to torch where the kernel declines."""
+verify passes and extends/prefills in runs of new tokens, sequences attending to a shared prefix together (bit for
+bit their results alone), the builds for other CPUs, and the fallback to torch where the kernel declines."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def test_short_extends_go_to_the_kernel_in_runs_of_its_new_token_limit(monkeypat
 
     q, kc, vc, tables, starts, lens, plan = setup(EXTENDS, dtype=BF16)
     ne = plan.native_extends()
-    assert ne is not None and ne.shared is None
+    assert ne is not None
     assert ne.nq.tolist() == [2, 5, 32, 32, 1, 32, 32, 32, 32, 6]
     assert ne.ctx.tolist() == [9, 5, 41, 35, 36, 52, 84, 32, 64, 70]
     assert ne.q_rows.tolist() == [0, 2, 7, 39, 71, 72, 104, 137, 169, 201]
@@ -168,19 +168,32 @@ def test_a_verify_pass_is_one_sequence_whose_context_is_read_once(block_size):
     4 puts several blocks in one tile of keys."""
     q, kc, vc, plan, ref = _verify_pass(block_size)
     nd = plan.native_decodes()
-    assert nd.nq.tolist() == [1, 6, 1, 1] and nd.q_rows.tolist() == [0, 1, 7, 8] and nd.shared is None
+    assert nd.nq.tolist() == [1, 6, 1, 1] and nd.q_rows.tolist() == [0, 1, 7, 8]
     out = torch.full_like(q, float("nan"))
     assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, 64**-0.5, nd.nq)
     torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
 
 
-def test_a_verify_pass_beside_decodes_sharing_a_prefix_takes_the_cascade(monkeypatch):
-    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)  # the bar lowered to this small case
-    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
+def test_a_verify_pass_beside_decodes_sharing_a_prefix_attends_to_it_with_them():
+    """Four sequences over 2 shared blocks, one of them a verify pass of 6 positions: they attend to the prefix
+    together (one group in the kernel), each row with the oracle's answer and bit for bit its answer alone."""
     q, kc, vc, plan, ref = _verify_pass(16, shared_blocks=2)
     nd = plan.native_decodes()
-    assert nd.shared is not None and nd.nq.tolist() == [1, 6, 1, 1]  # four sequences share 2 blocks
-    torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16, rtol=0)
+    assert nd.nq.tolist() == [1, 6, 1, 1]
+    assert native.decode_attention_groups(nd.tables, nd.ctx, 16, nd.nq) == [([0, 1, 2, 3], 32)]
+    out = paged_attention_torch(q, kc, vc, plan, 64**-0.5)
+    torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
+    assert torch.equal(out, _each_alone(q, kc, vc, nd, 64**-0.5))
+
+
+def _each_alone(q, kc, vc, nd, scale) -> torch.Tensor:
+    """The kernel's answer for each sequence of `nd` called alone (no other sequence to share a prefix with)."""
+    out = torch.full_like(q, float("nan"))
+    nq = nd.nq.tolist() if nd.nq is not None else [1] * nd.q_rows.shape[0]
+    for i in range(nd.q_rows.shape[0]):
+        assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows[i : i + 1], nd.ctx[i : i + 1],
+                                             nd.tables[i : i + 1], scale, torch.tensor([nq[i]]))
+    return out
 
 
 # Builds of the kernels for CPUs other than this one's best: (extra compiler flags, the attention path expected
@@ -202,12 +215,15 @@ def test_the_kernels_built_for_other_cpus_give_the_same_attention(build, tmp_pat
     assert native.library() is lib
     if {"avx2", "fma"} <= cpu_flags():
         assert native.attention_path() == path
-    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
-    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
     for shared_blocks in (0, 2):
         q, kc, vc, plan, ref = _verify_pass(4 if shared_blocks == 0 else 16, shared_blocks)
-        torch.testing.assert_close(paged_attention_torch(q, kc, vc, plan, 64**-0.5).float(), ref, atol=ATOL_BF16,
-                                   rtol=0)
+        out = paged_attention_torch(q, kc, vc, plan, 64**-0.5)
+        torch.testing.assert_close(out.float(), ref, atol=ATOL_BF16, rtol=0)
+        nd = plan.native_decodes()
+        if path == "avx2":  # grouped over the shared prefix, bit for bit each sequence alone
+            assert native.decode_attention_groups(nd.tables, nd.ctx, 16, nd.nq) == ([([0, 1, 2, 3], 32)]
+                                                                                    if shared_blocks else [])
+            assert torch.equal(out, _each_alone(q, kc, vc, nd, 64**-0.5))
     for case, seqs in ATTN_CASES.items():
         q, kc, vc, tables, starts, lens, plan = setup(seqs, dtype=BF16)
         nd = plan.native_decodes()
@@ -260,33 +276,49 @@ def test_a_head_dim_beyond_the_kernel_falls_back_to_torch():
     torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, [[2, 1]], [5], [1]), atol=ATOL_BF16, rtol=0)
 
 
-def test_decodes_sharing_a_long_prefix_read_it_once_through_the_cascade(monkeypatch):
-    """Five decodes over 8 shared blocks: the prefix is attended once for all of them by matrix products, the C
-    kernel reads each one's own suffix only, the two merge by log-sum-exp. (The cascade's bar is lowered to this
-    small case; the default bar is tested below.)"""
-    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_DECODES", 4)
-    monkeypatch.setattr("kernels.attention.NATIVE_CASCADE_TOKENS", 32)
-    seqs = [(33, 1), (40, 1), (36, 1), (45, 1), (32, 1)]
-    q, kc, vc, tables, starts, lens, plan = setup(seqs, shared_prefix_blocks=12, dtype=BF16)
+# (tokens of the shared prefix, [own tokens past it of each sequence], block size, the keys the kernel shares among
+# them: None, each alone): groups of one prefix, of more rows than one task takes (CHUNK_ROWS 24: 3 query heads a
+# KV head, 9 sequences), blocks smaller than a tile of keys (4), a prefix of one tile (too short to share: each
+# alone), and a sequence whose own first token is still inside the prefix's last block (the group shares the
+# whole blocks it sees).
+SHARED_CASES = {
+    "five-decodes-8-blocks": (32, [1, 8, 4, 13, 0], 4, 32),
+    "twelve-decodes-several-tasks": (96, [3, 17, 40, 1, 9, 25, 2, 33, 12, 7, 60, 5], 16, 96),
+    "one-tile-each-alone": (16, [5, 9, 2], 16, None),
+    "ends-inside-the-prefix": (64, [30, -9, 2], 16, 48),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_CASES))
+def test_decodes_sharing_a_prefix_attend_to_it_together_with_their_own_results(case):
+    """Decodes whose tables start with the same blocks attend to those keys together in the kernel (each tile's K
+    and V unpacked once for all their rows), then each to its own keys: against the float32 oracle, and bit for
+    bit what each gets alone; with a second group of another prefix and an unrelated sequence in the same call."""
+    prefix, own, bs, keys = SHARED_CASES[case]
+    g = torch.Generator().manual_seed(len(own) * 31 + bs)
+    nb, kvh, h, d = 160, 3, 9, 64
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
+    vc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
+    ids = iter(torch.randperm(nb, generator=g).tolist())
+    tables, starts = [], []
+    for pre in (prefix, 2 * bs):  # this case's group, then a second prefix of 2 blocks shared by two sequences
+        shared = [next(ids) for _ in range(-(-prefix // bs) if pre == prefix else 2)]
+        for extra in (own if pre == prefix else [3, 11]):
+            start = pre + extra
+            need = -(-(start + 1) // bs)
+            tables.append(shared[:need] + [next(ids) for _ in range(need - len(shared))])
+            starts.append(start)
+    starts.append(2 * bs + 5)  # alone
+    tables.append([next(ids) for _ in range(-(-(starts[-1] + 1) // bs))])
+    n = len(starts)
+    q = torch.randn(n, h, d, generator=g).to(BF16)
+    plan = AttentionPlan.build(tables, starts, [1] * n, bs)
     nd = plan.native_decodes()
-    assert nd is not None and nd.shared.tolist() == tables[0][:8]
-    assert nd.ctx.tolist() == [s + 1 - 8 * 4 for s, _ in seqs]  # the suffix past the 8 shared blocks of 4
-    out = paged_attention_torch(q, kc, vc, plan, 16**-0.5).float()
-    assert "torch-no-decodes" in plan.derived
-    torch.testing.assert_close(out, paged_attention_reference(q, kc, vc, tables, starts, lens), atol=ATOL_BF16, rtol=0)
-
-
-def test_the_cascade_waits_for_a_long_prefix_shared_by_many_decodes():
-    """Below NATIVE_CASCADE_DECODES decodes or NATIVE_CASCADE_TOKENS shared tokens the kernel alone is faster."""
-    from kernels.attention import NATIVE_CASCADE_DECODES, NATIVE_CASCADE_TOKENS
-
-    blocks = NATIVE_CASCADE_TOKENS // 16
-    shared = list(range(blocks))
-
-    def shares(n: int, shared_blocks: int) -> bool:
-        tables = [shared[:shared_blocks] + [blocks + i] for i in range(n)]
-        plan = AttentionPlan.build(tables, [shared_blocks * 16 + i % 5 for i in range(n)], [1] * n, 16)
-        return plan.native_decodes().shared is not None
-
-    assert shares(NATIVE_CASCADE_DECODES, blocks)
-    assert not shares(NATIVE_CASCADE_DECODES - 1, blocks) and not shares(NATIVE_CASCADE_DECODES, blocks - 1)
+    groups = native.decode_attention_groups(nd.tables, nd.ctx, bs, nd.nq)
+    want = ([(list(range(len(own))), keys)] if keys else []) + ([([len(own), len(own) + 1], 32)] if bs == 16 else [])
+    assert sorted(groups) == sorted(want)  # the second prefix (2 blocks) is long enough to share at blocks of 16
+    out = torch.full_like(q, float("nan"))
+    assert native.paged_decode_attention(q, kc, vc, out, nd.q_rows, nd.ctx, nd.tables, d**-0.5, nd.nq)
+    torch.testing.assert_close(out.float(), paged_attention_reference(q, kc, vc, tables, starts, [1] * n),
+                               atol=ATOL_BF16, rtol=0)
+    assert torch.equal(out, _each_alone(q, kc, vc, nd, d**-0.5))
