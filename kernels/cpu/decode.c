@@ -261,6 +261,17 @@ static inline __attribute__((always_inline)) void attend_tiles(
                 blk++;
             }
         }
+        /* The next tile's K and V rows fetched while this one is computed (a block table scatters a context in
+         * blocks the hardware prefetcher does not follow; 64 decodes over a 192-token shared prefix and 63-127 own
+         * tokens: 8.2-13.0 -> 6.5-9.3 ms a step's 30 layers; two tiles ahead: slower). */
+        for (int64_t t = 0; t < TILE && p0 + TILE + t < n; t++) {
+            const int64_t at = p0 + TILE + t;
+            const int64_t off = table[at / block_size] * block_stride + (at % block_size) * row + g * head_dim;
+            for (int64_t b = 0; b < head_dim * 2; b += 64) {
+                _mm_prefetch((const char *)(k_cache + off) + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)(v_cache + off) + b, _MM_HINT_T0);
+            }
+        }
         k_pairs(kt, kr, nt, head_dim);
         for (int64_t r0 = 0; r0 < nr; r0 += 4) { /* every row's scores, 4 rows at a time */
             const uint16_t *qr[4];
