@@ -88,6 +88,21 @@ typedef struct {
     int64_t seen;
 } RowRef;
 
+#if HAS_BF16_DOT || HAS_AVX2_TILE
+/* KV head g's K and V rows of keys from .. min(from + count, n) - 1 fetched into the cache. */
+static inline __attribute__((always_inline)) void prefetch_keys(
+        const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t from, int64_t count, int64_t n,
+        int64_t g, int64_t row, int64_t head_dim, int64_t block_size) {
+    for (int64_t at = from; at < from + count && at < n; at++) {
+        const int64_t off = (table[at / block_size] * block_size + at % block_size) * row + g * head_dim;
+        for (int64_t b = 0; b < head_dim * 2; b += 64) {
+            _mm_prefetch((const char *)(k_cache + off) + b, _MM_HINT_T0);
+            _mm_prefetch((const char *)(v_cache + off) + b, _MM_HINT_T0);
+        }
+    }
+}
+#endif
+
 #if HAS_BF16_DOT
 #define TILE 16 /* keys per step: one vector of scores per row */
 
@@ -264,14 +279,7 @@ static inline __attribute__((always_inline)) void attend_tiles(
         /* The next tile's K and V rows fetched while this one is computed (a block table scatters a context in
          * blocks the hardware prefetcher does not follow; 64 decodes over a 192-token shared prefix and 63-127 own
          * tokens: 8.2-13.0 -> 6.5-9.3 ms a step's 30 layers; two tiles ahead: slower). */
-        for (int64_t t = 0; t < TILE && p0 + TILE + t < n; t++) {
-            const int64_t at = p0 + TILE + t;
-            const int64_t off = table[at / block_size] * block_stride + (at % block_size) * row + g * head_dim;
-            for (int64_t b = 0; b < head_dim * 2; b += 64) {
-                _mm_prefetch((const char *)(k_cache + off) + b, _MM_HINT_T0);
-                _mm_prefetch((const char *)(v_cache + off) + b, _MM_HINT_T0);
-            }
-        }
+        prefetch_keys(k_cache, v_cache, table, p0 + TILE, TILE, n, g, row, head_dim, block_size);
         k_pairs(kt, kr, nt, head_dim);
         for (int64_t r0 = 0; r0 < nr; r0 += 4) { /* every row's scores, 4 rows at a time */
             const uint16_t *qr[4];
@@ -707,57 +715,85 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
             return -1;
         }
         const int64_t ngrp = shared_groups(tables, table_stride, ctx, nq, num_seqs, block_size, fb, grp);
-        /* The other sequences' tasks: (sequence, a run of its new tokens, KV head). A run is cut so that there are
-         * about two tasks per thread when the sequences alone are too few (one decode, one verify pass). */
+        /* A run of a sequence's new tokens is cut so that there are about two tasks per thread when the sequences
+         * alone are too few (one decode, one verify pass). */
         const int64_t base_tasks = num_seqs * kv_heads;
         int64_t split = base_tasks >= 2 * num_threads ? 1 : (2 * num_threads + base_tasks - 1) / base_tasks;
         int64_t run = (max_new + split - 1) / split;
         run = run < 1 ? 1 : run;
-        char *in_group = calloc((size_t)num_seqs, 1);
-        int64_t ntask = 0, max_rows = run * group;
-        for (int64_t x = 0; x < ngrp; x++) {
-            for (int64_t p = grp[3 * x]; p < grp[3 * x + 1]; p++) in_group[fb[p].seq] = 1;
-            int64_t rows_now = 0; /* chunks of CHUNK_ROWS rows or more */
-            for (int64_t p = grp[3 * x]; p < grp[3 * x + 1]; p++) {
+        /* Segments of fb: (begin, end, shared keys). Each group; and the sequences between groups, as one segment of
+         * no shared keys when each sequence is one run (a task of several still fetches the next one's first keys
+         * while one is attended), else as tasks (sequence, a run of its new tokens, KV head) of their own. */
+        int64_t *seg = malloc((size_t)(3 * (2 * ngrp + 1)) * sizeof(int64_t));
+        int64_t nseg = 0, nrun = 0, max_rows = run * group;
+        if (seg)
+            for (int64_t p = 0, x = 0; p < num_seqs;) {
+                if (x < ngrp && grp[3 * x] == p) {
+                    seg[3 * nseg] = p;
+                    seg[3 * nseg + 1] = grp[3 * x + 1];
+                    seg[3 * nseg + 2] = grp[3 * x + 2];
+                    nseg++;
+                    p = grp[3 * x + 1];
+                    x++;
+                    continue;
+                }
+                const int64_t stop = x < ngrp ? grp[3 * x] : num_seqs;
+                if (split == 1) {
+                    seg[3 * nseg] = p;
+                    seg[3 * nseg + 1] = stop;
+                    seg[3 * nseg + 2] = 0;
+                    nseg++;
+                } else {
+                    for (int64_t q = p; q < stop; q++)
+                        nrun += ((first[fb[q].seq + 1] - first[fb[q].seq]) + run - 1) / run;
+                }
+                p = stop;
+            }
+        /* Chunks of CHUNK_ROWS rows or more, one task each per KV head. */
+        int64_t ntask = nrun * kv_heads;
+        for (int64_t x = 0; x < nseg; x++) {
+            int64_t rows_now = 0;
+            for (int64_t p = seg[3 * x]; p < seg[3 * x + 1]; p++) {
                 rows_now += (first[fb[p].seq + 1] - first[fb[p].seq]) * group;
-                if (rows_now >= CHUNK_ROWS || p + 1 == grp[3 * x + 1]) {
+                if (rows_now >= CHUNK_ROWS || p + 1 == seg[3 * x + 1]) {
                     ntask += kv_heads;
                     max_rows = rows_now > max_rows ? rows_now : max_rows;
                     rows_now = 0;
                 }
             }
         }
-        for (int64_t i = 0; i < num_seqs; i++)
-            if (!in_group || !in_group[i]) ntask += ((first[i + 1] - first[i]) + run - 1) / run * kv_heads;
-        /* (sequence, j0, g, -1) or (begin, end, g, shared keys) of a chunk of a group */
-        int64_t *task = malloc((size_t)(4 * ntask) * sizeof(int64_t));
-        if (!task || !in_group) {
+        /* (sequence, j0, g, -1) or (begin, end, g, shared keys) of a chunk of a segment */
+        int64_t *task = malloc((size_t)(4 * ntask + 4) * sizeof(int64_t));
+        if (!task || !seg) {
             free(task);
-            free(in_group);
+            free(seg);
             free(fb);
             free(grp);
             free(first);
             return -1;
         }
         int64_t t = 0;
-        for (int64_t x = 0; x < ngrp; x++) {
-            int64_t rows_now = 0, begin = grp[3 * x];
-            for (int64_t p = grp[3 * x]; p < grp[3 * x + 1]; p++) {
+        for (int64_t x = 0; x < nseg; x++) {
+            int64_t rows_now = 0, begin = seg[3 * x];
+            for (int64_t p = seg[3 * x]; p < seg[3 * x + 1]; p++) {
                 rows_now += (first[fb[p].seq + 1] - first[fb[p].seq]) * group;
-                if (rows_now >= CHUNK_ROWS || p + 1 == grp[3 * x + 1]) {
+                if (rows_now >= CHUNK_ROWS || p + 1 == seg[3 * x + 1]) {
                     for (int64_t g = 0; g < kv_heads; g++, t++) {
                         task[4 * t] = begin;
                         task[4 * t + 1] = p + 1;
                         task[4 * t + 2] = g;
-                        task[4 * t + 3] = grp[3 * x + 2];
+                        task[4 * t + 3] = seg[3 * x + 2];
                     }
                     begin = p + 1;
                     rows_now = 0;
                 }
             }
         }
-        for (int64_t i = 0; i < num_seqs; i++)
-            if (!in_group[i])
+        if (split > 1)
+            for (int64_t p = 0, x = 0; p < num_seqs; p++) {
+                while (x < ngrp && grp[3 * x + 1] <= p) x++;
+                if (x < ngrp && grp[3 * x] <= p) continue; /* in a group */
+                const int64_t i = fb[p].seq;
                 for (int64_t j0 = 0; j0 < first[i + 1] - first[i]; j0 += run)
                     for (int64_t g = 0; g < kv_heads; g++, t++) {
                         task[4 * t] = i;
@@ -765,6 +801,7 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                         task[4 * t + 2] = g;
                         task[4 * t + 3] = -1;
                     }
+            }
         /* acc, running max and sum per row; scratch: query rows, scores, K and V tiles (what either build needs) */
         const size_t per_thread = (size_t)(max_rows * (2 * head_dim + TILE + 2) + 2 * TILE * head_dim)
                                   * sizeof(float);
@@ -795,11 +832,16 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                     nr += seq_rows(rows + nr, acc + nr * head_dim, m + nr, l + nr, q, q_rows[i], 0, k, ctx[i], k, g,
                                    group, num_heads, head_dim);
                 }
-                attend_tiles_any(rows, nr, acc, m, l, 0, keys, k_cache, v_cache, tables + fb[begin].seq * table_stride,
-                                 g, kv_heads, head_dim, block_size, scale, scratch);
+                if (keys > 0)
+                    attend_tiles_any(rows, nr, acc, m, l, 0, keys, k_cache, v_cache,
+                                     tables + fb[begin].seq * table_stride, g, kv_heads, head_dim, block_size, scale,
+                                     scratch);
                 int64_t r0 = 0;
                 for (int64_t p = begin; p < end; p++) {
                     const int64_t i = fb[p].seq, k = first[i + 1] - first[i], nr_i = k * group;
+                    if (p + 1 < end) /* the next sequence's first keys of its own, while this one's are attended */
+                        prefetch_keys(k_cache, v_cache, tables + fb[p + 1].seq * table_stride, keys, TILE,
+                                      ctx[fb[p + 1].seq], g, kv_heads * head_dim, head_dim, block_size);
                     attend_tiles_any(rows + r0, nr_i, acc + r0 * head_dim, m + r0, l + r0, keys, INT64_MAX, k_cache,
                                      v_cache, tables + i * table_stride, g, kv_heads, head_dim, block_size, scale,
                                      scratch);
@@ -813,7 +855,7 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
             free(rows);
         }
         free(task);
-        free(in_group);
+        free(seg);
         free(fb);
         free(grp);
         free(first);
