@@ -56,6 +56,7 @@ _SIGNATURES = {
     "q4_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4b_available": ([], _int),
     "q8t_available": ([], _int),
+    "argmax_rows_f32": ([_ptr, _i64, _i64, _ptr, _int], _int),
     "refine_top_q8": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "q8t_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4b_gemm_bf16": ([_ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _int], _int),
@@ -190,6 +191,16 @@ def decode_attention_groups(tables: torch.Tensor, ctx: torch.Tensor, block_size:
         return None
     order, g = seqs.tolist(), groups.tolist()
     return [(order[g[3 * x]:g[3 * x + 1]], g[3 * x + 2]) for x in range(count)]
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """Each row's index of its largest value (the first of equal ones), int64 `[S]`, of float32 x `[S, V]` on the
+    CPU: `x.argmax(1)` in one parallel C pass. None when the kernels cannot take x or a row holds a NaN."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.shape[1] == 0 or not usable(x):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    rc = library().argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def usable(*tensors: torch.Tensor) -> bool:

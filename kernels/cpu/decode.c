@@ -876,6 +876,63 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
     return rc;
 }
 
+/* The index of each row's largest value (the first of equal ones) of float32 x [s, v], rows over the threads:
+ * greedy sampling's choice (torch's argmax took ~1 ms for 64 rows of 49,152 logits on 2 threads; this ~0.2).
+ * Returns 0, or -1 when a row holds a NaN (the caller then asks torch, whose argmax takes a NaN as the largest). */
+int argmax_rows_f32(const float *x, int64_t s, int64_t v, int64_t *out, int num_threads) {
+    int rc = 0;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (s * v >= 65536)
+    for (int64_t r = 0; r < s; r++) {
+        const float *row = x + r * v;
+        float best = -INFINITY;
+        int64_t at = 0, nan = 0;
+#if defined(__AVX512F__)
+        __m512 bv = _mm512_set1_ps(-INFINITY);
+        __m512i bi = _mm512_setzero_si512();
+        const __m512i step = _mm512_set1_epi32(16);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 bad = 0;
+        int64_t i = 0;
+        for (; i + 16 <= v && v <= INT32_MAX; i += 16) {
+            const __m512 a = _mm512_loadu_ps(row + i);
+            const __mmask16 gt = _mm512_cmp_ps_mask(a, bv, _CMP_GT_OQ); /* strictly larger: each lane keeps its first */
+            bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+            bv = _mm512_mask_mov_ps(bv, gt, a);
+            bi = _mm512_mask_mov_epi32(bi, gt, idx);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        nan = bad != 0;
+        float lanes[16];
+        int32_t where[16];
+        _mm512_storeu_ps(lanes, bv);
+        _mm512_storeu_si512(where, bi);
+        for (int j = 0; j < 16 && i > 0; j++)
+            if (lanes[j] > best || (lanes[j] == best && where[j] < at)) {
+                best = lanes[j];
+                at = where[j];
+            }
+        for (; i < v; i++) {
+            if (row[i] != row[i]) nan = 1;
+            if (row[i] > best) {
+                best = row[i];
+                at = i;
+            }
+        }
+#else
+        for (int64_t i = 0; i < v; i++) {
+            if (row[i] != row[i]) nan = 1;
+            if (row[i] > best) {
+                best = row[i];
+                at = i;
+            }
+        }
+#endif
+        out[r] = at;
+        if (nan) rc = -1; /* every thread writes the same value */
+    }
+    return rc;
+}
+
 /* Rotary embedding of a step's new q and k (HF rotate-half layout) and the write of their K and V rows into
  * the layer's arena, in one pass over the fused projection's output.
  *

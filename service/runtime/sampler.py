@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Sequence
 
 import torch
 
+from kernels import native
 from service.engine.sampling import SamplingParams
 from service.engine.types import SampleResult
 
@@ -142,7 +143,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Col
     unmask = mask_stop_tokens(logits, rows, short, eos_token_ids) if short else None
     if grammar_mask is not None:
         grammar_mask(logits)
-    tokens = logits.argmax(1)
+    tokens = native.argmax_rows(logits) if logits.is_cpu else None  # one C pass (torch's: ~5x longer)
+    if tokens is None:
+        tokens = logits.argmax(1)
     rand = [i for i, p in enumerate(params) if not p.greedy]
     if rand:
         probs = filter_logits(logits[rand], [params[i] for i in rand])

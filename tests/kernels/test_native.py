@@ -73,6 +73,28 @@ def test_silu_mul_matches_torch(tokens, inter):
     torch.testing.assert_close(native.silu_mul(gu).float(), want, atol=ATOL_BF16, rtol=1e-2)
 
 
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 7), (3, 16), (64, 49152), (5, 1003)])
+def test_argmax_rows_is_torchs_argmax(rows, vocab):
+    """Greedy choice in one C pass: the same index as torch's argmax, ties to the first (each row holds its max
+    twice), -inf masks, vocabularies not a multiple of the 16-wide vectors."""
+    g = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=g)
+    x[:, ::3] = float("-inf")  # masked tokens
+    for r in range(rows):
+        hi = torch.randperm(vocab, generator=g)[:2]
+        x[r, hi] = 100.0 + r  # a tie: the lower index wins
+    got = native.argmax_rows(x)
+    assert got is not None and torch.equal(got, x.argmax(1))
+
+
+def test_argmax_rows_leaves_a_row_with_nan_to_torch():
+    """A NaN in a row (a broken model): the kernel declines, so the caller's torch argmax decides as it always did."""
+    x = torch.zeros(2, 40)
+    x[1, 33] = float("nan")
+    assert native.argmax_rows(x) is None
+    assert native.argmax_rows(torch.zeros(2, 4, dtype=torch.float64)) is None  # not float32: declined
+
+
 def test_torch_kernels_give_the_same_results_without_the_c_kernels(monkeypatch):
     """LORASERVE_NATIVE=0: the library is not loaded, the reason says why, and every fused op answers with torch
     ops within bf16 rounding of the C kernels' answer."""
