@@ -129,8 +129,7 @@ class AttentionPlan:
         share a prefix's blocks attend to it together inside the kernel.)"""
         hit = self.derived.get("native")
         if hit is None:
-            hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens,
-                                                           self.block_size)
+            hit = self.derived["native"] = _native_decodes(self.block_tables, self.starts, self.lens)
         return hit if isinstance(hit, NativeDecodes) else None
 
     def native_extends(self) -> NativeDecodes | None:
@@ -157,8 +156,7 @@ class NativeDecodes:
     rows: torch.Tensor  # [sum(nq)] int64: every new token's query row, in the kernel's output order
 
 
-def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int], bs: int
-                    ) -> NativeDecodes | bool:
+def _native_decodes(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:
     first_rows, nq, ctx, tables, rows, q = [], [], [], [], [], 0
     prev = None  # (row, start, table) of the last single-token sequence
     for table, start, n in zip(block_tables, starts, lens):
