@@ -289,14 +289,18 @@ SHARED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(SHARED_CASES))
-def test_decodes_sharing_a_prefix_attend_to_it_together_with_their_own_results(case):
+@pytest.mark.parametrize(("case", "heads"), [*((c, (9, 3, 64)) for c in SHARED_CASES),
+                                             ("twelve-decodes-several-tasks", (8, 2, 128)),
+                                             ("five-decodes-8-blocks", (4, 4, 96))])
+def test_decodes_sharing_a_prefix_attend_to_it_together_with_their_own_results(case, heads):
     """Decodes whose tables start with the same blocks attend to those keys together in the kernel (each tile's K
     and V unpacked once for all their rows), then each to its own keys: against the float32 oracle, and bit for
-    bit what each gets alone; with a second group of another prefix and an unrelated sequence in the same call."""
+    bit what each gets alone; with a second group of another prefix and an unrelated sequence in the same call.
+    `heads`: (query heads, KV heads, head_dim): the default model's grouping, 4 query heads a KV head at 128, and
+    one query head a KV head at 96 (V widened through a buffer)."""
     prefix, own, bs, keys = SHARED_CASES[case]
     g = torch.Generator().manual_seed(len(own) * 31 + bs)
-    nb, kvh, h, d = 160, 3, 9, 64
+    nb, (h, kvh, d) = 160, heads
     kc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
     vc = torch.randn(nb, bs, kvh, d, generator=g).to(BF16)
     ids = iter(torch.randperm(nb, generator=g).tolist())
