@@ -162,9 +162,9 @@ class TorchKernels:
                       cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, eps: float, scale: float,
                       lora: native.FusedLoraArgs | None = None) -> torch.Tensor | None:
         """Every layer of a step in one C call (`native.decode_layers`: the same kernels as the op-by-op path, bit
-        for bit) when every new token is a decode the C attention kernel reads (no prefill); `lora`: the step's LoRA as `kernels.lora.fused_lora` builds it (None: none). None otherwise,
-        nothing changed. The caller checks the weights and builds the LoRA tables (None from `fused_lora`: the
-        layers cannot take that LoRA)."""
+        for bit) when every new token is a decode the C attention kernel reads (no prefill); `lora`: the step's
+        LoRA as `kernels.lora.fused_lora` builds it (None: none). None otherwise, nothing changed. The caller checks
+        the weights and builds the LoRA tables (None from `fused_lora`: the layers cannot take that LoRA)."""
         nd = plan.native_decodes()
         if nd is None:
             return None
