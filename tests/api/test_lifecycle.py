@@ -228,3 +228,35 @@ def test_serve_builds_the_model_on_a_thread_that_ends_before_the_engine_starts(t
         server_mod.serve(RuntimeConfig(), EngineConfig(), AdapterConfig(), ServerConfig(port=0),
                          ServiceConfig(data_dir=str(tmp_path)))
     assert len(seen) == 1 and seen[0] is not threading.main_thread() and not seen[0].is_alive()
+
+
+def test_serve_freezes_what_the_start_built_before_serving(tmp_path, monkeypatch):
+    """Before the server starts, `serve` moves every object the start built out of the collector's generations
+    (`gc.freeze`): full collections then walk only what came after, not the ~230,000 startup objects (~120 ms of a
+    stalled engine loop each time with the default model). The bad input here is none: a server whose engine loop
+    is already dead makes `serve` return 1 after its first check."""
+    import gc
+    from types import SimpleNamespace
+
+    from service import server as server_mod
+    from service.config import AdapterConfig, EngineConfig, RuntimeConfig, ServerConfig, ServiceConfig
+
+    frozen_at_start: list[int] = []
+
+    class Server:
+        loop = SimpleNamespace(alive=False)
+
+        def start(self) -> None:
+            frozen_at_start.append(gc.get_freeze_count())
+
+        def shutdown(self, grace: float | None = None) -> None:
+            pass
+
+    monkeypatch.setattr(server_mod, "build_server", lambda *a, **k: Server())
+    gc.unfreeze()
+    try:
+        assert server_mod.serve(RuntimeConfig(), EngineConfig(), AdapterConfig(), ServerConfig(port=0),
+                                ServiceConfig(data_dir=str(tmp_path))) == 1
+    finally:
+        gc.unfreeze()
+    assert frozen_at_start and frozen_at_start[0] > 1000
