@@ -27,7 +27,10 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   is level or ahead (21.1 against 22.5 with fp16 scales), but decode steps of up to 64 then run their layers in
   one C call, which saves the op-by-op path's ~270 Python calls: decode steps of 40 / 48 / 56 / 64 requests 27 /
   34 / 34-38 / 44 ms against 30-31 / 39 / 41-42 / 46-47 with the limit at 32 or 48 (separate processes,
-  alternating). A step that computes prompt tokens takes the dense copy at every M (`linear`'s `prompt`).
+  alternating). From 8 rows on the kernel keeps each row's sum in units of its group scale, 16 chains of sums in
+  flight instead of 8 (`Q4U_MIN_M` in kernels/cpu/quant.c): M = 8 / 16 / 32 / 64 3.0 / 5.1 / 9.3 / 18.0 ms against
+  3.2 / 5.6 / 10.6 / 20.3. A step that computes prompt tokens takes the dense copy at every M (`linear`'s
+  `prompt`).
 - bf16 x, int8 with groups of 32 (GGUF Q8_0), M <= 64, on a CPU with native bf16, AVX512-VNNI and AVX512-BF16:
   the tiled int8 kernel of `kernels.native_matmul` (`q8t_layout`: tiles of 16 rows, one vpdpbusd multiplies 16 rows'
   4 codes by 4 bytes of x broadcast; x quantized per group of 32 as the kernel below does, the same sums). On the

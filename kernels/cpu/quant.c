@@ -479,9 +479,133 @@ static void q4b_rows(const uint8_t *cb, const void *db, const uint16_t *x, const
         q4b_rows_(cb, db, x, xs, groups, n, col0, m, two, 0, y);
 }
 
+/* From Q4U_MIN_M rows of x on, the same product with each row's running sum kept in units of the lane's current
+ * group scale u (the last nonzero scale d of the lane's groups so far; 1 before the first): at the start of a group,
+ * acc = acc * (u_old / u) + ((zero - 16 d) / u) * X[r, g], then the group's pair-dot products add straight into
+ * acc (lanes whose d is 0 masked off: their group adds only zero * X), and y = acc * u at the end. One register a
+ * row carries the whole of K, with no second register for the group's sums: 16 independent chains of vdpbf16ps
+ * (8 rows of two tiles) where the kernel above, one accumulator and one group sum a row, keeps 8 in flight against
+ * the instruction's ~6-cycle latency. The default model's 120 layer matmuls, 2 threads,
+ * AVX512-BF16 EPYC: M = 8 / 16 / 32 / 64 3.2 / 5.0 / 9.4 / 18.2 ms against 3.3 / 5.6 / 10.4 / 20.4 (one process,
+ * alternating); below 8 rows it was slower (1-5 rows: 5-27%), so the kernel above keeps them. x's pairs go in as
+ * the instruction's broadcast memory operand (inline assembly: the intrinsic's separate broadcast cost ~7%).
+ * Each row's arithmetic is the same whatever the block it is in, so a row's result is the same at any M >= 8.
+ * The rescaling rounds once a group (float32, relative 2^-24): the error stays the output's bf16 rounding. */
+#define Q4U_MIN_M 8
+
+static inline __attribute__((always_inline)) void q4u_block(
+    const uint8_t *codes, const void *dm, const uint16_t *x, const float *xs, int64_t groups, int64_t n,
+    int64_t col0, int64_t r0, const int TN, const int MB, const int HALF, uint16_t *y) {
+    const float *dmf = (const float *)dm;
+    const uint16_t *dmh = (const uint16_t *)dm;
+    const int64_t k = groups * QGROUP, tstride = groups * 256;
+    const __m512i lowbits = _mm512_set1_epi16(0x78), magic = _mm512_set1_epi16(0x4180);
+    __m512 acc[2][8], u[2];
+    __mmask16 live[2];
+    _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
+        u[t] = _mm512_set1_ps(1.0f);
+        _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++) acc[t][r] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < groups; g++) {
+        _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
+            const char *nc = (const char *)(codes + (TN + t) * tstride + g * 256);
+            const char *nd = HALF ? (const char *)(dmh + (TN + t) * groups * 32 + g * 32)
+                                  : (const char *)(dmf + (TN + t) * groups * 32 + g * 32);
+            _mm_prefetch(nc, _MM_HINT_T0);
+            _mm_prefetch(nc + 64, _MM_HINT_T0);
+            _mm_prefetch(nc + 128, _MM_HINT_T0);
+            _mm_prefetch(nc + 192, _MM_HINT_T0);
+            _mm_prefetch(nd, _MM_HINT_T0);
+            if (!HALF) _mm_prefetch(nd + 64, _MM_HINT_T0);
+        }
+        _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
+            __m512 d, mz;
+            if (HALF) {
+                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32)));
+                mz = _mm512_fmadd_ps(d, _mm512_set1_ps(-16.0f),
+                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32 + 16))));
+            } else {
+                d = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32);
+                mz = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32 + 16);
+            }
+            live[t] = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+            const __m512 un = _mm512_mask_mov_ps(u[t], live[t], d);
+            const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), un);
+            const __m512 ratio = _mm512_mul_ps(u[t], inv), mzu = _mm512_mul_ps(mz, inv);
+            u[t] = un;
+            _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++)
+                acc[t][r] = _mm512_fmadd_ps(acc[t][r], ratio, _mm512_mul_ps(mzu, _mm512_set1_ps(xs[(r0 + r) * groups + g])));
+        }
+        _Pragma("GCC unroll 16") for (int c = 0; c < 4; c++) {
+            _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
+                const __m512i w = _mm512_loadu_si512((const void *)(codes + t * tstride + g * 256 + c * 64));
+                const __m512bh a[4] = {
+                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), lowbits, magic, 0xEA),
+                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 1), lowbits, magic, 0xEA),
+                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 5), lowbits, magic, 0xEA),
+                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 9), lowbits, magic, 0xEA)};
+                _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++) {
+                    const uint32_t *xr = (const uint32_t *)(x + (r0 + r) * k + g * QGROUP + c * 8);
+                    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
+                        __asm__("vdpbf16ps %2%{1to16%}, %1, %0%{%3%}"
+                                : "+v"(acc[t][r]) : "v"(a[j]), "m"(xr[j]), "Yk"(live[t]));
+                }
+            }
+        }
+    }
+    _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
+        const int64_t c0 = col0 + 16 * t;
+        if (c0 >= n) break;
+        const __mmask16 keep = n - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c0)) - 1);
+        _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++)
+            _mm256_mask_storeu_epi16(y + (r0 + r) * n + c0, keep,
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[t][r], u[t])));
+    }
+}
+
+/* Rows r0 .. r0 + mb - 1 (1 <= mb <= 8) against TN tiles, the block's size a constant. */
+static inline __attribute__((always_inline)) void q4u_few(
+    const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups, int64_t n, int64_t col0,
+    int64_t r0, int64_t mb, const int TN, const int HALF, uint16_t *y) {
+    switch (mb) {
+    case 1: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 1, HALF, y); break;
+    case 2: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 2, HALF, y); break;
+    case 3: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 3, HALF, y); break;
+    case 4: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 4, HALF, y); break;
+    case 5: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 5, HALF, y); break;
+    case 6: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 6, HALF, y); break;
+    case 7: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 7, HALF, y); break;
+    default: q4u_block(cb, db, x, xs, groups, n, col0, r0, TN, 8, HALF, y); break;
+    }
+}
+
+/* Every row of x against the two tiles from col0 (`two`; else the one), in blocks of up to 8 rows of as even a size
+ * as that allows (9 rows: 5 + 4, not 8 + 1; a block of 16 rows of one tile measured no faster than 8 of two). */
+static inline __attribute__((always_inline)) void q4u_rows_(
+    const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups, int64_t n, int64_t col0,
+    int64_t m, int two, const int HALF, uint16_t *y) {
+    int64_t r0 = 0;
+    const int64_t nb = (m + 7) / 8;
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t mb = m / nb + (b < m % nb);
+        if (two) q4u_few(cb, db, x, xs, groups, n, col0, r0, mb, 2, HALF, y);
+        else q4u_few(cb, db, x, xs, groups, n, col0, r0, mb, 1, HALF, y);
+        r0 += mb;
+    }
+}
+
+static void q4u_rows(const uint8_t *cb, const void *db, const uint16_t *x, const float *xs, int64_t groups,
+                     int64_t n, int64_t col0, int64_t m, int two, int half, uint16_t *y) {
+    if (half)
+        q4u_rows_(cb, db, x, xs, groups, n, col0, m, two, 1, y);
+    else
+        q4u_rows_(cb, db, x, xs, groups, n, col0, m, two, 0, y);
+}
+
 static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,
                     int64_t n, int64_t k, int num_threads) {
     if (!q4b_gemm_fits(m, n, k) || num_threads < 1) return -1;
+    const int unit = m >= Q4U_MIN_M;
     const int64_t groups = k / QGROUP, tiles = (n + 15) / 16;
     float *xs = malloc(sizeof(float) * (size_t)(m * groups));
     if (xs == NULL) return -1;
@@ -500,25 +624,29 @@ static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const void *dm, int
             xs[r * groups + g] = _mm_cvtss_f32(h);
         }
     /* Enough independent sums in flight: up to four rows of x take two tiles a pass (two chains each for up to
-     * three rows), more one tile and blocks of 8 rows. Four tiles a pass for one row measured slower from memory
-     * (1.6-1.9 against 1.4 ms for 106M weights, 2 threads): more streams than the prefetches keep ahead. */
-    const int64_t tn = m <= 4 ? 2 : 1;
+     * three rows), 5-7 one tile and blocks of 8 rows; from Q4U_MIN_M rows on two tiles a pass in blocks of up to 8
+     * rows (q4u_rows). Four tiles a pass for one row measured slower from memory (1.6-1.9 against 1.4 ms for 106M
+     * weights, 2 threads): more streams than the prefetches keep ahead. */
+    const int64_t tn = m <= 4 || unit ? 2 : 1;
     const int64_t blocks = (tiles + tn - 1) / tn;
+    const size_t esz = half ? sizeof(uint16_t) : sizeof(float); /* the scales' element size */
+    void (*rows)(const uint8_t *, const void *, const uint16_t *, const float *, int64_t, int64_t, int64_t, int64_t,
+                 int, int, uint16_t *) = unit ? q4u_rows : q4b_rows;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t t0 = b * tn, col0 = 16 * t0;
-        const size_t esz = half ? sizeof(uint16_t) : sizeof(float); /* the scales' element size */
         if (tiles - t0 >= tn && tn == 2)
-            q4b_rows(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n,
-                     col0, m, 1, half, y);
+            rows(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n, col0,
+                 m, 1, half, y);
         else
             for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
-                q4b_rows(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups,
-                         n, 16 * t, m, 0, half, y);
+                rows(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups, n,
+                     16 * t, m, 0, half, y);
     }
     free(xs);
     return 0;
 }
+
 #endif
 
 int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,

@@ -79,6 +79,42 @@ def test_q4b_kernel_is_within_float32_summation_and_the_outputs_rounding(m, k, s
     assert err.mean() <= 1.5 * rounding.mean() + 1e-6, (err.mean(), rounding.mean())
 
 
+@pytest.mark.parametrize("scales", ["float32", "float16"])
+@pytest.mark.parametrize("m", [8, 9, 64])  # the rows that keep their sums in units of the group scale
+def test_q4b_kernel_takes_groups_whose_scale_is_zero(m, scales):
+    """Groups with a scale of 0 (every weight of the group is its zero) in some rows, among them a row's first group
+    and a row whose every group has one: from 8 rows of x on the kernel keeps each row's sum in units of the lane's
+    last nonzero scale, and such lanes must add only zero * sum(x) for that group. Within the same bound as above."""
+    g = torch.Generator().manual_seed(m)
+    w = quantize_int4(torch.randn(40, 576, generator=g) * 0.05, 32)
+    w.scales[3, 0] = 0.0
+    w.scales[5, 4:9] = 0.0
+    w.scales[17, :] = 0.0
+    w.scales[30:, 11] = 0.0
+    if scales == "float16":
+        w.scales.copy_(w.scales.half().float())
+        w.zeros.copy_(w.zeros.half().float())
+    assert native_matmul.q4b_pack(w.qweight, w.scales, w.zeros)[1].dtype == getattr(torch, scales)
+    x = torch.randn(m, 576, generator=g).to(BF16)
+    y = _gemm(x, w)
+    ref = x.float() @ w.dequantize().T
+    assert torch.isfinite(y.float()).all()
+    assert ((y.float() - ref).abs() <= _bound(x, w, ref)).all()
+
+
+def test_q4b_kernel_gives_a_row_the_same_result_at_any_m_from_8_rows():
+    """From 8 rows of x on, each row's arithmetic is the same whatever block of rows it falls in: a row's output is
+    bit for bit the same at M = 8, 9, 17, 40 and 64 (a decode's result does not depend on how many share the step
+    there)."""
+    g = torch.Generator().manual_seed(7)
+    w = quantize_int4(torch.randn(70, 1536, generator=g) * 0.05, 32)
+    x = torch.randn(64, 1536, generator=g).to(BF16)
+    full = _gemm(x, w)
+    for m in (8, 9, 17, 40):
+        for start in (0, 64 - m):
+            assert torch.equal(_gemm(x[start:start + m].contiguous(), w), full[start:start + m]), (m, start)
+
+
 def test_q4b_kernel_is_exact_on_small_integers():
     """GGUF Q4_0 (zero = -8 * scale, scale 0.5) and x of small integers: every product and sum is exact in float32,
     so the kernel returns the exact sums rounded to bf16."""
