@@ -72,12 +72,21 @@ static inline void store_row(const float *acc, float l, int64_t head_dim, uint16
     for (int64_t d = 0; d < head_dim; d++) out_row[d] = f32_to_bf16(acc[d] * inv);
 }
 
-/* A tiled task's rows (token j0 + r / group, query head g * group + r % group) from their accumulators. */
+/* The tiled kernels keep each row's softmax sum in L_LANES partial sums (a vector add a tile instead of a horizontal
+ * sum and a scalar chain through memory), summed once when the row is stored. */
+#define L_LANES 16
+
+/* A tiled task's rows (token j0 + r / group, query head g * group + r % group) from their accumulators and partial
+ * sums (L_LANES a row, added in a fixed order). */
 static inline void store_task_rows(const float *acc, const float *l, int64_t nr, int64_t group, int64_t j0, int64_t g,
                                    int64_t num_heads, int64_t head_dim, int64_t q_row0, uint16_t *out) {
     for (int64_t r = 0; r < nr; r++) {
         const int64_t j = j0 + r / group, h = g * group + r % group;
-        store_row(acc + r * head_dim, l[r], head_dim, out + ((q_row0 + j) * num_heads + h) * head_dim);
+        float lsum[L_LANES];
+        for (int i = 0; i < L_LANES; i++) lsum[i] = l[r * L_LANES + i];
+        for (int w = L_LANES / 2; w > 0; w /= 2)
+            for (int i = 0; i < w; i++) lsum[i] += lsum[i + w];
+        store_row(acc + r * head_dim, lsum[0], head_dim, out + ((q_row0 + j) * num_heads + h) * head_dim);
     }
 }
 
@@ -242,8 +251,8 @@ static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const f
 }
 
 /* Rows rows[0 .. nr - 1] under KV head g over the keys p_begin .. p_end - 1 (p_begin a multiple of TILE; keys a row
- * does not see are skipped), continuing each row's online softmax: its running max m[r], sum l[r] and accumulator
- * acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each
+ * does not see are skipped), continuing each row's online softmax: its running max m[r], partial sums l[r * L_LANES
+ * ..] and accumulator acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each
  * row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time
  * (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`;
  * other head sizes widen each V row once into a buffer for all the rows). Every row's arithmetic is its own: the
@@ -302,13 +311,13 @@ static inline __attribute__((always_inline)) void attend_tiles(
             const float tile_max = _mm512_mask_reduce_max_ps(keys, sv);
             if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
                 const float c = exp_nonpos(m[r] - tile_max);
-                l[r] *= c;
+                _mm512_storeu_ps(l + r * L_LANES, _mm512_mul_ps(_mm512_loadu_ps(l + r * L_LANES), _mm512_set1_ps(c)));
                 for (int64_t x = 0; x < head_dim; x++) acc[r * head_dim + x] *= c;
                 m[r] = tile_max;
             }
             const __m512 e = _mm512_maskz_mov_ps(keys, exp_nonpos_v(_mm512_sub_ps(sv, _mm512_set1_ps(m[r]))));
             _mm512_storeu_ps(sr, e);
-            l[r] += _mm512_reduce_add_ps(e);
+            _mm512_storeu_ps(l + r * L_LANES, _mm512_add_ps(_mm512_loadu_ps(l + r * L_LANES), e));
         }
         if (head_dim == 64 || head_dim == 128) {
             for (int64_t r = 0; r < nr;) r += pv_tile(acc, s, vr, nt, r, nr, head_dim);
@@ -373,13 +382,6 @@ static inline float hmax8(__m256 v) {
     __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     x = _mm_max_ps(x, _mm_movehl_ps(x, x));
     x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
-    return _mm_cvtss_f32(x);
-}
-
-static inline float hadd8(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
     return _mm_cvtss_f32(x);
 }
 
@@ -461,7 +463,7 @@ static inline __attribute__((always_inline)) void attend_tiles(
             const float tile_max = hmax8(_mm256_max_ps(sv[0], sv[1]));
             if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
                 const float c = exp_nonpos(m[r] - tile_max);
-                l[r] *= c;
+                for (int i = 0; i < L_LANES; i++) l[r * L_LANES + i] *= c;
                 for (int64_t x = 0; x < head_dim; x++) acc[r * head_dim + x] *= c;
                 m[r] = tile_max;
             }
@@ -473,7 +475,8 @@ static inline __attribute__((always_inline)) void attend_tiles(
                                             exp_nonpos_v8(_mm256_sub_ps(sv[1], mv)));
             _mm256_storeu_ps(s + r * TILE, e0);
             _mm256_storeu_ps(s + r * TILE + HALF, e1);
-            l[r] += hadd8(_mm256_add_ps(e0, e1));
+            _mm256_storeu_ps(l + r * L_LANES, _mm256_add_ps(_mm256_loadu_ps(l + r * L_LANES), e0));
+            _mm256_storeu_ps(l + r * L_LANES + HALF, _mm256_add_ps(_mm256_loadu_ps(l + r * L_LANES + HALF), e1));
         }
         for (int64_t r = 0; r < nr; r++) {
             if (rows[r].seen <= p0) continue;
@@ -522,8 +525,8 @@ static int64_t seq_rows(RowRef *rows, float *acc, float *m, float *l, const uint
         rows[r].q = q + (q_row + j) * num_heads * head_dim + (g * group + r % group) * head_dim;
         rows[r].seen = ctx_last - (nq - 1 - j);
         m[r] = -INFINITY;
-        l[r] = 0.0f;
     }
+    memset(l, 0, (size_t)(nr * L_LANES) * sizeof(float));
     memset(acc, 0, (size_t)(nr * head_dim) * sizeof(float));
     return nr;
 }
@@ -803,7 +806,7 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                     }
             }
         /* acc, running max and sum per row; scratch: query rows, scores, K and V tiles (what either build needs) */
-        const size_t per_thread = (size_t)(max_rows * (2 * head_dim + TILE + 2) + 2 * TILE * head_dim)
+        const size_t per_thread = (size_t)(max_rows * (2 * head_dim + TILE + 1 + L_LANES) + 2 * TILE * head_dim)
                                   * sizeof(float);
 #pragma omp parallel num_threads(num_threads) if (ntask > 1 && work * num_heads > 2048)
         {
@@ -813,7 +816,8 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
             for (int64_t x = 0; x < ntask; x++) {
                 if (!work_buf || !rows) continue;
                 const int64_t g = task[4 * x + 2], keys = task[4 * x + 3];
-                float *acc = work_buf, *m = acc + max_rows * head_dim, *l = m + max_rows, *scratch = l + max_rows;
+                float *acc = work_buf, *m = acc + max_rows * head_dim, *l = m + max_rows,
+                      *scratch = l + max_rows * L_LANES;
                 if (keys < 0) {
                     const int64_t i = task[4 * x], j0 = task[4 * x + 1];
                     const int64_t k = first[i + 1] - first[i];
@@ -829,7 +833,7 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                 int64_t nr = 0;
                 for (int64_t p = begin; p < end; p++) {
                     const int64_t i = fb[p].seq, k = first[i + 1] - first[i];
-                    nr += seq_rows(rows + nr, acc + nr * head_dim, m + nr, l + nr, q, q_rows[i], 0, k, ctx[i], k, g,
+                    nr += seq_rows(rows + nr, acc + nr * head_dim, m + nr, l + nr * L_LANES, q, q_rows[i], 0, k, ctx[i], k, g,
                                    group, num_heads, head_dim);
                 }
                 if (keys > 0)
@@ -842,10 +846,10 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                     if (p + 1 < end) /* the next sequence's first keys of its own, while this one's are attended */
                         prefetch_keys(k_cache, v_cache, tables + fb[p + 1].seq * table_stride, keys, TILE,
                                       ctx[fb[p + 1].seq], g, kv_heads * head_dim, head_dim, block_size);
-                    attend_tiles_any(rows + r0, nr_i, acc + r0 * head_dim, m + r0, l + r0, keys, INT64_MAX, k_cache,
+                    attend_tiles_any(rows + r0, nr_i, acc + r0 * head_dim, m + r0, l + r0 * L_LANES, keys, INT64_MAX, k_cache,
                                      v_cache, tables + i * table_stride, g, kv_heads, head_dim, block_size, scale,
                                      scratch);
-                    store_task_rows(acc + r0 * head_dim, l + r0, nr_i, group, 0, g, num_heads, head_dim, q_rows[i],
+                    store_task_rows(acc + r0 * head_dim, l + r0 * L_LANES, nr_i, group, 0, g, num_heads, head_dim, q_rows[i],
                                     out);
                     r0 += nr_i;
                 }
