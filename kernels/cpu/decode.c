@@ -182,11 +182,9 @@ static inline __attribute__((always_inline)) void k_pairs(__m512i *kt, const uin
         for (int64_t i = 0; i < head_dim / 2; i += 2)                                                          \
             for (int h = 0; h < 2; h++) {                                                                      \
                 const __m512bh k = (__m512bh)kt[i + h];                                                        \
-                for (int r = 0; r < R; r++) {                                                                  \
-                    int32_t pair;                                                                              \
-                    memcpy(&pair, qr[r] + 2 * (i + h), sizeof pair);                                           \
-                    a[2 * r + h] = _mm512_dpbf16_ps(a[2 * r + h], (__m512bh)_mm512_set1_epi32(pair), k);       \
-                }                                                                                              \
+                for (int r = 0; r < R; r++)  /* the query pair as the broadcast memory operand */             \
+                    __asm__("vdpbf16ps %2%{1to16%}, %1, %0"                                                    \
+                            : "+v"(a[2 * r + h]) : "v"(k), "m"(*(const uint32_t *)(qr[r] + 2 * (i + h))));      \
             }                                                                                                  \
         for (int r = 0; r < R; r++)                                                                            \
             _mm512_storeu_ps(s + r * TILE, _mm512_mul_ps(_mm512_add_ps(a[2 * r], a[2 * r + 1]), scale));       \
