@@ -250,9 +250,9 @@ static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const f
 
 /* Rows rows[0 .. nr - 1] under KV head g over the keys p_begin .. p_end - 1 (p_begin a multiple of TILE; keys a row
  * does not see are skipped), continuing each row's online softmax: its running max m[r], partial sums l[r * L_LANES
- * ..] and accumulator acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each
- * row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time
- * (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`;
+ * ..] and accumulator acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs
+ * (`k_pairs`), then each row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query
+ * pairs, 4 rows at a time (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`;
  * other head sizes widen each V row once into a buffer for all the rows). Every row's arithmetic is its own: the
  * rows taken together (those of one sequence, or of several sequences over the prefix they share) change nothing
  * in any row's result. Inlined per head_dim, so the loops over it have a fixed length. */
@@ -831,8 +831,8 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                 int64_t nr = 0;
                 for (int64_t p = begin; p < end; p++) {
                     const int64_t i = fb[p].seq, k = first[i + 1] - first[i];
-                    nr += seq_rows(rows + nr, acc + nr * head_dim, m + nr, l + nr * L_LANES, q, q_rows[i], 0, k, ctx[i], k, g,
-                                   group, num_heads, head_dim);
+                    nr += seq_rows(rows + nr, acc + nr * head_dim, m + nr, l + nr * L_LANES, q, q_rows[i], 0, k,
+                                   ctx[i], k, g, group, num_heads, head_dim);
                 }
                 if (keys > 0)
                     attend_tiles_any(rows, nr, acc, m, l, 0, keys, k_cache, v_cache,
@@ -844,11 +844,11 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                     if (p + 1 < end) /* the next sequence's first keys of its own, while this one's are attended */
                         prefetch_keys(k_cache, v_cache, tables + fb[p + 1].seq * table_stride, keys, TILE,
                                       ctx[fb[p + 1].seq], g, kv_heads * head_dim, head_dim, block_size);
-                    attend_tiles_any(rows + r0, nr_i, acc + r0 * head_dim, m + r0, l + r0 * L_LANES, keys, INT64_MAX, k_cache,
-                                     v_cache, tables + i * table_stride, g, kv_heads, head_dim, block_size, scale,
-                                     scratch);
-                    store_task_rows(acc + r0 * head_dim, l + r0 * L_LANES, nr_i, group, 0, g, num_heads, head_dim, q_rows[i],
-                                    out);
+                    attend_tiles_any(rows + r0, nr_i, acc + r0 * head_dim, m + r0, l + r0 * L_LANES, keys,
+                                     INT64_MAX, k_cache, v_cache, tables + i * table_stride, g, kv_heads, head_dim,
+                                     block_size, scale, scratch);
+                    store_task_rows(acc + r0 * head_dim, l + r0 * L_LANES, nr_i, group, 0, g, num_heads, head_dim,
+                                    q_rows[i], out);
                     r0 += nr_i;
                 }
             }

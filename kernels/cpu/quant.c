@@ -522,8 +522,8 @@ static inline __attribute__((always_inline)) void q4u_block(
             __m512 d, mz;
             if (HALF) {
                 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32)));
-                mz = _mm512_fmadd_ps(d, _mm512_set1_ps(-16.0f),
-                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32 + 16))));
+                mz = _mm512_fmadd_ps(d, _mm512_set1_ps(-16.0f), _mm512_cvtph_ps(_mm256_loadu_si256(
+                                         (const __m256i *)(dmh + t * groups * 32 + g * 32 + 16))));
             } else {
                 d = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32);
                 mz = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32 + 16);
@@ -534,7 +534,8 @@ static inline __attribute__((always_inline)) void q4u_block(
             const __m512 ratio = _mm512_mul_ps(u[t], inv), mzu = _mm512_mul_ps(mz, inv);
             u[t] = un;
             _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++)
-                acc[t][r] = _mm512_fmadd_ps(acc[t][r], ratio, _mm512_mul_ps(mzu, _mm512_set1_ps(xs[(r0 + r) * groups + g])));
+                acc[t][r] = _mm512_fmadd_ps(acc[t][r], ratio,
+                                            _mm512_mul_ps(mzu, _mm512_set1_ps(xs[(r0 + r) * groups + g])));
         }
         _Pragma("GCC unroll 16") for (int c = 0; c < 4; c++) {
             _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
