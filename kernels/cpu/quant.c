@@ -485,9 +485,9 @@ static void q4b_rows(const uint8_t *cb, const void *db, const uint16_t *x, const
  * acc (lanes whose d is 0 masked off: their group adds only zero * X), and y = acc * u at the end. One register a
  * row carries the whole of K, with no second register for the group's sums: 16 independent chains of vdpbf16ps
  * (8 rows of two tiles) where the kernel above, one accumulator and one group sum a row, keeps 8 in flight against
- * the instruction's ~6-cycle latency. The default model's 120 layer matmuls, 2 threads,
- * AVX512-BF16 EPYC: M = 8 / 16 / 32 / 64 3.2 / 5.0 / 9.4 / 18.2 ms against 3.3 / 5.6 / 10.4 / 20.4 (one process,
- * alternating); below 8 rows it was slower (1-5 rows: 5-27%), so the kernel above keeps them. x's pairs go in as
+ * the instruction's ~6-cycle latency. The default model's 120 layer matmuls, 2 threads, AVX512-BF16 EPYC: M = 8 /
+ * 16 / 32 / 64 3.0 / 5.1 / 9.3 / 18.0 ms against 3.2 / 5.6 / 10.6 / 20.3 (one process, alternating); below 8 rows
+ * it was slower (1-5 rows: 5-27%), so the kernel above keeps them. x's pairs go in as
  * the instruction's broadcast memory operand (inline assembly: the intrinsic's separate broadcast cost ~7%).
  * Each row's arithmetic is the same whatever the block it is in, so a row's result is the same at any M >= 8.
  * The rescaling rounds once a group (float32, relative 2^-24): the error stays the output's bf16 rounding. */
