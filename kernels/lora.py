@@ -157,8 +157,27 @@ def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequ
         if not done:
             return sgmv_torch_(y, x, seg, weights)
     if rest_slots:
-        _apply(y, x, [(s0, s1, weights[slot]) for s0, s1, slot in rest_slots])
+        rest = [(s0, s1, weights[slot]) for s0, s1, slot in rest_slots]
+        if not _long_segments(y, x, rest):
+            _apply(y, x, rest)
     return y
+
+
+def _long_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[tuple[int, int, SlotWeights]]) -> bool:
+    """The segments beyond the decode kernel's rows (prompt chunks) through the C kernel for them where this CPU has
+    it (AVX512-BF16) and the weights are bfloat16: one call for all of them. Its rank-sized intermediate is rounded
+    to bf16 as torch's bf16 products round it; 1.7x torch's products on 32 adapters' segments of 288 rows (the
+    four projection groups of the default model: 13.0 against 21.7-22.2 ms a layer). False: nothing was done."""
+    if not native.sgmv_long_available() or any(w[0].dtype != torch.bfloat16 or w[1].dtype != torch.bfloat16  # type: ignore[index]
+                                                 for _, _, w in segments):
+        return False
+    outs = {w.outs if isinstance(w, SlicedWeights) else (w[1].shape[1],) for _, _, w in segments}  # type: ignore[index]
+    if len(outs) != 1:
+        return False
+    return native.sgmv_(y, x, [(s0, s1) for s0, s1, _ in segments], [w[0] for _, _, w in segments],  # type: ignore[index]
+                        [w[1] for _, _, w in segments],  # type: ignore[index]
+                        [w.ranks if isinstance(w, SlicedWeights) else (w[0].shape[1],) for _, _, w in segments],  # type: ignore[union-attr]
+                        next(iter(outs)), long=True)
 
 
 FUSED_GROUPS = ("qkv", "o", "gate_up", "down")  # the projection groups of a layer, in the fused layers' order

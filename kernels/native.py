@@ -50,6 +50,8 @@ _SIGNATURES = {
     "sgmv_path": ([], _int),
     "sgmv_f32w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "sgmv_bf16w_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
+    "sgmv_long_available": ([], _int),
+    "sgmv_long_bf16": ([_ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _int], _int),
     "q8_gemv_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "quant_avx2_available": ([], _int),
     "q8_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
@@ -377,16 +379,28 @@ def lora_group_(y: torch.Tensor, x: torch.Tensor, lora: FusedLoraArgs, layer: in
     return rc == 0
 
 
+def sgmv_long_available() -> bool:
+    """Whether the SGMV kernel for prompt-sized segments (`sgmv_(..., long=True)`: bf16 pair dot products on the
+    weights rewritten as row pairs, AVX512-BF16) exists on this CPU."""
+    lib = library()
+    return lib is not None and bool(lib.sgmv_long_available())
+
+
 def sgmv_(y: torch.Tensor, x: torch.Tensor, segments: list[tuple[int, int]], a_t: list[torch.Tensor],
-          b_t: list[torch.Tensor], ranks: list[tuple[int, ...]], outs: tuple[int, ...]) -> bool:
+          b_t: list[torch.Tensor], ranks: list[tuple[int, ...]], outs: tuple[int, ...], long: bool = False) -> bool:
     """In place y (bf16 `[T, out]`) += (x[rows] @ A^T) @ B^T for each segment's rows `(start, end)`, with its
     contiguous A^T `[in, r]` and block-diagonal B^T `[r, out]` (output slice j, `outs[j]` columns, fed by
-    `ranks[s][j]` rank rows), all float32 or all bfloat16. False when the kernel cannot take it (nothing was
-    changed then)."""
+    `ranks[s][j]` rank rows), all float32 or all bfloat16. `long`: the kernel for prompt-sized segments (bfloat16
+    weights and an even `in` only; the rank-sized intermediate rounded to bf16, as torch's bf16 products round
+    it). False when the kernel cannot take it (nothing was changed then)."""
     if not usable(y, x) or any(not (a.is_contiguous() and b.is_contiguous()) for a, b in zip(a_t, b_t)):
         return False
     dtypes = {w.dtype for w in (*a_t, *b_t)}
-    if dtypes == {torch.float32}:
+    if long:
+        if dtypes != {torch.bfloat16} or not sgmv_long_available():
+            return False
+        kernel = library().sgmv_long_bf16
+    elif dtypes == {torch.float32}:
         kernel = library().sgmv_f32w_bf16
     elif dtypes == {torch.bfloat16}:
         kernel = library().sgmv_bf16w_bf16

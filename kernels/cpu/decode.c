@@ -1854,3 +1854,224 @@ int sgmv_bf16w_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t 
                     const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {
     return sgmv_body(x, y, nseg, starts, ends, a_ptrs, b_ptrs, ranks, nslices, outs, in_dim, out_dim, num_threads, 1);
 }
+
+/* ---- segmented LoRA for prompt-sized segments (AVX512-BF16) ----
+ *
+ * The same y[t, :] += (x[t, :] @ A^T) @ B^T for segments of many rows (a prompt's chunk), bfloat16 weights, with
+ * bf16 pair dot products. Each segment's A^T and B^T are first rewritten once as pairs of consecutive rows (lane j
+ * of a 16-lane vector: rows k and k + 1 of column j, B^T's slices on their own, each padded to whole vectors), so
+ * that one load gives vdpbf16ps 16 ranks' (shrink) or 16 output columns' (expand) pairs, which it multiplies by the
+ * pair of x (of the rank-sized intermediate) given as its broadcast memory operand. Then rows in blocks of up to 8
+ * of one segment, two vectors of lanes a pass (16 independent sums in flight). Products are exact in float32, sums
+ * float32; the intermediate is rounded to bf16 between the two products (as torch's bf16 products round it), y
+ * once. in_dim must be even. Returns -1 when a dimension is beyond the bounds or the CPU has no AVX512-BF16. */
+#define SGMV_LONG_MB 8
+#if HAS_SGMV_AVX512 && defined(__AVX512BF16__)
+#define HAS_SGMV_LONG 1
+#else
+#define HAS_SGMV_LONG 0
+#endif
+
+int sgmv_long_available(void) { return HAS_SGMV_LONG; }
+
+#if HAS_SGMV_LONG
+/* Segment s's total rank (the sum of its slices'). */
+static inline int64_t sgmv_rank(const int64_t *ranks, int64_t s, int64_t nslices) {
+    int64_t r = 0;
+    for (int64_t j = 0; j < nslices; j++) r += ranks[s * nslices + j];
+    return r;
+}
+
+/* Two rows' 16 values (m lanes; q NULL: zeros) as bf16 pairs, lane j = (p[j], q[j]). */
+static inline __m512i sgmv_pairs(const uint16_t *p, const uint16_t *q, __mmask16 m) {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    if (q == NULL) return lo;
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q));
+    return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+/* The paired layout's sizes, in 32-bit pairs: A^T [in/2][rp] (rp: the rank padded to 16), then per slice j
+ * [(rk_j + 1) / 2][oc_j] (oc_j: its columns padded to 16). */
+static inline int64_t sgmv_paired_size(const int64_t *rk, int64_t nslices, const int64_t *outs, int64_t in_dim) {
+    int64_t r = 0, size = 0;
+    for (int64_t j = 0; j < nslices; j++) {
+        r += rk[j];
+        size += (rk[j] + 1) / 2 * ((outs[j] + 15) / 16 * 16);
+    }
+    return size + in_dim / 2 * ((r + 15) / 16 * 16);
+}
+
+static void sgmv_pair_weights(const uint16_t *a, const uint16_t *b, const int64_t *rk, int64_t nslices,
+                              const int64_t *outs, int64_t in_dim, int64_t out_dim, uint32_t *dst) {
+    int64_t r_total = 0;
+    for (int64_t j = 0; j < nslices; j++) r_total += rk[j];
+    const int64_t rp = (r_total + 15) / 16 * 16;
+    for (int64_t i = 0; i < in_dim; i += 2)
+        for (int64_t c = 0; c < rp; c += 16)
+            _mm512_storeu_si512((void *)(dst + i / 2 * rp + c),
+                                sgmv_pairs(a + i * r_total + c, a + (i + 1) * r_total + c, lanes(r_total - c)));
+    dst += in_dim / 2 * rp;
+    int64_t r0 = 0, c0 = 0;
+    for (int64_t j = 0; j < nslices; j++) {
+        const int64_t oc = (outs[j] + 15) / 16 * 16;
+        for (int64_t p = 0; p < (rk[j] + 1) / 2; p++) {
+            const int64_t r = r0 + 2 * p;
+            for (int64_t c = 0; c < oc; c += 16)
+                _mm512_storeu_si512((void *)(dst + p * oc + c),
+                                    sgmv_pairs(b + r * out_dim + c0 + c, 2 * p + 1 < rk[j] ? b + (r + 1) * out_dim + c0 + c
+                                                                                             : NULL,
+                                               lanes(outs[j] - c)));
+        }
+        dst += (rk[j] + 1) / 2 * oc;
+        r0 += rk[j];
+        c0 += outs[j];
+    }
+}
+
+/* MB rows of x (from xr, row stride in_dim) against ranks rt0 .. rt0 + 16 TT - 1 (pa: A^T paired, rp ranks a row
+ * pair): tmp[q][rank] rounded to bf16. */
+static inline __attribute__((always_inline)) void sgmv_long_shrink(
+    const uint16_t *xr, int64_t in_dim, const uint32_t *pa, int64_t rp, int64_t rt0, uint16_t *tmp, const int MB,
+    const int TT) {
+    __m512 acc[2][SGMV_LONG_MB];
+    _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++)
+        _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++) acc[k][q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in_dim; i += 2) {
+        __m512i w[2];
+        _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++) w[k] = _mm512_loadu_si512((const void *)(pa + i / 2 * rp + rt0 + 16 * k));
+        _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
+            _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++)
+                __asm__("vdpbf16ps %2%{1to16%}, %1, %0"
+                        : "+v"(acc[k][q]) : "v"(w[k]), "m"(*(const uint32_t *)(xr + q * in_dim + i)));
+    }
+    _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
+        _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++)
+            _mm256_storeu_si256((__m256i *)(tmp + q * (MAX_RANK + 16) + rt0 + 16 * k),
+                                (__m256i)_mm512_cvtneps_pbh(acc[k][q]));
+}
+
+/* y[q, c0 + cb ..] += tmp[q, r0 ..] pairs @ slice's paired B^T (pb: [pairs][oc]) for MB rows, 16 CT columns from cb
+ * (nc of them left in the slice). */
+static inline __attribute__((always_inline)) void sgmv_long_expand(
+    const uint16_t *tmp, uint16_t *yr, int64_t out_dim, const uint32_t *pb, int64_t pairs, int64_t oc, int64_t r0,
+    int64_t c0, int64_t cb, int64_t nc, const int MB, const int CT) {
+    __m512 acc[2][SGMV_LONG_MB];
+    __mmask16 m[2];
+    _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++) {
+        m[k] = lanes(nc - 16 * k);
+        _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++) acc[k][q] = _mm512_setzero_ps();
+    }
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512i w[2];
+        _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++) w[k] = _mm512_loadu_si512((const void *)(pb + p * oc + cb + 16 * k));
+        _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
+            _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++)
+                __asm__("vdpbf16ps %2%{1to16%}, %1, %0"
+                        : "+v"(acc[k][q]) : "v"(w[k]), "m"(*(const uint32_t *)(tmp + q * (MAX_RANK + 16) + r0 + 2 * p)));
+    }
+    _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
+        _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++)
+            if (m[k]) sgmv_add_store(yr + q * out_dim + c0 + cb + 16 * k, acc[k][q], m[k]);
+}
+
+/* One block of MB rows of one segment over its paired weights. */
+static inline __attribute__((always_inline)) void sgmv_long_block(
+    const uint16_t *xr, uint16_t *yr, const uint32_t *pw, const int64_t *rk, int64_t nslices, const int64_t *outs,
+    int64_t in_dim, int64_t out_dim, int64_t r_total, uint16_t *tmp, const int MB) {
+    const int64_t rp = (r_total + 15) / 16 * 16;
+    for (int64_t rt0 = 0; rt0 < rp; rt0 += 32) {
+        if (rp - rt0 > 16) sgmv_long_shrink(xr, in_dim, pw, rp, rt0, tmp, MB, 2);
+        else sgmv_long_shrink(xr, in_dim, pw, rp, rt0, tmp, MB, 1);
+    }
+    const uint32_t *pb = pw + in_dim / 2 * rp;
+    int64_t r0 = 0, c0 = 0;
+    for (int64_t j = 0; j < nslices; j++) {
+        const int64_t oc = (outs[j] + 15) / 16 * 16, pairs = (rk[j] + 1) / 2;
+        for (int64_t cb = 0; pairs > 0 && cb < outs[j]; cb += 32) {
+            if (outs[j] - cb > 16) sgmv_long_expand(tmp, yr, out_dim, pb, pairs, oc, r0, c0, cb, outs[j] - cb, MB, 2);
+            else sgmv_long_expand(tmp, yr, out_dim, pb, pairs, oc, r0, c0, cb, outs[j] - cb, MB, 1);
+        }
+        pb += pairs * oc;
+        r0 += rk[j];
+        c0 += outs[j];
+    }
+}
+#endif
+
+int sgmv_long_bf16(const uint16_t *x, uint16_t *y, int64_t nseg, const int64_t *starts, const int64_t *ends,
+                   const int64_t *a_ptrs, const int64_t *b_ptrs, const int64_t *ranks, int64_t nslices,
+                   const int64_t *outs, int64_t in_dim, int64_t out_dim, int num_threads) {
+#if HAS_SGMV_LONG
+    if (in_dim > MAX_IN || in_dim < 2 || in_dim % 2 || out_dim > MAX_OUT || nslices > MAX_SLICES || nslices < 1 ||
+        num_threads < 1 || nseg < 0)
+        return -1;
+    int64_t width = 0, nblk = 0;
+    for (int64_t j = 0; j < nslices; j++) width += outs[j];
+    if (width != out_dim) return -1;
+    int64_t *off = malloc(sizeof(int64_t) * (size_t)(nseg + 1));
+    if (off == NULL) return -1;
+    off[0] = 0;
+    for (int64_t s = 0; s < nseg; s++) {
+        if (sgmv_rank(ranks, s, nslices) > MAX_RANK) {
+            free(off);
+            return -1;
+        }
+        off[s + 1] = off[s] + sgmv_paired_size(ranks + s * nslices, nslices, outs, in_dim);
+        nblk += (ends[s] - starts[s] + SGMV_LONG_MB - 1) / SGMV_LONG_MB;
+    }
+    int64_t *blk = malloc(sizeof(int64_t) * 2 * (size_t)(nblk > 0 ? nblk : 1)); /* (segment, first row) */
+    uint32_t *paired = aligned_alloc(64, (sizeof(uint32_t) * (size_t)off[nseg] + 63) / 64 * 64 + 64);
+    uint16_t *scratch = malloc(sizeof(uint16_t) * SGMV_LONG_MB * (MAX_RANK + 16) * (size_t)num_threads);
+    if (blk == NULL || paired == NULL || scratch == NULL) {
+        free(off);
+        free(blk);
+        free(paired);
+        free(scratch);
+        return -1;
+    }
+    for (int64_t s = 0, n = 0; s < nseg; s++)
+        for (int64_t t = starts[s]; t < ends[s]; t += SGMV_LONG_MB, n++) {
+            blk[2 * n] = s;
+            blk[2 * n + 1] = t;
+        }
+#pragma omp parallel num_threads(num_threads) if (nblk > 1)
+    {
+#pragma omp for schedule(dynamic)
+        for (int64_t s = 0; s < nseg; s++)
+            sgmv_pair_weights((const uint16_t *)(intptr_t)a_ptrs[s], (const uint16_t *)(intptr_t)b_ptrs[s],
+                              ranks + s * nslices, nslices, outs, in_dim, out_dim, paired + off[s]);
+        uint16_t *tmp = scratch + (size_t)SGMV_LONG_MB * (MAX_RANK + 16) * (size_t)omp_get_thread_num();
+        memset(tmp, 0, sizeof(uint16_t) * SGMV_LONG_MB * (MAX_RANK + 16));
+#pragma omp for schedule(dynamic)
+        for (int64_t n = 0; n < nblk; n++) {
+            const int64_t s = blk[2 * n], t0 = blk[2 * n + 1];
+            const int64_t nb = ends[s] - t0 < SGMV_LONG_MB ? ends[s] - t0 : SGMV_LONG_MB;
+            const int64_t *rk = ranks + s * nslices;
+            const int64_t r_total = sgmv_rank(ranks, s, nslices);
+            const uint16_t *xr = x + t0 * in_dim;
+            uint16_t *yr = y + t0 * out_dim;
+#define LONG_BLOCK(MB) sgmv_long_block(xr, yr, paired + off[s], rk, nslices, outs, in_dim, out_dim, r_total, tmp, MB)
+            switch (nb) {
+            case 1: LONG_BLOCK(1); break;
+            case 2: LONG_BLOCK(2); break;
+            case 3: LONG_BLOCK(3); break;
+            case 4: LONG_BLOCK(4); break;
+            case 5: LONG_BLOCK(5); break;
+            case 6: LONG_BLOCK(6); break;
+            case 7: LONG_BLOCK(7); break;
+            default: LONG_BLOCK(8); break;
+            }
+#undef LONG_BLOCK
+        }
+    }
+    free(off);
+    free(blk);
+    free(paired);
+    free(scratch);
+    return 0;
+#else
+    (void)x; (void)y; (void)nseg; (void)starts; (void)ends; (void)a_ptrs; (void)b_ptrs; (void)ranks; (void)nslices;
+    (void)outs; (void)in_dim; (void)out_dim; (void)num_threads;
+    return -1;
+#endif
+}

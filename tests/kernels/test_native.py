@@ -188,10 +188,12 @@ def _sliced_lora(g: torch.Generator, in_dim: int, ranks: tuple[int, ...], outs: 
 
 
 def _recording_sgmv(monkeypatch) -> list:
-    """The segment lists `native.sgmv_` is called with, one entry per call."""
+    """The segment lists `native.sgmv_` is called with, one entry per call (("long", segments) for the kernel of
+    prompt-sized segments)."""
     calls: list = []
     kernel = native.sgmv_
-    monkeypatch.setattr(native, "sgmv_", lambda *a: calls.append(a[2]) or kernel(*a))
+    monkeypatch.setattr(native, "sgmv_", lambda *a, **k: calls.append(("long", a[2]) if k.get("long") else a[2])
+                        or kernel(*a, **k))
     return calls
 
 
@@ -243,9 +245,12 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     calls = _recording_sgmv(monkeypatch)
     got = sgmv_cpu_(y0.clone(), x, seg, weights)
     short = [(0, 2), (2, 3), (4, 7), (8, 45), (45, 46)]  # the segments with weights up to 64 rows
-    # the long one too where bf16 is not native and the kernel has vector tiles (not its plain-C loops)
+    # the long one too where bf16 is not native and the kernel has vector tiles (not its plain-C loops); where it
+    # is, the kernel for prompt-sized segments takes it (bf16 weights, a CPU with AVX512-BF16), else torch
     long_to_c = not native_bf16 and native.sgmv_path() != "portable"
-    assert calls == [[*short, (46, 116)] if long_to_c else short]
+    long_kernel = not long_to_c and wdtype == torch.bfloat16 and native.sgmv_long_available()
+    assert calls == ([[*short, (46, 116)]] if long_to_c else [short, ("long", [(46, 116)])] if long_kernel
+                     else [short])
     # the C kernel's rows: one bf16 rounding of y (values ~10)
     torch.testing.assert_close(got[:46].float(), want[:46], atol=0.1, rtol=2e-2)
     # the long segment: in C one rounding as above; in torch with bfloat16 weights its product runs in bfloat16,
@@ -367,6 +372,49 @@ def test_sgmv_of_many_one_row_adapters_matches_the_reference(monkeypatch, wdtype
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
 
 
+@pytest.mark.parametrize("outs", [(32, 8, 8), (20, 36), (40,)], ids=["qkv-like", "two-odd-widths", "one-slice"])
+def test_sgmv_long_segments_match_the_reference_with_the_intermediate_in_bf16(outs):
+    """The kernel for prompt-sized segments (`native.sgmv_(..., long=True)`, AVX512-BF16): segments of 1, 9, 65,
+    100 and 130 rows (blocks of 8 and every remainder) over four slots, with slices of odd rank (whose last pair
+    reads the next slice's row of B^T, a block-diagonal zero), a slice of rank 0, ranks past 16 and 32 (several
+    passes of lanes) and output widths not a multiple of 16; the last segment ends at the batch's last row. Against
+    the float32 oracle with the rank-sized intermediate rounded to bf16 (as the kernel and torch's bf16 products
+    round it): one bf16 rounding of y, plus one of the intermediate where the sums' order tips it. Float32 weights
+    and an odd input width are refused with nothing changed."""
+    if not native.sgmv_long_available():
+        pytest.skip(f"this CPU (or its C build) lacks AVX512-BF16: {native.unavailable_reason() or 'no AVX512-BF16'}")
+    g = torch.Generator().manual_seed(len(outs))
+    in_dim = 96
+    slot_ranks = [(5, 0, 3)[:len(outs)], (24, 7, 40)[:len(outs)], (1, 1, 1)[:len(outs)], (48, 33, 2)[:len(outs)]]
+    ws = [_sliced_lora(g, in_dim, rs, outs, BF16, 0.3) for rs in slot_ranks]
+    lengths = [1, 9, 65, 100, 130]
+    segs, t = [], 0
+    for n in lengths:
+        segs.append((t, t + n))
+        t += n
+    slots = [i % len(ws) for i in range(len(segs))]
+    x = torch.randn(t, in_dim, generator=g).to(BF16)
+    y0 = torch.randn(t, sum(outs), generator=g).to(BF16)
+    want = y0.float().clone()
+    for (s0, s1), slot in zip(segs, slots):
+        w = ws[slot][0]
+        mid = (x[s0:s1].float() @ w[0].float()).to(BF16).float()
+        want[s0:s1] += mid @ w[1].float()
+    y = y0.clone()
+    assert native.sgmv_(y, x, segs, [ws[s][0][0] for s in slots], [ws[s][0][1] for s in slots],
+                        [ws[s][0].ranks for s in slots], outs, long=True)
+    torch.testing.assert_close(y.float(), want, atol=0.05, rtol=2e-2)  # values ~5
+    assert (y != y0).any(dim=1).all()  # every row got its delta
+    w32 = [(a.float(), b.float()) for a, b in (ws[s][0] for s in slots)]
+    y = y0.clone()
+    assert not native.sgmv_(y, x, segs, [a for a, _ in w32], [b for _, b in w32], [ws[s][0].ranks for s in slots],
+                            outs, long=True)  # float32 weights
+    odd = torch.randn(t, in_dim - 1, generator=g).to(BF16)
+    assert not native.sgmv_(y, odd, segs, [ws[s][0][0][:-1].contiguous() for s in slots],
+                            [ws[s][0][1] for s in slots], [ws[s][0].ranks for s in slots], outs, long=True)
+    assert torch.equal(y, y0)
+
+
 def test_the_sgmv_path_of_each_build_and_where_prefill_segments_go(tmp_path, monkeypatch):
     """The SGMV kernel's path in builds for smaller instruction sets (`native.sgmv_path`), and the segment length
     `sgmv_cpu_` gives it: every length with vector tiles where bf16 is not native, 64 rows where bf16 is native
@@ -385,6 +433,7 @@ def test_the_sgmv_path_of_each_build_and_where_prefill_segments_go(tmp_path, mon
     for want, without in builds.items():
         monkeypatch.setattr(native, "_lib", native.build_library(native._compiler(), (*native.FLAGS, *without)))
         assert native.sgmv_path() == want
+        assert not native.sgmv_long_available()  # the prompt-sized segments' kernel needs AVX512-BF16
         for bf16_cpu in (True, False):
             monkeypatch.setattr(kernels.lora, "native_bf16", lambda b=bf16_cpu: b)
             long_to_c = want != "portable" and not bf16_cpu
