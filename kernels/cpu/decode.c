@@ -252,10 +252,10 @@ static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const f
  * does not see are skipped), continuing each row's online softmax: its running max m[r], partial sums l[r * L_LANES
  * ..] and accumulator acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs
  * (`k_pairs`), then each row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query
- * pairs, 4 rows at a time (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows at a time (`pv_tile`;
- * other head sizes widen each V row once into a buffer for all the rows). Every row's arithmetic is its own: the
- * rows taken together (those of one sequence, or of several sequences over the prefix they share) change nothing
- * in any row's result. Inlined per head_dim, so the loops over it have a fixed length. */
+ * pairs, 4 rows at a time (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows
+ * at a time (`pv_tile`; other head sizes widen each V row once into a buffer for all the rows). Every row's
+ * arithmetic is its own: the rows taken together (those of one sequence, or of several sequences over the prefix
+ * they share) change nothing in any row's result. Inlined per head_dim, so the loops over it have a fixed length. */
 static inline __attribute__((always_inline)) void attend_tiles(
         const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin, int64_t p_end,
         const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t g, int64_t kv_heads,
@@ -1916,11 +1916,11 @@ static void sgmv_pair_weights(const uint16_t *a, const uint16_t *b, const int64_
         const int64_t oc = (outs[j] + 15) / 16 * 16;
         for (int64_t p = 0; p < (rk[j] + 1) / 2; p++) {
             const int64_t r = r0 + 2 * p;
-            for (int64_t c = 0; c < oc; c += 16)
+            for (int64_t c = 0; c < oc; c += 16) {
+                const uint16_t *next = 2 * p + 1 < rk[j] ? b + (r + 1) * out_dim + c0 + c : NULL;
                 _mm512_storeu_si512((void *)(dst + p * oc + c),
-                                    sgmv_pairs(b + r * out_dim + c0 + c, 2 * p + 1 < rk[j] ? b + (r + 1) * out_dim + c0 + c
-                                                                                             : NULL,
-                                               lanes(outs[j] - c)));
+                                    sgmv_pairs(b + r * out_dim + c0 + c, next, lanes(outs[j] - c)));
+            }
         }
         dst += (rk[j] + 1) / 2 * oc;
         r0 += rk[j];
@@ -1938,7 +1938,8 @@ static inline __attribute__((always_inline)) void sgmv_long_shrink(
         _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++) acc[k][q] = _mm512_setzero_ps();
     for (int64_t i = 0; i < in_dim; i += 2) {
         __m512i w[2];
-        _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++) w[k] = _mm512_loadu_si512((const void *)(pa + i / 2 * rp + rt0 + 16 * k));
+        _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++)
+            w[k] = _mm512_loadu_si512((const void *)(pa + i / 2 * rp + rt0 + 16 * k));
         _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
             _Pragma("GCC unroll 8") for (int k = 0; k < TT; k++)
                 __asm__("vdpbf16ps %2%{1to16%}, %1, %0"
@@ -1963,11 +1964,13 @@ static inline __attribute__((always_inline)) void sgmv_long_expand(
     }
     for (int64_t p = 0; p < pairs; p++) {
         __m512i w[2];
-        _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++) w[k] = _mm512_loadu_si512((const void *)(pb + p * oc + cb + 16 * k));
+        _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++)
+            w[k] = _mm512_loadu_si512((const void *)(pb + p * oc + cb + 16 * k));
         _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
             _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++)
                 __asm__("vdpbf16ps %2%{1to16%}, %1, %0"
-                        : "+v"(acc[k][q]) : "v"(w[k]), "m"(*(const uint32_t *)(tmp + q * (MAX_RANK + 16) + r0 + 2 * p)));
+                        : "+v"(acc[k][q])
+                        : "v"(w[k]), "m"(*(const uint32_t *)(tmp + q * (MAX_RANK + 16) + r0 + 2 * p)));
     }
     _Pragma("GCC unroll 8") for (int q = 0; q < MB; q++)
         _Pragma("GCC unroll 8") for (int k = 0; k < CT; k++)
