@@ -22,8 +22,9 @@ SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, 
 FEW_SEGMENTS = 4  # more short segments than this run their products on one thread
 SHORT_SEGMENT_ROWS = 16  # a segment of at most this many tokens is "short" (decode-sized)
 # Where the CPU multiplies bf16 natively, the C kernel takes segments up to this many rows (its threads split rows,
-# so one adapter's whole decode batch is one call) and longer ones (prefill chunks) are torch's bf16 matrix
-# products. Elsewhere it takes every segment: its register-tiled blocks of a prefill chunk (AVX2: 6 rows by 16
+# so one adapter's whole decode batch is one call) and longer ones (prefill chunks) go to the C kernel for
+# prompt-sized segments where the CPU has AVX512-BF16 and the weights are bf16 (`_long_segments`), else to torch's
+# bf16 matrix products. Elsewhere it takes every segment: its register-tiled blocks of a prefill chunk (AVX2: 6 rows by 16
 # ranks or columns, B^T's zero blocks skipped, one rounding) ran a 2,048-token step of 32 adapters' LoRA 3.3x
 # faster than torch's float32 products on the bf16 weights converted for each.
 NATIVE_SEGMENT_ROWS = 64
@@ -133,9 +134,10 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
 def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
     """The CPU path: on bfloat16 activations, segments of up to `native_segment_rows()` rows with float32 or
     bfloat16 weights go through the C kernel (`kernels.native.sgmv_`: one call for all of them, B^T's zero blocks
-    skipped); longer segments (prefill chunks where the CPU multiplies bf16 natively) and everything the kernel
-    cannot take go through `sgmv_torch_`. The C kernel's result is within one bf16 rounding of y; a long segment's
-    with bfloat16 weights also rounds its rank-sized intermediate to bfloat16."""
+    skipped); longer segments (prefill chunks where the CPU multiplies bf16 natively) through the C kernel for
+    prompt-sized segments where it takes them (`_long_segments`), and everything else through `sgmv_torch_`. The C
+    kernel's result is within one bf16 rounding of y; a long segment's with bfloat16 weights also rounds its
+    rank-sized intermediate to bfloat16."""
     if y.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or native.library() is None:
         return sgmv_torch_(y, x, seg, weights)
     to_c, rest_slots = [], []
