@@ -24,9 +24,9 @@ SHORT_SEGMENT_ROWS = 16  # a segment of at most this many tokens is "short" (dec
 # Where the CPU multiplies bf16 natively, the C kernel takes segments up to this many rows (its threads split rows,
 # so one adapter's whole decode batch is one call) and longer ones (prefill chunks) go to the C kernel for
 # prompt-sized segments where the CPU has AVX512-BF16 and the weights are bf16 (`_long_segments`), else to torch's
-# bf16 matrix products. Elsewhere it takes every segment: its register-tiled blocks of a prefill chunk (AVX2: 6 rows by 16
-# ranks or columns, B^T's zero blocks skipped, one rounding) ran a 2,048-token step of 32 adapters' LoRA 3.3x
-# faster than torch's float32 products on the bf16 weights converted for each.
+# bf16 matrix products. Elsewhere it takes every segment: its register-tiled blocks of a prefill chunk (AVX2: 6
+# rows by 16 ranks or columns, B^T's zero blocks skipped, one rounding) ran a 2,048-token step of 32 adapters' LoRA
+# 3.3x faster than torch's float32 products on the bf16 weights converted for each.
 NATIVE_SEGMENT_ROWS = 64
 
 
@@ -170,15 +170,15 @@ def _long_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[tuple[in
     it (AVX512-BF16) and the weights are bfloat16: one call for all of them. Its rank-sized intermediate is rounded
     to bf16 as torch's bf16 products round it; 1.7x torch's products on 32 adapters' segments of 288 rows (the
     four projection groups of the default model: 13.0 against 21.7-22.2 ms a layer). False: nothing was done."""
-    if not native.sgmv_long_available() or any(w[0].dtype != torch.bfloat16 or w[1].dtype != torch.bfloat16  # type: ignore[index]
-                                                 for _, _, w in segments):
+    ws = [w for _, _, w in segments if w is not None]
+    if (not native.sgmv_long_available() or len(ws) != len(segments)
+            or any(a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 for a, b in ws)):
         return False
-    outs = {w.outs if isinstance(w, SlicedWeights) else (w[1].shape[1],) for _, _, w in segments}  # type: ignore[index]
+    outs = {w.outs if isinstance(w, SlicedWeights) else (w[1].shape[1],) for w in ws}
     if len(outs) != 1:
         return False
-    return native.sgmv_(y, x, [(s0, s1) for s0, s1, _ in segments], [w[0] for _, _, w in segments],  # type: ignore[index]
-                        [w[1] for _, _, w in segments],  # type: ignore[index]
-                        [w.ranks if isinstance(w, SlicedWeights) else (w[0].shape[1],) for _, _, w in segments],  # type: ignore[union-attr]
+    ranks = [w.ranks if isinstance(w, SlicedWeights) else (w[0].shape[1],) for w in ws]
+    return native.sgmv_(y, x, [(s0, s1) for s0, s1, _ in segments], [a for a, _ in ws], [b for _, b in ws], ranks,
                         next(iter(outs)), long=True)
 
 
