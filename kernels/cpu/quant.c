@@ -371,31 +371,58 @@ static inline __m512bh q4b_bcast(const uint16_t *x) {
     return (__m512bh)_mm512_set1_epi32(pair);
 }
 
+/* The next TN tiles' codes and scales for group g, fetched ahead (the hardware prefetcher alone falls behind). */
+static inline __attribute__((always_inline)) void q4b_prefetch(const uint8_t *codes, const void *dm, int64_t groups,
+                                                               int64_t g, const int TN, const int HALF) {
+    const int64_t tstride = groups * 256;
+    for (int t = 0; t < TN; t++) {
+        const char *nc = (const char *)(codes + (TN + t) * tstride + g * 256);
+        const char *nd = HALF ? (const char *)((const uint16_t *)dm + (TN + t) * groups * 32 + g * 32)
+                              : (const char *)((const float *)dm + (TN + t) * groups * 32 + g * 32);
+        _mm_prefetch(nc, _MM_HINT_T0);
+        _mm_prefetch(nc + 64, _MM_HINT_T0);
+        _mm_prefetch(nc + 128, _MM_HINT_T0);
+        _mm_prefetch(nc + 192, _MM_HINT_T0);
+        _mm_prefetch(nd, _MM_HINT_T0);
+        if (!HALF) _mm_prefetch(nd + 64, _MM_HINT_T0);
+    }
+}
+
+/* Tile t's 16 scales d and zero - 16 d of group g (fp16 layout: zero - 16 d formed here in float32). */
+static inline __attribute__((always_inline)) void q4b_scales(const void *dm, int64_t groups, int t, int64_t g,
+                                                             const int HALF, __m512 *d, __m512 *mz) {
+    if (HALF) {
+        const uint16_t *h = (const uint16_t *)dm + t * groups * 32 + g * 32;
+        *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h));
+        const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + 16)));
+        *mz = _mm512_fmadd_ps(*d, _mm512_set1_ps(-16.0f), zero);
+    } else {
+        const float *f = (const float *)dm + t * groups * 32 + g * 32;
+        *d = _mm512_loadu_ps(f);
+        *mz = _mm512_loadu_ps(f + 16);
+    }
+}
+
+/* A 64-byte chunk of codes as its four vectors of bf16 16 + code pairs: (v << s & 0x78) | 0x4180. */
+static inline __attribute__((always_inline)) void q4b_expand(__m512i w, __m512bh a[4]) {
+    const __m512i lowbits = _mm512_set1_epi16(0x78), magic = _mm512_set1_epi16(0x4180);
+    a[0] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), lowbits, magic, 0xEA);
+    a[1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 1), lowbits, magic, 0xEA);
+    a[2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 5), lowbits, magic, 0xEA);
+    a[3] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 9), lowbits, magic, 0xEA);
+}
+
 /* TN tiles (16 TN weight rows from col0) against rows r0 .. r0 + MB - 1 of x. SPLIT: two chains of sums per tile and
  * row (a few rows: more independent dot products in flight). */
 static inline __attribute__((always_inline)) void q4b_block(
     const uint8_t *codes, const void *dm, const uint16_t *x, const float *xs, int64_t groups, int64_t n,
     int64_t col0, int64_t r0, const int TN, const int MB, const int SPLIT, const int HALF, uint16_t *y) {
-    const float *dmf = (const float *)dm;
-    const uint16_t *dmh = (const uint16_t *)dm;
     const int64_t k = groups * QGROUP, tstride = groups * 256;
-    const __m512i lowbits = _mm512_set1_epi16(0x78), magic = _mm512_set1_epi16(0x4180);
     __m512 acc[4][8], ga[4][8], gb[4][8];
     for (int t = 0; t < TN; t++)
         for (int r = 0; r < MB; r++) acc[t][r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
-        /* The next TN tiles' codes and scales for this group (the hardware prefetcher alone falls behind) */
-        for (int t = 0; t < TN; t++) {
-            const char *nc = (const char *)(codes + (TN + t) * tstride + g * 256);
-            const char *nd = HALF ? (const char *)(dmh + (TN + t) * groups * 32 + g * 32)
-                                  : (const char *)(dmf + (TN + t) * groups * 32 + g * 32);
-            _mm_prefetch(nc, _MM_HINT_T0);
-            _mm_prefetch(nc + 64, _MM_HINT_T0);
-            _mm_prefetch(nc + 128, _MM_HINT_T0);
-            _mm_prefetch(nc + 192, _MM_HINT_T0);
-            _mm_prefetch(nd, _MM_HINT_T0);
-            if (!HALF) _mm_prefetch(nd + 64, _MM_HINT_T0);
-        }
+        q4b_prefetch(codes, dm, groups, g, TN, HALF);
         for (int t = 0; t < TN; t++)
             for (int r = 0; r < MB; r++) {
                 ga[t][r] = _mm512_setzero_ps();
@@ -403,37 +430,26 @@ static inline __attribute__((always_inline)) void q4b_block(
             }
         for (int c = 0; c < 4; c++) {
             for (int t = 0; t < TN; t++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(codes + t * tstride + g * 256 + c * 64));
-                /* (v & 0x78) | 0x4180 */
-                const __m512bh a0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), lowbits, magic, 0xEA);
-                const __m512bh a1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 1), lowbits, magic, 0xEA);
-                const __m512bh a2 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 5), lowbits, magic, 0xEA);
-                const __m512bh a3 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 9), lowbits, magic, 0xEA);
+                __m512bh a[4];
+                q4b_expand(_mm512_loadu_si512((const void *)(codes + t * tstride + g * 256 + c * 64)), a);
                 for (int r = 0; r < MB; r++) {
                     const uint16_t *xr = x + (r0 + r) * k + g * QGROUP + c * 8;
-                    ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a0, q4b_bcast(xr));
+                    ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a[0], q4b_bcast(xr));
                     if (SPLIT) {
-                        gb[t][r] = _mm512_dpbf16_ps(gb[t][r], a1, q4b_bcast(xr + 2));
-                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a2, q4b_bcast(xr + 4));
-                        gb[t][r] = _mm512_dpbf16_ps(gb[t][r], a3, q4b_bcast(xr + 6));
+                        gb[t][r] = _mm512_dpbf16_ps(gb[t][r], a[1], q4b_bcast(xr + 2));
+                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a[2], q4b_bcast(xr + 4));
+                        gb[t][r] = _mm512_dpbf16_ps(gb[t][r], a[3], q4b_bcast(xr + 6));
                     } else {
-                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a1, q4b_bcast(xr + 2));
-                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a2, q4b_bcast(xr + 4));
-                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a3, q4b_bcast(xr + 6));
+                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a[1], q4b_bcast(xr + 2));
+                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a[2], q4b_bcast(xr + 4));
+                        ga[t][r] = _mm512_dpbf16_ps(ga[t][r], a[3], q4b_bcast(xr + 6));
                     }
                 }
             }
         }
         for (int t = 0; t < TN; t++) {
             __m512 d, mz;
-            if (HALF) { /* fp16 scales and zeros: zero - 16 d here */
-                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32)));
-                mz = _mm512_fmadd_ps(d, _mm512_set1_ps(-16.0f),
-                                     _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32 + 16))));
-            } else {
-                d = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32);
-                mz = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32 + 16);
-            }
+            q4b_scales(dm, groups, t, g, HALF, &d, &mz);
             for (int r = 0; r < MB; r++) {
                 const __m512 s = SPLIT ? _mm512_add_ps(ga[t][r], gb[t][r]) : ga[t][r];
                 acc[t][r] = _mm512_fmadd_ps(s, d, acc[t][r]);
@@ -496,10 +512,7 @@ static void q4b_rows(const uint8_t *cb, const void *db, const uint16_t *x, const
 static inline __attribute__((always_inline)) void q4u_block(
     const uint8_t *codes, const void *dm, const uint16_t *x, const float *xs, int64_t groups, int64_t n,
     int64_t col0, int64_t r0, const int TN, const int MB, const int HALF, uint16_t *y) {
-    const float *dmf = (const float *)dm;
-    const uint16_t *dmh = (const uint16_t *)dm;
     const int64_t k = groups * QGROUP, tstride = groups * 256;
-    const __m512i lowbits = _mm512_set1_epi16(0x78), magic = _mm512_set1_epi16(0x4180);
     __m512 acc[2][8], u[2];
     __mmask16 live[2];
     _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
@@ -507,27 +520,10 @@ static inline __attribute__((always_inline)) void q4u_block(
         _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++) acc[t][r] = _mm512_setzero_ps();
     }
     for (int64_t g = 0; g < groups; g++) {
-        _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
-            const char *nc = (const char *)(codes + (TN + t) * tstride + g * 256);
-            const char *nd = HALF ? (const char *)(dmh + (TN + t) * groups * 32 + g * 32)
-                                  : (const char *)(dmf + (TN + t) * groups * 32 + g * 32);
-            _mm_prefetch(nc, _MM_HINT_T0);
-            _mm_prefetch(nc + 64, _MM_HINT_T0);
-            _mm_prefetch(nc + 128, _MM_HINT_T0);
-            _mm_prefetch(nc + 192, _MM_HINT_T0);
-            _mm_prefetch(nd, _MM_HINT_T0);
-            if (!HALF) _mm_prefetch(nd + 64, _MM_HINT_T0);
-        }
+        q4b_prefetch(codes, dm, groups, g, TN, HALF);
         _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
             __m512 d, mz;
-            if (HALF) {
-                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(dmh + t * groups * 32 + g * 32)));
-                mz = _mm512_fmadd_ps(d, _mm512_set1_ps(-16.0f), _mm512_cvtph_ps(_mm256_loadu_si256(
-                                         (const __m256i *)(dmh + t * groups * 32 + g * 32 + 16))));
-            } else {
-                d = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32);
-                mz = _mm512_loadu_ps(dmf + t * groups * 32 + g * 32 + 16);
-            }
+            q4b_scales(dm, groups, t, g, HALF, &d, &mz);
             live[t] = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_NEQ_UQ);
             const __m512 un = _mm512_mask_mov_ps(u[t], live[t], d);
             const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), un);
@@ -539,12 +535,8 @@ static inline __attribute__((always_inline)) void q4u_block(
         }
         _Pragma("GCC unroll 16") for (int c = 0; c < 4; c++) {
             _Pragma("GCC unroll 16") for (int t = 0; t < TN; t++) {
-                const __m512i w = _mm512_loadu_si512((const void *)(codes + t * tstride + g * 256 + c * 64));
-                const __m512bh a[4] = {
-                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_slli_epi16(w, 3), lowbits, magic, 0xEA),
-                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 1), lowbits, magic, 0xEA),
-                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 5), lowbits, magic, 0xEA),
-                    (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(w, 9), lowbits, magic, 0xEA)};
+                __m512bh a[4];
+                q4b_expand(_mm512_loadu_si512((const void *)(codes + t * tstride + g * 256 + c * 64)), a);
                 _Pragma("GCC unroll 16") for (int r = 0; r < MB; r++) {
                     const uint32_t *xr = (const uint32_t *)(x + (r0 + r) * k + g * QGROUP + c * 8);
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++)
