@@ -21,19 +21,23 @@ from kernels.cpu_features import matmul_dtype, native_bf16
 SlotWeights = tuple[torch.Tensor, torch.Tensor] | None  # (A^T [in, r], B^T [r, out]) or no LoRA
 FEW_SEGMENTS = 4  # more short segments than this run their products on one thread
 SHORT_SEGMENT_ROWS = 16  # a segment of at most this many tokens is "short" (decode-sized)
-# Where the CPU multiplies bf16 natively, the C kernel takes segments up to this many rows (its threads split rows,
-# so one adapter's whole decode batch is one call) and longer ones (prefill chunks) go to the C kernel for
-# prompt-sized segments where the CPU has AVX512-BF16 and the weights are bf16 (`_long_segments`), else to torch's
-# bf16 matrix products. Elsewhere it takes every segment: its register-tiled blocks of a prefill chunk (AVX2: 6
-# rows by 16 ranks or columns, B^T's zero blocks skipped, one rounding) ran a 2,048-token step of 32 adapters' LoRA
-# 3.3x faster than torch's float32 products on the bf16 weights converted for each.
+# Where the CPU multiplies bf16 natively and the C build has no kernel for prompt-sized segments, the C kernel
+# takes segments up to this many rows (its threads split rows, so one adapter's whole decode batch is one call) and
+# longer ones (prefill chunks) are torch's bf16 matrix products. Elsewhere it takes every segment: its
+# register-tiled blocks of a prefill chunk (AVX2: 6 rows by 16 ranks or columns, B^T's zero blocks skipped, one
+# rounding) ran a 2,048-token step of 32 adapters' LoRA 3.3x faster than torch's float32 products on the bf16
+# weights converted for each; with AVX512-BF16 its entry gives segments of more than 24 rows with bf16 weights to
+# the kernel for prompt-sized segments (1.7x torch's bf16 products on 32 adapters' segments of 288 rows).
 NATIVE_SEGMENT_ROWS = 64
 
 
 def native_segment_rows() -> int:
-    """The longest segment `sgmv_cpu_` gives the C kernel on this CPU: every one where bf16 is not native and the
-    kernel has its vector tiles (AVX2 or AVX-512; its plain-C loops leave prefill chunks to torch's matmuls)."""
-    return NATIVE_SEGMENT_ROWS if native_bf16() or native.sgmv_path() in (None, "portable") else sys.maxsize
+    """The longest segment `sgmv_cpu_` gives the C kernel on this CPU: every one where the kernel has its vector
+    tiles (AVX2 or AVX-512) and either bf16 is not native or the build has the kernel for prompt-sized segments
+    (AVX512-BF16); its plain-C loops, and a bf16 CPU without that kernel, leave prefill chunks to torch's matmuls."""
+    if native.sgmv_path() in (None, "portable") or (native_bf16() and not native.sgmv_long_available()):
+        return NATIVE_SEGMENT_ROWS
+    return sys.maxsize
 
 
 class SlicedWeights(tuple):
@@ -134,10 +138,11 @@ def sgmv_torch_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Se
 def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequence[SlotWeights]) -> torch.Tensor:
     """The CPU path: on bfloat16 activations, segments of up to `native_segment_rows()` rows with float32 or
     bfloat16 weights go through the C kernel (`kernels.native.sgmv_`: one call for all of them, B^T's zero blocks
-    skipped); longer segments (prefill chunks where the CPU multiplies bf16 natively) through the C kernel for
-    prompt-sized segments where it takes them (`_long_segments`), and everything else through `sgmv_torch_`. The C
-    kernel's result is within one bf16 rounding of y; a long segment's with bfloat16 weights also rounds its
-    rank-sized intermediate to bfloat16."""
+    skipped; with bfloat16 weights and AVX512-BF16 its segments of more than 24 rows through the kernel for
+    prompt-sized segments); longer segments (prefill chunks where the CPU multiplies bf16 natively and the build has
+    no such kernel) and everything the kernel cannot take go through `sgmv_torch_`. The C kernel's result is within
+    one bf16 rounding of y; a long segment's with bfloat16 weights also rounds its rank-sized intermediate to
+    bfloat16."""
     if y.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or native.library() is None:
         return sgmv_torch_(y, x, seg, weights)
     to_c, rest_slots = [], []
@@ -159,27 +164,8 @@ def sgmv_cpu_(y: torch.Tensor, x: torch.Tensor, seg: LoraSegments, weights: Sequ
         if not done:
             return sgmv_torch_(y, x, seg, weights)
     if rest_slots:
-        rest = [(s0, s1, weights[slot]) for s0, s1, slot in rest_slots]
-        if not _long_segments(y, x, rest):
-            _apply(y, x, rest)
+        _apply(y, x, [(s0, s1, weights[slot]) for s0, s1, slot in rest_slots])
     return y
-
-
-def _long_segments(y: torch.Tensor, x: torch.Tensor, segments: Sequence[tuple[int, int, SlotWeights]]) -> bool:
-    """The segments beyond the decode kernel's rows (prompt chunks) through the C kernel for them where this CPU has
-    it (AVX512-BF16) and the weights are bfloat16: one call for all of them. Its rank-sized intermediate is rounded
-    to bf16 as torch's bf16 products round it; 1.7x torch's products on 32 adapters' segments of 288 rows (the
-    four projection groups of the default model: 13.0 against 21.7-22.2 ms a layer). False: nothing was done."""
-    ws = [w for _, _, w in segments if w is not None]
-    if (not native.sgmv_long_available() or len(ws) != len(segments)
-            or any(a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 for a, b in ws)):
-        return False
-    outs = {w.outs if isinstance(w, SlicedWeights) else (w[1].shape[1],) for w in ws}
-    if len(outs) != 1:
-        return False
-    ranks = [w.ranks if isinstance(w, SlicedWeights) else (w[0].shape[1],) for w in ws]
-    return native.sgmv_(y, x, [(s0, s1) for s0, s1, _ in segments], [a for a, _ in ws], [b for _, b in ws], ranks,
-                        next(iter(outs)), long=True)
 
 
 FUSED_GROUPS = ("qkv", "o", "gate_up", "down")  # the projection groups of a layer, in the fused layers' order

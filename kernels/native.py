@@ -380,8 +380,9 @@ def lora_group_(y: torch.Tensor, x: torch.Tensor, lora: FusedLoraArgs, layer: in
 
 
 def sgmv_long_available() -> bool:
-    """Whether the SGMV kernel for prompt-sized segments (`sgmv_(..., long=True)`: bf16 pair dot products on the
-    weights rewritten as row pairs, AVX512-BF16) exists on this CPU."""
+    """Whether the SGMV kernel for prompt-sized segments (bf16 pair dot products on the weights rewritten as row
+    pairs, AVX512-BF16) exists on this CPU: `sgmv_` then gives it the segments of more than 24 rows with bf16
+    weights (in C, so the fused decode layers split the same way); `sgmv_(..., long=True)` calls it alone."""
     lib = library()
     return lib is not None and bool(lib.sgmv_long_available())
 

@@ -212,8 +212,8 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     """A fused q/k/v-like group (outputs 32 + 8 + 8) over four slots of different ranks, one projection left
     out by one adapter (rank 0), a slot without weights, a no-adapter segment, a 37-row segment and a long
     (prefill, 70 rows) segment beside the short ones: the C kernel takes the segments of up to 64 rows and, on a
-    CPU without bf16 products, the long one too (where bf16 is native, the C kernel for prompt-sized segments or
-    torch takes it); all match the float32 per-token oracle on the same weights. With weights held in bfloat16
+    CPU without bf16 products or with the C kernel for prompt-sized segments, the long one too (else torch takes
+    it); all match the float32 per-token oracle on the same weights. With weights held in bfloat16
     (what the CPU path holds) the oracle reads those rounded weights: the short segments' products and sums stay
     float32, so their tolerance is the same; segments of more than 24 rows round their intermediate to bf16 where
     the C build has the kernel for prompt-sized segments."""
@@ -247,12 +247,10 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     calls = _recording_sgmv(monkeypatch)
     got = sgmv_cpu_(y0.clone(), x, seg, weights)
     short = [(0, 2), (2, 3), (4, 7), (8, 45), (45, 46)]  # the segments with weights up to 64 rows
-    # the long one too where bf16 is not native and the kernel has vector tiles (not its plain-C loops); where it
-    # is, the kernel for prompt-sized segments takes it (bf16 weights, a CPU with AVX512-BF16), else torch
-    long_to_c = not native_bf16 and native.sgmv_path() != "portable"
-    long_kernel = not long_to_c and wdtype == torch.bfloat16 and native.sgmv_long_available()
-    assert calls == ([[*short, (46, 116)]] if long_to_c else [short, ("long", [(46, 116)])] if long_kernel
-                     else [short])
+    # the long one too where the kernel has vector tiles (not its plain-C loops) and bf16 is not native or the build
+    # has the kernel for prompt-sized segments (AVX512-BF16, which the C entry gives it); else torch takes it
+    long_to_c = native.sgmv_path() != "portable" and (not native_bf16 or native.sgmv_long_available())
+    assert calls == ([[*short, (46, 116)]] if long_to_c else [short])
     # the C kernel's rows: one bf16 rounding of y (values ~10)
     torch.testing.assert_close(got[:8].float(), want[:8], atol=0.1, rtol=2e-2)
     # segments of more than 24 rows with bf16 weights: the C build's kernel for prompt-sized segments where it has
@@ -424,13 +422,18 @@ def test_sgmv_long_segments_match_the_reference_with_the_intermediate_in_bf16(ou
 def test_the_sgmv_path_of_each_build_and_where_prefill_segments_go(tmp_path, monkeypatch):
     """The SGMV kernel's path in builds for smaller instruction sets (`native.sgmv_path`), and the segment length
     `sgmv_cpu_` gives it: every length with vector tiles where bf16 is not native, 64 rows where bf16 is native
-    or where only its plain-C loops exist (prefill chunks then stay with torch's matmuls)."""
+    or where only its plain-C loops exist (prefill chunks then stay with torch's matmuls); every length in a build
+    with the kernel for prompt-sized segments (AVX512-BF16), which its entry gives the segments past 24 rows."""
     import sys
 
     import kernels.lora
     from kernels.lora import NATIVE_SEGMENT_ROWS, native_segment_rows
 
     default = native.sgmv_path()  # this CPU's own build: AVX2 can be built here only where it runs
+    if native.sgmv_long_available():  # its kernel for prompt-sized segments: every segment to C, bf16 CPU or not
+        for bf16_cpu in (True, False):
+            monkeypatch.setattr(kernels.lora, "native_bf16", lambda b=bf16_cpu: b)
+            assert native_segment_rows() == sys.maxsize
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(native, "_loaded", True)  # library() must not load the default build over the ones below
     builds = {"portable": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
