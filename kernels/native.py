@@ -65,6 +65,9 @@ _SIGNATURES = {
     "gemm_f32w_available": ([], _int),
     "gemm_f32w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_f32": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
+    "gemm_bf16w_available": ([], _int),
+    "gemm_bf16w_min_rows": ([], _int),
+    "gemm_bf16w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                             _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
                             _ptr, _int, _int], _int),
@@ -266,7 +269,7 @@ def attention_path() -> str | None:
     return None if lib is None else ATTENTION_PATHS[lib.decode_attention_path()]
 
 
-LAYER_FIELDS = 16  # one layer's row of the decode_layers_bf16 pointer table (kernels/cpu/layers.c)
+LAYER_FIELDS = 20  # one layer's row of the decode_layers_bf16 pointer table (kernels/cpu/layers.c)
 
 
 @dataclass
@@ -325,6 +328,10 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
             else:
                 row += [w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()]
                 held += [w.qweight, w.scales, w.zeros]
+            dense = w.packed.get("dense")
+            paired = dense is not None and dense[0].dim() == 4  # the bf16 paired panels (native_matmul.gemm_pack_bf16)
+            row.append(dense[0].data_ptr() if paired else 0)
+            held += [dense[0]] if paired else []
         row += [post.data_ptr(), 0 if nxt is None else nxt.data_ptr(), kc.data_ptr(), vc.data_ptr()]
         held += [post, kc, vc, *(() if nxt is None else (nxt,))]
         assert len(row) == LAYER_FIELDS  # the C side's enum of a row's fields

@@ -6,6 +6,8 @@ loaded there). Each wrapper returns None (or False) when the kernel cannot take 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.native import library, usable
@@ -221,4 +223,51 @@ def gemm_f32w(x: torch.Tensor, wp: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty(m, n, dtype=x.dtype)
     fn = lib.gemm_f32w_f32 if x.dtype == torch.float32 else lib.gemm_f32w_bf16
     rc = fn(x.data_ptr(), x.stride(0), wp.data_ptr(), y.data_ptr(), n, m, n, k, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def gemm_bf16w_available() -> bool:
+    """Whether the dense bf16-weight kernel (`gemm_bf16w`) exists on this CPU (it needs AVX512-BF16)."""
+    lib = library()
+    return lib is not None and bool(lib.gemm_bf16w_available())
+
+
+@functools.cache
+def gemm_bf16w_min_rows() -> int:
+    """From how many rows of x `linear` (and the fused decode layers) take `gemm_bf16w` over the int4 kernel where
+    the weight's dense copy is held in its panels (kernels/cpu/gemm.c: GEMM_BF16W_MIN_ROWS)."""
+    lib = library()
+    return int(lib.gemm_bf16w_min_rows()) if lib is not None else 1 << 62
+
+
+def gemm_pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """A weight `[N, K]` (K even) as bf16 in the paired panels `gemm_bf16w` reads: `[ceil(N/16), K/2, 16, 2]`,
+    panel p's pair j, lane c holding W[16p + c, 2j] and W[16p + c, 2j + 1] (rows past N zero)."""
+    n, k = w.shape
+    panels = -(-n // GEMM_PANEL)
+    w = w.to(torch.bfloat16)
+    if panels * GEMM_PANEL != n:
+        w = torch.cat([w, w.new_zeros(panels * GEMM_PANEL - n, k)])
+    return w.reshape(panels, GEMM_PANEL, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def gemm_unpack_bf16(wp: torch.Tensor, n: int) -> torch.Tensor:
+    """`gemm_pack_bf16`'s panels back to the weight `[n, K]` (a copy)."""
+    panels, pairs, width, _ = wp.shape
+    return wp.transpose(1, 2).reshape(panels * width, pairs * 2)[:n].clone()
+
+
+def gemm_bf16w(x: torch.Tensor, wp: torch.Tensor, n: int) -> torch.Tensor | None:
+    """bf16 x `[M, K]` (rows may be strided) @ W^T for a weight `[n, K]` in `gemm_pack_bf16`'s panels -> bf16 `[M,
+    n]`: the float32 sum of exact products rounded once. None when the kernel cannot take it (no AVX512-BF16, x
+    not bf16 on the CPU with unit column stride, shapes that do not match)."""
+    lib = library()
+    if (lib is None or x.dtype != torch.bfloat16 or wp.dtype != torch.bfloat16 or x.dim() != 2 or wp.dim() != 4
+            or not x.is_cpu or x.stride(1) != 1 or not wp.is_contiguous() or wp.shape[2] != GEMM_PANEL
+            or wp.shape[1] * 2 != x.shape[1] or not 0 < n <= wp.shape[0] * GEMM_PANEL):
+        return None
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    rc = lib.gemm_bf16w_bf16(x.data_ptr(), x.stride(0), wp.data_ptr(), y.data_ptr(), n, m, n, k,
+                             torch.get_num_threads())
     return y if rc == 0 else None

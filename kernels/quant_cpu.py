@@ -47,8 +47,15 @@ bf16 out, one rounding at the end), see `dense_dtype`:
 - bf16 x, int8 per channel: `_weight_int8pack_mm` for M <= 8 (no extra memory; the nibble split is ~15%
   faster at M = 1 but would hold a second copy of the weight), chunked dequant + matmul above.
 - bf16 x with a dense copy held (`prepack(w, dense=True)`, when the model is small enough for the runtime to
-  afford one): a bf16 matmul from M = 9 on. The int4pack kernel's time grows linearly with M (it reads the
-  codes once per row block); the dense matmul's does not. The copy is held in oneDNN's blocked layout for its
+  afford one) on a CPU with AVX512-BF16: the copy is held in the paired panels of `native_matmul.gemm_bf16w`
+  (`gemm_pack_bf16`: 16 output columns by a pair of K a 64-byte vector, one vdpbf16ps per pair of x; exact
+  products, float32 sums rounded once), which takes int4 weights from `gemm_bf16w_min_rows()` (20) rows on, the
+  AVX512-BF16 int4 kernel below (both bound by memory there, the int4 codes a quarter of the bytes). The default
+  model's 120 layer matmuls on a 2-core AVX512-BF16 machine: M = 32 / 64 / 128 / 400 7.3 / 14.2 / 27.6 / 79.4 ms
+  (930-1,070 GFLOP/s) against oneDNN's bf16 kernel on its blocked layout 11.4 / 19.1 / 32.8 / 87.2 and the int4
+  kernel's 9.1 / 17.7 at 32 / 64. Elsewhere (below):
+- bf16 x with a dense copy held otherwise: a bf16 matmul from M = 9 on. The int4pack kernel's time grows
+  linearly with M (it reads the codes once per row block); the dense matmul's does not. The copy is held in oneDNN's blocked layout for its
   linear kernel (`_onednn_pack`: reordered once at load; `F.linear` on a plain copy reorders it in every call),
   which measured 1.3-2x `F.linear` at every M on the default model's shapes: one layer's four matmuls at M = 16
   0.24 ms against 0.45 ms (int4pack), at M = 64 0.66 ms against 1.01 ms (plain copy); int4pack stays ahead up
@@ -268,6 +275,8 @@ def dense_min_rows(w: QuantizedTensor) -> int:
     dense = w.packed.get("dense")
     if dense is not None and dense[0].dtype != torch.bfloat16:
         return DENSE_F32_MIN_M
+    if dense is not None and dense[0].dim() == 4 and w.kind == "int4":  # bf16 paired panels (`gemm_bf16w`)
+        return native_matmul.gemm_bf16w_min_rows()
     if w.kind == "int4" and q4b_layout(w) is not None:
         return Q4B_MAX_M + 1
     return native_matmul.Q8T_MAX_M + 1 if q8t_layout(w) is not None else DENSE_MIN_M
@@ -279,7 +288,7 @@ def q4_max_rows(w: QuantizedTensor) -> int:
     if w.kind != "int4":
         return 0
     if q4b_layout(w) is not None:
-        return Q4B_MAX_M
+        return min(Q4B_MAX_M, dense_min_rows(w) - 1) if "dense" in w.packed else Q4B_MAX_M
     if not _q4_avx2_ok(w):
         return 0
     rows = Q4_BF16_MAX_M if native_bf16() else native_matmul.Q4_MAX_M
@@ -287,6 +296,15 @@ def q4_max_rows(w: QuantizedTensor) -> int:
     if dense is None:
         return rows
     return min(rows, dense_min_rows(w) - 1)
+
+
+def fused_max_rows(w: QuantizedTensor) -> int:
+    """The most rows of a step `native.decode_layers` takes for this weight (0: it never does): Q4B_MAX_M where the
+    AVX512-BF16 int4 kernel takes it (the fused layers then give the dense copy's kernel the rows `linear` gives
+    it, from `dense_min_rows`), else `q4_max_rows`."""
+    if w.kind == "int4" and q4b_layout(w) is not None:
+        return Q4B_MAX_M
+    return q4_max_rows(w)
 
 
 def _q4_avx2_ok(w: QuantizedTensor) -> bool:
@@ -316,17 +334,17 @@ def linear(x: Tensor, w: QuantizedTensor, prompt: bool = False) -> Tensor:
     prefix cache held. Decode steps and verify passes (single-token entries) take the kernel."""
     m = x.shape[0]
     if x.dtype == torch.bfloat16 and x.is_cpu and m > 0:
-        if prompt and w.kind == "int4" and "dense" in w.packed and q4b_layout(w) is not None:
-            return dense_mm(x, w.packed["dense"][0])
+        dense = w.packed.get("dense")
+        if prompt and w.kind == "int4" and dense is not None and q4b_layout(w) is not None:
+            return dense_mm(x, dense[0])
+        if dense is not None and m >= dense_min_rows(w):
+            return dense_mm(x, dense[0])
         if w.kind == "int4" and m <= Q4B_MAX_M:
             q4b = q4b_layout(w)
             if q4b is not None:
                 y = native_matmul.q4b_gemm(x.contiguous(), q4b[0], q4b[1], w.shape[0])
                 if y is not None:
                     return y
-        dense = w.packed.get("dense")
-        if dense is not None and m >= dense_min_rows(w):
-            return dense_mm(x, dense[0])
         if w.kind == "int4":
             if m <= q4_max_rows(w):
                 y = native_matmul.q4_gemm(x.contiguous(), w.qweight, w.scales, w.zeros, checked=True)
@@ -378,6 +396,12 @@ def _onednn_pack(dense: Tensor) -> Tensor:
 def dense_mm(x: Tensor, dense: Tensor) -> Tensor:
     """x `[M, K]` @ the dense copy^T (plain or oneDNN-blocked, see `_onednn_pack`, or float32 panels of
     `native_matmul.gemm_pack`; bf16 or float32, x converted to its dtype) -> `[M, N]` in x.dtype."""
+    if dense.dim() == 4:  # bf16 paired panels: the AVX512-BF16 kernel takes bf16 x; anything else the plain weight
+        n = dense.shape[0] * native_matmul.GEMM_PANEL
+        y = native_matmul.gemm_bf16w(x, dense, n) if x.dtype == torch.bfloat16 else None
+        if y is not None:
+            return y
+        return F.linear(x, native_matmul.gemm_unpack_bf16(dense, n).to(x.dtype))
     if dense.dim() == 3:  # float32 panels: the AVX2 kernel takes bf16 x; anything else multiplies the plain weight
         y = native_matmul.gemm_f32w(x, dense)
         if y is not None:
@@ -408,6 +432,9 @@ def prepack(w: QuantizedTensor, dense: bool = False, dtype: torch.dtype | None =
         values = values.to(dtype or dense_dtype())
         if values.dtype == torch.float32 and w.shape[0] % native_matmul.GEMM_PANEL == 0 and native_matmul.gemm_available():
             w.packed["dense"] = (native_matmul.gemm_pack(values),)
+        elif (values.dtype == torch.bfloat16 and w.shape[0] % native_matmul.GEMM_PANEL == 0 and w.shape[1] % 2 == 0
+              and native_matmul.gemm_bf16w_available()):
+            w.packed["dense"] = (native_matmul.gemm_pack_bf16(values),)
         else:
             w.packed["dense"] = (_onednn_pack(values),)
     held = w.packed.get("dense")

@@ -16,6 +16,9 @@ int q4_gemm_fits(int64_t m, int64_t n, int64_t k);
 int q4b_gemm_bf16(const uint16_t *x, const uint8_t *codes, const void *dm, int half, uint16_t *y, int64_t m,
                   int64_t n, int64_t k, int num_threads);
 int q4b_gemm_fits(int64_t m, int64_t n, int64_t k);
+int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, int num_threads);
+int gemm_bf16w_min_rows(void);
 int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
                        int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int num_threads);
@@ -118,13 +121,17 @@ int lora_group_bf16(const uint16_t *x, uint16_t *y, int64_t rows, int64_t in_dim
 }
 
 /* One layer's pointers, as int64 in this order (kernels/native.py builds the table). */
-enum { QKV, O = 3, GATE_UP = 6, DOWN = 9, POST_NORM = 12, NEXT_NORM, K_CACHE, V_CACHE, LAYER_FIELDS };
+enum { QKV, O = 4, GATE_UP = 8, DOWN = 12, POST_NORM = 16, NEXT_NORM, K_CACHE, V_CACHE, LAYER_FIELDS };
 
 #define PTR(type, v) ((type)(intptr_t)(v))
 
-/* A weight's three fields: codes, scales, zeros in the canonical layout (the AVX2 int4 kernel), or codes, scales
- * and 0 (float32 scales) or 1 (fp16) in the AVX512-BF16 kernel's tiled layout. */
+/* A weight's four fields: codes, scales, zeros in the canonical layout (the AVX2 int4 kernel), or codes, scales
+ * and 0 (float32 scales) or 1 (fp16) in the AVX512-BF16 kernel's tiled layout; then its dense bf16 copy in the
+ * paired panels of gemm_bf16w_bf16 (0: none held), which takes the product from gemm_bf16w_min_rows() rows on,
+ * as `linear` of kernels/quant_cpu.py does op by op. */
 static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int threads) {
+    if (w[3] != 0 && m >= gemm_bf16w_min_rows())
+        return gemm_bf16w_bf16(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, threads);
     if (w[2] == 0 || w[2] == 1)
         return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const void *, w[1]), (int)w[2], y, m, n, k, threads);
     return q4_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), PTR(const float *, w[2]), y, m, n, k,

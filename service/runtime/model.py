@@ -19,7 +19,7 @@ from kernels import native, native_matmul, ops
 from kernels.lora import FUSED_GROUPS, LoraSegments, fused_lora
 from kernels.ops import Kernels, select_kernels
 from kernels.quant import QuantizedTensor
-from kernels.quant_cpu import dense_bytes, q4_max_rows
+from kernels.quant_cpu import dense_bytes, fused_max_rows
 from service.runtime.arch import ModelArch
 
 Weight = torch.Tensor | QuantizedTensor
@@ -186,8 +186,9 @@ class LlamaModel:
 
     def _fused_rows_limit(self) -> int:
         """The most tokens a step may have for `native.decode_layers` to run its layers (0: never): the CPU torch
-        backend on bf16 with the C kernels, no biases, every layer matmul an int4 weight `linear` gives the AVX2
-        int4 kernel (up to that many rows)."""
+        backend on bf16 with the C kernels, no biases, every layer matmul an int4 weight one of the C int4 kernels
+        takes (`quant_cpu.fused_max_rows`; the fused layers give the rows from which `linear` takes the dense copy
+        to its kernel, as `linear` does)."""
         if not (self.device.type == "cpu" and self.dtype == torch.bfloat16 and self.kernels.name == "torch"
                 and hasattr(self.kernels, "decode_layers") and native.library() is not None and self.layers
                 and all(lw.qkv_bias is None for lw in self.layers)):
@@ -195,7 +196,7 @@ class LlamaModel:
         ws = [w for lw in self.layers for w in (lw.qkv, lw.o, lw.gate_up, lw.down)]
         if not all(isinstance(w, QuantizedTensor) for w in ws):
             return 0
-        return min(q4_max_rows(w) for w in ws)  # type: ignore[arg-type]
+        return min(fused_max_rows(w) for w in ws)  # type: ignore[arg-type]
 
     def _decode_layers(self, kv: KVCache) -> native.DecodeLayers:
         """The pointer table of the fused decode layers over `kv`'s arena, built on first use for that arena."""

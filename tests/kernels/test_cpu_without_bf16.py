@@ -46,16 +46,18 @@ def test_a_float32_dense_copy_serves_batched_bf16_matmuls_with_one_rounding(nati
     dense = w.packed["dense"][0]
     assert dense.dtype == (BF16 if native_bf16 else torch.float32)
     assert (dense.dim() == 3) == (not native_bf16 and native_matmul.gemm_available())  # [N/16, K, 16] panels
+    paired = native_bf16 and native_matmul.gemm_bf16w_available()  # bf16 [N/16, K/2, 16, 2] (test_gemm_bf16w.py)
+    assert (dense.dim() == 4) == paired
     assert quant_cpu.dense_bytes(w) == (2 if native_bf16 else 4) * 96 * 128
     first = quant_cpu.dense_min_rows(w)
-    assert first == (quant_cpu.DENSE_F32_MIN_M if not native_bf16 else
-                     quant_cpu.Q4B_MAX_M + 1 if native_matmul.q4b_available() else quant_cpu.DENSE_MIN_M)
+    assert first == (quant_cpu.DENSE_F32_MIN_M if not native_bf16 else native_matmul.gemm_bf16w_min_rows() if paired
+                     else quant_cpu.Q4B_MAX_M + 1 if native_matmul.q4b_available() else quant_cpu.DENSE_MIN_M)
     for m in (first, 2 * first, 200):
         x = torch.randn(m, 128, generator=torch.Generator().manual_seed(m)).to(BF16)
         ref = x.float() @ w.dequantize().to(BF16).float().T
         y = quant_cpu.linear(x, w)
         assert y.dtype == BF16
-        if not native_bf16:
+        if not native_bf16 or paired:  # float32 sums of the bf16 values' exact products, rounded once
             torch.testing.assert_close(y.float(), ref, atol=1e-6, rtol=2**-8, msg=f"M={m}")
             torch.testing.assert_close(quant_cpu.dequant_mm(x, w).float(), ref, atol=1e-6, rtol=2**-8)
         else:  # the bf16 copy: what the chunked path computes in bf16, bit for bit (tests/kernels/test_quant.py)

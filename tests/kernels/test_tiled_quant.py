@@ -157,23 +157,24 @@ def test_q4b_kernel_refuses_what_it_cannot_take():
     assert quant_cpu.q4b_layout(odd) is None  # groups of 16: not this kernel's
 
 
-def test_linear_takes_the_q4b_kernel_up_to_its_rows_then_the_dense_copy(monkeypatch):
-    """On a CPU with native bf16 and this kernel: int4 weights with groups of 32 go to it for M <= Q4B_MAX_M, to the
-    dense copy from the next M on (whose layout then needs no int4pack copy); the fused decode layers take as many
-    rows (`q4_max_rows`)."""
+@pytest.mark.parametrize("dense", [False, True], ids=["no-dense-copy", "dense-copy"])
+def test_linear_takes_the_q4b_kernel_up_to_its_rows(monkeypatch, dense):
+    """On a CPU with native bf16 and this kernel: int4 weights with groups of 32 go to it for M <= Q4B_MAX_M, or,
+    with a dense copy held, below the rows from which the dense bf16 kernel takes over (whose copy then needs no
+    int4pack copy: tests/kernels/test_gemm_bf16w.py); the fused decode layers take Q4B_MAX_M rows either way."""
     called = _spy_with_native_bf16(monkeypatch, "q4b_gemm")
     g = torch.Generator().manual_seed(5)
     w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
-    w.prepack(dense=True)
-    assert "q4b" in w.packed and "int4pack" not in w.packed
-    assert quant_cpu.q4_max_rows(w) == quant_cpu.Q4B_MAX_M
-    assert quant_cpu.dense_min_rows(w) == quant_cpu.Q4B_MAX_M + 1
-    ms = (1, 8, quant_cpu.Q4B_MAX_M, quant_cpu.Q4B_MAX_M + 1, 100)
+    w.prepack(dense=dense)
+    assert "q4b" in w.packed and ("int4pack" in w.packed) != dense
+    top = native_matmul.gemm_bf16w_min_rows() - 1 if dense else quant_cpu.Q4B_MAX_M
+    assert quant_cpu.q4_max_rows(w) == top and quant_cpu.fused_max_rows(w) == quant_cpu.Q4B_MAX_M
+    ms = sorted({1, 8, top, top + 1, quant_cpu.Q4B_MAX_M, quant_cpu.Q4B_MAX_M + 1, 100})
     for m in ms:
         x = torch.randn(m, 576, generator=g).to(BF16)
         ref = x.float() @ w.dequantize().T
         torch.testing.assert_close(quant_cpu.linear(x, w).float(), ref, atol=0.02, rtol=0.02, msg=f"M={m}")
-    assert called == [m for m in ms if m <= quant_cpu.Q4B_MAX_M]
+    assert called == [m for m in ms if m <= top]
 
 
 @pytest.fixture
@@ -248,7 +249,7 @@ def test_prompt_steps_keep_to_the_dense_copy_at_every_m(monkeypatch):
     g = torch.Generator().manual_seed(8)
     w = quantize_int4(torch.randn(48, 576, generator=g) * 0.05, 32)
     w.prepack(dense=True)
-    for m in (1, 5, quant_cpu.Q4B_MAX_M):
+    for m in (1, 5, quant_cpu.q4_max_rows(w)):  # decode rows take the kernel up to there
         x = torch.randn(m, 576, generator=g).to(BF16)
         assert torch.equal(quant_cpu.linear(x, w, prompt=True), quant_cpu.dense_mm(x, w.packed["dense"][0])), m
         assert torch.equal(quant_cpu.linear(x, w), native_matmul.q4b_gemm(x, *quant_cpu.q4b_layout(w), 48)), m
