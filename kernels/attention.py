@@ -142,6 +142,15 @@ class AttentionPlan:
             hit = self.derived["native-extends"] = _native_extends(self.block_tables, self.starts, self.lens)
         return hit if isinstance(hit, NativeDecodes) else None
 
+    def native_all(self) -> NativeDecodes | None:
+        """Every new token of the step as one call of the C kernel reads them: the single-token sequences of
+        `native_decodes` and the runs of `native_extends` together. None when an entry is not the kernel's (a
+        prompt chunk of more than NATIVE_PREFILL_MAX tokens, or extends kept off it)."""
+        hit = self.derived.get("native-all")
+        if hit is None:
+            hit = self.derived["native-all"] = _native_all(self)
+        return hit if isinstance(hit, NativeDecodes) else None
+
 
 @dataclass
 class NativeDecodes:
@@ -188,6 +197,21 @@ def _padded(tables: list[list[int]]) -> torch.Tensor:
     for i, t in enumerate(tables):
         padded[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
     return padded
+
+
+def _native_all(plan: AttentionPlan) -> NativeDecodes | bool:
+    if any(n > (NATIVE_PREFILL_MAX if NATIVE_EXTENDS else 1) for n in plan.lens):
+        return False
+    parts = [p for p in (plan.native_decodes(), plan.native_extends() if NATIVE_EXTENDS else None) if p is not None]
+    if len(parts) < 2:
+        return parts[0] if parts else False
+    width = max(p.tables.shape[1] for p in parts)
+    return NativeDecodes(
+        torch.cat([p.q_rows for p in parts]),
+        torch.cat([p.nq if p.nq is not None else torch.ones_like(p.q_rows) for p in parts]),
+        torch.cat([p.ctx for p in parts]),
+        torch.cat([F.pad(p.tables, (0, width - p.tables.shape[1])) for p in parts]),
+        torch.cat([p.rows for p in parts]))
 
 
 def _native_extends(block_tables: list[list[int]], starts: list[int], lens: list[int]) -> NativeDecodes | bool:

@@ -70,7 +70,7 @@ _SIGNATURES = {
     "gemm_bf16w_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "decode_layers_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64,
                             _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _i64, _ptr, _ptr, _ptr, _ptr, _ptr,
-                            _ptr, _int, _int], _int),
+                            _ptr, _int, _int, _int], _int),
     "lora_group_bf16": ([_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _int,
                          _int], _int),
 }
@@ -328,8 +328,10 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
             else:
                 row += [w.qweight.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr()]
                 held += [w.qweight, w.scales, w.zeros]
+            # the dense copy in the bf16 paired panels (native_matmul.gemm_pack_bf16), beside the tiled int4 layout
+            # (as `quant_cpu.linear` takes it: beside that layout only)
             dense = w.packed.get("dense")
-            paired = dense is not None and dense[0].dim() == 4  # the bf16 paired panels (native_matmul.gemm_pack_bf16)
+            paired = bool(q4b) and dense is not None and dense[0].dim() == 4
             row.append(dense[0].data_ptr() if paired else 0)
             held += [dense[0]] if paired else []
         row += [post.data_ptr(), 0 if nxt is None else nxt.data_ptr(), kc.data_ptr(), vc.data_ptr()]
@@ -344,13 +346,14 @@ def decode_layer_table(layers: list[tuple], num_heads: int) -> DecodeLayers:
 def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, slot_mapping: torch.Tensor, q_rows: torch.Tensor, nq: torch.Tensor | None,
                   ctx: torch.Tensor, tables: torch.Tensor, eps: float, scale: float,
-                  lora: FusedLoraArgs | None = None) -> torch.Tensor | None:
-    """Every layer of a decode step in one call (kernels/cpu/layers.c): x (float32 `[T, hidden]`, the residual
+                  lora: FusedLoraArgs | None = None, prompt: bool = False) -> torch.Tensor | None:
+    """Every layer of a step in one call (kernels/cpu/layers.c): x (float32 `[T, hidden]`, the residual
     stream) updated in place from the first layer's normed input hs (bf16) to the last layer's residual before its
     down projection, which is returned (bf16 `[T, hidden]`: the caller adds it and applies the final norm). The
-    step's metadata as `rope_write_kv` and `paged_decode_attention` take it; `lora` the step's adapters (None:
-    none). None when a kernel refused the step before x changed (run the layers op by op: nothing is lost);
-    RuntimeError when one failed after."""
+    step's metadata as `rope_write_kv` and `paged_decode_attention` take it (every new token of the step among
+    the sequences); `lora` the step's adapters (None: none); `prompt`: the step computes prompt tokens, so the
+    weights' dense copies take every product, as `quant_cpu.linear`'s `prompt`. None when a kernel refused the
+    step before x changed (run the layers op by op: nothing is lost); RuntimeError when one failed after."""
     lib = library()
     if lib is None or not usable(x, hs, positions, cos, sin, slot_mapping, q_rows, ctx, tables,
                                  *(() if nq is None else (nq,))):
@@ -362,7 +365,7 @@ def decode_layers(x: torch.Tensor, hs: torch.Tensor, dl: DecodeLayers, positions
         x.data_ptr(), hs.data_ptr(), down.data_ptr(), dl.table.data_ptr(), dl.table.shape[0], positions.data_ptr(),
         cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(), q_rows.data_ptr(), None if nq is None else nq.data_ptr(),
         ctx.data_ptr(), tables.data_ptr(), tables.shape[1], q_rows.shape[0], x.shape[0], dl.hidden, dl.num_heads,
-        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, lo.nseg, *lp, int(lo.bf16),
+        dl.kv_heads, dl.head_dim, dl.inter, dl.block_size, eps, scale, lo.nseg, *lp, int(lo.bf16), int(prompt),
         torch.get_num_threads())
     if rc == -2:
         raise RuntimeError("the fused decode layers failed after changing the residual stream (out of memory?)")

@@ -13,8 +13,9 @@ runtime starts, from the device and the `LORASERVE_KERNELS` override (read there
 On the CPU, the torch backend runs the decode step's small fused ops (rotary embedding with the K/V write,
 residual add with RMS norm, SiLU-and-multiply, single-token paged attention) through the C kernels of
 `kernels.native` when they are built, on bfloat16; otherwise, and for every other dtype, as torch ops. Its
-`decode_layers` runs every layer of a decode step in one C call where the model's weights allow it (the model
-checks; see `kernels/cpu/layers.c`).
+`decode_layers` runs every layer of a step in one C call where the model's weights allow it and the C attention
+kernel reads every new token (decodes, verify passes, prompt chunks of up to NATIVE_PREFILL_MAX tokens; the model
+checks the weights; see `kernels/cpu/layers.c`).
 Nothing outside `kernels` picks an implementation; the model holds the backend it was given.
 """
 
@@ -160,19 +161,18 @@ class TorchKernels:
 
     def decode_layers(self, x: torch.Tensor, hs: torch.Tensor, layers: native.DecodeLayers, positions: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan, eps: float, scale: float,
-                      lora: native.FusedLoraArgs | None = None) -> torch.Tensor | None:
+                      lora: native.FusedLoraArgs | None = None, prompt: bool = False) -> torch.Tensor | None:
         """Every layer of a step in one C call (`native.decode_layers`: the same kernels as the op-by-op path, bit
-        for bit) when every new token is a decode the C attention kernel reads (no prefill); `lora`: the step's
-        LoRA as `kernels.lora.fused_lora` builds it (None: none). None otherwise, nothing changed. The caller checks
-        the weights and builds the LoRA tables (None from `fused_lora`: the layers cannot take that LoRA)."""
-        nd = plan.native_decodes()
+        for bit) when the C attention kernel reads every new token (decodes, verify passes, prompt chunks of up to
+        NATIVE_PREFILL_MAX tokens: `plan.native_all`); `lora`: the step's LoRA as `kernels.lora.fused_lora` builds
+        it (None: none); `prompt`: the step computes prompt tokens (`linear`'s `prompt`). None otherwise, nothing
+        changed. The caller checks the weights and builds the LoRA tables (None from `fused_lora`: the layers
+        cannot take that LoRA)."""
+        nd = plan.native_all()
         if nd is None:
             return None
-        rest = plan.torch_view(decodes=False)
-        if rest.cascade is not None or rest.decodes is not None or rest.extends is not None or rest.longs:
-            return None
         return native.decode_layers(x, hs, layers, positions, cos, sin, plan.slot_mapping, nd.q_rows, nd.nq, nd.ctx,
-                                    nd.tables, eps, scale, lora)
+                                    nd.tables, eps, scale, lora, prompt)
 
 
 class TritonKernels(TorchKernels):

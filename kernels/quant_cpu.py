@@ -95,6 +95,7 @@ DENSE_MIN_M = 9  # with a dense bf16 copy held: the dense matmul from here on (t
 DENSE_F32_MIN_M = 16  # with a dense float32 copy held (no native bf16): the dense matmul from here on
 Q4_BF16_MAX_M = 4  # with native bf16: the AVX2 int4 kernel up to here (int4pack is ahead from 8 rows)
 Q4B_MAX_M = 64  # with native bf16 and the AVX512-BF16 int4 kernel: it up to here (the dense copy above)
+FUSED_DENSE_MAX_M = 4096  # the most tokens of a step the fused layers take with the dense bf16 kernel (their buffers)
 CHUNK_ELEMS = 1 << 20  # weight elements dequantized per step: 4 MiB float32 + 2 MiB bf16, in L3 (32 MiB)
 _INT4PACK_GROUPS = (256, 128, 64, 32)  # group sizes the aten int4pack kernel accepts
 
@@ -299,11 +300,13 @@ def q4_max_rows(w: QuantizedTensor) -> int:
 
 
 def fused_max_rows(w: QuantizedTensor) -> int:
-    """The most rows of a step `native.decode_layers` takes for this weight (0: it never does): Q4B_MAX_M where the
-    AVX512-BF16 int4 kernel takes it (the fused layers then give the dense copy's kernel the rows `linear` gives
-    it, from `dense_min_rows`), else `q4_max_rows`."""
+    """The most rows of a step `native.decode_layers` takes for this weight (0: it never does): where the
+    AVX512-BF16 int4 kernel takes it, FUSED_DENSE_MAX_M with a dense copy in the bf16 kernel's panels (which takes
+    every M from `dense_min_rows`, prompt steps at every M, as `linear` gives them to it), else Q4B_MAX_M;
+    otherwise `q4_max_rows`."""
     if w.kind == "int4" and q4b_layout(w) is not None:
-        return Q4B_MAX_M
+        dense = w.packed.get("dense")
+        return FUSED_DENSE_MAX_M if dense is not None and dense[0].dim() == 4 else Q4B_MAX_M
     return q4_max_rows(w)
 
 

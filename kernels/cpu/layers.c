@@ -1,11 +1,12 @@
-/* A decode step's transformer layers in one call: what LlamaModel.forward runs layer by layer through the other
- * kernels of this library (the int4 matmul: AVX512-BF16 on the tiled layout, or AVX2, per weight; rotary
- * embedding with the K/V write, paged decode attention,
- * residual add with RMS norm, SiLU-and-multiply), in the same order with the same arguments, so the results are
- * bit for bit the layer-by-layer path's. One call instead of ~9 per layer saves their Python wrappers (~10 us
- * each, a few ms of a ~14 ms single-request step on a 2-core AVX2 machine). It serves only the steps every one
- * of those kernels takes: int4 weights with groups of 32 at M <= Q4_MAX_M (Q4B_MAX_M), decodes the attention kernel reads
- * (no prefill), LoRA segments the SGMV kernel takes; the caller checks that. */
+/* A step's transformer layers in one call: what LlamaModel.forward runs layer by layer through the other kernels
+ * of this library (the int4 matmul: AVX512-BF16 on the tiled layout, or AVX2, per weight, or the dense bf16
+ * kernel of gemm.c on the weight's dense copy; rotary embedding with the K/V write, paged attention, residual add
+ * with RMS norm, SiLU-and-multiply), in the same order with the same arguments, so the results are bit for bit the
+ * layer-by-layer path's. One call instead of ~9 per layer saves their Python wrappers (~10 us each, a few ms of a
+ * ~14 ms single-request step on a 2-core AVX2 machine; ~2-2.5 ms of a step that carries a prompt chunk on the
+ * 2-core AVX512-BF16 one). It serves only the steps every one of those kernels takes: int4 weights with groups of
+ * 32 at M <= Q4_MAX_M (Q4B_MAX_M; any M the dense copy takes), new tokens the attention kernel reads (decodes,
+ * verify passes, prompt chunks in runs of MAX_NEW), LoRA segments the SGMV kernel takes; the caller checks that. */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -128,17 +129,22 @@ enum { QKV, O = 4, GATE_UP = 8, DOWN = 12, POST_NORM = 16, NEXT_NORM, K_CACHE, V
 /* A weight's four fields: codes, scales, zeros in the canonical layout (the AVX2 int4 kernel), or codes, scales
  * and 0 (float32 scales) or 1 (fp16) in the AVX512-BF16 kernel's tiled layout; then its dense bf16 copy in the
  * paired panels of gemm_bf16w_bf16 (0: none held), which takes the product from gemm_bf16w_min_rows() rows on,
- * as `linear` of kernels/quant_cpu.py does op by op. */
-static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int threads) {
-    if (w[3] != 0 && m >= gemm_bf16w_min_rows())
-        return gemm_bf16w_bf16(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, threads);
+ * and at every M in a step that computes prompt tokens, as `linear` of kernels/quant_cpu.py does op by op. */
+static int dense_takes(const int64_t *w, int64_t m, int prompt) {
+    return w[3] != 0 && (prompt || m >= gemm_bf16w_min_rows());
+}
+
+static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int prompt,
+                int threads) {
+    if (dense_takes(w, m, prompt)) return gemm_bf16w_bf16(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, threads);
     if (w[2] == 0 || w[2] == 1)
         return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const void *, w[1]), (int)w[2], y, m, n, k, threads);
     return q4_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), PTR(const float *, w[2]), y, m, n, k,
                         threads);
 }
 
-static int gemm_fits(const int64_t *w, int64_t m, int64_t n, int64_t k) {
+static int gemm_fits(const int64_t *w, int64_t m, int64_t n, int64_t k, int prompt) {
+    if (dense_takes(w, m, prompt)) return m >= 1 && n >= 1 && k >= 2 && k % 2 == 0;
     return w[2] == 0 || w[2] == 1 ? q4b_gemm_fits(m, n, k) : q4_gemm_fits(m, n, k);
 }
 
@@ -157,7 +163,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
                        int64_t kv_heads, int64_t head_dim, int64_t inter, int64_t block_size, float eps, float scale,
                        int64_t lora_nseg, const int64_t *lora_starts, const int64_t *lora_ends,
                        const int64_t *lora_ptrs, const int64_t *lora_ranks, const int64_t *lora_nslices,
-                       const int64_t *lora_outs, int lora_bf16, int num_threads) {
+                       const int64_t *lora_outs, int lora_bf16, int prompt, int num_threads) {
     const int64_t t = num_tokens, qd = num_heads * head_dim, width = qd + 2 * kv_heads * head_dim;
     const Lora lo = {lora_nseg, lora_starts, lora_ends, lora_ptrs, lora_ranks, lora_nslices, lora_outs, lora_bf16};
     const int64_t in_dims[GROUPS] = {hidden, qd, hidden, inter}, out_dims[GROUPS] = {width, hidden, 2 * inter, hidden};
@@ -166,8 +172,8 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         return -1;
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *p = layers + l * LAYER_FIELDS;
-        if (!gemm_fits(p + QKV, t, width, hidden) || !gemm_fits(p + O, t, hidden, qd) ||
-            !gemm_fits(p + GATE_UP, t, 2 * inter, hidden) || !gemm_fits(p + DOWN, t, hidden, inter))
+        if (!gemm_fits(p + QKV, t, width, hidden, prompt) || !gemm_fits(p + O, t, hidden, qd, prompt) ||
+            !gemm_fits(p + GATE_UP, t, 2 * inter, hidden, prompt) || !gemm_fits(p + DOWN, t, hidden, inter, prompt))
             return -1;
     }
     const size_t elems = (size_t)(t * (width + 2 * qd + 2 * hidden + 3 * inter));
@@ -185,25 +191,25 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         const int64_t *p = layers + l * LAYER_FIELDS;
         uint16_t *kc = PTR(uint16_t *, p[K_CACHE]), *vc = PTR(uint16_t *, p[V_CACHE]);
         const uint16_t *in = l == 0 ? hs0 : hs;
-        if (gemm(in, p + QKV, qkv, t, width, hidden, num_threads) ||
+        if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, num_threads) ||
             lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
             paged_decode_attention_bf16(q, kc, vc, attn, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
-            gemm(attn, p + O, o, t, hidden, qd, num_threads) ||
+            gemm(attn, p + O, o, t, hidden, qd, prompt, num_threads) ||
             lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {
             rc = l == 0 ? -1 : -2;
             break;
         }
         add_rms_norm_bf16(x, o, PTR(const float *, p[POST_NORM]), hs, t, hidden, eps, num_threads);
-        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, num_threads) ||
+        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, num_threads) ||
             lora_apply(&lo, l, 2, hs, gu, hidden, 2 * inter, work, num_threads)) {
             rc = -2;
             break;
         }
         silu_mul_bf16(gu, act, t, inter, num_threads);
-        if (gemm(act, p + DOWN, down, t, hidden, inter, num_threads) ||
+        if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, num_threads) ||
             lora_apply(&lo, l, 3, act, down, inter, hidden, work, num_threads)) {
             rc = -2;
             break;

@@ -255,16 +255,16 @@ class LlamaModel:
         if not self.layers:
             return kn.add_rms_norm(x, None, self.final_norm, eps, torch.float32)
         hs = kn.add_rms_norm(x, None, self.layers[0].input_norm, eps, dt)
+        # A step that computes prompt tokens (an entry of several new tokens; verify passes are single-token
+        # entries) keeps to the matmul path a whole prompt takes (`quant_cpu.linear`'s `prompt`).
+        prompt = any(n > 1 for n in plan.lens)
         if x.shape[0] <= self._fused_rows and (lora is None or isinstance(lora.segments, LoraSegments)):
             fl = None if lora is None else self._fused_lora(lora)
             if lora is None or fl is not None:
                 down = kn.decode_layers(x, hs, self._decode_layers(kv), positions, self._cos, self._sin, plan, eps,
-                                        self.scale, fl)
+                                        self.scale, fl, prompt)
                 if down is not None:
                     return kn.add_rms_norm(x, down, self.final_norm, eps, torch.float32)
-        # A step that computes prompt tokens (an entry of several new tokens; verify passes are single-token
-        # entries) keeps to the matmul path a whole prompt takes (`quant_cpu.linear`'s `prompt`).
-        prompt = any(n > 1 for n in plan.lens)
         table = None  # the step's LoRA table for the op-by-op layers' C calls
         if lora is not None and self._table_lora and isinstance(lora.segments, LoraSegments):
             table = self._fused_lora(lora)  # reused from the fused layers' try when they declined

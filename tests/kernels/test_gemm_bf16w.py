@@ -109,7 +109,8 @@ def test_bf16w_kernel_refuses_what_it_cannot_take():
 def test_linear_takes_the_bf16w_kernel_from_its_rows_and_the_int4_kernel_below(monkeypatch):
     """An int4 weight with a dense copy on this CPU: the copy is held in the paired panels; decode rows take the
     AVX512-BF16 int4 kernel below `gemm_bf16w_min_rows()` and the dense kernel from there (a prompt's step at
-    every M); the fused decode layers take up to Q4B_MAX_M rows and split them the same way."""
+    every M); the fused layers take up to FUSED_DENSE_MAX_M rows and split them the same way
+    (tests/runtime/test_fused_decode.py)."""
     monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
     g = torch.Generator().manual_seed(5)
     w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
@@ -118,7 +119,7 @@ def test_linear_takes_the_bf16w_kernel_from_its_rows_and_the_int4_kernel_below(m
     assert dense.dim() == 4 and dense.dtype == BF16 and "int4pack" not in w.packed
     first = native_matmul.gemm_bf16w_min_rows()
     assert quant_cpu.dense_min_rows(w) == first and 1 < first <= quant_cpu.Q4B_MAX_M
-    assert quant_cpu.q4_max_rows(w) == first - 1 and quant_cpu.fused_max_rows(w) == quant_cpu.Q4B_MAX_M
+    assert quant_cpu.q4_max_rows(w) == first - 1 and quant_cpu.fused_max_rows(w) == quant_cpu.FUSED_DENSE_MAX_M
     q4b = quant_cpu.q4b_layout(w)
     assert q4b is not None
     for m in (1, first - 1, first, quant_cpu.Q4B_MAX_M, quant_cpu.Q4B_MAX_M + 1, 100):

@@ -161,14 +161,16 @@ def test_q4b_kernel_refuses_what_it_cannot_take():
 def test_linear_takes_the_q4b_kernel_up_to_its_rows(monkeypatch, dense):
     """On a CPU with native bf16 and this kernel: int4 weights with groups of 32 go to it for M <= Q4B_MAX_M, or,
     with a dense copy held, below the rows from which the dense bf16 kernel takes over (whose copy then needs no
-    int4pack copy: tests/kernels/test_gemm_bf16w.py); the fused decode layers take Q4B_MAX_M rows either way."""
+    int4pack copy: tests/kernels/test_gemm_bf16w.py); the fused layers take Q4B_MAX_M rows, or with the dense copy
+    FUSED_DENSE_MAX_M (that kernel takes any M)."""
     called = _spy_with_native_bf16(monkeypatch, "q4b_gemm")
     g = torch.Generator().manual_seed(5)
     w = quantize_int4(torch.randn(64, 576, generator=g) * 0.05, 32)
     w.prepack(dense=dense)
     assert "q4b" in w.packed and ("int4pack" in w.packed) != dense
     top = native_matmul.gemm_bf16w_min_rows() - 1 if dense else quant_cpu.Q4B_MAX_M
-    assert quant_cpu.q4_max_rows(w) == top and quant_cpu.fused_max_rows(w) == quant_cpu.Q4B_MAX_M
+    assert quant_cpu.q4_max_rows(w) == top
+    assert quant_cpu.fused_max_rows(w) == (quant_cpu.FUSED_DENSE_MAX_M if dense else quant_cpu.Q4B_MAX_M)
     ms = sorted({1, 8, top, top + 1, quant_cpu.Q4B_MAX_M, quant_cpu.Q4B_MAX_M + 1, 100})
     for m in ms:
         x = torch.randn(m, 576, generator=g).to(BF16)

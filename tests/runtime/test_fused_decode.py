@@ -12,7 +12,7 @@ import torch
 
 from adapters.identity import adapter_version_id
 from adapters.peft_format import parse_adapter
-from kernels import cpu_features, native_matmul, quant_cpu
+from kernels import cpu_features, native, native_matmul, quant_cpu
 from kernels.lora import LoraSegments
 from kernels.ops import AttentionPlan
 from service.runtime.loader import load_model
@@ -68,7 +68,8 @@ def calls(model, monkeypatch):
 
 
 def _prefill(model: LlamaModel, n_seqs: int, seed: int = 0) -> tuple[KVCache, list[list[int]]]:
-    """n_seqs sequences of PROMPT tokens in scrambled blocks, prefilled (op by op: a prefill never fuses)."""
+    """n_seqs sequences of PROMPT tokens in scrambled blocks, prefilled (one step each, fused where the model's
+    limit takes PROMPT tokens)."""
     per = 24  # blocks per sequence: room for 96 tokens (the largest fused step is 64 decodes of one sequence)
     kv = KVCache(model.arch, num_blocks=n_seqs * per + 2, block_size=BS, dtype=model.dtype)
     g = torch.Generator().manual_seed(seed)
@@ -135,25 +136,101 @@ def test_a_verify_pass_and_the_largest_fused_step_are_bit_identical(model, calls
         assert torch.equal(a, b)
 
 
-def test_steps_the_fused_layers_cannot_take_run_op_by_op(model, calls):
-    """More tokens than the int4 kernel takes and a prefill chunk beside a decode never run fused (the first is
-    not offered; the second is offered and handed back untouched); a decode after them still is."""
+def test_steps_the_fused_layers_cannot_take_run_op_by_op(model, calls, monkeypatch):
+    """More tokens than the model's limit are never offered; a prompt chunk beside a decode is offered and runs
+    fused, unless the C attention kernel does not read prompt chunks (extends kept off it: then it is handed back
+    untouched); a decode after them is fused again."""
+    from kernels import attention
+
     kv, tables = _prefill(model, 2, seed=2)
     limit = model._fused_rows
-    # the prefills (13 tokens): offered and handed back where the limit holds them, not offered where it does not
-    assert calls == ([False, False] if PROMPT <= limit else [])
+    # the prefills (13 tokens): fused where the limit holds them, not offered where it does not
+    assert calls == ([True, True] if PROMPT <= limit else [])
     calls.clear()
     too_many = AttentionPlan.build([tables[0]] * (limit + 1), [PROMPT + i for i in range(limit + 1)],
                                    [1] * (limit + 1), BS)
     model.forward(torch.randint(3, VOCAB, (limit + 1,)), torch.arange(PROMPT, PROMPT + limit + 1), too_many, kv)
     assert calls == []
     c = min(4, limit - 1)  # the chunk's tokens: the step within the limit, so it is offered
-    mixed = AttentionPlan.build(tables, [PROMPT + limit + 1, PROMPT], [1, c], BS)
-    model.forward(torch.randint(3, VOCAB, (c + 1,)), torch.tensor([PROMPT + limit + 1, *range(PROMPT, PROMPT + c)]),
-                  mixed, kv)
-    assert calls == [False]
+    at = PROMPT + limit + 1
+
+    def mixed():
+        plan = AttentionPlan.build(tables, [at, PROMPT], [1, c], BS)
+        model.forward(torch.randint(3, VOCAB, (c + 1,)), torch.tensor([at, *range(PROMPT, PROMPT + c)]), plan, kv)
+
+    mixed()
+    assert calls == [True]
+    monkeypatch.setattr(attention, "NATIVE_EXTENDS", False)
+    mixed()  # the same positions again: the chunk's K/V are rewritten to the same values
+    assert calls == [True, False]
     _step(model, kv, [tables[1]], [PROMPT + c], seed=3)
-    assert calls == [False, True]
+    assert calls == [True, False, True]
+
+
+def _run(model: LlamaModel, kv: KVCache, steps: list[tuple[list[list[int]], list[int], list[int]]]):
+    """Steps of any entries (tables, starts, lens), fused (up to the model's limit) and again op by op from the
+    same cache: (each step's logits of every new token, the arena) both ways."""
+    start, limit = kv.arena.clone(), model._fused_rows
+    out = []
+    for rows in (limit, 0):
+        kv.arena.copy_(start)
+        model._fused_rows = rows
+        logits = []
+        for seed, (tables, starts, lens) in enumerate(steps):
+            ids = torch.randint(3, VOCAB, (sum(lens),), generator=torch.Generator().manual_seed(seed))
+            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+            plan = AttentionPlan.build(tables, starts, lens, BS)
+            logits.append(model.compute_logits(model.forward(ids, positions, plan, kv)))
+        out.append((logits, kv.arena.clone()))
+    model._fused_rows = limit
+    return out
+
+
+def test_prompt_steps_are_bit_identical_fused_and_op_by_op(model, calls):
+    """Steps that compute prompt tokens: a whole prompt, a chunk after a cached prefix beside two decodes and a
+    second chunk, a prompt longer than the attention kernel's runs of new tokens (MAX_NATIVE_NEW): the same
+    logits and K/V fused and op by op, to the bit, and every step within the limit ran fused."""
+    from kernels.attention import MAX_NATIVE_NEW
+
+    kv, tables = _prefill(model, 3, seed=6)
+    calls.clear()
+    limit = model._fused_rows
+    long = min(limit - 2, MAX_NATIVE_NEW + 7)  # past one run of new tokens where the limit allows
+    steps = [([tables[0]], [PROMPT], [min(9, limit)]),
+             (tables, [PROMPT + 9, PROMPT, PROMPT], [3, 1, 1]),
+             ([tables[1], tables[2]], [PROMPT + 1, PROMPT + 1], [long, 1])]
+    (fused, arena_f), (ops, arena_o) = _run(model, kv, steps)
+    assert calls == [True] * len(steps)
+    assert torch.equal(arena_f, arena_o)
+    for a, b in zip(fused, ops):
+        assert torch.equal(a, b)
+
+
+def test_prompt_steps_past_the_int4_kernels_rows_run_fused_with_the_dense_copy(tiny_path, monkeypatch):
+    """With native bf16 and a dense copy of the weights held in the dense bf16 kernel's panels (this CPU's
+    AVX512-BF16), the fused layers take steps of up to FUSED_DENSE_MAX_M tokens: a prompt step of 100 tokens
+    (past the int4 kernel's 64 rows) and a decode step of 40 sequences' worth of rows run fused, bit for bit as
+    op by op; the layers' products there are the dense kernel's (prompt steps at every M, decodes from its
+    rows)."""
+    _avx2()
+    if not native_matmul.gemm_bf16w_available():
+        pytest.skip("the dense bf16 kernel needs AVX512-BF16")
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
+    loaded = load_model(tiny_path, quantize="int4")
+    m = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16, dense_weights_bytes=1 << 30)
+    assert m.dense_weights and m._fused_rows == quant_cpu.FUSED_DENSE_MAX_M
+    kv = KVCache(m.arch, num_blocks=80, block_size=BS, dtype=m.dtype)
+    table = list(range(2, 80))
+    steps = [([table], [0], [100]), ([table] * 40, list(range(100, 140)), [1] * 40),
+             ([table], [140], [5])]  # the last: a prompt step below the dense kernel's decode rows
+    seen: list[bool] = []
+    real = m.kernels.decode_layers
+    monkeypatch.setattr(m.kernels, "decode_layers", lambda *a, **kw: seen.append((r := real(*a, **kw)) is not None) or r)
+    (fused, arena_f), (ops, arena_o) = _run(m, kv, steps)
+    assert seen == [True, True, True]  # (op by op: not offered)
+    assert torch.equal(arena_f, arena_o)
+    for a, b in zip(fused, ops):
+        assert torch.equal(a, b)
 
 
 def test_a_step_a_kernel_refuses_is_handed_back_with_the_residual_untouched(model):
@@ -213,7 +290,7 @@ def test_decodes_of_four_adapters_and_base_rows_are_bit_identical(lora_setup, mo
     lora = LoraStep(segments, slots.table, slots.version)
     steps = [(tables, [PROMPT + i] * 6) for i in range(4)]
     (fused, arena_f), (ops, arena_o) = _both_ways(model, kv, steps, lora)
-    assert len(seen) == 6 + 4 and all(r is None for r in seen[:6]) and all(r is not None for r in seen[6:])
+    assert len(seen) == 6 + 4 and all(r is not None for r in seen)  # the prefills (no adapter) fused too
     assert torch.equal(arena_f, arena_o)
     assert torch.equal(fused, ops)
     assert model._fused_lora_cache[0] == (slots.version, segments)  # cached under this version: later steps reuse it
@@ -285,9 +362,17 @@ def test_prompt_steps_tell_every_layer_matmul_so_and_decode_steps_do_not(model, 
         return real(x, w, bias, prompt)
 
     monkeypatch.setattr(model.kernels, "linear", spy)
+    limit, model._fused_rows = model._fused_rows, 0  # op by op
     kv, tables = _prefill(model, 1)
     assert seen == [True] * (4 * len(model.layers))
     seen.clear()
-    model._fused_rows = 0  # op by op
     _step(model, kv, tables, [PROMPT], seed=5)
     assert seen == [False] * (4 * len(model.layers) + 1)
+    # the fused layers are told too (their products then take the dense copy at every M, where one is held)
+    model._fused_rows = limit
+    told: list[bool] = []
+    real_fused = native.decode_layers
+    monkeypatch.setattr(native, "decode_layers", lambda *a, **kw: told.append(a[-1]) or real_fused(*a, **kw))
+    kv, tables = _prefill(model, 1, seed=1)
+    _step(model, kv, tables, [PROMPT], seed=5)
+    assert told == [True, False]
