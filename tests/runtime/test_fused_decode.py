@@ -350,6 +350,56 @@ def test_the_op_by_op_layers_lora_from_the_steps_table_is_bit_identical(lora_set
     assert not torch.equal(base, out[0][0])
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["int4-kernel", "dense-copy"])
+def test_a_prompt_step_of_three_adapters_runs_fused_bit_for_bit(lora_setup, monkeypatch, dense):
+    """A prefill step of four prompts (13-40 tokens) under three adapters and the base model, beside two decodes
+    of an adapter, on a CPU with native bf16: the fused layers run it (their SGMV calls take the prompt-sized
+    segments as the op-by-op table path does) and give the same logits and cache, to the bit; with the dense copy
+    held (the dense bf16 kernel's panels, where this CPU has AVX512-BF16) the step's 93 tokens are past the int4
+    kernel's rows."""
+    _avx2()
+    monkeypatch.setattr(cpu_features, "_NATIVE_BF16", True)
+    if dense and not native_matmul.gemm_bf16w_available():
+        pytest.skip("the dense bf16 kernel needs AVX512-BF16")
+    path, dirs = lora_setup
+    loaded = load_model(path, quantize="int4")
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16, dense_weights_bytes=(1 << 30) * dense)
+    slots = LoraSlots(loaded.arch, max_active=4)
+    for slot, d in enumerate(dirs[:3]):
+        parsed = parse_adapter(d, loaded.arch)
+        slots.load(slot, fuse_adapter(parsed, loaded.arch, adapter_version_id(parsed, loaded.model_id),
+                                      torch.bfloat16))
+    lens, token_slots = [13, 40, 21, 17, 1, 1], [0, 1, -1, 2, 1, 1]
+    if sum(lens) > model._fused_rows:
+        lens, token_slots = [13, 9, 5, 1], [0, -1, 2, 1]  # the int4 kernel's rows on a CPU without AVX512-BF16
+    kv = KVCache(loaded.arch, num_blocks=60, block_size=BS, dtype=model.dtype)
+    tables, b = [], 1
+    for n in lens:
+        tables.append(list(range(b, b + -(-(n + 20) // BS))))
+        b += len(tables[-1])
+    starts = [0 if n > 1 else 20 for n in lens]  # the decodes at position 20 of their (zero) context
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, VOCAB, (sum(lens),), generator=g)
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)])
+    plan = AttentionPlan.build(tables, starts, lens, BS)
+    lora = LoraStep(LoraSegments.from_token_slots([s for s, n in zip(token_slots, lens) for _ in range(n)]),
+                    slots.table, slots.version)
+    seen: list[bool] = []
+    real = model.kernels.decode_layers
+    monkeypatch.setattr(model.kernels, "decode_layers",
+                        lambda *a, **kw: seen.append((r := real(*a, **kw)) is not None) or r)
+    out = []
+    limit = model._fused_rows
+    for rows in (limit, 0):
+        kv.arena.zero_()
+        model._fused_rows = rows
+        out.append((model.compute_logits(model.forward(ids, positions, plan, kv, lora)), kv.arena.clone()))
+    assert seen == [True]
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    base = model.forward(ids, positions, plan, kv)
+    assert not torch.equal(model.compute_logits(base), out[0][0])  # the adapters did act
+
+
 def test_prompt_steps_tell_every_layer_matmul_so_and_decode_steps_do_not(model, monkeypatch):
     """A step with an entry of several new tokens (a prompt) passes `prompt=True` to each of its layer matmuls, so
     a backend keeps them to the path a whole prompt takes whatever the prefix cache held (kernels.quant_cpu.linear);
