@@ -26,11 +26,13 @@ class EngineConfig:
     output_token_weight: float = 2.0
     # Under vtc, while more than one tenant has requests in, the most prompt tokens one step computes (longer prompts
     # go on in chunks over the next steps): a tenant's new request then waits for at most a short step of other
-    # tenants' prompts before its own. At or above max_num_batched_tokens it bounds nothing. 128: on the 2-core CPU
-    # with the default model, a light tenant's engine TTFT under bench/fairness.py's flood (p90 / p97 / max, ~70
-    # samples each, in-process, alternating rounds) was 82 / 86 / 98 ms unbounded, 62 / 67 / 86 ms at 128 and
-    # 47 / 57 / 74 ms at 64; the flood's work took 5% and 12% longer, and the light p50 rose from 28 to 40 ms at 64.
-    max_shared_prefill_tokens: int = 128
+    # tenants' prompts before its own. At or above max_num_batched_tokens it bounds nothing. 96: on the 2-core
+    # AVX512-BF16 CPU with the default model (steps that carry a prompt chunk run their layers in one C call, so a
+    # short step costs little more than its tokens), `make bench ARGS=fairness` gave the light tenant's TTFT p99
+    # under the flood 1.73 / 1.67x its p99 alone at 96 (two runs) against 1.91 / 1.67 / 2.03x at 128 (three), and
+    # 2.26x at 192; the total throughput against fcfs 0.964 / 0.929 at 96, 0.986 / 0.915 / 0.954 at 128 (README.md,
+    # Fair sharing under a flood).
+    max_shared_prefill_tokens: int = 96
     # Speculative decoding (service.engine.speculative): the default of requests that do not choose ("off",
     # "ngram", or "draft" with a draft model loaded: runtime.draft_model), the most drafts per request and step,
     # the n-gram lengths the prompt lookup tries (longest first), and the batch-level switch: drafts are added to
