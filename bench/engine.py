@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         "workload": "mixed-no-adapter", "requests": args.requests, "new_tokens": args.new_tokens,
         "prompt_tokens_mean": sum(map(len, prompts)) / len(prompts), "model": str(default_model_path().name),
         "quantization": rt.loaded.quantization, "dtype": args.dtype, **environment(),
-        "engine_tok_s": e_n / e_dt, "engine_seconds": e_dt, "single_stream_tok_s": s_n / s_dt, "rounds": len(
-            rounds["engine"]), **{f"{key}_rounds_tok_s": [n / dt for dt, n in runs] for key, runs in rounds.items()},
+        "engine_tok_s": e_n / e_dt, "engine_seconds": e_dt, "single_stream_tok_s": s_n / s_dt, "rounds": len(hits),
+        **{f"{key}_rounds_tok_s": [n / dt for dt, n in runs] for key, runs in rounds.items()},
         "prefix_cache_hit_tokens": hits[0],  # one round's (every round's are the same prompts from cold)
         "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "flops_per_token": flops_tok,
         "roofline_tok_s": roofline, "roofline_fraction": e_n / e_dt / roofline,

@@ -55,8 +55,8 @@ bf16 out, one rounding at the end), see `dense_dtype`:
   (930-1,070 GFLOP/s) against oneDNN's bf16 kernel on its blocked layout 11.4 / 19.1 / 32.8 / 87.2 and the int4
   kernel's 9.1 / 17.7 at 32 / 64. Elsewhere (below):
 - bf16 x with a dense copy held otherwise: a bf16 matmul from M = 9 on. The int4pack kernel's time grows
-  linearly with M (it reads the codes once per row block); the dense matmul's does not. The copy is held in oneDNN's blocked layout for its
-  linear kernel (`_onednn_pack`: reordered once at load; `F.linear` on a plain copy reorders it in every call),
+  linearly with M (it reads the codes once per row block); the dense matmul's does not. The copy is held in
+  oneDNN's blocked layout for its linear kernel (`_onednn_pack`: reordered once at load; `F.linear` on a plain copy reorders it in every call),
   which measured 1.3-2x `F.linear` at every M on the default model's shapes: one layer's four matmuls at M = 16
   0.24 ms against 0.45 ms (int4pack), at M = 64 0.66 ms against 1.01 ms (plain copy); int4pack stays ahead up
   to M = 8 (0.18 against 0.20 ms). The copy holds the dequantized values rounded to bf16, exactly what the
@@ -276,7 +276,7 @@ def dense_min_rows(w: QuantizedTensor) -> int:
     dense = w.packed.get("dense")
     if dense is not None and dense[0].dtype != torch.bfloat16:
         return DENSE_F32_MIN_M
-    if dense is not None and dense[0].dim() == 4 and w.kind == "int4":  # bf16 paired panels (`gemm_bf16w`)
+    if w.kind == "int4" and _paired(w):
         return native_matmul.gemm_bf16w_min_rows()
     if w.kind == "int4" and q4b_layout(w) is not None:
         return Q4B_MAX_M + 1
@@ -305,9 +305,14 @@ def fused_max_rows(w: QuantizedTensor) -> int:
     every M from `dense_min_rows`, prompt steps at every M, as `linear` gives them to it), else Q4B_MAX_M;
     otherwise `q4_max_rows`."""
     if w.kind == "int4" and q4b_layout(w) is not None:
-        dense = w.packed.get("dense")
-        return FUSED_DENSE_MAX_M if dense is not None and dense[0].dim() == 4 else Q4B_MAX_M
+        return FUSED_DENSE_MAX_M if _paired(w) else Q4B_MAX_M
     return q4_max_rows(w)
+
+
+def _paired(w: QuantizedTensor) -> bool:
+    """Whether the weight's dense copy is held in the bf16 paired panels of `native_matmul.gemm_bf16w`."""
+    dense = w.packed.get("dense")
+    return dense is not None and dense[0].dim() == 4
 
 
 def _q4_avx2_ok(w: QuantizedTensor) -> bool:

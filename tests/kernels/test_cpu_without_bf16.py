@@ -245,6 +245,14 @@ def test_dense_avx2_kernel_rounds_its_float32_sums_once(m, k):
     x = torch.randn(m, k + 7, generator=g).to(BF16)[:, :k]
     y = native_matmul.gemm_f32w(x, native_matmul.gemm_pack(w))
     assert y is not None and y.shape == (m, 48) and y.dtype == BF16
+    assert_rounded_once(y, x, w)
+
+
+def assert_rounded_once(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y (bf16) against the float64 product x @ w^T: within the output's bf16 rounding (2^-8 of it) plus float32
+    summation of exact products (K * 2^-23 of the sum of |products|), and on average no further than that rounding
+    alone (a dense kernel's float32 sums rounded once)."""
+    k = x.shape[1]
     ref = x.double() @ w.double().T
     err = (y.double() - ref).abs()
     bound = ref.abs() * 2**-8 + k * 2**-23 * (x.double().abs() @ w.double().abs().T)

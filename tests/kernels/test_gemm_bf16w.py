@@ -9,6 +9,7 @@ import torch
 
 from kernels import cpu_features, native, native_matmul, quant_cpu
 from kernels.quant import quantize_int4
+from tests.kernels.test_cpu_without_bf16 import assert_rounded_once
 
 BF16 = torch.bfloat16
 
@@ -35,13 +36,7 @@ def test_bf16w_kernel_rounds_its_float32_sums_once(m, k, n):
     g = torch.Generator().manual_seed(m * 100000 + k * 100 + n)
     w = torch.randn(n, k, generator=g).to(BF16)
     x = torch.randn(m, k + 6, generator=g).to(BF16)[:, :k]
-    y = _bf16w(x, w)
-    ref = x.double() @ w.double().T
-    err = (y.double() - ref).abs()
-    bound = ref.abs() * 2**-8 + k * 2**-23 * (x.double().abs() @ w.double().abs().T)
-    assert (err <= bound).all(), (err - bound).max()
-    rounding = (ref.to(BF16).double() - ref).abs()
-    assert err.mean() <= 1.01 * rounding.mean() + 1e-9, (err.mean(), rounding.mean())
+    assert_rounded_once(_bf16w(x, w), x, w)
 
 
 def test_bf16w_kernel_is_exact_on_small_integers_and_rounds_ties_to_even():
