@@ -23,6 +23,59 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
+/* Work split with stealing. A product's units (panel groups, row blocks) are cut into one contiguous range per
+ * thread, as a static schedule would; a thread takes its own range from the front (so it can prefetch what comes
+ * next), and once that is empty takes units one at a time from the back of another thread's range. A thread the
+ * OS preempts (the server's RPC threads, a co-located process: on a 2-core machine every one of them takes a core
+ * from the team) then holds up the others for at most the unit it is in, instead of its whole share: with a
+ * static split the team waits at the region's end for all of it. Each range is one 64-bit word (next in the low
+ * half, end in the high half), changed by compare-and-swap, on its own cache line. */
+#define STEAL_MAX_THREADS 64
+
+typedef struct {
+    _Alignas(64) uint64_t word;
+} steal_range;
+
+/* Ranges for `parts` threads over [0, units): the static schedule's cut. Call before the parallel region; a thread
+ * of the team that does not run (a smaller team) leaves its range to be stolen. */
+static inline int steal_init(steal_range *r, int parts, int64_t units) {
+    if (parts > STEAL_MAX_THREADS) parts = STEAL_MAX_THREADS;
+    for (int t = 0; t < parts; t++) {
+        const uint64_t lo = (uint64_t)(units * t / parts), hi = (uint64_t)(units * (t + 1) / parts);
+        r[t].word = lo | (hi << 32);
+    }
+    return parts;
+}
+
+/* The next unit of thread `id`: its own front first, then the back of the others' ranges; -1 when none is left.
+ * *own_end (when not NULL) is the end of its own range when the unit is its own (what it may prefetch up to),
+ * else the unit's own end. */
+static inline int64_t steal_next(steal_range *r, int parts, int id, int64_t *own_end) {
+    if (id < parts) {
+        uint64_t v = __atomic_load_n(&r[id].word, __ATOMIC_RELAXED);
+        while ((uint32_t)v < (uint32_t)(v >> 32)) {
+            if (__atomic_compare_exchange_n(&r[id].word, &v, v + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+                if (own_end) *own_end = (int64_t)(v >> 32);
+                return (int64_t)(uint32_t)v;
+            }
+        }
+    }
+    for (int d = 1; d <= parts; d++) {
+        const int t = (id + d) % parts;
+        if (t == id) continue;
+        uint64_t v = __atomic_load_n(&r[t].word, __ATOMIC_RELAXED);
+        while ((uint32_t)v < (uint32_t)(v >> 32)) {
+            const uint64_t end = (v >> 32) - 1;
+            if (__atomic_compare_exchange_n(&r[t].word, &v, (v & 0xffffffffu) | (end << 32), 1, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED)) {
+                if (own_end) *own_end = (int64_t)end + 1;
+                return (int64_t)end;
+            }
+        }
+    }
+    return -1;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 

@@ -1222,22 +1222,28 @@ int q8t_gemm_bf16(const uint16_t *x, const int8_t *codes, const float *dss, uint
      * rows), more one tile and blocks of 8 rows. */
     const int64_t tn = m <= 4 ? 2 : 1;
     const int64_t blocks = (tiles + tn - 1) / tn;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t t0 = b * tn, col0 = 16 * t0;
-        const int8_t *cb = codes + t0 * groups * 512;
-        const float *db = dss + t0 * groups * 32;
-        if (tiles - t0 >= tn && tn == 2 && m == 1)
-            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 1, 1, y);
-        else if (tiles - t0 >= tn && tn == 2 && m == 2)
-            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 2, 1, y);
-        else if (tiles - t0 >= tn && tn == 2 && m == 3)
-            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 3, 0, y);
-        else if (tiles - t0 >= tn && tn == 2)
-            q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 4, 0, y);
-        else
-            for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
-                q8t_tile(codes + t * groups * 512, dss + t * groups * 32, xu, sx, groups, n, 16 * t, m, y);
+    steal_range ranges[STEAL_MAX_THREADS];
+    const int parts = steal_init(ranges, num_threads, blocks);
+#pragma omp parallel num_threads(num_threads) if (n * k >= 65536)
+    {
+        const int id = omp_get_thread_num();
+        int64_t b;
+        while ((b = steal_next(ranges, parts, id, NULL)) >= 0) {
+            const int64_t t0 = b * tn, col0 = 16 * t0;
+            const int8_t *cb = codes + t0 * groups * 512;
+            const float *db = dss + t0 * groups * 32;
+            if (tiles - t0 >= tn && tn == 2 && m == 1)
+                q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 1, 1, y);
+            else if (tiles - t0 >= tn && tn == 2 && m == 2)
+                q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 2, 1, y);
+            else if (tiles - t0 >= tn && tn == 2 && m == 3)
+                q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 3, 0, y);
+            else if (tiles - t0 >= tn && tn == 2)
+                q8t_block(cb, db, xu, sx, groups, n, col0, 0, 2, 4, 0, y);
+            else
+                for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
+                    q8t_tile(codes + t * groups * 512, dss + t * groups * 32, xu, sx, groups, n, 16 * t, m, y);
+        }
     }
     free(xu);
     free(sx);

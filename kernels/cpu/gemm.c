@@ -228,16 +228,19 @@ static inline __attribute__((always_inline)) void bgemm_group(const uint16_t *x,
 int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, int num_threads) {
     if (m < 1 || n < 1 || k < 2 || k % 2 != 0 || ldx < k || ldy < n || num_threads < 1) return -1;
-    const int64_t panels = (n + 15) / 16;
+    const int64_t panels = (n + 15) / 16, groups = (panels + BGEMM_PANELS - 1) / BGEMM_PANELS;
+    steal_range ranges[STEAL_MAX_THREADS];
+    const int parts = steal_init(ranges, num_threads, groups);
 #pragma omp parallel num_threads(num_threads) if (m * n * k >= 65536)
     {
-        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t lo = panels * id / nt, hi = panels * (id + 1) / nt;
-        int64_t p = lo;
-        for (; p + BGEMM_PANELS <= hi; p += BGEMM_PANELS)
-            bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, hi, BGEMM_PANELS);
-        if (hi - p == 2) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, hi, 2);
-        else if (hi - p == 1) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, hi, 1);
+        const int id = omp_get_thread_num();
+        int64_t g, own_end;
+        while ((g = steal_next(ranges, parts, id, &own_end)) >= 0) {
+            const int64_t p = g * BGEMM_PANELS, end = own_end * BGEMM_PANELS < panels ? own_end * BGEMM_PANELS : panels;
+            if (panels - p >= BGEMM_PANELS) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, BGEMM_PANELS);
+            else if (panels - p == 2) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, 2);
+            else bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, 1);
+        }
     }
     return 0;
 }

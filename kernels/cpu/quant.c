@@ -625,16 +625,22 @@ static int q4b_gemm(const uint16_t *x, const uint8_t *codes, const void *dm, int
     const size_t esz = half ? sizeof(uint16_t) : sizeof(float); /* the scales' element size */
     void (*rows)(const uint8_t *, const void *, const uint16_t *, const float *, int64_t, int64_t, int64_t, int64_t,
                  int, int, uint16_t *) = unit ? q4u_rows : q4b_rows;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n * k >= 65536)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t t0 = b * tn, col0 = 16 * t0;
-        if (tiles - t0 >= tn && tn == 2)
-            rows(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n, col0,
-                 m, 1, half, y);
-        else
-            for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
-                rows(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups, n,
-                     16 * t, m, 0, half, y);
+    steal_range ranges[STEAL_MAX_THREADS];
+    const int parts = steal_init(ranges, num_threads, blocks);
+#pragma omp parallel num_threads(num_threads) if (n * k >= 65536)
+    {
+        const int id = omp_get_thread_num();
+        int64_t b;
+        while ((b = steal_next(ranges, parts, id, NULL)) >= 0) {
+            const int64_t t0 = b * tn, col0 = 16 * t0;
+            if (tiles - t0 >= tn && tn == 2)
+                rows(codes + t0 * groups * 256, (const char *)dm + esz * (size_t)(t0 * groups * 32), x, xs, groups, n,
+                     col0, m, 1, half, y);
+            else
+                for (int64_t t = t0; t < t0 + tn && t < tiles; t++)
+                    rows(codes + t * groups * 256, (const char *)dm + esz * (size_t)(t * groups * 32), x, xs, groups,
+                         n, 16 * t, m, 0, half, y);
+        }
     }
     free(xs);
     return 0;
