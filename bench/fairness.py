@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import tempfile
 import threading
@@ -82,7 +83,8 @@ def run_tenant(target: str, tenant: str, concurrency: int, words: int, max_token
     """A client process. Backlogged (interval_s 0): `concurrency` threads keep streamed requests outstanding
     until `count` were sent; `backlog_end` is when fewer than `backlog_below` were left outstanding (from then on
     the server may hold none of them waiting). Light (interval_s > 0): one request every interval_s seconds,
-    each on its own thread, until `stop` is set. Puts (tenant, records, backlog_end) on `out`."""
+    each on its own thread, until `stop` is set. Puts (tenant, records, backlog_end, cpu_s) on `out`: cpu_s is
+    the CPU seconds this client process used from t_start on (it shares the machine's cores with the server)."""
     from service.client import LoraServeClient
 
     records: list[dict] = []
@@ -110,6 +112,7 @@ def run_tenant(target: str, tenant: str, concurrency: int, words: int, max_token
 
     with LoraServeClient(target, api_key=KEYS[tenant], timeout=900) as client:
         time.sleep(max(0.0, t_start - time.time()))
+        cpu0 = time.process_time()
         if interval_s:
             threads = []
             next_at = time.time()
@@ -142,7 +145,24 @@ def run_tenant(target: str, tenant: str, concurrency: int, words: int, max_token
                 t.start()
             for t in threads:
                 t.join()
-    out.put((tenant, records, state["backlog_end"]))
+    out.put((tenant, records, state["backlog_end"], time.process_time() - cpu0))
+
+
+def proc_usage(pid: int) -> dict[str, float]:
+    """A process's CPU seconds and its threads' involuntary context switches so far (Linux /proc; empty
+    elsewhere): taken before and after a flood, what the server's process spent meanwhile."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        switches = 0
+        for status in Path(f"/proc/{pid}/task").glob("*/status"):
+            for line in status.read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    switches += int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    # After the ")" that ends the command name: utime and stime are the 12th and 13th fields.
+    return {"server_cpu_s": (int(fields[11]) + int(fields[12])) / tick, "server_involuntary_switches": switches}
 
 
 def service_in(records: list[dict], w0: float, w1: float) -> float:
@@ -182,15 +202,16 @@ def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], war
         p.start()
     backlogged = [t for t, spec in plan.items() if not spec[4]]
     results: dict[str, tuple[list[dict], float | None]] = {}
+    cpu: dict[str, float] = {}
     if backlogged:
         while len(results) < len(backlogged):
-            tenant, records, end = out.get(timeout=1800)
+            tenant, records, end, cpu[tenant] = out.get(timeout=1800)
             results[tenant] = (records, end)
     else:
         time.sleep(max(0.0, t0 + (light_s or 10.0) - time.time()))
     stop.set()
     while len(results) < len(procs):
-        tenant, records, end = out.get(timeout=600)
+        tenant, records, end, cpu[tenant] = out.get(timeout=600)
         results[tenant] = (records, end)
     for p in procs:
         p.join(timeout=60)
@@ -202,7 +223,7 @@ def scenario(target: str, plan: dict[str, tuple[int, int, int, int, float]], war
         errors = [r["error"] for r in records if "error" in r]
         service = service_in(records, w0, w1)
         res[tenant] = {"records": records, "requests": len(records), "errors": len(errors),
-                       "first_error": errors[0] if errors else None,
+                       "first_error": errors[0] if errors else None, "client_cpu_s": cpu[tenant],
                        "service": service, "service_per_s": service / (w1 - w0), "ttft": ttfts(records, w0, w1),
                        "engine_ttft": ttfts(records, w0, w1, "engine_ttft"),
                        "engine_queue": ttfts(records, w0, w1, "engine_queue")}
@@ -318,12 +339,14 @@ def main(argv: list[str] | None = None) -> dict:
                         no_flood[policy] = scenario(server.address, {"b": b, "c": c}, args.warmup_s, seats,
                                                     f"-{rnd}beside")
                     port = next(e for e in server.events() if e.get("event") == "server_ready")["metrics_port"]
-                    before = scrape(port)
+                    before = scrape(port) | proc_usage(server.proc.pid)
                     floods[policy].append(scenario(server.address, {"a": a, "b": b, "c": c}, args.warmup_s, seats,
                                                    f"-{rnd}flood"))
-                    after = scrape(port)
-                    floods[policy][-1]["engine"] = {name: after.get(key, 0.0) - before.get(key, 0.0)
-                                                    for name, key in ENGINE_COUNTERS.items()}
+                    after = scrape(port) | proc_usage(server.proc.pid)
+                    engine = {name: after.get(key, 0.0) - before.get(key, 0.0) for name, key in ENGINE_COUNTERS.items()}
+                    engine |= {key: after[key] - before[key] for key in after if key.startswith("server_")}
+                    engine["client_cpu_s"] = sum(floods[policy][-1][t]["client_cpu_s"] for t in "abc")
+                    floods[policy][-1]["engine"] = engine
                 finally:
                     server.stop()
                 f = floods[policy][-1]
@@ -333,7 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"alone {percentile(alone[policy][-1]['c']['ttft'], 0.99):.3f} s, flood "
                       f"{percentile(f['c']['ttft'], 0.99):.3f} s; engine: {e['steps']:.0f} steps, "
                       f"{e['step_s'] / max(e['steps'], 1) * 1e3:.1f} ms each, {e['preemptions']:.0f} preemptions, "
-                      f"{e['prompt_tokens']:.0f} prompt tokens ({e['prefix_hit_tokens']:.0f} cached)", flush=True)
+                      f"{e['prompt_tokens']:.0f} prompt tokens ({e['prefix_hit_tokens']:.0f} cached); CPU s: server "
+                      f"{e.get('server_cpu_s', float('nan')):.1f} ({e.get('server_involuntary_switches', 0):.0f} "
+                      f"involuntary switches), clients {e['client_cpu_s']:.1f}", flush=True)
     for policy in policies:
         rounds, beside_b = floods[policy], no_flood[policy]
         # Pooled over the rounds: each tenant's service over the sum of the windows, C's TTFTs of every window.
