@@ -60,6 +60,7 @@ _SIGNATURES = {
     "q8t_available": ([], _int),
     "argmax_rows_f32": ([_ptr, _i64, _i64, _ptr, _int], _int),
     "refine_top_q8": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
+    "refine_top_q8_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int], _int),
     "q8t_gemm_bf16": ([_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int], _int),
     "q4b_gemm_bf16": ([_ptr, _ptr, _ptr, _int, _ptr, _i64, _i64, _i64, _int], _int),
     "gemm_f32w_available": ([], _int),

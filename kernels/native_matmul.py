@@ -94,6 +94,23 @@ def refine_top_q8(logits: torch.Tensor, hidden: torch.Tensor, codes: torch.Tenso
                              logits.shape[0], logits.shape[1], hidden.shape[1], k, torch.get_num_threads()) == 0
 
 
+def refine_top_q8_bf16(logits: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                       k: int) -> torch.Tensor | None:
+    """`refine_top_q8` from the head's bf16 logits `[S, V]`: a new float32 `[S, V]`, each row widened and refined in
+    one pass (the same values as `logits.float()` then `refine_top_q8`). None when the kernel cannot take it."""
+    lib = library()
+    if (lib is None or logits.dtype != torch.bfloat16 or hidden.dtype != torch.float32 or codes.dtype != torch.int8
+            or scales.dtype != torch.float32 or not usable(logits, hidden, codes, scales)
+            or logits.shape[0] != hidden.shape[0] or logits.shape[1] != codes.shape[0]
+            or hidden.shape[1] != codes.shape[1]):
+        return None
+    out = torch.empty(logits.shape, dtype=torch.float32)
+    rc = lib.refine_top_q8_bf16(out.data_ptr(), logits.data_ptr(), hidden.data_ptr(), codes.data_ptr(),
+                                scales.data_ptr(), logits.shape[0], logits.shape[1], hidden.shape[1], k,
+                                torch.get_num_threads())
+    return out if rc == 0 else None
+
+
 QUANT_MAX_M = 16  # rows of x the AVX2 int8 kernel takes
 
 

@@ -1285,55 +1285,74 @@ static inline int any_above32(const float *p, float t) {
 #endif
 }
 
+/* One row: its k largest logits (row [V] float32) replaced by the exact products of h [hdim]. */
+static void refine_row(float *row, const float *h, const int8_t *codes, const float *scales, int64_t vocab,
+                       int64_t hdim, int64_t groups, int64_t k) {
+    float tv[REFINE_MAX_K];
+    int64_t ti[REFINE_MAX_K];
+    int64_t n = 0; /* tv[0 .. n) ascending: tv[0] the smallest kept */
+    for (int64_t j = 0; j < vocab; j++) {
+        if (n == k && (j & 31) == 0) { /* skip blocks of 32 with nothing above the kept */
+            while (j + 32 <= vocab && !any_above32(row + j, tv[0])) j += 32;
+            if (j >= vocab) break;
+        }
+        const float v = row[j];
+        if (v != v || (n == k && !(v > tv[0]))) continue; /* a NaN, or not above the smallest kept */
+        int64_t p;
+        if (n < k) { /* insert into the first n, keeping them ascending */
+            p = n++;
+            while (p > 0 && tv[p - 1] >= v) {
+                tv[p] = tv[p - 1];
+                ti[p] = ti[p - 1];
+                p--;
+            }
+        } else { /* drop tv[0], insert v */
+            p = 0;
+            while (p + 1 < k && tv[p + 1] < v) {
+                tv[p] = tv[p + 1];
+                ti[p] = ti[p + 1];
+                p++;
+            }
+        }
+        tv[p] = v;
+        ti[p] = j;
+    }
+    for (int64_t c = 0; c < n; c++) {
+        const int8_t *q = codes + ti[c] * hdim;
+        const float *sc = scales + ti[c] * groups;
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+            for (int i = 0; i < 32; i++) part += h[g * 32 + i] * ((float)q[g * 32 + i] * sc[g]);
+            acc += part;
+        }
+        row[ti[c]] = acc;
+    }
+}
+
 int refine_top_q8(float *logits, const float *hidden, const int8_t *codes, const float *scales, int64_t s,
                   int64_t vocab, int64_t hdim, int64_t k, int num_threads) {
     if (k < 1 || k > REFINE_MAX_K || k > vocab || hdim < 32 || hdim % 32 || s < 1 || num_threads < 1) return -1;
     const int64_t groups = hdim / 32;
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (s >= 2)
+    for (int64_t r = 0; r < s; r++) refine_row(logits + r * vocab, hidden + r * hdim, codes, scales, vocab, hdim, groups, k);
+    return 0;
+}
+
+/* The same from the head's bf16 logits [S, V]: each row widened to float32 into out [S, V], then refined while it
+ * is still in cache (one pass over the bf16 row instead of a conversion of all rows and a second read of each). */
+int refine_top_q8_bf16(float *out, const uint16_t *logits, const float *hidden, const int8_t *codes,
+                       const float *scales, int64_t s, int64_t vocab, int64_t hdim, int64_t k, int num_threads) {
+    if (k < 1 || k > REFINE_MAX_K || k > vocab || hdim < 32 || hdim % 32 || s < 1 || num_threads < 1) return -1;
+    const int64_t groups = hdim / 32;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (s >= 2)
     for (int64_t r = 0; r < s; r++) {
-        float *row = logits + r * vocab;
-        float tv[REFINE_MAX_K];
-        int64_t ti[REFINE_MAX_K];
-        int64_t n = 0; /* tv[0 .. n) ascending: tv[0] the smallest kept */
-        for (int64_t j = 0; j < vocab; j++) {
-            if (n == k && (j & 31) == 0) { /* skip blocks of 32 with nothing above the kept */
-                while (j + 32 <= vocab && !any_above32(row + j, tv[0])) j += 32;
-                if (j >= vocab) break;
-            }
-            const float v = row[j];
-            if (v != v || (n == k && !(v > tv[0]))) continue; /* a NaN, or not above the smallest kept */
-            int64_t p;
-            if (n < k) { /* insert into the first n, keeping them ascending */
-                p = n++;
-                while (p > 0 && tv[p - 1] >= v) {
-                    tv[p] = tv[p - 1];
-                    ti[p] = ti[p - 1];
-                    p--;
-                }
-            } else { /* drop tv[0], insert v */
-                p = 0;
-                while (p + 1 < k && tv[p + 1] < v) {
-                    tv[p] = tv[p + 1];
-                    ti[p] = ti[p + 1];
-                    p++;
-                }
-            }
-            tv[p] = v;
-            ti[p] = j;
-        }
-        const float *h = hidden + r * hdim;
-        for (int64_t c = 0; c < n; c++) {
-            const int8_t *q = codes + ti[c] * hdim;
-            const float *sc = scales + ti[c] * groups;
-            float acc = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-                for (int i = 0; i < 32; i++) part += h[g * 32 + i] * ((float)q[g * 32 + i] * sc[g]);
-                acc += part;
-            }
-            row[ti[c]] = acc;
-        }
+        float *row = out + r * vocab;
+        const uint16_t *src = logits + r * vocab;
+#pragma omp simd
+        for (int64_t j = 0; j < vocab; j++) row[j] = bf16_to_f32(src[j]);
+        refine_row(row, hidden + r * hdim, codes, scales, vocab, hdim, groups, k);
     }
     return 0;
 }

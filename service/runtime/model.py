@@ -300,18 +300,28 @@ class LlamaModel:
             exact = self.kernels.linear_f32(hidden, self.lm_head)
             if exact is not None:
                 return exact
-        logits = self.kernels.linear(hidden.to(self.dtype), self.lm_head).float()
-        if self.dtype != torch.float32:
-            # bf16 logits near 25 are rounded to steps of 0.125: enough to swap the top two tokens. Recompute
-            # the leading candidates of every row exactly in float32 (a few rows of the head), so greedy
-            # choices and top logprobs match the float32 model.
-            w = self.lm_head
-            if (isinstance(w, QuantizedTensor) and w.kind == "int8" and w.group_size == 32 and logits.is_cpu
-                    and native_matmul.refine_top_q8(logits, hidden.float().contiguous(), w.qweight, w.scales, REFINE_TOP)):
-                return logits  # the same in one C pass (the head of the default model: 0.25-3 ms a step in torch)
-            top = logits.topk(REFINE_TOP, dim=-1).indices  # [S, k]
-            rows = w.rows(top.reshape(-1)).dequantize() if isinstance(w, QuantizedTensor) else w[top.reshape(-1)].float()
-            exact = torch.einsum("sh,skh->sk", hidden.float(), rows.view(*top.shape, -1))
-            logits.scatter_(1, top, exact)
+        logits = self.kernels.linear(hidden.to(self.dtype), self.lm_head)
+        if self.dtype == torch.float32:
+            return logits.float()
+        # bf16 logits near 25 are rounded to steps of 0.125: enough to swap the top two tokens. Recompute the
+        # leading candidates of every row exactly in float32 (a few rows of the head), so greedy choices and top
+        # logprobs match the float32 model.
+        w = self.lm_head
+        q8 = isinstance(w, QuantizedTensor) and w.kind == "int8" and w.group_size == 32 and logits.is_cpu
+        if q8:
+            # in one C pass (the head of the default model: 0.25-3 ms a step in torch); from bf16 logits each row
+            # is widened to float32 and refined while it is in cache
+            h = hidden.float().contiguous()
+            exact = native_matmul.refine_top_q8_bf16(logits, h, w.qweight, w.scales, REFINE_TOP)
+            if exact is not None:
+                return exact
+            logits = logits.float()
+            if native_matmul.refine_top_q8(logits, h, w.qweight, w.scales, REFINE_TOP):
+                return logits
+        logits = logits.float()
+        top = logits.topk(REFINE_TOP, dim=-1).indices  # [S, k]
+        rows = w.rows(top.reshape(-1)).dequantize() if isinstance(w, QuantizedTensor) else w[top.reshape(-1)].float()
+        exact = torch.einsum("sh,skh->sk", hidden.float(), rows.view(*top.shape, -1))
+        logits.scatter_(1, top, exact)
         return logits
 
