@@ -36,8 +36,9 @@ typedef struct {
     _Alignas(64) uint64_t word;
 } steal_range;
 
-/* Ranges for `parts` threads over [0, units): the static schedule's cut. Call before the parallel region; a thread
- * of the team that does not run (a smaller team) leaves its range to be stolen. */
+/* Ranges for `parts` threads over [0, units) (units < 2^32: a range's bounds are 32-bit halves), the static
+ * schedule's cut. Call before the parallel region; a thread of the team that does not run (a smaller team) leaves
+ * its range to be stolen. */
 static inline int steal_init(steal_range *r, int parts, int64_t units) {
     if (parts > STEAL_MAX_THREADS) parts = STEAL_MAX_THREADS;
     for (int t = 0; t < parts; t++) {
