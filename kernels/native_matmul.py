@@ -78,36 +78,38 @@ def q8t_gemm(x: torch.Tensor, codes: torch.Tensor, dss: torch.Tensor, n: int) ->
 REFINE_MAX_K = 64  # the most leading candidates `refine_top_q8` recomputes a row
 
 
+def _refine_fits(logits: torch.Tensor, logits_dtype: torch.dtype, hidden: torch.Tensor, codes: torch.Tensor,
+                 scales: torch.Tensor) -> bool:
+    """Whether the refine kernels take these: logits `[S, V]` of `logits_dtype`, hidden float32 `[S, H]`, an int8
+    head `[V, H]` with float32 scales, all contiguous on the CPU with the C kernels loaded."""
+    return (library() is not None and logits.dtype == logits_dtype and hidden.dtype == torch.float32
+            and codes.dtype == torch.int8 and scales.dtype == torch.float32 and usable(logits, hidden, codes, scales)
+            and logits.shape[0] == hidden.shape[0] and logits.shape[1] == codes.shape[0]
+            and hidden.shape[1] == codes.shape[1])
+
+
 def refine_top_q8(logits: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                   k: int) -> bool:
     """In place: each row of logits (float32 `[S, V]`) gets, at its k largest entries (ties: the lower index), the
     float32 dot product of its row of hidden (float32 `[S, H]`) with that row of an int8 head with groups of 32
     (codes int8 `[V, H]`, scales float32 `[V, H//32]`), each weight dequantized to float32 first. False when the
     kernel cannot take it (nothing changed then)."""
-    lib = library()
-    if (lib is None or logits.dtype != torch.float32 or hidden.dtype != torch.float32 or codes.dtype != torch.int8
-            or scales.dtype != torch.float32 or not usable(logits, hidden, codes, scales)
-            or logits.shape[0] != hidden.shape[0] or logits.shape[1] != codes.shape[0]
-            or hidden.shape[1] != codes.shape[1]):
+    if not _refine_fits(logits, torch.float32, hidden, codes, scales):
         return False
-    return lib.refine_top_q8(logits.data_ptr(), hidden.data_ptr(), codes.data_ptr(), scales.data_ptr(),
-                             logits.shape[0], logits.shape[1], hidden.shape[1], k, torch.get_num_threads()) == 0
+    return library().refine_top_q8(logits.data_ptr(), hidden.data_ptr(), codes.data_ptr(), scales.data_ptr(),
+                                   logits.shape[0], logits.shape[1], hidden.shape[1], k, torch.get_num_threads()) == 0
 
 
 def refine_top_q8_bf16(logits: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                        k: int) -> torch.Tensor | None:
     """`refine_top_q8` from the head's bf16 logits `[S, V]`: a new float32 `[S, V]`, each row widened and refined in
     one pass (the same values as `logits.float()` then `refine_top_q8`). None when the kernel cannot take it."""
-    lib = library()
-    if (lib is None or logits.dtype != torch.bfloat16 or hidden.dtype != torch.float32 or codes.dtype != torch.int8
-            or scales.dtype != torch.float32 or not usable(logits, hidden, codes, scales)
-            or logits.shape[0] != hidden.shape[0] or logits.shape[1] != codes.shape[0]
-            or hidden.shape[1] != codes.shape[1]):
+    if not _refine_fits(logits, torch.bfloat16, hidden, codes, scales):
         return None
     out = torch.empty(logits.shape, dtype=torch.float32)
-    rc = lib.refine_top_q8_bf16(out.data_ptr(), logits.data_ptr(), hidden.data_ptr(), codes.data_ptr(),
-                                scales.data_ptr(), logits.shape[0], logits.shape[1], hidden.shape[1], k,
-                                torch.get_num_threads())
+    rc = library().refine_top_q8_bf16(out.data_ptr(), logits.data_ptr(), hidden.data_ptr(), codes.data_ptr(),
+                                      scales.data_ptr(), logits.shape[0], logits.shape[1], hidden.shape[1], k,
+                                      torch.get_num_threads())
     return out if rc == 0 else None
 
 

@@ -315,10 +315,9 @@ class LlamaModel:
             exact = native_matmul.refine_top_q8_bf16(logits, h, w.qweight, w.scales, REFINE_TOP)
             if exact is not None:
                 return exact
-            logits = logits.float()
-            if native_matmul.refine_top_q8(logits, h, w.qweight, w.scales, REFINE_TOP):
-                return logits
         logits = logits.float()
+        if q8 and native_matmul.refine_top_q8(logits, h, w.qweight, w.scales, REFINE_TOP):
+            return logits
         top = logits.topk(REFINE_TOP, dim=-1).indices  # [S, k]
         rows = w.rows(top.reshape(-1)).dequantize() if isinstance(w, QuantizedTensor) else w[top.reshape(-1)].float()
         exact = torch.einsum("sh,skh->sk", hidden.float(), rows.view(*top.shape, -1))
