@@ -46,8 +46,9 @@ static inline float exp_nonpos(float x) {
  * q, out: [*, num_heads, head_dim] bf16, and ctx[i] tokens in context counting all of them: its new token j
  * attends to the first ctx[i] - nq[i] + 1 + j tokens (causal), token p in block tables[i * table_stride +
  * p / block_size], row p % block_size of k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim] bf16.
- * One pass over the context a block at a time, with a running max per (token, head) (online softmax): no buffer
- * grows with the context. Sequences that share the blocks of a prefix attend to it together (see
+ * One pass over the context with a running max per (token, head) (online softmax): no buffer grows with the
+ * context (the AVX512-BF16 path takes CHUNK_KEYS keys' scores, then their weights in bf16 against V; the others a
+ * block or a tile at a time). Sequences that share the blocks of a prefix attend to it together (see
  * paged_decode_attention_bf16). Returns 0, or -1 when a shape is beyond the fixed bounds (the caller then uses the
  * torch path). */
 
@@ -98,38 +99,50 @@ typedef struct {
 } RowRef;
 
 #if HAS_BF16_DOT || HAS_AVX2_TILE
+/* One cache's rows (K or V, KV head g) of keys from .. min(from + count, n) - 1 fetched into the cache. */
+static inline __attribute__((always_inline)) void prefetch_rows(const uint16_t *cache, const int64_t *table,
+                                                                int64_t from, int64_t count, int64_t n, int64_t g,
+                                                                int64_t row, int64_t head_dim, int64_t block_size) {
+    const int64_t end = from + count < n ? from + count : n;
+    int64_t blk = from / block_size, in_blk = from % block_size; /* one division, not one per key */
+    for (int64_t at = from; at < end; at++) {
+        const char *p = (const char *)(cache + (table[blk] * block_size + in_blk) * row + g * head_dim);
+        for (int64_t b = 0; b < head_dim * 2; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+        if (++in_blk == block_size) {
+            in_blk = 0;
+            blk++;
+        }
+    }
+}
+
 /* KV head g's K and V rows of keys from .. min(from + count, n) - 1 fetched into the cache. */
 static inline __attribute__((always_inline)) void prefetch_keys(
         const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t from, int64_t count, int64_t n,
         int64_t g, int64_t row, int64_t head_dim, int64_t block_size) {
-    for (int64_t at = from; at < from + count && at < n; at++) {
-        const int64_t off = (table[at / block_size] * block_size + at % block_size) * row + g * head_dim;
-        for (int64_t b = 0; b < head_dim * 2; b += 64) {
-            _mm_prefetch((const char *)(k_cache + off) + b, _MM_HINT_T0);
-            _mm_prefetch((const char *)(v_cache + off) + b, _MM_HINT_T0);
-        }
-    }
+    prefetch_rows(k_cache, table, from, count, n, g, row, head_dim, block_size);
+    prefetch_rows(v_cache, table, from, count, n, g, row, head_dim, block_size);
 }
 #endif
 
 #if HAS_BF16_DOT
 #define TILE 16 /* keys per step: one vector of scores per row */
 
-/* exp_nonpos on 16 lanes: the same polynomial, the power of two applied by vscalefps. */
-static inline __m512 exp_nonpos_v(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.69314718055994531f));
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+/* Softmax weights of 16 scores s in base 2 (log2(e) folded into them) against an integral running max m: 2^(s - m)
+ * as 2^f (f = s - round(s), exact) times 2^(round(s) - m) (an exact power of two, at least 2^-126). A weight's bits
+ * under another integral max differ by that power of two alone, so rounding them to bf16 and summing them in float32
+ * give the same bits up to that power wherever the max moves (a row over a shared prefix and then its own keys, or
+ * over all of them in one call). e^x on |x| <= ln2 / 2 to degree 5 (relative error < 3e-6; the weights are rounded
+ * to bf16's 8 bits). */
+static inline __m512 pow2_weights(__m512 s, __m512 m) {
+    const __m512 k = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_mul_ps(_mm512_sub_ps(s, k), _mm512_set1_ps(0.69314718055994531f));
+    __m512 p = _mm512_set1_ps(1.0f / 120.0f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, k);
+    return _mm512_scalef_ps(p, _mm512_max_ps(_mm512_sub_ps(k, m), _mm512_set1_ps(-126.0f)));
 }
 
 /* A 16 x 16 matrix of 32-bit elements transposed in registers: m[i] lane j -> m[j] lane i (four rounds of
@@ -172,11 +185,11 @@ static inline __attribute__((always_inline)) void k_pairs(__m512i *kt, const uin
 
 /* R rows' scores over a tile: row r's query (qr[r], head_dim bf16 values) against the tile's keys in pair-major
  * form (`k_pairs`), each pair of query values broadcast to the 16 keys' lanes: 16 scores a vector with no
- * horizontal sums. Two sums a row hide the products' latency; scaled by `scale` into s + r * TILE. */
+ * horizontal sums. Two sums a row hide the products' latency; scaled by `scale` into s + r * stride. */
 #define QK_ROWS(R)                                                                                             \
-    static inline __attribute__((always_inline)) void qk_rows_##R(float *s, const uint16_t *const *qr,         \
-                                                                  const __m512i *kt, const int64_t head_dim,   \
-                                                                  __m512 scale) {                              \
+    static inline __attribute__((always_inline)) void qk_rows_##R(float *s, int64_t stride,                    \
+                                                                  const uint16_t *const *qr, const __m512i *kt, \
+                                                                  const int64_t head_dim, __m512 scale) {      \
         __m512 a[2 * R];                                                                                       \
         for (int r = 0; r < 2 * R; r++) a[r] = _mm512_setzero_ps();                                            \
         for (int64_t i = 0; i < head_dim / 2; i += 2)                                                          \
@@ -187,7 +200,7 @@ static inline __attribute__((always_inline)) void k_pairs(__m512i *kt, const uin
                             : "+v"(a[2 * r + h]) : "v"(k), "m"(*(const uint32_t *)(qr[r] + 2 * (i + h))));      \
             }                                                                                                  \
         for (int r = 0; r < R; r++)                                                                            \
-            _mm512_storeu_ps(s + r * TILE, _mm512_mul_ps(_mm512_add_ps(a[2 * r], a[2 * r + 1]), scale));       \
+            _mm512_storeu_ps(s + r * stride, _mm512_mul_ps(_mm512_add_ps(a[2 * r], a[2 * r + 1]), scale));     \
     }
 QK_ROWS(1)
 QK_ROWS(2)
@@ -195,28 +208,41 @@ QK_ROWS(3)
 QK_ROWS(4)
 #undef QK_ROWS
 
-/* V rows widened from bf16 to float32 (the high half of each lane). */
-static inline __m512 widen16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+/* A tile's V rows (nt <= TILE keys of head_dim bf16 values) in key pairs for pair dot products: vp[p * W + c]
+ * (W = head_dim / 16) lane x holds keys 2p and 2p + 1's value 16c + x (the even key in the low half; past nt: 0).
+ * One two-source word permute a vector. */
+static inline __attribute__((always_inline)) void v_pairs(__m512i *vp, const uint16_t *const *vr, int64_t nt,
+                                                          const int64_t head_dim) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    const int64_t w = head_dim / 16;
+    for (int64_t p = 0; 2 * p < nt; p++)
+        for (int64_t c = 0; c < head_dim / 32; c++) {
+            const __m512i a = _mm512_loadu_si512(vr[2 * p] + 32 * c);
+            const __m512i b = 2 * p + 1 < nt ? _mm512_loadu_si512(vr[2 * p + 1] + 32 * c) : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + p * w + 2 * c, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(vp + p * w + 2 * c + 1, _mm512_permutex2var_epi16(a, hi, b));
+        }
 }
 
-/* The tile's weighted V rows added to R rows' accumulators (acc + r * W * 16), with R * W sums in registers: each
- * key's V row is widened once, in registers, for all R rows (a row's weight is 0 past the keys it sees). One
- * function per (R, W), so the sums are a fixed-size array the compiler keeps in registers. */
+/* The tile's weighted V rows added to R rows' accumulators (acc + r * W * 16), with R * W sums in registers: per
+ * key pair, the pair's W vectors of V (`v_pairs`) against each row's two bf16 weights (w + r * TILE, broadcast
+ * from memory), in pair dot products (float32 sums). One function per (R, W), so the sums are a fixed-size array
+ * the compiler keeps in registers. */
 #define PV_ROWS(R, W)                                                                                          \
-    static inline __attribute__((always_inline)) void pv_rows_##R##_##W(float *acc, const float *s,           \
-                                                                        const uint16_t *const *vr, int64_t nt) { \
+    static inline __attribute__((always_inline)) void pv_rows_##R##_##W(float *acc, const uint16_t *w,        \
+                                                                        const __m512i *vp, int64_t pairs) {    \
         __m512 a[R * W];                                                                                       \
         for (int r = 0; r < R; r++)                                                                            \
             for (int c = 0; c < W; c++) a[r * W + c] = _mm512_loadu_ps(acc + (r * W + c) * 16);              \
-        for (int64_t t = 0; t < nt; t++) {                                                                     \
-            __m512 v[W];                                                                                       \
-            for (int c = 0; c < W; c++) v[c] = widen16(vr[t] + 16 * c);                                        \
-            for (int r = 0; r < R; r++) {                                                                      \
-                const __m512 e = _mm512_set1_ps(s[r * TILE + t]);                                              \
-                for (int c = 0; c < W; c++) a[r * W + c] = _mm512_fmadd_ps(e, v[c], a[r * W + c]);             \
+        for (int64_t p = 0; p < pairs; p++)                                                                    \
+            for (int c = 0; c < W; c++) {                                                                      \
+                const __m512i v = _mm512_loadu_si512(vp + p * W + c);                                          \
+                for (int r = 0; r < R; r++)                                                                    \
+                    __asm__("vdpbf16ps %2%{1to16%}, %1, %0"                                                    \
+                            : "+v"(a[r * W + c]) : "v"(v), "m"(*(const uint32_t *)(w + r * TILE + 2 * p)));    \
             }                                                                                                  \
-        }                                                                                                      \
         for (int r = 0; r < R; r++)                                                                            \
             for (int c = 0; c < W; c++) _mm512_storeu_ps(acc + (r * W + c) * 16, a[r * W + c]);               \
     }
@@ -228,114 +254,138 @@ PV_ROWS(1, 8)
 PV_ROWS(2, 8)
 #undef PV_ROWS
 
-/* The rows r0 .. r0 + R - 1 of a tile through `pv_rows`, R = min(nr - r0, 16 / W): the sums stay within 16
- * registers. head_dim 64 or 128 (the caller widens V into a buffer for other sizes). Returns the rows taken. */
-static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const float *s, const uint16_t *const *vr,
-                                                             int64_t nt, int64_t r0, int64_t nr,
+/* Rows r0 .. of a tile through `pv_rows`: for head_dim 64, R = min(nr - r0, 4); for 128, min(nr - r0, 2) (the
+ * sums stay within 16 registers); other sizes one row, its sums in memory. Returns the rows taken. */
+static inline __attribute__((always_inline)) int64_t pv_tile(float *acc, const uint16_t *w, const __m512i *vp,
+                                                             int64_t pairs, int64_t r0, int64_t nr,
                                                              const int64_t head_dim) {
     const int64_t left = nr - r0;
     float *a = acc + r0 * head_dim;
-    const float *sr = s + r0 * TILE;
+    const uint16_t *wr = w + r0 * TILE;
     if (head_dim == 64) {
-        if (left >= 4) { pv_rows_4_4(a, sr, vr, nt); return 4; }
-        if (left == 3) { pv_rows_3_4(a, sr, vr, nt); return 3; }
-        if (left == 2) { pv_rows_2_4(a, sr, vr, nt); return 2; }
-        pv_rows_1_4(a, sr, vr, nt);
+        if (left >= 4) { pv_rows_4_4(a, wr, vp, pairs); return 4; }
+        if (left == 3) { pv_rows_3_4(a, wr, vp, pairs); return 3; }
+        if (left == 2) { pv_rows_2_4(a, wr, vp, pairs); return 2; }
+        pv_rows_1_4(a, wr, vp, pairs);
         return 1;
     }
-    if (left >= 2) { pv_rows_2_8(a, sr, vr, nt); return 2; }
-    pv_rows_1_8(a, sr, vr, nt);
+    if (head_dim == 128) {
+        if (left >= 2) { pv_rows_2_8(a, wr, vp, pairs); return 2; }
+        pv_rows_1_8(a, wr, vp, pairs);
+        return 1;
+    }
+    const int64_t wide = head_dim / 16;
+    for (int64_t c = 0; c < wide; c++) {
+        __m512 s = _mm512_loadu_ps(a + 16 * c);
+        for (int64_t p = 0; p < pairs; p++)
+            __asm__("vdpbf16ps %2%{1to16%}, %1, %0"
+                    : "+v"(s) : "v"(_mm512_loadu_si512(vp + p * wide + c)), "m"(*(const uint32_t *)(wr + 2 * p)));
+        _mm512_storeu_ps(a + 16 * c, s);
+    }
     return 1;
 }
 
+/* The tile's K or V rows of keys p0 .. p0 + nt - 1 (KV head g) through the block table. */
+static inline __attribute__((always_inline)) void tile_rows(const uint16_t **out, const uint16_t *cache,
+                                                            const int64_t *table, int64_t p0, int64_t nt, int64_t g,
+                                                            int64_t row, int64_t head_dim, int64_t block_size) {
+    int64_t blk = p0 / block_size, in_blk = p0 % block_size; /* one division per tile, not per key */
+    for (int64_t t = 0; t < nt; t++) {
+        out[t] = cache + (table[blk] * block_size + in_blk) * row + g * head_dim;
+        if (++in_blk == block_size) {
+            in_blk = 0;
+            blk++;
+        }
+    }
+}
+
+#define CHUNK_KEYS 128 /* keys whose scores are all computed before their softmax weights (a multiple of TILE) */
+/* attend_tiles' scratch for nr rows, in floats: the chunk's scores, a tile's weights, its V pairs */
+#define SCRATCH_FLOATS(nr, hd) ((nr) * (CHUNK_KEYS + TILE / 2) + TILE * (hd) / 2)
+
 /* Rows rows[0 .. nr - 1] under KV head g over the keys p_begin .. p_end - 1 (p_begin a multiple of TILE; keys a row
  * does not see are skipped), continuing each row's online softmax: its running max m[r], partial sums l[r * L_LANES
- * ..] and accumulator acc + r * head_dim. Keys TILE at a time: the tile's K rows transposed once into bf16 pairs
- * (`k_pairs`), then each row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query
- * pairs, 4 rows at a time (`qk_rows_*`); V rows widened in registers and added to up to 16 / (head_dim / 16) rows
- * at a time (`pv_tile`; other head sizes widen each V row once into a buffer for all the rows). Every row's
- * arithmetic is its own: the rows taken together (those of one sequence, or of several sequences over the prefix
- * they share) change nothing in any row's result. Inlined per head_dim, so the loops over it have a fixed length. */
+ * ..] and accumulator acc + r * head_dim. CHUNK_KEYS keys at a time, in two passes. Scores: TILE keys at a time,
+ * the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each row's 16 scores from pair dot products
+ * (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time (`qk_rows_*`). Then each row's max
+ * over the chunk, its accumulator and sums rescaled once if the max grew. Weights: per tile, each row's 16
+ * exponentials rounded to bf16 (their sum, in float32, is of the rounded weights: the result is an exact weighted
+ * mean of the V rows), and the tile's V rows in key pairs (`v_pairs`) against them in pair dot products, up to
+ * 4 rows at a time (`pv_tile`). Every row's arithmetic is its own: the rows taken together (those of one sequence,
+ * or of several sequences over the prefix they share) change nothing in any row's result. Inlined per head_dim, so
+ * the loops over it have a fixed length. */
 static inline __attribute__((always_inline)) void attend_tiles(
         const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin, int64_t p_end,
         const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t g, int64_t kv_heads,
         const int64_t head_dim, int64_t block_size, float scale, float *scratch) {
     const int64_t row = kv_heads * head_dim;
-    const int64_t block_stride = block_size * row;
-    float *s = scratch;              /* [nr][TILE] */
-    float *vf = s + nr * TILE;       /* [TILE][head_dim]: the tile's V rows in float32 (head sizes not 64, 128) */
-    const int64_t wide = head_dim / 16; /* vectors of 16 float32 values */
-    const __m512 scale_v = _mm512_set1_ps(scale);
+    float *s = scratch;                             /* [nr][CHUNK_KEYS]: the chunk's scores */
+    uint16_t *w = (uint16_t *)(s + nr * CHUNK_KEYS); /* [nr][TILE]: a tile's weights in bf16 */
+    __m512i *vp = (__m512i *)(s + nr * (CHUNK_KEYS + TILE / 2)); /* [TILE / 2][head_dim / 16]: `v_pairs` */
+    const __m512 scale_v = _mm512_set1_ps((float)((double)scale * 1.4426950408889634)); /* scores in base 2 */
     int64_t n = 0;
     for (int64_t r = 0; r < nr; r++) n = rows[r].seen > n ? rows[r].seen : n;
     n = n < p_end ? n : p_end;
-    for (int64_t p0 = p_begin; p0 < n; p0 += TILE) {
-        const int64_t nt = n - p0 < TILE ? n - p0 : TILE;
-        const uint16_t *kr[TILE], *vr[TILE];
-        __m512i kt[MAX_HEAD_DIM / 2]; /* the tile's K in pairs, pair-major */
-        int64_t blk = p0 / block_size, in_blk = p0 % block_size; /* one division per tile, not per key */
-        for (int64_t t = 0; t < nt; t++) {
-            const int64_t off = table[blk] * block_stride + in_blk * row + g * head_dim;
-            kr[t] = k_cache + off;
-            vr[t] = v_cache + off;
-            if (++in_blk == block_size) {
-                in_blk = 0;
-                blk++;
+    for (int64_t c0 = p_begin; c0 < n; c0 += CHUNK_KEYS) {
+        const int64_t cn = n - c0 < CHUNK_KEYS ? n - c0 : CHUNK_KEYS;
+        for (int64_t p0 = c0; p0 < c0 + cn; p0 += TILE) {
+            const int64_t nt = c0 + cn - p0 < TILE ? c0 + cn - p0 : TILE;
+            const uint16_t *kr[TILE];
+            __m512i kt[MAX_HEAD_DIM / 2]; /* the tile's K in pairs, pair-major */
+            tile_rows(kr, k_cache, table, p0, nt, g, row, head_dim, block_size);
+            /* The next tile's K rows (a block table scatters a context in blocks the hardware prefetcher does not
+             * follow), or after the chunk's last tile its first V rows. */
+            if (p0 + TILE < c0 + cn) prefetch_rows(k_cache, table, p0 + TILE, TILE, n, g, row, head_dim, block_size);
+            else prefetch_rows(v_cache, table, c0, TILE, n, g, row, head_dim, block_size);
+            k_pairs(kt, kr, nt, head_dim);
+            for (int64_t r0 = 0; r0 < nr; r0 += 4) { /* every row's scores, 4 rows at a time */
+                const uint16_t *qr[4];
+                const int64_t k = nr - r0 < 4 ? nr - r0 : 4;
+                for (int64_t r = 0; r < k; r++) qr[r] = rows[r0 + r].q;
+                float *sr = s + r0 * CHUNK_KEYS + (p0 - c0);
+                if (k == 4) qk_rows_4(sr, CHUNK_KEYS, qr, kt, head_dim, scale_v);
+                else if (k == 3) qk_rows_3(sr, CHUNK_KEYS, qr, kt, head_dim, scale_v);
+                else if (k == 2) qk_rows_2(sr, CHUNK_KEYS, qr, kt, head_dim, scale_v);
+                else qk_rows_1(sr, CHUNK_KEYS, qr, kt, head_dim, scale_v);
             }
         }
-        /* The next tile's K and V rows fetched while this one is computed (a block table scatters a context in
-         * blocks the hardware prefetcher does not follow; 64 decodes over a 192-token shared prefix and 63-127 own
-         * tokens: 8.2-13.0 -> 6.5-9.3 ms a step's 30 layers; two tiles ahead: slower). */
-        prefetch_keys(k_cache, v_cache, table, p0 + TILE, TILE, n, g, row, head_dim, block_size);
-        k_pairs(kt, kr, nt, head_dim);
-        for (int64_t r0 = 0; r0 < nr; r0 += 4) { /* every row's scores, 4 rows at a time */
-            const uint16_t *qr[4];
-            const int64_t k = nr - r0 < 4 ? nr - r0 : 4;
-            for (int64_t r = 0; r < k; r++) qr[r] = rows[r0 + r].q;
-            if (k == 4) qk_rows_4(s + r0 * TILE, qr, kt, head_dim, scale_v);
-            else if (k == 3) qk_rows_3(s + r0 * TILE, qr, kt, head_dim, scale_v);
-            else if (k == 2) qk_rows_2(s + r0 * TILE, qr, kt, head_dim, scale_v);
-            else qk_rows_1(s + r0 * TILE, qr, kt, head_dim, scale_v);
-        }
-        for (int64_t r = 0; r < nr; r++) {
-            float *sr = s + r * TILE;
-            if (rows[r].seen <= p0) { /* this row's keys ended before the tile: its weights are 0 */
-                _mm512_storeu_ps(sr, _mm512_setzero_ps());
-                continue;
-            }
-            const __m512 sv = _mm512_loadu_ps(sr);
-            const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
-            const __mmask16 keys = (__mmask16)((1u << lim) - 1u); /* the keys this row sees */
-            const float tile_max = _mm512_mask_reduce_max_ps(keys, sv);
-            if (tile_max > m[r]) { /* new running max: rescale what is accumulated */
-                const float c = exp_nonpos(m[r] - tile_max);
+        for (int64_t r = 0; r < nr; r++) { /* each row's max over the keys it sees in the chunk */
+            if (rows[r].seen <= c0) continue;
+            const int64_t lim = rows[r].seen - c0 < cn ? rows[r].seen - c0 : cn;
+            const float *sr = s + r * CHUNK_KEYS;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            int64_t t = 0;
+            for (; t + 16 <= lim; t += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + t));
+            if (t < lim) mx = _mm512_mask_max_ps(mx, (__mmask16)((1u << (lim - t)) - 1u), mx, _mm512_loadu_ps(sr + t));
+            const float cmax = __builtin_rintf(_mm512_reduce_max_ps(mx)); /* integral: see `pow2_weights` */
+            if (cmax > m[r]) { /* new running max: rescale what is accumulated (by a power of two, exactly) */
+                const float c = m[r] == -INFINITY ? 0.0f : ldexpf(1.0f, (int)(m[r] - cmax));
                 _mm512_storeu_ps(l + r * L_LANES, _mm512_mul_ps(_mm512_loadu_ps(l + r * L_LANES), _mm512_set1_ps(c)));
                 for (int64_t x = 0; x < head_dim; x++) acc[r * head_dim + x] *= c;
-                m[r] = tile_max;
+                m[r] = cmax;
             }
-            const __m512 e = _mm512_maskz_mov_ps(keys, exp_nonpos_v(_mm512_sub_ps(sv, _mm512_set1_ps(m[r]))));
-            _mm512_storeu_ps(sr, e);
-            _mm512_storeu_ps(l + r * L_LANES, _mm512_add_ps(_mm512_loadu_ps(l + r * L_LANES), e));
         }
-        if (head_dim == 64 || head_dim == 128) {
-            for (int64_t r = 0; r < nr;) r += pv_tile(acc, s, vr, nt, r, nr, head_dim);
-            continue;
-        }
-        for (int64_t t = 0; t < nt; t++)
-            for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(vf + t * head_dim + 16 * c, widen16(vr[t] + 16 * c));
-        for (int64_t r = 0; r < nr; r++) {
-            if (rows[r].seen <= p0) continue;
-            const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
-            const float *sr = s + r * TILE;
-            float *ar = acc + r * head_dim;
-            __m512 a[16]; /* head_dim <= 256 */
-            for (int64_t c = 0; c < wide; c++) a[c] = _mm512_loadu_ps(ar + 16 * c);
-            for (int64_t t = 0; t < lim; t++) {
-                const __m512 e = _mm512_set1_ps(sr[t]);
-                for (int64_t c = 0; c < wide; c++)
-                    a[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vf + t * head_dim + 16 * c), a[c]);
+        for (int64_t p0 = c0; p0 < c0 + cn; p0 += TILE) {
+            const int64_t nt = c0 + cn - p0 < TILE ? c0 + cn - p0 : TILE;
+            const uint16_t *vr[TILE];
+            tile_rows(vr, v_cache, table, p0, nt, g, row, head_dim, block_size);
+            if (p0 + TILE < c0 + cn) prefetch_rows(v_cache, table, p0 + TILE, TILE, n, g, row, head_dim, block_size);
+            else prefetch_rows(k_cache, table, c0 + cn, TILE, n, g, row, head_dim, block_size);
+            v_pairs(vp, vr, nt, head_dim);
+            for (int64_t r = 0; r < nr; r++) {
+                __m256i *wr = (__m256i *)(w + r * TILE);
+                if (rows[r].seen <= p0) { /* this row's keys ended before the tile: its weights are 0 */
+                    _mm256_storeu_si256(wr, _mm256_setzero_si256());
+                    continue;
+                }
+                const int64_t lim = rows[r].seen - p0 < nt ? rows[r].seen - p0 : nt;
+                const __mmask16 keys = (__mmask16)((1u << lim) - 1u); /* the keys this row sees */
+                const __m512 sv = _mm512_loadu_ps(s + r * CHUNK_KEYS + (p0 - c0));
+                const __m256bh e = _mm512_cvtneps_pbh(_mm512_maskz_mov_ps(keys, pow2_weights(sv, _mm512_set1_ps(m[r]))));
+                _mm256_storeu_si256(wr, (__m256i)e);
+                _mm512_storeu_ps(l + r * L_LANES, _mm512_add_ps(_mm512_loadu_ps(l + r * L_LANES), _mm512_cvtpbh_ps(e)));
             }
-            for (int64_t c = 0; c < wide; c++) _mm512_storeu_ps(ar + 16 * c, a[c]);
+            for (int64_t r = 0; r < nr;) r += pv_tile(acc, w, vp, (nt + 1) / 2, r, nr, head_dim);
         }
     }
 }
@@ -383,10 +433,11 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
-/* `attend_tiles` as the AVX512-BF16 path's (same rows, same online softmax), on 8-lane float32 vectors: the rows'
- * queries widened and scaled once, each tile's K and V rows widened once for all the rows. Per row and tile of 16
- * keys: the row's query held in registers while its 16 scores are summed (one load per FMA), in two vectors of 8
- * by `hsum8`; one running-max update, and the row's accumulator in registers across the tile's 16 V rows. */
+/* `attend_tiles` for the same rows as the AVX512-BF16 path's, on 8-lane float32 vectors, with an online softmax
+ * a tile at a time and float32 weights: the rows' queries widened and scaled once, each tile's K and V rows widened
+ * once for all the rows. Per row and tile of 16 keys: the row's query held in registers while its 16 scores are
+ * summed (one load per FMA), in two vectors of 8 by `hsum8`; one running-max update, and the row's accumulator in
+ * registers across the tile's 16 V rows. */
 static inline __attribute__((always_inline)) void attend_tiles(
         const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin, int64_t p_end,
         const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t g, int64_t kv_heads,
@@ -493,6 +544,8 @@ static inline __attribute__((always_inline)) void attend_tiles(
     }
 }
 
+/* attend_tiles' scratch for nr rows, in floats: the queries, the tile's scores, its K and V rows */
+#define SCRATCH_FLOATS(nr, hd) ((nr) * ((hd) + TILE) + 2 * TILE * (hd))
 #define TILED_DIM 8 /* head_dim a multiple of this: whole vectors of float32 */
 #endif
 
@@ -803,8 +856,8 @@ int paged_decode_attention_bf16(const uint16_t *q, const uint16_t *k_cache, cons
                         task[4 * t + 3] = -1;
                     }
             }
-        /* acc, running max and sum per row; scratch: query rows, scores, K and V tiles (what either build needs) */
-        const size_t per_thread = (size_t)(max_rows * (2 * head_dim + TILE + 1 + L_LANES) + 2 * TILE * head_dim)
+        /* acc, running max and sum per row; attend_tiles' scratch (this build's) */
+        const size_t per_thread = (size_t)(max_rows * (head_dim + 1 + L_LANES) + SCRATCH_FLOATS(max_rows, head_dim))
                                   * sizeof(float);
 #pragma omp parallel num_threads(num_threads) if (ntask > 1 && work * num_heads > 2048)
         {

@@ -279,14 +279,18 @@ def test_a_head_dim_beyond_the_kernel_falls_back_to_torch():
 # (tokens of the shared prefix, [own tokens past it of each sequence], block size, the keys the kernel shares among
 # them: None, each alone): groups of one prefix, of more rows than one task takes (CHUNK_ROWS 24: 3 query heads a
 # KV head, 9 sequences), blocks smaller than a tile of keys (4), a prefix of one tile (too short to share: each
-# alone), and a sequence whose own first token is still inside the prefix's last block (the group shares the
-# whole blocks it sees).
+# alone), a sequence whose own first token is still inside the prefix's last block (the group shares the whole
+# blocks it sees), and own contexts of several of the kernel's chunks of keys (CHUNK_KEYS 128: the grouped rows'
+# chunks start at the prefix's end, a row alone's at 0) with scores 8x sharper (their max moves by many powers of
+# two from chunk to chunk).
 SHARED_CASES = {
     "five-decodes-8-blocks": (32, [1, 8, 4, 13, 0], 4, 32),
     "twelve-decodes-several-tasks": (96, [3, 17, 40, 1, 9, 25, 2, 33, 12, 7, 60, 5], 16, 96),
     "one-tile-each-alone": (16, [5, 9, 2], 16, None),
     "ends-inside-the-prefix": (64, [30, -9, 2], 16, 48),
+    "long-own-contexts-sharp-scores": (48, [200, 310, 5], 16, 48),
 }
+SHARP = {"long-own-contexts-sharp-scores": 8.0}  # the queries' scale in these cases (1 elsewhere)
 
 
 @pytest.mark.parametrize(("case", "heads"), [*((c, (9, 3, 64)) for c in SHARED_CASES),
@@ -315,7 +319,7 @@ def test_decodes_sharing_a_prefix_attend_to_it_together_with_their_own_results(c
     starts.append(2 * bs + 5)  # alone
     tables.append([next(ids) for _ in range(-(-(starts[-1] + 1) // bs))])
     n = len(starts)
-    q = torch.randn(n, h, d, generator=g).to(BF16)
+    q = (torch.randn(n, h, d, generator=g) * SHARP.get(case, 1.0)).to(BF16)
     plan = AttentionPlan.build(tables, starts, [1] * n, bs)
     nd = plan.native_decodes()
     groups = native.decode_attention_groups(nd.tables, nd.ctx, bs, nd.nq)
