@@ -62,6 +62,29 @@ def test_prefills_beyond_the_kernels_bound_stay_with_torch(monkeypatch):
 EXTENDS = [(7, 2), (0, 5), (9, 32), (3, 33), (20, 64), (10, 1), (0, 70)]  # (cached tokens, new tokens)
 
 
+def test_long_prompts_go_to_the_kernel_with_the_oracles_answer():
+    """A fresh prompt of 1,100 tokens and a chunk of 700 new tokens after 600 cached ones (the second chunk of a long
+    prompt), beside a decode: the C kernel takes all of them (in runs of its new-token limit over the same blocks;
+    prompts of any length go to it: `NATIVE_PREFILL_MAX`), against the float32 oracle. Block size 16, the default
+    model's heads (9 query heads on 3 KV heads of 64)."""
+    g = torch.Generator().manual_seed(11)
+    bs, h, kvh, d = 16, 9, 3, 64
+    seqs = [(0, 1100), (600, 700), (40, 1)]  # (cached tokens, new tokens)
+    need = [-(-(s + n) // bs) for s, n in seqs]
+    ids = iter(torch.randperm(sum(need) + 1, generator=g).tolist())
+    tables = [[next(ids) for _ in range(k)] for k in need]
+    kc = torch.randn(sum(need) + 1, bs, kvh, d, generator=g).to(BF16)
+    vc = torch.randn(sum(need) + 1, bs, kvh, d, generator=g).to(BF16)
+    starts, lens = [s for s, _ in seqs], [n for _, n in seqs]
+    q = torch.randn(sum(lens), h, d, generator=g).to(BF16)
+    plan = AttentionPlan.build(tables, starts, lens, bs)
+    out = paged_attention_torch(q, kc, vc, plan, d**-0.5)
+    assert plan.torch_view(decodes=False, extends=False).longs == []  # nothing left to torch's attention
+    assert plan.native_extends().nq.tolist() == [32] * 34 + [12] + [32] * 21 + [28]
+    torch.testing.assert_close(out.float(), paged_attention_reference(q, kc, vc, tables, starts, lens),
+                               atol=ATOL_BF16, rtol=0)
+
+
 def test_short_extends_go_to_the_kernel_in_runs_of_its_new_token_limit(monkeypatch):
     """Extends of 2-64 new tokens over cached prefixes (and from position 0) and a 70-token prompt are split into
     runs of at most MAX_NATIVE_NEW, each run a sequence over the same blocks whose context ends at its last token;
