@@ -40,6 +40,18 @@ def single_prompt(tokenizer) -> list[int]:
     return tokenizer.encode_chat([{"role": "user", "content": SINGLE_PROMPT}])
 
 
+def long_prompt(tokenizer, n: int) -> list[int]:
+    """A document of exactly n tokens (distinct numbered paragraphs over TOPICS) as one user message's text, for the
+    time to first token of a long prompt; no chat template (the peer gets the same ids)."""
+    parts, ids = [], []
+    while len(ids) < n:
+        i = len(parts)
+        parts.append(f"Paragraph {i + 1}. Site {1000 + 37 * i} reported {3 + i % 9} units of {TOPICS[i % len(TOPICS)]} "
+                     f"installed in week {i % 52 + 1}; the crew noted {i % 5 + 1} open items and a follow-up visit.")
+        ids = tokenizer.encode(" ".join(parts))
+    return ids[:n]
+
+
 def questions(n: int) -> list[str]:
     """n distinct ~32-token questions."""
     out = []

@@ -7,7 +7,9 @@ template, 64 output tokens, EOS ignored, greedy):
 - batched: 64 requests at once, no adapter (`--parallel 64`: the peer reuses no prefix across slots);
 - 32 / 1 / 0 adapters: the 64 requests over 32 adapters of ranks 8/16/32/64 on all seven projections, over one
   of them, and over none (the peer loads every adapter, `--lora-init-without-apply`, and each request names
-  its own with a scale of 1).
+  its own with a scale of 1);
+- a long prompt: the time to the first token of one fresh --long-prompt-tokens prompt (a document, no prefix
+  cached on either side; ours in one step of the bench's 2,048-token budget), alone (`--parallel 1`).
 Ours runs in this process; the peer is built once (bench/llamacpp.py, cached under bench/.peers/) and runs as
 its own process, over HTTP from this one. Tokens/s count output tokens over wall time, prefill included, on
 both sides. Each of our runs is paired with the peer's run of the same workload right before or after it, the
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.common import chat_prompts, environment, report, single_prompt
+from bench.common import chat_prompts, environment, long_prompt, report, single_prompt
 
 
 def _write_adapters(n: int, root: str) -> None:
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--sequential", type=int, default=4, help="requests timed one at a time, on each side")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--long-prompt-tokens", type=int, default=2000, help="the long prompt's tokens (0: not timed)")
+    ap.add_argument("--long-prompt-runs", type=int, default=2, help="its timed runs on each side, in adjacent pairs")
     args = ap.parse_args(argv)
 
     from bench.engine import engine_run
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                        AdapterConfig(max_active_adapters=max(na, 1)))
     prompts = chat_prompts(rt.tokenizer, n)
     single = single_prompt(rt.tokenizer)
+    long = long_prompt(rt.tokenizer, args.long_prompt_tokens) if args.long_prompt_tokens > 0 else []
     engine_run(rt.engine, [p[:16] for p in prompts[:4]], 2)
 
     def ours(ps: list[list[int]], assign: list[str | None] | None) -> tuple[float, int]:
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             # every adapter loaded and active before the timed runs, as the peer's are from its start
             engine_run(rt.engine, [prompts[i % n][:16] for i in range(na)], 2, versions)
         # Both servers start before anything is timed; idle, they take no CPU while ours runs.
-        one = LlamaServer(model, threads=args.threads, parallel=1)
+        one = LlamaServer(model, threads=args.threads, parallel=1, ctx_per_slot=max(2048, 2 * len(long)))
         many = LlamaServer(model, threads=args.threads, parallel=n, loras=ggufs)
         try:
             def scales(k: int | None) -> list[dict] | None:  # the peer's per-request adapter scales (k: the one on)
@@ -125,6 +131,29 @@ def main(argv: list[str] | None = None) -> dict:
                     acc[0] += dt
                     acc[1] += got
             res.update({k: tokens / seconds for k, (seconds, tokens) in spent.items()})
+            if long:
+                # Time to first token: the prompt computed from nothing (our prefix cache reset, the peer's
+                # `cache_prompt` off) and one token sampled; ours in-process, the peer's over HTTP.
+                def ours_long() -> float:
+                    rt.engine.pool.reset_prefix_cache()
+                    return engine_run(rt.engine, [long], 1)[0]
+
+                def peer_long() -> float:
+                    t = time.perf_counter()
+                    out = one.complete(long, 1)
+                    assert out["tokens_evaluated"] >= len(long), out.get("tokens_evaluated")  # nothing cached
+                    return time.perf_counter() - t
+
+                ttft: dict[str, list[float]] = {"long_prompt_ttft_s": [], "llamacpp_long_prompt_ttft_s": []}
+                for i in range(max(1, args.long_prompt_runs)):
+                    for k, run in (("long_prompt_ttft_s", ours_long),
+                                   ("llamacpp_long_prompt_ttft_s", peer_long))[:: 1 if i % 2 == 0 else -1]:
+                        ttft[k].append(run())
+                res["long_prompt_tokens"] = len(long)
+                for k, v in ttft.items():
+                    res[k] = statistics.median(v)
+                    res[f"{k}_runs"] = v
+                res["ratio_long_prompt_ttft"] = res["llamacpp_long_prompt_ttft_s"] / res["long_prompt_ttft_s"]
         finally:
             one.stop()
             many.stop()
