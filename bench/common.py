@@ -117,7 +117,7 @@ def kv_bytes(arch, tokens: int, dtype_bytes: int = 2) -> int:
 
 
 PAIRED = ("single_stream_tok_s", "engine_tok_s", "tok_s_32_adapters", "tok_s_1_adapter", "ratio_single_stream",
-          "ratio_batched", "ratio_32_adapters")
+          "ratio_batched", "ratio_32_adapters", "long_prompt_ttft_s", "ratio_long_prompt_ttft")
 
 
 def peer_results() -> dict:
