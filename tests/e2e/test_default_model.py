@@ -67,6 +67,38 @@ def test_default_model_bf16_fast_path_close(loaded, prompt_ids, hf_logits):
     assert ours[-1].argmax() == hf_logits[-1].argmax()
 
 
+def test_a_long_prompt_through_the_c_attention_kernel_stays_close_to_transformers(loaded):
+    """A ~1,200-token prompt (a document, then a question) in one forward: on bfloat16 its attention is the C kernel's
+    (prompts of any length go to it), in runs of 32 new tokens over the prompt's blocks. Against transformers' fp32
+    logits at the last 64 positions: the same bounds as the short prompt's bf16 path, and the same next token."""
+    import transformers
+
+    tok = load_tokenizer(default_model_path())
+    doc = " ".join(f"Record {i}: the warehouse in zone {i % 7} shipped {10 + i % 13} crates on day {i % 28 + 1}."
+                   for i in range(60))
+    ids = tok.encode_chat([{"role": "user", "content": doc + " Which zone shipped the most crates?"}])
+    assert 1000 < len(ids) < 1500, len(ids)
+    assert len(ids) > 512  # longer than the bound that used to send a prompt to torch's attention
+    bs = 16
+    blocks = -(-len(ids) // bs)
+    model = LlamaModel(loaded.arch, loaded.tensors, dtype=torch.bfloat16, max_model_len=2048)
+    kv = KVCache(loaded.arch, num_blocks=blocks, block_size=bs, dtype=torch.bfloat16)
+    plan = AttentionPlan.build([list(range(blocks))], [0], [len(ids)], bs)
+    assert plan.native_all() is not None  # the C kernel takes the whole prompt
+    with torch.inference_mode():
+        hidden = model.forward(torch.tensor(ids), torch.arange(len(ids)), plan, kv)
+        ours = model.compute_logits(hidden[-64:])
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids]), logits_to_keep=64).logits[0].float()
+    err = (ours - ref).abs()
+    assert err.mean() < 0.3, err.mean()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert ours[-1].argmax() == ref[-1].argmax()
+
+
 def test_min_tokens_never_runs_past_eos_into_the_next_turn():
     """The model's answer is shorter than 16 tokens: min_tokens=16 must keep it from sampling EOS (which
     used to be skipped in the text, the answer running on into the template's next turn)."""
