@@ -1416,7 +1416,9 @@ int refine_top_q8_bf16(float *out, const uint16_t *logits, const float *hidden, 
  * x [T, in] bf16, y [T, out] bf16 updated in place (one rounding). Segment s covers rows [starts[s], ends[s])
  * and reads A^T ([in, r_s], r_s = sum_j ranks[s * nslices + j]) at a_ptrs[s] and B^T ([r_s, out]) at
  * b_ptrs[s], float32 (sgmv_f32w_bf16) or bfloat16 (sgmv_bf16w_bf16: half the bytes to stream, which is what a
- * decode step's LoRA costs when each adapter has a few rows; products and sums stay float32). B^T is block
+ * decode step's LoRA costs when each adapter has a few rows; products exact and sums float32; where the CPU has
+ * AVX512-BF16 both products run as bf16 pair dot products, x as given and the rank-sized intermediate rounded to
+ * bf16 for the expand, as a bf16 model rounds it and as the kernel for prompt-sized segments does). B^T is block
  * diagonal: output slice j (outs[j] columns, in order) is fed by the next ranks[s * nslices + j] rank rows; the
  * zero blocks are never read. The rows are taken in blocks of up to SGMV_ROWS of one segment, each weight read
  * feeding every row of its block; threads take blocks (one adapter's whole decode batch is spread over every
@@ -1503,15 +1505,189 @@ static inline __attribute__((always_inline)) void sgmv_shrink(const float *xf, c
         for (int k = 0; k < RT; k++) _mm512_mask_storeu_ps(tmp + q * MAX_RANK + r0 + 16 * k, m[k], acc[q][k]);
 }
 
+#if defined(__AVX512BF16__)
+/* tmp[q][r0 : r0 + 32 * RC] = x[q] @ A^T[:, r0 : r0 + 32 * RC] for the R rows from bf16 weights, by pair dot
+ * products: rows i and i + 1 of A^T interleaved word by word (two unpacks a 32-rank chunk), against x's pair
+ * (x[q][i], x[q][i + 1]) broadcast (xb: the block's nb rows of bf16; rows past nb read row 0, never stored). The
+ * products are exact in float32 as the float32 path's are; the sums pair two products a step. An unpack pairs
+ * words within 128-bit lanes, so a chunk's two sums hold its ranks in the order 0-3, 8-11, 16-19, 24-27 and 4-7,
+ * 12-15, 20-23, 28-31: put back in order when stored. Ranks past r_total: masked loads (zero) and stores. */
+static inline __attribute__((always_inline)) void sgmv_shrink_pairs(const uint16_t *xb, int64_t nb, const void *a,
+                                                                    int64_t in_dim, int64_t r_total, int64_t r0,
+                                                                    float *tmp, const int R, const int RC) {
+    const uint16_t *w = (const uint16_t *)a;
+    __mmask32 m[6];
+    __m512 acc[SGMV_ROWS][12];
+    const uint16_t *xr[SGMV_ROWS];
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++) xr[q] = xb + (q < nb ? q : 0) * in_dim;
+#pragma GCC unroll 6
+    for (int c = 0; c < RC; c++) {
+        const int64_t left = r_total - r0 - 32 * c;
+        m[c] = left >= 32 ? (__mmask32)0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1u);
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++)
+#pragma GCC unroll 12
+        for (int k = 0; k < 2 * RC; k++) acc[q][k] = _mm512_setzero_ps();
+    const int full = r_total - r0 >= 32 * RC;
+    for (int64_t i = 0; i < in_dim; i += 2) {
+        const int pair = i + 1 < in_dim;
+        const uint16_t *w0 = w + i * r_total + r0, *w1 = w0 + r_total;
+        if (i + 16 < in_dim) /* rows a few pairs ahead: short strided runs the hardware prefetcher does not see */
+            for (int64_t off = 0; off < 64 * RC; off += 64) {
+                _mm_prefetch((const char *)(w0 + 16 * r_total) + off, _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + 16 * r_total) + off, _MM_HINT_T0);
+            }
+        __m512bh xv[SGMV_ROWS];
+#pragma GCC unroll 8
+        for (int q = 0; q < R; q++) {
+            uint32_t two;
+            if (pair) __builtin_memcpy(&two, xr[q] + i, sizeof two);
+            else two = xr[q][i];
+            xv[q] = (__m512bh)_mm512_set1_epi32((int)two);
+        }
+#pragma GCC unroll 6
+        for (int c = 0; c < RC; c++) {
+            const __m512i v0 = full ? _mm512_loadu_si512(w0 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w0 + 32 * c);
+            const __m512i v1 = !pair ? _mm512_setzero_si512()
+                               : full ? _mm512_loadu_si512(w1 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w1 + 32 * c);
+            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1), hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+#pragma GCC unroll 8
+            for (int q = 0; q < R; q++) {
+                acc[q][2 * c] = _mm512_dpbf16_ps(acc[q][2 * c], lo, xv[q]);
+                acc[q][2 * c + 1] = _mm512_dpbf16_ps(acc[q][2 * c + 1], hi, xv[q]);
+            }
+        }
+    }
+    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++)
+#pragma GCC unroll 6
+        for (int c = 0; c < RC; c++) {
+            float *t = tmp + q * MAX_RANK + r0 + 32 * c;
+            const __m512 lo = acc[q][2 * c], hi = acc[q][2 * c + 1];
+            _mm512_mask_storeu_ps(t, (__mmask16)m[c], _mm512_permutex2var_ps(lo, i0, hi));
+            _mm512_mask_storeu_ps(t + 16, (__mmask16)(m[c] >> 16), _mm512_permutex2var_ps(lo, i1, hi));
+        }
+}
+
+/* y[q][c0 : c0 + nc] += tmp[q][r0 : r1] @ B^T[r0 : r1, c0 : c0 + nc] for the nb of the R rows from bf16 weights, by
+ * pair dot products: rows r and r + 1 of B^T interleaved word by word, against the pair of the row's sums rounded to
+ * bf16 (as a bf16 model's LoRA rounds its intermediate); 32 * CC columns a pass, the sums of each 32 in the unpacks'
+ * order (see sgmv_shrink_pairs), put back in order when added to y. */
+static inline __attribute__((always_inline)) void sgmv_expand_pairs(const float *tmp, uint16_t *y, int64_t nb,
+                                                                    const void *b, int64_t out_dim, int64_t r0,
+                                                                    int64_t r1, int64_t c0, int64_t nc, const int R,
+                                                                    const int CC) {
+    const uint16_t *w = (const uint16_t *)b;
+    uint16_t tb[SGMV_ROWS][MAX_RANK + 1]; /* the sums in bf16, a zero past r1 for an odd count */
+#pragma GCC unroll 8
+    for (int q = 0; q < R; q++) {
+        int64_t r = r0;
+        for (; r + 16 <= r1; r += 16)
+            _mm256_storeu_si256((__m256i *)(tb[q] + r - r0),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(tmp + q * MAX_RANK + r)));
+        for (; r < r1; r++) tb[q][r - r0] = f32_to_bf16(tmp[q * MAX_RANK + r]);
+        tb[q][r1 - r0] = 0;
+    }
+    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t cb = 0; cb < nc; cb += 32 * CC) {
+        __mmask32 m[4];
+        __m512 acc[SGMV_ROWS][8];
+        int full = 1;
+#pragma GCC unroll 4
+        for (int c = 0; c < CC; c++) {
+            const int64_t left = nc - cb - 32 * c;
+            m[c] = left >= 32 ? (__mmask32)0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1u);
+            full &= left >= 32;
+        }
+#pragma GCC unroll 8
+        for (int q = 0; q < R; q++)
+#pragma GCC unroll 8
+            for (int k = 0; k < 2 * CC; k++) acc[q][k] = _mm512_setzero_ps();
+        for (int64_t r = r0; r < r1; r += 2) {
+            const int pair = r + 1 < r1;
+            const uint16_t *w0 = w + r * out_dim + c0 + cb, *w1 = w0 + out_dim;
+            if (r + 8 < r1)
+                for (int64_t off = 0; off < 64 * CC; off += 64) {
+                    _mm_prefetch((const char *)(w0 + 8 * out_dim) + off, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w1 + 8 * out_dim) + off, _MM_HINT_T0);
+                }
+            __m512bh tv[SGMV_ROWS];
+#pragma GCC unroll 8
+            for (int q = 0; q < R; q++) {
+                uint32_t two;
+                __builtin_memcpy(&two, tb[q] + r - r0, sizeof two);
+                tv[q] = (__m512bh)_mm512_set1_epi32((int)two);
+            }
+#pragma GCC unroll 4
+            for (int c = 0; c < CC; c++) {
+                const __m512i v0 = full ? _mm512_loadu_si512(w0 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w0 + 32 * c);
+                const __m512i v1 = !pair ? _mm512_setzero_si512()
+                                   : full ? _mm512_loadu_si512(w1 + 32 * c)
+                                          : _mm512_maskz_loadu_epi16(m[c], w1 + 32 * c);
+                const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
+                const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+#pragma GCC unroll 8
+                for (int q = 0; q < R; q++) {
+                    acc[q][2 * c] = _mm512_dpbf16_ps(acc[q][2 * c], lo, tv[q]);
+                    acc[q][2 * c + 1] = _mm512_dpbf16_ps(acc[q][2 * c + 1], hi, tv[q]);
+                }
+            }
+        }
+#pragma GCC unroll 8
+        for (int64_t q = 0; q < nb; q++)
+#pragma GCC unroll 4
+            for (int c = 0; c < CC; c++) {
+                uint16_t *dst = y + q * out_dim + c0 + cb + 32 * c;
+                const __m512 lo = acc[q][2 * c], hi = acc[q][2 * c + 1];
+                if ((__mmask16)m[c]) sgmv_add_store(dst, _mm512_permutex2var_ps(lo, i0, hi), (__mmask16)m[c]);
+                if ((__mmask16)(m[c] >> 16))
+                    sgmv_add_store(dst + 16, _mm512_permutex2var_ps(lo, i1, hi), (__mmask16)(m[c] >> 16));
+            }
+    }
+}
+#define SGMV_PAIRS 1
+#else
+#define SGMV_PAIRS 0
+#endif
+
 /* One block of R rows (a constant: 2, 4 or 8; xf holds them as float32): tmp = xf @ A^T in passes of up to
  * 16 * MAX_RT ranks (each pass as many 16-rank tiles as the ranks left need), then y += tmp @ B^T in tiles of
  * 16 * CT columns of each slice. The accumulators (R per tile) stay in registers: enough independent chains to
  * hide the FMA latency, and no work on ranks past r_total. */
 static inline __attribute__((always_inline)) void sgmv_block(
-    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const float *xf, const uint16_t *xb, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk,
+    int64_t nslices,
     const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, const int R, const int MAX_RT,
     const int CT, const int wbf16) {
-    for (int64_t r0 = 0; r0 < r_total;) {
+#if SGMV_PAIRS
+    if (wbf16 && xb != NULL) {
+        for (int64_t r0 = 0; r0 < r_total;) {
+            const int64_t chunks = (r_total - r0 + 31) / 32;
+            if (chunks >= 6 && MAX_RT >= 12) {
+                sgmv_shrink_pairs(xb, nb, a, in_dim, r_total, r0, tmp, R, 6);
+                r0 += 192;
+            } else if (chunks >= 4 && MAX_RT >= 8) {
+                sgmv_shrink_pairs(xb, nb, a, in_dim, r_total, r0, tmp, R, 4);
+                r0 += 128;
+            } else if (chunks >= 3 && MAX_RT >= 6) {
+                sgmv_shrink_pairs(xb, nb, a, in_dim, r_total, r0, tmp, R, 3);
+                r0 += 96;
+            } else if (chunks >= 2 && MAX_RT >= 4) {
+                sgmv_shrink_pairs(xb, nb, a, in_dim, r_total, r0, tmp, R, 2);
+                r0 += 64;
+            } else {
+                sgmv_shrink_pairs(xb, nb, a, in_dim, r_total, r0, tmp, R, 1);
+                r0 += 32;
+            }
+        }
+    }
+#endif
+    for (int64_t r0 = (SGMV_PAIRS && wbf16 && xb != NULL) ? r_total : 0; r0 < r_total;) {
         const int64_t tiles = (r_total - r0 + 15) / 16;
         if (tiles >= 12 && MAX_RT >= 12) {
             sgmv_shrink(xf, a, in_dim, r_total, r0, tmp, R, 12, wbf16);
@@ -1537,6 +1713,16 @@ static inline __attribute__((always_inline)) void sgmv_block(
         }
     }
     int64_t r0 = 0, c0 = 0;
+#if SGMV_PAIRS
+    if (wbf16 && xb != NULL) {
+        for (int64_t j = 0; j < nslices; j++) {
+            if (rk[j] > 0) sgmv_expand_pairs(tmp, y, nb, b, out_dim, r0, r0 + rk[j], c0, outs[j], R, CT / 2);
+            r0 += rk[j];
+            c0 += outs[j];
+        }
+        return;
+    }
+#endif
     for (int64_t j = 0; j < nslices; j++) {
         const int64_t nc = outs[j];
         for (int64_t cb = 0; rk[j] > 0 && cb < nc; cb += 16 * CT) {
@@ -1576,16 +1762,17 @@ static inline __attribute__((always_inline)) void sgmv_block(
 
 /* The block's rows: the kernel for the fewest rows that hold them (2, 4 or 8) */
 static inline __attribute__((always_inline)) void sgmv_rows(
-    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const float *xf, const uint16_t *xb, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk,
+    int64_t nslices,
     const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, float *acc,
     const int wbf16) {
     (void)acc;
     if (nb <= 2)
-        sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 2, 12, 8, wbf16);
+        sgmv_block(xf, xb, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 2, 12, 8, wbf16);
     else if (nb <= 4)
-        sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 4, 4, 4, wbf16);
+        sgmv_block(xf, xb, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 4, 4, 4, wbf16);
     else
-        sgmv_block(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 8, 2, 2, wbf16);
+        sgmv_block(xf, xb, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, 8, 2, 2, wbf16);
 }
 #elif HAS_SGMV_AVX2
 /* AVX2: the blocks on 8-lane vectors, two kinds. A decode block (2 or 4 rows of one adapter) streams its weights
@@ -1803,8 +1990,10 @@ static inline __attribute__((always_inline)) void sgmv_block_tiled(
 }
 
 static inline __attribute__((always_inline)) void sgmv_rows(
-    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const float *xf, const uint16_t *xb, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk,
+    int64_t nslices,
     const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, float *acc, const int wbf16) {
+    (void)xb;
     if (nb <= 2)
         sgmv_block8(xf, y, nb, a, b, rk, nslices, outs, in_dim, out_dim, r_total, tmp, acc, 2, wbf16);
     else if (nb <= 4)
@@ -1815,10 +2004,11 @@ static inline __attribute__((always_inline)) void sgmv_rows(
 #else
 /* Without AVX-512 or AVX2: the same blocks in plain loops the compiler vectorises, the partial sums in memory. */
 static inline __attribute__((always_inline)) void sgmv_rows(
-    const float *xf, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk, int64_t nslices,
+    const float *xf, const uint16_t *xb, uint16_t *y, int64_t nb, const void *a, const void *b, const int64_t *rk,
+    int64_t nslices,
     const int64_t *outs, int64_t in_dim, int64_t out_dim, int64_t r_total, float *tmp, float *acc_buf,
     const int wbf16) {
-    (void)acc_buf;
+    (void)acc_buf, (void)xb;
     const float *af = (const float *)a, *bf = (const float *)b;
     const uint16_t *ah = (const uint16_t *)a, *bh = (const uint16_t *)b;
     for (int64_t q = 0; q < nb; q++) {
@@ -1918,7 +2108,7 @@ static inline __attribute__((always_inline)) int sgmv_body(
             for (int64_t q = 0; q < padded; q++)
                 for (int64_t i = 0; i < in_dim; i++)
                     xf[q * in_dim + i] = q < nb ? bf16_to_f32(x[(t0 + q) * in_dim + i]) : 0.0f;
-            sgmv_rows(xf, y + t0 * out_dim, nb, (const void *)(intptr_t)a_ptrs[s], (const void *)(intptr_t)b_ptrs[s],
+            sgmv_rows(xf, x + t0 * in_dim, y + t0 * out_dim, nb, (const void *)(intptr_t)a_ptrs[s], (const void *)(intptr_t)b_ptrs[s],
                       rk, nslices, outs, in_dim, out_dim, r_total, tmp, tmp + SGMV_ROWS * MAX_RANK, wbf16);
         }
     }

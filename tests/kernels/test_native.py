@@ -214,9 +214,10 @@ def test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch,
     (prefill, 70 rows) segment beside the short ones: the C kernel takes the segments of up to 64 rows and, on a
     CPU without bf16 products or with the C kernel for prompt-sized segments, the long one too (else torch takes
     it); all match the float32 per-token oracle on the same weights. With weights held in bfloat16
-    (what the CPU path holds) the oracle reads those rounded weights: the short segments' products and sums stay
-    float32, so their tolerance is the same; segments of more than 24 rows round their intermediate to bf16 where
-    the C build has the kernel for prompt-sized segments."""
+    (what the CPU path holds) the oracle reads those rounded weights: the short segments' products are exact and
+    their sums float32, their intermediate rounded to bf16 where the CPU has AVX512-BF16 (pair dot products; within
+    the same tolerance here); segments of more than 24 rows round their intermediate to bf16 where the C build has
+    the kernel for prompt-sized segments."""
     import kernels.lora
     from kernels.lora import LoraSegments, sgmv_cpu_, sgmv_reference
 
@@ -285,12 +286,14 @@ def test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtyp
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~3)
 
 
+@pytest.mark.parametrize("in_dim", [40, 41])
 @pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
-def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype):
-    """Ranks and output widths that are not multiples of 8 or 16 (the kernels' vector tails: in_dim 40, slices of
-    21 and 13 columns, ranks 5 + 11, 3 + 0 and 24 + 9) over segments of 1, 3, 4, 6, 13 and 70 rows (every block
-    kind: two, four and the long segments' rows), all through the C kernel (told to take every length, whatever
-    its build would choose): each row within one bf16 rounding of the float32 oracle."""
+def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype, in_dim):
+    """Ranks and output widths that are not multiples of 8 or 16 (the kernels' vector tails: slices of 21 and 13
+    columns, ranks 5 + 11, 3 + 0 and 24 + 9; an odd in_dim, 41, leaves the pair dot products' last input alone)
+    over segments of 1, 3, 4, 6, 13 and 70 rows (every block kind: two, four and the long segments' rows), all
+    through the C kernel (told to take every length, whatever its build would choose): each row within one bf16
+    rounding of the float32 oracle."""
     import sys
 
     import kernels.lora
@@ -298,7 +301,7 @@ def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monke
 
     monkeypatch.setattr(kernels.lora, "native_segment_rows", lambda: sys.maxsize)
     g = torch.Generator().manual_seed(13)
-    in_dim, outs = 40, (21, 13)
+    outs = (21, 13)
     weights, a_list, b_list = zip(*[_sliced_lora(g, in_dim, rs, outs, wdtype, 0.2)
                                     for rs in [(5, 11), (3, 0), (24, 9)]])
     slots = [0] + [1] * 3 + [2] * 4 + [0] * 6 + [1] * 13 + [2] * 70
