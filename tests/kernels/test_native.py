@@ -315,13 +315,14 @@ def test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monke
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=2e-2)  # one bf16 rounding of y (values ~4)
 
 
-@pytest.mark.parametrize("without", [("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
-                         ids=["avx2", "plain-c"])
+@pytest.mark.parametrize("without", [("-mno-avx512bf16",), ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
+                         ids=["avx512-without-bf16", "avx2", "plain-c"])
 @pytest.mark.parametrize("wdtype", [torch.float32, BF16], ids=["float32-weights", "bfloat16-weights"])
 def test_the_sgmv_built_for_a_smaller_instruction_set_gives_the_same_deltas(tmp_path, monkeypatch, wdtype, without):
-    """The SGMV kernel's AVX2 path (CPUs without AVX-512) and its plain-C path (neither): the kernels built for
-    such a CPU, run here, on the cases above (the fused slices on both CPU policies, the 64-row batch, the odd
-    ranks and widths). On a CPU without AVX2 the first build is the plain-C one too."""
+    """The SGMV kernel's AVX-512 path on float32 sums (CPUs without AVX512-BF16's pair dot products), its AVX2 path
+    (CPUs without AVX-512) and its plain-C path (neither): the kernels built for such a CPU, run here, on the cases
+    above (the fused slices on both CPU policies, the 64-row batch, the odd ranks, widths and in_dim). On a CPU
+    without AVX-512 the first build is the second; without AVX2, each is the plain-C one."""
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
     lib = native.build_library(native._compiler(), (*native.FLAGS, *without))
     monkeypatch.setattr(native, "_lib", lib)
@@ -330,7 +331,8 @@ def test_the_sgmv_built_for_a_smaller_instruction_set_gives_the_same_deltas(tmp_
     for bf16_cpu in (True, False):
         test_sgmv_decode_segments_match_the_reference_with_fused_slices(monkeypatch, wdtype, bf16_cpu)
     test_sgmv_one_adapters_decode_batch_is_split_over_threads(monkeypatch, wdtype)
-    test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype)
+    for in_dim in (40, 41):
+        test_sgmv_odd_ranks_and_widths_match_the_reference_in_every_block_kind(monkeypatch, wdtype, in_dim)
     test_sgmv_of_many_one_row_adapters_matches_the_reference(monkeypatch, wdtype)
 
 
