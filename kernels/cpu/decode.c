@@ -305,15 +305,17 @@ static inline __attribute__((always_inline)) void tile_rows(const uint16_t **out
 
 /* Rows rows[0 .. nr - 1] under KV head g over the keys p_begin .. p_end - 1 (p_begin a multiple of TILE; keys a row
  * does not see are skipped), continuing each row's online softmax: its running max m[r], partial sums l[r * L_LANES
- * ..] and accumulator acc + r * head_dim. CHUNK_KEYS keys at a time, in two passes. Scores: TILE keys at a time,
- * the tile's K rows transposed once into bf16 pairs (`k_pairs`), then each row's 16 scores from pair dot products
- * (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a time (`qk_rows_*`). Then each row's max
- * over the chunk, its accumulator and sums rescaled once if the max grew. Weights: per tile, each row's 16
- * exponentials rounded to bf16 (their sum, in float32, is of the rounded weights: the result is an exact weighted
- * mean of the V rows), and the tile's V rows in key pairs (`v_pairs`) against them in pair dot products, up to
- * 4 rows at a time (`pv_tile`). Every row's arithmetic is its own: the rows taken together (those of one sequence,
- * or of several sequences over the prefix they share) change nothing in any row's result. Inlined per head_dim, so
- * the loops over it have a fixed length. */
+ * ..] and accumulator acc + r * head_dim. CHUNK_KEYS keys at a time, in two passes. Scores (in base 2: log2(e)
+ * folded into the scale): TILE keys at a time, the tile's K rows transposed once into bf16 pairs (`k_pairs`), then
+ * each row's 16 scores from pair dot products (vdpbf16ps, float32 sums) of its broadcast query pairs, 4 rows at a
+ * time (`qk_rows_*`). Then each row's max over the chunk, rounded to an integer, and its accumulator and sums
+ * rescaled once (by a power of two) if the max grew. Weights: per tile, each row's 16 weights (`pow2_weights`)
+ * rounded to bf16 (their sum, in float32, is of the rounded weights: the V rows' mean under the weights used), and
+ * the tile's V rows in key pairs (`v_pairs`) against them in pair dot products, up to 4 rows at a time
+ * (`pv_tile`). Every row's arithmetic is its own: the rows taken together (those of one sequence, or of several
+ * sequences over the prefix they share) change nothing in any row's result, nor does where its chunks start (at 0
+ * alone, at the shared prefix's end after it): with an integral max the weights differ only by powers of two.
+ * Inlined per head_dim, so the loops over it have a fixed length. */
 static inline __attribute__((always_inline)) void attend_tiles(
         const RowRef *rows, int64_t nr, float *acc, float *m, float *l, int64_t p_begin, int64_t p_end,
         const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t g, int64_t kv_heads,
