@@ -43,12 +43,11 @@ def single_prompt(tokenizer) -> list[int]:
 def long_prompt(tokenizer, n: int) -> list[int]:
     """A document of exactly n tokens (distinct numbered paragraphs over TOPICS) as one user message's text, for the
     time to first token of a long prompt; no chat template (the peer gets the same ids)."""
-    parts, ids = [], []
-    while len(ids) < n:
-        i = len(parts)
-        parts.append(f"Paragraph {i + 1}. Site {1000 + 37 * i} reported {3 + i % 9} units of {TOPICS[i % len(TOPICS)]} "
-                     f"installed in week {i % 52 + 1}; the crew noted {i % 5 + 1} open items and a follow-up visit.")
-        ids = tokenizer.encode(" ".join(parts))
+    # a paragraph is ~35 tokens: n // 8 of them are more than enough, encoded once
+    ids = tokenizer.encode(" ".join(
+        f"Paragraph {i + 1}. Site {1000 + 37 * i} reported {3 + i % 9} units of {TOPICS[i % len(TOPICS)]} installed in "
+        f"week {i % 52 + 1}; the crew noted {i % 5 + 1} open items and a follow-up visit." for i in range(n // 8 + 1)))
+    assert len(ids) >= n, (len(ids), n)
     return ids[:n]
 
 

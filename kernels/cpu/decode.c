@@ -1508,12 +1508,54 @@ static inline __attribute__((always_inline)) void sgmv_shrink(const float *xf, c
 }
 
 #if defined(__AVX512BF16__)
+/* The lanes of a chunk of 32 values with n left (every one, some, none). */
+static inline __mmask32 lanes32(int64_t n) {
+    return n >= 32 ? (__mmask32)0xffffffffu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1u);
+}
+
+/* One step of the pair products: rows w0 and w0 + stride (the second none where `pair` is 0: an odd count's last
+ * row) over C chunks of 32 values, interleaved word by word (an unpack pairs words within 128-bit lanes), against
+ * each of the R rows' broadcast bf16 pair v[q]: chunk c's sums go to acc[q][2c] (its values 0-3, 8-11, 16-19,
+ * 24-27) and acc[q][2c + 1] (4-7, 12-15, 20-23, 28-31; `pairs_in_order` puts them back). Loads unmasked where
+ * `full`, else masked by m[c] (zero past the end). The two rows `ahead` values on are fetched meanwhile (0: none):
+ * short strided runs that the hardware prefetcher does not see coming. */
+static inline __attribute__((always_inline)) void pairs_step(__m512 acc[SGMV_ROWS][12], const uint16_t *w0,
+                                                             int64_t stride, int pair, const __mmask32 *m, int full,
+                                                             const __m512bh *v, int64_t ahead, const int R,
+                                                             const int C) {
+    const uint16_t *w1 = w0 + stride;
+    if (ahead)
+        for (int64_t off = 0; off < 64 * C; off += 64) {
+            _mm_prefetch((const char *)(w0 + ahead) + off, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w1 + ahead) + off, _MM_HINT_T0);
+        }
+#pragma GCC unroll 6
+    for (int c = 0; c < C; c++) {
+        const __m512i v0 = full ? _mm512_loadu_si512(w0 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w0 + 32 * c);
+        const __m512i v1 = !pair ? _mm512_setzero_si512()
+                           : full ? _mm512_loadu_si512(w1 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w1 + 32 * c);
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1), hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
+#pragma GCC unroll 8
+        for (int q = 0; q < R; q++) {
+            acc[q][2 * c] = _mm512_dpbf16_ps(acc[q][2 * c], lo, v[q]);
+            acc[q][2 * c + 1] = _mm512_dpbf16_ps(acc[q][2 * c + 1], hi, v[q]);
+        }
+    }
+}
+
+/* A chunk's two sums from `pairs_step` as its values 0-15 (*first) and 16-31 (*second), in order. */
+static inline __attribute__((always_inline)) void pairs_in_order(__m512 lo, __m512 hi, __m512 *first,
+                                                                 __m512 *second) {
+    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    *first = _mm512_permutex2var_ps(lo, i0, hi);
+    *second = _mm512_permutex2var_ps(lo, i1, hi);
+}
+
 /* tmp[q][r0 : r0 + 32 * RC] = x[q] @ A^T[:, r0 : r0 + 32 * RC] for the R rows from bf16 weights, by pair dot
- * products: rows i and i + 1 of A^T interleaved word by word (two unpacks a 32-rank chunk), against x's pair
- * (x[q][i], x[q][i + 1]) broadcast (xb: the block's nb rows of bf16; rows past nb read row 0, never stored). The
- * products are exact in float32 as the float32 path's are; the sums pair two products a step. An unpack pairs
- * words within 128-bit lanes, so a chunk's two sums hold its ranks in the order 0-3, 8-11, 16-19, 24-27 and 4-7,
- * 12-15, 20-23, 28-31: put back in order when stored. Ranks past r_total: masked loads (zero) and stores. */
+ * products (`pairs_step`): rows i and i + 1 of A^T against x's pair (x[q][i], x[q][i + 1]) broadcast (xb: the
+ * block's nb rows of bf16; rows past nb read row 0, never stored). The products are exact in float32 as the
+ * float32 path's are; the sums pair two products a step. Ranks past r_total: masked loads (zero) and stores. */
 static inline __attribute__((always_inline)) void sgmv_shrink_pairs(const uint16_t *xb, int64_t nb, const void *a,
                                                                     int64_t in_dim, int64_t r_total, int64_t r0,
                                                                     float *tmp, const int R, const int RC) {
@@ -1524,10 +1566,7 @@ static inline __attribute__((always_inline)) void sgmv_shrink_pairs(const uint16
 #pragma GCC unroll 8
     for (int q = 0; q < R; q++) xr[q] = xb + (q < nb ? q : 0) * in_dim;
 #pragma GCC unroll 6
-    for (int c = 0; c < RC; c++) {
-        const int64_t left = r_total - r0 - 32 * c;
-        m[c] = left >= 32 ? (__mmask32)0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1u);
-    }
+    for (int c = 0; c < RC; c++) m[c] = lanes32(r_total - r0 - 32 * c);
 #pragma GCC unroll 8
     for (int q = 0; q < R; q++)
 #pragma GCC unroll 12
@@ -1535,12 +1574,6 @@ static inline __attribute__((always_inline)) void sgmv_shrink_pairs(const uint16
     const int full = r_total - r0 >= 32 * RC;
     for (int64_t i = 0; i < in_dim; i += 2) {
         const int pair = i + 1 < in_dim;
-        const uint16_t *w0 = w + i * r_total + r0, *w1 = w0 + r_total;
-        if (i + 16 < in_dim) /* rows a few pairs ahead: short strided runs the hardware prefetcher does not see */
-            for (int64_t off = 0; off < 64 * RC; off += 64) {
-                _mm_prefetch((const char *)(w0 + 16 * r_total) + off, _MM_HINT_T0);
-                _mm_prefetch((const char *)(w1 + 16 * r_total) + off, _MM_HINT_T0);
-            }
         __m512bh xv[SGMV_ROWS];
 #pragma GCC unroll 8
         for (int q = 0; q < R; q++) {
@@ -1549,36 +1582,24 @@ static inline __attribute__((always_inline)) void sgmv_shrink_pairs(const uint16
             else two = xr[q][i];
             xv[q] = (__m512bh)_mm512_set1_epi32((int)two);
         }
-#pragma GCC unroll 6
-        for (int c = 0; c < RC; c++) {
-            const __m512i v0 = full ? _mm512_loadu_si512(w0 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w0 + 32 * c);
-            const __m512i v1 = !pair ? _mm512_setzero_si512()
-                               : full ? _mm512_loadu_si512(w1 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w1 + 32 * c);
-            const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1), hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
-#pragma GCC unroll 8
-            for (int q = 0; q < R; q++) {
-                acc[q][2 * c] = _mm512_dpbf16_ps(acc[q][2 * c], lo, xv[q]);
-                acc[q][2 * c + 1] = _mm512_dpbf16_ps(acc[q][2 * c + 1], hi, xv[q]);
-            }
-        }
+        pairs_step(acc, w + i * r_total + r0, r_total, pair, m, full, xv, i + 16 < in_dim ? 16 * r_total : 0, R,
+                   RC);
     }
-    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
 #pragma GCC unroll 8
     for (int q = 0; q < R; q++)
 #pragma GCC unroll 6
         for (int c = 0; c < RC; c++) {
             float *t = tmp + q * MAX_RANK + r0 + 32 * c;
-            const __m512 lo = acc[q][2 * c], hi = acc[q][2 * c + 1];
-            _mm512_mask_storeu_ps(t, (__mmask16)m[c], _mm512_permutex2var_ps(lo, i0, hi));
-            _mm512_mask_storeu_ps(t + 16, (__mmask16)(m[c] >> 16), _mm512_permutex2var_ps(lo, i1, hi));
+            __m512 first, second;
+            pairs_in_order(acc[q][2 * c], acc[q][2 * c + 1], &first, &second);
+            _mm512_mask_storeu_ps(t, (__mmask16)m[c], first);
+            _mm512_mask_storeu_ps(t + 16, (__mmask16)(m[c] >> 16), second);
         }
 }
 
 /* y[q][c0 : c0 + nc] += tmp[q][r0 : r1] @ B^T[r0 : r1, c0 : c0 + nc] for the nb of the R rows from bf16 weights, by
- * pair dot products: rows r and r + 1 of B^T interleaved word by word, against the pair of the row's sums rounded to
- * bf16 (as a bf16 model's LoRA rounds its intermediate); 32 * CC columns a pass, the sums of each 32 in the unpacks'
- * order (see sgmv_shrink_pairs), put back in order when added to y. */
+ * pair dot products (`pairs_step`): rows r and r + 1 of B^T against the pair of the row's sums rounded to bf16 (as
+ * a bf16 model's LoRA rounds its intermediate); 32 * CC columns a pass, put back in order when added to y. */
 static inline __attribute__((always_inline)) void sgmv_expand_pairs(const float *tmp, uint16_t *y, int64_t nb,
                                                                     const void *b, int64_t out_dim, int64_t r0,
                                                                     int64_t r1, int64_t c0, int64_t nc, const int R,
@@ -1594,30 +1615,17 @@ static inline __attribute__((always_inline)) void sgmv_expand_pairs(const float 
         for (; r < r1; r++) tb[q][r - r0] = f32_to_bf16(tmp[q * MAX_RANK + r]);
         tb[q][r1 - r0] = 0;
     }
-    const __m512i i0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-    const __m512i i1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
     for (int64_t cb = 0; cb < nc; cb += 32 * CC) {
         __mmask32 m[4];
-        __m512 acc[SGMV_ROWS][8];
-        int full = 1;
+        __m512 acc[SGMV_ROWS][12];
 #pragma GCC unroll 4
-        for (int c = 0; c < CC; c++) {
-            const int64_t left = nc - cb - 32 * c;
-            m[c] = left >= 32 ? (__mmask32)0xffffffffu : left <= 0 ? 0 : (__mmask32)((1u << left) - 1u);
-            full &= left >= 32;
-        }
+        for (int c = 0; c < CC; c++) m[c] = lanes32(nc - cb - 32 * c);
+        const int full = nc - cb >= 32 * CC;
 #pragma GCC unroll 8
         for (int q = 0; q < R; q++)
 #pragma GCC unroll 8
             for (int k = 0; k < 2 * CC; k++) acc[q][k] = _mm512_setzero_ps();
         for (int64_t r = r0; r < r1; r += 2) {
-            const int pair = r + 1 < r1;
-            const uint16_t *w0 = w + r * out_dim + c0 + cb, *w1 = w0 + out_dim;
-            if (r + 8 < r1)
-                for (int64_t off = 0; off < 64 * CC; off += 64) {
-                    _mm_prefetch((const char *)(w0 + 8 * out_dim) + off, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w1 + 8 * out_dim) + off, _MM_HINT_T0);
-                }
             __m512bh tv[SGMV_ROWS];
 #pragma GCC unroll 8
             for (int q = 0; q < R; q++) {
@@ -1625,30 +1633,18 @@ static inline __attribute__((always_inline)) void sgmv_expand_pairs(const float 
                 __builtin_memcpy(&two, tb[q] + r - r0, sizeof two);
                 tv[q] = (__m512bh)_mm512_set1_epi32((int)two);
             }
-#pragma GCC unroll 4
-            for (int c = 0; c < CC; c++) {
-                const __m512i v0 = full ? _mm512_loadu_si512(w0 + 32 * c) : _mm512_maskz_loadu_epi16(m[c], w0 + 32 * c);
-                const __m512i v1 = !pair ? _mm512_setzero_si512()
-                                   : full ? _mm512_loadu_si512(w1 + 32 * c)
-                                          : _mm512_maskz_loadu_epi16(m[c], w1 + 32 * c);
-                const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(v0, v1);
-                const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(v0, v1);
-#pragma GCC unroll 8
-                for (int q = 0; q < R; q++) {
-                    acc[q][2 * c] = _mm512_dpbf16_ps(acc[q][2 * c], lo, tv[q]);
-                    acc[q][2 * c + 1] = _mm512_dpbf16_ps(acc[q][2 * c + 1], hi, tv[q]);
-                }
-            }
+            pairs_step(acc, w + r * out_dim + c0 + cb, out_dim, r + 1 < r1, m, full, tv, r + 8 < r1 ? 8 * out_dim : 0,
+                       R, CC);
         }
 #pragma GCC unroll 8
         for (int64_t q = 0; q < nb; q++)
 #pragma GCC unroll 4
             for (int c = 0; c < CC; c++) {
                 uint16_t *dst = y + q * out_dim + c0 + cb + 32 * c;
-                const __m512 lo = acc[q][2 * c], hi = acc[q][2 * c + 1];
-                if ((__mmask16)m[c]) sgmv_add_store(dst, _mm512_permutex2var_ps(lo, i0, hi), (__mmask16)m[c]);
-                if ((__mmask16)(m[c] >> 16))
-                    sgmv_add_store(dst + 16, _mm512_permutex2var_ps(lo, i1, hi), (__mmask16)(m[c] >> 16));
+                __m512 first, second;
+                pairs_in_order(acc[q][2 * c], acc[q][2 * c + 1], &first, &second);
+                if ((__mmask16)m[c]) sgmv_add_store(dst, first, (__mmask16)m[c]);
+                if ((__mmask16)(m[c] >> 16)) sgmv_add_store(dst + 16, second, (__mmask16)(m[c] >> 16));
             }
     }
 }

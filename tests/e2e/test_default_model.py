@@ -40,11 +40,16 @@ def our_logits(loaded, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def hf_logits(prompt_ids):
+def hf():
+    """transformers' model of the same GGUF, dequantized to fp32 (loaded once for the module's tests)."""
     import transformers
     path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           torch_dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                             torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_logits(hf, prompt_ids):
     with torch.no_grad():
         return hf(torch.tensor([prompt_ids])).logits[0].float()
 
@@ -67,12 +72,10 @@ def test_default_model_bf16_fast_path_close(loaded, prompt_ids, hf_logits):
     assert ours[-1].argmax() == hf_logits[-1].argmax()
 
 
-def test_a_long_prompt_through_the_c_attention_kernel_stays_close_to_transformers(loaded):
+def test_a_long_prompt_through_the_c_attention_kernel_stays_close_to_transformers(loaded, hf):
     """A ~1,200-token prompt (a document, then a question) in one forward: on bfloat16 its attention is the C kernel's
     (prompts of any length go to it), in runs of 32 new tokens over the prompt's blocks. Against transformers' fp32
     logits at the last 64 positions: the same bounds as the short prompt's bf16 path, and the same next token."""
-    import transformers
-
     tok = load_tokenizer(default_model_path())
     doc = " ".join(f"Record {i}: the warehouse in zone {i % 7} shipped {10 + i % 13} crates on day {i % 28 + 1}."
                    for i in range(60))
@@ -88,9 +91,6 @@ def test_a_long_prompt_through_the_c_attention_kernel_stays_close_to_transformer
     with torch.inference_mode():
         hidden = model.forward(torch.tensor(ids), torch.arange(len(ids)), plan, kv)
         ours = model.compute_logits(hidden[-64:])
-    path = default_model_path()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           torch_dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids]), logits_to_keep=64).logits[0].float()
     err = (ours - ref).abs()
