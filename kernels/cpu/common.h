@@ -77,6 +77,15 @@ static inline int64_t steal_next(steal_range *r, int parts, int id, int64_t *own
     return -1;
 }
 
+/* Memory a product prefetches beside its own weights, for the kernel that runs right after it: `rows` runs of
+ * `bytes` bytes, `stride` bytes apart, from `base` (one run: rows 1). The dense bf16 product at decode batch sizes
+ * is bound by its instructions, not by memory, so lines it asks for meanwhile arrive without slowing it; the next
+ * kernel (a step's LoRA, which reads megabytes of adapter weights for a few rows each) then finds them in cache. */
+typedef struct {
+    const char *base;
+    int64_t rows, stride, bytes;
+} pf_region;
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 

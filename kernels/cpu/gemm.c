@@ -169,12 +169,47 @@ int gemm_bf16w_available(void) { return GEMM_BF16; }
 int gemm_bf16w_min_rows(void) { return GEMM_BF16W_MIN_ROWS; }
 
 #if GEMM_BF16
+/* The thread's share of the side regions (`pf_region`): regions next, next + step, ... before end, and the run
+ * it is in (lines from p to run_end; rows_left more runs `stride` bytes apart, `bytes` each, after `row`). */
+typedef struct {
+    const pf_region *reg;
+    int64_t next, step, end;
+    const char *p, *run_end, *row;
+    int64_t rows_left, stride, bytes;
+} side_cursor;
+
+/* The first run of the thread's next region with something in it; p == run_end when none is left. */
+static void side_next_region(side_cursor *c) {
+    c->p = c->run_end = NULL;
+    while (c->next < c->end) {
+        const pf_region *r = c->reg + c->next;
+        c->next += c->step;
+        if (r->rows > 0 && r->bytes > 0) {
+            c->row = r->base;
+            c->rows_left = r->rows - 1;
+            c->stride = r->stride;
+            c->bytes = r->bytes;
+            c->p = (const char *)((uintptr_t)r->base & ~(uintptr_t)63); /* from the line the run starts in */
+            c->run_end = r->base + r->bytes;
+            return;
+        }
+    }
+}
+
 /* MB rows of x from row r0 against TP panels from panel p0 -> y's columns 16 p0 .. 16 (p0 + TP) - 1 (n: y's width;
  * columns from n on are not written). */
 static inline __attribute__((always_inline)) const char *bgemm_tile(
     const uint16_t *x, int64_t ldx, const uint16_t *wp, int64_t k, int64_t p0, uint16_t *y, int64_t ldy, int64_t n,
-    int64_t r0, const char *pf, const char *pf_end, const int MB, const int TP) {
+    int64_t r0, const char *pf, const char *pf_end, side_cursor *side, const int MB, const int TP, const int SIDE) {
     __m512 acc[BGEMM_PANELS][BGEMM_ROWS];
+    /* the side lines, one a pair step, while the thread's share lasts (its runs in registers meanwhile) */
+    const char *sp = NULL, *se = NULL, *srow = NULL;
+    int64_t srows = 0, sstride = 0, sbytes = 0;
+    if (SIDE) {
+        if (side->p >= side->run_end && side->rows_left == 0) side_next_region(side);
+        sp = side->p, se = side->run_end, srow = side->row;
+        srows = side->rows_left, sstride = side->stride, sbytes = side->bytes;
+    }
     _Pragma("GCC unroll 8") for (int t = 0; t < TP; t++)
         _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++) acc[t][r] = _mm512_setzero_ps();
     const uint16_t *w = wp + p0 * k * 16;
@@ -183,6 +218,16 @@ static inline __attribute__((always_inline)) const char *bgemm_tile(
         if (pf < pf_end) {
             _mm_prefetch(pf, _MM_HINT_T1);
             pf += 64;
+        }
+        if (SIDE && sp < se) {
+            _mm_prefetch(sp, _MM_HINT_T1);
+            sp += 64;
+            if (sp >= se && srows > 0) {
+                srows--;
+                srow += sstride;
+                sp = (const char *)((uintptr_t)srow & ~(uintptr_t)63);
+                se = srow + sbytes;
+            }
         }
         __m512bh b[BGEMM_PANELS];
         _Pragma("GCC unroll 8") for (int t = 0; t < TP; t++)
@@ -200,51 +245,87 @@ static inline __attribute__((always_inline)) const char *bgemm_tile(
         _Pragma("GCC unroll 8") for (int r = 0; r < MB; r++)
             _mm256_mask_storeu_epi16(y + (r0 + r) * ldy + c0, keep, (__m256i)_mm512_cvtneps_pbh(acc[t][r]));
     }
+    if (SIDE) {
+        side->p = sp, side->run_end = se, side->row = srow;
+        side->rows_left = srows;
+    }
     return pf;
 }
 
 /* TP panels from p0 against every row of x. */
 static inline __attribute__((always_inline)) void bgemm_group(const uint16_t *x, int64_t ldx, const uint16_t *wp,
                                                                int64_t k, int64_t p0, uint16_t *y, int64_t ldy,
-                                                               int64_t m, int64_t n, int64_t p_end, const int TP) {
+                                                               int64_t m, int64_t n, int64_t p_end, side_cursor *side,
+                                                               const int TP, const int SIDE) {
     /* the thread's next panels (up to a group's) are prefetched into L2 meanwhile, a line per pair step */
     const int64_t next = p_end - (p0 + TP) < BGEMM_PANELS ? p_end - (p0 + TP) : BGEMM_PANELS;
     const char *pf = (const char *)(wp + (p0 + TP) * k * 16), *pf_end = pf + next * k * 32;
     int64_t r = 0;
-    for (; r + BGEMM_ROWS <= m; r += BGEMM_ROWS)
-        pf = bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, BGEMM_ROWS, TP);
+#define BTILE(MB) bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, side, MB, TP, SIDE)
+    for (; r + BGEMM_ROWS <= m; r += BGEMM_ROWS) pf = BTILE(BGEMM_ROWS);
     switch (m - r) { /* the last rows: each count its own unrolled copy */
-    case 7: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 7, TP); break;
-    case 6: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 6, TP); break;
-    case 5: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 5, TP); break;
-    case 4: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 4, TP); break;
-    case 3: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 3, TP); break;
-    case 2: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 2, TP); break;
-    case 1: bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, 1, TP); break;
+    case 7: BTILE(7); break;
+    case 6: BTILE(6); break;
+    case 5: BTILE(5); break;
+    case 4: BTILE(4); break;
+    case 3: BTILE(3); break;
+    case 2: BTILE(2); break;
+    case 1: BTILE(1); break;
     default: break;
+    }
+#undef BTILE
+}
+
+/* The thread's panel groups, with or without side lines. */
+static inline __attribute__((always_inline)) void bgemm_thread(const uint16_t *x, int64_t ldx, const uint16_t *wp,
+                                                                uint16_t *y, int64_t ldy, int64_t m, int64_t n,
+                                                                int64_t k, steal_range *ranges, int parts, int id,
+                                                                side_cursor *side, const int SIDE) {
+    const int64_t panels = (n + 15) / 16;
+    int64_t g, own_end;
+    while ((g = steal_next(ranges, parts, id, &own_end)) >= 0) {
+        const int64_t p = g * BGEMM_PANELS, end = own_end * BGEMM_PANELS < panels ? own_end * BGEMM_PANELS : panels;
+        if (panels - p >= BGEMM_PANELS) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, BGEMM_PANELS, SIDE);
+        else if (panels - p == 2) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, 2, SIDE);
+        else bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, 1, SIDE);
     }
 }
 
-int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
-                    int64_t n, int64_t k, int num_threads) {
-    if (m < 1 || n < 1 || k < 2 || k % 2 != 0 || ldx < k || ldy < n || num_threads < 1) return -1;
+/* The product, and while it runs the threads prefetch the `nside` side regions (none: side NULL), each thread
+ * every num_threads-th of them, a line per pair step of its tiles (into L2; what L2 cannot hold moves on to L3).
+ * At 64 decode rows a pair step is ~24 vdpbf16ps, so the side lines come at about the machine's spare bandwidth:
+ * two lines a step were no faster than one on the 2-core AVX512-BF16 machine, half a line a step as fast. */
+int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads) {
+    if (m < 1 || n < 1 || k < 2 || k % 2 != 0 || ldx < k || ldy < n || num_threads < 1 || nside < 0) return -1;
     const int64_t panels = (n + 15) / 16, groups = (panels + BGEMM_PANELS - 1) / BGEMM_PANELS;
     steal_range ranges[STEAL_MAX_THREADS];
     const int parts = steal_init(ranges, num_threads, groups);
 #pragma omp parallel num_threads(num_threads) if (m * n * k >= 65536)
     {
-        const int id = omp_get_thread_num();
-        int64_t g, own_end;
-        while ((g = steal_next(ranges, parts, id, &own_end)) >= 0) {
-            const int64_t p = g * BGEMM_PANELS, end = own_end * BGEMM_PANELS < panels ? own_end * BGEMM_PANELS : panels;
-            if (panels - p >= BGEMM_PANELS) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, BGEMM_PANELS);
-            else if (panels - p == 2) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, 2);
-            else bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, 1);
+        const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (side != NULL && nside > 0) {
+            side_cursor c = {side, id, nt, nside, NULL, NULL, NULL, 0, 0, 0};
+            bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, &c, 1);
+        } else {
+            bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, NULL, 0);
         }
     }
     return 0;
 }
+
+int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, int num_threads) {
+    return gemm_bf16w_side(x, ldx, wp, y, ldy, m, n, k, NULL, 0, num_threads);
+}
 #else
+int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads) {
+    (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)side; (void)nside;
+    (void)num_threads;
+    return -1;
+}
+
 int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, int num_threads) {
     (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)num_threads;

@@ -9,6 +9,9 @@
  * verify passes, prompt chunks in runs of MAX_NEW), LoRA segments the SGMV kernel takes; the caller checks that. */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
 
 /* The kernels of decode.c and quant.c it calls. */
 int q4_gemm_bf16(const uint16_t *x, const uint8_t *codes, const float *scales, const float *zeros, uint16_t *y,
@@ -20,6 +23,8 @@ int q4b_gemm_fits(int64_t m, int64_t n, int64_t k);
 int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, int num_threads);
 int gemm_bf16w_min_rows(void);
+int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads);
 int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
                        int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int num_threads);
@@ -99,6 +104,62 @@ static int lora_apply(const Lora *lo, int64_t l, int g, const uint16_t *x, uint1
                     : sgmv_f32w_bf16(x, y, k, st, en, a, b, rk, ns, outs, in_dim, out_dim, threads);
 }
 
+/* The memory lora_apply reads for group g of layer l: each segment's A^T (one run) and the diagonal blocks of its
+ * B^T (a run of outs[j] columns in each of the slice's rk[j] rows), into side (nseg * (1 + MAX_GROUP_SLICES)
+ * entries); returns how many. */
+static int64_t lora_regions(const Lora *lo, int64_t l, int g, int64_t in_dim, int64_t out_dim, pf_region *side) {
+    if (lo->nseg == 0) return 0;
+    const int64_t n = lo->nseg, ns = lo->nslices[g], esz = lo->bf16 ? 2 : 4;
+    const int64_t *outs = lo->outs + g * MAX_GROUP_SLICES;
+    int64_t k = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const int64_t *p = lo->ptrs + ((l * GROUPS + g) * n + s) * 2;
+        if (!p[0] || lo->ends[s] <= lo->starts[s]) continue;
+        const int64_t *rk = lo->ranks + ((l * GROUPS + g) * n + s) * MAX_GROUP_SLICES;
+        int64_t r_total = 0;
+        for (int64_t j = 0; j < ns; j++) r_total += rk[j];
+        side[k++] = (pf_region){(const char *)(intptr_t)p[0], 1, 0, in_dim * r_total * esz};
+        for (int64_t j = 0, r0 = 0, c0 = 0; j < ns; r0 += rk[j], c0 += outs[j], j++)
+            if (rk[j] > 0)
+                side[k++] = (pf_region){(const char *)(intptr_t)p[1] + (r0 * out_dim + c0) * esz, rk[j], out_dim * esz,
+                                        outs[j] * esz};
+    }
+    return k;
+}
+
+/* The K/V blocks a step's attention reads, each once: every sequence's first ceil(ctx / block_size) blocks (a block
+ * that several sequences share, their prompt's cached prefix, listed once), into ids; returns how many, or -1
+ * without memory. */
+static int64_t kv_block_ids(const int64_t *tables, int64_t stride, const int64_t *ctx, int64_t num_seqs,
+                            int64_t block_size, int64_t *ids) {
+    int64_t n = 0, max_id = 0;
+    for (int64_t i = 0; i < num_seqs; i++)
+        for (int64_t b = 0; b < (ctx[i] + block_size - 1) / block_size; b++)
+            max_id = tables[i * stride + b] > max_id ? tables[i * stride + b] : max_id;
+    uint64_t *seen = calloc((size_t)(max_id / 64 + 1), sizeof(uint64_t));
+    if (!seen) return -1;
+    for (int64_t i = 0; i < num_seqs; i++)
+        for (int64_t b = 0; b < (ctx[i] + block_size - 1) / block_size; b++) {
+            const int64_t id = tables[i * stride + b];
+            if (id < 0 || seen[id >> 6] >> (id & 63) & 1) continue;
+            seen[id >> 6] |= (uint64_t)1 << (id & 63);
+            ids[n++] = id;
+        }
+    free(seen);
+    return n;
+}
+
+/* A layer's K and V blocks `ids` (block_size rows of `row` bf16 each) as side regions, K then V a block. */
+static int64_t kv_regions(const uint16_t *kc, const uint16_t *vc, const int64_t *ids, int64_t n, int64_t block_size,
+                          int64_t row, pf_region *side) {
+    const int64_t bytes = block_size * row * 2;
+    for (int64_t j = 0; j < n; j++) {
+        side[2 * j] = (pf_region){(const char *)(kc + ids[j] * block_size * row), 1, 0, bytes};
+        side[2 * j + 1] = (pf_region){(const char *)(vc + ids[j] * block_size * row), 1, 0, bytes};
+    }
+    return 2 * n;
+}
+
 /* y [rows, out_dim] bf16 += the LoRA delta of x [rows, in_dim] bf16 for group g of layer l of a step's table (the
  * op-by-op layers' call: the table is built once a step, not once a projection). Returns 0; -1 when the kernel
  * cannot take it (a segment past the rows, a group or layer out of range, dimensions it does not fit), nothing
@@ -135,8 +196,9 @@ static int dense_takes(const int64_t *w, int64_t m, int prompt) {
 }
 
 static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int prompt,
-                int threads) {
-    if (dense_takes(w, m, prompt)) return gemm_bf16w_bf16(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, threads);
+                const pf_region *side, int64_t nside, int threads) {
+    if (dense_takes(w, m, prompt))
+        return gemm_bf16w_side(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, side, nside, threads);
     if (w[2] == 0 || w[2] == 1)
         return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const void *, w[1]), (int)w[2], y, m, n, k, threads);
     return q4_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), PTR(const float *, w[2]), y, m, n, k,
@@ -179,11 +241,26 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
     const size_t elems = (size_t)(t * (width + 2 * qd + 2 * hidden + 3 * inter));
     uint16_t *buf = malloc(elems * sizeof(uint16_t));
     int64_t *work = malloc(sizeof(int64_t) * (size_t)((4 + MAX_GROUP_SLICES) * (lora_nseg > 0 ? lora_nseg : 1)));
-    if (!buf || !work) {
+    /* While a projection's product runs, its threads prefetch what comes next (`pf_region`): the LoRA weights its
+     * group's SGMV reads and, during the gate/up and down products, the next layer's K/V blocks (its attention's
+     * reads, bound by memory), shared between the two in proportion to their pair steps (gu_share 1024ths).
+     * side: room for a group's LoRA regions, then the K/V regions; a product's list is its LoRA regions moved
+     * right before its share of the K/V ones. */
+    const int64_t lora_max = (1 + MAX_GROUP_SLICES) * lora_nseg;
+    const int64_t gu_steps = (2 * inter + 47) / 48 * hidden, down_steps = (hidden + 47) / 48 * inter;
+    const int64_t gu_share = 1024 * gu_steps / (gu_steps + down_steps);
+    int64_t nblocks = 0;
+    for (int64_t i = 0; i < num_seqs; i++) nblocks += (ctx[i] + block_size - 1) / block_size;
+    int64_t *kv_ids = malloc(sizeof(int64_t) * (size_t)(nblocks + 1));
+    pf_region *side = malloc(sizeof(pf_region) * (size_t)(lora_max + 2 * nblocks + 1)), *kv_side = side + lora_max;
+    if (!buf || !work || !kv_ids || !side) {
         free(buf);
         free(work);
+        free(kv_ids);
+        free(side);
         return -1;
     }
+    const int64_t kv_n = kv_block_ids(tables, table_stride, ctx, num_seqs, block_size, kv_ids); /* -1: none */
     uint16_t *qkv = buf, *q = qkv + t * width, *attn = q + t * qd, *o = attn + t * qd, *hs = o + t * hidden;
     uint16_t *gu = hs + t * hidden, *act = gu + t * 2 * inter;
     int rc = 0;
@@ -191,25 +268,37 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         const int64_t *p = layers + l * LAYER_FIELDS;
         uint16_t *kc = PTR(uint16_t *, p[K_CACHE]), *vc = PTR(uint16_t *, p[V_CACHE]);
         const uint16_t *in = l == 0 ? hs0 : hs;
-        if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, num_threads) ||
+        if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, side, lora_regions(&lo, l, 0, hidden, width, side),
+                 num_threads) ||
             lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
             paged_decode_attention_bf16(q, kc, vc, attn, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
-            gemm(attn, p + O, o, t, hidden, qd, prompt, num_threads) ||
+            gemm(attn, p + O, o, t, hidden, qd, prompt, side, lora_regions(&lo, l, 1, qd, hidden, side), num_threads) ||
             lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {
             rc = l == 0 ? -1 : -2;
             break;
         }
         add_rms_norm_bf16(x, o, PTR(const float *, p[POST_NORM]), hs, t, hidden, eps, num_threads);
-        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, num_threads) ||
+        int64_t nkv = 0;
+        if (kv_n > 0 && l + 1 < num_layers) {
+            const int64_t *pn = p + LAYER_FIELDS;
+            nkv = kv_regions(PTR(const uint16_t *, pn[K_CACHE]), PTR(const uint16_t *, pn[V_CACHE]), kv_ids, kv_n,
+                             block_size, kv_heads * head_dim, kv_side);
+        }
+        const int64_t kv_gu = nkv * gu_share / 1024;
+        int64_t nl = lora_regions(&lo, l, 2, hidden, 2 * inter, side);
+        memmove(kv_side - nl, side, sizeof(pf_region) * (size_t)nl);
+        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, kv_side - nl, nl + kv_gu, num_threads) ||
             lora_apply(&lo, l, 2, hs, gu, hidden, 2 * inter, work, num_threads)) {
             rc = -2;
             break;
         }
         silu_mul_bf16(gu, act, t, inter, num_threads);
-        if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, num_threads) ||
+        nl = lora_regions(&lo, l, 3, inter, hidden, side);
+        memmove(kv_side + kv_gu - nl, side, sizeof(pf_region) * (size_t)nl);
+        if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, kv_side + kv_gu - nl, nl + nkv - kv_gu, num_threads) ||
             lora_apply(&lo, l, 3, act, down, inter, hidden, work, num_threads)) {
             rc = -2;
             break;
@@ -219,5 +308,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
     }
     free(buf);
     free(work);
+    free(side);
+    free(kv_ids);
     return rc;
 }
