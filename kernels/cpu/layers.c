@@ -260,7 +260,9 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         free(side);
         return -1;
     }
-    const int64_t kv_n = kv_block_ids(tables, table_stride, ctx, num_seqs, block_size, kv_ids); /* -1: none */
+    /* only the dense product takes side lines: at fewer rows (the int4 kernel, bound by memory) none are listed */
+    const int64_t kv_n = prompt || t >= gemm_bf16w_min_rows()
+                             ? kv_block_ids(tables, table_stride, ctx, num_seqs, block_size, kv_ids) : 0; /* -1: none */
     uint16_t *qkv = buf, *q = qkv + t * width, *attn = q + t * qd, *o = attn + t * qd, *hs = o + t * hidden;
     uint16_t *gu = hs + t * hidden, *act = gu + t * 2 * inter;
     int rc = 0;
