@@ -77,10 +77,11 @@ static inline int64_t steal_next(steal_range *r, int parts, int id, int64_t *own
     return -1;
 }
 
-/* Memory a product prefetches beside its own weights, for the kernel that runs right after it: `rows` runs of
- * `bytes` bytes, `stride` bytes apart, from `base` (one run: rows 1). The dense bf16 product at decode batch sizes
- * is bound by its instructions, not by memory, so lines it asks for meanwhile arrive without slowing it; the next
- * kernel (a step's LoRA, which reads megabytes of adapter weights for a few rows each) then finds them in cache. */
+/* Memory a product prefetches beside its own weights, for kernels that run after it: `rows` runs of `bytes`
+ * bytes, `stride` bytes apart, from `base` (one run: rows 1). The dense bf16 product at decode batch sizes is
+ * bound by its instructions, not by memory, so lines it asks for meanwhile arrive without slowing it; the kernels
+ * bound by memory after it (a step's LoRA, megabytes of adapter weights for a few rows each; the next layer's
+ * attention over its K/V blocks) then find them in cache. */
 typedef struct {
     const char *base;
     int64_t rows, stride, bytes;

@@ -169,21 +169,28 @@ int gemm_bf16w_available(void) { return GEMM_BF16; }
 int gemm_bf16w_min_rows(void) { return GEMM_BF16W_MIN_ROWS; }
 
 #if GEMM_BF16
-/* The thread's share of the side regions (`pf_region`): regions next, next + step, ... before end, and the run
- * it is in (lines from p to run_end; rows_left more runs `stride` bytes apart, `bytes` each, after `row`). */
+/* A thread's walk over the side regions (`pf_region`): the threads claim them in order from a shared counter
+ * (*claim, up to end), so a thread that has finished its panels leaves none behind; the run it is in (lines from
+ * p to run_end; rows_left more runs `stride` bytes apart, `bytes` each, after `row`); done once none is left. */
 typedef struct {
     const pf_region *reg;
-    int64_t next, step, end;
+    int64_t *claim, end;
     const char *p, *run_end, *row;
     int64_t rows_left, stride, bytes;
+    int done;
 } side_cursor;
 
-/* The first run of the thread's next region with something in it; p == run_end when none is left. */
-static void side_next_region(side_cursor *c) {
+/* The first run of the next unclaimed region with something in it; p == run_end and done when none is left. */
+static __attribute__((noinline, cold)) void side_next_region(side_cursor *c) {
     c->p = c->run_end = NULL;
-    while (c->next < c->end) {
-        const pf_region *r = c->reg + c->next;
-        c->next += c->step;
+    c->rows_left = 0;
+    while (!c->done) {
+        const int64_t i = __atomic_fetch_add(c->claim, 1, __ATOMIC_RELAXED);
+        if (i >= c->end) {
+            c->done = 1;
+            return;
+        }
+        const pf_region *r = c->reg + i;
         if (r->rows > 0 && r->bytes > 0) {
             c->row = r->base;
             c->rows_left = r->rows - 1;
@@ -202,11 +209,11 @@ static inline __attribute__((always_inline)) const char *bgemm_tile(
     const uint16_t *x, int64_t ldx, const uint16_t *wp, int64_t k, int64_t p0, uint16_t *y, int64_t ldy, int64_t n,
     int64_t r0, const char *pf, const char *pf_end, side_cursor *side, const int MB, const int TP, const int SIDE) {
     __m512 acc[BGEMM_PANELS][BGEMM_ROWS];
-    /* the side lines, one a pair step, while the thread's share lasts (its runs in registers meanwhile) */
+    /* the side lines, one every other pair step, while unclaimed regions last (the run's state in registers) */
     const char *sp = NULL, *se = NULL, *srow = NULL;
     int64_t srows = 0, sstride = 0, sbytes = 0;
     if (SIDE) {
-        if (side->p >= side->run_end && side->rows_left == 0) side_next_region(side);
+        if (side->p >= side->run_end && side->rows_left == 0 && !side->done) side_next_region(side);
         sp = side->p, se = side->run_end, srow = side->row;
         srows = side->rows_left, sstride = side->stride, sbytes = side->bytes;
     }
@@ -219,14 +226,20 @@ static inline __attribute__((always_inline)) const char *bgemm_tile(
             _mm_prefetch(pf, _MM_HINT_T1);
             pf += 64;
         }
-        if (SIDE && sp < se) {
+        if (SIDE && (j & 2) && sp < se) { /* every other pair step */
             _mm_prefetch(sp, _MM_HINT_T1);
             sp += 64;
-            if (sp >= se && srows > 0) {
-                srows--;
-                srow += sstride;
-                sp = (const char *)((uintptr_t)srow & ~(uintptr_t)63);
-                se = srow + sbytes;
+            if (sp >= se) {
+                if (srows > 0) { /* the region's next row */
+                    srows--;
+                    srow += sstride;
+                    sp = (const char *)((uintptr_t)srow & ~(uintptr_t)63);
+                    se = srow + sbytes;
+                } else { /* the next region, in this same tile */
+                    side_next_region(side);
+                    sp = side->p, se = side->run_end, srow = side->row;
+                    srows = side->rows_left, sstride = side->stride, sbytes = side->bytes;
+                }
             }
         }
         __m512bh b[BGEMM_PANELS];
@@ -291,21 +304,24 @@ static inline __attribute__((always_inline)) void bgemm_thread(const uint16_t *x
     }
 }
 
-/* The product, and while it runs the threads prefetch the `nside` side regions (none: side NULL), each thread
- * every num_threads-th of them, a line per pair step of its tiles (into L2; what L2 cannot hold moves on to L3).
- * At 64 decode rows a pair step is ~24 vdpbf16ps, so the side lines come at about the machine's spare bandwidth:
- * two lines a step were no faster than one on the 2-core AVX512-BF16 machine, half a line a step as fast. */
+/* The product, and while it runs the threads prefetch the `nside` side regions (none: side NULL) in order, each
+ * claiming the next one when it is done with its last, a line every other pair step of its tiles (into L2; what L2
+ * cannot hold moves on to L3). A pair step of a full tile (8 rows by 3 panels) is 24 vdpbf16ps, so the side lines
+ * come at about the machine's spare bandwidth while the product is bound by its instructions (decode batches of
+ * 20-64 rows and up). On the 2-core AVX512-BF16 machine a line every pair step was no faster for the LoRA weights
+ * and slower for the K/V blocks, two lines a pair step slower still. */
 int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads) {
     if (m < 1 || n < 1 || k < 2 || k % 2 != 0 || ldx < k || ldy < n || num_threads < 1 || nside < 0) return -1;
     const int64_t panels = (n + 15) / 16, groups = (panels + BGEMM_PANELS - 1) / BGEMM_PANELS;
     steal_range ranges[STEAL_MAX_THREADS];
     const int parts = steal_init(ranges, num_threads, groups);
+    int64_t claimed = 0; /* the side regions the threads have taken */
 #pragma omp parallel num_threads(num_threads) if (m * n * k >= 65536)
     {
-        const int id = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int id = omp_get_thread_num();
         if (side != NULL && nside > 0) {
-            side_cursor c = {side, id, nt, nside, NULL, NULL, NULL, 0, 0, 0};
+            side_cursor c = {side, &claimed, nside, NULL, NULL, NULL, 0, 0, 0, 0};
             bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, &c, 1);
         } else {
             bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, NULL, 0);

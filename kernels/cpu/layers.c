@@ -23,6 +23,7 @@ int q4b_gemm_fits(int64_t m, int64_t n, int64_t k);
 int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, int num_threads);
 int gemm_bf16w_min_rows(void);
+int gemm_bf16w_available(void);
 int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads);
 int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
@@ -238,31 +239,38 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
             !gemm_fits(p + GATE_UP, t, 2 * inter, hidden, prompt) || !gemm_fits(p + DOWN, t, hidden, inter, prompt))
             return -1;
     }
+    if (block_size < 1) return -1;
+    int64_t nblocks = 0; /* the K/V blocks the sequences' attention reads, shared ones counted for each */
+    for (int64_t i = 0; i < num_seqs; i++) {
+        if (ctx[i] < 1) return -1;
+        nblocks += (ctx[i] + block_size - 1) / block_size;
+    }
     const size_t elems = (size_t)(t * (width + 2 * qd + 2 * hidden + 3 * inter));
     uint16_t *buf = malloc(elems * sizeof(uint16_t));
     int64_t *work = malloc(sizeof(int64_t) * (size_t)((4 + MAX_GROUP_SLICES) * (lora_nseg > 0 ? lora_nseg : 1)));
-    /* While a projection's product runs, its threads prefetch what comes next (`pf_region`): the LoRA weights its
-     * group's SGMV reads and, during the gate/up and down products, the next layer's K/V blocks (its attention's
-     * reads, bound by memory), shared between the two in proportion to their pair steps (gu_share 1024ths).
-     * side: room for a group's LoRA regions, then the K/V regions; a product's list is its LoRA regions moved
-     * right before its share of the K/V ones. */
-    const int64_t lora_max = (1 + MAX_GROUP_SLICES) * lora_nseg;
-    const int64_t gu_steps = (2 * inter + 47) / 48 * hidden, down_steps = (hidden + 47) / 48 * inter;
-    const int64_t gu_share = 1024 * gu_steps / (gu_steps + down_steps);
-    int64_t nblocks = 0;
-    for (int64_t i = 0; i < num_seqs; i++) nblocks += (ctx[i] + block_size - 1) / block_size;
-    int64_t *kv_ids = malloc(sizeof(int64_t) * (size_t)(nblocks + 1));
-    pf_region *side = malloc(sizeof(pf_region) * (size_t)(lora_max + 2 * nblocks + 1)), *kv_side = side + lora_max;
-    if (!buf || !work || !kv_ids || !side) {
+    if (!buf || !work) {
         free(buf);
         free(work);
-        free(kv_ids);
-        free(side);
         return -1;
     }
-    /* only the dense product takes side lines: at fewer rows (the int4 kernel, bound by memory) none are listed */
-    const int64_t kv_n = prompt || t >= gemm_bf16w_min_rows()
-                             ? kv_block_ids(tables, table_stride, ctx, num_seqs, block_size, kv_ids) : 0; /* -1: none */
+    /* While a projection's dense product runs (bound by its instructions), its threads prefetch what kernels after
+     * it read from memory (`pf_region`): the LoRA weights its group's SGMV reads and, during the gate/up and down
+     * products, the next layer's K/V blocks (its attention's reads), shared between the two in proportion to
+     * their pair steps (gu_share 1024ths). side: room for a group's LoRA regions, then the K/V regions; a product's
+     * list is its LoRA regions moved right before its share of the K/V ones. The int4 kernel (fewer rows, bound by
+     * memory itself) takes no list: the K/V one is built only where a gate/up or down product is dense. Without
+     * memory for the lists the step runs without them. */
+    int dense_mlp = 0;
+    for (int64_t l = 0; l < num_layers && gemm_bf16w_available(); l++)
+        dense_mlp |= dense_takes(layers + l * LAYER_FIELDS + GATE_UP, t, prompt) ||
+                     dense_takes(layers + l * LAYER_FIELDS + DOWN, t, prompt);
+    const int64_t lora_max = (1 + MAX_GROUP_SLICES) * lora_nseg, kv_cap = dense_mlp ? nblocks : 0;
+    const int64_t gu_steps = (2 * inter + 47) / 48 * hidden, down_steps = (hidden + 47) / 48 * inter;
+    const int64_t gu_share = 1024 * gu_steps / (gu_steps + down_steps);
+    pf_region *side = malloc(sizeof(pf_region) * (size_t)(lora_max + 2 * kv_cap + 1));
+    pf_region *kv_side = side ? side + lora_max : NULL;
+    int64_t *kv_ids = side && kv_cap > 0 ? malloc(sizeof(int64_t) * (size_t)kv_cap) : NULL;
+    const int64_t kv_n = kv_ids ? kv_block_ids(tables, table_stride, ctx, num_seqs, block_size, kv_ids) : 0; /* -1: none */
     uint16_t *qkv = buf, *q = qkv + t * width, *attn = q + t * qd, *o = attn + t * qd, *hs = o + t * hidden;
     uint16_t *gu = hs + t * hidden, *act = gu + t * 2 * inter;
     int rc = 0;
@@ -270,14 +278,15 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         const int64_t *p = layers + l * LAYER_FIELDS;
         uint16_t *kc = PTR(uint16_t *, p[K_CACHE]), *vc = PTR(uint16_t *, p[V_CACHE]);
         const uint16_t *in = l == 0 ? hs0 : hs;
-        if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, side, lora_regions(&lo, l, 0, hidden, width, side),
-                 num_threads) ||
+        if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, side,
+                 side ? lora_regions(&lo, l, 0, hidden, width, side) : 0, num_threads) ||
             lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
             paged_decode_attention_bf16(q, kc, vc, attn, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
-            gemm(attn, p + O, o, t, hidden, qd, prompt, side, lora_regions(&lo, l, 1, qd, hidden, side), num_threads) ||
+            gemm(attn, p + O, o, t, hidden, qd, prompt, side, side ? lora_regions(&lo, l, 1, qd, hidden, side) : 0,
+                 num_threads) ||
             lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {
             rc = l == 0 ? -1 : -2;
             break;
@@ -290,17 +299,19 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
                              block_size, kv_heads * head_dim, kv_side);
         }
         const int64_t kv_gu = nkv * gu_share / 1024;
-        int64_t nl = lora_regions(&lo, l, 2, hidden, 2 * inter, side);
-        memmove(kv_side - nl, side, sizeof(pf_region) * (size_t)nl);
-        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, kv_side - nl, nl + kv_gu, num_threads) ||
+        int64_t nl = side ? lora_regions(&lo, l, 2, hidden, 2 * inter, side) : 0;
+        if (nl) memmove(kv_side - nl, side, sizeof(pf_region) * (size_t)nl);
+        if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, side ? kv_side - nl : NULL, nl + kv_gu,
+                 num_threads) ||
             lora_apply(&lo, l, 2, hs, gu, hidden, 2 * inter, work, num_threads)) {
             rc = -2;
             break;
         }
         silu_mul_bf16(gu, act, t, inter, num_threads);
-        nl = lora_regions(&lo, l, 3, inter, hidden, side);
-        memmove(kv_side + kv_gu - nl, side, sizeof(pf_region) * (size_t)nl);
-        if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, kv_side + kv_gu - nl, nl + nkv - kv_gu, num_threads) ||
+        nl = side ? lora_regions(&lo, l, 3, inter, hidden, side) : 0;
+        if (nl) memmove(kv_side + kv_gu - nl, side, sizeof(pf_region) * (size_t)nl);
+        if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, side ? kv_side + kv_gu - nl : NULL,
+                 nl + nkv - kv_gu, num_threads) ||
             lora_apply(&lo, l, 3, act, down, inter, hidden, work, num_threads)) {
             rc = -2;
             break;

@@ -248,6 +248,26 @@ def test_a_step_a_kernel_refuses_is_handed_back_with_the_residual_untouched(mode
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("bad_ctx", [0, -1000], ids=["empty-context", "negative-context"])
+def test_a_step_whose_context_length_is_not_positive_is_refused_untouched(model, bad_ctx):
+    """Bad input: a sequence's context length (the tokens its attention reads) of 0 or below, beside a valid one.
+    The call reads the contexts to size its K/V prefetch lists before any kernel runs: it refuses the step (None)
+    with the residual stream unchanged, instead of sizing a list from them."""
+    kv, tables = _prefill(model, 2, seed=3)
+    plan = AttentionPlan.build(tables, [PROMPT, PROMPT], [1, 1], BS)
+    nd = plan.native_all()
+    assert nd is not None
+    ctx = nd.ctx.clone()
+    ctx[0] = bad_ctx
+    x = torch.randn(2, model.arch.hidden_size)
+    before = x.clone()
+    hs = torch.randn(2, model.arch.hidden_size).to(torch.bfloat16)
+    out = native.decode_layers(x, hs, model._decode_layers(kv), torch.tensor([PROMPT, PROMPT]), model._cos,
+                               model._sin, plan.slot_mapping, nd.q_rows, nd.nq, ctx, nd.tables,
+                               model.arch.rms_norm_eps, model.scale)
+    assert out is None and torch.equal(x, before)
+
+
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory):
     """A 3-layer tiny model and the four adapters of tests/runtime/test_lora_model.py (ranks 4-32, different
