@@ -211,6 +211,13 @@ static int gemm_fits(const int64_t *w, int64_t m, int64_t n, int64_t k, int prom
     return w[2] == 0 || w[2] == 1 ? q4b_gemm_fits(m, n, k) : q4_gemm_fits(m, n, k);
 }
 
+/* lora_regions for the product of weight w at t rows into side, where that product takes the list (the dense one;
+ * none without a side buffer): 0 otherwise. */
+static int64_t lora_list(const Lora *lo, const int64_t *w, int64_t t, int prompt, int64_t l, int g, int64_t in_dim,
+                         int64_t out_dim, pf_region *side) {
+    return side && dense_takes(w, t, prompt) ? lora_regions(lo, l, g, in_dim, out_dim, side) : 0;
+}
+
 /* x [T, hidden] float32: the residual stream, updated in place; hs0 [T, hidden] bf16: the first layer's normed
  * input; layers [num_layers, LAYER_FIELDS]; the step's metadata as the rotary and attention kernels take it.
  * down [T, hidden] bf16 gets the last layer's down projection (the caller adds it and applies the final norm).
@@ -258,7 +265,8 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
      * products, the next layer's K/V blocks (its attention's reads), shared between the two in proportion to
      * their pair steps (gu_share 1024ths). side: room for a group's LoRA regions, then the K/V regions; a product's
      * list is its LoRA regions moved right before its share of the K/V ones. The int4 kernel (fewer rows, bound by
-     * memory itself) takes no list: the K/V one is built only where a gate/up or down product is dense. Without
+     * memory itself) takes no list, and none is built for it (`lora_list`; the K/V one only where a gate/up or
+     * down product is dense). Without
      * memory for the lists the step runs without them. */
     int dense_mlp = 0;
     for (int64_t l = 0; l < num_layers && gemm_bf16w_available(); l++)
@@ -279,13 +287,13 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         uint16_t *kc = PTR(uint16_t *, p[K_CACHE]), *vc = PTR(uint16_t *, p[V_CACHE]);
         const uint16_t *in = l == 0 ? hs0 : hs;
         if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, side,
-                 side ? lora_regions(&lo, l, 0, hidden, width, side) : 0, num_threads) ||
+                 lora_list(&lo, p + QKV, t, prompt, l, 0, hidden, width, side), num_threads) ||
             lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
             paged_decode_attention_bf16(q, kc, vc, attn, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
-            gemm(attn, p + O, o, t, hidden, qd, prompt, side, side ? lora_regions(&lo, l, 1, qd, hidden, side) : 0,
+            gemm(attn, p + O, o, t, hidden, qd, prompt, side, lora_list(&lo, p + O, t, prompt, l, 1, qd, hidden, side),
                  num_threads) ||
             lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {
             rc = l == 0 ? -1 : -2;
@@ -299,7 +307,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
                              block_size, kv_heads * head_dim, kv_side);
         }
         const int64_t kv_gu = nkv * gu_share / 1024;
-        int64_t nl = side ? lora_regions(&lo, l, 2, hidden, 2 * inter, side) : 0;
+        int64_t nl = lora_list(&lo, p + GATE_UP, t, prompt, l, 2, hidden, 2 * inter, side);
         if (nl) memmove(kv_side - nl, side, sizeof(pf_region) * (size_t)nl);
         if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, side ? kv_side - nl : NULL, nl + kv_gu,
                  num_threads) ||
@@ -308,7 +316,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
             break;
         }
         silu_mul_bf16(gu, act, t, inter, num_threads);
-        nl = side ? lora_regions(&lo, l, 3, inter, hidden, side) : 0;
+        nl = lora_list(&lo, p + DOWN, t, prompt, l, 3, inter, hidden, side);
         if (nl) memmove(kv_side + kv_gu - nl, side, sizeof(pf_region) * (size_t)nl);
         if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, side ? kv_side + kv_gu - nl : NULL,
                  nl + nkv - kv_gu, num_threads) ||
