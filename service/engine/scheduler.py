@@ -207,7 +207,9 @@ class Scheduler:
         a step computes at most `max_shared_prefill_tokens` prompt tokens, so a tenant's new request never waits long
         for a step of another tenant's prompts to end; the request the fair share admits next claims its prompt, up
         to half of them, before running requests of tenants ahead of it. Half: whatever holds a backlogged tenant's
-        request back (its adapter loading, memory), the running prompts still go on.
+        request back (its adapter loading, memory), the running prompts still go on. A request that cannot have a
+        seat this step (every seat taken, none it may take: `_seat_victims`) claims nothing: the room it would hold
+        back would go unused, and the running prompts, which hold their seats, would take a step more.
 
         When that request's tenant is not backlogged (this is its only request waiting: a light or interactive
         stream) and it can have a seat, its claim is exclusive: its prompt, whole (up to the step's budget, beyond
@@ -230,8 +232,9 @@ class Scheduler:
         held: dict[str, list[Request]] = {}
         for r in self.running:
             held.setdefault(r.tenant, []).append(r)
-        exclusive = (not self._exclusive_last_step and self._only_one_waiting(req.tenant, held)
-                     and (len(self.running) < self.config.max_num_seqs or self._seat_victim(req, held) is not None))
+        if len(self.running) >= self.config.max_num_seqs and self._seat_victim(req, held) is None:
+            return limit, None  # it cannot have a seat this step: the room it would hold back would go unused
+        exclusive = not self._exclusive_last_step and self._only_one_waiting(req.tenant, held)
         tokens = min(budget if exclusive else limit // 2, uncached)
         return max(limit, tokens), _Claim(req, (req.priority, self.fair.key(req.tenant)), tokens, exclusive)
 

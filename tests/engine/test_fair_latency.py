@@ -66,6 +66,23 @@ def test_the_bound_holds_up_no_prompt_while_the_next_request_cannot_start():
     assert sum(t.prompt_tokens(s).get("flood", 0) == 32 for s in steps) >= 24
 
 
+def test_a_waiting_request_that_cannot_have_a_seat_holds_back_no_prompt_room():
+    # b holds three of the four seats decoding (long outputs) and keeps requests waiting: it is backlogged and holds
+    # seats, so it may take none from flood. Its next request, first in the fair order (b is behind flood), cannot
+    # start while every seat is taken; flood's running prompt gets the step's whole shared room, not the half that
+    # request would claim.
+    t = Tenants(make_engine(scheduling_policy="vtc", max_shared_prefill_tokens=32, **SHARED),
+                {"flood": (400, 4), "b": (8, 200)}, depth={"flood": 4, "b": 4})
+    t.run(60)
+    sched = t.engine.scheduler
+    assert Counter(r.tenant for r in sched.running) == {"b": 3, "flood": 1}
+    assert sched.fair.counter("b") < sched.fair.counter("flood")
+    assert sched.waiting.peek().request.tenant == "b"
+    first = len(t.engine.runner.history)
+    t.run(5)
+    assert [t.prompt_tokens(s).get("flood", 0) for s in range(first, first + 5)] == [32] * 5
+
+
 def long_prompt_beside_light(**more: tuple[int, int]) -> Tenants:
     """light has one request decoding (100 tokens); flood's 400-token prompt runs in chunks of the shared room (32)
     beside it, three steps in. `more`: further tenants' shapes."""
