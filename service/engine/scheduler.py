@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 from service.config import EngineConfig
@@ -83,6 +84,20 @@ class Scheduler:
         self.num_seats_taken = 0  # preemptions that gave a seat to a tenant (vtc, `_seat_victims`)
         self._arrivals = 0
         self._exclusive_last_step = False  # the last step's claim was exclusive (`_prompt_room`)
+
+    def set_policy(self, policy: str, max_shared_prefill_tokens: int | None = None) -> None:
+        """Switch the policy between tenants (and the shared prompt bound) while nothing is in the scheduler: every
+        tenant's counter starts afresh, their weights are kept. ValueError for an unknown policy or a bound < 1;
+        RuntimeError while a request is waiting or running (its place in the queue was set by the old policy)."""
+        if self.has_unfinished():
+            raise RuntimeError(f"the scheduling policy can change only while the engine is idle "
+                               f"({len(self.running)} running, {len(self.waiting)} waiting)")
+        bound = self.config.max_shared_prefill_tokens if max_shared_prefill_tokens is None else max_shared_prefill_tokens
+        config = replace(self.config, scheduling_policy=policy, max_shared_prefill_tokens=bound)  # validates both
+        fair = FairShare(policy, self.fair.weight_of, config.input_token_weight, config.output_token_weight)
+        self.config, self.fair = config, fair
+        self.waiting = WaitingQueue(fair.key)
+        self._exclusive_last_step = False
 
     # ---- queue --------------------------------------------------------------------------
     def add(self, request: Request) -> None:

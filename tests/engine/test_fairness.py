@@ -183,3 +183,42 @@ def test_at_equal_counters_the_tenant_with_fewer_requests_goes_first():
     f.charge("light", input_tokens=1)
     assert f.key("flood") < f.key("light")
     assert FairShare("fcfs").key("light") == FairShare("fcfs").key("flood")
+
+
+def test_the_policy_switches_while_idle_with_fresh_counters_and_the_same_weights():
+    engine = make_engine(scheduling_policy="vtc", **ENGINE)
+    sched = engine.scheduler
+    t = Tenants(engine, {"a": (64, 8), "b": (8, 8)}, weights={"a": 2.0}, depth={"a": 8, "b": 2})
+    t.run(200)
+    t.depth = {}
+    while engine.has_unfinished():
+        t.step()
+    assert sched.fair.counter("a") > 0
+    sched.set_policy("fcfs", max_shared_prefill_tokens=40)
+    assert sched.fair.policy == "fcfs" and sched.config.max_shared_prefill_tokens == 40
+    assert sched.fair.counter("a") == 0.0 and sched.fair.weight_of("a") == 2.0
+    # Now the flooding tenant takes the machine, as under fcfs from the start.
+    t.depth = {"a": 8, "b": 2}
+    start = dict(t.service)
+    t.run(600)
+    gained = {x: t.service[x] - start[x] for x in "ab"}
+    assert gained["a"] * 2.0 > 3 * gained["b"]  # service is per unit of weight: a's raw service, against b's
+    t.depth = {}
+    while engine.has_unfinished():
+        t.step()
+    sched.set_policy("vtc")  # the bound stays where it was set
+    assert sched.fair.policy == "vtc" and sched.config.max_shared_prefill_tokens == 40
+
+
+def test_the_policy_does_not_switch_while_a_request_is_in_or_to_a_bad_setting():
+    engine = make_engine(scheduling_policy="vtc", **ENGINE)
+    sched = engine.scheduler
+    with pytest.raises(ValueError, match="scheduling_policy='lottery' is invalid"):
+        sched.set_policy("lottery")  # bad input: an unknown policy
+    with pytest.raises(ValueError, match="max_shared_prefill_tokens"):
+        sched.set_policy("fcfs", max_shared_prefill_tokens=0)  # bad input: a bound below 1
+    t = Tenants(engine, {"a": (16, 8)}, depth={"a": 1})
+    t.run(1)
+    with pytest.raises(RuntimeError, match="only while the engine is idle"):
+        sched.set_policy("fcfs")  # bad timing: a request is running
+    assert sched.fair.policy == "vtc"
