@@ -31,9 +31,10 @@ class EngineConfig:
     # short step costs little more than its tokens), `make bench ARGS=fairness` gave the light tenant's TTFT p99
     # under the flood 1.73 / 1.67x its p99 alone at 96 (two runs) against 1.91 / 1.67 / 2.03x at 128 (three), and
     # 2.26x at 192; the total throughput against fcfs 0.964 / 0.929 at 96, 0.986 / 0.915 / 0.954 at 128 (bench/
-    # HISTORY.md, Fair sharing under a flood). Rerun later at 128 / 160 (1.013 / 0.925, p99 1.44 / 1.80x) and in one
-    # process with both policies alternating (vtc 0.93-1.0 of fcfs at 96, 128 and 160, none ahead twice): no
-    # bound clearly better (README.md, Fair sharing under a flood).
+    # HISTORY.md, Fair sharing under a flood). Rerun later at 128 (1.013 / 0.930 / 0.942, p99 1.44-1.56x) and 160
+    # (0.925, p99 1.80x): no better over gRPC, where vtc wakes every tenant's client each step; in one process
+    # (bench/fairness_replay.py) 128 and 160 buy back most of vtc's extra steps (README.md, Fair sharing under a
+    # flood).
     max_shared_prefill_tokens: int = 96
     # Speculative decoding (service.engine.speculative): the default of requests that do not choose ("off",
     # "ngram", or "draft" with a draft model loaded: runtime.draft_model), the most drafts per request and step,
