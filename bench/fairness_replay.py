@@ -13,8 +13,8 @@ Prompts are random token ids (no prefix-cache hits); the engine runs with the se
 all done; C's requests still in flight then finish before the next round starts. Per spec (`policy:bound`): the
 median makespan over the rounds and its ratio to the first spec's (`throughput_vs_first`: the same work, so the
 inverse ratio of the times), engine steps, preemptions and C's TTFT p50 / p99 (from the moment its request was due,
-which may fall within a step the engine is running, to its first token). This is what the served bench's `throughput_vs_fcfs` measures without the clients sharing the cores.
-Written to bench/results/fairness_replay.json.
+which may fall within a step the engine is running, to its first token). This is what the served bench's
+`throughput_vs_fcfs` measures, without the clients sharing the cores. Written to bench/results/fairness_replay.json.
 """
 
 from __future__ import annotations

@@ -92,7 +92,9 @@ class Scheduler:
         if self.has_unfinished():
             raise RuntimeError(f"the scheduling policy can change only while the engine is idle "
                                f"({len(self.running)} running, {len(self.waiting)} waiting)")
-        bound = self.config.max_shared_prefill_tokens if max_shared_prefill_tokens is None else max_shared_prefill_tokens
+        bound = max_shared_prefill_tokens
+        if bound is None:
+            bound = self.config.max_shared_prefill_tokens
         config = replace(self.config, scheduling_policy=policy, max_shared_prefill_tokens=bound)  # validates both
         fair = FairShare(policy, self.fair.weight_of, config.input_token_weight, config.output_token_weight)
         self.config, self.fair = config, fair
