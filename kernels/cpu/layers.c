@@ -266,8 +266,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
      * their pair steps (gu_share 1024ths). side: room for a group's LoRA regions, then the K/V regions; a product's
      * list is its LoRA regions moved right before its share of the K/V ones. The int4 kernel (fewer rows, bound by
      * memory itself) takes no list, and none is built for it (`lora_list`; the K/V one only where a gate/up or
-     * down product is dense). Without
-     * memory for the lists the step runs without them. */
+     * down product is dense). Without memory for the lists the step runs without them. */
     int dense_mlp = 0;
     for (int64_t l = 0; l < num_layers && gemm_bf16w_available(); l++)
         dense_mlp |= dense_takes(layers + l * LAYER_FIELDS + GATE_UP, t, prompt) ||
