@@ -170,7 +170,8 @@ def serve_configs(args: argparse.Namespace) -> tuple:
         AdapterConfig: dict(max_active_adapters=args.max_active_adapters),
         ServerConfig: dict(host=args.host, port=args.port, http_port=args.http_port, drain_grace_s=args.drain_grace_s,
                            grpc_workers=args.grpc_workers, client_stall_timeout_s=args.client_stall_timeout_s,
-                           max_message_mib=args.max_message_mib, max_prompt_bytes=args.max_prompt_bytes),
+                           max_message_mib=args.max_message_mib, max_prompt_bytes=args.max_prompt_bytes,
+                           stream_interval=args.stream_interval),
         ServiceConfig: dict(data_dir=args.data_dir, tenants_file=args.tenants, metrics_port=args.metrics_port,
                             max_upload_mib=args.max_upload_mib,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
@@ -298,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"RESOURCE_EXHAUSTED (default: {ServerConfig.max_message_mib})")
     s.add_argument("--max-prompt-bytes", type=int, help="largest prompt text (or chat messages' content in total) "
                    "in UTF-8 bytes, checked before tokenizing (default: 16 per token of the context window)")
+    s.add_argument("--stream-interval", type=int, metavar="N",
+                   help="tokens a streamed message gathers before it is sent; the first token and the last message "
+                        "go at once (default: 1, every step's tokens as they come; more: fewer messages and "
+                        "wake-ups under many streams)")
     s.add_argument("--max-upload-mib", type=int, help="largest adapter upload of a tenant whose limits say "
                    f"max_upload_bytes: null, and in open access (default: {ServiceConfig.max_upload_mib})")
     s.add_argument("--log-json", action="store_true", help="JSON log lines on stderr")

@@ -185,6 +185,11 @@ class ServerConfig:
     # The OpenAI-compatible HTTP front (POST /v1/chat/completions, /v1/completions, GET /v1/models, /health,
     # /metrics) on the same host; None = off, 0 = any free port.
     http_port: int | None = None
+    # Tokens a streamed message gathers before it is sent (gRPC GenerateStream, HTTP stream=true). The first
+    # token and the last message go at once; 1 sends every step's tokens as they come. More means fewer messages
+    # and fewer wake-ups of the server's and the client's threads under many streams, at the cost of smoother
+    # text: each message waits for up to this many of the stream's steps.
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -209,6 +214,10 @@ class ServerConfig:
         if self.max_prompt_bytes is not None and self.max_prompt_bytes < 1:
             raise ValueError(f"max_prompt_bytes={self.max_prompt_bytes} is invalid: must be >= 1, or unset for "
                              "16 bytes per token of the context window")
+        if isinstance(self.stream_interval, bool) or not isinstance(self.stream_interval, int) \
+                or not 1 <= self.stream_interval <= 1024:
+            raise ValueError(f"stream_interval={self.stream_interval!r} is invalid: must be a whole number of "
+                             "tokens in [1, 1024] (1: every step's tokens as they come)")
 
 
 LOG_FORMATS = ("console", "json")

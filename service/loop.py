@@ -40,19 +40,46 @@ class LoopClosed(Exception):
 
 class RequestHandle:
     """One submitted request as its caller sees it: iterate to get its `RequestOutput`s (the last one
-    carries the `FinalOutput`), `cancel()` to abort it."""
+    carries the `FinalOutput`), `cancel()` to abort it.
 
-    def __init__(self, loop: EngineLoop, spec: RequestSpec, context: Any = None) -> None:
+    `stream_interval`: how many new tokens an output gathers before it is queued. The first output with a token
+    is queued at once (time to first token), and so is the final one, whatever it holds. 1 queues every step's
+    output; None queues the final output alone (a caller that only wants the whole answer: its thread is woken
+    once, not once per token). Gathered outputs are joined: their tokens, text and logprobs in order."""
+
+    def __init__(self, loop: EngineLoop, spec: RequestSpec, context: Any = None,
+                 stream_interval: int | None = 1) -> None:
+        if stream_interval is not None and stream_interval < 1:
+            raise ValueError(f"stream_interval={stream_interval} is invalid: must be >= 1, or None for the final "
+                             "output alone")
         self.spec = spec
         self.request_id = spec.request_id
         self.context = context  # the submitter's own record (lease, span), handed to on_finished
         self.stopped_by_drain = False  # aborted because the drain's grace period ran out
+        self.stream_interval = stream_interval
         self._loop = loop
         self._outputs: queue.Queue[RequestOutput] = queue.Queue()
+        self._gathered: RequestOutput | None = None  # outputs not queued yet (loop thread only)
+        self._first_queued = False  # an output with a token was queued (loop thread only)
         self._done = False
         self._cancelled = False
         # Called on the loop thread after each output is queued (an event loop's waiter wakes on it).
         self.on_output: Callable[[], None] | None = None
+
+    def _gather(self, out: RequestOutput) -> RequestOutput | None:
+        """(Loop thread.) Take one step's output; what is to be queued now, if anything."""
+        g = self._gathered
+        if g is not None:
+            out = RequestOutput(out.request_id, g.new_token_ids + out.new_token_ids, g.new_text + out.new_text,
+                                g.new_logprobs + out.new_logprobs, out.final)
+        n = len(out.new_token_ids)
+        if out.final is not None or (self.stream_interval is not None and n > 0 and (
+                not self._first_queued or n >= self.stream_interval)):
+            self._gathered = None
+            self._first_queued = self._first_queued or n > 0
+            return out
+        self._gathered = out
+        return None
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """The next output; `queue.Empty` after `timeout` seconds without one."""
@@ -90,6 +117,7 @@ class _Submit:
     spec: RequestSpec
     future: Future[RequestHandle]
     context: Any = None
+    stream_interval: int | None = 1
     # When the submitter handed it over: the request's arrival. The loop takes requests in only between steps,
     # so its timings (queue, TTFT) then include the wait for the step in progress, as its client sees it.
     submitted_at: float = field(default_factory=time.monotonic)
@@ -182,10 +210,14 @@ class EngineLoop:
             self._thread.join(timeout)
 
     # ---- requests (any thread) ----------------------------------------------------------
-    def submit(self, spec: RequestSpec, context: Any = None, timeout: float | None = 30.0) -> RequestHandle:
+    def submit(self, spec: RequestSpec, context: Any = None, timeout: float | None = 30.0, *,
+               stream_interval: int | None = 1) -> RequestHandle:
         """Hand a request to the engine and wait until it is queued. Raises what `add_request` raises
         (ValueError, QueueFullError) on this thread, or LoopClosed while draining. `context` is the
-        submitter's own record, handed back to `on_finished`."""
+        submitter's own record, handed back to `on_finished`; `stream_interval`: see `RequestHandle`."""
+        if stream_interval is not None and stream_interval < 1:
+            raise ValueError(f"stream_interval={stream_interval} is invalid: must be >= 1, or None for the final "
+                             "output alone")
         future: Future[RequestHandle] = Future()
         with self._accept_lock:
             if not self._accepting:
@@ -194,7 +226,7 @@ class EngineLoop:
                 raise LoopClosed("the engine loop is not running")
             self._submits += 1
             self._idle.clear()  # before the loop can see the request, so a concurrent drain() waits for it
-            self._post(_Submit(spec, future, context))
+            self._post(_Submit(spec, future, context, stream_interval))
         try:
             return future.result(timeout)
         except FutureTimeout:
@@ -342,7 +374,7 @@ class EngineLoop:
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return
-        handle = RequestHandle(self, command.spec, command.context)
+        handle = RequestHandle(self, command.spec, command.context, command.stream_interval)
         self._handles[handle.request_id] = handle
         command.future.set_result(handle)
 
@@ -383,6 +415,9 @@ class EngineLoop:
                 del self._handles[out.request_id]
                 if self._on_finished is not None:
                     self._hook(self._on_finished, handle, out.final)
+            out = handle._gather(out)
+            if out is None:
+                continue  # gathered: queued with a later output
             handle._outputs.put(out)
             if handle.on_output is not None:
                 self._hook(handle.on_output)

@@ -217,7 +217,8 @@ class LoraServer:
         self.generations = GenerationPath(
             self.loop, converter, base_model=self.base_model, limiter=TenantLimiter(),
             tracer=self.tracer_provider.get_tracer("loraserve"), adapters=holds, watchdog=self.watchdog,
-            call_slots=self.call_slots, on_adapter_named=self.metrics.adapter_named)
+            call_slots=self.call_slots, on_adapter_named=self.metrics.adapter_named,
+            stream_interval=self.config.stream_interval)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self.generations), self.server)
         self.http = self._http_front(ec) if self.config.http_port is not None else None
         adapters_pb2_grpc.add_AdapterServiceServicer_to_server(

@@ -106,10 +106,13 @@ class GenerationPath:
                  limiter: TenantLimiter | None = None, tracer: trace.Tracer | None = None,
                  adapters: AdapterHolder | None = None, watchdog: StallWatchdog | None = None,
                  call_slots: CallSlots | None = None,
-                 on_adapter_named: Callable[[str, str], None] | None = None) -> None:
+                 on_adapter_named: Callable[[str, str], None] | None = None, stream_interval: int = 1) -> None:
         """`call_slots` bound the generations that hold a server thread for their whole life (gRPC's);
         `on_adapter_named(version_id, reference)` learns the reference a request named its adapter by (the
-        gateway-facing LoRA metric lists adapters by the names requests use)."""
+        gateway-facing LoRA metric lists adapters by the names requests use); `stream_interval`: the tokens a
+        streamed message gathers (the first token and the last message go at once), see `RequestHandle`."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval={stream_interval} is invalid: must be >= 1")
         self.loop = loop
         self.converter = converter
         self.base_model = base_model
@@ -119,12 +122,15 @@ class GenerationPath:
         self.watchdog = watchdog  # cancels a call whose client stops taking its messages
         self.call_slots = call_slots
         self.on_adapter_named = on_adapter_named
+        self.stream_interval = stream_interval
 
     def start(self, request: convert.GenerateLike, call: CallContext, *, tenant: Any, request_id: str,
-              front: Front, operation: str = "text_completion", use_call_slot: bool = True) -> Generation:
+              front: Front, streamed: bool, operation: str = "text_completion",
+              use_call_slot: bool = True) -> Generation:
         """Authorize, validate, admit under the server's and the tenant's limits, trace, submit. What the call
         holds (its call slot, the tenant's lease) is released when the call ends, its last message written;
-        anything refused on the way ends the span with the error and releases what was taken."""
+        anything refused on the way ends the span with the error and releases what was taken. `streamed`: the
+        caller sends the outputs as they come (else it gets the final output alone, its thread woken once)."""
         release_slot = (self.call_slots.acquire("generation")
                         if self.call_slots is not None and use_call_slot else None)
         sampling = request.sampling
@@ -159,7 +165,8 @@ class GenerationPath:
             structlog.contextvars.bind_contextvars(**log_context)
             if lease is not None:
                 lease.charge(len(spec.prompt_token_ids))
-            handle = self.loop.submit(spec, RequestContext(lease=lease, span=span, front=front))
+            handle = self.loop.submit(spec, RequestContext(lease=lease, span=span, front=front),
+                                      stream_interval=self.stream_interval if streamed else None)
         except BaseException as e:
             # Not submitted: the loop's on_finished will never run for it, so undo here.
             if held is not None:

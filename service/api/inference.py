@@ -26,7 +26,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     # ---- RPCs ---------------------------------------------------------------------------
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> pb.GenerateResponse:
-        call = self._start(request, context)
+        call = self._start(request, context, streamed=False)
         handle = call.handle
         token_ids: list[int] = []
         logprobs: list[pb.TokenLogprob] = []
@@ -49,7 +49,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     def GenerateStream(self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
                        ) -> Iterator[pb.GenerateStreamResponse]:
-        call = self._start(request, context)
+        call = self._start(request, context, streamed=True)
         handle = call.handle
         for out in self.path.follow(handle, context):
             msg = pb.GenerateStreamResponse(text=out.new_text, token_ids=out.new_token_ids,
@@ -87,6 +87,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=self.converter.max_model_len)
 
     # ---- helpers ------------------------------------------------------------------------
-    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext) -> Generation:
+    def _start(self, request: convert.GenerateLike, context: grpc.ServicerContext, *, streamed: bool) -> Generation:
         return self.path.start(request, context, tenant=current_tenant(), request_id=current_request_id(),
-                               front="grpc")
+                               front="grpc", streamed=streamed)

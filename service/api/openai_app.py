@@ -264,7 +264,7 @@ class OpenAIApp:
             pbreq = convert(parsed, self.f.base_model)
             gen = await anyio.to_thread.run_sync(
                 lambda: self.f.path.start(pbreq, call, tenant=tenant, request_id=rid, front="http",
-                                          use_call_slot=False), limiter=self.f.start_limiter)
+                                          streamed=parsed.stream, use_call_slot=False), limiter=self.f.start_limiter)
         except Exception as e:
             return self._error(e, request, t0, rid)
         structlog.contextvars.bind_contextvars(**gen.log_context)

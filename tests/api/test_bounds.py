@@ -46,13 +46,18 @@ def test_bounds_from_flags_and_config_file(tmp_path):
     _, _, _, sc, svc = serve_configs(build_parser().parse_args(args))
     assert (sc.max_message_mib, sc.max_prompt_bytes, svc.max_upload_mib) == (6, 1000, 32)
     _, _, _, sc, _ = serve_configs(build_parser().parse_args(["serve"]))
-    assert (sc.max_message_mib, sc.max_prompt_bytes) == (4, None)
+    assert (sc.max_message_mib, sc.max_prompt_bytes, sc.stream_interval) == (4, None, 1)
+    _, _, _, sc, _ = serve_configs(build_parser().parse_args(["serve", "--stream-interval", "4"]))
+    assert sc.stream_interval == 4
 
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"max_message_mib": 1}, "max_message_mib=1 is invalid: must be in [2, 2047] (uploads arrive in 1 MiB chunks)"),
     ({"max_message_mib": 4096}, "max_message_mib=4096 is invalid"),
     ({"max_prompt_bytes": 0}, "max_prompt_bytes=0 is invalid: must be >= 1"),
+    ({"stream_interval": 0}, "stream_interval=0 is invalid: must be a whole number of tokens in [1, 1024]"),
+    ({"stream_interval": 2.5}, "stream_interval=2.5 is invalid"),
+    ({"stream_interval": True}, "stream_interval=True is invalid"),
 ])
 def test_bad_bounds_are_refused(fields, message):
     with pytest.raises(ValueError) as info:

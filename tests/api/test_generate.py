@@ -48,6 +48,40 @@ def test_stream_joined_equals_unary_for_greedy(server):
     assert last.timings.total_ms > 0
 
 
+def test_a_stream_interval_gathers_tokens_into_fewer_messages_with_the_same_answer(tiny, tmp_path):
+    """--stream-interval 5 (no speculation: a token a step): a 12-token stream comes as the first token alone, then
+    5, 5 and the last 1 with the final message; joined, the same text and tokens as the unary answer (which waits for the final output)."""
+    s = Server(tiny[0], tmp_path, server={"stream_interval": 5, "warmup": False}, speculation="off")
+    try:
+        unary = s.stub.Generate(pb.GenerateRequest(text="t9 t10", sampling=GREEDY))
+        msgs = list(s.stub.GenerateStream(stream_req(text="t9 t10", sampling=GREEDY)))
+        assert [len(m.token_ids) for m in msgs] == [1, 5, 5, 1]
+        assert "".join(m.text for m in msgs) == unary.text
+        assert [t for m in msgs for t in m.token_ids] == list(unary.token_ids)
+        assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].usage.output_tokens == 12
+        s.wait_idle_and_intact()
+    finally:
+        s.close()
+
+
+def test_a_unary_call_waits_for_the_final_output_alone_and_a_stream_gets_every_step(server, monkeypatch):
+    """Generate's thread is woken once, by the final output (stream_interval None); GenerateStream's every step
+    (the server's default interval, 1)."""
+    loop = server.server.loop
+    asked: list[int | None] = []
+    submit = loop.submit
+
+    def recording(spec, context=None, timeout=30.0, *, stream_interval=1):
+        asked.append(stream_interval)
+        return submit(spec, context, timeout, stream_interval=stream_interval)
+
+    monkeypatch.setattr(loop, "submit", recording)
+    r = server.stub.Generate(pb.GenerateRequest(text="t9 t10", sampling=GREEDY))
+    msgs = list(server.stub.GenerateStream(stream_req(text="t9 t10", sampling=GREEDY)))
+    assert asked == [None, 1]
+    assert [t for m in msgs for t in m.token_ids] == list(r.token_ids)
+
+
 def test_same_seed_same_tokens_and_seed_is_echoed(server):
     sp = pb.SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=1234)
     a = server.stub.Generate(pb.GenerateRequest(text="t20 t21", sampling=sp))

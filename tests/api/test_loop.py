@@ -251,3 +251,29 @@ def _call_error(lp: EngineLoop) -> BaseException | None:
     except BaseException as e:  # noqa: BLE001
         return e
     return None
+
+
+@pytest.mark.parametrize("interval, sizes", [(1, [1] * 10), (3, [1, 3, 3, 3]), (4, [1, 4, 4, 1]), (None, [10])])
+def test_outputs_gather_stream_interval_tokens_the_first_and_the_last_going_at_once(loop, interval, sizes):
+    """Bad input: none. A 10-token request's outputs as the caller sees them: the first token alone (its TTFT),
+    then groups of `interval` tokens, the final output with what is left; None: the final output alone. The
+    gathered outputs join to the same tokens, text and logprobs as one output per step."""
+    lp = loop()
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+    handle = lp.submit(RequestSpec(f"every-{interval}", prompt(12, seed=5), sp), stream_interval=interval)
+    outs = list(handle)
+    assert [len(o.new_token_ids) for o in outs] == sizes
+    assert [o.final is not None for o in outs] == [False] * (len(sizes) - 1) + [True]
+    tokens = [t for o in outs for t in o.new_token_ids]
+    assert tokens == reference_tokens(prompt(12, seed=5), 10) == list(outs[-1].final.token_ids)
+    assert "".join(o.new_text for o in outs) == outs[-1].final.text
+    assert [len(o.new_logprobs) for o in outs] == sizes
+
+
+def test_a_stream_interval_below_one_is_refused_on_the_submitting_thread(loop):
+    """Bad input: stream_interval 0 (and -2): a ValueError naming it; nothing is queued."""
+    lp = loop()
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"stream_interval={bad} is invalid"):
+            lp.submit(RequestSpec(f"interval{bad}", prompt(4), GREEDY), stream_interval=bad)
+    lp.call(lambda e: e.check_idle_integrity())

@@ -30,7 +30,7 @@ FULL = {
     "image": {"repository": "registry.example/loraserve", "tag": "1.2.3", "pullPolicy": "Always"},
     "imagePullSecrets": [{"name": "regcred"}],
     "server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 45, "logLevel": "info", "maxMessageMib": 8,
-               "maxPromptBytes": 65536, "maxUploadMib": 128},
+               "maxPromptBytes": 65536, "maxUploadMib": 128, "streamInterval": 4},
     "runtime": {"model": "/models/base.gguf", "dtype": "float32", "kvCacheGib": 2, "maxModelLen": 4096,
                 "draftModel": "/models/draft.gguf"},
     "engine": {"maxNumSeqs": 32, "maxBatchedTokens": 2048, "maxWaiting": 256, "speculation": "draft",
@@ -221,6 +221,7 @@ def test_rendered_config_loads_into_the_servers_configuration(case, tmp_path):
     assert (sc.max_message_mib, svc.max_upload_mib) == (config["server"]["max_message_mib"],
                                                         config["server"]["max_upload_mib"])
     assert sc.max_prompt_bytes == (65536 if case == "full" else None)  # None: derived from the context window
+    assert sc.stream_interval == (4 if case == "full" else 1)
     assert svc.store_kind == config["store"]["kind"]
     assert (svc.database_pool_size, svc.database_lease_ttl_s) == ((16, 30) if case == "full" else (8, 20))
     assert svc.database_url is None  # the URL is never in the config: it comes from a Secret (env)
@@ -357,6 +358,8 @@ def test_notes_say_how_to_call_the_service():
     ({"sever": {"port": 50051}}, r"additional properties 'sever' not allowed"),
     ({"server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 30, "maxMessageMib": 1}},
      r"at '/server/maxMessageMib': minimum: got 1, want 2"),
+    ({"server": {"port": 50051, "metricsPort": 9090, "drainGraceSeconds": 30, "streamInterval": 0}},
+     r"at '/server/streamInterval': minimum: got 0, want 1"),
     ({"store": {"kind": "nfs"}}, r"at '/store/kind': value must be one of 'filesystem', 's3'"),
     ({"runtime": {"dtype": "fp16"}}, r"at '/runtime/dtype': value must be one of 'bfloat16', 'float32'"),
     ({"store": {"kind": "s3", "s3": {"bucket": "Bad_Bucket"}}}, r"at '/store/s3/bucket'"),
