@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--max-shared-prefill-tokens", type=int, help="server, vtc: the most prompt tokens of a step "
                     "while tenants share the engine (default: the server's)")
+    ap.add_argument("--stream-interval", type=int, help="server: tokens a streamed message gathers (default: the "
+                    "server's)")
     ap.add_argument("--threads", type=int, help="server torch threads (default: all cores)")
     ap.add_argument("--rounds", type=int, default=3, help="flood runs per policy, alternating policies, each after "
                     "C alone on the same server (C beside B's backlog: the first round only)")
@@ -292,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.c_share < 1:
         ap.error(f"--c-share {args.c_share}: C's share must be between 0 and 1")
 
-    from service.config import EngineConfig
+    from service.config import EngineConfig, ServerConfig
     from service.runtime.loader import default_model_path
     from tests.api.serve_process import ServeProcess
 
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
                  "transport": "gRPC GenerateStream, one client process per tenant, its streams on one asyncio loop",
                  "server": {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
                             "max_shared_prefill_tokens": args.max_shared_prefill_tokens
-                            or EngineConfig.max_shared_prefill_tokens},
+                            or EngineConfig.max_shared_prefill_tokens,
+                            "stream_interval": args.stream_interval or ServerConfig.stream_interval},
                  "tenants": {name: {"concurrency": spec[0], "prompt_words": spec[1], "max_tokens": spec[2],
                                     "requests": spec[3], "interval_s": spec[4]}
                              for name, spec in (("a", a), ("b", b), ("c", c))},
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
                     serve_args += ["--threads", str(args.threads)]
                 if args.max_shared_prefill_tokens:
                     serve_args += ["--max-shared-prefill-tokens", str(args.max_shared_prefill_tokens)]
+                if args.stream_interval:
+                    serve_args += ["--stream-interval", str(args.stream_interval)]
                 server = ServeProcess(*serve_args, ready_timeout=300)
                 try:
                     seats = args.max_num_seqs
@@ -341,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
                     alone[policy].append(scenario(server.address, {"c": c}, 1.0, seats, f"-{rnd}alone",
                                                   light_s=args.alone_s or max(10.0, 20 * c[4])))
                     if rnd == 0:
-                        no_flood[policy] = scenario(server.address, {"b": b, "c": c}, args.warmup_s, seats,
+                        # a short warm-up: B's backlog alone may end within the flood's (an empty window)
+                        no_flood[policy] = scenario(server.address, {"b": b, "c": c}, min(args.warmup_s, 1.0), seats,
                                                     f"-{rnd}beside")
                     port = next(e for e in server.events() if e.get("event") == "server_ready")["metrics_port"]
                     before = scrape(port) | proc_usage(server.proc.pid)

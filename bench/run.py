@@ -8,7 +8,7 @@ import sys
 # kernels: CUDA only (says so and returns without one); online, abuse and fairness: a server process and gRPC
 # clients; peers: llama.cpp's server on the same file (built once, ~25 minutes on 2 cores, cached under bench/.peers/).
 WORKLOADS = ("engine", "multi_lora", "structured", "peers", "online", "kernels", "abuse", "fairness", "fairness_replay",
-             "steps", "speculative")
+             "steps", "speculative", "streaming")
 
 
 def main(argv: list[str] | None = None) -> int:
