@@ -265,14 +265,17 @@ static inline __attribute__((always_inline)) const char *bgemm_tile(
     return pf;
 }
 
-/* TP panels from p0 against every row of x. */
+/* TP panels from p0 against every row of x. The thread's next panels (up to a group's) are prefetched into L2
+ * meanwhile, a line per pair step; in its last group, `after` .. `after_end` instead (the first group of its range
+ * in the product that comes next, or nothing). */
 static inline __attribute__((always_inline)) void bgemm_group(const uint16_t *x, int64_t ldx, const uint16_t *wp,
                                                                int64_t k, int64_t p0, uint16_t *y, int64_t ldy,
                                                                int64_t m, int64_t n, int64_t p_end, side_cursor *side,
+                                                               const char *after, const char *after_end,
                                                                const int TP, const int SIDE) {
-    /* the thread's next panels (up to a group's) are prefetched into L2 meanwhile, a line per pair step */
     const int64_t next = p_end - (p0 + TP) < BGEMM_PANELS ? p_end - (p0 + TP) : BGEMM_PANELS;
     const char *pf = (const char *)(wp + (p0 + TP) * k * 16), *pf_end = pf + next * k * 32;
+    if (next <= 0) pf = after, pf_end = after_end;
     int64_t r = 0;
 #define BTILE(MB) bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, side, MB, TP, SIDE)
     for (; r + BGEMM_ROWS <= m; r += BGEMM_ROWS) pf = BTILE(BGEMM_ROWS);
@@ -293,14 +296,22 @@ static inline __attribute__((always_inline)) void bgemm_group(const uint16_t *x,
 static inline __attribute__((always_inline)) void bgemm_thread(const uint16_t *x, int64_t ldx, const uint16_t *wp,
                                                                 uint16_t *y, int64_t ldy, int64_t m, int64_t n,
                                                                 int64_t k, steal_range *ranges, int parts, int id,
-                                                                side_cursor *side, const int SIDE) {
+                                                                side_cursor *side, const char *after,
+                                                                const char *after_end, const int SIDE) {
     const int64_t panels = (n + 15) / 16;
     int64_t g, own_end;
-    while ((g = steal_next(ranges, parts, id, &own_end)) >= 0) {
+    for (;;) {
+        /* whether the next unit is from this thread's own range (a race with a thief only makes a unit it took from
+         * another range prefetch `after` too: harmless) */
+        const uint64_t v = id < parts ? __atomic_load_n(&ranges[id].word, __ATOMIC_RELAXED) : 0;
+        const int own = (uint32_t)v < (uint32_t)(v >> 32);
+        if ((g = steal_next(ranges, parts, id, &own_end)) < 0) break;
         const int64_t p = g * BGEMM_PANELS, end = own_end * BGEMM_PANELS < panels ? own_end * BGEMM_PANELS : panels;
-        if (panels - p >= BGEMM_PANELS) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, BGEMM_PANELS, SIDE);
-        else if (panels - p == 2) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, 2, SIDE);
-        else bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, 1, SIDE);
+        const char *a = own && own_end == g + 1 ? after : NULL, *ae = a ? after_end : NULL;
+        if (panels - p >= BGEMM_PANELS)
+            bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, a, ae, BGEMM_PANELS, SIDE);
+        else if (panels - p == 2) bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, a, ae, 2, SIDE);
+        else bgemm_group(x, ldx, wp, k, p, y, ldy, m, n, end, side, a, ae, 1, SIDE);
     }
 }
 
@@ -310,24 +321,42 @@ static inline __attribute__((always_inline)) void bgemm_thread(const uint16_t *x
  * come at about the machine's spare bandwidth while the product is bound by its instructions (decode batches of
  * 20-64 rows and up). On the 2-core AVX512-BF16 machine a line every pair step was no faster for the LoRA weights
  * and slower for the K/V blocks, two lines a pair step slower still. */
-int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
-                    int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads) {
+int gemm_bf16w_next(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, const uint16_t *next_wp,
+                    int64_t next_n, int64_t next_k, int num_threads) {
     if (m < 1 || n < 1 || k < 2 || k % 2 != 0 || ldx < k || ldy < n || num_threads < 1 || nside < 0) return -1;
     const int64_t panels = (n + 15) / 16, groups = (panels + BGEMM_PANELS - 1) / BGEMM_PANELS;
     steal_range ranges[STEAL_MAX_THREADS];
     const int parts = steal_init(ranges, num_threads, groups);
+    const int64_t next_groups = next_wp != NULL ? ((next_n + 15) / 16 + BGEMM_PANELS - 1) / BGEMM_PANELS : 0;
     int64_t claimed = 0; /* the side regions the threads have taken */
 #pragma omp parallel num_threads(num_threads) if (m * n * k >= 65536)
     {
         const int id = omp_get_thread_num();
+        /* the first group of this thread's range in the next product (the same cut of its groups, the same team) */
+        const char *after = NULL, *after_end = NULL;
+        if (next_groups > 0 && id < parts) {
+            const int64_t first = next_groups * id / parts, last = next_groups * (id + 1) / parts;
+            const int64_t next_panels = (next_n + 15) / 16, p0 = first * BGEMM_PANELS;
+            const int64_t np = next_panels - p0 < BGEMM_PANELS ? next_panels - p0 : BGEMM_PANELS;
+            if (last > first && np > 0) {
+                after = (const char *)(next_wp + p0 * next_k * 16);
+                after_end = after + np * next_k * 32;
+            }
+        }
         if (side != NULL && nside > 0) {
             side_cursor c = {side, &claimed, nside, NULL, NULL, NULL, 0, 0, 0, 0};
-            bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, &c, 1);
+            bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, &c, after, after_end, 1);
         } else {
-            bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, NULL, 0);
+            bgemm_thread(x, ldx, wp, y, ldy, m, n, k, ranges, parts, id, NULL, after, after_end, 0);
         }
     }
     return 0;
+}
+
+int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads) {
+    return gemm_bf16w_next(x, ldx, wp, y, ldy, m, n, k, side, nside, NULL, 0, 0, num_threads);
 }
 
 int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
@@ -335,6 +364,14 @@ int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t
     return gemm_bf16w_side(x, ldx, wp, y, ldy, m, n, k, NULL, 0, num_threads);
 }
 #else
+int gemm_bf16w_next(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, const uint16_t *next_wp,
+                    int64_t next_n, int64_t next_k, int num_threads) {
+    (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)side; (void)nside;
+    (void)next_wp; (void)next_n; (void)next_k; (void)num_threads;
+    return -1;
+}
+
 int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
                     int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads) {
     (void)x; (void)ldx; (void)wp; (void)y; (void)ldy; (void)m; (void)n; (void)k; (void)side; (void)nside;

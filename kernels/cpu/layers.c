@@ -24,8 +24,9 @@ int gemm_bf16w_bf16(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t
                     int64_t n, int64_t k, int num_threads);
 int gemm_bf16w_min_rows(void);
 int gemm_bf16w_available(void);
-int gemm_bf16w_side(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
-                    int64_t n, int64_t k, const pf_region *side, int64_t nside, int num_threads);
+int gemm_bf16w_next(const uint16_t *x, int64_t ldx, const uint16_t *wp, uint16_t *y, int64_t ldy, int64_t m,
+                    int64_t n, int64_t k, const pf_region *side, int64_t nside, const uint16_t *next_wp,
+                    int64_t next_n, int64_t next_k, int num_threads);
 int rope_write_kv_bf16(const uint16_t *qkv, const int64_t *positions, const float *cos_t, const float *sin_t,
                        uint16_t *q_out, uint16_t *k_cache, uint16_t *v_cache, const int64_t *slots,
                        int64_t num_tokens, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int num_threads);
@@ -196,10 +197,17 @@ static int dense_takes(const int64_t *w, int64_t m, int prompt) {
     return w[3] != 0 && (prompt || m >= gemm_bf16w_min_rows());
 }
 
+/* The product of weight w; `next` (NULL: none) is the weight of the product that comes after it, `next_n` by
+ * `next_k`: where both are dense, each thread's last group here prefetches its first group there (those come from
+ * memory: a layer's weights are read once a step and the model's do not fit in cache). */
 static int gemm(const uint16_t *x, const int64_t *w, uint16_t *y, int64_t m, int64_t n, int64_t k, int prompt,
-                const pf_region *side, int64_t nside, int threads) {
-    if (dense_takes(w, m, prompt))
-        return gemm_bf16w_side(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, side, nside, threads);
+                const pf_region *side, int64_t nside, const int64_t *next, int64_t next_n, int64_t next_k,
+                int threads) {
+    if (dense_takes(w, m, prompt)) {
+        const int dense_next = next != NULL && dense_takes(next, m, prompt);
+        return gemm_bf16w_next(x, k, PTR(const uint16_t *, w[3]), y, n, m, n, k, side, nside,
+                               dense_next ? PTR(const uint16_t *, next[3]) : NULL, next_n, next_k, threads);
+    }
     if (w[2] == 0 || w[2] == 1)
         return q4b_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const void *, w[1]), (int)w[2], y, m, n, k, threads);
     return q4_gemm_bf16(x, PTR(const uint8_t *, w[0]), PTR(const float *, w[1]), PTR(const float *, w[2]), y, m, n, k,
@@ -285,15 +293,16 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         const int64_t *p = layers + l * LAYER_FIELDS;
         uint16_t *kc = PTR(uint16_t *, p[K_CACHE]), *vc = PTR(uint16_t *, p[V_CACHE]);
         const uint16_t *in = l == 0 ? hs0 : hs;
+        const int64_t *after_down = l + 1 < num_layers ? p + LAYER_FIELDS + QKV : NULL; /* the next layer's */
         if (gemm(in, p + QKV, qkv, t, width, hidden, prompt, side,
-                 lora_list(&lo, p + QKV, t, prompt, l, 0, hidden, width, side), num_threads) ||
+                 lora_list(&lo, p + QKV, t, prompt, l, 0, hidden, width, side), p + O, hidden, qd, num_threads) ||
             lora_apply(&lo, l, 0, in, qkv, hidden, width, work, num_threads) ||
             rope_write_kv_bf16(qkv, positions, cos_t, sin_t, q, kc, vc, slots, t, num_heads, kv_heads, head_dim,
                                num_threads) ||
             paged_decode_attention_bf16(q, kc, vc, attn, q_rows, nq, ctx, tables, table_stride, num_seqs,
                                         num_heads, kv_heads, head_dim, block_size, scale, num_threads) ||
             gemm(attn, p + O, o, t, hidden, qd, prompt, side, lora_list(&lo, p + O, t, prompt, l, 1, qd, hidden, side),
-                 num_threads) ||
+                 p + GATE_UP, 2 * inter, hidden, num_threads) ||
             lora_apply(&lo, l, 1, attn, o, qd, hidden, work, num_threads)) {
             rc = l == 0 ? -1 : -2;
             break;
@@ -309,7 +318,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         int64_t nl = lora_list(&lo, p + GATE_UP, t, prompt, l, 2, hidden, 2 * inter, side);
         if (nl) memmove(kv_side - nl, side, sizeof(pf_region) * (size_t)nl);
         if (gemm(hs, p + GATE_UP, gu, t, 2 * inter, hidden, prompt, side ? kv_side - nl : NULL, nl + kv_gu,
-                 num_threads) ||
+                 p + DOWN, hidden, inter, num_threads) ||
             lora_apply(&lo, l, 2, hs, gu, hidden, 2 * inter, work, num_threads)) {
             rc = -2;
             break;
@@ -318,7 +327,7 @@ int decode_layers_bf16(float *x, const uint16_t *hs0, uint16_t *down, const int6
         nl = lora_list(&lo, p + DOWN, t, prompt, l, 3, inter, hidden, side);
         if (nl) memmove(kv_side + kv_gu - nl, side, sizeof(pf_region) * (size_t)nl);
         if (gemm(act, p + DOWN, down, t, hidden, inter, prompt, side ? kv_side + kv_gu - nl : NULL,
-                 nl + nkv - kv_gu, num_threads) ||
+                 nl + nkv - kv_gu, after_down, width, hidden, num_threads) ||
             lora_apply(&lo, l, 3, act, down, inter, hidden, work, num_threads)) {
             rc = -2;
             break;
