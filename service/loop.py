@@ -59,7 +59,11 @@ class RequestHandle:
         self.stream_interval = stream_interval
         self._loop = loop
         self._outputs: queue.Queue[RequestOutput] = queue.Queue()
-        self._gathered: RequestOutput | None = None  # outputs not queued yet (loop thread only)
+        # Outputs not queued yet, joined in place (loop thread only): a whole answer's tokens for a unary call
+        self._held = False
+        self._tokens: list[int] = []
+        self._texts: list[str] = []
+        self._logprobs: list = []
         self._first_queued = False  # an output with a token was queued (loop thread only)
         self._done = False
         self._cancelled = False
@@ -67,18 +71,25 @@ class RequestHandle:
         self.on_output: Callable[[], None] | None = None
 
     def _gather(self, out: RequestOutput) -> RequestOutput | None:
-        """(Loop thread.) Take one step's output; what is to be queued now, if anything."""
-        g = self._gathered
-        if g is not None:
-            out = RequestOutput(out.request_id, g.new_token_ids + out.new_token_ids, g.new_text + out.new_text,
-                                g.new_logprobs + out.new_logprobs, out.final)
-        n = len(out.new_token_ids)
+        """(Loop thread.) Take one step's output; what is to be queued now, if anything. Held outputs are joined in
+        place (a unary call holds its whole answer: no copy per step)."""
+        if self._held:
+            self._tokens += out.new_token_ids
+            self._texts.append(out.new_text)
+            self._logprobs += out.new_logprobs
+            n = len(self._tokens)
+        else:
+            n = len(out.new_token_ids)
         if out.final is not None or (self.stream_interval is not None and n > 0 and (
                 not self._first_queued or n >= self.stream_interval)):
-            self._gathered = None
+            if self._held:
+                out = RequestOutput(out.request_id, self._tokens, "".join(self._texts), self._logprobs, out.final)
+                self._held, self._tokens, self._texts, self._logprobs = False, [], [], []
             self._first_queued = self._first_queued or n > 0
             return out
-        self._gathered = out
+        if not self._held:
+            self._held = True
+            self._tokens, self._texts, self._logprobs = list(out.new_token_ids), [out.new_text], list(out.new_logprobs)
         return None
 
     def get(self, timeout: float | None = None) -> RequestOutput:
