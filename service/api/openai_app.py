@@ -42,7 +42,15 @@ from service.api.errors import (
     new_request_id,
     set_request_id,
 )
-from service.api.generation import POLL_S, RECORD_WAIT_S, Generation, GenerationPath, abandon, recorded_future
+from service.api.generation import (
+    POLL_S,
+    RECORD_WAIT_S,
+    Generation,
+    GenerationPath,
+    abandon,
+    recorded_future,
+    tokens_before_error,
+)
 from service.api.http_errors import HttpError, http_error, log_refusal
 from service.engine.outputs import FinalOutput, RequestOutput
 from service.loop import LoopClosed
@@ -171,7 +179,13 @@ async def follow(path: GenerationPath, gen: Generation, call: HttpCall,
             if out.final is not None:
                 path.log_finished(out.final)
                 await _recorded(handle)
-                path.check_final(handle, out.final, call)
+                try:
+                    path.check_final(handle, out.final, call)
+                except Exception:
+                    unsent = tokens_before_error(out)
+                    if unsent is not None:
+                        yield unsent
+                    raise
             yield out
             if out.final is not None:
                 return
@@ -329,8 +343,10 @@ class OpenAIApp:
                 else:
                     choice["text"] = out.new_text
                     if wants_logprobs:
+                        # Offsets count each token's own text, as the unary answer's do: the same whatever
+                        # tokens a chunk holds (the server's stream interval, speculative steps).
                         choice["logprobs"] = oa.completion_logprobs(lps, offset)
-                    offset += len(out.new_text)
+                        offset += sum(len(t.token) for t in lps)
                 first = False
                 chunk = {**meta, "object": obj, "choices": [choice]}
                 if include_usage:

@@ -268,6 +268,7 @@ def test_outputs_gather_stream_interval_tokens_the_first_and_the_last_going_at_o
     assert tokens == reference_tokens(prompt(12, seed=5), 10) == list(outs[-1].final.token_ids)
     assert "".join(o.new_text for o in outs) == outs[-1].final.text
     assert [len(o.new_logprobs) for o in outs] == sizes
+    assert [lp.token_id for o in outs for lp in o.new_logprobs] == tokens  # in order
 
 
 def test_a_stream_interval_below_one_is_refused_on_the_submitting_thread(loop):
@@ -277,3 +278,40 @@ def test_a_stream_interval_below_one_is_refused_on_the_submitting_thread(loop):
         with pytest.raises(ValueError, match=f"stream_interval={bad} is invalid"):
             lp.submit(RequestSpec(f"interval{bad}", prompt(4), GREEDY), stream_interval=bad)
     lp.call(lambda e: e.check_idle_integrity())
+
+
+def test_a_stream_that_ends_in_an_error_first_gets_the_tokens_gathered_since_its_last_message(loop):
+    """Bad input: none; the engine fails on the 4th step. At stream_interval 100 the stream has sent only its first
+    token; the two tokens gathered since come as an output of their own, then the error: the client sees every token
+    the engine produced, as it would with a message a token."""
+    from service.api.errors import RequestFailed
+    from service.api.generation import GenerationPath
+
+    engine = make_engine()
+    step, steps = engine.step, [0]
+
+    def failing_fourth():
+        steps[0] += 1
+        if steps[0] == 4:
+            raise RuntimeError("boom")
+        return step()
+
+    engine.step = failing_fourth
+    lp = loop(engine)
+    path = GenerationPath(lp, converter=None, base_model="fake")
+
+    class Call:
+        def time_remaining(self):
+            return None
+
+        def is_active(self):
+            return True
+
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    handle = lp.submit(RequestSpec("fails", prompt(12, seed=3), sp), stream_interval=100)
+    got = []
+    with pytest.raises(RequestFailed, match="engine step failed"):
+        for out in path.follow(handle, Call()):
+            got.append(out)
+    assert [len(o.new_token_ids) for o in got] == [1, 2] and all(o.final is None for o in got)
+    assert [t for o in got for t in o.new_token_ids] == reference_tokens(prompt(12, seed=3), 3)

@@ -94,6 +94,18 @@ def test_completions_text_and_token_ids_and_logprobs(served):
     assert "".join(s.choices[0].text for s in streamed) == ch.text
 
 
+def test_streamed_logprobs_offsets_are_the_unary_answers_whatever_each_chunk_holds(served):
+    """text_offset of a streamed completion: each token at the sum of the lengths of the tokens before it, as in the
+    unary answer, also in chunks of several tokens (speculative steps; a server's stream interval)."""
+    c = client(served)
+    unary = c.completions.create(model=served.model, prompt="t9 t10", logprobs=1, **GREEDY).choices[0].logprobs
+    streamed = list(c.completions.create(model=served.model, prompt="t9 t10", logprobs=1, stream=True, **GREEDY))
+    tokens = [t for s in streamed if s.choices[0].logprobs for t in s.choices[0].logprobs.tokens]
+    offsets = [o for s in streamed if s.choices[0].logprobs for o in s.choices[0].logprobs.text_offset]
+    assert tokens == unary.tokens and offsets == unary.text_offset
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+
+
 def test_models_list_shows_the_base_model_and_the_adapters_by_reference(served):
     models = {m.id: m for m in client(served).models.list().data}
     assert served.model in models and "tiny-lora" in models
