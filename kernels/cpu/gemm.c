@@ -275,7 +275,7 @@ static inline __attribute__((always_inline)) void bgemm_group(const uint16_t *x,
                                                                const int TP, const int SIDE) {
     const int64_t next = p_end - (p0 + TP) < BGEMM_PANELS ? p_end - (p0 + TP) : BGEMM_PANELS;
     const char *pf = (const char *)(wp + (p0 + TP) * k * 16), *pf_end = pf + next * k * 32;
-    if (next <= 0) pf = after, pf_end = after_end;
+    if (next <= 0 && after != NULL) pf = after, pf_end = after_end;
     int64_t r = 0;
 #define BTILE(MB) bgemm_tile(x, ldx, wp, k, p0, y, ldy, n, r, pf, pf_end, side, MB, TP, SIDE)
     for (; r + BGEMM_ROWS <= m; r += BGEMM_ROWS) pf = BTILE(BGEMM_ROWS);
