@@ -76,8 +76,8 @@ class InferenceServiceServicer:
     def GenerateStream(self, request, context):
         """Stream the completion: text and token-id deltas as they are produced, then one last message with
         the finish reason, usage and timings. The first token comes in a message of its own at once; after it a
-        message carries the server's stream_interval tokens (default 1; the last message what is left). Cancelling
-        the call stops generation at once.
+        message carries at least the server's stream_interval tokens (default 1; the last message what is left).
+        Cancelling the call stops generation at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
