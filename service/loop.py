@@ -45,7 +45,7 @@ class RequestHandle:
     `stream_interval`: how many new tokens an output gathers before it is queued. The first output with a token
     is queued at once (time to first token), and so is the final one, whatever it holds. 1 queues every step's
     output; None queues the final output alone (a caller that only wants the whole answer: its thread is woken
-    once, not once per token). Gathered outputs are joined: their tokens, text and logprobs in order."""
+    by that output, not once per token). Gathered outputs are joined: their tokens, text and logprobs in order."""
 
     def __init__(self, loop: EngineLoop, spec: RequestSpec, context: Any = None,
                  stream_interval: int | None = 1) -> None:

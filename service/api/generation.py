@@ -130,7 +130,7 @@ class GenerationPath:
         """Authorize, validate, admit under the server's and the tenant's limits, trace, submit. What the call
         holds (its call slot, the tenant's lease) is released when the call ends, its last message written;
         anything refused on the way ends the span with the error and releases what was taken. `streamed`: the
-        caller sends the outputs as they come (else it gets the final output alone, its thread woken once)."""
+        caller sends the outputs as they come (else it gets the final output alone, not one per token)."""
         release_slot = (self.call_slots.acquire("generation")
                         if self.call_slots is not None and use_call_slot else None)
         sampling = request.sampling
