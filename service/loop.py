@@ -29,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
+# Finish reasons of a request that ends without its answer (the fronts raise at its final output)
+UNANSWERED = (FinishReason.ERROR, FinishReason.CANCELLED)
 STALL_WAIT_S = 0.001  # work exists but nothing was schedulable (adapter loading): re-check after this
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed steps before the loop reports itself unhealthy
 MAX_FAILURE_BACKOFF_S = 0.5
@@ -70,9 +72,11 @@ class RequestHandle:
         # Called on the loop thread after each output is queued (an event loop's waiter wakes on it).
         self.on_output: Callable[[], None] | None = None
 
-    def _gather(self, out: RequestOutput) -> RequestOutput | None:
-        """(Loop thread.) Take one step's output; what is to be queued now, if anything. Held outputs are joined in
-        place (a unary call holds its whole answer: no copy per step)."""
+    def _gather(self, out: RequestOutput) -> list[RequestOutput]:
+        """(Loop thread.) Take one step's output; what is to be queued now, in order. Held outputs are joined in
+        place (a unary call holds its whole answer: no copy per step). A final output that ends the request
+        without its answer (an error, a cancellation) goes alone, after the tokens it would carry: a front raises
+        at such an output, and a stream then has sent every token it got, as it would have with a message a token."""
         if self._held:
             self._tokens += out.new_token_ids
             self._texts.append(out.new_text)
@@ -86,11 +90,15 @@ class RequestHandle:
                 out = RequestOutput(out.request_id, self._tokens, "".join(self._texts), self._logprobs, out.final)
                 self._held, self._tokens, self._texts, self._logprobs = False, [], [], []
             self._first_queued = self._first_queued or n > 0
-            return out
+            final = out.final
+            if final is not None and final.finish_reason in UNANSWERED and (out.new_token_ids or out.new_text):
+                return [RequestOutput(out.request_id, out.new_token_ids, out.new_text, out.new_logprobs),
+                        RequestOutput(out.request_id, [], "", final=final)]
+            return [out]
         if not self._held:
             self._held = True
             self._tokens, self._texts, self._logprobs = list(out.new_token_ids), [out.new_text], list(out.new_logprobs)
-        return None
+        return []
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """The next output; `queue.Empty` after `timeout` seconds without one."""
@@ -426,10 +434,11 @@ class EngineLoop:
                 del self._handles[out.request_id]
                 if self._on_finished is not None:
                     self._hook(self._on_finished, handle, out.final)
-            out = handle._gather(out)
-            if out is None:
+            ready = handle._gather(out)
+            if not ready:
                 continue  # gathered: queued with a later output
-            handle._outputs.put(out)
+            for piece in ready:
+                handle._outputs.put(piece)
             if handle.on_output is not None:
                 self._hook(handle.on_output)
 

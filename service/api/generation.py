@@ -201,13 +201,7 @@ class GenerationPath:
                 if out.final is not None:
                     self.log_finished(out.final)
                     wait_recorded(handle)
-                    try:
-                        self.check_final(handle, out.final, call)
-                    except Exception:
-                        unsent = tokens_before_error(out)
-                        if unsent is not None:
-                            yield unsent
-                        raise
+                    self.check_final(handle, out.final, call)
                 yield out
                 if out.final is not None:
                     return
@@ -243,15 +237,6 @@ class GenerationPath:
             if kind is ErrorKind.DEADLINE_EXCEEDED or (remaining is not None and remaining <= 0):
                 raise DeadlineExceeded("the deadline passed before the request finished; it was stopped")
             raise RequestCancelled("the call was cancelled")
-
-
-def tokens_before_error(out: RequestOutput) -> RequestOutput | None:
-    """The tokens and text a final output that ends in an error carries (a stream's tokens gathered since its last
-    message, `RequestHandle.stream_interval`), as an output of their own: a stream sends them before its error,
-    as it would have with a message a token. None when it carries none."""
-    if not out.new_token_ids and not out.new_text:
-        return None
-    return RequestOutput(out.request_id, out.new_token_ids, out.new_text, out.new_logprobs)
 
 
 def recorded_future(handle: RequestHandle) -> Future[bool] | None:

@@ -49,7 +49,6 @@ from service.api.generation import (
     GenerationPath,
     abandon,
     recorded_future,
-    tokens_before_error,
 )
 from service.api.http_errors import HttpError, http_error, log_refusal
 from service.engine.outputs import FinalOutput, RequestOutput
@@ -179,13 +178,7 @@ async def follow(path: GenerationPath, gen: Generation, call: HttpCall,
             if out.final is not None:
                 path.log_finished(out.final)
                 await _recorded(handle)
-                try:
-                    path.check_final(handle, out.final, call)
-                except Exception:
-                    unsent = tokens_before_error(out)
-                    if unsent is not None:
-                        yield unsent
-                    raise
+                path.check_final(handle, out.final, call)
             yield out
             if out.final is not None:
                 return
