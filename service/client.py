@@ -57,12 +57,12 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
                   client_request_id: str = "", priority: int = 0, labels: Mapping[str, str] | None = None,
                   json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
                   regex: str | None = None, choice: Sequence[str] | None = None, grammar: str | None = None,
-                  **sampling: Any) -> Any:
+                  logit_bias: Mapping[int, float] | None = None, **sampling: Any) -> Any:
     """A GenerateRequest / GenerateStreamRequest. Give exactly one of `prompt` (raw text; with chat=True
     a user message, after an optional system message), `messages` or `token_ids`. `labels`: your own keys
     and values, recorded with the request's usage and trace. At most one response format: `json_schema` (a dict
     or its JSON text), `json_object=True` (any JSON object), `regex`, `choice` (the allowed strings) or `grammar`
-    (xgrammar EBNF with a `root` rule)."""
+    (xgrammar EBNF with a `root` rule). `logit_bias`: token id -> bias in [-100, 100], added to its logit."""
     unknown = set(sampling) - set(_SAMPLING)
     if unknown:
         raise TypeError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
@@ -90,6 +90,8 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
                 raise ValueError(f"speculation={value!r} is invalid: use one of {', '.join(SPECULATION)}")
             value = SPECULATION[value]
         setattr(req.sampling, name, value)
+    if logit_bias:
+        req.sampling.logit_bias.update(logit_bias)
     return req
 
 

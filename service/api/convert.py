@@ -7,6 +7,7 @@ before the tenant's lease and before the tokenizer runs (the README lists them):
   PROMPT_BYTES_PER_TOKEN per token of the context window; `server.max_prompt_bytes`);
 - chat messages: at most MAX_MESSAGES; token_ids: fewer than the context window;
 - stop: MAX_STOP_SEQUENCES of MAX_STOP_LENGTH characters; stop_token_ids: MAX_STOP_TOKEN_IDS entries;
+  sampling.logit_bias: MAX_LOGIT_BIAS entries;
 - client_request_id: MAX_CLIENT_REQUEST_ID characters; adapter: MAX_REF_CHARS characters.
 """
 
@@ -24,6 +25,7 @@ from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.engine.outputs import Timings, Usage
 from service.engine.request import RequestSpec
 from service.engine.sampling import (
+    MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
     MAX_STOP_LENGTH,
     MAX_STOP_SEQUENCES,
@@ -94,6 +96,10 @@ class RequestConverter:
             raise PermissionDenied(f"priority={req.priority} would run ahead of other tenants' requests; that "
                                    f"needs the admin role, which tenant {tenant.id!r} does not have (use 0 or more)")
         self._check_ids("stop_token_ids", req.stop_token_ids)  # at most MAX_STOP_TOKEN_IDS: check_bounds
+        for t in req.sampling.logit_bias:  # at most MAX_LOGIT_BIAS: check_bounds
+            if t >= self.vocab_size:
+                raise ValueError(f"sampling.logit_bias has token id {t}, outside the vocabulary: token ids must be "
+                                 f"in [0, {self.vocab_size - 1}]")
         ids = self.prompt_ids(req)
         limits = tenant.limits
         if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
@@ -144,6 +150,9 @@ class RequestConverter:
         if len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids has {len(req.stop_token_ids)} entries; at most "
                              f"{MAX_STOP_TOKEN_IDS} are allowed")
+        if len(req.sampling.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"sampling.logit_bias has {len(req.sampling.logit_bias)} entries; at most "
+                             f"{MAX_LOGIT_BIAS} are allowed")
         _client_request_id(req.client_request_id)
         if len(req.labels) > MAX_LABELS:
             raise ValueError(f"labels has {len(req.labels)} entries; at most {MAX_LABELS} are allowed")
@@ -244,6 +253,8 @@ class RequestConverter:
             kwargs["speculation"] = mode
         if sp.HasField("max_draft_tokens"):
             kwargs["max_draft_tokens"] = sp.max_draft_tokens
+        if sp.logit_bias:
+            kwargs["logit_bias"] = dict(sp.logit_bias)
         if "logprobs" in kwargs and kwargs["logprobs"] > MAX_LOGPROBS:
             raise ValueError(f"sampling.logprobs={kwargs['logprobs']} is invalid: must be in [0, {MAX_LOGPROBS}]")
         try:

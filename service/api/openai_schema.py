@@ -3,8 +3,8 @@ front receives; the engine's outputs -> OpenAI's response, chunk and error objec
 
 Only the shape is checked here (types, and ranges the proto's unsigned fields need); everything else (sampling
 ranges, bounds, the tenant's limits, the adapter) is checked once, by the request path both fronts share, with
-the same messages. Fields this server does not implement are refused by name (`n` above 1, tools, logit_bias,
-echo, suffix, best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does.
+the same messages. Fields this server does not implement are refused by name (`n` above 1, tools, echo, suffix,
+best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.api.convert import MAX_LABELS, MAX_MESSAGES, MAX_PRIORITY
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.engine.outputs import FinalOutput
-from service.engine.sampling import MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
+from service.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
 from service.engine.types import FinishReason
 
 U32 = 2**32 - 1
@@ -75,7 +75,8 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
-    logit_bias: dict[str, Any] | None = None
+    # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
     # vLLM's extras
     top_k: UInt | None = None
     min_p: float | None = None
@@ -128,8 +129,6 @@ def _type_tag(x: object) -> bool:
 def _refuse_unsupported(req: _Sampling, extra: dict[str, Any]) -> None:
     if req.n != 1:
         raise ValueError(f"n={req.n} is not supported: this server returns one choice per request (n=1)")
-    if req.logit_bias:
-        raise ValueError("logit_bias is not supported by this server")
     for name, value in extra.items():
         if value:
             raise ValueError(f"{name} is not supported by this server")
@@ -151,10 +150,24 @@ def _common(req: _Sampling, base_model: str, max_tokens: int | None, logprobs: i
         out.stop.extend([req.stop] if isinstance(req.stop, str) else req.stop)
     if req.stop_token_ids:
         out.stop_token_ids.extend(req.stop_token_ids)
+    if req.logit_bias:
+        out.sampling.logit_bias.update(_logit_bias(req.logit_bias))
     if req.labels:
         out.labels.update(req.labels)
     if req.user is not None:
         out.labels["user"] = req.user  # checked with the other labels: at most 256 printable characters
+    return out
+
+
+def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids written as strings; the biases are checked with the other sampling
+    fields."""
+    out = {}
+    for key, value in bias.items():
+        if not key.isascii() or not key.isdigit() or int(key) > U32:
+            raise ValueError(f"logit_bias key {key[:40]!r} is invalid: each key must be a token id (an integer >= 0, "
+                             "as a string)")
+        out[int(key)] = value
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from adapters.errors import quote
@@ -14,6 +15,10 @@ MAX_STOP_LENGTH = 256
 # Entries of stop_token_ids (duplicates count). The engine tests each new token against them once per step
 # and the sampler masks them below min_tokens: a small bound keeps both O(1) per token.
 MAX_STOP_TOKEN_IDS = 64
+# Entries of logit_bias, each a bias in [-MAX_LOGIT_BIAS_VALUE, MAX_LOGIT_BIAS_VALUE] (OpenAI's range: -100 in
+# effect bans a token, +100 all but forces it). The sampler adds them in one scatter per step.
+MAX_LOGIT_BIAS = 1024
+MAX_LOGIT_BIAS_VALUE = 100.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class SamplingParams:
     `stop_token_ids` may be given as any collection of at most MAX_STOP_TOKEN_IDS ids and is kept as a
     frozenset: the engine tests every new token for membership. A value quoted in an error message is cut short
     (`adapters.errors.quote`), so a huge stop string never makes a huge message.
+
+    `logit_bias`: token id -> a bias added to that token's logit after the penalties and before the stop-token
+    mask, a response format's mask, temperature and the filters, greedy or random alike (as OpenAI's and vLLM's
+    `logit_bias`); logprobs stay the raw model's. Given as a mapping or (id, bias) pairs, kept as pairs sorted by
+    id. Ids at or past the vocabulary are refused by the API (it knows the vocabulary); the sampler skips them.
     """
 
     max_tokens: int = 256
@@ -46,6 +56,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
+    logit_bias: tuple[tuple[int, float], ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
@@ -97,11 +108,35 @@ class SamplingParams:
             if not isinstance(t, int) or t < 0:
                 raise bad("stop_token_ids", t, "each stop token id must be an integer >= 0")
 
+        self._check_logit_bias()
+
         if self.speculation is not None and self.speculation not in SPECULATION_MODES:
             raise bad("speculation", self.speculation, f"must be one of {', '.join(SPECULATION_MODES)} or unset")
         if self.max_draft_tokens is not None and (isinstance(self.max_draft_tokens, bool) or not isinstance(
                 self.max_draft_tokens, int) or not 1 <= self.max_draft_tokens <= MAX_DRAFT_TOKENS):
             raise bad("max_draft_tokens", self.max_draft_tokens, f"must be an integer in [1, {MAX_DRAFT_TOKENS}] or unset")
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if len(bias) > MAX_LOGIT_BIAS:  # counted before any per-entry work
+            raise ValueError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+        pairs = bias.items() if isinstance(bias, Mapping) else bias
+        out: dict[int, float] = {}
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"logit_bias entry {quote(pair)} is invalid: give token id -> bias")
+            t, v = pair
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias key {quote(t)} is invalid: each key must be a token id, an integer "
+                                 ">= 0")
+            if t in out:
+                raise ValueError(f"logit_bias has token id {t} twice")
+            if not _finite(v) or not -MAX_LOGIT_BIAS_VALUE <= v <= MAX_LOGIT_BIAS_VALUE:
+                raise ValueError(f"logit_bias[{t}]={quote(v)} is invalid: each bias must be a number in "
+                                 f"[-{MAX_LOGIT_BIAS_VALUE:g}, {MAX_LOGIT_BIAS_VALUE:g}]")
+            if v:
+                out[t] = float(v)
+        object.__setattr__(self, "logit_bias", tuple(sorted(out.items())))
 
     @property
     def greedy(self) -> bool:

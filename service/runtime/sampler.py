@@ -4,6 +4,9 @@ Reproducibility: a request's random draw at output index n uses a generator seed
 (request seed, n) alone, so a seeded request samples the same tokens whatever else shares its batch,
 and after a preemption (which recomputes but never re-samples earlier tokens).
 
+logit_bias: added after the penalties and before everything else (the min_tokens mask, a response format's
+mask, temperature, the filters), so a bias never lifts a masked token; logprobs stay the raw model's.
+
 min_tokens: while a request has fewer than `min_tokens` output tokens, its EOS ids (the tokenizer's
 whole EOS set, under `ignore_eos` too, as in vLLM) and its `stop_token_ids` get logit -inf after the
 penalties and before temperature and the filters, greedy or random alike, so output tokens
@@ -72,6 +75,33 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list
             row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int]) -> Callable[[], None] | None:
+    """In place: each of rows[idx]'s `logit_bias` added to its logits, in one scatter for the batch (ids outside the
+    vocabulary skipped: the API refuses them, and indexing them would fail the step). Returns what puts the biased
+    logits back as they were (None: nothing was biased), as `mask_stop_tokens` does."""
+    vocab = logits.shape[1]
+    row_ids: list[int] = []
+    token_ids: list[int] = []
+    values: list[float] = []
+    for i in idx:
+        for t, v in rows[i].sampling.logit_bias:
+            if t < vocab:
+                row_ids.append(i)
+                token_ids.append(t)
+                values.append(v)
+    if not token_ids:
+        return None
+    dev = logits.device
+    at = (torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev))
+    saved = logits[at]  # (row, id) pairs are distinct: a row's ids are
+    logits.index_put_(at, torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
+
+    def unbias() -> None:
+        logits.index_put_(at, saved)
+
+    return unbias
+
+
 def mask_stop_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int],
                      eos_token_ids: Collection[int]) -> Callable[[], None] | None:
     """In place: logit -inf for EOS and stop token ids of rows[idx] (those still below min_tokens). Returns what
@@ -127,19 +157,23 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Col
            grammar_mask: Callable[[torch.Tensor], None] | None = None) -> list[SampleResult]:
     """logits: [S, V] float32, one row per request to sample -> one SampleResult per row.
     `eos_token_ids`: the ids that end a request, masked with its stop ids while it is below min_tokens.
+    A row's `logit_bias` is added after its penalties, before everything else.
     `grammar_mask(logits)`: sets -inf, in place, on every token the response format of a constrained row does not
     allow; it runs after the penalties and before greedy and random choice alike (logprobs stay the model's)."""
     raw = logits
     params = [r.sampling for r in rows]
     pen = [i for i, p in enumerate(params) if p.needs_penalties]
+    biased = [i for i, p in enumerate(params) if p.logit_bias]
     # rows below min_tokens: usually none, so the common step builds no mask at all
     short = [i for i, p in enumerate(params) if len(rows[i].output_token_ids) < p.min_tokens]
-    # raw stays the model's, for logprobs and the caller; the stop-token mask of rows below min_tokens (often every
-    # row: a copy of all the logits would cost more than the rest of sampling) is put back after the draws instead
+    # raw stays the model's, for logprobs and the caller; the logit biases and the stop-token mask of rows below
+    # min_tokens (often every row: a copy of all the logits would cost more than the rest of sampling) are put back
+    # after the draws instead
     if pen or (grammar_mask is not None and any(p.logprobs is not None for p in params)):
         logits = logits.clone()
     if pen:
         apply_penalties(logits, rows, pen)
+    unbias = apply_logit_bias(logits, rows, biased) if biased else None
     unmask = mask_stop_tokens(logits, rows, short, eos_token_ids) if short else None
     if grammar_mask is not None:
         grammar_mask(logits)
@@ -154,8 +188,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Col
             # Exponential race: argmax p / E with E ~ Exp(1) draws a token with probability p.
             noise = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
             tokens[i] = (probs[j] / noise).argmax()
-    if unmask is not None and logits is raw:
-        unmask()
+    if logits is raw:  # in the reverse order: the stop mask saved biased values
+        if unmask is not None:
+            unmask()
+        if unbias is not None:
+            unbias()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:  # computed batched on the logits' device, read back after the tokens (no sync per row)
         logp = torch.log_softmax(raw[want].float(), dim=1)

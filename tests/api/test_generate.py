@@ -115,6 +115,27 @@ def test_stop_string_and_stop_token_id(server):
     assert by_id.finish_reason == pb.FINISH_REASON_STOP and list(by_id.token_ids) == list(full.token_ids[:2])
 
 
+def test_logit_bias_bans_and_forces_tokens_over_the_socket(server):
+    full = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=GREEDY))
+    first = full.token_ids[0]
+    # the greedy first token banned: another one comes first, and never the banned one (greedy, every step)
+    banned = pb.SamplingParams(temperature=0, max_tokens=12, logit_bias={first: -100})
+    r = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=banned))
+    assert r.token_ids[0] != first and first not in r.token_ids
+    # +100 on one token: every token is that one, random sampling too, streamed or not; logprobs stay the model's
+    forced = pb.SamplingParams(temperature=1.0, seed=3, max_tokens=6, logit_bias={42: 100}, logprobs=1)
+    r = server.stub.Generate(pb.GenerateRequest(text="t5 t6 t7", sampling=forced))
+    assert list(r.token_ids) == [42] * 6 and r.text.split() == ["t42"] * 6
+    assert all(lp.token_id == 42 and lp.logprob <= lp.top_logprobs[0].logprob for lp in r.logprobs)
+    # the model's own favourite is another token, more likely than 42: the logprobs are not the biased ones
+    assert any(lp.top_logprobs[0].token_id != 42 and lp.logprob < lp.top_logprobs[0].logprob for lp in r.logprobs)
+    msgs = list(server.stub.GenerateStream(stream_req(text="t5 t6 t7", sampling=forced)))
+    assert [t for m in msgs for t in m.token_ids] == [42] * 6
+    with LoraServeClient(server.target, timeout=30) as c:
+        assert list(c.generate("t5 t6 t7", temperature=0, max_tokens=3, logit_bias={7: 100}).token_ids) == [7] * 3
+    server.wait_idle_and_intact()
+
+
 def test_logprobs_of_each_token_with_alternatives(server):
     sp = pb.SamplingParams(temperature=0, max_tokens=4, logprobs=3)
     r = server.stub.Generate(pb.GenerateRequest(text="t5 t6", sampling=sp))
@@ -231,6 +252,14 @@ def test_speculation_stats_in_the_response_and_the_same_tokens_either_way(make_s
     assert list(a.token_ids) == list(b.token_ids) and a.usage.output_tokens == len(a.token_ids) == 24
     assert a.speculation.draft_tokens > 0 and 0 <= a.speculation.accepted_tokens <= a.speculation.draft_tokens
     assert (b.speculation.draft_tokens, b.speculation.accepted_tokens) == (0, 0)
+    # a logit bias is applied at every position a verify pass samples: the same tokens as without speculation
+    bias = {a.token_ids[3]: -100, a.token_ids[6]: 1.5}
+    c = server.stub.Generate(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingParams(
+        temperature=0, max_tokens=24, speculation=pb.SPECULATION_NGRAM, logit_bias=bias)))
+    d = server.stub.Generate(pb.GenerateRequest(token_ids=ids, sampling=pb.SamplingParams(
+        temperature=0, max_tokens=24, speculation=pb.SPECULATION_OFF, logit_bias=bias)))
+    assert list(c.token_ids) == list(d.token_ids) != list(a.token_ids) and a.token_ids[3] not in c.token_ids
+    assert c.speculation.draft_tokens > 0 and len(set(c.token_ids)) > 3, list(c.token_ids)
     msgs = list(server.stub.GenerateStream(stream_req(token_ids=ids, sampling=on)))
     assert [t for m in msgs for t in m.token_ids] == list(a.token_ids)
     assert msgs[-1].speculation == a.speculation  # the same request drafts the same way

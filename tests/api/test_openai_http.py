@@ -94,6 +94,17 @@ def test_completions_text_and_token_ids_and_logprobs(served):
     assert "".join(s.choices[0].text for s in streamed) == ch.text
 
 
+def test_logit_bias_as_openai_sends_it_token_ids_as_strings(served):
+    c = client(served)
+    plain = c.completions.create(model=served.model, prompt="t9 t10", **GREEDY).choices[0].text
+    forced = c.completions.create(model=served.model, prompt="t9 t10", logit_bias={"33": 100}, **GREEDY)
+    assert forced.choices[0].text.split() == ["t33"] * 8 != plain.split()
+    first = plain.split()[0]
+    chat = c.chat.completions.create(model=served.model, messages=CHAT, logit_bias={first[1:]: -100}, **GREEDY)
+    assert first not in chat.choices[0].message.content.split()
+    served.wait_idle_and_intact()
+
+
 def test_streamed_logprobs_offsets_are_the_unary_answers_whatever_each_chunk_holds(served):
     """text_offset of a streamed completion: each token at the sum of the lengths of the tokens before it, as in the
     unary answer, also in chunks of several tokens (speculative steps; a server's stream interval)."""
@@ -197,6 +208,12 @@ def test_an_unknown_model_is_404(served):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
      400, "response_format.json_schema"),
     ({"response_format": {"type": "xml"}}, 400, "response_format.type"),
+    ({"logit_bias": {"abc": 1}}, 400, "logit_bias key 'abc' is invalid: each key must be a token id"),
+    ({"logit_bias": {"-3": 1}}, 400, "logit_bias key '-3' is invalid"),
+    ({"logit_bias": {"5": 101}}, 400, "logit_bias[5]=101.0 is invalid: each bias must be a number in "
+                                      "[-100, 100]"),
+    ({"logit_bias": {"5": "up"}}, 400, "logit_bias.5: Input should be a valid number"),
+    ({"logit_bias": {"999": 1}}, 400, "logit_bias has token id 999, outside the vocabulary"),
 ])
 def test_bad_chat_input_gets_its_status_and_names_the_field(served, body, status, words):
     full = {"model": served.model, "messages": CHAT, **body}

@@ -52,5 +52,10 @@ def test_standard_style_enums_start_unspecified_and_rpcs_have_own_messages(modul
 
 
 def test_sampling_fields_are_optional():
+    """Every scalar sampling field tells unset from 0 (the server's default applies); a map (logit_bias) is empty
+    when unset."""
     for f in inference_pb2.SamplingParams.DESCRIPTOR.fields:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            continue
         assert f.has_presence, f"SamplingParams.{f.name} must be proto3 optional"
+    assert inference_pb2.SamplingParams.DESCRIPTOR.fields_by_name["logit_bias"].message_type.GetOptions().map_entry

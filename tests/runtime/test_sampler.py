@@ -169,3 +169,65 @@ def test_nonsense_sampling_values_name_field_and_allowed_values(field, value, al
     with pytest.raises(ValueError) as e:
         SamplingParams(**{field: value})
     assert field in str(e.value) and allowed in str(e.value)
+
+
+# ---- logit_bias ------------------------------------------------------------------------------------------------
+def test_logit_bias_moves_greedy_and_random_choices_per_row():
+    lg = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(3, 1)
+    rows = [Row(SamplingParams(temperature=0, logit_bias={2: 2.5})),  # 1.0 + 2.5 = 3.5 beats 3.0
+            Row(SamplingParams(temperature=0, logit_bias={0: -100})),  # the favourite banned: token 1
+            Row(SamplingParams(temperature=0))]  # no bias in the same batch: the argmax
+    assert [r.token_id for r in sample(lg, rows)] == [2, 1, 0]
+    assert torch.equal(lg, torch.tensor([[3.0, 2.0, 1.0, 0.0]]).repeat(3, 1))  # the caller's logits are untouched
+    # random draws: +100 all but forces a token, -100 all but bans one
+    assert set(draws([0.6, 0.3, 0.1], temperature=1.0, logit_bias={2: 100})) == {2}
+    assert set(draws([0.6, 0.3, 0.1], temperature=1.0, logit_bias={0: -100})) == {1, 2}
+
+
+def test_logit_bias_comes_after_the_penalties_and_never_lifts_a_masked_token():
+    lg = eos_heavy_logits()  # EOS 0 (9.0), EOS 5 (8.5), stop id 3 (8.0); allowed 1, 2, 4
+    # a bias on an EOS id below min_tokens: still masked; the bias on token 4 (0.5 + 5 = 5.5) decides among the rest
+    sp = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(3,), logit_bias={0: 100, 4: 5.0})
+    assert sample(lg, [Row(sp)], EOS_IDS)[0].token_id == 4
+    assert torch.equal(lg, eos_heavy_logits())  # the bias and the mask both put back, in that order
+    # repetition penalty first (token 2, seen: 2.0 / 4 = 0.5), then its bias (+0.75 = 1.25): token 1 (1.0) loses
+    sp = SamplingParams(temperature=0, repetition_penalty=4.0, logit_bias={2: 0.75, 0: -100, 5: -100, 3: -100})
+    assert sample(lg, [Row(sp, prompt_token_ids=[2])])[0].token_id == 2
+    sp = SamplingParams(temperature=0, repetition_penalty=4.0, logit_bias={2: 0.25, 0: -100, 5: -100, 3: -100})
+    assert sample(lg, [Row(sp, prompt_token_ids=[2])])[0].token_id == 1  # 0.5 + 0.25 < 1.0
+
+
+def test_logit_bias_keeps_logprobs_the_raw_model_ones():
+    lg = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    res = sample(lg, [Row(SamplingParams(temperature=0, logprobs=2, logit_bias={3: 10.0}), )])[0]
+    ref = torch.log_softmax(lg[0], 0)
+    assert res.token_id == 3  # chosen with the bias ...
+    assert res.logprob == pytest.approx(float(ref[3]))  # ... reported with the model's logprob
+    assert [t for t, _ in res.top_logprobs] == [2, 1]
+
+
+def test_logit_bias_skips_ids_outside_the_vocabulary():
+    sp = SamplingParams(temperature=0, logit_bias={10_000: 100, 1: 5.0})
+    assert sample(torch.tensor([[3.0, 2.0, 1.0]]), [Row(sp)])[0].token_id == 1
+
+
+def test_logit_bias_is_kept_sorted_and_drops_zero_biases():
+    sp = SamplingParams(logit_bias={7: 1.5, 2: -3, 4: 0})
+    assert sp.logit_bias == ((2, -3.0), (7, 1.5))
+    assert SamplingParams(logit_bias=[(7, 1.5), (2, -3)]) == sp
+
+
+@pytest.mark.parametrize("bias,message", [
+    ({5: 150.0}, "logit_bias[5]=150.0 is invalid: each bias must be a number in [-100, 100]"),
+    ({5: float("nan")}, "logit_bias[5]=nan is invalid"),
+    ({5: True}, "logit_bias[5]=True is invalid"),
+    ({-1: 1.0}, "logit_bias key -1 is invalid: each key must be a token id"),
+    ({"5": 1.0}, "logit_bias key '5' is invalid"),
+    ({i: 1.0 for i in range(1025)}, "logit_bias has 1025 entries; at most 1024 are allowed"),
+    ([(5, 1.0), (5, 2.0)], "logit_bias has token id 5 twice"),
+    ([(5,)], "logit_bias entry (5,) is invalid"),
+], ids=["bias-over-100", "bias-nan", "bias-bool", "negative-id", "string-id", "too-many", "duplicate-id", "not-a-pair"])
+def test_bad_logit_bias_names_the_entry_and_what_is_allowed(bias, message):
+    with pytest.raises(ValueError) as e:
+        SamplingParams(logit_bias=bias)
+    assert message in str(e.value)
