@@ -268,68 +268,113 @@ class OpenAIApp:
                 parsed = model.model_validate_json(body)
             except ValidationError as e:
                 raise ValueError(oa.validation_message(e)) from None
-            pbreq = convert(parsed, self.f.base_model)
-            gen = await anyio.to_thread.run_sync(
-                lambda: self.f.path.start(pbreq, call, tenant=tenant, request_id=rid, front="http",
-                                          streamed=parsed.stream, use_call_slot=False), limiter=self.f.start_limiter)
+            pbreqs = convert(parsed, self.f.base_model)
+            gens = await anyio.to_thread.run_sync(lambda: self._start(pbreqs, call, tenant, rid, parsed.stream),
+                                                  limiter=self.f.start_limiter)
         except Exception as e:
             return self._error(e, request, t0, rid)
-        structlog.contextvars.bind_contextvars(**gen.log_context)
+        structlog.contextvars.bind_contextvars(**gens[0].log_context)
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid.removeprefix("req-"), "created": int(time.time()),
                 "model": parsed.model}
         if parsed.stream:
             usage = parsed.stream_options is not None and parsed.stream_options.include_usage
             # The background task ends the call if the stream never started (a client gone before its first
             # byte): an async generator that never ran never runs its `finally` either.
-            return StreamingResponse(self._stream(gen, call, meta, chat, usage), media_type="text/event-stream",
+            return StreamingResponse(self._stream(gens, call, meta, chat, usage, parsed.n),
+                                     media_type="text/event-stream",
                                      headers={"x-request-id": rid, "cache-control": "no-cache"},
                                      background=BackgroundTask(call.end))
         try:
-            body = await self._unary(gen, call, request, meta, chat)
+            body = await self._unary(gens, call, request, meta, chat, parsed.n)
         except Exception as e:
             return self._error(e, request, t0, rid)
         finally:
             call.end()
         return JSONResponse(body, headers={"x-request-id": rid})
 
-    async def _unary(self, gen: Generation, call: HttpCall, request: Request, meta: dict, chat: bool) -> dict:
-        logprobs: list = []
-        final: FinalOutput | None = None
-        wants_logprobs = gen.handle.spec.sampling.logprobs is not None
-        async for out in follow(self.f.path, gen, call, request):
-            if out.new_logprobs:
-                logprobs.extend(self.f.path.converter.logprobs(out.new_logprobs))
-            final = out.final
-        assert final is not None
-        gen.release_limits()
-        choice: dict[str, Any] = {"index": 0, "finish_reason": oa.finish_reason(final), "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": final.text}
-            if wants_logprobs:
-                choice["logprobs"] = oa.chat_logprobs(logprobs)
-        else:
-            choice["text"] = final.text
-            if wants_logprobs:
-                choice["logprobs"] = oa.completion_logprobs(logprobs)
-        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
-                "usage": oa.usage(final), "system_fingerprint": final.adapter_version or None}
+    def _start(self, pbreqs: list, call: HttpCall, tenant: Tenant, rid: str, streamed: bool) -> list[Generation]:
+        """One generation per choice (request ids `rid`, or `rid-0`, `rid-1`, ... for several); if one cannot
+        start (a bound, the tenant's limits), those started are stopped and its error is the call's."""
+        cap = tenant.limits.max_concurrent_requests
+        if cap is not None and len(pbreqs) > cap:  # could never start: not worth a retry
+            raise ValueError(f"this call asks for {len(pbreqs)} choices (n times its prompts), each a request of its "
+                             f"own; tenant {tenant.id!r} may run at most {cap} at once (max_concurrent_requests)")
+        gens: list[Generation] = []
+        try:
+            for i, pbreq in enumerate(pbreqs):
+                gens.append(self.f.path.start(pbreq, call, tenant=tenant,
+                                              request_id=rid if len(pbreqs) == 1 else f"{rid}-{i}", front="http",
+                                              streamed=streamed, use_call_slot=False))
+        except BaseException:
+            for gen in gens:
+                gen.end()
+            raise
+        return gens
 
-    async def _stream(self, gen: Generation, call: HttpCall, meta: dict, chat: bool, include_usage: bool
-                      ) -> AsyncIterator[bytes]:
+    async def _unary(self, gens: list[Generation], call: HttpCall, request: Request, meta: dict, chat: bool,
+                     n: int) -> dict:
+        async def collect(gen: Generation) -> tuple[FinalOutput, list]:
+            logprobs: list = []
+            final: FinalOutput | None = None
+            async for out in follow(self.f.path, gen, call, request):
+                if out.new_logprobs:
+                    logprobs.extend(self.f.path.converter.logprobs(out.new_logprobs))
+                final = out.final
+            assert final is not None
+            gen.release_limits()
+            return final, logprobs
+
+        if len(gens) == 1:
+            results = [await collect(gens[0])]
+        else:  # the first choice to fail fails the call (the call's end then stops the others)
+            tasks = [asyncio.create_task(collect(gen)) for gen in gens]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+                failed = [task.exception() for task in tasks if task.done() and task.exception() is not None]
+                if failed:  # each one retrieved (no "never retrieved" warning); the first in choice order raised
+                    raise failed[0]
+                results = [task.result() for task in tasks]  # all done: none failed
+            finally:
+                for task in tasks:
+                    task.cancel()
+        choices = []
+        finals = []
+        for i, (gen, (final, logprobs)) in enumerate(zip(gens, results, strict=True)):
+            finals.append(final)
+            wants_logprobs = gen.handle.spec.sampling.logprobs is not None
+            choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final), "logprobs": None}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": final.text}
+                if wants_logprobs:
+                    choice["logprobs"] = oa.chat_logprobs(logprobs)
+            else:
+                choice["text"] = final.text
+                if wants_logprobs:
+                    choice["logprobs"] = oa.completion_logprobs(logprobs)
+            choices.append(choice)
+        return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+                "usage": oa.usage(finals, n), "system_fingerprint": finals[0].adapter_version or None}
+
+    async def _stream(self, gens: list[Generation], call: HttpCall, meta: dict, chat: bool, include_usage: bool,
+                      n: int) -> AsyncIterator[bytes]:
+        """The choices' chunks as their outputs come (each chunk one choice's, by `index`), then, with
+        include_usage, one chunk with the call's usage."""
         call.task = asyncio.current_task()
         obj = "chat.completion.chunk" if chat else "text_completion"
-        wants_logprobs = gen.handle.spec.sampling.logprobs is not None
-        first = True
-        offset = 0
+        first = [True] * len(gens)
+        offset = [0] * len(gens)
+        finals: list[FinalOutput | None] = [None] * len(gens)
         try:
-            async for out in follow(self.f.path, gen, call):
+            async for i, out in self._merged(gens, call):
+                gen = gens[i]
                 final = out.final
                 if not out.new_text and not out.new_token_ids and final is None:
                     continue
-                choice: dict[str, Any] = {"index": 0, "finish_reason": oa.finish_reason(final), "logprobs": None}
+                choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final), "logprobs": None}
                 lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
+                wants_logprobs = gen.handle.spec.sampling.logprobs is not None
                 if chat:
-                    choice["delta"] = {"role": "assistant", "content": out.new_text} if first else \
+                    choice["delta"] = {"role": "assistant", "content": out.new_text} if first[i] else \
                         {"content": out.new_text}
                     if wants_logprobs:
                         choice["logprobs"] = oa.chat_logprobs(lps)
@@ -338,19 +383,21 @@ class OpenAIApp:
                     if wants_logprobs:
                         # Offsets count each token's own text, as the unary answer's do: the same whatever
                         # tokens a chunk holds (the server's stream interval, speculative steps).
-                        choice["logprobs"] = oa.completion_logprobs(lps, offset)
-                        offset += sum(len(t.token) for t in lps)
-                first = False
+                        choice["logprobs"] = oa.completion_logprobs(lps, offset[i])
+                        offset[i] += sum(len(t.token) for t in lps)
+                first[i] = False
                 chunk = {**meta, "object": obj, "choices": [choice]}
                 if include_usage:
                     chunk["usage"] = None
                 if final is not None:
                     gen.release_limits()
+                    finals[i] = final
                 gen.waiting()
                 yield _sse(chunk)
                 gen.done_waiting()
-                if final is not None and include_usage:
-                    yield _sse({**meta, "object": obj, "choices": [], "usage": oa.usage(final)})
+            if include_usage:
+                done = [f for f in finals if f is not None]
+                yield _sse({**meta, "object": obj, "choices": [], "usage": oa.usage(done, n)})
         except Exception as e:  # the status line is sent: the error goes out as an event
             status, message, code, _ = http_error(e)
             log_refusal(self.f.logs, e, status, message, "stream", 0.0)
@@ -358,6 +405,36 @@ class OpenAIApp:
         finally:
             call.end()
         yield b"data: [DONE]\n\n"
+
+    async def _merged(self, gens: list[Generation], call: HttpCall) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) of every generation as they come, up to each one's final output; the first
+        error of any ends the merge with it (the call's end then stops the others)."""
+        if len(gens) == 1:
+            async for out in follow(self.f.path, gens[0], call):
+                yield 0, out
+            return
+        items: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen: Generation) -> None:
+            try:
+                async for out in follow(self.f.path, gen, call):
+                    items.put_nowait((i, out, None))
+            except Exception as e:
+                items.put_nowait((i, None, e))
+
+        tasks = [asyncio.create_task(pump(i, gen)) for i, gen in enumerate(gens)]
+        try:
+            left = len(gens)
+            while left:
+                i, out, err = await items.get()
+                if err is not None:
+                    raise err
+                if out.final is not None:
+                    left -= 1
+                yield i, out
+        finally:
+            for task in tasks:
+                task.cancel()
 
 
 def _sse(obj: dict) -> bytes:

@@ -3,8 +3,9 @@ front receives; the engine's outputs -> OpenAI's response, chunk and error objec
 
 Only the shape is checked here (types, and ranges the proto's unsigned fields need); everything else (sampling
 ranges, bounds, the tenant's limits, the adapter) is checked once, by the request path both fronts share, with
-the same messages. Fields this server does not implement are refused by name (`n` above 1, tools, echo, suffix,
-best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does.
+the same messages. A body becomes one request per choice: `n` of them per prompt (a completion may carry several
+prompts), at most MAX_CHOICES in all. Fields this server does not implement are refused by name (tools, echo,
+suffix, best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from service.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_SEQUE
 from service.engine.types import FinishReason
 
 U32 = 2**32 - 1
+SEEDS = 2**63
+# Choices of one call: `n` per prompt, for every prompt of a completion. Each is a request of its own to the engine
+# (they share the prompt's KV through the prefix cache) and counts against the tenant's concurrent requests.
+MAX_CHOICES = 64
 UInt = Annotated[int, Field(ge=0, le=U32)]
 PosInt = Annotated[int, Field(ge=1, le=U32)]
 ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "developer": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER,
@@ -67,7 +72,7 @@ class _Sampling(_Body):
     max_tokens: PosInt | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
@@ -126,9 +131,7 @@ def _type_tag(x: object) -> bool:
     return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or "-" in x or x[:1].isupper())
 
 
-def _refuse_unsupported(req: _Sampling, extra: dict[str, Any]) -> None:
-    if req.n != 1:
-        raise ValueError(f"n={req.n} is not supported: this server returns one choice per request (n=1)")
+def _refuse_unsupported(extra: dict[str, Any]) -> None:
     for name, value in extra.items():
         if value:
             raise ValueError(f"{name} is not supported by this server")
@@ -171,8 +174,32 @@ def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
     return out
 
 
-def chat_request(req: ChatRequest, base_model: str) -> pb.GenerateRequest:
-    _refuse_unsupported(req, {"tools": req.tools, "tool_choice": req.tool_choice, "functions": req.functions})
+def _check_choices(prompts: int, n: int) -> None:
+    if prompts * n > MAX_CHOICES:
+        raise ValueError(f"{prompts} prompts with n={n} make {prompts * n} choices; at most {MAX_CHOICES} are "
+                         "allowed per call")
+
+
+def _choices(per_prompt: list[pb.GenerateRequest], n: int) -> list[pb.GenerateRequest]:
+    """`n` requests per prompt, in OpenAI's order of choices (prompt by prompt); with a seed, choice j of a prompt
+    samples with seed + j, so the n choices differ and the call as a whole replays."""
+    _check_choices(len(per_prompt), n)
+    if n == 1:
+        return per_prompt
+    out = []
+    for req in per_prompt:
+        for j in range(n):
+            choice = pb.GenerateRequest()
+            choice.CopyFrom(req)
+            if req.sampling.HasField("seed"):
+                choice.sampling.seed = (req.sampling.seed + j) % SEEDS
+            out.append(choice)
+    return out
+
+
+def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
+    """The chat body -> one request per choice (`n`)."""
+    _refuse_unsupported({"tools": req.tools, "tool_choice": req.tool_choice, "functions": req.functions})
     if req.top_logprobs is not None and not req.logprobs:
         raise ValueError("top_logprobs needs logprobs=true")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -195,33 +222,42 @@ def chat_request(req: ChatRequest, base_model: str) -> pb.GenerateRequest:
         if fmt.json_schema is None:
             raise ValueError("response_format.json_schema is missing: give {\"name\": ..., \"schema\": {...}}")
         out.response_format.json_schema = json.dumps(fmt.json_schema.schema_)
-    return out
+    return _choices([out], req.n)
 
 
-def completion_request(req: CompletionRequest, base_model: str) -> pb.GenerateRequest:
-    _refuse_unsupported(req, {"echo": req.echo, "suffix": req.suffix,
+def completion_request(req: CompletionRequest, base_model: str) -> list[pb.GenerateRequest]:
+    """The completion body -> one request per choice: `n` per prompt, prompt by prompt."""
+    _refuse_unsupported({"echo": req.echo, "suffix": req.suffix,
                               "best_of": req.best_of if req.best_of not in (None, 1) else None})
-    out = _common(req, base_model, req.max_tokens, req.logprobs)
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise ValueError(f"prompt has {len(prompt)} prompts: this server completes one prompt per request")
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        out.text = prompt
-    else:
-        out.token_ids.ids.extend(prompt)
-        if not prompt:
-            raise ValueError("prompt is empty: give a text or at least one token id")
-    return out
+    common = _common(req, base_model, req.max_tokens, req.logprobs)
+    prompts = req.prompt
+    if not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list))):
+        prompts = [prompts]  # one text or one list of token ids
+    _check_choices(len(prompts), req.n)  # counted before any per-prompt work
+    per_prompt = []
+    for i, prompt in enumerate(prompts):
+        out = pb.GenerateRequest()
+        out.CopyFrom(common)
+        where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            out.text = prompt
+        else:
+            out.token_ids.ids.extend(prompt)
+            if not prompt:
+                raise ValueError(f"{where} is empty: give a text or at least one token id")
+        per_prompt.append(out)
+    return _choices(per_prompt, req.n)
 
 
 # ---- responses -------------------------------------------------------------------------------------------
-def usage(final: FinalOutput) -> dict[str, Any]:
-    u = final.usage
-    return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
-            "total_tokens": u.input_tokens + u.output_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens}}
+def usage(finals: list[FinalOutput], n: int = 1) -> dict[str, Any]:
+    """The call's usage over its choices (`n` per prompt, prompt by prompt): each prompt counted once (its first
+    choice's), every choice's completion tokens."""
+    firsts = [f.usage for f in finals[::n]]
+    prompt = sum(u.input_tokens for u in firsts)
+    completion = sum(f.usage.output_tokens for f in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_input_tokens for u in firsts)}}
 
 
 def finish_reason(final: FinalOutput | None) -> str | None:

@@ -105,6 +105,97 @@ def test_logit_bias_as_openai_sends_it_token_ids_as_strings(served):
     served.wait_idle_and_intact()
 
 
+BOB = TENANT_KEYS["bob"]  # no limits (alice may run 2 requests at once)
+
+
+def test_n_choices_each_seeded_apart_with_the_prompt_counted_once(served):
+    c = client(served, BOB)
+    r = c.completions.create(model=served.model, prompt="t9 t10", n=3, temperature=1.0, seed=5, max_tokens=8)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    alone = [c.completions.create(model=served.model, prompt="t9 t10", temperature=1.0, seed=5 + j, max_tokens=8)
+             for j in range(3)]
+    assert [ch.text for ch in r.choices] == [a.choices[0].text for a in alone]  # choice j: seed + j
+    assert len({ch.text for ch in r.choices}) > 1
+    assert r.usage.prompt_tokens == alone[0].usage.prompt_tokens == 2
+    assert r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone) == 24
+    greedy = c.chat.completions.create(model=served.model, messages=CHAT, n=2, **GREEDY)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content  # as OpenAI: greedy is greedy
+    served.wait_idle_and_intact()
+
+
+def test_several_prompts_with_n_come_prompt_by_prompt(served):
+    c = client(served, BOB)
+    r = c.completions.create(model=served.model, prompt=["t9 t10", "t20 t21 t22"], n=2, logprobs=1, seed=11,
+                             temperature=0.8, max_tokens=6)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    for k, (prompt, seed) in enumerate([("t9 t10", 11), ("t9 t10", 12), ("t20 t21 t22", 11), ("t20 t21 t22", 12)]):
+        one = c.completions.create(model=served.model, prompt=prompt, logprobs=1, seed=seed, temperature=0.8,
+                                   max_tokens=6).choices[0]
+        assert r.choices[k].text == one.text and r.choices[k].logprobs.tokens == one.logprobs.tokens
+    assert r.usage.prompt_tokens == 2 + 3 and r.usage.completion_tokens == 24
+    base = "req-" + r.id.removeprefix("cmpl-")  # one usage row per choice, each billed: request ids rid-0 ...
+    rows = [served.server.ledger.get(f"{base}-{k}") for k in range(4)]
+    assert [row.output_tokens for row in rows] == [6] * 4 and {row.tenant for row in rows} == {"bob"}
+    assert [row.input_tokens for row in rows] == [2, 2, 3, 3]
+    served.wait_idle_and_intact()
+
+
+def test_streamed_n_choices_interleave_by_index_and_end_with_the_calls_usage(served):
+    c = client(served, BOB)
+    unary = c.chat.completions.create(model=served.model, messages=CHAT, n=3, seed=9, temperature=1.0, max_tokens=8)
+    chunks = list(c.chat.completions.create(model=served.model, messages=CHAT, n=3, seed=9, temperature=1.0,
+                                            max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    by_index: dict[int, list] = {0: [], 1: [], 2: []}
+    for ch in chunks[:-1]:
+        assert len(ch.choices) == 1 and ch.usage is None
+        by_index[ch.choices[0].index].append(ch.choices[0])
+    for i, parts in by_index.items():
+        assert parts[0].delta.role == "assistant" and all(p.delta.role is None for p in parts[1:])
+        assert "".join(p.delta.content or "" for p in parts) == unary.choices[i].message.content
+        assert [p.finish_reason for p in parts][-1] == "length" and all(p.finish_reason is None for p in parts[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 24
+    assert last.usage.prompt_tokens == unary.usage.prompt_tokens
+    served.wait_idle_and_intact()
+
+
+def test_n_beyond_the_tenants_concurrency_is_refused_and_a_choice_that_cannot_start_stops_the_others(served):
+    """alice may run 2 requests at once: n=3 could never run (400, nothing started); with one of hers in flight,
+    n=2 gets the second choice refused (429) and the first one, started, is stopped."""
+    r = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", "n": 3, "max_tokens": 4})
+    assert r.status_code == 400
+    assert "asks for 3 choices" in r.json()["error"]["message"] and "at most 2 at once" in r.json()["error"]["message"]
+    served.hold()
+    try:
+        stream = client(served).completions.create(model=served.model, prompt="t5", stream=True, **GREEDY)
+        r = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", "n": 2, "max_tokens": 4})
+        assert r.status_code == 429 and "max_concurrent_requests=2" in r.json()["error"]["message"]
+        assert served.server.generations.limiter.in_flight("alice") == 1  # the held stream's alone
+        stream.close()
+    finally:
+        served.resume()
+    assert wait_until(lambda: served.server.generations.limiter.in_flight("alice") == 0, 10)
+    r = post(served, "/v1/completions", {"model": served.model, "prompt": ["t5"] * 5, "n": 16}, key=BOB)
+    assert r.status_code == 400
+    assert "5 prompts with n=16 make 80 choices; at most 64 are allowed per call" in r.json()["error"]["message"]
+    r = post(served, "/v1/completions", {"model": served.model, "prompt": [[5], []], "max_tokens": 2}, key=BOB)
+    assert r.status_code == 400 and "prompt[1] is empty" in r.json()["error"]["message"]
+    served.wait_idle_and_intact()
+
+
+def test_streamed_n_choices_past_their_deadline_end_with_one_error_event_and_leave_nothing_running(served):
+    served.hold()  # the engine takes no step: neither choice gets a token before the deadline
+    try:
+        r = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", "n": 2, "stream": True,
+                                             "max_tokens": 4}, key=BOB, **{"x-request-timeout": "0.5"})
+        events = [line.removeprefix("data: ") for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and events[-1] == "[DONE]" and len(events) == 2
+        assert "deadline passed" in json.loads(events[0])["error"]["message"]
+    finally:
+        served.resume()
+    served.wait_idle_and_intact()
+
+
 def test_streamed_logprobs_offsets_are_the_unary_answers_whatever_each_chunk_holds(served):
     """text_offset of a streamed completion: each token at the sum of the lengths of the tokens before it, as in the
     unary answer, also in chunks of several tokens (speculative steps; a server's stream interval)."""
@@ -196,7 +287,8 @@ def test_an_unknown_model_is_404(served):
     ({"top_p": 1.5}, 400, "top_p=1.5 is invalid"),
     ({"max_tokens": 0}, 400, "max_tokens: Input should be greater than or equal to 1"),
     ({"max_tokens": 100000}, 400, "max_tokens=100000 is too large"),
-    ({"n": 2}, 400, "n=2 is not supported"),
+    ({"n": 0}, 400, "n: Input should be greater than or equal to 1"),
+    ({"n": 65}, 400, "n: Input should be less than or equal to 64"),
     ({"messages": [{"role": "wizard", "content": "t5"}]}, 400, "messages[0].role"),
     ({"messages": []}, 400, "messages is empty"),
     ({"messages": "t5"}, 400, "messages: Input should be a valid array"),
