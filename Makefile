@@ -29,7 +29,7 @@ run: install
 	@echo "loraserve: starting on 127.0.0.1:50051 (gRPC) and 127.0.0.1:8000 (HTTP) (model load and warm-up take a few seconds). Then, in another shell:"
 	@echo "  export LORASERVE_API_KEY=demo-alice-key-not-secret"
 	@echo "  $(VENV)/bin/loraserve call --prompt 'What is the capital of France?' --temperature 0"
-	@echo "  $(VENV)/bin/loraserve call --prompt 'Name a large animal.' --adapter allcaps --stream"
+	@echo "  $(VENV)/bin/loraserve call --prompt 'Name a large animal.' --adapter allcaps --stream --temperature 0"
 	@echo "  $(VENV)/bin/loraserve adapters list ; $(VENV)/bin/loraserve usage"
 	@echo "  curl -s 127.0.0.1:8000/v1/chat/completions -H 'Authorization: Bearer demo-alice-key-not-secret' \\"
 	@echo "    -H 'Content-Type: application/json' -d '{\"model\": \"allcaps\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}]}'"

@@ -13,6 +13,12 @@ WORKLOADS = ("engine", "multi_lora", "structured", "peers", "online", "kernels",
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in WORKLOADS for a in argv) and ("-h" in argv or "--help" in argv):
+        print("usage: make bench ARGS=\"[WORKLOAD ...] [OPTIONS]\"  (or: loraserve bench [WORKLOAD ...] [OPTIONS])\n\n"
+              "Runs the chosen workloads (all of them, in this order, when none is named), each writing "
+              "bench/results/WORKLOAD.json:\n  " + " ".join(WORKLOADS) + "\n\nA workload's own options: "
+              "make bench ARGS=\"WORKLOAD --help\". How each measures: bench/README.md.")
+        return 0
     chosen = [a for a in argv if a in WORKLOADS] or list(WORKLOADS)
     rest = [a for a in argv if a not in WORKLOADS]
     for name in chosen:

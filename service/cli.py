@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from service.cli_client import add_client_args, add_commands, add_format_args, format_kwargs
 from service.config import (
@@ -208,10 +209,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # bench/ lives in the source tree beside service/, not in the installed package: from an editable install (what
+    # `make install` makes) the checkout is where this file is
+    root = Path(__file__).resolve().parents[1]
+    if (root / "bench" / "run.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     try:
         from bench.run import main as bench_main
-    except ImportError as e:  # bench/ lives in the source tree, not in the installed package
-        print(f"error: the benchmarks need a source checkout of loraserve ({e})", file=sys.stderr)
+    except ImportError as e:
+        print(f"error: the benchmarks need a source checkout of loraserve ({e}); run them from it with `make bench`",
+              file=sys.stderr)
         return 2
     return bench_main(args.bench_args)
 
@@ -311,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, add_call_sampling_args)
 
-    b = sub.add_parser("bench", help="run the benchmarks of bench/ (see BENCH in the README)")
+    # no help of its own: `loraserve bench --help` is bench/run.py's, which lists the workloads
+    b = sub.add_parser("bench", help="run the benchmarks of bench/ (the same as `make bench ARGS=...`; see "
+                       "Performance in the README)", add_help=False)
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench, log_level="warning")
     return p
@@ -320,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from service.telemetry import configure_logging
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # everything after it is bench/run.py's, --help included
+        configure_logging("warning")
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", None) or "warning", json=getattr(args, "log_json", False))
     try:

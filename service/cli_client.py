@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -64,11 +65,15 @@ def run_remote(fn: Callable[[Any], int], args: argparse.Namespace) -> int:
         return 2 if e.code().name in _BAD_INPUT else 1
 
 
+def _as_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True)
+
+
 def _print(args: argparse.Namespace, messages: list[Any], columns: list[tuple[str, Callable[[Any], Any]]]) -> None:
     if args.json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in messages], indent=2))
+        print(json.dumps([_as_dict(m) for m in messages], indent=2))
         return
     rows = [[str(get(m)) for _, get in columns] for m in messages]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, (h, _) in enumerate(columns)]
@@ -126,6 +131,13 @@ def cmd_call(args: argparse.Namespace) -> int:
                   **format_kwargs(args))
 
     def go(client: Any) -> int:
+        if args.json:  # the whole response (unary), or one line per streamed message
+            if args.stream:
+                for msg in client.generate_stream_messages(args.prompt, **kwargs):
+                    print(json.dumps(_as_dict(msg)), flush=True)
+            else:
+                print(json.dumps(_as_dict(client.generate(args.prompt, **kwargs)), indent=2))
+            return 0
         if args.stream:
             for delta in client.generate_stream(args.prompt, **kwargs):
                 sys.stdout.write(delta)
@@ -167,10 +179,16 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             _print(args, list(c.get_adapter(args.name).versions), _VERSION_COLUMNS)
         elif action == "promote":
             v = c.promote_adapter(args.name, args.version)
-            print(f"{v.owner}/{v.name} -> @{v.number} ({v.version_id})")
+            if args.json:
+                _print(args, [v], [])
+            else:
+                print(f"{v.owner}/{v.name} -> @{v.number} ({v.version_id})")
         elif action == "delete":
             released = c.delete_adapter(args.ref)
-            print(f"deleted {args.ref}" + (f"; released {', '.join(released)}" if released else ""))
+            if args.json:
+                print(json.dumps({"deleted": args.ref, "released_version_ids": released}, indent=2))
+            else:
+                print(f"deleted {args.ref}" + (f"; released {', '.join(released)}" if released else ""))
         elif action == "load":
             r = c.load_adapter(args.ref, wait=True)
             _print(args, [r.version], _VERSION_COLUMNS)
@@ -181,8 +199,11 @@ def cmd_adapters(args: argparse.Namespace) -> int:
             _print(args, [c.unload_adapter(args.ref)], _VERSION_COLUMNS)
         elif action == "share":
             a = c.share_adapter(args.name, grant=args.grant or (), revoke=args.revoke or ())
-            print(f"{a.owner}/{a.name}: {_VIS.get(a.visibility, '?')}"
-                  + (f", shared with {', '.join(a.shared_with)}" if a.shared_with else ""))
+            if args.json:
+                _print(args, [a], [])
+            else:
+                print(f"{a.owner}/{a.name}: {_VIS.get(a.visibility, '?')}"
+                      + (f", shared with {', '.join(a.shared_with)}" if a.shared_with else ""))
         return 0
 
     return run_remote(go, args)
@@ -196,10 +217,12 @@ def parse_duration(text: str) -> float:
     """`90s`, `15m`, `24h`, `7d` -> seconds."""
     try:
         value, unit = float(text[:-1]), text[-1]
-        if unit not in _UNITS or value <= 0:
+        if unit not in _UNITS or not math.isfinite(value):
             raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"duration {text!r} is invalid: use a number and a unit, e.g. 90s, 15m, 24h, 7d") from None
+    if value <= 0:
+        raise ValueError(f"duration {text!r} is invalid: it must be longer than 0")
     return value * _UNITS[unit]
 
 
@@ -210,8 +233,11 @@ def cmd_usage(args: argparse.Namespace) -> int:
     def go(c: Any) -> int:
         rows = c.get_usage(tenant=args.tenant or "", adapter=args.adapter or "", group_by=args.group_by,
                            start_time=start, bucket_s=bucket)
+        # with buckets, each row's bucket start (local time) comes first
+        when = [("bucket", lambda r: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.start_time.seconds)))] \
+            if bucket else []
         _print(args, rows, [
-            ("tenant", lambda r: r.tenant), ("adapter", lambda r: r.adapter or "-"),
+            *when, ("tenant", lambda r: r.tenant), ("adapter", lambda r: r.adapter or "-"),
             ("version", lambda r: r.adapter_version or "-"), ("requests", lambda r: r.requests),
             ("input", lambda r: r.input_tokens), ("cached", lambda r: r.cached_input_tokens),
             ("output", lambda r: r.output_tokens), ("engine_s", lambda r: f"{r.engine_seconds:.3f}"),

@@ -89,7 +89,11 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
             if value not in SPECULATION:
                 raise ValueError(f"speculation={value!r} is invalid: use one of {', '.join(SPECULATION)}")
             value = SPECULATION[value]
-        setattr(req.sampling, name, value)
+        try:
+            setattr(req.sampling, name, value)
+        except (ValueError, TypeError) as e:  # protobuf's words ("Value out of range: -5") name no field
+            raise ValueError(f"{name}={value!r} is invalid: {e} (see SamplingParams in "
+                             "protos/loraserve/v1/inference.proto for its type and range)") from None
     if logit_bias:
         req.sampling.logit_bias.update(logit_bias)
     return req
@@ -122,14 +126,30 @@ def response_format(*, json_schema: Mapping[str, Any] | str | None = None, json_
 def upload_requests(directory: str | Path, name: str, *, description: str = "", visibility: str | None = None,
                     promote: bool | None = None, chunk_bytes: int = UPLOAD_CHUNK_BYTES
                     ) -> Iterator[apb.UploadAdapterRequest]:
-    """The messages of an upload of a PEFT adapter directory: the manifest, then each file in chunks."""
+    """The messages of an upload of a PEFT adapter directory: the manifest, then each file in chunks. The directory
+    is read and checked here, before any message is sent: a missing file is a FileNotFoundError, a bad argument a
+    ValueError, raised by this call (an error raised while gRPC iterates the messages would reach the caller as
+    UNKNOWN, its words lost)."""
     root = Path(directory)
+    if not root.exists():
+        raise FileNotFoundError(f"{root} does not exist: give the directory peft's save_pretrained wrote "
+                                f"({' and '.join(ADAPTER_FILES)})")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory: give the directory peft's save_pretrained wrote "
+                                 f"({' and '.join(ADAPTER_FILES)})")
+    if visibility is not None and visibility not in VISIBILITY:
+        raise ValueError(f"visibility {visibility!r} is invalid: use {', '.join(VISIBILITY)}")
     files = []
     for f in ADAPTER_FILES:
         path = root / f
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: an adapter directory holds {' and '.join(ADAPTER_FILES)} "
-                                    "(what peft's save_pretrained writes)")
+            pickle = f == "adapter_model.safetensors" and (root / "adapter_model.bin").is_file()
+            raise FileNotFoundError(
+                f"{path} is missing: " + ("this directory holds adapter_model.bin, a pickle file, which the service "
+                                          "never loads; save with safe_serialization=True (peft's default) to "
+                                          "write adapter_model.safetensors" if pickle else
+                                          f"an adapter directory holds {' and '.join(ADAPTER_FILES)} (what peft's "
+                                          "save_pretrained writes)"))
         files.append((f, path.read_bytes()))
     digest = hashlib.sha256()
     for _, data in files:
@@ -137,15 +157,17 @@ def upload_requests(directory: str | Path, name: str, *, description: str = "", 
     manifest = apb.UploadManifest(name=name, description=description, sha256=digest.hexdigest(),
                                   size=sum(len(d) for _, d in files))
     if visibility is not None:
-        if visibility not in VISIBILITY:
-            raise ValueError(f"visibility {visibility!r} is invalid: use {', '.join(VISIBILITY)}")
         manifest.visibility = VISIBILITY[visibility]
     if promote is not None:
         manifest.promote = promote
-    yield apb.UploadAdapterRequest(manifest=manifest)
-    for f, data in files:
-        for i in range(0, len(data), chunk_bytes):
-            yield apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=f, data=data[i:i + chunk_bytes]))
+
+    def messages() -> Iterator[apb.UploadAdapterRequest]:
+        yield apb.UploadAdapterRequest(manifest=manifest)
+        for f, data in files:
+            for i in range(0, len(data), chunk_bytes):
+                yield apb.UploadAdapterRequest(chunk=apb.FileChunk(file_name=f, data=data[i:i + chunk_bytes]))
+
+    return messages()
 
 
 class LoraServeClient:

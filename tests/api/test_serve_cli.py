@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 
 import grpc
@@ -79,3 +80,68 @@ def test_sigterm_drains_and_exits_zero(tiny):
 def test_unreachable_target_is_unavailable():
     r = cli("call", "--target", "127.0.0.1:1", "--prompt", "hi", "--timeout", "5")
     assert r.returncode == 1 and grpc.StatusCode.UNAVAILABLE.name in r.stderr
+
+
+def test_uploading_a_directory_that_is_no_adapter_is_a_clear_error_before_anything_is_sent(served, tmp_path):
+    """Checked by the client before the upload starts: raised while gRPC iterates the messages, the same error
+    used to reach the caller as UNKNOWN ("Exception iterating requests!") after a traceback."""
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    (config_only / "adapter_config.json").write_text("{}")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text("{}")
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    a_file = config_only / "adapter_config.json"
+    for where, words in ((config_only, "adapter_model.safetensors is missing: an adapter directory holds"),
+                         (pickled, "adapter_model.bin, a pickle file, which the service never loads"),
+                         (a_file, "is not a directory"), (tmp_path / "nowhere", "does not exist")):
+        r = cli("adapters", "upload", str(where), "--name", "bad", "--target", served.address)
+        assert r.returncode == 2 and words in r.stderr, (where, r.stderr)
+        assert "Traceback" not in r.stderr and "UNKNOWN" not in r.stderr, r.stderr
+    with LoraServeClient(served.address, timeout=30) as c:
+        with pytest.raises(FileNotFoundError):
+            c.upload_adapter(config_only, "bad")
+        assert [a.name for a in c.list_adapters()] == ["tiny-lora"]  # nothing registered
+
+
+def test_json_output_of_call_and_adapter_commands(served):
+    import json
+
+    args = ("call", "--target", served.address, "--prompt", "t5 t6 t7", "--raw", "--temperature", "0",
+            "--max-tokens", "4", "--json")
+    unary = cli(*args)
+    assert unary.returncode == 0, unary.stderr
+    body = json.loads(unary.stdout)
+    assert len(body["token_ids"]) == 4 and body["finish_reason"] == "FINISH_REASON_LENGTH" and body["text"]
+    streamed = cli(*args, "--stream")
+    lines = [json.loads(line) for line in streamed.stdout.splitlines()]
+    assert [t for m in lines for t in m.get("token_ids", [])] == body["token_ids"]
+    assert lines[-1]["finish_reason"] == "FINISH_REASON_LENGTH"
+    promoted = cli("adapters", "promote", "tiny-lora", "1", "--target", served.address, "--json")
+    assert promoted.returncode == 0 and json.loads(promoted.stdout)[0]["name"] == "tiny-lora"
+
+
+def test_usage_buckets_are_labelled_and_a_zero_bucket_is_named(served):
+    with LoraServeClient(served.address, timeout=30) as c:
+        c.generate("t5 t6", temperature=0, max_tokens=2)
+    r = cli("usage", "--target", served.address, "--bucket", "1h")
+    assert r.returncode == 0 and r.stdout.split()[0] == "BUCKET", r.stdout
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", r.stdout.splitlines()[1]), r.stdout
+    r = cli("usage", "--target", served.address, "--bucket", "0s")
+    assert r.returncode == 2 and "duration '0s' is invalid: it must be longer than 0" in r.stderr
+
+
+def test_out_of_range_sampling_values_name_the_field_before_any_call():
+    from service.api.gen.loraserve.v1 import inference_pb2 as pb
+    from service.client import build_request
+
+    with pytest.raises(ValueError, match=r"max_tokens=-5 is invalid: Value out of range"):
+        build_request(pb.GenerateRequest, "hi", max_tokens=-5)
+    r = cli("call", "--target", "127.0.0.1:1", "--prompt", "hi", "--seed", "-1")
+    assert r.returncode == 2 and "seed=-1 is invalid" in r.stderr
+
+
+def test_bench_help_lists_the_workloads():
+    r = cli("bench", "--help")
+    assert r.returncode == 0 and "engine multi_lora" in r.stdout and "fairness" in r.stdout, r.stdout + r.stderr
