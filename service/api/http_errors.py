@@ -35,6 +35,9 @@ HTTP_STATUS = {
 }
 
 
+_BODY_NAMES = (("token_ids.ids", "prompt"), ("text ", "prompt "), ("adapter is invalid", "model is invalid"))
+
+
 class HttpError(Exception):
     """A refusal of the HTTP front itself (a body that is not JSON, too large, a path that does not exist)."""
 
@@ -62,8 +65,13 @@ def http_error(exc: BaseException) -> tuple[int, str, str | None, dict[str, str]
     if status == 404:
         error_code = "model_not_found"
     if status == 400:
-        # The shared path names sampling fields as the proto nests them; OpenAI's sit at the top level.
-        message = message.replace("sampling.", "")
+        # The shared path names fields as the proto has them; OpenAI's body has its own names (sampling fields at
+        # the top level, the prompt in `prompt`, the adapter in `model`).
+        message = message.replace("sampling.", "").replace("messages.messages", "messages")
+        for proto, body in _BODY_NAMES:
+            if message.startswith(proto):
+                message = body + message[len(proto):]
+                break
     return status, message, error_code, headers
 
 

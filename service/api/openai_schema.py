@@ -11,6 +11,7 @@ suffix, best_of) rather than silently ignored; fields it does not know are ignor
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -284,10 +285,24 @@ def completion_logprobs(items: list[pb.TokenLogprob], offset: int = 0) -> dict[s
 
 
 def error_body(message: str, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object; a 400's `param` is the request field its message begins with (None when it names
+    none: a body that is not JSON, a bound over several fields)."""
+    if param is None and status == 400:
+        param = error_param(message)
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "param": param,
                       "code": code}}
 
 
+_FIELD = re.compile(r"[a-z_]+")
+
+
+def error_param(message: str) -> str | None:
+    """The body field a refusal's message starts with (`temperature=-1.0 is invalid` -> temperature)."""
+    m = _FIELD.match(message)
+    return m.group(0) if m and m.group(0) in _FIELDS else None
+
+
+_FIELDS = frozenset(ChatRequest.model_fields) | frozenset(CompletionRequest.model_fields)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                413: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled", 500: "internal_error",

@@ -316,6 +316,21 @@ def test_bad_chat_input_gets_its_status_and_names_the_field(served, body, status
     assert err["type"] and r.headers["x-request-id"].startswith("req-")
 
 
+@pytest.mark.parametrize("body, param, words", [
+    ({"temperature": -1}, "temperature", "temperature=-1.0 is invalid"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens: Input should be"),
+    ({"prompt": ""}, "prompt", "prompt is empty"),  # the shared path's `text is empty`, in the body's words
+    ({"prompt": [5, 900]}, "prompt", "prompt[1]=900 is outside the vocabulary"),  # its `token_ids.ids[1]`
+    ({"model": "Bad Name"}, "model", "model is invalid"),  # its `adapter is invalid`
+    ({"logit_bias": {"x": 1}}, "logit_bias", "logit_bias key 'x' is invalid"),
+    ({"prompt": ["t5"] * 5, "n": 16}, None, "5 prompts with n=16 make 80 choices"),  # no one field to blame
+])
+def test_a_refusal_names_the_body_field_in_its_words_and_in_param(served, body, param, words):
+    r = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and words in err["message"] and err["param"] == param, err
+
+
 def test_malformed_json_wrong_content_type_and_oversize_bodies(served):
     r = post(served, "/v1/chat/completions", b'{"model": "x", "messages": [')
     assert r.status_code == 400 and "Invalid JSON" in r.json()["error"]["message"]
