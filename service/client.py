@@ -37,7 +37,8 @@ GROUP_BY = {"tenant": upb.USAGE_GROUP_BY_TENANT, "adapter": upb.USAGE_GROUP_BY_A
 _ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER, "assistant": pb.CHAT_ROLE_ASSISTANT,
           "tool": pb.CHAT_ROLE_TOOL}
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-             "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "speculation", "max_draft_tokens")
+             "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs", "speculation",
+             "max_draft_tokens")
 SPECULATION = {"off": pb.SPECULATION_OFF, "ngram": pb.SPECULATION_NGRAM, "draft": pb.SPECULATION_DRAFT}
 
 

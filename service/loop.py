@@ -66,6 +66,7 @@ class RequestHandle:
         self._tokens: list[int] = []
         self._texts: list[str] = []
         self._logprobs: list = []
+        self._prompt_logprobs: list | None = None  # the first output's, while it is held
         self._first_queued = False  # an output with a token was queued (loop thread only)
         self._done = False
         self._cancelled = False
@@ -87,17 +88,21 @@ class RequestHandle:
         if out.final is not None or (self.stream_interval is not None and n > 0 and (
                 not self._first_queued or n >= self.stream_interval)):
             if self._held:
-                out = RequestOutput(out.request_id, self._tokens, "".join(self._texts), self._logprobs, out.final)
+                out = RequestOutput(out.request_id, self._tokens, "".join(self._texts), self._logprobs, out.final,
+                                    self._prompt_logprobs)
                 self._held, self._tokens, self._texts, self._logprobs = False, [], [], []
+                self._prompt_logprobs = None
             self._first_queued = self._first_queued or n > 0
             final = out.final
             if final is not None and final.finish_reason in UNANSWERED and (out.new_token_ids or out.new_text):
-                return [RequestOutput(out.request_id, out.new_token_ids, out.new_text, out.new_logprobs),
+                return [RequestOutput(out.request_id, out.new_token_ids, out.new_text, out.new_logprobs,
+                                      prompt_logprobs=out.prompt_logprobs),
                         RequestOutput(out.request_id, [], "", final=final)]
             return [out]
         if not self._held:
             self._held = True
             self._tokens, self._texts, self._logprobs = list(out.new_token_ids), [out.new_text], list(out.new_logprobs)
+            self._prompt_logprobs = out.prompt_logprobs
         return []
 
     def get(self, timeout: float | None = None) -> RequestOutput:

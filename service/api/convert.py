@@ -57,7 +57,7 @@ FINISH_REASONS = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STO
 SPECULATION = {pb.SPECULATION_OFF: "off", pb.SPECULATION_NGRAM: "ngram", pb.SPECULATION_DRAFT: "draft"}
 # The proto's optional sampling fields that map one to one onto SamplingParams.
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs")
+                    "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs")
 
 GenerateLike = Any  # pb.GenerateRequest | pb.GenerateStreamRequest: the same fields, number for number
 

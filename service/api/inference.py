@@ -30,8 +30,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         handle = call.handle
         token_ids: list[int] = []
         logprobs: list[pb.TokenLogprob] = []
+        prompt_logprobs: list[pb.TokenLogprob] = []
         final: FinalOutput | None = None
         for out in self.path.follow(handle, context):
+            if out.prompt_logprobs:
+                prompt_logprobs = self.converter.logprobs(out.prompt_logprobs)
             token_ids.extend(out.new_token_ids)
             if out.new_logprobs:
                 logprobs.extend(self.converter.logprobs(out.new_logprobs))
@@ -41,7 +44,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             text=final.text, token_ids=token_ids, finish_reason=convert.FINISH_REASONS[final.finish_reason],
             usage=convert.usage(final.usage), adapter_version=final.adapter_version or "", seed=final.seed,
             timings=convert.timings(final.timings), logprobs=logprobs, request_id=handle.request_id,
-            speculation=convert.speculation(final.speculation),
+            speculation=convert.speculation(final.speculation), prompt_logprobs=prompt_logprobs,
         )
         call.release_limits()  # the response goes out with the status, after this returns
         call.waiting()  # a client that never reads it is cut off by the watchdog
@@ -56,6 +59,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                                             request_id=handle.request_id)
             if out.new_logprobs:
                 msg.logprobs.extend(self.converter.logprobs(out.new_logprobs))
+            if out.prompt_logprobs:
+                msg.prompt_logprobs.extend(self.converter.logprobs(out.prompt_logprobs))
             final = out.final
             if final is not None:
                 msg.finish_reason = convert.FINISH_REASONS[final.finish_reason]

@@ -269,6 +269,7 @@ class OpenAIApp:
             except ValidationError as e:
                 raise ValueError(oa.validation_message(e)) from None
             pbreqs = convert(parsed, self.f.base_model)
+            echo = not chat and parsed.echo
             gens = await anyio.to_thread.run_sync(lambda: self._start(pbreqs, call, tenant, rid, parsed.stream),
                                                   limiter=self.f.start_limiter)
         except Exception as e:
@@ -280,12 +281,12 @@ class OpenAIApp:
             usage = parsed.stream_options is not None and parsed.stream_options.include_usage
             # The background task ends the call if the stream never started (a client gone before its first
             # byte): an async generator that never ran never runs its `finally` either.
-            return StreamingResponse(self._stream(gens, call, meta, chat, usage, parsed.n),
+            return StreamingResponse(self._stream(gens, call, meta, chat, usage, parsed.n, pbreqs, echo),
                                      media_type="text/event-stream",
                                      headers={"x-request-id": rid, "cache-control": "no-cache"},
                                      background=BackgroundTask(call.end))
         try:
-            body = await self._unary(gens, call, request, meta, chat, parsed.n)
+            body = await self._unary(gens, call, request, meta, chat, parsed.n, pbreqs, echo)
         except Exception as e:
             return self._error(e, request, t0, rid)
         finally:
@@ -312,11 +313,13 @@ class OpenAIApp:
         return gens
 
     async def _unary(self, gens: list[Generation], call: HttpCall, request: Request, meta: dict, chat: bool,
-                     n: int) -> dict:
+                     n: int, pbreqs: list, echo: bool) -> dict:
         async def collect(gen: Generation) -> tuple[FinalOutput, list]:
             logprobs: list = []
             final: FinalOutput | None = None
             async for out in follow(self.f.path, gen, call, request):
+                if out.prompt_logprobs:
+                    logprobs[:0] = self.f.path.converter.logprobs(out.prompt_logprobs)
                 if out.new_logprobs:
                     logprobs.extend(self.f.path.converter.logprobs(out.new_logprobs))
                 final = out.final
@@ -348,15 +351,28 @@ class OpenAIApp:
                 if wants_logprobs:
                     choice["logprobs"] = oa.chat_logprobs(logprobs)
             else:
-                choice["text"] = final.text
-                if wants_logprobs:
-                    choice["logprobs"] = oa.completion_logprobs(logprobs)
+                if echo:
+                    prompt, first = self._echoed(pbreqs[i], gen)
+                    choice["text"] = prompt + final.text
+                    if wants_logprobs:
+                        choice["logprobs"] = oa.completion_logprobs(logprobs, first=first)
+                else:
+                    choice["text"] = final.text
+                    if wants_logprobs:
+                        choice["logprobs"] = oa.completion_logprobs(logprobs)
             choices.append(choice)
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
                 "usage": oa.usage(finals, n), "system_fingerprint": finals[0].adapter_version or None}
 
+    def _echoed(self, pbreq: Any, gen: Generation) -> tuple[str, str]:
+        """An echoed prompt's text (as sent, or its token ids decoded) and its first token's text."""
+        ids = gen.handle.spec.prompt_token_ids
+        text = pbreq.text if pbreq.WhichOneof("prompt") == "text" else \
+            self.f.path.converter.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return text, self.f.path.converter.tokenizer.decode([ids[0]], skip_special_tokens=False)
+
     async def _stream(self, gens: list[Generation], call: HttpCall, meta: dict, chat: bool, include_usage: bool,
-                      n: int) -> AsyncIterator[bytes]:
+                      n: int, pbreqs: list, echo: bool) -> AsyncIterator[bytes]:
         """The choices' chunks as their outputs come (each chunk one choice's, by `index`), then, with
         include_usage, one chunk with the call's usage."""
         call.task = asyncio.current_task()
@@ -380,11 +396,17 @@ class OpenAIApp:
                         choice["logprobs"] = oa.chat_logprobs(lps)
                 else:
                     choice["text"] = out.new_text
+                    lead = None
+                    if echo and first[i]:  # the prompt goes first, in the choice's first chunk
+                        prompt, lead = self._echoed(pbreqs[i], gen)
+                        choice["text"] = prompt + out.new_text
+                        if out.prompt_logprobs:
+                            lps = self.f.path.converter.logprobs(out.prompt_logprobs) + lps
                     if wants_logprobs:
                         # Offsets count each token's own text, as the unary answer's do: the same whatever
                         # tokens a chunk holds (the server's stream interval, speculative steps).
-                        choice["logprobs"] = oa.completion_logprobs(lps, offset[i])
-                        offset[i] += sum(len(t.token) for t in lps)
+                        choice["logprobs"] = oa.completion_logprobs(lps, offset[i], first=lead)
+                        offset[i] += sum(len(t.token) for t in lps) + (len(lead) if lead is not None else 0)
                 first[i] = False
                 chunk = {**meta, "object": obj, "choices": [choice]}
                 if include_usage:

@@ -5,7 +5,8 @@ Only the shape is checked here (types, and ranges the proto's unsigned fields ne
 ranges, bounds, the tenant's limits, the adapter) is checked once, by the request path both fronts share, with
 the same messages. A body becomes one request per choice: `n` of them per prompt (a completion may carry several
 prompts), at most MAX_CHOICES in all. Fields this server does not implement are refused by name (tools, echo,
-suffix, best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does.
+suffix, best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does. `echo` puts each
+prompt before its completion, its tokens' logprobs (the first token has none) before the completion's.
 """
 
 from __future__ import annotations
@@ -228,9 +229,10 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
 
 def completion_request(req: CompletionRequest, base_model: str) -> list[pb.GenerateRequest]:
     """The completion body -> one request per choice: `n` per prompt, prompt by prompt."""
-    _refuse_unsupported({"echo": req.echo, "suffix": req.suffix,
-                              "best_of": req.best_of if req.best_of not in (None, 1) else None})
+    _refuse_unsupported({"suffix": req.suffix, "best_of": req.best_of if req.best_of not in (None, 1) else None})
     common = _common(req, base_model, req.max_tokens, req.logprobs)
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
+        common.sampling.prompt_logprobs = req.logprobs
     prompts = req.prompt
     if not (isinstance(prompts, list) and prompts and isinstance(prompts[0], (str, list))):
         prompts = [prompts]  # one text or one list of token ids
@@ -275,13 +277,20 @@ def chat_logprobs(items: list[pb.TokenLogprob]) -> dict[str, Any]:
                                           for a in t.top_logprobs]} for t in items]}
 
 
-def completion_logprobs(items: list[pb.TokenLogprob], offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(items: list[pb.TokenLogprob], offset: int = 0, first: str | None = None) -> dict[str, Any]:
+    """`first`: an echoed prompt's first token, which has no logprob (null, as OpenAI's), before `items`."""
     offsets = []
+    if first is not None:
+        offsets.append(offset)
+        offset += len(first)
     for t in items:
         offsets.append(offset)
         offset += len(t.token)
-    return {"tokens": [t.token for t in items], "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in items], "text_offset": offsets}
+    lead = [first] if first is not None else []
+    none = [None] if first is not None else []
+    return {"tokens": lead + [t.token for t in items], "token_logprobs": none + [t.logprob for t in items],
+            "top_logprobs": none + [{a.token: a.logprob for a in t.top_logprobs} for t in items],
+            "text_offset": offsets}
 
 
 def error_body(message: str, status: int, code: str | None = None, param: str | None = None) -> dict[str, Any]:

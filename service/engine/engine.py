@@ -262,6 +262,8 @@ class LLMEngine:
         tokens = [r.token_id for r in results[:kept]]
         out = RequestOutput(request.request_id, tokens, "".join(deltas),
                             list(results[:kept]) if sp.logprobs is not None else [])
+        if n_before == 0 and sp.prompt_logprobs is not None:
+            out.prompt_logprobs = list(request.prompt_logprobs)
         return out, reason
 
     def _finish(self, request: Request, reason: FinishReason, error: RequestError | None = None) -> RequestOutput:

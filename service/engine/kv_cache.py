@@ -87,7 +87,11 @@ class PrefixCachingKVCacheManager(KVCacheManager):
     def match(self, request: Request) -> PrefixMatch:
         request.update_block_hashes(self.block_size)
         # The last token is always computed, even on a full hit: its logits give the next token.
-        return self.pool.match_prefix(request.block_hashes, (request.num_tokens - 1) // self.block_size)
+        most = (request.num_tokens - 1) // self.block_size
+        if request.sampling.prompt_logprobs is not None:
+            # positions whose prompt logprobs it still needs are computed, cached or not (a hit skips their logits)
+            most = min(most, len(request.prompt_logprobs) // self.block_size)
+        return self.pool.match_prefix(request.block_hashes, most)
 
     def on_computed(self, request: Request) -> None:
         # Blocks whose every position now has KV become shareable.

@@ -92,6 +92,8 @@ class RequestOutput:
     new_text: str
     new_logprobs: list[SampleResult] = field(default_factory=list)  # when sampling.logprobs is set
     final: FinalOutput | None = None
+    # On a request's first output, when sampling.prompt_logprobs is set: prompt tokens 1.. (the first has none)
+    prompt_logprobs: list[SampleResult] | None = None
 
     @property
     def finished(self) -> bool:

@@ -3,7 +3,8 @@ while it runs (`Request`), torch-free.
 
 The API builds a `RequestSpec` once; the loop and the engine pass it on unchanged. The model runner reads
 `all_token_ids[start:start + n]`, `block_ids`, `lora_slot`, `sampling`, `seed`, `prompt_token_ids` and
-`output_token_ids` of a `Request`; everything else is engine bookkeeping.
+`output_token_ids` of a `Request`, and appends to its `prompt_logprobs` (when the request asks for them);
+everything else is engine bookkeeping.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from service.engine.block_hash import BlockHash, hash_block_tokens
 from service.engine.sampling import SamplingParams
 from service.engine.speculative import SpecState
 from service.engine.structured import CompiledGrammarLike
-from service.engine.types import FinishReason
+from service.engine.types import FinishReason, SampleResult
 
 
 class RequestStatus(enum.Enum):
@@ -99,7 +100,7 @@ class Request:
         "status", "finish_reason", "arrival_time", "first_scheduled_time", "first_token_time",
         "finished_time", "block_hashes", "arrival_seq", "lora_slot", "engine_seconds", "_all_token_ids",
         "_hash_key",
-        "tenant", "num_charged_prompt_tokens", "grammar", "spec_state",
+        "tenant", "num_charged_prompt_tokens", "grammar", "spec_state", "prompt_logprobs",
     )
 
     def __init__(self, spec: RequestSpec, arrival_time: float | None = None) -> None:
@@ -148,6 +149,10 @@ class Request:
         self.grammar = spec.grammar.matcher() if spec.grammar is not None else None
         # Its speculative decoding (proposer, adaptive k, counts), set by the engine; None: it does not speculate.
         self.spec_state: SpecState | None = None
+        # With sampling.prompt_logprobs: entry j is prompt token j + 1's logprob given the tokens before it (from
+        # the logits at position j), appended by the model runner as it computes those positions, never twice (a
+        # recomputation after a preemption adds nothing); the first output carries them.
+        self.prompt_logprobs: list[SampleResult] = []
 
     @property
     def all_token_ids(self) -> list[int]:

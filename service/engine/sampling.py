@@ -60,6 +60,10 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    # The log-probability of each prompt token after the first (given the tokens before it) and of this many most
+    # likely alternatives, as vLLM's `prompt_logprobs`; None: none. Such a request takes no prefix-cache hit for
+    # the positions whose logprobs it still needs (their logits must be computed).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Speculative decoding: "off", "ngram" (prompt lookup) or "draft"; None: the server's default. Outputs are the
     # same either way (service.engine.speculative); only the speed changes.
@@ -90,8 +94,10 @@ class SamplingParams:
             raise bad("seed", self.seed, "must be an integer in [0, 2**63)")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", self.min_tokens, f"must be an integer in [0, max_tokens={self.max_tokens}]")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}] or unset")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(name, v, f"must be an integer in [0, {MAX_LOGPROBS}] or unset")
         if len(self.stop) > MAX_STOP_SEQUENCES:  # counted before any per-string work
             raise ValueError(f"stop has {len(self.stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
         stop = tuple(self.stop)

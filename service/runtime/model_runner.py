@@ -78,10 +78,19 @@ class ModelRunner:
         sample_rows: list[int] = []
         rows: list[SamplingRow] = []
         owners: list[int] = []
+        # Prompt positions whose logits give prompt logprobs a request still lacks: (request, rows, next tokens).
+        prompt_lp: list[tuple[SamplingRow, list[int], list[int]]] = []
         for i in order:
             c = chunks[i]
             r = c.request
             drafts = c.draft_token_ids
+            if r.sampling.prompt_logprobs is not None and not drafts:
+                # position p's logits give prompt token p + 1's logprob; entries exist for positions below `have`
+                have, last = len(r.prompt_logprobs), min(c.start + c.num_tokens, r.num_prompt_tokens - 1)
+                if max(c.start, have) < last:
+                    first = max(c.start, have)
+                    prompt_lp.append((r, list(range(len(ids) + first - c.start, len(ids) + last - c.start)),
+                                      r.prompt_token_ids[first + 1:last + 1]))
             ids.extend(r.all_token_ids[c.start : c.start + c.num_tokens - len(drafts)])
             ids.extend(drafts)
             table = r.block_ids
@@ -111,7 +120,7 @@ class ModelRunner:
         # Constrained rows' token masks are filled on a worker thread while the forward pass runs.
         filled = self._grammar_masks().start(rows, len(rows)) if any(r.grammar is not None for r in rows) else None
         graphs = self.graphs
-        if graphs is not None and graphs.fits(len(chunks)) and len(ids) == len(chunks):  # decodes only, no drafts
+        if graphs is not None and graphs.fits(len(chunks)) and len(ids) == len(chunks) and not prompt_lp:  # decodes only
             if self.lora_slots is not None:
                 self.lora_slots.ready()
             logits = graphs.run(ids, positions, slot_mapping, tables, token_slots)
@@ -130,6 +139,8 @@ class ModelRunner:
             hidden = self.model.forward(ids_t, pos_t, plan, self.kv, lora)
             if rows:
                 logits = self.model.compute_logits(hidden[rows_t])
+            if prompt_lp:
+                self._prompt_logprobs(hidden, prompt_lp)
         results: list[SampleResult | list[SampleResult] | None] = [None] * len(chunks)
         if rows:
             mask = None if filled is None else partial(self._masks.apply, filled=filled)
@@ -143,6 +154,28 @@ class ModelRunner:
                 else:
                     results[i] = res
         return results
+
+    PROMPT_LOGPROB_ROWS = 128  # rows of the LM head per pass: [128, vocab] float32 logits at a time
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, wanted: list[tuple[SamplingRow, list[int], list[int]]]) -> None:
+        """Append to each request's `prompt_logprobs` the logprob of the prompt token after each of its positions
+        `rows` computed (log-softmax of the model's raw logits there) and its `prompt_logprobs` leading
+        alternatives, in passes of PROMPT_LOGPROB_ROWS rows."""
+        for r, rows, targets in wanted:
+            k = r.sampling.prompt_logprobs
+            for at in range(0, len(rows), self.PROMPT_LOGPROB_ROWS):
+                sl = slice(at, at + self.PROMPT_LOGPROB_ROWS)
+                # (not the step stager: its pinned buffers may still be in flight; this path is rare)
+                rows_t = torch.tensor(rows[sl], dtype=torch.int64, device=hidden.device)
+                tgt_t = torch.tensor(targets[sl], dtype=torch.int64, device=hidden.device)
+                logp = torch.log_softmax(self.model.compute_logits(hidden[rows_t]).float(), dim=1)
+                chosen = logp.gather(1, tgt_t.unsqueeze(1)).squeeze(1).tolist()
+                if k:
+                    top = logp.topk(k, dim=1)
+                    tops = [list(zip(ids, vals)) for ids, vals in zip(top.indices.tolist(), top.values.tolist())]
+                else:
+                    tops = [None] * len(chosen)
+                r.prompt_logprobs.extend(SampleResult(t, lp, tp) for t, lp, tp in zip(targets[sl], chosen, tops))
 
     def _grammar_masks(self) -> GrammarMasks:
         if self._masks is None:

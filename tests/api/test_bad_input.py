@@ -54,6 +54,8 @@ CASES = [
     ("min_tokens above max_tokens", {"text": "t5", "sampling": sp(max_tokens=10, min_tokens=20)}, INVALID,
      ["sampling.min_tokens=20", "max_tokens=10"]),
     ("too many logprobs", {"text": "t5", "sampling": sp(logprobs=21)}, INVALID, ["sampling.logprobs=21", "[0, 20]"]),
+    ("too many prompt logprobs", {"text": "t5", "sampling": sp(prompt_logprobs=21)}, INVALID,
+     ["sampling.prompt_logprobs=21", "[0, 20]"]),
     ("unknown speculation", {"text": "t5", "sampling": sp(speculation=9)}, INVALID,
      ["sampling.speculation=9", "SPECULATION_OFF, SPECULATION_NGRAM, SPECULATION_DRAFT"]),
     ("draft speculation without a draft model", {"text": "t5", "sampling": sp(speculation=pb.SPECULATION_DRAFT)},

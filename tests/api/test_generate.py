@@ -136,6 +136,25 @@ def test_logit_bias_bans_and_forces_tokens_over_the_socket(server):
     server.wait_idle_and_intact()
 
 
+def test_prompt_logprobs_score_the_prompt_unary_and_streamed(server):
+    """(Their values against transformers: tests/runtime/test_engine_model.py.)"""
+    sp = pb.SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    ids = [5, 6, 7, 8, 9, 10]
+    r = server.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sp))
+    assert [lp.token_id for lp in r.prompt_logprobs] == ids[1:]  # the first token has nothing before it
+    assert all(lp.logprob <= 0 and len(lp.top_logprobs) == 2 and lp.token == f"t{lp.token_id}"
+               for lp in r.prompt_logprobs)
+    assert not r.logprobs  # the generated tokens' only with sampling.logprobs
+    msgs = list(server.stub.GenerateStream(stream_req(token_ids=pb.TokenIds(ids=ids), sampling=sp)))
+    assert list(msgs[0].prompt_logprobs) == list(r.prompt_logprobs) and not any(m.prompt_logprobs for m in msgs[1:])
+    # the same prompt again: cached now, and scored the same (its positions are computed for their logits)
+    again = server.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sp))
+    assert [lp.logprob for lp in again.prompt_logprobs] == pytest.approx([lp.logprob for lp in r.prompt_logprobs])
+    plain = server.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=GREEDY))
+    assert not plain.prompt_logprobs
+    server.wait_idle_and_intact()
+
+
 def test_logprobs_of_each_token_with_alternatives(server):
     sp = pb.SamplingParams(temperature=0, max_tokens=4, logprobs=3)
     r = server.stub.Generate(pb.GenerateRequest(text="t5 t6", sampling=sp))

@@ -94,6 +94,30 @@ def test_completions_text_and_token_ids_and_logprobs(served):
     assert "".join(s.choices[0].text for s in streamed) == ch.text
 
 
+def test_echo_puts_the_prompt_and_its_logprobs_before_the_completion(served):
+    """What evaluation harnesses send to score a text (echo, logprobs, a token or so generated)."""
+    c = client(served)
+    r = c.completions.create(model=served.model, prompt="t9 t10 t11", echo=True, logprobs=1, max_tokens=1,
+                             temperature=0)
+    ch = r.choices[0]
+    assert ch.text.startswith("t9 t10 t11") and len(ch.text) > len("t9 t10 t11")
+    lp = ch.logprobs
+    assert lp.tokens[:3] == ["t9", "t10", "t11"] and len(lp.tokens) == 4  # (the tiny tokenizer's pieces)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing before the first token
+    scored = served.stub.Generate(pb.GenerateRequest(text="t9 t10 t11", sampling=pb.SamplingParams(
+        temperature=0, max_tokens=1, prompt_logprobs=1)), metadata=grpc_alice(served))
+    assert lp.token_logprobs[1:3] == pytest.approx([p.logprob for p in scored.prompt_logprobs])
+    assert lp.text_offset == [0, 2, 5, 8]  # each token's own text, as without echo
+    streamed = list(c.completions.create(model=served.model, prompt="t9 t10 t11", echo=True, logprobs=1,
+                                         max_tokens=1, temperature=0, stream=True))
+    assert "".join(s.choices[0].text for s in streamed) == ch.text
+    assert [t for s in streamed for t in s.choices[0].logprobs.tokens] == lp.tokens
+    assert streamed[0].choices[0].logprobs.token_logprobs[0] is None
+    plain = c.completions.create(model=served.model, prompt=[9, 10], echo=True, max_tokens=2, temperature=0)
+    assert plain.choices[0].text.startswith("t9 t10") and plain.choices[0].logprobs is None
+    served.wait_idle_and_intact()
+
+
 def test_logit_bias_as_openai_sends_it_token_ids_as_strings(served):
     c = client(served)
     plain = c.completions.create(model=served.model, prompt="t9 t10", **GREEDY).choices[0].text

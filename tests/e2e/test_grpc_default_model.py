@@ -41,3 +41,16 @@ def test_loraserve_call(served):
     streamed = cli("call", "--target", served.address, "--prompt", QUESTION, "--temperature", "0",
                    "--max-tokens", "24", "--stream", "--timeout", "300", timeout=400)
     assert streamed.returncode == 0 and streamed.stdout == out.stdout
+
+
+def test_prompt_logprobs_score_a_true_sentence_above_a_false_one(served):
+    """Scoring a text with the default model (what an evaluation of an adapter does): the model puts " Paris" first
+    after "The capital of France is", and the true sentence is more likely than the same sentence with Rome."""
+    with LoraServeClient(served.address, timeout=300) as c:
+        def score(text: str):
+            return c.generate(text, temperature=0, max_tokens=1, prompt_logprobs=1).prompt_logprobs
+
+        true, false = score("The capital of France is Paris."), score("The capital of France is Rome.")
+        paris = next(lp for lp in true if lp.token.strip() == "Paris")
+        assert paris.top_logprobs[0].token_id == paris.token_id, paris
+        assert sum(lp.logprob for lp in true) > sum(lp.logprob for lp in false) + 2

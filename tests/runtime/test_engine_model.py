@@ -146,3 +146,72 @@ def test_min_tokens_random_never_emits_eos_or_stop_ids_before_it(tiny, ignore_eo
     unmasked = engine.generate([[5, 6, 7, 8]] * 8, [SamplingParams(max_tokens=40, temperature=1.0, seed=s)
                                                     for s in range(8)])
     assert any(len(o.token_ids) < min_tokens for o in unmasked)  # the test would catch a missing mask
+
+
+# ---- prompt logprobs -------------------------------------------------------------------------------------------
+def run_collecting(engine: LLMEngine, specs: list) -> dict[str, tuple[list, object]]:
+    """Drive the engine over `specs`; per request id, the prompt logprobs its first output carried and its final."""
+    for spec in specs:
+        engine.add_request(spec)
+    got: dict[str, list] = {}
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.prompt_logprobs is not None:
+                assert out.request_id not in got, "prompt logprobs came twice"
+                got[out.request_id] = out.prompt_logprobs
+            if out.final is not None:
+                finals[out.request_id] = out.final
+    return {rid: (got.get(rid), finals[rid]) for rid in finals}
+
+
+def hf_prompt_logprobs(hf, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+
+
+def test_prompt_logprobs_equal_transformers_across_chunks_a_cache_hit_and_a_preemption(tiny):
+    """Prompt token j + 1's logprob from the logits at position j, and the 3 most likely tokens there, against
+    transformers' log-softmax (float32 model: within 1e-4), whether the prompt was computed in one step or in
+    8-token chunks beside other requests, after another request cached its prefix, or after a preemption."""
+    from service.engine.request import RequestSpec
+
+    model, hf = tiny
+    ps = prompts(6, seed=7)
+    ps[0] = list(range(10, 50))  # 40 tokens: five chunks of 8
+    want = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=3)
+
+    def check(entries, prompt):
+        ref = hf_prompt_logprobs(hf, prompt)
+        assert [e.token_id for e in entries] == prompt[1:]
+        for j, e in enumerate(entries):
+            assert e.logprob == pytest.approx(float(ref[j, prompt[j + 1]]), abs=1e-4)
+            top = ref[j].topk(3)
+            assert [t for t, _ in e.top_logprobs] == top.indices.tolist()
+            assert [v for _, v in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+    # chunked beside other requests (no prompt logprobs for those)
+    engine = make_engine(model, max_num_batched_tokens=8)
+    specs = [RequestSpec(f"r{i}", tuple(p), want if i == 0 else GREEDY) for i, p in enumerate(ps)]
+    res = run_collecting(engine, specs)
+    check(res["r0"][0], ps[0])
+    assert all(res[f"r{i}"][0] is None for i in range(1, 6))
+    # its prefix cached by an earlier request: the positions it needs logits for are computed anyway
+    engine = make_engine(model)
+    engine.generate([ps[0]], GREEDY)
+    res = run_collecting(engine, [RequestSpec("hit", tuple(ps[0]), want)])
+    hit = res["hit"][0]
+    check(hit, ps[0])
+    assert res["hit"][1].usage.cached_input_tokens == 0
+    # a second request with prompt logprobs on its own, no alternatives: the same logprobs again
+    res = run_collecting(engine, [RequestSpec("again", tuple(ps[0]), SamplingParams(
+        max_tokens=4, temperature=0, prompt_logprobs=0))])
+    assert [e.logprob for e in res["again"][0]] == pytest.approx([e.logprob for e in hit], abs=1e-6)
+    assert all(e.top_logprobs is None for e in res["again"][0])
+    # preempted under a tiny block budget: every entry once, the same values
+    tight = make_engine(model, num_blocks=24, block_size=4)
+    res = run_collecting(tight, [RequestSpec(f"t{i}", tuple(p), want) for i, p in enumerate(ps)])
+    assert tight.stats.preemptions > 0
+    for i, p in enumerate(ps):
+        check(res[f"t{i}"][0], p)
+    tight.check_idle_integrity()
