@@ -61,7 +61,8 @@ def run_remote(fn: Callable[[Any], int], args: argparse.Namespace) -> int:
         with make_client(args) as client:
             return fn(client)
     except grpc.RpcError as e:
-        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        hint = " (give the key with --api-key or LORASERVE_API_KEY)" if e.code().name == "UNAUTHENTICATED" else ""
+        print(f"\nerror: {e.code().name}: {e.details()}{hint}", file=sys.stderr)
         return 2 if e.code().name in _BAD_INPUT else 1
 
 

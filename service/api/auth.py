@@ -57,7 +57,7 @@ class Authenticator:
             return tenant
         key = _bearer(context.invocation_metadata() or ())
         if key is not None:
-            return self._by_key(key, "the 'authorization: Bearer <key>' metadata")
+            return self._by_key(key, "the 'authorization' metadata")
         subjects = cert_identities(context.auth_context() or {})
         if subjects:
             tenant = self.tenants.authenticate_cert(subjects)
@@ -79,7 +79,7 @@ class Authenticator:
     def _by_key(self, key: str, where: str) -> Tenant:
         tenant = self.tenants.authenticate_key(key)
         if tenant is None:
-            raise Unauthenticated(f"the API key is not valid (check {where}: 'Bearer <key>')")
+            raise Unauthenticated(f"the API key is not valid: no tenant has it (check the key in {where})")
         return tenant
 
 

@@ -145,3 +145,24 @@ def test_out_of_range_sampling_values_name_the_field_before_any_call():
 def test_bench_help_lists_the_workloads():
     r = cli("bench", "--help")
     assert r.returncode == 0 and "engine multi_lora" in r.stdout and "fairness" in r.stdout, r.stdout + r.stderr
+
+
+def test_an_unauthenticated_call_tells_the_cli_user_how_to_give_a_key(capsys):
+    import argparse
+
+    from service.cli_client import run_remote
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAUTHENTICATED
+
+        def details(self):
+            return "no credentials: send 'authorization: Bearer <API key>' metadata"
+
+    def refuse(client):
+        raise Refused()
+
+    args = argparse.Namespace(target="127.0.0.1:1", api_key=None, timeout=1, tls=False, tls_ca=None, tls_cert=None,
+                              tls_key=None)
+    assert run_remote(refuse, args) == 2
+    assert "give the key with --api-key or LORASERVE_API_KEY" in capsys.readouterr().err
