@@ -67,6 +67,15 @@ class ResponseFormat(_Body):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` extra: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class _Sampling(_Body):
     """What both endpoints take besides the prompt: OpenAI's fields, then vLLM's extras (`extra_body`)."""
 
@@ -92,6 +101,13 @@ class _Sampling(_Body):
     ignore_eos: bool | None = None
     stop_token_ids: Annotated[list[UInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
+    # vLLM's structured output extras (the same formats as gRPC's response_format): `structured_outputs`, and the
+    # older `guided_*` fields
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # ours: kept with the request's usage row and span, as over gRPC
     labels: Annotated[dict[str, str], Field(max_length=MAX_LABELS)] | None = None
 
@@ -164,6 +180,33 @@ def _common(req: _Sampling, base_model: str, max_tokens: int | None, logprobs: i
     return out
 
 
+def _extra_format(req: _Sampling, out: pb.GenerateRequest) -> None:
+    """vLLM's structured output extras -> the request's response format (at most one format in all)."""
+    so = req.structured_outputs
+    given = [(f"structured_outputs.{name}", value) for name, value in (
+        ("json", so.json_ if so else None), ("regex", so.regex if so else None),
+        ("choice", so.choice if so else None), ("grammar", so.grammar if so else None))] + [
+        (name, getattr(req, name)) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")]
+    given = [(name, value) for name, value in given if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(name for name, _ in given)} both set a format: give one of them")
+    if so is not None and not given:
+        raise ValueError("structured_outputs is empty: give one of json, regex, choice or grammar")
+    if not given:
+        return
+    name, value = given[0]
+    kind = name.rsplit(".", 1)[-1].removeprefix("guided_")
+    rf = out.response_format
+    if kind == "json":
+        rf.json_schema = value if isinstance(value, str) else json.dumps(value)
+    elif kind == "regex":
+        rf.regex = value
+    elif kind == "choice":
+        rf.choice.choices.extend(value)
+    else:
+        rf.grammar = value
+
+
 def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
     """OpenAI's logit_bias keys are token ids written as strings; the biases are checked with the other sampling
     fields."""
@@ -217,7 +260,10 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
         out.messages.messages.add(role=ROLES[m.role], content=content)
     if not req.messages:
         raise ValueError("messages is empty: give at least one chat message")
+    _extra_format(req, out)
     fmt = req.response_format
+    if fmt is not None and fmt.type != "text" and out.HasField("response_format"):
+        raise ValueError("response_format and a structured output extra both set a format: give one of them")
     if fmt is not None and fmt.type == "json_object":
         out.response_format.json_object.SetInParent()
     elif fmt is not None and fmt.type == "json_schema":
@@ -231,6 +277,7 @@ def completion_request(req: CompletionRequest, base_model: str) -> list[pb.Gener
     """The completion body -> one request per choice: `n` per prompt, prompt by prompt."""
     _refuse_unsupported({"suffix": req.suffix, "best_of": req.best_of if req.best_of not in (None, 1) else None})
     common = _common(req, base_model, req.max_tokens, req.logprobs)
+    _extra_format(req, common)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
         common.sampling.prompt_logprobs = req.logprobs
     prompts = req.prompt

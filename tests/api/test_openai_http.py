@@ -118,6 +118,31 @@ def test_echo_puts_the_prompt_and_its_logprobs_before_the_completion(served):
     served.wait_idle_and_intact()
 
 
+def test_vllms_structured_output_extras_constrain_chat_and_completions(served):
+    """`structured_outputs` and the older `guided_*` fields, as vLLM takes them (`extra_body`). The tiny model's
+    word-level vocabulary answers with a leading space (tests/api/test_structured_output.py)."""
+    c = client(served, BOB)
+    for extra in ({"guided_choice": ["t7", "t9", "t11"]}, {"structured_outputs": {"choice": ["t7", "t9", "t11"]}}):
+        for seed in range(3):
+            r = c.chat.completions.create(model=served.model, messages=CHAT, temperature=1.0, seed=seed,
+                                          max_tokens=8, extra_body=extra)
+            assert r.choices[0].message.content.strip() in {"t7", "t9", "t11"} and r.choices[0].finish_reason == "stop"
+    for extra in ({"guided_regex": "t1[0-9]"}, {"structured_outputs": {"regex": "t1[0-9]"}}):
+        r = c.completions.create(model=served.model, prompt="t5 t6", temperature=1.0, seed=1, max_tokens=8,
+                                 extra_body=extra)
+        assert re.fullmatch("t1[0-9]", r.choices[0].text.strip()), r.choices[0].text
+    both = post(served, "/v1/chat/completions", {"model": served.model, "messages": CHAT, "guided_regex": "t1",
+                                                 "structured_outputs": {"choice": ["t7"]}}, key=BOB)
+    assert both.status_code == 400
+    assert "structured_outputs.choice and guided_regex both set a format" in both.json()["error"]["message"]
+    also = post(served, "/v1/chat/completions", {"model": served.model, "messages": CHAT, "guided_choice": ["t7"],
+                                                 "response_format": {"type": "json_object"}}, key=BOB)
+    assert also.status_code == 400 and "response_format and a structured output extra" in also.text
+    empty = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", "structured_outputs": {}}, key=BOB)
+    assert empty.status_code == 400 and "structured_outputs is empty" in empty.text
+    served.wait_idle_and_intact()
+
+
 def test_logit_bias_as_openai_sends_it_token_ids_as_strings(served):
     c = client(served)
     plain = c.completions.create(model=served.model, prompt="t9 t10", **GREEDY).choices[0].text
