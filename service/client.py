@@ -30,6 +30,9 @@ from service.api.gen.loraserve.v1 import usage_pb2_grpc as upb_grpc
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 UPLOAD_CHUNK_BYTES = 1 << 20
+# A response may be larger than gRPC's default 4 MiB: a long prompt's prompt_logprobs with 20 alternatives each take
+# ~450 bytes a token (a 32k-token prompt: ~14 MiB).
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", 64 << 20),)
 VISIBILITY = {"private": apb.VISIBILITY_PRIVATE, "shared": apb.VISIBILITY_SHARED, "public": apb.VISIBILITY_PUBLIC}
 GROUP_BY = {"tenant": upb.USAGE_GROUP_BY_TENANT, "adapter": upb.USAGE_GROUP_BY_ADAPTER,
             "adapter_version": upb.USAGE_GROUP_BY_ADAPTER_VERSION}
@@ -96,7 +99,10 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
             raise ValueError(f"{name}={value!r} is invalid: {e} (see SamplingParams in "
                              "protos/loraserve/v1/inference.proto for its type and range)") from None
     if logit_bias:
-        req.sampling.logit_bias.update(logit_bias)
+        try:
+            req.sampling.logit_bias.update(logit_bias)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"logit_bias is invalid: {e} (token id, an integer >= 0 -> bias, a number)") from None
     return req
 
 
@@ -181,9 +187,9 @@ class LoraServeClient:
         if channel is None:
             if tls or root_certificates or client_cert:
                 creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_cert)
-                channel = grpc.secure_channel(target, creds)
+                channel = grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
             else:
-                channel = grpc.insecure_channel(target)
+                channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._channel = channel
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self._stub = pb_grpc.InferenceServiceStub(self._channel)

@@ -102,20 +102,29 @@ class TenantLimiter:
 
     def acquire(self, tenant: Tenant, tokens: int) -> Lease:
         """Admit one request of `tokens` (prompt) tokens or raise TenantLimitExceeded."""
+        return self.acquire_many(tenant, 1, tokens)[0]
+
+    def acquire_many(self, tenant: Tenant, n: int, tokens: int = 0) -> list[Lease]:
+        """Admit `n` requests of one call together (all or none: each counts against max_concurrent_requests, and
+        the bucket's level is checked once, as for one request), each charged `tokens`; or raise
+        TenantLimitExceeded."""
         _check_tokens(tokens)
+        if n < 1:
+            raise ValueError(f"n={n} is invalid: at least one request is admitted")
         cmax, tpm = tenant.limits.max_concurrent_requests, tenant.limits.tokens_per_minute
         if cmax is None and tpm is None:
-            return Lease(None, tenant.id, None, None, tokens)
+            return [Lease(None, tenant.id, None, None, tokens) for _ in range(n)]
         with self._lock:
             state = self._states.get(tenant.id)
             if state is None:
                 state = self._states[tenant.id] = _Usage(updated=self._clock())
             self._refill(state, tpm)
-            if cmax is not None and state.in_flight >= cmax:
+            if cmax is not None and state.in_flight + n > cmax:
+                asked = "" if n == 1 else f" and this call asks for {n}"
                 raise TenantLimitExceeded(
-                    f"tenant {tenant.id!r} has {state.in_flight} requests in flight, its limit "
+                    f"tenant {tenant.id!r} has {state.in_flight} requests in flight{asked}, its limit "
                     f"(max_concurrent_requests={cmax}); retry after {self._concurrency_retry_s:g} s or when "
-                    f"one of them has finished", self._concurrency_retry_s,
+                    f"{'one of them has' if n == 1 else 'they have'} finished", self._concurrency_retry_s,
                     tenant=tenant.id, limit="max_concurrent_requests")
             if tpm is not None and state.level is not None and state.level <= 0:
                 # Wait until the bucket holds one token again (positive, so the request is admitted).
@@ -124,10 +133,10 @@ class TenantLimiter:
                     f"tenant {tenant.id!r} has used up its tokens_per_minute={tpm} limit "
                     f"({math.ceil(-state.level)} tokens over); retry after {retry:.1f} s", retry,
                     tenant=tenant.id, limit="tokens_per_minute")
-            state.in_flight += 1
+            state.in_flight += n
             if state.level is not None:
-                state.level -= tokens
-            return Lease(self, tenant.id, state, tpm, tokens)
+                state.level -= n * tokens
+            return [Lease(self, tenant.id, state, tpm, tokens) for _ in range(n)]
 
     def in_flight(self, tenant_id: str) -> int:
         with self._lock:

@@ -71,6 +71,7 @@ class RequestConverter:
         None: max_model_len * PROMPT_BYTES_PER_TOKEN. `structured`: compiles response formats (None: requests
         with one are refused)."""
         self.tokenizer = tokenizer
+        self._pieces: dict[int, str] = {}  # token id -> its text (ids are below vocab_size: bounded)
         self.structured = structured
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -275,7 +276,11 @@ class RequestConverter:
         return out
 
     def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        # memoized per id (a long prompt's logprobs with alternatives name ~20 tokens a position)
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            piece = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return piece
 
 
 class GrammarCompiler(Protocol):

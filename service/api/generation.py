@@ -10,6 +10,7 @@ row and the span of every request name the front that served it.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from service.api.convert import RequestConverter
 from service.api.errors import AdapterUnavailable, DeadlineExceeded, RequestCancelled, RequestFailed
 from service.api.stalls import CallSlots, StallWatchdog, Wait
 from service.engine.outputs import ErrorKind, FinalOutput, RequestOutput
+from service.engine.request import RequestSpec
 from service.engine.types import FinishReason
 from service.limits import Lease, TenantLimiter
 from service.loop import EngineLoop, LoopClosed, RequestHandle
@@ -131,10 +133,94 @@ class GenerationPath:
         holds (its call slot, the tenant's lease) is released when the call ends, its last message written;
         anything refused on the way ends the span with the error and releases what was taken. `streamed`: the
         caller sends the outputs as they come (else it gets the final output alone, not one per token)."""
+        return self.start_group([request], call, tenant=tenant, request_ids=[request_id], front=front,
+                                streamed=streamed, operation=operation, use_call_slot=use_call_slot)[0]
+
+    def start_group(self, requests: list[convert.GenerateLike], call: CallContext, *, tenant: Any,
+                    request_ids: list[str], front: Front, streamed: bool, operation: str = "text_completion",
+                    use_call_slot: bool = True, n: int = 1) -> list[Generation]:
+        """`start` for the requests of one call (an HTTP body's choices), all or none: every request is validated
+        before any is submitted, and the tenant admits them together (`TenantLimiter.acquire_many`). `n`: the
+        requests come in runs of n that differ only in their seed (n choices of one prompt); the first of each run
+        is tokenized and checked, the others copy its spec."""
+        if len(requests) % n or len(requests) != len(request_ids):
+            raise ValueError(f"{len(requests)} requests, {len(request_ids)} request ids, runs of {n}")
         release_slot = (self.call_slots.acquire("generation")
                         if self.call_slots is not None and use_call_slot else None)
+        spans = [self._span(request, tenant, rid, front, operation) for request, rid in zip(requests, request_ids)]
+        log_context: dict[str, Any] = {"trace_id": spans[0].trace_id, "front": front}
+        structlog.contextvars.bind_contextvars(**log_context)
+        leases: list[Lease] = []
+        held: list[str] = []  # one per request, or none (a call's requests name one model)
+        handles: list[RequestHandle] = []
+        try:
+            remaining = call.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            # Sizes first (cheap), then the tenant's leases, then the tokenizer: a tenant at its limits
+            # costs the server no tokenizer work; the prompts are charged once their token counts are known.
+            for request in requests:
+                self.converter.check_bounds(request)
+            if self.limiter is not None:
+                leases = self.limiter.acquire_many(tenant, len(requests), 0)
+            specs: list[RequestSpec] = []
+            for i, (request, rid) in enumerate(zip(requests, request_ids)):
+                if i % n == 0:
+                    try:
+                        specs.append(self.converter.spec(request, tenant, rid, deadline))
+                    except ValueError as e:
+                        if type(e) is not ValueError or len(requests) == n:
+                            raise
+                        raise ValueError(f"prompt[{i // n}]: {e}") from None  # several prompts: say which
+                else:  # another choice of the same prompt: its seed alone differs
+                    first = specs[i - i % n]
+                    seed = request.sampling.seed if request.sampling.HasField("seed") else None
+                    specs.append(dataclasses.replace(first, request_id=rid, sampling=dataclasses.replace(
+                        first.sampling, seed=seed)))
+            for spec in specs:
+                if spec.adapter_version is not None and self.adapters is not None:
+                    self.adapters.hold(spec.adapter_version)  # at once: a delete from now on sees it in use
+                    held.append(spec.adapter_version)
+            spec, request = specs[0], requests[0]
+            if spec.adapter_version is not None and self.on_adapter_named is not None:
+                self.on_adapter_named(spec.adapter_version, request.adapter)
+            for span, s in zip(spans, specs):
+                span.set_adapter(s.adapter_ref)
+            log_context.update(client_request_id=spec.client_request_id or None, adapter=spec.adapter_ref)
+            structlog.contextvars.bind_contextvars(**log_context)
+            for lease, s in zip(leases, specs):
+                lease.charge(len(s.prompt_token_ids))
+            for i, s in enumerate(specs):
+                handles.append(self.loop.submit(s, RequestContext(lease=leases[i] if leases else None, span=spans[i],
+                                                                  front=front),
+                                                stream_interval=self.stream_interval if streamed else None))
+        except BaseException as e:
+            # Not submitted: the loop's on_finished will never run for them, so undo here. (`loop.submit` raises
+            # only when the loop is closed or its queue full: a group cut short there stops what it submitted.)
+            submitted = handles
+            for h in submitted:
+                h.cancel()
+            for version in held[len(submitted):]:
+                self.adapters.release(version)
+            for lease in leases[len(submitted):]:
+                lease.release()
+            if release_slot is not None:
+                release_slot()
+            for span in spans[len(submitted):]:
+                span.fail(e)
+            raise
+        gens = []
+        for i, handle in enumerate(handles):
+            gen = Generation(handle, leases[i] if leases else None, release_slot if i == 0 else None,
+                             self.watchdog.watch(call, "write") if self.watchdog is not None else None, log_context)
+            if not call.add_callback(gen.end):  # when the call ends for any reason
+                gen.end()  # the call ended while we were submitting
+            gens.append(gen)
+        return gens
+
+    def _span(self, request: convert.GenerateLike, tenant: Any, request_id: str, front: Front,
+              operation: str) -> RequestSpan:
         sampling = request.sampling
-        span = RequestSpan(self.tracer, operation=operation, base_model=self.base_model, tenant=tenant.id,
+        return RequestSpan(self.tracer, operation=operation, base_model=self.base_model, tenant=tenant.id,
                            request_id=request_id, attributes={
                                "loraserve.front": front,
                                "gen_ai.request.max_tokens": sampling.max_tokens
@@ -142,46 +228,6 @@ class GenerationPath:
                                "gen_ai.request.temperature": sampling.temperature
                                if sampling.HasField("temperature") else None,
                                "gen_ai.request.seed": sampling.seed if sampling.HasField("seed") else None})
-        log_context: dict[str, Any] = {"trace_id": span.trace_id, "front": front}
-        structlog.contextvars.bind_contextvars(**log_context)
-        lease = None
-        held = None
-        try:
-            remaining = call.time_remaining()
-            deadline = None if remaining is None else time.monotonic() + remaining
-            # Sizes first (cheap), then the tenant's lease, then the tokenizer: a tenant at its limits
-            # costs the server no tokenizer work; the prompt is charged once its token count is known.
-            self.converter.check_bounds(request)
-            if self.limiter is not None:
-                lease = self.limiter.acquire(tenant, 0)
-            spec = self.converter.spec(request, tenant, request_id, deadline)
-            if spec.adapter_version is not None and self.adapters is not None:
-                self.adapters.hold(spec.adapter_version)  # at once: a delete from now on sees it in use
-                held = spec.adapter_version
-            if spec.adapter_version is not None and self.on_adapter_named is not None:
-                self.on_adapter_named(spec.adapter_version, request.adapter)
-            span.set_adapter(spec.adapter_ref)
-            log_context.update(client_request_id=spec.client_request_id or None, adapter=spec.adapter_ref)
-            structlog.contextvars.bind_contextvars(**log_context)
-            if lease is not None:
-                lease.charge(len(spec.prompt_token_ids))
-            handle = self.loop.submit(spec, RequestContext(lease=lease, span=span, front=front),
-                                      stream_interval=self.stream_interval if streamed else None)
-        except BaseException as e:
-            # Not submitted: the loop's on_finished will never run for it, so undo here.
-            if held is not None:
-                self.adapters.release(held)
-            if lease is not None:
-                lease.release()
-            if release_slot is not None:
-                release_slot()
-            span.fail(e)
-            raise
-        gen = Generation(handle, lease, release_slot,
-                         self.watchdog.watch(call, "write") if self.watchdog is not None else None, log_context)
-        if not call.add_callback(gen.end):  # when the call ends for any reason
-            gen.end()  # the call ended while we were submitting
-        return gen
 
     # ---- outputs, for a thread that may wait ------------------------------------------------------------
     def follow(self, handle: RequestHandle, call: CallContext) -> Iterator[RequestOutput]:

@@ -270,7 +270,7 @@ class OpenAIApp:
                 raise ValueError(oa.validation_message(e)) from None
             pbreqs = convert(parsed, self.f.base_model)
             echo = not chat and parsed.echo
-            gens = await anyio.to_thread.run_sync(lambda: self._start(pbreqs, call, tenant, rid, parsed.stream),
+            gens = await anyio.to_thread.run_sync(lambda: self._start(pbreqs, call, tenant, rid, parsed.stream, parsed.n),
                                                   limiter=self.f.start_limiter)
         except Exception as e:
             return self._error(e, request, t0, rid)
@@ -293,24 +293,18 @@ class OpenAIApp:
             call.end()
         return JSONResponse(body, headers={"x-request-id": rid})
 
-    def _start(self, pbreqs: list, call: HttpCall, tenant: Tenant, rid: str, streamed: bool) -> list[Generation]:
-        """One generation per choice (request ids `rid`, or `rid-0`, `rid-1`, ... for several); if one cannot
-        start (a bound, the tenant's limits), those started are stopped and its error is the call's."""
+    def _start(self, pbreqs: list, call: HttpCall, tenant: Tenant, rid: str, streamed: bool, n: int
+               ) -> list[Generation]:
+        """One generation per choice (request ids `rid`, or `rid-0`, `rid-1`, ... for several), all or none: every
+        choice is checked and the tenant admits them together before any is submitted; the n choices of a prompt
+        are tokenized once."""
         cap = tenant.limits.max_concurrent_requests
         if cap is not None and len(pbreqs) > cap:  # could never start: not worth a retry
             raise ValueError(f"this call asks for {len(pbreqs)} choices (n times its prompts), each a request of its "
                              f"own; tenant {tenant.id!r} may run at most {cap} at once (max_concurrent_requests)")
-        gens: list[Generation] = []
-        try:
-            for i, pbreq in enumerate(pbreqs):
-                gens.append(self.f.path.start(pbreq, call, tenant=tenant,
-                                              request_id=rid if len(pbreqs) == 1 else f"{rid}-{i}", front="http",
-                                              streamed=streamed, use_call_slot=False))
-        except BaseException:
-            for gen in gens:
-                gen.end()
-            raise
-        return gens
+        ids = [rid] if len(pbreqs) == 1 else [f"{rid}-{i}" for i in range(len(pbreqs))]
+        return self.f.path.start_group(pbreqs, call, tenant=tenant, request_ids=ids, front="http", streamed=streamed,
+                                       use_call_slot=False, n=n)
 
     async def _unary(self, gens: list[Generation], call: HttpCall, request: Request, meta: dict, chat: bool,
                      n: int, pbreqs: list, echo: bool) -> dict:

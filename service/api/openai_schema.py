@@ -215,6 +215,8 @@ def _logit_bias(bias: dict[str, float]) -> dict[int, float]:
         if not key.isascii() or not key.isdigit() or int(key) > U32:
             raise ValueError(f"logit_bias key {key[:40]!r} is invalid: each key must be a token id (an integer >= 0, "
                              "as a string)")
+        if int(key) in out:
+            raise ValueError(f"logit_bias has token id {int(key)} twice (as {key[:40]!r} too)")
         out[int(key)] = value
     return out
 

@@ -88,9 +88,10 @@ class PrefixCachingKVCacheManager(KVCacheManager):
         request.update_block_hashes(self.block_size)
         # The last token is always computed, even on a full hit: its logits give the next token.
         most = (request.num_tokens - 1) // self.block_size
-        if request.sampling.prompt_logprobs is not None:
+        have = len(request.prompt_logprobs)
+        if request.sampling.prompt_logprobs is not None and have < request.num_prompt_tokens - 1:
             # positions whose prompt logprobs it still needs are computed, cached or not (a hit skips their logits)
-            most = min(most, len(request.prompt_logprobs) // self.block_size)
+            most = min(most, have // self.block_size)
         return self.pool.match_prefix(request.block_hashes, most)
 
     def on_computed(self, request: Request) -> None:

@@ -232,6 +232,39 @@ def test_n_beyond_the_tenants_concurrency_is_refused_and_a_choice_that_cannot_st
     served.wait_idle_and_intact()
 
 
+def test_a_call_with_a_bad_prompt_among_several_starts_none_of_them(served):
+    """Every choice is checked before any is submitted: the good first prompt neither runs nor is billed."""
+    served.spans.clear()
+    r = post(served, "/v1/completions", {"model": served.model, "prompt": [[5, 6, 7], [900]], "n": 2,
+                                         "max_tokens": 2}, key=BOB)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["message"].startswith("prompt[1]: token_ids.ids[0]=900 is outside the vocabulary"), err
+    assert err["param"] == "prompt"
+    rid = r.headers["x-request-id"]
+    assert all(served.server.ledger.get(f"{rid}-{k}") is None for k in range(4))
+    served.wait_idle_and_intact()
+
+
+def test_n_choices_are_admitted_together_under_tokens_per_minute(tiny, tmp_path):
+    """A tenant's bucket admits a call while it is positive, as it does one request: n=2 with a prompt larger than
+    the bucket runs (both choices charged), the next call waits for the refill (429), and nothing of it starts."""
+    tenants = write_tenants(tmp_path / "tenants.yaml", alice_limits="{tokens_per_minute: 30}")
+    s = Server(tiny[0], tmp_path / "data", service={"tenants_file": tenants}, server={"http_port": 0})
+    try:
+        s.base_url = f"http://127.0.0.1:{s.server.http_port}"
+        body = {"model": s.server.base_model, "prompt": list(range(5, 45)), "n": 2, "max_tokens": 2}
+        r = post(s, "/v1/completions", body)
+        assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1], r.text
+        r = post(s, "/v1/completions", body)
+        assert r.status_code == 429 and "tokens_per_minute=30" in r.json()["error"]["message"]
+        rid = r.headers["x-request-id"]
+        assert s.server.ledger.get(f"{rid}-0") is None and s.server.generations.limiter.in_flight("alice") == 0
+        s.wait_idle_and_intact()
+    finally:
+        s.close()
+
+
 def test_streamed_n_choices_past_their_deadline_end_with_one_error_event_and_leave_nothing_running(served):
     served.hold()  # the engine takes no step: neither choice gets a token before the deadline
     try:
@@ -355,6 +388,7 @@ def test_an_unknown_model_is_404(served):
                                       "[-100, 100]"),
     ({"logit_bias": {"5": "up"}}, 400, "logit_bias.5: Input should be a valid number"),
     ({"logit_bias": {"999": 1}}, 400, "logit_bias has token id 999, outside the vocabulary"),
+    ({"logit_bias": {"5": 1, "05": 2}}, 400, "logit_bias has token id 5 twice (as '05' too)"),
 ])
 def test_bad_chat_input_gets_its_status_and_names_the_field(served, body, status, words):
     full = {"model": served.model, "messages": CHAT, **body}

@@ -208,10 +208,20 @@ def test_prompt_logprobs_equal_transformers_across_chunks_a_cache_hit_and_a_pree
         max_tokens=4, temperature=0, prompt_logprobs=0))])
     assert [e.logprob for e in res["again"][0]] == pytest.approx([e.logprob for e in hit], abs=1e-6)
     assert all(e.top_logprobs is None for e in res["again"][0])
-    # preempted under a tiny block budget: every entry once, the same values
-    tight = make_engine(model, num_blocks=24, block_size=4)
-    res = run_collecting(tight, [RequestSpec(f"t{i}", tuple(p), want) for i, p in enumerate(ps)])
-    assert tight.stats.preemptions > 0
-    for i, p in enumerate(ps):
+    # preempted under a tiny block budget, also in the middle of a prompt (some of its logprobs had, some not; its
+    # re-admission takes a cache hit only over positions it has them for): every entry once, the same values
+    long = [torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 50, 60)]
+    tight = make_engine(model, num_blocks=20, block_size=4, max_num_batched_tokens=8)
+    mid_prompt = []
+    preempt = tight.scheduler._preempt
+
+    def spy(req):
+        mid_prompt.append(0 < len(req.prompt_logprobs) < req.num_prompt_tokens - 1)
+        preempt(req)
+
+    tight.scheduler._preempt = spy
+    res = run_collecting(tight, [RequestSpec(f"t{i}", tuple(p), want) for i, p in enumerate(ps + long)])
+    assert any(mid_prompt), mid_prompt
+    for i, p in enumerate(ps + long):
         check(res[f"t{i}"][0], p)
     tight.check_idle_integrity()
