@@ -16,6 +16,7 @@ appear in `top_logprobs`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Collection, Sequence
 
@@ -75,26 +76,32 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list
             row -= sp.frequency_penalty * counts + sp.presence_penalty * (counts > 0).to(row.dtype)
 
 
+@functools.lru_cache(maxsize=256)
+def _bias_table(bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """A request's (id, bias) pairs as a [k, 2] float64 table (ids exact below 2**53), built once per distinct
+    bias: a request's rows meet it every step."""
+    return torch.tensor(bias, dtype=torch.float64)
+
+
 def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow], idx: list[int]) -> Callable[[], None] | None:
     """In place: each of rows[idx]'s `logit_bias` added to its logits, in one scatter for the batch (ids outside the
     vocabulary skipped: the API refuses them, and indexing them would fail the step). Returns what puts the biased
     logits back as they were (None: nothing was biased), as `mask_stop_tokens` does."""
     vocab = logits.shape[1]
-    row_ids: list[int] = []
-    token_ids: list[int] = []
-    values: list[float] = []
+    row_ids, pairs = [], []
     for i in idx:
-        for t, v in rows[i].sampling.logit_bias:
-            if t < vocab:
-                row_ids.append(i)
-                token_ids.append(t)
-                values.append(v)
-    if not token_ids:
-        return None
+        table = _bias_table(rows[i].sampling.logit_bias)
+        row_ids.append(torch.full((len(table),), i, dtype=torch.int64))
+        pairs.append(table)
+    table = torch.cat(pairs)
+    ids = table[:, 0].to(torch.int64)
+    keep = ids < vocab
     dev = logits.device
-    at = (torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev))
-    saved = logits[at]  # (row, id) pairs are distinct: a row's ids are
-    logits.index_put_(at, torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
+    at = (torch.cat(row_ids)[keep].to(dev), ids[keep].to(dev))
+    if at[1].numel() == 0:
+        return None
+    saved = logits[at]
+    logits.index_put_(at, table[keep, 1].to(dtype=logits.dtype, device=dev), accumulate=True)
 
     def unbias() -> None:
         logits.index_put_(at, saved)
