@@ -10,7 +10,7 @@ from collections.abc import Callable
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from adapters.registry_types import AdapterNotFound, AdapterRef
+from adapters.registry_types import AdapterRef
 from service.api.auth import current_tenant, require_admin
 from service.api.gen.loraserve.v1 import usage_pb2 as pb
 from service.api.gen.loraserve.v1 import usage_pb2_grpc as pb_grpc
@@ -39,7 +39,7 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
             require_admin(caller, "tenant='*' (the fair share of every tenant)")
             wanted = None
         elif wanted != caller.id and not caller.admin:
-            raise AdapterNotFound(f"tenant {request.tenant[:80]!r} not found")  # as for GetUsage
+            require_admin(caller, f"reading the fair share of another tenant ({request.tenant[:80]!r})")
         fair = self.fair
         # `also`: a tenant the scheduler has not served yet is listed too, with nothing served
         shares = fair.shares() if wanted is None else [s for s in fair.shares(also=[wanted]) if s.tenant == wanted]
@@ -56,8 +56,9 @@ class UsageServicer(pb_grpc.UsageServiceServicer):
             require_admin(caller, "tenant='*' (the usage of every tenant)")
             tenant = None  # every tenant
         if tenant != caller.id and not caller.admin:
-            # A tenant reads its own usage only; another tenant is answered as if it did not exist.
-            raise AdapterNotFound(f"tenant {request.tenant[:80]!r} not found")
+            # A tenant reads its own usage only. Whether the other tenant exists or not, the answer is the same, so it
+            # tells nothing about who else is served here.
+            require_admin(caller, f"reading the usage of another tenant ({request.tenant[:80]!r})")
         if request.group_by not in _GROUP_BY:
             raise ValueError(f"group_by={request.group_by} is invalid: use USAGE_GROUP_BY_TENANT, "
                              "USAGE_GROUP_BY_ADAPTER or USAGE_GROUP_BY_ADAPTER_VERSION")
