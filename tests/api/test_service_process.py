@@ -62,7 +62,7 @@ def test_adapter_and_usage_cli(tiny, tenants_file, tmp_path):
         rows = json.loads(remote(proc, ALICE, "usage", "--json", "--group-by", "adapter").stdout)
         assert [(x["adapter"], int(x["output_tokens"])) for x in rows] == [("alice/bot", 4)]
         r = remote(proc, ALICE, "usage", "--tenant", "bob")
-        assert r.returncode == 2 and "NOT_FOUND" in r.stderr
+        assert r.returncode == 2 and "PERMISSION_DENIED" in r.stderr and "needs the admin role" in r.stderr
         r = remote(proc, ALICE, "adapters", "delete", "bot")
         assert r.returncode == 0 and "deleted bot" in r.stdout
         r = cli("adapters", "list", "--target", proc.address)  # no key
