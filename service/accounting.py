@@ -120,7 +120,11 @@ class UsageWriter:
                 for record, done in batch:
                     # A batch that cannot be written is written record by record: one bad record
                     # (or one that trips the disk) loses only itself.
-                    done.set_result(ok or (len(batch) > 1 and self._write([record])))
+                    result = ok or (len(batch) > 1 and self._write([record]))
+                    # A waiter may have cancelled its future (it gave up waiting): setting it then would raise
+                    # and end this thread, and with it every later request's record.
+                    if done.set_running_or_notify_cancel():
+                        done.set_result(result)
                 if self.on_written is not None:
                     try:
                         self.on_written()

@@ -143,11 +143,19 @@ class GenerationPath:
         before any is submitted, and the tenant admits them together (`TenantLimiter.acquire_many`). `n`: the
         requests come in runs of n that differ only in their seed (n choices of one prompt); the first of each run
         is tokenized and checked, the others copy its spec."""
-        if len(requests) % n or len(requests) != len(request_ids):
+        if not requests or n < 1 or len(requests) % n or len(requests) != len(request_ids):
             raise ValueError(f"{len(requests)} requests, {len(request_ids)} request ids, runs of {n}")
+        if use_call_slot and len(requests) > 1:
+            raise ValueError("a call slot is held by one generation: a group of several starts without one")
         release_slot = (self.call_slots.acquire("generation")
                         if self.call_slots is not None and use_call_slot else None)
-        spans = [self._span(request, tenant, rid, front, operation) for request, rid in zip(requests, request_ids)]
+        try:
+            spans = [self._span(request, tenant, rid, front, operation)
+                     for request, rid in zip(requests, request_ids)]
+        except BaseException:
+            if release_slot is not None:
+                release_slot()
+            raise
         log_context: dict[str, Any] = {"trace_id": spans[0].trace_id, "front": front}
         structlog.contextvars.bind_contextvars(**log_context)
         leases: list[Lease] = []
@@ -176,10 +184,10 @@ class GenerationPath:
                     seed = request.sampling.seed if request.sampling.HasField("seed") else None
                     specs.append(dataclasses.replace(first, request_id=rid, sampling=dataclasses.replace(
                         first.sampling, seed=seed)))
-            for spec in specs:
-                if spec.adapter_version is not None and self.adapters is not None:
-                    self.adapters.hold(spec.adapter_version)  # at once: a delete from now on sees it in use
-                    held.append(spec.adapter_version)
+                version = specs[-1].adapter_version
+                if version is not None and self.adapters is not None:
+                    self.adapters.hold(version)  # at once: a delete from now on sees it in use
+                    held.append(version)
             spec, request = specs[0], requests[0]
             if spec.adapter_version is not None and self.on_adapter_named is not None:
                 self.on_adapter_named(spec.adapter_version, request.adapter)
@@ -198,10 +206,10 @@ class GenerationPath:
             # only when the loop is closed or its queue full: a group cut short there stops what it submitted.)
             submitted = handles
             for h in submitted:
-                h.cancel()
+                h.cancel()  # their holds and spans end with them, on the loop (Accounting.on_finished)
             for version in held[len(submitted):]:
                 self.adapters.release(version)
-            for lease in leases[len(submitted):]:
+            for lease in leases:  # the loop charges a lease but never releases it: every one goes here
                 lease.release()
             if release_slot is not None:
                 release_slot()

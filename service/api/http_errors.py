@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import grpc
 import structlog
@@ -35,6 +36,7 @@ HTTP_STATUS = {
 }
 
 
+_PROMPT_OF_SEVERAL = re.compile(r"(prompt\[\d+\]: )?(.*)", re.DOTALL)
 _BODY_NAMES = (("token_ids.ids", "prompt"), ("text ", "prompt "), ("adapter is invalid", "model is invalid"))
 
 
@@ -68,9 +70,14 @@ def http_error(exc: BaseException) -> tuple[int, str, str | None, dict[str, str]
         # The shared path names fields as the proto has them; OpenAI's body has its own names (sampling fields at
         # the top level, the prompt in `prompt`, the adapter in `model`).
         message = message.replace("sampling.", "").replace("messages.messages", "messages")
+        which, rest = _PROMPT_OF_SEVERAL.match(message).groups()  # "prompt[1]: " when the body had several
+        which = which or ""
         for proto, body in _BODY_NAMES:
-            if message.startswith(proto):
-                message = body + message[len(proto):]
+            if rest.startswith(proto):
+                if which and body.startswith("prompt"):  # the prompt's index, then the token's: prompt[1][0]=900
+                    message = which[:-2] + body[len("prompt"):] + rest[len(proto):]
+                else:
+                    message = which + body + rest[len(proto):]
                 break
     return status, message, error_code, headers
 

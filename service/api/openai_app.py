@@ -192,7 +192,8 @@ async def _recorded(handle: Any) -> None:
     if fut is None:
         return
     try:
-        if not await asyncio.wait_for(asyncio.wrap_future(fut), RECORD_WAIT_S):
+        # shielded: a cancelled waiter (a client gone, a choice's stream stopped) must not cancel the writer's future
+        if not await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), RECORD_WAIT_S):
             log.error("usage_not_recorded_before_response")
     except (TimeoutError, FutureTimeout):
         log.error("usage_record_slow", waited_s=RECORD_WAIT_S)

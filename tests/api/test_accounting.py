@@ -75,3 +75,28 @@ def test_records_queued_together_are_committed_in_one_transaction(tmp_path):
     writer.close()
     assert calls == [1, 10]  # the ten that queued during the first commit share the next one
     assert all(ledger.get(f"r{i}") == record(f"r{i}") for i in range(11))
+
+
+def test_a_waiter_that_cancels_its_future_does_not_end_the_writer(tmp_path):
+    """A caller that gives up waiting (a client gone, an HTTP choice's stream stopped) may cancel the future it was
+    handed; setting it then raised InvalidStateError, which ended the writer thread: every later request then
+    waited out RECORD_WAIT_S for a record that never came."""
+    ledger = UsageLedger(tmp_path / "usage.db")
+    real = ledger.record_many
+    entered, gate = threading.Event(), threading.Event()
+
+    def gated(records: list[UsageRecord]) -> int:
+        entered.set()
+        gate.wait(10)
+        return real(records)
+
+    ledger.record_many = gated
+    writer = UsageWriter(ledger)
+    abandoned = writer.submit(record("r1"))
+    assert entered.wait(10)
+    assert abandoned.cancel()  # still pending: the commit is held
+    gate.set()
+    later = writer.submit(record("r2"))
+    assert later.result(10) is True and writer.flush(10)
+    writer.close()
+    assert ledger.get("r1") == record("r1") and ledger.get("r2") == record("r2")  # the row itself was written

@@ -19,6 +19,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.engine.scheduler import QueueFullError
 from service.loop import wait_until
 from service.tracing import make_tracer_provider
 from tests.api.conftest import TENANT_KEYS, Server, write_tenants
@@ -239,7 +240,7 @@ def test_a_call_with_a_bad_prompt_among_several_starts_none_of_them(served):
                                          "max_tokens": 2}, key=BOB)
     assert r.status_code == 400
     err = r.json()["error"]
-    assert err["message"].startswith("prompt[1]: token_ids.ids[0]=900 is outside the vocabulary"), err
+    assert err["message"].startswith("prompt[1][0]=900 is outside the vocabulary"), err  # prompt 1, token 0
     assert err["param"] == "prompt"
     rid = r.headers["x-request-id"]
     assert all(served.server.ledger.get(f"{rid}-{k}") is None for k in range(4))
@@ -263,6 +264,27 @@ def test_n_choices_are_admitted_together_under_tokens_per_minute(tiny, tmp_path)
         s.wait_idle_and_intact()
     finally:
         s.close()
+
+
+def test_a_choice_the_engine_refuses_stops_those_submitted_and_returns_every_lease(served):
+    """The engine's queue full at the second choice: the first, already submitted, is stopped, and the call's leases
+    all go back (the loop charges a lease but never releases it: before, the first choice's stayed taken)."""
+    loop, submit, calls = served.server.loop, served.server.loop.submit, []
+
+    def second_fails(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise QueueFullError("the waiting queue is full")
+        return submit(*args, **kw)
+
+    loop.submit = second_fails
+    try:
+        r = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", "n": 2, "max_tokens": 2})
+    finally:
+        del loop.submit
+    assert r.status_code == 429 and len(calls) == 2, r.text
+    assert served.server.generations.limiter.in_flight("alice") == 0
+    served.wait_idle_and_intact()
 
 
 def test_streamed_n_choices_past_their_deadline_end_with_one_error_event_and_leave_nothing_running(served):
