@@ -23,8 +23,8 @@ import structlog
 from service.engine.outputs import FinalOutput
 from service.engine.types import FinishReason
 from service.limits import Lease
-from service.loop import RequestHandle
 from service.metrics import ServerMetrics
+from service.request_handle import RequestHandle
 from service.tracing import RequestSpan
 from service.usage import UsageLedger, UsageRecord
 

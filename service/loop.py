@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -24,13 +24,12 @@ from service.engine.engine import LLMEngine
 from service.engine.outputs import ErrorKind, FinalOutput, RequestError, RequestOutput
 from service.engine.request import RequestSpec
 from service.engine.types import FinishReason
+from service.request_handle import RequestHandle
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# Finish reasons of a request that ends without its answer (the fronts raise at its final output)
-UNANSWERED = (FinishReason.ERROR, FinishReason.CANCELLED)
 STALL_WAIT_S = 0.001  # work exists but nothing was schedulable (adapter loading): re-check after this
 UNHEALTHY_AFTER_FAILURES = 3  # consecutive failed steps before the loop reports itself unhealthy
 MAX_FAILURE_BACKOFF_S = 0.5
@@ -38,102 +37,6 @@ MAX_FAILURE_BACKOFF_S = 0.5
 
 class LoopClosed(Exception):
     """The loop is draining or stopped and takes no new requests (UNAVAILABLE: retry elsewhere)."""
-
-
-class RequestHandle:
-    """One submitted request as its caller sees it: iterate to get its `RequestOutput`s (the last one
-    carries the `FinalOutput`), `cancel()` to abort it.
-
-    `stream_interval`: how many new tokens an output gathers before it is queued. The first output with a token
-    is queued at once (time to first token), and so is the final one, whatever it holds. 1 queues every step's
-    output; None queues the final output alone (a caller that only wants the whole answer: its thread is woken
-    by that output, not once per token). Gathered outputs are joined: their tokens, text and logprobs in order."""
-
-    def __init__(self, loop: EngineLoop, spec: RequestSpec, context: Any = None,
-                 stream_interval: int | None = 1) -> None:
-        if stream_interval is not None and stream_interval < 1:
-            raise ValueError(f"stream_interval={stream_interval} is invalid: must be >= 1, or None for the final "
-                             "output alone")
-        self.spec = spec
-        self.request_id = spec.request_id
-        self.context = context  # the submitter's own record (lease, span), handed to on_finished
-        self.stopped_by_drain = False  # aborted because the drain's grace period ran out
-        self.stream_interval = stream_interval
-        self._loop = loop
-        self._outputs: queue.Queue[RequestOutput] = queue.Queue()
-        # Outputs not queued yet, joined in place (loop thread only): a whole answer's tokens for a unary call
-        self._held = False
-        self._tokens: list[int] = []
-        self._texts: list[str] = []
-        self._logprobs: list = []
-        self._prompt_logprobs: list | None = None  # the first output's, while it is held
-        self._first_queued = False  # an output with a token was queued (loop thread only)
-        self._done = False
-        self._cancelled = False
-        # Called on the loop thread after each output is queued (an event loop's waiter wakes on it).
-        self.on_output: Callable[[], None] | None = None
-
-    def _gather(self, out: RequestOutput) -> list[RequestOutput]:
-        """(Loop thread.) Take one step's output; what is to be queued now, in order. Held outputs are joined in
-        place (a unary call holds its whole answer: no copy per step). A final output that ends the request
-        without its answer (an error, a cancellation) goes alone, after the tokens it would carry: a front raises
-        at such an output, and a stream then has sent every token it got, as it would have with a message a token."""
-        if self._held:
-            self._tokens += out.new_token_ids
-            self._texts.append(out.new_text)
-            self._logprobs += out.new_logprobs
-            n = len(self._tokens)
-        else:
-            n = len(out.new_token_ids)
-        if out.final is not None or (self.stream_interval is not None and n > 0 and (
-                not self._first_queued or n >= self.stream_interval)):
-            if self._held:
-                out = RequestOutput(out.request_id, self._tokens, "".join(self._texts), self._logprobs, out.final,
-                                    self._prompt_logprobs)
-                self._held, self._tokens, self._texts, self._logprobs = False, [], [], []
-                self._prompt_logprobs = None
-            self._first_queued = self._first_queued or n > 0
-            final = out.final
-            if final is not None and final.finish_reason in UNANSWERED and (out.new_token_ids or out.new_text):
-                return [RequestOutput(out.request_id, out.new_token_ids, out.new_text, out.new_logprobs,
-                                      prompt_logprobs=out.prompt_logprobs),
-                        RequestOutput(out.request_id, [], "", final=final)]
-            return [out]
-        if not self._held:
-            self._held = True
-            self._tokens, self._texts, self._logprobs = list(out.new_token_ids), [out.new_text], list(out.new_logprobs)
-            self._prompt_logprobs = out.prompt_logprobs
-        return []
-
-    def get(self, timeout: float | None = None) -> RequestOutput:
-        """The next output; `queue.Empty` after `timeout` seconds without one."""
-        out = self._outputs.get(timeout=timeout)
-        if out.finished:
-            self._done = True
-        return out
-
-    def get_nowait(self) -> RequestOutput:
-        """The next output if there is one; else `queue.Empty`."""
-        out = self._outputs.get_nowait()
-        if out.finished:
-            self._done = True
-        return out
-
-    def __iter__(self) -> Iterator[RequestOutput]:
-        while not self._done:
-            yield self.get()
-
-    @property
-    def done(self) -> bool:
-        """The final output has been read."""
-        return self._done
-
-    def cancel(self) -> None:
-        """Abort the request (idempotent; harmless once finished). Its KV blocks return at once and a
-        final CANCELLED output ends the stream."""
-        if not self._cancelled:
-            self._cancelled = True
-            self._loop._post(_Abort(self.request_id))
 
 
 @dataclass
@@ -398,7 +301,8 @@ class EngineLoop:
         except BaseException as e:  # ValueError / QueueFullError / TypeError go back to the submitter
             command.future.set_exception(e)
             return
-        handle = RequestHandle(self, command.spec, command.context, command.stream_interval)
+        handle = RequestHandle(command.spec, command.context, command.stream_interval,
+                               abort=lambda rid: self._post(_Abort(rid)))
         self._handles[handle.request_id] = handle
         command.future.set_result(handle)
 

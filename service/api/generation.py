@@ -30,7 +30,8 @@ from service.engine.outputs import ErrorKind, FinalOutput, RequestOutput
 from service.engine.request import RequestSpec
 from service.engine.types import FinishReason
 from service.limits import Lease, TenantLimiter
-from service.loop import EngineLoop, LoopClosed, RequestHandle
+from service.loop import EngineLoop, LoopClosed
+from service.request_handle import RequestHandle
 from service.tracing import RequestSpan
 
 log = structlog.get_logger("service.api.inference")

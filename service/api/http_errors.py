@@ -71,13 +71,11 @@ def http_error(exc: BaseException) -> tuple[int, str, str | None, dict[str, str]
         # the top level, the prompt in `prompt`, the adapter in `model`).
         message = message.replace("sampling.", "").replace("messages.messages", "messages")
         which, rest = _PROMPT_OF_SEVERAL.match(message).groups()  # "prompt[1]: " when the body had several
-        which = which or ""
         for proto, body in _BODY_NAMES:
             if rest.startswith(proto):
                 if which and body.startswith("prompt"):  # the prompt's index, then the token's: prompt[1][0]=900
-                    message = which[:-2] + body[len("prompt"):] + rest[len(proto):]
-                else:
-                    message = which + body + rest[len(proto):]
+                    body, which = which[:-2] + body[len("prompt"):], None
+                message = (which or "") + body + rest[len(proto):]
                 break
     return status, message, error_code, headers
 

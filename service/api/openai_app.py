@@ -313,8 +313,8 @@ class OpenAIApp:
             logprobs: list = []
             final: FinalOutput | None = None
             async for out in follow(self.f.path, gen, call, request):
-                if out.prompt_logprobs:
-                    logprobs[:0] = self.f.path.converter.logprobs(out.prompt_logprobs)
+                if out.prompt_logprobs:  # on the first output: before the completion's
+                    logprobs.extend(self.f.path.converter.logprobs(out.prompt_logprobs))
                 if out.new_logprobs:
                     logprobs.extend(self.f.path.converter.logprobs(out.new_logprobs))
                 final = out.final

@@ -4,8 +4,8 @@ front receives; the engine's outputs -> OpenAI's response, chunk and error objec
 Only the shape is checked here (types, and ranges the proto's unsigned fields need); everything else (sampling
 ranges, bounds, the tenant's limits, the adapter) is checked once, by the request path both fronts share, with
 the same messages. A body becomes one request per choice: `n` of them per prompt (a completion may carry several
-prompts), at most MAX_CHOICES in all. Fields this server does not implement are refused by name (tools, echo,
-suffix, best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does. `echo` puts each
+prompts), at most MAX_CHOICES in all. Fields this server does not implement are refused by name (tools, suffix,
+best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does. `echo` puts each
 prompt before its completion, its tokens' logprobs (the first token has none) before the completion's.
 """
 
@@ -183,11 +183,10 @@ def _common(req: _Sampling, base_model: str, max_tokens: int | None, logprobs: i
 def _extra_format(req: _Sampling, out: pb.GenerateRequest) -> None:
     """vLLM's structured output extras -> the request's response format (at most one format in all)."""
     so = req.structured_outputs
-    given = [(f"structured_outputs.{name}", value) for name, value in (
-        ("json", so.json_ if so else None), ("regex", so.regex if so else None),
-        ("choice", so.choice if so else None), ("grammar", so.grammar if so else None))] + [
-        (name, getattr(req, name)) for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")]
-    given = [(name, value) for name, value in given if value is not None]
+    kinds = ("json", "regex", "choice", "grammar")
+    named = {f"structured_outputs.{k}": getattr(so, "json_" if k == "json" else k) for k in kinds} if so else {}
+    named |= {f"guided_{k}": getattr(req, f"guided_{k}") for k in kinds}
+    given = [(name, value) for name, value in named.items() if value is not None]
     if len(given) > 1:
         raise ValueError(f"{' and '.join(name for name, _ in given)} both set a format: give one of them")
     if so is not None and not given:
@@ -229,8 +228,8 @@ def _check_choices(prompts: int, n: int) -> None:
 
 def _choices(per_prompt: list[pb.GenerateRequest], n: int) -> list[pb.GenerateRequest]:
     """`n` requests per prompt, in OpenAI's order of choices (prompt by prompt); with a seed, choice j of a prompt
-    samples with seed + j, so the n choices differ and the call as a whole replays."""
-    _check_choices(len(per_prompt), n)
+    samples with seed + j, so the n choices differ and the call as a whole replays. (A chat has one prompt and `n`
+    its bound; a completion's prompts are counted first, `_check_choices`.)"""
     if n == 1:
         return per_prompt
     out = []

@@ -88,8 +88,8 @@ class PrefixCachingKVCacheManager(KVCacheManager):
         request.update_block_hashes(self.block_size)
         # The last token is always computed, even on a full hit: its logits give the next token.
         most = (request.num_tokens - 1) // self.block_size
-        have = len(request.prompt_logprobs)
-        if request.sampling.prompt_logprobs is not None and have < request.num_prompt_tokens - 1:
+        have = len(request.prompt_logprobs)  # filled only with sampling.prompt_logprobs
+        if have < request.num_prompt_tokens - 1 and request.sampling.prompt_logprobs is not None:
             # positions whose prompt logprobs it still needs are computed, cached or not (a hit skips their logits)
             most = min(most, have // self.block_size)
         return self.pool.match_prefix(request.block_hashes, most)

@@ -15,7 +15,7 @@ from service.engine.types import SampleResult, SchedulerOutput
 from service.runtime.device import StepStager
 from service.runtime.lora import LoraSlots
 from service.runtime.model import KVCache, LlamaModel, LoraStep
-from service.runtime.sampler import DraftRow, SamplingRow, sample
+from service.runtime.sampler import DraftRow, SamplingRow, sample, token_logprobs
 
 if TYPE_CHECKING:
     from service.runtime.graphs import Capture, DecodeGraphs
@@ -85,10 +85,10 @@ class ModelRunner:
             r = c.request
             drafts = c.draft_token_ids
             if r.sampling.prompt_logprobs is not None and not drafts:
-                # position p's logits give prompt token p + 1's logprob; entries exist for positions below `have`
-                have, last = len(r.prompt_logprobs), min(c.start + c.num_tokens, r.num_prompt_tokens - 1)
-                if max(c.start, have) < last:
-                    first = max(c.start, have)
+                # position p's logits give prompt token p + 1's logprob; it has them for positions below len(...)
+                first = max(c.start, len(r.prompt_logprobs))
+                last = min(c.start + c.num_tokens, r.num_prompt_tokens - 1)
+                if first < last:
                     prompt_lp.append((r, list(range(len(ids) + first - c.start, len(ids) + last - c.start)),
                                       r.prompt_token_ids[first + 1:last + 1]))
             ids.extend(r.all_token_ids[c.start : c.start + c.num_tokens - len(drafts)])
@@ -168,14 +168,11 @@ class ModelRunner:
                 # (not the step stager: its pinned buffers may still be in flight; this path is rare)
                 rows_t = torch.tensor(rows[sl], dtype=torch.int64, device=hidden.device)
                 tgt_t = torch.tensor(targets[sl], dtype=torch.int64, device=hidden.device)
-                logp = torch.log_softmax(self.model.compute_logits(hidden[rows_t]).float(), dim=1)
-                chosen = logp.gather(1, tgt_t.unsqueeze(1)).squeeze(1).tolist()
-                if k:
-                    top = logp.topk(k, dim=1)
-                    tops = [list(zip(ids, vals)) for ids, vals in zip(top.indices.tolist(), top.values.tolist())]
-                else:
-                    tops = [None] * len(chosen)
-                r.prompt_logprobs.extend(SampleResult(t, lp, tp) for t, lp, tp in zip(targets[sl], chosen, tops))
+                chosen, top = token_logprobs(self.model.compute_logits(hidden[rows_t]), tgt_t, k)
+                tops = [list(zip(ids, vals)) for ids, vals in zip(top.indices.tolist(), top.values.tolist())] \
+                    if top is not None else [None] * len(rows_t)
+                r.prompt_logprobs.extend(SampleResult(t, lp, tp) for t, lp, tp in zip(targets[sl], chosen.tolist(),
+                                                                                      tops))
 
     def _grammar_masks(self) -> GrammarMasks:
         if self._masks is None:

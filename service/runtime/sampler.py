@@ -160,6 +160,14 @@ def filter_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
     return probs / probs.sum(1, keepdim=True)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, torch.return_types.topk | None]:
+    """Rows of raw logits [R, V] -> each row's logprob of its token in `tokens` [R] and the `k` most likely (None
+    for k = 0), left on the logits' device (the caller reads them back when it waits anyway)."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    return logp.gather(1, tokens.unsqueeze(1)).squeeze(1), (logp.topk(k, dim=1) if k else None)
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Collection[int] = (),
            grammar_mask: Callable[[torch.Tensor], None] | None = None) -> list[SampleResult]:
     """logits: [S, V] float32, one row per request to sample -> one SampleResult per row.
@@ -202,10 +210,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Col
             unbias()
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     if want:  # computed batched on the logits' device, read back after the tokens (no sync per row)
-        logp = torch.log_softmax(raw[want].float(), dim=1)
-        chosen = logp.gather(1, tokens[want].unsqueeze(1)).squeeze(1)
-        top_n = max(params[i].logprobs for i in want)
-        top = logp.topk(top_n, dim=1) if top_n else None
+        chosen, top = token_logprobs(raw[want], tokens[want], max(params[i].logprobs for i in want))
     token_list = tokens.tolist()  # the step's one wait on the device
     results = [SampleResult(t) for t in token_list]
     if want:
