@@ -124,12 +124,29 @@ def format_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _tool_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.tools is None:
+        if args.tool_choice is not None:
+            raise SystemExit("--tool-choice needs --tools FILE")
+        return {}
+    if args.raw:
+        raise SystemExit("--tools needs a chat: drop --raw")
+    try:
+        with open(args.tools, encoding="utf-8") as f:
+            tools = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"--tools {args.tools}: {e}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise SystemExit(f"--tools {args.tools}: must hold a JSON list of tool objects")
+    return {"tools": tools, "tool_choice": args.tool_choice}
+
+
 def cmd_call(args: argparse.Namespace) -> int:
     kwargs = dict(adapter=args.adapter or "", chat=not args.raw, system=args.system, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                   speculation=args.speculation, max_draft_tokens=args.max_draft_tokens,
                   stop=tuple(args.stop or ()), labels=_labels(getattr(args, "label", None) or ()),
-                  **format_kwargs(args))
+                  **format_kwargs(args), **_tool_kwargs(args))
 
     def go(client: Any) -> int:
         if args.json:  # the whole response (unary), or one line per streamed message
@@ -139,13 +156,19 @@ def cmd_call(args: argparse.Namespace) -> int:
             else:
                 print(json.dumps(_as_dict(client.generate(args.prompt, **kwargs)), indent=2))
             return 0
+        calls: list[Any] = []
         if args.stream:
-            for delta in client.generate_stream(args.prompt, **kwargs):
-                sys.stdout.write(delta)
+            for msg in client.generate_stream_messages(args.prompt, **kwargs):
+                sys.stdout.write(msg.text)
                 sys.stdout.flush()
+                calls.extend(msg.tool_calls)
         else:
-            sys.stdout.write(client.generate(args.prompt, **kwargs).text)
+            response = client.generate(args.prompt, **kwargs)
+            sys.stdout.write(response.text)
+            calls.extend(response.tool_calls)
         sys.stdout.write("\n")
+        for call in calls:
+            print(f"tool_call {call.name} {call.arguments}")
         return 0
 
     return run_remote(go, args)
@@ -286,6 +309,11 @@ def add_commands(sub: argparse._SubParsersAction, add_generation_args: Callable[
     c.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     c.add_argument("--label", action="append", metavar="KEY=VALUE",
                    help="your own label, recorded with the request's usage and trace (repeatable)")
+    c.add_argument("--tools", metavar="FILE", help="a JSON file with a list of tools the answer may call (OpenAI's "
+                   "{\"type\": \"function\", \"function\": {name, description, parameters}} each); calls are "
+                   "printed as `tool_call NAME ARGUMENTS` lines")
+    c.add_argument("--tool-choice", metavar="auto|none|required|NAME",
+                   help="how the answer may call the tools: auto (default), none, required, or one tool's name")
     add_generation_args(c)
     add_format_args(c)
     add_client_args(c)

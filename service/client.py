@@ -45,14 +45,51 @@ _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition
 SPECULATION = {"off": pb.SPECULATION_OFF, "ngram": pb.SPECULATION_NGRAM, "draft": pb.SPECULATION_DRAFT}
 
 
-def chat_messages(messages: Sequence[dict[str, str]]) -> pb.ChatMessages:
-    """[{"role": "user", "content": "..."}, ...] -> ChatMessages."""
+def chat_messages(messages: Sequence[Mapping[str, Any]]) -> pb.ChatMessages:
+    """[{"role": "user", "content": "..."}, ...] -> ChatMessages. An assistant message may carry `tool_calls` (a
+    response's `tool_calls` as they came, or dicts with id, name and arguments), a tool message the
+    `tool_call_id` it answers."""
     out = pb.ChatMessages()
     for m in messages:
         if m["role"] not in _ROLES:
             raise ValueError(f"role {m['role']!r} is invalid: use one of {', '.join(_ROLES)}")
-        out.messages.add(role=_ROLES[m["role"]], content=m["content"])
+        msg = out.messages.add(role=_ROLES[m["role"]], content=m.get("content") or "",
+                               tool_call_id=m.get("tool_call_id", ""))
+        for c in m.get("tool_calls") or ():
+            if isinstance(c, pb.ToolCall):
+                msg.tool_calls.append(c)
+            else:
+                arguments = c["arguments"]
+                msg.tool_calls.add(id=c.get("id", ""), name=c["name"],
+                                   arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))
     return out
+
+
+TOOL_MODES = {"auto": pb.TOOL_CHOICE_MODE_AUTO, "none": pb.TOOL_CHOICE_MODE_NONE,
+              "required": pb.TOOL_CHOICE_MODE_REQUIRED}
+
+
+def add_tools(out: pb.ChatMessages, tools: Sequence[Mapping[str, Any]], tool_choice: str | None = None,
+              parallel_tool_calls: bool = True) -> None:
+    """`tools`: {"name", "description", "parameters" (a JSON schema: a dict or its text)} each, or OpenAI's
+    {"type": "function", "function": {...}}; `tool_choice`: "auto" (the default), "none", "required", or the
+    name of the one tool to call."""
+    for i, t in enumerate(tools):
+        f = t.get("function", t)
+        if not isinstance(f, Mapping) or not isinstance(f.get("name"), str):
+            raise ValueError(f"tools[{i}] has no name: give {{\"name\": ..., \"parameters\": {{...}}}}")
+        parameters = f.get("parameters")
+        if parameters is not None and not isinstance(parameters, str):
+            parameters = json.dumps(parameters)
+        out.tools.add(name=f["name"], description=f.get("description") or "", parameters=parameters or "")
+    if tool_choice is not None:
+        if tool_choice in TOOL_MODES:
+            out.tool_choice.mode = TOOL_MODES[tool_choice]
+        else:
+            out.tool_choice.mode = pb.TOOL_CHOICE_MODE_FUNCTION
+            out.tool_choice.function = tool_choice
+    if not parallel_tool_calls:
+        out.tool_choice.single_call = True
 
 
 def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, system: str | None = None,
@@ -61,12 +98,15 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
                   client_request_id: str = "", priority: int = 0, labels: Mapping[str, str] | None = None,
                   json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
                   regex: str | None = None, choice: Sequence[str] | None = None, grammar: str | None = None,
-                  logit_bias: Mapping[int, float] | None = None, **sampling: Any) -> Any:
+                  logit_bias: Mapping[int, float] | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
+                  tool_choice: str | None = None, parallel_tool_calls: bool = True, **sampling: Any) -> Any:
     """A GenerateRequest / GenerateStreamRequest. Give exactly one of `prompt` (raw text; with chat=True
     a user message, after an optional system message), `messages` or `token_ids`. `labels`: your own keys
     and values, recorded with the request's usage and trace. At most one response format: `json_schema` (a dict
     or its JSON text), `json_object=True` (any JSON object), `regex`, `choice` (the allowed strings) or `grammar`
-    (xgrammar EBNF with a `root` rule). `logit_bias`: token id -> bias in [-100, 100], added to its logit."""
+    (xgrammar EBNF with a `root` rule). `logit_bias`: token id -> bias in [-100, 100], added to its logit.
+    `tools`, `tool_choice`, `parallel_tool_calls`: functions a chat's answer may call (`add_tools`); the calls come
+    back in the response's `tool_calls`."""
     unknown = set(sampling) - set(_SAMPLING)
     if unknown:
         raise TypeError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
@@ -82,6 +122,10 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     if messages is not None:
         req.messages.CopyFrom(chat_messages(messages))
+        if tools or tool_choice is not None:
+            add_tools(req.messages, tools or (), tool_choice, parallel_tool_calls)
+    elif tools or tool_choice is not None:
+        raise ValueError("tools need a chat: give messages, or a prompt with chat=True")
     elif token_ids is not None:
         req.token_ids.ids.extend(token_ids)
     else:

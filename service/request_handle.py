@@ -50,6 +50,9 @@ class RequestHandle:
         self._cancelled = False
         # Called on the loop thread after each output is queued (an event loop's waiter wakes on it).
         self.on_output: Callable[[], None] | None = None
+        # Rewrites each output in place on the reader's thread, in order, as it is read (a chat's tool-call parser,
+        # `service.api.tools`); set before the first read.
+        self.transform: Callable[[RequestOutput], None] | None = None
 
     def _gather(self, out: RequestOutput) -> list[RequestOutput]:
         """(Loop thread.) Take one step's output; what is to be queued now, in order. Held outputs are joined in
@@ -83,14 +86,15 @@ class RequestHandle:
 
     def get(self, timeout: float | None = None) -> RequestOutput:
         """The next output; `queue.Empty` after `timeout` seconds without one."""
-        out = self._outputs.get(timeout=timeout)
-        if out.finished:
-            self._done = True
-        return out
+        return self._read(self._outputs.get(timeout=timeout))
 
     def get_nowait(self) -> RequestOutput:
         """The next output if there is one; else `queue.Empty`."""
-        out = self._outputs.get_nowait()
+        return self._read(self._outputs.get_nowait())
+
+    def _read(self, out: RequestOutput) -> RequestOutput:
+        if self.transform is not None:
+            self.transform(out)
         if out.finished:
             self._done = True
         return out

@@ -19,10 +19,12 @@ from typing import Any, Protocol
 
 from adapters.errors import quote
 from adapters.registry_types import MAX_REF_CHARS, InvalidAdapterName
+from service.api import tools
 from service.api.adapter_refs import AdapterResolver, ResolvedAdapter
 from service.api.auth import PermissionDenied
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from service.engine.outputs import Timings, Usage
+from service.api.tools import ToolSet
+from service.engine.outputs import FinalOutput, Timings, ToolCall, Usage
 from service.engine.request import RequestSpec
 from service.engine.sampling import (
     MAX_LOGIT_BIAS,
@@ -54,6 +56,7 @@ ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_
 FINISH_REASONS = {FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
                   FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
                   FinishReason.ERROR: pb.FINISH_REASON_ERROR}
+ANSWERED = (FinishReason.STOP, FinishReason.EOS)  # the finish reasons an answer that calls tools reports as such
 SPECULATION = {pb.SPECULATION_OFF: "off", pb.SPECULATION_NGRAM: "ngram", pb.SPECULATION_DRAFT: "draft"}
 # The proto's optional sampling fields that map one to one onto SamplingParams.
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -88,6 +91,11 @@ class RequestConverter:
     def spec(self, req: GenerateLike, tenant: Any, request_id: str, deadline: float | None = None) -> RequestSpec:
         """The engine's request for a Generate / GenerateStream call. `tenant`: the caller
         (`service.tenants.Tenant`: id, admin, limits); `deadline`: the call's, in time.monotonic()."""
+        return self.spec_and_tools(req, tenant, request_id, deadline)[0]
+
+    def spec_and_tools(self, req: GenerateLike, tenant: Any, request_id: str, deadline: float | None = None
+                       ) -> tuple[RequestSpec, ToolSet | None]:
+        """`spec`, and the chat's tools (None without any): the caller parses the answer's calls with them."""
         self.check_bounds(req)  # cheap; the servicer runs it before taking a lease too
         client_id = _client_request_id(req.client_request_id)
         if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
@@ -101,30 +109,41 @@ class RequestConverter:
             if t >= self.vocab_size:
                 raise ValueError(f"sampling.logit_bias has token id {t}, outside the vocabulary: token ids must be "
                                  f"in [0, {self.vocab_size - 1}]")
-        ids = self.prompt_ids(req)
+        toolset = tools.tool_set(req.messages) if req.WhichOneof("prompt") == "messages" else None
+        ids = self._prompt_ids(req, toolset)
         limits = tenant.limits
         if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
             raise ValueError(f"the prompt has {len(ids)} tokens; tenant {tenant.id!r} may send at most "
                              f"{limits.max_prompt_tokens} prompt tokens per request")
         sampling = self.sampling(req, len(ids), limits.max_output_tokens)
-        grammar = self.grammar(req, sampling)  # compiled here, on the RPC's thread, never on the engine loop
+        grammar = self.grammar(req, sampling, toolset)  # compiled here, on the RPC's thread, never on the engine loop
         # Resolved last: the caller holds the version right after this returns (a delete then sees it in use).
         adapter = self._adapter(req.adapter, tenant) if req.adapter else None
         return RequestSpec(
             request_id, tuple(ids), sampling, tenant=tenant.id,
             adapter_version=adapter.version_id if adapter else None, adapter_name=adapter.name if adapter else "",
             priority=req.priority, cache_salt=tenant.id,  # KV is reused within a tenant, never across
-            deadline=deadline, client_request_id=client_id, labels=_labels(req.labels), grammar=grammar)
+            deadline=deadline, client_request_id=client_id, labels=_labels(req.labels), grammar=grammar), toolset
 
-    def grammar(self, req: GenerateLike, sampling: SamplingParams) -> CompiledGrammarLike | None:
-        """The request's response format compiled (None without one); ValueError naming what is wrong with it."""
+    def grammar(self, req: GenerateLike, sampling: SamplingParams, toolset: ToolSet | None = None
+                ) -> CompiledGrammarLike | None:
+        """The request's response format, or its tool calls' (`toolset`), compiled (None without either);
+        ValueError naming what is wrong with it."""
         fmt = response_format(req)
+        what = "response_format"
+        calls = toolset.format() if toolset is not None else None
+        if calls is not None:
+            if fmt is not None:
+                raise ValueError("response_format cannot be combined with messages.tools: the answer's tool calls "
+                                 "follow the tools' schemas (set tool_choice to TOOL_CHOICE_MODE_NONE to use a "
+                                 "response_format with tools shown to the model)")
+            fmt, what = calls, "messages.tools"
         if fmt is None:
             return None
         if self.structured is None:
-            raise ValueError("response_format is not supported by this server")
+            raise ValueError(f"{what} is not supported by this server (it has no structured output)")
         if sampling.min_tokens:
-            raise ValueError(f"sampling.min_tokens={sampling.min_tokens} cannot be combined with response_format: "
+            raise ValueError(f"sampling.min_tokens={sampling.min_tokens} cannot be combined with {what}: "
                              "the format decides where the output ends")
         return self.structured.compile(fmt)
 
@@ -172,10 +191,13 @@ class RequestConverter:
             messages = req.messages.messages
             if len(messages) > MAX_MESSAGES:
                 raise ValueError(f"messages has {len(messages)} messages; at most {MAX_MESSAGES} are allowed")
-            size = sum(_utf8_len(m.content) for m in messages)
+            tools.check_counts(req.messages)
+            extra = sum(map(_utf8_len, tools.text_fields(req.messages)))
+            size = sum(_utf8_len(m.content) for m in messages) + extra
             if size > self.max_prompt_bytes:
-                raise ValueError(f"the messages' content has {size} bytes (UTF-8) in total; at most "
-                                 f"{self._prompt_bound} are allowed")
+                what = "the messages' content" + (" (with their tool calls and the tools)" if extra else "")
+                raise ValueError(f"{what} has {size} bytes (UTF-8) in total; at most {self._prompt_bound} are "
+                                 "allowed")
         elif kind == "token_ids":
             self._check_num_tokens(len(req.token_ids.ids))
 
@@ -188,6 +210,10 @@ class RequestConverter:
     def prompt_ids(self, req: Any) -> list[int]:
         """Tokenize whichever prompt form `req` carries (GenerateRequest-like or TokenizeRequest). The
         prompt's size is checked first (check_bounds), so the tokenizer's work is bounded."""
+        toolset = tools.tool_set(req.messages) if req.WhichOneof("prompt") == "messages" else None
+        return self._prompt_ids(req, toolset)
+
+    def _prompt_ids(self, req: Any, toolset: ToolSet | None) -> list[int]:
         self._check_prompt_size(req)
         kind = req.WhichOneof("prompt")
         if kind is None:
@@ -199,7 +225,13 @@ class RequestConverter:
                 raise ValueError("text is empty: give a prompt to complete")
             ids = self.tokenizer.encode(text)
         elif kind == "messages":
-            ids = self.tokenizer.encode_chat(self._messages(req.messages.messages))
+            if not req.messages.messages:
+                raise ValueError("messages.messages is empty: give at least one chat message")
+            messages = tools.chat_messages(req.messages.messages, ROLES)
+            listed = None
+            if toolset is not None:
+                messages, listed = tools.for_template(messages, toolset, self.tokenizer.template_takes_tools)
+            ids = self.tokenizer.encode_chat(messages, tools=listed)
         else:
             ids = list(req.token_ids.ids)  # fewer than max_model_len: checked above
             if not ids:
@@ -209,19 +241,6 @@ class RequestConverter:
             raise ValueError(f"the prompt ({kind}) tokenizes to no tokens: give a prompt with some content")
         self._check_num_tokens(len(ids))
         return ids
-
-    def _messages(self, messages: Sequence[pb.ChatMessage]) -> list[dict[str, str]]:
-        if not messages:
-            raise ValueError("messages.messages is empty: give at least one chat message")
-        out = []
-        for i, m in enumerate(messages):
-            role = ROLES.get(m.role)
-            if role is None:
-                name = pb.ChatRole.Name(m.role) if m.role in pb.ChatRole.values() else str(m.role)
-                allowed = ", ".join(pb.ChatRole.Name(r) for r in ROLES)
-                raise ValueError(f"messages.messages[{i}].role is {name}: must be one of {allowed}")
-            out.append({"role": role, "content": m.content})
-        return out
 
     def _check_ids(self, field: str, ids: Sequence[int]) -> None:
         for i, t in enumerate(ids):
@@ -328,6 +347,17 @@ def _labels(labels: Mapping[str, str]) -> dict[str, str]:
 def _utf8_len(text: str) -> int:
     # isascii() reads a flag of the string, so the common case costs no copy.
     return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def finish_reason(final: FinalOutput, calls: Sequence[ToolCall] | None) -> int:
+    """The proto's finish reason: TOOL_CALLS for an answer that calls tools and ended as it chose to."""
+    if calls and final.finish_reason in ANSWERED:
+        return pb.FINISH_REASON_TOOL_CALLS
+    return FINISH_REASONS[final.finish_reason]
+
+
+def tool_calls(calls: Sequence[ToolCall] | None) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls or ()]
 
 
 def usage(u: Usage) -> pb.Usage:

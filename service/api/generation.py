@@ -26,6 +26,7 @@ from service.api import convert
 from service.api.convert import RequestConverter
 from service.api.errors import AdapterUnavailable, DeadlineExceeded, RequestCancelled, RequestFailed
 from service.api.stalls import CallSlots, StallWatchdog, Wait
+from service.api.tools import ToolSet
 from service.engine.outputs import ErrorKind, FinalOutput, RequestOutput
 from service.engine.request import RequestSpec
 from service.engine.types import FinishReason
@@ -172,10 +173,13 @@ class GenerationPath:
             if self.limiter is not None:
                 leases = self.limiter.acquire_many(tenant, len(requests), 0)
             specs: list[RequestSpec] = []
+            toolsets: list[ToolSet | None] = []
             for i, (request, rid) in enumerate(zip(requests, request_ids)):
                 if i % n == 0:
                     try:
-                        specs.append(self.converter.spec(request, tenant, rid, deadline))
+                        spec, toolset = self.converter.spec_and_tools(request, tenant, rid, deadline)
+                        specs.append(spec)
+                        toolsets.append(toolset)
                     except ValueError as e:
                         if type(e) is not ValueError or len(requests) == n:
                             raise
@@ -185,6 +189,7 @@ class GenerationPath:
                     seed = request.sampling.seed if request.sampling.HasField("seed") else None
                     specs.append(dataclasses.replace(first, request_id=rid, sampling=dataclasses.replace(
                         first.sampling, seed=seed)))
+                    toolsets.append(toolsets[i - i % n])
                 version = specs[-1].adapter_version
                 if version is not None and self.adapters is not None:
                     self.adapters.hold(version)  # at once: a delete from now on sees it in use
@@ -199,9 +204,13 @@ class GenerationPath:
             for lease, s in zip(leases, specs):
                 lease.charge(len(s.prompt_token_ids))
             for i, s in enumerate(specs):
-                handles.append(self.loop.submit(s, RequestContext(lease=leases[i] if leases else None, span=spans[i],
-                                                                  front=front),
-                                                stream_interval=self.stream_interval if streamed else None))
+                handle = self.loop.submit(s, RequestContext(lease=leases[i] if leases else None, span=spans[i],
+                                                            front=front),
+                                          stream_interval=self.stream_interval if streamed else None)
+                parser = toolsets[i].parser() if toolsets[i] is not None else None
+                if parser is not None:
+                    handle.transform = parser.apply  # before any reader: the handle is not handed out yet
+                handles.append(handle)
         except BaseException as e:
             # Not submitted: the loop's on_finished will never run for them, so undo here. (`loop.submit` raises
             # only when the loop is closed or its queue full: a group cut short there stops what it submitted.)

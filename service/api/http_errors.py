@@ -38,6 +38,12 @@ HTTP_STATUS = {
 
 _PROMPT_OF_SEVERAL = re.compile(r"(prompt\[\d+\]: )?(.*)", re.DOTALL)
 _BODY_NAMES = (("token_ids.ids", "prompt"), ("text ", "prompt "), ("adapter is invalid", "model is invalid"))
+# The tools' fields as the proto names them -> as OpenAI's body does
+_TOOL_NAMES = ((re.compile(r"messages\.tools\[(\d+)\]\.(name|parameters)"), r"tools[\1].function.\2"),
+               (re.compile(r"messages\.tool_choice\.function"), "tool_choice.function.name"),
+               (re.compile(r"messages\.(tools|tool_choice)\b"), r"\1"),
+               (re.compile(r"(tool_calls\[\d+\])\.(name|arguments)"), r"\1.function.\2"),
+               (re.compile(r"set tool_choice to TOOL_CHOICE_MODE_NONE"), 'set tool_choice to "none"'))
 
 
 class HttpError(Exception):
@@ -70,6 +76,8 @@ def http_error(exc: BaseException) -> tuple[int, str, str | None, dict[str, str]
         # The shared path names fields as the proto has them; OpenAI's body has its own names (sampling fields at
         # the top level, the prompt in `prompt`, the adapter in `model`).
         message = message.replace("sampling.", "").replace("messages.messages", "messages")
+        for pattern, body_name in _TOOL_NAMES:
+            message = pattern.sub(body_name, message)
         which, rest = _PROMPT_OF_SEVERAL.match(message).groups()  # "prompt[1]: " when the body had several
         for proto, body in _BODY_NAMES:
             if rest.startswith(proto):

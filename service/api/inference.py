@@ -41,7 +41,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             final = out.final
         assert final is not None  # follow() ends only after a final output (or raises)
         response = pb.GenerateResponse(
-            text=final.text, token_ids=token_ids, finish_reason=convert.FINISH_REASONS[final.finish_reason],
+            text=final.text, token_ids=token_ids, finish_reason=convert.finish_reason(final, out.tool_calls),
+            tool_calls=convert.tool_calls(out.tool_calls),
             usage=convert.usage(final.usage), adapter_version=final.adapter_version or "", seed=final.seed,
             timings=convert.timings(final.timings), logprobs=logprobs, request_id=handle.request_id,
             speculation=convert.speculation(final.speculation), prompt_logprobs=prompt_logprobs,
@@ -63,7 +64,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 msg.prompt_logprobs.extend(self.converter.logprobs(out.prompt_logprobs))
             final = out.final
             if final is not None:
-                msg.finish_reason = convert.FINISH_REASONS[final.finish_reason]
+                msg.finish_reason = convert.finish_reason(final, out.tool_calls)
+                msg.tool_calls.extend(convert.tool_calls(out.tool_calls))
                 msg.usage.CopyFrom(convert.usage(final.usage))
                 msg.adapter_version = final.adapter_version or ""
                 msg.seed = final.seed

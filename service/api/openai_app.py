@@ -309,18 +309,19 @@ class OpenAIApp:
 
     async def _unary(self, gens: list[Generation], call: HttpCall, request: Request, meta: dict, chat: bool,
                      n: int, pbreqs: list, echo: bool) -> dict:
-        async def collect(gen: Generation) -> tuple[FinalOutput, list]:
+        async def collect(gen: Generation) -> tuple[FinalOutput, list, list]:
             logprobs: list = []
             final: FinalOutput | None = None
+            calls: list = []
             async for out in follow(self.f.path, gen, call, request):
                 if out.prompt_logprobs:  # on the first output: before the completion's
                     logprobs.extend(self.f.path.converter.logprobs(out.prompt_logprobs))
                 if out.new_logprobs:
                     logprobs.extend(self.f.path.converter.logprobs(out.new_logprobs))
-                final = out.final
+                final, calls = out.final, out.tool_calls or []
             assert final is not None
             gen.release_limits()
-            return final, logprobs
+            return final, logprobs, calls
 
         if len(gens) == 1:
             results = [await collect(gens[0])]
@@ -337,12 +338,15 @@ class OpenAIApp:
                     task.cancel()
         choices = []
         finals = []
-        for i, (gen, (final, logprobs)) in enumerate(zip(gens, results, strict=True)):
+        for i, (gen, (final, logprobs, calls)) in enumerate(zip(gens, results, strict=True)):
             finals.append(final)
             wants_logprobs = gen.handle.spec.sampling.logprobs is not None
-            choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final), "logprobs": None}
+            choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final, calls), "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": final.text}
+                if calls:  # what the answer says besides its calls, if anything, stays in content
+                    choice["message"] = {"role": "assistant", "content": final.text or None,
+                                         "tool_calls": oa.tool_calls(calls)}
                 if wants_logprobs:
                     choice["logprobs"] = oa.chat_logprobs(logprobs)
             else:
@@ -379,14 +383,18 @@ class OpenAIApp:
             async for i, out in self._merged(gens, call):
                 gen = gens[i]
                 final = out.final
-                if not out.new_text and not out.new_token_ids and final is None:
-                    continue
-                choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final), "logprobs": None}
-                lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
                 wants_logprobs = gen.handle.spec.sampling.logprobs is not None
+                if not out.new_text and final is None and (not out.new_token_ids or (
+                        gen.handle.transform is not None and not first[i] and not wants_logprobs)):
+                    continue  # nothing to say (a tool call's tokens are held until its end)
+                choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final, out.tool_calls),
+                                          "logprobs": None}
+                lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
                 if chat:
                     choice["delta"] = {"role": "assistant", "content": out.new_text} if first[i] else \
                         {"content": out.new_text}
+                    if out.tool_calls:  # on the last chunk: each call whole, arguments and all
+                        choice["delta"]["tool_calls"] = oa.tool_calls(out.tool_calls, streamed=True)
                     if wants_logprobs:
                         choice["logprobs"] = oa.chat_logprobs(lps)
                 else:

@@ -4,7 +4,7 @@ front receives; the engine's outputs -> OpenAI's response, chunk and error objec
 Only the shape is checked here (types, and ranges the proto's unsigned fields need); everything else (sampling
 ranges, bounds, the tenant's limits, the adapter) is checked once, by the request path both fronts share, with
 the same messages. A body becomes one request per choice: `n` of them per prompt (a completion may carry several
-prompts), at most MAX_CHOICES in all. Fields this server does not implement are refused by name (tools, suffix,
+prompts), at most MAX_CHOICES in all. Fields this server does not implement are refused by name (functions, suffix,
 best_of) rather than silently ignored; fields it does not know are ignored, as vLLM does. `echo` puts each
 prompt before its completion, its tokens' logprobs (the first token has none) before the completion's.
 """
@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.convert import MAX_LABELS, MAX_MESSAGES, MAX_PRIORITY
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from service.engine.outputs import FinalOutput
+from service.api.tools import MAX_TOOL_CALLS, MAX_TOOLS
+from service.engine.outputs import FinalOutput, ToolCall
 from service.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
 from service.engine.types import FinishReason
 
@@ -33,6 +34,8 @@ PosInt = Annotated[int, Field(ge=1, le=U32)]
 ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "developer": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER,
          "assistant": pb.CHAT_ROLE_ASSISTANT, "tool": pb.CHAT_ROLE_TOOL}
 FINISH = {FinishReason.STOP: "stop", FinishReason.EOS: "stop", FinishReason.LENGTH: "length"}
+TOOL_CHOICE = {"none": pb.TOOL_CHOICE_MODE_NONE, "auto": pb.TOOL_CHOICE_MODE_AUTO,
+               "required": pb.TOOL_CHOICE_MODE_REQUIRED}
 
 
 class _Body(BaseModel):
@@ -45,10 +48,46 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCallIn(_Body):
+    """An earlier answer's call, as the response gave it."""
+
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=MAX_TOOL_CALLS)] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(_Body):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the arguments always follow the schema here
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Body):
@@ -118,9 +157,11 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class CompletionRequest(_Sampling):
@@ -245,7 +286,8 @@ def _choices(per_prompt: list[pb.GenerateRequest], n: int) -> list[pb.GenerateRe
 
 def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
     """The chat body -> one request per choice (`n`)."""
-    _refuse_unsupported({"tools": req.tools, "tool_choice": req.tool_choice, "functions": req.functions})
+    if req.functions or req.function_call is not None:  # OpenAI's deprecated form of tools
+        raise ValueError("functions and function_call are not supported by this server: send tools and tool_choice")
     if req.top_logprobs is not None and not req.logprobs:
         raise ValueError("top_logprobs needs logprobs=true")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -254,13 +296,16 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
     for i, m in enumerate(req.messages):
         if isinstance(m.content, list):
             content = "".join(part.text for part in m.content)
-        elif m.content is None:
+        elif m.content is None and not m.tool_calls:
             raise ValueError(f"messages[{i}].content is missing: give the message's text")
         else:
-            content = m.content
-        out.messages.messages.add(role=ROLES[m.role], content=content)
+            content = m.content or ""
+        msg = out.messages.messages.add(role=ROLES[m.role], content=content, tool_call_id=m.tool_call_id or "")
+        for c in m.tool_calls or ():
+            msg.tool_calls.add(id=c.id, name=c.function.name, arguments=c.function.arguments)
     if not req.messages:
         raise ValueError("messages is empty: give at least one chat message")
+    _tools(req, out.messages)
     _extra_format(req, out)
     fmt = req.response_format
     if fmt is not None and fmt.type != "text" and out.HasField("response_format"):
@@ -272,6 +317,24 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
             raise ValueError("response_format.json_schema is missing: give {\"name\": ..., \"schema\": {...}}")
         out.response_format.json_schema = json.dumps(fmt.json_schema.schema_)
     return _choices([out], req.n)
+
+
+def _tools(req: ChatRequest, out: pb.ChatMessages) -> None:
+    for t in req.tools or ():
+        f = t.function
+        out.tools.add(name=f.name, description=f.description or "",
+                      parameters=json.dumps(f.parameters) if f.parameters is not None else "")
+    choice = req.tool_choice
+    if choice is None:
+        if not req.parallel_tool_calls and req.tools:
+            out.tool_choice.single_call = True
+        return
+    if isinstance(choice, NamedToolChoice):
+        out.tool_choice.mode = pb.TOOL_CHOICE_MODE_FUNCTION
+        out.tool_choice.function = choice.function.name
+    else:
+        out.tool_choice.mode = TOOL_CHOICE[choice]
+    out.tool_choice.single_call = not req.parallel_tool_calls
 
 
 def completion_request(req: CompletionRequest, base_model: str) -> list[pb.GenerateRequest]:
@@ -311,8 +374,21 @@ def usage(finals: list[FinalOutput], n: int = 1) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": sum(u.cached_input_tokens for u in firsts)}}
 
 
-def finish_reason(final: FinalOutput | None) -> str | None:
-    return None if final is None else FINISH.get(final.finish_reason, "stop")
+def finish_reason(final: FinalOutput | None, calls: list[ToolCall] | None = None) -> str | None:
+    if final is None:
+        return None
+    if calls and final.finish_reason in (FinishReason.STOP, FinishReason.EOS):
+        return "tool_calls"
+    return FINISH.get(final.finish_reason, "stop")
+
+
+def tool_calls(calls: list[ToolCall], streamed: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls` of a message (or, `streamed`, of a chunk's delta: each with its index)."""
+    out = []
+    for k, c in enumerate(calls):
+        call = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        out.append({"index": k, **call} if streamed else call)
+    return out
 
 
 def _bytes(token: str) -> list[int]:

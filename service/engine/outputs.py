@@ -54,6 +54,15 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of a tool an answer's text held, as the API's tool parser found it (`service.api.tools`)."""
+
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+@dataclass(frozen=True)
 class FinalOutput:
     """A finished request, however it ended."""
 
@@ -94,6 +103,9 @@ class RequestOutput:
     final: FinalOutput | None = None
     # On a request's first output, when sampling.prompt_logprobs is set: prompt tokens 1.. (the first has none)
     prompt_logprobs: list[SampleResult] | None = None
+    # On the final output of a chat with tools: the calls its text held (set by the reader's tool parser; the
+    # final's text is then what the answer says besides them)
+    tool_calls: list[ToolCall] | None = None
 
     @property
     def finished(self) -> bool:

@@ -31,6 +31,9 @@ class FormatKind(str, enum.Enum):
     REGEX = "regex"
     CHOICE = "choice"
     GRAMMAR = "grammar"
+    # An xgrammar structural tag as JSON: free text with tagged parts that follow schemas (a chat's tool calls,
+    # `service.api.tools`)
+    STRUCTURAL_TAG = "structural_tag"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class ResponseFormat:
 
 
 _WHAT = {FormatKind.JSON_SCHEMA: "JSON Schema document", FormatKind.REGEX: "regular expression",
-         FormatKind.GRAMMAR: "grammar with a root rule"}
+         FormatKind.GRAMMAR: "grammar with a root rule", FormatKind.STRUCTURAL_TAG: "structural tag"}
 
 
 def _check_choices(choices: Any) -> None:

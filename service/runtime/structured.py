@@ -188,6 +188,8 @@ class StructuredOutput:
                 compiled = c.compile_regex(fmt.text)
             elif kind is FormatKind.CHOICE:
                 compiled = c.compile_grammar(choice_grammar(fmt.choices))
+            elif kind is FormatKind.STRUCTURAL_TAG:
+                compiled = c.compile_structural_tag(fmt.text)
             else:
                 compiled = c.compile_grammar(fmt.text)
         except (RuntimeError, TypeError) as e:  # xgrammar's parse and conversion errors
@@ -210,27 +212,28 @@ class StructuredOutput:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def check_json_schema(text: str) -> str:
-    """The schema's text if it is a JSON Schema document xgrammar can use; ValueError naming the problem if not."""
+def check_json_schema(text: str, field: str = "response_format.json_schema") -> str:
+    """The schema's text if it is a JSON Schema document xgrammar can use; ValueError naming the problem (and the
+    request's `field` that holds it) if not."""
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"response_format.json_schema is not JSON: {e}") from None
+        raise ValueError(f"{field} is not JSON: {e}") from None
     except RecursionError:
-        raise ValueError("response_format.json_schema is nested too deeply") from None
+        raise ValueError(f"{field} is nested too deeply") from None
     if not isinstance(schema, (dict, bool)):
-        raise ValueError(f"response_format.json_schema must be a JSON object (a schema), not {type(schema).__name__}")
+        raise ValueError(f"{field} must be a JSON object (a schema), not {type(schema).__name__}")
     import jsonschema
 
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise ValueError(f"response_format.json_schema is not a valid JSON Schema at {where}: {e.message}") from None
+        raise ValueError(f"{field} is not a valid JSON Schema at {where}: {e.message}") from None
     ref = _remote_ref(schema)
     if ref is not None:
-        raise ValueError(f"response_format.json_schema uses $ref {ref!r}: only references inside the schema "
-                         "(starting with '#') are supported")
+        raise ValueError(f"{field} uses $ref {ref!r}: only references inside the schema (starting with '#') are "
+                         "supported")
     return text
 
 

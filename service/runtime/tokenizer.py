@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import gguf
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -126,7 +127,8 @@ class _GenerationTag(jinja2.ext.Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-def _compile_template(source: str) -> jinja2.Template:
+def _compile_template(source: str) -> tuple[jinja2.Template, bool]:
+    """The template, and whether it renders a request's tools (reads a `tools` variable)."""
     # The same environment shape transformers renders with, so templates written for it behave the same.
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
@@ -135,7 +137,8 @@ def _compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
+        return env.from_string(source), takes_tools
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template does not compile (line {e.lineno}): {e.message}") from e
 
@@ -188,7 +191,7 @@ class Tokenizer:
         eos = {i for i in (self._eos_id, *extra_eos_ids) if i is not None}
         eos.update(specials[m] for m in _END_MARKERS if m in specials)
         self._eos_ids = frozenset(eos)
-        self._template = _compile_template(chat_template) if chat_template else None
+        self._template, self._takes_tools = _compile_template(chat_template) if chat_template else (None, False)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -347,13 +350,22 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_takes_tools(self) -> bool:
+        """The chat template renders a request's tools itself (it reads a `tools` variable)."""
+        return self._takes_tools
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's tool objects (`{"type": "function", "function": {...}}`), handed to a template that
+        takes them (`template_takes_tools`); None renders as transformers does without tools."""
         if self._template is None:
             raise ValueError("this model has no chat template: send a raw prompt instead of chat messages")
         _validate_messages(messages)
         try:
             return self._template.render(
                 messages=messages,
+                tools=tools,
                 bos_token=self._bos_token or "",
                 eos_token=self._eos_token or "",
                 add_generation_prompt=add_generation_prompt,
@@ -361,9 +373,10 @@ class Tokenizer:
         except jinja2.TemplateError as e:  # includes the template's own raise_exception(...)
             raise ValueError(f"the chat template rejected the messages: {e}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         # The rendered text already holds BOS/turn markers as text, so adding BOS here would double it.
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         return self.encode(text, add_special_tokens=False)
 
 

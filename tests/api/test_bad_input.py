@@ -24,6 +24,22 @@ def sp(**kw) -> pb.SamplingParams:
     return pb.SamplingParams(**kw)
 
 
+def tool(name: str, parameters: str = "", description: str = "") -> pb.Tool:
+    return pb.Tool(name=name, parameters=parameters, description=description)
+
+
+def chat(*messages: pb.ChatMessage, **kw) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=list(messages) or [USER], **kw)
+
+
+def calling(name: str = "f", arguments: str = "{}") -> pb.ChatMessage:
+    return pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, tool_calls=[pb.ToolCall(id="c1", name=name,
+                                                                               arguments=arguments)])
+
+
+USER_CALLING = pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5", tool_calls=[pb.ToolCall(id="c1", name="f")])
+
+
 # (what is bad, request fields, code, fragments the message must contain)
 CASES = [
     ("no prompt at all", {}, INVALID, ["prompt is missing", "text, messages or token_ids"]),
@@ -87,6 +103,51 @@ CASES = [
      ["messages.messages[0].role is CHAT_ROLE_UNSPECIFIED", "CHAT_ROLE_USER"]),
     ("chat role unknown number", {"messages": pb.ChatMessages(messages=[USER, pb.ChatMessage(role=9, content="x")])},
      INVALID, ["messages.messages[1].role is 9"]),
+    *[(bad, {"messages": messages}, INVALID, fragments) for bad, messages, fragments in [
+        ("tool name with a space", chat(tools=[tool("get weather")]),
+         ["messages.tools[0].name 'get weather' is invalid", "1-64 characters from a-z, A-Z, 0-9, '_' and '-'"]),
+        ("two tools of one name", chat(tools=[tool("f"), tool("f")]),
+         ["messages.tools[1].name 'f' is given twice"]),
+        ("tool parameters that are not JSON", chat(tools=[tool("f", "{type")]),
+         ["messages.tools[0].parameters is not JSON"]),
+        ("tool parameters that are not a valid schema", chat(tools=[tool("f", '{"type": 5}')]),
+         ["messages.tools[0].parameters is not a valid JSON Schema"]),
+        ("tool parameters that are not an object schema", chat(tools=[tool("f", '{"type": "array"}')]),
+         ["messages.tools[0].parameters must be an object schema"]),
+        ("129 tools", chat(tools=[tool(f"f{i}") for i in range(129)]),
+         ["messages.tools has 129 tools; at most 128 are allowed"]),
+        ("tool_choice without tools", chat(tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)),
+         ["messages.tool_choice is set but messages.tools is empty"]),
+        ("tool_choice naming a function the request lacks",
+         chat(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function="g")),
+         ["messages.tool_choice.function 'g' is not one of the request's tools (f)"]),
+        ("tool_choice function with mode auto",
+         chat(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_AUTO, function="f")),
+         ["messages.tool_choice.function is set, but the mode is TOOL_CHOICE_MODE_AUTO"]),
+        ("tool_choice mode of unknown number", chat(tools=[tool("f")], tool_choice=pb.ToolChoice(mode=9)),
+         ["messages.tool_choice.mode=9 is invalid", "TOOL_CHOICE_MODE_REQUIRED"]),
+        ("a user message with tool calls", chat(USER_CALLING),
+         ["messages.messages[0] has tool_calls but its role is user"]),
+        ("a user message answering a call", chat(pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5",
+                                                                tool_call_id="c1")),
+         ["messages.messages[0] has a tool_call_id but its role is user"]),
+        ("a call's arguments that are not JSON", chat(USER, calling(arguments="{oops")),
+         ["messages.messages[1].tool_calls[0].arguments is not JSON"]),
+        ("a call's arguments that are a list", chat(USER, calling(arguments="[1]")),
+         ["messages.messages[1].tool_calls[0].arguments must be a JSON object, not list"]),
+        ("a call of a badly named tool", chat(USER, calling(name="f()")),
+         ["messages.messages[1].tool_calls[0].name 'f()' is invalid"]),
+        ("65 calls in one message", chat(USER, pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT,
+                                                              tool_calls=[pb.ToolCall(name="f")] * 65)),
+         ["messages.messages[1].tool_calls has 65 calls; at most 64 are allowed"]),
+        ("tool descriptions over the prompt byte bound", chat(tools=[tool("f", description="x" * 9000)]),
+         ["the messages' content (with their tool calls and the tools) has 9002 bytes", "at most 8192 bytes"]),
+    ]],
+    ("tools with a response format", {"messages": chat(tools=[tool("f")]), "response_format": pb.ResponseFormat(
+        json_object=pb.ResponseFormat().json_object)}, INVALID,
+     ["response_format cannot be combined with messages.tools", "TOOL_CHOICE_MODE_NONE"]),
+    ("tools with min_tokens", {"messages": chat(tools=[tool("f")]), "sampling": sp(min_tokens=3)}, INVALID,
+     ["sampling.min_tokens=3 cannot be combined with messages.tools"]),
     ("adapter path traversal", {"text": "t5", "adapter": "../x"}, INVALID, ["adapter is invalid", "'..'"]),
     ("adapter with two slashes", {"text": "t5", "adapter": "a/b/c"}, INVALID, ["adapter is invalid", "a/b"]),
     ("adapter name in capitals", {"text": "t5", "adapter": "Tiny-Lora"}, INVALID,

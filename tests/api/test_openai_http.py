@@ -162,7 +162,23 @@ def test_an_unknown_model_is_404(served):
     ({"messages": []}, 400, "messages is empty"),
     ({"messages": "t5"}, 400, "messages: Input should be a valid array"),
     ({"stop": ["x"] * 17}, 400, "stop: List should have at most 16 items"),
-    ({"tools": [{"type": "function"}]}, 400, "tools is not supported"),
+    ({"tools": [{"type": "function"}]}, 400, "tools[0].function: Field required"),
+    ({"functions": [{"name": "f"}]}, 400, "functions and function_call are not supported by this server: send tools"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]}, 400,
+     "tools[0].function.name 'get weather' is invalid"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, 400,
+     "tools[0].function.parameters must be an object schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                                  "function": {"name": "g"}}}, 400,
+     "tool_choice.function.name 'g' is not one of the request's tools (f)"),
+    ({"tool_choice": "required"}, 400, "tool_choice is set but tools is empty"),
+    ({"tool_choice": "sometimes"}, 400, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400,
+     'response_format cannot be combined with tools: the answer\'s tool calls follow the tools\' schemas (set '
+     'tool_choice to "none"'),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                                                          "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,
+     "messages[0].tool_calls[0].function.arguments is not JSON"),
     ({"top_logprobs": 3}, 400, "top_logprobs needs logprobs=true"),
     ({"user": "bad\nuser"}, 400, "labels['user'] is invalid"),
     ({"priority": -5}, 403, "needs the admin role"),
@@ -199,6 +215,18 @@ def test_a_refusal_names_the_body_field_in_its_words_and_in_param(served, body, 
     r = post(served, "/v1/completions", {"model": served.model, "prompt": "t5", **body})
     err = r.json()["error"]
     assert r.status_code == 400 and words in err["message"] and err["param"] == param, err
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}] * 2}, "tools", "tools[1].function.name 'f' is given "
+     "twice"),
+    ({"tool_choice": "auto"}, "tool_choice", "tool_choice is set but tools is empty"),  # the proto's messages.*
+])
+def test_a_chat_refusal_names_the_tools_field_in_the_bodys_words(served, body, param, words):
+    r = post(served, "/v1/chat/completions", {"model": served.model, "messages": CHAT, **body})
+    err = r.json()["error"]
+    assert r.status_code == 400 and words in err["message"] and err["param"] == param, err
+    assert "messages." not in err["message"], err
 
 
 def test_malformed_json_wrong_content_type_and_oversize_bodies(served):

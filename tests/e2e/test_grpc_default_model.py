@@ -54,3 +54,38 @@ def test_prompt_logprobs_score_a_true_sentence_above_a_false_one(served):
         paris = next(lp for lp in true if lp.token.strip() == "Paris")
         assert paris.top_logprobs[0].token_id == paris.token_id, paris
         assert sum(lp.logprob for lp in true) > sum(lp.logprob for lp in false) + 2
+
+
+WEATHER_TOOL = {"name": "get_weather", "description": "Get the current weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                               "required": ["city"]}}
+
+
+def test_a_tool_call_over_grpc_and_the_cli(served, tmp_path):
+    """The default model's template takes no tools: they reach it in a system message, and the call it is asked for
+    comes back parsed, with arguments that follow the tool's schema; unary, streamed and through the CLI alike."""
+    import json
+
+    from service.api.gen.loraserve.v1 import inference_pb2 as pb
+
+    ask = "What's the weather like in Paris today?"
+    with LoraServeClient(served.address, timeout=300) as c:
+        r = c.generate(ask, chat=True, tools=[WEATHER_TOOL], tool_choice="get_weather", temperature=0, max_tokens=48)
+        assert r.finish_reason == pb.FINISH_REASON_TOOL_CALLS and r.text == "", r
+        (call,) = r.tool_calls
+        assert call.name == "get_weather" and call.id.startswith("call_")
+        assert json.loads(call.arguments) == {"city": "Paris"}
+        messages = list(c.generate_stream_messages(ask, chat=True, tools=[WEATHER_TOOL], tool_choice="get_weather",
+                                                   temperature=0, max_tokens=48))
+        assert "".join(m.text for m in messages) == ""  # the call's text is never streamed as text
+        assert [m.tool_calls for m in messages[:-1]] == [[]] * (len(messages) - 1)
+        assert [(t.name, t.arguments) for t in messages[-1].tool_calls] == [(call.name, call.arguments)]
+        assert messages[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        # the tools are in the prompt: Tokenize counts them as Generate does
+        assert r.usage.input_tokens > c.generate(ask, chat=True, max_tokens=1).usage.input_tokens + 50
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps([{"type": "function", "function": WEATHER_TOOL}]))
+    out = cli("call", "--target", served.address, "--prompt", ask, "--tools", str(tools_file), "--tool-choice",
+              "get_weather", "--temperature", "0", "--max-tokens", "48", "--timeout", "300", timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == 'tool_call get_weather {"city": "Paris"}'

@@ -64,6 +64,50 @@ def test_the_demo_adapters_by_model(served):
     assert js.choices[0].message.content.lstrip().startswith('{"answer"')
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"]}}}
+
+
+def test_a_tool_call_round_trip_with_the_official_client(served):
+    """An agent's loop: the model is made to call the tool, the tool's result goes back as a tool message, and the
+    next answer is text that uses it."""
+    model = served.client.models.list().data[0].id
+    ask = [{"role": "user", "content": "What's the weather like in Paris today?"}]
+    r = served.client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], tool_choice="required",
+                                              parallel_tool_calls=False, temperature=0, max_tokens=48)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    result = {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "rain"})}
+    answer = served.client.chat.completions.create(
+        model=model, messages=[*ask, choice.message.model_dump(exclude_none=True), result], tools=[WEATHER],
+        temperature=0, max_tokens=48)
+    assert answer.choices[0].message.tool_calls is None and "18" in answer.choices[0].message.content, answer
+
+
+def test_a_streamed_tool_call_comes_whole_in_the_last_chunk(served):
+    model = served.client.models.list().data[0].id
+    ask = [{"role": "user", "content": "Is it cold in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    unary = served.client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], tool_choice=named,
+                                                  temperature=0, max_tokens=48)
+    chunks = list(served.client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], temperature=0,
+                                                        tool_choice=named, max_tokens=48, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    assert [c.choices[0].delta.tool_calls for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    (call,) = chunks[-1].choices[0].delta.tool_calls
+    assert call.index == 0 and call.function.name == "get_weather" and chunks[-1].choices[0].finish_reason == \
+        "tool_calls"
+    assert call.function.arguments == unary.choices[0].message.tool_calls[0].function.arguments
+    # auto: a question the tool does not answer gets a text answer, as it would without tools
+    plain = served.client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                                  tools=[WEATHER], temperature=0, max_tokens=24)
+    assert plain.choices[0].message.tool_calls is None and "Paris" in plain.choices[0].message.content
+
+
 def test_a_json_schema_answer_parses_and_obeys(served):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                "country": {"type": "string", "maxLength": 20}},

@@ -1,0 +1,243 @@
+"""Tool calling's pieces, without a model: the parser that finds calls in an answer as it streams, the structural tag
+each tool choice compiles to (and that xgrammar accepts the answers it should and refuses the others), and how a
+conversation with tools reaches a chat template that takes tools and one that does not."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import xgrammar as xgr
+
+from service.api import tools
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.engine.outputs import FinalOutput, RequestOutput, Timings, Usage
+from service.engine.request import RequestSpec
+from service.engine.sampling import SamplingParams
+from service.engine.types import FinishReason
+from service.runtime.tokenizer import Tokenizer
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+NAMES = frozenset({"get_weather", "get_time"})
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+CALL2 = '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+
+def final(text: str = "", reason: FinishReason = FinishReason.EOS) -> FinalOutput:
+    spec = RequestSpec("r", (1, 2), SamplingParams())
+    return FinalOutput(spec, text, (), reason, Usage(2, 0, 1), Timings(0, 0, 0, 0, None), 0)
+
+
+def run(pieces: list[str], reason: FinishReason = FinishReason.EOS) -> tuple[list[str], RequestOutput]:
+    """Feed the answer's pieces through a parser as outputs; (the texts released per output, the final output)."""
+    parser = tools.ToolCallParser(NAMES)
+    released = []
+    for k, piece in enumerate(pieces):
+        last = k == len(pieces) - 1
+        out = RequestOutput("r", [k], piece, final=final("".join(pieces), reason) if last else None)
+        parser.apply(out)
+        released.append(out.new_text)
+    return released, out
+
+
+def splits(text: str) -> list[list[str]]:
+    """The text whole, a character at a time, and cut at every position in two."""
+    return [[text], list(text)] + [[text[:i], text[i:]] for i in range(1, len(text))]
+
+
+@pytest.mark.parametrize("pieces", splits("Let me look. " + CALL))
+def test_text_before_a_call_streams_and_the_call_comes_whole_at_the_end_however_the_text_is_cut(pieces):
+    released, last = run(pieces)
+    assert "".join(released) == "Let me look. "  # never a piece of `<tool_call>`
+    assert [(c.name, json.loads(c.arguments)) for c in last.tool_calls] == [("get_weather", {"city": "Paris"})]
+    assert last.final.text == "Let me look. " and last.tool_calls[0].id.startswith("call_")
+
+
+def test_a_text_that_only_looks_like_the_start_of_a_call_is_released_once_it_is_not():
+    released, last = run(["a <tool", "box> b"])
+    assert released == ["a ", "<toolbox> b"] and last.tool_calls == [] and last.final.text == "a <toolbox> b"
+
+
+def test_several_calls_with_text_between_and_after_them():
+    released, last = run([CALL, "\n", CALL2, "\nDone."])
+    assert [c.name for c in last.tool_calls] == ["get_weather", "get_time"]
+    assert len({c.id for c in last.tool_calls}) == 2
+    assert "".join(released) == "\n\nDone." == last.final.text  # what the answer says besides its calls
+
+
+def test_an_answer_of_calls_alone_has_no_text():
+    released, last = run([CALL, "\n", CALL2, "\n"])
+    assert "".join(released) == "" and last.final.text == "" and len(last.tool_calls) == 2
+
+
+@pytest.mark.parametrize("bad", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut short by max_tokens
+    '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',  # not one of the tools
+    '<tool_call>\n{"name": "get_weather", "arguments": [1]}\n</tool_call>',  # arguments not an object
+    '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool',  # no end tag
+    '<tool_call>\nget_weather(city="Paris")\n</tool_call>',  # not JSON
+])
+def test_a_call_that_does_not_parse_stays_text_and_the_calls_before_it_count(bad):
+    released, last = run([CALL, "\n", bad], FinishReason.LENGTH)
+    assert [c.name for c in last.tool_calls] == ["get_weather"]
+    assert last.final.text == "\n" + bad == "".join(released)
+
+
+def test_parameters_is_taken_for_arguments():
+    text = '<tool_call>{"name": "get_time", "parameters": {"city": "Rome"}}</tool_call>'
+    said, calls = tools.split_calls(text, NAMES)
+    assert said == "" and calls[0].name == "get_time" and json.loads(calls[0].arguments) == {"city": "Rome"}
+
+
+@pytest.mark.parametrize("reason", [FinishReason.CANCELLED, FinishReason.ERROR])
+def test_an_answer_that_never_finished_is_not_parsed(reason):
+    released, last = run(["ok ", CALL], reason)
+    assert last.tool_calls is None and last.final.text == "ok " + CALL and released == ["ok ", ""]
+
+
+# ---- the structural tags ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiler():
+    """A byte-level vocabulary of every single byte and a few longer pieces, so any text is spellable."""
+    vocab = [bytes([b]).decode("latin-1") for b in range(256)] + ["<tool_call>", "</tool_call>", '{"', '":']
+    info = xgr.TokenizerInfo(vocab, vocab_type=xgr.VocabType.RAW)
+    return xgr.GrammarCompiler(info)
+
+
+def accepts(compiler, toolset: tools.ToolSet, text: str) -> bool:
+    fmt = toolset.format()
+    matcher = xgr.GrammarMatcher(compiler.compile_structural_tag(fmt.text))
+    return (matcher.accept_string(text) if text else True) and matcher.is_completed()
+
+
+def toolset(mode: str, function: str = "", single: bool = False) -> tools.ToolSet:
+    return tools.ToolSet((tools.Tool("get_weather", "", WEATHER), tools.Tool("get_time", "", WEATHER)), mode,
+                         function, single)
+
+
+def grammar_call(name: str = "get_weather", city: str = "Paris") -> str:
+    # the exact text the tag's begin and end spell, with the JSON of the arguments as the model writes it
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {{"city": "{city}"}}}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("mode, text, ok", [
+    ("auto", "The capital of France is Paris.", True),  # free text
+    ("auto", "", True),
+    ("auto", "Sure. " + grammar_call() + "\n", True),
+    ("auto", grammar_call() + grammar_call("get_time"), True),
+    ("auto", '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>', False),  # not a tool
+    ("auto", '<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}\n</tool_call>', False),  # schema
+    ("required", "", False),  # at least one call
+    ("required", "Paris.", False),  # text is no call
+    ("required", grammar_call() + "\n", True),
+    ("required", grammar_call() + "\n" + grammar_call("get_time") + "\n", True),
+    ("required", grammar_call() + "\nDone.", False),  # calls and nothing else
+    ("function", grammar_call(), True),
+    ("function", grammar_call("get_time"), False),  # only the named one
+    ("function", grammar_call() + grammar_call(), False),  # one call
+])
+def test_each_tool_choice_accepts_what_it_should(compiler, mode, text, ok):
+    assert accepts(compiler, toolset(mode, "get_weather" if mode == "function" else ""), text) is ok
+
+
+@pytest.mark.parametrize("mode", ["auto", "required"])
+def test_a_single_call_choice_takes_no_second_call(compiler, mode):
+    end = "\n" if mode == "required" else ""
+    assert accepts(compiler, toolset(mode, single=True), grammar_call() + end)
+    assert not accepts(compiler, toolset(mode, single=True), grammar_call() + end + grammar_call() + end)
+
+
+def test_mode_none_has_no_format_and_no_parser():
+    assert toolset("none").format() is None and toolset("none").parser() is None
+
+
+def test_every_tool_schema_is_in_the_format_and_too_large_a_format_is_refused():
+    fmt = json.loads(toolset("auto").format().text)
+    assert [t["content"]["json_schema"] for t in fmt["format"]["tags"]] == [WEATHER, WEATHER]
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
+                                            for i in range(700)}}
+    with pytest.raises(ValueError, match=r"messages.tools make a format of \d+ bytes .* at most 65536"):
+        tools.ToolSet((tools.Tool("f", "", big),), "auto").format()
+
+
+def test_tool_set_reads_the_proto_and_defaults_to_auto_with_no_arguments():
+    ts = tools.tool_set(pb.ChatMessages(tools=[pb.Tool(name="f", description="does f"), pb.Tool(
+        name="g", parameters=json.dumps(WEATHER))]))
+    assert ts.mode == "auto" and ts.tools[0].parameters == tools.NO_ARGUMENTS and ts.tools[1].parameters == WEATHER
+    assert ts.tools[0].openai() == {"type": "function", "function": {"name": "f", "description": "does f",
+                                                                     "parameters": tools.NO_ARGUMENTS}}
+    assert tools.tool_set(pb.ChatMessages()) is None
+
+
+# ---- the conversation, as a chat template reads it ---------------------------------------------------------
+def history() -> list[pb.ChatMessage]:
+    return [pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="Weather in Paris?"),
+            pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, tool_calls=[pb.ToolCall(
+                id="call_1", name="get_weather", arguments='{"city": "Paris"}')]),
+            pb.ChatMessage(role=pb.CHAT_ROLE_TOOL, tool_call_id="call_1", content='{"c": 18}')]
+
+
+ROLES = {pb.CHAT_ROLE_SYSTEM: "system", pb.CHAT_ROLE_USER: "user", pb.CHAT_ROLE_ASSISTANT: "assistant",
+         pb.CHAT_ROLE_TOOL: "tool"}
+
+
+def test_messages_carry_their_calls_as_objects_and_a_result_names_its_tool():
+    messages = tools.chat_messages(history(), ROLES)
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+    assert messages[2] == {"role": "tool", "content": '{"c": 18}', "tool_call_id": "call_1", "name": "get_weather"}
+
+
+# A template that renders tools and calls itself (the shape of Hermes-style templates)
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>TOOLS {% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
+    "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+PLAIN_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def template_tokenizer(template: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    return Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template)
+
+
+def test_a_template_that_takes_tools_gets_them_and_the_calls_as_they_are():
+    tok = template_tokenizer(TOOLS_TEMPLATE)
+    assert tok.template_takes_tools
+    messages, listed = tools.for_template(tools.chat_messages(history(), ROLES), toolset("auto"), True)
+    text = tok.apply_chat_template(messages, tools=listed)
+    # (trim_blocks, as transformers renders, takes the line break after each block tag)
+    assert text.startswith("<|system|>TOOLS get_weather;get_time;<|user|>Weather in Paris?")
+    assert text.endswith('<|assistant|>CALL get_weather {"city": "Paris"}<|tool|>{"c": 18}<|assistant|>')
+
+
+def test_a_template_without_tools_gets_a_system_message_and_calls_written_as_the_model_is_asked_to():
+    tok = template_tokenizer(PLAIN_TEMPLATE)
+    assert not tok.template_takes_tools
+    messages, listed = tools.for_template(tools.chat_messages(history(), ROLES), toolset("auto"), False)
+    assert listed is None
+    text = tok.apply_chat_template(messages, tools=listed)
+    system, rest = text.split("\n<|user|>", 1)
+    assert system.startswith("<|system|>You can call functions") and '"name": "get_time"' in system
+    assert json.dumps(WEATHER) in system and "<tool_call>" in system
+    assert f'<|assistant|>{tools.CALL_BEGIN}\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\n' \
+           f'{tools.CALL_END}\n' in rest
+    assert '<|tool|><tool_response>\n{"c": 18}\n</tool_response>' in rest
+
+
+def test_the_tools_join_a_system_message_the_conversation_has():
+    first = pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="Be brief.")
+    messages, _ = tools.for_template(tools.chat_messages([first, *history()], ROLES), toolset("none"), False)
+    assert messages[0]["content"].startswith("Be brief.\n\nYou can call functions")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+
+
+def test_the_final_keeps_all_but_its_text():
+    before = final(CALL)
+    out = RequestOutput("r", [1], CALL, final=before)
+    tools.ToolCallParser(NAMES).apply(out)
+    assert out.final == replace(before, text="") and before.text == CALL
