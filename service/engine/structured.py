@@ -79,6 +79,11 @@ class ResponseFormat:
         """What compiled grammars are cached by: a hash of (kind, text)."""
         return hashlib.sha256(f"{self.kind.value}\0{self.text}".encode("utf-8", "surrogatepass")).hexdigest()
 
+    @property
+    def field(self) -> str:
+        """Where the format came from in the request, for messages (a chat's tools make a structural tag)."""
+        return "messages.tools" if self.kind is FormatKind.STRUCTURAL_TAG else f"response_format.{self.kind.value}"
+
     def describe(self) -> str:
         """Short, for logs and error messages."""
         return f"{self.kind.value} {quote(self.text, 60)}" if self.text else self.kind.value

@@ -144,8 +144,8 @@ class StructuredOutput:
         try:
             return future.result(timeout=timeout)
         except FutureTimeout:
-            raise ValueError(f"response_format.{fmt.kind.value} took longer than {timeout:g} s to compile (the "
-                             "server's bound); simplify it") from None
+            raise ValueError(f"{fmt.field} took longer than {timeout:g} s to compile (the server's bound); "
+                             "simplify it") from None
 
     def _future(self, fmt: ResponseFormat) -> Future[Grammar]:
         key = fmt.key
@@ -193,9 +193,9 @@ class StructuredOutput:
             else:
                 compiled = c.compile_grammar(fmt.text)
         except (RuntimeError, TypeError) as e:  # xgrammar's parse and conversion errors
-            raise ValueError(f"response_format.{kind.value} is invalid or unsupported: {_clean(e)}") from None
+            raise ValueError(f"{fmt.field} is invalid or unsupported: {_clean(e)}") from None
         except RecursionError:
-            raise ValueError(f"response_format.{kind.value} is nested too deeply") from None
+            raise ValueError(f"{fmt.field} is nested too deeply") from None
         return Grammar(fmt, compiled)
 
     @property

@@ -118,7 +118,13 @@ def test_a_format_the_vocabulary_cannot_spell_is_refused(server, rpc):
     for fmt in (rf(regex="abc"), rf(grammar='root ::= "t4x"')):
         err = rpc_error(getattr(server.stub, rpc), cls(text="t5", response_format=fmt), timeout=30)
         assert err.code() == INVALID, (fmt, err.details())
-        assert "response_format allows no token of this model's vocabulary" in err.details()
+        assert f"response_format.{fmt.WhichOneof('format')} allows no token of this model's vocabulary" in \
+            err.details()
+    # a chat whose tools must be called: the vocabulary has no way to write `<tool_call>`
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5")],
+                           tools=[pb.Tool(name="f")], tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))
+    err = rpc_error(getattr(server.stub, rpc), cls(messages=chat), timeout=30)
+    assert err.code() == INVALID and "messages.tools allows no token of this model's vocabulary" in err.details()
     server.wait_idle_and_intact()
 
 
