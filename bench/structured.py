@@ -5,6 +5,10 @@ same requests unconstrained, in the same run; the per-token cost of the token ma
   submitted at once, 64 output tokens each. Unconstrained requests ignore EOS to run the full 64; constrained ones
   answer a schema whose `answer` string must be at least 400 characters, so each is cut at exactly 64 tokens too
   and both runs decode the same number of tokens. The prefix cache is reset before each run.
+- Tools in auto mode: the same requests under the format a chat with tools and `tool_choice` auto gets (free text,
+  a call only in its tool's schema: `service.api.tools`), ignoring EOS as the unconstrained ones do; none of the
+  answers calls the tool, so this is what offering tools costs an answer that does not use them
+  (`auto_tools_vs_unconstrained_64`).
 - Mask cost per constrained token: filling the rows' bitmasks (xgrammar, on the mask worker thread while the
   forward pass runs) plus applying them to the logits (`mask_us_per_token`), and the part of the fill the forward
   pass did not hide (`mask_wait_us_per_token`, time the sampler waited for it).
@@ -22,6 +26,7 @@ import statistics
 import time
 
 from bench.common import chat_prompts, environment, report
+from service.api.tools import Tool, ToolSet
 from service.builder import build_runtime
 from service.config import EngineConfig, RuntimeConfig
 from service.engine.sampling import SamplingParams
@@ -38,6 +43,9 @@ ANSWER_SCHEMA = {
     },
     "required": ["product_line", "answer", "confidence"],
 }
+LOOKUP_TOOL = Tool("lookup_order", "Look up a customer's order by its number", {
+    "type": "object", "properties": {"order_number": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{6}$"},
+                                     "include_history": {"type": "boolean"}}, "required": ["order_number"]})
 
 
 class MaskTimer:
@@ -146,14 +154,23 @@ def main(argv: list[str] | None = None) -> dict:
     run(rt.engine, warm, [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)] * 4)
     timer = MaskTimer(rt.runner._grammar_masks())
 
-    # Alternate the two runs so drift on a shared machine lands on both.
-    free_runs, bound_runs = [], []
+    tools = rt.structured.compile(ToolSet((LOOKUP_TOOL,), "auto").format())
+    run(rt.engine, warm, [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)] * 4, [tools] * 4)
+
+    # Alternate the runs so drift on a shared machine lands on each.
+    free_runs, bound_runs, tool_runs = [], [], []
     for _ in range(2):
         free_runs.append(run(rt.engine, prompts, [free] * n))
+        before = (timer.fill_s, timer.apply_s, timer.wait_s, timer.rows)
+        tool_runs.append(run(rt.engine, prompts, [free] * n, [tools] * n))
+        # the mask figures are the JSON schema's: the tool runs' part is taken back out
+        timer.fill_s, timer.apply_s, timer.wait_s, timer.rows = before
         bound_runs.append(run(rt.engine, prompts, [bound] * n, [grammar] * n))
     f_dt, f_n = min(free_runs)
     b_dt, b_n = min(bound_runs)
-    assert f_n == b_n == n * new, f"each run must decode {n * new} tokens: {f_n} free, {b_n} constrained"
+    t_dt, t_n = min(tool_runs)
+    assert f_n == b_n == t_n == n * new, (f"each run must decode {n * new} tokens: {f_n} free, {b_n} constrained, "
+                                          f"{t_n} with tools")
     constrained_tokens = sum(t for _, t in bound_runs)
 
     cold = StructuredOutput(rt.tokenizer, rt.loaded.arch.vocab_size, cache_entries=10 * args.schemas)
@@ -166,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         **environment(),
         "unconstrained_tok_s": f_n / f_dt, "constrained_tok_s": b_n / b_dt,
         "constrained_vs_unconstrained_64": (b_n / b_dt) / (f_n / f_dt),
+        "auto_tools_tok_s": t_n / t_dt, "auto_tools_vs_unconstrained_64": (t_n / t_dt) / (f_n / f_dt),
         "mask_us_per_token": (timer.fill_s + timer.apply_s) / constrained_tokens * 1e6,
         "mask_fill_us_per_token": timer.fill_s / constrained_tokens * 1e6,
         "mask_apply_us_per_token": timer.apply_s / constrained_tokens * 1e6,
