@@ -58,9 +58,10 @@ def chat_messages(messages: Sequence[Mapping[str, Any]]) -> pb.ChatMessages:
         for c in m.get("tool_calls") or ():
             if isinstance(c, pb.ToolCall):
                 msg.tool_calls.append(c)
-            else:
-                arguments = c["arguments"]
-                msg.tool_calls.add(id=c.get("id", ""), name=c["name"],
+            else:  # {"id", "name", "arguments"}, or OpenAI's {"id", "type", "function": {"name", "arguments"}}
+                f = c.get("function", c)
+                arguments = f.get("arguments", {})
+                msg.tool_calls.add(id=c.get("id", ""), name=f["name"],
                                    arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))
     return out
 

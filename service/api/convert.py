@@ -79,6 +79,8 @@ class RequestConverter:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.resolver = resolver
+        # the chat template renders tools and calls itself (else `tools.for_template` writes them into the text)
+        self._native_tools = tools.template_calls_tools(tokenizer.chat_template, tokenizer.template_takes_tools)
         if max_prompt_bytes is None:
             self.max_prompt_bytes = max_model_len * PROMPT_BYTES_PER_TOKEN
             self._prompt_bound = (f"{self.max_prompt_bytes} bytes ({PROMPT_BYTES_PER_TOKEN} per token of the "
@@ -228,9 +230,7 @@ class RequestConverter:
             if not req.messages.messages:
                 raise ValueError("messages.messages is empty: give at least one chat message")
             messages = tools.chat_messages(req.messages.messages, ROLES)
-            listed = None
-            if toolset is not None:
-                messages, listed = tools.for_template(messages, toolset, self.tokenizer.template_takes_tools)
+            messages, listed = tools.for_template(messages, toolset, self._native_tools)
             ids = self.tokenizer.encode_chat(messages, tools=listed)
         else:
             ids = list(req.token_ids.ids)  # fewer than max_model_len: checked above

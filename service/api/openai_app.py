@@ -391,10 +391,14 @@ class OpenAIApp:
                                           "logprobs": None}
                 lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
                 if chat:
-                    choice["delta"] = {"role": "assistant", "content": out.new_text} if first[i] else \
-                        {"content": out.new_text}
+                    delta: dict[str, Any] = {"role": "assistant"} if first[i] else {}
                     if out.tool_calls:  # on the last chunk: each call whole, arguments and all
-                        choice["delta"]["tool_calls"] = oa.tool_calls(out.tool_calls, streamed=True)
+                        if out.new_text:
+                            delta["content"] = out.new_text
+                        delta["tool_calls"] = oa.tool_calls(out.tool_calls, streamed=True)
+                    else:
+                        delta["content"] = out.new_text
+                    choice["delta"] = delta
                     if wants_logprobs:
                         choice["logprobs"] = oa.chat_logprobs(lps)
                 else:

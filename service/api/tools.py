@@ -38,6 +38,7 @@ from service.runtime.structured import check_json_schema
 
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 64  # in one assistant message
+MAX_CALL_ID = 256  # characters of a call's id (and of a tool message's tool_call_id)
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CALL_BEGIN = "<tool_call>"
 CALL_END = "</tool_call>"
@@ -129,13 +130,23 @@ def check_counts(messages: pb.ChatMessages) -> None:
         if len(m.tool_calls) > MAX_TOOL_CALLS:
             raise ValueError(f"messages.messages[{i}].tool_calls has {len(m.tool_calls)} calls; at most "
                              f"{MAX_TOOL_CALLS} are allowed")
+        if len(m.tool_call_id) > MAX_CALL_ID:
+            raise ValueError(f"messages.messages[{i}].tool_call_id has {len(m.tool_call_id)} characters; at most "
+                             f"{MAX_CALL_ID} are allowed")
+        for j, c in enumerate(m.tool_calls):
+            if len(c.id) > MAX_CALL_ID:
+                raise ValueError(f"messages.messages[{i}].tool_calls[{j}].id has {len(c.id)} characters; at most "
+                                 f"{MAX_CALL_ID} are allowed")
 
 
 def text_fields(messages: pb.ChatMessages) -> list[str]:
     """The tools' and the calls' strings that go into the prompt besides the messages' content (they count
     against the prompt's byte bound)."""
     out = [s for t in messages.tools for s in (t.description, t.parameters)]
-    out.extend(c.arguments for m in messages.messages for c in m.tool_calls)
+    for m in messages.messages:
+        out.extend(s for c in m.tool_calls for s in (c.id, c.arguments))
+        if m.tool_call_id:
+            out.append(m.tool_call_id)
     return out
 
 
@@ -163,6 +174,8 @@ def tool_set(messages: pb.ChatMessages) -> ToolSet | None:
             if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
                 raise ValueError(f"{where}.parameters must be an object schema ({{\"type\": \"object\", "
                                  "\"properties\": {...}}): a call's arguments are a JSON object")
+            # one without a type ({} or properties alone) would let the grammar write any JSON value as arguments
+            parameters = {"type": "object", **parameters}
         tools.append(Tool(t.name, t.description, parameters))
     mode = MODES.get(choice.mode)
     if mode is None:
@@ -229,24 +242,34 @@ def _arguments(text: str, where: str) -> dict[str, Any]:
     return value
 
 
-def for_template(messages: list[dict[str, Any]], tools: ToolSet, takes_tools: bool
+def template_calls_tools(source: str, reads_tools: bool) -> bool:
+    """A chat template renders tools and calls in this module's format itself: it reads a `tools` variable and
+    writes `<tool_call>` (Hermes-style and Qwen templates). Templates that read tools but ask for another format
+    (Llama 3.1's bare JSON, Mistral's [TOOL_CALLS]) are handled as templates without tools: the model is told this
+    module's format, which is the one its answer is held to."""
+    return reads_tools and CALL_BEGIN in source
+
+
+def for_template(messages: list[dict[str, Any]], tools: ToolSet | None, native: bool
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
-    """(messages, tools) to render. A template that takes tools gets them as they are; for one that does not, the
-    tools and the call format are described in a system message (added to the first one, or put first), earlier
-    calls are written into their messages' text as the model is asked to write them, and tool results are wrapped
-    in <tool_response> tags."""
-    listed = [t.openai() for t in tools.tools]
-    if takes_tools:
+    """(messages, tools) to render. A template that renders tools (`native`, `template_calls_tools`) gets them and
+    the earlier calls as they are. For one that does not, earlier calls are written into their messages' text as
+    the model is asked to write them and tool results are wrapped in <tool_response> tags (in every turn, with tools
+    or without: a conversation's last turn often offers none), and the request's tools, if any, and the call format
+    are described in a system message (added to the first one, or put first)."""
+    listed = [t.openai() for t in tools.tools] if tools is not None else None
+    if native:
         return messages, listed
     out = []
     for m in messages:
-        m = dict(m)
         if m.get("tool_calls"):
             calls = "\n".join(_call_text(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"])
-            m["content"] = f"{m['content']}\n{calls}" if m["content"] else calls
+            m = {**m, "content": f"{m['content']}\n{calls}" if m["content"] else calls}
         elif m["role"] == "tool":
-            m["content"] = f"{RESPONSE_BEGIN}\n{m['content']}\n{RESPONSE_END}"
+            m = {**m, "content": f"{RESPONSE_BEGIN}\n{m['content']}\n{RESPONSE_END}"}
         out.append(m)
+    if listed is None:
+        return out, None
     preamble = _preamble(listed)
     if out and out[0]["role"] == "system":
         out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{preamble}" if out[0]["content"] else preamble}
@@ -325,38 +348,42 @@ class ToolCallParser:
 
     def __init__(self, names: frozenset[str]) -> None:
         self._names = names
-        self._held = ""
+        self._held: list[str] = []  # text not released: a possible start of the tag, or everything from a call on
         self._calling = False  # a call began: everything from it on is held until the end
         self._released: list[str] = []
 
     def feed(self, delta: str) -> str:
         """The part of the text so far that can go out now."""
-        text = self._held + delta
         if self._calling:
-            self._held = text
+            self._held.append(delta)  # joined once, at the end
             return ""
+        text = "".join(self._held) + delta  # what is held here is shorter than the tag
         i = text.find(CALL_BEGIN)
         if i >= 0:
             self._calling = True
-            out, self._held = text[:i], text[i:]
+            out, held = text[:i], text[i:]
         else:
             keep = _partial_suffix(text, CALL_BEGIN)
-            out, self._held = text[:len(text) - keep], text[len(text) - keep:]
+            out, held = text[:len(text) - keep], text[len(text) - keep:]
+        self._held = [held] if held else []
         if out:
             self._released.append(out)
         return out
 
     def apply(self, out: RequestOutput) -> None:
-        """Rewrite one output in place (the reader's thread, in order)."""
+        """Rewrite one output in place (the reader's thread, in order). The final text of an answer with calls is
+        what it says besides them, without the white space around them (the stream has sent it as it came)."""
         out.new_text = self.feed(out.new_text)
         final = out.final
         if final is None or final.finish_reason not in _ANSWERED:
             return
-        tail, calls = split_calls(self._held, self._names) if self._calling else (self._held, [])
-        self._held = ""
+        held = "".join(self._held)
+        self._held = []
+        tail, calls = split_calls(held, self._names) if self._calling else (held, [])
         said = "".join(self._released) + tail
-        if calls and not said.strip():
-            tail, said = "", ""
+        if calls:
+            said = said.strip()
+            tail = tail if tail.strip() else ""
         out.new_text += tail
         out.final = replace(final, text=said)
         out.tool_calls = calls

@@ -192,6 +192,7 @@ class Tokenizer:
         eos.update(specials[m] for m in _END_MARKERS if m in specials)
         self._eos_ids = frozenset(eos)
         self._template, self._takes_tools = _compile_template(chat_template) if chat_template else (None, False)
+        self.chat_template = chat_template or ""  # the template's source
 
     # -- construction ---------------------------------------------------------------------------
 

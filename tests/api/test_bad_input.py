@@ -137,6 +137,12 @@ CASES = [
          ["messages.messages[1].tool_calls[0].arguments must be a JSON object, not list"]),
         ("a call of a badly named tool", chat(USER, calling(name="f()")),
          ["messages.messages[1].tool_calls[0].name 'f()' is invalid"]),
+        ("a call id of 257 characters", chat(USER, pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT, tool_calls=[
+            pb.ToolCall(id="c" * 257, name="f")])),
+         ["messages.messages[1].tool_calls[0].id has 257 characters; at most 256 are allowed"]),
+        ("a tool_call_id of 257 characters", chat(pb.ChatMessage(role=pb.CHAT_ROLE_TOOL, content="t5",
+                                                                 tool_call_id="c" * 257)),
+         ["messages.messages[0].tool_call_id has 257 characters; at most 256 are allowed"]),
         ("65 calls in one message", chat(USER, pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT,
                                                               tool_calls=[pb.ToolCall(name="f")] * 65)),
          ["messages.messages[1].tool_calls has 65 calls; at most 64 are allowed"]),

@@ -51,7 +51,8 @@ def test_text_before_a_call_streams_and_the_call_comes_whole_at_the_end_however_
     released, last = run(pieces)
     assert "".join(released) == "Let me look. "  # never a piece of `<tool_call>`
     assert [(c.name, json.loads(c.arguments)) for c in last.tool_calls] == [("get_weather", {"city": "Paris"})]
-    assert last.final.text == "Let me look. " and last.tool_calls[0].id.startswith("call_")
+    # the final text is what the answer says besides its calls, without the white space around them
+    assert last.final.text == "Let me look." and last.tool_calls[0].id.startswith("call_")
 
 
 def test_a_text_that_only_looks_like_the_start_of_a_call_is_released_once_it_is_not():
@@ -63,7 +64,7 @@ def test_several_calls_with_text_between_and_after_them():
     released, last = run([CALL, "\n", CALL2, "\nDone."])
     assert [c.name for c in last.tool_calls] == ["get_weather", "get_time"]
     assert len({c.id for c in last.tool_calls}) == 2
-    assert "".join(released) == "\n\nDone." == last.final.text  # what the answer says besides its calls
+    assert "".join(released) == "\n\nDone." and last.final.text == "Done."  # what it says besides its calls
 
 
 def test_an_answer_of_calls_alone_has_no_text():
@@ -81,7 +82,7 @@ def test_an_answer_of_calls_alone_has_no_text():
 def test_a_call_that_does_not_parse_stays_text_and_the_calls_before_it_count(bad):
     released, last = run([CALL, "\n", bad], FinishReason.LENGTH)
     assert [c.name for c in last.tool_calls] == ["get_weather"]
-    assert last.final.text == "\n" + bad == "".join(released)
+    assert "".join(released) == "\n" + bad and last.final.text == bad
 
 
 def test_parameters_is_taken_for_arguments():
@@ -161,6 +162,17 @@ def test_every_tool_schema_is_in_the_format_and_too_large_a_format_is_refused():
         tools.ToolSet((tools.Tool("f", "", big),), "auto").format()
 
 
+@pytest.mark.parametrize("parameters", [{}, {"properties": {"city": {"type": "string"}}}])
+def test_parameters_without_a_type_are_an_object_schema(compiler, parameters):
+    """Else the grammar would let a call's arguments be any JSON value, which the parser then refuses."""
+    ts = tools.tool_set(pb.ChatMessages(tools=[pb.Tool(name="get_weather", parameters=json.dumps(parameters))],
+                                        tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED)))
+    assert ts.tools[0].parameters == {"type": "object", **parameters}
+    for arguments, ok in (("42", False), ('"x"', False), ("[1]", False), ('{"city": "Oslo"}', True)):
+        text = f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>\n'
+        assert accepts(compiler, ts, text) is ok, arguments
+
+
 def test_tool_set_reads_the_proto_and_defaults_to_auto_with_no_arguments():
     ts = tools.tool_set(pb.ChatMessages(tools=[pb.Tool(name="f", description="does f"), pb.Tool(
         name="g", parameters=json.dumps(WEATHER))]))
@@ -191,7 +203,8 @@ def test_messages_carry_their_calls_as_objects_and_a_result_names_its_tool():
 
 # A template that renders tools and calls itself (the shape of Hermes-style templates)
 TOOLS_TEMPLATE = (
-    "{% if tools %}<|system|>TOOLS {% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
+    "{% if tools %}<|system|>TOOLS {% for t in tools %}{{ t.function.name }};{% endfor %}"
+    "Call them as <tool_call>...</tool_call>\n{% endif %}"
     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
     "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
     "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -205,13 +218,22 @@ def template_tokenizer(template: str) -> Tokenizer:
     return Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template)
 
 
+def test_only_a_template_that_reads_tools_and_writes_tool_call_renders_them_itself():
+    assert tools.template_calls_tools(TOOLS_TEMPLATE, template_tokenizer(TOOLS_TEMPLATE).template_takes_tools)
+    # reads tools but asks for another format (as Llama 3.1's does): the model is told ours instead
+    other = TOOLS_TEMPLATE.replace("<tool_call>", "").replace("TOOLS", "Respond with JSON")
+    assert template_tokenizer(other).template_takes_tools and not tools.template_calls_tools(other, True)
+    assert not tools.template_calls_tools(PLAIN_TEMPLATE, template_tokenizer(PLAIN_TEMPLATE).template_takes_tools)
+
+
 def test_a_template_that_takes_tools_gets_them_and_the_calls_as_they_are():
     tok = template_tokenizer(TOOLS_TEMPLATE)
     assert tok.template_takes_tools
     messages, listed = tools.for_template(tools.chat_messages(history(), ROLES), toolset("auto"), True)
     text = tok.apply_chat_template(messages, tools=listed)
     # (trim_blocks, as transformers renders, takes the line break after each block tag)
-    assert text.startswith("<|system|>TOOLS get_weather;get_time;<|user|>Weather in Paris?")
+    assert text.startswith("<|system|>TOOLS get_weather;get_time;Call them as <tool_call>...</tool_call>\n"
+                           "<|user|>Weather in Paris?")
     assert text.endswith('<|assistant|>CALL get_weather {"city": "Paris"}<|tool|>{"c": 18}<|assistant|>')
 
 
@@ -229,6 +251,17 @@ def test_a_template_without_tools_gets_a_system_message_and_calls_written_as_the
     assert '<|tool|><tool_response>\n{"c": 18}\n</tool_response>' in rest
 
 
+def test_a_last_turn_without_tools_still_shows_the_earlier_calls_and_results():
+    """A conversation's last turn often offers no tools: its earlier calls and results are written all the same."""
+    messages, listed = tools.for_template(tools.chat_messages(history(), ROLES), None, False)
+    assert listed is None and [m["role"] for m in messages] == ["user", "assistant", "tool"]
+    assert messages[1]["content"] == f'{tools.CALL_BEGIN}\n{{"name": "get_weather", "arguments": {{"city": ' \
+                                     f'"Paris"}}}}\n{tools.CALL_END}'
+    assert messages[2]["content"] == '<tool_response>\n{"c": 18}\n</tool_response>'
+    plain = tools.chat_messages(history()[:1], ROLES)
+    assert tools.for_template(plain, None, False) == (plain, None)  # a conversation without calls is as it was
+
+
 def test_the_tools_join_a_system_message_the_conversation_has():
     first = pb.ChatMessage(role=pb.CHAT_ROLE_SYSTEM, content="Be brief.")
     messages, _ = tools.for_template(tools.chat_messages([first, *history()], ROLES), toolset("none"), False)
@@ -241,3 +274,29 @@ def test_the_final_keeps_all_but_its_text():
     out = RequestOutput("r", [1], CALL, final=before)
     tools.ToolCallParser(NAMES).apply(out)
     assert out.final == replace(before, text="") and before.text == CALL
+
+
+def test_the_python_client_takes_calls_as_a_response_gave_them_or_as_openai_does():
+    from service.client import build_request
+
+    got = pb.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+    openai_shaped = {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    req = build_request(pb.GenerateRequest, messages=[
+        {"role": "user", "content": "Weather and time in Paris?"},
+        {"role": "assistant", "tool_calls": [got, openai_shaped, {"name": "get_time", "arguments": {"city": "Oslo"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}],
+        tools=[{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}, {"name": "get_time"}],
+        tool_choice="get_weather", parallel_tool_calls=False)
+    calls = req.messages.messages[1].tool_calls
+    assert [(c.id, c.name, c.arguments) for c in calls] == [
+        ("call_1", "get_weather", '{"city": "Paris"}'), ("call_2", "get_time", "{}"),
+        ("", "get_time", '{"city": "Oslo"}')]
+    assert req.messages.messages[2].tool_call_id == "call_1"
+    assert [(t.name, t.parameters) for t in req.messages.tools] == [("get_weather", json.dumps(WEATHER)),
+                                                                   ("get_time", "")]
+    assert req.messages.tool_choice == pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function="get_weather",
+                                                     single_call=True)
+    with pytest.raises(ValueError, match="tools need a chat"):
+        build_request(pb.GenerateRequest, "t5", tools=[{"name": "f"}])
+    with pytest.raises(ValueError, match=r"tools\[0\] has no name"):
+        build_request(pb.GenerateRequest, "t5", chat=True, tools=[{"description": "f"}])

@@ -98,6 +98,7 @@ def test_a_streamed_tool_call_comes_whole_in_the_last_chunk(served):
                                                         tool_choice=named, max_tokens=48, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
     assert [c.choices[0].delta.tool_calls for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].choices[0].delta.content is None  # the answer says nothing besides its call
     (call,) = chunks[-1].choices[0].delta.tool_calls
     assert call.index == 0 and call.function.name == "get_weather" and chunks[-1].choices[0].finish_reason == \
         "tool_calls"
