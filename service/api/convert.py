@@ -106,7 +106,7 @@ class RequestConverter:
         if req.priority < 0 and not tenant.admin:
             raise PermissionDenied(f"priority={req.priority} would run ahead of other tenants' requests; that "
                                    f"needs the admin role, which tenant {tenant.id!r} does not have (use 0 or more)")
-        self._check_ids("stop_token_ids", req.stop_token_ids)  # at most MAX_STOP_TOKEN_IDS: check_bounds
+        self.check_ids("stop_token_ids", req.stop_token_ids)  # at most MAX_STOP_TOKEN_IDS: check_bounds
         for t in req.sampling.logit_bias:  # at most MAX_LOGIT_BIAS: check_bounds
             if t >= self.vocab_size:
                 raise ValueError(f"sampling.logit_bias has token id {t}, outside the vocabulary: token ids must be "
@@ -236,13 +236,13 @@ class RequestConverter:
             ids = list(req.token_ids.ids)  # fewer than max_model_len: checked above
             if not ids:
                 raise ValueError("token_ids.ids is empty: give at least one token id")
-            self._check_ids("token_ids.ids", ids)
+            self.check_ids("token_ids.ids", ids)
         if not ids:
             raise ValueError(f"the prompt ({kind}) tokenizes to no tokens: give a prompt with some content")
         self._check_num_tokens(len(ids))
         return ids
 
-    def _check_ids(self, field: str, ids: Sequence[int]) -> None:
+    def check_ids(self, field: str, ids: Sequence[int]) -> None:
         for i, t in enumerate(ids):
             if t >= self.vocab_size:
                 raise ValueError(f"{field}[{i}]={t} is outside the vocabulary: token ids must be in "
@@ -289,13 +289,14 @@ class RequestConverter:
     def logprobs(self, results: Sequence[SampleResult]) -> list[pb.TokenLogprob]:
         out = []
         for r in results:
-            tops = [pb.TopLogprob(token_id=t, token=self._piece(t), logprob=lp) for t, lp in (r.top_logprobs or [])]
-            out.append(pb.TokenLogprob(token_id=r.token_id, token=self._piece(r.token_id),
+            tops = [pb.TopLogprob(token_id=t, token=self.piece(t), logprob=lp) for t, lp in (r.top_logprobs or [])]
+            out.append(pb.TokenLogprob(token_id=r.token_id, token=self.piece(r.token_id),
                                        logprob=r.logprob if r.logprob is not None else 0.0, top_logprobs=tops))
         return out
 
-    def _piece(self, token_id: int) -> str:
-        # memoized per id (a long prompt's logprobs with alternatives name ~20 tokens a position)
+    def piece(self, token_id: int) -> str:
+        """The token's text, special tokens as they are (memoized per id: a long prompt's logprobs with
+        alternatives name ~20 tokens a position)."""
         piece = self._pieces.get(token_id)
         if piece is None:
             piece = self._pieces[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)

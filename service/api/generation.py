@@ -25,6 +25,7 @@ from service.accounting import RequestContext
 from service.api import convert
 from service.api.convert import RequestConverter
 from service.api.errors import AdapterUnavailable, DeadlineExceeded, RequestCancelled, RequestFailed
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.stalls import CallSlots, StallWatchdog, Wait
 from service.api.tools import ToolSet
 from service.engine.outputs import ErrorKind, FinalOutput, RequestOutput
@@ -246,6 +247,30 @@ class GenerationPath:
                                "gen_ai.request.temperature": sampling.temperature
                                if sampling.HasField("temperature") else None,
                                "gen_ai.request.seed": sampling.seed if sampling.HasField("seed") else None})
+
+    # ---- tokens -----------------------------------------------------------------------------------------
+    def tokenize(self, request: pb.TokenizeRequest, tenant: Any) -> tuple[list[int], list[str]]:
+        """A prompt's token ids as a generation would see them, and each token's text. Metered like a generation's
+        prompt: the size is checked first, then the call holds one of the tenant's concurrent requests while the
+        tokenizer runs, and its tokens are charged to the tenant's tokens-per-minute bucket."""
+        self.converter.check_bounds(request)
+        lease = self.limiter.acquire(tenant, 0) if self.limiter is not None else None
+        try:
+            ids = self.converter.prompt_ids(request)
+            if lease is not None:
+                lease.charge(len(ids))
+            return ids, [self.converter.piece(i) for i in ids]  # < max_model_len of them
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids (fewer than the context window, each in the vocabulary) back to text, special tokens kept."""
+        if len(ids) >= self.converter.max_model_len:
+            raise ValueError(f"tokens has {len(ids)} ids; at most {self.converter.max_model_len - 1} (the context "
+                             "window less one) are allowed")
+        self.converter.check_ids("tokens", ids)
+        return self.converter.tokenizer.decode(ids, skip_special_tokens=False)
 
     # ---- outputs, for a thread that may wait ------------------------------------------------------------
     def follow(self, handle: RequestHandle, call: CallContext) -> Iterator[RequestOutput]:

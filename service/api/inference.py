@@ -77,20 +77,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         call.release_limits()  # the last message is written: only the status is left to send
 
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
-        """Metered like a generation's prompt: the size is checked first, then the call holds one of the
-        tenant's concurrent requests while the tokenizer runs, and its tokens are charged to the tenant's
-        tokens-per-minute bucket."""
-        self.converter.check_bounds(request)
-        lease = self.limiter.acquire(current_tenant(), 0) if self.limiter is not None else None
-        try:
-            ids = self.converter.prompt_ids(request)
-            if lease is not None:
-                lease.charge(len(ids))
-            tok = self.converter.tokenizer
-            tokens = [tok.decode([i], skip_special_tokens=False) for i in ids]  # < max_model_len of them
-        finally:
-            if lease is not None:
-                lease.release()
+        """Metered like a generation's prompt (`GenerationPath.tokenize`)."""
+        ids, tokens = self.path.tokenize(request, current_tenant())
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens, max_model_len=self.converter.max_model_len)
 
     # ---- helpers ------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP front: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-`GET /health`, `GET /metrics`, as a Starlette app served by uvicorn beside the gRPC server (`http_server`).
+"""The OpenAI-compatible HTTP front: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, vLLM's
+`POST /tokenize` and `POST /detokenize`, `GET /health`, `GET /metrics`, as a Starlette app served by uvicorn beside the gRPC server (`http_server`).
 
 Every generation goes through the request path gRPC uses (`GenerationPath`): the body becomes a
 `GenerateRequest`, which is validated, admitted, traced, billed and submitted by the same code. Starting a
@@ -187,6 +187,13 @@ async def follow(path: GenerationPath, gen: Generation, call: HttpCall,
         abandon(handle, call)
 
 
+def _parse(model: type, body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise ValueError(oa.validation_message(e)) from None
+
+
 async def _recorded(handle: Any) -> None:
     fut = recorded_future(handle)
     if fut is None:
@@ -206,6 +213,8 @@ class OpenAIApp:
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/tokenize", self.tokenize, methods=["POST"]),
+            Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ], exception_handlers={HTTPException: self._http_exception})
@@ -229,9 +238,37 @@ class OpenAIApp:
             return self._error(e, request, t0)
         return JSONResponse({"object": "list", "data": data})
 
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: metered as gRPC's Tokenize (one of the tenant's concurrent requests while it runs, its
+        tokens charged to the tenant's rate)."""
+        async def run(tenant: Tenant, body: bytes) -> dict[str, Any]:
+            parsed = _parse(oa.TokenizeRequest, body)
+            pbreq = oa.tokenize_request(parsed)
+            ids, pieces = await anyio.to_thread.run_sync(self.f.path.tokenize, pbreq, tenant,
+                                                         limiter=self.f.start_limiter)
+            return {"count": len(ids), "max_model_len": self.f.path.converter.max_model_len, "tokens": ids,
+                    "token_strs": pieces if parsed.return_token_strs else None}
+        return await self._small(request, run)
+
+    async def detokenize(self, request: Request) -> Response:
+        async def run(tenant: Tenant, body: bytes) -> dict[str, Any]:
+            parsed = _parse(oa.DetokenizeRequest, body)
+            return {"prompt": self.f.path.detokenize(parsed.tokens)}
+        return await self._small(request, run)
+
+    async def _small(self, request: Request, run: Callable) -> Response:
+        """A short authenticated call: its JSON answer, or the error's."""
+        t0 = time.perf_counter()
+        try:
+            tenant = self.f.auth.authenticate_header(request.headers.get("authorization"))
+            body = await _body(request)
+            return JSONResponse(await run(tenant, body))
+        except Exception as e:
+            return self._error(e, request, t0)
+
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         message = {404: f"no such endpoint: {request.url.path[:80]}; this server answers /v1/chat/completions, "
-                        "/v1/completions, /v1/models, /health and /metrics",
+                        "/v1/completions, /v1/models, /tokenize, /detokenize, /health and /metrics",
                    405: f"{request.method} is not allowed on {request.url.path[:80]}"}.get(exc.status_code,
                                                                                        str(exc.detail))
         return JSONResponse(oa.error_body(message, exc.status_code), status_code=exc.status_code,
@@ -265,10 +302,7 @@ class OpenAIApp:
             structlog.contextvars.bind_contextvars(tenant=tenant.id)
             call = HttpCall(_timeout(request))
             body = await _body(request)
-            try:
-                parsed = model.model_validate_json(body)
-            except ValidationError as e:
-                raise ValueError(oa.validation_message(e)) from None
+            parsed = _parse(model, body)
             pbreqs = convert(parsed, self.f.base_model)
             echo = not chat and parsed.echo
             gens = await anyio.to_thread.run_sync(lambda: self._start(pbreqs, call, tenant, rid, parsed.stream, parsed.n),

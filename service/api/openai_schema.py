@@ -164,6 +164,27 @@ class ChatRequest(_Sampling):
     function_call: Any = None
 
 
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt or a conversation (with its tools), tokenized as a generation would see it."""
+
+    model: str | None = None  # every adapter shares the base model's tokenizer
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
+    tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model: str | None = None
+    tokens: list[UInt]
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[UInt] | list[list[UInt]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
@@ -293,19 +314,7 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     out = _common(req, base_model, max_tokens, logprobs)
-    for i, m in enumerate(req.messages):
-        if isinstance(m.content, list):
-            content = "".join(part.text for part in m.content)
-        elif m.content is None and not m.tool_calls:
-            raise ValueError(f"messages[{i}].content is missing: give the message's text")
-        else:
-            content = m.content or ""
-        msg = out.messages.messages.add(role=ROLES[m.role], content=content, tool_call_id=m.tool_call_id or "")
-        for c in m.tool_calls or ():
-            msg.tool_calls.add(id=c.id, name=c.function.name, arguments=c.function.arguments)
-    if not req.messages:
-        raise ValueError("messages is empty: give at least one chat message")
-    _tools(req, out.messages)
+    out.messages.CopyFrom(_conversation(req.messages, req))
     _extra_format(req, out)
     fmt = req.response_format
     if fmt is not None and fmt.type != "text" and out.HasField("response_format"):
@@ -319,7 +328,43 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
     return _choices([out], req.n)
 
 
-def _tools(req: ChatRequest, out: pb.ChatMessages) -> None:
+def _conversation(messages: list[ChatMessage], req: ChatRequest | TokenizeRequest) -> pb.ChatMessages:
+    """The body's messages and tools -> the proto's ChatMessages."""
+    out = pb.ChatMessages()
+    for i, m in enumerate(messages):
+        if isinstance(m.content, list):
+            content = "".join(part.text for part in m.content)
+        elif m.content is None and not m.tool_calls:
+            raise ValueError(f"messages[{i}].content is missing: give the message's text")
+        else:
+            content = m.content or ""
+        msg = out.messages.add(role=ROLES[m.role], content=content, tool_call_id=m.tool_call_id or "")
+        for c in m.tool_calls or ():
+            msg.tool_calls.add(id=c.id, name=c.function.name, arguments=c.function.arguments)
+    if not messages:
+        raise ValueError("messages is empty: give at least one chat message")
+    _tools(req, out)
+    return out
+
+
+def tokenize_request(req: TokenizeRequest) -> pb.TokenizeRequest:
+    """The /tokenize body -> the TokenizeRequest gRPC receives."""
+    if (req.prompt is None) == (req.messages is None):
+        raise ValueError("give one of prompt (text) or messages (a conversation) to tokenize")
+    if not req.add_generation_prompt:
+        raise ValueError("add_generation_prompt=false is not supported by this server: the tokens are those a "
+                         "generation sees, with the assistant's turn opened")
+    if not req.add_special_tokens:
+        raise ValueError("add_special_tokens=false is not supported by this server: the tokens are those a "
+                         "generation sees")
+    if req.prompt is not None:
+        if req.tools or req.tool_choice is not None:
+            raise ValueError("tools need a conversation: give messages, not prompt")
+        return pb.TokenizeRequest(text=req.prompt)
+    return pb.TokenizeRequest(messages=_conversation(req.messages, req))
+
+
+def _tools(req: ChatRequest | TokenizeRequest, out: pb.ChatMessages) -> None:
     for t in req.tools or ():
         f = t.function
         out.tools.add(name=f.name, description=f.description or "",
@@ -435,7 +480,8 @@ def error_param(message: str) -> str | None:
     return m.group(0) if m and m.group(0) in _FIELDS else None
 
 
-_FIELDS = frozenset(ChatRequest.model_fields) | frozenset(CompletionRequest.model_fields)
+_FIELDS = frozenset().union(*(m.model_fields for m in (ChatRequest, CompletionRequest, TokenizeRequest,
+                                                     DetokenizeRequest)))
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                413: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled", 500: "internal_error",

@@ -1,0 +1,74 @@
+"""vLLM's /tokenize and /detokenize on the HTTP front: the same tokens as gRPC's Tokenize (a conversation's tools
+included), a round trip back to the text, and each bad input refused naming what was wrong."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.api.gen.loraserve.v1 import inference_pb2 as pb
+from service.api.gen.loraserve.v1 import inference_pb2_grpc as pb_grpc
+from tests.api.openai_front import CHAT, grpc_alice, post, serve
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "t9 t10",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    yield from serve(tiny, tmp_path_factory.mktemp("tokenize"))
+
+
+def grpc_tokenize(served, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+    return pb_grpc.InferenceServiceStub(served.channel).Tokenize(request, metadata=grpc_alice(served), timeout=30)
+
+
+def test_a_prompt_tokenizes_as_over_grpc_and_detokenizes_back(served):
+    r = post(served, "/tokenize", {"model": served.model, "prompt": "t5 t6 t7", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = grpc_tokenize(served, pb.TokenizeRequest(text="t5 t6 t7"))
+    assert body == {"count": len(expected.token_ids), "max_model_len": 512, "tokens": list(expected.token_ids),
+                    "token_strs": list(expected.tokens)}
+    assert post(served, "/tokenize", {"prompt": "t5 t6 t7"}).json()["token_strs"] is None  # only when asked
+    back = post(served, "/detokenize", {"model": served.model, "tokens": body["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "t5 t6 t7"}
+
+
+def test_a_conversation_with_tools_counts_the_tools_as_generation_does(served):
+    plain = post(served, "/tokenize", {"messages": CHAT}).json()
+    with_tools = post(served, "/tokenize", {"messages": CHAT, "tools": TOOLS, "tool_choice": "required"}).json()
+    assert with_tools["count"] > plain["count"] > 3
+    expected = grpc_tokenize(served, pb.TokenizeRequest(messages=pb.ChatMessages(
+        messages=[pb.ChatMessage(role=pb.CHAT_ROLE_USER, content="t5 t6 t7")],
+        tools=[pb.Tool(name="get_weather", description="t9 t10",
+                       parameters='{"type": "object", "properties": {"city": {"type": "string"}}}')],
+        tool_choice=pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_REQUIRED))))
+    assert with_tools["tokens"] == list(expected.token_ids)
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("/tokenize", {}, 400, "give one of prompt (text) or messages (a conversation) to tokenize"),
+    ("/tokenize", {"prompt": "t5", "messages": CHAT}, 400, "give one of prompt (text) or messages"),
+    ("/tokenize", {"prompt": ""}, 400, "prompt is empty"),
+    ("/tokenize", {"prompt": "t5 " * 3000}, 400, "prompt has 9000 bytes"),
+    ("/tokenize", {"prompt": "t5", "add_generation_prompt": False}, 400, "add_generation_prompt=false is not "
+                                                                           "supported"),
+    ("/tokenize", {"prompt": "t5", "add_special_tokens": False}, 400, "add_special_tokens=false is not supported"),
+    ("/tokenize", {"prompt": "t5", "tools": TOOLS}, 400, "tools need a conversation: give messages, not prompt"),
+    ("/tokenize", {"messages": CHAT, "tools": TOOLS * 2}, 400, "tools[1].function.name 'get_weather' is given twice"),
+    ("/tokenize", {"messages": []}, 400, "messages is empty"),
+    ("/detokenize", {"tokens": [5, 900]}, 400, "tokens[1]=900 is outside the vocabulary"),
+    ("/detokenize", {"tokens": [5] * 512}, 400, "tokens has 512 ids; at most 511"),
+    ("/detokenize", {"tokens": "t5"}, 400, "tokens: Input should be a valid array"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]: Input should be greater than or equal to 0"),
+])
+def test_bad_input_is_refused_naming_what_was_wrong(served, path, body, status, words):
+    r = post(served, path, body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"], r.json()
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+def test_a_call_without_a_key_is_401(served, path):
+    r = post(served, path, {"prompt": "t5", "tokens": [5]}, key=None)
+    assert r.status_code == 401 and "no credentials" in r.json()["error"]["message"]
