@@ -41,7 +41,7 @@ _ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER, "assistant":
           "tool": pb.CHAT_ROLE_TOOL}
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs", "speculation",
-             "max_draft_tokens")
+             "max_draft_tokens", "include_stop_str_in_output", "skip_special_tokens")
 SPECULATION = {"off": pb.SPECULATION_OFF, "ngram": pb.SPECULATION_NGRAM, "draft": pb.SPECULATION_DRAFT}
 
 
@@ -100,14 +100,16 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
                   json_schema: Mapping[str, Any] | str | None = None, json_object: bool = False,
                   regex: str | None = None, choice: Sequence[str] | None = None, grammar: str | None = None,
                   logit_bias: Mapping[int, float] | None = None, tools: Sequence[Mapping[str, Any]] | None = None,
-                  tool_choice: str | None = None, parallel_tool_calls: bool = True, **sampling: Any) -> Any:
+                  tool_choice: str | None = None, parallel_tool_calls: bool = True,
+                  continue_final_message: bool = False, **sampling: Any) -> Any:
     """A GenerateRequest / GenerateStreamRequest. Give exactly one of `prompt` (raw text; with chat=True
     a user message, after an optional system message), `messages` or `token_ids`. `labels`: your own keys
     and values, recorded with the request's usage and trace. At most one response format: `json_schema` (a dict
     or its JSON text), `json_object=True` (any JSON object), `regex`, `choice` (the allowed strings) or `grammar`
     (xgrammar EBNF with a `root` rule). `logit_bias`: token id -> bias in [-100, 100], added to its logit.
     `tools`, `tool_choice`, `parallel_tool_calls`: functions a chat's answer may call (`add_tools`); the calls come
-    back in the response's `tool_calls`."""
+    back in the response's `tool_calls`. `continue_final_message`: the last message is the assistant's answer
+    begun, which the answer goes on from (a prefill)."""
     unknown = set(sampling) - set(_SAMPLING)
     if unknown:
         raise TypeError(f"unknown sampling parameters: {', '.join(sorted(unknown))}")
@@ -125,8 +127,9 @@ def build_request(cls: type, prompt: str | None = None, *, chat: bool = False, s
         req.messages.CopyFrom(chat_messages(messages))
         if tools or tool_choice is not None:
             add_tools(req.messages, tools or (), tool_choice, parallel_tool_calls)
-    elif tools or tool_choice is not None:
-        raise ValueError("tools need a chat: give messages, or a prompt with chat=True")
+        req.messages.continue_final_message = continue_final_message
+    elif tools or tool_choice is not None or continue_final_message:
+        raise ValueError("tools and continue_final_message need a chat: give messages, or a prompt with chat=True")
     elif token_ids is not None:
         req.token_ids.ids.extend(token_ids)
     else:

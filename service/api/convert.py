@@ -60,7 +60,8 @@ ANSWERED = (FinishReason.STOP, FinishReason.EOS)  # the finish reasons an answer
 SPECULATION = {pb.SPECULATION_OFF: "off", pb.SPECULATION_NGRAM: "ngram", pb.SPECULATION_DRAFT: "draft"}
 # The proto's optional sampling fields that map one to one onto SamplingParams.
 _SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                    "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs")
+                    "frequency_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "prompt_logprobs",
+                    "include_stop_str_in_output", "skip_special_tokens")
 
 GenerateLike = Any  # pb.GenerateRequest | pb.GenerateStreamRequest: the same fields, number for number
 
@@ -231,7 +232,13 @@ class RequestConverter:
                 raise ValueError("messages.messages is empty: give at least one chat message")
             messages = tools.chat_messages(req.messages.messages, ROLES)
             messages, listed = tools.for_template(messages, toolset, self._native_tools)
-            ids = self.tokenizer.encode_chat(messages, tools=listed)
+            if req.messages.continue_final_message:
+                last = req.messages.messages[-1]
+                if last.role != pb.CHAT_ROLE_ASSISTANT or not last.content.strip():
+                    raise ValueError("messages.continue_final_message needs the last message to be the assistant's "
+                                     "answer begun, with some text to go on from")
+            ids = self.tokenizer.encode_chat(messages, tools=listed,
+                                             continue_final_message=req.messages.continue_final_message)
         else:
             ids = list(req.token_ids.ids)  # fewer than max_model_len: checked above
             if not ids:

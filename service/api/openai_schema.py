@@ -138,6 +138,8 @@ class _Sampling(_Body):
     repetition_penalty: float | None = None
     min_tokens: UInt | None = None
     ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
     stop_token_ids: Annotated[list[UInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     priority: Annotated[int, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)] = 0
     # vLLM's structured output extras (the same formats as gRPC's response_format): `structured_outputs`, and the
@@ -160,6 +162,9 @@ class ChatRequest(_Sampling):
     tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # vLLM's: the last (assistant) message is the answer begun, which the answer goes on from
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
     functions: list[Any] | None = None
     function_call: Any = None
 
@@ -175,6 +180,7 @@ class TokenizeRequest(_Body):
     parallel_tool_calls: bool = True
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     return_token_strs: bool = False
 
 
@@ -221,7 +227,8 @@ def _common(req: _Sampling, base_model: str, max_tokens: int | None, logprobs: i
     out = pb.GenerateRequest(adapter="" if req.model == base_model else req.model, priority=req.priority)
     sp = out.sampling
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k", "min_p",
-                 "repetition_penalty", "min_tokens", "ignore_eos"):
+                 "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
+                 "skip_special_tokens"):
         value = getattr(req, name)
         if value is not None:
             setattr(sp, name, value)
@@ -315,6 +322,11 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     out = _common(req, base_model, max_tokens, logprobs)
     out.messages.CopyFrom(_conversation(req.messages, req))
+    if req.continue_final_message:
+        out.messages.continue_final_message = True  # no generation prompt then, whatever add_generation_prompt says
+    elif not req.add_generation_prompt:
+        raise ValueError("add_generation_prompt=false is supported only with continue_final_message=true (the "
+                         "answer goes on from the last message); else the assistant's turn is always opened")
     _extra_format(req, out)
     fmt = req.response_format
     if fmt is not None and fmt.type != "text" and out.HasField("response_format"):
@@ -351,17 +363,19 @@ def tokenize_request(req: TokenizeRequest) -> pb.TokenizeRequest:
     """The /tokenize body -> the TokenizeRequest gRPC receives."""
     if (req.prompt is None) == (req.messages is None):
         raise ValueError("give one of prompt (text) or messages (a conversation) to tokenize")
-    if not req.add_generation_prompt:
-        raise ValueError("add_generation_prompt=false is not supported by this server: the tokens are those a "
-                         "generation sees, with the assistant's turn opened")
+    if not req.add_generation_prompt and not req.continue_final_message:
+        raise ValueError("add_generation_prompt=false is supported only with continue_final_message=true: the "
+                         "tokens are those a generation sees, with the assistant's turn opened")
     if not req.add_special_tokens:
         raise ValueError("add_special_tokens=false is not supported by this server: the tokens are those a "
                          "generation sees")
     if req.prompt is not None:
-        if req.tools or req.tool_choice is not None:
-            raise ValueError("tools need a conversation: give messages, not prompt")
+        if req.tools or req.tool_choice is not None or req.continue_final_message:
+            raise ValueError("tools and continue_final_message need a conversation: give messages, not prompt")
         return pb.TokenizeRequest(text=req.prompt)
-    return pb.TokenizeRequest(messages=_conversation(req.messages, req))
+    out = pb.TokenizeRequest(messages=_conversation(req.messages, req))
+    out.messages.continue_final_message = req.continue_final_message
+    return out
 
 
 def _tools(req: ChatRequest | TokenizeRequest, out: pb.ChatMessages) -> None:

@@ -6,9 +6,9 @@ Two stages, each with one job:
   of a UTF-8 sequence; decoding it alone gives U+FFFD. It decodes a small window of recent tokens
   (`prefix_offset:`) and emits only what lies past the text of the already-emitted part
   (`prefix_offset:read_offset`), holding back while the window's text ends with U+FFFD.
-- `StopStringMatcher` takes those deltas, cuts the text at the first stop string (which is never
-  returned), and holds back any tail that could still grow into a stop string, so no client ever
-  sees part of a stop string.
+- `StopStringMatcher` takes those deltas, cuts the text at the first stop string (which is not returned,
+  unless the request asks to keep it: then the text ends right after it), and holds back any tail that could
+  still grow into a stop string, so no client ever sees part of a stop string that did not end the text.
 """
 
 from __future__ import annotations
@@ -58,8 +58,10 @@ class IncrementalDecoder:
 
 
 class StopStringMatcher:
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], include: bool = False) -> None:
+        """`include`: the stop string that ends the text is kept, at its end."""
         self._stop = tuple(stop)
+        self._include = include
         self._text = ""  # all text received, held-back tail included
         self._emitted = 0  # self._text[:_emitted] has been returned
         self.stopped = False
@@ -79,8 +81,9 @@ class StopStringMatcher:
         if not self._stop:
             return self._release(len(self._text))
         if check:
-            cut = self._find_stop(old_len)
-            if cut is not None:
+            found = self._find_stop(old_len)
+            if found is not None:
+                cut = found[0] + len(found[1]) if self._include else found[0]
                 self._text = self._text[:cut]
                 self.stopped = True
                 return self._release(cut)
@@ -89,14 +92,16 @@ class StopStringMatcher:
     def flush(self) -> str:
         return self._release(len(self._text))
 
-    def _find_stop(self, old_len: int) -> int | None:
+    def _find_stop(self, old_len: int) -> tuple[int, str] | None:
+        """(where, which) of the stop string generation stops at: the one completed first (it ends earliest: a
+        delta may hold several characters); of those ending at the same character, the one starting earliest."""
         # A new match must end inside the new text, and cannot start in text already released.
         text = self._text
         best = None
         for s in self._stop:
             i = text.find(s, max(self._emitted, old_len - len(s) + 1))
-            if i != -1 and (best is None or i < best):
-                best = i
+            if i != -1 and (best is None or (i + len(s), i) < (best[0] + len(best[1]), best[0])):
+                best = (i, s)
         return best
 
     def _held_back(self) -> int:
@@ -124,7 +129,7 @@ class Detokenizer:
 
     def __init__(self, tokenizer: TokenizerLike, prompt_token_ids: Sequence[int], sampling: SamplingParams) -> None:
         self._decoder = IncrementalDecoder(tokenizer, prompt_token_ids, sampling.skip_special_tokens)
-        self._matcher = StopStringMatcher(sampling.stop)
+        self._matcher = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
 
     @property
     def text(self) -> str:

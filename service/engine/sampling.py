@@ -65,6 +65,7 @@ class SamplingParams:
     # the positions whose logprobs it still needs (their logits must be computed).
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # a stop string that ends the text stays in it (vLLM's flag)
     # Speculative decoding: "off", "ngram" (prompt lookup) or "draft"; None: the server's default. Outputs are the
     # same either way (service.engine.speculative); only the speed changes.
     speculation: str | None = None

@@ -357,27 +357,38 @@ class Tokenizer:
         return self._takes_tools
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None) -> str:
+                            tools: list[dict] | None = None, continue_final_message: bool = False) -> str:
         """`tools`: OpenAI's tool objects (`{"type": "function", "function": {...}}`), handed to a template that
-        takes them (`template_takes_tools`); None renders as transformers does without tools."""
+        takes them (`template_takes_tools`); None renders as transformers does without tools.
+        `continue_final_message`: the text ends with the last message's content, its turn left open (what comes
+        after it, the end of the turn, is cut), for the model to go on from; no generation prompt then."""
         if self._template is None:
             raise ValueError("this model has no chat template: send a raw prompt instead of chat messages")
         _validate_messages(messages)
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=messages,
                 tools=tools,
                 bos_token=self._bos_token or "",
                 eos_token=self._eos_token or "",
-                add_generation_prompt=add_generation_prompt,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
             )
         except jinja2.TemplateError as e:  # includes the template's own raise_exception(...)
             raise ValueError(f"the chat template rejected the messages: {e}") from e
+        if not continue_final_message:
+            return text
+        final = messages[-1]["content"] if messages else ""
+        for content in (final, final.strip()):  # a template may trim what it writes
+            i = text.rfind(content) if content else -1
+            if i >= 0:
+                return text[:i + len(content)]
+        raise ValueError("the chat template does not write the last message's text as it is, so the answer cannot "
+                         "go on from it")
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, continue_final_message: bool = False) -> list[int]:
         # The rendered text already holds BOS/turn markers as text, so adding BOS here would double it.
-        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, continue_final_message)
         return self.encode(text, add_special_tokens=False)
 
 

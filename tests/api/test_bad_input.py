@@ -146,6 +146,12 @@ CASES = [
         ("65 calls in one message", chat(USER, pb.ChatMessage(role=pb.CHAT_ROLE_ASSISTANT,
                                                               tool_calls=[pb.ToolCall(name="f")] * 65)),
          ["messages.messages[1].tool_calls has 65 calls; at most 64 are allowed"]),
+        ("continuing a final message that is the user's", pb.ChatMessages(messages=[USER],
+                                                                          continue_final_message=True),
+         ["messages.continue_final_message needs the last message to be the assistant's answer begun"]),
+        ("continuing an empty final message", pb.ChatMessages(messages=[USER, pb.ChatMessage(
+            role=pb.CHAT_ROLE_ASSISTANT, content=" ")], continue_final_message=True),
+         ["messages.continue_final_message needs", "with some text to go on from"]),
         ("tool descriptions over the prompt byte bound", chat(tools=[tool("f", description="x" * 9000)]),
          ["the messages' content (with their tool calls and the tools) has 9002 bytes", "at most 8192 bytes"]),
     ]],

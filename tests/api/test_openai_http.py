@@ -172,6 +172,10 @@ def test_an_unknown_model_is_404(served):
                                                                                   "function": {"name": "g"}}}, 400,
      "tool_choice.function.name 'g' is not one of the request's tools (f)"),
     ({"tool_choice": "required"}, 400, "tool_choice is set but tools is empty"),
+    ({"add_generation_prompt": False}, 400, "add_generation_prompt=false is supported only with "
+                                            "continue_final_message=true"),
+    ({"continue_final_message": True}, 400, "continue_final_message needs the last message to be the assistant's"),
+    ({"include_stop_str_in_output": "yes"}, 400, "include_stop_str_in_output: Input should be a valid boolean"),
     ({"tool_choice": "sometimes"}, 400, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400,
      'response_format cannot be combined with tools: the answer\'s tool calls follow the tools\' schemas (set '

@@ -51,10 +51,10 @@ def test_a_conversation_with_tools_counts_the_tools_as_generation_does(served):
     ("/tokenize", {"prompt": "t5", "messages": CHAT}, 400, "give one of prompt (text) or messages"),
     ("/tokenize", {"prompt": ""}, 400, "prompt is empty"),
     ("/tokenize", {"prompt": "t5 " * 3000}, 400, "prompt has 9000 bytes"),
-    ("/tokenize", {"prompt": "t5", "add_generation_prompt": False}, 400, "add_generation_prompt=false is not "
-                                                                           "supported"),
+    ("/tokenize", {"prompt": "t5", "add_generation_prompt": False}, 400, "add_generation_prompt=false is "
+                                                                           "supported only with continue_final"),
     ("/tokenize", {"prompt": "t5", "add_special_tokens": False}, 400, "add_special_tokens=false is not supported"),
-    ("/tokenize", {"prompt": "t5", "tools": TOOLS}, 400, "tools need a conversation: give messages, not prompt"),
+    ("/tokenize", {"prompt": "t5", "tools": TOOLS}, 400, "tools and continue_final_message need a conversation"),
     ("/tokenize", {"messages": CHAT, "tools": TOOLS * 2}, 400, "tools[1].function.name 'get_weather' is given twice"),
     ("/tokenize", {"messages": []}, 400, "messages is empty"),
     ("/detokenize", {"tokens": [5, 900]}, 400, "tokens[1]=900 is outside the vocabulary"),
@@ -72,3 +72,17 @@ def test_bad_input_is_refused_naming_what_was_wrong(served, path, body, status, 
 def test_a_call_without_a_key_is_401(served, path):
     r = post(served, path, {"prompt": "t5", "tokens": [5]}, key=None)
     assert r.status_code == 401 and "no credentials" in r.json()["error"]["message"]
+
+
+def test_a_chat_that_continues_its_last_message_is_billed_the_tokens_tokenize_counts(served):
+    """The prompt ends with the assistant's answer begun (no end of turn, no new turn): what /tokenize counts with
+    continue_final_message is what the chat is billed."""
+    begun = [*CHAT, {"role": "assistant", "content": "t9 t10"}]
+    counted = post(served, "/tokenize", {"messages": begun, "continue_final_message": True,
+                                         "add_generation_prompt": False}).json()
+    opened = post(served, "/tokenize", {"messages": CHAT}).json()
+    assert counted["tokens"][:len(opened["tokens"]) - 1] == opened["tokens"][:-1]  # the user's turn as before
+    assert counted["tokens"][-2:] == post(served, "/tokenize", {"prompt": "t9 t10"}).json()["tokens"][-2:]
+    r = post(served, "/v1/chat/completions", {"model": served.model, "messages": begun, "continue_final_message": True,
+                                               "add_generation_prompt": False, "temperature": 0, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == counted["count"], r.text

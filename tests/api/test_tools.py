@@ -296,7 +296,7 @@ def test_the_python_client_takes_calls_as_a_response_gave_them_or_as_openai_does
                                                                    ("get_time", "")]
     assert req.messages.tool_choice == pb.ToolChoice(mode=pb.TOOL_CHOICE_MODE_FUNCTION, function="get_weather",
                                                      single_call=True)
-    with pytest.raises(ValueError, match="tools need a chat"):
+    with pytest.raises(ValueError, match="tools and continue_final_message need a chat"):
         build_request(pb.GenerateRequest, "t5", tools=[{"name": "f"}])
     with pytest.raises(ValueError, match=r"tools\[0\] has no name"):
         build_request(pb.GenerateRequest, "t5", chat=True, tools=[{"description": "f"}])

@@ -89,3 +89,15 @@ def test_a_tool_call_over_grpc_and_the_cli(served, tmp_path):
               "get_weather", "--temperature", "0", "--max-tokens", "48", "--timeout", "300", timeout=400)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == 'tool_call get_weather {"city": "Paris"}'
+
+
+def test_an_answer_begun_by_the_caller_goes_on_and_a_kept_stop_string_ends_it(served):
+    with LoraServeClient(served.address, timeout=300) as c:
+        r = c.generate(messages=[{"role": "user", "content": QUESTION + " Answer in JSON."},
+                                 {"role": "assistant", "content": '{"capital": "'}],
+                       continue_final_message=True, temperature=0, max_tokens=16)
+        assert r.text.startswith('Paris"'), r.text  # only what follows the prefill
+        kept = c.generate(QUESTION, chat=True, temperature=0, max_tokens=24, stop=["Paris"],
+                          include_stop_str_in_output=True)
+        cut = c.generate(QUESTION, chat=True, temperature=0, max_tokens=24, stop=["Paris"])
+        assert kept.text == cut.text + "Paris" and kept.text.endswith("France is Paris"), kept.text

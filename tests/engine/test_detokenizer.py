@@ -110,6 +110,23 @@ def test_earliest_stop_string_wins_and_multiple_stops():
     assert text == "a"
 
 
+def test_a_kept_stop_string_ends_the_text():
+    """include_stop_str_in_output: the text ends right after the stop string that ended it, never after a longer one
+    that would have completed later."""
+    for text, stop, expected in [("xx END yy STOP", ("STOP", "END"), "xx END"), ("abcabd", ("abd", "bc"), "abc"),
+                                 ("say ab then abc", ("abc", "ab"), "say ab")]:
+        d = Detokenizer(TOK, [ord(">")], SamplingParams(stop=stop, include_stop_str_in_output=True))
+        deltas = [d.add_token(t) for t in byte_ids(text)[:len(expected)]]
+        assert d.stopped and d.text == expected == "".join(deltas) + d.finish(), (text, stop)
+
+
+def test_a_delta_of_several_characters_stops_at_the_stop_string_completed_first():
+    m = StopStringMatcher(["abcd", "bc"])
+    assert m.feed("xabcd") == "xa" and m.stopped  # "bc" is complete before "abcd" is
+    kept = StopStringMatcher(["abcd", "bc"], include=True)
+    assert kept.feed("xabcd") == "xabc" and kept.text == "xabc"
+
+
 def test_stop_string_inside_a_multibyte_char_sequence():
     deltas, text, stopped = stream(byte_ids("café日本語"), stop=("日本",))
     assert stopped and text == "café" and "".join(deltas) == "café"

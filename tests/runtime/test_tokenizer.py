@@ -122,6 +122,24 @@ def test_default_chat_template(ours: Tokenizer, reference) -> None:
     assert not ours.apply_chat_template(QUESTION, add_generation_prompt=False).endswith("assistant\n")
 
 
+@pytest.mark.parametrize("prefill", ['{"capital": "', "The capital is", "Sure.\n\n"])
+def test_continuing_the_final_message_matches_transformers(ours: Tokenizer, reference, prefill: str) -> None:
+    messages = [*QUESTION, {"role": "assistant", "content": prefill}]
+    text = ours.apply_chat_template(messages, continue_final_message=True)
+    assert text == reference.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.endswith(prefill) and not text.endswith("<|im_end|>\n")
+    assert ours.encode_chat(messages, continue_final_message=True) == ours.encode(text, add_special_tokens=False)
+
+
+def test_a_template_that_rewrites_the_final_message_cannot_continue_it() -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    tok = Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                    chat_template="{% for m in messages %}{{ m.content | upper }}{% endfor %}")
+    with pytest.raises(ValueError, match="does not write the last message's text as it is"):
+        tok.apply_chat_template([{"role": "assistant", "content": "abc"}], continue_final_message=True)
+
+
 @pytest.mark.parametrize(
     ("messages", "needle"),
     [
