@@ -157,16 +157,20 @@ def cmd_call(args: argparse.Namespace) -> int:
                 print(json.dumps(_as_dict(client.generate(args.prompt, **kwargs)), indent=2))
             return 0
         calls: list[Any] = []
+        said = False
         if args.stream:
             for msg in client.generate_stream_messages(args.prompt, **kwargs):
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
+                said = said or bool(msg.text)
                 calls.extend(msg.tool_calls)
         else:
             response = client.generate(args.prompt, **kwargs)
             sys.stdout.write(response.text)
+            said = bool(response.text)
             calls.extend(response.tool_calls)
-        sys.stdout.write("\n")
+        if said or not calls:  # an answer of calls alone prints only them
+            sys.stdout.write("\n")
         for call in calls:
             print(f"tool_call {call.name} {call.arguments}")
         return 0

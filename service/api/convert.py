@@ -143,12 +143,20 @@ class RequestConverter:
             fmt, what = calls, "messages.tools"
         if fmt is None:
             return None
+        if req.WhichOneof("prompt") == "messages" and req.messages.continue_final_message:
+            raise ValueError(f"{what} cannot be combined with messages.continue_final_message: the format would hold "
+                             "the continuation alone, not the answer begun with it")
         if self.structured is None:
             raise ValueError(f"{what} is not supported by this server (it has no structured output)")
         if sampling.min_tokens:
             raise ValueError(f"sampling.min_tokens={sampling.min_tokens} cannot be combined with {what}: "
                              "the format decides where the output ends")
         return self.structured.compile(fmt)
+
+    def check_model(self, ref: str, tenant: Any) -> None:
+        """NotFound unless `ref` names an adapter `tenant` may use (or is empty: the base model)."""
+        if ref:
+            self._adapter(ref, tenant)
 
     def _adapter(self, ref: str, tenant: Any) -> ResolvedAdapter:
         try:

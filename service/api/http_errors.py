@@ -41,7 +41,7 @@ _BODY_NAMES = (("token_ids.ids", "prompt"), ("text ", "prompt "), ("adapter is i
 # The tools' fields as the proto names them -> as OpenAI's body does
 _TOOL_NAMES = ((re.compile(r"messages\.tools\[(\d+)\]\.(name|parameters)"), r"tools[\1].function.\2"),
                (re.compile(r"messages\.tool_choice\.function"), "tool_choice.function.name"),
-               (re.compile(r"messages\.(tools|tool_choice)\b"), r"\1"),
+               (re.compile(r"messages\.(tools|tool_choice|continue_final_message)\b"), r"\1"),
                (re.compile(r"(tool_calls\[\d+\])\.(name|arguments)"), r"\1.function.\2"),
                (re.compile(r"set tool_choice to TOOL_CHOICE_MODE_NONE"), 'set tool_choice to "none"'))
 

@@ -244,6 +244,9 @@ class OpenAIApp:
         async def run(tenant: Tenant, body: bytes) -> dict[str, Any]:
             parsed = _parse(oa.TokenizeRequest, body)
             pbreq = oa.tokenize_request(parsed)
+            if parsed.model is not None and parsed.model != self.f.base_model:  # 404 as a generation would get
+                await anyio.to_thread.run_sync(self.f.path.converter.check_model, parsed.model, tenant,
+                                               limiter=self.f.start_limiter)
             ids, pieces = await anyio.to_thread.run_sync(self.f.path.tokenize, pbreq, tenant,
                                                          limiter=self.f.start_limiter)
             return {"count": len(ids), "max_model_len": self.f.path.converter.max_model_len, "tokens": ids,
@@ -253,6 +256,9 @@ class OpenAIApp:
     async def detokenize(self, request: Request) -> Response:
         async def run(tenant: Tenant, body: bytes) -> dict[str, Any]:
             parsed = _parse(oa.DetokenizeRequest, body)
+            if parsed.model is not None and parsed.model != self.f.base_model:
+                await anyio.to_thread.run_sync(self.f.path.converter.check_model, parsed.model, tenant,
+                                               limiter=self.f.start_limiter)
             return {"prompt": self.f.path.detokenize(parsed.tokens)}
         return await self._small(request, run)
 

@@ -329,6 +329,11 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
                          "answer goes on from the last message); else the assistant's turn is always opened")
     _extra_format(req, out)
     fmt = req.response_format
+    calls = req.tools and req.tool_choice != "none"
+    if calls and (out.HasField("response_format") or (fmt is not None and fmt.type != "text")):
+        raise ValueError("tools cannot be combined with a response format (response_format, structured_outputs or "
+                         "guided_*): the answer's tool calls follow the tools' schemas (set tool_choice to \"none\" "
+                         "to use a response format with tools shown to the model)")
     if fmt is not None and fmt.type != "text" and out.HasField("response_format"):
         raise ValueError("response_format and a structured output extra both set a format: give one of them")
     if fmt is not None and fmt.type == "json_object":
@@ -370,8 +375,10 @@ def tokenize_request(req: TokenizeRequest) -> pb.TokenizeRequest:
         raise ValueError("add_special_tokens=false is not supported by this server: the tokens are those a "
                          "generation sees")
     if req.prompt is not None:
-        if req.tools or req.tool_choice is not None or req.continue_final_message:
-            raise ValueError("tools and continue_final_message need a conversation: give messages, not prompt")
+        for name, value in (("tools", req.tools), ("tool_choice", req.tool_choice is not None),
+                            ("continue_final_message", req.continue_final_message)):
+            if value:
+                raise ValueError(f"{name} needs a conversation: give messages, not prompt")
         return pb.TokenizeRequest(text=req.prompt)
     out = pb.TokenizeRequest(messages=_conversation(req.messages, req))
     out.messages.continue_final_message = req.continue_final_message

@@ -178,8 +178,13 @@ def test_an_unknown_model_is_404(served):
     ({"include_stop_str_in_output": "yes"}, 400, "include_stop_str_in_output: Input should be a valid boolean"),
     ({"tool_choice": "sometimes"}, 400, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}, 400,
-     'response_format cannot be combined with tools: the answer\'s tool calls follow the tools\' schemas (set '
-     'tool_choice to "none"'),
+     'tools cannot be combined with a response format (response_format, structured_outputs or guided_*): the '
+     'answer\'s tool calls follow the tools\' schemas (set tool_choice to "none"'),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "guided_regex": "t5"}, 400,
+     "tools cannot be combined with a response format"),
+    ({"messages": [*CHAT, {"role": "assistant", "content": "t9"}], "continue_final_message": True,
+      "response_format": {"type": "json_object"}}, 400,
+     "response_format cannot be combined with continue_final_message: the format would hold the continuation alone"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                           "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,
      "messages[0].tool_calls[0].function.arguments is not JSON"),

@@ -24,6 +24,8 @@ def grpc_tokenize(served, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
 
 def test_a_prompt_tokenizes_as_over_grpc_and_detokenizes_back(served):
     r = post(served, "/tokenize", {"model": served.model, "prompt": "t5 t6 t7", "return_token_strs": True})
+    assert post(served, "/tokenize", {"model": "tiny-lora", "prompt": "t5 t6 t7"}).json()["tokens"] == \
+        r.json()["tokens"]  # an adapter tokenizes as its base model
     assert r.status_code == 200, r.text
     body = r.json()
     expected = grpc_tokenize(served, pb.TokenizeRequest(text="t5 t6 t7"))
@@ -54,7 +56,11 @@ def test_a_conversation_with_tools_counts_the_tools_as_generation_does(served):
     ("/tokenize", {"prompt": "t5", "add_generation_prompt": False}, 400, "add_generation_prompt=false is "
                                                                            "supported only with continue_final"),
     ("/tokenize", {"prompt": "t5", "add_special_tokens": False}, 400, "add_special_tokens=false is not supported"),
-    ("/tokenize", {"prompt": "t5", "tools": TOOLS}, 400, "tools and continue_final_message need a conversation"),
+    ("/tokenize", {"prompt": "t5", "tools": TOOLS}, 400, "tools needs a conversation: give messages, not prompt"),
+    ("/tokenize", {"prompt": "t5", "continue_final_message": True}, 400, "continue_final_message needs a "
+                                                                        "conversation"),
+    ("/tokenize", {"model": "no-such-adapter", "prompt": "t5"}, 404, "no-such-adapter"),
+    ("/detokenize", {"model": "no-such-adapter", "tokens": [5]}, 404, "no-such-adapter"),
     ("/tokenize", {"messages": CHAT, "tools": TOOLS * 2}, 400, "tools[1].function.name 'get_weather' is given twice"),
     ("/tokenize", {"messages": []}, 400, "messages is empty"),
     ("/detokenize", {"tokens": [5, 900]}, 400, "tokens[1]=900 is outside the vocabulary"),
