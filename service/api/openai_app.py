@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP front: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, vLLM's
-`POST /tokenize` and `POST /detokenize`, `GET /health`, `GET /metrics`, as a Starlette app served by uvicorn beside the gRPC server (`http_server`).
+`POST /tokenize` and `POST /detokenize`, `GET /health`, `GET /metrics`, as a Starlette app served by uvicorn beside
+the gRPC server (`http_server`).
 
 Every generation goes through the request path gRPC uses (`GenerationPath`): the body becomes a
 `GenerateRequest`, which is validated, admitted, traced, billed and submitted by the same code. Starting a
@@ -259,7 +260,8 @@ class OpenAIApp:
             if parsed.model is not None and parsed.model != self.f.base_model:
                 await anyio.to_thread.run_sync(self.f.path.converter.check_model, parsed.model, tenant,
                                                limiter=self.f.start_limiter)
-            return {"prompt": self.f.path.detokenize(parsed.tokens)}
+            text = await anyio.to_thread.run_sync(self.f.path.detokenize, parsed.tokens, limiter=self.f.start_limiter)
+            return {"prompt": text}
         return await self._small(request, run)
 
     async def _small(self, request: Request, run: Callable) -> Response:

@@ -29,6 +29,9 @@ SEEDS = 2**63
 # Choices of one call: `n` per prompt, for every prompt of a completion. Each is a request of its own to the engine
 # (they share the prompt's KV through the prefix cache) and counts against the tenant's concurrent requests.
 MAX_CHOICES = 64
+# Token ids in one list of a body (a prompt's, /detokenize's): past it the body is refused before its items are
+# checked, so a body of a million bad ids costs one error, not a million (the context window bounds them later).
+MAX_LIST_IDS = 1 << 18
 UInt = Annotated[int, Field(ge=0, le=U32)]
 PosInt = Annotated[int, Field(ge=1, le=U32)]
 ROLES = {"system": pb.CHAT_ROLE_SYSTEM, "developer": pb.CHAT_ROLE_SYSTEM, "user": pb.CHAT_ROLE_USER,
@@ -184,15 +187,19 @@ class TokenizeRequest(_Body):
     return_token_strs: bool = False
 
 
+TokenIds = Annotated[list[UInt], Field(max_length=MAX_LIST_IDS)]
+
+
 class DetokenizeRequest(_Body):
     """vLLM's /detokenize: token ids back to text."""
 
     model: str | None = None
-    tokens: list[UInt]
+    tokens: TokenIds
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[UInt] | list[list[UInt]]
+    prompt: str | Annotated[list[str], Field(max_length=MAX_CHOICES)] | TokenIds | Annotated[
+        list[TokenIds], Field(max_length=MAX_CHOICES)]
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -201,16 +208,14 @@ class CompletionRequest(_Sampling):
 
 def validation_message(e: ValidationError) -> str:
     """Pydantic's errors, at most three, each as `field.path: what is wrong`."""
-    parts: list[str] = []
+    parts: dict[str, None] = {}  # distinct, in order
     errors = e.errors(include_url=False)
     for err in errors:
         # A union's branches add their type to the location (`stop.list[str]`): the field's name is enough.
         loc = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"] if not _type_tag(x))
-        part = f"{loc.lstrip('.') or 'body'}: {err['msg']}"
-        if part not in parts:
-            parts.append(part)
+        parts[f"{loc.lstrip('.') or 'body'}: {err['msg']}"] = None
     more = len(parts) - 3
-    return "; ".join(parts[:3]) + (f" (and {more} more)" if more > 0 else "")
+    return "; ".join(list(parts)[:3]) + (f" (and {more} more)" if more > 0 else "")
 
 
 def _type_tag(x: object) -> bool:
@@ -329,11 +334,15 @@ def chat_request(req: ChatRequest, base_model: str) -> list[pb.GenerateRequest]:
                          "answer goes on from the last message); else the assistant's turn is always opened")
     _extra_format(req, out)
     fmt = req.response_format
-    calls = req.tools and req.tool_choice != "none"
-    if calls and (out.HasField("response_format") or (fmt is not None and fmt.type != "text")):
+    formatted = out.HasField("response_format") or (fmt is not None and fmt.type != "text")
+    if formatted and req.tools and req.tool_choice != "none":
         raise ValueError("tools cannot be combined with a response format (response_format, structured_outputs or "
                          "guided_*): the answer's tool calls follow the tools' schemas (set tool_choice to \"none\" "
                          "to use a response format with tools shown to the model)")
+    if formatted and req.continue_final_message:
+        raise ValueError("continue_final_message cannot be combined with a response format (response_format, "
+                         "structured_outputs or guided_*): the format would hold the continuation alone, not the "
+                         "answer begun with it")
     if fmt is not None and fmt.type != "text" and out.HasField("response_format"):
         raise ValueError("response_format and a structured output extra both set a format: give one of them")
     if fmt is not None and fmt.type == "json_object":
@@ -371,9 +380,9 @@ def tokenize_request(req: TokenizeRequest) -> pb.TokenizeRequest:
     if not req.add_generation_prompt and not req.continue_final_message:
         raise ValueError("add_generation_prompt=false is supported only with continue_final_message=true: the "
                          "tokens are those a generation sees, with the assistant's turn opened")
-    if not req.add_special_tokens:
-        raise ValueError("add_special_tokens=false is not supported by this server: the tokens are those a "
-                         "generation sees")
+    if not req.add_special_tokens and req.prompt is not None:  # a chat's rendering adds none anyway
+        raise ValueError("add_special_tokens=false is not supported for a prompt by this server: the tokens are "
+                         "those a generation sees")
     if req.prompt is not None:
         for name, value in (("tools", req.tools), ("tool_choice", req.tool_choice is not None),
                             ("continue_final_message", req.continue_final_message)):

@@ -186,8 +186,9 @@ def tool_set(messages: pb.ChatMessages) -> ToolSet | None:
             raise ValueError(f"messages.tool_choice.function {quote(choice.function, 70)} is not one of the "
                              f"request's tools ({', '.join(sorted(seen))})")
     elif choice.function:
-        raise ValueError(f"messages.tool_choice.function is set, but the mode is {pb.ToolChoiceMode.Name(choice.mode)}: "
-                         "name a function with TOOL_CHOICE_MODE_FUNCTION")
+        mode_name = pb.ToolChoiceMode.Name(choice.mode)
+        raise ValueError(f"messages.tool_choice.function is set, but the mode is {mode_name}: name a function with "
+                         "TOOL_CHOICE_MODE_FUNCTION")
     return ToolSet(tuple(tools), mode, choice.function, choice.single_call)
 
 

@@ -68,7 +68,8 @@ class StopStringMatcher:
 
     @property
     def text(self) -> str:
-        """Text released so far (never contains a stop string or a possible start of one)."""
+        """Text released so far: never a possible start of a stop string, nor a stop string but, when it is kept
+        (`include`), the one that ended the text, at its end."""
         return self._text[:self._emitted]
 
     def feed(self, delta: str, check: bool = True) -> str:

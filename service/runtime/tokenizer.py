@@ -104,6 +104,10 @@ def _merges_from_scores(
     return [(left, right) for _, left, right in ranked]
 
 
+# Appended to the content of a message the answer goes on from (continue_final_message): where the text is cut.
+_CONTINUE_MARK = "\u2063<<loraserve:continue>>\u2063"
+
+
 def _raise_exception(message: str) -> NoReturn:
     raise jinja2.TemplateError(message)
 
@@ -365,6 +369,12 @@ class Tokenizer:
         if self._template is None:
             raise ValueError("this model has no chat template: send a raw prompt instead of chat messages")
         _validate_messages(messages)
+        if continue_final_message:
+            # The text is cut where the last message's content ends: marked, so the cut cannot land on the same
+            # words elsewhere (an earlier turn, the template's own markers).
+            if not messages or _CONTINUE_MARK in messages[-1]["content"]:
+                raise ValueError("continue_final_message needs a last message to go on from")
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE_MARK}]
         try:
             text = self._template.render(
                 messages=messages,
@@ -377,13 +387,11 @@ class Tokenizer:
             raise ValueError(f"the chat template rejected the messages: {e}") from e
         if not continue_final_message:
             return text
-        final = messages[-1]["content"] if messages else ""
-        for content in (final, final.strip()):  # a template may trim what it writes
-            i = text.rfind(content) if content else -1
-            if i >= 0:
-                return text[:i + len(content)]
-        raise ValueError("the chat template does not write the last message's text as it is, so the answer cannot "
-                         "go on from it")
+        i = text.find(_CONTINUE_MARK)
+        if i < 0 or text.find(_CONTINUE_MARK, i + 1) >= 0:
+            raise ValueError("the chat template does not write the last message's text as it is, so the answer "
+                             "cannot go on from it")
+        return text[:i]
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     tools: list[dict] | None = None, continue_final_message: bool = False) -> list[int]:

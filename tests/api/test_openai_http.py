@@ -184,7 +184,10 @@ def test_an_unknown_model_is_404(served):
      "tools cannot be combined with a response format"),
     ({"messages": [*CHAT, {"role": "assistant", "content": "t9"}], "continue_final_message": True,
       "response_format": {"type": "json_object"}}, 400,
-     "response_format cannot be combined with continue_final_message: the format would hold the continuation alone"),
+     "continue_final_message cannot be combined with a response format (response_format, structured_outputs or "
+     "guided_*): the format would hold the continuation alone"),
+    ({"messages": [*CHAT, {"role": "assistant", "content": "t9"}], "continue_final_message": True,
+      "guided_regex": "t5"}, 400, "continue_final_message cannot be combined with a response format"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
                                                           "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,
      "messages[0].tool_calls[0].function.arguments is not JSON"),

@@ -67,6 +67,8 @@ def test_a_conversation_with_tools_counts_the_tools_as_generation_does(served):
     ("/detokenize", {"tokens": [5] * 512}, 400, "tokens has 512 ids; at most 511"),
     ("/detokenize", {"tokens": "t5"}, 400, "tokens: Input should be a valid array"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]: Input should be greater than or equal to 0"),
+    ("/tokenize", {"prompt": "t5", "add_special_tokens": False}, 400, "add_special_tokens=false is not supported "
+                                                                        "for a prompt"),
 ])
 def test_bad_input_is_refused_naming_what_was_wrong(served, path, body, status, words):
     r = post(served, path, body)
@@ -92,3 +94,22 @@ def test_a_chat_that_continues_its_last_message_is_billed_the_tokens_tokenize_co
     r = post(served, "/v1/chat/completions", {"model": served.model, "messages": begun, "continue_final_message": True,
                                                "add_generation_prompt": False, "temperature": 0, "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == counted["count"], r.text
+
+
+def test_a_huge_list_of_bad_ids_is_refused_by_its_length_at_once(served):
+    """A 4 MiB body of a million bad ids costs one error: the list's length is checked before its items (before,
+    each bad id made an error of its own, seconds of work on the front's event loop)."""
+    import time
+
+    for path, body in (("/detokenize", {"tokens": [-1] * 1_000_000}),
+                       ("/v1/completions", {"model": served.model, "prompt": [-1] * 1_000_000})):
+        t = time.perf_counter()
+        r = post(served, path, body)
+        assert r.status_code == 400 and "List should have at most 262144 items" in r.text, r.text[:300]
+        assert len(r.json()["error"]["message"]) < 300
+        print(path, round(time.perf_counter() - t, 2), "s")  # informative only: no timed assertion
+
+
+def test_a_chat_tokenizes_with_add_special_tokens_false_as_vllm_sends_it(served):
+    plain = post(served, "/tokenize", {"messages": CHAT}).json()
+    assert post(served, "/tokenize", {"messages": CHAT, "add_special_tokens": False}).json() == plain

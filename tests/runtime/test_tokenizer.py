@@ -131,11 +131,29 @@ def test_continuing_the_final_message_matches_transformers(ours: Tokenizer, refe
     assert ours.encode_chat(messages, continue_final_message=True) == ours.encode(text, add_special_tokens=False)
 
 
-def test_a_template_that_rewrites_the_final_message_cannot_continue_it() -> None:
+def test_the_cut_is_where_the_last_message_ends_even_if_its_words_come_elsewhere(ours: Tokenizer) -> None:
+    """A prefill that the template's markers also hold, or that an earlier turn said too, is cut after the last
+    message, not at another place with the same text."""
+    for prefill in ("<", "end", "im_"):
+        text = ours.apply_chat_template([*QUESTION, {"role": "assistant", "content": prefill}],
+                                        continue_final_message=True)
+        assert text.endswith("<|im_start|>assistant\n" + prefill), (prefill, text)
+    shots = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Answer: 4"},
+             {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "Answer: "}]
+    trimming = template_tokenizer("{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</{{ m.role }}>"
+                                  "{% endfor %}")
+    assert trimming.apply_chat_template(shots, continue_final_message=True) == \
+        "<user>2+2?</user><assistant>Answer: 4</assistant><user>3+3?</user><assistant>Answer: "
+
+
+def template_tokenizer(template: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import models
-    tok = Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                    chat_template="{% for m in messages %}{{ m.content | upper }}{% endfor %}")
+    return Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template)
+
+
+def test_a_template_that_rewrites_the_final_message_cannot_continue_it() -> None:
+    tok = template_tokenizer("{% for m in messages %}{{ m.content | upper }}{% endfor %}")
     with pytest.raises(ValueError, match="does not write the last message's text as it is"):
         tok.apply_chat_template([{"role": "assistant", "content": "abc"}], continue_final_message=True)
 
