@@ -172,7 +172,11 @@ def cmd_call(args: argparse.Namespace) -> int:
         if said or not calls:  # an answer of calls alone prints only them
             sys.stdout.write("\n")
         for call in calls:
-            print(f"tool_call {call.name} {call.arguments}")
+            try:  # one line a call: the arguments as compact JSON (as the model wrote them if they do not parse)
+                arguments = json.dumps(json.loads(call.arguments), ensure_ascii=False)
+            except ValueError:
+                arguments = call.arguments
+            print(f"tool_call {call.name} {arguments}")
         return 0
 
     return run_remote(go, args)

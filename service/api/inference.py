@@ -62,6 +62,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 msg.logprobs.extend(self.converter.logprobs(out.new_logprobs))
             if out.prompt_logprobs:
                 msg.prompt_logprobs.extend(self.converter.logprobs(out.prompt_logprobs))
+            for d in out.tool_call_deltas or ():
+                msg.tool_call_deltas.add(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
             final = out.final
             if final is not None:
                 msg.finish_reason = convert.finish_reason(final, out.tool_calls)

@@ -426,19 +426,19 @@ class OpenAIApp:
                 gen = gens[i]
                 final = out.final
                 wants_logprobs = gen.handle.spec.sampling.logprobs is not None
-                if not out.new_text and final is None and (not out.new_token_ids or (
+                if not out.new_text and final is None and not out.tool_call_deltas and (not out.new_token_ids or (
                         gen.handle.transform is not None and not first[i] and not wants_logprobs)):
-                    continue  # nothing to say (a tool call's tokens are held until its end)
+                    continue  # nothing to say (a tool call's tokens whose text is held)
                 choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final, out.tool_calls),
                                           "logprobs": None}
                 lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
                 if chat:
                     delta: dict[str, Any] = {"role": "assistant"} if first[i] else {}
-                    if out.tool_calls:  # on the last chunk: each call whole, arguments and all
+                    if out.tool_call_deltas:  # calls as they are written: openings, then pieces of arguments
                         if out.new_text:
                             delta["content"] = out.new_text
-                        delta["tool_calls"] = oa.tool_calls(out.tool_calls, streamed=True)
-                    else:
+                        delta["tool_calls"] = oa.tool_call_deltas(out.tool_call_deltas)
+                    elif out.new_text or not out.tool_calls:  # a last chunk after calls says only how it ended
                         delta["content"] = out.new_text
                     choice["delta"] = delta
                     if wants_logprobs:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from service.api.convert import MAX_LABELS, MAX_MESSAGES, MAX_PRIORITY
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.tools import MAX_TOOL_CALLS, MAX_TOOLS
-from service.engine.outputs import FinalOutput, ToolCall
+from service.engine.outputs import FinalOutput, ToolCall, ToolCallDelta
 from service.engine.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
 from service.engine.types import FinishReason
 
@@ -457,12 +457,23 @@ def finish_reason(final: FinalOutput | None, calls: list[ToolCall] | None = None
     return FINISH.get(final.finish_reason, "stop")
 
 
-def tool_calls(calls: list[ToolCall], streamed: bool = False) -> list[dict[str, Any]]:
-    """OpenAI's `tool_calls` of a message (or, `streamed`, of a chunk's delta: each with its index)."""
-    out = []
-    for k, c in enumerate(calls):
-        call = {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        out.append({"index": k, **call} if streamed else call)
+def tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls` of a message."""
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+def tool_call_deltas(deltas: list[ToolCallDelta]) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls` of a chunk's delta: a call's opening with its index, id, type and name, then pieces of
+    its arguments with its index alone (one entry per call and chunk: a chunk's pieces of a call are joined)."""
+    out: list[dict[str, Any]] = []
+    for d in deltas:
+        if d.id:
+            out.append({"index": d.index, "id": d.id, "type": "function",
+                        "function": {"name": d.name, "arguments": d.arguments}})
+        elif out and out[-1]["index"] == d.index:
+            out[-1]["function"]["arguments"] += d.arguments
+        else:
+            out.append({"index": d.index, "function": {"arguments": d.arguments}})
     return out
 
 

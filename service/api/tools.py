@@ -31,7 +31,7 @@ from typing import Any
 
 from adapters.errors import quote
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
-from service.engine.outputs import RequestOutput, ToolCall
+from service.engine.outputs import RequestOutput, ToolCall, ToolCallDelta
 from service.engine.structured import MAX_FORMAT_BYTES, FormatKind, ResponseFormat
 from service.engine.types import FinishReason
 from service.runtime.structured import check_json_schema
@@ -342,52 +342,145 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
+# A call's opening as the format writes it, up to where its arguments begin (white space as the model may place
+# it when a template's own format is followed without the grammar)
+_HEADER = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
+_MAX_HEADER = 200  # characters after which a `<tool_call>` that has not opened a call is text
+_CLOSE = re.compile(r"\}\s*</tool_call>")
+
+
 class ToolCallParser:
-    """One answer's outputs, read in order (`apply`): text before the first call goes out as it comes, held back
-    only while its tail could be the start of `<tool_call>`; from the first call on, text is held, and the final
-    output carries the calls (`tool_calls`) and the rest of what the answer says (its final text is that too)."""
+    """One answer's outputs, read in order (`apply`), its calls streamed as they are written:
+    - text outside calls goes out as it comes, held back only while its tail could be the start of `<tool_call>`;
+    - once a call's opening (`<tool_call>` and `{"name": "...", "arguments": `) is complete, the output carries a
+      `ToolCallDelta` with the call's index, new id and name; then its arguments as they come, each piece in a
+      delta of its own, held back only while the tail could be the call's close (`}` and `</tool_call>`);
+    - the final output carries every call whole (`tool_calls`: their arguments are the pieces joined) and its text
+      becomes what the answer says besides them, without the white space around them.
+    An opening that does not come within 200 characters (text that only looks like a call, or a name that is not
+    one of the tools) is text, held to the end and parsed there (`split_calls`: calls it finds then come whole in
+    the final output's deltas too). A call cut short by max_tokens keeps the arguments it has."""
 
     def __init__(self, names: frozenset[str]) -> None:
         self._names = names
-        self._held: list[str] = []  # text not released: a possible start of the tag, or everything from a call on
-        self._calling = False  # a call began: everything from it on is held until the end
+        self._state = "text"  # text, opening (a call's opening being written), arguments, held (to the end)
+        self._buf = ""  # text not released in this state (short, but in state held)
+        self._args: list[str] = []  # the current call's arguments released so far
         self._released: list[str] = []
+        self._calls: list[ToolCall] = []
+        self._open: ToolCallDelta | None = None  # the call whose arguments are being written
+        self._deltas: list[ToolCallDelta] = []  # not handed out yet
 
     def feed(self, delta: str) -> str:
-        """The part of the text so far that can go out now."""
-        if self._calling:
-            self._held.append(delta)  # joined once, at the end
-            return ""
-        text = "".join(self._held) + delta  # what is held here is shorter than the tag
-        i = text.find(CALL_BEGIN)
-        if i >= 0:
-            self._calling = True
-            out, held = text[:i], text[i:]
-        else:
-            keep = _partial_suffix(text, CALL_BEGIN)
-            out, held = text[:len(text) - keep], text[len(text) - keep:]
-        self._held = [held] if held else []
-        if out:
-            self._released.append(out)
-        return out
+        """The answer's text that can go out now; the calls' pieces gathered for `apply`."""
+        out: list[str] = []
+        self._buf += delta
+        while self._step(out):
+            pass
+        text = "".join(out)
+        if text:
+            self._released.append(text)
+        return text
+
+    def _step(self, out: list[str]) -> bool:
+        """Advance through what is buffered; True when the state changed (go on), False to wait for more text."""
+        buf = self._buf
+        if self._state == "text":
+            i = buf.find(CALL_BEGIN)
+            if i < 0:
+                cut = len(buf) - _partial_suffix(buf, CALL_BEGIN)
+                if self._calls and not buf[:cut].strip():
+                    return False  # white space after a call: text only if more text follows it
+                out.append(buf[:cut])
+                self._buf = buf[cut:]
+                return False
+            if not self._calls or buf[:i].strip():  # (the white space between calls is no text)
+                out.append(buf[:i])
+            self._buf, self._state = buf[i:], "opening"
+            return True
+        if self._state == "opening":
+            m = _HEADER.match(buf)
+            if m is not None and m.end() < len(buf) and m.group(1) in self._names:
+                self._open = ToolCallDelta(len(self._calls), f"call_{secrets.token_hex(12)}", m.group(1), "")
+                self._deltas.append(self._open)
+                self._args = []
+                self._buf, self._state = buf[m.end():], "arguments"
+                return True
+            if (m is not None and m.group(1) not in self._names) or len(buf) > _MAX_HEADER:
+                self._state = "held"
+            return False
+        if self._state == "arguments":
+            m = _CLOSE.search(buf)
+            if m is not None:
+                self._piece(buf[:m.start()])
+                self._close()
+                self._buf, self._state = buf[m.end():], "text"
+                return True
+            j = buf.rfind("}")
+            hold = j if j >= 0 and _could_close(buf[j:]) else len(buf)
+            self._piece(buf[:hold])
+            self._buf = buf[hold:]
+            return False
+        return False  # held: everything waits for the end
+
+    def _piece(self, text: str) -> None:
+        if text:
+            assert self._open is not None
+            self._args.append(text)
+            self._deltas.append(ToolCallDelta(self._open.index, "", "", text))
+
+    def _close(self) -> None:
+        opened, self._open = self._open, None
+        assert opened is not None
+        self._calls.append(ToolCall(opened.id, opened.name, "".join(self._args)))
 
     def apply(self, out: RequestOutput) -> None:
-        """Rewrite one output in place (the reader's thread, in order). The final text of an answer with calls is
-        what it says besides them, without the white space around them (the stream has sent it as it came)."""
+        """Rewrite one output in place (the reader's thread, in order)."""
         out.new_text = self.feed(out.new_text)
         final = out.final
-        if final is None or final.finish_reason not in _ANSWERED:
-            return
-        held = "".join(self._held)
-        self._held = []
-        tail, calls = split_calls(held, self._names) if self._calling else (held, [])
-        said = "".join(self._released) + tail
-        if calls:
-            said = said.strip()
-            tail = tail if tail.strip() else ""
+        if final is not None and final.finish_reason in _ANSWERED:
+            self._finish(out)
+        out.tool_call_deltas, self._deltas = (self._deltas or None), []
+        if final is not None and final.finish_reason in _ANSWERED:
+            said = "".join(self._released)
+            out.final = replace(final, text=said.strip() if self._calls else said)
+            out.tool_calls = self._calls
+
+    def _finish(self, out: RequestOutput) -> None:
+        """The answer ended: what is buffered is released, parsed, or ends the call it belongs to."""
+        buf, self._buf = self._buf, ""
+        tail = buf
+        if self._state == "arguments":  # cut short (max_tokens, a stop string): the call keeps what it has
+            j = buf.rfind("}")
+            if j >= 0 and _could_close(buf[j:]) and _is_json("".join(self._args) + buf[:j]):
+                buf = buf[:j]  # what follows the arguments is the start of the call's close
+            self._piece(buf)
+            self._close()
+            tail = ""
+        elif self._state in ("opening", "held"):
+            tail, found = split_calls(buf, self._names)
+            for call in found:
+                self._deltas.append(ToolCallDelta(len(self._calls), call.id, call.name, call.arguments))
+                self._calls.append(call)
+        if self._calls and not tail.strip():
+            tail = ""
+        if tail:
+            self._released.append(tail)
         out.new_text += tail
-        out.final = replace(final, text=said)
-        out.tool_calls = calls
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _could_close(text: str) -> bool:
+    """`text` (from a `}`) could still grow into a call's close: `}`, white space, a start of `</tool_call>`."""
+    rest = text[1:].lstrip()
+    return CALL_END.startswith(rest)
 
 
 def _partial_suffix(text: str, marker: str) -> int:

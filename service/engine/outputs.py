@@ -63,6 +63,17 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a call as it is written: its opening (index, id and name, no arguments yet), or a piece of its
+    arguments (index alone: id and name empty). The pieces of a call's arguments, joined, are its arguments."""
+
+    index: int  # the call's place among the answer's calls, from 0
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class FinalOutput:
     """A finished request, however it ended."""
 
@@ -106,6 +117,8 @@ class RequestOutput:
     # On the final output of a chat with tools: the calls its text held (set by the reader's tool parser; the
     # final's text is then what the answer says besides them)
     tool_calls: list[ToolCall] | None = None
+    # With tools: the calls' pieces written in this output (openings, arguments), as they came
+    tool_call_deltas: list[ToolCallDelta] | None = None
 
     @property
     def finished(self) -> bool:

@@ -64,7 +64,7 @@ def test_several_calls_with_text_between_and_after_them():
     released, last = run([CALL, "\n", CALL2, "\nDone."])
     assert [c.name for c in last.tool_calls] == ["get_weather", "get_time"]
     assert len({c.id for c in last.tool_calls}) == 2
-    assert "".join(released) == "\n\nDone." and last.final.text == "Done."  # what it says besides its calls
+    assert "".join(released) == "\nDone." and last.final.text == "Done."  # what it says besides its calls
 
 
 def test_an_answer_of_calls_alone_has_no_text():
@@ -72,17 +72,47 @@ def test_an_answer_of_calls_alone_has_no_text():
     assert "".join(released) == "" and last.final.text == "" and len(last.tool_calls) == 2
 
 
+def test_a_call_cut_short_keeps_the_arguments_it_has():
+    cut = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'
+    released, last = run([CALL, "\n", cut], FinishReason.LENGTH)
+    assert [(c.name, c.arguments) for c in last.tool_calls] == [("get_weather", '{"city": "Paris"}'),
+                                                              ("get_weather", '{"city": "Par')]
+    assert "".join(released) == "" and last.final.text == ""
+    # cut after its arguments, in its close: the arguments are whole
+    released, last = run([CALL2[:-8]], FinishReason.LENGTH)
+    assert [(c.name, c.arguments) for c in last.tool_calls] == [("get_time", '{"city": "Oslo"}')]
+
+
 @pytest.mark.parametrize("bad", [
-    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',  # cut short by max_tokens
     '<tool_call>\n{"name": "launch", "arguments": {}}\n</tool_call>',  # not one of the tools
-    '<tool_call>\n{"name": "get_weather", "arguments": [1]}\n</tool_call>',  # arguments not an object
-    '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool',  # no end tag
-    '<tool_call>\nget_weather(city="Paris")\n</tool_call>',  # not JSON
+    '<tool_call>\nget_weather(city="Paris")\n</tool_call>',  # not the format
 ])
-def test_a_call_that_does_not_parse_stays_text_and_the_calls_before_it_count(bad):
-    released, last = run([CALL, "\n", bad], FinishReason.LENGTH)
+def test_text_that_only_looks_like_a_call_stays_text_and_the_calls_before_it_count(bad):
+    released, last = run([CALL, "\n", bad])
     assert [c.name for c in last.tool_calls] == ["get_weather"]
-    assert "".join(released) == "\n" + bad and last.final.text == bad
+    assert "".join(released) == bad == last.final.text  # (the line break between calls is no text)
+
+
+@pytest.mark.parametrize("pieces", splits("Sure. " + CALL + "\n" + CALL2 + "\nDone."))
+def test_calls_stream_as_they_are_written_and_join_to_the_final_calls(pieces):
+    """Each call's opening (index, id, name) comes once its name is written, then its arguments piece by piece; the
+    pieces joined are the final call's arguments, however the text is cut."""
+    parser = tools.ToolCallParser(NAMES)
+    deltas, released = [], []
+    for k, piece in enumerate(pieces):
+        out = RequestOutput("r", [k], piece, final=final() if k == len(pieces) - 1 else None)
+        parser.apply(out)
+        deltas.extend(out.tool_call_deltas or [])
+        released.append(out.new_text)
+    calls = out.tool_calls
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"}),
+                                                                  ("get_time", {"city": "Oslo"})]
+    for c_index, call in enumerate(calls):
+        mine = [d for d in deltas if d.index == c_index]
+        assert (mine[0].id, mine[0].name, mine[0].arguments) == (call.id, call.name, "")
+        assert all(d.id == "" and d.name == "" for d in mine[1:])
+        assert "".join(d.arguments for d in mine) == call.arguments
+    assert "".join(released) == "Sure. \nDone." and out.final.text == "Sure. \nDone."
 
 
 def test_parameters_is_taken_for_arguments():

@@ -80,6 +80,9 @@ def test_a_tool_call_over_grpc_and_the_cli(served, tmp_path):
         assert "".join(m.text for m in messages) == ""  # the call's text is never streamed as text
         assert [m.tool_calls for m in messages[:-1]] == [[]] * (len(messages) - 1)
         assert [(t.name, t.arguments) for t in messages[-1].tool_calls] == [(call.name, call.arguments)]
+        deltas = [d for m in messages for d in m.tool_call_deltas]  # the call as it was written
+        assert deltas[0].name == "get_weather" and deltas[0].id == messages[-1].tool_calls[0].id
+        assert len(deltas) > 2 and "".join(d.arguments for d in deltas) == call.arguments
         assert messages[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS
         # the tools are in the prompt: Tokenize counts them as Generate does
         assert r.usage.input_tokens > c.generate(ask, chat=True, max_tokens=1).usage.input_tokens + 50

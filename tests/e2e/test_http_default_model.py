@@ -88,7 +88,9 @@ def test_a_tool_call_round_trip_with_the_official_client(served):
     assert answer.choices[0].message.tool_calls is None and "18" in answer.choices[0].message.content, answer
 
 
-def test_a_streamed_tool_call_comes_whole_in_the_last_chunk(served):
+def test_a_streamed_tool_call_comes_as_it_is_written(served):
+    """As OpenAI streams calls: the call's opening (index, id, name) in one chunk, then its arguments piece by piece
+    in the chunks after it; joined, they are the unary answer's call."""
     model = served.client.models.list().data[0].id
     ask = [{"role": "user", "content": "Is it cold in Oslo?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
@@ -97,12 +99,15 @@ def test_a_streamed_tool_call_comes_whole_in_the_last_chunk(served):
     chunks = list(served.client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], temperature=0,
                                                         tool_choice=named, max_tokens=48, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
-    assert [c.choices[0].delta.tool_calls for c in chunks[:-1]] == [None] * (len(chunks) - 1)
-    assert chunks[-1].choices[0].delta.content is None  # the answer says nothing besides its call
-    (call,) = chunks[-1].choices[0].delta.tool_calls
-    assert call.index == 0 and call.function.name == "get_weather" and chunks[-1].choices[0].finish_reason == \
-        "tool_calls"
-    assert call.function.arguments == unary.choices[0].message.tool_calls[0].function.arguments
+    pieces = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
+    assert len(pieces) >= 3  # the opening and more than one piece of arguments: streamed, not whole at the end
+    opening, rest = pieces[0], pieces[1:]
+    assert (opening.index, opening.type, opening.function.name) == (0, "function", "get_weather")
+    assert opening.id.startswith("call_") and all(p.index == 0 and p.id is None for p in rest)
+    arguments = opening.function.arguments + "".join(p.function.arguments for p in rest)
+    assert arguments == unary.choices[0].message.tool_calls[0].function.arguments
+    assert json.loads(arguments) == {"city": "Oslo"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
     # auto: a question the tool does not answer gets a text answer, as it would without tools
     plain = served.client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
                                                   tools=[WEATHER], temperature=0, max_tokens=24)
