@@ -346,19 +346,20 @@ def _skip_space(text: str, pos: int) -> int:
 # it when a template's own format is followed without the grammar)
 _HEADER = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*"([A-Za-z0-9_-]{1,64})"\s*,\s*"arguments"\s*:\s*')
 _MAX_HEADER = 200  # characters after which a `<tool_call>` that has not opened a call is text
-_CLOSE = re.compile(r"\}\s*</tool_call>")
+_CLOSE = re.compile(r"\s*\}\s*</tool_call>")  # what follows a call's arguments
 
 
 class ToolCallParser:
     """One answer's outputs, read in order (`apply`), its calls streamed as they are written:
     - text outside calls goes out as it comes, held back only while its tail could be the start of `<tool_call>`;
-    - once a call's opening (`<tool_call>` and `{"name": "...", "arguments": `) is complete, the output carries a
+    - once a call's opening (`<tool_call>` and `{"name": "...", "arguments": {`) is complete, the output carries a
       `ToolCallDelta` with the call's index, new id and name; then its arguments as they come, each piece in a
-      delta of its own, held back only while the tail could be the call's close (`}` and `</tool_call>`);
+      delta of its own, up to where their JSON object ends (braces counted outside strings, so a `}` or a
+      `</tool_call>` inside a string value is no end); then the call's close (`}` and `</tool_call>`);
     - the final output carries every call whole (`tool_calls`: their arguments are the pieces joined) and its text
       becomes what the answer says besides them, without the white space around them.
-    An opening that does not come within 200 characters (text that only looks like a call, or a name that is not
-    one of the tools) is text, held to the end and parsed there (`split_calls`: calls it finds then come whole in
+    An opening that does not come within 200 characters (text that only looks like a call, a name that is not one
+    of the tools, arguments that are not an object) is text, held to the end and parsed there (`split_calls`: calls it finds then come whole in
     the final output's deltas too). A call cut short by max_tokens keeps the arguments it has."""
 
     def __init__(self, names: frozenset[str]) -> None:
@@ -369,6 +370,7 @@ class ToolCallParser:
         self._released: list[str] = []
         self._calls: list[ToolCall] = []
         self._open: ToolCallDelta | None = None  # the call whose arguments are being written
+        self._scan = _JsonEnd()  # where its arguments end
         self._deltas: list[ToolCallDelta] = []  # not handed out yet
 
     def feed(self, delta: str) -> str:
@@ -400,27 +402,30 @@ class ToolCallParser:
             return True
         if self._state == "opening":
             m = _HEADER.match(buf)
-            if m is not None and m.end() < len(buf) and m.group(1) in self._names:
+            if m is not None and m.end() < len(buf) and m.group(1) in self._names and buf[m.end()] == "{":
                 self._open = ToolCallDelta(len(self._calls), f"call_{secrets.token_hex(12)}", m.group(1), "")
                 self._deltas.append(self._open)
-                self._args = []
+                self._args, self._scan = [], _JsonEnd()
                 self._buf, self._state = buf[m.end():], "arguments"
                 return True
-            if (m is not None and m.group(1) not in self._names) or len(buf) > _MAX_HEADER:
-                self._state = "held"
+            if m is not None and m.end() < len(buf) or len(buf) > _MAX_HEADER:
+                self._state = "held"  # not one of the tools, arguments that are no object, or no opening at all
             return False
-        if self._state == "arguments":
-            m = _CLOSE.search(buf)
-            if m is not None:
-                self._piece(buf[:m.start()])
-                self._close()
-                self._buf, self._state = buf[m.end():], "text"
-                return True
-            j = buf.rfind("}")
-            hold = j if j >= 0 and _could_close(buf[j:]) else len(buf)
-            self._piece(buf[:hold])
-            self._buf = buf[hold:]
-            return False
+        if self._state == "arguments":  # the arguments' JSON, released as it comes, up to where the object ends
+            end = self._scan.feed(buf)
+            self._piece(buf if end < 0 else buf[:end])
+            self._buf = "" if end < 0 else buf[end:]
+            if end < 0:
+                return False
+            self._state = "closing"
+            return True
+        if self._state == "closing":  # `}` and `</tool_call>`, white space around them
+            m = _CLOSE.match(buf)
+            if m is None and _could_close(buf):
+                return False
+            self._close()  # (a close the grammar would not let through: the call ends anyway)
+            self._buf, self._state = (buf[m.end():] if m is not None else buf), "text"
+            return True
         return False  # held: everything waits for the end
 
     def _piece(self, text: str) -> None:
@@ -450,11 +455,7 @@ class ToolCallParser:
         """The answer ended: what is buffered is released, parsed, or ends the call it belongs to."""
         buf, self._buf = self._buf, ""
         tail = buf
-        if self._state == "arguments":  # cut short (max_tokens, a stop string): the call keeps what it has
-            j = buf.rfind("}")
-            if j >= 0 and _could_close(buf[j:]) and _is_json("".join(self._args) + buf[:j]):
-                buf = buf[:j]  # what follows the arguments is the start of the call's close
-            self._piece(buf)
+        if self._state in ("arguments", "closing"):  # cut short (max_tokens, a stop string): it keeps what it has
             self._close()
             tail = ""
         elif self._state in ("opening", "held"):
@@ -469,18 +470,40 @@ class ToolCallParser:
         out.new_text += tail
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
+class _JsonEnd:
+    """Finds where a JSON object ends in text that comes in pieces: braces and brackets counted outside strings (a
+    `}` or `</tool_call>` inside a string value is no end)."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text: str) -> int:
+        """The index in `text` just after the object's last character, or -1 if it goes on past `text`."""
+        for i, c in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return -1
 
 
 def _could_close(text: str) -> bool:
-    """`text` (from a `}`) could still grow into a call's close: `}`, white space, a start of `</tool_call>`."""
-    rest = text[1:].lstrip()
-    return CALL_END.startswith(rest)
+    """`text` could still grow into a call's close: white space, `}`, white space, a start of `</tool_call>`."""
+    rest = text.lstrip()
+    return not rest or (rest[0] == "}" and CALL_END.startswith(rest[1:].lstrip()))
 
 
 def _partial_suffix(text: str, marker: str) -> int:

@@ -115,6 +115,28 @@ def test_calls_stream_as_they_are_written_and_join_to_the_final_calls(pieces):
     assert "".join(released) == "Sure. \nDone." and out.final.text == "Sure. \nDone."
 
 
+TRICKY = '{"note": "a } and }\\n</tool_call> \\"quoted\\" {", "list": [{"x": [1, {"y": "]"}]}], "e": "\\\\"}'
+
+
+@pytest.mark.parametrize("pieces", splits(f'<tool_call>\n{{"name": "get_time", "arguments": {TRICKY}}}\n</tool_call>'))
+def test_arguments_end_where_their_object_ends_not_at_a_brace_or_tag_inside_a_string(pieces):
+    deltas = []
+    parser = tools.ToolCallParser(NAMES)
+    for k, piece in enumerate(pieces):
+        out = RequestOutput("r", [k], piece, final=final() if k == len(pieces) - 1 else None)
+        parser.apply(out)
+        deltas.extend(out.tool_call_deltas or [])
+    assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_time", TRICKY)]
+    assert "".join(d.arguments for d in deltas) == TRICKY and json.loads(TRICKY)["e"] == "\\"
+    assert out.final.text == ""
+
+
+def test_arguments_that_are_no_object_make_no_call():
+    text = '<tool_call>\n{"name": "get_time", "arguments": "now"}\n</tool_call>'
+    released, last = run([text])
+    assert last.tool_calls == [] and last.final.text == text == "".join(released)
+
+
 def test_parameters_is_taken_for_arguments():
     text = '<tool_call>{"name": "get_time", "parameters": {"city": "Rome"}}</tool_call>'
     said, calls = tools.split_calls(text, NAMES)
