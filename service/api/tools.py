@@ -371,6 +371,7 @@ class ToolCallParser:
         self._calls: list[ToolCall] = []
         self._open: ToolCallDelta | None = None  # the call whose arguments are being written
         self._scan = _JsonEnd()  # where its arguments end
+        self._said = False  # text other than white space released since the last call
         self._deltas: list[ToolCallDelta] = []  # not handed out yet
 
     def feed(self, delta: str) -> str:
@@ -391,12 +392,13 @@ class ToolCallParser:
             i = buf.find(CALL_BEGIN)
             if i < 0:
                 cut = len(buf) - _partial_suffix(buf, CALL_BEGIN)
-                if self._calls and not buf[:cut].strip():
+                if self._calls and not self._said and not buf[:cut].strip():
                     return False  # white space after a call: text only if more text follows it
                 out.append(buf[:cut])
+                self._said = self._said or bool(buf[:cut].strip())
                 self._buf = buf[cut:]
                 return False
-            if not self._calls or buf[:i].strip():  # (the white space between calls is no text)
+            if not self._calls or self._said or buf[:i].strip():  # (the white space between calls is no text)
                 out.append(buf[:i])
             self._buf, self._state = buf[i:], "opening"
             return True
@@ -435,6 +437,7 @@ class ToolCallParser:
             self._deltas.append(ToolCallDelta(self._open.index, "", "", text))
 
     def _close(self) -> None:
+        self._said = False
         opened, self._open = self._open, None
         assert opened is not None
         self._calls.append(ToolCall(opened.id, opened.name, "".join(self._args)))
@@ -455,6 +458,12 @@ class ToolCallParser:
         """The answer ended: what is buffered is released, parsed, or ends the call it belongs to."""
         buf, self._buf = self._buf, ""
         tail = buf
+        m = _HEADER.match(buf) if self._state == "opening" else None
+        if m is not None and m.end() == len(buf) and m.group(1) in self._names:  # cut short right after its opening
+            self._open = ToolCallDelta(len(self._calls), f"call_{secrets.token_hex(12)}", m.group(1), "")
+            self._deltas.append(self._open)
+            self._args = []
+            self._state = "arguments"
         if self._state in ("arguments", "closing"):  # cut short (max_tokens, a stop string): it keeps what it has
             self._close()
             tail = ""
@@ -463,7 +472,7 @@ class ToolCallParser:
             for call in found:
                 self._deltas.append(ToolCallDelta(len(self._calls), call.id, call.name, call.arguments))
                 self._calls.append(call)
-        if self._calls and not tail.strip():
+        if self._calls and not self._said and not tail.strip():
             tail = ""
         if tail:
             self._released.append(tail)

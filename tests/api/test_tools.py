@@ -78,6 +78,11 @@ def test_a_call_cut_short_keeps_the_arguments_it_has():
     assert [(c.name, c.arguments) for c in last.tool_calls] == [("get_weather", '{"city": "Paris"}'),
                                                               ("get_weather", '{"city": "Par')]
     assert "".join(released) == "" and last.final.text == ""
+    # cut right after its opening: a call with no arguments yet, as one cut a character later has "{"
+    for cut in ('<tool_call>\n{"name": "get_time", "arguments": ', '<tool_call>\n{"name": "get_time", "arguments": {'):
+        released, last = run([CALL, "\n", cut], FinishReason.LENGTH)
+        assert [c.arguments for c in last.tool_calls] == ['{"city": "Paris"}', cut[cut.index("arguments") + 12:]]
+        assert "".join(released) == "" == last.final.text
     # cut after its arguments, in its close: the arguments are whole
     released, last = run([CALL2[:-8]], FinishReason.LENGTH)
     assert [(c.name, c.arguments) for c in last.tool_calls] == [("get_time", '{"city": "Oslo"}')]
@@ -129,6 +134,12 @@ def test_arguments_end_where_their_object_ends_not_at_a_brace_or_tag_inside_a_st
     assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_time", TRICKY)]
     assert "".join(d.arguments for d in deltas) == TRICKY and json.loads(TRICKY)["e"] == "\\"
     assert out.final.text == ""
+
+
+@pytest.mark.parametrize("pieces", splits(CALL + "a " + CALL2 + "b"))
+def test_the_text_between_calls_does_not_depend_on_how_it_was_cut(pieces):
+    released, last = run(pieces)
+    assert "".join(released) == "a b" == last.final.text and len(last.tool_calls) == 2
 
 
 def test_arguments_that_are_no_object_make_no_call():
