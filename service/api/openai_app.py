@@ -235,6 +235,8 @@ class OpenAIApp:
         try:
             tenant = self.f.auth.authenticate_header(request.headers.get("authorization"))
             data = await anyio.to_thread.run_sync(self.f.list_models, tenant, limiter=self.f.start_limiter)
+            for model in data:  # as vLLM lists it: prompt + max_tokens must fit
+                model["max_model_len"] = self.f.path.converter.max_model_len
         except Exception as e:
             return self._error(e, request, t0)
         return JSONResponse({"object": "list", "data": data})
@@ -321,7 +323,9 @@ class OpenAIApp:
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + rid.removeprefix("req-"), "created": int(time.time()),
                 "model": parsed.model}
         if parsed.stream:
-            usage = parsed.stream_options is not None and parsed.stream_options.include_usage
+            options = parsed.stream_options
+            usage = "continuous" if options is not None and options.include_usage and options.continuous_usage_stats \
+                else "last" if options is not None and options.include_usage else None
             # The background task ends the call if the stream never started (a client gone before its first
             # byte): an async generator that never ran never runs its `finally` either.
             return StreamingResponse(self._stream(gens, call, meta, chat, usage, parsed.n, pbreqs, echo),
@@ -412,15 +416,17 @@ class OpenAIApp:
             self.f.path.converter.tokenizer.decode(list(ids), skip_special_tokens=False)
         return text, self.f.path.converter.tokenizer.decode([ids[0]], skip_special_tokens=False)
 
-    async def _stream(self, gens: list[Generation], call: HttpCall, meta: dict, chat: bool, include_usage: bool,
+    async def _stream(self, gens: list[Generation], call: HttpCall, meta: dict, chat: bool, include_usage: str | None,
                       n: int, pbreqs: list, echo: bool) -> AsyncIterator[bytes]:
         """The choices' chunks as their outputs come (each chunk one choice's, by `index`), then, with
-        include_usage, one chunk with the call's usage."""
+        `include_usage`, one chunk with the call's usage ("last"; "continuous", vLLM's `continuous_usage_stats`: each
+        chunk also carries its choice's usage so far)."""
         call.task = asyncio.current_task()
         obj = "chat.completion.chunk" if chat else "text_completion"
         first = [True] * len(gens)
         offset = [0] * len(gens)
         finals: list[FinalOutput | None] = [None] * len(gens)
+        generated = [0] * len(gens)  # each choice's tokens so far
         try:
             async for i, out in self._merged(gens, call):
                 gen = gens[i]
@@ -458,7 +464,12 @@ class OpenAIApp:
                         offset[i] += sum(len(t.token) for t in lps) + (len(lead) if lead is not None else 0)
                 first[i] = False
                 chunk = {**meta, "object": obj, "choices": [choice]}
-                if include_usage:
+                generated[i] += len(out.new_token_ids)
+                if include_usage == "continuous":
+                    prompt = len(gen.handle.spec.prompt_token_ids)
+                    chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": generated[i],
+                                      "total_tokens": prompt + generated[i]}
+                elif include_usage:
                     chunk["usage"] = None
                 if final is not None:
                     gen.release_limits()

@@ -95,6 +95,7 @@ class NamedToolChoice(_Body):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
 class JsonSchemaFormat(_Body):

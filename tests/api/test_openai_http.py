@@ -48,6 +48,12 @@ def test_chat_unary_and_streamed_with_usage_in_the_last_chunk(served):
     assert last.choices == [] and last.usage.completion_tokens == 8
     assert all(ch.usage is None for ch in chunks[:-1])
     assert len({ch.id for ch in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    # vLLM's continuous_usage_stats: every chunk carries the usage so far, the last one the call's
+    chunks = list(c.chat.completions.create(model=served.model, messages=CHAT, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}, **GREEDY))
+    so_far = [ch.usage.completion_tokens for ch in chunks[:-1]]
+    assert so_far == sorted(so_far) and so_far[-1] == 8 and chunks[-1].usage.completion_tokens == 8
+    assert all(ch.usage.prompt_tokens == r.usage.prompt_tokens for ch in chunks)
     served.wait_idle_and_intact()
 
 
@@ -81,6 +87,7 @@ def test_models_list_shows_the_base_model_and_the_adapters_by_reference(served):
     models = {m.id: m for m in client(served).models.list().data}
     assert served.model in models and "tiny-lora" in models
     assert models["tiny-lora"].owned_by == "local" and models["tiny-lora"].parent == served.model
+    assert {m.model_extra["max_model_len"] for m in models.values()} == {512}  # as vLLM lists it
 
 
 def test_an_adapter_selected_by_model_changes_the_output(served):
