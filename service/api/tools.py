@@ -359,12 +359,15 @@ class ToolCallParser:
     - the final output carries every call whole (`tool_calls`: their arguments are the pieces joined) and its text
       becomes what the answer says besides them, without the white space around them.
     An opening that does not come within 200 characters (text that only looks like a call, a name that is not one
-    of the tools, arguments that are not an object) is text, held to the end and parsed there (`split_calls`: calls it finds then come whole in
-    the final output's deltas too). A call cut short by max_tokens keeps the arguments it has."""
+    of the tools, arguments that are not an object) is text, held to the end and parsed there (`split_calls`: calls
+    it finds then come whole in the final output's deltas too). A call cut short by max_tokens keeps the arguments
+    it has; one cut right after its opening has none."""
 
     def __init__(self, names: frozenset[str]) -> None:
         self._names = names
-        self._state = "text"  # text, opening (a call's opening being written), arguments, held (to the end)
+        # text; opening (a call's opening being written); arguments; closing (its `}` and `</tool_call>`); held (text
+        # that opened no call, kept to the end)
+        self._state = "text"
         self._buf = ""  # text not released in this state (short, but in state held)
         self._args: list[str] = []  # the current call's arguments released so far
         self._released: list[str] = []
@@ -405,10 +408,8 @@ class ToolCallParser:
         if self._state == "opening":
             m = _HEADER.match(buf)
             if m is not None and m.end() < len(buf) and m.group(1) in self._names and buf[m.end()] == "{":
-                self._open = ToolCallDelta(len(self._calls), f"call_{secrets.token_hex(12)}", m.group(1), "")
-                self._deltas.append(self._open)
-                self._args, self._scan = [], _JsonEnd()
-                self._buf, self._state = buf[m.end():], "arguments"
+                self._begin(m.group(1))
+                self._buf = buf[m.end():]
                 return True
             if m is not None and m.end() < len(buf) or len(buf) > _MAX_HEADER:
                 self._state = "held"  # not one of the tools, arguments that are no object, or no opening at all
@@ -429,6 +430,12 @@ class ToolCallParser:
             self._buf, self._state = (buf[m.end():] if m is not None else buf), "text"
             return True
         return False  # held: everything waits for the end
+
+    def _begin(self, name: str) -> None:
+        """A call's opening is written: its delta (index, a new id, the name); its arguments come next."""
+        self._open = ToolCallDelta(len(self._calls), f"call_{secrets.token_hex(12)}", name, "")
+        self._deltas.append(self._open)
+        self._args, self._scan, self._state = [], _JsonEnd(), "arguments"
 
     def _piece(self, text: str) -> None:
         if text:
@@ -460,10 +467,7 @@ class ToolCallParser:
         tail = buf
         m = _HEADER.match(buf) if self._state == "opening" else None
         if m is not None and m.end() == len(buf) and m.group(1) in self._names:  # cut short right after its opening
-            self._open = ToolCallDelta(len(self._calls), f"call_{secrets.token_hex(12)}", m.group(1), "")
-            self._deltas.append(self._open)
-            self._args = []
-            self._state = "arguments"
+            self._begin(m.group(1))
         if self._state in ("arguments", "closing"):  # cut short (max_tokens, a stop string): it keeps what it has
             self._close()
             tail = ""
