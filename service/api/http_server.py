@@ -21,7 +21,7 @@ import structlog
 import uvicorn
 
 from service.api.http_errors import HttpError
-from service.api.openai_schema import error_body
+from service.api.openai_output import error_body
 
 log = structlog.get_logger(__name__)
 

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,23 +31,19 @@ from starlette.routing import Route
 
 from adapters.registry import MAX_PAGE_SIZE, AdapterRegistry
 from adapters.registry_types import LOCAL_OWNER
+from service.api import openai_output as oo
 from service.api import openai_schema as oa
 from service.api.auth import Authenticator
 from service.api.errors import (
-    DeadlineExceeded,
     ErrorLogs,
-    RequestCancelled,
     new_request_id,
     set_request_id,
 )
 from service.api.generation import (
-    POLL_S,
-    RECORD_WAIT_S,
     Generation,
     GenerationPath,
-    abandon,
-    recorded_future,
 )
+from service.api.http_call import HttpCall, call_timeout, follow
 from service.api.http_errors import HttpError, http_error, log_refusal
 from service.engine.outputs import FinalOutput, RequestOutput
 from service.loop import LoopClosed
@@ -58,8 +51,6 @@ from service.tenants import Tenant
 
 log = structlog.get_logger("service.api")
 
-TIMEOUT_HEADER = "x-request-timeout"  # seconds: the HTTP call's deadline (gRPC has its own); 504 past it
-MAX_TIMEOUT_S = 86400.0
 JSON_TYPES = ("application/json",)
 
 
@@ -78,62 +69,6 @@ class HttpFront:
     start_limiter: anyio.CapacityLimiter  # threads that start requests (tokenizer, format compile)
 
 
-class HttpCall:
-    """A `CallContext` for one HTTP call: its deadline from the timeout header, whether the client is still
-    there, the callbacks to run when it ends, and `cancel` (the stall watchdog's, from another thread)."""
-
-    def __init__(self, timeout_s: float | None) -> None:
-        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self.active = True
-        self._callbacks: list[Callable[[], None]] = []
-        self._ended = False
-        self._lock = threading.Lock()
-        self._loop = asyncio.get_running_loop()
-        self.task: asyncio.Task | None = None  # the task writing the response, cancelled by `cancel`
-
-    def time_remaining(self) -> float | None:
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def is_active(self) -> bool:
-        return self.active
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        with self._lock:
-            if self._ended:
-                return False
-            self._callbacks.append(callback)
-            return True
-
-    def end(self) -> None:
-        with self._lock:
-            if self._ended:
-                return
-            self._ended = True
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb()
-
-    def cancel(self) -> None:
-        self.active = False
-        task = self.task
-        if task is not None:
-            self._loop.call_soon_threadsafe(task.cancel)
-
-
-def _timeout(request: Request) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= MAX_TIMEOUT_S:
-        raise ValueError(f"the {TIMEOUT_HEADER} header is {raw[:40]!r}: give the call's timeout in seconds, a "
-                         f"number in (0, {MAX_TIMEOUT_S:g}]")
-    return value
-
-
 async def _body(request: Request) -> bytes:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
@@ -142,69 +77,11 @@ async def _body(request: Request) -> bytes:
     return await request.body()
 
 
-async def follow(path: GenerationPath, gen: Generation, call: HttpCall,
-                 request: Request | None = None) -> AsyncIterator[RequestOutput]:
-    """The request's outputs up to the final one, or the exception its end maps to, on the event loop: the
-    engine loop sets `ready` after queueing an output. `request`: polled for a disconnect every POLL_S (a
-    stream's disconnect cancels this generator instead)."""
-    handle = gen.handle
-    loop = asyncio.get_running_loop()
-    ready = asyncio.Event()
-    handle.on_output = lambda: loop.call_soon_threadsafe(ready.set)
-    checked = time.monotonic()
-    try:
-        while True:
-            try:
-                out = handle.get_nowait()
-            except queue.Empty:
-                remaining = call.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("the deadline passed before the request finished; it was stopped") from None
-                ready.clear()
-                try:  # an output queued between the first look and clear() must not wait for the next one
-                    out = handle.get_nowait()
-                except queue.Empty:
-                    # A timer rather than wait_for: no task per wait (one per output and stream, 64 streams).
-                    timer = loop.call_later(POLL_S if remaining is None else min(remaining, POLL_S), ready.set)
-                    try:
-                        await ready.wait()
-                    finally:
-                        timer.cancel()
-                    if request is not None and time.monotonic() - checked >= POLL_S:
-                        checked = time.monotonic()
-                        if await request.is_disconnected():
-                            call.active = False
-                            raise RequestCancelled("the client disconnected") from None
-                    continue
-            if out.final is not None:
-                path.log_finished(out.final)
-                await _recorded(handle)
-                path.check_final(handle, out.final, call)
-            yield out
-            if out.final is not None:
-                return
-    finally:
-        handle.on_output = None
-        abandon(handle, call)
-
-
 def _parse(model: type, body: bytes) -> Any:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
         raise ValueError(oa.validation_message(e)) from None
-
-
-async def _recorded(handle: Any) -> None:
-    fut = recorded_future(handle)
-    if fut is None:
-        return
-    try:
-        # shielded: a cancelled waiter (a client gone, a choice's stream stopped) must not cancel the writer's future
-        if not await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), RECORD_WAIT_S):
-            log.error("usage_not_recorded_before_response")
-    except (TimeoutError, FutureTimeout):
-        log.error("usage_record_slow", waited_s=RECORD_WAIT_S)
 
 
 class OpenAIApp:
@@ -281,7 +158,7 @@ class OpenAIApp:
                         "/v1/completions, /v1/models, /tokenize, /detokenize, /health and /metrics",
                    405: f"{request.method} is not allowed on {request.url.path[:80]}"}.get(exc.status_code,
                                                                                        str(exc.detail))
-        return JSONResponse(oa.error_body(message, exc.status_code), status_code=exc.status_code,
+        return JSONResponse(oo.error_body(message, exc.status_code), status_code=exc.status_code,
                             headers=exc.headers)
 
     def _error(self, exc: BaseException, request: Request, t0: float, rid: str | None = None) -> Response:
@@ -289,7 +166,7 @@ class OpenAIApp:
         log_refusal(self.f.logs, exc, status, message, request.url.path, round((time.perf_counter() - t0) * 1000, 1))
         if rid:
             headers["x-request-id"] = rid
-        return JSONResponse(oa.error_body(message, status, code), status_code=status, headers=headers)
+        return JSONResponse(oo.error_body(message, status, code), status_code=status, headers=headers)
 
     # ---- generations ------------------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -310,7 +187,7 @@ class OpenAIApp:
             # Authentication first: a caller without a valid key learns nothing about its body.
             tenant = self.f.auth.authenticate_header(request.headers.get("authorization"))
             structlog.contextvars.bind_contextvars(tenant=tenant.id)
-            call = HttpCall(_timeout(request))
+            call = HttpCall(call_timeout(request))
             body = await _body(request)
             parsed = _parse(model, body)
             pbreqs = convert(parsed, self.f.base_model)
@@ -387,27 +264,27 @@ class OpenAIApp:
         for i, (gen, (final, logprobs, calls)) in enumerate(zip(gens, results, strict=True)):
             finals.append(final)
             wants_logprobs = gen.handle.spec.sampling.logprobs is not None
-            choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final, calls), "logprobs": None}
+            choice: dict[str, Any] = {"index": i, "finish_reason": oo.finish_reason(final, calls), "logprobs": None}
             if chat:
                 choice["message"] = {"role": "assistant", "content": final.text}
                 if calls:  # what the answer says besides its calls, if anything, stays in content
                     choice["message"] = {"role": "assistant", "content": final.text or None,
-                                         "tool_calls": oa.tool_calls(calls)}
+                                         "tool_calls": oo.tool_calls(calls)}
                 if wants_logprobs:
-                    choice["logprobs"] = oa.chat_logprobs(logprobs)
+                    choice["logprobs"] = oo.chat_logprobs(logprobs)
             else:
                 if echo:
                     prompt, first = self._echoed(pbreqs[i], gen)
                     choice["text"] = prompt + final.text
                     if wants_logprobs:
-                        choice["logprobs"] = oa.completion_logprobs(logprobs, first=first)
+                        choice["logprobs"] = oo.completion_logprobs(logprobs, first=first)
                 else:
                     choice["text"] = final.text
                     if wants_logprobs:
-                        choice["logprobs"] = oa.completion_logprobs(logprobs)
+                        choice["logprobs"] = oo.completion_logprobs(logprobs)
             choices.append(choice)
         return {**meta, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": oa.usage(finals, n), "system_fingerprint": finals[0].adapter_version or None}
+                "usage": oo.usage(finals, n), "system_fingerprint": finals[0].adapter_version or None}
 
     def _echoed(self, pbreq: Any, gen: Generation) -> tuple[str, str]:
         """An echoed prompt's text (as sent, or its token ids decoded) and its first token's text."""
@@ -435,7 +312,7 @@ class OpenAIApp:
                 if not out.new_text and final is None and not out.tool_call_deltas and (not out.new_token_ids or (
                         gen.handle.transform is not None and not first[i] and not wants_logprobs)):
                     continue  # nothing to say (a tool call's tokens whose text is held)
-                choice: dict[str, Any] = {"index": i, "finish_reason": oa.finish_reason(final, out.tool_calls),
+                choice: dict[str, Any] = {"index": i, "finish_reason": oo.finish_reason(final, out.tool_calls),
                                           "logprobs": None}
                 lps = self.f.path.converter.logprobs(out.new_logprobs) if out.new_logprobs else []
                 if chat:
@@ -443,12 +320,12 @@ class OpenAIApp:
                     if out.tool_call_deltas:  # calls as they are written: openings, then pieces of arguments
                         if out.new_text:
                             delta["content"] = out.new_text
-                        delta["tool_calls"] = oa.tool_call_deltas(out.tool_call_deltas)
+                        delta["tool_calls"] = oo.tool_call_deltas(out.tool_call_deltas)
                     elif out.new_text or not out.tool_calls:  # a last chunk after calls says only how it ended
                         delta["content"] = out.new_text
                     choice["delta"] = delta
                     if wants_logprobs:
-                        choice["logprobs"] = oa.chat_logprobs(lps)
+                        choice["logprobs"] = oo.chat_logprobs(lps)
                 else:
                     choice["text"] = out.new_text
                     lead = None
@@ -460,7 +337,7 @@ class OpenAIApp:
                     if wants_logprobs:
                         # Offsets count each token's own text, as the unary answer's do: the same whatever
                         # tokens a chunk holds (the server's stream interval, speculative steps).
-                        choice["logprobs"] = oa.completion_logprobs(lps, offset[i], first=lead)
+                        choice["logprobs"] = oo.completion_logprobs(lps, offset[i], first=lead)
                         offset[i] += sum(len(t.token) for t in lps) + (len(lead) if lead is not None else 0)
                 first[i] = False
                 chunk = {**meta, "object": obj, "choices": [choice]}
@@ -479,11 +356,11 @@ class OpenAIApp:
                 gen.done_waiting()
             if include_usage:
                 done = [f for f in finals if f is not None]
-                yield _sse({**meta, "object": obj, "choices": [], "usage": oa.usage(done, n)})
+                yield _sse({**meta, "object": obj, "choices": [], "usage": oo.usage(done, n)})
         except Exception as e:  # the status line is sent: the error goes out as an event
             status, message, code, _ = http_error(e)
             log_refusal(self.f.logs, e, status, message, "stream", 0.0)
-            yield _sse(oa.error_body(message, status, code))
+            yield _sse(oo.error_body(message, status, code))
         finally:
             call.end()
         yield b"data: [DONE]\n\n"

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import xgrammar as xgr
 
-from service.api import tools
+from service.api import tool_parser, tools
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.engine.outputs import FinalOutput, RequestOutput, Timings, Usage
 from service.engine.request import RequestSpec
@@ -31,7 +31,7 @@ def final(text: str = "", reason: FinishReason = FinishReason.EOS) -> FinalOutpu
 
 def run(pieces: list[str], reason: FinishReason = FinishReason.EOS) -> tuple[list[str], RequestOutput]:
     """Feed the answer's pieces through a parser as outputs; (the texts released per output, the final output)."""
-    parser = tools.ToolCallParser(NAMES)
+    parser = tool_parser.ToolCallParser(NAMES)
     released = []
     for k, piece in enumerate(pieces):
         last = k == len(pieces) - 1
@@ -102,7 +102,7 @@ def test_text_that_only_looks_like_a_call_stays_text_and_the_calls_before_it_cou
 def test_calls_stream_as_they_are_written_and_join_to_the_final_calls(pieces):
     """Each call's opening (index, id, name) comes once its name is written, then its arguments piece by piece; the
     pieces joined are the final call's arguments, however the text is cut."""
-    parser = tools.ToolCallParser(NAMES)
+    parser = tool_parser.ToolCallParser(NAMES)
     deltas, released = [], []
     for k, piece in enumerate(pieces):
         out = RequestOutput("r", [k], piece, final=final() if k == len(pieces) - 1 else None)
@@ -126,7 +126,7 @@ TRICKY = '{"note": "a } and }\\n</tool_call> \\"quoted\\" {", "list": [{"x": [1,
 @pytest.mark.parametrize("pieces", splits(f'<tool_call>\n{{"name": "get_time", "arguments": {TRICKY}}}\n</tool_call>'))
 def test_arguments_end_where_their_object_ends_not_at_a_brace_or_tag_inside_a_string(pieces):
     deltas = []
-    parser = tools.ToolCallParser(NAMES)
+    parser = tool_parser.ToolCallParser(NAMES)
     for k, piece in enumerate(pieces):
         out = RequestOutput("r", [k], piece, final=final() if k == len(pieces) - 1 else None)
         parser.apply(out)
@@ -150,7 +150,7 @@ def test_arguments_that_are_no_object_make_no_call():
 
 def test_parameters_is_taken_for_arguments():
     text = '<tool_call>{"name": "get_time", "parameters": {"city": "Rome"}}</tool_call>'
-    said, calls = tools.split_calls(text, NAMES)
+    said, calls = tool_parser.split_calls(text, NAMES)
     assert said == "" and calls[0].name == "get_time" and json.loads(calls[0].arguments) == {"city": "Rome"}
 
 
@@ -309,8 +309,8 @@ def test_a_template_without_tools_gets_a_system_message_and_calls_written_as_the
     system, rest = text.split("\n<|user|>", 1)
     assert system.startswith("<|system|>You can call functions") and '"name": "get_time"' in system
     assert json.dumps(WEATHER) in system and "<tool_call>" in system
-    assert f'<|assistant|>{tools.CALL_BEGIN}\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\n' \
-           f'{tools.CALL_END}\n' in rest
+    assert f'<|assistant|>{tool_parser.CALL_BEGIN}\n{{"name": "get_weather", "arguments": {{"city": "Paris"}}}}\n' \
+           f'{tool_parser.CALL_END}\n' in rest
     assert '<|tool|><tool_response>\n{"c": 18}\n</tool_response>' in rest
 
 
@@ -318,8 +318,8 @@ def test_a_last_turn_without_tools_still_shows_the_earlier_calls_and_results():
     """A conversation's last turn often offers no tools: its earlier calls and results are written all the same."""
     messages, listed = tools.for_template(tools.chat_messages(history(), ROLES), None, False)
     assert listed is None and [m["role"] for m in messages] == ["user", "assistant", "tool"]
-    assert messages[1]["content"] == f'{tools.CALL_BEGIN}\n{{"name": "get_weather", "arguments": {{"city": ' \
-                                     f'"Paris"}}}}\n{tools.CALL_END}'
+    assert messages[1]["content"] == f'{tool_parser.CALL_BEGIN}\n{{"name": "get_weather", "arguments": {{"city": ' \
+                                     f'"Paris"}}}}\n{tool_parser.CALL_END}'
     assert messages[2]["content"] == '<tool_response>\n{"c": 18}\n</tool_response>'
     plain = tools.chat_messages(history()[:1], ROLES)
     assert tools.for_template(plain, None, False) == (plain, None)  # a conversation without calls is as it was
@@ -335,7 +335,7 @@ def test_the_tools_join_a_system_message_the_conversation_has():
 def test_the_final_keeps_all_but_its_text():
     before = final(CALL)
     out = RequestOutput("r", [1], CALL, final=before)
-    tools.ToolCallParser(NAMES).apply(out)
+    tool_parser.ToolCallParser(NAMES).apply(out)
     assert out.final == replace(before, text="") and before.text == CALL
 
 
