@@ -51,3 +51,12 @@ def write_tiny_tokenizer(path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def template_tokenizer(template: str):
+    """A one-word vocabulary with the given chat template: for tests of how a template renders, not of tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    from service.runtime.tokenizer import Tokenizer
+    return Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template)

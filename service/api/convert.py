@@ -91,14 +91,11 @@ class RequestConverter:
             self._prompt_bound = f"{max_prompt_bytes} bytes (server.max_prompt_bytes)"
 
     # ---- requests -----------------------------------------------------------------------
-    def spec(self, req: GenerateLike, tenant: Any, request_id: str, deadline: float | None = None) -> RequestSpec:
-        """The engine's request for a Generate / GenerateStream call. `tenant`: the caller
-        (`service.tenants.Tenant`: id, admin, limits); `deadline`: the call's, in time.monotonic()."""
-        return self.spec_and_tools(req, tenant, request_id, deadline)[0]
-
     def spec_and_tools(self, req: GenerateLike, tenant: Any, request_id: str, deadline: float | None = None
                        ) -> tuple[RequestSpec, ToolSet | None]:
-        """`spec`, and the chat's tools (None without any): the caller parses the answer's calls with them."""
+        """The engine's request for a Generate / GenerateStream call, and the chat's tools (None without any: the
+        caller parses the answer's calls with them). `tenant`: the caller (`service.tenants.Tenant`: id, admin,
+        limits); `deadline`: the call's, in time.monotonic()."""
         self.check_bounds(req)  # cheap; the servicer runs it before taking a lease too
         client_id = _client_request_id(req.client_request_id)
         if not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:

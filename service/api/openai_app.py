@@ -291,7 +291,7 @@ class OpenAIApp:
         ids = gen.handle.spec.prompt_token_ids
         text = pbreq.text if pbreq.WhichOneof("prompt") == "text" else \
             self.f.path.converter.tokenizer.decode(list(ids), skip_special_tokens=False)
-        return text, self.f.path.converter.tokenizer.decode([ids[0]], skip_special_tokens=False)
+        return text, self.f.path.converter.piece(ids[0])
 
     async def _stream(self, gens: list[Generation], call: HttpCall, meta: dict, chat: bool, include_usage: str | None,
                       n: int, pbreqs: list, echo: bool) -> AsyncIterator[bytes]:
@@ -308,6 +308,7 @@ class OpenAIApp:
             async for i, out in self._merged(gens, call):
                 gen = gens[i]
                 final = out.final
+                generated[i] += len(out.new_token_ids)  # (a chunk skipped below still counts its tokens)
                 wants_logprobs = gen.handle.spec.sampling.logprobs is not None
                 if not out.new_text and final is None and not out.tool_call_deltas and (not out.new_token_ids or (
                         gen.handle.transform is not None and not first[i] and not wants_logprobs)):
@@ -341,7 +342,6 @@ class OpenAIApp:
                         offset[i] += sum(len(t.token) for t in lps) + (len(lead) if lead is not None else 0)
                 first[i] = False
                 chunk = {**meta, "object": obj, "choices": [choice]}
-                generated[i] += len(out.new_token_ids)
                 if include_usage == "continuous":
                     prompt = len(gen.handle.spec.prompt_token_ids)
                     chunk["usage"] = {"prompt_tokens": prompt, "completion_tokens": generated[i],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from service.api.convert import ANSWERED
 from service.api.gen.loraserve.v1 import inference_pb2 as pb
 from service.api.openai_schema import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from service.engine.outputs import FinalOutput, ToolCall, ToolCallDelta
@@ -26,7 +27,7 @@ def usage(finals: list[FinalOutput], n: int = 1) -> dict[str, Any]:
 def finish_reason(final: FinalOutput | None, calls: list[ToolCall] | None = None) -> str | None:
     if final is None:
         return None
-    if calls and final.finish_reason in (FinishReason.STOP, FinishReason.EOS):
+    if calls and final.finish_reason in ANSWERED:
         return "tool_calls"
     return FINISH.get(final.finish_reason, "stop")
 

@@ -381,8 +381,7 @@ def _advance_grammar(request: Request, token: int, n_out: int) -> bool:
     assert grammar is not None
     if not grammar.accept_token(token):
         if not grammar.allows_any_token():
-            field = request.spec.grammar.format.field if request.spec.grammar is not None else "response_format"
-            raise FormatDeadEnd(f"{field} allows no token of this model's vocabulary after "
+            raise FormatDeadEnd(f"{request.spec.grammar.format.field} allows no token of this model's vocabulary after "
                                 f"{n_out - 1} output tokens: the model cannot spell what it asks for")
         raise RuntimeError(f"token {token} of request {request.request_id!r} is not allowed by its response format")
     return grammar.is_terminated()

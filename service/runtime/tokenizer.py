@@ -141,8 +141,8 @@ def _compile_template(source: str) -> tuple[jinja2.Template, bool]:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        takes_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
-        return env.from_string(source), takes_tools
+        ast = env.parse(source)
+        return env.from_string(ast), "tools" in jinja2.meta.find_undeclared_variables(ast)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template does not compile (line {e.lineno}): {e.message}") from e
 

@@ -55,7 +55,6 @@ def test_a_conversation_with_tools_counts_the_tools_as_generation_does(served):
     ("/tokenize", {"prompt": "t5 " * 3000}, 400, "prompt has 9000 bytes"),
     ("/tokenize", {"prompt": "t5", "add_generation_prompt": False}, 400, "add_generation_prompt=false is "
                                                                            "supported only with continue_final"),
-    ("/tokenize", {"prompt": "t5", "add_special_tokens": False}, 400, "add_special_tokens=false is not supported"),
     ("/tokenize", {"prompt": "t5", "tools": TOOLS}, 400, "tools needs a conversation: give messages, not prompt"),
     ("/tokenize", {"prompt": "t5", "continue_final_message": True}, 400, "continue_final_message needs a "
                                                                         "conversation"),

@@ -16,7 +16,7 @@ from service.engine.outputs import FinalOutput, RequestOutput, Timings, Usage
 from service.engine.request import RequestSpec
 from service.engine.sampling import SamplingParams
 from service.engine.types import FinishReason
-from service.runtime.tokenizer import Tokenizer
+from tests.tiny_models import template_tokenizer
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 NAMES = frozenset({"get_weather", "get_time"})
@@ -273,12 +273,6 @@ TOOLS_TEMPLATE = (
     "\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PLAIN_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def template_tokenizer(template: str) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models
-    return Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template)
 
 
 def test_only_a_template_that_reads_tools_and_writes_tool_call_renders_them_itself():

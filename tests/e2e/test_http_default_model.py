@@ -96,8 +96,10 @@ def test_a_streamed_tool_call_comes_as_it_is_written(served):
     named = {"type": "function", "function": {"name": "get_weather"}}
     unary = served.client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], tool_choice=named,
                                                   temperature=0, max_tokens=48)
-    chunks = list(served.client.chat.completions.create(model=model, messages=ask, tools=[WEATHER], temperature=0,
-                                                        tool_choice=named, max_tokens=48, stream=True))
+    streamed = list(served.client.chat.completions.create(
+        model=model, messages=ask, tools=[WEATHER], temperature=0, tool_choice=named, max_tokens=48, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    chunks = streamed[:-1]  # the last one carries the call's usage alone
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
     pieces = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
     assert len(pieces) >= 3  # the opening and more than one piece of arguments: streamed, not whole at the end
@@ -108,6 +110,8 @@ def test_a_streamed_tool_call_comes_as_it_is_written(served):
     assert arguments == unary.choices[0].message.tool_calls[0].function.arguments
     assert json.loads(arguments) == {"city": "Oslo"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # the usage so far counts the tokens of the call too, whose text never came as content
+    assert chunks[-1].usage.completion_tokens == unary.usage.completion_tokens == streamed[-1].usage.completion_tokens
     # auto: a question the tool does not answer gets a text answer, as it would without tools
     plain = served.client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
                                                   tools=[WEATHER], temperature=0, max_tokens=24)

@@ -14,6 +14,7 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
 from service.runtime.tokenizer import Tokenizer
+from tests.tiny_models import template_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never let transformers reach a hub
 
@@ -144,12 +145,6 @@ def test_the_cut_is_where_the_last_message_ends_even_if_its_words_come_elsewhere
                                   "{% endfor %}")
     assert trimming.apply_chat_template(shots, continue_final_message=True) == \
         "<user>2+2?</user><assistant>Answer: 4</assistant><user>3+3?</user><assistant>Answer: "
-
-
-def template_tokenizer(template: str) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models
-    return Tokenizer(HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template)
 
 
 def test_a_template_that_rewrites_the_final_message_cannot_continue_it() -> None:
